@@ -1,0 +1,146 @@
+//! Device detection and the per-device state: context, stream, compiled modules.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{DriverContext, Error, Result};
+use crate::nvrtc::{compile, Output};
+use crate::registry::KernelId;
+
+/// The number of CUDA devices, or 0 where there is no driver or no device.
+///
+/// Never panics: the driver library is probed before any call into it.
+pub fn device_count() -> usize {
+    probe().map(|n| n as usize).unwrap_or(0)
+}
+
+/// Why there is no GPU, or `None` when there is one.
+pub fn no_gpu_reason() -> Option<String> {
+    probe().err()
+}
+
+fn probe() -> std::result::Result<i32, String> {
+    static COUNT: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
+    COUNT
+        .get_or_init(|| {
+            // SAFETY: only tries to open the driver library.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return Err("the CUDA driver library (libcuda.so) is not installed".into());
+            }
+            // cudarc panics if a symbol is missing from an unusual driver;
+            // contain that so detection itself can never take the process down.
+            match std::panic::catch_unwind(CudaContext::device_count) {
+                Ok(Ok(0)) => Err("the CUDA driver reports no device".into()),
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err(format!("cuInit / cuDeviceGetCount failed: {e}")),
+                Err(_) => Err("the CUDA driver library could not be used".into()),
+            }
+        })
+        .clone()
+}
+
+/// One GPU: its context, the stream all work goes on, and the kernel modules
+/// compiled for it (each `kernels/` file once, on first use).
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    cc: (u32, u32),
+    name: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({}, {}, sm_{}{})", self.ctx.ordinal(), self.name, self.cc.0, self.cc.1)
+    }
+}
+
+impl Gpu {
+    /// The shared handle for device `ordinal`, created on first use.
+    pub fn get(ordinal: usize) -> Result<Arc<Gpu>> {
+        static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+        let n = probe().map_err(|reason| Error::NoGpu { reason })? as usize;
+        if ordinal >= n {
+            return Err(Error::NoGpu {
+                reason: format!("device {ordinal} requested, {n} present"),
+            });
+        }
+        let map = GPUS.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = map.get(&ordinal) {
+            return Ok(g.clone());
+        }
+        let ctx = CudaContext::new(ordinal).ctx("CudaContext::new")?;
+        let (major, minor) = ctx.compute_capability().ctx("compute_capability")?;
+        let name = ctx.name().ctx("device name")?;
+        let stream = ctx.default_stream();
+        let gpu = Arc::new(Gpu {
+            ctx,
+            stream,
+            cc: (major as u32, minor as u32),
+            name,
+            modules: Mutex::new(HashMap::new()),
+        });
+        map.insert(ordinal, gpu.clone());
+        Ok(gpu)
+    }
+
+    /// The stream every launch of ours is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Compute capability, such as (9, 0) for an H100.
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.cc
+    }
+
+    /// The device's marketing name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The kernel `id`, compiling its source file for this device on first use.
+    pub fn function(&self, id: KernelId) -> Result<CudaFunction> {
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match modules.get(id.file()) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = id.source().ok_or_else(|| Error::InvalidArgument {
+                        op: "Gpu::function",
+                        msg: format!("{} is not in the registry", id.file()),
+                    })?;
+                    let cubin = compile(src, self.cc, Output::Cubin)?;
+                    let m = self.ctx.load_module(Ptx::from_binary(cubin)).ctx("load_module")?;
+                    modules.insert(id.file(), m.clone());
+                    m
+                }
+            }
+        };
+        module.load_function(id.symbol()).ctx("load_function")
+    }
+
+    /// Copies a host slice to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).ctx("upload")
+    }
+
+    /// Copies a device buffer back to the host (synchronises the stream).
+    pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(dev).ctx("download")
+    }
+
+    /// A zeroed device buffer of `len` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros(len).ctx("alloc_zeros")
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().ctx("synchronize")
+    }
+}

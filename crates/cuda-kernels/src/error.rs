@@ -1,0 +1,61 @@
+//! Errors of the CUDA layer, each with the context needed to act on it.
+
+/// Everything that can go wrong between us and the GPU.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No CUDA driver library or no device: the caller should use the CPU.
+    #[error("no GPU: {reason}")]
+    NoGpu {
+        /// Why no device could be used.
+        reason: String,
+    },
+    /// The NVRTC library could not be found or loaded.
+    #[error(
+        "NVRTC not found (searched: {searched}); install CUDA or `pip install nvidia-cuda-nvrtc==13.0.*` \
+         and set AHA_CUDA_ROOT to the folder holding lib/libnvrtc.so.13"
+    )]
+    NvrtcMissing {
+        /// The places that were tried, in order.
+        searched: String,
+    },
+    /// A kernel source failed to compile; `log` is NVRTC's own message.
+    #[error("NVRTC failed to compile kernels/{file} for {arch}: {log}")]
+    Compile {
+        /// The source file under `kernels/`.
+        file: &'static str,
+        /// The target architecture, such as `sm_90`.
+        arch: String,
+        /// NVRTC's program log.
+        log: String,
+    },
+    /// A call into the CUDA driver failed.
+    #[error("CUDA driver error in {op}: {source}")]
+    Driver {
+        /// What we were doing.
+        op: &'static str,
+        /// The driver's error.
+        source: cudarc::driver::DriverError,
+    },
+    /// Arguments that do not fit the kernel's contract.
+    #[error("{op}: {msg}")]
+    InvalidArgument {
+        /// The launcher that refused them.
+        op: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Adds the operation's name to a driver error.
+pub(crate) trait DriverContext<T> {
+    fn ctx(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> DriverContext<T> for std::result::Result<T, cudarc::driver::DriverError> {
+    fn ctx(self, op: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Driver { op, source })
+    }
+}

@@ -1,0 +1,208 @@
+//! Finding NVRTC at run time and compiling kernel sources with it.
+//!
+//! cudarc opens `libnvrtc.so.13` by name. Where that name is not on the
+//! loader's path (a machine with no CUDA install, where the library comes from
+//! the `nvidia-cuda-nvrtc` Python wheel), we open the file by its full path
+//! first: the dynamic loader then answers cudarc's by-name request with the
+//! library already in the process.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use cudarc::nvrtc::{result, sys};
+
+use crate::error::{Error, Result};
+use crate::registry::KernelSource;
+
+/// What we found of the CUDA compiler: where its headers are, if anywhere.
+#[derive(Debug, Clone)]
+pub struct Nvrtc {
+    /// `include/` folders with `cuda_bf16.h` and friends, passed as `-I`.
+    pub include_dirs: Vec<PathBuf>,
+    /// NVRTC's version, (major, minor).
+    pub version: (i32, i32),
+}
+
+/// Folders that may hold a CUDA install or the unpacked pip wheels, best first:
+/// `$AHA_CUDA_ROOT`, `$CUDA_HOME`, `$CUDA_PATH`, `/usr/local/cuda`.
+fn candidate_roots() -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    for var in ["AHA_CUDA_ROOT", "CUDA_HOME", "CUDA_PATH"] {
+        if let Some(v) = std::env::var_os(var) {
+            if !v.is_empty() {
+                roots.push(PathBuf::from(v));
+            }
+        }
+    }
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    roots
+}
+
+const LIB_NAMES: &[&str] = &["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
+
+fn try_preload(root: &Path, searched: &mut Vec<String>) -> bool {
+    for sub in ["lib", "lib64", "."] {
+        for name in LIB_NAMES {
+            let path = root.join(sub).join(name);
+            if !path.is_file() {
+                continue;
+            }
+            searched.push(path.display().to_string());
+            // SAFETY: loading NVRTC runs only its initialisers, which have no
+            // preconditions. The handle is leaked on purpose: the library must
+            // stay mapped for the life of the process, as cudarc expects.
+            if let Ok(lib) = unsafe { libloading::Library::new(&path) } {
+                std::mem::forget(lib);
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn locate() -> std::result::Result<Nvrtc, String> {
+    let roots = candidate_roots();
+    let mut searched = Vec::new();
+    // SAFETY: only probes whether the shared library can be opened.
+    let mut present = unsafe { sys::is_culib_present() };
+    if !present {
+        searched.push("libnvrtc.so.* on the loader path".to_string());
+        for root in &roots {
+            searched.push(root.display().to_string());
+            if try_preload(root, &mut searched) {
+                // SAFETY: as above.
+                present = unsafe { sys::is_culib_present() };
+                if present {
+                    break;
+                }
+            }
+        }
+    }
+    if !present {
+        return Err(searched.join(", "));
+    }
+    let mut include_dirs = Vec::new();
+    for root in &roots {
+        let inc = root.join("include");
+        if inc.join("cuda_bf16.h").is_file() && !include_dirs.contains(&inc) {
+            include_dirs.push(inc);
+        }
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is loaded; nvrtcVersion only writes two ints.
+    let rc = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
+    if rc != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcVersion failed: {rc:?}"));
+    }
+    Ok(Nvrtc {
+        include_dirs,
+        version: (major, minor),
+    })
+}
+
+/// Finds and loads NVRTC once per process. Never panics.
+pub fn nvrtc() -> Result<&'static Nvrtc> {
+    static FOUND: OnceLock<std::result::Result<Nvrtc, String>> = OnceLock::new();
+    FOUND
+        .get_or_init(locate)
+        .as_ref()
+        .map_err(|searched| Error::NvrtcMissing {
+            searched: searched.clone(),
+        })
+}
+
+/// What a compilation produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Machine code for one real architecture (`sm_XY`); NVRTC runs ptxas, so
+    /// register and shared-memory limits are checked too.
+    Cubin,
+    /// PTX for a virtual architecture (`compute_XY`), JIT-compiled by the driver.
+    Ptx,
+}
+
+/// Compiles one kernel file for compute capability `(major, minor)`.
+///
+/// Returns the cubin or PTX bytes, or [`Error::Compile`] with NVRTC's log.
+pub fn compile(src: &KernelSource, cc: (u32, u32), output: Output) -> Result<Vec<u8>> {
+    let nv = nvrtc()?;
+    let arch = match output {
+        Output::Cubin => format!("sm_{}{}", cc.0, cc.1),
+        Output::Ptx => format!("compute_{}{}", cc.0, cc.1),
+    };
+    let fail = |log: String| Error::Compile {
+        file: src.file,
+        arch: arch.clone(),
+        log,
+    };
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "--use_fast_math".to_string(),
+        "-default-device".to_string(),
+    ];
+    for inc in &nv.include_dirs {
+        opts.push(format!("--include-path={}", inc.display()));
+    }
+    let code = std::ffi::CString::new(src.source).map_err(|e| fail(e.to_string()))?;
+    let name = std::ffi::CString::new(src.file).map_err(|e| fail(e.to_string()))?;
+    let prog = result::create_program(&code, Some(&name)).map_err(|e| fail(e.to_string()))?;
+    // SAFETY: `prog` was just created and is destroyed exactly once below.
+    let compiled = unsafe { result::compile_program(prog, &opts) };
+    let out = match compiled {
+        Err(e) => {
+            // SAFETY: `prog` is live.
+            let log = unsafe { result::get_program_log(prog) }
+                .map(|l| c_chars_to_string(&l))
+                .unwrap_or_default();
+            Err(fail(format!("{e:?}\n{log}")))
+        }
+        // SAFETY: `prog` compiled successfully and is live.
+        Ok(()) => unsafe { read_output(prog, output) }.map_err(|e| fail(format!("{e:?}"))),
+    };
+    // SAFETY: `prog` is live and not used after this.
+    let _ = unsafe { result::destroy_program(prog) };
+    out
+}
+
+fn c_chars_to_string(chars: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = chars
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// # Safety
+/// `prog` must be a live, successfully compiled program.
+unsafe fn read_output(prog: sys::nvrtcProgram, output: Output) -> std::result::Result<Vec<u8>, sys::nvrtcResult> {
+    let mut size = 0usize;
+    let check = |rc: sys::nvrtcResult| {
+        if rc == sys::nvrtcResult::NVRTC_SUCCESS {
+            Ok(())
+        } else {
+            Err(rc)
+        }
+    };
+    match output {
+        Output::Cubin => {
+            // SAFETY: guaranteed by the caller; the buffer has `size` bytes.
+            unsafe {
+                check(sys::nvrtcGetCUBINSize(prog, &mut size))?;
+                let mut buf = vec![0u8; size];
+                check(sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()))?;
+                Ok(buf)
+            }
+        }
+        Output::Ptx => {
+            // SAFETY: as above.
+            unsafe {
+                check(sys::nvrtcGetPTXSize(prog, &mut size))?;
+                let mut buf = vec![0u8; size];
+                check(sys::nvrtcGetPTX(prog, buf.as_mut_ptr().cast()))?;
+                Ok(buf)
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The log-probability of a chosen token under softmax(logits), without
+//! materialising the log-softmax.
+//!
+//! | name | shape |
+//! |---|---|
+//! | logits, dlogits | [N, V] |
+//! | targets | [N], each < V |
+//! | logp, dlogp, lse | [N] |
+
+use rayon::prelude::*;
+
+use super::rows_per_task;
+use crate::error::{check_lens, Error, Result};
+use crate::Real;
+
+/// `logp[n] = logits[n, targets[n]] - lse[n]`, saving `lse[n] = logsumexp(logits[n])`.
+pub fn token_logprob_forward<F: Real>(
+    logp: &mut [F],
+    lse: &mut [F],
+    logits: &[F],
+    targets: &[u32],
+    v: usize,
+) -> Result<()> {
+    let n = targets.len();
+    check_lens(
+        "token_logprob_forward",
+        &[("logp", logp.len(), n), ("lse", lse.len(), n), ("logits", logits.len(), n * v)],
+    )?;
+    if let Some(p) = targets.iter().position(|&t| t as usize >= v) {
+        return Err(Error::IndexOutOfRange {
+            op: "token_logprob_forward",
+            index: targets[p] as i64,
+            position: p,
+            limit: v,
+        });
+    }
+    let row = |(i, (lp, ls)): (usize, (&mut F, &mut F))| {
+        let x = &logits[i * v..(i + 1) * v];
+        let m = x.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
+        let s: F = x.iter().map(|&z| (z - m).exp()).sum();
+        *ls = m + s.ln();
+        *lp = (x[targets[i] as usize] - *ls).min(F::zero());
+    };
+    if n * v >= 1 << 16 {
+        logp.par_iter_mut()
+            .zip(lse.par_iter_mut())
+            .enumerate()
+            .with_min_len(rows_per_task(v))
+            .for_each(row);
+    } else {
+        logp.iter_mut().zip(lse.iter_mut()).enumerate().for_each(row);
+    }
+    Ok(())
+}
+
+/// Backward of [`token_logprob_forward`] (`dlogits =`): `dlogp * (onehot - softmax)`.
+pub fn token_logprob_backward<F: Real>(
+    dlogits: &mut [F],
+    dlogp: &[F],
+    logits: &[F],
+    lse: &[F],
+    targets: &[u32],
+    v: usize,
+) -> Result<()> {
+    let n = targets.len();
+    check_lens(
+        "token_logprob_backward",
+        &[
+            ("dlogits", dlogits.len(), n * v),
+            ("dlogp", dlogp.len(), n),
+            ("logits", logits.len(), n * v),
+            ("lse", lse.len(), n),
+        ],
+    )?;
+    if let Some(p) = targets.iter().position(|&t| t as usize >= v) {
+        return Err(Error::IndexOutOfRange {
+            op: "token_logprob_backward",
+            index: targets[p] as i64,
+            position: p,
+            limit: v,
+        });
+    }
+    super::for_rows(dlogits, v, |i, d| {
+        let x = &logits[i * v..(i + 1) * v];
+        let g = dlogp[i];
+        for (dj, &z) in d.iter_mut().zip(x) {
+            *dj = -g * (z - lse[i]).exp();
+        }
+        d[targets[i] as usize] += g;
+    });
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! The CPU kernels: plain functions over flat row-major buffers, f32 for work
+//! and f64 for reference checks. Each forward has a backward; outputs come
+//! first, then inputs, then sizes. Parameter gradients accumulate (`+=`),
+//! activation gradients assign (`=`).
+//!
+//! Size letters: `N` rows (tokens, B*T), `C` channels, `V` vocabulary,
+//! `B` batch, `T` time, `H` query heads, `Hk` key/value heads, `D` head dim,
+//! `F` MLP width, `K` top-k.
+
+mod attention;
+mod elementwise;
+mod embedding;
+mod logprob;
+mod matmul;
+mod norm;
+mod optim;
+mod rope;
+mod softmax;
+mod topk;
+
+pub use attention::{attention_backward, attention_forward, AttnShape};
+pub use elementwise::{
+    add, add_backward, add_inplace, mul, mul_backward, scale, scale_backward, silu, silu_backward, swiglu,
+    swiglu_backward,
+};
+pub use embedding::{embedding_backward, embedding_forward};
+pub use logprob::{token_logprob_backward, token_logprob_forward};
+pub use matmul::{matmul, matmul_batched, Gemm};
+pub use norm::{rmsnorm_backward, rmsnorm_forward};
+pub use optim::{adamw_step, clip_grad_norm, global_norm, AdamW};
+pub use rope::{rope_backward, rope_forward, rope_table, RopeLayout, RopeShape};
+pub use softmax::{log_softmax_backward, log_softmax_forward, softmax_backward, softmax_forward};
+pub use topk::{topk, topk_backward};
+
+use rayon::prelude::*;
+
+/// Rows per rayon task: large enough that a task does at least ~32k elements.
+pub(crate) fn rows_per_task(cols: usize) -> usize {
+    (32 * 1024 / cols.max(1)).max(1)
+}
+
+/// Runs `f(row_index, out_row)` over the rows of `out`, in parallel when big.
+pub(crate) fn for_rows<F: Send, G>(out: &mut [F], cols: usize, f: G)
+where
+    G: Fn(usize, &mut [F]) + Sync + Send,
+{
+    if cols == 0 {
+        return;
+    }
+    let per = rows_per_task(cols);
+    if out.len() <= per * cols {
+        for (r, row) in out.chunks_mut(cols).enumerate() {
+            f(r, row);
+        }
+    } else {
+        out.par_chunks_mut(per * cols).enumerate().for_each(|(i, chunk)| {
+            for (j, row) in chunk.chunks_mut(cols).enumerate() {
+                f(i * per + j, row);
+            }
+        });
+    }
+}

@@ -1,0 +1,122 @@
+//! RMSNorm over the last dimension.
+//!
+//! | name | shape |
+//! |---|---|
+//! | inp, out, dinp, dout | [N, C] |
+//! | weight, dweight | [C] |
+//! | rstd | [N], saved by the forward: 1 / sqrt(mean(x^2) + eps) |
+
+use rayon::prelude::*;
+
+use super::{for_rows, rows_per_task};
+use crate::error::{check_lens, Error, Result};
+use crate::Real;
+
+/// `out = x * rstd * weight`, row by row, saving `rstd`.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward<F: Real>(
+    out: &mut [F],
+    rstd: &mut [F],
+    inp: &[F],
+    weight: &[F],
+    rows: usize,
+    c: usize,
+    eps: F,
+) -> Result<()> {
+    check_lens(
+        "rmsnorm_forward",
+        &[
+            ("out", out.len(), rows * c),
+            ("rstd", rstd.len(), rows),
+            ("inp", inp.len(), rows * c),
+            ("weight", weight.len(), c),
+        ],
+    )?;
+    if eps.is_sign_negative() || !eps.is_finite() {
+        return Err(Error::InvalidArgument {
+            op: "rmsnorm_forward",
+            msg: format!("eps must be finite and >= 0, got {eps:?}"),
+        });
+    }
+    if c == 0 {
+        return Ok(());
+    }
+    let cf = F::from_f64(c as f64);
+    // rstd is small; compute it first, then the rows in parallel.
+    for (r, s) in rstd.iter_mut().enumerate() {
+        let x = &inp[r * c..(r + 1) * c];
+        let ss: F = x.iter().map(|&v| v * v).sum();
+        *s = F::one() / (ss / cf + eps).sqrt();
+    }
+    let rstd: &[F] = rstd;
+    for_rows(out, c, |r, y| {
+        let x = &inp[r * c..(r + 1) * c];
+        let s = rstd[r];
+        for ((o, &v), &w) in y.iter_mut().zip(x).zip(weight) {
+            *o = v * s * w;
+        }
+    });
+    Ok(())
+}
+
+/// Backward of [`rmsnorm_forward`]: `dinp = ...` (assign), `dweight += ...`.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward<F: Real>(
+    dinp: &mut [F],
+    dweight: &mut [F],
+    dout: &[F],
+    inp: &[F],
+    weight: &[F],
+    rstd: &[F],
+    rows: usize,
+    c: usize,
+) -> Result<()> {
+    check_lens(
+        "rmsnorm_backward",
+        &[
+            ("dinp", dinp.len(), rows * c),
+            ("dweight", dweight.len(), c),
+            ("dout", dout.len(), rows * c),
+            ("inp", inp.len(), rows * c),
+            ("weight", weight.len(), c),
+            ("rstd", rstd.len(), rows),
+        ],
+    )?;
+    if c == 0 || rows == 0 {
+        return Ok(());
+    }
+    let cf = F::from_f64(c as f64);
+    let per = rows_per_task(c);
+    let chunk = |(i, dchunk): (usize, &mut [F])| -> Vec<F> {
+        let mut dw = vec![F::zero(); c];
+        for (j, dx) in dchunk.chunks_mut(c).enumerate() {
+            let r = i * per + j;
+            let x = &inp[r * c..(r + 1) * c];
+            let g = &dout[r * c..(r + 1) * c];
+            let s = rstd[r];
+            // dot = mean_j (g_j w_j xhat_j)
+            let mut dot = F::zero();
+            for k in 0..c {
+                dot += g[k] * weight[k] * x[k] * s;
+            }
+            dot /= cf;
+            for k in 0..c {
+                let xhat = x[k] * s;
+                dx[k] = s * (g[k] * weight[k] - xhat * dot);
+                dw[k] += g[k] * xhat;
+            }
+        }
+        dw
+    };
+    let partials: Vec<Vec<F>> = if rows > per {
+        dinp.par_chunks_mut(per * c).enumerate().map(chunk).collect()
+    } else {
+        dinp.chunks_mut(per * c).enumerate().map(chunk).collect()
+    };
+    for p in partials {
+        for (d, v) in dweight.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+    Ok(())
+}
