@@ -1,1 +1,165 @@
-fn main(){}
+//! CPU hot paths, named `cpu/{op}/{dtype}/...` with criterion throughput set:
+//! for matrix products and attention, "elements" are floating-point
+//! operations, so criterion's `Gelem/s` reads as GFLOP/s; for RMSNorm they
+//! are bytes moved (`GB/s`).
+//!
+//! Ceilings on the project's 2-core machine (docs/cpu-matmul.md): PyTorch's
+//! f32 matrix product 150-160 GFLOP/s at 1024-2048 square (from the
+//! foundation issue). Target: >= 120 GFLOP/s (80%) on the square sizes and
+//! no cliff on the skinny shapes of a 256-wide model.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::needless_range_loop)]
+
+use aha_tensor::cpu::{self, AttnShape, Gemm};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::hint::black_box;
+use std::time::Duration;
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    // A cheap deterministic pattern in [-1, 1): no RNG needed in a benchmark.
+    (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+        .collect()
+}
+
+/// (label, m, k, n, trans_a, trans_b): square sizes, then the forward and
+/// backward products of a 256-wide model on 2048 tokens.
+const MATMUL_SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
+    ("square512", 512, 512, 512, false, false),
+    ("square1024", 1024, 1024, 1024, false, false),
+    ("square2048", 2048, 2048, 2048, false, false),
+    ("x2048x256_w768x256T", 2048, 256, 768, false, true),
+    ("x2048x256_w4096x256T", 2048, 256, 4096, false, true),
+    ("dy2048x768_w768x256", 2048, 768, 256, false, false),
+    ("dyT768x2048_x2048x256", 768, 2048, 256, true, false),
+];
+
+fn matmul(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu/matmul/f32");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    for &(label, m, k, n, ta, tb) in MATMUL_SHAPES {
+        let (a, b) = (data(m * k, 1), data(k * n, 2));
+        let mut out = vec![0f32; m * n];
+        g.throughput(Throughput::Elements(2 * (m * k * n) as u64));
+        let mut gm = Gemm::new(m, k, n);
+        gm.trans_a = ta;
+        gm.trans_b = tb;
+        g.bench_function(BenchmarkId::new("gemm", label), |bch| {
+            bch.iter(|| cpu::matmul(black_box(&mut out), black_box(&a), black_box(&b), gm))
+        });
+        // The alternative backend, kept to justify the choice.
+        let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+        let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+        g.bench_function(BenchmarkId::new("matrixmultiply", label), |bch| {
+            bch.iter(|| {
+                // SAFETY: the strides address only inside a (m*k), b (k*n) and out (m*n).
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        csb,
+                        0.0,
+                        out.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    )
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu/attention/f32");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    // The bench configs' attention: 8 query heads, 4 kv heads, head dim 32.
+    for &(b, t) in &[(8usize, 256usize), (1, 2048)] {
+        let s = AttnShape {
+            b,
+            t,
+            h: 8,
+            hk: 4,
+            dk: 32,
+            dv: 32,
+            scale: 1.0 / (32f64).sqrt(),
+        };
+        let q = data(b * t * 8 * 32, 1);
+        let k = data(b * t * 4 * 32, 2);
+        let v = data(b * t * 4 * 32, 3);
+        let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; b * 8 * t];
+        // Causal: half of the T x T scores; QK^T and PV are 2 * D flops each per score.
+        let fwd_flops = (2 * 2 * b * 8 * t * t * 32 / 2) as u64;
+        g.throughput(Throughput::Elements(fwd_flops));
+        let label = format!("b{b}_t{t}_h8_hk4_d32");
+        g.bench_function(BenchmarkId::new("forward", &label), |bch| {
+            bch.iter(|| cpu::attention_forward(&mut out, &mut lse, &q, &k, &v, s))
+        });
+        let dout = data(out.len(), 4);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+        // Backward: recompute QK^T, then dV, dP, dQ, dK: 5 products.
+        g.throughput(Throughput::Elements(fwd_flops * 5 / 2));
+        g.bench_function(BenchmarkId::new("backward", &label), |bch| {
+            bch.iter(|| cpu::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, s))
+        });
+    }
+    g.finish();
+}
+
+fn rmsnorm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu/rmsnorm/f32");
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
+    for &(rows, ch) in &[(2048usize, 256usize), (2048, 4096)] {
+        let x = data(rows * ch, 1);
+        let w = data(ch, 2);
+        let dout = data(rows * ch, 3);
+        let (mut y, mut rstd) = (vec![0f32; rows * ch], vec![0f32; rows]);
+        // Forward reads x and writes y.
+        g.throughput(Throughput::Bytes((2 * rows * ch * 4) as u64));
+        g.bench_function(BenchmarkId::new("forward", format!("{rows}x{ch}")), |bch| {
+            bch.iter(|| cpu::rmsnorm_forward(&mut y, &mut rstd, &x, &w, rows, ch, 1e-6))
+        });
+        let (mut dx, mut dw) = (vec![0f32; rows * ch], vec![0f32; ch]);
+        // Backward reads x and dout, writes dx.
+        g.throughput(Throughput::Bytes((3 * rows * ch * 4) as u64));
+        g.bench_function(BenchmarkId::new("backward", format!("{rows}x{ch}")), |bch| {
+            bch.iter(|| cpu::rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, rows, ch))
+        });
+    }
+    g.finish();
+}
+
+/// The bandwidth ceiling for the memory-bound kernels: a plain copy of the
+/// same bytes (read + write counted, as for the kernels).
+fn copy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu/copy/f32");
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
+    for &n in &[2048usize * 256, 2048 * 4096] {
+        let x = data(n, 1);
+        let mut y = vec![0f32; n];
+        g.throughput(Throughput::Bytes((2 * n * 4) as u64));
+        g.bench_function(BenchmarkId::new("copy", n), |bch| {
+            bch.iter(|| y.copy_from_slice(black_box(&x)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, attention, rmsnorm, copy);
+criterion_main!(benches);

@@ -54,7 +54,14 @@ pub struct Gpu {
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Gpu({}, {}, sm_{}{})", self.ctx.ordinal(), self.name, self.cc.0, self.cc.1)
+        write!(
+            f,
+            "Gpu({}, {}, sm_{}{})",
+            self.ctx.ordinal(),
+            self.name,
+            self.cc.0,
+            self.cc.1
+        )
     }
 }
 

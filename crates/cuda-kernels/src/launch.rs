@@ -28,7 +28,6 @@ fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
 /// `rmsnorm_forward_f32`; CPU twin `aha_tensor::cpu::rmsnorm_forward`).
 ///
 /// `out [rows, c]`, `rstd [rows]`, `inp [rows, c]`, `weight [c]`.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_forward_f32(
     gpu: &Gpu,
     out: &mut CudaSlice<f32>,
@@ -60,7 +59,13 @@ pub fn rmsnorm_forward_f32(
         shared_mem_bytes: 0,
     };
     let mut b = gpu.stream().launch_builder(&func);
-    b.arg(out).arg(rstd).arg(inp).arg(weight).arg(&rows_i).arg(&c_i).arg(&eps);
+    b.arg(out)
+        .arg(rstd)
+        .arg(inp)
+        .arg(weight)
+        .arg(&rows_i)
+        .arg(&c_i)
+        .arg(&eps);
     // SAFETY: the argument list matches the kernel signature
     // (float*, float*, const float*, const float*, int, int, float), and the
     // lengths were checked above against what the kernel reads and writes.

@@ -48,6 +48,9 @@ fn try_preload(root: &Path, searched: &mut Vec<String>) -> bool {
                 continue;
             }
             searched.push(path.display().to_string());
+            // NVRTC opens its builtins library by name when it compiles;
+            // load it from the same folder first so that name resolves.
+            preload_builtins(&root.join(sub));
             // SAFETY: loading NVRTC runs only its initialisers, which have no
             // preconditions. The handle is leaked on purpose: the library must
             // stay mapped for the life of the process, as cudarc expects.
@@ -58,6 +61,22 @@ fn try_preload(root: &Path, searched: &mut Vec<String>) -> bool {
         }
     }
     false
+}
+
+fn preload_builtins(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("libnvrtc-builtins.so") && !name.contains(".alt.") {
+            // SAFETY: as for NVRTC itself below; leaked to stay mapped.
+            if let Ok(lib) = unsafe { libloading::Library::new(e.path()) } {
+                std::mem::forget(lib);
+            }
+        }
+    }
 }
 
 fn locate() -> std::result::Result<Nvrtc, String> {
@@ -166,11 +185,7 @@ pub fn compile(src: &KernelSource, cc: (u32, u32), output: Output) -> Result<Vec
 }
 
 fn c_chars_to_string(chars: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = chars
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
+    let bytes: Vec<u8> = chars.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 

@@ -1,1 +1,2 @@
-//! Placeholder: see README.md for what this crate will hold and which issue brings it.
+//! Empty until its issue (#4) lands: see this crate's README.md for what
+//! will live here.

@@ -115,12 +115,8 @@ impl CpuStorage {
         // f32 is exact for every source but large i64/u32; go through it for
         // floats, and through i64 for ints, so no precision is lost needlessly.
         match (self, dtype) {
-            (CpuStorage::F32(v), DType::BF16) => {
-                CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect())
-            }
-            (CpuStorage::F32(v), DType::F16) => {
-                CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect())
-            }
+            (CpuStorage::F32(v), DType::BF16) => CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            (CpuStorage::F32(v), DType::F16) => CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
             (CpuStorage::BF16(v), DType::F32) => CpuStorage::F32(v.iter().map(|x| x.to_f32()).collect()),
             (CpuStorage::F16(v), DType::F32) => CpuStorage::F32(v.iter().map(|x| x.to_f32()).collect()),
             (CpuStorage::I64(v), DType::I32) => CpuStorage::I32(v.iter().map(|&x| x as i32).collect()),

@@ -30,7 +30,7 @@ mod tensor;
 pub use device::Device;
 pub use dtype::{CpuStorage, DType, Element};
 pub use error::{Error, Result};
+pub use half::{bf16, f16};
 pub use real::Real;
 pub use shape::Shape;
 pub use tensor::{CudaBuf, CudaStorage, Storage, Tensor};
-pub use half::{bf16, f16};

@@ -94,7 +94,12 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
         cpu::matmul_batched(&mut out, x, y, batch, g)?;
     } else {
         for i in 0..batch {
-            cpu::matmul(&mut out[i * m * n..(i + 1) * m * n], &x[i * m * k..(i + 1) * m * k], y, g)?;
+            cpu::matmul(
+                &mut out[i * m * n..(i + 1) * m * n],
+                &x[i * m * k..(i + 1) * m * k],
+                y,
+                g,
+            )?;
         }
     }
     let mut dims = ad[..ad.len() - 2].to_vec();
@@ -175,11 +180,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor
     }
 }
 
-fn rowwise(
-    op: &'static str,
-    x: &Tensor,
-    f: fn(&mut [f32], &[f32], usize, usize) -> Result<()>,
-) -> Result<Tensor> {
+fn rowwise(op: &'static str, x: &Tensor, f: fn(&mut [f32], &[f32], usize, usize) -> Result<()>) -> Result<Tensor> {
     let (rows, c) = (x.shape().rows(), x.shape().last());
     let mut out = vec![0f32; rows * c];
     f(&mut out, f32s(op, x)?, rows, c)?;
@@ -247,7 +248,10 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tens
     let t = u32s(OP, targets)?;
     let (mut logp, mut lse) = (vec![0f32; t.len()], vec![0f32; t.len()]);
     cpu::token_logprob_forward(&mut logp, &mut lse, f32s(OP, logits)?, t, v)?;
-    Ok((f32_tensor(logp, targets.shape().clone())?, f32_tensor(lse, targets.shape().clone())?))
+    Ok((
+        f32_tensor(logp, targets.shape().clone())?,
+        f32_tensor(lse, targets.shape().clone())?,
+    ))
 }
 
 /// The `k` largest values of each row of the last dim, descending, with
@@ -260,7 +264,10 @@ pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     if let Some(l) = dims.last_mut() {
         *l = k;
     }
-    Ok((f32_tensor(vals, dims.clone())?, Tensor::from_vec(idx, dims, Device::Cpu)?))
+    Ok((
+        f32_tensor(vals, dims.clone())?,
+        Tensor::from_vec(idx, dims, Device::Cpu)?,
+    ))
 }
 
 /// Converts to f32 if needed (a convenience for loaded bf16 weights).

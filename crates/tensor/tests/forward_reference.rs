@@ -2,6 +2,8 @@
 //! plus the invariants: softmax rows sum to 1, log-softmax <= 0, top-k gives
 //! k distinct indices in descending order of value.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::needless_range_loop)]
+
 mod common;
 
 use aha_tensor::cpu::{self, AttnShape, Gemm, RopeLayout, RopeShape};
@@ -317,7 +319,15 @@ fn bad_sizes_are_errors_not_panics() {
     assert!(cpu::topk(&mut v, &mut i, &[1.0, 2.0], 1, 2, 3).is_err());
     let (mut lp, mut lse) = (vec![0f32; 1], vec![0f32; 1]);
     assert!(cpu::token_logprob_forward(&mut lp, &mut lse, &[0.0; 4], &[4], 4).is_err());
-    let s = AttnShape { b: 1, t: 2, h: 3, hk: 2, dk: 1, dv: 1, scale: 1.0 };
+    let s = AttnShape {
+        b: 1,
+        t: 2,
+        h: 3,
+        hk: 2,
+        dk: 1,
+        dv: 1,
+        scale: 1.0,
+    };
     let mut out = vec![0f32; 6];
     let mut lse = vec![0f32; 6];
     assert!(cpu::attention_forward(&mut out, &mut lse, &[0.0; 6], &[0.0; 4], &[0.0; 4], s).is_err());

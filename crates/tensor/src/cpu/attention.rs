@@ -45,7 +45,10 @@ impl AttnShape {
         if self.hk == 0 || self.h % self.hk != 0 {
             return Err(Error::InvalidArgument {
                 op,
-                msg: format!("{} query heads are not a multiple of {} key/value heads", self.h, self.hk),
+                msg: format!(
+                    "{} query heads are not a multiple of {} key/value heads",
+                    self.h, self.hk
+                ),
             });
         }
         Ok(())
@@ -70,22 +73,47 @@ fn scatter<F: Real>(dst: &mut [F], src: &[F], b: usize, t: usize, nh: usize, hh:
 
 /// Scaled, masked scores of query rows `i0..i0+rows` against keys `0..kv`,
 /// turned into probabilities with the given (or computed) log-sum-exp.
-fn probs<F: Real>(p: &mut [F], q: &[F], k: &[F], i0: usize, rows: usize, kv: usize, dk: usize, scale: F, lse: &mut [F], have_lse: bool) -> Result<()> {
-    matmul_serial(p, &q[i0 * dk..(i0 + rows) * dk], &k[..kv * dk], Gemm::new(rows, dk, kv).tb())?;
+fn probs<F: Real>(
+    p: &mut [F],
+    q: &[F],
+    k: &[F],
+    i0: usize,
+    rows: usize,
+    kv: usize,
+    dk: usize,
+    scale: F,
+    lse: &mut [F],
+    have_lse: bool,
+) -> Result<()> {
+    matmul_serial(
+        p,
+        &q[i0 * dk..(i0 + rows) * dk],
+        &k[..kv * dk],
+        Gemm::new(rows, dk, kv).tb(),
+    )?;
     for r in 0..rows {
         let row = &mut p[r * kv..(r + 1) * kv];
         let last = i0 + r; // keys 0..=last are visible
         for x in row[..=last].iter_mut() {
             *x *= scale;
         }
-        if !have_lse {
-            let m = row[..=last].iter().fold(F::neg_infinity(), |a, &b| a.max(b));
-            let s: F = row[..=last].iter().map(|&x| (x - m).exp()).sum();
+        if have_lse {
+            let l = lse[r];
+            for x in row[..=last].iter_mut() {
+                *x = (*x - l).exp_fast();
+            }
+        } else {
+            // One exp per score: exponentiate against the row max, then normalise.
+            let m = super::row_max(&row[..=last]);
+            for x in row[..=last].iter_mut() {
+                *x = (*x - m).exp_fast();
+            }
+            let s = super::sum_lanes(&row[..=last]);
             lse[r] = m + s.ln();
-        }
-        let l = lse[r];
-        for x in row[..=last].iter_mut() {
-            *x = (*x - l).exp();
+            let inv = F::one() / s;
+            for x in row[..=last].iter_mut() {
+                *x *= inv;
+            }
         }
         row[last + 1..].fill(F::zero());
     }
@@ -96,7 +124,9 @@ fn probs<F: Real>(p: &mut [F], q: &[F], k: &[F], i0: usize, rows: usize, kv: usi
 pub fn attention_forward<F: Real>(out: &mut [F], lse: &mut [F], q: &[F], k: &[F], v: &[F], s: AttnShape) -> Result<()> {
     const OP: &str = "attention_forward";
     s.check(OP)?;
-    let AttnShape { b, t, h, hk, dk, dv, .. } = s;
+    let AttnShape {
+        b, t, h, hk, dk, dv, ..
+    } = s;
     check_lens(
         OP,
         &[
@@ -145,7 +175,6 @@ pub fn attention_forward<F: Real>(out: &mut [F], lse: &mut [F], q: &[F], k: &[F]
 }
 
 /// Causal attention backward: `dq`, `dk`, `dv` are assigned.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward<F: Real>(
     dq: &mut [F],
     dk: &mut [F],
@@ -160,7 +189,15 @@ pub fn attention_backward<F: Real>(
 ) -> Result<()> {
     const OP: &str = "attention_backward";
     s.check(OP)?;
-    let AttnShape { b, t, h, hk, dk: dkw, dv: dvw, .. } = s;
+    let AttnShape {
+        b,
+        t,
+        h,
+        hk,
+        dk: dkw,
+        dv: dvw,
+        ..
+    } = s;
     check_lens(
         OP,
         &[
@@ -227,8 +264,18 @@ pub fn attention_backward<F: Real>(
                         }
                     }
                     // dQ_blk = dS K ; dK[0..kv] += dS^T Q_blk
-                    matmul_serial(&mut dqh[i0 * dkw..kv * dkw], dp, &kh[..kv * dkw], Gemm::new(rows, kv, dkw))?;
-                    matmul_serial(&mut dkh[..kv * dkw], dp, &qh[i0 * dkw..kv * dkw], Gemm::new(kv, rows, dkw).ta().acc())?;
+                    matmul_serial(
+                        &mut dqh[i0 * dkw..kv * dkw],
+                        dp,
+                        &kh[..kv * dkw],
+                        Gemm::new(rows, kv, dkw),
+                    )?;
+                    matmul_serial(
+                        &mut dkh[..kv * dkw],
+                        dp,
+                        &qh[i0 * dkw..kv * dkw],
+                        Gemm::new(kv, rows, dkw).ta().acc(),
+                    )?;
                 }
                 dqs.push(dqh);
             }

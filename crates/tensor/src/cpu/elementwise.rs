@@ -58,7 +58,12 @@ pub fn mul_backward<F: Real>(da: &mut [F], db: &mut [F], dout: &[F], a: &[F], b:
     let n = dout.len();
     check_lens(
         "mul_backward",
-        &[("da", da.len(), n), ("db", db.len(), n), ("a", a.len(), n), ("b", b.len(), n)],
+        &[
+            ("da", da.len(), n),
+            ("db", db.len(), n),
+            ("a", a.len(), n),
+            ("b", b.len(), n),
+        ],
     )?;
     for i in 0..n {
         da[i] += dout[i] * b[i];
@@ -117,14 +122,20 @@ pub fn silu<F: Real>(out: &mut [F], x: &[F]) -> Result<()> {
 
 /// Backward of [`silu`]: `dx = dout * silu'(x)`.
 pub fn silu_backward<F: Real>(dx: &mut [F], dout: &[F], x: &[F]) -> Result<()> {
-    check_lens("silu_backward", &[("dout", dout.len(), dx.len()), ("x", x.len(), dx.len())])?;
+    check_lens(
+        "silu_backward",
+        &[("dout", dout.len(), dx.len()), ("x", x.len(), dx.len())],
+    )?;
     zip2(dx, dout, x, |g, v| g * dsilu(v));
     Ok(())
 }
 
 /// SwiGLU: `out = silu(gate) * up`, all `[N * F]`.
 pub fn swiglu<F: Real>(out: &mut [F], gate: &[F], up: &[F]) -> Result<()> {
-    check_lens("swiglu", &[("gate", gate.len(), out.len()), ("up", up.len(), out.len())])?;
+    check_lens(
+        "swiglu",
+        &[("gate", gate.len(), out.len()), ("up", up.len(), out.len())],
+    )?;
     zip2(out, gate, up, |g, u| silu1(g) * u);
     Ok(())
 }
@@ -134,9 +145,15 @@ pub fn swiglu_backward<F: Real>(dgate: &mut [F], dup: &mut [F], dout: &[F], gate
     let n = dout.len();
     check_lens(
         "swiglu_backward",
-        &[("dgate", dgate.len(), n), ("dup", dup.len(), n), ("gate", gate.len(), n), ("up", up.len(), n)],
+        &[
+            ("dgate", dgate.len(), n),
+            ("dup", dup.len(), n),
+            ("gate", gate.len(), n),
+            ("up", up.len(), n),
+        ],
     )?;
-    let body = |(((dg, du), &g), (&u, &d)): (((&mut F, &mut F), &F), (&F, &F))| {
+    type Item<'a, F> = (((&'a mut F, &'a mut F), &'a F), (&'a F, &'a F));
+    let body = |(((dg, du), &g), (&u, &d)): Item<'_, F>| {
         let s = sigmoid(g);
         *du = d * g * s;
         *dg = d * u * (s + g * s * (c::<F>(1.0) - s));

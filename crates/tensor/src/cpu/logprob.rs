@@ -24,7 +24,11 @@ pub fn token_logprob_forward<F: Real>(
     let n = targets.len();
     check_lens(
         "token_logprob_forward",
-        &[("logp", logp.len(), n), ("lse", lse.len(), n), ("logits", logits.len(), n * v)],
+        &[
+            ("logp", logp.len(), n),
+            ("lse", lse.len(), n),
+            ("logits", logits.len(), n * v),
+        ],
     )?;
     if let Some(p) = targets.iter().position(|&t| t as usize >= v) {
         return Err(Error::IndexOutOfRange {
@@ -36,8 +40,8 @@ pub fn token_logprob_forward<F: Real>(
     }
     let row = |(i, (lp, ls)): (usize, (&mut F, &mut F))| {
         let x = &logits[i * v..(i + 1) * v];
-        let m = x.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
-        let s: F = x.iter().map(|&z| (z - m).exp()).sum();
+        let m = super::row_max(x);
+        let s = super::sum_exp_shifted(x, m);
         *ls = m + s.ln();
         *lp = (x[targets[i] as usize] - *ls).min(F::zero());
     };
@@ -84,7 +88,7 @@ pub fn token_logprob_backward<F: Real>(
         let x = &logits[i * v..(i + 1) * v];
         let g = dlogp[i];
         for (dj, &z) in d.iter_mut().zip(x) {
-            *dj = -g * (z - lse[i]).exp();
+            *dj = -g * (z - lse[i]).exp_fast();
         }
         d[targets[i] as usize] += g;
     });

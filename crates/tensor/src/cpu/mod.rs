@@ -34,6 +34,56 @@ pub use topk::{topk, topk_backward};
 
 use rayon::prelude::*;
 
+/// The maximum of `x` (-inf when empty; NaNs are skipped), in eight
+/// independent lanes so that the compiler can use vector max instructions
+/// (a plain `fold(f32::max)` is one long dependency chain).
+#[inline]
+pub(crate) fn row_max<F: crate::Real>(x: &[F]) -> F {
+    let mut lanes = [F::neg_infinity(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for (m, &v) in lanes.iter_mut().zip(ch) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut m = F::neg_infinity();
+    for &v in lanes.iter().chain(rest) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// The sum of `x` in eight independent lanes (vectorizable; the order
+/// differs from a left fold by rounding only).
+#[inline]
+pub(crate) fn sum_lanes<F: crate::Real>(x: &[F]) -> F {
+    let mut lanes = [F::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for (s, &v) in lanes.iter_mut().zip(ch) {
+            *s += v;
+        }
+    }
+    lanes.iter().chain(rest).fold(F::zero(), |a, &b| a + b)
+}
+
+/// `sum(exp(x - m))` in eight lanes, without a scratch buffer.
+#[inline]
+pub(crate) fn sum_exp_shifted<F: crate::Real>(x: &[F], m: F) -> F {
+    let mut lanes = [F::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for (s, &v) in lanes.iter_mut().zip(ch) {
+            *s += (v - m).exp_fast();
+        }
+    }
+    let tail = rest.iter().fold(F::zero(), |a, &v| a + (v - m).exp_fast());
+    lanes.iter().fold(tail, |a, &b| a + b)
+}
+
 /// Rows per rayon task: large enough that a task does at least ~32k elements.
 pub(crate) fn rows_per_task(cols: usize) -> usize {
     (32 * 1024 / cols.max(1)).max(1)

@@ -8,12 +8,11 @@
 
 use rayon::prelude::*;
 
-use super::{for_rows, rows_per_task};
+use super::rows_per_task;
 use crate::error::{check_lens, Error, Result};
 use crate::Real;
 
 /// `out = x * rstd * weight`, row by row, saving `rstd`.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_forward<F: Real>(
     out: &mut [F],
     rstd: &mut [F],
@@ -42,25 +41,28 @@ pub fn rmsnorm_forward<F: Real>(
         return Ok(());
     }
     let cf = F::from_f64(c as f64);
-    // rstd is small; compute it first, then the rows in parallel.
-    for (r, s) in rstd.iter_mut().enumerate() {
-        let x = &inp[r * c..(r + 1) * c];
-        let ss: F = x.iter().map(|&v| v * v).sum();
-        *s = F::one() / (ss / cf + eps).sqrt();
-    }
-    let rstd: &[F] = rstd;
-    for_rows(out, c, |r, y| {
-        let x = &inp[r * c..(r + 1) * c];
-        let s = rstd[r];
-        for ((o, &v), &w) in y.iter_mut().zip(x).zip(weight) {
-            *o = v * s * w;
+    let per = rows_per_task(c);
+    let chunk = |(y, s): (&mut [F], &mut [F]), x: &[F]| {
+        for ((y, s), x) in y.chunks_mut(c).zip(s.iter_mut()).zip(x.chunks(c)) {
+            let ss: F = x.iter().map(|&v| v * v).sum();
+            *s = F::one() / (ss / cf + eps).sqrt();
+            for ((o, &v), &w) in y.iter_mut().zip(x).zip(weight) {
+                *o = v * *s * w;
+            }
         }
-    });
+    };
+    if rows > per {
+        out.par_chunks_mut(per * c)
+            .zip(rstd.par_chunks_mut(per))
+            .zip(inp.par_chunks(per * c))
+            .for_each(|(ys, x)| chunk(ys, x));
+    } else {
+        chunk((out, rstd), inp);
+    }
     Ok(())
 }
 
 /// Backward of [`rmsnorm_forward`]: `dinp = ...` (assign), `dweight += ...`.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward<F: Real>(
     dinp: &mut [F],
     dweight: &mut [F],

@@ -43,7 +43,10 @@ impl Default for AdamW {
 /// ```
 pub fn adamw_step<F: Real>(params: &mut [F], grads: &[F], m: &mut [F], v: &mut [F], h: &AdamW, t: u64) -> Result<()> {
     let n = params.len();
-    check_lens("adamw_step", &[("grads", grads.len(), n), ("m", m.len(), n), ("v", v.len(), n)])?;
+    check_lens(
+        "adamw_step",
+        &[("grads", grads.len(), n), ("m", m.len(), n), ("v", v.len(), n)],
+    )?;
     if t == 0 {
         return Err(Error::InvalidArgument {
             op: "adamw_step",
@@ -58,7 +61,8 @@ pub fn adamw_step<F: Real>(params: &mut [F], grads: &[F], m: &mut [F], v: &mut [
     let step = F::from_f64(h.lr / bc1);
     let inv_bc2_sqrt = F::from_f64(1.0 / bc2.sqrt());
     let eps = F::from_f64(h.eps);
-    let body = |(((p, g), m), v): (((&mut [F], &[F]), &mut [F]), &mut [F])| {
+    type Chunks<'a, F> = (((&'a mut [F], &'a [F]), &'a mut [F]), &'a mut [F]);
+    let body = |(((p, g), m), v): Chunks<'_, F>| {
         for i in 0..p.len() {
             let gi = g[i];
             m[i] = b1 * m[i] + ob1 * gi;
@@ -97,7 +101,9 @@ pub fn clip_grad_norm<F: Real>(grads: &mut [F], max_norm: f64) -> f64 {
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         let s = F::from_f64(coef);
-        grads.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|g| *g *= s));
+        grads
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|g| *g *= s));
     }
     norm
 }

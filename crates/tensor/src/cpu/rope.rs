@@ -81,7 +81,15 @@ pub fn rope_table<F: Real>(theta: f64, rot_dim: usize, max_pos: usize) -> (Vec<F
     (cos, sin)
 }
 
-fn check(op: &'static str, out: usize, inp: usize, cos: usize, sin: usize, pos: &[u32], s: &RopeShape) -> Result<usize> {
+fn check(
+    op: &'static str,
+    out: usize,
+    inp: usize,
+    cos: usize,
+    sin: usize,
+    pos: &[u32],
+    s: &RopeShape,
+) -> Result<usize> {
     let n = pos.len();
     let w = s.heads * s.head_dim;
     if s.rot_dim % 2 != 0 || s.rot_offset + s.rot_dim > s.head_dim {
@@ -97,7 +105,7 @@ fn check(op: &'static str, out: usize, inp: usize, cos: usize, sin: usize, pos: 
     }
     check_lens(op, &[("out", out, n * w), ("inp", inp, n * w), ("sin", sin, cos)])?;
     let half = s.rot_dim / 2;
-    let max_pos = if half == 0 { usize::MAX } else { cos / half };
+    let max_pos = cos.checked_div(half).unwrap_or(usize::MAX);
     if half > 0 && cos % half != 0 {
         return Err(Error::ShapeMismatch {
             op,
@@ -118,7 +126,16 @@ fn check(op: &'static str, out: usize, inp: usize, cos: usize, sin: usize, pos: 
     Ok(w)
 }
 
-fn apply<F: Real>(out: &mut [F], inp: &[F], cos: &[F], sin: &[F], pos: &[u32], s: RopeShape, sign: F, op: &'static str) -> Result<()> {
+fn apply<F: Real>(
+    out: &mut [F],
+    inp: &[F],
+    cos: &[F],
+    sin: &[F],
+    pos: &[u32],
+    s: RopeShape,
+    sign: F,
+    op: &'static str,
+) -> Result<()> {
     let w = check(op, out.len(), inp.len(), cos.len(), sin.len(), pos, &s)?;
     let half = s.rot_dim / 2;
     for_rows(out, w, |t, y| {
@@ -146,6 +163,13 @@ pub fn rope_forward<F: Real>(out: &mut [F], inp: &[F], cos: &[F], sin: &[F], pos
 }
 
 /// Backward of [`rope_forward`] (`dinp =`): the inverse rotation of `dout`.
-pub fn rope_backward<F: Real>(dinp: &mut [F], dout: &[F], cos: &[F], sin: &[F], pos: &[u32], s: RopeShape) -> Result<()> {
+pub fn rope_backward<F: Real>(
+    dinp: &mut [F],
+    dout: &[F],
+    cos: &[F],
+    sin: &[F],
+    pos: &[u32],
+    s: RopeShape,
+) -> Result<()> {
     apply(dinp, dout, cos, sin, pos, s, -F::one(), "rope_backward")
 }

@@ -1,16 +1,15 @@
 //! Softmax and log-softmax over the rows of an [N, C] buffer.
 
-use super::for_rows;
+use super::{for_rows, row_max};
 use crate::error::{check_lens, Result};
 use crate::Real;
 
-fn row_max<F: Real>(x: &[F]) -> F {
-    x.iter().fold(F::neg_infinity(), |m, &v| m.max(v))
-}
-
 /// `out[r] = softmax(inp[r])`; a row of all -inf gives all zeros.
 pub fn softmax_forward<F: Real>(out: &mut [F], inp: &[F], rows: usize, c: usize) -> Result<()> {
-    check_lens("softmax_forward", &[("out", out.len(), rows * c), ("inp", inp.len(), rows * c)])?;
+    check_lens(
+        "softmax_forward",
+        &[("out", out.len(), rows * c), ("inp", inp.len(), rows * c)],
+    )?;
     for_rows(out, c, |r, y| {
         let x = &inp[r * c..(r + 1) * c];
         let m = row_max(x);
@@ -18,11 +17,10 @@ pub fn softmax_forward<F: Real>(out: &mut [F], inp: &[F], rows: usize, c: usize)
             y.fill(F::zero());
             return;
         }
-        let mut sum = F::zero();
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = (v - m).exp();
-            sum += *o;
+            *o = (v - m).exp_fast();
         }
+        let sum = super::sum_lanes(y);
         let inv = F::one() / sum;
         for o in y.iter_mut() {
             *o *= inv;
@@ -35,7 +33,11 @@ pub fn softmax_forward<F: Real>(out: &mut [F], inp: &[F], rows: usize, c: usize)
 pub fn softmax_backward<F: Real>(dinp: &mut [F], dout: &[F], out: &[F], rows: usize, c: usize) -> Result<()> {
     check_lens(
         "softmax_backward",
-        &[("dinp", dinp.len(), rows * c), ("dout", dout.len(), rows * c), ("out", out.len(), rows * c)],
+        &[
+            ("dinp", dinp.len(), rows * c),
+            ("dout", dout.len(), rows * c),
+            ("out", out.len(), rows * c),
+        ],
     )?;
     for_rows(dinp, c, |r, dx| {
         let (g, p) = (&dout[r * c..(r + 1) * c], &out[r * c..(r + 1) * c]);
@@ -49,12 +51,17 @@ pub fn softmax_backward<F: Real>(dinp: &mut [F], dout: &[F], out: &[F], rows: us
 
 /// `out[r] = x - logsumexp(x)`: every value is <= 0.
 pub fn log_softmax_forward<F: Real>(out: &mut [F], inp: &[F], rows: usize, c: usize) -> Result<()> {
-    check_lens("log_softmax_forward", &[("out", out.len(), rows * c), ("inp", inp.len(), rows * c)])?;
+    check_lens(
+        "log_softmax_forward",
+        &[("out", out.len(), rows * c), ("inp", inp.len(), rows * c)],
+    )?;
     for_rows(out, c, |r, y| {
         let x = &inp[r * c..(r + 1) * c];
         let m = row_max(x);
-        let sum: F = x.iter().map(|&v| (v - m).exp()).sum();
-        let lse = m + sum.ln();
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = (v - m).exp_fast();
+        }
+        let lse = m + super::sum_lanes(y).ln();
         for (o, &v) in y.iter_mut().zip(x) {
             *o = (v - lse).min(F::zero());
         }
@@ -66,7 +73,11 @@ pub fn log_softmax_forward<F: Real>(out: &mut [F], inp: &[F], rows: usize, c: us
 pub fn log_softmax_backward<F: Real>(dinp: &mut [F], dout: &[F], out: &[F], rows: usize, c: usize) -> Result<()> {
     check_lens(
         "log_softmax_backward",
-        &[("dinp", dinp.len(), rows * c), ("dout", dout.len(), rows * c), ("out", out.len(), rows * c)],
+        &[
+            ("dinp", dinp.len(), rows * c),
+            ("dout", dout.len(), rows * c),
+            ("out", out.len(), rows * c),
+        ],
     )?;
     for_rows(dinp, c, |r, dx| {
         let (g, lp) = (&dout[r * c..(r + 1) * c], &out[r * c..(r + 1) * c]);

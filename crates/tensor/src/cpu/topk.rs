@@ -23,7 +23,11 @@ pub fn topk<F: Real>(values: &mut [F], indices: &mut [u32], inp: &[F], rows: usi
     }
     check_lens(
         "topk",
-        &[("values", values.len(), rows * k), ("indices", indices.len(), rows * k), ("inp", inp.len(), rows * c)],
+        &[
+            ("values", values.len(), rows * k),
+            ("indices", indices.len(), rows * k),
+            ("inp", inp.len(), rows * c),
+        ],
     )?;
     let mut order: Vec<u32> = Vec::with_capacity(c);
     for r in 0..rows {
@@ -58,10 +62,21 @@ pub fn topk<F: Real>(values: &mut [F], indices: &mut [u32], inp: &[F], rows: usi
 }
 
 /// Backward of [`topk`]'s values: `dinp = 0` except `dinp[n, indices[n, j]] = dvalues[n, j]`.
-pub fn topk_backward<F: Real>(dinp: &mut [F], dvalues: &[F], indices: &[u32], rows: usize, c: usize, k: usize) -> Result<()> {
+pub fn topk_backward<F: Real>(
+    dinp: &mut [F],
+    dvalues: &[F],
+    indices: &[u32],
+    rows: usize,
+    c: usize,
+    k: usize,
+) -> Result<()> {
     check_lens(
         "topk_backward",
-        &[("dinp", dinp.len(), rows * c), ("dvalues", dvalues.len(), rows * k), ("indices", indices.len(), rows * k)],
+        &[
+            ("dinp", dinp.len(), rows * c),
+            ("dvalues", dvalues.len(), rows * k),
+            ("indices", indices.len(), rows * k),
+        ],
     )?;
     dinp.fill(F::zero());
     for r in 0..rows {

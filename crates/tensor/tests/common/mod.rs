@@ -66,7 +66,11 @@ pub fn fd_check(what: &str, x: &[f64], analytic: &[f64], loss: impl Fn(&[f64]) -
             bad.push(format!("  [{i}] analytic {a:.9e} numeric {num:.9e}"));
         }
     }
-    assert!(bad.is_empty(), "{what}: gradient differs from finite differences:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{what}: gradient differs from finite differences:\n{}",
+        bad.join("\n")
+    );
 }
 
 /// `sum(out * r)`: the scalar loss whose gradient w.r.t. `out` is `r`.
