@@ -11,7 +11,7 @@ if [ -z "${AHA_CUDA_ROOT:-}" ]; then
     wheels="$PWD/.cuda-wheels"
     if [ ! -f "$wheels/nvidia/cu13/lib/libnvrtc.so.13" ]; then
         echo "scripts/test.sh: installing NVRTC 13.0 into .cuda-wheels/ (pip, once)" >&2
-        python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+        python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --root-user-action=ignore \
             --target "$wheels" -r scripts/cuda-wheels.txt
     fi
     export AHA_CUDA_ROOT="$wheels/nvidia/cu13"
