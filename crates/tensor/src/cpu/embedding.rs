@@ -7,20 +7,8 @@
 //! | out, dout | [N, C] |
 
 use super::for_rows;
-use crate::error::{check_lens, Error, Result};
+use crate::error::{check_lens, Result};
 use crate::Real;
-
-fn check_ids(op: &'static str, ids: &[u32], vocab: usize) -> Result<()> {
-    match ids.iter().position(|&i| i as usize >= vocab) {
-        Some(p) => Err(Error::IndexOutOfRange {
-            op,
-            index: ids[p] as i64,
-            position: p,
-            limit: vocab,
-        }),
-        None => Ok(()),
-    }
-}
 
 /// `out[n] = table[ids[n]]`.
 pub fn embedding_forward<F: Real>(out: &mut [F], table: &[F], ids: &[u32], vocab: usize, c: usize) -> Result<()> {
@@ -28,7 +16,7 @@ pub fn embedding_forward<F: Real>(out: &mut [F], table: &[F], ids: &[u32], vocab
         "embedding_forward",
         &[("out", out.len(), ids.len() * c), ("table", table.len(), vocab * c)],
     )?;
-    check_ids("embedding_forward", ids, vocab)?;
+    super::check_indices("embedding_forward", ids, vocab)?;
     for_rows(out, c, |n, y| {
         let i = ids[n] as usize;
         y.copy_from_slice(&table[i * c..(i + 1) * c]);
@@ -42,7 +30,7 @@ pub fn embedding_backward<F: Real>(dtable: &mut [F], dout: &[F], ids: &[u32], vo
         "embedding_backward",
         &[("dout", dout.len(), ids.len() * c), ("dtable", dtable.len(), vocab * c)],
     )?;
-    check_ids("embedding_backward", ids, vocab)?;
+    super::check_indices("embedding_backward", ids, vocab)?;
     for (n, &i) in ids.iter().enumerate() {
         let i = i as usize;
         for (d, &g) in dtable[i * c..(i + 1) * c].iter_mut().zip(&dout[n * c..(n + 1) * c]) {

@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::rows_per_task;
-use crate::error::{check_lens, Error, Result};
+use crate::error::{check_lens, Result};
 use crate::Real;
 
 /// `logp[n] = logits[n, targets[n]] - lse[n]`, saving `lse[n] = logsumexp(logits[n])`.
@@ -30,14 +30,7 @@ pub fn token_logprob_forward<F: Real>(
             ("logits", logits.len(), n * v),
         ],
     )?;
-    if let Some(p) = targets.iter().position(|&t| t as usize >= v) {
-        return Err(Error::IndexOutOfRange {
-            op: "token_logprob_forward",
-            index: targets[p] as i64,
-            position: p,
-            limit: v,
-        });
-    }
+    super::check_indices("token_logprob_forward", targets, v)?;
     let row = |(i, (lp, ls)): (usize, (&mut F, &mut F))| {
         let x = &logits[i * v..(i + 1) * v];
         let m = super::row_max(x);
@@ -76,14 +69,7 @@ pub fn token_logprob_backward<F: Real>(
             ("lse", lse.len(), n),
         ],
     )?;
-    if let Some(p) = targets.iter().position(|&t| t as usize >= v) {
-        return Err(Error::IndexOutOfRange {
-            op: "token_logprob_backward",
-            index: targets[p] as i64,
-            position: p,
-            limit: v,
-        });
-    }
+    super::check_indices("token_logprob_backward", targets, v)?;
     super::for_rows(dlogits, v, |i, d| {
         let x = &logits[i * v..(i + 1) * v];
         let g = dlogp[i];

@@ -70,24 +70,10 @@ pub fn matmul<F: Real>(out: &mut [F], a: &[F], b: &[F], g: Gemm) -> Result<()> {
 
 /// `batch` independent products over consecutive matrices of each buffer.
 pub fn matmul_batched<F: Real>(out: &mut [F], a: &[F], b: &[F], batch: usize, g: Gemm) -> Result<()> {
+    if !prelude(out, a, b, batch, g)? {
+        return Ok(());
+    }
     let Gemm { m, k, n, .. } = g;
-    check_lens(
-        "matmul",
-        &[
-            ("out", out.len(), batch * m * n),
-            ("a", a.len(), batch * m * k),
-            ("b", b.len(), batch * k * n),
-        ],
-    )?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !g.accumulate {
-            out.fill(F::zero());
-        }
-        return Ok(());
-    }
     let flops = m * n * k;
     let threads = rayon::current_num_threads();
     if batch > 1 && flops < PARALLEL_MIN_FLOPS * 4 && threads > 1 {
@@ -155,20 +141,31 @@ fn gemm_one<F: Real>(out: &mut [F], a: &[F], b: &[F], g: Gemm, par: gemm::Parall
 /// One product on the calling thread, for kernels that already run inside a
 /// parallel loop. Same contract as [`matmul`].
 pub(crate) fn matmul_serial<F: Real>(out: &mut [F], a: &[F], b: &[F], g: Gemm) -> Result<()> {
+    if prelude(out, a, b, 1, g)? {
+        gemm_one(out, a, b, g, gemm::Parallelism::None);
+    }
+    Ok(())
+}
+
+/// Checks lengths and handles the empty cases; true when a product remains.
+fn prelude<F: Real>(out: &mut [F], a: &[F], b: &[F], batch: usize, g: Gemm) -> Result<bool> {
     let Gemm { m, k, n, .. } = g;
     check_lens(
         "matmul",
-        &[("out", out.len(), m * n), ("a", a.len(), m * k), ("b", b.len(), k * n)],
+        &[
+            ("out", out.len(), batch * m * n),
+            ("a", a.len(), batch * m * k),
+            ("b", b.len(), batch * k * n),
+        ],
     )?;
     if m == 0 || n == 0 {
-        return Ok(());
+        return Ok(false);
     }
     if k == 0 {
         if !g.accumulate {
             out.fill(F::zero());
         }
-        return Ok(());
+        return Ok(false);
     }
-    gemm_one(out, a, b, g, gemm::Parallelism::None);
-    Ok(())
+    Ok(true)
 }

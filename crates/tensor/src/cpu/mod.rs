@@ -84,6 +84,19 @@ pub(crate) fn sum_exp_shifted<F: crate::Real>(x: &[F], m: F) -> F {
     lanes.iter().fold(tail, |a, &b| a + b)
 }
 
+/// Errors on the first index `>= limit` (token ids, targets).
+pub(crate) fn check_indices(op: &'static str, ids: &[u32], limit: usize) -> crate::Result<()> {
+    match ids.iter().position(|&i| i as usize >= limit) {
+        Some(p) => Err(crate::Error::IndexOutOfRange {
+            op,
+            index: ids[p] as i64,
+            position: p,
+            limit,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Rows per rayon task: large enough that a task does at least ~32k elements.
 pub(crate) fn rows_per_task(cols: usize) -> usize {
     (32 * 1024 / cols.max(1)).max(1)
