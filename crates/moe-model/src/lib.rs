@@ -1,2 +1,29 @@
-//! Empty until its issue (#3) lands: see this crate's README.md for what
-//! will live here.
+//! aha-moe-model: Hugging Face Qwen2, Qwen3, Qwen3-MoE and DeepSeek-V3
+//! models with hand-written forward and backward passes over one flat
+//! parameter buffer, loaded from and saved to HF safetensors folders.
+//!
+//! ```no_run
+//! use aha_moe_model::Model;
+//!
+//! let model = Model::load(std::path::Path::new("path/to/hf-model"))?;
+//! let ids = [1u32, 2, 3, 4];
+//! let mut grads = vec![0f32; model.params.len()];
+//! let loss = model.next_token_loss(&ids, 1, 4, &mut grads)?;
+//! println!("loss {loss}");
+//! # Ok::<(), aha_moe_model::Error>(())
+//! ```
+
+mod attn;
+pub mod config;
+mod error;
+mod ffn;
+mod linear;
+mod model;
+pub mod params;
+pub mod st;
+
+pub use attn::LayerCache;
+pub use config::{Arch, MlaConfig, ModelConfig, MoeConfig, Router};
+pub use error::{Error, Result};
+pub use model::{Activations, KvCache, Model};
+pub use params::{Layout, ParamEntry, Slot};

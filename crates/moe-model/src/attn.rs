@@ -1,0 +1,443 @@
+//! Attention layers: grouped-query attention (Qwen2/Qwen3) and multi-head
+//! latent attention (DeepSeek-V3), forward and backward, plus the cached
+//! forward used for incremental decoding.
+//!
+//! | name | shape |
+//! |---|---|
+//! | x (normed input), dx | [N, C], N = B*T |
+//! | q | [N, H, Dk] after RoPE |
+//! | k | [N, Hk, Dk] after RoPE |
+//! | v | [N, Hk, Dv] |
+//! | out | [N, H * Dv], before o_proj |
+
+use aha_tensor::cpu::{self, AttnShape, RopeLayout, RopeShape};
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::linear::{linear_bwd, linear_fwd, norm_bwd, norm_fwd};
+use crate::params::AttnSlots;
+
+/// Positions of the N tokens and the RoPE table covering them.
+pub(crate) struct Rope<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub pos: &'a [u32],
+}
+
+/// Keys and values of the positions seen so far, for one layer of one sequence.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    /// [len, Hk, Dk], after RoPE.
+    pub k: Vec<f32>,
+    /// [len, Hk, Dv].
+    pub v: Vec<f32>,
+}
+
+/// What the backward needs from the forward.
+pub(crate) enum AttnActs {
+    Gqa {
+        q_lin: Vec<f32>,
+        q_rstd: Vec<f32>,
+        k_lin: Vec<f32>,
+        k_rstd: Vec<f32>,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        out: Vec<f32>,
+        lse: Vec<f32>,
+    },
+    Mla {
+        qa: Vec<f32>,
+        qa_rstd: Vec<f32>,
+        qan: Vec<f32>,
+        c: Vec<f32>,
+        c_rstd: Vec<f32>,
+        cn: Vec<f32>,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        out: Vec<f32>,
+        lse: Vec<f32>,
+    },
+}
+
+fn rope_shape(cfg: &ModelConfig, heads: usize) -> RopeShape {
+    match &cfg.mla {
+        Some(m) => RopeShape {
+            heads,
+            head_dim: m.qk_nope_head_dim + m.qk_rope_head_dim,
+            rot_offset: m.qk_nope_head_dim,
+            rot_dim: m.qk_rope_head_dim,
+            layout: RopeLayout::Interleaved,
+        },
+        None => RopeShape::full(heads, cfg.head_dim, RopeLayout::Half),
+    }
+}
+
+fn rope(x: &[f32], r: &Rope<'_>, s: RopeShape) -> Result<Vec<f32>> {
+    let mut y = vec![0f32; x.len()];
+    cpu::rope_forward(&mut y, x, r.cos, r.sin, r.pos, s)?;
+    Ok(y)
+}
+
+fn rope_back(dy: &[f32], r: &Rope<'_>, s: RopeShape) -> Result<Vec<f32>> {
+    let mut dx = vec![0f32; dy.len()];
+    cpu::rope_backward(&mut dx, dy, r.cos, r.sin, r.pos, s)?;
+    Ok(dx)
+}
+
+/// Causal attention of `tq` new queries (positions `tk - tq ..`) against
+/// `tk` cached keys, for one sequence. `out [tq, H * Dv]`.
+fn attention_cached(q: &[f32], kc: &[f32], vc: &[f32], tq: usize, tk: usize, s: AttnShape) -> Vec<f32> {
+    let AttnShape { h, hk, dk, dv, .. } = s;
+    let group = h / hk;
+    let mut out = vec![0f32; tq * h * dv];
+    let mut scores = vec![0f32; tk];
+    let p0 = tk - tq;
+    for i in 0..tq {
+        for hi in 0..h {
+            let kh = hi / group;
+            let qi = &q[(i * h + hi) * dk..(i * h + hi + 1) * dk];
+            let visible = p0 + i + 1;
+            let mut m = f32::NEG_INFINITY;
+            for (j, sc) in scores[..visible].iter_mut().enumerate() {
+                let kj = &kc[(j * hk + kh) * dk..(j * hk + kh + 1) * dk];
+                *sc = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * s.scale as f32;
+                m = m.max(*sc);
+            }
+            let mut z = 0f32;
+            for sc in scores[..visible].iter_mut() {
+                *sc = (*sc - m).exp();
+                z += *sc;
+            }
+            let o = &mut out[(i * h + hi) * dv..(i * h + hi + 1) * dv];
+            for (j, &p) in scores[..visible].iter().enumerate() {
+                let vj = &vc[(j * hk + kh) * dv..(j * hk + kh + 1) * dv];
+                for (ov, &vv) in o.iter_mut().zip(vj) {
+                    *ov += p / z * vv;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runs the attention proper: batched causal (training) or against the cache.
+fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    b: usize,
+    t: usize,
+    s: AttnShape,
+    cache: Option<&mut LayerCache>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    match cache {
+        Some(c) => {
+            c.k.extend_from_slice(k);
+            c.v.extend_from_slice(v);
+            let tk = c.k.len() / (s.hk * s.dk);
+            Ok((attention_cached(q, &c.k, &c.v, t, tk, s), vec![]))
+        }
+        None => {
+            let mut out = vec![0f32; b * t * s.h * s.dv];
+            let mut lse = vec![0f32; b * s.h * t];
+            cpu::attention_forward(&mut out, &mut lse, q, k, v, AttnShape { b, t, ..s })?;
+            Ok((out, lse))
+        }
+    }
+}
+
+/// Attention forward over normed input `x [N, C]`; returns `o_proj` output [N, C].
+pub(crate) fn attn_fwd(
+    cfg: &ModelConfig,
+    slots: &AttnSlots,
+    p: &[f32],
+    x: &[f32],
+    b: usize,
+    t: usize,
+    rope_t: &Rope<'_>,
+    cache: Option<&mut LayerCache>,
+) -> Result<(Vec<f32>, AttnActs)> {
+    let n = b * t;
+    let h = cfg.num_heads;
+    let (dk, dv, _, scale) = cfg.attn_dims();
+    let eps = cfg.rms_norm_eps;
+    match slots {
+        AttnSlots::Gqa { q, k, v, o, qk_norm } => {
+            let hk = cfg.num_kv_heads;
+            let mut q_lin = vec![0f32; n * q.out];
+            let mut k_lin = vec![0f32; n * k.out];
+            let mut vv = vec![0f32; n * v.out];
+            linear_fwd(&mut q_lin, x, p, q, n)?;
+            linear_fwd(&mut k_lin, x, p, k, n)?;
+            linear_fwd(&mut vv, x, p, v, n)?;
+            let (qn, q_rstd, kn, k_rstd) = match qk_norm {
+                Some((qw, kw)) => {
+                    let (qn, qr) = norm_fwd(&q_lin, p, *qw, dk, eps)?;
+                    let (kn, kr) = norm_fwd(&k_lin, p, *kw, dk, eps)?;
+                    (qn, qr, kn, kr)
+                }
+                None => (q_lin.clone(), vec![], k_lin.clone(), vec![]),
+            };
+            let qr = rope(&qn, rope_t, rope_shape(cfg, h))?;
+            let kr = rope(&kn, rope_t, rope_shape(cfg, hk))?;
+            let s = AttnShape {
+                b,
+                t,
+                h,
+                hk,
+                dk,
+                dv,
+                scale,
+            };
+            let (out, lse) = attend(&qr, &kr, &vv, b, t, s, cache)?;
+            let mut y = vec![0f32; n * o.out];
+            linear_fwd(&mut y, &out, p, o, n)?;
+            let acts = AttnActs::Gqa {
+                q_lin,
+                q_rstd,
+                k_lin,
+                k_rstd,
+                q: qr,
+                k: kr,
+                v: vv,
+                out,
+                lse,
+            };
+            Ok((y, acts))
+        }
+        AttnSlots::Mla {
+            q_lora,
+            q,
+            kv_a,
+            kv_norm,
+            kv_b,
+            o,
+        } => {
+            let m = cfg
+                .mla
+                .as_ref()
+                .ok_or_else(|| crate::error::input_err("attn_fwd", "MLA slots without MLA config"))?;
+            let (dn, dr, kvl) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank);
+            // Queries.
+            let (qa, qa_rstd, qan, q_lin) = match (q_lora, q) {
+                (Some((qa_l, qa_w, qb_l)), _) => {
+                    let mut qa = vec![0f32; n * qa_l.out];
+                    linear_fwd(&mut qa, x, p, qa_l, n)?;
+                    let (qan, qr) = norm_fwd(&qa, p, *qa_w, qa_l.out, eps)?;
+                    let mut ql = vec![0f32; n * qb_l.out];
+                    linear_fwd(&mut ql, &qan, p, qb_l, n)?;
+                    (qa, qr, qan, ql)
+                }
+                (None, Some(q_l)) => {
+                    let mut ql = vec![0f32; n * q_l.out];
+                    linear_fwd(&mut ql, x, p, q_l, n)?;
+                    (vec![], vec![], vec![], ql)
+                }
+                (None, None) => return Err(crate::error::input_err("attn_fwd", "MLA without a query projection")),
+            };
+            let qr = rope(&q_lin, rope_t, rope_shape(cfg, h))?;
+            // Compressed keys/values and the shared rotary key.
+            let mut kva = vec![0f32; n * kv_a.out];
+            linear_fwd(&mut kva, x, p, kv_a, n)?;
+            let mut c = vec![0f32; n * kvl];
+            let mut kpe = vec![0f32; n * dr];
+            for i in 0..n {
+                c[i * kvl..(i + 1) * kvl].copy_from_slice(&kva[i * kv_a.out..i * kv_a.out + kvl]);
+                kpe[i * dr..(i + 1) * dr].copy_from_slice(&kva[i * kv_a.out + kvl..(i + 1) * kv_a.out]);
+            }
+            let (cn, c_rstd) = norm_fwd(&c, p, *kv_norm, kvl, eps)?;
+            let mut kvb = vec![0f32; n * kv_b.out];
+            linear_fwd(&mut kvb, &cn, p, kv_b, n)?;
+            let kpe_shape = RopeShape::full(1, dr, RopeLayout::Interleaved);
+            let kpe_r = rope(&kpe, rope_t, kpe_shape)?;
+            let mut kk = vec![0f32; n * h * dk];
+            let mut vv = vec![0f32; n * h * dv];
+            for i in 0..n {
+                for hh in 0..h {
+                    let src = &kvb[(i * h + hh) * (dn + dv)..(i * h + hh + 1) * (dn + dv)];
+                    let kd = &mut kk[(i * h + hh) * dk..(i * h + hh + 1) * dk];
+                    kd[..dn].copy_from_slice(&src[..dn]);
+                    kd[dn..].copy_from_slice(&kpe_r[i * dr..(i + 1) * dr]);
+                    vv[(i * h + hh) * dv..(i * h + hh + 1) * dv].copy_from_slice(&src[dn..]);
+                }
+            }
+            let s = AttnShape {
+                b,
+                t,
+                h,
+                hk: h,
+                dk,
+                dv,
+                scale,
+            };
+            let (out, lse) = attend(&qr, &kk, &vv, b, t, s, cache)?;
+            let mut y = vec![0f32; n * o.out];
+            linear_fwd(&mut y, &out, p, o, n)?;
+            let acts = AttnActs::Mla {
+                qa,
+                qa_rstd,
+                qan,
+                c,
+                c_rstd,
+                cn,
+                q: qr,
+                k: kk,
+                v: vv,
+                out,
+                lse,
+            };
+            Ok((y, acts))
+        }
+    }
+}
+
+/// Attention backward: from `dy [N, C]` (gradient of the o_proj output),
+/// accumulates parameter gradients into `g` and returns `dx [N, C]`.
+pub(crate) fn attn_bwd(
+    cfg: &ModelConfig,
+    slots: &AttnSlots,
+    p: &[f32],
+    g: &mut [f32],
+    acts: &AttnActs,
+    x: &[f32],
+    dy: &[f32],
+    b: usize,
+    t: usize,
+    rope_t: &Rope<'_>,
+) -> Result<Vec<f32>> {
+    let n = b * t;
+    let h = cfg.num_heads;
+    let (dk, dv, _, scale) = cfg.attn_dims();
+    let c = cfg.hidden_size;
+    let mut dx = vec![0f32; n * c];
+    match (slots, acts) {
+        (
+            AttnSlots::Gqa { q, k, v, o, qk_norm },
+            AttnActs::Gqa {
+                q_lin,
+                q_rstd,
+                k_lin,
+                k_rstd,
+                q: qr,
+                k: kr,
+                v: vv,
+                out,
+                lse,
+            },
+        ) => {
+            let hk = cfg.num_kv_heads;
+            let mut dout = vec![0f32; out.len()];
+            linear_bwd(Some(&mut dout), g, dy, out, p, o, n)?;
+            let (mut dq, mut dkk, mut dvv) = (vec![0f32; qr.len()], vec![0f32; kr.len()], vec![0f32; vv.len()]);
+            let s = AttnShape {
+                b,
+                t,
+                h,
+                hk,
+                dk,
+                dv,
+                scale,
+            };
+            cpu::attention_backward(&mut dq, &mut dkk, &mut dvv, &dout, qr, kr, vv, out, lse, s)?;
+            let dqn = rope_back(&dq, rope_t, rope_shape(cfg, h))?;
+            let dkn = rope_back(&dkk, rope_t, rope_shape(cfg, hk))?;
+            let (dq_lin, dk_lin) = match qk_norm {
+                Some((qw, kw)) => (
+                    norm_bwd(&dqn, q_lin, q_rstd, p, g, *qw, dk)?,
+                    norm_bwd(&dkn, k_lin, k_rstd, p, g, *kw, dk)?,
+                ),
+                None => (dqn, dkn),
+            };
+            linear_bwd(Some(&mut dx), g, &dq_lin, x, p, q, n)?;
+            linear_bwd(Some(&mut dx), g, &dk_lin, x, p, k, n)?;
+            linear_bwd(Some(&mut dx), g, &dvv, x, p, v, n)?;
+        }
+        (
+            AttnSlots::Mla {
+                q_lora,
+                q,
+                kv_a,
+                kv_norm,
+                kv_b,
+                o,
+            },
+            AttnActs::Mla {
+                qa,
+                qa_rstd,
+                qan,
+                c: cc,
+                c_rstd,
+                cn,
+                q: qr,
+                k: kk,
+                v: vv,
+                out,
+                lse,
+            },
+        ) => {
+            let m = cfg
+                .mla
+                .as_ref()
+                .ok_or_else(|| crate::error::input_err("attn_bwd", "MLA slots without MLA config"))?;
+            let (dn, dr, kvl) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank);
+            let mut dout = vec![0f32; out.len()];
+            linear_bwd(Some(&mut dout), g, dy, out, p, o, n)?;
+            let (mut dq, mut dkk, mut dvv) = (vec![0f32; qr.len()], vec![0f32; kk.len()], vec![0f32; vv.len()]);
+            let s = AttnShape {
+                b,
+                t,
+                h,
+                hk: h,
+                dk,
+                dv,
+                scale,
+            };
+            cpu::attention_backward(&mut dq, &mut dkk, &mut dvv, &dout, qr, kk, vv, out, lse, s)?;
+            // Keys and values back to kv_b's output and the shared rotary key.
+            let mut dkvb = vec![0f32; n * kv_b.out];
+            let mut dkpe_r = vec![0f32; n * dr];
+            for i in 0..n {
+                for hh in 0..h {
+                    let dst = &mut dkvb[(i * h + hh) * (dn + dv)..(i * h + hh + 1) * (dn + dv)];
+                    let dkh = &dkk[(i * h + hh) * dk..(i * h + hh + 1) * dk];
+                    dst[..dn].copy_from_slice(&dkh[..dn]);
+                    dst[dn..].copy_from_slice(&dvv[(i * h + hh) * dv..(i * h + hh + 1) * dv]);
+                    for (a, &bb) in dkpe_r[i * dr..(i + 1) * dr].iter_mut().zip(&dkh[dn..]) {
+                        *a += bb;
+                    }
+                }
+            }
+            let dkpe = rope_back(&dkpe_r, rope_t, RopeShape::full(1, dr, RopeLayout::Interleaved))?;
+            let mut dcn = vec![0f32; n * kvl];
+            linear_bwd(Some(&mut dcn), g, &dkvb, cn, p, kv_b, n)?;
+            let dc = norm_bwd(&dcn, cc, c_rstd, p, g, *kv_norm, kvl)?;
+            let mut dkva = vec![0f32; n * kv_a.out];
+            for i in 0..n {
+                dkva[i * kv_a.out..i * kv_a.out + kvl].copy_from_slice(&dc[i * kvl..(i + 1) * kvl]);
+                dkva[i * kv_a.out + kvl..(i + 1) * kv_a.out].copy_from_slice(&dkpe[i * dr..(i + 1) * dr]);
+            }
+            linear_bwd(Some(&mut dx), g, &dkva, x, p, kv_a, n)?;
+            // Queries.
+            let dq_lin = rope_back(&dq, rope_t, rope_shape(cfg, h))?;
+            match (q_lora, q) {
+                (Some((qa_l, qa_w, qb_l)), _) => {
+                    let mut dqan = vec![0f32; n * qa_l.out];
+                    linear_bwd(Some(&mut dqan), g, &dq_lin, qan, p, qb_l, n)?;
+                    let dqa = norm_bwd(&dqan, qa, qa_rstd, p, g, *qa_w, qa_l.out)?;
+                    linear_bwd(Some(&mut dx), g, &dqa, x, p, qa_l, n)?;
+                }
+                (None, Some(q_l)) => linear_bwd(Some(&mut dx), g, &dq_lin, x, p, q_l, n)?,
+                (None, None) => return Err(crate::error::input_err("attn_bwd", "MLA without a query projection")),
+            }
+        }
+        _ => {
+            return Err(crate::error::input_err(
+                "attn_bwd",
+                "activations do not match the layer kind",
+            ))
+        }
+    }
+    Ok(dx)
+}

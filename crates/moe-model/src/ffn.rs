@@ -1,0 +1,363 @@
+//! The MLP of a decoder layer: a dense SwiGLU, or a mixture of experts with
+//! either routing rule, plus shared experts; forward and backward.
+//!
+//! | name | shape |
+//! |---|---|
+//! | x, dx, y, dy | [N, C] |
+//! | router logits, probs / scores | [N, E] (f32) |
+//! | ids, w | [N, K] chosen experts and their weights |
+//! | xe, ye | [M = N*K, C], token rows grouped by expert (`offsets[e]..offsets[e+1]`) |
+
+use aha_tensor::cpu::{self, Gemm};
+
+use crate::config::{MoeConfig, Router};
+use crate::error::Result;
+use crate::linear::{linear_bwd, linear_fwd};
+use crate::params::{MlpSlots, Slot};
+
+/// Saved by a SwiGLU MLP's forward.
+pub(crate) struct MlpActs {
+    g: Vec<f32>,
+    u: Vec<f32>,
+    a: Vec<f32>,
+}
+
+/// SwiGLU MLP over `n` rows: `down(silu(gate x) * up x)`.
+pub(crate) fn mlp_fwd(p: &[f32], s: &MlpSlots, x: &[f32], n: usize) -> Result<(Vec<f32>, MlpActs)> {
+    let f = s.gate.out;
+    let mut g = vec![0f32; n * f];
+    let mut u = vec![0f32; n * f];
+    linear_fwd(&mut g, x, p, &s.gate, n)?;
+    linear_fwd(&mut u, x, p, &s.up, n)?;
+    let mut a = vec![0f32; n * f];
+    cpu::swiglu(&mut a, &g, &u)?;
+    let mut y = vec![0f32; n * s.down.out];
+    linear_fwd(&mut y, &a, p, &s.down, n)?;
+    Ok((y, MlpActs { g, u, a }))
+}
+
+/// Backward of [`mlp_fwd`]: accumulates into `dx` and the parameter gradients.
+pub(crate) fn mlp_bwd(
+    p: &[f32],
+    gr: &mut [f32],
+    s: &MlpSlots,
+    acts: &MlpActs,
+    x: &[f32],
+    dy: &[f32],
+    n: usize,
+    dx: &mut [f32],
+) -> Result<()> {
+    let f = s.gate.out;
+    let mut da = vec![0f32; n * f];
+    linear_bwd(Some(&mut da), gr, dy, &acts.a, p, &s.down, n)?;
+    let (mut dg, mut du) = (vec![0f32; n * f], vec![0f32; n * f]);
+    cpu::swiglu_backward(&mut dg, &mut du, &da, &acts.g, &acts.u)?;
+    linear_bwd(Some(&mut *dx), gr, &dg, x, p, &s.gate, n)?;
+    linear_bwd(Some(dx), gr, &du, x, p, &s.up, n)?;
+    Ok(())
+}
+
+/// Saved by an MoE layer's forward.
+pub(crate) struct MoeActs {
+    /// Softmax probabilities or sigmoid scores [N, E].
+    probs: Vec<f32>,
+    ids: Vec<u32>,
+    /// Final routing weights [N, K].
+    w: Vec<f32>,
+    /// Renormalisation denominator per token (1 when not renormalised).
+    denom: Vec<f32>,
+    /// Token of each permuted row.
+    perm: Vec<u32>,
+    /// Which of the token's K slots each permuted row is.
+    slot: Vec<u32>,
+    offsets: Vec<usize>,
+    xe: Vec<f32>,
+    ge: Vec<f32>,
+    ue: Vec<f32>,
+    ae: Vec<f32>,
+    ye: Vec<f32>,
+    shared: Option<MlpActs>,
+    /// Tokens routed to each expert, for load balancing.
+    pub load: Vec<u32>,
+}
+
+/// A routing decision: (probs or scores [N, E], ids [N, K], weights [N, K], denominators [N]).
+type Routing = (Vec<f32>, Vec<u32>, Vec<f32>, Vec<f32>);
+
+/// Picks experts for every token.
+fn route(cfg: &MoeConfig, logits: &[f32], bias: Option<&[f32]>, n: usize) -> Result<Routing> {
+    let (e, k) = (cfg.n_experts, cfg.top_k);
+    let mut ids = vec![0u32; n * k];
+    let mut w = vec![0f32; n * k];
+    let mut denom = vec![1f32; n];
+    match cfg.router {
+        Router::SoftmaxTopK => {
+            let mut probs = vec![0f32; n * e];
+            cpu::softmax_forward(&mut probs, logits, n, e)?;
+            cpu::topk(&mut w, &mut ids, &probs, n, e, k)?;
+            if cfg.norm_topk_prob {
+                for i in 0..n {
+                    let s: f32 = w[i * k..(i + 1) * k].iter().sum();
+                    denom[i] = s;
+                    w[i * k..(i + 1) * k].iter_mut().for_each(|x| *x /= s);
+                }
+            }
+            Ok((probs, ids, w, denom))
+        }
+        Router::SigmoidGroupLimited {
+            n_group,
+            topk_group,
+            routed_scaling_factor,
+        } => {
+            let scores: Vec<f32> = logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
+            let per = e / n_group;
+            let mut choice = vec![0f32; e];
+            let mut gscore = vec![0f32; n_group];
+            let (mut gv, mut gi) = (vec![0f32; topk_group], vec![0u32; topk_group]);
+            let (mut two, mut two_i) = ([0f32; 2], [0u32; 2]);
+            let mut kept = vec![false; n_group];
+            for t in 0..n {
+                let s = &scores[t * e..(t + 1) * e];
+                for j in 0..e {
+                    choice[j] = s[j] + bias.map_or(0.0, |b| b[j]);
+                }
+                for (g, gs) in gscore.iter_mut().enumerate() {
+                    cpu::topk(&mut two, &mut two_i, &choice[g * per..(g + 1) * per], 1, per, 2)?;
+                    *gs = two[0] + two[1];
+                }
+                cpu::topk(&mut gv, &mut gi, &gscore, 1, n_group, topk_group)?;
+                kept.fill(false);
+                for &g in &gi {
+                    kept[g as usize] = true;
+                }
+                for j in 0..e {
+                    if !kept[j / per] {
+                        choice[j] = 0.0;
+                    }
+                }
+                let (wt, it) = (&mut w[t * k..(t + 1) * k], &mut ids[t * k..(t + 1) * k]);
+                let mut tmp = vec![0f32; k];
+                cpu::topk(&mut tmp, it, &choice, 1, e, k)?;
+                for (wj, &ij) in wt.iter_mut().zip(it.iter()) {
+                    *wj = s[ij as usize];
+                }
+                if cfg.norm_topk_prob {
+                    let d = wt.iter().sum::<f32>() + 1e-20;
+                    denom[t] = d;
+                    wt.iter_mut().for_each(|x| *x /= d);
+                }
+                wt.iter_mut().for_each(|x| *x *= routed_scaling_factor);
+            }
+            Ok((scores, ids, w, denom))
+        }
+    }
+}
+
+/// MoE forward over normed input `x [N, C]`.
+pub(crate) fn moe_fwd(
+    cfg: &MoeConfig,
+    p: &[f32],
+    router: Slot,
+    bias: Option<Slot>,
+    experts: &[MlpSlots],
+    shared: Option<&MlpSlots>,
+    x: &[f32],
+    n: usize,
+    c: usize,
+) -> Result<(Vec<f32>, MoeActs)> {
+    let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_dim);
+    let mut logits = vec![0f32; n * e];
+    cpu::matmul(&mut logits, x, router.of(p), Gemm::new(n, c, e).tb())?;
+    let (probs, ids, w, denom) = route(cfg, &logits, bias.map(|b| b.of(p)), n)?;
+    // Group token rows by expert: counts, exclusive scan, stable scatter.
+    let mut load = vec![0u32; e];
+    for &i in &ids {
+        load[i as usize] += 1;
+    }
+    let mut offsets = vec![0usize; e + 1];
+    for j in 0..e {
+        offsets[j + 1] = offsets[j] + load[j] as usize;
+    }
+    let m = n * k;
+    let mut next = offsets.clone();
+    let mut perm = vec![0u32; m];
+    let mut slot = vec![0u32; m];
+    for (r, &ex) in ids.iter().enumerate() {
+        let row = next[ex as usize];
+        next[ex as usize] += 1;
+        perm[row] = (r / k) as u32;
+        slot[row] = (r % k) as u32;
+    }
+    let mut xe = vec![0f32; m * c];
+    for (row, &tok) in perm.iter().enumerate() {
+        xe[row * c..(row + 1) * c].copy_from_slice(&x[tok as usize * c..(tok as usize + 1) * c]);
+    }
+    let (mut ge, mut ue, mut ae, mut ye) = (
+        vec![0f32; m * f],
+        vec![0f32; m * f],
+        vec![0f32; m * f],
+        vec![0f32; m * c],
+    );
+    for (j, s) in experts.iter().enumerate() {
+        let (r0, r1) = (offsets[j], offsets[j + 1]);
+        if r0 == r1 {
+            continue;
+        }
+        let rows = r1 - r0;
+        let xr = &xe[r0 * c..r1 * c];
+        linear_fwd(&mut ge[r0 * f..r1 * f], xr, p, &s.gate, rows)?;
+        linear_fwd(&mut ue[r0 * f..r1 * f], xr, p, &s.up, rows)?;
+        cpu::swiglu(&mut ae[r0 * f..r1 * f], &ge[r0 * f..r1 * f], &ue[r0 * f..r1 * f])?;
+        linear_fwd(&mut ye[r0 * c..r1 * c], &ae[r0 * f..r1 * f], p, &s.down, rows)?;
+    }
+    let mut y = vec![0f32; n * c];
+    for (row, (&tok, &sl)) in perm.iter().zip(&slot).enumerate() {
+        let wt = w[tok as usize * k + sl as usize];
+        for (o, &v) in y[tok as usize * c..(tok as usize + 1) * c]
+            .iter_mut()
+            .zip(&ye[row * c..(row + 1) * c])
+        {
+            *o += wt * v;
+        }
+    }
+    let shared_acts = match shared {
+        Some(s) => {
+            let (ys, a) = mlp_fwd(p, s, x, n)?;
+            cpu::add_inplace(&mut y, &ys)?;
+            Some(a)
+        }
+        None => None,
+    };
+    Ok((
+        y,
+        MoeActs {
+            probs,
+            ids,
+            w,
+            denom,
+            perm,
+            slot,
+            offsets,
+            xe,
+            ge,
+            ue,
+            ae,
+            ye,
+            shared: shared_acts,
+            load,
+        },
+    ))
+}
+
+/// MoE backward: accumulates into `dx [N, C]` and the parameter gradients.
+pub(crate) fn moe_bwd(
+    cfg: &MoeConfig,
+    p: &[f32],
+    gr: &mut [f32],
+    router: Slot,
+    experts: &[MlpSlots],
+    shared: Option<&MlpSlots>,
+    a: &MoeActs,
+    x: &[f32],
+    dy: &[f32],
+    n: usize,
+    c: usize,
+    dx: &mut [f32],
+) -> Result<()> {
+    let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_dim);
+    let m = n * k;
+    // d routing weight of each (token, slot) = dy[token] . ye[row]; dye = w dy[token].
+    let mut dw = vec![0f32; n * k];
+    let mut dye = vec![0f32; m * c];
+    for (row, (&tok, &sl)) in a.perm.iter().zip(&a.slot).enumerate() {
+        let (tok, sl) = (tok as usize, sl as usize);
+        let g = &dy[tok * c..(tok + 1) * c];
+        let yr = &a.ye[row * c..(row + 1) * c];
+        dw[tok * k + sl] = g.iter().zip(yr).map(|(x, y)| x * y).sum();
+        let wt = a.w[tok * k + sl];
+        for (d, &gv) in dye[row * c..(row + 1) * c].iter_mut().zip(g) {
+            *d = wt * gv;
+        }
+    }
+    let mut dxe = vec![0f32; m * c];
+    for (j, s) in experts.iter().enumerate() {
+        let (r0, r1) = (a.offsets[j], a.offsets[j + 1]);
+        if r0 == r1 {
+            continue;
+        }
+        let rows = r1 - r0;
+        let mut da = vec![0f32; rows * f];
+        linear_bwd(
+            Some(&mut da),
+            gr,
+            &dye[r0 * c..r1 * c],
+            &a.ae[r0 * f..r1 * f],
+            p,
+            &s.down,
+            rows,
+        )?;
+        let (mut dg, mut du) = (vec![0f32; rows * f], vec![0f32; rows * f]);
+        cpu::swiglu_backward(&mut dg, &mut du, &da, &a.ge[r0 * f..r1 * f], &a.ue[r0 * f..r1 * f])?;
+        let xr = &a.xe[r0 * c..r1 * c];
+        linear_bwd(Some(&mut dxe[r0 * c..r1 * c]), gr, &dg, xr, p, &s.gate, rows)?;
+        linear_bwd(Some(&mut dxe[r0 * c..r1 * c]), gr, &du, xr, p, &s.up, rows)?;
+    }
+    for (row, &tok) in a.perm.iter().enumerate() {
+        for (d, &v) in dx[tok as usize * c..(tok as usize + 1) * c]
+            .iter_mut()
+            .zip(&dxe[row * c..(row + 1) * c])
+        {
+            *d += v;
+        }
+    }
+    // Routing weights back to the router logits (selection is not differentiated).
+    let mut dlogits = vec![0f32; n * e];
+    for t in 0..n {
+        let wt = &a.w[t * k..(t + 1) * k];
+        let dwt = &dw[t * k..(t + 1) * k];
+        let it = &a.ids[t * k..(t + 1) * k];
+        let pr = &a.probs[t * e..(t + 1) * e];
+        let dl = &mut dlogits[t * e..(t + 1) * e];
+        match cfg.router {
+            Router::SoftmaxTopK => {
+                // w = p_sel / S (or p_sel): d p_sel = (dw - sum dw w) / S.
+                let corr: f32 = if cfg.norm_topk_prob {
+                    dwt.iter().zip(wt).map(|(d, w)| d * w).sum()
+                } else {
+                    0.0
+                };
+                let mut dp = vec![0f32; e];
+                for j in 0..k {
+                    dp[it[j] as usize] += (dwt[j] - corr) / a.denom[t];
+                }
+                let dot: f32 = dp.iter().zip(pr).map(|(d, q)| d * q).sum();
+                for j in 0..e {
+                    dl[j] = pr[j] * (dp[j] - dot);
+                }
+            }
+            Router::SigmoidGroupLimited {
+                routed_scaling_factor: rsf,
+                ..
+            } => {
+                // w = rsf * u, u = s_sel / S (or s_sel); ds_sel = (du - sum du u) / S.
+                let du: Vec<f32> = dwt.iter().map(|d| d * rsf).collect();
+                let corr: f32 = if cfg.norm_topk_prob {
+                    du.iter().zip(wt).map(|(d, w)| d * w / rsf).sum()
+                } else {
+                    0.0
+                };
+                for j in 0..k {
+                    let ex = it[j] as usize;
+                    let ds = (du[j] - corr) / a.denom[t];
+                    dl[ex] += ds * pr[ex] * (1.0 - pr[ex]);
+                }
+            }
+        }
+    }
+    cpu::matmul(dx, &dlogits, router.of(p), Gemm::new(n, e, c).acc())?;
+    cpu::matmul(router.of_mut(gr), &dlogits, x, Gemm::new(e, n, c).ta().acc())?;
+    if let (Some(s), Some(sa)) = (shared, &a.shared) {
+        mlp_bwd(p, gr, s, sa, x, dy, n, dx)?;
+    }
+    Ok(())
+}

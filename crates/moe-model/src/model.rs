@@ -1,0 +1,511 @@
+//! [`Model`]: a config, a parameter layout and one flat f32 buffer; the
+//! training forward over a right-padded batch, the cached forward for
+//! decoding, chunked log-probs and the backward to every parameter.
+
+use std::path::{Path, PathBuf};
+
+use aha_tensor::cpu::{self, Gemm};
+use rayon::prelude::*;
+
+use crate::attn::{attn_bwd, attn_fwd, AttnActs, LayerCache, Rope};
+use crate::config::ModelConfig;
+use crate::error::{input_err, Error, Result};
+use crate::ffn::{mlp_bwd, mlp_fwd, moe_bwd, moe_fwd, MlpActs, MoeActs};
+use crate::linear::{norm_bwd, norm_fwd};
+use crate::params::{load_params, save_params, FfnSlots, Layout};
+
+/// Rows of logits computed at a time by the chunked log-prob path: the full
+/// [N, V] matrix never exists at once.
+const LOGIT_CHUNK: usize = 256;
+
+/// A loaded model. `params` is the one flat buffer; `layout` names its views.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The parsed config.
+    pub config: ModelConfig,
+    /// Where each parameter lives in `params`.
+    pub layout: Layout,
+    /// All parameters.
+    pub params: Vec<f32>,
+    /// The folder it was loaded from (tokenizer and config are copied from it on save).
+    pub source_dir: Option<PathBuf>,
+}
+
+enum FfnActs {
+    Dense(MlpActs),
+    Moe(Box<MoeActs>),
+}
+
+struct LayerActs {
+    x: Vec<f32>,
+    ln1: Vec<f32>,
+    ln1_rstd: Vec<f32>,
+    attn: AttnActs,
+    x2: Vec<f32>,
+    ln2: Vec<f32>,
+    ln2_rstd: Vec<f32>,
+    ffn: FfnActs,
+}
+
+/// What a training forward saves for the backward.
+pub struct Activations {
+    b: usize,
+    t: usize,
+    ids: Vec<u32>,
+    pos: Vec<u32>,
+    layers: Vec<LayerActs>,
+    x_final: Vec<f32>,
+    norm_rstd: Vec<f32>,
+    /// The final normed hidden state [N, C] (input of the lm-head).
+    pub hidden: Vec<f32>,
+}
+
+impl Activations {
+    /// Tokens routed to each expert in each MoE layer (empty for dense layers).
+    pub fn expert_load(&self) -> Vec<Vec<u32>> {
+        self.layers
+            .iter()
+            .map(|l| match &l.ffn {
+                FfnActs::Moe(m) => m.load.clone(),
+                FfnActs::Dense(_) => vec![],
+            })
+            .collect()
+    }
+}
+
+/// Key/value cache of one sequence for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True before the prefill.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Model {
+    /// Loads `config.json` and the safetensors (single or sharded) of an HF folder.
+    pub fn load(dir: &Path) -> Result<Model> {
+        let config = ModelConfig::from_path(dir)?;
+        let layout = Layout::new(&config);
+        let params = load_params(dir, &config, &layout)?;
+        Ok(Model {
+            config,
+            layout,
+            params,
+            source_dir: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// A model with zero parameters (fill `params` yourself, e.g. randomly).
+    pub fn zeros(config: ModelConfig) -> Model {
+        let layout = Layout::new(&config);
+        let params = vec![0f32; layout.size];
+        Model {
+            config,
+            layout,
+            params,
+            source_dir: None,
+        }
+    }
+
+    /// Saves in the HF layout (f32, sharded above `max_shard_bytes`), copying
+    /// config and tokenizer files from the source folder when there is one.
+    pub fn save(&self, dir: &Path, max_shard_bytes: usize) -> Result<()> {
+        save_params(dir, &self.layout, &self.params, max_shard_bytes)?;
+        if let Some(src) = &self.source_dir {
+            for f in [
+                "config.json",
+                "generation_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ] {
+                let from = src.join(f);
+                if from.is_file() && src != dir {
+                    std::fs::copy(&from, dir.join(f)).map_err(|source| Error::Io {
+                        path: from.clone(),
+                        source,
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_ids(&self, op: &'static str, ids: &[u32]) -> Result<()> {
+        let v = self.config.vocab_size;
+        match ids.iter().position(|&i| i as usize >= v) {
+            Some(p) => Err(input_err(
+                op,
+                format!("token id {} at position {p} is outside the vocabulary of {v}", ids[p]),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn rope_table(&self, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+        let (_, _, rot, _) = self.config.attn_dims();
+        cpu::rope_table::<f32>(self.config.rope_theta, rot, max_pos)
+    }
+
+    fn layer_fwd(
+        &self,
+        l: usize,
+        x: Vec<f32>,
+        b: usize,
+        t: usize,
+        rope: &Rope<'_>,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<(Vec<f32>, LayerActs)> {
+        let cfg = &self.config;
+        let (c, eps, p) = (cfg.hidden_size, cfg.rms_norm_eps, &self.params[..]);
+        let s = &self.layout.layers[l];
+        let n = b * t;
+        let (ln1, ln1_rstd) = norm_fwd(&x, p, s.ln1, c, eps)?;
+        let (ao, attn) = attn_fwd(cfg, &s.attn, p, &ln1, b, t, rope, cache)?;
+        let mut x2 = x.clone();
+        cpu::add_inplace(&mut x2, &ao)?;
+        let (ln2, ln2_rstd) = norm_fwd(&x2, p, s.ln2, c, eps)?;
+        let (fo, ffn) = match (&s.ffn, &cfg.moe) {
+            (FfnSlots::Dense(m), _) => {
+                let (y, a) = mlp_fwd(p, m, &ln2, n)?;
+                (y, FfnActs::Dense(a))
+            }
+            (
+                FfnSlots::Moe {
+                    router,
+                    bias,
+                    experts,
+                    shared,
+                },
+                Some(moe),
+            ) => {
+                let (y, a) = moe_fwd(moe, p, *router, *bias, experts, shared.as_ref(), &ln2, n, c)?;
+                (y, FfnActs::Moe(Box::new(a)))
+            }
+            (FfnSlots::Moe { .. }, None) => return Err(input_err("layer_fwd", "MoE layer without MoE config")),
+        };
+        let mut x3 = x2.clone();
+        cpu::add_inplace(&mut x3, &fo)?;
+        Ok((
+            x3,
+            LayerActs {
+                x,
+                ln1,
+                ln1_rstd,
+                attn,
+                x2,
+                ln2,
+                ln2_rstd,
+                ffn,
+            },
+        ))
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let c = self.config.hidden_size;
+        let mut x = vec![0f32; ids.len() * c];
+        cpu::embedding_forward(
+            &mut x,
+            self.layout.embed.of(&self.params),
+            ids,
+            self.config.vocab_size,
+            c,
+        )?;
+        Ok(x)
+    }
+
+    /// Training forward over `ids [b, t]`, row-major, right-padded: causal
+    /// attention means real tokens never see the padding after them, so the
+    /// padding needs no mask here; give it zero weight in the loss.
+    pub fn forward(&self, ids: &[u32], b: usize, t: usize) -> Result<Activations> {
+        if ids.len() != b * t {
+            return Err(input_err("forward", format!("{} ids for batch {b} x {t}", ids.len())));
+        }
+        self.check_ids("forward", ids)?;
+        let (cos, sin) = self.rope_table(t);
+        let pos: Vec<u32> = (0..b * t).map(|i| (i % t.max(1)) as u32).collect();
+        let rope = Rope {
+            cos: &cos,
+            sin: &sin,
+            pos: &pos,
+        };
+        let mut x = self.embed(ids)?;
+        let mut layers = Vec::with_capacity(self.config.num_layers);
+        for l in 0..self.config.num_layers {
+            let (nx, acts) = self.layer_fwd(l, x, b, t, &rope, None)?;
+            layers.push(acts);
+            x = nx;
+        }
+        let c = self.config.hidden_size;
+        let (hidden, norm_rstd) = norm_fwd(&x, &self.params, self.layout.norm, c, self.config.rms_norm_eps)?;
+        Ok(Activations {
+            b,
+            t,
+            ids: ids.to_vec(),
+            pos,
+            layers,
+            x_final: x,
+            norm_rstd,
+            hidden,
+        })
+    }
+
+    /// Full logits [rows, V] for `hidden [rows, C]`.
+    pub fn logits_of(&self, hidden: &[f32]) -> Result<Vec<f32>> {
+        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        let rows = hidden.len() / c.max(1);
+        let mut out = vec![0f32; rows * v];
+        cpu::matmul(
+            &mut out,
+            hidden,
+            self.layout.lm_head.of(&self.params),
+            Gemm::new(rows, c, v).tb(),
+        )?;
+        Ok(out)
+    }
+
+    /// log p(targets[i] | position i) and the log-sum-exp per position,
+    /// computed over row chunks so that full-vocabulary logits never exist
+    /// for the whole batch.
+    pub fn token_logprobs(&self, acts: &Activations, targets: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        let n = acts.b * acts.t;
+        if targets.len() != n {
+            return Err(input_err(
+                "token_logprobs",
+                format!("{} targets for {n} positions", targets.len()),
+            ));
+        }
+        self.check_ids("token_logprobs", targets)?;
+        let mut logp = vec![0f32; n];
+        let mut lse = vec![0f32; n];
+        for r0 in (0..n).step_by(LOGIT_CHUNK) {
+            let r1 = (r0 + LOGIT_CHUNK).min(n);
+            let logits = self.logits_of(&acts.hidden[r0 * c..r1 * c])?;
+            cpu::token_logprob_forward(&mut logp[r0..r1], &mut lse[r0..r1], &logits, &targets[r0..r1], v)?;
+        }
+        Ok((logp, lse))
+    }
+
+    /// Backward from `dlogp` (d loss / d log p(targets[i])) to every
+    /// parameter; gradients accumulate into `grads` (same layout as `params`).
+    pub fn backward(
+        &self,
+        acts: &Activations,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        grads: &mut [f32],
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (c, v) = (cfg.hidden_size, cfg.vocab_size);
+        let (b, t) = (acts.b, acts.t);
+        let n = b * t;
+        if grads.len() != self.params.len() || dlogp.len() != n || targets.len() != n || lse.len() != n {
+            return Err(input_err(
+                "backward",
+                "grads, dlogp, targets or lse have the wrong length",
+            ));
+        }
+        let p = &self.params[..];
+        // lm-head, chunk by chunk: dlogits = dlogp (onehot - softmax).
+        let mut dh = vec![0f32; n * c];
+        for r0 in (0..n).step_by(LOGIT_CHUNK) {
+            let r1 = (r0 + LOGIT_CHUNK).min(n);
+            let rows = r1 - r0;
+            if dlogp[r0..r1].iter().all(|&d| d == 0.0) {
+                continue;
+            }
+            let h = &acts.hidden[r0 * c..r1 * c];
+            let logits = self.logits_of(h)?;
+            let mut dl = vec![0f32; rows * v];
+            cpu::token_logprob_backward(&mut dl, &dlogp[r0..r1], &logits, &lse[r0..r1], &targets[r0..r1], v)?;
+            cpu::matmul(
+                &mut dh[r0 * c..r1 * c],
+                &dl,
+                self.layout.lm_head.of(p),
+                Gemm::new(rows, v, c),
+            )?;
+            cpu::matmul(
+                self.layout.lm_head.of_mut(grads),
+                &dl,
+                h,
+                Gemm::new(v, rows, c).ta().acc(),
+            )?;
+        }
+        let mut dx = norm_bwd(&dh, &acts.x_final, &acts.norm_rstd, p, grads, self.layout.norm, c)?;
+        let (cos, sin) = self.rope_table(t);
+        let rope = Rope {
+            cos: &cos,
+            sin: &sin,
+            pos: &acts.pos,
+        };
+        for l in (0..cfg.num_layers).rev() {
+            let a = &acts.layers[l];
+            let s = &self.layout.layers[l];
+            // x3 = x2 + ffn(ln2(x2)): dx2 = dx + ln2_bwd(ffn_bwd(dx)).
+            let mut dln2 = vec![0f32; n * c];
+            match (&s.ffn, &a.ffn, &cfg.moe) {
+                (FfnSlots::Dense(m), FfnActs::Dense(fa), _) => mlp_bwd(p, grads, m, fa, &a.ln2, &dx, n, &mut dln2)?,
+                (
+                    FfnSlots::Moe {
+                        router,
+                        experts,
+                        shared,
+                        ..
+                    },
+                    FfnActs::Moe(ma),
+                    Some(moe),
+                ) => moe_bwd(
+                    moe,
+                    p,
+                    grads,
+                    *router,
+                    experts,
+                    shared.as_ref(),
+                    ma,
+                    &a.ln2,
+                    &dx,
+                    n,
+                    c,
+                    &mut dln2,
+                )?,
+                _ => return Err(input_err("backward", "activations do not match the layer kind")),
+            }
+            let dx2_part = norm_bwd(&dln2, &a.x2, &a.ln2_rstd, p, grads, s.ln2, c)?;
+            cpu::add_inplace(&mut dx, &dx2_part)?;
+            // x2 = x + attn(ln1(x)).
+            let dln1 = attn_bwd(cfg, &s.attn, p, grads, &a.attn, &a.ln1, &dx, b, t, &rope)?;
+            let dx_part = norm_bwd(&dln1, &a.x, &a.ln1_rstd, p, grads, s.ln1, c)?;
+            cpu::add_inplace(&mut dx, &dx_part)?;
+        }
+        cpu::embedding_backward(self.layout.embed.of_mut(grads), &dx, &acts.ids, v, c)?;
+        Ok(())
+    }
+
+    /// Mean next-token negative log-likelihood over `ids [b, t]` and its
+    /// gradient, accumulated into `grads` (the fixtures' loss).
+    pub fn next_token_loss(&self, ids: &[u32], b: usize, t: usize, grads: &mut [f32]) -> Result<f32> {
+        let acts = self.forward(ids, b, t)?;
+        let n = b * t;
+        let mut targets = vec![0u32; n];
+        let mut dlogp = vec![0f32; n];
+        let count = (b * t.saturating_sub(1)).max(1) as f32;
+        for r in 0..b {
+            for i in 0..t.saturating_sub(1) {
+                targets[r * t + i] = ids[r * t + i + 1];
+                dlogp[r * t + i] = -1.0 / count;
+            }
+        }
+        let (logp, lse) = self.token_logprobs(&acts, &targets)?;
+        let loss = -logp
+            .iter()
+            .zip(&dlogp)
+            .filter(|(_, &d)| d != 0.0)
+            .map(|(&l, _)| l as f64)
+            .sum::<f64>()
+            / count as f64;
+        self.backward(&acts, &targets, &lse, &dlogp, grads)?;
+        Ok(loss as f32)
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![LayerCache::default(); self.config.num_layers],
+            len: 0,
+        }
+    }
+
+    /// Runs `ids` (the next tokens of one sequence) through the model using
+    /// and extending `cache`; returns the logits of the last of them [V].
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(input_err("forward_cached", "no tokens"));
+        }
+        self.check_ids("forward_cached", ids)?;
+        let t = ids.len();
+        let p0 = cache.len;
+        let (cos, sin) = self.rope_table(p0 + t);
+        let pos: Vec<u32> = (p0..p0 + t).map(|i| i as u32).collect();
+        let rope = Rope {
+            cos: &cos,
+            sin: &sin,
+            pos: &pos,
+        };
+        let mut x = self.embed(ids)?;
+        for l in 0..self.config.num_layers {
+            let (nx, _) = self.layer_fwd(l, x, 1, t, &rope, Some(&mut cache.layers[l]))?;
+            x = nx;
+        }
+        cache.len += t;
+        let c = self.config.hidden_size;
+        let last = &x[(t - 1) * c..t * c];
+        let (h, _) = norm_fwd(last, &self.params, self.layout.norm, c, self.config.rms_norm_eps)?;
+        self.logits_of(&h)
+    }
+
+    /// Greedy decoding of `max_new` tokens after `prompt`, with the KV cache
+    /// (`cached`) or by re-running the whole prefix each step.
+    pub fn greedy(&self, prompt: &[u32], max_new: usize, cached: bool) -> Result<Vec<u32>> {
+        let argmax = |l: &[f32]| {
+            l.iter()
+                .enumerate()
+                .fold(
+                    (0usize, f32::NEG_INFINITY),
+                    |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
+                )
+                .0 as u32
+        };
+        let mut out = Vec::with_capacity(max_new);
+        if cached {
+            let mut cache = self.new_cache();
+            let mut logits = self.forward_cached(prompt, &mut cache)?;
+            for _ in 0..max_new {
+                let tok = argmax(&logits);
+                out.push(tok);
+                logits = self.forward_cached(&[tok], &mut cache)?;
+            }
+        } else {
+            let mut seq = prompt.to_vec();
+            for _ in 0..max_new {
+                let acts = self.forward(&seq, 1, seq.len())?;
+                let c = self.config.hidden_size;
+                let logits = self.logits_of(&acts.hidden[(seq.len() - 1) * c..])?;
+                let tok = argmax(&logits);
+                out.push(tok);
+                seq.push(tok);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The norm of every parameter's gradient, by name (for diagnostics).
+    pub fn grad_norms(&self, grads: &[f32]) -> Vec<(String, f64)> {
+        self.layout
+            .entries
+            .par_iter()
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    e.slot
+                        .of(grads)
+                        .iter()
+                        .map(|&g| (g as f64) * (g as f64))
+                        .sum::<f64>()
+                        .sqrt(),
+                )
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,504 @@
+//! All parameters in one flat f32 buffer, with named views under the Hugging
+//! Face tensor names; loading from and saving to HF safetensors folders.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use aha_tensor::CpuStorage;
+
+use crate::config::{Arch, ModelConfig, Router};
+use crate::error::{Error, Result};
+use crate::st;
+
+/// A view of `len` elements at `off` in the flat buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Slot {
+    /// First element.
+    pub off: usize,
+    /// Element count.
+    pub len: usize,
+}
+
+impl Slot {
+    /// The slice of `buf` this slot names.
+    #[inline]
+    pub fn of<'a>(&self, buf: &'a [f32]) -> &'a [f32] {
+        &buf[self.off..self.off + self.len]
+    }
+    /// The mutable slice of `buf` this slot names.
+    #[inline]
+    pub fn of_mut<'a>(&self, buf: &'a mut [f32]) -> &'a mut [f32] {
+        &mut buf[self.off..self.off + self.len]
+    }
+}
+
+/// One named parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamEntry {
+    /// The HF tensor name.
+    pub name: String,
+    /// Its shape (PyTorch's: linear weights are [out, in]).
+    pub shape: Vec<usize>,
+    /// Where it lives in the flat buffer.
+    pub slot: Slot,
+    /// False for buffers that the optimizer must not touch
+    /// (`e_score_correction_bias`, updated by load balancing instead).
+    pub trainable: bool,
+}
+
+/// A linear layer's weight [out, in] and optional bias [out].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linear {
+    /// Weight slot.
+    pub w: Slot,
+    /// Bias slot.
+    pub b: Option<Slot>,
+    /// Input features.
+    pub inp: usize,
+    /// Output features.
+    pub out: usize,
+}
+
+/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlpSlots {
+    /// gate_proj.
+    pub gate: Linear,
+    /// up_proj.
+    pub up: Linear,
+    /// down_proj.
+    pub down: Linear,
+}
+
+/// Attention parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttnSlots {
+    /// Grouped-query attention.
+    Gqa {
+        /// q_proj.
+        q: Linear,
+        /// k_proj.
+        k: Linear,
+        /// v_proj.
+        v: Linear,
+        /// o_proj.
+        o: Linear,
+        /// q_norm / k_norm weights (Qwen3).
+        qk_norm: Option<(Slot, Slot)>,
+    },
+    /// Multi-head latent attention.
+    Mla {
+        /// q_a_proj, q_a_layernorm, q_b_proj (low-rank path), or None.
+        q_lora: Option<(Linear, Slot, Linear)>,
+        /// q_proj when there is no low-rank path.
+        q: Option<Linear>,
+        /// kv_a_proj_with_mqa.
+        kv_a: Linear,
+        /// kv_a_layernorm.
+        kv_norm: Slot,
+        /// kv_b_proj.
+        kv_b: Linear,
+        /// o_proj.
+        o: Linear,
+    },
+}
+
+/// The MLP of one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FfnSlots {
+    /// Dense SwiGLU.
+    Dense(MlpSlots),
+    /// Mixture of experts.
+    Moe {
+        /// The router `gate.weight` [E, C].
+        router: Slot,
+        /// `gate.e_score_correction_bias` [E] (DeepSeek-V3).
+        bias: Option<Slot>,
+        /// Routed experts.
+        experts: Vec<MlpSlots>,
+        /// Shared experts, merged into one MLP.
+        shared: Option<MlpSlots>,
+    },
+}
+
+/// One decoder layer's parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSlots {
+    /// input_layernorm.
+    pub ln1: Slot,
+    /// The attention.
+    pub attn: AttnSlots,
+    /// post_attention_layernorm.
+    pub ln2: Slot,
+    /// The MLP.
+    pub ffn: FfnSlots,
+}
+
+/// Where every parameter of a model lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    /// Every tensor in order.
+    pub entries: Vec<ParamEntry>,
+    /// Total elements.
+    pub size: usize,
+    /// embed_tokens [V, C].
+    pub embed: Slot,
+    /// Decoder layers.
+    pub layers: Vec<LayerSlots>,
+    /// model.norm.
+    pub norm: Slot,
+    /// lm_head [V, C] (the embedding when tied).
+    pub lm_head: Slot,
+    index: HashMap<String, usize>,
+}
+
+struct Builder {
+    entries: Vec<ParamEntry>,
+    size: usize,
+}
+
+impl Builder {
+    fn add(&mut self, name: String, shape: Vec<usize>, trainable: bool) -> Slot {
+        let len = shape.iter().product();
+        let slot = Slot { off: self.size, len };
+        self.size += len;
+        self.entries.push(ParamEntry {
+            name,
+            shape,
+            slot,
+            trainable,
+        });
+        slot
+    }
+    fn vec(&mut self, name: String, n: usize) -> Slot {
+        self.add(name, vec![n], true)
+    }
+    fn linear(&mut self, name: &str, inp: usize, out: usize, bias: bool) -> Linear {
+        let w = self.add(format!("{name}.weight"), vec![out, inp], true);
+        let b = bias.then(|| self.vec(format!("{name}.bias"), out));
+        Linear { w, b, inp, out }
+    }
+    fn mlp(&mut self, p: &str, c: usize, f: usize) -> MlpSlots {
+        MlpSlots {
+            gate: self.linear(&format!("{p}.gate_proj"), c, f, false),
+            up: self.linear(&format!("{p}.up_proj"), c, f, false),
+            down: self.linear(&format!("{p}.down_proj"), f, c, false),
+        }
+    }
+}
+
+impl Layout {
+    /// The layout a config implies, in a fixed order.
+    pub fn new(cfg: &ModelConfig) -> Layout {
+        let c = cfg.hidden_size;
+        let mut b = Builder {
+            entries: Vec::new(),
+            size: 0,
+        };
+        let embed = b.add("model.embed_tokens.weight".into(), vec![cfg.vocab_size, c], true);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let ln1 = b.vec(format!("{p}.input_layernorm.weight"), c);
+            let attn = match &cfg.mla {
+                None => {
+                    let (h, hk, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+                    let q = b.linear(&format!("{p}.self_attn.q_proj"), c, h * d, cfg.qkv_bias);
+                    let k = b.linear(&format!("{p}.self_attn.k_proj"), c, hk * d, cfg.qkv_bias);
+                    let v = b.linear(&format!("{p}.self_attn.v_proj"), c, hk * d, cfg.qkv_bias);
+                    let o = b.linear(&format!("{p}.self_attn.o_proj"), h * d, c, false);
+                    let qk_norm = cfg.qk_norm.then(|| {
+                        (
+                            b.vec(format!("{p}.self_attn.q_norm.weight"), d),
+                            b.vec(format!("{p}.self_attn.k_norm.weight"), d),
+                        )
+                    });
+                    AttnSlots::Gqa { q, k, v, o, qk_norm }
+                }
+                Some(m) => {
+                    let h = cfg.num_heads;
+                    let dq = m.qk_nope_head_dim + m.qk_rope_head_dim;
+                    let (q_lora, q) = match m.q_lora_rank {
+                        Some(r) => {
+                            let qa = b.linear(&format!("{p}.self_attn.q_a_proj"), c, r, false);
+                            let qn = b.vec(format!("{p}.self_attn.q_a_layernorm.weight"), r);
+                            let qb = b.linear(&format!("{p}.self_attn.q_b_proj"), r, h * dq, false);
+                            (Some((qa, qn, qb)), None)
+                        }
+                        None => (None, Some(b.linear(&format!("{p}.self_attn.q_proj"), c, h * dq, false))),
+                    };
+                    let kv_a = b.linear(
+                        &format!("{p}.self_attn.kv_a_proj_with_mqa"),
+                        c,
+                        m.kv_lora_rank + m.qk_rope_head_dim,
+                        false,
+                    );
+                    let kv_norm = b.vec(format!("{p}.self_attn.kv_a_layernorm.weight"), m.kv_lora_rank);
+                    let kv_b = b.linear(
+                        &format!("{p}.self_attn.kv_b_proj"),
+                        m.kv_lora_rank,
+                        h * (m.qk_nope_head_dim + m.v_head_dim),
+                        false,
+                    );
+                    let o = b.linear(&format!("{p}.self_attn.o_proj"), h * m.v_head_dim, c, false);
+                    AttnSlots::Mla {
+                        q_lora,
+                        q,
+                        kv_a,
+                        kv_norm,
+                        kv_b,
+                        o,
+                    }
+                }
+            };
+            let ln2 = b.vec(format!("{p}.post_attention_layernorm.weight"), c);
+            let ffn = match (&cfg.moe, cfg.sparse_layers.get(l).copied().unwrap_or(false)) {
+                (Some(moe), true) => {
+                    let router = b.add(format!("{p}.mlp.gate.weight"), vec![moe.n_experts, c], true);
+                    let bias = matches!(moe.router, Router::SigmoidGroupLimited { .. }).then(|| {
+                        b.add(
+                            format!("{p}.mlp.gate.e_score_correction_bias"),
+                            vec![moe.n_experts],
+                            false,
+                        )
+                    });
+                    let experts = (0..moe.n_experts)
+                        .map(|e| b.mlp(&format!("{p}.mlp.experts.{e}"), c, moe.expert_dim))
+                        .collect();
+                    let shared = (moe.n_shared > 0)
+                        .then(|| b.mlp(&format!("{p}.mlp.shared_experts"), c, moe.expert_dim * moe.n_shared));
+                    FfnSlots::Moe {
+                        router,
+                        bias,
+                        experts,
+                        shared,
+                    }
+                }
+                _ => FfnSlots::Dense(b.mlp(&format!("{p}.mlp"), c, cfg.intermediate_size)),
+            };
+            layers.push(LayerSlots { ln1, attn, ln2, ffn });
+        }
+        let norm = b.vec("model.norm.weight".into(), c);
+        let lm_head = if cfg.tie_word_embeddings {
+            embed
+        } else {
+            b.add("lm_head.weight".into(), vec![cfg.vocab_size, c], true)
+        };
+        let index = b.entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
+        Layout {
+            entries: b.entries,
+            size: b.size,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            index,
+        }
+    }
+
+    /// The entry named `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&ParamEntry> {
+        self.index.get(name).map(|&i| &self.entries[i])
+    }
+}
+
+/// Tensors a checkpoint may carry that the model does not use.
+fn ignorable(cfg: &ModelConfig, name: &str) -> bool {
+    if name.ends_with("rotary_emb.inv_freq") {
+        return true;
+    }
+    if cfg.tie_word_embeddings && name == "lm_head.weight" {
+        return true;
+    }
+    // DeepSeek-V3's multi-token-prediction layers sit after the decoder
+    // layers; transformers ignores them too.
+    if cfg.arch == Arch::DeepseekV3 {
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            if let Some(l) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+                return l >= cfg.num_layers;
+            }
+        }
+    }
+    false
+}
+
+/// The safetensors files of a model folder: the index's shards, or `model.safetensors`.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: index.clone(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Checkpoint {
+                path: index.clone(),
+                msg: "no `weight_map` object".into(),
+            })?;
+        let mut files = BTreeSet::new();
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| Error::Checkpoint {
+                path: index.clone(),
+                msg: format!("weight_map[{name}] is not a file name"),
+            })?;
+            if f.contains('/') || f.contains("..") {
+                return Err(Error::Checkpoint {
+                    path: index.clone(),
+                    msg: format!("weight_map[{name}] = {f:?} leaves the folder"),
+                });
+            }
+            files.insert(dir.join(f));
+        }
+        return Ok(files.into_iter().collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::Checkpoint {
+        path: dir.to_path_buf(),
+        msg: "neither model.safetensors nor model.safetensors.index.json found".into(),
+    })
+}
+
+/// Loads every parameter of `layout` from the folder's safetensors into a
+/// new flat buffer, converting bf16/f16 to f32. Missing, unexpected and
+/// mis-shaped tensors are listed in the error.
+pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &Layout) -> Result<Vec<f32>> {
+    let mut data = vec![0f32; layout.size];
+    let mut seen = vec![false; layout.entries.len()];
+    let mut unexpected = Vec::new();
+    let mut problems = Vec::new();
+    for file in checkpoint_files(dir)? {
+        let bytes = st::read_bytes(&file)?;
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint {
+            path: file.clone(),
+            msg: format!("not a valid safetensors file: {e}"),
+        })?;
+        for (name, view) in tensors.iter() {
+            let Some(&i) = layout.index.get(name) else {
+                if !ignorable(cfg, name) {
+                    unexpected.push(name.to_string());
+                }
+                continue;
+            };
+            let e = &layout.entries[i];
+            if view.shape() != e.shape.as_slice() {
+                problems.push(format!(
+                    "`{name}` has shape {:?}, config implies {:?}",
+                    view.shape(),
+                    e.shape
+                ));
+                continue;
+            }
+            let dst = e.slot.of_mut(&mut data);
+            match st::view_to_storage(&file, name, view.dtype(), view.data())? {
+                CpuStorage::F32(v) => dst.copy_from_slice(&v),
+                CpuStorage::BF16(v) => dst.iter_mut().zip(v).for_each(|(d, s)| *d = s.to_f32()),
+                CpuStorage::F16(v) => dst.iter_mut().zip(v).for_each(|(d, s)| *d = s.to_f32()),
+                other => {
+                    problems.push(format!("`{name}` has integer dtype {:?}", other.dtype()));
+                    continue;
+                }
+            }
+            if seen[i] {
+                problems.push(format!("`{name}` appears in more than one shard"));
+            }
+            seen[i] = true;
+        }
+    }
+    let missing: Vec<&str> = layout
+        .entries
+        .iter()
+        .zip(&seen)
+        .filter(|(_, s)| !**s)
+        .map(|(e, _)| e.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        problems.push(format!("{} missing: {}", missing.len(), list(&missing)));
+    }
+    if !unexpected.is_empty() {
+        let u: Vec<&str> = unexpected.iter().map(|s| s.as_str()).collect();
+        problems.push(format!("{} unexpected: {}", u.len(), list(&u)));
+    }
+    if !problems.is_empty() {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: problems.join("; "),
+        });
+    }
+    Ok(data)
+}
+
+fn list(names: &[&str]) -> String {
+    let mut s = names.iter().take(12).copied().collect::<Vec<_>>().join(", ");
+    if names.len() > 12 {
+        s.push_str(&format!(", ... ({} more)", names.len() - 12));
+    }
+    s
+}
+
+/// Writes the parameters in HF layout: f32 tensors, `format: pt`, sharded
+/// with `model.safetensors.index.json` when larger than `max_shard_bytes`.
+pub fn save_params(dir: &Path, layout: &Layout, data: &[f32], max_shard_bytes: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut shards: Vec<Vec<&ParamEntry>> = vec![vec![]];
+    let mut bytes = 0usize;
+    for e in &layout.entries {
+        let sz = e.slot.len * 4;
+        if bytes > 0 && bytes + sz > max_shard_bytes {
+            shards.push(vec![]);
+            bytes = 0;
+        }
+        bytes += sz;
+        if let Some(last) = shards.last_mut() {
+            last.push(e);
+        }
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let fname = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = shard
+            .iter()
+            .map(|e| (e.name.clone(), e.shape.clone(), e.slot.of(data)))
+            .collect();
+        st::write_f32(&dir.join(&fname), &tensors)?;
+        for e in shard {
+            weight_map.insert(e.name.clone(), serde_json::Value::String(fname.clone()));
+        }
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    if n > 1 {
+        let idx = serde_json::json!({
+            "metadata": {"total_size": layout.size * 4},
+            "weight_map": weight_map,
+        });
+        std::fs::write(&index_path, serde_json::to_string_pretty(&idx).unwrap_or_default()).map_err(|source| {
+            Error::Io {
+                path: index_path.clone(),
+                source,
+            }
+        })?;
+    } else if index_path.exists() {
+        // A stale index from an earlier sharded save would shadow the new file.
+        std::fs::remove_file(&index_path).map_err(|source| Error::Io {
+            path: index_path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
