@@ -4,6 +4,11 @@
 //! comes with the trainer). Today: `info`, which reports what this machine
 //! offers as one JSON line.
 
+mod bench;
+mod logprobs;
+
+use std::path::PathBuf;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -24,12 +29,86 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Score token sequences: writes logits [B,T,V] and token_logprobs [B,T-1] as safetensors.
+    Logprobs {
+        /// A Hugging Face model folder (config.json, *.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// `input_ids` in a .safetensors file (int64 [B,T]) or a JSON list of token-id lists.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Benchmarks, each printing one JSON line.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Full training steps (forward, backward, AdamW) on random weights.
+    Train {
+        /// A Hugging Face config.json (e.g. ../shared/bench-configs/qwen3-moe-bench.json).
+        #[arg(long)]
+        config: PathBuf,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Seed of the random weights and tokens.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 fn main() -> Result<()> {
+    aha_tensor::tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Info { device } => info(&device),
+        Command::Logprobs {
+            model,
+            input,
+            out,
+            device,
+        } => logprobs::run(&model, &input, &out, device.parse()?),
+        Command::Bench {
+            what:
+                BenchCommand::Train {
+                    config,
+                    batch,
+                    seq,
+                    steps,
+                    warmup,
+                    seed,
+                },
+        } => {
+            let line = bench::train(&bench::TrainBench {
+                config: &config,
+                batch,
+                seq,
+                steps,
+                warmup,
+                seed,
+            })?;
+            println!("{line}");
+            Ok(())
+        }
     }
 }
 

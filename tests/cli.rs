@@ -31,3 +31,72 @@ fn a_bad_device_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown device \"tpu\""), "{err}");
 }
+
+fn fixture(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
+#[test]
+fn logprobs_reproduces_transformers() {
+    let out = std::env::temp_dir().join(format!("aha-cli-logprobs-{}.safetensors", std::process::id()));
+    let model = fixture("models/qwen3-moe-tiny");
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("logprobs")
+        .arg("--model")
+        .arg(&model)
+        .arg("--input")
+        .arg(model.join("reference.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--device", "cpu"])
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let got = aha_moe_model::st::read_file(&out).unwrap();
+    let want = aha_moe_model::st::read_file(&model.join("reference.safetensors")).unwrap();
+    for name in ["logits", "token_logprobs"] {
+        let g = got.iter().find(|t| t.name == name).unwrap();
+        let w = want.iter().find(|t| t.name == name).unwrap();
+        assert_eq!(g.shape, w.shape, "{name}");
+        let (g, w) = (g.data.to_f64_vec(), w.data.to_f64_vec());
+        let d = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(d < 1e-4, "{name}: max |diff| {d}");
+    }
+    let _ = std::fs::remove_file(&out);
+
+    // A JSON list input with ragged rows is refused with the row named.
+    let bad = std::env::temp_dir().join(format!("aha-cli-ragged-{}.json", std::process::id()));
+    std::fs::write(&bad, "[[1, 2, 3], [4, 5]]").unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("logprobs")
+        .arg("--model")
+        .arg(&model)
+        .arg("--input")
+        .arg(&bad)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run aha");
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("row 1 has 2 tokens"));
+    let _ = std::fs::remove_file(&bad);
+}
+
+#[test]
+fn bench_train_prints_one_json_line() {
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args([
+            "bench", "train", "--batch", "2", "--seq", "16", "--steps", "2", "--config",
+        ])
+        .arg(fixture("models/deepseek-v3-tiny/config.json"))
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    assert!(v["tokens_per_s"].as_f64().is_some_and(|x| x > 0.0));
+    assert!(v["gflops"].as_f64().is_some_and(|x| x > 0.0));
+    // Two AdamW steps at lr 1e-3 lower the loss on a fixed batch.
+    assert!(v["loss_last"].as_f64().unwrap() < v["loss_first"].as_f64().unwrap());
+}

@@ -81,6 +81,19 @@ pub(crate) struct MoeActs {
     pub load: Vec<u32>,
 }
 
+impl MoeActs {
+    /// Sum over tokens of each expert's router probability (softmax router).
+    pub(crate) fn prob_sums(&self, e: usize) -> Vec<f64> {
+        let mut s = vec![0f64; e];
+        for row in self.probs.chunks(e) {
+            for (a, &p) in s.iter_mut().zip(row) {
+                *a += p as f64;
+            }
+        }
+        s
+    }
+}
+
 /// A routing decision: (probs or scores [N, E], ids [N, K], weights [N, K], denominators [N]).
 type Routing = (Vec<f32>, Vec<u32>, Vec<f32>, Vec<f32>);
 
@@ -258,6 +271,7 @@ pub(crate) fn moe_bwd(
     experts: &[MlpSlots],
     shared: Option<&MlpSlots>,
     a: &MoeActs,
+    aux_dprob: Option<&[f32]>,
     x: &[f32],
     dy: &[f32],
     n: usize,
@@ -326,7 +340,10 @@ pub(crate) fn moe_bwd(
                 } else {
                     0.0
                 };
-                let mut dp = vec![0f32; e];
+                let mut dp = match aux_dprob {
+                    Some(d) => d.to_vec(),
+                    None => vec![0f32; e],
+                };
                 for j in 0..k {
                     dp[it[j] as usize] += (dwt[j] - corr) / a.denom[t];
                 }

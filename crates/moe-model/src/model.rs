@@ -307,6 +307,73 @@ impl Model {
         dlogp: &[f32],
         grads: &mut [f32],
     ) -> Result<()> {
+        self.backward_with_aux(acts, targets, lse, dlogp, 0.0, grads)
+    }
+
+    /// The Switch-Transformer load-balancing loss of a softmax-routed MoE, as
+    /// transformers computes it (`load_balancing_loss_func`, the tokens of
+    /// all MoE layers pooled): `E * sum_e (count_e / T) * (sum_t p[t, e] / T)`,
+    /// with `count_e` the (token, slot) choices of expert `e`. Padding tokens
+    /// count like the others. `None` without softmax-routed MoE layers.
+    pub fn aux_loss(&self, acts: &Activations) -> Option<f32> {
+        let (counts, probs, tokens) = self.aux_stats(acts)?;
+        let e = counts.len() as f64;
+        let t = tokens as f64;
+        Some(
+            (e * counts
+                .iter()
+                .zip(&probs)
+                .map(|(&c, &p)| (c as f64 / t) * (p / t))
+                .sum::<f64>()) as f32,
+        )
+    }
+
+    /// Pooled expert counts, probability sums and token count of the
+    /// softmax-routed MoE layers.
+    fn aux_stats(&self, acts: &Activations) -> Option<(Vec<u64>, Vec<f64>, usize)> {
+        let moe = self
+            .config
+            .moe
+            .as_ref()
+            .filter(|m| m.router == crate::config::Router::SoftmaxTopK)?;
+        let e = moe.n_experts;
+        let (mut counts, mut probs, mut tokens) = (vec![0u64; e], vec![0f64; e], 0usize);
+        for l in &acts.layers {
+            if let FfnActs::Moe(m) = &l.ffn {
+                for (c, &x) in counts.iter_mut().zip(&m.load) {
+                    *c += x as u64;
+                }
+                for (p, x) in probs.iter_mut().zip(m.prob_sums(e)) {
+                    *p += x;
+                }
+                tokens += acts.b * acts.t;
+            }
+        }
+        (tokens > 0).then_some((counts, probs, tokens))
+    }
+
+    /// [`Model::backward`] plus `aux_coef` times [`Model::aux_loss`]'s gradient.
+    pub fn backward_with_aux(
+        &self,
+        acts: &Activations,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        aux_coef: f32,
+        grads: &mut [f32],
+    ) -> Result<()> {
+        // d aux / d p[t, e] = coef * E * count_e / T^2, the same for every token.
+        let aux_dprob: Option<Vec<f32>> = if aux_coef != 0.0 {
+            self.aux_stats(acts).map(|(counts, _, tokens)| {
+                let (e, t) = (counts.len() as f64, tokens as f64);
+                counts
+                    .iter()
+                    .map(|&c| (aux_coef as f64 * e * c as f64 / (t * t)) as f32)
+                    .collect()
+            })
+        } else {
+            None
+        };
         let cfg = &self.config;
         let (c, v) = (cfg.hidden_size, cfg.vocab_size);
         let (b, t) = (acts.b, acts.t);
@@ -374,6 +441,7 @@ impl Model {
                     experts,
                     shared.as_ref(),
                     ma,
+                    aux_dprob.as_deref(),
                     &a.ln2,
                     &dx,
                     n,
@@ -417,6 +485,37 @@ impl Model {
             / count as f64;
         self.backward(&acts, &targets, &lse, &dlogp, grads)?;
         Ok(loss as f32)
+    }
+
+    /// DeepSeek-V3's auxiliary-loss-free balancing: after a step, move each
+    /// MoE layer's `e_score_correction_bias` by `speed` towards balance
+    /// (down for experts above the mean load, up for those below; the
+    /// report's speed is 0.001). `load` comes from [`Activations::expert_load`].
+    pub fn update_expert_bias(&mut self, load: &[Vec<u32>], speed: f32) -> Result<()> {
+        if load.len() != self.layout.layers.len() {
+            return Err(input_err("update_expert_bias", "one load vector per layer expected"));
+        }
+        for (l, counts) in self.layout.layers.iter().zip(load) {
+            let FfnSlots::Moe { bias: Some(bias), .. } = &l.ffn else {
+                continue;
+            };
+            if counts.len() != bias.len {
+                return Err(input_err(
+                    "update_expert_bias",
+                    format!("{} loads for {} experts", counts.len(), bias.len),
+                ));
+            }
+            let mean = counts.iter().map(|&c| c as f64).sum::<f64>() / counts.len().max(1) as f64;
+            for (b, &c) in bias.of_mut(&mut self.params).iter_mut().zip(counts) {
+                let c = c as f64;
+                if c > mean {
+                    *b -= speed;
+                } else if c < mean {
+                    *b += speed;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A fresh cache for one sequence.
@@ -507,5 +606,88 @@ impl Model {
                 )
             })
             .collect()
+    }
+}
+
+/// splitmix64: a tiny deterministic generator for initialisation.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+impl Model {
+    /// A model with transformers-style random initialisation: weights
+    /// N(0, `std`) (HF's `initializer_range`, usually 0.02), norm weights 1,
+    /// biases and the expert correction bias 0. Deterministic in `seed`.
+    pub fn random(config: ModelConfig, seed: u64, std: f32) -> Model {
+        let mut m = Model::zeros(config);
+        let mut rng = SplitMix(seed);
+        for e in &m.layout.entries {
+            let dst = e.slot.of_mut(&mut m.params);
+            let is_norm = e.name.ends_with("norm.weight") || e.name.ends_with("layernorm.weight");
+            if is_norm {
+                dst.fill(1.0);
+            } else if e.shape.len() >= 2 {
+                dst.iter_mut().for_each(|x| *x = (rng.normal() * std as f64) as f32);
+            }
+        }
+        m
+    }
+
+    /// Forward FLOPs per token for sequences of length `t`: every matrix
+    /// product a token passes through (2 x in x out each; top-k experts
+    /// only), plus causal attention over (t + 1) / 2 keys on average.
+    /// A training step costs about three times this.
+    pub fn forward_flops_per_token(&self, t: usize) -> f64 {
+        use crate::params::{AttnSlots, FfnSlots, Linear, MlpSlots};
+        let lin = |l: &Linear| 2.0 * (l.inp * l.out) as f64;
+        let mlp = |m: &MlpSlots| lin(&m.gate) + lin(&m.up) + lin(&m.down);
+        let cfg = &self.config;
+        let (dk, dv, _, _) = cfg.attn_dims();
+        let mut f = 0.0;
+        for l in &self.layout.layers {
+            f += match &l.attn {
+                AttnSlots::Gqa { q, k, v, o, .. } => lin(q) + lin(k) + lin(v) + lin(o),
+                AttnSlots::Mla {
+                    q_lora,
+                    q,
+                    kv_a,
+                    kv_b,
+                    o,
+                    ..
+                } => {
+                    q_lora.as_ref().map_or(0.0, |(a, _, b)| lin(a) + lin(b))
+                        + q.as_ref().map_or(0.0, lin)
+                        + lin(kv_a)
+                        + lin(kv_b)
+                        + lin(o)
+                }
+            };
+            f += 2.0 * (cfg.num_heads * (dk + dv)) as f64 * (t as f64 + 1.0) / 2.0;
+            f += match (&l.ffn, &cfg.moe) {
+                (FfnSlots::Dense(m), _) => mlp(m),
+                (FfnSlots::Moe { experts, shared, .. }, Some(moe)) => {
+                    2.0 * (cfg.hidden_size * moe.n_experts) as f64
+                        + moe.top_k as f64 * experts.first().map_or(0.0, mlp)
+                        + shared.as_ref().map_or(0.0, mlp)
+                }
+                (FfnSlots::Moe { .. }, None) => 0.0,
+            };
+        }
+        f + 2.0 * (cfg.hidden_size * cfg.vocab_size) as f64
     }
 }

@@ -1,0 +1,293 @@
+//! Configs, checkpoints and the forward modes beyond the transformers
+//! fixtures: parsing and refusing configs, save -> load round trips (single
+//! and sharded), checkpoint errors that name the tensors, right-padded
+//! batches, the load-balancing loss gradient and the bias update.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use aha_moe_model::{Arch, Model, ModelConfig, Router};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("aha-model-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn parse(json: &str) -> aha_moe_model::Result<ModelConfig> {
+    ModelConfig::from_json_str(json, Path::new("config.json"))
+}
+
+const QWEN3: &str = r#"{"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2, "vocab_size": 100,
+    "intermediate_size": 96, "rope_theta": 1000000.0, "eos_token_id": [7, 9]"#;
+
+#[test]
+fn configs_parse_with_aliases_and_lists() {
+    let c = parse(&format!("{QWEN3}}}")).unwrap();
+    assert_eq!(c.arch, Arch::Qwen3);
+    assert!(c.qk_norm && !c.qkv_bias);
+    assert_eq!(c.eos_token_ids, vec![7, 9]);
+    assert_eq!(c.rope_theta, 1e6);
+    let moe = parse(
+        r#"{"model_type": "qwen3_moe", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 4,
+        "vocab_size": 100, "intermediate_size": 96, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "decoder_sparse_step": 2, "mlp_only_layers": [3],
+        "rope_parameters": {"rope_theta": 5000.0, "rope_type": "default"}, "eos_token_id": 3}"#,
+    )
+    .unwrap();
+    assert_eq!(moe.sparse_layers, vec![false, true, false, false]);
+    assert_eq!(moe.moe.as_ref().unwrap().n_experts, 8);
+    assert_eq!(moe.rope_theta, 5000.0);
+    let ds = ModelConfig::from_path(&fixture("deepseek-v3-tiny")).unwrap();
+    assert_eq!(ds.sparse_layers, vec![false, true, true]);
+    assert!(matches!(
+        ds.moe.unwrap().router,
+        Router::SigmoidGroupLimited {
+            n_group: 4,
+            topk_group: 2,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn configs_that_change_the_math_are_refused() {
+    for (extra, needle) in [
+        (r#", "rope_scaling": {"type": "yarn", "factor": 4.0}"#, "yarn"),
+        (r#", "use_sliding_window": true"#, "sliding"),
+        (r#", "quantization_config": {"quant_method": "fp8"}"#, "quantized"),
+        (r#", "hidden_act": "gelu""#, "gelu"),
+    ] {
+        let e = parse(&format!("{QWEN3}{extra}}}")).unwrap_err().to_string();
+        assert!(e.contains(needle) && e.contains("config.json"), "{e}");
+    }
+    let e = parse(r#"{"model_type": "llama"}"#).unwrap_err().to_string();
+    assert!(e.contains("llama"), "{e}");
+    let e = parse(r#"{"model_type": "qwen2", "hidden_size": "big"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hidden_size"), "{e}");
+    assert!(parse("not json").is_err());
+}
+
+#[test]
+fn save_then_load_is_bit_identical_single_and_sharded() {
+    let m = Model::load(&fixture("qwen3-moe-tiny")).unwrap();
+    for (tag, shard) in [("single", usize::MAX), ("sharded", 200_000)] {
+        let d = tmpdir(tag);
+        m.save(&d, shard).unwrap();
+        assert!(d.join("config.json").is_file() && d.join("tokenizer.json").is_file());
+        assert_eq!(d.join("model.safetensors.index.json").is_file(), tag == "sharded");
+        let back = Model::load(&d).unwrap();
+        assert_eq!(back.params.len(), m.params.len());
+        assert!(
+            back.params
+                .iter()
+                .zip(&m.params)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{tag}: not bit-identical"
+        );
+        // And once more: save of the reloaded model reproduces the same bytes.
+        let d2 = tmpdir(&format!("{tag}2"));
+        back.save(&d2, shard).unwrap();
+        let again = Model::load(&d2).unwrap();
+        assert!(again
+            .params
+            .iter()
+            .zip(&m.params)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(&d2);
+    }
+}
+
+#[test]
+fn checkpoint_errors_name_the_tensors() {
+    let src = Model::load(&fixture("qwen2-tiny")).unwrap();
+    let d = tmpdir("bad");
+    std::fs::copy(fixture("qwen2-tiny").join("config.json"), d.join("config.json")).unwrap();
+    // Drop one tensor, rename another, mis-shape a third.
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = src
+        .layout
+        .entries
+        .iter()
+        .map(|e| (e.name.clone(), e.shape.clone(), e.slot.of(&src.params).to_vec()))
+        .collect();
+    tensors.retain(|t| t.0 != "model.norm.weight");
+    tensors.push(("model.layers.0.mlp.extra.weight".into(), vec![2], vec![0.0, 1.0]));
+    let i = tensors
+        .iter()
+        .position(|t| t.0 == "model.layers.1.input_layernorm.weight")
+        .unwrap();
+    tensors[i] = (tensors[i].0.clone(), vec![63], vec![1.0; 63]);
+    let refs: Vec<(String, Vec<usize>, &[f32])> =
+        tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), &d[..])).collect();
+    aha_moe_model::st::write_f32(&d.join("model.safetensors"), &refs).unwrap();
+    let e = Model::load(&d).unwrap_err().to_string();
+    for needle in [
+        "model.norm.weight",
+        "model.layers.0.mlp.extra.weight",
+        "model.layers.1.input_layernorm.weight",
+        "[63]",
+    ] {
+        assert!(e.contains(needle), "error does not name {needle}: {e}");
+    }
+    // Garbage instead of a safetensors file.
+    std::fs::write(d.join("model.safetensors"), b"not a checkpoint").unwrap();
+    let e = Model::load(&d).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn bf16_checkpoints_load() {
+    let src = Model::load(&fixture("qwen2-tiny")).unwrap();
+    let d = tmpdir("bf16");
+    std::fs::copy(fixture("qwen2-tiny").join("config.json"), d.join("config.json")).unwrap();
+    let bf: Vec<(String, Vec<usize>, Vec<u8>)> = src
+        .layout
+        .entries
+        .iter()
+        .map(|e| {
+            let bytes = e
+                .slot
+                .of(&src.params)
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+                .collect();
+            (e.name.clone(), e.shape.clone(), bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bf
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &d.join("model.safetensors")).unwrap();
+    let m = Model::load(&d).unwrap();
+    for (a, b) in m.params.iter().zip(&src.params) {
+        assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn right_padding_does_not_change_real_tokens() {
+    let m = Model::load(&fixture("deepseek-v3-tiny")).unwrap();
+    let a: Vec<u32> = vec![5, 17, 42, 9, 250, 3];
+    let b: Vec<u32> = vec![8, 1, 77];
+    let t = a.len();
+    let mut batch = a.clone();
+    batch.extend(&b);
+    batch.extend(vec![0u32; t - b.len()]);
+    let both = m.forward(&batch, 2, t).unwrap();
+    let alone = m.forward(&b, 1, b.len()).unwrap();
+    let c = m.config.hidden_size;
+    let padded_rows = &both.hidden[t * c..(t + b.len()) * c];
+    let d = padded_rows
+        .iter()
+        .zip(&alone.hidden)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-5, "padding changed a real token's hidden state by {d}");
+}
+
+#[test]
+fn aux_loss_gradient_matches_finite_differences() {
+    let mut m = Model::load(&fixture("qwen3-moe-tiny")).unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 300) as u32).collect();
+    let (b, t) = (2, 12);
+    let acts = m.forward(&ids, b, t).unwrap();
+    let aux = m.aux_loss(&acts).unwrap();
+    assert!(aux > 0.9 && aux < 8.0 * 2.0, "aux loss {aux}");
+    let n = b * t;
+    let mut grads = vec![0f32; m.params.len()];
+    let zeros = vec![0f32; n];
+    let (_, lse) = m.token_logprobs(&acts, &vec![0; n]).unwrap();
+    m.backward_with_aux(&acts, &vec![0; n], &lse, &zeros, 1.0, &mut grads)
+        .unwrap();
+    let router = m.layout.get("model.layers.1.mlp.gate.weight").unwrap().slot;
+    let load0 = acts.expert_load();
+    let h = 1e-2f32;
+    let mut checked = 0;
+    for j in (0..router.len).step_by(37) {
+        let i = router.off + j;
+        let orig = m.params[i];
+        m.params[i] = orig + h;
+        let up = m.forward(&ids, b, t).unwrap();
+        m.params[i] = orig - h;
+        let down = m.forward(&ids, b, t).unwrap();
+        m.params[i] = orig;
+        if up.expert_load() != load0 || down.expert_load() != load0 {
+            continue; // the step changed a routing decision: not differentiable there
+        }
+        let num = (m.aux_loss(&up).unwrap() - m.aux_loss(&down).unwrap()) / (2.0 * h);
+        let ana = grads[i];
+        assert!(
+            (num - ana).abs() <= 2e-2 * num.abs().max(ana.abs()) + 2e-5,
+            "router[{j}]: analytic {ana} numeric {num}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} points checked");
+}
+
+#[test]
+fn expert_bias_moves_toward_balance() {
+    let mut m = Model::load(&fixture("deepseek-v3-tiny")).unwrap();
+    let ids: Vec<u32> = (0..32).map(|i| (i * 11 % 300) as u32).collect();
+    let acts = m.forward(&ids, 2, 16).unwrap();
+    let load = acts.expert_load();
+    let slot = m
+        .layout
+        .get("model.layers.1.mlp.gate.e_score_correction_bias")
+        .unwrap()
+        .slot;
+    let before = slot.of(&m.params).to_vec();
+    m.update_expert_bias(&load, 0.001).unwrap();
+    let after = slot.of(&m.params);
+    let mean = load[1].iter().sum::<u32>() as f32 / load[1].len() as f32;
+    for e in 0..load[1].len() {
+        let moved = after[e] - before[e];
+        let c = load[1][e] as f32;
+        let want = if c > mean {
+            -0.001
+        } else if c < mean {
+            0.001
+        } else {
+            0.0
+        };
+        assert!(
+            (moved - want).abs() < 1e-7,
+            "expert {e}: load {c}, mean {mean}, moved {moved}"
+        );
+    }
+    assert!(m
+        .layout
+        .get("model.layers.1.mlp.gate.e_score_correction_bias")
+        .is_some_and(|e| !e.trainable));
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let m = Model::load(&fixture("qwen2-tiny")).unwrap();
+    let e = m.forward(&[1, 2, 300], 1, 3).err().unwrap().to_string();
+    assert!(e.contains("300") && e.contains("vocabulary"), "{e}");
+    assert!(m.forward(&[1, 2, 3], 2, 2).is_err());
+    let mut cache = m.new_cache();
+    assert!(m.forward_cached(&[], &mut cache).is_err());
+    assert!(Model::load(Path::new("/nonexistent/model")).is_err());
+}
