@@ -5,7 +5,9 @@
 //! offers as one JSON line.
 
 mod bench;
+mod generate;
 mod logprobs;
+mod rewards_cmd;
 
 use std::path::PathBuf;
 
@@ -29,6 +31,9 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Score a JSONL file of completions with one rule-based reward; each line
+    /// comes back with `reward` and `status` added.
+    Rewards(rewards_cmd::RewardsArgs),
     /// Score token sequences: writes logits [B,T,V] and token_logprobs [B,T-1] as safetensors.
     Logprobs {
         /// A Hugging Face model folder (config.json, *.safetensors).
@@ -44,6 +49,52 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Sample completions: one JSON line per completion (prompt and sample index,
+    /// token ids, text, log-probs, finish reason).
+    Generate {
+        /// A Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL prompts (`prompt`, `question` or `problem` field).
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// Prompts as a JSON list of token-id lists.
+        #[arg(long)]
+        prompt_ids: Option<String>,
+        /// How text prompts are wrapped: none or r1-zero.
+        #[arg(long, default_value = "none")]
+        template: String,
+        /// Completions per prompt.
+        #[arg(long, default_value_t = 1)]
+        n: usize,
+        /// Maximum new tokens per completion.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Sampling temperature.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Keep the k most likely tokens (0: off).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Drop tokens below min_p times the top probability.
+        #[arg(long, default_value_t = 0.0)]
+        min_p: f32,
+        /// Base seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Argmax decoding.
+        #[arg(long)]
+        greedy: bool,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Output JSONL (stdout when absent).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Benchmarks, each printing one JSON line.
     Bench {
         #[command(subcommand)]
@@ -53,6 +104,24 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Batched sampling on random weights: tokens per second.
+    Generate {
+        /// A Hugging Face config.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// Prompts (all decoded together).
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Prompt tokens.
+        #[arg(long, default_value_t = 32)]
+        prompt: usize,
+        /// New tokens per prompt.
+        #[arg(long, default_value_t = 64)]
+        new: usize,
+        /// Seed of weights, prompts and sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Full training steps (forward, backward, AdamW) on random weights.
     Train {
         /// A Hugging Face config.json (e.g. ../shared/bench-configs/qwen3-moe-bench.json).
@@ -81,12 +150,60 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Info { device } => info(&device),
+        Command::Rewards(args) => rewards_cmd::run(&args),
         Command::Logprobs {
             model,
             input,
             out,
             device,
         } => logprobs::run(&model, &input, &out, device.parse()?),
+        Command::Generate {
+            model,
+            prompts,
+            prompt_ids,
+            template,
+            n,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            seed,
+            greedy,
+            device,
+            out,
+        } => generate::run(&generate::GenerateArgs {
+            model: &model,
+            prompts: prompts.as_deref(),
+            prompt_ids: prompt_ids.as_deref(),
+            template: &template,
+            n,
+            params: aha_sampler::SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                min_p,
+                greedy,
+                max_new_tokens,
+                seed,
+                ..aha_sampler::SamplingParams::default()
+            },
+            device: device.parse()?,
+            out: out.as_deref(),
+        }),
+        Command::Bench {
+            what:
+                BenchCommand::Generate {
+                    config,
+                    batch,
+                    prompt,
+                    new,
+                    seed,
+                },
+        } => {
+            println!("{}", generate::bench(&config, batch, prompt, new, seed)?);
+            Ok(())
+        }
         Command::Bench {
             what:
                 BenchCommand::Train {

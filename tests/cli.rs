@@ -100,3 +100,44 @@ fn bench_train_prints_one_json_line() {
     // Two AdamW steps at lr 1e-3 lower the loss on a fixed batch.
     assert!(v["loss_last"].as_f64().unwrap() < v["loss_first"].as_f64().unwrap());
 }
+
+#[test]
+fn generate_writes_one_json_line_per_completion() {
+    let model = fixture("models/qwen2-tiny");
+    let prompts = std::env::temp_dir().join(format!("aha-cli-prompts-{}.jsonl", std::process::id()));
+    std::fs::write(&prompts, "{\"prompt\": \"2+3\"}\n{\"question\": \"why?\"}\n").unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--prompts")
+        .arg(&prompts)
+        .args(["--n", "3", "--max-new-tokens", "6", "--seed", "9", "--template", "none", "--device", "cpu"])
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(run.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["prompt_index"], i / 3);
+        assert_eq!(l["sample_index"], i % 3);
+        let n = l["token_ids"].as_array().unwrap().len();
+        assert!((1..=6).contains(&n));
+        assert_eq!(l["logprobs"].as_array().unwrap().len(), n);
+        assert!(l["text"].is_string() && l["finish_reason"].is_string());
+    }
+    // A malformed prompt line is an error naming the file and line.
+    std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n{\"prompt\": 5}\n").unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--prompts")
+        .arg(&prompts)
+        .output()
+        .expect("run aha");
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains(":2:"), "{}", String::from_utf8_lossy(&run.stderr));
+    let _ = std::fs::remove_file(&prompts);
+}

@@ -11,11 +11,14 @@
 //! | out | [N, H * Dv], before o_proj |
 
 use aha_tensor::cpu::{self, AttnShape, RopeLayout, RopeShape};
+use aha_tensor::Real;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::linear::{linear_bwd, linear_fwd, norm_bwd, norm_fwd};
+use crate::paged::{PagedLayer, SeqSpan};
 use crate::params::AttnSlots;
+use rayon::prelude::*;
 
 /// Positions of the N tokens and the RoPE table covering them.
 pub(crate) struct Rope<'a> {
@@ -24,13 +27,17 @@ pub(crate) struct Rope<'a> {
     pub pos: &'a [u32],
 }
 
-/// Keys and values of the positions seen so far, for one layer of one sequence.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache {
-    /// [len, Hk, Dk], after RoPE.
-    pub k: Vec<f32>,
-    /// [len, Hk, Dv].
-    pub v: Vec<f32>,
+/// How the attention finds its keys and values.
+pub(crate) enum AttnMode<'a, 'b> {
+    /// A right-padded training batch [B, T]: causal within each row.
+    Train,
+    /// A ragged batch of new tokens for several sequences, whose keys and
+    /// values go into (and are read from) the paged cache.
+    Paged {
+        layer: &'a mut PagedLayer,
+        spans: &'a [SeqSpan<'b>],
+        block_size: usize,
+    },
 }
 
 /// What the backward needs from the forward.
@@ -86,43 +93,85 @@ fn rope_back(dy: &[f32], r: &Rope<'_>, s: RopeShape) -> Result<Vec<f32>> {
     Ok(dx)
 }
 
-/// Causal attention of `tq` new queries (positions `tk - tq ..`) against
-/// `tk` cached keys, for one sequence. `out [tq, H * Dv]`.
-fn attention_cached(q: &[f32], kc: &[f32], vc: &[f32], tq: usize, tk: usize, s: AttnShape) -> Vec<f32> {
+/// Dot product in eight lanes (vectorizable).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// Writes the new tokens' keys and values into their cache slots, then runs
+/// causal attention of each new token against its sequence's positions
+/// `0..=p`, read through the block table. `out [N, H * Dv]`.
+fn attention_paged(
+    q: &[f32],
+    k_new: &[f32],
+    v_new: &[f32],
+    layer: &mut PagedLayer,
+    spans: &[SeqSpan<'_>],
+    bs: usize,
+    s: AttnShape,
+) -> Vec<f32> {
     let AttnShape { h, hk, dk, dv, .. } = s;
+    let (kw, vw) = (hk * dk, hk * dv);
     let group = h / hk;
-    let mut out = vec![0f32; tq * h * dv];
-    let mut scores = vec![0f32; tk];
-    let p0 = tk - tq;
-    for i in 0..tq {
+    let mut meta = Vec::with_capacity(k_new.len() / kw.max(1));
+    for (si, sp) in spans.iter().enumerate() {
+        for i in 0..sp.len {
+            let p = sp.start + i;
+            let slot = sp.table[p / bs] as usize * bs + p % bs;
+            let tok = meta.len();
+            layer.k[slot * kw..(slot + 1) * kw].copy_from_slice(&k_new[tok * kw..(tok + 1) * kw]);
+            layer.v[slot * vw..(slot + 1) * vw].copy_from_slice(&v_new[tok * vw..(tok + 1) * vw]);
+            meta.push((si, p));
+        }
+    }
+    let (kc, vc) = (&layer.k, &layer.v);
+    let scale = s.scale as f32;
+    let mut out = vec![0f32; meta.len() * h * dv];
+    let row = |(ti, o): (usize, &mut [f32])| {
+        let (si, p) = meta[ti];
+        let table = spans[si].table;
+        let mut scores = vec![0f32; p + 1];
         for hi in 0..h {
             let kh = hi / group;
-            let qi = &q[(i * h + hi) * dk..(i * h + hi + 1) * dk];
-            let visible = p0 + i + 1;
+            let qi = &q[(ti * h + hi) * dk..(ti * h + hi + 1) * dk];
             let mut m = f32::NEG_INFINITY;
-            for (j, sc) in scores[..visible].iter_mut().enumerate() {
-                let kj = &kc[(j * hk + kh) * dk..(j * hk + kh + 1) * dk];
-                *sc = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * s.scale as f32;
+            for (j, sc) in scores.iter_mut().enumerate() {
+                let slot = table[j / bs] as usize * bs + j % bs;
+                *sc = dot(qi, &kc[(slot * hk + kh) * dk..(slot * hk + kh + 1) * dk]) * scale;
                 m = m.max(*sc);
             }
-            let mut z = 0f32;
-            for sc in scores[..visible].iter_mut() {
-                *sc = (*sc - m).exp();
-                z += *sc;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - m).exp_fast();
             }
-            let o = &mut out[(i * h + hi) * dv..(i * h + hi + 1) * dv];
-            for (j, &p) in scores[..visible].iter().enumerate() {
-                let vj = &vc[(j * hk + kh) * dv..(j * hk + kh + 1) * dv];
-                for (ov, &vv) in o.iter_mut().zip(vj) {
-                    *ov += p / z * vv;
+            let z: f32 = scores.iter().sum();
+            let oh = &mut o[hi * dv..(hi + 1) * dv];
+            for (j, &pj) in scores.iter().enumerate() {
+                let slot = table[j / bs] as usize * bs + j % bs;
+                let w = pj / z;
+                for (ov, &vv) in oh.iter_mut().zip(&vc[(slot * hk + kh) * dv..(slot * hk + kh + 1) * dv]) {
+                    *ov += w * vv;
                 }
             }
         }
+    };
+    if meta.len() * h >= 8 {
+        out.par_chunks_mut(h * dv).enumerate().for_each(row);
+    } else {
+        out.chunks_mut(h * dv).enumerate().for_each(row);
     }
     out
 }
 
-/// Runs the attention proper: batched causal (training) or against the cache.
+/// Runs the attention proper: batched causal (training) or through the paged cache.
 fn attend(
     q: &[f32],
     k: &[f32],
@@ -130,16 +179,15 @@ fn attend(
     b: usize,
     t: usize,
     s: AttnShape,
-    cache: Option<&mut LayerCache>,
+    mode: &mut AttnMode<'_, '_>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    match cache {
-        Some(c) => {
-            c.k.extend_from_slice(k);
-            c.v.extend_from_slice(v);
-            let tk = c.k.len() / (s.hk * s.dk);
-            Ok((attention_cached(q, &c.k, &c.v, t, tk, s), vec![]))
-        }
-        None => {
+    match mode {
+        AttnMode::Paged {
+            layer,
+            spans,
+            block_size,
+        } => Ok((attention_paged(q, k, v, layer, spans, *block_size, s), vec![])),
+        AttnMode::Train => {
             let mut out = vec![0f32; b * t * s.h * s.dv];
             let mut lse = vec![0f32; b * s.h * t];
             cpu::attention_forward(&mut out, &mut lse, q, k, v, AttnShape { b, t, ..s })?;
@@ -157,7 +205,7 @@ pub(crate) fn attn_fwd(
     b: usize,
     t: usize,
     rope_t: &Rope<'_>,
-    cache: Option<&mut LayerCache>,
+    mode: &mut AttnMode<'_, '_>,
 ) -> Result<(Vec<f32>, AttnActs)> {
     let n = b * t;
     let h = cfg.num_heads;
@@ -191,7 +239,7 @@ pub(crate) fn attn_fwd(
                 dv,
                 scale,
             };
-            let (out, lse) = attend(&qr, &kr, &vv, b, t, s, cache)?;
+            let (out, lse) = attend(&qr, &kr, &vv, b, t, s, mode)?;
             let mut y = vec![0f32; n * o.out];
             linear_fwd(&mut y, &out, p, o, n)?;
             let acts = AttnActs::Gqa {
@@ -272,7 +320,7 @@ pub(crate) fn attn_fwd(
                 dv,
                 scale,
             };
-            let (out, lse) = attend(&qr, &kk, &vv, b, t, s, cache)?;
+            let (out, lse) = attend(&qr, &kk, &vv, b, t, s, mode)?;
             let mut y = vec![0f32; n * o.out];
             linear_fwd(&mut y, &out, p, o, n)?;
             let acts = AttnActs::Mla {

@@ -19,11 +19,12 @@ mod error;
 mod ffn;
 mod linear;
 mod model;
+pub mod paged;
 pub mod params;
 pub mod st;
 
-pub use attn::LayerCache;
 pub use config::{Arch, MlaConfig, ModelConfig, MoeConfig, Router};
 pub use error::{Error, Result};
 pub use model::{Activations, KvCache, Model};
+pub use paged::{PagedKvCache, SeqSpan};
 pub use params::{Layout, ParamEntry, Slot};

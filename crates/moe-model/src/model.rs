@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use aha_tensor::cpu::{self, Gemm};
 use rayon::prelude::*;
 
-use crate::attn::{attn_bwd, attn_fwd, AttnActs, LayerCache, Rope};
+use crate::attn::{attn_bwd, attn_fwd, AttnActs, AttnMode, Rope};
 use crate::config::ModelConfig;
 use crate::error::{input_err, Error, Result};
 use crate::ffn::{mlp_bwd, mlp_fwd, moe_bwd, moe_fwd, MlpActs, MoeActs};
 use crate::linear::{norm_bwd, norm_fwd};
+use crate::paged::{check_spans, PagedKvCache, SeqSpan};
 use crate::params::{load_params, save_params, FfnSlots, Layout};
 
 /// Rows of logits computed at a time by the chunked log-prob path: the full
@@ -73,10 +74,12 @@ impl Activations {
     }
 }
 
-/// Key/value cache of one sequence for incremental decoding.
-#[derive(Debug, Clone, Default)]
+/// Key/value cache of one sequence for incremental decoding: a paged cache
+/// holding a single block table.
+#[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<LayerCache>,
+    paged: PagedKvCache,
+    table: Vec<u32>,
     len: usize,
 }
 
@@ -164,14 +167,14 @@ impl Model {
         b: usize,
         t: usize,
         rope: &Rope<'_>,
-        cache: Option<&mut LayerCache>,
+        mode: &mut AttnMode<'_, '_>,
     ) -> Result<(Vec<f32>, LayerActs)> {
         let cfg = &self.config;
         let (c, eps, p) = (cfg.hidden_size, cfg.rms_norm_eps, &self.params[..]);
         let s = &self.layout.layers[l];
         let n = b * t;
         let (ln1, ln1_rstd) = norm_fwd(&x, p, s.ln1, c, eps)?;
-        let (ao, attn) = attn_fwd(cfg, &s.attn, p, &ln1, b, t, rope, cache)?;
+        let (ao, attn) = attn_fwd(cfg, &s.attn, p, &ln1, b, t, rope, mode)?;
         let mut x2 = x.clone();
         cpu::add_inplace(&mut x2, &ao)?;
         let (ln2, ln2_rstd) = norm_fwd(&x2, p, s.ln2, c, eps)?;
@@ -242,7 +245,7 @@ impl Model {
         let mut x = self.embed(ids)?;
         let mut layers = Vec::with_capacity(self.config.num_layers);
         for l in 0..self.config.num_layers {
-            let (nx, acts) = self.layer_fwd(l, x, b, t, &rope, None)?;
+            let (nx, acts) = self.layer_fwd(l, x, b, t, &rope, &mut AttnMode::Train)?;
             layers.push(acts);
             x = nx;
         }
@@ -518,10 +521,75 @@ impl Model {
         Ok(())
     }
 
-    /// A fresh cache for one sequence.
+    /// An empty paged cache for this model: `blocks` blocks of `block_size`
+    /// positions (storage is reserved as blocks are first used).
+    pub fn new_paged_cache(&self, block_size: usize, blocks: usize) -> PagedKvCache {
+        let (dk, dv, _, _) = self.config.attn_dims();
+        let hk = if self.config.mla.is_some() {
+            self.config.num_heads
+        } else {
+            self.config.num_kv_heads
+        };
+        PagedKvCache::new(self.config.num_layers, hk * dk, hk * dv, block_size, blocks)
+    }
+
+    /// Runs a ragged batch: the new `tokens` of several sequences, laid out
+    /// sequence after sequence as `spans` describes, writing their keys and
+    /// values into `cache` and attending to each sequence's cached positions.
+    /// Returns the logits of each sequence's last new token, [spans, V].
+    pub fn forward_paged(&self, tokens: &[u32], spans: &[SeqSpan<'_>], cache: &mut PagedKvCache) -> Result<Vec<f32>> {
+        self.check_ids("forward_paged", tokens)?;
+        check_spans(cache, spans, tokens.len())?;
+        let (kw, vw) = cache.widths();
+        let (dk, dv, _, _) = self.config.attn_dims();
+        let hk = if self.config.mla.is_some() {
+            self.config.num_heads
+        } else {
+            self.config.num_kv_heads
+        };
+        if kw != hk * dk || vw != hk * dv || cache.layers.len() != self.config.num_layers {
+            return Err(input_err("forward_paged", "the cache was made for another model"));
+        }
+        let n = tokens.len();
+        let max_pos = spans.iter().map(|s| s.start + s.len).max().unwrap_or(0);
+        let (cos, sin) = self.rope_table(max_pos);
+        let pos: Vec<u32> = spans
+            .iter()
+            .flat_map(|s| (s.start..s.start + s.len).map(|p| p as u32))
+            .collect();
+        let rope = Rope {
+            cos: &cos,
+            sin: &sin,
+            pos: &pos,
+        };
+        let bs = cache.block_size();
+        let mut x = self.embed(tokens)?;
+        for l in 0..self.config.num_layers {
+            let mut mode = AttnMode::Paged {
+                layer: &mut cache.layers[l],
+                spans,
+                block_size: bs,
+            };
+            let (nx, _) = self.layer_fwd(l, x, 1, n, &rope, &mut mode)?;
+            x = nx;
+        }
+        let c = self.config.hidden_size;
+        let mut last = Vec::with_capacity(spans.len() * c);
+        let mut end = 0;
+        for s in spans {
+            end += s.len;
+            last.extend_from_slice(&x[(end - 1) * c..end * c]);
+        }
+        let (h, _) = norm_fwd(&last, &self.params, self.layout.norm, c, self.config.rms_norm_eps)?;
+        self.logits_of(&h)
+    }
+
+    /// A fresh cache for one sequence (up to `max_position_embeddings`).
     pub fn new_cache(&self) -> KvCache {
+        let bs = 16;
         KvCache {
-            layers: vec![LayerCache::default(); self.config.num_layers],
+            paged: self.new_paged_cache(bs, self.config.max_position_embeddings.div_ceil(bs).max(1)),
+            table: Vec::new(),
             len: 0,
         }
     }
@@ -532,26 +600,18 @@ impl Model {
         if ids.is_empty() {
             return Err(input_err("forward_cached", "no tokens"));
         }
-        self.check_ids("forward_cached", ids)?;
-        let t = ids.len();
-        let p0 = cache.len;
-        let (cos, sin) = self.rope_table(p0 + t);
-        let pos: Vec<u32> = (p0..p0 + t).map(|i| i as u32).collect();
-        let rope = Rope {
-            cos: &cos,
-            sin: &sin,
-            pos: &pos,
-        };
-        let mut x = self.embed(ids)?;
-        for l in 0..self.config.num_layers {
-            let (nx, _) = self.layer_fwd(l, x, 1, t, &rope, Some(&mut cache.layers[l]))?;
-            x = nx;
+        while cache.paged.blocks_for(cache.len + ids.len()) > cache.table.len() {
+            let b = cache.paged.alloc()?;
+            cache.table.push(b);
         }
-        cache.len += t;
-        let c = self.config.hidden_size;
-        let last = &x[(t - 1) * c..t * c];
-        let (h, _) = norm_fwd(last, &self.params, self.layout.norm, c, self.config.rms_norm_eps)?;
-        self.logits_of(&h)
+        let span = SeqSpan {
+            table: &cache.table,
+            start: cache.len,
+            len: ids.len(),
+        };
+        let logits = self.forward_paged(ids, &[span], &mut cache.paged)?;
+        cache.len += ids.len();
+        Ok(logits)
     }
 
     /// Greedy decoding of `max_new` tokens after `prompt`, with the KV cache

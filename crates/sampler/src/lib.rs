@@ -1,2 +1,27 @@
-//! Empty until its issue (#4) lands: see this crate's README.md for what
-//! will live here.
+//! aha-sampler: the rollout engine. Turns prompts x G samples into
+//! completions with continuous batching over a paged KV cache, in the same
+//! process and on the same weights as the trainer (no weight sync step).
+//!
+//! ```no_run
+//! use aha_moe_model::Model;
+//! use aha_sampler::{Engine, EngineConfig, SamplingParams};
+//!
+//! let model = Model::load(std::path::Path::new("tests/fixtures/models/qwen2-tiny"))?;
+//! let tok = aha_sampler::load_tokenizer(std::path::Path::new("tests/fixtures/models/qwen2-tiny"))?;
+//! let engine = Engine::new(&model, Some(&tok), EngineConfig::default(), &[])?;
+//! let params = SamplingParams { max_new_tokens: 16, seed: 7, ..SamplingParams::default() };
+//! let (completions, stats) = engine.generate(&[vec![5, 6, 7]], 4, &params)?;
+//! assert_eq!(completions.len(), 4);
+//! println!("{} tokens/s", stats.generated_tokens as f64 / stats.total_s);
+//! # Ok::<(), aha_sampler::Error>(())
+//! ```
+
+mod detok;
+mod engine;
+mod error;
+pub mod sampling;
+
+pub use detok::{decode, load_tokenizer, Detokenizer};
+pub use engine::{Completion, Engine, EngineConfig, FinishReason, GenerateStats};
+pub use error::{Error, Result};
+pub use sampling::{sample, Sampled, SamplingParams, SeqRng};

@@ -102,9 +102,88 @@ pub fn matmul_batched<F: Real>(out: &mut [F], a: &[F], b: &[F], batch: usize, g:
     Ok(())
 }
 
+/// Rows of `a` at or below which `a b^T` runs as dot products (decode batches).
+const SKINNY_M: usize = 8;
+
+/// Dot product in eight lanes (vectorizable).
+#[inline]
+fn dot<F: Real>(x: &[F], y: &[F]) -> F {
+    let mut lanes = [F::zero(); 8];
+    let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .fold(F::zero(), |s, (&a, &b)| s + a * b);
+    for (a, b) in cx.zip(cy) {
+        for i in 0..8 {
+            lanes[i] += a[i] * b[i];
+        }
+    }
+    lanes.iter().fold(tail, |s, &v| s + v)
+}
+
+/// `out[m, n] (+)= a[m, k] b[n, k]^T` for a few rows of `a`: each output is
+/// a dot product of two contiguous rows, so the weight matrix streams once
+/// with no packing (the general kernel's packing dominates at m <= 8).
+fn skinny_abt<F: Real>(out: &mut [F], a: &[F], b: &[F], g: Gemm, parallel: bool) {
+    let Gemm { m, k, n, .. } = g;
+    let cols = |j0: usize, chunk: &mut [F]| {
+        // chunk holds out[.., j0 .. j0 + w] for every row, row-major in (row, j).
+        let w = chunk.len() / m;
+        for (jj, bj) in b[j0 * k..(j0 + w) * k].chunks_exact(k).enumerate() {
+            for i in 0..m {
+                let v = dot(&a[i * k..(i + 1) * k], bj);
+                let o = &mut chunk[i * w + jj];
+                *o = if g.accumulate { *o + v } else { v };
+            }
+        }
+    };
+    if parallel && n * k >= 1 << 16 {
+        use rayon::prelude::*;
+        let per = (n / (4 * rayon::current_num_threads())).max(16);
+        // Compute column blocks into scratch, then scatter into the rows.
+        let blocks: Vec<(usize, Vec<F>)> = (0..n)
+            .step_by(per)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|j0| {
+                let w = per.min(n - j0);
+                let mut chunk = vec![F::zero(); m * w];
+                if g.accumulate {
+                    for i in 0..m {
+                        chunk[i * w..(i + 1) * w].copy_from_slice(&out[i * n + j0..i * n + j0 + w]);
+                    }
+                }
+                cols(j0, &mut chunk);
+                (j0, chunk)
+            })
+            .collect();
+        for (j0, chunk) in blocks {
+            let w = chunk.len() / m;
+            for i in 0..m {
+                out[i * n + j0..i * n + j0 + w].copy_from_slice(&chunk[i * w..(i + 1) * w]);
+            }
+        }
+    } else if m == 1 {
+        cols(0, out);
+    } else {
+        let mut chunk = vec![F::zero(); m * n];
+        if g.accumulate {
+            chunk.copy_from_slice(out);
+        }
+        cols(0, &mut chunk);
+        out.copy_from_slice(&chunk);
+    }
+}
+
 /// One product; the caller checked every length.
 fn gemm_one<F: Real>(out: &mut [F], a: &[F], b: &[F], g: Gemm, par: gemm::Parallelism) {
     let Gemm { m, k, n, .. } = g;
+    if m <= SKINNY_M && g.trans_b && !g.trans_a {
+        skinny_abt(out, a, b, g, matches!(par, gemm::Parallelism::Rayon(_)));
+        return;
+    }
     debug_assert!(out.len() == m * n && a.len() == m * k && b.len() == k * n);
     let (m_i, k_i, n_i) = (m as isize, k as isize, n as isize);
     // Element (i, p) of op(a) is at i * rs + p * cs.

@@ -1,0 +1,400 @@
+//! The rollout engine: continuous batching over a paged KV cache.
+//!
+//! Each step runs one ragged batch through the model: the prompts admitted
+//! this step (their whole prefill) and one new token of every live sequence.
+//! A prompt is prefilled once; its G samples share its full cache blocks and
+//! get private copies of its last partial block. A sequence that finishes
+//! releases its blocks at once, and waiting prompts are admitted as soon as
+//! there is room: both in batch slots and in cache blocks, reserved for the
+//! worst case at admission so that a running sequence never runs out.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use aha_moe_model::{Model, PagedKvCache, SeqSpan};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::detok::{decode, Detokenizer};
+use crate::error::{Error, Result};
+use crate::sampling::{sample, SamplingParams, SeqRng};
+
+/// Engine sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Live sequences at most (the decode batch).
+    pub max_batch: usize,
+    /// Positions per cache block.
+    pub block_size: usize,
+    /// Cache blocks in the pool (memory is reserved as they are first used).
+    pub kv_blocks: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch: 64,
+            block_size: 16,
+            kv_blocks: 16_384,
+        }
+    }
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token (kept as the last token id, not in the text).
+    Eos,
+    /// A stop string (the text is cut before it).
+    Stop,
+    /// `max_new_tokens` reached: the completion is truncated.
+    Length,
+}
+
+/// One finished completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// Index of its prompt.
+    pub prompt_index: usize,
+    /// Which of the prompt's samples it is.
+    pub sample_index: usize,
+    /// Generated token ids (an EOS that ended it included).
+    pub token_ids: Vec<u32>,
+    /// Decoded text (empty without a tokenizer).
+    pub text: String,
+    /// `log softmax(logits / T)` at each chosen token (see `sampling`).
+    pub logprobs: Vec<f32>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+}
+
+/// Where the time of a `generate` call went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerateStats {
+    /// Model forward passes (prefill and decode), seconds.
+    pub forward_s: f64,
+    /// Sampling, seconds.
+    pub sample_s: f64,
+    /// Detokenisation and stop checks, seconds.
+    pub detok_s: f64,
+    /// Everything, seconds.
+    pub total_s: f64,
+    /// Engine steps.
+    pub steps: usize,
+    /// Prompt tokens prefilled (once per prompt).
+    pub prompt_tokens: usize,
+    /// Completion tokens generated.
+    pub generated_tokens: usize,
+    /// Most cache blocks in use at once.
+    pub peak_blocks: usize,
+}
+
+struct Seq {
+    prompt: usize,
+    sample: usize,
+    table: Vec<u32>,
+    /// Positions in the cache.
+    len: usize,
+    /// The token to feed next (the last one sampled).
+    pending: u32,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    rng: SeqRng,
+    detok: Detokenizer,
+    text: String,
+    reserved: usize,
+}
+
+/// Generates completions with one model.
+pub struct Engine<'a> {
+    model: &'a Model,
+    tokenizer: Option<&'a Tokenizer>,
+    cfg: EngineConfig,
+    eos: Vec<u32>,
+}
+
+impl<'a> Engine<'a> {
+    /// An engine over `model`; `tokenizer` enables text and stop strings.
+    /// End-of-sequence ids come from the model config plus `extra_eos`
+    /// (e.g. `generation_config.json`'s).
+    pub fn new(
+        model: &'a Model,
+        tokenizer: Option<&'a Tokenizer>,
+        cfg: EngineConfig,
+        extra_eos: &[u32],
+    ) -> Result<Engine<'a>> {
+        if cfg.max_batch == 0 || cfg.block_size == 0 || cfg.kv_blocks == 0 {
+            return Err(Error::Invalid(
+                "max_batch, block_size and kv_blocks must be positive".into(),
+            ));
+        }
+        let mut eos = model.config.eos_token_ids.clone();
+        eos.extend_from_slice(extra_eos);
+        eos.sort_unstable();
+        eos.dedup();
+        Ok(Engine {
+            model,
+            tokenizer,
+            cfg,
+            eos,
+        })
+    }
+
+    /// `n` completions of every prompt; returned ordered by (prompt, sample).
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        n: usize,
+        params: &SamplingParams,
+    ) -> Result<(Vec<Completion>, GenerateStats)> {
+        params.validate()?;
+        if n == 0 {
+            return Err(Error::Invalid("n must be at least 1".into()));
+        }
+        if n > self.cfg.max_batch {
+            return Err(Error::Invalid(format!(
+                "n = {n} exceeds max_batch = {}",
+                self.cfg.max_batch
+            )));
+        }
+        if !params.stop_strings.is_empty() && self.tokenizer.is_none() {
+            return Err(Error::Invalid("stop strings need a tokenizer".into()));
+        }
+        let max_pos = self.model.config.max_position_embeddings;
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(Error::Invalid(format!("prompt {i} is empty")));
+            }
+            if p.len() + params.max_new_tokens > max_pos {
+                return Err(Error::Invalid(format!(
+                    "prompt {i}: {} + {} tokens exceed max_position_embeddings {max_pos}",
+                    p.len(),
+                    params.max_new_tokens
+                )));
+            }
+        }
+        let mut eos = self.eos.clone();
+        eos.extend_from_slice(&params.stop_token_ids);
+        let t_all = Instant::now();
+        let mut stats = GenerateStats::default();
+        let mut cache: PagedKvCache = self.model.new_paged_cache(self.cfg.block_size, self.cfg.kv_blocks);
+        let bs = self.cfg.block_size;
+        let mut waiting: VecDeque<usize> = (0..prompts.len()).collect();
+        let mut live: Vec<Seq> = Vec::new();
+        let mut done: Vec<Completion> = Vec::with_capacity(prompts.len() * n);
+        let mut reserved = 0usize;
+        // Per prompt: samples still live, and the full prompt blocks they
+        // share (reserved until the last of them finishes).
+        let mut sharing: std::collections::HashMap<usize, (usize, usize)> = std::collections::HashMap::new();
+
+        while !waiting.is_empty() || !live.is_empty() {
+            stats.steps += 1;
+            // Admit prompts while batch slots and worst-case blocks allow.
+            let mut admitted: Vec<(usize, Vec<u32>)> = Vec::new();
+            while let Some(&pi) = waiting.front() {
+                let plen = prompts[pi].len();
+                let shared = plen / bs;
+                // The prompt's blocks, plus each sample's private tail to its maximum length.
+                let per_sample = cache.blocks_for(plen + params.max_new_tokens) - shared;
+                let need = cache.blocks_for(plen) + n * per_sample;
+                if live.len() + admitted.len() * n + n > self.cfg.max_batch || reserved + need > self.cfg.kv_blocks {
+                    if live.is_empty() && admitted.is_empty() {
+                        return Err(Error::Invalid(format!(
+                            "prompt {pi} needs {need} cache blocks, the pool has {}",
+                            self.cfg.kv_blocks
+                        )));
+                    }
+                    break;
+                }
+                waiting.pop_front();
+                reserved += need;
+                let mut table = Vec::with_capacity(cache.blocks_for(plen));
+                for _ in 0..cache.blocks_for(plen) {
+                    table.push(cache.alloc()?);
+                }
+                admitted.push((pi, table));
+                stats.prompt_tokens += plen;
+            }
+            // Make room for each live sequence's next position (copy-on-write
+            // of a shared block).
+            for s in live.iter_mut() {
+                if cache.blocks_for(s.len + 1) > s.table.len() {
+                    s.table.push(cache.alloc()?);
+                } else if let Some(last) = s.table.last_mut() {
+                    if cache.is_shared(*last) {
+                        let copy = cache.copy_block(*last)?;
+                        cache.release(&[*last]);
+                        *last = copy;
+                    }
+                }
+            }
+            // One ragged batch: admitted prefills, then one token per live sequence.
+            let mut tokens = Vec::new();
+            for (pi, _) in &admitted {
+                tokens.extend_from_slice(&prompts[*pi]);
+            }
+            tokens.extend(live.iter().map(|s| s.pending));
+            let mut spans: Vec<SeqSpan<'_>> = admitted
+                .iter()
+                .map(|(pi, table)| SeqSpan {
+                    table,
+                    start: 0,
+                    len: prompts[*pi].len(),
+                })
+                .collect();
+            spans.extend(live.iter().map(|s| SeqSpan {
+                table: &s.table,
+                start: s.len,
+                len: 1,
+            }));
+            let t0 = Instant::now();
+            let logits = self.model.forward_paged(&tokens, &spans, &mut cache)?;
+            drop(spans);
+            stats.forward_s += t0.elapsed().as_secs_f64();
+            stats.peak_blocks = stats.peak_blocks.max(cache.used_blocks());
+            let v = self.model.config.vocab_size;
+            let n_adm = admitted.len();
+
+            // New sequences from the admitted prompts.
+            let mut fresh: Vec<Seq> = Vec::new();
+            for (pi, table) in admitted {
+                let plen = prompts[pi].len();
+                let full = plen / bs;
+                let per_sample = cache.blocks_for(plen + params.max_new_tokens) - full;
+                for si in 0..n {
+                    let mut t = table[..full].to_vec();
+                    cache.share(&t);
+                    if full < table.len() {
+                        t.push(cache.copy_block(table[full])?);
+                    }
+                    fresh.push(Seq {
+                        prompt: pi,
+                        sample: si,
+                        table: t,
+                        len: plen,
+                        pending: 0,
+                        tokens: Vec::new(),
+                        logprobs: Vec::new(),
+                        rng: SeqRng::for_sequence(params.seed, pi as u64, si as u64),
+                        detok: Detokenizer::default(),
+                        text: String::new(),
+                        reserved: per_sample,
+                    });
+                }
+                // The prompt's own reference goes; its samples hold theirs.
+                cache.release(&table);
+                reserved -= cache.blocks_for(plen) - full;
+                sharing.insert(pi, (n, full));
+            }
+            // Advance live sequences past the token just fed.
+            for s in live.iter_mut() {
+                s.len += 1;
+            }
+            // Sample for every sequence: admitted ones use their prompt's logits row.
+            let mut rows: Vec<(usize, &mut Seq)> = Vec::new();
+            for (k, s) in fresh.iter_mut().enumerate() {
+                rows.push((k / n, s));
+            }
+            for (k, s) in live.iter_mut().enumerate() {
+                rows.push((n_adm + k, s));
+            }
+            let t1 = Instant::now();
+            // Each sequence has its own RNG stream, so sampling in parallel
+            // gives the same tokens as sampling in order.
+            rows.par_iter_mut().try_for_each(|(row, s)| -> Result<()> {
+                let out = sample(&logits[*row * v..(*row + 1) * v], params, &mut s.rng)?;
+                s.tokens.push(out.token);
+                s.logprobs.push(out.logprob);
+                s.pending = out.token;
+                Ok(())
+            })?;
+            stats.sample_s += t1.elapsed().as_secs_f64();
+            drop(rows);
+            live.append(&mut fresh);
+            stats.generated_tokens += live.len();
+
+            // Stop rules; finished sequences leave and free their blocks.
+            let t2 = Instant::now();
+            let mut keep = Vec::with_capacity(live.len());
+            for mut s in live.drain(..) {
+                let last = s.pending;
+                let mut reason = None;
+                if let Some(tok) = self.tokenizer {
+                    if !eos.contains(&last) {
+                        let delta = s.detok.step(tok, &s.tokens)?;
+                        s.text.push_str(&delta);
+                        if let Some(cut) = find_stop(&s.text, &params.stop_strings, delta.len()) {
+                            s.text.truncate(cut);
+                            reason = Some(FinishReason::Stop);
+                        }
+                    }
+                }
+                if reason.is_none() && eos.contains(&last) {
+                    reason = Some(FinishReason::Eos);
+                }
+                if reason.is_none() && s.tokens.len() >= params.max_new_tokens {
+                    reason = Some(FinishReason::Length);
+                }
+                match reason {
+                    Some(r) => {
+                        cache.release(&s.table);
+                        reserved -= s.reserved;
+                        if let Some(e) = sharing.get_mut(&s.prompt) {
+                            e.0 -= 1;
+                            if e.0 == 0 {
+                                reserved -= e.1;
+                                sharing.remove(&s.prompt);
+                            }
+                        }
+                        let text = match (self.tokenizer, r) {
+                            (Some(_), FinishReason::Stop) => s.text,
+                            (Some(tok), _) => {
+                                let body = if r == FinishReason::Eos {
+                                    &s.tokens[..s.tokens.len() - 1]
+                                } else {
+                                    &s.tokens[..]
+                                };
+                                decode(tok, body)?
+                            }
+                            (None, _) => String::new(),
+                        };
+                        done.push(Completion {
+                            prompt_index: s.prompt,
+                            sample_index: s.sample,
+                            token_ids: s.tokens,
+                            text,
+                            logprobs: s.logprobs,
+                            finish_reason: r,
+                        });
+                    }
+                    None => keep.push(s),
+                }
+            }
+            live = keep;
+            stats.detok_s += t2.elapsed().as_secs_f64();
+        }
+        done.sort_by_key(|c| (c.prompt_index, c.sample_index));
+        stats.total_s = t_all.elapsed().as_secs_f64();
+        Ok((done, stats))
+    }
+}
+
+/// The byte offset where the first stop string starts, searching only where
+/// the last `delta` bytes could have completed one.
+fn find_stop(text: &str, stops: &[String], delta: usize) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for s in stops {
+        let mut from = text.len().saturating_sub(delta + s.len());
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        if let Some(i) = text[from..].find(s.as_str()) {
+            let at = from + i;
+            best = Some(best.map_or(at, |b| b.min(at)));
+        }
+    }
+    best
+}

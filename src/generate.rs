@@ -1,0 +1,200 @@
+//! `aha generate` and `aha bench generate`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+use aha_moe_model::{Model, ModelConfig};
+use aha_sampler::{load_tokenizer, Engine, EngineConfig, SamplingParams};
+use aha_tensor::Device;
+use anyhow::{bail, Context, Result};
+
+/// The R1-Zero prompt template of the DeepSeek-R1 report (its Table 1).
+pub const R1_ZERO_TEMPLATE: &str = "A conversation between User and Assistant. The user asks a question, and the \
+Assistant solves it. The assistant first thinks about the reasoning process in the mind and then provides the user \
+with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, \
+respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. User: {prompt}. Assistant:";
+
+/// Prompts from a JSONL file: each line an object with a `prompt` string
+/// (or `question` / `problem`, the data sets' field names). A bad line is an
+/// error naming the file and line.
+pub fn read_prompt_texts(path: &Path) -> Result<Vec<String>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.with_context(|| format!("{}:{}: read error", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
+        let text = ["prompt", "question", "problem"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(|x| x.as_str()))
+            .with_context(|| {
+                format!(
+                    "{}:{}: no string field `prompt`, `question` or `problem`",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+        out.push(text.to_string());
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+/// Options of `aha generate`.
+pub struct GenerateArgs<'a> {
+    pub model: &'a Path,
+    pub prompts: Option<&'a Path>,
+    pub prompt_ids: Option<&'a str>,
+    pub template: &'a str,
+    pub n: usize,
+    pub params: SamplingParams,
+    pub device: Device,
+    pub out: Option<&'a Path>,
+}
+
+/// Generates and writes one JSON line per completion.
+pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
+    if a.device.is_cuda() {
+        bail!(
+            "--device {}: generation runs on the CPU until the CUDA backend lands; use --device cpu",
+            a.device
+        );
+    }
+    let model = Model::load(a.model)?;
+    let tok = load_tokenizer(a.model).ok();
+    let prompts: Vec<Vec<u32>> = match (a.prompts, a.prompt_ids) {
+        (Some(path), None) => {
+            let tok = tok
+                .as_ref()
+                .with_context(|| format!("{}: --prompts needs a tokenizer.json", a.model.display()))?;
+            read_prompt_texts(path)?
+                .iter()
+                .map(|p| {
+                    let text = match a.template {
+                        "none" => p.clone(),
+                        "r1-zero" => R1_ZERO_TEMPLATE.replace("{prompt}", p),
+                        other => bail!("unknown --template {other:?}: none or r1-zero"),
+                    };
+                    Ok(tok
+                        .encode(text, false)
+                        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+                        .get_ids()
+                        .to_vec())
+                })
+                .collect::<Result<_>>()?
+        }
+        (None, Some(json)) => {
+            serde_json::from_str(json).context("--prompt-ids: expected a JSON list of token-id lists")?
+        }
+        _ => bail!("give exactly one of --prompts FILE.jsonl and --prompt-ids JSON"),
+    };
+    let gen_eos = generation_eos(a.model);
+    let engine = Engine::new(&model, tok.as_ref(), EngineConfig::default(), &gen_eos)?;
+    let tty = std::io::stderr().is_terminal();
+    if tty {
+        eprint!("generating {} x {} completions...", prompts.len(), a.n);
+    }
+    let (completions, stats) = engine.generate(&prompts, a.n, &a.params)?;
+    if tty {
+        eprintln!(" done: {} tokens in {:.2} s", stats.generated_tokens, stats.total_s);
+    }
+    let mut w: Box<dyn Write> = match a.out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    for c in &completions {
+        writeln!(w, "{}", serde_json::to_string(c)?)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// `eos_token_id` of `generation_config.json`, if the folder has one.
+fn generation_eos(dir: &Path) -> Vec<u32> {
+    let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
+        return vec![];
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return vec![];
+    };
+    match v.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    }
+}
+
+/// `aha bench generate`: random weights, `batch` prompts of `prompt` random
+/// tokens, `new` sampled tokens each (T 1.0, top-p 0.95), one JSON line.
+pub fn bench(config: &Path, batch: usize, prompt: usize, new: usize, seed: u64) -> Result<serde_json::Value> {
+    anyhow::ensure!(
+        batch > 0 && prompt > 0 && new > 0,
+        "need --batch, --prompt and --new >= 1"
+    );
+    let cfg = ModelConfig::from_path(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut model = Model::random(cfg, seed, 0.02);
+    model.config.eos_token_ids.clear(); // every sequence generates `new` tokens, like the peer's run
+    let v = model.config.vocab_size as u64;
+    let mut state = seed ^ 0xbe7c;
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|_| {
+            (0..prompt)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 33) % v) as u32
+                })
+                .collect()
+        })
+        .collect();
+    let engine = Engine::new(
+        &model,
+        None,
+        EngineConfig {
+            max_batch: batch.max(1),
+            ..EngineConfig::default()
+        },
+        &[],
+    )?;
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.95,
+        max_new_tokens: new,
+        seed,
+        ..SamplingParams::default()
+    };
+    // Warm up once (allocator, thread pool), then time.
+    engine.generate(
+        &prompts[..1],
+        1,
+        &SamplingParams {
+            max_new_tokens: 2,
+            ..params.clone()
+        },
+    )?;
+    let (out, s) = engine.generate(&prompts, 1, &params)?;
+    let generated: usize = out.iter().map(|c| c.token_ids.len()).sum();
+    Ok(serde_json::json!({
+        "bench": "generate",
+        "config": config.display().to_string(),
+        "batch": batch,
+        "prompt": prompt,
+        "new": new,
+        "threads": rayon::current_num_threads(),
+        "tokens_per_s": generated as f64 / s.total_s,
+        "total_s": s.total_s,
+        "forward_s": s.forward_s,
+        "sample_s": s.sample_s,
+        "bookkeeping_s": s.total_s - s.forward_s - s.sample_s,
+        "steps": s.steps,
+        "peak_kv_blocks": s.peak_blocks,
+    }))
+}
