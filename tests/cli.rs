@@ -112,12 +112,26 @@ fn generate_writes_one_json_line_per_completion() {
         .arg(&model)
         .arg("--prompts")
         .arg(&prompts)
-        .args(["--n", "3", "--max-new-tokens", "6", "--seed", "9", "--template", "none", "--device", "cpu"])
+        .args([
+            "--n",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--seed",
+            "9",
+            "--template",
+            "none",
+            "--device",
+            "cpu",
+        ])
         .output()
         .expect("run aha");
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8(run.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8(run.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 6);
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["prompt_index"], i / 3);
@@ -138,6 +152,10 @@ fn generate_writes_one_json_line_per_completion() {
         .output()
         .expect("run aha");
     assert!(!run.status.success());
-    assert!(String::from_utf8_lossy(&run.stderr).contains(":2:"), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains(":2:"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let _ = std::fs::remove_file(&prompts);
 }
