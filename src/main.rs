@@ -25,6 +25,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job: R1-Zero at toy scale on the CPU (pretrain a small MoE,
+    /// then GRPO with accuracy and format rewards), into a run folder.
+    Demo {
+        /// A shorter run (under three minutes on 2 cores).
+        #[arg(long)]
+        quick: bool,
+        /// Run folder (default: runs/demo-<seed>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seed of everything.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Print the compute devices and whether NVRTC is available, as one JSON line.
     Info {
         /// Device to resolve: cpu, cuda, cuda:N or auto.
@@ -150,6 +163,28 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Info { device } => info(&device),
+        Command::Demo { quick, out, seed } => {
+            let cfg = if quick {
+                aha_trainer::DemoConfig::quick(seed)
+            } else {
+                aha_trainer::DemoConfig::full(seed)
+            };
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/demo-{seed}")));
+            eprintln!("aha demo: R1-Zero on two-digit addition; run folder {}", out.display());
+            let s = aha_trainer::run_demo(&cfg, &out, &mut |line| eprintln!("{line}"))?;
+            eprintln!(
+                "held-out accuracy {:.1}% -> {:.1}%, format {:.1}% -> {:.1}%, length {:.1} -> {:.1} tokens, {:.0} s",
+                s.base_accuracy * 100.0,
+                s.final_accuracy * 100.0,
+                s.base_format * 100.0,
+                s.final_format * 100.0,
+                s.base_length,
+                s.final_length,
+                s.wall_s
+            );
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(())
+        }
         Command::Rewards(args) => rewards_cmd::run(&args),
         Command::Logprobs {
             model,

@@ -1,2 +1,18 @@
-//! Empty until its issue (#7) lands: see this crate's README.md for what
-//! will live here.
+//! aha-trainer: the layer that composes the model, the sampler, the rewards
+//! and the GRPO math into training runs.
+//!
+//! Built so far: the optimizer (AdamW with warmup and cosine/constant
+//! schedules, clipping, a non-finite guard), supervised steps on completion
+//! tokens, the GRPO step, the toy task with its tokenizer, held-out
+//! evaluation, PNG plots, and the `aha demo` run (R1-Zero at toy scale).
+
+pub mod demo;
+mod error;
+pub mod eval;
+pub mod optim;
+pub mod plot;
+pub mod rl;
+pub mod toy;
+
+pub use demo::{run_demo, DemoConfig, DemoSummary};
+pub use error::{Error, Result};

@@ -1,0 +1,429 @@
+//! `aha demo`: R1-Zero at toy scale on the CPU.
+//!
+//! 1. Build the character tokenizer of the toy task.
+//! 2. Pretrain a small DeepSeek-V3-style MoE (MLA attention, sigmoid
+//!    group-limited routing, a shared expert, one dense layer) on the
+//!    synthetic base corpus, where the `<think>`/`<answer>` format appears in
+//!    only a minority of completions (see [`crate::toy`]).
+//! 3. Run GRPO from that base with R1-Zero's rule-based rewards, accuracy
+//!    and format, and a KL penalty to the base (the R1 report's beta 0.001).
+//! 4. Evaluate on held-out problems throughout; write everything to the run
+//!    folder: `config.json`, `metrics.jsonl`, `samples.jsonl`, `plots/*.png`,
+//!    `checkpoint/` (HF layout with tokenizer).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use aha_grpo::{AdvantageEstimator, LossConfig, Metrics};
+use aha_moe_model::{Model, ModelConfig};
+use aha_sampler::SamplingParams;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{io_err, Error, Result};
+use crate::eval::{evaluate, EvalResult};
+use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
+use crate::plot::line_chart;
+use crate::rl::{grpo_step, GrpoStep, RewardFn};
+use crate::toy::{self, Problem, Rng};
+
+/// Everything a demo run does; written to `config.json` in the run folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Seed of data, initialisation and sampling.
+    pub seed: u64,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Decoder layers (the first is dense, the rest MoE).
+    pub num_layers: usize,
+    /// Routed experts.
+    pub n_experts: usize,
+    /// Pretraining steps.
+    pub pretrain_steps: usize,
+    /// Sequences per pretraining step.
+    pub pretrain_batch: usize,
+    /// Pretraining peak learning rate.
+    pub pretrain_lr: f64,
+    /// Share of base-corpus completions written in the reasoning format.
+    pub reasoning_share: f64,
+    /// GRPO steps.
+    pub grpo_steps: usize,
+    /// Prompts per GRPO step.
+    pub prompts_per_step: usize,
+    /// Completions per prompt (G).
+    pub num_generations: usize,
+    /// GRPO learning rate (constant after warmup).
+    pub grpo_lr: f64,
+    /// KL coefficient (the R1 report: 0.001).
+    pub beta: f64,
+    /// Rollout temperature (the R1 report: 1.0).
+    pub temperature: f32,
+    /// Completion length limit.
+    pub max_new_tokens: usize,
+    /// Evaluate every this many GRPO steps.
+    pub eval_every: usize,
+    /// Held-out problems per evaluation.
+    pub eval_problems: usize,
+}
+
+impl DemoConfig {
+    /// The full demo (a few minutes on 2 cores).
+    pub fn full(seed: u64) -> DemoConfig {
+        DemoConfig {
+            seed,
+            hidden_size: 64,
+            num_layers: 2,
+            n_experts: 8,
+            pretrain_steps: 3000,
+            pretrain_batch: 64,
+            pretrain_lr: 3e-3,
+            reasoning_share: 0.3,
+            grpo_steps: 120,
+            prompts_per_step: 16,
+            num_generations: 8,
+            grpo_lr: 5e-4,
+            beta: 0.001,
+            temperature: 1.0,
+            max_new_tokens: 40,
+            eval_every: 10,
+            eval_problems: 400,
+        }
+    }
+
+    /// `--quick`: the same recipe, shorter (well under three minutes).
+    pub fn quick(seed: u64) -> DemoConfig {
+        DemoConfig {
+            pretrain_steps: 1500,
+            grpo_steps: 40,
+            eval_every: 10,
+            eval_problems: 200,
+            ..DemoConfig::full(seed)
+        }
+    }
+
+    /// The model's `config.json`.
+    pub fn model_config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "vocab_size": toy::vocab_size(),
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.hidden_size * 2,
+            "moe_intermediate_size": self.hidden_size / 2,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "q_lora_rank": null,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_routed_experts": self.n_experts,
+            "num_experts_per_tok": 2,
+            "n_group": 4,
+            "topk_group": 2,
+            "n_shared_experts": 1,
+            "routed_scaling_factor": 1.0,
+            "norm_topk_prob": true,
+            "first_k_dense_replace": 1,
+            "max_position_embeddings": 96,
+            "rope_theta": 10000.0,
+            "rope_interleave": true,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": false,
+            "bos_token_id": toy::PAD,
+            "eos_token_id": toy::EOS,
+            "pad_token_id": toy::PAD,
+            "hidden_act": "silu",
+            "initializer_range": 0.02,
+        })
+    }
+}
+
+/// The numbers a demo run ends with.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoSummary {
+    /// Held-out accuracy of the pretrained base.
+    pub base_accuracy: f64,
+    /// Held-out accuracy after GRPO.
+    pub final_accuracy: f64,
+    /// Format share of the base.
+    pub base_format: f64,
+    /// Format share after GRPO.
+    pub final_format: f64,
+    /// Mean completion length of the base (tokens).
+    pub base_length: f64,
+    /// Mean completion length after GRPO.
+    pub final_length: f64,
+    /// Seconds for the whole run.
+    pub wall_s: f64,
+    /// The run folder.
+    pub run_dir: PathBuf,
+}
+
+struct RunLog {
+    metrics: std::io::BufWriter<std::fs::File>,
+    samples: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+}
+
+impl RunLog {
+    fn line(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.metrics, "{v}")
+            .and_then(|_| self.metrics.flush())
+            .map_err(io_err(&self.path))
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(io_err(path))
+}
+
+fn eval_json(phase: &str, step: usize, e: &EvalResult) -> serde_json::Value {
+    serde_json::json!({
+        "phase": phase, "step": step,
+        "eval/accuracy": e.accuracy, "eval/accuracy_strict": e.accuracy_strict,
+        "eval/format": e.format, "eval/mean_length": e.mean_length,
+    })
+}
+
+/// Runs the demo into `out`, reporting progress through `log`.
+pub fn run_demo(cfg: &DemoConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Result<DemoSummary> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(out.join("plots")).map_err(io_err(out))?;
+    write(
+        &out.join("config.json"),
+        &serde_json::to_string_pretty(cfg).unwrap_or_default(),
+    )?;
+    let mut run = RunLog {
+        metrics: std::io::BufWriter::new(std::fs::File::create(out.join("metrics.jsonl")).map_err(io_err(out))?),
+        samples: std::io::BufWriter::new(std::fs::File::create(out.join("samples.jsonl")).map_err(io_err(out))?),
+        path: out.join("metrics.jsonl"),
+    };
+    let tok = toy::tokenizer()?;
+    let model_json = cfg.model_config_json();
+    let mcfg = ModelConfig::from_json_str(&model_json.to_string(), Path::new("<demo config>"))?;
+    let mut model = Model::random(mcfg, cfg.seed, 0.02);
+    let mut rng = Rng::new(cfg.seed);
+    let test: Vec<Problem> = {
+        let all = toy::test_set();
+        let stride = (all.len() / cfg.eval_problems.max(1)).max(1);
+        all.into_iter().step_by(stride).take(cfg.eval_problems).collect()
+    };
+    log(&format!(
+        "model: DeepSeek-V3-style MoE, {} parameters; {} held-out problems",
+        model.params.len(),
+        test.len()
+    ));
+
+    // 1. Pretraining on the base corpus.
+    let mut opt = Optimizer::new(
+        OptimConfig {
+            lr: cfg.pretrain_lr,
+            warmup_steps: 50,
+            total_steps: cfg.pretrain_steps,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            max_bad_steps: 10,
+        },
+        model.params.len(),
+    );
+    for step in 0..cfg.pretrain_steps {
+        let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.pretrain_batch)
+            .map(|_| {
+                let p = toy::problem(&mut rng, false);
+                let mut c = toy::encode(&tok, &toy::base_completion(&mut rng, &p, cfg.reasoning_share))?;
+                c.push(toy::EOS);
+                Ok((toy::encode(&tok, &p.prompt())?, c))
+            })
+            .collect::<Result<_>>()?;
+        let (loss, info) = sft_step(&mut model, &mut opt, &batch, toy::PAD)?;
+        if step % 50 == 0 || step + 1 == cfg.pretrain_steps {
+            run.line(&serde_json::json!({"phase": "pretrain", "step": step, "loss": loss, "grad_norm": info.grad_norm, "learning_rate": info.lr}))?;
+            log(&format!("pretrain {step:>5}/{}  loss {loss:.4}", cfg.pretrain_steps));
+        }
+    }
+    let (base, base_samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
+    run.line(&eval_json("base", 0, &base))?;
+    log(&format!(
+        "base model: accuracy {:.1}%, format {:.1}%, length {:.1} tokens",
+        base.accuracy * 100.0,
+        base.format * 100.0,
+        base.mean_length
+    ));
+    write_samples(&mut run, "base", 0, &test, &base_samples)?;
+    let reference = model.clone();
+
+    // 2. GRPO with accuracy and format rewards.
+    let mut opt = Optimizer::new(
+        OptimConfig {
+            lr: cfg.grpo_lr,
+            warmup_steps: 5,
+            total_steps: cfg.grpo_steps,
+            schedule: Schedule::Constant,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            max_bad_steps: 10,
+        },
+        model.params.len(),
+    );
+    let step_cfg = GrpoStep {
+        num_generations: cfg.num_generations,
+        loss: LossConfig {
+            beta: cfg.beta,
+            max_completion_length: cfg.max_new_tokens,
+            ..LossConfig::default()
+        },
+        advantages: AdvantageEstimator::Group,
+        sampling: SamplingParams {
+            temperature: cfg.temperature,
+            max_new_tokens: cfg.max_new_tokens,
+            stop_token_ids: vec![toy::EOS],
+            seed: cfg.seed,
+            ..SamplingParams::default()
+        },
+    };
+    let mut history: Vec<(usize, Metrics)> = Vec::new();
+    let mut evals: Vec<(usize, EvalResult)> = vec![(0, base)];
+    let mut last = base;
+    for step in 1..=cfg.grpo_steps {
+        let problems: Vec<Problem> = (0..cfg.prompts_per_step)
+            .map(|_| toy::problem(&mut rng, false))
+            .collect();
+        let prompts: Vec<Vec<u32>> = problems
+            .iter()
+            .map(|p| toy::encode(&tok, &p.prompt()))
+            .collect::<Result<_>>()?;
+        let probs = &problems;
+        let rewards = [
+            RewardFn {
+                name: "accuracy".into(),
+                weight: 1.0,
+                score: Box::new(move |text: &str, i: usize| toy::accuracy_reward(text, &probs[i])),
+            },
+            RewardFn {
+                name: "format".into(),
+                weight: 1.0,
+                score: Box::new(|text: &str, _| toy::format_reward(text)),
+            },
+        ];
+        let mut sc = step_cfg.clone();
+        sc.sampling.seed = cfg.seed.wrapping_add(step as u64 * 1_000_003);
+        let (mut m, _) = grpo_step(&mut model, Some(&reference), &mut opt, &tok, &prompts, &rewards, &sc)?;
+        if step % cfg.eval_every == 0 || step == cfg.grpo_steps {
+            let (e, samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
+            m.insert("eval/accuracy".into(), e.accuracy);
+            m.insert("eval/accuracy_strict".into(), e.accuracy_strict);
+            m.insert("eval/format".into(), e.format);
+            m.insert("eval/mean_length".into(), e.mean_length);
+            write_samples(&mut run, "grpo", step, &test, &samples)?;
+            evals.push((step, e));
+            last = e;
+            log(&format!(
+                "grpo {step:>4}/{}  reward {:.3}  accuracy(eval) {:.1}%  format(eval) {:.1}%  length {:.1}  kl {:.4}",
+                cfg.grpo_steps,
+                m.get("reward").copied().unwrap_or(f64::NAN),
+                e.accuracy * 100.0,
+                e.format * 100.0,
+                e.mean_length,
+                m.get("kl").copied().unwrap_or(0.0)
+            ));
+        }
+        let mut line = serde_json::Map::new();
+        line.insert("phase".into(), "grpo".into());
+        line.insert("step".into(), step.into());
+        for (k, v) in &m {
+            line.insert(k.clone(), serde_json::json!(v));
+        }
+        run.line(&serde_json::Value::Object(line))?;
+        history.push((step, m));
+    }
+
+    // 3. Plots, checkpoint, summary.
+    plots(&out.join("plots"), &history, &evals)?;
+    let ck = out.join("checkpoint");
+    model.save(&ck, 2 << 30)?;
+    write(
+        &ck.join("config.json"),
+        &serde_json::to_string_pretty(&model_json).unwrap_or_default(),
+    )?;
+    write(&ck.join("tokenizer.json"), &toy::tokenizer_json())?;
+    write(
+        &ck.join("generation_config.json"),
+        &serde_json::json!({"eos_token_id": toy::EOS, "pad_token_id": toy::PAD, "temperature": 0.6, "top_p": 0.95})
+            .to_string(),
+    )?;
+    let summary = DemoSummary {
+        base_accuracy: base.accuracy,
+        final_accuracy: last.accuracy,
+        base_format: base.format,
+        final_format: last.format,
+        base_length: base.mean_length,
+        final_length: last.mean_length,
+        wall_s: t0.elapsed().as_secs_f64(),
+        run_dir: out.to_path_buf(),
+    };
+    run.line(&serde_json::json!({"phase": "summary", "summary": summary}))?;
+    run.samples.flush().map_err(io_err(out))?;
+    Ok(summary)
+}
+
+fn write_samples(
+    run: &mut RunLog,
+    phase: &str,
+    step: usize,
+    test: &[Problem],
+    out: &[aha_sampler::Completion],
+) -> Result<()> {
+    for c in out.iter().take(4) {
+        let p = &test[c.prompt_index];
+        let line = serde_json::json!({
+            "phase": phase, "step": step, "prompt": p.prompt(), "completion": c.text,
+            "answer": p.answer(), "correct": toy::extract_answer(&c.text, true) == Some(p.answer()),
+        });
+        writeln!(run.samples, "{line}").map_err(io_err(&run.path))?;
+    }
+    run.samples.flush().map_err(io_err(&run.path))
+}
+
+fn plots(dir: &Path, hist: &[(usize, Metrics)], evals: &[(usize, EvalResult)]) -> Result<()> {
+    let series = |key: &str| -> Vec<(f64, f64)> {
+        hist.iter()
+            .filter_map(|(s, m)| m.get(key).map(|v| (*s as f64, *v)))
+            .collect()
+    };
+    line_chart(
+        &dir.join("reward.png"),
+        "REWARD",
+        &[
+            ("TOTAL", series("reward")),
+            ("ACCURACY", series("rewards/accuracy/mean")),
+            ("FORMAT", series("rewards/format/mean")),
+        ],
+    )?;
+    let ev = |f: fn(&EvalResult) -> f64| -> Vec<(f64, f64)> { evals.iter().map(|(s, e)| (*s as f64, f(e))).collect() };
+    line_chart(
+        &dir.join("accuracy.png"),
+        "HELD-OUT ACCURACY",
+        &[
+            ("ACCURACY", ev(|e| e.accuracy)),
+            ("STRICT", ev(|e| e.accuracy_strict)),
+            ("FORMAT", ev(|e| e.format)),
+        ],
+    )?;
+    line_chart(
+        &dir.join("length.png"),
+        "COMPLETION LENGTH",
+        &[
+            ("TRAIN", series("completions/mean_length")),
+            ("EVAL", ev(|e| e.mean_length)),
+        ],
+    )?;
+    line_chart(&dir.join("kl.png"), "KL TO BASE", &[("KL", series("kl"))])?;
+    if hist.is_empty() {
+        return Err(Error::Other("no GRPO steps were run".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! AdamW over the flat parameter buffer with warmup and a cosine or constant
+//! schedule, global-norm clipping, and the non-finite guard.
+
+use aha_moe_model::Model;
+use aha_tensor::cpu::{adamw_step, clip_grad_norm, AdamW};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Constant after warmup (the R1 report's RL runs).
+    Constant,
+    /// Cosine decay to 10% of the peak.
+    Cosine,
+}
+
+/// Optimizer settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    /// Steps in the run (for the cosine).
+    pub total_steps: usize,
+    /// Schedule after warmup.
+    pub schedule: Schedule,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (TRL's default 1.0).
+    pub max_grad_norm: f64,
+    /// Consecutive non-finite steps tolerated before the run aborts.
+    pub max_bad_steps: usize,
+}
+
+/// Adam moments, step counter and the guard's state.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    /// Settings.
+    pub cfg: OptimConfig,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    /// Updates applied.
+    pub step: u64,
+    bad_in_a_row: usize,
+}
+
+/// What one update did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// True when the update was skipped (non-finite gradient).
+    pub skipped: bool,
+}
+
+impl Optimizer {
+    /// Zero moments for a model with `params` parameters.
+    pub fn new(cfg: OptimConfig, params: usize) -> Optimizer {
+        Optimizer {
+            cfg,
+            m: vec![0.0; params],
+            v: vec![0.0; params],
+            step: 0,
+            bad_in_a_row: 0,
+        }
+    }
+
+    /// The learning rate at update `step` (0-based).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let c = &self.cfg;
+        let s = step as f64;
+        if (step as usize) < c.warmup_steps {
+            return c.lr * (s + 1.0) / c.warmup_steps as f64;
+        }
+        match c.schedule {
+            Schedule::Constant => c.lr,
+            Schedule::Cosine => {
+                let span = (c.total_steps.saturating_sub(c.warmup_steps)).max(1) as f64;
+                let x = ((s - c.warmup_steps as f64) / span).clamp(0.0, 1.0);
+                c.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * x).cos()))
+            }
+        }
+    }
+
+    /// Clips `grads`, then applies AdamW to the trainable parameters. A
+    /// non-finite gradient norm skips the update; too many in a row is an error.
+    pub fn update(&mut self, model: &mut Model, grads: &mut [f32]) -> Result<StepInfo> {
+        let lr = self.lr_at(self.step);
+        for e in model.layout.entries.iter().filter(|e| !e.trainable) {
+            e.slot.of_mut(grads).fill(0.0);
+        }
+        let grad_norm = clip_grad_norm(grads, self.cfg.max_grad_norm);
+        if !grad_norm.is_finite() {
+            self.bad_in_a_row += 1;
+            if self.bad_in_a_row > self.cfg.max_bad_steps {
+                return Err(Error::Other(format!(
+                    "{} consecutive updates with a non-finite gradient norm: aborting",
+                    self.bad_in_a_row
+                )));
+            }
+            return Ok(StepInfo {
+                grad_norm,
+                lr,
+                skipped: true,
+            });
+        }
+        self.bad_in_a_row = 0;
+        // Buffers the optimizer must not move (e.g. expert correction bias).
+        let frozen: Vec<(usize, Vec<f32>)> = model
+            .layout
+            .entries
+            .iter()
+            .filter(|e| !e.trainable)
+            .map(|e| (e.slot.off, e.slot.of(&model.params).to_vec()))
+            .collect();
+        let h = AdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: self.cfg.weight_decay,
+        };
+        self.step += 1;
+        adamw_step(&mut model.params, grads, &mut self.m, &mut self.v, &h, self.step)?;
+        for (off, vals) in frozen {
+            model.params[off..off + vals.len()].copy_from_slice(&vals);
+        }
+        Ok(StepInfo {
+            grad_norm,
+            lr,
+            skipped: false,
+        })
+    }
+}
+
+/// One supervised step on (prompt, completion) pairs: mean next-token
+/// negative log-likelihood over completion tokens only. Returns the loss.
+pub fn sft_step(
+    model: &mut Model,
+    opt: &mut Optimizer,
+    batch: &[(Vec<u32>, Vec<u32>)],
+    pad: u32,
+) -> Result<(f64, StepInfo)> {
+    let t = batch.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
+    let b = batch.len();
+    if b == 0 || t < 2 {
+        return Err(Error::Other("empty SFT batch".into()));
+    }
+    let mut ids = vec![pad; b * t];
+    let mut targets = vec![pad; b * t];
+    let mut w = vec![0f32; b * t];
+    let mut count = 0usize;
+    for (r, (p, c)) in batch.iter().enumerate() {
+        let row = &mut ids[r * t..(r + 1) * t];
+        row[..p.len()].copy_from_slice(p);
+        row[p.len()..p.len() + c.len()].copy_from_slice(c);
+        for (j, &tokid) in c.iter().enumerate() {
+            let pos = p.len() - 1 + j;
+            targets[r * t + pos] = tokid;
+            w[r * t + pos] = 1.0;
+            count += 1;
+        }
+    }
+    let acts = model.forward(&ids, b, t)?;
+    let (logp, lse) = model.token_logprobs(&acts, &targets)?;
+    let scale = 1.0 / count.max(1) as f32;
+    let dlogp: Vec<f32> = w.iter().map(|&x| -x * scale).collect();
+    let loss = -logp.iter().zip(&w).map(|(&l, &x)| (l * x) as f64).sum::<f64>() / count.max(1) as f64;
+    let mut grads = vec![0f32; model.params.len()];
+    model.backward(&acts, &targets, &lse, &dlogp, &mut grads)?;
+    drop(acts);
+    let info = opt.update(model, &mut grads)?;
+    Ok((loss, info))
+}

@@ -1,0 +1,103 @@
+//! The trainer's parts: the toy task and its tokenizer, the rewards, the
+//! learning-rate schedule and the non-finite guard.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use aha_moe_model::{Model, ModelConfig};
+use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
+use aha_trainer::toy::{self, Problem};
+
+#[test]
+fn tokenizer_round_trips_and_specials_are_single_tokens() {
+    let tok = toy::tokenizer().unwrap();
+    let p = Problem { a: 7, b: 95 };
+    let text = format!("{}{}", p.prompt(), p.reasoning());
+    let ids = toy::encode(&tok, &text).unwrap();
+    assert_eq!(aha_sampler::decode(&tok, &ids).unwrap(), text);
+    assert_eq!(toy::encode(&tok, "<think>").unwrap(), vec![2]);
+    assert!(ids.iter().all(|&i| (i as usize) < toy::vocab_size()));
+    assert_eq!(p.prompt(), "07+95=");
+    assert_eq!(p.reasoning(), "<think>7+5=12,0+9+1=10</think><answer>102</answer>");
+}
+
+#[test]
+fn splits_are_disjoint_and_rewards_are_strict() {
+    let test = toy::test_set();
+    assert!(test.len() > 800 && test.len() < 1200, "{}", test.len());
+    let mut rng = toy::Rng::new(1);
+    for _ in 0..2000 {
+        assert!(!toy::problem(&mut rng, false).is_test());
+    }
+    let p = Problem { a: 12, b: 30 };
+    assert_eq!(toy::accuracy_reward("<think>x</think><answer>42</answer>", &p), 1.0);
+    assert_eq!(toy::accuracy_reward("42", &p), 0.0, "strict: no tag, no reward");
+    assert_eq!(toy::extract_answer("42", true), Some(42));
+    assert_eq!(toy::format_reward("<think>a</think><answer>1</answer>"), 1.0);
+    for bad in [
+        "<answer>1</answer>",
+        "<think>a</think>",
+        "<think>a</think><answer>1</answer> trailing",
+        "<think>a<think>b</think></think><answer>1</answer>",
+        "<answer>1</answer><think>a</think>",
+        "",
+    ] {
+        assert_eq!(toy::format_reward(bad), 0.0, "{bad:?}");
+    }
+}
+
+fn opt(schedule: Schedule) -> Optimizer {
+    Optimizer::new(
+        OptimConfig {
+            lr: 1e-3,
+            warmup_steps: 10,
+            total_steps: 110,
+            schedule,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            max_bad_steps: 2,
+        },
+        4,
+    )
+}
+
+#[test]
+fn learning_rate_schedules() {
+    let c = opt(Schedule::Cosine);
+    assert!((c.lr_at(0) - 1e-4).abs() < 1e-12);
+    assert!((c.lr_at(9) - 1e-3).abs() < 1e-12);
+    assert!((c.lr_at(10) - 1e-3).abs() < 1e-12);
+    assert!((c.lr_at(110) - 1e-4).abs() < 1e-12);
+    assert!(c.lr_at(60) < 1e-3 && c.lr_at(60) > 1e-4);
+    assert!((opt(Schedule::Constant).lr_at(100) - 1e-3).abs() < 1e-12);
+}
+
+#[test]
+fn non_finite_gradients_skip_then_abort() {
+    let json = DemoConfigJson::tiny();
+    let mut m = Model::random(
+        ModelConfig::from_json_str(&json, std::path::Path::new("t")).unwrap(),
+        0,
+        0.02,
+    );
+    let mut o = Optimizer::new(opt(Schedule::Constant).cfg, m.params.len());
+    let before = m.params.clone();
+    let mut g = vec![0f32; m.params.len()];
+    g[3] = f32::NAN;
+    for _ in 0..2 {
+        let info = o.update(&mut m, &mut g.clone()).unwrap();
+        assert!(info.skipped);
+        assert_eq!(m.params, before, "a skipped update must not move the weights");
+    }
+    assert!(
+        o.update(&mut m, &mut g.clone()).is_err(),
+        "the third bad step in a row aborts"
+    );
+}
+
+struct DemoConfigJson;
+
+impl DemoConfigJson {
+    fn tiny() -> String {
+        aha_trainer::DemoConfig::quick(0).model_config_json().to_string()
+    }
+}
