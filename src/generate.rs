@@ -4,20 +4,23 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
 use aha_moe_model::{Model, ModelConfig};
+use aha_sampler::chat::{self, ChatTemplate};
 use aha_sampler::{load_tokenizer, Engine, EngineConfig, SamplingParams};
 use aha_tensor::Device;
 use anyhow::{bail, Context, Result};
 
-/// The R1-Zero prompt template of the DeepSeek-R1 report (its Table 1).
-pub const R1_ZERO_TEMPLATE: &str = "A conversation between User and Assistant. The user asks a question, and the \
-Assistant solves it. The assistant first thinks about the reasoning process in the mind and then provides the user \
-with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, \
-respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. User: {prompt}. Assistant:";
+/// One line of a JSONL prompt file.
+pub struct PromptLine {
+    /// `prompt`, `question` or `problem` (the data sets' field names).
+    pub text: Option<String>,
+    /// The line's chat `messages` array, object keys in their written order.
+    pub messages: Option<chat::Value>,
+}
 
-/// Prompts from a JSONL file: each line an object with a `prompt` string
-/// (or `question` / `problem`, the data sets' field names). A bad line is an
-/// error naming the file and line.
-pub fn read_prompt_texts(path: &Path) -> Result<Vec<String>> {
+/// Prompt lines from a JSONL file: each line an object with a `prompt`
+/// string (or `question` / `problem`) and/or a `messages` array. A bad line
+/// is an error naming the file and line.
+pub fn read_prompt_lines(path: &Path) -> Result<Vec<PromptLine>> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
@@ -25,24 +28,87 @@ pub fn read_prompt_texts(path: &Path) -> Result<Vec<String>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
+        let v = chat::json_value(&line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
+        let field = |k: &str| v.get_attr(k).ok().filter(|x| !x.is_undefined() && !x.is_none());
         let text = ["prompt", "question", "problem"]
             .iter()
-            .find_map(|k| v.get(*k).and_then(|x| x.as_str()))
-            .with_context(|| {
-                format!(
-                    "{}:{}: no string field `prompt`, `question` or `problem`",
-                    path.display(),
-                    i + 1
-                )
-            })?;
-        out.push(text.to_string());
+            .find_map(|k| field(k).and_then(|x| x.as_str().map(str::to_string)));
+        let messages = field("messages");
+        if let Some(m) = &messages {
+            if m.kind() != chat::ValueKind::Seq {
+                bail!("{}:{}: `messages` must be an array", path.display(), i + 1);
+            }
+        }
+        if text.is_none() && messages.is_none() {
+            bail!(
+                "{}:{}: no string field `prompt`, `question` or `problem` and no `messages`",
+                path.display(),
+                i + 1
+            );
+        }
+        out.push(PromptLine { text, messages });
     }
     if out.is_empty() {
         bail!("{}: no prompts", path.display());
     }
     Ok(out)
+}
+
+/// The prompt texts of `path` wrapped by `template`: `none` (as written),
+/// `r1-zero` (the R1-Zero template) or `chat` (the model folder's chat
+/// template over the line's `messages`, or one user turn, with the
+/// generation prompt).
+/// Renders one prompt text with `template` (none, r1-zero, or chat with the
+/// model's `chat` template as a single user turn) and tokenizes it.
+pub fn encode_prompt(
+    tok: &aha_sampler::Tokenizer,
+    template: &str,
+    text: &str,
+    chat: Option<&ChatTemplate>,
+) -> Result<Vec<u32>> {
+    let rendered = match (template, chat) {
+        ("none", _) => text.to_string(),
+        ("r1-zero", _) => chat::render_r1_zero(text),
+        ("chat", Some(t)) => t.render_user_prompt(text)?,
+        ("chat", None) => bail!("--template chat: the model folder has no chat template loaded"),
+        (other, _) => bail!("unknown --template {other:?}: none, r1-zero or chat"),
+    };
+    Ok(tok
+        .encode(rendered, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+        .get_ids()
+        .to_vec())
+}
+
+pub fn template_prompts(path: &Path, template: &str, model_dir: &Path) -> Result<Vec<String>> {
+    let chat_template = match template {
+        "none" | "r1-zero" => None,
+        "chat" => Some(ChatTemplate::load(model_dir)?),
+        other => bail!("unknown --template {other:?}: none, r1-zero or chat"),
+    };
+    read_prompt_lines(path)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let need_text = || {
+                line.text.clone().with_context(|| {
+                    format!(
+                        "{}: prompt {}: --template {template} needs a `prompt`, `question` or `problem` field",
+                        path.display(),
+                        i + 1
+                    )
+                })
+            };
+            Ok(match &chat_template {
+                None if template == "none" => need_text()?,
+                None => chat::render_r1_zero(&need_text()?),
+                Some(t) => match &line.messages {
+                    Some(m) => t.render(m, true, &[])?,
+                    None => t.render_user_prompt(&need_text()?)?,
+                },
+            })
+        })
+        .collect()
 }
 
 /// Options of `aha generate`.
@@ -72,14 +138,9 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
             let tok = tok
                 .as_ref()
                 .with_context(|| format!("{}: --prompts needs a tokenizer.json", a.model.display()))?;
-            read_prompt_texts(path)?
-                .iter()
-                .map(|p| {
-                    let text = match a.template {
-                        "none" => p.clone(),
-                        "r1-zero" => R1_ZERO_TEMPLATE.replace("{prompt}", p),
-                        other => bail!("unknown --template {other:?}: none or r1-zero"),
-                    };
+            template_prompts(path, a.template, a.model)?
+                .into_iter()
+                .map(|text| {
                     Ok(tok
                         .encode(text, false)
                         .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?

@@ -5,6 +5,7 @@
 //! offers as one JSON line.
 
 mod bench;
+mod eval_cmd;
 mod generate;
 mod logprobs;
 mod rewards_cmd;
@@ -68,13 +69,16 @@ enum Command {
         /// A Hugging Face model folder.
         #[arg(long)]
         model: PathBuf,
-        /// JSONL prompts (`prompt`, `question` or `problem` field).
+        /// JSONL prompts (`prompt`, `question` or `problem` field; with
+        /// `--template chat`, a `messages` array is used when a line has one).
         #[arg(long)]
         prompts: Option<PathBuf>,
         /// Prompts as a JSON list of token-id lists.
         #[arg(long)]
         prompt_ids: Option<String>,
-        /// How text prompts are wrapped: none or r1-zero.
+        /// How text prompts are wrapped: none, r1-zero (the R1-Zero plain
+        /// template) or chat (the model folder's chat template, with the
+        /// generation prompt).
         #[arg(long, default_value = "none")]
         template: String,
         /// Completions per prompt.
@@ -105,6 +109,40 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
         /// Output JSONL (stdout when absent).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Evaluate on a math set (JSONL: GSM8K, MATH-500, AIME, AMC field names or
+    /// prompt/answer): pass@1 over k samples, pass@k, cons@k; one JSON line.
+    Eval {
+        /// A Hugging Face model folder with tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// The JSONL set.
+        #[arg(long)]
+        data: PathBuf,
+        /// Samples per problem (pass@1 is their mean; the R1 report uses 4 to 64).
+        #[arg(long, default_value_t = 4)]
+        k: usize,
+        /// Only the first N problems.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// none, r1-zero or chat.
+        #[arg(long, default_value = "chat")]
+        template: String,
+        /// Sampling temperature (the R1 report: 0.6).
+        #[arg(long, default_value_t = 0.6)]
+        temperature: f32,
+        /// Nucleus mass (the R1 report: 0.95).
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        /// Completion length limit.
+        #[arg(long, default_value_t = 1024)]
+        max_new_tokens: usize,
+        /// Base seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Per-problem results as JSONL.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -192,6 +230,32 @@ fn main() -> Result<()> {
             out,
             device,
         } => logprobs::run(&model, &input, &out, device.parse()?),
+        Command::Eval {
+            model,
+            data,
+            k,
+            limit,
+            template,
+            temperature,
+            top_p,
+            max_new_tokens,
+            seed,
+            out,
+        } => eval_cmd::run(&eval_cmd::EvalArgs {
+            model: &model,
+            data: &data,
+            k,
+            limit,
+            template: &template,
+            params: aha_sampler::SamplingParams {
+                temperature,
+                top_p,
+                max_new_tokens,
+                seed,
+                ..aha_sampler::SamplingParams::default()
+            },
+            out: out.as_deref(),
+        }),
         Command::Generate {
             model,
             prompts,

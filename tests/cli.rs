@@ -159,3 +159,42 @@ fn generate_writes_one_json_line_per_completion() {
     );
     let _ = std::fs::remove_file(&prompts);
 }
+
+#[test]
+fn eval_reports_pass_at_k_on_a_public_set() {
+    // GSM8K's field names, with questions short enough for the tiny model's
+    // 256 positions (its byte-level tokenizer has only 300 tokens).
+    let data = std::env::temp_dir().join(format!("aha-cli-eval-{}.jsonl", std::process::id()));
+    std::fs::write(
+        &data,
+        "{\"question\": \"1+1?\", \"answer\": \"so 2\\n#### 2\"}\n{\"question\": \"2*3?\", \"answer\": \"#### 6\"}\n{\"question\": \"9-4?\", \"answer\": \"#### 5\"}\n",
+    )
+    .unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("eval")
+        .arg("--model")
+        .arg(fixture("models/qwen2-tiny"))
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--k",
+            "2",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--template",
+            "none",
+        ])
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    assert_eq!(v["problems"], 3);
+    assert_eq!(v["k"], 2);
+    for key in ["pass_at_1", "pass_at_k", "cons_at_k", "no_answer", "mean_length"] {
+        let x = v[key].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=4.0).contains(&x), "{key} = {x}");
+    }
+    let _ = std::fs::remove_file(&data);
+}

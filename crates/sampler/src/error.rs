@@ -19,6 +19,14 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// A chat template could not be found, loaded, compiled or rendered.
+    #[error("chat template {origin}: {msg}")]
+    Template {
+        /// The template's file (or the name it was given).
+        origin: String,
+        /// What went wrong, with minijinja's line information.
+        msg: String,
+    },
 }
 
 /// Result with this crate's [`Error`].

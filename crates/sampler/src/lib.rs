@@ -16,12 +16,17 @@
 //! # Ok::<(), aha_sampler::Error>(())
 //! ```
 
+pub mod chat;
 mod detok;
 mod engine;
 mod error;
 pub mod sampling;
 
+pub use chat::ChatTemplate;
 pub use detok::{decode, load_tokenizer, Detokenizer};
 pub use engine::{Completion, Engine, EngineConfig, FinishReason, GenerateStats};
 pub use error::{Error, Result};
 pub use sampling::{sample, Sampled, SamplingParams, SeqRng};
+
+/// The tokenizer type the engine decodes with (from the `tokenizers` crate).
+pub use tokenizers::Tokenizer;

@@ -63,3 +63,126 @@ pub fn evaluate(
     }
     Ok((r, out))
 }
+
+/// Scores of a math evaluation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MathEval {
+    /// Problems evaluated.
+    pub problems: usize,
+    /// Samples per problem.
+    pub k: usize,
+    /// Mean over problems of the share of correct samples (the R1 report's pass@1).
+    pub pass_at_1: f64,
+    /// Unbiased pass@k.
+    pub pass_at_k: f64,
+    /// Majority vote over the extracted answers (cons@k).
+    pub cons_at_k: f64,
+    /// Share of samples with no extractable answer.
+    pub no_answer: f64,
+    /// Mean completion length (tokens).
+    pub mean_length: f64,
+    /// Completion tokens per second of generation.
+    pub tokens_per_s: f64,
+}
+
+/// Per-problem results of [`evaluate_math`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProblemResult {
+    /// Problem index.
+    pub index: usize,
+    /// Reference answer.
+    pub gold: String,
+    /// Each sample's extracted answer (None: none found).
+    pub answers: Vec<Option<String>>,
+    /// Each sample's verdict.
+    pub correct: Vec<bool>,
+    /// The majority answer.
+    pub majority: Option<String>,
+}
+
+/// Samples `k` completions per problem, checks them with the math verifier
+/// (lenient extraction, as for evaluation), and reports pass@1, pass@k and
+/// cons@k. `prompts` are the token ids to generate from, one per example.
+pub fn evaluate_math(
+    model: &Model,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    golds: &[String],
+    k: usize,
+    params: &SamplingParams,
+) -> Result<(MathEval, Vec<ProblemResult>, Vec<Completion>)> {
+    use aha_rewards::math::{answers_equivalent, extract_answer, verify, Extraction, MathConfig};
+    if prompts.len() != golds.len() || prompts.is_empty() || k == 0 {
+        return Err(crate::error::Error::Other(
+            "evaluate_math: need one gold per prompt and k >= 1".into(),
+        ));
+    }
+    let engine = Engine::new(
+        model,
+        Some(tok),
+        EngineConfig {
+            max_batch: (8 * k).max(64),
+            ..EngineConfig::default()
+        },
+        &[],
+    )?;
+    let (out, stats) = engine.generate(prompts, k, params)?;
+    let cfg = MathConfig {
+        extraction: Extraction::Any,
+        ..MathConfig::default()
+    };
+    let mut results = Vec::with_capacity(prompts.len());
+    let (mut p1, mut pk, mut cons, mut none) = (0.0, 0.0, 0.0, 0usize);
+    for (pi, gold) in golds.iter().enumerate() {
+        let samples: Vec<&Completion> = out.iter().filter(|c| c.prompt_index == pi).collect();
+        let correct: Vec<bool> = samples
+            .iter()
+            .map(|c| verify(gold, &c.text, &cfg).status == aha_rewards::Status::Correct)
+            .collect();
+        let answers: Vec<Option<String>> = samples
+            .iter()
+            .map(|c| extract_answer(&c.text, Extraction::Any).map(|e| e.joined()))
+            .collect();
+        none += answers.iter().filter(|a| a.is_none()).count();
+        // Majority vote: cluster equivalent answers, take the largest cluster
+        // (ties: the one seen first).
+        let mut clusters: Vec<(String, usize, bool)> = Vec::new();
+        for (a, &ok) in answers.iter().zip(&correct) {
+            let Some(a) = a else { continue };
+            match clusters
+                .iter_mut()
+                .find(|(rep, _, _)| rep == a || answers_equivalent(rep, a))
+            {
+                Some(cl) => cl.1 += 1,
+                None => clusters.push((a.clone(), 1, ok)),
+            }
+        }
+        let best = clusters.iter().fold(None::<&(String, usize, bool)>, |b, c| match b {
+            Some(b) if b.1 >= c.1 => Some(b),
+            _ => Some(c),
+        });
+        let c = correct.iter().filter(|&&x| x).count();
+        p1 += c as f64 / k as f64;
+        pk += crate::data::pass_at_k(k, c, k);
+        cons += f64::from(best.is_some_and(|b| b.2));
+        results.push(ProblemResult {
+            index: pi,
+            gold: gold.clone(),
+            answers,
+            correct,
+            majority: best.map(|b| b.0.clone()),
+        });
+    }
+    let n = golds.len() as f64;
+    let eval = MathEval {
+        problems: golds.len(),
+        k,
+        pass_at_1: p1 / n,
+        pass_at_k: pk / n,
+        cons_at_k: cons / n,
+        no_answer: none as f64 / (n * k as f64),
+        mean_length: out.iter().map(|c| c.token_ids.len() as f64).sum::<f64>() / out.len().max(1) as f64,
+        tokens_per_s: stats.generated_tokens as f64 / stats.total_s.max(1e-9),
+    };
+    Ok((eval, results, out))
+}

@@ -6,6 +6,7 @@
 //! tokens, the GRPO step, the toy task with its tokenizer, held-out
 //! evaluation, PNG plots, and the `aha demo` run (R1-Zero at toy scale).
 
+pub mod data;
 pub mod demo;
 mod error;
 pub mod eval;

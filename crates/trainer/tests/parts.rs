@@ -101,3 +101,42 @@ impl DemoConfigJson {
         aha_trainer::DemoConfig::quick(0).model_config_json().to_string()
     }
 }
+
+#[test]
+fn pass_at_k_is_the_unbiased_estimator() {
+    use aha_trainer::data::pass_at_k;
+    assert_eq!(pass_at_k(4, 0, 1), 0.0);
+    assert_eq!(pass_at_k(4, 4, 4), 1.0);
+    assert!((pass_at_k(4, 1, 1) - 0.25).abs() < 1e-12);
+    assert!((pass_at_k(4, 1, 4) - 1.0).abs() < 1e-12);
+    // 1 - C(3,2)/C(5,2) = 1 - 3/10.
+    assert!((pass_at_k(5, 2, 2) - 0.7).abs() < 1e-12);
+    assert!(pass_at_k(3, 1, 4).is_nan());
+}
+
+#[test]
+fn the_public_sets_load_with_their_own_field_names() {
+    use aha_trainer::data::read_math_jsonl;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/datasets");
+    let gsm = read_math_jsonl(&dir.join("gsm8k_test.head5.jsonl")).unwrap();
+    assert_eq!(gsm.len(), 5);
+    assert_eq!(gsm[0].gold, "18");
+    assert!(gsm[0].prompt.starts_with("Janet"));
+    for f in ["math500_test", "aime24_test", "amc23_test"] {
+        let v = read_math_jsonl(&dir.join(format!("{f}.head5.jsonl"))).unwrap();
+        assert_eq!(v.len(), 5, "{f}");
+        assert!(v.iter().all(|e| !e.gold.is_empty() && !e.prompt.is_empty()));
+    }
+    let amc = read_math_jsonl(&dir.join("amc23_test.head5.jsonl")).unwrap();
+    assert_eq!(amc[0].gold, "27", "numeric answers are written without a trailing .0");
+    // A bad line is an error naming file and line.
+    let bad = std::env::temp_dir().join(format!("aha-bad-{}.jsonl", std::process::id()));
+    std::fs::write(
+        &bad,
+        "{\"question\": \"q\", \"answer\": \"1\"}\n{\"question\": \"q\"}\n",
+    )
+    .unwrap();
+    let e = read_math_jsonl(&bad).unwrap_err().to_string();
+    assert!(e.contains(":2:") && e.contains("answer"), "{e}");
+    let _ = std::fs::remove_file(&bad);
+}

@@ -1,0 +1,67 @@
+//! `aha eval`: pass@1, pass@k and cons@k of a model on a math set.
+
+use std::io::Write;
+use std::path::Path;
+
+use aha_moe_model::Model;
+use aha_sampler::{load_tokenizer, SamplingParams};
+use aha_trainer::data::read_math_jsonl;
+use aha_trainer::eval::evaluate_math;
+use anyhow::{bail, Context, Result};
+
+/// Options of `aha eval`.
+pub struct EvalArgs<'a> {
+    pub model: &'a Path,
+    pub data: &'a Path,
+    pub k: usize,
+    pub limit: Option<usize>,
+    pub template: &'a str,
+    pub params: SamplingParams,
+    pub out: Option<&'a Path>,
+}
+
+/// Runs the evaluation; prints one JSON line, writes per-problem lines to `out`.
+pub fn run(a: &EvalArgs<'_>) -> Result<()> {
+    let model = Model::load(a.model)?;
+    let tok = load_tokenizer(a.model).with_context(|| format!("{}: eval needs tokenizer.json", a.model.display()))?;
+    let mut examples = read_math_jsonl(a.data)?;
+    if let Some(n) = a.limit {
+        examples.truncate(n);
+    }
+    let chat = if a.template == "chat" {
+        Some(aha_sampler::ChatTemplate::load(a.model)?)
+    } else {
+        None
+    };
+    let prompts: Vec<Vec<u32>> = examples
+        .iter()
+        .map(|e| crate::generate::encode_prompt(&tok, a.template, &e.prompt, chat.as_ref()))
+        .collect::<Result<_>>()?;
+    let golds: Vec<String> = examples.iter().map(|e| e.gold.clone()).collect();
+    if a.k == 0 {
+        bail!("--k must be at least 1");
+    }
+    let (ev, per, completions) = evaluate_math(&model, &tok, &prompts, &golds, a.k, &a.params)?;
+    if let Some(path) = a.out {
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        for p in &per {
+            let texts: Vec<&str> = completions
+                .iter()
+                .filter(|c| c.prompt_index == p.index)
+                .map(|c| c.text.as_str())
+                .collect();
+            let mut v = serde_json::to_value(p)?;
+            v["completions"] = serde_json::json!(texts);
+            writeln!(w, "{v}")?;
+        }
+        w.flush()?;
+    }
+    let mut line = serde_json::to_value(&ev)?;
+    line["data"] = serde_json::json!(a.data.display().to_string());
+    line["temperature"] = serde_json::json!(a.params.temperature);
+    line["top_p"] = serde_json::json!(a.params.top_p);
+    println!("{line}");
+    Ok(())
+}
