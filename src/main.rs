@@ -12,7 +12,7 @@ mod rewards_cmd;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 /// DeepSeek-R1 training in one binary: MoE transformer, rollouts, rule-based
@@ -38,6 +38,15 @@ enum Command {
         /// Seed of everything.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// A JSON file with the whole demo config (see runs/*/config.json); overrides --quick.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Continue from the run folder's latest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Save a checkpoint every N steps of each phase (0: only the final one).
+        #[arg(long, default_value_t = 0)]
+        save_every: usize,
     },
     /// Print the compute devices and whether NVRTC is available, as one JSON line.
     Info {
@@ -201,15 +210,26 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Info { device } => info(&device),
-        Command::Demo { quick, out, seed } => {
-            let cfg = if quick {
-                aha_trainer::DemoConfig::quick(seed)
-            } else {
-                aha_trainer::DemoConfig::full(seed)
+        Command::Demo {
+            quick,
+            out,
+            seed,
+            config,
+            resume,
+            save_every,
+        } => {
+            let cfg = match config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    serde_json::from_str(&text).with_context(|| format!("{}: not a demo config", path.display()))?
+                }
+                None if quick => aha_trainer::DemoConfig::quick(seed),
+                None => aha_trainer::DemoConfig::full(seed),
             };
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/demo-{seed}")));
             eprintln!("aha demo: R1-Zero on two-digit addition; run folder {}", out.display());
-            let s = aha_trainer::run_demo(&cfg, &out, &mut |line| eprintln!("{line}"))?;
+            let opts = aha_trainer::RunOptions { resume, save_every };
+            let s = aha_trainer::run_demo_with(&cfg, &out, opts, &mut |line| eprintln!("{line}"))?;
             eprintln!(
                 "held-out accuracy {:.1}% -> {:.1}%, format {:.1}% -> {:.1}%, length {:.1} -> {:.1} tokens, {:.0} s",
                 s.base_accuracy * 100.0,

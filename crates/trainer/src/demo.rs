@@ -15,11 +15,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use aha_grpo::{AdvantageEstimator, LossConfig, Metrics};
+use aha_grpo::{AdvantageEstimator, LossConfig};
 use aha_moe_model::{Model, ModelConfig};
 use aha_sampler::SamplingParams;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint;
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate, EvalResult};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
@@ -156,23 +157,35 @@ pub struct DemoSummary {
     pub base_length: f64,
     /// Mean completion length after GRPO.
     pub final_length: f64,
-    /// Seconds for the whole run.
+    /// Seconds for the whole run (this process only, when resumed).
     pub wall_s: f64,
     /// The run folder.
     pub run_dir: PathBuf,
+}
+
+/// How a run saves and resumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Continue from `checkpoints/latest` of the run folder when there is one.
+    pub resume: bool,
+    /// Save a checkpoint every this many steps of each phase (0: only the final one).
+    pub save_every: usize,
 }
 
 struct RunLog {
     metrics: std::io::BufWriter<std::fs::File>,
     samples: std::io::BufWriter<std::fs::File>,
     path: PathBuf,
+    lines: usize,
 }
 
 impl RunLog {
     fn line(&mut self, v: &serde_json::Value) -> Result<()> {
         writeln!(self.metrics, "{v}")
             .and_then(|_| self.metrics.flush())
-            .map_err(io_err(&self.path))
+            .map_err(io_err(&self.path))?;
+        self.lines += 1;
+        Ok(())
     }
 }
 
@@ -188,87 +201,224 @@ fn eval_json(phase: &str, step: usize, e: &EvalResult) -> serde_json::Value {
     })
 }
 
-/// Runs the demo into `out`, reporting progress through `log`.
+fn eval_from_json(v: &serde_json::Value) -> Option<EvalResult> {
+    Some(EvalResult {
+        accuracy: v.get("eval/accuracy")?.as_f64()?,
+        accuracy_strict: v.get("eval/accuracy_strict")?.as_f64()?,
+        format: v.get("eval/format")?.as_f64()?,
+        mean_length: v.get("eval/mean_length")?.as_f64()?,
+    })
+}
+
+/// Keeps the first `n` lines of a file (the metrics cursor of a checkpoint).
+fn truncate_lines(path: &Path, n: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
+    write(path, &kept)
+}
+
+/// Runs the demo into `out` (fresh), reporting progress through `log`.
 pub fn run_demo(cfg: &DemoConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Result<DemoSummary> {
+    run_demo_with(cfg, out, RunOptions::default(), log)
+}
+
+/// Runs the demo with checkpointing and optional resume.
+pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut dyn FnMut(&str)) -> Result<DemoSummary> {
     let t0 = Instant::now();
     std::fs::create_dir_all(out.join("plots")).map_err(io_err(out))?;
+    let cfg_text = serde_json::to_string_pretty(cfg).unwrap_or_default();
+    let ckroot = out.join("checkpoints");
+    let resumed = if opts.resume {
+        checkpoint::load_latest(&ckroot)?
+    } else {
+        None
+    };
+    if resumed.is_some() {
+        let old = std::fs::read_to_string(out.join("config.json")).unwrap_or_default();
+        if old != cfg_text {
+            return Err(Error::Other(format!(
+                "{}: the run was made with another config; resume with the same one",
+                out.join("config.json").display()
+            )));
+        }
+    } else if opts.resume {
+        log("no checkpoint to resume from: starting fresh");
+    }
+    write(&out.join("config.json"), &cfg_text)?;
+    // The model's own files, copied into every checkpoint it writes.
+    let src = out.join("model-files");
+    std::fs::create_dir_all(&src).map_err(io_err(&src))?;
+    let model_json = cfg.model_config_json();
     write(
-        &out.join("config.json"),
-        &serde_json::to_string_pretty(cfg).unwrap_or_default(),
+        &src.join("config.json"),
+        &serde_json::to_string_pretty(&model_json).unwrap_or_default(),
     )?;
+    write(&src.join("tokenizer.json"), &toy::tokenizer_json())?;
+    write(
+        &src.join("generation_config.json"),
+        &serde_json::json!({"eos_token_id": toy::EOS, "pad_token_id": toy::PAD, "temperature": 0.6, "top_p": 0.95})
+            .to_string(),
+    )?;
+    let metrics_path = out.join("metrics.jsonl");
+    let samples_path = out.join("samples.jsonl");
+    let start_lines = match &resumed {
+        Some(r) => {
+            truncate_lines(&metrics_path, r.state.metrics_lines)?;
+            r.state.metrics_lines
+        }
+        None => {
+            write(&metrics_path, "")?;
+            write(&samples_path, "")?;
+            0
+        }
+    };
+    let open_append = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(p)
+            .map_err(io_err(p))
+    };
     let mut run = RunLog {
-        metrics: std::io::BufWriter::new(std::fs::File::create(out.join("metrics.jsonl")).map_err(io_err(out))?),
-        samples: std::io::BufWriter::new(std::fs::File::create(out.join("samples.jsonl")).map_err(io_err(out))?),
-        path: out.join("metrics.jsonl"),
+        metrics: std::io::BufWriter::new(open_append(&metrics_path)?),
+        samples: std::io::BufWriter::new(open_append(&samples_path)?),
+        path: metrics_path.clone(),
+        lines: start_lines,
     };
     let tok = toy::tokenizer()?;
-    let model_json = cfg.model_config_json();
-    let mcfg = ModelConfig::from_json_str(&model_json.to_string(), Path::new("<demo config>"))?;
-    let mut model = Model::random(mcfg, cfg.seed, 0.02);
-    let mut rng = Rng::new(cfg.seed);
     let test: Vec<Problem> = {
         let all = toy::test_set();
         let stride = (all.len() / cfg.eval_problems.max(1)).max(1);
         all.into_iter().step_by(stride).take(cfg.eval_problems).collect()
+    };
+    let pre_cfg = OptimConfig {
+        lr: cfg.pretrain_lr,
+        warmup_steps: 50,
+        total_steps: cfg.pretrain_steps,
+        schedule: Schedule::Cosine,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        max_bad_steps: 10,
+    };
+    let rl_cfg = OptimConfig {
+        lr: cfg.grpo_lr,
+        warmup_steps: 5,
+        total_steps: cfg.grpo_steps,
+        schedule: Schedule::Constant,
+        ..pre_cfg
+    };
+    let (mut model, mut reference, mut rng, mut opt, phase, start_step, mut base) = match resumed {
+        Some(r) => {
+            let mut model = r.model;
+            model.source_dir = Some(src.clone());
+            let grpo = r.state.phase == "grpo";
+            let mut opt = Optimizer::new(if grpo { rl_cfg } else { pre_cfg }, model.params.len());
+            opt.restore(r.moments.0, r.moments.1, r.state.opt_step, r.state.opt_bad)?;
+            let base = r.state.extra.get("base").and_then(eval_from_json);
+            log(&format!(
+                "resuming {} at step {} from {}",
+                r.state.phase,
+                r.state.step,
+                r.dir.display()
+            ));
+            (
+                model,
+                r.reference,
+                Rng::from_state(r.state.rng),
+                opt,
+                r.state.phase,
+                r.state.step,
+                base,
+            )
+        }
+        None => {
+            let mcfg = ModelConfig::from_json_str(&model_json.to_string(), &src.join("config.json"))?;
+            let mut model = Model::random(mcfg, cfg.seed, 0.02);
+            model.source_dir = Some(src.clone());
+            let opt = Optimizer::new(pre_cfg, model.params.len());
+            (model, None, Rng::new(cfg.seed), opt, "pretrain".to_string(), 0, None)
+        }
     };
     log(&format!(
         "model: DeepSeek-V3-style MoE, {} parameters; {} held-out problems",
         model.params.len(),
         test.len()
     ));
+    let extra = |base: &Option<EvalResult>| match base {
+        Some(b) => serde_json::json!({"base": eval_json("base", 0, b)}),
+        None => serde_json::json!({}),
+    };
+    let save_ck = |name: String,
+                   phase: &str,
+                   step: usize,
+                   rng: &Rng,
+                   model: &Model,
+                   reference: Option<&Model>,
+                   opt: &Optimizer,
+                   lines: usize,
+                   base: &Option<EvalResult>|
+     -> Result<()> {
+        let (_, _, s, bad) = opt.state();
+        let state = checkpoint::TrainState {
+            phase: phase.into(),
+            step,
+            rng: rng.state(),
+            opt_step: s,
+            opt_bad: bad,
+            metrics_lines: lines,
+            extra: extra(base),
+        };
+        checkpoint::save(&ckroot, &name, &state, model, reference, opt).map(|_| ())
+    };
 
     // 1. Pretraining on the base corpus.
-    let mut opt = Optimizer::new(
-        OptimConfig {
-            lr: cfg.pretrain_lr,
-            warmup_steps: 50,
-            total_steps: cfg.pretrain_steps,
-            schedule: Schedule::Cosine,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            max_bad_steps: 10,
-        },
-        model.params.len(),
-    );
-    for step in 0..cfg.pretrain_steps {
-        let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.pretrain_batch)
-            .map(|_| {
-                let p = toy::problem(&mut rng, false);
-                let mut c = toy::encode(&tok, &toy::base_completion(&mut rng, &p, cfg.reasoning_share))?;
-                c.push(toy::EOS);
-                Ok((toy::encode(&tok, &p.prompt())?, c))
-            })
-            .collect::<Result<_>>()?;
-        let (loss, info) = sft_step(&mut model, &mut opt, &batch, toy::PAD)?;
-        if step % 50 == 0 || step + 1 == cfg.pretrain_steps {
-            run.line(&serde_json::json!({"phase": "pretrain", "step": step, "loss": loss, "grad_norm": info.grad_norm, "learning_rate": info.lr}))?;
-            log(&format!("pretrain {step:>5}/{}  loss {loss:.4}", cfg.pretrain_steps));
+    if phase == "pretrain" {
+        for step in start_step..cfg.pretrain_steps {
+            let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.pretrain_batch)
+                .map(|_| {
+                    let p = toy::problem(&mut rng, false);
+                    let mut c = toy::encode(&tok, &toy::base_completion(&mut rng, &p, cfg.reasoning_share))?;
+                    c.push(toy::EOS);
+                    Ok((toy::encode(&tok, &p.prompt())?, c))
+                })
+                .collect::<Result<_>>()?;
+            let (loss, info) = sft_step(&mut model, &mut opt, &batch, toy::PAD)?;
+            if step % 50 == 0 || step + 1 == cfg.pretrain_steps {
+                run.line(&serde_json::json!({"phase": "pretrain", "step": step, "loss": loss, "grad_norm": info.grad_norm, "learning_rate": info.lr}))?;
+                log(&format!("pretrain {step:>5}/{}  loss {loss:.4}", cfg.pretrain_steps));
+            }
+            if opts.save_every > 0 && (step + 1) % opts.save_every == 0 && step + 1 < cfg.pretrain_steps {
+                save_ck(
+                    format!("pretrain-{:06}", step + 1),
+                    "pretrain",
+                    step + 1,
+                    &rng,
+                    &model,
+                    None,
+                    &opt,
+                    run.lines,
+                    &base,
+                )?;
+            }
         }
+        let (b, base_samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
+        run.line(&eval_json("base", 0, &b))?;
+        write_samples(&mut run, "base", 0, &test, &base_samples)?;
+        base = Some(b);
+        reference = Some(model.clone());
+        opt = Optimizer::new(rl_cfg, model.params.len());
     }
-    let (base, base_samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
-    run.line(&eval_json("base", 0, &base))?;
+    let base = base.ok_or_else(|| Error::Other("the checkpoint lacks the base model's evaluation".into()))?;
     log(&format!(
         "base model: accuracy {:.1}%, format {:.1}%, length {:.1} tokens",
         base.accuracy * 100.0,
         base.format * 100.0,
         base.mean_length
     ));
-    write_samples(&mut run, "base", 0, &test, &base_samples)?;
-    let reference = model.clone();
+    let reference = reference.ok_or_else(|| Error::Other("no reference model".into()))?;
+    let grpo_start = if phase == "grpo" { start_step } else { 0 };
 
     // 2. GRPO with accuracy and format rewards.
-    let mut opt = Optimizer::new(
-        OptimConfig {
-            lr: cfg.grpo_lr,
-            warmup_steps: 5,
-            total_steps: cfg.grpo_steps,
-            schedule: Schedule::Constant,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            max_bad_steps: 10,
-        },
-        model.params.len(),
-    );
     let step_cfg = GrpoStep {
         num_generations: cfg.num_generations,
         loss: LossConfig {
@@ -285,10 +435,8 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Resu
             ..SamplingParams::default()
         },
     };
-    let mut history: Vec<(usize, Metrics)> = Vec::new();
-    let mut evals: Vec<(usize, EvalResult)> = vec![(0, base)];
     let mut last = base;
-    for step in 1..=cfg.grpo_steps {
+    for step in grpo_start + 1..=cfg.grpo_steps {
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
             .map(|_| toy::problem(&mut rng, false))
             .collect();
@@ -319,7 +467,6 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Resu
             m.insert("eval/format".into(), e.format);
             m.insert("eval/mean_length".into(), e.mean_length);
             write_samples(&mut run, "grpo", step, &test, &samples)?;
-            evals.push((step, e));
             last = e;
             log(&format!(
                 "grpo {step:>4}/{}  reward {:.3}  accuracy(eval) {:.1}%  format(eval) {:.1}%  length {:.1}  kl {:.4}",
@@ -338,23 +485,39 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Resu
             line.insert(k.clone(), serde_json::json!(v));
         }
         run.line(&serde_json::Value::Object(line))?;
-        history.push((step, m));
+        if opts.save_every > 0 && step % opts.save_every == 0 && step < cfg.grpo_steps {
+            save_ck(
+                format!("grpo-{step:06}"),
+                "grpo",
+                step,
+                &rng,
+                &model,
+                Some(&reference),
+                &opt,
+                run.lines,
+                &Some(base),
+            )?;
+        }
+    }
+    if cfg.grpo_steps == 0 {
+        return Err(Error::Other("grpo_steps must be at least 1".into()));
+    }
+    if last == base {
+        // Resumed after the last evaluation: evaluate the final weights.
+        last = evaluate(&model, &tok, &test, cfg.max_new_tokens)?.0;
     }
 
-    // 3. Plots, checkpoint, summary.
-    plots(&out.join("plots"), &history, &evals)?;
+    // 3. Plots (from the whole metrics file, so resumed runs plot every step),
+    // final checkpoint, summary.
+    run.metrics.flush().map_err(io_err(out))?;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)
+        .map_err(io_err(&metrics_path))?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    plots(&out.join("plots"), &lines)?;
     let ck = out.join("checkpoint");
     model.save(&ck, 2 << 30)?;
-    write(
-        &ck.join("config.json"),
-        &serde_json::to_string_pretty(&model_json).unwrap_or_default(),
-    )?;
-    write(&ck.join("tokenizer.json"), &toy::tokenizer_json())?;
-    write(
-        &ck.join("generation_config.json"),
-        &serde_json::json!({"eos_token_id": toy::EOS, "pad_token_id": toy::PAD, "temperature": 0.6, "top_p": 0.95})
-            .to_string(),
-    )?;
     let summary = DemoSummary {
         base_accuracy: base.accuracy,
         final_accuracy: last.accuracy,
@@ -388,42 +551,45 @@ fn write_samples(
     run.samples.flush().map_err(io_err(&run.path))
 }
 
-fn plots(dir: &Path, hist: &[(usize, Metrics)], evals: &[(usize, EvalResult)]) -> Result<()> {
-    let series = |key: &str| -> Vec<(f64, f64)> {
-        hist.iter()
-            .filter_map(|(s, m)| m.get(key).map(|v| (*s as f64, *v)))
+fn plots(dir: &Path, lines: &[serde_json::Value]) -> Result<()> {
+    let series = |phase: &str, key: &str| -> Vec<(f64, f64)> {
+        lines
+            .iter()
+            .filter(|l| l["phase"] == phase)
+            .filter_map(|l| Some((l.get("step")?.as_f64()?, l.get(key)?.as_f64()?)))
             .collect()
+    };
+    // Held-out numbers: the base (step 0) and the GRPO evaluations.
+    let ev = |key: &str| -> Vec<(f64, f64)> {
+        let mut v = series("base", key);
+        v.extend(series("grpo", key));
+        v
     };
     line_chart(
         &dir.join("reward.png"),
         "REWARD",
         &[
-            ("TOTAL", series("reward")),
-            ("ACCURACY", series("rewards/accuracy/mean")),
-            ("FORMAT", series("rewards/format/mean")),
+            ("TOTAL", series("grpo", "reward")),
+            ("ACCURACY", series("grpo", "rewards/accuracy/mean")),
+            ("FORMAT", series("grpo", "rewards/format/mean")),
         ],
     )?;
-    let ev = |f: fn(&EvalResult) -> f64| -> Vec<(f64, f64)> { evals.iter().map(|(s, e)| (*s as f64, f(e))).collect() };
     line_chart(
         &dir.join("accuracy.png"),
         "HELD-OUT ACCURACY",
         &[
-            ("ACCURACY", ev(|e| e.accuracy)),
-            ("STRICT", ev(|e| e.accuracy_strict)),
-            ("FORMAT", ev(|e| e.format)),
+            ("ACCURACY", ev("eval/accuracy")),
+            ("STRICT", ev("eval/accuracy_strict")),
+            ("FORMAT", ev("eval/format")),
         ],
     )?;
     line_chart(
         &dir.join("length.png"),
         "COMPLETION LENGTH",
         &[
-            ("TRAIN", series("completions/mean_length")),
-            ("EVAL", ev(|e| e.mean_length)),
+            ("TRAIN", series("grpo", "completions/mean_length")),
+            ("EVAL", ev("eval/mean_length")),
         ],
     )?;
-    line_chart(&dir.join("kl.png"), "KL TO BASE", &[("KL", series("kl"))])?;
-    if hist.is_empty() {
-        return Err(Error::Other("no GRPO steps were run".into()));
-    }
-    Ok(())
+    line_chart(&dir.join("kl.png"), "KL TO BASE", &[("KL", series("grpo", "kl"))])
 }

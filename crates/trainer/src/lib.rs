@@ -6,6 +6,7 @@
 //! tokens, the GRPO step, the toy task with its tokenizer, held-out
 //! evaluation, PNG plots, and the `aha demo` run (R1-Zero at toy scale).
 
+pub mod checkpoint;
 pub mod data;
 pub mod demo;
 mod error;
@@ -15,5 +16,5 @@ pub mod plot;
 pub mod rl;
 pub mod toy;
 
-pub use demo::{run_demo, DemoConfig, DemoSummary};
+pub use demo::{run_demo, run_demo_with, DemoConfig, DemoSummary, RunOptions};
 pub use error::{Error, Result};

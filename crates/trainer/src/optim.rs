@@ -72,6 +72,24 @@ impl Optimizer {
         }
     }
 
+    /// The moments and counters, for a checkpoint: (m, v, step, bad steps in a row).
+    pub fn state(&self) -> (&[f32], &[f32], u64, usize) {
+        (&self.m, &self.v, self.step, self.bad_in_a_row)
+    }
+
+    /// Restores what [`Optimizer::state`] returned.
+    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, step: u64, bad_in_a_row: usize) -> Result<()> {
+        if m.len() != self.m.len() || v.len() != self.v.len() {
+            return Err(Error::Other(format!(
+                "optimizer state holds {} moments, the model has {} parameters",
+                m.len(),
+                self.m.len()
+            )));
+        }
+        (self.m, self.v, self.step, self.bad_in_a_row) = (m, v, step, bad_in_a_row);
+        Ok(())
+    }
+
     /// The learning rate at update `step` (0-based).
     pub fn lr_at(&self, step: u64) -> f64 {
         let c = &self.cfg;

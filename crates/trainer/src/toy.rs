@@ -125,6 +125,14 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed ^ 0x51_7cc1_b727_220a)
     }
+    /// The generator's state, for checkpoints.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+    /// A generator continuing from a saved [`Rng::state`].
+    pub fn from_state(state: u64) -> Rng {
+        Rng(state)
+    }
     /// Next 64 bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
