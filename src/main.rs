@@ -121,6 +121,19 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The whole R1 recipe at toy scale: base, R1-Zero, R1 (cold start, RL,
+    /// rejection sampling + SFT) and a distilled dense student, with one table.
+    Pipeline {
+        /// A shorter run.
+        #[arg(long)]
+        quick: bool,
+        /// Run folder (default: runs/pipeline-<seed>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seed of everything.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Evaluate on a math set (JSONL: GSM8K, MATH-500, AIME, AMC field names or
     /// prompt/answer): pass@1 over k samples, pass@k, cons@k; one JSON line.
     Eval {
@@ -250,6 +263,23 @@ fn main() -> Result<()> {
             out,
             device,
         } => logprobs::run(&model, &input, &out, device.parse()?),
+        Command::Pipeline { quick, out, seed } => {
+            let cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/pipeline-{seed}")));
+            let rows = aha_trainer::pipeline::run_pipeline(&cfg, &out, &mut |l| eprintln!("{l}"))?;
+            eprintln!(
+                "{:<10} {:>8} {:>8} {:>8} {:>8}",
+                "model", "params", "pass@1", "cons@k", "length"
+            );
+            for r in &rows {
+                eprintln!(
+                    "{:<10} {:>8} {:>8.3} {:>8.3} {:>8.1}",
+                    r.model, r.params, r.eval.pass_at_1, r.eval.cons_at_k, r.eval.mean_length
+                );
+            }
+            println!("{}", serde_json::to_string(&rows)?);
+            Ok(())
+        }
         Command::Eval {
             model,
             data,

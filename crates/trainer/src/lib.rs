@@ -12,6 +12,7 @@ pub mod demo;
 mod error;
 pub mod eval;
 pub mod optim;
+pub mod pipeline;
 pub mod plot;
 pub mod rl;
 pub mod toy;
