@@ -134,6 +134,52 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// GRPO on a Hugging Face model and a JSONL math set, from a TOML config
+    /// (see crates/trainer/README.md); flags override the file.
+    Grpo {
+        /// The TOML config (unknown keys are errors).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Policy model folder.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// JSONL prompts with answers.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Run folder.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Optimizer steps.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Completions per prompt.
+        #[arg(long)]
+        num_generations: Option<usize>,
+        /// Prompts per step.
+        #[arg(long)]
+        prompts_per_step: Option<usize>,
+        /// Learning rate.
+        #[arg(long)]
+        learning_rate: Option<f64>,
+        /// Completion length limit.
+        #[arg(long)]
+        max_completion_length: Option<usize>,
+        /// none, r1-zero or chat.
+        #[arg(long)]
+        template: Option<String>,
+        /// Save every N steps.
+        #[arg(long)]
+        save_every: Option<usize>,
+        /// Seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// DAPO dynamic sampling.
+        #[arg(long)]
+        dynamic_sampling: bool,
+        /// Continue from the run folder's latest checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Evaluate on a math set (JSONL: GSM8K, MATH-500, AIME, AMC field names or
     /// prompt/answer): pass@1 over k samples, pass@k, cons@k; one JSON line.
     Eval {
@@ -263,6 +309,67 @@ fn main() -> Result<()> {
             out,
             device,
         } => logprobs::run(&model, &input, &out, device.parse()?),
+        Command::Grpo {
+            config,
+            model,
+            data,
+            out,
+            steps,
+            num_generations,
+            prompts_per_step,
+            learning_rate,
+            max_completion_length,
+            template,
+            save_every,
+            seed,
+            dynamic_sampling,
+            resume,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    aha_trainer::grpo_run::GrpoConfig::from_toml(&text, p)?
+                }
+                None => aha_trainer::grpo_run::GrpoConfig::default(),
+            };
+            if let Some(v) = model {
+                cfg.model = v;
+            }
+            if let Some(v) = data {
+                cfg.data = v;
+            }
+            if let Some(v) = out {
+                cfg.out = v;
+            }
+            if let Some(v) = steps {
+                cfg.steps = v;
+            }
+            if let Some(v) = num_generations {
+                cfg.num_generations = v;
+            }
+            if let Some(v) = prompts_per_step {
+                cfg.prompts_per_step = v;
+            }
+            if let Some(v) = learning_rate {
+                cfg.learning_rate = v;
+            }
+            if let Some(v) = max_completion_length {
+                cfg.max_completion_length = v;
+            }
+            if let Some(v) = template {
+                cfg.template = v;
+            }
+            if let Some(v) = save_every {
+                cfg.save_every = v;
+            }
+            if let Some(v) = seed {
+                cfg.seed = v;
+            }
+            cfg.dynamic_sampling |= dynamic_sampling;
+            let m = aha_trainer::grpo_run::run_grpo(&cfg, resume, &mut |l| eprintln!("{l}"))?;
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
         Command::Pipeline { quick, out, seed } => {
             let cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/pipeline-{seed}")));

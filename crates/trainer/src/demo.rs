@@ -434,6 +434,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
             seed: cfg.seed,
             ..SamplingParams::default()
         },
+        mask_truncated: false,
     };
     let mut last = base;
     for step in grpo_start + 1..=cfg.grpo_steps {

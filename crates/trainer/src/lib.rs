@@ -11,6 +11,7 @@ pub mod data;
 pub mod demo;
 mod error;
 pub mod eval;
+pub mod grpo_run;
 pub mod optim;
 pub mod pipeline;
 pub mod plot;

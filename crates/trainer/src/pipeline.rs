@@ -117,6 +117,7 @@ fn grpo(model: &mut Model, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng:
             stop_token_ids: vec![toy::EOS],
             ..SamplingParams::default()
         },
+        mask_truncated: false,
     };
     for step in 1..=steps {
         let problems: Vec<Problem> = (0..cfg.prompts_per_step).map(|_| toy::problem(rng, false)).collect();

@@ -36,6 +36,109 @@ pub struct GrpoStep {
     pub advantages: AdvantageEstimator,
     /// Rollout sampling (temperature, top-p, max new tokens).
     pub sampling: SamplingParams,
+    /// Leave completions cut by the length limit out of the loss (TRL's
+    /// `mask_truncated_completions`; DAPO).
+    pub mask_truncated: bool,
+}
+
+/// Scored completions of a set of prompts, G each, grouped by prompt.
+pub struct Rollouts {
+    /// Prompt token ids, one per group.
+    pub prompts: Vec<Vec<u32>>,
+    /// Completions; `prompt_index` points into `prompts`.
+    pub completions: Vec<Completion>,
+    /// Per reward function, one score per completion.
+    pub per_fn: Vec<Vec<f64>>,
+    /// Weighted total per completion.
+    pub total: Vec<f64>,
+    /// Seconds spent generating.
+    pub generate_s: f64,
+}
+
+impl Rollouts {
+    /// True when every valid reward of group `g` is the same (no signal).
+    pub fn group_is_flat(&self, g: usize, size: usize) -> bool {
+        let r: Vec<f64> = self.total[g * size..(g + 1) * size]
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .collect();
+        r.windows(2).all(|w| (w[0] - w[1]).abs() <= 1e-12)
+    }
+
+    /// Keeps the groups `keep` names (in order), renumbering prompts.
+    pub fn select(self, keep: &[usize], size: usize) -> Rollouts {
+        let mut out = Rollouts {
+            prompts: Vec::new(),
+            completions: Vec::new(),
+            per_fn: vec![Vec::new(); self.per_fn.len()],
+            total: Vec::new(),
+            generate_s: self.generate_s,
+        };
+        for (new, &g) in keep.iter().enumerate() {
+            out.prompts.push(self.prompts[g].clone());
+            for i in g * size..(g + 1) * size {
+                let mut c = self.completions[i].clone();
+                c.prompt_index = new;
+                out.completions.push(c);
+                out.total.push(self.total[i]);
+                for (f, v) in out.per_fn.iter_mut().zip(&self.per_fn) {
+                    f.push(v[i]);
+                }
+            }
+        }
+        out
+    }
+
+    /// Appends another set of groups.
+    pub fn extend(&mut self, other: Rollouts) {
+        let base = self.prompts.len();
+        self.prompts.extend(other.prompts);
+        self.completions.extend(other.completions.into_iter().map(|mut c| {
+            c.prompt_index += base;
+            c
+        }));
+        self.total.extend(other.total);
+        for (f, v) in self.per_fn.iter_mut().zip(other.per_fn) {
+            f.extend(v);
+        }
+        self.generate_s += other.generate_s;
+    }
+}
+
+/// Samples G completions per prompt with the policy and scores them.
+pub fn rollout(
+    policy: &Model,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    rewards: &[RewardFn<'_>],
+    cfg: &GrpoStep,
+) -> Result<Rollouts> {
+    let g = cfg.num_generations;
+    let engine = Engine::new(
+        policy,
+        Some(tok),
+        EngineConfig {
+            max_batch: (prompts.len() * g).max(g),
+            ..EngineConfig::default()
+        },
+        &[],
+    )?;
+    let (completions, stats) = engine.generate(prompts, g, &cfg.sampling)?;
+    let per_fn: Vec<Vec<f64>> = rewards
+        .iter()
+        .map(|r| completions.iter().map(|c| (r.score)(&c.text, c.prompt_index)).collect())
+        .collect();
+    let total: Vec<f64> = (0..completions.len())
+        .map(|i| rewards.iter().zip(&per_fn).map(|(r, v)| r.weight * v[i]).sum())
+        .collect();
+    Ok(Rollouts {
+        prompts: prompts.to_vec(),
+        completions,
+        per_fn,
+        total,
+        generate_s: stats.total_s,
+    })
 }
 
 /// Runs one step; returns its metrics (TRL names) and the completions.
@@ -48,29 +151,27 @@ pub fn grpo_step(
     rewards: &[RewardFn<'_>],
     cfg: &GrpoStep,
 ) -> Result<(Metrics, Vec<Completion>)> {
+    let r = rollout(policy, tok, prompts, rewards, cfg)?;
+    let names: Vec<&str> = rewards.iter().map(|f| f.name.as_str()).collect();
+    let m = train_on(policy, reference, opt, &r, &names, cfg)?;
+    Ok((m, r.completions))
+}
+
+/// One update of the policy on scored rollouts: group advantages, the GRPO
+/// loss, backward, optimizer. `names` label the reward functions' metrics.
+pub fn train_on(
+    policy: &mut Model,
+    reference: Option<&Model>,
+    opt: &mut Optimizer,
+    r: &Rollouts,
+    names: &[&str],
+    cfg: &GrpoStep,
+) -> Result<Metrics> {
     let g = cfg.num_generations;
-    let (completions, gen_stats) = {
-        let engine = Engine::new(
-            policy,
-            Some(tok),
-            EngineConfig {
-                max_batch: (prompts.len() * g).max(g),
-                ..EngineConfig::default()
-            },
-            &[],
-        )?;
-        engine.generate(prompts, g, &cfg.sampling)?
-    };
+    let prompts = &r.prompts;
+    let completions = &r.completions;
     let n = completions.len();
-    // Rewards, per function and weighted total.
-    let per_fn: Vec<Vec<f64>> = rewards
-        .iter()
-        .map(|r| completions.iter().map(|c| (r.score)(&c.text, c.prompt_index)).collect())
-        .collect();
-    let total: Vec<f64> = (0..n)
-        .map(|i| rewards.iter().zip(&per_fn).map(|(r, v)| r.weight * v[i]).sum())
-        .collect();
-    let adv = compute_advantages(&total, g, cfg.advantages)?;
+    let adv = compute_advantages(&r.total, g, cfg.advantages)?;
 
     // The training batch: prompt + completion, right-padded.
     let t = completions
@@ -87,9 +188,10 @@ pub fn grpo_step(
         let row = &mut ids[i * t..(i + 1) * t];
         row[..p.len()].copy_from_slice(p);
         row[p.len()..p.len() + c.token_ids.len()].copy_from_slice(&c.token_ids);
+        let train = !(cfg.mask_truncated && c.finish_reason == FinishReason::Length);
         for (j, &tokid) in c.token_ids.iter().enumerate() {
             targets[i * t + p.len() - 1 + j] = tokid;
-            mask[i * tc + j] = true;
+            mask[i * tc + j] = train;
         }
     }
     let gather = |full: &[f32]| -> Vec<f64> {
@@ -139,11 +241,7 @@ pub fn grpo_step(
     let info = opt.update(policy, &mut grads)?;
 
     let mut m = out.metrics;
-    let named: Vec<(&str, &[f64])> = rewards
-        .iter()
-        .zip(&per_fn)
-        .map(|(r, v)| (r.name.as_str(), &v[..]))
-        .collect();
+    let named: Vec<(&str, &[f64])> = names.iter().zip(&r.per_fn).map(|(nm, v)| (*nm, &v[..])).collect();
     m.extend(metrics::reward_metrics(&adv, &named));
     let lens: Vec<usize> = completions.iter().map(|c| c.token_ids.len()).collect();
     let truncated: Vec<bool> = completions
@@ -155,6 +253,6 @@ pub fn grpo_step(
     m.insert("grad_norm".into(), info.grad_norm);
     m.insert("learning_rate".into(), info.lr);
     m.insert("update_skipped".into(), if info.skipped { 1.0 } else { 0.0 });
-    m.insert("timing/generate_s".into(), gen_stats.total_s);
-    Ok((m, completions))
+    m.insert("timing/generate_s".into(), r.generate_s);
+    Ok(m)
 }

@@ -1,0 +1,399 @@
+//! `aha grpo`: GRPO on a Hugging Face model and a JSONL math set, from a TOML
+//! config (unknown keys rejected; command-line flags override it), with
+//! checkpoints and exact resume, dynamic sampling and reference resets.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use aha_grpo::{AdvantageEstimator, KlEstimator, LossConfig, LossType};
+use aha_moe_model::Model;
+use aha_rewards::format::{check_format, tag_count, FormatConfig};
+use aha_rewards::math::{verify, MathConfig};
+use aha_sampler::chat::{self, ChatTemplate};
+use aha_sampler::{load_tokenizer, SamplingParams, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, TrainState};
+use crate::data::{read_math_jsonl, MathExample};
+use crate::error::{io_err, Error, Result};
+use crate::optim::{OptimConfig, Optimizer, Schedule};
+use crate::rl::{rollout, train_on, GrpoStep, RewardFn, Rollouts};
+use crate::toy::Rng;
+
+/// One reward in the weighted sum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSpec {
+    /// `accuracy` (math verification against `answer`, strict: boxed or
+    /// `<answer>`), `format` (R1-Zero's think/answer template) or `tag_count`.
+    pub name: String,
+    /// Weight in the sum.
+    pub weight: f64,
+}
+
+/// A GRPO run. Defaults follow the DeepSeek-R1 report where it states them
+/// (learning rate 3e-6, KL coefficient 0.001, 16 samples per prompt,
+/// temperature 1.0, reference reset every 400 steps) and TRL otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoConfig {
+    /// The policy's Hugging Face folder.
+    pub model: PathBuf,
+    /// JSONL prompts with answers (GSM8K, MATH, AIME field names or prompt/answer).
+    pub data: PathBuf,
+    /// The run folder.
+    pub out: PathBuf,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Prompts (groups) per step.
+    pub prompts_per_step: usize,
+    /// Completions per prompt, G (R1: 16).
+    pub num_generations: usize,
+    /// Peak learning rate (R1: 3e-6).
+    pub learning_rate: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    /// `constant` (R1) or `cosine`.
+    pub schedule: Schedule,
+    /// KL coefficient (R1: 0.001).
+    pub beta: f64,
+    /// KL estimator (k3, as DeepSeekMath and TRL).
+    pub kl_estimator: KlEstimator,
+    /// Lower clip (TRL: 0.2).
+    pub epsilon: f64,
+    /// Upper clip (clip-higher); default = `epsilon`.
+    pub epsilon_high: Option<f64>,
+    /// grpo, bnpo, dr_grpo, dapo or cispo.
+    pub loss_type: LossType,
+    /// group (GRPO), batch, none (Dr. GRPO), rloo, reinforce_plus_plus_baseline.
+    pub scale_rewards: AdvantageEstimator,
+    /// Rollout temperature (R1: 1.0).
+    pub temperature: f32,
+    /// Rollout nucleus mass.
+    pub top_p: f32,
+    /// Longer prompts are skipped (and counted in the log).
+    pub max_prompt_length: usize,
+    /// Completion length limit.
+    pub max_completion_length: usize,
+    /// Leave completions cut at the length limit out of the loss.
+    pub mask_truncated_completions: bool,
+    /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
+    /// more prompts until the step has `prompts_per_step` groups.
+    pub dynamic_sampling: bool,
+    /// At most this many extra rollout rounds per step for dynamic sampling.
+    pub dynamic_sampling_max_rounds: usize,
+    /// Copy the policy into the reference every N steps (R1: 400; 0: never).
+    pub reference_reset_every: usize,
+    /// `none`, `r1-zero` or `chat` (the model folder's template).
+    pub template: String,
+    /// The rewards and their weights.
+    pub rewards: Vec<RewardSpec>,
+    /// Global gradient-norm clip.
+    pub max_grad_norm: f64,
+    /// Save a checkpoint every N steps (0: only the final model).
+    pub save_every: usize,
+    /// Seed of data order and sampling.
+    pub seed: u64,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            model: PathBuf::new(),
+            data: PathBuf::new(),
+            out: PathBuf::from("runs/grpo"),
+            steps: 100,
+            prompts_per_step: 4,
+            num_generations: 16,
+            learning_rate: 3e-6,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            beta: 0.001,
+            kl_estimator: KlEstimator::K3,
+            epsilon: 0.2,
+            epsilon_high: None,
+            loss_type: LossType::Grpo,
+            scale_rewards: AdvantageEstimator::Group,
+            temperature: 1.0,
+            top_p: 1.0,
+            max_prompt_length: 512,
+            max_completion_length: 1024,
+            mask_truncated_completions: false,
+            dynamic_sampling: false,
+            dynamic_sampling_max_rounds: 4,
+            reference_reset_every: 400,
+            template: "r1-zero".into(),
+            rewards: vec![
+                RewardSpec {
+                    name: "accuracy".into(),
+                    weight: 1.0,
+                },
+                RewardSpec {
+                    name: "format".into(),
+                    weight: 1.0,
+                },
+            ],
+            max_grad_norm: 1.0,
+            save_every: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl GrpoConfig {
+    /// Parses TOML; unknown keys are errors naming the file.
+    pub fn from_toml(text: &str, path: &Path) -> Result<GrpoConfig> {
+        toml::from_str(text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Other(format!("grpo config: {m}")));
+        if self.steps == 0 || self.prompts_per_step == 0 || self.num_generations < 2 {
+            return bad("steps and prompts_per_step must be >= 1 and num_generations >= 2".into());
+        }
+        for r in &self.rewards {
+            if !["accuracy", "format", "tag_count"].contains(&r.name.as_str()) {
+                return bad(format!("unknown reward {:?} (accuracy, format, tag_count)", r.name));
+            }
+        }
+        if self.rewards.is_empty() {
+            return bad("no rewards".into());
+        }
+        Ok(())
+    }
+}
+
+fn reward_fns<'a>(specs: &[RewardSpec], golds: &'a [String]) -> Vec<RewardFn<'a>> {
+    specs
+        .iter()
+        .map(|s| {
+            let score: crate::rl::Scorer<'a> = match s.name.as_str() {
+                "accuracy" => {
+                    Box::new(move |text: &str, i: usize| verify(&golds[i], text, &MathConfig::default()).score)
+                }
+                "format" => Box::new(|text: &str, _| f64::from(check_format(text, &FormatConfig::default()).is_ok())),
+                _ => Box::new(|text: &str, _| tag_count(text)),
+            };
+            RewardFn {
+                name: s.name.clone(),
+                weight: s.weight,
+                score,
+            }
+        })
+        .collect()
+}
+
+fn encode(tok: &Tokenizer, template: &str, chat: Option<&ChatTemplate>, text: &str) -> Result<Vec<u32>> {
+    let rendered = match (template, chat) {
+        ("none", _) => text.to_string(),
+        ("r1-zero", _) => chat::render_r1_zero(text),
+        ("chat", Some(t)) => t.render_user_prompt(text)?,
+        (other, _) => {
+            return Err(Error::Other(format!(
+                "unknown template {other:?}: none, r1-zero or chat"
+            )))
+        }
+    };
+    Ok(tok
+        .encode(rendered, false)
+        .map_err(|e| Error::Other(format!("tokenizing: {e}")))?
+        .get_ids()
+        .to_vec())
+}
+
+/// Runs GRPO as configured; `resume` continues from the run folder's latest
+/// checkpoint. Returns the final step's metrics.
+pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Result<aha_grpo::Metrics> {
+    cfg.validate()?;
+    let out = &cfg.out;
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let tok = load_tokenizer(&cfg.model)?;
+    let chat_t = if cfg.template == "chat" {
+        Some(ChatTemplate::load(&cfg.model)?)
+    } else {
+        None
+    };
+    let examples: Vec<MathExample> = read_math_jsonl(&cfg.data)?;
+    let mut data: Vec<(Vec<u32>, String)> = Vec::new();
+    let mut skipped = 0;
+    for e in &examples {
+        let ids = encode(&tok, &cfg.template, chat_t.as_ref(), &e.prompt)?;
+        if ids.len() > cfg.max_prompt_length {
+            skipped += 1;
+        } else {
+            data.push((ids, e.gold.clone()));
+        }
+    }
+    log(&format!(
+        "{} prompts ({skipped} longer than max_prompt_length {} skipped)",
+        data.len(),
+        cfg.max_prompt_length
+    ));
+    if data.is_empty() {
+        return Err(Error::Other(format!("{}: no usable prompts", cfg.data.display())));
+    }
+    let cfg_text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
+    let ckroot = out.join("checkpoints");
+    let loaded = if resume {
+        checkpoint::load_latest(&ckroot)?
+    } else {
+        None
+    };
+    let optc = OptimConfig {
+        lr: cfg.learning_rate,
+        warmup_steps: cfg.warmup_steps,
+        total_steps: cfg.steps,
+        schedule: cfg.schedule,
+        weight_decay: 0.0,
+        max_grad_norm: cfg.max_grad_norm,
+        max_bad_steps: 10,
+    };
+    let metrics_path = out.join("metrics.jsonl");
+    let (mut policy, mut reference, mut opt, mut rng, start, mut lines) = match loaded {
+        Some(l) => {
+            let old = std::fs::read_to_string(out.join("config.toml")).unwrap_or_default();
+            if old != cfg_text {
+                return Err(Error::Other(format!(
+                    "{}: resume needs the same config",
+                    out.join("config.toml").display()
+                )));
+            }
+            let mut opt = Optimizer::new(optc, l.model.params.len());
+            opt.restore(l.moments.0, l.moments.1, l.state.opt_step, l.state.opt_bad)?;
+            let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
+            let kept: String = text
+                .lines()
+                .take(l.state.metrics_lines)
+                .map(|x| format!("{x}\n"))
+                .collect();
+            std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
+            log(&format!("resuming at step {} from {}", l.state.step, l.dir.display()));
+            let mut policy = l.model;
+            policy.source_dir = Some(cfg.model.clone());
+            let reference = l.reference.unwrap_or_else(|| policy.clone());
+            (
+                policy,
+                reference,
+                opt,
+                Rng::from_state(l.state.rng),
+                l.state.step,
+                l.state.metrics_lines,
+            )
+        }
+        None => {
+            std::fs::write(out.join("config.toml"), &cfg_text).map_err(io_err(out))?;
+            std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
+            let policy = Model::load(&cfg.model)?;
+            let reference = policy.clone();
+            let opt = Optimizer::new(optc, policy.params.len());
+            (policy, reference, opt, Rng::new(cfg.seed), 0, 0)
+        }
+    };
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .map_err(io_err(&metrics_path))?;
+    let step_cfg = GrpoStep {
+        num_generations: cfg.num_generations,
+        loss: LossConfig {
+            loss_type: cfg.loss_type,
+            epsilon: cfg.epsilon,
+            epsilon_high: cfg.epsilon_high,
+            beta: cfg.beta,
+            kl_estimator: cfg.kl_estimator,
+            max_completion_length: cfg.max_completion_length,
+            ..LossConfig::default()
+        },
+        advantages: cfg.scale_rewards,
+        sampling: SamplingParams {
+            temperature: cfg.temperature,
+            top_p: cfg.top_p,
+            max_new_tokens: cfg.max_completion_length,
+            ..SamplingParams::default()
+        },
+        mask_truncated: cfg.mask_truncated_completions,
+    };
+    let g = cfg.num_generations;
+    let mut last = aha_grpo::Metrics::new();
+    for step in start + 1..=cfg.steps {
+        if cfg.reference_reset_every > 0 && step > 1 && (step - 1) % cfg.reference_reset_every == 0 {
+            reference = policy.clone();
+            log(&format!("step {step}: reference reset to the current policy"));
+        }
+        let mut sc = step_cfg.clone();
+        let mut batch: Option<Rollouts> = None;
+        let mut dropped = 0usize;
+        for round in 0..=cfg.dynamic_sampling_max_rounds {
+            let have = batch.as_ref().map_or(0, |b| b.prompts.len());
+            if have >= cfg.prompts_per_step || (round > 0 && !cfg.dynamic_sampling) {
+                break;
+            }
+            let picks: Vec<usize> = (0..cfg.prompts_per_step - have)
+                .map(|_| rng.below(data.len() as u64) as usize)
+                .collect();
+            let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| data[i].0.clone()).collect();
+            let golds: Vec<String> = picks.iter().map(|&i| data[i].1.clone()).collect();
+            sc.sampling.seed = cfg.seed.wrapping_add((step * 1_000_003 + round * 7919) as u64);
+            let fns = reward_fns(&cfg.rewards, &golds);
+            let r = rollout(&policy, &tok, &prompts, &fns, &sc)?;
+            let keep: Vec<usize> = if cfg.dynamic_sampling && round < cfg.dynamic_sampling_max_rounds {
+                (0..prompts.len()).filter(|&k| !r.group_is_flat(k, g)).collect()
+            } else {
+                (0..prompts.len()).collect()
+            };
+            dropped += prompts.len() - keep.len();
+            let r = r.select(&keep, g);
+            match &mut batch {
+                Some(b) => b.extend(r),
+                None => batch = Some(r),
+            }
+        }
+        let Some(batch) = batch.filter(|b| !b.prompts.is_empty()) else {
+            log(&format!(
+                "step {step}: every sampled group had equal rewards; no update"
+            ));
+            continue;
+        };
+        let names: Vec<&str> = cfg.rewards.iter().map(|r| r.name.as_str()).collect();
+        let mut m = train_on(&mut policy, Some(&reference), &mut opt, &batch, &names, &sc)?;
+        m.insert("dynamic_sampling/dropped_groups".into(), dropped as f64);
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), step.into());
+        for (k, v) in &m {
+            line.insert(k.clone(), serde_json::json!(v));
+        }
+        writeln!(metrics_file, "{}", serde_json::Value::Object(line)).map_err(io_err(&metrics_path))?;
+        metrics_file.flush().map_err(io_err(&metrics_path))?;
+        lines += 1;
+        log(&format!(
+            "step {step}/{}  reward {:.3}  kl {:.4}  length {:.1}",
+            cfg.steps,
+            m.get("reward").copied().unwrap_or(f64::NAN),
+            m.get("kl").copied().unwrap_or(0.0),
+            m.get("completions/mean_length").copied().unwrap_or(0.0)
+        ));
+        if cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
+            let (_, _, s, bad) = opt.state();
+            let st = TrainState {
+                phase: "grpo".into(),
+                step,
+                rng: rng.state(),
+                opt_step: s,
+                opt_bad: bad,
+                metrics_lines: lines,
+                extra: serde_json::json!({}),
+            };
+            checkpoint::save(
+                &ckroot,
+                &format!("step-{step:06}"),
+                &st,
+                &policy,
+                Some(&reference),
+                &opt,
+            )?;
+        }
+        last = m;
+    }
+    policy.save(&out.join("final"), 4 << 30)?;
+    Ok(last)
+}

@@ -1,0 +1,93 @@
+//! `aha grpo` from a TOML config on a model folder and a JSONL set:
+//! metrics under TRL's names, checkpoints, resume, unknown keys refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+#[test]
+fn grpo_runs_from_toml_and_resumes() {
+    let base = std::env::temp_dir().join(format!("aha-grpo-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    // A small policy: the toy demo's model after a short pretraining.
+    let demo_cfg = aha_trainer::DemoConfig {
+        pretrain_steps: 30,
+        grpo_steps: 1,
+        eval_problems: 8,
+        prompts_per_step: 2,
+        num_generations: 2,
+        ..aha_trainer::DemoConfig::quick(3)
+    };
+    aha_trainer::run_demo(&demo_cfg, &base.join("demo"), &mut |_| {}).unwrap();
+    let data = base.join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"07+15=\", \"answer\": \"22\"}\n{\"question\": \"33+48=\", \"answer\": \"#### 81\"}\n",
+    )
+    .unwrap();
+    let toml_path = base.join("grpo.toml");
+    let toml = format!(
+        "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 4\nprompts_per_step = 2\nnum_generations = 4\nlearning_rate = 1e-4\n\
+         max_completion_length = 30\ntemplate = \"none\"\nsave_every = 2\ndynamic_sampling = true\nreference_reset_every = 3\n\
+         rewards = [{{ name = \"accuracy\", weight = 1.0 }}, {{ name = \"format\", weight = 0.5 }}]\n",
+        base.join("demo/checkpoint"),
+        data,
+        base.join("run")
+    );
+    std::fs::write(&toml_path, &toml).unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_aha"))
+            .arg("grpo")
+            .arg("--config")
+            .arg(&toml_path)
+            .args(extra)
+            .output()
+            .expect("run aha")
+    };
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(base.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for key in [
+        "reward",
+        "rewards/accuracy/mean",
+        "rewards/format/mean",
+        "kl",
+        "completions/mean_length",
+        "clip_ratio/region_mean",
+    ] {
+        assert!(lines[3].get(key).is_some_and(|v| v.is_number()), "{key} missing");
+    }
+    assert!(base.join("run/final/config.json").is_file());
+    assert!(base.join("run/checkpoints/latest").is_file());
+    // Rewind to the step-2 checkpoint and resume: the last two lines come back the same.
+    std::fs::write(base.join("run/checkpoints/latest"), "step-000002").unwrap();
+    let out = run(&["--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again: Vec<serde_json::Value> = std::fs::read_to_string(base.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        v.as_object_mut().unwrap().retain(|k, _| !k.starts_with("timing/"));
+        v
+    };
+    assert_eq!(
+        again.iter().map(strip).collect::<Vec<_>>(),
+        lines.iter().map(strip).collect::<Vec<_>>()
+    );
+    // An unknown key is an error naming the file.
+    std::fs::write(&toml_path, format!("{toml}learning_rat = 1.0\n")).unwrap();
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("grpo.toml") && err.contains("learning_rat"), "{err}");
+    let _ = std::fs::remove_dir_all(&base);
+}
