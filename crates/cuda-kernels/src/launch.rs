@@ -1,11 +1,29 @@
-//! Typed launchers: exactly one per kernel, owning its launch geometry and
-//! checking its arguments against the kernel's contract.
+//! Typed launchers: exactly one per kernel (a two-pass reduction's launcher
+//! owns both of its kernels), owning its launch geometry and checking its
+//! arguments against the kernel's contract.
+//!
+//! Each launcher first calls a `plan_*` function that sees only lengths and
+//! sizes, so the checks are tested on machines without a GPU (see the tests at
+//! the bottom). Buffers may be longer than needed (views into an arena);
+//! shorter is an [`Error::InvalidArgument`] naming the buffer.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::device::Gpu;
 use crate::error::{DriverContext, Error, Result};
 use crate::registry::KernelId;
+
+/// Threads per block of the element-wise kernels.
+const BLOCK: u32 = 256;
+/// Grid cap of the element-wise kernels, which loop with a grid stride.
+const MAX_GRID: u64 = 1 << 16;
+/// Blocks (and scratch rows) of the RMSNorm backward's first pass.
+const RMSNORM_BWD_MAX_BLOCKS: usize = 1024;
+/// Widest row the RMSNorm backward takes: its per-block `dweight` partial
+/// lives in dynamic shared memory, at most 48 KiB without an opt-in.
+pub const RMSNORM_BWD_MAX_C: usize = 12032;
+/// Blocks of the gradient-norm's first pass (scratch entries, f64).
+const GRAD_NORM_MAX_BLOCKS: u64 = 1024;
 
 fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
     if got < want {
@@ -17,11 +35,66 @@ fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()
     Ok(())
 }
 
+fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {
+    lens.iter()
+        .try_for_each(|&(what, got, want)| check_len(op, what, got, want))
+}
+
 fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::InvalidArgument {
         op,
         msg: format!("{what} = {v} does not fit the kernel's int"),
     })
+}
+
+fn mul(op: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| Error::InvalidArgument {
+        op,
+        msg: format!("{a} * {b} elements overflow"),
+    })
+}
+
+/// Grid-stride geometry for `n` elements: 256 threads a block, at most 65536 blocks.
+fn grid_1d(n: u64) -> LaunchConfig {
+    let blocks = n.div_ceil(u64::from(BLOCK)).clamp(1, MAX_GRID) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// An element-wise launch over `n` elements: the count the kernel takes and
+/// its geometry, or `None` when there is nothing to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan1d {
+    n: u64,
+    cfg: (u32, u32),
+}
+
+fn plan_1d(op: &'static str, n: usize, lens: &[(&str, usize)]) -> Result<Option<Plan1d>> {
+    for &(what, got) in lens {
+        check_len(op, what, got, n)?;
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    let n = n as u64;
+    let cfg = grid_1d(n);
+    Ok(Some(Plan1d {
+        n,
+        cfg: (cfg.grid_dim.0, cfg.block_dim.0),
+    }))
+}
+
+impl Plan1d {
+    fn config(self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.cfg.0, 1, 1),
+            block_dim: (self.cfg.1, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
 }
 
 /// RMSNorm forward over `rows` rows of `c` channels (kernel
@@ -71,4 +144,779 @@ pub fn rmsnorm_forward_f32(
     // lengths were checked above against what the kernel reads and writes.
     unsafe { b.launch(cfg) }.ctx("launch rmsnorm_forward_f32")?;
     Ok(())
+}
+
+/// What the RMSNorm backward launch needs: sizes as the kernel's ints and
+/// the number of first-pass blocks (= scratch rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RmsnormBwdPlan {
+    rows: i32,
+    c: i32,
+    blocks: usize,
+}
+
+fn plan_rmsnorm_backward(lens: [usize; 6], rows: usize, c: usize) -> Result<Option<RmsnormBwdPlan>> {
+    const OP: &str = "rmsnorm_backward_f32";
+    let rc = mul(OP, rows, c)?;
+    let [dinp, dweight, dout, inp, weight, rstd] = lens;
+    check_lens(
+        OP,
+        &[
+            ("dinp", dinp, rc),
+            ("dweight", dweight, c),
+            ("dout", dout, rc),
+            ("inp", inp, rc),
+            ("weight", weight, c),
+            ("rstd", rstd, rows),
+        ],
+    )?;
+    if c > RMSNORM_BWD_MAX_C {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!(
+                "c = {c} exceeds {RMSNORM_BWD_MAX_C} (the per-block dweight partial must fit 48 KiB of shared memory)"
+            ),
+        });
+    }
+    if rows == 0 || c == 0 {
+        return Ok(None);
+    }
+    Ok(Some(RmsnormBwdPlan {
+        rows: to_i32(OP, "rows", rows)?,
+        c: to_i32(OP, "c", c)?,
+        blocks: rows.min(RMSNORM_BWD_MAX_BLOCKS),
+    }))
+}
+
+/// RMSNorm backward (kernels `rmsnorm_backward_f32` then
+/// `rmsnorm_dweight_reduce_f32`; CPU twin `aha_tensor::cpu::rmsnorm_backward`):
+/// `dinp =` (assigned), `dweight +=` (accumulated, in a fixed order, so the
+/// result is the same bits on every run).
+///
+/// `dinp, dout, inp [rows, c]`, `dweight, weight [c]`, `rstd [rows]` from the
+/// forward; `c <= RMSNORM_BWD_MAX_C`. Allocates a `[min(rows, 1024), c]`
+/// scratch buffer for the per-block partial sums.
+pub fn rmsnorm_backward_f32(
+    gpu: &Gpu,
+    dinp: &mut CudaSlice<f32>,
+    dweight: &mut CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    inp: &CudaSlice<f32>,
+    weight: &CudaSlice<f32>,
+    rstd: &CudaSlice<f32>,
+    rows: usize,
+    c: usize,
+) -> Result<()> {
+    let lens = [
+        dinp.len(),
+        dweight.len(),
+        dout.len(),
+        inp.len(),
+        weight.len(),
+        rstd.len(),
+    ];
+    let Some(p) = plan_rmsnorm_backward(lens, rows, c)? else {
+        return Ok(());
+    };
+    let mut partial = gpu.zeros::<f32>(p.blocks * c)?;
+    let f1 = gpu.function(KernelId::RmsnormBackwardF32)?;
+    let cfg1 = LaunchConfig {
+        grid_dim: (p.blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (c * std::mem::size_of::<f32>()) as u32,
+    };
+    let mut b = gpu.stream().launch_builder(&f1);
+    b.arg(dinp)
+        .arg(&mut partial)
+        .arg(dout)
+        .arg(inp)
+        .arg(weight)
+        .arg(rstd)
+        .arg(&p.rows)
+        .arg(&p.c);
+    // SAFETY: the arguments match (float*, float*, const float* x4, int, int);
+    // lengths were checked by the plan; `partial` holds blocks * c floats and
+    // the dynamic shared memory c floats (c <= RMSNORM_BWD_MAX_C fits 48 KiB).
+    unsafe { b.launch(cfg1) }.ctx("launch rmsnorm_backward_f32")?;
+    let f2 = gpu.function(KernelId::RmsnormDweightReduceF32)?;
+    let g = p.blocks as i32;
+    let cfg2 = LaunchConfig {
+        grid_dim: ((c as u32).div_ceil(256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = gpu.stream().launch_builder(&f2);
+    b.arg(dweight).arg(&partial).arg(&g).arg(&p.c);
+    // SAFETY: (float*, const float*, int, int); dweight holds c floats,
+    // partial g * c, and each thread touches one channel < c.
+    unsafe { b.launch(cfg2) }.ctx("launch rmsnorm_dweight_reduce_f32")?;
+    Ok(())
+}
+
+/// The geometry of one RoPE application, as `aha_tensor::cpu::RopeShape`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeGeometry {
+    /// Heads per token.
+    pub heads: usize,
+    /// Width of each head.
+    pub head_dim: usize,
+    /// First rotated dim within a head.
+    pub rot_offset: usize,
+    /// Number of rotated dims (even).
+    pub rot_dim: usize,
+    /// `true`: pair `i` is dims `(2i, 2i + 1)` (DeepSeek-V3); `false`: `(i, i + R/2)`.
+    pub interleaved: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RopePlan {
+    n: Plan1d,
+    width: i32,
+    head_dim: i32,
+    rot_offset: i32,
+    rot_dim: i32,
+    interleaved: i32,
+    max_pos: u32,
+}
+
+fn plan_rope(op: &'static str, lens: [usize; 5], tokens: usize, s: &RopeGeometry) -> Result<Option<RopePlan>> {
+    let [out, inp, cos, sin, pos] = lens;
+    if s.rot_dim % 2 != 0 || s.rot_offset.checked_add(s.rot_dim).is_none_or(|e| e > s.head_dim) {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!(
+                "rotated dims {}..{} must be an even count inside head_dim {}",
+                s.rot_offset,
+                s.rot_offset.saturating_add(s.rot_dim),
+                s.head_dim
+            ),
+        });
+    }
+    let half = s.rot_dim / 2;
+    if half > 0 && (cos == 0 || cos % half != 0) {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("cos table of {cos} elements is not [P, {half}] with P >= 1"),
+        });
+    }
+    let width = mul(op, s.heads, s.head_dim)?;
+    let n = mul(op, tokens, width)?;
+    check_lens(op, &[("pos", pos, tokens), ("sin", sin, cos)])?;
+    let Some(n1) = plan_1d(op, n, &[("out", out), ("inp", inp)])? else {
+        return Ok(None);
+    };
+    let max_pos = cos.checked_div(half).unwrap_or(0);
+    Ok(Some(RopePlan {
+        n: n1,
+        width: to_i32(op, "heads * head_dim", width)?,
+        head_dim: to_i32(op, "head_dim", s.head_dim)?,
+        rot_offset: to_i32(op, "rot_offset", s.rot_offset)?,
+        rot_dim: to_i32(op, "rot_dim", s.rot_dim)?,
+        interleaved: i32::from(s.interleaved),
+        max_pos: u32::try_from(max_pos).unwrap_or(u32::MAX),
+    }))
+}
+
+fn launch_rope(
+    gpu: &Gpu,
+    id: KernelId,
+    out: &mut CudaSlice<f32>,
+    inp: &CudaSlice<f32>,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    pos: &CudaSlice<u32>,
+    tokens: usize,
+    s: &RopeGeometry,
+) -> Result<()> {
+    let lens = [out.len(), inp.len(), cos.len(), sin.len(), pos.len()];
+    let Some(p) = plan_rope(id.symbol(), lens, tokens, s)? else {
+        return Ok(());
+    };
+    let f = gpu.function(id)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(out)
+        .arg(inp)
+        .arg(cos)
+        .arg(sin)
+        .arg(pos)
+        .arg(&p.n.n)
+        .arg(&p.width)
+        .arg(&p.head_dim)
+        .arg(&p.rot_offset)
+        .arg(&p.rot_dim)
+        .arg(&p.interleaved)
+        .arg(&p.max_pos);
+    // SAFETY: the arguments match (float*, const float* x3, const unsigned*,
+    // unsigned long long, int x5, unsigned); out and inp hold n = tokens *
+    // heads * head_dim floats, pos `tokens` ids, and table reads are guarded by
+    // `pos < max_pos = cos.len() / (rot_dim / 2)` in the kernel.
+    unsafe { b.launch(p.n.config()) }.ctx("launch rope")?;
+    Ok(())
+}
+
+/// RoPE forward (kernel `rope_forward_f32`; CPU twin
+/// `aha_tensor::cpu::rope_forward`): `out [tokens, heads, head_dim]` is `inp`
+/// with each head's rotated dims turned by the angle of `pos [tokens]`, using
+/// `cos, sin [P, rot_dim / 2]` from `aha_tensor::cpu::rope_table`.
+///
+/// Positions live on the device and are not checked here: a position `>= P`
+/// makes the kernel write NaN into that token's rotated dims.
+pub fn rope_forward_f32(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    inp: &CudaSlice<f32>,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    pos: &CudaSlice<u32>,
+    tokens: usize,
+    s: &RopeGeometry,
+) -> Result<()> {
+    launch_rope(gpu, KernelId::RopeForwardF32, out, inp, cos, sin, pos, tokens, s)
+}
+
+/// RoPE backward (kernel `rope_backward_f32`; CPU twin
+/// `aha_tensor::cpu::rope_backward`): `dinp =` the inverse rotation of `dout`.
+/// Shapes and the position contract as [`rope_forward_f32`].
+pub fn rope_backward_f32(
+    gpu: &Gpu,
+    dinp: &mut CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    pos: &CudaSlice<u32>,
+    tokens: usize,
+    s: &RopeGeometry,
+) -> Result<()> {
+    launch_rope(gpu, KernelId::RopeBackwardF32, dinp, dout, cos, sin, pos, tokens, s)
+}
+
+/// SiLU forward (kernel `silu_forward_f32`; CPU twin `aha_tensor::cpu::silu`):
+/// `out = x * sigmoid(x)`, `n` elements.
+pub fn silu_forward_f32(gpu: &Gpu, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) -> Result<()> {
+    let Some(p) = plan_1d("silu_forward_f32", n, &[("out", out.len()), ("x", x.len())])? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::SiluForwardF32)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(out).arg(x).arg(&p.n);
+    // SAFETY: (float*, const float*, unsigned long long); both hold >= n floats.
+    unsafe { b.launch(p.config()) }.ctx("launch silu_forward_f32")?;
+    Ok(())
+}
+
+/// SiLU backward (kernel `silu_backward_f32`; CPU twin
+/// `aha_tensor::cpu::silu_backward`): `dx = dout * silu'(x)` (assigned).
+pub fn silu_backward_f32(
+    gpu: &Gpu,
+    dx: &mut CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    n: usize,
+) -> Result<()> {
+    let lens = [("dx", dx.len()), ("dout", dout.len()), ("x", x.len())];
+    let Some(p) = plan_1d("silu_backward_f32", n, &lens)? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::SiluBackwardF32)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(dx).arg(dout).arg(x).arg(&p.n);
+    // SAFETY: (float*, const float*, const float*, unsigned long long); all hold >= n.
+    unsafe { b.launch(p.config()) }.ctx("launch silu_backward_f32")?;
+    Ok(())
+}
+
+/// SwiGLU forward (kernel `swiglu_forward_f32`; CPU twin
+/// `aha_tensor::cpu::swiglu`): `out = silu(gate) * up`, `n` elements.
+pub fn swiglu_forward_f32(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    gate: &CudaSlice<f32>,
+    up: &CudaSlice<f32>,
+    n: usize,
+) -> Result<()> {
+    let lens = [("out", out.len()), ("gate", gate.len()), ("up", up.len())];
+    let Some(p) = plan_1d("swiglu_forward_f32", n, &lens)? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::SwigluForwardF32)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(out).arg(gate).arg(up).arg(&p.n);
+    // SAFETY: (float*, const float*, const float*, unsigned long long); all hold >= n.
+    unsafe { b.launch(p.config()) }.ctx("launch swiglu_forward_f32")?;
+    Ok(())
+}
+
+/// SwiGLU backward (kernel `swiglu_backward_f32`; CPU twin
+/// `aha_tensor::cpu::swiglu_backward`): `dgate = dout * up * silu'(gate)`,
+/// `dup = dout * silu(gate)` (both assigned).
+pub fn swiglu_backward_f32(
+    gpu: &Gpu,
+    dgate: &mut CudaSlice<f32>,
+    dup: &mut CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    gate: &CudaSlice<f32>,
+    up: &CudaSlice<f32>,
+    n: usize,
+) -> Result<()> {
+    let lens = [
+        ("dgate", dgate.len()),
+        ("dup", dup.len()),
+        ("dout", dout.len()),
+        ("gate", gate.len()),
+        ("up", up.len()),
+    ];
+    let Some(p) = plan_1d("swiglu_backward_f32", n, &lens)? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::SwigluBackwardF32)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&p.n);
+    // SAFETY: (float* x2, const float* x3, unsigned long long); all hold >= n.
+    unsafe { b.launch(p.config()) }.ctx("launch swiglu_backward_f32")?;
+    Ok(())
+}
+
+/// Token ids for the embedding launchers.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenIds<'a> {
+    /// Ids on the host: checked against the vocabulary, then copied to the device.
+    Host(&'a [u32]),
+    /// Ids already on the device: not checked (that would need a copy back);
+    /// the kernels write a zero row for an id `>= vocab` in the forward and
+    /// skip it in the backward.
+    Device(&'a CudaSlice<u32>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EmbeddingPlan {
+    n: Plan1d,
+    vocab: u32,
+    c: i32,
+}
+
+fn plan_embedding(
+    op: &'static str,
+    rows_len: usize,
+    table_len: usize,
+    ids: Option<&[u32]>,
+    ids_len: usize,
+    tokens: usize,
+    vocab: usize,
+    c: usize,
+) -> Result<Option<EmbeddingPlan>> {
+    let vc = mul(op, vocab, c)?;
+    check_lens(op, &[("table", table_len, vc), ("ids", ids_len, tokens)])?;
+    if let Some(host) = ids {
+        if let Some((p, &id)) = host[..tokens].iter().enumerate().find(|(_, &i)| i as usize >= vocab) {
+            return Err(Error::InvalidArgument {
+                op,
+                msg: format!("token id {id} at position {p} is out of range 0..{vocab}"),
+            });
+        }
+    }
+    let n = mul(op, tokens, c)?;
+    let Some(n1) = plan_1d(op, n, &[("rows", rows_len)])? else {
+        return Ok(None);
+    };
+    Ok(Some(EmbeddingPlan {
+        n: n1,
+        vocab: u32::try_from(vocab).unwrap_or(u32::MAX),
+        c: to_i32(op, "c", c)?,
+    }))
+}
+
+/// Embedding forward (kernel `embedding_forward_f32`; CPU twin
+/// `aha_tensor::cpu::embedding_forward`): `out[n] = table[ids[n]]` for the
+/// first `tokens` ids. `out [tokens, c]`, `table [vocab, c]`.
+pub fn embedding_forward_f32(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    table: &CudaSlice<f32>,
+    ids: TokenIds<'_>,
+    tokens: usize,
+    vocab: usize,
+    c: usize,
+) -> Result<()> {
+    const OP: &str = "embedding_forward_f32";
+    let (host, ids_len) = match ids {
+        TokenIds::Host(h) => (Some(h), h.len()),
+        TokenIds::Device(d) => (None, d.len()),
+    };
+    let Some(p) = plan_embedding(OP, out.len(), table.len(), host, ids_len, tokens, vocab, c)? else {
+        return Ok(());
+    };
+    let uploaded;
+    let dev_ids = match ids {
+        TokenIds::Host(h) => {
+            uploaded = gpu.upload(&h[..tokens])?;
+            &uploaded
+        }
+        TokenIds::Device(d) => d,
+    };
+    let f = gpu.function(KernelId::EmbeddingForwardF32)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(out).arg(table).arg(dev_ids).arg(&p.n.n).arg(&p.vocab).arg(&p.c);
+    // SAFETY: (float*, const float*, const unsigned*, unsigned long long,
+    // unsigned, int); out holds tokens * c floats, table vocab * c, ids
+    // `tokens`; the kernel reads a table row only for an id < vocab.
+    unsafe { b.launch(p.n.config()) }.ctx("launch embedding_forward_f32")?;
+    Ok(())
+}
+
+/// Embedding backward (kernel `embedding_backward_f32`; CPU twin
+/// `aha_tensor::cpu::embedding_backward`): `dtable[ids[n]] += dout[n]` for the
+/// first `tokens` ids, with atomicAdd, so a token that repeats accumulates in
+/// no fixed order (f32 rounding may differ between runs).
+/// `dtable [vocab, c]`, `dout [tokens, c]`.
+pub fn embedding_backward_f32(
+    gpu: &Gpu,
+    dtable: &mut CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    ids: TokenIds<'_>,
+    tokens: usize,
+    vocab: usize,
+    c: usize,
+) -> Result<()> {
+    const OP: &str = "embedding_backward_f32";
+    let (host, ids_len) = match ids {
+        TokenIds::Host(h) => (Some(h), h.len()),
+        TokenIds::Device(d) => (None, d.len()),
+    };
+    let Some(p) = plan_embedding(OP, dout.len(), dtable.len(), host, ids_len, tokens, vocab, c)? else {
+        return Ok(());
+    };
+    let uploaded;
+    let dev_ids = match ids {
+        TokenIds::Host(h) => {
+            uploaded = gpu.upload(&h[..tokens])?;
+            &uploaded
+        }
+        TokenIds::Device(d) => d,
+    };
+    let f = gpu.function(KernelId::EmbeddingBackwardF32)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(dtable).arg(dout).arg(dev_ids).arg(&p.n.n).arg(&p.vocab).arg(&p.c);
+    // SAFETY: (float*, const float*, const unsigned*, unsigned long long,
+    // unsigned, int); dout holds tokens * c floats, dtable vocab * c, ids
+    // `tokens`; the kernel writes a dtable row only for an id < vocab.
+    unsafe { b.launch(p.n.config()) }.ctx("launch embedding_backward_f32")?;
+    Ok(())
+}
+
+/// Residual add (kernel `add_f32`; CPU twin `aha_tensor::cpu::add`):
+/// `out = a + b`, `n` elements.
+pub fn add_f32(gpu: &Gpu, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, n: usize) -> Result<()> {
+    let lens = [("out", out.len()), ("a", a.len()), ("b", b.len())];
+    let Some(p) = plan_1d("add_f32", n, &lens)? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::AddF32)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(out).arg(a).arg(b).arg(&p.n);
+    // SAFETY: (float*, const float*, const float*, unsigned long long); all hold >= n.
+    unsafe { l.launch(p.config()) }.ctx("launch add_f32")?;
+    Ok(())
+}
+
+/// In-place add (kernel `add_inplace_f32`; CPU twin
+/// `aha_tensor::cpu::add_inplace`): `acc += x`, `n` elements.
+pub fn add_inplace_f32(gpu: &Gpu, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) -> Result<()> {
+    let Some(p) = plan_1d("add_inplace_f32", n, &[("acc", acc.len()), ("x", x.len())])? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::AddInplaceF32)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(acc).arg(x).arg(&p.n);
+    // SAFETY: (float*, const float*, unsigned long long); both hold >= n.
+    unsafe { l.launch(p.config()) }.ctx("launch add_inplace_f32")?;
+    Ok(())
+}
+
+/// In-place scale (kernel `scale_f32`; CPU twin `aha_tensor::cpu::scale` with
+/// `out = a`, as gradient clipping uses it): `x *= s`, `n` elements.
+pub fn scale_f32(gpu: &Gpu, x: &mut CudaSlice<f32>, s: f32, n: usize) -> Result<()> {
+    let Some(p) = plan_1d("scale_f32", n, &[("x", x.len())])? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::ScaleF32)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(x).arg(&s).arg(&p.n);
+    // SAFETY: (float*, float, unsigned long long); x holds >= n floats.
+    unsafe { l.launch(p.config()) }.ctx("launch scale_f32")?;
+    Ok(())
+}
+
+/// f32 to bf16 bits, round to nearest even, NaN kept (kernel
+/// `cast_f32_to_bf16`; CPU twin `half::bf16::from_f32`), `n` elements.
+pub fn cast_f32_to_bf16(gpu: &Gpu, out: &mut CudaSlice<u16>, inp: &CudaSlice<f32>, n: usize) -> Result<()> {
+    let Some(p) = plan_1d("cast_f32_to_bf16", n, &[("out", out.len()), ("inp", inp.len())])? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::CastF32ToBf16)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(out).arg(inp).arg(&p.n);
+    // SAFETY: (unsigned short*, const float*, unsigned long long); both hold >= n.
+    unsafe { l.launch(p.config()) }.ctx("launch cast_f32_to_bf16")?;
+    Ok(())
+}
+
+/// bf16 bits to f32, exact (kernel `cast_bf16_to_f32`; CPU twin
+/// `half::bf16::to_f32`), `n` elements.
+pub fn cast_bf16_to_f32(gpu: &Gpu, out: &mut CudaSlice<f32>, inp: &CudaSlice<u16>, n: usize) -> Result<()> {
+    let Some(p) = plan_1d("cast_bf16_to_f32", n, &[("out", out.len()), ("inp", inp.len())])? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::CastBf16ToF32)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(out).arg(inp).arg(&p.n);
+    // SAFETY: (float*, const unsigned short*, unsigned long long); both hold >= n.
+    unsafe { l.launch(p.config()) }.ctx("launch cast_bf16_to_f32")?;
+    Ok(())
+}
+
+/// The f32 scalars of one AdamW step, computed on the host in f64 exactly as
+/// `aha_tensor::cpu::adamw_step` computes them (bias correction included).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamwScalars {
+    /// `beta1`.
+    pub b1: f32,
+    /// `beta2`.
+    pub b2: f32,
+    /// `1 - beta1`.
+    pub ob1: f32,
+    /// `1 - beta2`.
+    pub ob2: f32,
+    /// `1 - lr * weight_decay` (decoupled decay).
+    pub decay: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step: f32,
+    /// `1 / sqrt(1 - beta2^t)`.
+    pub inv_bc2_sqrt: f32,
+    /// Added to the denominator.
+    pub eps: f32,
+}
+
+impl AdamwScalars {
+    /// The scalars of step `t` (1-based) for PyTorch-style AdamW.
+    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, t: u64) -> Result<AdamwScalars> {
+        if t == 0 {
+            return Err(Error::InvalidArgument {
+                op: "adamw_f32",
+                msg: "step t is 1-based".into(),
+            });
+        }
+        let ti = t.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - beta1.powi(ti);
+        let bc2 = 1.0 - beta2.powi(ti);
+        Ok(AdamwScalars {
+            b1: beta1 as f32,
+            b2: beta2 as f32,
+            ob1: (1.0 - beta1) as f32,
+            ob2: (1.0 - beta2) as f32,
+            decay: (1.0 - lr * weight_decay) as f32,
+            step: (lr / bc1) as f32,
+            inv_bc2_sqrt: (1.0 / bc2.sqrt()) as f32,
+            eps: eps as f32,
+        })
+    }
+}
+
+/// One AdamW step over flat buffers (kernel `adamw_f32`; CPU twin
+/// `aha_tensor::cpu::adamw_step`): updates `params`, `m`, `v` in place from
+/// `grads`, `n` elements each.
+pub fn adamw_f32(
+    gpu: &Gpu,
+    params: &mut CudaSlice<f32>,
+    m: &mut CudaSlice<f32>,
+    v: &mut CudaSlice<f32>,
+    grads: &CudaSlice<f32>,
+    n: usize,
+    h: &AdamwScalars,
+) -> Result<()> {
+    let lens = [
+        ("params", params.len()),
+        ("m", m.len()),
+        ("v", v.len()),
+        ("grads", grads.len()),
+    ];
+    let Some(p) = plan_1d("adamw_f32", n, &lens)? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::AdamwF32)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(params)
+        .arg(m)
+        .arg(v)
+        .arg(grads)
+        .arg(&p.n)
+        .arg(&h.b1)
+        .arg(&h.b2)
+        .arg(&h.ob1)
+        .arg(&h.ob2)
+        .arg(&h.decay)
+        .arg(&h.step)
+        .arg(&h.inv_bc2_sqrt)
+        .arg(&h.eps);
+    // SAFETY: (float* x3, const float*, unsigned long long, float x8); all
+    // four buffers hold >= n floats.
+    unsafe { l.launch(p.config()) }.ctx("launch adamw_f32")?;
+    Ok(())
+}
+
+/// Blocks of the first gradient-norm pass for `n` elements (also the
+/// number of f64 partial sums).
+fn grad_norm_blocks(n: u64) -> u32 {
+    n.div_ceil(u64::from(BLOCK)).clamp(1, GRAD_NORM_MAX_BLOCKS) as u32
+}
+
+/// The global L2 norm of `x [n]`, summed in f64 in a fixed order (kernels
+/// `grad_norm_sq_f32` then `grad_norm_sq_reduce_f64`; CPU twin
+/// `aha_tensor::cpu::global_norm`). Reads one f64 back, so it synchronises
+/// the stream; clip with [`scale_f32`] by `max_norm / (norm + 1e-6)` when
+/// that is below 1.
+pub fn grad_norm_f32(gpu: &Gpu, x: &CudaSlice<f32>, n: usize) -> Result<f64> {
+    let Some(p) = plan_1d("grad_norm_f32", n, &[("x", x.len())])? else {
+        return Ok(0.0);
+    };
+    let blocks = grad_norm_blocks(p.n);
+    let mut partial = gpu.zeros::<f64>(blocks as usize)?;
+    let mut out = gpu.zeros::<f64>(1)?;
+    let f1 = gpu.function(KernelId::GradNormSqF32)?;
+    let cfg1 = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = gpu.stream().launch_builder(&f1);
+    l.arg(&mut partial).arg(x).arg(&p.n);
+    // SAFETY: (double*, const float*, unsigned long long); x holds >= n
+    // floats and partial one double per block.
+    unsafe { l.launch(cfg1) }.ctx("launch grad_norm_sq_f32")?;
+    let f2 = gpu.function(KernelId::GradNormSqReduceF64)?;
+    let g = blocks as i32;
+    let cfg2 = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = gpu.stream().launch_builder(&f2);
+    l.arg(&mut out).arg(&partial).arg(&g);
+    // SAFETY: (double*, const double*, int); partial holds g doubles, out one.
+    unsafe { l.launch(cfg2) }.ctx("launch grad_norm_sq_reduce_f64")?;
+    let sum = gpu.download(&out)?;
+    let sq = sum.first().copied().ok_or(Error::InvalidArgument {
+        op: "grad_norm_f32",
+        msg: "the device returned no sum".into(),
+    })?;
+    Ok(sq.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The launchers' checks, on lengths alone: these run without a GPU.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn msg(e: Error) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn grid_covers_sizes_that_are_not_multiples_of_the_block() {
+        for n in [1u64, 255, 256, 257, 1000, 65_537 * 256] {
+            let cfg = grid_1d(n);
+            let threads = u64::from(cfg.grid_dim.0) * u64::from(cfg.block_dim.0);
+            assert!(cfg.grid_dim.0 >= 1 && u64::from(cfg.grid_dim.0) <= MAX_GRID);
+            // Either one thread per element or the capped grid, which strides.
+            assert!(threads >= n || u64::from(cfg.grid_dim.0) == MAX_GRID, "n = {n}");
+        }
+        assert_eq!(grad_norm_blocks(1), 1);
+        assert_eq!(grad_norm_blocks(257), 2);
+        assert_eq!(grad_norm_blocks(1 << 40), 1024);
+    }
+
+    #[test]
+    fn element_wise_plans_reject_short_buffers() {
+        let e = plan_1d("add_f32", 10, &[("out", 10), ("a", 9), ("b", 10)]).unwrap_err();
+        assert!(msg(e).contains("add_f32: a holds 9 elements, needs 10"));
+        assert_eq!(plan_1d("add_f32", 0, &[("out", 0)]).unwrap(), None);
+        let p = plan_1d("add_f32", 1000, &[("out", 1024)]).unwrap().unwrap();
+        assert_eq!((p.n, p.cfg), (1000, (4, 256)));
+    }
+
+    #[test]
+    fn rmsnorm_backward_plan_checks_every_buffer_and_the_width() {
+        let ok = [6, 3, 6, 6, 3, 2];
+        let p = plan_rmsnorm_backward(ok, 2, 3).unwrap().unwrap();
+        assert_eq!((p.rows, p.c, p.blocks), (2, 3, 2));
+        let names = ["dinp", "dweight", "dout", "inp", "weight", "rstd"];
+        for (i, name) in names.iter().enumerate() {
+            let mut lens = ok;
+            lens[i] -= 1;
+            let e = msg(plan_rmsnorm_backward(lens, 2, 3).unwrap_err());
+            assert!(e.contains(&format!("{name} holds")), "{e}");
+        }
+        let c = RMSNORM_BWD_MAX_C + 1;
+        let e = msg(plan_rmsnorm_backward([c, c, c, c, c, 1], 1, c).unwrap_err());
+        assert!(e.contains("shared memory"), "{e}");
+        let big = plan_rmsnorm_backward([5000 * 8; 6], 5000, 8).unwrap().unwrap();
+        assert_eq!(big.blocks, RMSNORM_BWD_MAX_BLOCKS);
+        assert!(plan_rmsnorm_backward([usize::MAX; 6], usize::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn rope_plan_checks_geometry_tables_and_lengths() {
+        let s = RopeGeometry {
+            heads: 2,
+            head_dim: 8,
+            rot_offset: 2,
+            rot_dim: 4,
+            interleaved: true,
+        };
+        // 3 tokens * 2 heads * 8 dims = 48; tables [5, 2] = 10.
+        let p = plan_rope("rope", [48, 48, 10, 10, 3], 3, &s).unwrap().unwrap();
+        assert_eq!((p.width, p.max_pos, p.interleaved, p.n.n), (16, 5, 1, 48));
+        for (i, name) in ["out", "inp", "cos", "sin", "pos"].iter().enumerate() {
+            let mut lens = [48, 48, 10, 10, 3];
+            lens[i] -= 1;
+            let e = msg(plan_rope("rope", lens, 3, &s).unwrap_err());
+            // A short cos is not a whole number of table rows.
+            let want = if *name == "cos" { "cos table" } else { name };
+            assert!(e.contains(want), "{name}: {e}");
+        }
+        let odd = RopeGeometry { rot_dim: 3, ..s };
+        assert!(msg(plan_rope("rope", [48, 48, 10, 10, 3], 3, &odd).unwrap_err()).contains("even"));
+        let outside = RopeGeometry { rot_offset: 6, ..s };
+        assert!(plan_rope("rope", [48, 48, 10, 10, 3], 3, &outside).is_err());
+        // No rotated dims: a copy, no table needed.
+        let none = RopeGeometry { rot_dim: 0, ..s };
+        assert_eq!(
+            plan_rope("rope", [48, 48, 0, 0, 3], 3, &none).unwrap().unwrap().max_pos,
+            0
+        );
+    }
+
+    #[test]
+    fn embedding_plan_checks_host_ids_and_lengths() {
+        let ids = [0u32, 4, 2];
+        let p = plan_embedding("emb", 6, 10, Some(&ids), 3, 3, 5, 2).unwrap().unwrap();
+        assert_eq!((p.n.n, p.vocab, p.c), (6, 5, 2));
+        let e = msg(plan_embedding("emb", 6, 10, Some(&[0, 5, 1]), 3, 3, 5, 2).unwrap_err());
+        assert!(e.contains("token id 5 at position 1 is out of range 0..5"), "{e}");
+        // Device ids are not checked on the host.
+        assert!(plan_embedding("emb", 6, 10, None, 3, 3, 5, 2).is_ok());
+        assert!(msg(plan_embedding("emb", 5, 10, None, 3, 3, 5, 2).unwrap_err()).contains("rows holds 5"));
+        assert!(msg(plan_embedding("emb", 6, 9, None, 3, 3, 5, 2).unwrap_err()).contains("table holds 9"));
+        assert!(msg(plan_embedding("emb", 6, 10, Some(&ids[..2]), 2, 3, 5, 2).unwrap_err()).contains("ids holds 2"));
+    }
+
+    #[test]
+    fn adamw_scalars_match_the_cpu_formula() {
+        assert!(AdamwScalars::new(1e-3, 0.9, 0.999, 1e-8, 0.01, 0).is_err());
+        let h = AdamwScalars::new(1e-3, 0.9, 0.999, 1e-8, 0.01, 2).unwrap();
+        assert_eq!(h.step, (1e-3 / (1.0 - 0.81)) as f32);
+        assert_eq!(h.inv_bc2_sqrt, (1.0 / (1.0f64 - 0.999 * 0.999).sqrt()) as f32);
+        assert_eq!(h.decay, (1.0 - 1e-5) as f32);
+    }
 }

@@ -144,6 +144,16 @@ pub enum Output {
 ///
 /// Returns the cubin or PTX bytes, or [`Error::Compile`] with NVRTC's log.
 pub fn compile(src: &KernelSource, cc: (u32, u32), output: Output) -> Result<Vec<u8>> {
+    compile_with(src, cc, output, &[]).map(|(bytes, _)| bytes)
+}
+
+/// Compiles one kernel file to cubin with `--ptxas-options=-v` and returns
+/// NVRTC's log: ptxas's registers, shared memory and spill bytes per kernel.
+pub fn resource_usage(src: &KernelSource, cc: (u32, u32)) -> Result<String> {
+    compile_with(src, cc, Output::Cubin, &["--ptxas-options=-v"]).map(|(_, log)| log)
+}
+
+fn compile_with(src: &KernelSource, cc: (u32, u32), output: Output, extra: &[&str]) -> Result<(Vec<u8>, String)> {
     let nv = nvrtc()?;
     let arch = match output {
         Output::Cubin => format!("sm_{}{}", cc.0, cc.1),
@@ -160,6 +170,7 @@ pub fn compile(src: &KernelSource, cc: (u32, u32), output: Output) -> Result<Vec
         "--use_fast_math".to_string(),
         "-default-device".to_string(),
     ];
+    opts.extend(extra.iter().map(|o| o.to_string()));
     for inc in &nv.include_dirs {
         opts.push(format!("--include-path={}", inc.display()));
     }
@@ -177,7 +188,15 @@ pub fn compile(src: &KernelSource, cc: (u32, u32), output: Output) -> Result<Vec
             Err(fail(format!("{e:?}\n{log}")))
         }
         // SAFETY: `prog` compiled successfully and is live.
-        Ok(()) => unsafe { read_output(prog, output) }.map_err(|e| fail(format!("{e:?}"))),
+        Ok(()) => unsafe { read_output(prog, output) }
+            .map(|bytes| {
+                // SAFETY: `prog` is live.
+                let log = unsafe { result::get_program_log(prog) }
+                    .map(|l| c_chars_to_string(&l))
+                    .unwrap_or_default();
+                (bytes, log)
+            })
+            .map_err(|e| fail(format!("{e:?}"))),
     };
     // SAFETY: `prog` is live and not used after this.
     let _ = unsafe { result::destroy_program(prog) };

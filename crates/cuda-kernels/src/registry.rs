@@ -19,33 +19,90 @@ macro_rules! kernel_sources {
     };
 }
 
-kernel_sources!["rmsnorm.cu"];
+kernel_sources![
+    "activation.cu",
+    "cast.cu",
+    "elementwise.cu",
+    "embedding.cu",
+    "optim.cu",
+    "rmsnorm.cu",
+    "rope.cu",
+];
 
-/// Names every kernel the launchers use: its source file and symbol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KernelId {
-    /// `rmsnorm_forward_f32` in `rmsnorm.cu`; CPU twin `aha_tensor::cpu::rmsnorm_forward`.
-    RmsnormForwardF32,
+macro_rules! kernel_ids {
+    ($($(#[doc = $doc:literal])* $id:ident => ($file:literal, $symbol:literal),)*) => {
+        /// Names every kernel the launchers use: its source file and symbol.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum KernelId {
+            $($(#[doc = $doc])* $id,)*
+        }
+
+        impl KernelId {
+            /// Every kernel, for tests that check each one is present in its module.
+            pub const ALL: &'static [KernelId] = &[$(KernelId::$id,)*];
+
+            /// The source file under `kernels/` that defines this kernel.
+            pub fn file(self) -> &'static str {
+                match self {
+                    $(KernelId::$id => $file,)*
+                }
+            }
+
+            /// The `extern "C"` symbol of the kernel.
+            pub fn symbol(self) -> &'static str {
+                match self {
+                    $(KernelId::$id => $symbol,)*
+                }
+            }
+        }
+    };
+}
+
+kernel_ids! {
+    /// `rmsnorm_forward_f32`; CPU twin `aha_tensor::cpu::rmsnorm_forward`.
+    RmsnormForwardF32 => ("rmsnorm.cu", "rmsnorm_forward_f32"),
+    /// `rmsnorm_backward_f32` (dinp, per-block dweight partials); CPU twin
+    /// `aha_tensor::cpu::rmsnorm_backward`.
+    RmsnormBackwardF32 => ("rmsnorm.cu", "rmsnorm_backward_f32"),
+    /// `rmsnorm_dweight_reduce_f32`: `dweight +=` the partials, in block order.
+    RmsnormDweightReduceF32 => ("rmsnorm.cu", "rmsnorm_dweight_reduce_f32"),
+    /// `rope_forward_f32`; CPU twin `aha_tensor::cpu::rope_forward`.
+    RopeForwardF32 => ("rope.cu", "rope_forward_f32"),
+    /// `rope_backward_f32`; CPU twin `aha_tensor::cpu::rope_backward`.
+    RopeBackwardF32 => ("rope.cu", "rope_backward_f32"),
+    /// `silu_forward_f32`; CPU twin `aha_tensor::cpu::silu`.
+    SiluForwardF32 => ("activation.cu", "silu_forward_f32"),
+    /// `silu_backward_f32`; CPU twin `aha_tensor::cpu::silu_backward`.
+    SiluBackwardF32 => ("activation.cu", "silu_backward_f32"),
+    /// `swiglu_forward_f32`; CPU twin `aha_tensor::cpu::swiglu`.
+    SwigluForwardF32 => ("activation.cu", "swiglu_forward_f32"),
+    /// `swiglu_backward_f32`; CPU twin `aha_tensor::cpu::swiglu_backward`.
+    SwigluBackwardF32 => ("activation.cu", "swiglu_backward_f32"),
+    /// `embedding_forward_f32`; CPU twin `aha_tensor::cpu::embedding_forward`.
+    EmbeddingForwardF32 => ("embedding.cu", "embedding_forward_f32"),
+    /// `embedding_backward_f32` (atomicAdd scatter); CPU twin
+    /// `aha_tensor::cpu::embedding_backward`.
+    EmbeddingBackwardF32 => ("embedding.cu", "embedding_backward_f32"),
+    /// `add_f32`; CPU twin `aha_tensor::cpu::add`.
+    AddF32 => ("elementwise.cu", "add_f32"),
+    /// `add_inplace_f32`; CPU twin `aha_tensor::cpu::add_inplace`.
+    AddInplaceF32 => ("elementwise.cu", "add_inplace_f32"),
+    /// `scale_f32` (in place); CPU twin `aha_tensor::cpu::scale`.
+    ScaleF32 => ("elementwise.cu", "scale_f32"),
+    /// `cast_f32_to_bf16` (round to nearest even); CPU twin `half::bf16::from_f32`.
+    CastF32ToBf16 => ("cast.cu", "cast_f32_to_bf16"),
+    /// `cast_bf16_to_f32`; CPU twin `half::bf16::to_f32`.
+    CastBf16ToF32 => ("cast.cu", "cast_bf16_to_f32"),
+    /// `adamw_f32`; CPU twin `aha_tensor::cpu::adamw_step`.
+    AdamwF32 => ("optim.cu", "adamw_f32"),
+    /// `grad_norm_sq_f32`: per-block f64 sums of squares; CPU twin
+    /// `aha_tensor::cpu::global_norm`.
+    GradNormSqF32 => ("optim.cu", "grad_norm_sq_f32"),
+    /// `grad_norm_sq_reduce_f64`: the block sums into one f64.
+    GradNormSqReduceF64 => ("optim.cu", "grad_norm_sq_reduce_f64"),
 }
 
 impl KernelId {
-    /// Every kernel, for tests that check each one is present in its module.
-    pub const ALL: &'static [KernelId] = &[KernelId::RmsnormForwardF32];
-
-    /// The source file under `kernels/` that defines this kernel.
-    pub fn file(self) -> &'static str {
-        match self {
-            KernelId::RmsnormForwardF32 => "rmsnorm.cu",
-        }
-    }
-
-    /// The `extern "C"` symbol of the kernel.
-    pub fn symbol(self) -> &'static str {
-        match self {
-            KernelId::RmsnormForwardF32 => "rmsnorm_forward_f32",
-        }
-    }
-
     /// The embedded source of this kernel's file.
     pub fn source(self) -> Option<&'static KernelSource> {
         SOURCES.iter().find(|s| s.file == self.file())

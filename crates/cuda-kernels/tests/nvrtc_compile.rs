@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use aha_cuda_kernels::nvrtc::{compile, nvrtc, Output};
+use aha_cuda_kernels::nvrtc::{compile, nvrtc, resource_usage, Output};
 use aha_cuda_kernels::{KernelId, KernelSource, SOURCES};
 
 const ARCHES: &[(u32, u32)] = &[(8, 0), (9, 0)];
@@ -91,6 +91,40 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 cc.1,
                 cubin.len()
             );
+        }
+    }
+}
+
+/// Prints ptxas's register / shared-memory / spill report for every kernel
+/// (`--nocapture` to read it), and fails on any spill to local memory.
+#[test]
+fn every_kernel_fits_without_spills() {
+    if !nvrtc_or_skip("every_kernel_fits_without_spills") {
+        return;
+    }
+    for src in SOURCES {
+        for &cc in ARCHES {
+            let log = resource_usage(src, cc).unwrap_or_else(|e| panic!("{e}"));
+            let mut kernel = String::new();
+            for line in log.lines() {
+                if let Some(rest) = line.split("entry function '").nth(1) {
+                    kernel = rest.split('\'').next().unwrap_or_default().to_string();
+                } else if line.contains("Used") || line.contains("spill") {
+                    let text = line
+                        .trim_start_matches("ptxas")
+                        .trim_start_matches([' ', '.', 'i', 'n', 'f', 'o', ':']);
+                    eprintln!("{} sm_{}{} {kernel}: {}", src.file, cc.0, cc.1, text.trim());
+                }
+            }
+            for line in log.lines().filter(|l| l.contains("spill")) {
+                assert!(
+                    line.contains("0 bytes spill stores, 0 bytes spill loads"),
+                    "{} sm_{}{}: {line}",
+                    src.file,
+                    cc.0,
+                    cc.1
+                );
+            }
         }
     }
 }

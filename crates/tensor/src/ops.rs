@@ -5,6 +5,11 @@
 //! and backward); these wrappers serve library users and the tests. An op
 //! with no CUDA kernel yet returns [`Error::Unsupported`] on a GPU tensor.
 
+use std::sync::Arc;
+
+use aha_cuda_kernels::cudarc::driver::CudaSlice;
+use aha_cuda_kernels::{launch, Gpu};
+
 use crate::cpu::{self, Gemm};
 use crate::error::{Error, Result};
 use crate::tensor::{CudaBuf, Storage};
@@ -58,6 +63,46 @@ fn f32_tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
     Tensor::from_vec(data, shape, Device::Cpu)
 }
 
+/// A GPU and `K` of its f32 buffers.
+type CudaF32s<'a, const K: usize> = (Arc<Gpu>, [&'a CudaSlice<f32>; K]);
+
+/// The GPU and f32 buffers of `ts` when all are f32 tensors on one GPU;
+/// `None` when any is on the host (the CPU path then reports dtype errors).
+fn cuda_f32s<'a, const K: usize>(op: &'static str, ts: [&'a Tensor; K]) -> Result<Option<CudaF32s<'a, K>>> {
+    let mut gpu = None;
+    let mut bufs = Vec::with_capacity(K);
+    for t in ts {
+        let Storage::Cuda(s) = t.storage() else {
+            return Ok(None);
+        };
+        let CudaBuf::F32(b) = &s.buf else {
+            return Err(Error::DType {
+                op,
+                expected: "f32",
+                got: t.dtype(),
+            });
+        };
+        gpu.get_or_insert_with(|| s.gpu.clone());
+        bufs.push(b);
+    }
+    match (gpu, bufs.try_into()) {
+        (Some(g), Ok(b)) => Ok(Some((g, b))),
+        _ => Ok(None),
+    }
+}
+
+/// A new f32 tensor on `like`'s GPU holding `buf`.
+fn cuda_tensor(gpu: Arc<Gpu>, buf: CudaSlice<f32>, like: &Tensor) -> Tensor {
+    Tensor::from_parts(
+        like.shape().clone(),
+        like.device(),
+        Storage::Cuda(crate::tensor::CudaStorage {
+            gpu,
+            buf: CudaBuf::F32(buf),
+        }),
+    )
+}
+
 /// Matrix product of the last two dims: `a [.., M, K] @ b [.., K, N]`, with
 /// either operand stored transposed. `b` may be 2-D and shared by every
 /// matrix of a batched `a` (a linear layer).
@@ -107,9 +152,14 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
     f32_tensor(out, dims)
 }
 
-/// `a + b`, same shapes.
+/// `a + b`, same shapes. Runs on the GPU for f32 tensors there (`add_f32`).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     same_shape("add", a, b)?;
+    if let Some((gpu, [x, y])) = cuda_f32s("add", [a, b])? {
+        let mut out = gpu.zeros::<f32>(a.elem_count())?;
+        launch::add_f32(&gpu, &mut out, x, y, a.elem_count())?;
+        return Ok(cuda_tensor(gpu, out, a));
+    }
     let mut out = vec![0f32; a.elem_count()];
     cpu::add(&mut out, f32s("add", a)?, f32s("add", b)?)?;
     f32_tensor(out, a.shape().clone())
@@ -197,16 +247,27 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     rowwise("log_softmax", x, cpu::log_softmax_forward)
 }
 
-/// `x * sigmoid(x)`.
+/// `x * sigmoid(x)`. Runs on the GPU for f32 tensors there (`silu_forward_f32`).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if let Some((gpu, [xb])) = cuda_f32s("silu", [x])? {
+        let mut out = gpu.zeros::<f32>(x.elem_count())?;
+        launch::silu_forward_f32(&gpu, &mut out, xb, x.elem_count())?;
+        return Ok(cuda_tensor(gpu, out, x));
+    }
     let mut out = vec![0f32; x.elem_count()];
     cpu::silu(&mut out, f32s("silu", x)?)?;
     f32_tensor(out, x.shape().clone())
 }
 
-/// `silu(gate) * up`, same shapes.
+/// `silu(gate) * up`, same shapes. Runs on the GPU for f32 tensors there
+/// (`swiglu_forward_f32`).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     same_shape("swiglu", gate, up)?;
+    if let Some((gpu, [g, u])) = cuda_f32s("swiglu", [gate, up])? {
+        let mut out = gpu.zeros::<f32>(gate.elem_count())?;
+        launch::swiglu_forward_f32(&gpu, &mut out, g, u, gate.elem_count())?;
+        return Ok(cuda_tensor(gpu, out, gate));
+    }
     let mut out = vec![0f32; gate.elem_count()];
     cpu::swiglu(&mut out, f32s("swiglu", gate)?, f32s("swiglu", up)?)?;
     f32_tensor(out, gate.shape().clone())

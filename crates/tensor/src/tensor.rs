@@ -202,8 +202,33 @@ impl Tensor {
         })
     }
 
-    /// A copy converted to `dtype` (on the host; GPU tensors round-trip).
+    /// A copy converted to `dtype`. On a GPU, f32 <-> bf16 runs there
+    /// (`cast_f32_to_bf16`, round to nearest even; `cast_bf16_to_f32`); other
+    /// pairs round-trip through the host.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if let Storage::Cuda(s) = &self.storage {
+            let n = self.elem_count();
+            let buf = match (&s.buf, dtype) {
+                (CudaBuf::F32(b), DType::BF16) if n > 0 => {
+                    let mut out = s.gpu.zeros::<u16>(n)?;
+                    aha_cuda_kernels::launch::cast_f32_to_bf16(&s.gpu, &mut out, b, n)?;
+                    Some(CudaBuf::BF16(out))
+                }
+                (CudaBuf::BF16(b), DType::F32) if n > 0 => {
+                    let mut out = s.gpu.zeros::<f32>(n)?;
+                    aha_cuda_kernels::launch::cast_bf16_to_f32(&s.gpu, &mut out, b, n)?;
+                    Some(CudaBuf::F32(out))
+                }
+                _ => None,
+            };
+            if let Some(buf) = buf {
+                let storage = Storage::Cuda(CudaStorage {
+                    gpu: s.gpu.clone(),
+                    buf,
+                });
+                return Ok(Tensor::from_parts(self.shape.clone(), self.device, storage));
+            }
+        }
         match &self.storage {
             Storage::Cpu(s) => Ok(Tensor {
                 shape: self.shape.clone(),

@@ -63,6 +63,78 @@ fn rms_norm_cuda() {
     check_rms_norm(Device::Cuda(0)).unwrap();
 }
 
+/// The element-wise ops and the f32 <-> bf16 cast, dispatched on `dev`,
+/// against f64 formulas, on sizes around the kernels' 256-thread block.
+fn check_elementwise_ops(dev: Device) -> aha_tensor::Result<()> {
+    for (i, &n) in [1usize, 255, 257, 4099].iter().enumerate() {
+        let a = to_f32(&rand_vec(400 + i as u64, n, 6.0));
+        let b = to_f32(&rand_vec(500 + i as u64, n, 2.0));
+        let (at, bt) = (
+            Tensor::from_vec(a.clone(), [n], dev)?,
+            Tensor::from_vec(b.clone(), [n], dev)?,
+        );
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let sum = ops::add(&at, &bt)?;
+        let silu = ops::silu(&at)?;
+        let swiglu = ops::swiglu(&at, &bt)?;
+        assert_eq!((sum.device(), silu.device(), swiglu.device()), (dev, dev, dev));
+        let want_sum: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| x as f64 + y as f64).collect();
+        let want_silu: Vec<f64> = a.iter().map(|&x| x as f64 * sig(x as f64)).collect();
+        let want_swiglu: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| x as f64 * sig(x as f64) * y as f64)
+            .collect();
+        // add: one f32 rounding. silu/swiglu: f32 exp (fast-math __expf on the
+        // GPU) and division: a few 1e-7 relative on O(1) values.
+        assert_close(
+            &format!("add {n} on {dev}"),
+            &sum.to_vec::<f32>()?,
+            &want_sum,
+            0.0,
+            6e-8,
+        );
+        assert_close(
+            &format!("silu {n} on {dev}"),
+            &silu.to_vec::<f32>()?,
+            &want_silu,
+            2e-6,
+            2e-6,
+        );
+        assert_close(
+            &format!("swiglu {n} on {dev}"),
+            &swiglu.to_vec::<f32>()?,
+            &want_swiglu,
+            2e-6,
+            2e-6,
+        );
+        // The cast is specified bit for bit (round to nearest even).
+        let h = at.to_dtype(aha_tensor::DType::BF16)?;
+        assert_eq!(h.device(), dev);
+        let bits: Vec<u16> = h.to_vec::<aha_tensor::bf16>()?.iter().map(|v| v.to_bits()).collect();
+        let want: Vec<u16> = a.iter().map(|&x| aha_tensor::bf16::from_f32(x).to_bits()).collect();
+        assert_eq!(bits, want, "bf16 cast {n} on {dev}");
+        let back = h.to_dtype(aha_tensor::DType::F32)?.to_vec::<f32>()?;
+        let want_back: Vec<f32> = want.iter().map(|&b| aha_tensor::bf16::from_bits(b).to_f32()).collect();
+        assert_eq!(back, want_back, "f32 from bf16 {n} on {dev}");
+    }
+    Ok(())
+}
+
+#[test]
+fn elementwise_ops_cpu() {
+    check_elementwise_ops(Device::Cpu).unwrap();
+}
+
+#[test]
+fn elementwise_ops_cuda() {
+    if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
+        eprintln!("elementwise_ops_cuda: skipped: no GPU ({reason})");
+        return;
+    }
+    check_elementwise_ops(Device::Cuda(0)).unwrap();
+}
+
 #[test]
 fn tensor_round_trips_and_errors() {
     let t = Tensor::from_vec(vec![1.5f32, -2.0, 3.25, 0.0], [2, 2], Device::Cpu).unwrap();
