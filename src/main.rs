@@ -180,6 +180,98 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Supervised fine-tuning on JSONL prompt/completion (or messages) pairs,
+    /// loss on completion tokens only; saves the result in HF layout.
+    Sft {
+        /// Model folder (config.json alone: start from random weights).
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL with `prompt` + `completion`, or `messages`.
+        #[arg(long)]
+        data: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// none, r1-zero or chat.
+        #[arg(long, default_value = "chat")]
+        template: String,
+        /// Optimizer steps.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Peak learning rate (cosine schedule).
+        #[arg(long, default_value_t = 1e-5)]
+        lr: f64,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// k samples per problem; keep the correct, well-formatted, same-language,
+    /// length-bounded ones as SFT JSONL.
+    RejectionSample {
+        /// Model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL problems with answers.
+        #[arg(long)]
+        data: PathBuf,
+        /// Output JSONL (prompt, completion, answer).
+        #[arg(long)]
+        out: PathBuf,
+        /// none, r1-zero or chat.
+        #[arg(long, default_value = "r1-zero")]
+        template: String,
+        /// Samples per problem.
+        #[arg(long, default_value_t = 4)]
+        k: usize,
+        /// Completion length limit in tokens.
+        #[arg(long, default_value_t = 1024)]
+        max_new_tokens: usize,
+        /// Reasoning language to require (en, zh, ...).
+        #[arg(long)]
+        language: Option<String>,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Teacher writes traces, a student learns them by SFT; both evaluated.
+    Distill {
+        /// Teacher model folder.
+        #[arg(long)]
+        teacher: PathBuf,
+        /// Student folder (config.json + tokenizer; weights optional).
+        #[arg(long)]
+        student: PathBuf,
+        /// Problems for the teacher's traces.
+        #[arg(long)]
+        train: PathBuf,
+        /// Held-out problems.
+        #[arg(long)]
+        test: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// none, r1-zero or chat.
+        #[arg(long, default_value = "r1-zero")]
+        template: String,
+        /// Traces per problem.
+        #[arg(long, default_value_t = 2)]
+        k: usize,
+        /// Completion length limit.
+        #[arg(long, default_value_t = 1024)]
+        max_new_tokens: usize,
+        /// Student SFT steps.
+        #[arg(long, default_value_t = 500)]
+        steps: usize,
+        /// Student learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Evaluate on a math set (JSONL: GSM8K, MATH-500, AIME, AMC field names or
     /// prompt/answer): pass@1 over k samples, pass@k, cons@k; one JSON line.
     Eval {
@@ -368,6 +460,76 @@ fn main() -> Result<()> {
             cfg.dynamic_sampling |= dynamic_sampling;
             let m = aha_trainer::grpo_run::run_grpo(&cfg, resume, &mut |l| eprintln!("{l}"))?;
             println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
+        Command::Sft {
+            model,
+            data,
+            out,
+            template,
+            steps,
+            batch,
+            lr,
+            seed,
+        } => {
+            let loss = aha_trainer::sft_run::run_sft(&model, &data, &out, &template, steps, batch, lr, seed)?;
+            println!(
+                "{}",
+                serde_json::json!({"loss": loss, "out": out.display().to_string()})
+            );
+            Ok(())
+        }
+        Command::RejectionSample {
+            model,
+            data,
+            out,
+            template,
+            k,
+            max_new_tokens,
+            language,
+            seed,
+        } => {
+            let o = aha_trainer::sft_run::RejectionOptions {
+                k,
+                max_new_tokens,
+                min_chars: 1,
+                max_chars: usize::MAX,
+                language,
+                min_language_share: 0.95,
+                temperature: 1.0,
+                seed,
+            };
+            let s = aha_trainer::sft_run::run_rejection_sampling(&model, &data, &template, &o, &out)?;
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(())
+        }
+        Command::Distill {
+            teacher,
+            student,
+            train,
+            test,
+            out,
+            template,
+            k,
+            max_new_tokens,
+            steps,
+            lr,
+            seed,
+        } => {
+            let o = aha_trainer::sft_run::RejectionOptions {
+                k,
+                max_new_tokens,
+                min_chars: 1,
+                max_chars: usize::MAX,
+                language: None,
+                min_language_share: 0.0,
+                temperature: 1.0,
+                seed,
+            };
+            let r = aha_trainer::sft_run::run_distill(
+                &teacher, &student, &train, &test, &template, &o, steps, lr, 4, &out,
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Command::Pipeline { quick, out, seed } => {

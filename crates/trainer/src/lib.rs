@@ -16,6 +16,7 @@ pub mod optim;
 pub mod pipeline;
 pub mod plot;
 pub mod rl;
+pub mod sft_run;
 pub mod toy;
 
 pub use demo::{run_demo, run_demo_with, DemoConfig, DemoSummary, RunOptions};

@@ -60,7 +60,7 @@ fn encode_pair(tok: &Tokenizer, prompt: &str, completion: &str) -> Result<(Vec<u
 /// SFT over `examples` for `steps` steps of `batch`, drawing batches with
 /// `rng`; examples of similar length are batched together (length buckets:
 /// each batch is drawn from a window of the length-sorted list).
-fn sft(
+pub(crate) fn sft(
     model: &mut Model,
     examples: &[(Vec<u32>, Vec<u32>)],
     steps: usize,

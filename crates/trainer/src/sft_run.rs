@@ -1,0 +1,344 @@
+//! `aha sft`, `aha rejection-sample` and `aha distill` on a user's model and
+//! data.
+//!
+//! SFT data is JSONL: `{"prompt": ..., "completion": ...}` or
+//! `{"messages": [...]}` whose last message is the assistant's. The prompt
+//! side goes through the template; the completion is appended as written, so
+//! a chat template that strips reasoning before `</think>` from assistant
+//! turns (DeepSeek-R1's does) cannot delete the reasoning from the targets.
+//! The loss covers completion tokens only; batches are drawn from
+//! length-sorted windows (bucketing).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use aha_moe_model::Model;
+use aha_rewards::format::{check_format, FormatConfig};
+use aha_rewards::language::{chain_of_thought, consistency, Script};
+use aha_rewards::math::{verify, MathConfig};
+use aha_sampler::chat::{self, ChatTemplate};
+use aha_sampler::{load_tokenizer, Engine, EngineConfig, SamplingParams, Tokenizer};
+use serde::Serialize;
+
+use crate::data::read_math_jsonl;
+use crate::error::{io_err, Error, Result};
+use crate::eval::{evaluate_math, MathEval};
+use crate::toy::Rng;
+
+/// How prompts are rendered: `none`, `r1-zero` or `chat`.
+pub struct Templater {
+    kind: String,
+    chat: Option<ChatTemplate>,
+}
+
+impl Templater {
+    /// Loads the model folder's chat template when `kind` is `chat`.
+    pub fn new(kind: &str, model_dir: &Path) -> Result<Templater> {
+        if !["none", "r1-zero", "chat"].contains(&kind) {
+            return Err(Error::Other(format!(
+                "unknown template {kind:?}: none, r1-zero or chat"
+            )));
+        }
+        let chat = if kind == "chat" {
+            Some(ChatTemplate::load(model_dir)?)
+        } else {
+            None
+        };
+        Ok(Templater {
+            kind: kind.into(),
+            chat,
+        })
+    }
+
+    /// The prompt text for a plain question.
+    pub fn prompt(&self, text: &str) -> Result<String> {
+        Ok(match (self.kind.as_str(), &self.chat) {
+            ("r1-zero", _) => chat::render_r1_zero(text),
+            ("chat", Some(t)) => t.render_user_prompt(text)?,
+            _ => text.to_string(),
+        })
+    }
+
+    /// The prompt text for a conversation (the last message excluded), with
+    /// the generation prompt.
+    pub fn conversation(&self, messages: &serde_json::Value) -> Result<String> {
+        match &self.chat {
+            Some(t) => Ok(t.render(&chat::json_value(&messages.to_string())?, true, &[])?),
+            None => Err(Error::Other("`messages` lines need --template chat".into())),
+        }
+    }
+}
+
+fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(tok
+        .encode(text, false)
+        .map_err(|e| Error::Other(format!("tokenizing: {e}")))?
+        .get_ids()
+        .to_vec())
+}
+
+/// Reads SFT pairs as token ids (prompt, completion + EOS).
+pub fn read_sft_jsonl(
+    path: &Path,
+    tok: &Tokenizer,
+    t: &Templater,
+    eos: Option<u32>,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(io_err(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |m: &str| Error::Other(format!("{}:{n}: {m}", path.display()));
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
+        let (prompt, completion) = if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
+            let (last, rest) = msgs.split_last().ok_or_else(|| bad("empty `messages`"))?;
+            if last.get("role").and_then(|r| r.as_str()) != Some("assistant") {
+                return Err(bad("the last message must be the assistant's"));
+            }
+            let content = last
+                .get("content")
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| bad("assistant `content` must be a string"))?;
+            (
+                t.conversation(&serde_json::Value::Array(rest.to_vec()))?,
+                content.to_string(),
+            )
+        } else {
+            let p = v
+                .get("prompt")
+                .and_then(|x| x.as_str())
+                .ok_or_else(|| bad("no `prompt` string (or `messages`)"))?;
+            let c = v
+                .get("completion")
+                .and_then(|x| x.as_str())
+                .ok_or_else(|| bad("no `completion` string"))?;
+            (t.prompt(p)?, c.to_string())
+        };
+        let mut c = encode(tok, &completion)?;
+        if let Some(e) = eos {
+            c.push(e);
+        }
+        let p = encode(tok, &prompt)?;
+        if p.is_empty() || c.is_empty() {
+            return Err(bad("empty prompt or completion after tokenizing"));
+        }
+        out.push((p, c));
+    }
+    if out.is_empty() {
+        return Err(Error::Other(format!("{}: no examples", path.display())));
+    }
+    Ok(out)
+}
+
+/// Fine-tunes `model_dir` on `data` and saves to `out`; returns the last loss.
+///
+/// A folder with a `config.json` and a tokenizer but no weights starts from a
+/// random initialisation (a student trained from scratch).
+pub fn run_sft(
+    model_dir: &Path,
+    data: &Path,
+    out: &Path,
+    template: &str,
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    seed: u64,
+) -> Result<f64> {
+    let has_weights =
+        model_dir.join("model.safetensors").is_file() || model_dir.join("model.safetensors.index.json").is_file();
+    let mut model = if has_weights {
+        Model::load(model_dir)?
+    } else {
+        let mut m = Model::random(aha_moe_model::ModelConfig::from_path(model_dir)?, seed, 0.02);
+        m.source_dir = Some(model_dir.to_path_buf());
+        m
+    };
+    let tok = load_tokenizer(model_dir)?;
+    let t = Templater::new(template, model_dir)?;
+    let examples = read_sft_jsonl(data, &tok, &t, model.config.eos_token_ids.first().copied())?;
+    let max_pos = model.config.max_position_embeddings;
+    if let Some((i, e)) = examples
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.0.len() + e.1.len() > max_pos)
+    {
+        return Err(Error::Other(format!(
+            "{}: example {} has {} tokens, more than max_position_embeddings {max_pos}",
+            data.display(),
+            i + 1,
+            e.0.len() + e.1.len()
+        )));
+    }
+    let mut rng = Rng::new(seed);
+    let loss = crate::pipeline::sft(&mut model, &examples, steps, batch, lr, &mut rng)?;
+    model.save(out, 4 << 30)?;
+    Ok(loss)
+}
+
+/// Options of rejection sampling.
+pub struct RejectionOptions {
+    /// Samples per prompt.
+    pub k: usize,
+    /// Completion length limit (tokens).
+    pub max_new_tokens: usize,
+    /// Shortest kept completion (characters).
+    pub min_chars: usize,
+    /// Longest kept completion (characters).
+    pub max_chars: usize,
+    /// Language the reasoning must be in (`en`, `zh`, ...); `None`: not checked.
+    pub language: Option<String>,
+    /// Least share of words in that language's script.
+    pub min_language_share: f64,
+    /// Sampling temperature.
+    pub temperature: f32,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// What rejection sampling kept.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectionStats {
+    /// Completions sampled.
+    pub sampled: usize,
+    /// Completions kept.
+    pub kept: usize,
+    /// Prompts with at least one kept completion.
+    pub prompts_covered: usize,
+}
+
+/// k samples per prompt of a math set; keeps those that are correct (math
+/// verification), in R1-Zero's format, in the target language and within the
+/// length bounds; writes `{"prompt", "completion"}` lines to `out`.
+pub fn run_rejection_sampling(
+    model_dir: &Path,
+    data: &Path,
+    template: &str,
+    o: &RejectionOptions,
+    out: &Path,
+) -> Result<RejectionStats> {
+    let model = Model::load(model_dir)?;
+    let tok = load_tokenizer(model_dir)?;
+    let t = Templater::new(template, model_dir)?;
+    let ex = read_math_jsonl(data)?;
+    let prompts: Vec<Vec<u32>> = ex
+        .iter()
+        .map(|e| encode(&tok, &t.prompt(&e.prompt)?))
+        .collect::<Result<_>>()?;
+    let script = match &o.language {
+        Some(l) => Some(Script::of_language(l).map_err(|e| Error::Other(e.to_string()))?),
+        None => None,
+    };
+    let engine = Engine::new(
+        &model,
+        Some(&tok),
+        EngineConfig {
+            max_batch: (o.k * 16).max(64),
+            ..EngineConfig::default()
+        },
+        &[],
+    )?;
+    let params = SamplingParams {
+        temperature: o.temperature,
+        max_new_tokens: o.max_new_tokens,
+        seed: o.seed,
+        ..SamplingParams::default()
+    };
+    let (completions, _) = engine.generate(&prompts, o.k, &params)?;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io_err(out))?);
+    let mut covered = vec![false; ex.len()];
+    let mut kept = 0;
+    for c in &completions {
+        let e = &ex[c.prompt_index];
+        let ok = verify(&e.gold, &c.text, &MathConfig::default()).score == 1.0
+            && check_format(&c.text, &FormatConfig::default()).is_ok()
+            && (o.min_chars..=o.max_chars).contains(&c.text.chars().count())
+            && script
+                .is_none_or(|s| consistency(chain_of_thought(&c.text), s).is_some_and(|x| x >= o.min_language_share));
+        if ok {
+            kept += 1;
+            covered[c.prompt_index] = true;
+            writeln!(
+                w,
+                "{}",
+                serde_json::json!({"prompt": e.prompt, "completion": c.text, "answer": e.gold})
+            )
+            .map_err(io_err(out))?;
+        }
+    }
+    w.flush().map_err(io_err(out))?;
+    Ok(RejectionStats {
+        sampled: completions.len(),
+        kept,
+        prompts_covered: covered.iter().filter(|&&x| x).count(),
+    })
+}
+
+/// The result of a distillation.
+#[derive(Debug, Clone, Serialize)]
+pub struct DistillReport {
+    /// Traces the teacher wrote that were kept.
+    pub traces: usize,
+    /// Teacher's held-out scores.
+    pub teacher: MathEval,
+    /// Student's held-out scores after SFT.
+    pub student: MathEval,
+    /// Where the student was saved.
+    pub student_dir: PathBuf,
+}
+
+/// Teacher writes (rejection-sampled) traces for `train`; the student (a
+/// model folder, e.g. a smaller dense one) learns them by SFT; both are
+/// evaluated on `test` (pass@1 over `k_eval` samples at temperature 0.6).
+#[allow(clippy::too_many_arguments)]
+pub fn run_distill(
+    teacher_dir: &Path,
+    student_dir: &Path,
+    train: &Path,
+    test: &Path,
+    template: &str,
+    o: &RejectionOptions,
+    steps: usize,
+    lr: f64,
+    k_eval: usize,
+    out: &Path,
+) -> Result<DistillReport> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let traces_path = out.join("teacher_traces.jsonl");
+    let stats = run_rejection_sampling(teacher_dir, train, template, o, &traces_path)?;
+    if stats.kept == 0 {
+        return Err(Error::Other(
+            "the teacher's traces were all rejected: nothing to distil".into(),
+        ));
+    }
+    let sdir = out.join("student");
+    run_sft(student_dir, &traces_path, &sdir, template, steps, 32, lr, o.seed)?;
+    let score = |dir: &Path| -> Result<MathEval> {
+        let m = Model::load(dir)?;
+        let tok = load_tokenizer(dir).or_else(|_| load_tokenizer(student_dir))?;
+        let t = Templater::new(template, dir).or_else(|_| Templater::new(template, student_dir))?;
+        let ex = read_math_jsonl(test)?;
+        let prompts: Vec<Vec<u32>> = ex
+            .iter()
+            .map(|e| encode(&tok, &t.prompt(&e.prompt)?))
+            .collect::<Result<_>>()?;
+        let golds: Vec<String> = ex.iter().map(|e| e.gold.clone()).collect();
+        let params = SamplingParams {
+            temperature: 0.6,
+            top_p: 0.95,
+            max_new_tokens: o.max_new_tokens,
+            seed: o.seed,
+            ..SamplingParams::default()
+        };
+        Ok(evaluate_math(&m, &tok, &prompts, &golds, k_eval, &params)?.0)
+    };
+    Ok(DistillReport {
+        traces: stats.kept,
+        teacher: score(teacher_dir)?,
+        student: score(&sdir)?,
+        student_dir: sdir,
+    })
+}

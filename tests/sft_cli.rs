@@ -1,0 +1,173 @@
+//! `aha sft`, `aha rejection-sample` and `aha distill` end to end on the toy
+//! task: a teacher learns formatted traces by SFT from scratch, its samples
+//! are filtered by correctness and format, and a smaller dense student is
+//! distilled from it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+
+use aha_trainer::toy::{self, Rng};
+
+fn aha(args: &[&str], paths: &[(&str, &Path)]) -> serde_json::Value {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_aha"));
+    c.args(args);
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    let out = c.output().expect("run aha");
+    assert!(
+        out.status.success(),
+        "aha {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
+#[test]
+fn sft_rejection_sampling_and_distillation() {
+    let base = std::env::temp_dir().join(format!("aha-sft-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (t0, s0) = (base.join("teacher0"), base.join("student0"));
+    for (dir, cfg) in [
+        (&t0, aha_trainer::DemoConfig::quick(0).model_config_json()),
+        (
+            &s0,
+            serde_json::json!({"model_type": "qwen2", "vocab_size": toy::vocab_size(), "hidden_size": 48,
+                "intermediate_size": 144, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 96, "tie_word_embeddings": true, "eos_token_id": toy::EOS}),
+        ),
+    ] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), toy::tokenizer_json()).unwrap();
+    }
+    let mut rng = Rng::new(4);
+    let mut traces = String::new();
+    for _ in 0..600 {
+        let p = toy::problem(&mut rng, false);
+        traces.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": p.prompt(), "completion": p.reasoning()})
+        ));
+    }
+    // One line in chat form too: its prompt goes through the template.
+    std::fs::write(base.join("traces.jsonl"), &traces).unwrap();
+    let mut probs = String::new();
+    for _ in 0..40 {
+        let p = toy::problem(&mut rng, false);
+        probs.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": p.prompt(), "answer": p.answer().to_string()})
+        ));
+    }
+    std::fs::write(base.join("problems.jsonl"), &probs).unwrap();
+    let mut many = String::new();
+    for _ in 0..400 {
+        let p = toy::problem(&mut rng, false);
+        many.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"question": p.prompt(), "answer": format!("#### {}", p.answer())})
+        ));
+    }
+    std::fs::write(base.join("distill_train.jsonl"), &many).unwrap();
+    let mut test = String::new();
+    for p in toy::test_set().iter().step_by(40) {
+        test.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"problem": p.prompt(), "answer": p.answer()})
+        ));
+    }
+    std::fs::write(base.join("test.jsonl"), &test).unwrap();
+
+    let teacher = base.join("teacher");
+    let r = aha(
+        &[
+            "sft",
+            "--template",
+            "none",
+            "--steps",
+            "800",
+            "--batch",
+            "32",
+            "--lr",
+            "3e-3",
+        ],
+        &[
+            ("--model", &t0),
+            ("--data", &base.join("traces.jsonl")),
+            ("--out", &teacher),
+        ],
+    );
+    assert!(r["loss"].as_f64().unwrap() < 0.2, "{r}");
+    let r = aha(
+        &[
+            "rejection-sample",
+            "--template",
+            "none",
+            "--k",
+            "2",
+            "--max-new-tokens",
+            "40",
+        ],
+        &[
+            ("--model", &teacher),
+            ("--data", &base.join("problems.jsonl")),
+            ("--out", &base.join("rs.jsonl")),
+        ],
+    );
+    assert_eq!(r["sampled"], 80);
+    assert!(r["kept"].as_u64().unwrap() >= 40, "{r}");
+    let kept = std::fs::read_to_string(base.join("rs.jsonl")).unwrap();
+    assert!(kept.lines().all(|l| l.contains("<think>") && l.contains("</answer>")));
+    let r = aha(
+        &[
+            "distill",
+            "--template",
+            "none",
+            "--k",
+            "2",
+            "--max-new-tokens",
+            "40",
+            "--steps",
+            "1500",
+            "--lr",
+            "3e-3",
+        ],
+        &[
+            ("--teacher", &teacher),
+            ("--student", &s0),
+            ("--train", &base.join("distill_train.jsonl")),
+            ("--test", &base.join("test.jsonl")),
+            ("--out", &base.join("distill")),
+        ],
+    );
+    eprintln!("{r}");
+    assert!(r["teacher"]["pass_at_1"].as_f64().unwrap() >= 0.5, "{r}");
+    assert!(r["student"]["pass_at_1"].as_f64().unwrap() >= 0.3, "{r}");
+    assert!(base.join("distill/student/model.safetensors").is_file());
+    // A bad SFT line names file and line.
+    std::fs::write(
+        base.join("bad.jsonl"),
+        "{\"prompt\": \"1+1=\", \"completion\": \"2\"}\n{\"prompt\": 3}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["sft", "--template", "none", "--steps", "1"])
+        .arg("--model")
+        .arg(&t0)
+        .arg("--data")
+        .arg(base.join("bad.jsonl"))
+        .arg("--out")
+        .arg(base.join("x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.jsonl:2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
