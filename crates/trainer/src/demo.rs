@@ -25,7 +25,7 @@ use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate, EvalResult};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
 use crate::plot::line_chart;
-use crate::rl::{grpo_step, GrpoStep, RewardFn};
+use crate::rl::{grpo_step, GrpoStep};
 use crate::toy::{self, Problem, Rng};
 
 /// Everything a demo run does; written to `config.json` in the run folder.
@@ -100,6 +100,30 @@ impl DemoConfig {
             eval_every: 10,
             eval_problems: 200,
             ..DemoConfig::full(seed)
+        }
+    }
+
+    /// The GRPO step of the demo's RL phase: G samples at the rollout
+    /// temperature, the GRPO loss with KL coefficient `beta`, group advantages.
+    pub fn grpo_step_config(&self) -> GrpoStep {
+        GrpoStep {
+            num_generations: self.num_generations,
+            loss: LossConfig {
+                beta: self.beta,
+                max_completion_length: self.max_new_tokens,
+                ..LossConfig::default()
+            },
+            advantages: AdvantageEstimator::Group,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                max_new_tokens: self.max_new_tokens,
+                stop_token_ids: vec![toy::EOS],
+                seed: self.seed,
+                ..SamplingParams::default()
+            },
+            mask_truncated: false,
+            num_iterations: 1,
+            minibatches: 1,
         }
     }
 
@@ -419,23 +443,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
     let grpo_start = if phase == "grpo" { start_step } else { 0 };
 
     // 2. GRPO with accuracy and format rewards.
-    let step_cfg = GrpoStep {
-        num_generations: cfg.num_generations,
-        loss: LossConfig {
-            beta: cfg.beta,
-            max_completion_length: cfg.max_new_tokens,
-            ..LossConfig::default()
-        },
-        advantages: AdvantageEstimator::Group,
-        sampling: SamplingParams {
-            temperature: cfg.temperature,
-            max_new_tokens: cfg.max_new_tokens,
-            stop_token_ids: vec![toy::EOS],
-            seed: cfg.seed,
-            ..SamplingParams::default()
-        },
-        mask_truncated: false,
-    };
+    let step_cfg = cfg.grpo_step_config();
     let mut last = base;
     for step in grpo_start + 1..=cfg.grpo_steps {
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
@@ -445,19 +453,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
             .iter()
             .map(|p| toy::encode(&tok, &p.prompt()))
             .collect::<Result<_>>()?;
-        let probs = &problems;
-        let rewards = [
-            RewardFn {
-                name: "accuracy".into(),
-                weight: 1.0,
-                score: Box::new(move |text: &str, i: usize| toy::accuracy_reward(text, &probs[i])),
-            },
-            RewardFn {
-                name: "format".into(),
-                weight: 1.0,
-                score: Box::new(|text: &str, _| toy::format_reward(text)),
-            },
-        ];
+        let rewards = toy::rewards(&problems);
         let mut sc = step_cfg.clone();
         sc.sampling.seed = cfg.seed.wrapping_add(step as u64 * 1_000_003);
         let (mut m, _) = grpo_step(&mut model, Some(&reference), &mut opt, &tok, &prompts, &rewards, &sc)?;

@@ -77,6 +77,10 @@ pub struct GrpoConfig {
     pub max_completion_length: usize,
     /// Leave completions cut at the length limit out of the loss.
     pub mask_truncated_completions: bool,
+    /// Passes over each generation batch (mu; TRL's default 1).
+    pub num_iterations: usize,
+    /// Updates per pass (the generation batch split into minibatches).
+    pub minibatches: usize,
     /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
     /// more prompts until the step has `prompts_per_step` groups.
     pub dynamic_sampling: bool,
@@ -119,6 +123,8 @@ impl Default for GrpoConfig {
             max_prompt_length: 512,
             max_completion_length: 1024,
             mask_truncated_completions: false,
+            num_iterations: 1,
+            minibatches: 1,
             dynamic_sampling: false,
             dynamic_sampling_max_rounds: 4,
             reference_reset_every: 400,
@@ -312,6 +318,8 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             ..SamplingParams::default()
         },
         mask_truncated: cfg.mask_truncated_completions,
+        num_iterations: cfg.num_iterations,
+        minibatches: cfg.minibatches,
     };
     let g = cfg.num_generations;
     let mut last = aha_grpo::Metrics::new();

@@ -16,7 +16,6 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use aha_grpo::{AdvantageEstimator, LossConfig};
 use aha_moe_model::{Model, ModelConfig};
 use aha_sampler::{Engine, EngineConfig, SamplingParams, Tokenizer};
 use serde::Serialize;
@@ -25,7 +24,7 @@ use crate::demo::DemoConfig;
 use crate::error::{io_err, Result};
 use crate::eval::{evaluate_math, MathEval};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
-use crate::rl::{grpo_step, GrpoStep, RewardFn};
+use crate::rl::grpo_step;
 use crate::toy::{self, Problem, Rng};
 
 /// One row of the final table.
@@ -83,42 +82,12 @@ pub(crate) fn sft(
     Ok(loss)
 }
 
-fn rewards(problems: &[Problem]) -> [RewardFn<'_>; 2] {
-    [
-        RewardFn {
-            name: "accuracy".into(),
-            weight: 1.0,
-            score: Box::new(move |text: &str, i: usize| toy::accuracy_reward(text, &problems[i])),
-        },
-        RewardFn {
-            name: "format".into(),
-            weight: 1.0,
-            score: Box::new(|text: &str, _| toy::format_reward(text)),
-        },
-    ]
-}
-
 /// GRPO from `model` for `steps` steps (accuracy and format rewards, KL to
 /// the starting weights).
 fn grpo(model: &mut Model, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng: &mut Rng, seed: u64) -> Result<()> {
     let reference = model.clone();
     let mut opt = Optimizer::new(optim(cfg.grpo_lr, steps, Schedule::Constant), model.params.len());
-    let step_cfg = GrpoStep {
-        num_generations: cfg.num_generations,
-        loss: LossConfig {
-            beta: cfg.beta,
-            max_completion_length: cfg.max_new_tokens,
-            ..LossConfig::default()
-        },
-        advantages: AdvantageEstimator::Group,
-        sampling: SamplingParams {
-            temperature: cfg.temperature,
-            max_new_tokens: cfg.max_new_tokens,
-            stop_token_ids: vec![toy::EOS],
-            ..SamplingParams::default()
-        },
-        mask_truncated: false,
-    };
+    let step_cfg = cfg.grpo_step_config();
     for step in 1..=steps {
         let problems: Vec<Problem> = (0..cfg.prompts_per_step).map(|_| toy::problem(rng, false)).collect();
         let prompts: Vec<Vec<u32>> = problems
@@ -133,7 +102,7 @@ fn grpo(model: &mut Model, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng:
             &mut opt,
             tok,
             &prompts,
-            &rewards(&problems),
+            &toy::rewards(&problems),
             &sc,
         )?;
     }

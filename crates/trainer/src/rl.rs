@@ -39,6 +39,12 @@ pub struct GrpoStep {
     /// Leave completions cut by the length limit out of the loss (TRL's
     /// `mask_truncated_completions`; DAPO).
     pub mask_truncated: bool,
+    /// Passes over each generation batch (mu in DeepSeekMath; TRL's
+    /// `num_iterations`, default 1).
+    pub num_iterations: usize,
+    /// Optimizer updates per pass: the generation batch is split into this
+    /// many minibatches of whole completions (1: one update per pass).
+    pub minibatches: usize,
 }
 
 /// Scored completions of a set of prompts, G each, grouped by prompt.
@@ -194,51 +200,76 @@ pub fn train_on(
             mask[i * tc + j] = train;
         }
     }
-    let gather = |full: &[f32]| -> Vec<f64> {
-        let mut out = vec![0f64; n * tc];
-        for (i, c) in completions.iter().enumerate() {
-            let base = i * t + prompts[c.prompt_index].len() - 1;
+    // Log-probs of completion tokens for rows r0..r1 of a sub-batch forward.
+    let gather = |full: &[f32], r0: usize, r1: usize| -> Vec<f64> {
+        let mut out = vec![0f64; (r1 - r0) * tc];
+        for (k, c) in completions[r0..r1].iter().enumerate() {
+            let base = k * t + prompts[c.prompt_index].len() - 1;
             for j in 0..c.token_ids.len() {
-                out[i * tc + j] = full[base + j] as f64;
+                out[k * tc + j] = full[base + j] as f64;
             }
         }
         out
     };
-    let acts = policy.forward(&ids, n, t)?;
-    let (logp, lse) = policy.token_logprobs(&acts, &targets)?;
-    let logp_c = gather(&logp);
+    let mu = cfg.num_iterations.max(1);
+    let nmb = cfg.minibatches.clamp(1, n.max(1));
+    // With more than one update per generation batch, the policy that
+    // sampled ("old") differs from the one being trained: keep its log-probs.
+    let old_c: Option<Vec<f64>> = if mu > 1 || nmb > 1 {
+        let a = policy.forward(&ids, n, t)?;
+        Some(gather(&policy.token_logprobs(&a, &targets)?.0, 0, n))
+    } else {
+        None
+    };
     let ref_c = match (cfg.loss.beta > 0.0, reference) {
         (true, Some(r)) => {
             let ra = r.forward(&ids, n, t)?;
-            Some(gather(&r.token_logprobs(&ra, &targets)?.0))
+            Some(gather(&r.token_logprobs(&ra, &targets)?.0, 0, n))
         }
         _ => None,
     };
-    let out = grpo_loss(
-        &LossInputs {
-            batch: n,
-            seq: tc,
-            logp: &logp_c,
-            old_logp: None,
-            ref_logp: ref_c.as_deref(),
-            mask: &mask,
-            advantages: &adv.values,
-            entropy: None,
-            num_items_in_batch: None,
-        },
-        &cfg.loss,
-    )?;
-    let mut dlogp = vec![0f32; n * t];
-    for (i, c) in completions.iter().enumerate() {
-        let base = i * t + prompts[c.prompt_index].len() - 1;
-        for j in 0..c.token_ids.len() {
-            dlogp[base + j] = out.dlogp[i * tc + j] as f32;
+    let total_tokens = mask.iter().filter(|&&x| x).count() as f64;
+    let rows_per = n.div_ceil(nmb).max(1);
+    let mut last = None;
+    for _ in 0..mu {
+        for r0 in (0..n).step_by(rows_per) {
+            let r1 = (r0 + rows_per).min(n);
+            let nb = r1 - r0;
+            let (sub_ids, sub_targets) = (&ids[r0 * t..r1 * t], &targets[r0 * t..r1 * t]);
+            let acts = policy.forward(sub_ids, nb, t)?;
+            let (logp, lse) = policy.token_logprobs(&acts, sub_targets)?;
+            let logp_c = gather(&logp, r0, r1);
+            let out = grpo_loss(
+                &LossInputs {
+                    batch: nb,
+                    seq: tc,
+                    logp: &logp_c,
+                    old_logp: old_c.as_ref().map(|o| &o[r0 * tc..r1 * tc]),
+                    ref_logp: ref_c.as_ref().map(|x| &x[r0 * tc..r1 * tc]),
+                    mask: &mask[r0 * tc..r1 * tc],
+                    advantages: &adv.values[r0..r1],
+                    entropy: None,
+                    num_items_in_batch: Some(total_tokens),
+                },
+                &cfg.loss,
+            )?;
+            let mut dlogp = vec![0f32; nb * t];
+            for (k, c) in completions[r0..r1].iter().enumerate() {
+                let base = k * t + prompts[c.prompt_index].len() - 1;
+                for j in 0..c.token_ids.len() {
+                    dlogp[base + j] = out.dlogp[k * tc + j] as f32;
+                }
+            }
+            let mut grads = vec![0f32; policy.params.len()];
+            policy.backward(&acts, sub_targets, &lse, &dlogp, &mut grads)?;
+            drop(acts);
+            let info = opt.update(policy, &mut grads)?;
+            last = Some((out, info));
         }
     }
-    let mut grads = vec![0f32; policy.params.len()];
-    policy.backward(&acts, &targets, &lse, &dlogp, &mut grads)?;
-    drop(acts);
-    let info = opt.update(policy, &mut grads)?;
+    let Some((out, info)) = last else {
+        return Err(crate::error::Error::Other("train_on: empty batch".into()));
+    };
 
     let mut m = out.metrics;
     let named: Vec<(&str, &[f64])> = names.iter().zip(&r.per_fn).map(|(nm, v)| (*nm, &v[..])).collect();

@@ -227,3 +227,20 @@ pub fn accuracy_reward(text: &str, p: &Problem) -> f64 {
         0.0
     }
 }
+
+/// The toy task's two rewards, accuracy (strict) and format, each weight 1,
+/// for a step's `problems` (indexed by prompt).
+pub fn rewards(problems: &[Problem]) -> [crate::rl::RewardFn<'_>; 2] {
+    [
+        crate::rl::RewardFn {
+            name: "accuracy".into(),
+            weight: 1.0,
+            score: Box::new(move |text: &str, i: usize| accuracy_reward(text, &problems[i])),
+        },
+        crate::rl::RewardFn {
+            name: "format".into(),
+            weight: 1.0,
+            score: Box::new(|text: &str, _| format_reward(text)),
+        },
+    ]
+}
