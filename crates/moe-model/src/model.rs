@@ -669,33 +669,13 @@ impl Model {
     }
 }
 
-/// splitmix64: a tiny deterministic generator for initialisation.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-}
-
 impl Model {
     /// A model with transformers-style random initialisation: weights
     /// N(0, `std`) (HF's `initializer_range`, usually 0.02), norm weights 1,
     /// biases and the expert correction bias 0. Deterministic in `seed`.
     pub fn random(config: ModelConfig, seed: u64, std: f32) -> Model {
         let mut m = Model::zeros(config);
-        let mut rng = SplitMix(seed);
+        let mut rng = aha_tensor::rng::SplitMix64(seed);
         for e in &m.layout.entries {
             let dst = e.slot.of_mut(&mut m.params);
             let is_norm = e.name.ends_with("norm.weight") || e.name.ends_with("layernorm.weight");

@@ -11,6 +11,7 @@
 //! removed mass `1 - kept`, the token was actually drawn with probability
 //! `p / kept`; add `-ln(kept)` (returned as `truncated_mass_log`) to get that.
 
+use aha_tensor::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -85,30 +86,24 @@ impl SamplingParams {
 /// A small, fast, seedable generator (splitmix64) with a stable stream:
 /// the same seed gives the same numbers on every platform and version.
 #[derive(Debug, Clone)]
-pub struct SeqRng(u64);
+pub struct SeqRng(SplitMix64);
 
 impl SeqRng {
     /// The stream of completion `sample` of prompt `prompt` under `seed`.
     pub fn for_sequence(seed: u64, prompt: u64, sample: u64) -> SeqRng {
-        let mut r = SeqRng(seed ^ 0x243f_6a88_85a3_08d3);
-        let a = r.next_u64() ^ prompt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let mut r = SeqRng(a);
-        let b = r.next_u64() ^ sample.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
-        SeqRng(b)
+        let a = SplitMix64(seed ^ 0x243f_6a88_85a3_08d3).next_u64() ^ prompt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let b = SplitMix64(a).next_u64() ^ sample.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        SeqRng(SplitMix64(b))
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit()
     }
 }
 

@@ -24,6 +24,7 @@ mod dtype;
 mod error;
 pub mod ops;
 mod real;
+pub mod rng;
 mod shape;
 mod tensor;
 

@@ -15,6 +15,7 @@
 //! style is rewarded, gets more accurate answers and longer completions. That
 //! is R1-Zero's finding in miniature; the toy makes it happen in minutes.
 
+use aha_tensor::rng::SplitMix64;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
@@ -116,38 +117,34 @@ impl Problem {
     }
 }
 
-/// A tiny deterministic generator for the task (splitmix64).
+/// The task's data generator: splitmix64 with a seed of its own.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     /// Seeded stream.
     pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x51_7cc1_b727_220a)
+        Rng(SplitMix64(seed ^ 0x51_7cc1_b727_220a))
     }
     /// The generator's state, for checkpoints.
     pub fn state(&self) -> u64 {
-        self.0
+        self.0 .0
     }
     /// A generator continuing from a saved [`Rng::state`].
     pub fn from_state(state: u64) -> Rng {
-        Rng(state)
+        Rng(SplitMix64(state))
     }
     /// Next 64 bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform below `n`.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
+        self.0.below(n)
     }
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit()
     }
 }
 
