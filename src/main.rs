@@ -356,6 +356,46 @@ enum BenchCommand {
     },
 }
 
+/// Log lines of long runs: on a terminal, step lines (`pretrain ...`,
+/// `grpo ...`, `step ...`) overwrite each other as a live status line and
+/// other lines scroll above it; elsewhere (files, CI) every line is printed.
+struct Progress {
+    tty: bool,
+    live: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            live: false,
+        }
+    }
+
+    fn line(&mut self, l: &str) {
+        let step = ["pretrain ", "grpo ", "step "].iter().any(|p| l.starts_with(p));
+        if self.tty && step {
+            eprint!("\r{l}\x1b[K");
+            self.live = true;
+        } else {
+            if self.live {
+                eprintln!();
+                self.live = false;
+            }
+            eprintln!("{l}");
+        }
+    }
+
+    /// Ends a live status line, if one is showing.
+    fn finish(&mut self) {
+        if self.live {
+            eprintln!();
+            self.live = false;
+        }
+    }
+}
+
 fn main() -> Result<()> {
     aha_tensor::tune_allocator();
     let cli = Cli::parse();
@@ -380,7 +420,9 @@ fn main() -> Result<()> {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/demo-{seed}")));
             eprintln!("aha demo: R1-Zero on two-digit addition; run folder {}", out.display());
             let opts = aha_trainer::RunOptions { resume, save_every };
-            let s = aha_trainer::run_demo_with(&cfg, &out, opts, &mut |line| eprintln!("{line}"))?;
+            let mut p = Progress::new();
+            let s = aha_trainer::run_demo_with(&cfg, &out, opts, &mut |line| p.line(line))?;
+            p.finish();
             eprintln!(
                 "held-out accuracy {:.1}% -> {:.1}%, format {:.1}% -> {:.1}%, length {:.1} -> {:.1} tokens, {:.0} s",
                 s.base_accuracy * 100.0,
@@ -458,7 +500,9 @@ fn main() -> Result<()> {
                 cfg.seed = v;
             }
             cfg.dynamic_sampling |= dynamic_sampling;
-            let m = aha_trainer::grpo_run::run_grpo(&cfg, resume, &mut |l| eprintln!("{l}"))?;
+            let mut p = Progress::new();
+            let m = aha_trainer::grpo_run::run_grpo(&cfg, resume, &mut |l| p.line(l))?;
+            p.finish();
             println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
@@ -535,7 +579,8 @@ fn main() -> Result<()> {
         Command::Pipeline { quick, out, seed } => {
             let cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/pipeline-{seed}")));
-            let rows = aha_trainer::pipeline::run_pipeline(&cfg, &out, &mut |l| eprintln!("{l}"))?;
+            let mut p = Progress::new();
+            let rows = aha_trainer::pipeline::run_pipeline(&cfg, &out, &mut |l| p.line(l))?;
             eprintln!(
                 "{:<10} {:>8} {:>8} {:>8} {:>8}",
                 "model", "params", "pass@1", "cons@k", "length"

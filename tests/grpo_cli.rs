@@ -30,7 +30,7 @@ fn grpo_runs_from_toml_and_resumes() {
     let toml = format!(
         "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 4\nprompts_per_step = 2\nnum_generations = 4\nlearning_rate = 1e-4\n\
          max_completion_length = 30\ntemplate = \"none\"\nsave_every = 2\ndynamic_sampling = true\nreference_reset_every = 3\nnum_iterations = 2\nminibatches = 2\n\
-         rewards = [{{ name = \"accuracy\", weight = 1.0 }}, {{ name = \"format\", weight = 0.5 }}]\n",
+         rewards = [{{ name = \"accuracy\", weight = 1.0 }}, {{ name = \"format\", weight = 0.5 }}, {{ name = \"language\", weight = 0.1 }}]\n",
         base.join("demo/checkpoint"),
         data,
         base.join("run")

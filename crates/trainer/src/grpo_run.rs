@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use aha_grpo::{AdvantageEstimator, KlEstimator, LossConfig, LossType};
 use aha_moe_model::Model;
 use aha_rewards::format::{check_format, tag_count, FormatConfig};
+use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
 use aha_sampler::chat::{self, ChatTemplate};
 use aha_sampler::{load_tokenizer, SamplingParams, Tokenizer};
@@ -25,7 +26,9 @@ use crate::toy::Rng;
 #[serde(deny_unknown_fields)]
 pub struct RewardSpec {
     /// `accuracy` (math verification against `answer`, strict: boxed or
-    /// `<answer>`), `format` (R1-Zero's think/answer template) or `tag_count`.
+    /// `<answer>`), `format` (R1-Zero's think/answer template), `tag_count`,
+    /// or `language` (share of the reasoning's words in `language`'s script,
+    /// R1's language-consistency reward).
     pub name: String,
     /// Weight in the sum.
     pub weight: f64,
@@ -92,6 +95,8 @@ pub struct GrpoConfig {
     pub template: String,
     /// The rewards and their weights.
     pub rewards: Vec<RewardSpec>,
+    /// Target language of the `language` reward (`en`, `zh`, `ru`, ...).
+    pub language: String,
     /// Global gradient-norm clip.
     pub max_grad_norm: f64,
     /// Save a checkpoint every N steps (0: only the final model).
@@ -139,6 +144,7 @@ impl Default for GrpoConfig {
                     weight: 1.0,
                 },
             ],
+            language: "en".into(),
             max_grad_norm: 1.0,
             save_every: 0,
             seed: 0,
@@ -158,18 +164,24 @@ impl GrpoConfig {
             return bad("steps and prompts_per_step must be >= 1 and num_generations >= 2".into());
         }
         for r in &self.rewards {
-            if !["accuracy", "format", "tag_count"].contains(&r.name.as_str()) {
-                return bad(format!("unknown reward {:?} (accuracy, format, tag_count)", r.name));
+            if !["accuracy", "format", "tag_count", "language"].contains(&r.name.as_str()) {
+                return bad(format!(
+                    "unknown reward {:?} (accuracy, format, tag_count, language)",
+                    r.name
+                ));
             }
         }
         if self.rewards.is_empty() {
             return bad("no rewards".into());
         }
+        if let Err(e) = Script::of_language(&self.language) {
+            return bad(format!("language {:?}: {e}", self.language));
+        }
         Ok(())
     }
 }
 
-fn reward_fns<'a>(specs: &[RewardSpec], golds: &'a [String]) -> Vec<RewardFn<'a>> {
+fn reward_fns<'a>(specs: &[RewardSpec], golds: &'a [String], script: Script) -> Vec<RewardFn<'a>> {
     specs
         .iter()
         .map(|s| {
@@ -178,6 +190,8 @@ fn reward_fns<'a>(specs: &[RewardSpec], golds: &'a [String]) -> Vec<RewardFn<'a>
                     Box::new(move |text: &str, i: usize| verify(&golds[i], text, &MathConfig::default()).score)
                 }
                 "format" => Box::new(|text: &str, _| f64::from(check_format(text, &FormatConfig::default()).is_ok())),
+                // No words in the reasoning: nothing to reward (0, not NaN).
+                "language" => Box::new(move |text: &str, _| consistency(chain_of_thought(text), script).unwrap_or(0.0)),
                 _ => Box::new(|text: &str, _| tag_count(text)),
             };
             RewardFn {
@@ -322,6 +336,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         minibatches: cfg.minibatches,
     };
     let g = cfg.num_generations;
+    let script = Script::of_language(&cfg.language).map_err(|e| Error::Other(e.to_string()))?;
     let mut last = aha_grpo::Metrics::new();
     for step in start + 1..=cfg.steps {
         if cfg.reference_reset_every > 0 && step > 1 && (step - 1) % cfg.reference_reset_every == 0 {
@@ -342,7 +357,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| data[i].0.clone()).collect();
             let golds: Vec<String> = picks.iter().map(|&i| data[i].1.clone()).collect();
             sc.sampling.seed = cfg.seed.wrapping_add((step * 1_000_003 + round * 7919) as u64);
-            let fns = reward_fns(&cfg.rewards, &golds);
+            let fns = reward_fns(&cfg.rewards, &golds, script);
             let r = rollout(&policy, &tok, &prompts, &fns, &sc)?;
             let keep: Vec<usize> = if cfg.dynamic_sampling && round < cfg.dynamic_sampling_max_rounds {
                 (0..prompts.len()).filter(|&k| !r.group_is_flat(k, g)).collect()
