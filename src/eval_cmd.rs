@@ -28,14 +28,10 @@ pub fn run(a: &EvalArgs<'_>) -> Result<()> {
     if let Some(n) = a.limit {
         examples.truncate(n);
     }
-    let chat = if a.template == "chat" {
-        Some(aha_sampler::ChatTemplate::load(a.model)?)
-    } else {
-        None
-    };
+    let templater = aha_trainer::sft_run::Templater::new(a.template, a.model)?;
     let prompts: Vec<Vec<u32>> = examples
         .iter()
-        .map(|e| crate::generate::encode_prompt(&tok, a.template, &e.prompt, chat.as_ref()))
+        .map(|e| Ok(templater.encode(&tok, &e.prompt)?))
         .collect::<Result<_>>()?;
     let golds: Vec<String> = examples.iter().map(|e| e.gold.clone()).collect();
     if a.k == 0 {

@@ -58,28 +58,6 @@ pub fn read_prompt_lines(path: &Path) -> Result<Vec<PromptLine>> {
 /// `r1-zero` (the R1-Zero template) or `chat` (the model folder's chat
 /// template over the line's `messages`, or one user turn, with the
 /// generation prompt).
-/// Renders one prompt text with `template` (none, r1-zero, or chat with the
-/// model's `chat` template as a single user turn) and tokenizes it.
-pub fn encode_prompt(
-    tok: &aha_sampler::Tokenizer,
-    template: &str,
-    text: &str,
-    chat: Option<&ChatTemplate>,
-) -> Result<Vec<u32>> {
-    let rendered = match (template, chat) {
-        ("none", _) => text.to_string(),
-        ("r1-zero", _) => chat::render_r1_zero(text),
-        ("chat", Some(t)) => t.render_user_prompt(text)?,
-        ("chat", None) => bail!("--template chat: the model folder has no chat template loaded"),
-        (other, _) => bail!("unknown --template {other:?}: none, r1-zero or chat"),
-    };
-    Ok(tok
-        .encode(rendered, false)
-        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
-        .get_ids()
-        .to_vec())
-}
-
 pub fn template_prompts(path: &Path, template: &str, model_dir: &Path) -> Result<Vec<String>> {
     let chat_template = match template {
         "none" | "r1-zero" => None,

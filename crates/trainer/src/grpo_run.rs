@@ -10,8 +10,7 @@ use aha_moe_model::Model;
 use aha_rewards::format::{check_format, tag_count, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
-use aha_sampler::chat::{self, ChatTemplate};
-use aha_sampler::{load_tokenizer, SamplingParams, Tokenizer};
+use aha_sampler::{load_tokenizer, SamplingParams};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
@@ -19,6 +18,7 @@ use crate::data::{read_math_jsonl, MathExample};
 use crate::error::{io_err, Error, Result};
 use crate::optim::{OptimConfig, Optimizer, Schedule};
 use crate::rl::{rollout, train_on, GrpoStep, RewardFn, Rollouts};
+use crate::sft_run::Templater;
 use crate::toy::Rng;
 
 /// One reward in the weighted sum.
@@ -203,24 +203,6 @@ fn reward_fns<'a>(specs: &[RewardSpec], golds: &'a [String], script: Script) -> 
         .collect()
 }
 
-fn encode(tok: &Tokenizer, template: &str, chat: Option<&ChatTemplate>, text: &str) -> Result<Vec<u32>> {
-    let rendered = match (template, chat) {
-        ("none", _) => text.to_string(),
-        ("r1-zero", _) => chat::render_r1_zero(text),
-        ("chat", Some(t)) => t.render_user_prompt(text)?,
-        (other, _) => {
-            return Err(Error::Other(format!(
-                "unknown template {other:?}: none, r1-zero or chat"
-            )))
-        }
-    };
-    Ok(tok
-        .encode(rendered, false)
-        .map_err(|e| Error::Other(format!("tokenizing: {e}")))?
-        .get_ids()
-        .to_vec())
-}
-
 /// Runs GRPO as configured; `resume` continues from the run folder's latest
 /// checkpoint. Returns the final step's metrics.
 pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Result<aha_grpo::Metrics> {
@@ -228,16 +210,12 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     let out = &cfg.out;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let tok = load_tokenizer(&cfg.model)?;
-    let chat_t = if cfg.template == "chat" {
-        Some(ChatTemplate::load(&cfg.model)?)
-    } else {
-        None
-    };
+    let templater = Templater::new(&cfg.template, &cfg.model)?;
     let examples: Vec<MathExample> = read_math_jsonl(&cfg.data)?;
     let mut data: Vec<(Vec<u32>, String)> = Vec::new();
     let mut skipped = 0;
     for e in &examples {
-        let ids = encode(&tok, &cfg.template, chat_t.as_ref(), &e.prompt)?;
+        let ids = templater.encode(&tok, &e.prompt)?;
         if ids.len() > cfg.max_prompt_length {
             skipped += 1;
         } else {

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::data::read_math_jsonl;
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, MathEval};
-use crate::toy::Rng;
+use crate::toy::{encode, Rng};
 
 /// How prompts are rendered: `none`, `r1-zero` or `chat`.
 pub struct Templater {
@@ -59,6 +59,11 @@ impl Templater {
         })
     }
 
+    /// The prompt rendered and tokenized.
+    pub fn encode(&self, tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        encode(tok, &self.prompt(text)?)
+    }
+
     /// The prompt text for a conversation (the last message excluded), with
     /// the generation prompt.
     pub fn conversation(&self, messages: &serde_json::Value) -> Result<String> {
@@ -67,14 +72,6 @@ impl Templater {
             None => Err(Error::Other("`messages` lines need --template chat".into())),
         }
     }
-}
-
-fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    Ok(tok
-        .encode(text, false)
-        .map_err(|e| Error::Other(format!("tokenizing: {e}")))?
-        .get_ids()
-        .to_vec())
 }
 
 /// Reads SFT pairs as token ids (prompt, completion + EOS).
