@@ -47,6 +47,12 @@ enum Command {
         /// Save a checkpoint every N steps of each phase (0: only the final one).
         #[arg(long, default_value_t = 0)]
         save_every: usize,
+        /// Toy task: addition, multiplication or countdown.
+        #[arg(long, default_value = "addition")]
+        task: aha_trainer::toy::Task,
+        /// Operand width of addition and multiplication (1-4).
+        #[arg(long, default_value_t = 2)]
+        digits: usize,
     },
     /// Print the compute devices and whether NVRTC is available, as one JSON line.
     Info {
@@ -133,6 +139,12 @@ enum Command {
         /// Seed of everything.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Toy task: addition or multiplication (numeric answers).
+        #[arg(long, default_value = "addition")]
+        task: aha_trainer::toy::Task,
+        /// Operand width (1-4).
+        #[arg(long, default_value_t = 2)]
+        digits: usize,
     },
     /// GRPO on a Hugging Face model and a JSONL math set, from a TOML config
     /// (see crates/trainer/README.md); flags override the file.
@@ -183,30 +195,33 @@ enum Command {
     /// Supervised fine-tuning on JSONL prompt/completion (or messages) pairs,
     /// loss on completion tokens only; saves the result in HF layout.
     Sft {
+        /// TOML config (keys as the flags, `learning_rate` for --lr; unknown keys are errors).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Model folder (config.json alone: start from random weights).
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// JSONL with `prompt` + `completion`, or `messages`.
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// Output folder.
         #[arg(long)]
-        out: PathBuf,
-        /// none, r1-zero or chat.
-        #[arg(long, default_value = "chat")]
-        template: String,
-        /// Optimizer steps.
-        #[arg(long, default_value_t = 100)]
-        steps: usize,
-        /// Sequences per step.
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        /// Peak learning rate (cosine schedule).
-        #[arg(long, default_value_t = 1e-5)]
-        lr: f64,
-        /// Seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        out: Option<PathBuf>,
+        /// none, r1-zero or chat [default: chat].
+        #[arg(long)]
+        template: Option<String>,
+        /// Optimizer steps [default: 100].
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Sequences per step [default: 16].
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Peak learning rate, cosine schedule [default: 1e-5].
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Seed [default: 0].
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// k samples per problem; keep the correct, well-formatted, same-language,
     /// length-bounded ones as SFT JSONL.
@@ -408,17 +423,24 @@ fn main() -> Result<()> {
             config,
             resume,
             save_every,
+            task,
+            digits,
         } => {
+            let spec = aha_trainer::toy::TaskSpec { task, digits };
             let cfg = match config {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
                     serde_json::from_str(&text).with_context(|| format!("{}: not a demo config", path.display()))?
                 }
-                None if quick => aha_trainer::DemoConfig::quick(seed),
-                None => aha_trainer::DemoConfig::full(seed),
+                None if quick => aha_trainer::DemoConfig::quick(seed).with_task(spec)?,
+                None => aha_trainer::DemoConfig::full(seed).with_task(spec)?,
             };
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/demo-{seed}")));
-            eprintln!("aha demo: R1-Zero on two-digit addition; run folder {}", out.display());
+            let what = match cfg.task {
+                aha_trainer::toy::Task::Countdown => "countdown".to_string(),
+                t => format!("{}-digit {}", cfg.digits, t.name()),
+            };
+            eprintln!("aha demo: R1-Zero on {what}; run folder {}", out.display());
             let opts = aha_trainer::RunOptions { resume, save_every };
             let mut p = Progress::new();
             let s = aha_trainer::run_demo_with(&cfg, &out, opts, &mut |line| p.line(line))?;
@@ -507,6 +529,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Sft {
+            config,
             model,
             data,
             out,
@@ -516,10 +539,25 @@ fn main() -> Result<()> {
             lr,
             seed,
         } => {
-            let loss = aha_trainer::sft_run::run_sft(&model, &data, &out, &template, steps, batch, lr, seed)?;
+            let mut cfg = match &config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    aha_trainer::sft_run::SftConfig::from_toml(&text, p)?
+                }
+                None => aha_trainer::sft_run::SftConfig::default(),
+            };
+            cfg.model = model.unwrap_or(cfg.model);
+            cfg.data = data.unwrap_or(cfg.data);
+            cfg.out = out.unwrap_or(cfg.out);
+            cfg.template = template.unwrap_or(cfg.template);
+            cfg.steps = steps.unwrap_or(cfg.steps);
+            cfg.batch = batch.unwrap_or(cfg.batch);
+            cfg.learning_rate = lr.unwrap_or(cfg.learning_rate);
+            cfg.seed = seed.unwrap_or(cfg.seed);
+            let loss = aha_trainer::sft_run::run_sft_config(&cfg)?;
             println!(
                 "{}",
-                serde_json::json!({"loss": loss, "out": out.display().to_string()})
+                serde_json::json!({"loss": loss, "out": cfg.out.display().to_string()})
             );
             Ok(())
         }
@@ -576,8 +614,15 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
-        Command::Pipeline { quick, out, seed } => {
-            let cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
+        Command::Pipeline {
+            quick,
+            out,
+            seed,
+            task,
+            digits,
+        } => {
+            let mut cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
+            cfg.demo = cfg.demo.with_task(aha_trainer::toy::TaskSpec { task, digits })?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/pipeline-{seed}")));
             let mut p = Progress::new();
             let rows = aha_trainer::pipeline::run_pipeline(&cfg, &out, &mut |l| p.line(l))?;

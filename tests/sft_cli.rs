@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use aha_trainer::toy::{self, Rng};
+use aha_trainer::toy::{self, Rng, TaskSpec};
 
 fn aha(args: &[&str], paths: &[(&str, &Path)]) -> serde_json::Value {
     let mut c = Command::new(env!("CARGO_BIN_EXE_aha"));
@@ -46,7 +46,7 @@ fn sft_rejection_sampling_and_distillation() {
     let mut rng = Rng::new(4);
     let mut traces = String::new();
     for _ in 0..600 {
-        let p = toy::problem(&mut rng, false);
+        let p = toy::problem(&mut rng, TaskSpec::default(), false);
         traces.push_str(&format!(
             "{}\n",
             serde_json::json!({"prompt": p.prompt(), "completion": p.reasoning()})
@@ -56,7 +56,7 @@ fn sft_rejection_sampling_and_distillation() {
     std::fs::write(base.join("traces.jsonl"), &traces).unwrap();
     let mut probs = String::new();
     for _ in 0..40 {
-        let p = toy::problem(&mut rng, false);
+        let p = toy::problem(&mut rng, TaskSpec::default(), false);
         probs.push_str(&format!(
             "{}\n",
             serde_json::json!({"prompt": p.prompt(), "answer": p.answer().to_string()})
@@ -65,7 +65,7 @@ fn sft_rejection_sampling_and_distillation() {
     std::fs::write(base.join("problems.jsonl"), &probs).unwrap();
     let mut many = String::new();
     for _ in 0..400 {
-        let p = toy::problem(&mut rng, false);
+        let p = toy::problem(&mut rng, TaskSpec::default(), false);
         many.push_str(&format!(
             "{}\n",
             serde_json::json!({"question": p.prompt(), "answer": format!("#### {}", p.answer())})
@@ -73,7 +73,7 @@ fn sft_rejection_sampling_and_distillation() {
     }
     std::fs::write(base.join("distill_train.jsonl"), &many).unwrap();
     let mut test = String::new();
-    for p in toy::test_set().iter().step_by(40) {
+    for p in toy::test_set(TaskSpec::default(), 25).iter() {
         test.push_str(&format!(
             "{}\n",
             serde_json::json!({"problem": p.prompt(), "answer": p.answer()})
@@ -82,25 +82,40 @@ fn sft_rejection_sampling_and_distillation() {
     std::fs::write(base.join("test.jsonl"), &test).unwrap();
 
     let teacher = base.join("teacher");
+    // A TOML config, with a flag overriding one of its keys.
+    let cfg = base.join("sft.toml");
+    std::fs::write(
+        &cfg,
+        "template = \"none\"\nsteps = 5\nbatch = 32\nlearning_rate = 3e-3\nseed = 1\n",
+    )
+    .unwrap();
     let r = aha(
+        &["sft", "--steps", "800"],
         &[
-            "sft",
-            "--template",
-            "none",
-            "--steps",
-            "800",
-            "--batch",
-            "32",
-            "--lr",
-            "3e-3",
-        ],
-        &[
+            ("--config", &cfg),
             ("--model", &t0),
             ("--data", &base.join("traces.jsonl")),
             ("--out", &teacher),
         ],
     );
     assert!(r["loss"].as_f64().unwrap() < 0.2, "{r}");
+    let resolved = std::fs::read_to_string(teacher.join("sft_config.toml")).unwrap();
+    assert!(
+        resolved.contains("steps = 800") && resolved.contains("seed = 1"),
+        "{resolved}"
+    );
+    // Unknown keys are refused, naming the file.
+    std::fs::write(base.join("bad.toml"), "stepz = 3\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["sft", "--config"])
+        .arg(base.join("bad.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad.toml") && err.contains("stepz"),
+        "{err}"
+    );
     let r = aha(
         &[
             "rejection-sample",

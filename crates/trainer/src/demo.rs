@@ -26,7 +26,7 @@ use crate::eval::{evaluate, EvalResult};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
 use crate::plot::line_chart;
 use crate::rl::{grpo_step, GrpoStep};
-use crate::toy::{self, Problem, Rng};
+use crate::toy::{self, Problem, Rng, Task, TaskSpec};
 
 /// Everything a demo run does; written to `config.json` in the run folder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +66,16 @@ pub struct DemoConfig {
     pub eval_every: usize,
     /// Held-out problems per evaluation.
     pub eval_problems: usize,
+    /// The toy task (addition, multiplication or countdown).
+    #[serde(default)]
+    pub task: Task,
+    /// Operand width of the arithmetic tasks.
+    #[serde(default = "default_digits")]
+    pub digits: usize,
+}
+
+fn default_digits() -> usize {
+    2
 }
 
 impl DemoConfig {
@@ -89,6 +99,8 @@ impl DemoConfig {
             max_new_tokens: 40,
             eval_every: 10,
             eval_problems: 400,
+            task: Task::Addition,
+            digits: 2,
         }
     }
 
@@ -101,6 +113,32 @@ impl DemoConfig {
             eval_problems: 200,
             ..DemoConfig::full(seed)
         }
+    }
+
+    /// The task and operand width.
+    pub fn spec(&self) -> TaskSpec {
+        TaskSpec {
+            task: self.task,
+            digits: self.digits,
+        }
+    }
+
+    /// This config on another toy task: sets the task and its width, and
+    /// raises the completion limit to fit the longest reasoning completion
+    /// of the task with room to spare.
+    pub fn with_task(mut self, spec: TaskSpec) -> Result<DemoConfig> {
+        spec.validate()?;
+        self.task = spec.task;
+        self.digits = spec.digits;
+        let tok = toy::tokenizer()?;
+        let mut rng = Rng::new(0);
+        let mut longest = 0;
+        for _ in 0..500 {
+            let p = toy::problem(&mut rng, spec, false);
+            longest = longest.max(toy::encode(&tok, &p.reasoning())?.len());
+        }
+        self.max_new_tokens = self.max_new_tokens.max(longest + 12);
+        Ok(self)
     }
 
     /// The GRPO step of the demo's RL phase: G samples at the rollout
@@ -152,7 +190,7 @@ impl DemoConfig {
             "routed_scaling_factor": 1.0,
             "norm_topk_prob": true,
             "first_k_dense_replace": 1,
-            "max_position_embeddings": 96,
+            "max_position_embeddings": (self.max_new_tokens + 32).max(96),
             "rope_theta": 10000.0,
             "rope_interleave": true,
             "rms_norm_eps": 1e-6,
@@ -310,11 +348,8 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         lines: start_lines,
     };
     let tok = toy::tokenizer()?;
-    let test: Vec<Problem> = {
-        let all = toy::test_set();
-        let stride = (all.len() / cfg.eval_problems.max(1)).max(1);
-        all.into_iter().step_by(stride).take(cfg.eval_problems).collect()
-    };
+    cfg.spec().validate()?;
+    let test: Vec<Problem> = toy::test_set(cfg.spec(), cfg.eval_problems);
     let pre_cfg = OptimConfig {
         lr: cfg.pretrain_lr,
         warmup_steps: 50,
@@ -400,13 +435,16 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         for step in start_step..cfg.pretrain_steps {
             let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.pretrain_batch)
                 .map(|_| {
-                    let p = toy::problem(&mut rng, false);
+                    let p = toy::problem(&mut rng, cfg.spec(), false);
                     let mut c = toy::encode(&tok, &toy::base_completion(&mut rng, &p, cfg.reasoning_share))?;
                     c.push(toy::EOS);
                     Ok((toy::encode(&tok, &p.prompt())?, c))
                 })
                 .collect::<Result<_>>()?;
             let (loss, info) = sft_step(&mut model, &mut opt, &batch, toy::PAD)?;
+            for note in opt.take_notes() {
+                log(&format!("pretrain {step}: {note}"));
+            }
             if step % 50 == 0 || step + 1 == cfg.pretrain_steps {
                 run.line(&serde_json::json!({"phase": "pretrain", "step": step, "loss": loss, "grad_norm": info.grad_norm, "learning_rate": info.lr}))?;
                 log(&format!("pretrain {step:>5}/{}  loss {loss:.4}", cfg.pretrain_steps));
@@ -447,7 +485,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
     let mut last = base;
     for step in grpo_start + 1..=cfg.grpo_steps {
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
-            .map(|_| toy::problem(&mut rng, false))
+            .map(|_| toy::problem(&mut rng, cfg.spec(), false))
             .collect();
         let prompts: Vec<Vec<u32>> = problems
             .iter()
@@ -457,6 +495,9 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         let mut sc = step_cfg.clone();
         sc.sampling.seed = cfg.seed.wrapping_add(step as u64 * 1_000_003);
         let (mut m, _) = grpo_step(&mut model, Some(&reference), &mut opt, &tok, &prompts, &rewards, &sc)?;
+        for note in opt.take_notes() {
+            log(&format!("grpo {step}: {note}"));
+        }
         if step % cfg.eval_every == 0 || step == cfg.grpo_steps {
             let (e, samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
             m.insert("eval/accuracy".into(), e.accuracy);
@@ -541,7 +582,7 @@ fn write_samples(
         let p = &test[c.prompt_index];
         let line = serde_json::json!({
             "phase": phase, "step": step, "prompt": p.prompt(), "completion": c.text,
-            "answer": p.answer(), "correct": toy::extract_answer(&c.text, true) == Some(p.answer()),
+            "answer": p.answer(), "correct": toy::is_correct(&c.text, p, true),
         });
         writeln!(run.samples, "{line}").map_err(io_err(&run.path))?;
     }

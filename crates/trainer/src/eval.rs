@@ -56,7 +56,7 @@ pub fn evaluate(
     };
     for c in &out {
         let p = &problems[c.prompt_index];
-        r.accuracy += f64::from(toy::extract_answer(&c.text, true) == Some(p.answer())) / n;
+        r.accuracy += f64::from(toy::is_correct(&c.text, p, true)) / n;
         r.accuracy_strict += toy::accuracy_reward(&c.text, p) / n;
         r.format += toy::format_reward(&c.text) / n;
         r.mean_length += c.token_ids.len() as f64 / n;

@@ -99,6 +99,9 @@ pub struct GrpoConfig {
     pub language: String,
     /// Global gradient-norm clip.
     pub max_grad_norm: f64,
+    /// Updates skipped in a row for a NaN/Inf loss or gradient norm before
+    /// the run aborts (each skip is logged with the batch it came from).
+    pub max_skipped_steps: usize,
     /// Save a checkpoint every N steps (0: only the final model).
     pub save_every: usize,
     /// Seed of data order and sampling.
@@ -146,6 +149,7 @@ impl Default for GrpoConfig {
             ],
             language: "en".into(),
             max_grad_norm: 1.0,
+            max_skipped_steps: 10,
             save_every: 0,
             seed: 0,
         }
@@ -244,7 +248,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         schedule: cfg.schedule,
         weight_decay: 0.0,
         max_grad_norm: cfg.max_grad_norm,
-        max_bad_steps: 10,
+        max_bad_steps: cfg.max_skipped_steps,
     };
     let metrics_path = out.join("metrics.jsonl");
     let (mut policy, mut reference, mut opt, mut rng, start, mut lines) = match loaded {
@@ -357,6 +361,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         };
         let names: Vec<&str> = cfg.rewards.iter().map(|r| r.name.as_str()).collect();
         let mut m = train_on(&mut policy, Some(&reference), &mut opt, &batch, &names, &sc)?;
+        for note in opt.take_notes() {
+            log(&format!("step {step}: {note}"));
+        }
         m.insert("dynamic_sampling/dropped_groups".into(), dropped as f64);
         let mut line = serde_json::Map::new();
         line.insert("step".into(), step.into());

@@ -47,6 +47,7 @@ pub struct Optimizer {
     /// Updates applied.
     pub step: u64,
     bad_in_a_row: usize,
+    notes: Vec<String>,
 }
 
 /// What one update did.
@@ -69,6 +70,7 @@ impl Optimizer {
             v: vec![0.0; params],
             step: 0,
             bad_in_a_row: 0,
+            notes: Vec::new(),
         }
     }
 
@@ -110,24 +112,50 @@ impl Optimizer {
     /// Clips `grads`, then applies AdamW to the trainable parameters. A
     /// non-finite gradient norm skips the update; too many in a row is an error.
     pub fn update(&mut self, model: &mut Model, grads: &mut [f32]) -> Result<StepInfo> {
+        self.update_batch(model, grads, "")
+    }
+
+    /// Takes the notes of skipped updates since the last call ("step 12,
+    /// minibatch 2 (completions 8..16): gradient norm NaN"), for the run's log.
+    pub fn take_notes(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notes)
+    }
+
+    /// Records a skipped update of `batch` (a description of the batch for
+    /// the log) for reason `why`; an error once more than `max_bad_steps`
+    /// updates in a row were skipped.
+    pub fn skip(&mut self, batch: &str, why: &str) -> Result<StepInfo> {
+        self.bad_in_a_row += 1;
+        let at = if batch.is_empty() {
+            format!("update {}", self.step + 1)
+        } else {
+            format!("update {} ({batch})", self.step + 1)
+        };
+        self.notes.push(format!("skipped {at}: {why}"));
+        if self.bad_in_a_row > self.cfg.max_bad_steps {
+            return Err(Error::Other(format!(
+                "{} consecutive updates skipped for non-finite values (last: {at}: {why}): aborting",
+                self.bad_in_a_row
+            )));
+        }
+        Ok(StepInfo {
+            grad_norm: f64::NAN,
+            lr: self.lr_at(self.step),
+            skipped: true,
+        })
+    }
+
+    /// [`Optimizer::update`] naming the batch (`batch`) in the note a
+    /// skipped update leaves.
+    pub fn update_batch(&mut self, model: &mut Model, grads: &mut [f32], batch: &str) -> Result<StepInfo> {
         let lr = self.lr_at(self.step);
         for e in model.layout.entries.iter().filter(|e| !e.trainable) {
             e.slot.of_mut(grads).fill(0.0);
         }
         let grad_norm = clip_grad_norm(grads, self.cfg.max_grad_norm);
         if !grad_norm.is_finite() {
-            self.bad_in_a_row += 1;
-            if self.bad_in_a_row > self.cfg.max_bad_steps {
-                return Err(Error::Other(format!(
-                    "{} consecutive updates with a non-finite gradient norm: aborting",
-                    self.bad_in_a_row
-                )));
-            }
-            return Ok(StepInfo {
-                grad_norm,
-                lr,
-                skipped: true,
-            });
+            let info = self.skip(batch, &format!("gradient norm {grad_norm}"))?;
+            return Ok(StepInfo { grad_norm, ..info });
         }
         self.bad_in_a_row = 0;
         // Buffers the optimizer must not move (e.g. expert correction bias).
@@ -188,12 +216,19 @@ pub fn sft_step(
     }
     let acts = model.forward(&ids, b, t)?;
     let (logp, lse) = model.token_logprobs(&acts, &targets)?;
+    let loss = -logp.iter().zip(&w).map(|(&l, &x)| (l * x) as f64).sum::<f64>() / count.max(1) as f64;
+    if !loss.is_finite() {
+        let info = opt.skip(
+            &format!("{b} sequences, {count} target tokens"),
+            &format!("loss {loss}"),
+        )?;
+        return Ok((loss, info));
+    }
     let scale = 1.0 / count.max(1) as f32;
     let dlogp: Vec<f32> = w.iter().map(|&x| -x * scale).collect();
-    let loss = -logp.iter().zip(&w).map(|(&l, &x)| (l * x) as f64).sum::<f64>() / count.max(1) as f64;
     let mut grads = vec![0f32; model.params.len()];
     model.backward(&acts, &targets, &lse, &dlogp, &mut grads)?;
     drop(acts);
-    let info = opt.update(model, &mut grads)?;
+    let info = opt.update_batch(model, &mut grads, &format!("{b} sequences, {count} target tokens"))?;
     Ok((loss, info))
 }

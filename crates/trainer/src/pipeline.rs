@@ -21,7 +21,7 @@ use aha_sampler::{Engine, EngineConfig, SamplingParams, Tokenizer};
 use serde::Serialize;
 
 use crate::demo::DemoConfig;
-use crate::error::{io_err, Result};
+use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, MathEval};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
 use crate::rl::grpo_step;
@@ -89,7 +89,9 @@ fn grpo(model: &mut Model, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng:
     let mut opt = Optimizer::new(optim(cfg.grpo_lr, steps, Schedule::Constant), model.params.len());
     let step_cfg = cfg.grpo_step_config();
     for step in 1..=steps {
-        let problems: Vec<Problem> = (0..cfg.prompts_per_step).map(|_| toy::problem(rng, false)).collect();
+        let problems: Vec<Problem> = (0..cfg.prompts_per_step)
+            .map(|_| toy::problem(rng, cfg.spec(), false))
+            .collect();
         let prompts: Vec<Vec<u32>> = problems
             .iter()
             .map(|p| toy::encode(tok, &p.prompt()))
@@ -147,7 +149,15 @@ fn rejection_sample(
         .collect())
 }
 
-fn score(name: &str, model: &Model, tok: &Tokenizer, test: &[Problem], k: usize, seed: u64) -> Result<Row> {
+fn score(
+    name: &str,
+    model: &Model,
+    tok: &Tokenizer,
+    test: &[Problem],
+    k: usize,
+    seed: u64,
+    max_new: usize,
+) -> Result<Row> {
     let prompts: Vec<Vec<u32>> = test
         .iter()
         .map(|p| toy::encode(tok, &p.prompt()))
@@ -156,7 +166,7 @@ fn score(name: &str, model: &Model, tok: &Tokenizer, test: &[Problem], k: usize,
     let params = SamplingParams {
         temperature: 0.6,
         top_p: 0.95,
-        max_new_tokens: 40,
+        max_new_tokens: max_new,
         stop_token_ids: vec![toy::EOS],
         seed,
         ..SamplingParams::default()
@@ -233,11 +243,15 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     let d = &cfg.demo;
     let tok = toy::tokenizer()?;
     let mut rng = Rng::new(d.seed);
-    let test: Vec<Problem> = {
-        let all = toy::test_set();
-        let stride = (all.len() / d.eval_problems.max(1)).max(1);
-        all.into_iter().step_by(stride).take(d.eval_problems).collect()
-    };
+    let spec = d.spec();
+    spec.validate()?;
+    if spec.task == toy::Task::Countdown {
+        return Err(Error::Other(
+            "the pipeline scores numeric answers (math verification, cons@k over numbers): use addition or multiplication"
+                .into(),
+        ));
+    }
+    let test: Vec<Problem> = toy::test_set(spec, d.eval_problems);
     let teacher_json = d.model_config_json();
     let save = |name: &str, m: &Model, json: &serde_json::Value| -> Result<()> {
         let dir = out.join(name);
@@ -266,7 +280,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     for _ in 0..d.pretrain_steps {
         let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..d.pretrain_batch)
             .map(|_| {
-                let p = toy::problem(&mut rng, false);
+                let p = toy::problem(&mut rng, spec, false);
                 encode_pair(
                     &tok,
                     &p.prompt(),
@@ -278,19 +292,27 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     }
     log(&format!("base: pretrained {} steps, loss {loss:.3}", d.pretrain_steps));
     save("base", &base, &teacher_json)?;
-    rows.push(score("base", &base, &tok, &test, cfg.eval_k, d.seed)?);
+    rows.push(score("base", &base, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens)?);
 
     // 2. R1-Zero: pure RL from the base.
     let mut zero = base.clone();
     grpo(&mut zero, d, &tok, d.grpo_steps, &mut rng, d.seed ^ 1)?;
     save("r1-zero", &zero, &teacher_json)?;
-    rows.push(score("r1-zero", &zero, &tok, &test, cfg.eval_k, d.seed)?);
+    rows.push(score(
+        "r1-zero",
+        &zero,
+        &tok,
+        &test,
+        cfg.eval_k,
+        d.seed,
+        d.max_new_tokens,
+    )?);
     log(&format!("r1-zero: pass@1 {:.3}", rows[1].eval.pass_at_1));
 
     // 3. R1: cold start, reasoning RL, rejection sampling + SFT.
     let cold: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.cold_start_traces)
         .map(|_| {
-            let p = toy::problem(&mut rng, false);
+            let p = toy::problem(&mut rng, spec, false);
             encode_pair(&tok, &p.prompt(), &p.reasoning())
         })
         .collect::<Result<_>>()?;
@@ -299,7 +321,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     log(&format!("r1: cold-start SFT on {} traces, loss {l:.3}", cold.len()));
     grpo(&mut r1, d, &tok, d.grpo_steps / 2, &mut rng, d.seed ^ 2)?;
     let problems: Vec<Problem> = (0..cfg.rejection_prompts)
-        .map(|_| toy::problem(&mut rng, false))
+        .map(|_| toy::problem(&mut rng, spec, false))
         .collect();
     let max_len = d.max_new_tokens;
     let kept = rejection_sample(&r1, &tok, &problems, cfg.rejection_k, max_len, d.seed ^ 3, |text, p| {
@@ -326,12 +348,12 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         sft(&mut r1, &data, cfg.sft_steps, 32, 3e-4, &mut rng)?;
     }
     save("r1", &r1, &teacher_json)?;
-    rows.push(score("r1", &r1, &tok, &test, cfg.eval_k, d.seed)?);
+    rows.push(score("r1", &r1, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens)?);
     log(&format!("r1: pass@1 {:.3}", rows[2].eval.pass_at_1));
 
     // 4. Distillation into a smaller dense student.
     let teach_problems: Vec<Problem> = (0..cfg.rejection_prompts * 2)
-        .map(|_| toy::problem(&mut rng, false))
+        .map(|_| toy::problem(&mut rng, spec, false))
         .collect();
     let traces = rejection_sample(&r1, &tok, &teach_problems, 2, max_len, d.seed ^ 4, |text, _| {
         toy::format_reward(text) == 1.0
@@ -350,7 +372,15 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         sdata.len()
     ));
     save("student", &student, &sjson)?;
-    rows.push(score("student", &student, &tok, &test, cfg.eval_k, d.seed)?);
+    rows.push(score(
+        "student",
+        &student,
+        &tok,
+        &test,
+        cfg.eval_k,
+        d.seed,
+        d.max_new_tokens,
+    )?);
 
     let table = serde_json::json!({"rows": rows, "wall_s": t0.elapsed().as_secs_f64(), "eval_problems": test.len()});
     let tp = out.join("table.json");

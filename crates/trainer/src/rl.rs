@@ -231,7 +231,7 @@ pub fn train_on(
     let total_tokens = mask.iter().filter(|&&x| x).count() as f64;
     let rows_per = n.div_ceil(nmb).max(1);
     let mut last = None;
-    for _ in 0..mu {
+    for it in 0..mu {
         for r0 in (0..n).step_by(rows_per) {
             let r1 = (r0 + rows_per).min(n);
             let nb = r1 - r0;
@@ -253,6 +253,20 @@ pub fn train_on(
                 },
                 &cfg.loss,
             )?;
+            let batch = || {
+                let mut ps: Vec<usize> = completions[r0..r1].iter().map(|c| c.prompt_index).collect();
+                ps.dedup();
+                format!(
+                    "iteration {}/{mu}, minibatch {}/{nmb}: completions {r0}..{r1} of prompts {ps:?}",
+                    it + 1,
+                    r0 / rows_per + 1
+                )
+            };
+            if !out.loss.is_finite() {
+                let info = opt.skip(&batch(), &format!("loss {}", out.loss))?;
+                last = Some((out, info));
+                continue;
+            }
             let mut dlogp = vec![0f32; nb * t];
             for (k, c) in completions[r0..r1].iter().enumerate() {
                 let base = k * t + prompts[c.prompt_index].len() - 1;
@@ -263,7 +277,7 @@ pub fn train_on(
             let mut grads = vec![0f32; policy.params.len()];
             policy.backward(&acts, sub_targets, &lse, &dlogp, &mut grads)?;
             drop(acts);
-            let info = opt.update(policy, &mut grads)?;
+            let info = opt.update_batch(policy, &mut grads, &batch())?;
             last = Some((out, info));
         }
     }

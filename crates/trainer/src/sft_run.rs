@@ -131,6 +131,87 @@ pub fn read_sft_jsonl(
     Ok(out)
 }
 
+/// An SFT run (cold start, rejection-sampling SFT, distillation): the
+/// `aha sft` TOML config. Unknown keys are errors; every CLI flag overrides
+/// its key; the resolved config is written to `out/sft_config.toml`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    /// Model folder (config.json alone: start from random weights).
+    pub model: PathBuf,
+    /// JSONL with `prompt` + `completion`, or `messages`.
+    pub data: PathBuf,
+    /// Output folder (the fine-tuned model in HF layout).
+    pub out: PathBuf,
+    /// `none`, `r1-zero` or `chat` (the model folder's template, without the
+    /// DeepSeek-R1 template's stripping of the reasoning from targets).
+    pub template: String,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per step (length-bucketed).
+    pub batch: usize,
+    /// Peak learning rate (warmup then cosine).
+    pub learning_rate: f64,
+    /// Seed of the data order (and of the initialisation without weights).
+    pub seed: u64,
+}
+
+impl Default for SftConfig {
+    fn default() -> SftConfig {
+        SftConfig {
+            model: PathBuf::new(),
+            data: PathBuf::new(),
+            out: PathBuf::new(),
+            template: "chat".into(),
+            steps: 100,
+            batch: 16,
+            learning_rate: 1e-5,
+            seed: 0,
+        }
+    }
+}
+
+impl SftConfig {
+    /// Parses a TOML config; `path` names the file in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<SftConfig> {
+        toml::from_str(text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Other(format!("sft config: {m}")));
+        if self.model.as_os_str().is_empty() || self.data.as_os_str().is_empty() || self.out.as_os_str().is_empty() {
+            return bad("model, data and out are required");
+        }
+        if self.steps == 0 || self.batch == 0 {
+            return bad("steps and batch must be >= 1");
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad("learning_rate must be a positive number");
+        }
+        Ok(())
+    }
+}
+
+/// Runs [`run_sft`] from a config and writes the resolved config to
+/// `out/sft_config.toml`; returns the last loss.
+pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
+    cfg.validate()?;
+    let loss = run_sft(
+        &cfg.model,
+        &cfg.data,
+        &cfg.out,
+        &cfg.template,
+        cfg.steps,
+        cfg.batch,
+        cfg.learning_rate,
+        cfg.seed,
+    )?;
+    let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
+    let p = cfg.out.join("sft_config.toml");
+    std::fs::write(&p, text).map_err(io_err(&p))?;
+    Ok(loss)
+}
+
 /// Fine-tunes `model_dir` on `data` and saves to `out`; returns the last loss.
 ///
 /// A folder with a `config.json` and a tokenizer but no weights starts from a

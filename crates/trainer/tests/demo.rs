@@ -77,7 +77,7 @@ fn quick_demo_shows_the_aha_moment() {
     let m = Model::load(&out.join("checkpoint")).unwrap();
     assert_eq!(m.config.arch, aha_moe_model::Arch::DeepseekV3);
     let tok = aha_sampler::load_tokenizer(&out.join("checkpoint")).unwrap();
-    let problems: Vec<_> = aha_trainer::toy::test_set().into_iter().step_by(20).collect();
+    let problems: Vec<_> = aha_trainer::toy::test_set(aha_trainer::toy::TaskSpec::default(), 50);
     let prompts: Vec<Vec<u32>> = problems
         .iter()
         .map(|p| aha_trainer::toy::encode(&tok, &p.prompt()).unwrap())
@@ -138,4 +138,41 @@ fn the_same_seed_gives_the_same_run() {
     );
     let _ = std::fs::remove_dir_all(&a);
     let _ = std::fs::remove_dir_all(&b);
+}
+
+#[test]
+fn multiplication_and_countdown_demos_run_and_learn_the_format() {
+    use aha_trainer::toy::{Task, TaskSpec};
+    for task in [Task::Multiplication, Task::Countdown] {
+        let cfg = DemoConfig {
+            pretrain_steps: 600,
+            grpo_steps: 14,
+            eval_every: 7,
+            eval_problems: 48,
+            ..DemoConfig::quick(1)
+        }
+        .with_task(TaskSpec { task, digits: 3 })
+        .unwrap();
+        let out = tmp(task.name());
+        let s = run_demo(&cfg, &out, &mut |l| eprintln!("{l}")).unwrap();
+        eprintln!("{}: {s:?}", task.name());
+        assert!(
+            s.final_format - s.base_format >= 0.5,
+            "{}: format {} -> {}",
+            task.name(),
+            s.base_format,
+            s.final_format
+        );
+        let samples = std::fs::read_to_string(out.join("samples.jsonl")).unwrap();
+        let first: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+        let prompt = first["prompt"].as_str().unwrap();
+        match task {
+            Task::Multiplication => assert!(prompt.contains('*') && prompt.len() == 6, "{prompt}"),
+            _ => assert!(prompt.matches(',').count() == 2, "{prompt}"),
+        }
+        let saved: DemoConfig =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(saved.task, task);
+        let _ = std::fs::remove_dir_all(&out);
+    }
 }

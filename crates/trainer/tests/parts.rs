@@ -5,12 +5,12 @@
 
 use aha_moe_model::{Model, ModelConfig};
 use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
-use aha_trainer::toy::{self, Problem};
+use aha_trainer::toy::{self, Problem, TaskSpec};
 
 #[test]
 fn tokenizer_round_trips_and_specials_are_single_tokens() {
     let tok = toy::tokenizer().unwrap();
-    let p = Problem { a: 7, b: 95 };
+    let p = Problem::Add { a: 7, b: 95, digits: 2 };
     let text = format!("{}{}", p.prompt(), p.reasoning());
     let ids = toy::encode(&tok, &text).unwrap();
     assert_eq!(aha_sampler::decode(&tok, &ids).unwrap(), text);
@@ -22,16 +22,22 @@ fn tokenizer_round_trips_and_specials_are_single_tokens() {
 
 #[test]
 fn splits_are_disjoint_and_rewards_are_strict() {
-    let test = toy::test_set();
+    let test = toy::test_set(TaskSpec::default(), 10_000);
     assert!(test.len() > 800 && test.len() < 1200, "{}", test.len());
     let mut rng = toy::Rng::new(1);
     for _ in 0..2000 {
-        assert!(!toy::problem(&mut rng, false).is_test());
+        assert!(!toy::problem(&mut rng, TaskSpec::default(), false).is_test());
     }
-    let p = Problem { a: 12, b: 30 };
+    let p = Problem::Add {
+        a: 12,
+        b: 30,
+        digits: 2,
+    };
     assert_eq!(toy::accuracy_reward("<think>x</think><answer>42</answer>", &p), 1.0);
     assert_eq!(toy::accuracy_reward("42", &p), 0.0, "strict: no tag, no reward");
-    assert_eq!(toy::extract_answer("42", true), Some(42));
+    assert_eq!(toy::extract_answer("42", true), Some("42"));
+    assert!(toy::is_correct("42", &p, true));
+    assert!(!toy::is_correct("42", &p, false));
     assert_eq!(toy::format_reward("<think>a</think><answer>1</answer>"), 1.0);
     for bad in [
         "<answer>1</answer>",
@@ -92,6 +98,63 @@ fn non_finite_gradients_skip_then_abort() {
         o.update(&mut m, &mut g.clone()).is_err(),
         "the third bad step in a row aborts"
     );
+}
+
+#[test]
+fn a_nan_loss_skips_the_update_and_names_the_batch() {
+    use aha_trainer::rl::{rollout, train_on};
+    let cfg = aha_trainer::DemoConfig::quick(0);
+    let json = cfg.model_config_json().to_string();
+    let mut m = Model::random(
+        ModelConfig::from_json_str(&json, std::path::Path::new("t")).unwrap(),
+        0,
+        0.02,
+    );
+    let tok = toy::tokenizer().unwrap();
+    let mut rng = toy::Rng::new(5);
+    let problems: Vec<Problem> = (0..2)
+        .map(|_| toy::problem(&mut rng, TaskSpec::default(), false))
+        .collect();
+    let prompts: Vec<Vec<u32>> = problems
+        .iter()
+        .map(|p| toy::encode(&tok, &p.prompt()).unwrap())
+        .collect();
+    let mut step = cfg.grpo_step_config();
+    step.num_generations = 2;
+    step.minibatches = 2;
+    step.sampling.max_new_tokens = 4;
+    step.loss.beta = 0.0;
+    let rewards = toy::rewards(&problems);
+    let r = rollout(&m, &tok, &prompts, &rewards, &step).unwrap();
+    // Poison the policy after sampling: every log-prob is NaN.
+    let head = m
+        .layout
+        .entries
+        .iter()
+        .find(|e| e.name == "lm_head.weight")
+        .unwrap()
+        .slot;
+    head.of_mut(&mut m.params).fill(f32::NAN);
+    let before = m.params.clone();
+    let mut o = Optimizer::new(opt(Schedule::Constant).cfg, m.params.len());
+    let met = train_on(&mut m, None, &mut o, &r, &["accuracy", "format"], &step).unwrap();
+    assert_eq!(met["update_skipped"], 1.0);
+    assert!(m.params.iter().zip(&before).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let notes = o.take_notes();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(
+        notes[0].contains("minibatch 1/2") && notes[0].contains("loss NaN"),
+        "{}",
+        notes[0]
+    );
+    assert!(
+        notes[1].contains("minibatch 2/2") && notes[1].contains("completions 2..4"),
+        "{}",
+        notes[1]
+    );
+    // max_bad_steps = 2: the third skip in a row aborts, naming the batch.
+    let err = train_on(&mut m, None, &mut o, &r, &["accuracy", "format"], &step).unwrap_err();
+    assert!(err.to_string().contains("minibatch 1/2"), "{err}");
 }
 
 struct DemoConfigJson;

@@ -36,7 +36,7 @@ pub fn token_logprob_forward<F: Real>(
         let m = super::row_max(x);
         let s = super::sum_exp_shifted(x, m);
         *ls = m + s.ln();
-        *lp = (x[targets[i] as usize] - *ls).min(F::zero());
+        *lp = super::softmax::nonpositive(x[targets[i] as usize] - *ls);
     };
     if n * v >= 1 << 16 {
         logp.par_iter_mut()
@@ -79,4 +79,22 @@ pub fn token_logprob_backward<F: Real>(
         d[targets[i] as usize] += g;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nan_logits_give_nan_log_probs_not_zero() {
+        let logits = [1.0f32, f32::NAN, 0.5, 0.1, 0.2, 0.3];
+        let (mut logp, mut lse) = ([0f32; 2], [0f32; 2]);
+        token_logprob_forward(&mut logp, &mut lse, &logits, &[0, 2], 3).unwrap();
+        assert!(logp[0].is_nan(), "{logp:?}");
+        assert!(logp[1].is_finite() && logp[1] < 0.0, "{logp:?}");
+        let mut out = [0f32; 6];
+        crate::cpu::log_softmax_forward(&mut out, &logits, 2, 3).unwrap();
+        assert!(out[..3].iter().all(|x| x.is_nan()), "{out:?}");
+        assert!(out[3..].iter().all(|x| x.is_finite()), "{out:?}");
+    }
 }

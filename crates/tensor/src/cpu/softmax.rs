@@ -63,7 +63,7 @@ pub fn log_softmax_forward<F: Real>(out: &mut [F], inp: &[F], rows: usize, c: us
         }
         let lse = m + super::sum_lanes(y).ln();
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = (v - lse).min(F::zero());
+            *o = nonpositive(v - lse);
         }
     });
     Ok(())
@@ -87,4 +87,16 @@ pub fn log_softmax_backward<F: Real>(dinp: &mut [F], dout: &[F], out: &[F], rows
         }
     });
     Ok(())
+}
+
+/// `min(x, 0)` for a log-probability that rounding pushed above zero, but
+/// NaN stays NaN (`f32::min` would turn a NaN log-prob into 0 and hide a
+/// broken model from the non-finite guards downstream).
+#[inline]
+pub(crate) fn nonpositive<F: Real>(x: F) -> F {
+    if x > F::zero() {
+        F::zero()
+    } else {
+        x
+    }
 }
