@@ -135,13 +135,24 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
     let gen_eos = generation_eos(a.model);
     let engine = Engine::new(&model, tok.as_ref(), EngineConfig::default(), &gen_eos)?;
     let tty = std::io::stderr().is_terminal();
+    let mut last_draw = f64::NEG_INFINITY;
+    let (completions, stats) = engine.generate_with_progress(&prompts, a.n, &a.params, &mut |p| {
+        // Redraw at most ten times a second, and always at the end.
+        if tty && (p.elapsed_s - last_draw >= 0.1 || p.finished == p.total) {
+            eprint!("\r{}\x1b[K", progress_bar(p, 30));
+            last_draw = p.elapsed_s;
+        }
+    })?;
     if tty {
-        eprint!("generating {} x {} completions...", prompts.len(), a.n);
+        eprintln!();
     }
-    let (completions, stats) = engine.generate(&prompts, a.n, &a.params)?;
-    if tty {
-        eprintln!(" done: {} tokens in {:.2} s", stats.generated_tokens, stats.total_s);
-    }
+    eprintln!(
+        "generated {} completions, {} tokens in {:.2} s ({:.0} tokens/s)",
+        completions.len(),
+        stats.generated_tokens,
+        stats.total_s,
+        stats.generated_tokens as f64 / stats.total_s.max(1e-9)
+    );
     let mut w: Box<dyn Write> = match a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -153,6 +164,28 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
     }
     w.flush()?;
     Ok(())
+}
+
+/// One line of progress: a bar of `width` cells, completions done, tokens,
+/// speed and live sequences.
+fn progress_bar(p: &aha_sampler::Progress, width: usize) -> String {
+    let frac = if p.total == 0 {
+        1.0
+    } else {
+        p.finished as f64 / p.total as f64
+    };
+    let full = ((frac * width as f64).floor() as usize).min(width);
+    format!(
+        "[{}{}] {}/{} completions  {} tokens  {:.0} tokens/s  {} live  {:.1} s",
+        "#".repeat(full),
+        ".".repeat(width - full),
+        p.finished,
+        p.total,
+        p.generated_tokens,
+        p.generated_tokens as f64 / p.elapsed_s.max(1e-9),
+        p.live,
+        p.elapsed_s
+    )
 }
 
 /// `eos_token_id` of `generation_config.json`, if the folder has one.
@@ -236,4 +269,26 @@ pub fn bench(config: &Path, batch: usize, prompt: usize, new: usize, seed: u64) 
         "steps": s.steps,
         "peak_kv_blocks": s.peak_blocks,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_bar;
+
+    #[test]
+    fn progress_bar_fills_with_the_finished_share() {
+        let p = aha_sampler::Progress {
+            finished: 5,
+            total: 20,
+            live: 15,
+            generated_tokens: 1000,
+            elapsed_s: 2.0,
+        };
+        assert_eq!(
+            progress_bar(&p, 8),
+            "[##......] 5/20 completions  1000 tokens  500 tokens/s  15 live  2.0 s"
+        );
+        let done = aha_sampler::Progress { finished: 20, ..p };
+        assert!(progress_bar(&done, 8).starts_with("[########] 20/20"));
+    }
 }

@@ -281,7 +281,7 @@ struct RopePlan {
 
 fn plan_rope(op: &'static str, lens: [usize; 5], tokens: usize, s: &RopeGeometry) -> Result<Option<RopePlan>> {
     let [out, inp, cos, sin, pos] = lens;
-    if s.rot_dim % 2 != 0 || s.rot_offset.checked_add(s.rot_dim).is_none_or(|e| e > s.head_dim) {
+    if !s.rot_dim.is_multiple_of(2) || s.rot_offset.checked_add(s.rot_dim).is_none_or(|e| e > s.head_dim) {
         return Err(Error::InvalidArgument {
             op,
             msg: format!(

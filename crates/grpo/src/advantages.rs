@@ -69,7 +69,7 @@ fn stats(xs: impl Iterator<Item = f64> + Clone) -> (f64, f64, usize) {
 
 /// Computes advantages for `rewards` in groups of `group_size`.
 pub fn compute_advantages(rewards: &[f64], group_size: usize, est: AdvantageEstimator) -> Result<Advantages> {
-    if group_size == 0 || rewards.len() % group_size != 0 {
+    if group_size == 0 || !rewards.len().is_multiple_of(group_size) {
         return Err(Error::Config(format!(
             "{} rewards do not split into groups of {group_size}",
             rewards.len()

@@ -33,10 +33,14 @@ pub(crate) enum AttnMode<'a, 'b> {
     Train,
     /// A ragged batch of new tokens for several sequences, whose keys and
     /// values go into (and are read from) the paged cache.
+    /// The cache is only read here; the new rows come back in `new_kv`
+    /// (keys, values) for the caller to write into their slots, so that
+    /// disjoint groups of sequences can run at once over one cache.
     Paged {
-        layer: &'a mut PagedLayer,
+        layer: &'a PagedLayer,
         spans: &'a [SeqSpan<'b>],
         block_size: usize,
+        new_kv: &'a mut Vec<(Vec<f32>, Vec<f32>)>,
     },
 }
 
@@ -107,14 +111,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
-/// Writes the new tokens' keys and values into their cache slots, then runs
-/// causal attention of each new token against its sequence's positions
-/// `0..=p`, read through the block table. `out [N, H * Dv]`.
+/// Causal attention of each new token against its sequence's positions
+/// `0..=p`: earlier positions read from the cache through the block table,
+/// the span's own new positions from `k_new`/`v_new`. `out [N, H * Dv]`.
 fn attention_paged(
     q: &[f32],
     k_new: &[f32],
     v_new: &[f32],
-    layer: &mut PagedLayer,
+    layer: &PagedLayer,
     spans: &[SeqSpan<'_>],
     bs: usize,
     s: AttnShape,
@@ -122,43 +126,78 @@ fn attention_paged(
     let AttnShape { h, hk, dk, dv, .. } = s;
     let (kw, vw) = (hk * dk, hk * dv);
     let group = h / hk;
+    // Per token: its span, its position, and the span's first token index.
     let mut meta = Vec::with_capacity(k_new.len() / kw.max(1));
     for (si, sp) in spans.iter().enumerate() {
+        let first = meta.len();
         for i in 0..sp.len {
-            let p = sp.start + i;
-            let slot = sp.table[p / bs] as usize * bs + p % bs;
-            let tok = meta.len();
-            layer.k[slot * kw..(slot + 1) * kw].copy_from_slice(&k_new[tok * kw..(tok + 1) * kw]);
-            layer.v[slot * vw..(slot + 1) * vw].copy_from_slice(&v_new[tok * vw..(tok + 1) * vw]);
-            meta.push((si, p));
+            meta.push((si, sp.start + i, first));
         }
     }
     let (kc, vc) = (&layer.k, &layer.v);
     let scale = s.scale as f32;
     let mut out = vec![0f32; meta.len() * h * dv];
+    // One query token: for each key/value head, the `group` query heads that
+    // share it go together, so every cached key and value row is read once
+    // per token (not once per query head), and positions are walked block by
+    // block through the table (no division per position).
     let row = |(ti, o): (usize, &mut [f32])| {
-        let (si, p) = meta[ti];
-        let table = spans[si].table;
-        let mut scores = vec![0f32; p + 1];
-        for hi in 0..h {
-            let kh = hi / group;
-            let qi = &q[(ti * h + hi) * dk..(ti * h + hi + 1) * dk];
-            let mut m = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
-                let slot = table[j / bs] as usize * bs + j % bs;
-                *sc = dot(qi, &kc[(slot * hk + kh) * dk..(slot * hk + kh + 1) * dk]) * scale;
-                m = m.max(*sc);
+        let (si, p, first) = meta[ti];
+        let sp = &spans[si];
+        let ctx = p + 1;
+        // Full-width key and value rows of positions 0..ctx: cached ones
+        // block by block (no division per position), then the span's new ones.
+        let mut rows: Vec<(&[f32], &[f32])> = Vec::with_capacity(ctx);
+        'blocks: for &blk in sp.table {
+            for jj in 0..bs {
+                if rows.len() >= sp.start.min(ctx) {
+                    break 'blocks;
+                }
+                let slot = blk as usize * bs + jj;
+                rows.push((&kc[slot * kw..(slot + 1) * kw], &vc[slot * vw..(slot + 1) * vw]));
             }
-            for sc in scores.iter_mut() {
-                *sc = (*sc - m).exp_fast();
+        }
+        for j in rows.len()..ctx {
+            let t = first + j - sp.start;
+            rows.push((&k_new[t * kw..(t + 1) * kw], &v_new[t * vw..(t + 1) * vw]));
+        }
+        let mut scores = vec![0f32; group * ctx];
+        // For each key/value head, the `group` query heads that share it go
+        // together: every cached row is read once per token.
+        for kh in 0..hk {
+            let q0 = ti * h + kh * group;
+            for (j, (kr, _)) in rows.iter().enumerate() {
+                let kr = &kr[kh * dk..(kh + 1) * dk];
+                for g in 0..group {
+                    scores[g * ctx + j] = dot(&q[(q0 + g) * dk..(q0 + g + 1) * dk], kr) * scale;
+                }
             }
-            let z: f32 = scores.iter().sum();
-            let oh = &mut o[hi * dv..(hi + 1) * dv];
-            for (j, &pj) in scores.iter().enumerate() {
-                let slot = table[j / bs] as usize * bs + j % bs;
-                let w = pj / z;
-                for (ov, &vv) in oh.iter_mut().zip(&vc[(slot * hk + kh) * dv..(slot * hk + kh + 1) * dv]) {
-                    *ov += w * vv;
+            let mut inv_z = [0f32; 16];
+            let mut inv_z_vec;
+            let inv_z: &mut [f32] = if group <= 16 {
+                &mut inv_z[..group]
+            } else {
+                inv_z_vec = vec![0f32; group];
+                &mut inv_z_vec
+            };
+            for (g, iz) in inv_z.iter_mut().enumerate() {
+                let sc = &mut scores[g * ctx..(g + 1) * ctx];
+                let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut z = 0f32;
+                for x in sc.iter_mut() {
+                    *x = (*x - m).exp_fast();
+                    z += *x;
+                }
+                *iz = 1.0 / z;
+            }
+            let oh = &mut o[kh * group * dv..(kh + 1) * group * dv];
+            for (j, (_, vr)) in rows.iter().enumerate() {
+                let vr = &vr[kh * dv..(kh + 1) * dv];
+                for g in 0..group {
+                    let w = scores[g * ctx + j] * inv_z[g];
+                    for (ov, &vv) in oh[g * dv..(g + 1) * dv].iter_mut().zip(vr) {
+                        *ov += w * vv;
+                    }
                 }
             }
         }
@@ -186,7 +225,12 @@ fn attend(
             layer,
             spans,
             block_size,
-        } => Ok((attention_paged(q, k, v, layer, spans, *block_size, s), vec![])),
+            new_kv,
+        } => {
+            let out = attention_paged(q, k, v, layer, spans, *block_size, s);
+            new_kv.push((k.to_vec(), v.to_vec()));
+            Ok((out, vec![]))
+        }
         AttnMode::Train => {
             let mut out = vec![0f32; b * t * s.h * s.dv];
             let mut lse = vec![0f32; b * s.h * t];

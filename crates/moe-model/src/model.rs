@@ -551,6 +551,55 @@ impl Model {
             return Err(input_err("forward_paged", "the cache was made for another model"));
         }
         let n = tokens.len();
+        let groups = paged_groups(spans, n, rayon::current_num_threads());
+        let bs = cache.block_size();
+        let mut logits = Vec::with_capacity(spans.len() * self.config.vocab_size);
+        if groups.len() == 1 {
+            let (l, kv) = self.forward_group(tokens, spans, cache)?;
+            write_new_kv(cache, spans, &kv, bs);
+            return Ok(l);
+        }
+        // Small ragged batches (decode): whole-forward data parallelism over
+        // groups of sequences, each group on a single-thread pool with serial
+        // kernels. One fork-join per step instead of one per kernel; the
+        // cache is read-only until every group is done.
+        let pools = serial_pools(groups.len());
+        let shared: &PagedKvCache = cache;
+        let results: Vec<Result<(Vec<f32>, Vec<LayerKv>)>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = groups[1..]
+                .iter()
+                .zip(&pools[1..])
+                .map(|(&(s0, s1, t0, t1), pool)| {
+                    sc.spawn(move || pool.install(|| self.forward_group(&tokens[t0..t1], &spans[s0..s1], shared)))
+                })
+                .collect();
+            let (s0, s1, t0, t1) = groups[0];
+            let mut out = vec![pools[0].install(|| self.forward_group(&tokens[t0..t1], &spans[s0..s1], shared))];
+            for h in handles {
+                out.push(
+                    h.join()
+                        .unwrap_or_else(|_| Err(input_err("forward_paged", "a worker thread panicked"))),
+                );
+            }
+            out
+        });
+        for (&(s0, s1, _, _), r) in groups.iter().zip(results) {
+            let (l, kv) = r?;
+            write_new_kv(cache, &spans[s0..s1], &kv, bs);
+            logits.extend_from_slice(&l);
+        }
+        Ok(logits)
+    }
+
+    /// The forward of one group of spans over a read-only cache: the logits
+    /// of each span's last token, and every layer's new keys and values.
+    fn forward_group(
+        &self,
+        tokens: &[u32],
+        spans: &[SeqSpan<'_>],
+        cache: &PagedKvCache,
+    ) -> Result<(Vec<f32>, Vec<LayerKv>)> {
+        let n = tokens.len();
         let max_pos = spans.iter().map(|s| s.start + s.len).max().unwrap_or(0);
         let (cos, sin) = self.rope_table(max_pos);
         let pos: Vec<u32> = spans
@@ -563,12 +612,14 @@ impl Model {
             pos: &pos,
         };
         let bs = cache.block_size();
+        let mut new_kv = Vec::with_capacity(self.config.num_layers);
         let mut x = self.embed(tokens)?;
         for l in 0..self.config.num_layers {
             let mut mode = AttnMode::Paged {
-                layer: &mut cache.layers[l],
+                layer: &cache.layers[l],
                 spans,
                 block_size: bs,
+                new_kv: &mut new_kv,
             };
             let (nx, _) = self.layer_fwd(l, x, 1, n, &rope, &mut mode)?;
             x = nx;
@@ -581,7 +632,7 @@ impl Model {
             last.extend_from_slice(&x[(end - 1) * c..end * c]);
         }
         let (h, _) = norm_fwd(&last, &self.params, self.layout.norm, c, self.config.rms_norm_eps)?;
-        self.logits_of(&h)
+        Ok((self.logits_of(&h)?, new_kv))
     }
 
     /// A fresh cache for one sequence (up to `max_position_embeddings`).
@@ -729,5 +780,106 @@ impl Model {
             };
         }
         f + 2.0 * (cfg.hidden_size * cfg.vocab_size) as f64
+    }
+}
+
+/// One layer's new keys and values [N, Hk * Dk], [N, Hk * Dv].
+type LayerKv = (Vec<f32>, Vec<f32>);
+
+/// Splits a ragged batch into contiguous groups of whole spans with about
+/// equal token counts, one per thread, as (span range, token range). Large
+/// batches (prefill) stay one group: their kernels are big enough to
+/// parallelise inside.
+fn paged_groups(spans: &[SeqSpan<'_>], n: usize, threads: usize) -> Vec<(usize, usize, usize, usize)> {
+    const MAX_SPLIT_TOKENS: usize = 256;
+    let g = threads.min(spans.len()).max(1);
+    if g == 1 || n > MAX_SPLIT_TOKENS {
+        return vec![(0, spans.len(), 0, n)];
+    }
+    let mut out = Vec::with_capacity(g);
+    let (mut s0, mut t0, mut t) = (0, 0, 0);
+    for (i, sp) in spans.iter().enumerate() {
+        t += sp.len;
+        let left_groups = g - out.len() - 1;
+        let left_spans = spans.len() - i - 1;
+        // Close the group at its share of tokens, keeping a span for each group left.
+        if left_groups > 0 && (t * g >= n * (out.len() + 1) || left_spans == left_groups) {
+            out.push((s0, i + 1, t0, t));
+            (s0, t0) = (i + 1, t);
+        }
+    }
+    out.push((s0, spans.len(), t0, n));
+    out
+}
+
+/// Single-thread pools, one per group: inside one, every kernel's rayon
+/// loop runs inline on that thread.
+fn serial_pools(n: usize) -> &'static [rayon::ThreadPool] {
+    static POOLS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let all = POOLS.get_or_init(|| {
+        (0..rayon::current_num_threads().max(1))
+            .filter_map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build().ok())
+            .collect()
+    });
+    &all[..n.min(all.len())]
+}
+
+/// Writes a group's new keys and values into its spans' cache slots.
+fn write_new_kv(cache: &mut PagedKvCache, spans: &[SeqSpan<'_>], kv: &[LayerKv], bs: usize) {
+    let (kw, vw) = cache.widths();
+    for (layer, (k, v)) in cache.layers.iter_mut().zip(kv) {
+        let mut tok = 0;
+        for sp in spans {
+            for i in 0..sp.len {
+                let p = sp.start + i;
+                let slot = sp.table[p / bs] as usize * bs + p % bs;
+                layer.k[slot * kw..(slot + 1) * kw].copy_from_slice(&k[tok * kw..(tok + 1) * kw]);
+                layer.v[slot * vw..(slot + 1) * vw].copy_from_slice(&v[tok * vw..(tok + 1) * vw]);
+                tok += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    #[test]
+    fn groups_cover_every_span_once_with_balanced_tokens() {
+        let table = [0u32];
+        for lens in [
+            vec![1usize; 16],
+            vec![5, 1, 1, 1, 1, 9, 1],
+            vec![3, 3],
+            vec![1],
+            vec![300, 1],
+        ] {
+            let spans: Vec<SeqSpan<'_>> = lens
+                .iter()
+                .map(|&len| SeqSpan {
+                    table: &table,
+                    start: 0,
+                    len,
+                })
+                .collect();
+            let n: usize = lens.iter().sum();
+            for threads in 1..5 {
+                let g = paged_groups(&spans, n, threads);
+                assert!(!g.is_empty() && g.len() <= threads.max(1), "{lens:?} {threads}: {g:?}");
+                assert_eq!((g[0].0, g[0].2), (0, 0));
+                assert_eq!((g[g.len() - 1].1, g[g.len() - 1].3), (spans.len(), n));
+                for w in g.windows(2) {
+                    assert_eq!((w[0].1, w[0].3), (w[1].0, w[1].2));
+                }
+                for &(s0, s1, t0, t1) in &g {
+                    assert!(s1 > s0, "{g:?}");
+                    assert_eq!(lens[s0..s1].iter().sum::<usize>(), t1 - t0);
+                }
+                if n > 256 {
+                    assert_eq!(g.len(), 1);
+                }
+            }
+        }
     }
 }

@@ -108,6 +108,21 @@ struct Seq {
     reserved: usize,
 }
 
+/// Where a generation stands, after each engine step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Completions finished.
+    pub finished: usize,
+    /// Completions asked for (prompts x n).
+    pub total: usize,
+    /// Sequences decoding now.
+    pub live: usize,
+    /// Tokens sampled so far.
+    pub generated_tokens: usize,
+    /// Seconds since the call began.
+    pub elapsed_s: f64,
+}
+
 /// Generates completions with one model.
 pub struct Engine<'a> {
     model: &'a Model,
@@ -149,6 +164,18 @@ impl<'a> Engine<'a> {
         prompts: &[Vec<u32>],
         n: usize,
         params: &SamplingParams,
+    ) -> Result<(Vec<Completion>, GenerateStats)> {
+        self.generate_with_progress(prompts, n, params, &mut |_| {})
+    }
+
+    /// [`Engine::generate`], calling `progress` after every engine step
+    /// with the completions finished so far (for a progress bar).
+    pub fn generate_with_progress(
+        &self,
+        prompts: &[Vec<u32>],
+        n: usize,
+        params: &SamplingParams,
+        progress: &mut dyn FnMut(&Progress),
     ) -> Result<(Vec<Completion>, GenerateStats)> {
         params.validate()?;
         if n == 0 {
@@ -375,6 +402,13 @@ impl<'a> Engine<'a> {
             }
             live = keep;
             stats.detok_s += t2.elapsed().as_secs_f64();
+            progress(&Progress {
+                finished: done.len(),
+                total: prompts.len() * n,
+                live: live.len(),
+                generated_tokens: stats.generated_tokens,
+                elapsed_s: t_all.elapsed().as_secs_f64(),
+            });
         }
         done.sort_by_key(|c| (c.prompt_index, c.sample_index));
         stats.total_s = t_all.elapsed().as_secs_f64();

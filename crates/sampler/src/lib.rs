@@ -24,7 +24,7 @@ pub mod sampling;
 
 pub use chat::ChatTemplate;
 pub use detok::{decode, load_tokenizer, Detokenizer};
-pub use engine::{Completion, Engine, EngineConfig, FinishReason, GenerateStats};
+pub use engine::{Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};
 pub use error::{Error, Result};
 pub use sampling::{sample, Sampled, SamplingParams, SeqRng};
 

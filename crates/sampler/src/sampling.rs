@@ -12,6 +12,7 @@
 //! `p / kept`; add `-ln(kept)` (returned as `truncated_mass_log`) to get that.
 
 use aha_tensor::rng::SplitMix64;
+use aha_tensor::Real;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -118,18 +119,156 @@ pub struct Sampled {
     pub truncated_mass_log: f32,
 }
 
+/// Elements per chunk of the weight pass (chunk sums guide the draw).
+const CHUNK: usize = 256;
+
+/// Largest element, or NaN when there is a NaN; in 16 lanes so it vectorizes.
+fn row_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut nan = [false; 16];
+    let c = x.chunks_exact(16);
+    let rest = c.remainder();
+    for ch in c {
+        for l in 0..16 {
+            lanes[l] = if ch[l] > lanes[l] { ch[l] } else { lanes[l] };
+            nan[l] |= ch[l].is_nan();
+        }
+    }
+    if nan.iter().any(|&b| b) || rest.iter().any(|v| v.is_nan()) {
+        return f32::NAN;
+    }
+    rest.iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `e = exp((x - m) * inv_t)`; returns the sum (f32 lanes, then f64).
+/// Compiled for AVX-512 or AVX2 + FMA when the CPU has them (chosen at run
+/// time), else for the baseline.
+fn exp_shifted(e: &mut [f32], x: &[f32], m: f32, inv_t: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function was compiled for.
+            return unsafe { exp_shifted_avx512(e, x, m, inv_t) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { exp_shifted_avx2(e, x, m, inv_t) };
+        }
+    }
+    exp_shifted_body(e, x, m, inv_t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn exp_shifted_avx512(e: &mut [f32], x: &[f32], m: f32, inv_t: f32) -> f64 {
+    exp_shifted_body(e, x, m, inv_t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_shifted_avx2(e: &mut [f32], x: &[f32], m: f32, inv_t: f32) -> f64 {
+    exp_shifted_body(e, x, m, inv_t)
+}
+
+#[inline(always)]
+fn exp_shifted_body(e: &mut [f32], x: &[f32], m: f32, inv_t: f32) -> f64 {
+    let mut lanes = [0f32; 16];
+    let (ec, xc) = (e.chunks_exact_mut(16), x.chunks_exact(16));
+    let tail_start = x.len() / 16 * 16;
+    for (eo, xi) in ec.zip(xc) {
+        for l in 0..16 {
+            let v = ((xi[l] - m) * inv_t).exp_fast();
+            eo[l] = v;
+            lanes[l] += v;
+        }
+    }
+    let mut sum: f64 = lanes.iter().map(|&v| f64::from(v)).sum();
+    for (eo, &xi) in e[tail_start..].iter_mut().zip(&x[tail_start..]) {
+        *eo = ((xi - m) * inv_t).exp_fast();
+        sum += f64::from(*eo);
+    }
+    sum
+}
+
+/// Buckets of the nucleus histogram: f32 bits >> 19 keep the exponent and
+/// three mantissa bits, and 1.0 (the largest weight) is bucket 2032.
+const NUCLEUS_BUCKETS: usize = (0x3f80_0000 >> 19) + 1;
+
+/// Sort key of a candidate: descending weight, ties to the lower id.
+#[inline]
+fn rank_key(w: f32, i: usize) -> u64 {
+    (u64::from(!w.to_bits()) << 32) | i as u64
+}
+
+/// The top-p nucleus of weights `e` (each in [0, 1], summing to `z`): the
+/// ids of the smallest set of most likely tokens whose mass reaches
+/// `top_p * z`, the token that crosses it included, ties broken toward the
+/// lower id -- the set transformers' TopPLogitsWarper keeps, found without
+/// sorting the vocabulary: one pass builds a histogram of mass by the
+/// weight's leading bits, a walk from the top finds the bucket where the
+/// mass crosses `top_p`, and only that bucket is sorted.
+pub(crate) fn nucleus(e: &[f32], z: f64, top_p: f64) -> Vec<u32> {
+    let bucket = |w: f32| ((w.to_bits() >> 19) as usize).min(NUCLEUS_BUCKETS - 1);
+    let mut mass = vec![0f64; NUCLEUS_BUCKETS];
+    for &w in e {
+        mass[bucket(w)] += f64::from(w);
+    }
+    let target = top_p * z;
+    let mut above = 0.0;
+    let mut cross = 0;
+    for b in (0..NUCLEUS_BUCKETS).rev() {
+        if above + mass[b] >= target {
+            cross = b;
+            break;
+        }
+        above += mass[b];
+    }
+    let mut kept: Vec<u32> = Vec::new();
+    let mut edge: Vec<u64> = Vec::new();
+    for (i, &w) in e.iter().enumerate() {
+        match bucket(w).cmp(&cross) {
+            std::cmp::Ordering::Greater => kept.push(i as u32),
+            std::cmp::Ordering::Equal => edge.push(rank_key(w, i)),
+            std::cmp::Ordering::Less => {}
+        }
+    }
+    edge.sort_unstable();
+    let mut acc = above;
+    for k in edge {
+        kept.push((k & 0xffff_ffff) as u32);
+        acc += f64::from(f32::from_bits(!((k >> 32) as u32)));
+        if acc >= target {
+            break;
+        }
+    }
+    kept
+}
+
 /// Samples one token from `logits [V]`.
+///
+/// Cost: one vectorized exponential pass over the vocabulary, plus for
+/// top-p a histogram pass (no sort of the vocabulary, see [`nucleus`]) and
+/// for top-k a selection. Which token a given random draw lands on depends on
+/// the order the kept set is scanned in; the distribution does not.
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SeqRng) -> Result<Sampled> {
     if logits.is_empty() {
         return Err(Error::Invalid("empty logits".into()));
     }
     let t = if p.is_greedy() { 1.0 } else { p.temperature as f64 };
-    // log-softmax of logits / T in f64: the numbers every later step uses.
-    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    if !m.is_finite() {
+    let m32 = row_max(logits);
+    if !m32.is_finite() {
         return Err(Error::Invalid("logits are not finite".into()));
     }
-    let z: f64 = logits.iter().map(|&x| ((x as f64 - m) / t).exp()).sum();
+    let m = m32 as f64;
+    // Weights e_i = exp((x_i - max) / T) in (0, 1], and their sums by
+    // chunks of CHUNK (for the draw) and in all (z).
+    let inv_t = (1.0 / t) as f32;
+    let mut e = vec![0f32; logits.len()];
+    let mut chunk_sums = Vec::with_capacity(logits.len().div_ceil(CHUNK));
+    for (ec, lc) in e.chunks_mut(CHUNK).zip(logits.chunks(CHUNK)) {
+        chunk_sums.push(exp_shifted(ec, lc, m32, inv_t));
+    }
+    let z: f64 = chunk_sums.iter().sum();
     let lse = z.ln();
     let logprob = |i: usize| ((logits[i] as f64 - m) / t - lse) as f32;
     if p.is_greedy() {
@@ -144,80 +283,153 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SeqRng) -> Result<Sa
             truncated_mass_log: 0.0,
         });
     }
-    let probs_all: Vec<f64> = logits.iter().map(|&x| ((x as f64 - m) / t - lse).exp()).collect();
-    let truncate = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
-    if !truncate {
-        let u = rng.uniform();
-        let mut acc = 0.0;
-        let mut last = 0;
-        for (i, &q) in probs_all.iter().enumerate() {
-            if q > 0.0 {
-                last = i;
+    // Draws from the ids in `idx` (all tokens when `None`) in proportion to e.
+    let draw = |idx: Option<&[u32]>, rng: &mut SeqRng| -> (u32, f64) {
+        let kept: f64 = match idx {
+            Some(ix) => ix.iter().map(|&i| f64::from(e[i as usize])).sum(),
+            None => z,
+        };
+        let u = rng.uniform() * kept;
+        if idx.is_none() {
+            // Skip whole chunks by their sums, then scan one chunk.
+            let mut acc = 0.0;
+            let mut last_nonzero = None;
+            for (c, &cs) in chunk_sums.iter().enumerate() {
+                if cs > 0.0 {
+                    last_nonzero = Some(c);
+                }
+                if u < acc + cs {
+                    for (j, &w) in e[c * CHUNK..(c * CHUNK + CHUNK).min(e.len())].iter().enumerate() {
+                        acc += f64::from(w);
+                        if u < acc && w > 0.0 {
+                            return ((c * CHUNK + j) as u32, kept);
+                        }
+                    }
+                    break;
+                }
+                acc += cs;
             }
-            acc += q;
+            // Rounding left u past the end: the last token with weight.
+            let c = last_nonzero.unwrap_or(0);
+            let end = (c * CHUNK + CHUNK).min(e.len());
+            let j = (c * CHUNK..end).rev().find(|&j| e[j] > 0.0).unwrap_or(end - 1);
+            return (j as u32, kept);
+        }
+        let mut acc = 0.0;
+        let n = idx.map_or(e.len(), <[u32]>::len);
+        let id = |j: usize| idx.map_or(j as u32, |ix| ix[j]);
+        let mut last = id(n - 1);
+        for j in 0..n {
+            let w = f64::from(e[id(j) as usize]);
+            if w > 0.0 {
+                last = id(j);
+            }
+            acc += w;
             if u < acc {
-                return Ok(Sampled {
-                    token: i as u32,
-                    logprob: logprob(i),
-                    truncated_mass_log: 0.0,
-                });
+                return (id(j), kept);
             }
         }
+        (last, kept)
+    };
+    let truncate = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
+    if !truncate {
+        let (token, _) = draw(None, rng);
         return Ok(Sampled {
-            token: last as u32,
-            logprob: logprob(last),
+            token,
+            logprob: logprob(token as usize),
             truncated_mass_log: 0.0,
         });
     }
-    // Candidates by descending probability, ties to the lower id: one u64
-    // key per token (inverted f32 bits of the probability, then the id), so
-    // the sort compares integers instead of calling back into floats.
-    let key = |i: usize| (u64::from(!(probs_all[i] as f32).to_bits()) << 32) | i as u64;
-    let mut keys: Vec<u64> = (0..logits.len()).map(key).collect();
-    if p.top_k > 0 && p.top_k < keys.len() {
+    let mut idx: Vec<u32> = if p.top_k > 0 && p.top_k < e.len() {
+        // Top-k by selection, then top-p over the k in rank order.
+        let mut keys: Vec<u64> = e.iter().enumerate().map(|(i, &w)| rank_key(w, i)).collect();
         keys.select_nth_unstable(p.top_k - 1);
         keys.truncate(p.top_k);
-    }
-    keys.sort_unstable();
-    let mut idx: Vec<u32> = keys.iter().map(|k| (*k & 0xffff_ffff) as u32).collect();
-    let mut probs: Vec<f64> = idx.iter().map(|&i| probs_all[i as usize]).collect();
-    if p.top_p < 1.0 {
-        let mass: f64 = probs.iter().sum();
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (j, q) in probs.iter().enumerate() {
-            acc += q / mass;
-            // Keep the smallest prefix whose mass reaches top_p (the token
-            // that crosses it stays), as transformers' TopPLogitsWarper.
-            if acc >= p.top_p as f64 {
-                keep = j + 1;
-                break;
+        keys.sort_unstable();
+        let mut idx: Vec<u32> = keys.iter().map(|k| (*k & 0xffff_ffff) as u32).collect();
+        if p.top_p < 1.0 {
+            let mass: f64 = idx.iter().map(|&i| f64::from(e[i as usize])).sum();
+            let mut acc = 0.0;
+            let mut keep = idx.len();
+            for (j, &i) in idx.iter().enumerate() {
+                acc += f64::from(e[i as usize]) / mass;
+                if acc >= p.top_p as f64 {
+                    keep = j + 1;
+                    break;
+                }
             }
+            idx.truncate(keep);
         }
-        idx.truncate(keep);
-        probs.truncate(keep);
-    }
+        idx
+    } else if p.top_p < 1.0 {
+        nucleus(&e, z, p.top_p as f64)
+    } else {
+        (0..e.len() as u32).collect()
+    };
     if p.min_p > 0.0 {
-        let floor = probs[0] * p.min_p as f64;
-        let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
-        idx.truncate(keep);
-        probs.truncate(keep);
-    }
-    let kept: f64 = probs.iter().sum();
-    let u = rng.uniform() * kept;
-    let mut acc = 0.0;
-    let mut pick = idx.len() - 1;
-    for (j, q) in probs.iter().enumerate() {
-        acc += q;
-        if u < acc {
-            pick = j;
-            break;
+        // Relative to the most likely token (weight exp(0) = 1, up to rounding).
+        let top = e.iter().fold(0f32, |a, &b| a.max(b));
+        let floor = p.min_p * top;
+        idx.retain(|&i| e[i as usize] >= floor);
+        if idx.is_empty() {
+            idx.push(logits.iter().position(|&x| x == m32).unwrap_or(0) as u32);
         }
     }
-    let token = idx[pick];
+    let (token, kept) = draw(Some(&idx), rng);
     Ok(Sampled {
         token,
         logprob: logprob(token as usize),
-        truncated_mass_log: kept.ln() as f32,
+        truncated_mass_log: (kept / z).ln() as f32,
     })
+}
+
+#[cfg(test)]
+mod nucleus_tests {
+    use super::*;
+
+    /// The nucleus as transformers defines it: sort, take the prefix.
+    fn by_sorting(e: &[f32], z: f64, top_p: f64) -> Vec<u32> {
+        let mut keys: Vec<u64> = e.iter().enumerate().map(|(i, &w)| rank_key(w, i)).collect();
+        keys.sort_unstable();
+        let mut out = Vec::new();
+        let mut acc = 0.0;
+        for k in keys {
+            let i = (k & 0xffff_ffff) as usize;
+            out.push(i as u32);
+            acc += f64::from(e[i]);
+            if acc >= top_p * z {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn nucleus_equals_the_sorted_prefix() {
+        let mut rng = SeqRng::for_sequence(7, 0, 0);
+        for case in 0..400 {
+            let v = 1 + (rng.next_u64() % 3000) as usize;
+            let spread = [0.01, 1.0, 5.0, 20.0][case % 4];
+            let logits: Vec<f32> = (0..v)
+                .map(|_| {
+                    let x = (rng.uniform() * spread) as f32;
+                    // Many exact ties in some cases.
+                    if case % 3 == 0 {
+                        x.round()
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let e: Vec<f32> = logits.iter().map(|&x| (x - m).exp()).collect();
+            let z: f64 = e.iter().map(|&w| f64::from(w)).sum();
+            let top_p = [0.1, 0.5, 0.9, 0.95, 0.999, 1e-6][case % 6];
+            let mut got = nucleus(&e, z, top_p);
+            let mut want = by_sorting(&e, z, top_p);
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want, "case {case}: v {v}, top_p {top_p}");
+        }
+    }
 }

@@ -272,8 +272,23 @@ fn sequences_finishing_at_different_lengths_come_back_intact() {
         &[],
     )
     .unwrap();
-    let (out, stats) = batched.generate(&ps, 4, &params).unwrap();
+    let mut seen: Vec<aha_sampler::Progress> = Vec::new();
+    let (out, stats) = batched
+        .generate_with_progress(&ps, 4, &params, &mut |p| seen.push(*p))
+        .unwrap();
     assert_eq!(out.len(), ps.len() * 4);
+    // Progress: one report per engine step, finished and tokens never go
+    // back, the batch never exceeds max_batch, and the last says all done.
+    assert_eq!(seen.len(), stats.steps);
+    assert!(seen
+        .windows(2)
+        .all(|w| w[0].finished <= w[1].finished && w[0].generated_tokens <= w[1].generated_tokens));
+    assert!(seen.iter().all(|p| p.live <= 8 && p.total == ps.len() * 4));
+    let last = seen.last().unwrap();
+    assert_eq!(
+        (last.finished, last.live, last.generated_tokens),
+        (out.len(), 0, stats.generated_tokens)
+    );
     let lens: std::collections::BTreeSet<usize> = out.iter().map(|c| c.token_ids.len()).collect();
     assert!(lens.len() >= 4, "lengths not varied enough: {lens:?}");
     let single = Engine::new(

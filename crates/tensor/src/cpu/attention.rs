@@ -42,7 +42,7 @@ pub struct AttnShape {
 
 impl AttnShape {
     fn check(&self, op: &'static str) -> Result<()> {
-        if self.hk == 0 || self.h % self.hk != 0 {
+        if self.hk == 0 || !self.h.is_multiple_of(self.hk) {
             return Err(Error::InvalidArgument {
                 op,
                 msg: format!(

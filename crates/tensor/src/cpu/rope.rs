@@ -92,7 +92,7 @@ fn check(
 ) -> Result<usize> {
     let n = pos.len();
     let w = s.heads * s.head_dim;
-    if s.rot_dim % 2 != 0 || s.rot_offset + s.rot_dim > s.head_dim {
+    if !s.rot_dim.is_multiple_of(2) || s.rot_offset + s.rot_dim > s.head_dim {
         return Err(Error::InvalidArgument {
             op,
             msg: format!(
@@ -106,7 +106,7 @@ fn check(
     check_lens(op, &[("out", out, n * w), ("inp", inp, n * w), ("sin", sin, cos)])?;
     let half = s.rot_dim / 2;
     let max_pos = cos.checked_div(half).unwrap_or(usize::MAX);
-    if half > 0 && cos % half != 0 {
+    if half > 0 && !cos.is_multiple_of(half) {
         return Err(Error::ShapeMismatch {
             op,
             expected: format!("cos table of [P, {half}]"),
