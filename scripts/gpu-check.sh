@@ -2,12 +2,14 @@
 # The GPU check, meant for one call on a machine with an NVIDIA GPU:
 #   1. builds the kernel tests and the benchmark (release),
 #   2. runs every GPU test (kernel compile + ptxas report, the GPU-vs-CPU-twin
-#      tests of aha-tensor) with --nocapture so that timings print, and fails
+#      tests of aha-tensor incl. cuBLAS products and the scratch pool, the
+#      sampling kernel against aha-sampler) with --nocapture so that timings print, and fails
 #      if any of them says "skipped: no GPU" (set AHA_GPU_CHECK_ALLOW_SKIP=1
 #      to only compile and run what can run),
 #   3. times every kernel on model-sized shapes and prints a table: kernel,
 #      shape, time, GB/s, fraction of 3.0 TB/s (the H100's measured
-#      device-copy bandwidth).
+#      device-copy bandwidth), then the cuBLAS products in TFLOP/s against
+#      ~800 (bf16 dense).
 #
 # NVRTC: $AHA_CUDA_ROOT, else .cuda-wheels/ (scripts/test.sh installs it;
 # carry it to a machine that cannot reach pip), else /usr/local/cuda.
@@ -33,11 +35,12 @@ echo "AHA_CUDA_ROOT=${AHA_CUDA_ROOT:-<unset>}"
 
 echo "== build"
 cargo build --release -p aha-cuda-kernels --example kernel_bench
-cargo test -p aha-cuda-kernels -p aha-tensor --no-run
+cargo test -p aha-cuda-kernels -p aha-tensor -p aha-sampler --no-run
 
 echo "== GPU tests"
 cargo test -p aha-cuda-kernels --test nvrtc_compile -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
 cargo test -p aha-tensor --test gpu_twins --test gpu_kernels -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
+cargo test -p aha-sampler --test gpu_sampling -- --nocapture 2>&1 | tee -a "$log"
 if grep -q "skipped: no GPU" "$log"; then
     echo "gpu-check: GPU tests were skipped: no GPU was found" >&2
     if [ "${AHA_GPU_CHECK_ALLOW_SKIP:-0}" != "1" ]; then

@@ -181,6 +181,95 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             launch::grad_norm_f32(&gpu, &grads, n).map(|_| ())
         })?;
     }
+    // Sampling: 64 rows over Qwen's vocabulary (reads the logits, writes and
+    // re-reads the weights a few times: counted as one read + one write).
+    {
+        let (rows, v) = (64usize, 151_936usize);
+        let logits = ramp(&gpu, rows * v)?;
+        let u: Vec<f64> = (0..rows).map(|r| (r as f64 + 0.5) / rows as f64).collect();
+        for (name, p) in [
+            (
+                "sample_f32 (plain)",
+                launch::SampleParams {
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    min_p: 0.0,
+                },
+            ),
+            (
+                "sample_f32 (top-p .95)",
+                launch::SampleParams {
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 0.95,
+                    min_p: 0.0,
+                },
+            ),
+        ] {
+            b.run(name, "64 x 151936", 2.0 * f4 * (rows * v) as f64, || {
+                launch::sample_f32(&gpu, &logits, rows, v, &u, &p).map(|_| ())
+            })?;
+        }
+    }
     println!("(bytes: the minimum each kernel must read and write; scratch passes included)");
+    // Matrix products through cuBLAS, in TFLOP/s against the H100's ~800
+    // TFLOP/s for a dense bf16 product (f32 runs on the f32 units).
+    println!();
+    println!("| product                | m x k x n                    |  time (us) |   TFLOP/s | of 800 |");
+    println!("|---|---|---:|---:|---:|");
+    for (m, k, n) in [
+        (4096usize, 4096usize, 4096usize),
+        (16384, 2048, 2048),
+        (16, 2048, 151_936),
+    ] {
+        use aha_cuda_kernels::blas::{self, MatmulShape};
+        let s = MatmulShape {
+            m,
+            k,
+            n,
+            trans_a: false,
+            trans_b: true,
+            accumulate: false,
+        };
+        let flops = 2.0 * (m * k * n) as f64;
+        let (a, w, mut o) = (ramp(&gpu, m * k)?, ramp(&gpu, n * k)?, zeros(&gpu, m * n)?);
+        let (a16, w16, mut o16) = (
+            gpu.zeros::<u16>(m * k)?,
+            gpu.zeros::<u16>(n * k)?,
+            gpu.zeros::<u16>(m * n)?,
+        );
+        let mut a16 = a16;
+        let mut w16 = w16;
+        launch::cast_f32_to_bf16(&gpu, &mut a16, &a, m * k)?;
+        launch::cast_f32_to_bf16(&gpu, &mut w16, &w, n * k)?;
+        for (name, bf16) in [("cublas f32", false), ("cublas bf16 (f32 acc)", true)] {
+            for _ in 0..3 {
+                if bf16 {
+                    blas::matmul_bf16(&gpu, &mut o16, &a16, &w16, s)?;
+                } else {
+                    blas::matmul_f32(&gpu, &mut o, &a, &w, s)?;
+                }
+            }
+            gpu.synchronize()?;
+            let t = Instant::now();
+            for _ in 0..b.iters {
+                if bf16 {
+                    blas::matmul_bf16(&gpu, &mut o16, &a16, &w16, s)?;
+                } else {
+                    blas::matmul_f32(&gpu, &mut o, &a, &w, s)?;
+                }
+            }
+            gpu.synchronize()?;
+            let secs = t.elapsed().as_secs_f64() / b.iters as f64;
+            let tf = flops / secs / 1e12;
+            println!(
+                "| {name:<22} | {:<28} | {:>10.1} | {tf:>9.1} | {:>5.1}% |",
+                format!("{m} x {k} x {n}"),
+                secs * 1e6,
+                100.0 * tf / 800.0
+            );
+        }
+    }
     Ok(())
 }

@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 
+use crate::cache::compile_cached;
 use crate::error::{DriverContext, Error, Result};
-use crate::nvrtc::{compile, Output};
+use crate::nvrtc::Output;
+use crate::pool::{CachingPool, PoolStats, Pooled};
 use crate::registry::KernelId;
 
 /// The number of CUDA devices, or 0 where there is no driver or no device.
@@ -50,7 +52,13 @@ pub struct Gpu {
     cc: (u32, u32),
     name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    pool_f32: CachingPool<CudaSlice<f32>>,
+    pool_f64: CachingPool<CudaSlice<f64>>,
+    blas: OnceLock<std::result::Result<Arc<cudarc::cublas::CudaBlas>, String>>,
 }
+
+/// Bytes of scratch each of a device's pools keeps cached.
+const POOL_CACHE_BYTES: usize = 1 << 30;
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,6 +98,9 @@ impl Gpu {
             cc: (major as u32, minor as u32),
             name,
             modules: Mutex::new(HashMap::new()),
+            pool_f32: CachingPool::new(4, POOL_CACHE_BYTES),
+            pool_f64: CachingPool::new(8, POOL_CACHE_BYTES),
+            blas: OnceLock::new(),
         });
         map.insert(ordinal, gpu.clone());
         Ok(gpu)
@@ -121,7 +132,7 @@ impl Gpu {
                         op: "Gpu::function",
                         msg: format!("{} is not in the registry", id.file()),
                     })?;
-                    let cubin = compile(src, self.cc, Output::Cubin)?;
+                    let cubin = compile_cached(src, self.cc, Output::Cubin)?;
                     let m = self.ctx.load_module(Ptx::from_binary(cubin)).ctx("load_module")?;
                     modules.insert(id.file(), m.clone());
                     m
@@ -144,6 +155,48 @@ impl Gpu {
     /// A zeroed device buffer of `len` elements.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros(len).ctx("alloc_zeros")
+    }
+
+    /// A zeroed f32 scratch buffer of `len` elements from the device's
+    /// caching pool; it goes back to the pool when dropped.
+    pub fn scratch_f32(&self, len: usize) -> Result<Pooled<'_, CudaSlice<f32>>> {
+        self.pool_f32.take(
+            len,
+            |n| self.zeros(n),
+            |b| self.stream.memset_zeros(b).ctx("memset_zeros"),
+        )
+    }
+
+    /// [`Gpu::scratch_f32`] for f64.
+    pub fn scratch_f64(&self, len: usize) -> Result<Pooled<'_, CudaSlice<f64>>> {
+        self.pool_f64.take(
+            len,
+            |n| self.zeros(n),
+            |b| self.stream.memset_zeros(b).ctx("memset_zeros"),
+        )
+    }
+
+    /// The device's cuBLAS handle on our stream, created on first use.
+    pub fn blas(&self) -> Result<Arc<cudarc::cublas::CudaBlas>> {
+        self.blas
+            .get_or_init(|| {
+                // cudarc panics when libcublas is missing; contain it.
+                match std::panic::catch_unwind(|| cudarc::cublas::CudaBlas::new(self.stream.clone())) {
+                    Ok(Ok(b)) => Ok(Arc::new(b)),
+                    Ok(Err(e)) => Err(format!("cublasCreate failed: {e:?}")),
+                    Err(_) => Err("the cuBLAS library (libcublas.so.13) could not be loaded".into()),
+                }
+            })
+            .clone()
+            .map_err(|msg| Error::Blas {
+                op: "cublasCreate",
+                msg,
+            })
+    }
+
+    /// The f32 and f64 scratch pools' counters.
+    pub fn pool_stats(&self) -> (PoolStats, PoolStats) {
+        (self.pool_f32.stats(), self.pool_f64.stats())
     }
 
     /// Waits for all queued work.

@@ -36,6 +36,14 @@ pub enum Error {
         /// The driver's error.
         source: cudarc::driver::DriverError,
     },
+    /// A cuBLAS call failed.
+    #[error("cuBLAS error in {op}: {msg}")]
+    Blas {
+        /// The call.
+        op: &'static str,
+        /// cuBLAS's status.
+        msg: String,
+    },
     /// Arguments that do not fit the kernel's contract.
     #[error("{op}: {msg}")]
     InvalidArgument {

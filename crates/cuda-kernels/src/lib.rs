@@ -6,7 +6,13 @@
 //!   [`KernelId`] naming each kernel.
 //! - [`nvrtc`]: NVRTC found at run time and used to compile a file once per
 //!   device (as cubin, so ptxas checks resources too).
+//! - [`cache`]: compiled kernels kept on disk, keyed by source, architecture,
+//!   options and NVRTC version.
+//! - [`pool`]: a caching pool of device buffers (scratch stops calling the
+//!   driver's allocator after the first step).
 //! - [`launch`]: one typed launcher per kernel.
+//! - [`blas`]: row-major matrix products through cuBLAS (f32, and bf16 with
+//!   f32 accumulation).
 //!
 //! ```
 //! // Works on every machine: on one without a GPU the count is 0.
@@ -16,10 +22,13 @@
 //! }
 //! ```
 
+pub mod blas;
+pub mod cache;
 pub mod device;
 pub mod error;
 pub mod launch;
 pub mod nvrtc;
+pub mod pool;
 pub mod registry;
 
 pub use cudarc;

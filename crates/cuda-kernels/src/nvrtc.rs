@@ -130,6 +130,10 @@ pub fn nvrtc() -> Result<&'static Nvrtc> {
         })
 }
 
+/// The options every kernel file is compiled with (besides the
+/// architecture and the include folders); part of the disk cache's key.
+pub const OPTIONS: &[&str] = &["--std=c++17", "--use_fast_math", "-default-device"];
+
 /// What a compilation produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
@@ -164,12 +168,8 @@ fn compile_with(src: &KernelSource, cc: (u32, u32), output: Output, extra: &[&st
         arch: arch.clone(),
         log,
     };
-    let mut opts = vec![
-        format!("--gpu-architecture={arch}"),
-        "--std=c++17".to_string(),
-        "--use_fast_math".to_string(),
-        "-default-device".to_string(),
-    ];
+    let mut opts = vec![format!("--gpu-architecture={arch}")];
+    opts.extend(OPTIONS.iter().map(|o| o.to_string()));
     opts.extend(extra.iter().map(|o| o.to_string()));
     for inc in &nv.include_dirs {
         opts.push(format!("--include-path={}", inc.display()));

@@ -27,6 +27,7 @@ kernel_sources![
     "optim.cu",
     "rmsnorm.cu",
     "rope.cu",
+    "sampling.cu",
 ];
 
 macro_rules! kernel_ids {
@@ -100,6 +101,9 @@ kernel_ids! {
     GradNormSqF32 => ("optim.cu", "grad_norm_sq_f32"),
     /// `grad_norm_sq_reduce_f64`: the block sums into one f64.
     GradNormSqReduceF64 => ("optim.cu", "grad_norm_sq_reduce_f64"),
+    /// `sample_f32`: one token per row (temperature, top-k, top-p, min-p,
+    /// a given uniform); CPU twin `aha_sampler::sample_with_uniform`.
+    SampleF32 => ("sampling.cu", "sample_f32"),
 }
 
 impl KernelId {

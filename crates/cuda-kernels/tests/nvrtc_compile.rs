@@ -155,3 +155,57 @@ fn device_detection_never_panics() {
         None => assert!(n > 0),
     }
 }
+
+#[test]
+fn compiled_kernels_are_cached_on_disk_and_bad_files_are_replaced() {
+    use aha_cuda_kernels::cache::{cache_path, compile_cached_in, unseal, COMPILES};
+    use std::sync::atomic::Ordering;
+    if !nvrtc_or_skip("compiled_kernels_are_cached_on_disk_and_bad_files_are_replaced") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("aha-kernel-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = SOURCES.iter().find(|s| s.file == "elementwise.cu").unwrap();
+    let version = nvrtc().unwrap().version;
+    for output in [Output::Cubin, Output::Ptx] {
+        let path = cache_path(&dir, src, (9, 0), output, version);
+        let before = COMPILES.load(Ordering::SeqCst);
+        let first = compile_cached_in(&dir, src, (9, 0), output).unwrap();
+        assert!(path.is_file(), "{} was not written", path.display());
+        let stored = |p: &Path| -> Vec<u8> {
+            let f = std::fs::read(p).unwrap();
+            assert!(unseal(&f).is_some(), "bad checksum");
+            f[..f.len() - 8].to_vec()
+        };
+        assert!(stored(&path) == first);
+        let t = std::time::Instant::now();
+        let second = compile_cached_in(&dir, src, (9, 0), output).unwrap();
+        eprintln!("{output:?}: cached load {:?}", t.elapsed());
+        assert!(first == second);
+        // Other tests compile in parallel, so count only a lower bound:
+        // the first call compiled; the file is what the second returned.
+        assert!(COMPILES.load(Ordering::SeqCst) > before);
+        // A truncated file is recompiled and replaced.
+        std::fs::write(&path, &first[..first.len() / 3]).unwrap();
+        let third = compile_cached_in(&dir, src, (9, 0), output).unwrap();
+        assert!(third == first, "a truncated file was returned");
+        assert!(stored(&path) == first, "the bad file was not replaced");
+        // So is a file with one flipped byte.
+        let mut f = std::fs::read(&path).unwrap();
+        let mid = f.len() / 2;
+        f[mid] ^= 0x40;
+        std::fs::write(&path, &f).unwrap();
+        assert!(compile_cached_in(&dir, src, (9, 0), output).unwrap() == first);
+    }
+    // The other architecture is another file.
+    compile_cached_in(&dir, src, (8, 0), Output::Cubin).unwrap();
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(files, 3, "cubin sm_90, ptx compute_90, cubin sm_80");
+    // An unwritable cache folder costs a compile, not an error.
+    let blocked = dir.join("not-a-dir");
+    std::fs::write(&blocked, b"x").unwrap();
+    assert!(!compile_cached_in(&blocked, src, (9, 0), Output::Cubin)
+        .unwrap()
+        .is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}

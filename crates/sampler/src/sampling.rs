@@ -244,13 +244,22 @@ pub(crate) fn nucleus(e: &[f32], z: f64, top_p: f64) -> Vec<u32> {
     kept
 }
 
-/// Samples one token from `logits [V]`.
+/// Samples one token from `logits [V]`, drawing one uniform number from
+/// `rng` (none for greedy).
 ///
 /// Cost: one vectorized exponential pass over the vocabulary, plus for
 /// top-p a histogram pass (no sort of the vocabulary, see [`nucleus`]) and
-/// for top-k a selection. Which token a given random draw lands on depends on
-/// the order the kept set is scanned in; the distribution does not.
+/// for top-k a selection.
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SeqRng) -> Result<Sampled> {
+    let u = if p.is_greedy() { 0.0 } else { rng.uniform() };
+    sample_with_uniform(logits, p, u)
+}
+
+/// [`sample`] with the uniform number `u` in [0, 1) given: the contract the
+/// GPU sampling kernel (`sample_f32` in `kernels/sampling.cu`) shares. The
+/// kept tokens are scanned in id order, and the token is the first whose
+/// cumulative weight exceeds `u` times the kept mass.
+pub fn sample_with_uniform(logits: &[f32], p: &SamplingParams, u: f64) -> Result<Sampled> {
     if logits.is_empty() {
         return Err(Error::Invalid("empty logits".into()));
     }
@@ -284,12 +293,12 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SeqRng) -> Result<Sa
         });
     }
     // Draws from the ids in `idx` (all tokens when `None`) in proportion to e.
-    let draw = |idx: Option<&[u32]>, rng: &mut SeqRng| -> (u32, f64) {
+    let draw = |idx: Option<&[u32]>| -> (u32, f64) {
         let kept: f64 = match idx {
             Some(ix) => ix.iter().map(|&i| f64::from(e[i as usize])).sum(),
             None => z,
         };
-        let u = rng.uniform() * kept;
+        let u = u * kept;
         if idx.is_none() {
             // Skip whole chunks by their sums, then scan one chunk.
             let mut acc = 0.0;
@@ -333,7 +342,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SeqRng) -> Result<Sa
     };
     let truncate = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
     if !truncate {
-        let (token, _) = draw(None, rng);
+        let (token, _) = draw(None);
         return Ok(Sampled {
             token,
             logprob: logprob(token as usize),
@@ -375,7 +384,17 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SeqRng) -> Result<Sa
             idx.push(logits.iter().position(|&x| x == m32).unwrap_or(0) as u32);
         }
     }
-    let (token, kept) = draw(Some(&idx), rng);
+    // Id order, as the GPU kernel scans (a mask pass for large sets).
+    if idx.len() > 4096 {
+        let mut mask = vec![false; e.len()];
+        for &i in &idx {
+            mask[i as usize] = true;
+        }
+        idx = (0..e.len() as u32).filter(|&i| mask[i as usize]).collect();
+    } else {
+        idx.sort_unstable();
+    }
+    let (token, kept) = draw(Some(&idx));
     Ok(Sampled {
         token,
         logprob: logprob(token as usize),

@@ -554,3 +554,141 @@ fn check_grad_norm_clip(dev: Device) -> Result<()> {
     Ok(())
 }
 twin_tests!(check_grad_norm_clip, grad_norm_clip_cpu, grad_norm_clip_cuda);
+
+/// The scratch of the two-pass reductions comes from the device's caching
+/// pool: after the first call, repeats of the same shape allocate nothing.
+#[test]
+fn scratch_is_reused_from_the_pool_cuda() {
+    if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
+        eprintln!("scratch_is_reused_from_the_pool_cuda: skipped: no GPU ({reason})");
+        return;
+    }
+    let gpu = Gpu::get(0).unwrap();
+    let x = gpu.upload(&vec![1f32; 123_457]).unwrap();
+    let (_, before) = gpu.pool_stats();
+    for _ in 0..5 {
+        let norm = launch::grad_norm_f32(&gpu, &x, 123_457).unwrap();
+        assert!((norm - (123_457f64).sqrt()).abs() < 1e-6 * norm);
+    }
+    let (_, after) = gpu.pool_stats();
+    // Two scratch buffers per call; at most the first call's two allocate
+    // (other tests may have cached these lengths already).
+    assert!(after.misses - before.misses <= 2, "{before:?} -> {after:?}");
+    assert!(after.hits - before.hits >= 8, "{before:?} -> {after:?}");
+    assert_eq!(after.live_bytes, before.live_bytes, "every loan came back");
+}
+
+/// Matrix products: `cpu::matmul` (f32) on the CPU, cuBLAS (`blas::matmul_f32`)
+/// on the GPU, both against the f64 twin; every transpose combination,
+/// accumulate on and off, sizes around cuBLAS's tiles.
+fn check_matmul(dev: Device) -> Result<()> {
+    use aha_cuda_kernels::blas::{self, MatmulShape};
+    let on = on(dev)?;
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut shapes = vec![(1, 1, 1), (1, 256, 4096), (16, 256, 768), (129, 65, 257), (7, 1000, 3)];
+    shapes.extend((0..6).map(|_| {
+        (
+            rng.random_range(1..300),
+            rng.random_range(1..300),
+            rng.random_range(1..300),
+        )
+    }));
+    for (i, &(m, k, n)) in shapes.iter().enumerate() {
+        for (ta, tb, acc) in [
+            (false, false, false),
+            (false, true, true),
+            (true, false, false),
+            (true, true, true),
+        ] {
+            let seed = 1000 + i as u64 * 8;
+            let a = rand32(seed, m * k, 1.0);
+            let b = rand32(seed + 1, k * n, 1.0);
+            let init = rand32(seed + 2, m * n, 1.0);
+            let mut g = cpu::Gemm::new(m, k, n);
+            (g.trans_a, g.trans_b, g.accumulate) = (ta, tb, acc);
+            let mut want = init.clone();
+            cpu::matmul(&mut want, &a, &b, g)?;
+            let got = match &on {
+                On::Cpu => {
+                    let mut o = to_f32(&init);
+                    cpu::matmul(&mut o, &to_f32(&a), &to_f32(&b), g)?;
+                    o
+                }
+                On::Gpu(gpu) => {
+                    let mut o = up(gpu, &to_f32(&init))?;
+                    let (da, db) = (up(gpu, &to_f32(&a))?, up(gpu, &to_f32(&b))?);
+                    let s = MatmulShape {
+                        m,
+                        k,
+                        n,
+                        trans_a: ta,
+                        trans_b: tb,
+                        accumulate: acc,
+                    };
+                    blas::matmul_f32(gpu, &mut o, &da, &db, s)?;
+                    down(gpu, &o)?
+                }
+            };
+            // f32 accumulation over k products of size <= 1 (TF32 is not
+            // enabled: cuBLAS's default math mode for Sgemm is full f32).
+            assert_close(
+                &format!("matmul {m}x{k}x{n} ta {ta} tb {tb}"),
+                &got,
+                &want,
+                2e-6 * k as f64,
+                1e-5,
+            );
+        }
+    }
+    Ok(())
+}
+
+twin_tests!(check_matmul, matmul_cpu, matmul_cuda);
+
+/// bf16 products with f32 accumulation against the f64 product of the same
+/// (bf16-rounded) inputs: only the output's rounding to bf16 (relative
+/// 2^-8) and the f32 sum differ.
+#[test]
+fn matmul_bf16_cuda() {
+    use aha_cuda_kernels::blas::{self, MatmulShape};
+    if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
+        eprintln!("matmul_bf16_cuda: skipped: no GPU ({reason})");
+        return;
+    }
+    let gpu = Gpu::get(0).unwrap();
+    for (m, k, n) in [(1, 64, 1), (16, 256, 768), (129, 65, 257), (512, 2048, 1024)] {
+        let q = |v: Vec<f64>| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f64(x)).collect() };
+        let a = q(rand_vec(5, m * k, 1.0));
+        let b = q(rand_vec(6, n * k, 1.0));
+        let f = |v: &[bf16]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
+        let mut want = vec![0f64; m * n];
+        let mut g = cpu::Gemm::new(m, k, n);
+        g.trans_b = true;
+        cpu::matmul(&mut want, &f(&a), &f(&b), g).unwrap();
+        let bits = |v: &[bf16]| -> Vec<u16> { v.iter().map(|x| x.to_bits()).collect() };
+        let (da, db) = (gpu.upload(&bits(&a)).unwrap(), gpu.upload(&bits(&b)).unwrap());
+        let mut o = gpu.zeros::<u16>(m * n).unwrap();
+        let s = MatmulShape {
+            m,
+            k,
+            n,
+            trans_a: false,
+            trans_b: true,
+            accumulate: false,
+        };
+        blas::matmul_bf16(&gpu, &mut o, &da, &db, s).unwrap();
+        let got: Vec<f64> = gpu
+            .download(&o)
+            .unwrap()
+            .into_iter()
+            .map(|x| bf16::from_bits(x).to_f64())
+            .collect();
+        assert_close(
+            &format!("matmul_bf16 {m}x{k}x{n}"),
+            &got,
+            &want,
+            1e-5 * k as f64,
+            1.0 / 256.0,
+        );
+    }
+}
