@@ -46,46 +46,22 @@ __device__ double block_sum_d(double x, double* sh) {
     return t;
 }
 
-// Inclusive block scan of doubles (per thread value x); returns the
+// Inclusive block scan (per thread value x, T = double or int); returns the
 // thread's inclusive prefix and writes the block total to *total.
-__device__ double block_scan_d(double x, double* sh, double* total) {
+template <typename T>
+__device__ T block_scan(T x, T* sh, T* total) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     for (int o = 1; o < 32; o <<= 1) {
-        double y = __shfl_up_sync(0xffffffffu, x, o);
+        T y = __shfl_up_sync(0xffffffffu, x, o);
         if (lane >= o) x += y;
     }
     __syncthreads();
     if (lane == 31) sh[wid] = x;
     __syncthreads();
     if (threadIdx.x < 32) {
-        double t = threadIdx.x < WARPS ? sh[threadIdx.x] : 0.0;
+        T t = threadIdx.x < WARPS ? sh[threadIdx.x] : T(0);
         for (int o = 1; o < 32; o <<= 1) {
-            double y = __shfl_up_sync(0xffffffffu, t, o);
-            if (lane >= o) t += y;
-        }
-        if (threadIdx.x < WARPS) sh[threadIdx.x] = t;
-    }
-    __syncthreads();
-    if (wid > 0) x += sh[wid - 1];
-    *total = sh[WARPS - 1];
-    __syncthreads();
-    return x;
-}
-
-// Inclusive block scan of ints.
-__device__ int block_scan_i(int x, int* sh, int* total) {
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    for (int o = 1; o < 32; o <<= 1) {
-        int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-    }
-    __syncthreads();
-    if (lane == 31) sh[wid] = x;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        int t = threadIdx.x < WARPS ? sh[threadIdx.x] : 0;
-        for (int o = 1; o < 32; o <<= 1) {
-            int y = __shfl_up_sync(0xffffffffu, t, o);
+            T y = __shfl_up_sync(0xffffffffu, t, o);
             if (lane >= o) t += y;
         }
         if (threadIdx.x < WARPS) sh[threadIdx.x] = t;
@@ -297,11 +273,11 @@ extern "C" __global__ void sample_f32(
         unsigned int bits = __float_as_uint(ei);
         int tie = (i < v && limit && bits == tau) ? 1 : 0;
         int tie_total;
-        int tie_rank = block_scan_i(tie, shi, &tie_total) - tie + ties_before;
+        int tie_rank = block_scan<int>(tie, shi, &tie_total) - tie + ties_before;
         int keep = i < v && ei >= floor_p && (!limit || bits > tau || (tie && (unsigned int)tie_rank < c));
         double wi = keep ? (double)ei : 0.0;
         double tile_total;
-        double incl = block_scan_d(wi, shd, &tile_total) + before;
+        double incl = block_scan<double>(wi, shd, &tile_total) + before;
         if (keep && wi > 0.0) {
             atomicMax(&s_last, (int)i);
             if (incl > target) atomicMin(&s_found, (int)i);

@@ -15,7 +15,8 @@ use cudarc::driver::CudaSlice;
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 
-/// The shape of one product (as `aha_tensor::cpu::Gemm`).
+/// The shape of one product (the fields of `aha_tensor::cpu::Gemm`, which
+/// this crate cannot name: aha-tensor depends on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MatmulShape {
     /// Rows of `out`.
@@ -80,6 +81,21 @@ pub fn plan_matmul(s: MatmulShape, lens: (usize, usize, usize)) -> Result<Option
     }))
 }
 
+/// A product with nothing to multiply: `k == 0` without accumulation
+/// leaves zeros, everything else leaves `out` as it is.
+fn empty_product<T>(gpu: &Gpu, out: &mut CudaSlice<T>, s: MatmulShape) -> Result<()>
+where
+    T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+{
+    if !s.accumulate && s.k == 0 {
+        gpu.stream().memset_zeros(out).map_err(|source| Error::Driver {
+            op: "memset_zeros",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 fn op(t: bool) -> cublasOperation_t {
     if t {
         cublasOperation_t::CUBLAS_OP_T
@@ -112,13 +128,7 @@ pub fn matmul_f32(
     s: MatmulShape,
 ) -> Result<()> {
     let Some(p) = plan_matmul(s, (out.len(), a.len(), b.len()))? else {
-        if !s.accumulate && s.k == 0 {
-            gpu.stream().memset_zeros(out).map_err(|source| Error::Driver {
-                op: "memset_zeros",
-                source,
-            })?;
-        }
-        return Ok(());
+        return empty_product(gpu, out, s);
     };
     let blas = gpu.blas()?;
     // SAFETY: the plan checked every length against the shape, so cuBLAS
@@ -140,13 +150,7 @@ pub fn matmul_bf16(
     s: MatmulShape,
 ) -> Result<()> {
     let Some(p) = plan_matmul(s, (out.len(), a.len(), b.len()))? else {
-        if !s.accumulate && s.k == 0 {
-            gpu.stream().memset_zeros(out).map_err(|source| Error::Driver {
-                op: "memset_zeros",
-                source,
-            })?;
-        }
-        return Ok(());
+        return empty_product(gpu, out, s);
     };
     let blas = gpu.blas()?;
     let (one, beta) = (half::bf16::ONE, half::bf16::from_f32(p.beta));

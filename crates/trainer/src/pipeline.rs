@@ -265,6 +265,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         Ok(())
     };
     let mut rows = Vec::new();
+    let score_row = |name: &str, m: &Model| score(name, m, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens);
 
     // 1. Base.
     let mcfg = ModelConfig::from_json_str(&teacher_json.to_string(), Path::new("<pipeline config>"))?;
@@ -292,21 +293,13 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     }
     log(&format!("base: pretrained {} steps, loss {loss:.3}", d.pretrain_steps));
     save("base", &base, &teacher_json)?;
-    rows.push(score("base", &base, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens)?);
+    rows.push(score_row("base", &base)?);
 
     // 2. R1-Zero: pure RL from the base.
     let mut zero = base.clone();
     grpo(&mut zero, d, &tok, d.grpo_steps, &mut rng, d.seed ^ 1)?;
     save("r1-zero", &zero, &teacher_json)?;
-    rows.push(score(
-        "r1-zero",
-        &zero,
-        &tok,
-        &test,
-        cfg.eval_k,
-        d.seed,
-        d.max_new_tokens,
-    )?);
+    rows.push(score_row("r1-zero", &zero)?);
     log(&format!("r1-zero: pass@1 {:.3}", rows[1].eval.pass_at_1));
 
     // 3. R1: cold start, reasoning RL, rejection sampling + SFT.
@@ -348,7 +341,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         sft(&mut r1, &data, cfg.sft_steps, 32, 3e-4, &mut rng)?;
     }
     save("r1", &r1, &teacher_json)?;
-    rows.push(score("r1", &r1, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens)?);
+    rows.push(score_row("r1", &r1)?);
     log(&format!("r1: pass@1 {:.3}", rows[2].eval.pass_at_1));
 
     // 4. Distillation into a smaller dense student.
@@ -372,15 +365,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         sdata.len()
     ));
     save("student", &student, &sjson)?;
-    rows.push(score(
-        "student",
-        &student,
-        &tok,
-        &test,
-        cfg.eval_k,
-        d.seed,
-        d.max_new_tokens,
-    )?);
+    rows.push(score_row("student", &student)?);
 
     let table = serde_json::json!({"rows": rows, "wall_s": t0.elapsed().as_secs_f64(), "eval_problems": test.len()});
     let tp = out.join("table.json");
