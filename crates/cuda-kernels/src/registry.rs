@@ -21,6 +21,7 @@ macro_rules! kernel_sources {
 
 kernel_sources![
     "activation.cu",
+    "attention.cu",
     "cast.cu",
     "elementwise.cu",
     "embedding.cu",
@@ -101,6 +102,14 @@ kernel_ids! {
     GradNormSqF32 => ("optim.cu", "grad_norm_sq_f32"),
     /// `grad_norm_sq_reduce_f64`: the block sums into one f64.
     GradNormSqReduceF64 => ("optim.cu", "grad_norm_sq_reduce_f64"),
+    /// `attention_forward_f32` (out, lse); CPU twin `aha_tensor::cpu::attention_forward`.
+    AttentionForwardF32 => ("attention.cu", "attention_forward_f32"),
+    /// `attention_dsum_f32`: `dout . out` per row, for the backward.
+    AttentionDsumF32 => ("attention.cu", "attention_dsum_f32"),
+    /// `attention_backward_dq_f32`; CPU twin `aha_tensor::cpu::attention_backward`.
+    AttentionBackwardDqF32 => ("attention.cu", "attention_backward_dq_f32"),
+    /// `attention_backward_dkv_f32`; CPU twin `aha_tensor::cpu::attention_backward`.
+    AttentionBackwardDkvF32 => ("attention.cu", "attention_backward_dkv_f32"),
     /// `sample_f32`: one token per row (temperature, top-k, top-p, min-p,
     /// a given uniform); CPU twin `aha_sampler::sample_with_uniform`.
     SampleF32 => ("sampling.cu", "sample_f32"),

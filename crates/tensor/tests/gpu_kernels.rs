@@ -692,3 +692,90 @@ fn matmul_bf16_cuda() {
         );
     }
 }
+
+/// Causal GQA attention forward and backward: the CPU kernels in f32 on the
+/// CPU, the simple warp-per-row CUDA kernels on the GPU, both against the
+/// CPU twin in f64; MLA widths (Dk != Dv) and lengths that are not multiples
+/// of the four-warp blocks included.
+fn check_attention(dev: Device) -> Result<()> {
+    use aha_cuda_kernels::launch::AttnGeometry;
+    let on = on(dev)?;
+    let shapes = [
+        (1, 1, 1, 1, 1, 1),
+        (2, 7, 4, 2, 8, 6),
+        (1, 33, 8, 8, 32, 32),
+        (3, 65, 6, 2, 24, 16),
+        (1, 130, 4, 1, 64, 64),
+        (1, 9, 2, 2, 192, 128),
+    ];
+    for (i, &(b, t, h, hk, dk, dv)) in shapes.iter().enumerate() {
+        let seed = 3000 + 10 * i as u64;
+        let q = rand32(seed, b * t * h * dk, 1.0);
+        let k = rand32(seed + 1, b * t * hk * dk, 1.0);
+        let v = rand32(seed + 2, b * t * hk * dv, 1.0);
+        let dout = rand32(seed + 3, b * t * h * dv, 1.0);
+        let s = cpu::AttnShape {
+            b,
+            t,
+            h,
+            hk,
+            dk,
+            dv,
+            scale: 1.0 / (dk as f64).sqrt(),
+        };
+        let (mut out, mut lse) = (vec![0f64; b * t * h * dv], vec![0f64; b * h * t]);
+        cpu::attention_forward(&mut out, &mut lse, &q, &k, &v, s)?;
+        let (mut dq, mut dkk, mut dvv) = (vec![0f64; q.len()], vec![0f64; k.len()], vec![0f64; v.len()]);
+        cpu::attention_backward(&mut dq, &mut dkk, &mut dvv, &dout, &q, &k, &v, &out, &lse, s)?;
+        let got: [Vec<f32>; 5] = match &on {
+            On::Cpu => {
+                let f = |x: &[f64]| to_f32(x);
+                let (mut o, mut l) = (vec![0f32; out.len()], vec![0f32; lse.len()]);
+                cpu::attention_forward(&mut o, &mut l, &f(&q), &f(&k), &f(&v), s)?;
+                let (mut a, mut bb, mut c) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+                cpu::attention_backward(&mut a, &mut bb, &mut c, &f(&dout), &f(&q), &f(&k), &f(&v), &o, &l, s)?;
+                [o, l, a, bb, c]
+            }
+            On::Gpu(gpu) => {
+                let g = AttnGeometry {
+                    b,
+                    t,
+                    h,
+                    hk,
+                    dk,
+                    dv,
+                    scale: s.scale as f32,
+                };
+                let (dqd, dkd, dvd) = (up(gpu, &to_f32(&q))?, up(gpu, &to_f32(&k))?, up(gpu, &to_f32(&v))?);
+                let (mut o, mut l) = (gpu.zeros::<f32>(out.len())?, gpu.zeros::<f32>(lse.len())?);
+                launch::attention_forward_f32(gpu, &mut o, &mut l, &dqd, &dkd, &dvd, &g)?;
+                let dod = up(gpu, &to_f32(&dout))?;
+                let (mut a, mut bb, mut c) = (
+                    gpu.zeros::<f32>(q.len())?,
+                    gpu.zeros::<f32>(k.len())?,
+                    gpu.zeros::<f32>(v.len())?,
+                );
+                launch::attention_backward_f32(gpu, &mut a, &mut bb, &mut c, &dod, &dqd, &dkd, &dvd, &o, &l, &g)?;
+                [
+                    down(gpu, &o)?,
+                    down(gpu, &l)?,
+                    down(gpu, &a)?,
+                    down(gpu, &bb)?,
+                    down(gpu, &c)?,
+                ]
+            }
+        };
+        // f32 sums over t keys of terms of size ~1: absolute error grows with
+        // t and the head width; gradients sum one more product.
+        let tol = 1e-5 * (t * dk.max(dv)) as f64;
+        let what = format!("attention b {b} t {t} h {h} hk {hk} dk {dk} dv {dv}");
+        assert_close(&format!("{what} out"), &got[0], &out, tol, 1e-4);
+        assert_close(&format!("{what} lse"), &got[1], &lse, tol, 1e-5);
+        for (name, g, w) in [("dq", &got[2], &dq), ("dk", &got[3], &dkk), ("dv", &got[4], &dvv)] {
+            assert_close(&format!("{what} {name}"), g, w, 4.0 * tol, 1e-4);
+        }
+    }
+    Ok(())
+}
+
+twin_tests!(check_attention, attention_cpu, attention_cuda);
