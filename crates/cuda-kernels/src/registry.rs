@@ -25,6 +25,7 @@ kernel_sources![
     "cast.cu",
     "elementwise.cu",
     "embedding.cu",
+    "logprob.cu",
     "optim.cu",
     "rmsnorm.cu",
     "rope.cu",
@@ -110,6 +111,16 @@ kernel_ids! {
     AttentionBackwardDqF32 => ("attention.cu", "attention_backward_dq_f32"),
     /// `attention_backward_dkv_f32`; CPU twin `aha_tensor::cpu::attention_backward`.
     AttentionBackwardDkvF32 => ("attention.cu", "attention_backward_dkv_f32"),
+    /// `token_logprob_forward_f32` (logp, lse); CPU twin
+    /// `aha_tensor::cpu::token_logprob_forward`.
+    TokenLogprobForwardF32 => ("logprob.cu", "token_logprob_forward_f32"),
+    /// `token_logprob_backward_f32` (dlogits); CPU twin
+    /// `aha_tensor::cpu::token_logprob_backward`.
+    TokenLogprobBackwardF32 => ("logprob.cu", "token_logprob_backward_f32"),
+    /// `add_bias_f32`: `x [rows, c] += bias [c]`.
+    AddBiasF32 => ("logprob.cu", "add_bias_f32"),
+    /// `bias_grad_f32`: `dbias [c] +=` column sums of `dy [rows, c]`, in row order.
+    BiasGradF32 => ("logprob.cu", "bias_grad_f32"),
     /// `sample_f32`: one token per row (temperature, top-k, top-p, min-p,
     /// a given uniform); CPU twin `aha_sampler::sample_with_uniform`.
     SampleF32 => ("sampling.cu", "sample_f32"),

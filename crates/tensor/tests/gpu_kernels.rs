@@ -779,3 +779,72 @@ fn check_attention(dev: Device) -> Result<()> {
 }
 
 twin_tests!(check_attention, attention_cpu, attention_cuda);
+
+/// Token log-probs over full rows and their backward, against the CPU twin
+/// in f64; vocabularies around the 256-thread block and a Qwen-sized one.
+fn check_token_logprob(dev: Device) -> Result<()> {
+    let on = on(dev)?;
+    let mut rng = StdRng::seed_from_u64(41);
+    for (i, &(n, v)) in [(1usize, 1usize), (3, 255), (5, 257), (17, 4096), (2, 151_936)]
+        .iter()
+        .enumerate()
+    {
+        let logits = rand32(4000 + i as u64, n * v, 8.0);
+        let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+        let dlogp = rand32(4100 + i as u64, n, 1.0);
+        let (mut logp, mut lse) = (vec![0f64; n], vec![0f64; n]);
+        cpu::token_logprob_forward(&mut logp, &mut lse, &logits, &targets, v)?;
+        let mut dl = vec![0f64; n * v];
+        cpu::token_logprob_backward(&mut dl, &dlogp, &logits, &lse, &targets, v)?;
+        let (glp, glse, gdl) = match &on {
+            On::Cpu => {
+                let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                cpu::token_logprob_forward(&mut a, &mut b, &to_f32(&logits), &targets, v)?;
+                let mut d = vec![0f32; n * v];
+                cpu::token_logprob_backward(&mut d, &to_f32(&dlogp), &to_f32(&logits), &b, &targets, v)?;
+                (a, b, d)
+            }
+            On::Gpu(gpu) => {
+                let x = up(gpu, &to_f32(&logits))?;
+                let (mut a, mut b) = (gpu.zeros::<f32>(n)?, gpu.zeros::<f32>(n)?);
+                launch::token_logprob_forward_f32(gpu, &mut a, &mut b, &x, &targets, v)?;
+                let mut d = gpu.zeros::<f32>(n * v)?;
+                launch::token_logprob_backward_f32(gpu, &mut d, &up(gpu, &to_f32(&dlogp))?, &x, &b, &targets, v)?;
+                (down(gpu, &a)?, down(gpu, &b)?, down(gpu, &d)?)
+            }
+        };
+        // f32 sums of up to 151,936 exponentials: relative error ~1e-6 of lse.
+        let what = format!("token_logprob n {n} v {v}");
+        assert_close(&format!("{what} lse"), &glse, &lse, 1e-4, 1e-5);
+        assert_close(&format!("{what} logp"), &glp, &logp, 1e-4, 1e-5);
+        assert_close(&format!("{what} dlogits"), &gdl, &dl, 1e-6, 1e-4);
+    }
+    Ok(())
+}
+
+twin_tests!(check_token_logprob, token_logprob_cpu, token_logprob_cuda);
+
+/// Bias add and bias gradient on the GPU against plain loops in f64.
+#[test]
+fn bias_add_and_grad_cuda() {
+    if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
+        eprintln!("bias_add_and_grad_cuda: skipped: no GPU ({reason})");
+        return;
+    }
+    let gpu = Gpu::get(0).unwrap();
+    for &(rows, c) in &[(1usize, 1usize), (7, 255), (300, 1000), (4096, 3)] {
+        let x = rand32(50, rows * c, 1.0);
+        let bias = rand32(51, c, 1.0);
+        let init = rand32(52, c, 1.0);
+        let mut dx = up(&gpu, &to_f32(&x)).unwrap();
+        launch::add_bias_f32(&gpu, &mut dx, &up(&gpu, &to_f32(&bias)).unwrap(), rows, c).unwrap();
+        let want: Vec<f64> = (0..rows * c).map(|i| x[i] + bias[i % c]).collect();
+        assert_close("add_bias", &down(&gpu, &dx).unwrap(), &want, 1e-6, 1e-6);
+        let mut db = up(&gpu, &to_f32(&init)).unwrap();
+        launch::bias_grad_f32(&gpu, &mut db, &up(&gpu, &to_f32(&x)).unwrap(), rows, c).unwrap();
+        let want: Vec<f64> = (0..c)
+            .map(|j| init[j] + (0..rows).map(|r| x[r * c + j]).sum::<f64>())
+            .collect();
+        assert_close("bias_grad", &down(&gpu, &db).unwrap(), &want, 1e-5 * rows as f64, 1e-5);
+    }
+}
