@@ -3,7 +3,8 @@
 #   1. builds the kernel tests and the benchmark (release),
 #   2. runs every GPU test (kernel compile + ptxas report, the GPU-vs-CPU-twin
 #      tests of aha-tensor incl. cuBLAS products and the scratch pool, the
-#      sampling kernel against aha-sampler) with --nocapture so that timings print, and fails
+#      sampling kernel against aha-sampler, the dense models' GPU forward
+#      against the CPU and transformers) with --nocapture so that timings print, and fails
 #      if any of them says "skipped: no GPU" (set AHA_GPU_CHECK_ALLOW_SKIP=1
 #      to only compile and run what can run),
 #   3. times every kernel on model-sized shapes and prints a table: kernel,
@@ -35,12 +36,14 @@ echo "AHA_CUDA_ROOT=${AHA_CUDA_ROOT:-<unset>}"
 
 echo "== build"
 cargo build --release -p aha-cuda-kernels --example kernel_bench
-cargo test -p aha-cuda-kernels -p aha-tensor -p aha-sampler --no-run
+cargo test -p aha-cuda-kernels -p aha-tensor -p aha-sampler -p aha-moe-model --no-run
 
 echo "== GPU tests"
 cargo test -p aha-cuda-kernels --test nvrtc_compile -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
 cargo test -p aha-tensor --test gpu_twins --test gpu_kernels -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
 cargo test -p aha-sampler --test gpu_sampling -- --nocapture 2>&1 | tee -a "$log"
+cargo test -p aha-moe-model --test gpu_model -- --nocapture 2>&1 | tee -a "$log"
+cargo test -p aha --test cli logprobs_on_cuda -- --nocapture 2>&1 | tee -a "$log"
 if grep -q "skipped: no GPU" "$log"; then
     echo "gpu-check: GPU tests were skipped: no GPU was found" >&2
     if [ "${AHA_GPU_CHECK_ALLOW_SKIP:-0}" != "1" ]; then

@@ -57,21 +57,43 @@ pub fn read_ids(path: &Path) -> Result<(Vec<u32>, usize, usize)> {
 }
 
 /// Runs the model and writes `logits [B, T, V]` and `token_logprobs [B, T-1]`.
-pub fn run(model_dir: &Path, input: &Path, out: &Path, device: Device) -> Result<()> {
-    if device.is_cuda() {
-        bail!("--device {device}: the model runs on the CPU until the CUDA backend lands; use --device cpu");
-    }
+///
+/// On `cuda:N` the dense models (Qwen2, Qwen3) run on the GPU
+/// (`aha_moe_model::gpu`); other architectures are refused with the reason.
+/// `auto` takes GPU 0 when there is one and the model runs there, else the CPU.
+pub fn run(model_dir: &Path, input: &Path, out: &Path, device: &str) -> Result<()> {
     let model = Model::load(model_dir)?;
+    let device = if device == "auto" {
+        let gpu_ok = aha_cuda_kernels::device_count() > 0 && aha_moe_model::gpu::gpu_support(&model.config).is_ok();
+        if gpu_ok {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }
+    } else {
+        device.parse()?
+    };
     let (ids, b, t) = read_ids(input)?;
-    let acts = model.forward(&ids, b, t)?;
-    let logits = model.logits_of(&acts.hidden)?;
     let mut targets = vec![0u32; b * t];
     for r in 0..b {
         for i in 0..t - 1 {
             targets[r * t + i] = ids[r * t + i + 1];
         }
     }
-    let (logp, _) = model.token_logprobs(&acts, &targets)?;
+    let (logits, logp) = match device {
+        Device::Cuda(ordinal) => {
+            aha_moe_model::gpu::gpu_support(&model.config)
+                .map_err(|e| anyhow::anyhow!("--device {device}: {e}; use --device cpu"))?;
+            let gpu = aha_moe_model::gpu::GpuModel::upload(&model, ordinal)?;
+            let logits = gpu.logits(&ids, b, t)?;
+            (logits, gpu.token_logprobs(&ids, b, t, &targets)?.0)
+        }
+        Device::Cpu => {
+            let acts = model.forward(&ids, b, t)?;
+            let logits = model.logits_of(&acts.hidden)?;
+            (logits, model.token_logprobs(&acts, &targets)?.0)
+        }
+    };
     let lp: Vec<f32> = (0..b).flat_map(|r| logp[r * t..r * t + t - 1].to_vec()).collect();
     let v = model.config.vocab_size;
     write_f32(

@@ -464,7 +464,7 @@ fn main() -> Result<()> {
             input,
             out,
             device,
-        } => logprobs::run(&model, &input, &out, model_device(&device)?),
+        } => logprobs::run(&model, &input, &out, &device),
         Command::Grpo {
             config,
             model,

@@ -198,3 +198,45 @@ fn eval_reports_pass_at_k_on_a_public_set() {
     }
     let _ = std::fs::remove_file(&data);
 }
+
+#[test]
+fn logprobs_on_cuda_runs_dense_models_and_refuses_others_by_name() {
+    let run = |model: &str, out: &std::path::Path| {
+        let m = fixture(model);
+        Command::new(env!("CARGO_BIN_EXE_aha"))
+            .arg("logprobs")
+            .arg("--model")
+            .arg(&m)
+            .arg("--input")
+            .arg(m.join("reference.safetensors"))
+            .arg("--out")
+            .arg(out)
+            .args(["--device", "cuda"])
+            .output()
+            .expect("run aha")
+    };
+    let out = std::env::temp_dir().join(format!("aha-cli-logprobs-cuda-{}.safetensors", std::process::id()));
+    // MoE layers do not run on the GPU yet: refused before any device work.
+    let r = run("models/qwen3-moe-tiny", &out);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("mixture-of-experts"));
+    // A dense model: on a GPU it reproduces transformers; without one, a clear error.
+    let r = run("models/qwen2-tiny", &out);
+    if aha_cuda_kernels::device_count() == 0 {
+        eprintln!("logprobs_on_cuda: skipped the GPU run: no GPU");
+        assert!(!r.status.success());
+        assert!(String::from_utf8_lossy(&r.stderr).contains("no GPU"));
+        return;
+    }
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got = aha_moe_model::st::read_file(&out).unwrap();
+    let want = aha_moe_model::st::read_file(&fixture("models/qwen2-tiny").join("reference.safetensors")).unwrap();
+    for name in ["logits", "token_logprobs"] {
+        let g = got.iter().find(|t| t.name == name).unwrap();
+        let w = want.iter().find(|t| t.name == name).unwrap();
+        let (g, w) = (g.data.to_f64_vec(), w.data.to_f64_vec());
+        let d = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(d < 1e-4, "{name} on the GPU: max |diff| {d}");
+    }
+    let _ = std::fs::remove_file(&out);
+}

@@ -17,6 +17,7 @@ mod attn;
 pub mod config;
 mod error;
 mod ffn;
+pub mod gpu;
 mod linear;
 mod model;
 pub mod paged;
