@@ -178,3 +178,42 @@ extern "C" __global__ void attention_backward_dkv_f32(
     att_store(dk + row * Dk, dka, Dk, lane);
     att_store(dv + row * Dv, dva, Dv, lane);
 }
+
+// Decode against a KV cache: n new query tokens of one sequence at positions
+// start .. start + n attend to cached positions 0 ..= their own (the new
+// tokens' keys and values are already written into the cache).
+//   q, out [n, H, Dk | Dv]   kc [P, Hk, Dk]   vc [P, Hk, Dv]   (P >= start + n)
+// One warp per (token, head); online softmax as in the forward.
+extern "C" __global__ void attention_decode_f32(
+    float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,
+    const float* __restrict__ vc, int start, int n, int H, int Hk, int Dk, int Dv, float scale) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
+    if (row >= (long long)n * H) return;
+    const int h = (int)(row % H);
+    const int i = (int)(row / H);
+    const int kh = h / (H / Hk);
+    float qr[ATT_PER_LANE], o[ATT_PER_LANE];
+    att_load(qr, q + row * Dk, Dk, lane);
+#pragma unroll
+    for (int s = 0; s < ATT_PER_LANE; s++) o[s] = 0.0f;
+    float m = -3.0e38f, l = 0.0f;
+    for (int j = 0; j <= start + i; j++) {
+        const long long kv = (long long)j * Hk + kh;
+        float sc = att_dot(qr, kc + kv * Dk, Dk, lane) * scale;
+        float mn = fmaxf(m, sc);
+        float corr = __expf(m - mn), p = __expf(sc - mn);
+        l = l * corr + p;
+        const float* vr = vc + kv * Dv;
+#pragma unroll
+        for (int s = 0; s < ATT_PER_LANE; s++) {
+            int c = lane + 32 * s;
+            o[s] = o[s] * corr + (c < Dv ? p * vr[c] : 0.0f);
+        }
+        m = mn;
+    }
+    const float inv = 1.0f / l;
+#pragma unroll
+    for (int s = 0; s < ATT_PER_LANE; s++) o[s] *= inv;
+    att_store(out + row * Dv, o, Dv, lane);
+}

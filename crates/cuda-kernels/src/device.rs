@@ -152,6 +152,28 @@ impl Gpu {
         self.stream.clone_dtoh(dev).ctx("download")
     }
 
+    /// A device-side copy of a buffer.
+    pub fn clone_dtod<T: DeviceRepr>(&self, src: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        self.stream.clone_dtod(src).ctx("clone_dtod")
+    }
+
+    /// Copies `src` into `dst` at element `offset` (on the device).
+    pub fn copy_into<T: DeviceRepr>(&self, dst: &mut CudaSlice<T>, offset: usize, src: &CudaSlice<T>) -> Result<()> {
+        let end = offset
+            .checked_add(src.len())
+            .filter(|&e| e <= dst.len())
+            .ok_or(Error::InvalidArgument {
+                op: "copy_into",
+                msg: format!(
+                    "{} elements at {offset} do not fit a buffer of {}",
+                    src.len(),
+                    dst.len()
+                ),
+            })?;
+        let mut view = dst.slice_mut(offset..end);
+        self.stream.memcpy_dtod(src, &mut view).ctx("memcpy_dtod")
+    }
+
     /// A zeroed device buffer of `len` elements.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros(len).ctx("alloc_zeros")

@@ -910,6 +910,58 @@ pub fn attention_forward_f32(
     Ok(())
 }
 
+/// Decode attention (kernel `attention_decode_f32`): `n` new query tokens of
+/// one sequence at positions `start .. start + n` against its KV cache
+/// `kc [P, Hk, Dk]`, `vc [P, Hk, Dv]` (the new keys and values already
+/// written at those positions). `q [n, H, Dk]`, `out [n, H, Dv]`. The CPU
+/// twin is the causal attention over the whole prefix (rows `start..`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_f32(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    q: &CudaSlice<f32>,
+    kc: &CudaSlice<f32>,
+    vc: &CudaSlice<f32>,
+    start: usize,
+    n: usize,
+    g: &AttnGeometry,
+) -> Result<()> {
+    const OP: &str = "attention_decode_f32";
+    let bad = |msg: String| Error::InvalidArgument { op: OP, msg };
+    let AttnGeometry { h, hk, dk, dv, .. } = *g;
+    if hk == 0 || h % hk != 0 || dk == 0 || dv == 0 || dk > ATTENTION_MAX_D || dv > ATTENTION_MAX_D {
+        return Err(bad(format!("heads {h}/{hk} or widths {dk}/{dv} out of range")));
+    }
+    let end = start.checked_add(n).ok_or_else(|| bad("positions overflow".into()))?;
+    check_len(OP, "q", q.len(), n * h * dk)?;
+    check_len(OP, "out", out.len(), n * h * dv)?;
+    check_len(OP, "kc", kc.len(), end * hk * dk)?;
+    check_len(OP, "vc", vc.len(), end * hk * dv)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let to_i = |x: usize| i32::try_from(x).map_err(|_| bad(format!("size {x} exceeds i32")));
+    let (s0, nn, hh, kk, ddk, ddv) = (to_i(start)?, to_i(n)?, to_i(h)?, to_i(hk)?, to_i(dk)?, to_i(dv)?);
+    let blocks = u32::try_from((n * h).div_ceil(ATT_WARPS)).map_err(|_| bad("too many rows".into()))?;
+    let f = gpu.function(KernelId::AttentionDecodeF32)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(out)
+        .arg(q)
+        .arg(kc)
+        .arg(vc)
+        .arg(&s0)
+        .arg(&nn)
+        .arg(&hh)
+        .arg(&kk)
+        .arg(&ddk)
+        .arg(&ddv)
+        .arg(&g.scale);
+    // SAFETY: (float*, const float* x3, int x6, float); q and out hold n
+    // rows, the caches start + n positions (checked); one warp per (token, head).
+    unsafe { l.launch(att_cfg(blocks)) }.ctx("launch attention_decode_f32")?;
+    Ok(())
+}
+
 /// Causal GQA attention backward: `dq`, `dk`, `dv` are assigned (kernels
 /// `attention_dsum_f32`, `attention_backward_dq_f32`,
 /// `attention_backward_dkv_f32`; no atomics, so the result is

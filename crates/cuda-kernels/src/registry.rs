@@ -105,6 +105,8 @@ kernel_ids! {
     GradNormSqReduceF64 => ("optim.cu", "grad_norm_sq_reduce_f64"),
     /// `attention_forward_f32` (out, lse); CPU twin `aha_tensor::cpu::attention_forward`.
     AttentionForwardF32 => ("attention.cu", "attention_forward_f32"),
+    /// `attention_decode_f32`: new tokens of one sequence against its KV cache.
+    AttentionDecodeF32 => ("attention.cu", "attention_decode_f32"),
     /// `attention_dsum_f32`: `dout . out` per row, for the backward.
     AttentionDsumF32 => ("attention.cu", "attention_dsum_f32"),
     /// `attention_backward_dq_f32`; CPU twin `aha_tensor::cpu::attention_backward`.

@@ -1,12 +1,13 @@
 //! The dense models (Qwen2, Qwen3 and other grouped-query models with dense
-//! MLPs) on a GPU, forward only: weights uploaded once, every activation on
+//! MLPs) on a GPU: weights uploaded once, every activation on
 //! the device, the same math as the CPU forward (cuBLAS f32 products and the
 //! kernels of aha-cuda-kernels, each tested against its CPU twin). Gives
 //! logits and token log-probs for a right-padded batch `[B, T]`, as
 //! `Model::forward` + `Model::token_logprobs` do on the CPU.
 //!
-//! Not here yet (CUDA backend issue): the backward, KV-cache decode, bf16
-//! weights, MoE and MLA layers on the GPU. [`gpu_support`] says which models
+//! The backward ([`GpuModel::backward`]) runs on the device too and returns
+//! the gradients in the CPU model's flat layout. Not here yet (CUDA backend
+//! issue): KV-cache decode, bf16 weights, MoE and MLA layers on the GPU. [`gpu_support`] says which models
 //! this path takes.
 //!
 //! **Not run on a GPU yet**: written and compiled on a machine without one;
@@ -127,15 +128,53 @@ impl GpuModel {
     }
 
     fn norm(&self, x: &CudaSlice<f32>, w: Slot, rows: usize, c: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.norm_rstd(x, w, rows, c)?.0)
+    }
+
+    fn norm_rstd(
+        &self,
+        x: &CudaSlice<f32>,
+        w: Slot,
+        rows: usize,
+        c: usize,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
         let mut out = self.zeros(rows * c)?;
         let mut rstd = self.zeros(rows)?;
         let eps = self.config.rms_norm_eps;
         launch::rmsnorm_forward_f32(&self.gpu, &mut out, &mut rstd, x, self.w(w)?, rows, c, eps).map_err(cuda)?;
-        Ok(out)
+        Ok((out, rstd))
     }
 
     /// The final normed hidden states `[B * T, C]` of `ids [B, T]`.
     pub fn forward_hidden(&self, ids: &[u32], b: usize, t: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.forward_acts(ids, b, t, false)?.hidden)
+    }
+
+    fn rope_geometry(&self, heads: usize) -> RopeGeometry {
+        RopeGeometry {
+            heads,
+            head_dim: self.config.head_dim,
+            rot_offset: 0,
+            rot_dim: self.config.head_dim,
+            interleaved: false,
+        }
+    }
+
+    fn attn_geometry(&self, b: usize, t: usize) -> AttnGeometry {
+        let cfg = &self.config;
+        AttnGeometry {
+            b,
+            t,
+            h: cfg.num_heads,
+            hk: cfg.num_kv_heads,
+            dk: cfg.head_dim,
+            dv: cfg.head_dim,
+            scale: cfg.attn_dims().3 as f32,
+        }
+    }
+
+    /// The forward, keeping what the backward needs when `keep`.
+    fn forward_acts(&self, ids: &[u32], b: usize, t: usize, keep: bool) -> Result<GpuActs> {
         let cfg = &self.config;
         let n = b * t;
         if ids.len() != n || n == 0 {
@@ -168,13 +207,7 @@ impl GpuModel {
         .map_err(cuda)?;
         let pos: Vec<u32> = (0..n).map(|i| (i % t) as u32).collect();
         let pos = g.upload(&pos).map_err(cuda)?;
-        let rope = |heads: usize| RopeGeometry {
-            heads,
-            head_dim: d,
-            rot_offset: 0,
-            rot_dim: d,
-            interleaved: false,
-        };
+        let mut layers = Vec::new();
         for s in &self.layout.layers {
             let AttnSlots::Gqa { q, k, v, o, qk_norm } = &s.attn else {
                 return Err(input_err("gpu forward", "only grouped-query attention runs on the GPU"));
@@ -182,37 +215,76 @@ impl GpuModel {
             let FfnSlots::Dense(mlp) = &s.ffn else {
                 return Err(input_err("gpu forward", "only dense MLPs run on the GPU"));
             };
-            let ln1 = self.norm(&x, s.ln1, n, c)?;
-            let (mut ql, mut kl) = (self.linear(&ln1, q, n)?, self.linear(&ln1, k, n)?);
+            let (ln1, ln1_rstd) = self.norm_rstd(&x, s.ln1, n, c)?;
+            let (ql, kl) = (self.linear(&ln1, q, n)?, self.linear(&ln1, k, n)?);
             let vl = self.linear(&ln1, v, n)?;
-            if let Some((qw, kw)) = qk_norm {
-                ql = self.norm(&ql, *qw, n * h, d)?;
-                kl = self.norm(&kl, *kw, n * hk, d)?;
-            }
-            let (mut qr, mut kr) = (self.zeros(n * h * d)?, self.zeros(n * hk * d)?);
-            launch::rope_forward_f32(g, &mut qr, &ql, &self.cos, &self.sin, &pos, n, &rope(h)).map_err(cuda)?;
-            launch::rope_forward_f32(g, &mut kr, &kl, &self.cos, &self.sin, &pos, n, &rope(hk)).map_err(cuda)?;
-            let (mut att, mut lse) = (self.zeros(n * h * d)?, self.zeros(b * h * t)?);
-            let geo = AttnGeometry {
-                b,
-                t,
-                h,
-                hk,
-                dk: d,
-                dv: d,
-                scale: cfg.attn_dims().3 as f32,
+            let qk = match qk_norm {
+                Some((qw, kw)) => Some((
+                    self.norm_rstd(&ql, *qw, n * h, d)?,
+                    self.norm_rstd(&kl, *kw, n * hk, d)?,
+                )),
+                None => None,
             };
-            launch::attention_forward_f32(g, &mut att, &mut lse, &qr, &kr, &vl, &geo).map_err(cuda)?;
+            let (qn, kn) = match &qk {
+                Some(((qn, _), (kn, _))) => (qn, kn),
+                None => (&ql, &kl),
+            };
+            let (mut qr, mut kr) = (self.zeros(n * h * d)?, self.zeros(n * hk * d)?);
+            launch::rope_forward_f32(g, &mut qr, qn, &self.cos, &self.sin, &pos, n, &self.rope_geometry(h))
+                .map_err(cuda)?;
+            launch::rope_forward_f32(g, &mut kr, kn, &self.cos, &self.sin, &pos, n, &self.rope_geometry(hk))
+                .map_err(cuda)?;
+            let (mut att, mut lse) = (self.zeros(n * h * d)?, self.zeros(b * h * t)?);
+            launch::attention_forward_f32(g, &mut att, &mut lse, &qr, &kr, &vl, &self.attn_geometry(b, t))
+                .map_err(cuda)?;
             let ao = self.linear(&att, o, n)?;
+            let x_in = if keep {
+                Some(g.clone_dtod(&x).map_err(cuda)?)
+            } else {
+                None
+            };
             launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
-            let ln2 = self.norm(&x, s.ln2, n, c)?;
+            let (ln2, ln2_rstd) = self.norm_rstd(&x, s.ln2, n, c)?;
             let (gate, up) = (self.linear(&ln2, &mlp.gate, n)?, self.linear(&ln2, &mlp.up, n)?);
             let mut act = self.zeros(n * mlp.gate.out)?;
             launch::swiglu_forward_f32(g, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
             let down = self.linear(&act, &mlp.down, n)?;
+            let x_mid = if keep {
+                Some(g.clone_dtod(&x).map_err(cuda)?)
+            } else {
+                None
+            };
             launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
+            if let (Some(x_in), Some(x_mid)) = (x_in, x_mid) {
+                layers.push(GpuLayerActs {
+                    x_in,
+                    ln1,
+                    ln1_rstd,
+                    ql,
+                    kl,
+                    vl,
+                    qk_rstd: qk.map(|((qn, q_rstd), (kn, k_rstd))| (qn, q_rstd, kn, k_rstd)),
+                    qr,
+                    kr,
+                    att,
+                    lse,
+                    x_mid,
+                    ln2,
+                    ln2_rstd,
+                    gate,
+                    up,
+                    act,
+                });
+            }
         }
-        self.norm(&x, self.layout.norm, n, c)
+        let (hidden, rstd) = self.norm_rstd(&x, self.layout.norm, n, c)?;
+        Ok(GpuActs {
+            hidden,
+            x_last: x,
+            rstd,
+            pos,
+            layers,
+        })
     }
 
     /// Logits `[B * T, V]` of `ids [B, T]`, copied to the host.
@@ -262,6 +334,387 @@ impl GpuModel {
             lse.extend(self.gpu.download(&ls).map_err(cuda)?);
         }
         Ok((logp, lse))
+    }
+}
+
+/// One sequence's keys and values on the device, per layer
+/// `[max_position_embeddings, Hk, D]`, filled up to `len`.
+pub struct GpuKvCache {
+    k: Vec<CudaSlice<f32>>,
+    v: Vec<CudaSlice<f32>>,
+    /// Positions held.
+    pub len: usize,
+    cap: usize,
+}
+
+impl GpuModel {
+    /// An empty cache for one sequence of up to `max_position_embeddings`.
+    pub fn new_cache(&self) -> Result<GpuKvCache> {
+        let cfg = &self.config;
+        let cap = cfg.max_position_embeddings;
+        let w = cap * cfg.num_kv_heads * cfg.head_dim;
+        let mut k = Vec::with_capacity(cfg.num_layers);
+        let mut v = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            k.push(self.zeros(w)?);
+            v.push(self.zeros(w)?);
+        }
+        Ok(GpuKvCache { k, v, len: 0, cap })
+    }
+
+    /// Runs `ids` (the next tokens of one sequence) through the model,
+    /// writing their keys and values into `cache` and attending over it;
+    /// returns the logits of the last of them `[V]` (as `Model::forward_cached`).
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut GpuKvCache) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let n = ids.len();
+        let start = cache.len;
+        if n == 0 || start + n > cache.cap {
+            return Err(input_err(
+                "gpu forward_cached",
+                format!("{n} new tokens after {start} do not fit {} positions", cache.cap),
+            ));
+        }
+        let (c, h, hk, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let g = &self.gpu;
+        let mut x = self.zeros(n * c)?;
+        launch::embedding_forward_f32(
+            g,
+            &mut x,
+            self.w(self.layout.embed)?,
+            TokenIds::Host(ids),
+            n,
+            cfg.vocab_size,
+            c,
+        )
+        .map_err(cuda)?;
+        let pos: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
+        let pos = g.upload(&pos).map_err(cuda)?;
+        for (l, s) in self.layout.layers.iter().enumerate() {
+            let (AttnSlots::Gqa { q, k, v, o, qk_norm }, FfnSlots::Dense(mlp)) = (&s.attn, &s.ffn) else {
+                return Err(input_err(
+                    "gpu forward_cached",
+                    "only dense grouped-query layers run on the GPU",
+                ));
+            };
+            let ln1 = self.norm(&x, s.ln1, n, c)?;
+            let (mut ql, mut kl) = (self.linear(&ln1, q, n)?, self.linear(&ln1, k, n)?);
+            let vl = self.linear(&ln1, v, n)?;
+            if let Some((qw, kw)) = qk_norm {
+                ql = self.norm(&ql, *qw, n * h, d)?;
+                kl = self.norm(&kl, *kw, n * hk, d)?;
+            }
+            let (mut qr, mut kr) = (self.zeros(n * h * d)?, self.zeros(n * hk * d)?);
+            launch::rope_forward_f32(g, &mut qr, &ql, &self.cos, &self.sin, &pos, n, &self.rope_geometry(h))
+                .map_err(cuda)?;
+            launch::rope_forward_f32(g, &mut kr, &kl, &self.cos, &self.sin, &pos, n, &self.rope_geometry(hk))
+                .map_err(cuda)?;
+            g.copy_into(&mut cache.k[l], start * hk * d, &kr).map_err(cuda)?;
+            g.copy_into(&mut cache.v[l], start * hk * d, &vl).map_err(cuda)?;
+            let mut att = self.zeros(n * h * d)?;
+            let geo = self.attn_geometry(1, start + n);
+            launch::attention_decode_f32(g, &mut att, &qr, &cache.k[l], &cache.v[l], start, n, &geo).map_err(cuda)?;
+            let ao = self.linear(&att, o, n)?;
+            launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
+            let ln2 = self.norm(&x, s.ln2, n, c)?;
+            let (gate, up) = (self.linear(&ln2, &mlp.gate, n)?, self.linear(&ln2, &mlp.up, n)?);
+            let mut act = self.zeros(n * mlp.gate.out)?;
+            launch::swiglu_forward_f32(g, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
+            let down = self.linear(&act, &mlp.down, n)?;
+            launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
+        }
+        cache.len = start + n;
+        // Only the last token's logits (a row through the host: n * c floats).
+        let host = g.download(&x).map_err(cuda)?;
+        let last = g.upload(&host[(n - 1) * c..n * c]).map_err(cuda)?;
+        let hidden = self.norm(&last, self.layout.norm, 1, c)?;
+        let head = Linear {
+            w: self.layout.lm_head,
+            b: None,
+            inp: c,
+            out: cfg.vocab_size,
+        };
+        let logits = self.linear(&hidden, &head, 1)?;
+        g.download(&logits).map_err(cuda)
+    }
+
+    /// Greedy decoding of `max_new` tokens after `prompt` with the KV cache
+    /// on the device (as `Model::greedy(prompt, max_new, true)`).
+    pub fn greedy(&self, prompt: &[u32], max_new: usize) -> Result<Vec<u32>> {
+        let mut cache = self.new_cache()?;
+        let mut logits = self.forward_cached(prompt, &mut cache)?;
+        let mut out = Vec::with_capacity(max_new);
+        for step in 0..max_new {
+            let next = logits
+                .iter()
+                .enumerate()
+                .fold(
+                    (0usize, f32::NEG_INFINITY),
+                    |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
+                )
+                .0 as u32;
+            out.push(next);
+            if step + 1 < max_new {
+                logits = self.forward_cached(&[next], &mut cache)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Qwen3's q/k norms' outputs and rstds: (q, q rstd, k, k rstd).
+type QkNormActs = (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>);
+
+/// One layer's saved activations on the device.
+struct GpuLayerActs {
+    x_in: CudaSlice<f32>,
+    ln1: CudaSlice<f32>,
+    ln1_rstd: CudaSlice<f32>,
+    ql: CudaSlice<f32>,
+    kl: CudaSlice<f32>,
+    vl: CudaSlice<f32>,
+    /// Normed q and its rstd, normed k and its rstd (Qwen3).
+    qk_rstd: Option<QkNormActs>,
+    qr: CudaSlice<f32>,
+    kr: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    x_mid: CudaSlice<f32>,
+    ln2: CudaSlice<f32>,
+    ln2_rstd: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+}
+
+/// A forward's outputs and, for the backward, its activations.
+struct GpuActs {
+    hidden: CudaSlice<f32>,
+    x_last: CudaSlice<f32>,
+    rstd: CudaSlice<f32>,
+    pos: CudaSlice<u32>,
+    layers: Vec<GpuLayerActs>,
+}
+
+impl GpuModel {
+    /// Zeroed gradient buffers, one per parameter tensor.
+    fn zero_grads(&self) -> Result<HashMap<usize, CudaSlice<f32>>> {
+        self.layout
+            .entries
+            .iter()
+            .map(|e| Ok((e.slot.off, self.zeros(e.slot.len)?)))
+            .collect()
+    }
+
+    fn grad(grads: &mut HashMap<usize, CudaSlice<f32>>, s: Slot) -> Result<&mut CudaSlice<f32>> {
+        grads
+            .get_mut(&s.off)
+            .ok_or_else(|| input_err("gpu backward", format!("no gradient buffer at offset {}", s.off)))
+    }
+
+    /// Backward of `y = x W^T + b`: returns `dx` (assigned unless `dx_acc`
+    /// is given, then added into it); `dW +=`, `db +=`.
+    fn linear_back(
+        &self,
+        grads: &mut HashMap<usize, CudaSlice<f32>>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        l: &Linear,
+        n: usize,
+        dx_acc: Option<&mut CudaSlice<f32>>,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let g = &self.gpu;
+        // dW [out, inp] += dy^T [out, n] x [n, inp]
+        let sw = MatmulShape {
+            m: l.out,
+            k: n,
+            n: l.inp,
+            trans_a: true,
+            trans_b: false,
+            accumulate: true,
+        };
+        matmul_f32(g, Self::grad(grads, l.w)?, dy, x, sw).map_err(cuda)?;
+        if let Some(b) = l.b {
+            launch::bias_grad_f32(g, Self::grad(grads, b)?, dy, n, l.out).map_err(cuda)?;
+        }
+        // dx [n, inp] (+)= dy [n, out] W [out, inp]
+        let mut sx = MatmulShape {
+            m: n,
+            k: l.out,
+            n: l.inp,
+            trans_a: false,
+            trans_b: false,
+            accumulate: false,
+        };
+        match dx_acc {
+            Some(acc) => {
+                sx.accumulate = true;
+                matmul_f32(g, acc, dy, self.w(l.w)?, sx).map_err(cuda)?;
+                Ok(None)
+            }
+            None => {
+                let mut dx = self.zeros(n * l.inp)?;
+                matmul_f32(g, &mut dx, dy, self.w(l.w)?, sx).map_err(cuda)?;
+                Ok(Some(dx))
+            }
+        }
+    }
+
+    /// RMSNorm backward: `dx` assigned, the weight's gradient accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_back(
+        &self,
+        grads: &mut HashMap<usize, CudaSlice<f32>>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        w: Slot,
+        rows: usize,
+        c: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let mut dx = self.zeros(rows * c)?;
+        let weight = self.w(w)?;
+        launch::rmsnorm_backward_f32(&self.gpu, &mut dx, Self::grad(grads, w)?, dy, x, weight, rstd, rows, c)
+            .map_err(cuda)?;
+        Ok(dx)
+    }
+
+    /// Gradients of `sum_i dlogp[i] * log p(targets[i])` with respect to
+    /// every parameter, in the CPU model's flat layout (as `Model::backward`
+    /// into a zeroed buffer): forward with saved activations, lm head and
+    /// log-softmax backward, then the layers in reverse, all on the device.
+    pub fn backward(&self, ids: &[u32], b: usize, t: usize, targets: &[u32], dlogp: &[f32]) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let n = b * t;
+        if targets.len() != n || dlogp.len() != n {
+            return Err(input_err(
+                "gpu backward",
+                format!("{} targets and {} dlogp for {n} positions", targets.len(), dlogp.len()),
+            ));
+        }
+        let (c, h, hk, d, v) = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.vocab_size,
+        );
+        let g = &self.gpu;
+        let acts = self.forward_acts(ids, b, t, true)?;
+        let mut grads = self.zero_grads()?;
+        // The head: logits, log-softmax backward, then both products.
+        let head = Linear {
+            w: self.layout.lm_head,
+            b: None,
+            inp: c,
+            out: v,
+        };
+        let logits = self.linear(&acts.hidden, &head, n)?;
+        let (mut lp, mut lse) = (self.zeros(n)?, self.zeros(n)?);
+        launch::token_logprob_forward_f32(g, &mut lp, &mut lse, &logits, targets, v).map_err(cuda)?;
+        let mut dlogits = self.zeros(n * v)?;
+        let dl = g.upload(dlogp).map_err(cuda)?;
+        launch::token_logprob_backward_f32(g, &mut dlogits, &dl, &logits, &lse, targets, v).map_err(cuda)?;
+        drop(logits);
+        let dhidden = self
+            .linear_back(&mut grads, &dlogits, &acts.hidden, &head, n, None)?
+            .ok_or_else(|| input_err("gpu backward", "no head gradient"))?;
+        drop(dlogits);
+        let mut dx = self.norm_back(&mut grads, &dhidden, &acts.x_last, &acts.rstd, self.layout.norm, n, c)?;
+        for (s, a) in self.layout.layers.iter().zip(&acts.layers).rev() {
+            let (AttnSlots::Gqa { q, k, v, o, qk_norm }, FfnSlots::Dense(mlp)) = (&s.attn, &s.ffn) else {
+                return Err(input_err(
+                    "gpu backward",
+                    "only dense grouped-query layers run on the GPU",
+                ));
+            };
+            // MLP: x_out = x_mid + down(swiglu(gate(ln2), up(ln2))).
+            let dact = self
+                .linear_back(&mut grads, &dx, &a.act, &mlp.down, n, None)?
+                .ok_or_else(|| input_err("gpu backward", "no MLP gradient"))?;
+            let i = mlp.gate.out;
+            let (mut dgate, mut dup) = (self.zeros(n * i)?, self.zeros(n * i)?);
+            launch::swiglu_backward_f32(g, &mut dgate, &mut dup, &dact, &a.gate, &a.up, n * i).map_err(cuda)?;
+            let mut dln2 = self
+                .linear_back(&mut grads, &dgate, &a.ln2, &mlp.gate, n, None)?
+                .ok_or_else(|| input_err("gpu backward", "no MLP gradient"))?;
+            self.linear_back(&mut grads, &dup, &a.ln2, &mlp.up, n, Some(&mut dln2))?;
+            let dmid = self.norm_back(&mut grads, &dln2, &a.x_mid, &a.ln2_rstd, s.ln2, n, c)?;
+            launch::add_inplace_f32(g, &mut dx, &dmid, n * c).map_err(cuda)?;
+            // Attention: x_mid = x_in + o(attn(rope(norm?(q)), rope(norm?(k)), v)).
+            let datt = self
+                .linear_back(&mut grads, &dx, &a.att, o, n, None)?
+                .ok_or_else(|| input_err("gpu backward", "no attention gradient"))?;
+            let (mut dqr, mut dkr, mut dvl) =
+                (self.zeros(n * h * d)?, self.zeros(n * hk * d)?, self.zeros(n * hk * d)?);
+            launch::attention_backward_f32(
+                g,
+                &mut dqr,
+                &mut dkr,
+                &mut dvl,
+                &datt,
+                &a.qr,
+                &a.kr,
+                &a.vl,
+                &a.att,
+                &a.lse,
+                &self.attn_geometry(b, t),
+            )
+            .map_err(cuda)?;
+            let (mut dqn, mut dkn) = (self.zeros(n * h * d)?, self.zeros(n * hk * d)?);
+            launch::rope_backward_f32(
+                g,
+                &mut dqn,
+                &dqr,
+                &self.cos,
+                &self.sin,
+                &acts.pos,
+                n,
+                &self.rope_geometry(h),
+            )
+            .map_err(cuda)?;
+            launch::rope_backward_f32(
+                g,
+                &mut dkn,
+                &dkr,
+                &self.cos,
+                &self.sin,
+                &acts.pos,
+                n,
+                &self.rope_geometry(hk),
+            )
+            .map_err(cuda)?;
+            let (dql, dkl) = match (qk_norm, &a.qk_rstd) {
+                (Some((qw, kw)), Some((_, q_rstd, _, k_rstd))) => (
+                    self.norm_back(&mut grads, &dqn, &a.ql, q_rstd, *qw, n * h, d)?,
+                    self.norm_back(&mut grads, &dkn, &a.kl, k_rstd, *kw, n * hk, d)?,
+                ),
+                _ => (dqn, dkn),
+            };
+            let mut dln1 = self
+                .linear_back(&mut grads, &dql, &a.ln1, q, n, None)?
+                .ok_or_else(|| input_err("gpu backward", "no attention gradient"))?;
+            self.linear_back(&mut grads, &dkl, &a.ln1, k, n, Some(&mut dln1))?;
+            self.linear_back(&mut grads, &dvl, &a.ln1, v, n, Some(&mut dln1))?;
+            let din = self.norm_back(&mut grads, &dln1, &a.x_in, &a.ln1_rstd, s.ln1, n, c)?;
+            launch::add_inplace_f32(g, &mut dx, &din, n * c).map_err(cuda)?;
+        }
+        launch::embedding_backward_f32(
+            g,
+            Self::grad(&mut grads, self.layout.embed)?,
+            &dx,
+            TokenIds::Host(ids),
+            n,
+            v,
+            c,
+        )
+        .map_err(cuda)?;
+        let mut flat = vec![0f32; self.layout.size];
+        for e in &self.layout.entries {
+            let host = g.download(Self::grad(&mut grads, e.slot)?).map_err(cuda)?;
+            e.slot.of_mut(&mut flat).copy_from_slice(&host);
+        }
+        Ok(flat)
     }
 }
 

@@ -1,7 +1,9 @@
-//! The dense GPU forward (`aha_moe_model::gpu::GpuModel`) against the CPU
-//! forward: logits and token log-probs of the qwen2-tiny fixture (written by
-//! transformers) and of a random Qwen3-style dense model with q/k norms, in
-//! f32 to 1e-4 as on the CPU. Without a GPU it prints "skipped: no GPU".
+//! The dense GPU model (`aha_moe_model::gpu::GpuModel`) against the CPU
+//! model: logits, token log-probs (to 1e-4) and every parameter's gradient
+//! (to 1e-3 of the tensor's largest) of the qwen2-tiny fixture (written by
+//! transformers; q/k/v biases, tied embeddings) and of a random Qwen3-style
+//! dense model with q/k norms; and greedy decoding with the KV cache on the
+//! device gives the CPU's tokens. Without a GPU it prints "skipped: no GPU".
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -51,7 +53,31 @@ fn compare(name: &str, model: &Model) {
             lp[i]
         );
     }
-    eprintln!("{name}: GPU forward matches the CPU");
+    // Gradients of sum_i dlogp[i] log p(targets[i]), per tensor.
+    let dlogp: Vec<f32> = (0..b * t).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
+    let mut want = vec![0f32; model.params.len()];
+    model.backward(&acts, &targets, &lse, &dlogp, &mut want).unwrap();
+    let got = gpu.backward(&ids, b, t, &targets, &dlogp).unwrap();
+    for e in &model.layout.entries {
+        let (g, w) = (e.slot.of(&got), e.slot.of(&want));
+        let scale = w.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let diff = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        // f32 on both sides with different summation orders.
+        assert!(
+            diff <= 1e-5 + 1e-3 * scale,
+            "{name}: {} gradient max |diff| {diff} (scale {scale})",
+            e.name
+        );
+    }
+    // Greedy decoding with the KV cache on the device equals the CPU's.
+    let prompt: Vec<u32> = ids[..5].to_vec();
+    let want = model.greedy(&prompt, 12, true).unwrap();
+    assert_eq!(
+        gpu.greedy(&prompt, 12).unwrap(),
+        want,
+        "{name}: greedy with the GPU cache"
+    );
+    eprintln!("{name}: GPU forward, backward and cached greedy decoding match the CPU");
 }
 
 #[test]
