@@ -157,6 +157,21 @@ impl Gpu {
         self.stream.clone_dtod(src).ctx("clone_dtod")
     }
 
+    /// A new buffer holding elements `range` of `src` (copied on the device).
+    pub fn clone_range<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        range: std::ops::Range<usize>,
+    ) -> Result<CudaSlice<T>> {
+        if range.start > range.end || range.end > src.len() {
+            return Err(Error::InvalidArgument {
+                op: "clone_range",
+                msg: format!("{range:?} outside a buffer of {}", src.len()),
+            });
+        }
+        self.stream.clone_dtod(&src.slice(range)).ctx("clone_dtod")
+    }
+
     /// Copies `src` into `dst` at element `offset` (on the device).
     pub fn copy_into<T: DeviceRepr>(&self, dst: &mut CudaSlice<T>, offset: usize, src: &CudaSlice<T>) -> Result<()> {
         let end = offset

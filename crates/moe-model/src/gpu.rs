@@ -57,9 +57,24 @@ pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// How the GPU model multiplies by its weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuPrecision {
+    /// f32 weights and products (matches the CPU to 1e-4).
+    F32,
+    /// bf16 copies of the weight matrices; every linear layer casts its
+    /// input to bf16, multiplies with f32 accumulation (cuBLAS) and casts the
+    /// output back to f32. Norms, attention, softmax and the residual stream
+    /// stay f32. Forward only: the backward always runs in f32.
+    Bf16,
+}
+
 /// A dense model's weights on one GPU.
 pub struct GpuModel {
     gpu: Arc<Gpu>,
+    precision: GpuPrecision,
+    /// bf16 copies of the 2-D weights, by offset (bf16 precision only).
+    weights_bf16: HashMap<usize, CudaSlice<u16>>,
     /// The model's config.
     pub config: ModelConfig,
     layout: Layout,
@@ -77,14 +92,24 @@ impl std::fmt::Debug for GpuModel {
 
 impl GpuModel {
     /// Uploads `model` to GPU `ordinal` (each parameter tensor once, and the
-    /// RoPE table up to `max_position_embeddings`).
+    /// RoPE table up to `max_position_embeddings`), in f32.
     pub fn upload(model: &Model, ordinal: usize) -> Result<GpuModel> {
+        GpuModel::upload_with(model, ordinal, GpuPrecision::F32)
+    }
+
+    /// [`GpuModel::upload`] with the products in `precision`.
+    pub fn upload_with(model: &Model, ordinal: usize, precision: GpuPrecision) -> Result<GpuModel> {
         gpu_support(&model.config)?;
         let gpu = Gpu::get(ordinal).map_err(cuda)?;
         let mut weights = HashMap::new();
+        let mut weights_bf16 = HashMap::new();
         for e in &model.layout.entries {
-            let t = gpu.upload(e.slot.of(&model.params)).map_err(cuda)?;
-            weights.insert(e.slot.off, t);
+            let host = e.slot.of(&model.params);
+            weights.insert(e.slot.off, gpu.upload(host).map_err(cuda)?);
+            if precision == GpuPrecision::Bf16 && e.shape.len() == 2 {
+                let bits: Vec<u16> = host.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+                weights_bf16.insert(e.slot.off, gpu.upload(&bits).map_err(cuda)?);
+            }
         }
         // Tied embeddings: the lm head slot is the embedding's, already uploaded.
         let rot = model.config.head_dim;
@@ -93,6 +118,8 @@ impl GpuModel {
             cos: gpu.upload(&cos).map_err(cuda)?,
             sin: gpu.upload(&sin).map_err(cuda)?,
             gpu,
+            precision,
+            weights_bf16,
             config: model.config.clone(),
             layout: model.layout.clone(),
             weights,
@@ -109,8 +136,9 @@ impl GpuModel {
         self.gpu.zeros::<f32>(n).map_err(cuda)
     }
 
-    /// `out [n, l.out] = x [n, l.inp] W^T (+ b)`.
+    /// `out [n, l.out] = x [n, l.inp] W^T (+ b)`, in the model's precision.
     fn linear(&self, x: &CudaSlice<f32>, l: &Linear, n: usize) -> Result<CudaSlice<f32>> {
+        let g = &self.gpu;
         let mut out = self.zeros(n * l.out)?;
         let s = MatmulShape {
             m: n,
@@ -120,7 +148,20 @@ impl GpuModel {
             trans_b: true,
             accumulate: false,
         };
-        matmul_f32(&self.gpu, &mut out, x, self.w(l.w)?, s).map_err(cuda)?;
+        match self.precision {
+            GpuPrecision::F32 => matmul_f32(g, &mut out, x, self.w(l.w)?, s).map_err(cuda)?,
+            GpuPrecision::Bf16 => {
+                let w16 = self
+                    .weights_bf16
+                    .get(&l.w.off)
+                    .ok_or_else(|| input_err("gpu", format!("no bf16 weight at offset {}", l.w.off)))?;
+                let mut x16 = g.zeros::<u16>(n * l.inp).map_err(cuda)?;
+                launch::cast_f32_to_bf16(g, &mut x16, x, n * l.inp).map_err(cuda)?;
+                let mut o16 = g.zeros::<u16>(n * l.out).map_err(cuda)?;
+                aha_cuda_kernels::blas::matmul_bf16(g, &mut o16, &x16, w16, s).map_err(cuda)?;
+                launch::cast_bf16_to_f32(g, &mut out, &o16, n * l.out).map_err(cuda)?;
+            }
+        }
         if let Some(b) = l.b {
             launch::add_bias_f32(&self.gpu, &mut out, self.w(b)?, n, l.out).map_err(cuda)?;
         }
@@ -302,7 +343,8 @@ impl GpuModel {
 
     /// `log p(targets[i])` and the log-sum-exp at every position of `ids
     /// [B, T]` (as `Model::token_logprobs`), computed on the device in row
-    /// chunks so that full-vocabulary logits for the whole batch never exist.
+    /// chunks so that full-vocabulary logits for the whole batch never exist;
+    /// only the two result vectors come back to the host.
     pub fn token_logprobs(&self, ids: &[u32], b: usize, t: usize, targets: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let n = b * t;
         if targets.len() != n {
@@ -313,13 +355,12 @@ impl GpuModel {
         }
         let hidden = self.forward_hidden(ids, b, t)?;
         let (c, v) = (self.config.hidden_size, self.config.vocab_size);
-        let hidden = self.gpu.download(&hidden).map_err(cuda)?;
         // Rows per chunk: at most ~256 MiB of logits at a time.
         let chunk = ((64usize << 20) / v.max(1)).clamp(1, n);
         let (mut logp, mut lse) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for r0 in (0..n).step_by(chunk) {
             let r1 = (r0 + chunk).min(n);
-            let hc = self.gpu.upload(&hidden[r0 * c..r1 * c]).map_err(cuda)?;
+            let hc = self.gpu.clone_range(&hidden, r0 * c..r1 * c).map_err(cuda)?;
             let head = Linear {
                 w: self.layout.lm_head,
                 b: None,
@@ -424,9 +465,8 @@ impl GpuModel {
             launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
         }
         cache.len = start + n;
-        // Only the last token's logits (a row through the host: n * c floats).
-        let host = g.download(&x).map_err(cuda)?;
-        let last = g.upload(&host[(n - 1) * c..n * c]).map_err(cuda)?;
+        // Only the last token's logits.
+        let last = g.clone_range(&x, (n - 1) * c..n * c).map_err(cuda)?;
         let hidden = self.norm(&last, self.layout.norm, 1, c)?;
         let head = Linear {
             w: self.layout.lm_head,
@@ -600,6 +640,12 @@ impl GpuModel {
             cfg.vocab_size,
         );
         let g = &self.gpu;
+        if self.precision != GpuPrecision::F32 {
+            return Err(input_err(
+                "gpu backward",
+                "the backward runs in f32: upload the model with GpuPrecision::F32",
+            ));
+        }
         let acts = self.forward_acts(ids, b, t, true)?;
         let mut grads = self.zero_grads()?;
         // The head: logits, log-softmax backward, then both products.
