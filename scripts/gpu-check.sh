@@ -43,7 +43,7 @@ cargo test -p aha-cuda-kernels --test nvrtc_compile -- --nocapture --test-thread
 cargo test -p aha-tensor --test gpu_twins --test gpu_kernels -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
 cargo test -p aha-sampler --test gpu_sampling -- --nocapture 2>&1 | tee -a "$log"
 cargo test -p aha-moe-model --test gpu_model -- --nocapture 2>&1 | tee -a "$log"
-cargo test -p aha --test cli logprobs_on_cuda -- --nocapture 2>&1 | tee -a "$log"
+cargo test -p aha --test cli on_cuda -- --nocapture 2>&1 | tee -a "$log"
 if grep -q "skipped: no GPU" "$log"; then
     echo "gpu-check: GPU tests were skipped: no GPU was found" >&2
     if [ "${AHA_GPU_CHECK_ALLOW_SKIP:-0}" != "1" ]; then

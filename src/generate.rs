@@ -97,19 +97,21 @@ pub struct GenerateArgs<'a> {
     pub template: &'a str,
     pub n: usize,
     pub params: SamplingParams,
-    pub device: Device,
+    /// `auto`, `cpu` or `cuda[:N]`.
+    pub device: &'a str,
     pub out: Option<&'a Path>,
 }
 
 /// Generates and writes one JSON line per completion.
 pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
-    if a.device.is_cuda() {
-        bail!(
-            "--device {}: generation runs on the CPU until the CUDA backend lands; use --device cpu",
-            a.device
-        );
-    }
     let model = Model::load(a.model)?;
+    let device = match a.device {
+        "auto" if aha_cuda_kernels::device_count() > 0 && aha_moe_model::gpu::gpu_support(&model.config).is_ok() => {
+            Device::Cuda(0)
+        }
+        "auto" => Device::Cpu,
+        d => d.parse()?,
+    };
     let tok = load_tokenizer(a.model).ok();
     let prompts: Vec<Vec<u32>> = match (a.prompts, a.prompt_ids) {
         (Some(path), None) => {
@@ -133,6 +135,16 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
         _ => bail!("give exactly one of --prompts FILE.jsonl and --prompt-ids JSON"),
     };
     let gen_eos = generation_eos(a.model);
+    if let Device::Cuda(ordinal) = device {
+        aha_moe_model::gpu::gpu_support(&model.config)
+            .map_err(|e| anyhow::anyhow!("--device {device}: {e}; use --device cpu"))?;
+        let gpu = aha_moe_model::gpu::GpuModel::upload(&model, ordinal)?;
+        let mut eos = model.config.eos_token_ids.clone();
+        eos.extend(&gen_eos);
+        eos.extend(&a.params.stop_token_ids);
+        let completions = gpu_generate(&gpu, tok.as_ref(), &prompts, a.n, &a.params, &eos)?;
+        return write_completions(a.out, &completions);
+    }
     let engine = Engine::new(&model, tok.as_ref(), EngineConfig::default(), &gen_eos)?;
     let tty = std::io::stderr().is_terminal();
     let mut last_draw = f64::NEG_INFINITY;
@@ -153,17 +165,92 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
         stats.total_s,
         stats.generated_tokens as f64 / stats.total_s.max(1e-9)
     );
-    let mut w: Box<dyn Write> = match a.out {
+    write_completions(a.out, &completions)
+}
+
+/// One JSON line per completion, to `out` or stdout.
+fn write_completions(out: Option<&Path>, completions: &[aha_sampler::Completion]) -> Result<()> {
+    let mut w: Box<dyn Write> = match out {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
         )),
         None => Box::new(std::io::stdout().lock()),
     };
-    for c in &completions {
+    for c in completions {
         writeln!(w, "{}", serde_json::to_string(c)?)?;
     }
     w.flush()?;
     Ok(())
+}
+
+/// Generation on the GPU: each (prompt, sample) decoded in turn with its KV
+/// cache on the device (`GpuModel::forward_cached`) and sampled on the host
+/// with the same per-sequence streams as the CPU engine, so the draws are
+/// the engine's (tokens can still differ where f32 rounding moves a logit
+/// across a boundary). Stops at an end-of-sequence id, a stop string (the
+/// text is cut before it) or `max_new_tokens`.
+fn gpu_generate(
+    gpu: &aha_moe_model::gpu::GpuModel,
+    tok: Option<&aha_sampler::Tokenizer>,
+    prompts: &[Vec<u32>],
+    n: usize,
+    p: &SamplingParams,
+    eos: &[u32],
+) -> Result<Vec<aha_sampler::Completion>> {
+    use aha_sampler::{decode, sample, Completion, FinishReason, SeqRng};
+    p.validate()?;
+    if !p.stop_strings.is_empty() && tok.is_none() {
+        bail!("stop strings need a tokenizer.json");
+    }
+    let max_pos = gpu.config.max_position_embeddings;
+    let mut out = Vec::with_capacity(prompts.len() * n);
+    for (pi, prompt) in prompts.iter().enumerate() {
+        if prompt.is_empty() || prompt.len() + p.max_new_tokens > max_pos {
+            bail!(
+                "prompt {pi}: {} + {} tokens must be within 1..={max_pos}",
+                prompt.len(),
+                p.max_new_tokens
+            );
+        }
+        for si in 0..n {
+            let mut rng = SeqRng::for_sequence(p.seed, pi as u64, si as u64);
+            let mut cache = gpu.new_cache()?;
+            let mut logits = gpu.forward_cached(prompt, &mut cache)?;
+            let (mut ids, mut lps) = (Vec::new(), Vec::new());
+            let mut text = String::new();
+            let reason = loop {
+                let s = sample(&logits, p, &mut rng)?;
+                ids.push(s.token);
+                lps.push(s.logprob);
+                if eos.contains(&s.token) {
+                    if let Some(t) = tok {
+                        text = decode(t, &ids[..ids.len() - 1])?;
+                    }
+                    break FinishReason::Eos;
+                }
+                if let Some(t) = tok {
+                    text = decode(t, &ids)?;
+                    if let Some(cut) = p.stop_strings.iter().filter_map(|st| text.find(st.as_str())).min() {
+                        text.truncate(cut);
+                        break FinishReason::Stop;
+                    }
+                }
+                if ids.len() >= p.max_new_tokens {
+                    break FinishReason::Length;
+                }
+                logits = gpu.forward_cached(&[s.token], &mut cache)?;
+            };
+            out.push(Completion {
+                prompt_index: pi,
+                sample_index: si,
+                token_ids: ids,
+                text,
+                logprobs: lps,
+                finish_reason: reason,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// One line of progress: a bar of `width` cells, completions done, tokens,

@@ -696,7 +696,7 @@ fn main() -> Result<()> {
                 seed,
                 ..aha_sampler::SamplingParams::default()
             },
-            device: model_device(&device)?,
+            device: &device,
             out: out.as_deref(),
         }),
         Command::Bench {
@@ -735,20 +735,6 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// The device for a command that runs a model: the models run on the CPU
-/// until the CUDA model path lands, so `auto` means the CPU here (with a
-/// note when a GPU is present) and only an explicit `cuda` is refused later
-/// with a clear message.
-fn model_device(device: &str) -> Result<aha_tensor::Device> {
-    if device == "auto" {
-        if aha_cuda_kernels::device_count() > 0 {
-            eprintln!("note: a GPU is present, but the models run on the CPU until the CUDA model path lands");
-        }
-        return Ok(aha_tensor::Device::Cpu);
-    }
-    Ok(device.parse()?)
 }
 
 fn info(device: &str) -> Result<()> {

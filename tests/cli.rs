@@ -240,3 +240,42 @@ fn logprobs_on_cuda_runs_dense_models_and_refuses_others_by_name() {
     }
     let _ = std::fs::remove_file(&out);
 }
+
+#[test]
+fn generate_on_cuda_matches_the_cpu_greedy_or_says_no_gpu() {
+    let run = |model: &str, device: &str| {
+        Command::new(env!("CARGO_BIN_EXE_aha"))
+            .arg("generate")
+            .arg("--model")
+            .arg(fixture(model))
+            .args([
+                "--prompt-ids",
+                "[[5, 6, 7, 8], [9, 10]]",
+                "--greedy",
+                "--max-new-tokens",
+                "8",
+            ])
+            .args(["--device", device])
+            .output()
+            .expect("run aha")
+    };
+    let r = run("models/qwen3-moe-tiny", "cuda");
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("mixture-of-experts"));
+    let gpu = run("models/qwen2-tiny", "cuda");
+    if aha_cuda_kernels::device_count() == 0 {
+        eprintln!("generate_on_cuda: skipped the GPU run: no GPU");
+        assert!(!gpu.status.success());
+        assert!(String::from_utf8_lossy(&gpu.stderr).contains("no GPU"));
+        return;
+    }
+    let cpu = run("models/qwen2-tiny", "cpu");
+    assert!(gpu.status.success() && cpu.status.success());
+    let ids = |o: &std::process::Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"].clone())
+            .collect()
+    };
+    assert_eq!(ids(&gpu), ids(&cpu), "greedy tokens on the GPU and the CPU");
+}

@@ -271,5 +271,76 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
+    // The simple attention kernels (f32, warp per row; the flash kernels of
+    // the attention issue will replace them) and the token log-probs.
+    {
+        use aha_cuda_kernels::launch::AttnGeometry;
+        let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            for _ in 0..2 {
+                f()?;
+            }
+            gpu.synchronize()?;
+            let t = Instant::now();
+            for _ in 0..b.iters {
+                f()?;
+            }
+            gpu.synchronize()?;
+            Ok(t.elapsed().as_secs_f64() / b.iters as f64)
+        };
+        for t in [1024usize, 4096] {
+            let g = AttnGeometry {
+                b: 1,
+                t,
+                h: 16,
+                hk: 4,
+                dk: 128,
+                dv: 128,
+                scale: 0.088,
+            };
+            let (q, k, v) = (
+                ramp(&gpu, t * 16 * 128)?,
+                ramp(&gpu, t * 4 * 128)?,
+                ramp(&gpu, t * 4 * 128)?,
+            );
+            let (mut o, mut l) = (zeros(&gpu, t * 16 * 128)?, zeros(&gpu, 16 * t)?);
+            // Causal: half of the T x T scores, 2 products of D each.
+            let flops = 2.0 * 2.0 * 16.0 * (t * t) as f64 / 2.0 * 128.0;
+            let secs = timed(&mut || launch::attention_forward_f32(&gpu, &mut o, &mut l, &q, &k, &v, &g))?;
+            let tf = flops / secs / 1e12;
+            println!(
+                "| {:<22} | {:<28} | {:>10.1} | {tf:>9.2} | {:>5.1}% |",
+                "attention fwd (simple)",
+                format!("T {t}, H 16/4, D 128"),
+                secs * 1e6,
+                100.0 * tf / 800.0
+            );
+            let (mut dq, mut dk, mut dv) = (
+                zeros(&gpu, t * 16 * 128)?,
+                zeros(&gpu, t * 4 * 128)?,
+                zeros(&gpu, t * 4 * 128)?,
+            );
+            let secs = timed(&mut || {
+                launch::attention_backward_f32(&gpu, &mut dq, &mut dk, &mut dv, &o, &q, &k, &v, &o, &l, &g)
+            })?;
+            let tf = 2.5 * flops / secs / 1e12;
+            println!(
+                "| {:<22} | {:<28} | {:>10.1} | {tf:>9.2} | {:>5.1}% |",
+                "attention bwd (simple)",
+                format!("T {t}, H 16/4, D 128"),
+                secs * 1e6,
+                100.0 * tf / 800.0
+            );
+        }
+        let (n, v) = (4096usize, 151_936usize);
+        let logits = ramp(&gpu, n * v)?;
+        let targets: Vec<u32> = (0..n as u32).map(|i| i * 37 % v as u32).collect();
+        let (mut lp, mut ls) = (zeros(&gpu, n)?, zeros(&gpu, n)?);
+        let secs = timed(&mut || launch::token_logprob_forward_f32(&gpu, &mut lp, &mut ls, &logits, &targets, v))?;
+        println!(
+            "(token_logprob_forward_f32, {n} x {v}: {:.1} us, {:.0} GB/s of logits read)",
+            secs * 1e6,
+            4.0 * (n * v) as f64 / secs / 1e9
+        );
+    }
     Ok(())
 }
