@@ -50,25 +50,18 @@ __device__ __forceinline__ void att_store(float* p, const float* r, int d, int l
     }
 }
 
-// out and lse; one warp per (b, i, h) query row.
-extern "C" __global__ void attention_forward_f32(
-    float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
-    const float* __restrict__ k, const float* __restrict__ v, int B, int T, int H, int Hk,
-    int Dk, int Dv, float scale) {
-    const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
-    if (row >= (long long)B * T * H) return;
-    const int h = (int)(row % H);
-    const int i = (int)((row / H) % T);
-    const int b = (int)(row / ((long long)H * T));
-    const int kh = h / (H / Hk);
-    float qr[ATT_PER_LANE], o[ATT_PER_LANE];
-    att_load(qr, q + row * Dk, Dk, lane);
+// Online-softmax attention of one query row (qr, in the lane slots) over
+// `count` key/value rows kv0, kv0 + step, ... of k [*, Dk] and v [*, Dv]:
+// writes the normalised output into the lane slots o and returns the
+// row's log-sum-exp of scaled scores.
+__device__ float att_online(float* o, const float* qr, const float* __restrict__ k,
+                            const float* __restrict__ v, long long kv0, long long step, int count,
+                            int Dk, int Dv, float scale, int lane) {
 #pragma unroll
     for (int s = 0; s < ATT_PER_LANE; s++) o[s] = 0.0f;
     float m = -3.0e38f, l = 0.0f;
-    for (int j = 0; j <= i; j++) {
-        const long long kv = ((long long)b * T + j) * Hk + kh;
+    for (int j = 0; j < count; j++) {
+        const long long kv = kv0 + (long long)j * step;
         float sc = att_dot(qr, k + kv * Dk, Dk, lane) * scale;
         float mn = fmaxf(m, sc);
         float corr = __expf(m - mn), p = __expf(sc - mn);
@@ -84,8 +77,26 @@ extern "C" __global__ void attention_forward_f32(
     const float inv = 1.0f / l;
 #pragma unroll
     for (int s = 0; s < ATT_PER_LANE; s++) o[s] *= inv;
+    return m + __logf(l);
+}
+
+// out and lse; one warp per (b, i, h) query row.
+extern "C" __global__ void attention_forward_f32(
+    float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
+    const float* __restrict__ k, const float* __restrict__ v, int B, int T, int H, int Hk,
+    int Dk, int Dv, float scale) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
+    if (row >= (long long)B * T * H) return;
+    const int h = (int)(row % H);
+    const int i = (int)((row / H) % T);
+    const int b = (int)(row / ((long long)H * T));
+    const int kh = h / (H / Hk);
+    float qr[ATT_PER_LANE], o[ATT_PER_LANE];
+    att_load(qr, q + row * Dk, Dk, lane);
+    float l = att_online(o, qr, k, v, (long long)b * T * Hk + kh, Hk, i + 1, Dk, Dv, scale, lane);
     att_store(out + row * Dv, o, Dv, lane);
-    if (lane == 0) lse[((long long)b * H + h) * T + i] = m + __logf(l);
+    if (lane == 0) lse[((long long)b * H + h) * T + i] = l;
 }
 
 // dsum[b, h, i] = dout[b, i, h, :] . out[b, i, h, :]; one warp per row.
@@ -195,25 +206,6 @@ extern "C" __global__ void attention_decode_f32(
     const int kh = h / (H / Hk);
     float qr[ATT_PER_LANE], o[ATT_PER_LANE];
     att_load(qr, q + row * Dk, Dk, lane);
-#pragma unroll
-    for (int s = 0; s < ATT_PER_LANE; s++) o[s] = 0.0f;
-    float m = -3.0e38f, l = 0.0f;
-    for (int j = 0; j <= start + i; j++) {
-        const long long kv = (long long)j * Hk + kh;
-        float sc = att_dot(qr, kc + kv * Dk, Dk, lane) * scale;
-        float mn = fmaxf(m, sc);
-        float corr = __expf(m - mn), p = __expf(sc - mn);
-        l = l * corr + p;
-        const float* vr = vc + kv * Dv;
-#pragma unroll
-        for (int s = 0; s < ATT_PER_LANE; s++) {
-            int c = lane + 32 * s;
-            o[s] = o[s] * corr + (c < Dv ? p * vr[c] : 0.0f);
-        }
-        m = mn;
-    }
-    const float inv = 1.0f / l;
-#pragma unroll
-    for (int s = 0; s < ATT_PER_LANE; s++) o[s] *= inv;
+    att_online(o, qr, kc, vc, kh, Hk, start + i + 1, Dk, Dv, scale, lane);
     att_store(out + row * Dv, o, Dv, lane);
 }

@@ -26,7 +26,7 @@ use aha_tensor::cpu;
 use crate::config::ModelConfig;
 use crate::error::{input_err, Error, Result};
 use crate::model::Model;
-use crate::params::{AttnSlots, FfnSlots, Layout, Linear, Slot};
+use crate::params::{AttnSlots, FfnSlots, LayerSlots, Layout, Linear, Slot};
 
 fn cuda(e: aha_cuda_kernels::Error) -> Error {
     Error::Tensor(aha_tensor::Error::from(e))
@@ -233,51 +233,25 @@ impl GpuModel {
                 ),
             ));
         }
-        let (c, h, hk, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (c, h, d) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim);
         let g = &self.gpu;
-        let mut x = self.zeros(n * c)?;
-        launch::embedding_forward_f32(
-            g,
-            &mut x,
-            self.w(self.layout.embed)?,
-            TokenIds::Host(ids),
-            n,
-            cfg.vocab_size,
-            c,
-        )
-        .map_err(cuda)?;
+        let mut x = self.embed(ids)?;
         let pos: Vec<u32> = (0..n).map(|i| (i % t) as u32).collect();
         let pos = g.upload(&pos).map_err(cuda)?;
         let mut layers = Vec::new();
         for s in &self.layout.layers {
-            let AttnSlots::Gqa { q, k, v, o, qk_norm } = &s.attn else {
-                return Err(input_err("gpu forward", "only grouped-query attention runs on the GPU"));
-            };
-            let FfnSlots::Dense(mlp) = &s.ffn else {
-                return Err(input_err("gpu forward", "only dense MLPs run on the GPU"));
-            };
-            let (ln1, ln1_rstd) = self.norm_rstd(&x, s.ln1, n, c)?;
-            let (ql, kl) = (self.linear(&ln1, q, n)?, self.linear(&ln1, k, n)?);
-            let vl = self.linear(&ln1, v, n)?;
-            let qk = match qk_norm {
-                Some((qw, kw)) => Some((
-                    self.norm_rstd(&ql, *qw, n * h, d)?,
-                    self.norm_rstd(&kl, *kw, n * hk, d)?,
-                )),
-                None => None,
-            };
-            let (qn, kn) = match &qk {
-                Some(((qn, _), (kn, _))) => (qn, kn),
-                None => (&ql, &kl),
-            };
-            let (mut qr, mut kr) = (self.zeros(n * h * d)?, self.zeros(n * hk * d)?);
-            launch::rope_forward_f32(g, &mut qr, qn, &self.cos, &self.sin, &pos, n, &self.rope_geometry(h))
-                .map_err(cuda)?;
-            launch::rope_forward_f32(g, &mut kr, kn, &self.cos, &self.sin, &pos, n, &self.rope_geometry(hk))
-                .map_err(cuda)?;
+            let (qkv, o) = self.layer_qkv(&x, s, &pos, n)?;
             let (mut att, mut lse) = (self.zeros(n * h * d)?, self.zeros(b * h * t)?);
-            launch::attention_forward_f32(g, &mut att, &mut lse, &qr, &kr, &vl, &self.attn_geometry(b, t))
-                .map_err(cuda)?;
+            launch::attention_forward_f32(
+                g,
+                &mut att,
+                &mut lse,
+                &qkv.qr,
+                &qkv.kr,
+                &qkv.vl,
+                &self.attn_geometry(b, t),
+            )
+            .map_err(cuda)?;
             let ao = self.linear(&att, o, n)?;
             let x_in = if keep {
                 Some(g.clone_dtod(&x).map_err(cuda)?)
@@ -285,36 +259,32 @@ impl GpuModel {
                 None
             };
             launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
-            let (ln2, ln2_rstd) = self.norm_rstd(&x, s.ln2, n, c)?;
-            let (gate, up) = (self.linear(&ln2, &mlp.gate, n)?, self.linear(&ln2, &mlp.up, n)?);
-            let mut act = self.zeros(n * mlp.gate.out)?;
-            launch::swiglu_forward_f32(g, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
-            let down = self.linear(&act, &mlp.down, n)?;
+            let mlp = self.layer_mlp(&x, s, n)?;
             let x_mid = if keep {
                 Some(g.clone_dtod(&x).map_err(cuda)?)
             } else {
                 None
             };
-            launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
+            launch::add_inplace_f32(g, &mut x, &mlp.down, n * c).map_err(cuda)?;
             if let (Some(x_in), Some(x_mid)) = (x_in, x_mid) {
                 layers.push(GpuLayerActs {
                     x_in,
-                    ln1,
-                    ln1_rstd,
-                    ql,
-                    kl,
-                    vl,
-                    qk_rstd: qk.map(|((qn, q_rstd), (kn, k_rstd))| (qn, q_rstd, kn, k_rstd)),
-                    qr,
-                    kr,
+                    ln1: qkv.ln1,
+                    ln1_rstd: qkv.ln1_rstd,
+                    ql: qkv.ql,
+                    kl: qkv.kl,
+                    vl: qkv.vl,
+                    qk_rstd: qkv.qk,
+                    qr: qkv.qr,
+                    kr: qkv.kr,
                     att,
                     lse,
                     x_mid,
-                    ln2,
-                    ln2_rstd,
-                    gate,
-                    up,
-                    act,
+                    ln2: mlp.ln2,
+                    ln2_rstd: mlp.ln2_rstd,
+                    gate: mlp.gate,
+                    up: mlp.up,
+                    act: mlp.act,
                 });
             }
         }
@@ -418,51 +388,21 @@ impl GpuModel {
         }
         let (c, h, hk, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let g = &self.gpu;
-        let mut x = self.zeros(n * c)?;
-        launch::embedding_forward_f32(
-            g,
-            &mut x,
-            self.w(self.layout.embed)?,
-            TokenIds::Host(ids),
-            n,
-            cfg.vocab_size,
-            c,
-        )
-        .map_err(cuda)?;
+        let mut x = self.embed(ids)?;
         let pos: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
         let pos = g.upload(&pos).map_err(cuda)?;
         for (l, s) in self.layout.layers.iter().enumerate() {
-            let (AttnSlots::Gqa { q, k, v, o, qk_norm }, FfnSlots::Dense(mlp)) = (&s.attn, &s.ffn) else {
-                return Err(input_err(
-                    "gpu forward_cached",
-                    "only dense grouped-query layers run on the GPU",
-                ));
-            };
-            let ln1 = self.norm(&x, s.ln1, n, c)?;
-            let (mut ql, mut kl) = (self.linear(&ln1, q, n)?, self.linear(&ln1, k, n)?);
-            let vl = self.linear(&ln1, v, n)?;
-            if let Some((qw, kw)) = qk_norm {
-                ql = self.norm(&ql, *qw, n * h, d)?;
-                kl = self.norm(&kl, *kw, n * hk, d)?;
-            }
-            let (mut qr, mut kr) = (self.zeros(n * h * d)?, self.zeros(n * hk * d)?);
-            launch::rope_forward_f32(g, &mut qr, &ql, &self.cos, &self.sin, &pos, n, &self.rope_geometry(h))
-                .map_err(cuda)?;
-            launch::rope_forward_f32(g, &mut kr, &kl, &self.cos, &self.sin, &pos, n, &self.rope_geometry(hk))
-                .map_err(cuda)?;
-            g.copy_into(&mut cache.k[l], start * hk * d, &kr).map_err(cuda)?;
-            g.copy_into(&mut cache.v[l], start * hk * d, &vl).map_err(cuda)?;
+            let (qkv, o) = self.layer_qkv(&x, s, &pos, n)?;
+            g.copy_into(&mut cache.k[l], start * hk * d, &qkv.kr).map_err(cuda)?;
+            g.copy_into(&mut cache.v[l], start * hk * d, &qkv.vl).map_err(cuda)?;
             let mut att = self.zeros(n * h * d)?;
             let geo = self.attn_geometry(1, start + n);
-            launch::attention_decode_f32(g, &mut att, &qr, &cache.k[l], &cache.v[l], start, n, &geo).map_err(cuda)?;
+            launch::attention_decode_f32(g, &mut att, &qkv.qr, &cache.k[l], &cache.v[l], start, n, &geo)
+                .map_err(cuda)?;
             let ao = self.linear(&att, o, n)?;
             launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
-            let ln2 = self.norm(&x, s.ln2, n, c)?;
-            let (gate, up) = (self.linear(&ln2, &mlp.gate, n)?, self.linear(&ln2, &mlp.up, n)?);
-            let mut act = self.zeros(n * mlp.gate.out)?;
-            launch::swiglu_forward_f32(g, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
-            let down = self.linear(&act, &mlp.down, n)?;
-            launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
+            let mlp = self.layer_mlp(&x, s, n)?;
+            launch::add_inplace_f32(g, &mut x, &mlp.down, n * c).map_err(cuda)?;
         }
         cache.len = start + n;
         // Only the last token's logits.
@@ -499,6 +439,120 @@ impl GpuModel {
             }
         }
         Ok(out)
+    }
+}
+
+/// A layer's attention inputs: the normed input, the projections, Qwen3's
+/// q/k norms, and the rotated queries and keys.
+struct QkvOut {
+    ln1: CudaSlice<f32>,
+    ln1_rstd: CudaSlice<f32>,
+    ql: CudaSlice<f32>,
+    kl: CudaSlice<f32>,
+    vl: CudaSlice<f32>,
+    qk: Option<QkNormActs>,
+    qr: CudaSlice<f32>,
+    kr: CudaSlice<f32>,
+}
+
+/// A layer's MLP activations and output (before the residual add).
+struct MlpOut {
+    ln2: CudaSlice<f32>,
+    ln2_rstd: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    down: CudaSlice<f32>,
+}
+
+impl GpuModel {
+    /// Token embeddings `[n, C]`.
+    fn embed(&self, ids: &[u32]) -> Result<CudaSlice<f32>> {
+        let (c, n) = (self.config.hidden_size, ids.len());
+        let mut x = self.zeros(n * c)?;
+        let table = self.w(self.layout.embed)?;
+        launch::embedding_forward_f32(
+            &self.gpu,
+            &mut x,
+            table,
+            TokenIds::Host(ids),
+            n,
+            self.config.vocab_size,
+            c,
+        )
+        .map_err(cuda)?;
+        Ok(x)
+    }
+
+    /// The attention inputs of layer `s` for `x [n, C]` at positions `pos`,
+    /// and its output projection.
+    fn layer_qkv<'s>(
+        &self,
+        x: &CudaSlice<f32>,
+        s: &'s LayerSlots,
+        pos: &CudaSlice<u32>,
+        n: usize,
+    ) -> Result<(QkvOut, &'s Linear)> {
+        let AttnSlots::Gqa { q, k, v, o, qk_norm } = &s.attn else {
+            return Err(input_err("gpu", "only grouped-query attention runs on the GPU"));
+        };
+        let cfg = &self.config;
+        let (c, h, hk, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let g = &self.gpu;
+        let (ln1, ln1_rstd) = self.norm_rstd(x, s.ln1, n, c)?;
+        let (ql, kl, vl) = (
+            self.linear(&ln1, q, n)?,
+            self.linear(&ln1, k, n)?,
+            self.linear(&ln1, v, n)?,
+        );
+        let qk = match qk_norm {
+            Some((qw, kw)) => {
+                let (qn, q_rstd) = self.norm_rstd(&ql, *qw, n * h, d)?;
+                let (kn, k_rstd) = self.norm_rstd(&kl, *kw, n * hk, d)?;
+                Some((qn, q_rstd, kn, k_rstd))
+            }
+            None => None,
+        };
+        let (qn, kn) = match &qk {
+            Some((qn, _, kn, _)) => (qn, kn),
+            None => (&ql, &kl),
+        };
+        let (mut qr, mut kr) = (self.zeros(n * h * d)?, self.zeros(n * hk * d)?);
+        launch::rope_forward_f32(g, &mut qr, qn, &self.cos, &self.sin, pos, n, &self.rope_geometry(h)).map_err(cuda)?;
+        launch::rope_forward_f32(g, &mut kr, kn, &self.cos, &self.sin, pos, n, &self.rope_geometry(hk))
+            .map_err(cuda)?;
+        let out = QkvOut {
+            ln1,
+            ln1_rstd,
+            ql,
+            kl,
+            vl,
+            qk,
+            qr,
+            kr,
+        };
+        Ok((out, o))
+    }
+
+    /// Layer `s`'s MLP on `x [n, C]` (the output before the residual add).
+    fn layer_mlp(&self, x: &CudaSlice<f32>, s: &LayerSlots, n: usize) -> Result<MlpOut> {
+        let FfnSlots::Dense(mlp) = &s.ffn else {
+            return Err(input_err("gpu", "only dense MLPs run on the GPU"));
+        };
+        let c = self.config.hidden_size;
+        let (ln2, ln2_rstd) = self.norm_rstd(x, s.ln2, n, c)?;
+        let (gate, up) = (self.linear(&ln2, &mlp.gate, n)?, self.linear(&ln2, &mlp.up, n)?);
+        let mut act = self.zeros(n * mlp.gate.out)?;
+        launch::swiglu_forward_f32(&self.gpu, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
+        let down = self.linear(&act, &mlp.down, n)?;
+        Ok(MlpOut {
+            ln2,
+            ln2_rstd,
+            gate,
+            up,
+            act,
+            down,
+        })
     }
 }
 
