@@ -197,7 +197,7 @@ fn gpu_generate(
     p: &SamplingParams,
     eos: &[u32],
 ) -> Result<Vec<aha_sampler::Completion>> {
-    use aha_sampler::{decode, sample, Completion, FinishReason, SeqRng};
+    use aha_sampler::{decode, find_stop, sample, Completion, Detokenizer, FinishReason, SeqRng};
     p.validate()?;
     if !p.stop_strings.is_empty() && tok.is_none() {
         bail!("stop strings need a tokenizer.json");
@@ -217,20 +217,19 @@ fn gpu_generate(
             let mut cache = gpu.new_cache()?;
             let mut logits = gpu.forward_cached(prompt, &mut cache)?;
             let (mut ids, mut lps) = (Vec::new(), Vec::new());
-            let mut text = String::new();
+            // Incremental text, only while stop strings need watching (as the engine).
+            let (mut detok, mut text) = (Detokenizer::default(), String::new());
             let reason = loop {
                 let s = sample(&logits, p, &mut rng)?;
                 ids.push(s.token);
                 lps.push(s.logprob);
                 if eos.contains(&s.token) {
-                    if let Some(t) = tok {
-                        text = decode(t, &ids[..ids.len() - 1])?;
-                    }
                     break FinishReason::Eos;
                 }
-                if let Some(t) = tok {
-                    text = decode(t, &ids)?;
-                    if let Some(cut) = p.stop_strings.iter().filter_map(|st| text.find(st.as_str())).min() {
+                if let (Some(t), false) = (tok, p.stop_strings.is_empty()) {
+                    let delta = detok.step(t, &ids)?;
+                    text.push_str(&delta);
+                    if let Some(cut) = find_stop(&text, &p.stop_strings, delta.len()) {
                         text.truncate(cut);
                         break FinishReason::Stop;
                     }
@@ -239,6 +238,12 @@ fn gpu_generate(
                     break FinishReason::Length;
                 }
                 logits = gpu.forward_cached(&[s.token], &mut cache)?;
+            };
+            let text = match (tok, reason) {
+                (Some(_), FinishReason::Stop) => text,
+                (Some(t), FinishReason::Eos) => decode(t, &ids[..ids.len() - 1])?,
+                (Some(t), _) => decode(t, &ids)?,
+                (None, _) => String::new(),
             };
             out.push(Completion {
                 prompt_index: pi,

@@ -429,7 +429,7 @@ fn main() -> Result<()> {
             let spec = aha_trainer::toy::TaskSpec { task, digits };
             let cfg = match config {
                 Some(path) => {
-                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    let text = read_text(&path)?;
                     serde_json::from_str(&text).with_context(|| format!("{}: not a demo config", path.display()))?
                 }
                 None if quick => aha_trainer::DemoConfig::quick(seed).with_task(spec)?,
@@ -483,44 +483,22 @@ fn main() -> Result<()> {
         } => {
             let mut cfg = match &config {
                 Some(p) => {
-                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    let text = read_text(p)?;
                     aha_trainer::grpo_run::GrpoConfig::from_toml(&text, p)?
                 }
                 None => aha_trainer::grpo_run::GrpoConfig::default(),
             };
-            if let Some(v) = model {
-                cfg.model = v;
-            }
-            if let Some(v) = data {
-                cfg.data = v;
-            }
-            if let Some(v) = out {
-                cfg.out = v;
-            }
-            if let Some(v) = steps {
-                cfg.steps = v;
-            }
-            if let Some(v) = num_generations {
-                cfg.num_generations = v;
-            }
-            if let Some(v) = prompts_per_step {
-                cfg.prompts_per_step = v;
-            }
-            if let Some(v) = learning_rate {
-                cfg.learning_rate = v;
-            }
-            if let Some(v) = max_completion_length {
-                cfg.max_completion_length = v;
-            }
-            if let Some(v) = template {
-                cfg.template = v;
-            }
-            if let Some(v) = save_every {
-                cfg.save_every = v;
-            }
-            if let Some(v) = seed {
-                cfg.seed = v;
-            }
+            cfg.model = model.unwrap_or(cfg.model);
+            cfg.data = data.unwrap_or(cfg.data);
+            cfg.out = out.unwrap_or(cfg.out);
+            cfg.steps = steps.unwrap_or(cfg.steps);
+            cfg.num_generations = num_generations.unwrap_or(cfg.num_generations);
+            cfg.prompts_per_step = prompts_per_step.unwrap_or(cfg.prompts_per_step);
+            cfg.learning_rate = learning_rate.unwrap_or(cfg.learning_rate);
+            cfg.max_completion_length = max_completion_length.unwrap_or(cfg.max_completion_length);
+            cfg.template = template.unwrap_or(cfg.template);
+            cfg.save_every = save_every.unwrap_or(cfg.save_every);
+            cfg.seed = seed.unwrap_or(cfg.seed);
             cfg.dynamic_sampling |= dynamic_sampling;
             let mut p = Progress::new();
             let m = aha_trainer::grpo_run::run_grpo(&cfg, resume, &mut |l| p.line(l))?;
@@ -541,7 +519,7 @@ fn main() -> Result<()> {
         } => {
             let mut cfg = match &config {
                 Some(p) => {
-                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    let text = read_text(p)?;
                     aha_trainer::sft_run::SftConfig::from_toml(&text, p)?
                 }
                 None => aha_trainer::sft_run::SftConfig::default(),
@@ -735,6 +713,11 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A config file's text; the error names the file.
+fn read_text(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 fn info(device: &str) -> Result<()> {

@@ -132,6 +132,16 @@ impl GpuModel {
             .ok_or_else(|| input_err("gpu", format!("no uploaded tensor at offset {}", s.off)))
     }
 
+    /// The lm head as a linear layer `[C] -> [V]`.
+    fn head(&self) -> Linear {
+        Linear {
+            w: self.layout.lm_head,
+            b: None,
+            inp: self.config.hidden_size,
+            out: self.config.vocab_size,
+        }
+    }
+
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.gpu.zeros::<f32>(n).map_err(cuda)
     }
@@ -301,13 +311,7 @@ impl GpuModel {
     /// Logits `[B * T, V]` of `ids [B, T]`, copied to the host.
     pub fn logits(&self, ids: &[u32], b: usize, t: usize) -> Result<Vec<f32>> {
         let hidden = self.forward_hidden(ids, b, t)?;
-        let head = Linear {
-            w: self.layout.lm_head,
-            b: None,
-            inp: self.config.hidden_size,
-            out: self.config.vocab_size,
-        };
-        let logits = self.linear(&hidden, &head, b * t)?;
+        let logits = self.linear(&hidden, &self.head(), b * t)?;
         self.gpu.download(&logits).map_err(cuda)
     }
 
@@ -331,13 +335,7 @@ impl GpuModel {
         for r0 in (0..n).step_by(chunk) {
             let r1 = (r0 + chunk).min(n);
             let hc = self.gpu.clone_range(&hidden, r0 * c..r1 * c).map_err(cuda)?;
-            let head = Linear {
-                w: self.layout.lm_head,
-                b: None,
-                inp: c,
-                out: v,
-            };
-            let logits = self.linear(&hc, &head, r1 - r0)?;
+            let logits = self.linear(&hc, &self.head(), r1 - r0)?;
             let (mut lp, mut ls) = (self.zeros(r1 - r0)?, self.zeros(r1 - r0)?);
             launch::token_logprob_forward_f32(&self.gpu, &mut lp, &mut ls, &logits, &targets[r0..r1], v)
                 .map_err(cuda)?;
@@ -408,13 +406,7 @@ impl GpuModel {
         // Only the last token's logits.
         let last = g.clone_range(&x, (n - 1) * c..n * c).map_err(cuda)?;
         let hidden = self.norm(&last, self.layout.norm, 1, c)?;
-        let head = Linear {
-            w: self.layout.lm_head,
-            b: None,
-            inp: c,
-            out: cfg.vocab_size,
-        };
-        let logits = self.linear(&hidden, &head, 1)?;
+        let logits = self.linear(&hidden, &self.head(), 1)?;
         g.download(&logits).map_err(cuda)
     }
 
@@ -703,12 +695,7 @@ impl GpuModel {
         let acts = self.forward_acts(ids, b, t, true)?;
         let mut grads = self.zero_grads()?;
         // The head: logits, log-softmax backward, then both products.
-        let head = Linear {
-            w: self.layout.lm_head,
-            b: None,
-            inp: c,
-            out: v,
-        };
+        let head = self.head();
         let logits = self.linear(&acts.hidden, &head, n)?;
         let (mut lp, mut lse) = (self.zeros(n)?, self.zeros(n)?);
         launch::token_logprob_forward_f32(g, &mut lp, &mut lse, &logits, targets, v).map_err(cuda)?;

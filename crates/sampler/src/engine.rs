@@ -417,8 +417,9 @@ impl<'a> Engine<'a> {
 }
 
 /// The byte offset where the first stop string starts, searching only where
-/// the last `delta` bytes could have completed one.
-fn find_stop(text: &str, stops: &[String], delta: usize) -> Option<usize> {
+/// the last `delta` bytes of `text` could have completed one (`delta` =
+/// the length of the text added since the last search).
+pub fn find_stop(text: &str, stops: &[String], delta: usize) -> Option<usize> {
     let mut best: Option<usize> = None;
     for s in stops {
         let mut from = text.len().saturating_sub(delta + s.len());

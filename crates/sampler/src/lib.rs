@@ -24,7 +24,7 @@ pub mod sampling;
 
 pub use chat::ChatTemplate;
 pub use detok::{decode, load_tokenizer, Detokenizer};
-pub use engine::{Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};
+pub use engine::{find_stop, Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};
 pub use error::{Error, Result};
 pub use sampling::{sample, sample_with_uniform, Sampled, SamplingParams, SeqRng};
 

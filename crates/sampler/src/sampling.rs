@@ -384,9 +384,9 @@ pub fn sample_with_uniform(logits: &[f32], p: &SamplingParams, u: f64) -> Result
             idx.push(logits.iter().position(|&x| x == m32).unwrap_or(0) as u32);
         }
     }
-    // Id order, as the GPU kernel scans (a mask pass when sorting would
-    // cost more than one pass over the vocabulary).
-    if idx.len() > 256 && idx.len() * 8 > e.len() / 8 {
+    // Id order, as the GPU kernel scans (a mask pass over the vocabulary
+    // once the kept set is more than a 64th of it: sorting would cost more).
+    if idx.len() > 256 && idx.len() * 64 > e.len() {
         let mut mask = vec![false; e.len()];
         for &i in &idx {
             mask[i as usize] = true;

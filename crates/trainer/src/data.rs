@@ -22,8 +22,9 @@ fn bad(path: &Path, line: usize, msg: impl std::fmt::Display) -> Error {
     Error::Other(format!("{}:{line}: {msg}", path.display()))
 }
 
-/// Reads a JSONL set of math problems.
-pub fn read_math_jsonl(path: &Path) -> Result<Vec<MathExample>> {
+/// The JSON values of a JSONL file with their 1-based line numbers, blank
+/// lines skipped; a line that is not JSON is an error naming file and line.
+pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
     let f = std::fs::File::open(path).map_err(io_err(path))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
@@ -32,8 +33,16 @@ pub fn read_math_jsonl(path: &Path) -> Result<Vec<MathExample>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| bad(path, n, format!("not valid JSON: {e}")))?;
+        let v = serde_json::from_str(&line).map_err(|e| bad(path, n, format!("not valid JSON: {e}")))?;
+        out.push((n, v));
+    }
+    Ok(out)
+}
+
+/// Reads a JSONL set of math problems.
+pub fn read_math_jsonl(path: &Path) -> Result<Vec<MathExample>> {
+    let mut out = Vec::new();
+    for (n, v) in read_jsonl(path)? {
         let prompt = ["prompt", "question", "problem"]
             .iter()
             .find_map(|k| v.get(*k).and_then(|x| x.as_str()))

@@ -487,10 +487,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
             .map(|_| toy::problem(&mut rng, cfg.spec(), false))
             .collect();
-        let prompts: Vec<Vec<u32>> = problems
-            .iter()
-            .map(|p| toy::encode(&tok, &p.prompt()))
-            .collect::<Result<_>>()?;
+        let prompts = toy::encode_prompts(&tok, &problems)?;
         let rewards = toy::rewards(&problems);
         let mut sc = step_cfg.clone();
         sc.sampling.seed = cfg.seed.wrapping_add(step as u64 * 1_000_003);

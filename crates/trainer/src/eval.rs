@@ -21,17 +21,16 @@ pub struct EvalResult {
     pub mean_length: f64,
 }
 
-/// Greedy completions of `problems` and their scores.
-pub fn evaluate(
+/// `n` completions of every toy problem (the toy's end token stops them),
+/// in (problem, sample) order.
+pub fn sample_toy(
     model: &Model,
     tok: &Tokenizer,
     problems: &[Problem],
-    max_new: usize,
-) -> Result<(EvalResult, Vec<Completion>)> {
-    let prompts: Vec<Vec<u32>> = problems
-        .iter()
-        .map(|p| toy::encode(tok, &p.prompt()))
-        .collect::<Result<_>>()?;
+    n: usize,
+    params: &SamplingParams,
+) -> Result<Vec<Completion>> {
+    let prompts = toy::encode_prompts(tok, problems)?;
     let engine = Engine::new(
         model,
         Some(tok),
@@ -41,12 +40,22 @@ pub fn evaluate(
         },
         &[toy::EOS],
     )?;
+    Ok(engine.generate(&prompts, n, params)?.0)
+}
+
+/// Greedy completions of `problems` and their scores.
+pub fn evaluate(
+    model: &Model,
+    tok: &Tokenizer,
+    problems: &[Problem],
+    max_new: usize,
+) -> Result<(EvalResult, Vec<Completion>)> {
     let params = SamplingParams {
         greedy: true,
         max_new_tokens: max_new,
         ..SamplingParams::default()
     };
-    let (out, _) = engine.generate(&prompts, 1, &params)?;
+    let out = sample_toy(model, tok, problems, 1, &params)?;
     let n = problems.len().max(1) as f64;
     let mut r = EvalResult {
         accuracy: 0.0,

@@ -112,7 +112,7 @@ impl Optimizer {
     /// Clips `grads`, then applies AdamW to the trainable parameters. A
     /// non-finite gradient norm skips the update; too many in a row is an error.
     pub fn update(&mut self, model: &mut Model, grads: &mut [f32]) -> Result<StepInfo> {
-        self.update_batch(model, grads, "")
+        self.update_batch(model, grads, &String::new)
     }
 
     /// Takes the notes of skipped updates since the last call ("step 12,
@@ -145,16 +145,21 @@ impl Optimizer {
         })
     }
 
-    /// [`Optimizer::update`] naming the batch (`batch`) in the note a
-    /// skipped update leaves.
-    pub fn update_batch(&mut self, model: &mut Model, grads: &mut [f32], batch: &str) -> Result<StepInfo> {
+    /// [`Optimizer::update`] naming the batch in the note a skipped update
+    /// leaves; `batch` describes it and is only called for a skip.
+    pub fn update_batch(
+        &mut self,
+        model: &mut Model,
+        grads: &mut [f32],
+        batch: &dyn Fn() -> String,
+    ) -> Result<StepInfo> {
         let lr = self.lr_at(self.step);
         for e in model.layout.entries.iter().filter(|e| !e.trainable) {
             e.slot.of_mut(grads).fill(0.0);
         }
         let grad_norm = clip_grad_norm(grads, self.cfg.max_grad_norm);
         if !grad_norm.is_finite() {
-            let info = self.skip(batch, &format!("gradient norm {grad_norm}"))?;
+            let info = self.skip(&batch(), &format!("gradient norm {grad_norm}"))?;
             return Ok(StepInfo { grad_norm, ..info });
         }
         self.bad_in_a_row = 0;
@@ -229,6 +234,6 @@ pub fn sft_step(
     let mut grads = vec![0f32; model.params.len()];
     model.backward(&acts, &targets, &lse, &dlogp, &mut grads)?;
     drop(acts);
-    let info = opt.update_batch(model, &mut grads, &format!("{b} sequences, {count} target tokens"))?;
+    let info = opt.update_batch(model, &mut grads, &|| format!("{b} sequences, {count} target tokens"))?;
     Ok((loss, info))
 }

@@ -17,12 +17,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use aha_moe_model::{Model, ModelConfig};
-use aha_sampler::{Engine, EngineConfig, SamplingParams, Tokenizer};
+use aha_sampler::{SamplingParams, Tokenizer};
 use serde::Serialize;
 
 use crate::demo::DemoConfig;
 use crate::error::{io_err, Error, Result};
-use crate::eval::{evaluate_math, MathEval};
+use crate::eval::{evaluate_math, sample_toy, MathEval};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
 use crate::rl::grpo_step;
 use crate::toy::{self, Problem, Rng};
@@ -92,10 +92,7 @@ fn grpo(model: &mut Model, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng:
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
             .map(|_| toy::problem(rng, cfg.spec(), false))
             .collect();
-        let prompts: Vec<Vec<u32>> = problems
-            .iter()
-            .map(|p| toy::encode(tok, &p.prompt()))
-            .collect::<Result<_>>()?;
+        let prompts = toy::encode_prompts(tok, &problems)?;
         let mut sc = step_cfg.clone();
         sc.sampling.seed = seed.wrapping_add(step as u64 * 1_000_003);
         grpo_step(
@@ -122,26 +119,13 @@ fn rejection_sample(
     seed: u64,
     keep: impl Fn(&str, &Problem) -> bool,
 ) -> Result<Vec<(String, String)>> {
-    let prompts: Vec<Vec<u32>> = problems
-        .iter()
-        .map(|p| toy::encode(tok, &p.prompt()))
-        .collect::<Result<_>>()?;
-    let engine = Engine::new(
-        model,
-        Some(tok),
-        EngineConfig {
-            max_batch: 256,
-            ..EngineConfig::default()
-        },
-        &[toy::EOS],
-    )?;
     let params = SamplingParams {
         temperature: 1.0,
         max_new_tokens: max_new,
         seed,
         ..SamplingParams::default()
     };
-    let (out, _) = engine.generate(&prompts, k, &params)?;
+    let out = sample_toy(model, tok, problems, k, &params)?;
     Ok(out
         .iter()
         .filter(|c| keep(&c.text, &problems[c.prompt_index]))
@@ -158,10 +142,7 @@ fn score(
     seed: u64,
     max_new: usize,
 ) -> Result<Row> {
-    let prompts: Vec<Vec<u32>> = test
-        .iter()
-        .map(|p| toy::encode(tok, &p.prompt()))
-        .collect::<Result<_>>()?;
+    let prompts = toy::encode_prompts(tok, test)?;
     let golds: Vec<String> = test.iter().map(|p| p.answer().to_string()).collect();
     let params = SamplingParams {
         temperature: 0.6,

@@ -277,7 +277,7 @@ pub fn train_on(
             let mut grads = vec![0f32; policy.params.len()];
             policy.backward(&acts, sub_targets, &lse, &dlogp, &mut grads)?;
             drop(acts);
-            let info = opt.update_batch(policy, &mut grads, &batch())?;
+            let info = opt.update_batch(policy, &mut grads, &batch)?;
             last = Some((out, info));
         }
     }

@@ -9,7 +9,7 @@
 //! The loss covers completion tokens only; batches are drawn from
 //! length-sorted windows (bucketing).
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::Model;
@@ -81,16 +81,9 @@ pub fn read_sft_jsonl(
     t: &Templater,
     eos: Option<u32>,
 ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-    let f = std::fs::File::open(path).map_err(io_err(path))?;
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let n = i + 1;
-        let line = line.map_err(io_err(path))?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (n, v) in crate::data::read_jsonl(path)? {
         let bad = |m: &str| Error::Other(format!("{}:{n}: {m}", path.display()));
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
         let (prompt, completion) = if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
             let (last, rest) = msgs.split_last().ok_or_else(|| bad("empty `messages`"))?;
             if last.get("role").and_then(|r| r.as_str()) != Some("assistant") {

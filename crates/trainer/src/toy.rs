@@ -93,6 +93,20 @@ pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         .to_vec())
 }
 
+/// Token ids of every problem's prompt.
+pub fn encode_prompts(tok: &Tokenizer, problems: &[Problem]) -> Result<Vec<Vec<u32>>> {
+    problems.iter().map(|p| encode(tok, &p.prompt())).collect()
+}
+
+/// A uniform random order of three indices (Fisher-Yates).
+fn shuffle3(rng: &mut Rng) -> [usize; 3] {
+    let mut ix = [0usize, 1, 2];
+    for i in (1..3).rev() {
+        ix.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    ix
+}
+
 /// Which toy task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -392,10 +406,7 @@ impl TaskSpec {
                     1 + rng.below(9) as u32,
                 ];
                 // Which number goes where in the solution.
-                let mut ix = [0u8, 1, 2];
-                for i in (1..3).rev() {
-                    ix.swap(i, rng.below(i as u64 + 1) as usize);
-                }
+                let ix = shuffle3(rng).map(|i| i as u8);
                 const OPS: [u8; 3] = [b'+', b'-', b'*'];
                 let ops = [OPS[rng.below(3) as usize], OPS[rng.below(3) as usize]];
                 let r = apply(ops[0], nums[ix[0] as usize].into(), nums[ix[1] as usize].into());
@@ -483,10 +494,7 @@ pub fn base_completion(rng: &mut Rng, p: &Problem, reasoning_share: f64) -> Stri
         _ => [0; 3],
     };
     const OPS: [char; 3] = ['+', '-', '*'];
-    let mut ix = [0usize, 1, 2];
-    for i in (1..3).rev() {
-        ix.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    let ix = shuffle3(rng);
     let (o1, o2) = (OPS[rng.below(3) as usize], OPS[rng.below(3) as usize]);
     format!("({}{o1}{}){o2}{}", nums[ix[0]], nums[ix[1]], nums[ix[2]])
 }
