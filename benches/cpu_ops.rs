@@ -161,5 +161,44 @@ fn copy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, attention, rmsnorm, copy);
+/// The chunked lm-head log-probs and entropies (the CPU twin of the fused GPU
+/// path): 512 tokens, hidden 256, vocabulary 32,768 in chunks of 4,096.
+/// Elements are FLOPs of the products (forward 2NCV; forward + backward 4 x,
+/// the backward recomputing each chunk): GFLOP/s against the matmul rows
+/// above, the ceiling; target >= 70% of it (the softmax passes are O(NV)
+/// next to O(NCV)).
+fn lm_head(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu/lm_head/f32");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(300));
+    let (n, ch, v) = (512usize, 256usize, 32_768usize);
+    let s = cpu::LmHeadShape {
+        n,
+        c: ch,
+        v,
+        chunk: 4096,
+        temperature: 1.0,
+    };
+    let (h, w) = (data(n * ch, 1), data(v * ch, 2));
+    let t: Vec<u32> = (0..n as u32).map(|i| i * 7919 % v as u32).collect();
+    let (mut lp, mut ent, mut lse) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let flops = (2 * n * ch * v) as u64;
+    g.throughput(Throughput::Elements(flops));
+    g.bench_function(BenchmarkId::new("forward", format!("{n}x{ch}x{v}")), |b| {
+        b.iter(|| cpu::lm_head_logprob_forward(&mut lp, &mut ent, &mut lse, &h, &w, &t, s))
+    });
+    let (dl, de) = (data(n, 3), data(n, 4));
+    let (mut dh, mut dw) = (vec![0f32; n * ch], vec![0f32; v * ch]);
+    g.throughput(Throughput::Elements(4 * flops));
+    g.bench_function(BenchmarkId::new("forward_backward", format!("{n}x{ch}x{v}")), |b| {
+        b.iter(|| {
+            cpu::lm_head_logprob_forward(&mut lp, &mut ent, &mut lse, &h, &w, &t, s).unwrap();
+            cpu::lm_head_logprob_backward(&mut dh, &mut dw, &h, &w, &t, &lse, &ent, &dl, &de, s)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, matmul, attention, rmsnorm, copy, lm_head);
 criterion_main!(benches);

@@ -6,47 +6,60 @@
 //
 // token_logprob_forward_f32: one block of LP_BLOCK threads per row n of
 //   logits [N, V]: lse[n] = log sum_j exp(x_j), logp[n] = x[t] - lse (at most
-//   0; a NaN stays NaN). Sums in f32 over strided lanes, then a tree.
+//   0; a NaN stays NaN). One read of the row: an online max and sum per
+//   strided lane, merged in a fixed tree.
 // token_logprob_backward_f32: dlogits[n, j] = -dlogp[n] exp(x_j - lse[n]),
-//   plus dlogp[n] at j = t. One thread per element.
-// add_bias_f32: x [rows, c] += bias [c], one thread per element.
+//   plus dlogp[n] at j = t. One thread per element, grid-stride.
+// add_bias_f32: x [rows, c] += bias [c], one thread per element, grid-stride.
 // bias_grad_f32: dbias [c] += sum over rows of dy [rows, c], one thread per
-//   column summing in row order (deterministic).
+//   column summing in row order (deterministic), grid-stride.
+// (The grid-stride loops matter: the launchers cap the grid at 65,536 blocks
+// of 256, so one thread per element stopped at 16.7M elements -- 111 rows of
+// a 151,936-word vocabulary. Found by the CPU emulation, which caps the grid
+// at 4 blocks.)
 
 #define LP_BLOCK 256
 
 extern "C" __global__ void token_logprob_forward_f32(
     float* __restrict__ logp, float* __restrict__ lse, const float* __restrict__ logits,
     const unsigned int* __restrict__ targets, unsigned long long v) {
-    __shared__ float sh[LP_BLOCK];
+    // One pass over the row: each thread keeps an online (max, sum of
+    // exp(x - max)); the block then merges the pairs in a fixed tree.
+    __shared__ float sh_m[LP_BLOCK];
+    __shared__ float sh_s[LP_BLOCK];
     const unsigned long long row = blockIdx.x;
     const float* x = logits + row * v;
-    float m = __int_as_float(0xff800000);
+    float m = __int_as_float(0xff800000), acc = 0.0f;
     for (unsigned long long j = threadIdx.x; j < v; j += LP_BLOCK) {
-        float xj = x[j];
-        m = (xj > m || xj != xj) ? xj : m;
+        const float xj = x[j];
+        if (xj != xj) {
+            m = xj;  // NaN: sticks, and poisons the sum below
+            acc = xj;
+        } else if (xj > m) {
+            acc = acc * __expf(m - xj) + 1.0f;
+            m = xj;
+        } else if (xj > __int_as_float(0xff800000)) {
+            acc += __expf(xj - m);  // -inf adds nothing (and -inf - -inf is NaN)
+        }
     }
-    sh[threadIdx.x] = m;
+    sh_m[threadIdx.x] = m;
+    sh_s[threadIdx.x] = acc;
     __syncthreads();
     for (int s = LP_BLOCK / 2; s > 0; s >>= 1) {
         if (threadIdx.x < s) {
-            float a = sh[threadIdx.x], b = sh[threadIdx.x + s];
-            sh[threadIdx.x] = (b > a || b != b) ? b : a;
+            const float ma = sh_m[threadIdx.x], mb = sh_m[threadIdx.x + s];
+            const float sa = sh_s[threadIdx.x], sb = sh_s[threadIdx.x + s];
+            // -inf on both sides (a thread with no elements): keep the sum 0.
+            const float mn = (mb > ma || mb != mb) ? mb : ma;
+            const float ea = sa == 0.0f ? 0.0f : sa * __expf(ma - mn);
+            const float eb = sb == 0.0f ? 0.0f : sb * __expf(mb - mn);
+            sh_m[threadIdx.x] = mn;
+            sh_s[threadIdx.x] = ea + eb;
         }
         __syncthreads();
     }
-    m = sh[0];
-    __syncthreads();
-    float acc = 0.0f;
-    for (unsigned long long j = threadIdx.x; j < v; j += LP_BLOCK) acc += __expf(x[j] - m);
-    sh[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = LP_BLOCK / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
     if (threadIdx.x == 0) {
-        float l = m + __logf(sh[0]);
+        float l = sh_m[0] + __logf(sh_s[0]);
         float d = x[targets[row]] - l;
         lse[row] = l;
         logp[row] = d > 0.0f ? 0.0f : d;
@@ -57,26 +70,30 @@ extern "C" __global__ void token_logprob_backward_f32(
     float* __restrict__ dlogits, const float* __restrict__ dlogp, const float* __restrict__ logits,
     const float* __restrict__ lse, const unsigned int* __restrict__ targets,
     unsigned long long n, unsigned long long v) {
-    const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * v) return;
-    const unsigned long long row = i / v, j = i % v;
-    const float g = dlogp[row];
-    float d = -g * __expf(logits[i] - lse[row]);
-    if (j == targets[row]) d += g;
-    dlogits[i] = d;
+    // Grid-stride: the launcher caps the grid at 65,536 blocks.
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n * v;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        const unsigned long long row = i / v, j = i % v;
+        const float g = dlogp[row];
+        float d = -g * __expf(logits[i] - lse[row]);
+        if (j == targets[row]) d += g;
+        dlogits[i] = d;
+    }
 }
 
 extern "C" __global__ void add_bias_f32(
     float* __restrict__ x, const float* __restrict__ bias, unsigned long long rows, unsigned long long c) {
-    const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < rows * c) x[i] += bias[i % c];
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < rows * c;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        x[i] += bias[i % c];
 }
 
 extern "C" __global__ void bias_grad_f32(
     float* __restrict__ dbias, const float* __restrict__ dy, unsigned long long rows, unsigned long long c) {
-    const unsigned long long j = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c) return;
-    float acc = 0.0f;
-    for (unsigned long long r = 0; r < rows; r++) acc += dy[r * c + j];
-    dbias[j] += acc;
+    for (unsigned long long j = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; j < c;
+         j += (unsigned long long)gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (unsigned long long r = 0; r < rows; r++) acc += dy[r * c + j];
+        dbias[j] += acc;
+    }
 }

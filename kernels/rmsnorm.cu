@@ -10,6 +10,11 @@
 // CPU twin: aha_tensor::cpu::rmsnorm_forward.
 
 #define AHA_WARP 32
+// The block's dynamic shared memory as a T array (the CPU emulation,
+// aha_cuda_kernels::emulate, supplies its own definition).
+#ifndef AHA_DYNAMIC_SHARED
+#define AHA_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 __device__ __forceinline__ float aha_warp_sum(float v) {
     for (int o = AHA_WARP / 2; o > 0; o >>= 1) {
@@ -117,7 +122,7 @@ extern "C" __global__ void rmsnorm_backward_f32(
     int rows,
     int c)
 {
-    extern __shared__ float dw[];
+    AHA_DYNAMIC_SHARED(float, dw);
     __shared__ float red[33];
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
         dw[i] = 0.0f;

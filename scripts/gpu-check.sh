@@ -36,13 +36,17 @@ echo "AHA_CUDA_ROOT=${AHA_CUDA_ROOT:-<unset>}"
 
 echo "== build"
 cargo build --release -p aha-cuda-kernels --example kernel_bench
-cargo test -p aha-cuda-kernels -p aha-tensor -p aha-sampler -p aha-moe-model --no-run
+cargo test -p aha-cuda-kernels -p aha-tensor -p aha-sampler -p aha-moe-model -p aha-grpo --no-run
 
 echo "== GPU tests"
 cargo test -p aha-cuda-kernels --test nvrtc_compile -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
 cargo test -p aha-tensor --test gpu_twins --test gpu_kernels -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
+cargo test -p aha-tensor --test gpu_moe -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
+cargo test -p aha-tensor --test gpu_flash -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
 cargo test -p aha-sampler --test gpu_sampling -- --nocapture 2>&1 | tee -a "$log"
 cargo test -p aha-moe-model --test gpu_model -- --nocapture 2>&1 | tee -a "$log"
+cargo test -p aha-tensor --test gpu_lmhead -- --nocapture 2>&1 | tee -a "$log"
+cargo test -p aha-grpo --test gpu_loss -- --nocapture 2>&1 | tee -a "$log"
 cargo test -p aha --test cli on_cuda -- --nocapture 2>&1 | tee -a "$log"
 if grep -q "skipped: no GPU" "$log"; then
     echo "gpu-check: GPU tests were skipped: no GPU was found" >&2
@@ -53,3 +57,24 @@ fi
 
 echo "== kernel benchmark"
 ./target/release/examples/kernel_bench "$iters"
+
+echo "== PyTorch peer: transformers Qwen3-MoE sparse block (bf16; same shape as the first MoE rows)"
+if command -v python3 >/dev/null 2>&1; then
+    python3 scripts/bench_moe_torch.py "$iters" || echo "bench_moe_torch.py failed (see above)"
+else
+    echo "python3 not found: MoE peer rows skipped"
+fi
+
+echo "== PyTorch peer: lm-head log-probs (naive and selective_log_softmax)"
+if command -v python3 >/dev/null 2>&1; then
+    python3 scripts/bench_logprob_torch.py 5 || echo "bench_logprob_torch.py failed (see above)"
+else
+    echo "python3 not found: PyTorch peer rows skipped"
+fi
+
+echo "== PyTorch peer: flash attention (SDPA, flash backend; same shapes as the flash rows)"
+if command -v python3 >/dev/null 2>&1; then
+    python3 scripts/bench_sdpa.py "$iters" || echo "bench_sdpa.py failed (see above)"
+else
+    echo "python3 not found: SDPA peer rows skipped"
+fi

@@ -18,5 +18,12 @@ if [ -z "${AHA_CUDA_ROOT:-}" ]; then
 fi
 # The kernel compile test must run here, not skip.
 export AHA_REQUIRE_NVRTC=1
+# So must the kernels' CPU emulation (aha_cuda_kernels::emulate: the .cu
+# files compiled by a C++ compiler through a CUDA shim and run as written).
+if ! command -v "${CXX:-g++}" >/dev/null 2>&1; then
+    echo "scripts/test.sh: no C++ compiler (${CXX:-g++}); the emulated kernel tests need one (apt-get install g++)" >&2
+    exit 1
+fi
+export AHA_REQUIRE_EMULATOR=1
 
 cargo test --workspace "$@"

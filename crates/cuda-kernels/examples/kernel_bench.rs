@@ -342,5 +342,423 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             4.0 * (n * v) as f64 / secs / 1e9
         );
     }
+    bench_lmhead_grpo(&gpu, iters)?;
+    bench_flash(&gpu, iters)?;
+    bench_moe(&gpu, iters)?;
+    Ok(())
+}
+
+/// The fused lm-head log-probs (vocabulary chunks from hidden states, f32
+/// and bf16 operands; forward, and forward + backward as a GRPO step runs
+/// it) at the issue's N = 16,384, V = 151,936, C = 2,048, with the chunk
+/// buffer the plan allocates; then the GRPO math on a 1024 x 1024 batch.
+/// scripts/bench_logprob_torch.py times PyTorch's naive path (product,
+/// log_softmax, gather) and TRL's selective_log_softmax at the same shapes.
+fn bench_lmhead_grpo(gpu: &Gpu, iters: usize) -> Result<()> {
+    use aha_cuda_kernels::grpo::{self, GrpoLossInputs, GrpoParams};
+    use aha_cuda_kernels::lmhead::{self, LmHeadOperands};
+    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        gpu.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        gpu.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() / iters as f64)
+    };
+    println!();
+    println!("| lm head (fused)        | N x C x V                    |   time (ms) |   TFLOP/s | workspace |");
+    println!("|---|---|---:|---:|---:|");
+    let (n, c, v) = (16_384usize, 2_048usize, 151_936usize);
+    let plan = lmhead::plan_lm_head(n, c, v, 1.0, lmhead::DEFAULT_BUDGET_BYTES)?;
+    let (h, w) = (ramp(gpu, n * c)?, ramp(gpu, v * c)?);
+    let (mut h16, mut w16) = (gpu.zeros::<u16>(n * c)?, gpu.zeros::<u16>(v * c)?);
+    launch::cast_f32_to_bf16(gpu, &mut h16, &h, n * c)?;
+    launch::cast_f32_to_bf16(gpu, &mut w16, &w, v * c)?;
+    let targets: Vec<u32> = (0..n as u32).map(|i| i * 7919 % v as u32).collect();
+    let (mut lp, mut ent, mut lse) = (zeros(gpu, n)?, zeros(gpu, n)?, zeros(gpu, n)?);
+    let (dl, de) = (ramp(gpu, n)?, zeros(gpu, n)?);
+    let (mut dh, mut dw) = (zeros(gpu, n * c)?, zeros(gpu, v * c)?);
+    let flops = 2.0 * (n * c * v) as f64;
+    for (name, x) in [
+        ("f32", LmHeadOperands::F32 { hidden: &h, weight: &w }),
+        (
+            "bf16",
+            LmHeadOperands::Bf16 {
+                hidden: &h16,
+                weight: &w16,
+            },
+        ),
+    ] {
+        let secs =
+            timed(&mut || lmhead::lm_head_logprob_forward_f32(gpu, &mut lp, &mut ent, &mut lse, x, &targets, &plan))?;
+        println!(
+            "| {:<22} | {:<28} | {:>11.2} | {:>9.1} | {:>6.0} MB |",
+            format!("fwd {name}"),
+            format!("{n} x {c} x {v}"),
+            secs * 1e3,
+            flops / secs / 1e12,
+            plan.workspace_bytes() as f64 / 1e6
+        );
+        let secs = timed(&mut || {
+            lmhead::lm_head_logprob_forward_f32(gpu, &mut lp, &mut ent, &mut lse, x, &targets, &plan)?;
+            lmhead::lm_head_logprob_backward_f32(gpu, &mut dh, &mut dw, x, &targets, &lse, &ent, &dl, &de, &plan)
+        })?;
+        // forward, recompute, two gradient products: 4 products of 2 N C V.
+        println!(
+            "| {:<22} | {:<28} | {:>11.2} | {:>9.1} | {:>6.0} MB |",
+            format!("fwd + bwd {name}"),
+            format!("{n} x {c} x {v}"),
+            secs * 1e3,
+            4.0 * flops / secs / 1e12,
+            plan.workspace_bytes() as f64 / 1e6
+        );
+    }
+    println!(
+        "(naive [N, V] f32 logits and their gradient: {:.1} GB)",
+        lmhead::naive_workspace_bytes(n, v) as f64 / 1e9
+    );
+
+    // GRPO loss and advantages: B = 1024 completions of T = 1024 tokens.
+    let (bb, t) = (1024usize, 1024usize);
+    let logp = ramp(gpu, bb * t)?;
+    let mask: Vec<u8> = (0..bb * t).map(|i| u8::from(i % t < 700)).collect();
+    let mask = gpu.upload(&mask)?;
+    let rewards: Vec<f64> = (0..bb).map(|i| (i % 3) as f64).collect();
+    let adv = grpo::grpo_advantages_f64(gpu, &rewards, 16, 0)?;
+    let (mut dlogp, mut dent) = (zeros(gpu, bb * t)?, zeros(gpu, bb * t)?);
+    let p = GrpoParams {
+        kl: 3,
+        beta: 0.001,
+        eps_low: 0.2,
+        eps_high: 0.28,
+        max_len: t as f64,
+        ..GrpoParams::default()
+    };
+    let inp = GrpoLossInputs {
+        batch: bb,
+        seq: t,
+        logp: &logp,
+        old_logp: Some(&logp),
+        ref_logp: Some(&logp),
+        mask: &mask,
+        advantages: &adv.values,
+        entropy: None,
+    };
+    let secs = timed(&mut || grpo::grpo_loss_f32(gpu, &mut dlogp, &mut dent, &inp, &p).map(|_| ()))?;
+    // reads logp, old, ref (f32), mask (u8); writes dlogp, dentropy (f32)
+    let bytes = (bb * t) as f64 * (3.0 * 4.0 + 1.0 + 2.0 * 4.0);
+    println!(
+        "(grpo_loss_f32 grpo+k3 B {bb} T {t}: {:.1} us incl. the 72-byte copy back, {:.0} GB/s, {:.0} M tokens/s)",
+        secs * 1e6,
+        bytes / secs / 1e9,
+        (bb * t) as f64 / secs / 1e6
+    );
+    let secs = timed(&mut || grpo::grpo_advantages_f64(gpu, &rewards, 16, 0).map(|_| ()))?;
+    println!(
+        "(grpo_advantages_f64 {bb} rewards: {:.1} us incl. upload and copy back)",
+        secs * 1e6
+    );
+    Ok(())
+}
+
+/// Flash attention (kernels/flash_attention.cu: CUDA cores, bf16 inputs, f32
+/// accumulation and output) at D = 128, causal, 16 heads, 16,384 tokens a
+/// call as 16384 / T sequences of T (varlen batch of equal lengths), T 1k to
+/// 16k: forward, and backward alone (deterministic: dQ by its own pass),
+/// each on CUDA cores and on tensor cores, in TFLOP/s of
+/// causal work (forward 2 * 2 * B * H * T^2 * D / 2, backward 2.5 times
+/// that, as FlashAttention counts); then paged decode, one new token for 32
+/// sequences of 4096 cached positions, in GB/s of cache read.
+/// scripts/bench_sdpa.py prints the same table for PyTorch's SDPA (flash
+/// backend).
+fn bench_flash(gpu: &Gpu, iters: usize) -> Result<()> {
+    use aha_cuda_kernels::flash::{self, FlashGeometry, PagedGeometry};
+    let iters = iters.clamp(1, 10);
+    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        gpu.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        gpu.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() / iters as f64)
+    };
+    let bf16 = |n: usize| -> Result<CudaSlice<u16>> {
+        let x = ramp(gpu, n)?;
+        let mut y = gpu.zeros::<u16>(n)?;
+        launch::cast_f32_to_bf16(gpu, &mut y, &x, n)?;
+        Ok(y)
+    };
+    println!();
+    println!("| flash attention (ours) | B x T, H 16, D 128, causal   |   time (ms) |   TFLOP/s |");
+    println!("|---|---|---:|---:|");
+    let (h, d, tokens) = (16usize, 128usize, 16_384usize);
+    for t in [1024usize, 2048, 4096, 8192, 16_384] {
+        let b = tokens / t;
+        let g = FlashGeometry {
+            total: tokens,
+            nseq: b,
+            max_seqlen: t,
+            h,
+            hk: h,
+            dk: d,
+            dv: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            tensor_cores: false,
+        };
+        let tc = FlashGeometry {
+            tensor_cores: true,
+            ..g
+        };
+        let n = tokens * h * d;
+        let (q, k, v) = (bf16(n)?, bf16(n)?, bf16(n)?);
+        let cu: Vec<i32> = (0..=b).map(|i| (i * t) as i32).collect();
+        let cu = gpu.upload(&cu)?;
+        let (mut o, mut l, dout) = (zeros(gpu, n)?, zeros(gpu, h * tokens)?, ramp(gpu, n)?);
+        let (mut dq, mut dk, mut dv) = (zeros(gpu, n)?, zeros(gpu, n)?, zeros(gpu, n)?);
+        let flops = 2.0 * 2.0 * (b * h) as f64 * (t * t) as f64 * d as f64 / 2.0;
+        let shape = format!("{b} x {t}");
+        let secs = timed(&mut || flash::flash_forward_bf16(gpu, &mut o, &mut l, &q, &k, &v, &cu, &g))?;
+        println!(
+            "| {:<22} | {shape:<28} | {:>11.2} | {:>9.1} |",
+            "fwd (CUDA cores)",
+            secs * 1e3,
+            flops / secs / 1e12
+        );
+        let secs = timed(&mut || flash::flash_forward_bf16(gpu, &mut o, &mut l, &q, &k, &v, &cu, &tc))?;
+        println!(
+            "| {:<22} | {shape:<28} | {:>11.2} | {:>9.1} |",
+            "fwd (tensor cores)",
+            secs * 1e3,
+            flops / secs / 1e12
+        );
+        let secs = timed(&mut || {
+            flash::flash_backward_bf16(gpu, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &o, &l, &cu, &g)
+        })?;
+        println!(
+            "| {:<22} | {shape:<28} | {:>11.2} | {:>9.1} |",
+            "bwd (CUDA cores)",
+            secs * 1e3,
+            2.5 * flops / secs / 1e12
+        );
+        let secs = timed(&mut || {
+            flash::flash_backward_bf16(gpu, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &o, &l, &cu, &tc)
+        })?;
+        println!(
+            "| {:<22} | {shape:<28} | {:>11.2} | {:>9.1} |",
+            "bwd (tensor cores)",
+            secs * 1e3,
+            2.5 * flops / secs / 1e12
+        );
+    }
+    let (nseq, ctx, hq, hk, bs) = (32usize, 4096usize, 32usize, 8usize, 16usize);
+    let max_blocks = ctx / bs;
+    let num_blocks = nseq * max_blocks;
+    let g = PagedGeometry {
+        total_q: nseq,
+        nseq,
+        max_ctx: ctx,
+        block_size: bs,
+        num_blocks,
+        max_blocks,
+        h: hq,
+        hk,
+        dk: d,
+        dv: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        splits: 0,
+    };
+    let (q, kc, vc) = (
+        bf16(nseq * hq * d)?,
+        bf16(num_blocks * bs * hk * d)?,
+        bf16(num_blocks * bs * hk * d)?,
+    );
+    let tables: Vec<i32> = (0..num_blocks as i32).collect();
+    let (tables, ctxs) = (gpu.upload(&tables)?, gpu.upload(&vec![ctx as i32; nseq])?);
+    let qcu = gpu.upload(&(0..=nseq as i32).collect::<Vec<i32>>())?;
+    let (mut o, mut l) = (zeros(gpu, nseq * hq * d)?, zeros(gpu, hq * nseq)?);
+    let secs = timed(&mut || flash::flash_decode_bf16(gpu, &mut o, &mut l, &q, &kc, &vc, &tables, &ctxs, &qcu, &g))?;
+    let bytes = (nseq * ctx * hk * 2 * d * 2) as f64;
+    println!(
+        "(flash_decode_bf16, {nseq} seqs x {ctx} cached, H {hq}/{hk}, D {d}: {:.1} us, {:.0} GB/s of cache read)",
+        secs * 1e6,
+        bytes / secs / 1e9
+    );
+    Ok(())
+}
+
+/// Pseudo-random values in [-s, s) (a fixed LCG), so that the routing of the
+/// MoE benchmark spreads tokens over the experts as trained routers roughly
+/// do, instead of the ramp's few repeating patterns.
+fn noise(gpu: &Gpu, n: usize, seed: u64, s: f32) -> Result<CudaSlice<f32>> {
+    let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * s
+        })
+        .collect();
+    gpu.upload(&v)
+}
+
+/// The MoE layer (issue #10) at a Qwen3-30B-A3B-like shape (C 2048, 128
+/// experts, top-8, expert width 768, softmax top-k renormalised) and a
+/// scaled-down DeepSeek-V3-like one (C 2048, 64 experts in 8 groups, 4 kept,
+/// top-6, width 512, one shared expert of 1024, routed scaling 2.5), N =
+/// 4096 tokens: the grouped expert products in TFLOP/s (useful flops only:
+/// 2 M C F per product, M = N K) against ~800 (H100 dense bf16), the
+/// routing + permutation, and the whole layer's forward and backward, each
+/// with the SIMT and the tensor-core grouped kernels.
+/// scripts/bench_moe_torch.py times transformers' Qwen3-MoE sparse block at
+/// the first shape.
+fn bench_moe(gpu: &Gpu, iters: usize) -> Result<()> {
+    use aha_cuda_kernels::launch_moe::{self as lm, MoeGating, MoeMath};
+    use aha_cuda_kernels::moe_layer::{self as ml, MoeBuffers, MoeDims, MoeGrads, MoeWeights};
+    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        for _ in 0..2 {
+            f()?;
+        }
+        gpu.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        gpu.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() / iters as f64)
+    };
+    let bf16 = |v: &CudaSlice<f32>, n: usize| -> Result<CudaSlice<u16>> {
+        let mut o = gpu.zeros::<u16>(n)?;
+        launch::cast_f32_to_bf16(gpu, &mut o, v, n)?;
+        Ok(o)
+    };
+    println!();
+    println!("| MoE (issue #10)        | shape                        |  time (us) |   TFLOP/s | of 800 |");
+    println!("|---|---|---:|---:|---:|");
+    let shapes = [
+        (
+            "qwen3-30b-a3b",
+            MoeDims {
+                n: 4096,
+                c: 2048,
+                e: 128,
+                k: 8,
+                f: 768,
+                f_shared: 0,
+                gating: MoeGating::Softmax { renorm: true },
+                math: MoeMath::TensorCores,
+            },
+        ),
+        (
+            "dsv3-small",
+            MoeDims {
+                n: 4096,
+                c: 2048,
+                e: 64,
+                k: 6,
+                f: 512,
+                f_shared: 1024,
+                gating: MoeGating::SigmoidGroup {
+                    n_group: 8,
+                    topk_group: 4,
+                    renorm: true,
+                    scaling: 2.5,
+                },
+                math: MoeMath::TensorCores,
+            },
+        ),
+    ];
+    for (name, d) in shapes {
+        let (n, c, e, k, f, fs, m) = (d.n, d.c, d.e, d.k, d.f, d.f_shared, d.m());
+        let ws = 1.0 / (c as f32).sqrt();
+        let w = MoeWeights {
+            router: noise(gpu, e * c, 1, ws)?,
+            bias: matches!(d.gating, MoeGating::SigmoidGroup { .. })
+                .then(|| noise(gpu, e, 2, 0.01))
+                .transpose()?,
+            w_gate: bf16(&noise(gpu, e * f * c, 3, ws)?, e * f * c)?,
+            w_up: bf16(&noise(gpu, e * f * c, 4, ws)?, e * f * c)?,
+            w_down: bf16(&noise(gpu, e * c * f, 5, 1.0 / (f as f32).sqrt())?, e * c * f)?,
+            shared: if fs > 0 {
+                Some([
+                    bf16(&noise(gpu, fs * c, 6, ws)?, fs * c)?,
+                    bf16(&noise(gpu, fs * c, 7, ws)?, fs * c)?,
+                    bf16(&noise(gpu, c * fs, 8, 1.0 / (fs as f32).sqrt())?, c * fs)?,
+                ])
+            } else {
+                None
+            },
+        };
+        let x = noise(gpu, n * c, 9, 1.0)?;
+        let dy = noise(gpu, n * c, 10, 1.0)?;
+        let mut y = zeros(gpu, n * c)?;
+        let mut dx = zeros(gpu, n * c)?;
+        let mut b = MoeBuffers::new(gpu, d)?;
+        let mut gr = MoeGrads::zeros(gpu, &d)?;
+        ml::moe_layer_forward(gpu, &mut y, &x, &w, &mut b)?;
+        let counts = gpu.download(&b.perm.counts)?;
+        let max = counts.iter().copied().max().unwrap_or(0) as f64;
+        let mean = m as f64 / e as f64;
+        let shape = format!("{name} N {n} E {e} K {k}");
+        let row = |what: &str, secs: f64, flops: f64| {
+            let tf = flops / secs / 1e12;
+            println!(
+                "| {what:<22} | {shape:<28} | {:>10.1} | {tf:>9.1} | {:>5.1}% |",
+                secs * 1e6,
+                100.0 * tf / 800.0
+            );
+        };
+        let secs = timed(&mut || {
+            lm::moe_route_f32(
+                gpu,
+                &mut b.probs,
+                &mut b.ids,
+                &mut b.w,
+                &mut b.denom,
+                &b.logits,
+                w.bias.as_ref(),
+                n,
+                e,
+                k,
+                d.gating,
+            )?;
+            lm::moe_permute(gpu, &mut b.perm, &b.ids, n, k, e)
+        })?;
+        row("moe route + permute", secs, 0.0);
+        // Layer flops: routed 3 products forward (6 backward), shared likewise, router.
+        let fwd = 2.0 * (3 * m * c * f + 3 * n * c * fs + n * c * e) as f64;
+        for (tag, math) in [("simt", MoeMath::Simt), ("mma", MoeMath::TensorCores)] {
+            let (o, t) = (&b.perm.offsets, &b.perm.tile_off);
+            let secs = timed(&mut || {
+                lm::moe_grouped_gate_up_bf16(
+                    gpu, &mut b.g, &mut b.u, &mut b.act, &b.xe, &w.w_gate, &w.w_up, o, t, m, e, c, f, math,
+                )
+            })?;
+            row(&format!("gate+up+swiglu {tag}"), secs, 2.0 * 2.0 * (m * c * f) as f64);
+            let secs = timed(&mut || {
+                lm::moe_grouped_gemm_bf16(gpu, &mut b.ye, &b.act, &w.w_down, o, t, m, e, f, c, true, false, math)
+            })?;
+            row(&format!("grouped down {tag}"), secs, 2.0 * (m * c * f) as f64);
+            let secs =
+                timed(&mut || lm::moe_grouped_wgrad_bf16(gpu, &mut gr.w_gate, &b.dg, &b.xe, o, m, e, f, c, math))?;
+            row(&format!("wgrad (gate) {tag}"), secs, 2.0 * (m * c * f) as f64);
+            b.dims.math = math;
+            let secs = timed(&mut || ml::moe_layer_forward(gpu, &mut y, &x, &w, &mut b))?;
+            row(&format!("layer forward {tag}"), secs, fwd);
+            let secs = timed(&mut || ml::moe_layer_backward(gpu, &mut dx, &mut gr, &dy, &x, &w, &mut b, None))?;
+            row(&format!("layer backward {tag}"), secs, 2.0 * fwd);
+        }
+        println!(
+            "(load of the busiest expert: {:.2} x the mean of {mean:.0} rows)",
+            max / mean
+        );
+    }
+    println!(
+        "(MoE rows: simt = f32 FMA tiles, mma = mma.sync bf16 tensor cores; never run on a GPU before this table)"
+    );
     Ok(())
 }

@@ -10,7 +10,7 @@
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
@@ -83,9 +83,10 @@ pub fn plan_matmul(s: MatmulShape, lens: (usize, usize, usize)) -> Result<Option
 
 /// A product with nothing to multiply: `k == 0` without accumulation
 /// leaves zeros, everything else leaves `out` as it is.
-fn empty_product<T>(gpu: &Gpu, out: &mut CudaSlice<T>, s: MatmulShape) -> Result<()>
+fn empty_product<T, O>(gpu: &Gpu, out: &mut O, s: MatmulShape) -> Result<()>
 where
     T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+    O: DevicePtrMut<T>,
 {
     if !s.accumulate && s.k == 0 {
         gpu.stream().memset_zeros(out).map_err(|source| Error::Driver {
@@ -119,16 +120,17 @@ fn config<T>(p: &MatmulPlan, one: T, beta: T) -> GemmConfig<T> {
     }
 }
 
-/// `out (+)= op(a) op(b)` in f32 (`cublasSgemm`).
-pub fn matmul_f32(
-    gpu: &Gpu,
-    out: &mut CudaSlice<f32>,
-    a: &CudaSlice<f32>,
-    b: &CudaSlice<f32>,
-    s: MatmulShape,
-) -> Result<()> {
+/// `out (+)= op(a) op(b)` in f32 (`cublasSgemm`). The operands may be
+/// buffers or views into them (`CudaSlice::slice`), e.g. a chunk of rows of
+/// a weight.
+pub fn matmul_f32<O, A, B>(gpu: &Gpu, out: &mut O, a: &A, b: &B, s: MatmulShape) -> Result<()>
+where
+    O: DevicePtrMut<f32>,
+    A: DevicePtr<f32>,
+    B: DevicePtr<f32>,
+{
     let Some(p) = plan_matmul(s, (out.len(), a.len(), b.len()))? else {
-        return empty_product(gpu, out, s);
+        return empty_product::<f32, _>(gpu, out, s);
     };
     let blas = gpu.blas()?;
     // SAFETY: the plan checked every length against the shape, so cuBLAS
@@ -167,6 +169,60 @@ pub fn matmul_bf16(
     // SAFETY: as in `matmul_f32`.
     unsafe { blas.gemm(config(&p, one, beta), &bv, &av, &mut ov) }.map_err(|e| Error::Blas {
         op: "cublasGemmEx(bf16)",
+        msg: format!("{e:?}"),
+    })
+}
+
+/// `out (+)= op(a) op(b)` with bf16 operands (`u16` bits) and an **f32**
+/// output, f32 accumulation (`cublasGemmEx`: A and B `CUDA_R_16BF`, C
+/// `CUDA_R_32F`, `CUBLAS_COMPUTE_32F`): tensor-core products whose result
+/// keeps f32 precision, as the lm head's logits and gradients need. Operands
+/// may be views.
+pub fn matmul_bf16_f32out<O, A, B>(gpu: &Gpu, out: &mut O, a: &A, b: &B, s: MatmulShape) -> Result<()>
+where
+    O: DevicePtrMut<f32>,
+    A: DevicePtr<u16>,
+    B: DevicePtr<u16>,
+{
+    let Some(p) = plan_matmul(s, (out.len(), a.len(), b.len()))? else {
+        return empty_product::<f32, _>(gpu, out, s);
+    };
+    let blas = gpu.blas()?;
+    let stream = gpu.stream();
+    let (alpha, beta) = (1.0f32, p.beta);
+    let (bp, _rb) = b.device_ptr(stream);
+    let (ap, _ra) = a.device_ptr(stream);
+    let (op_, _ro) = out.device_ptr_mut(stream);
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
+    // SAFETY: the plan checked every length against the shape, so cuBLAS
+    // reads and writes inside the three buffers (operands swapped for the
+    // row-major contract, as in `matmul_f32`); alpha and beta are f32 as
+    // CUBLAS_COMPUTE_32F requires; the handle's stream is the GPU's.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            op(p.transa),
+            op(p.transb),
+            p.dims.0,
+            p.dims.1,
+            p.dims.2,
+            (&alpha) as *const f32 as *const _,
+            bp as *const _,
+            cudaDataType_t::CUDA_R_16BF,
+            p.ld.0,
+            ap as *const _,
+            cudaDataType_t::CUDA_R_16BF,
+            p.ld.1,
+            (&beta) as *const f32 as *const _,
+            op_ as *mut _,
+            cudaDataType_t::CUDA_R_32F,
+            p.ld.2,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| Error::Blas {
+        op: "cublasGemmEx(bf16 -> f32)",
         msg: format!("{e:?}"),
     })
 }

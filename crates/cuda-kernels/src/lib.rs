@@ -11,6 +11,16 @@
 //! - [`pool`]: a caching pool of device buffers (scratch stops calling the
 //!   driver's allocator after the first step).
 //! - [`launch`]: one typed launcher per kernel.
+//! - [`launch_moe`]: the mixture-of-experts kernels (routing, permutation,
+//!   grouped bf16 expert products, combine, backward); [`moe_layer`] chains
+//!   them into a whole layer with no copy to the host.
+//! - [`flash`]: flash attention (varlen causal GQA forward, deterministic
+//!   backward, paged split-key decode) over bf16 inputs.
+//! - [`emulate`]: the kernel files compiled by a C++ compiler through a CUDA
+//!   shim and run on the CPU, as written, for tests without a GPU.
+//! - [`lmhead`]: token log-probs and entropies from hidden states in
+//!   vocabulary chunks, and their backward, never holding `[N, V]` logits.
+//! - [`grpo`]: group advantages and the GRPO loss family on the device.
 //! - [`blas`]: row-major matrix products through cuBLAS (f32, and bf16 with
 //!   f32 accumulation).
 //!
@@ -25,8 +35,14 @@
 pub mod blas;
 pub mod cache;
 pub mod device;
+pub mod emulate;
 pub mod error;
+pub mod flash;
+pub mod grpo;
 pub mod launch;
+pub mod launch_moe;
+pub mod lmhead;
+pub mod moe_layer;
 pub mod nvrtc;
 pub mod pool;
 pub mod registry;

@@ -25,7 +25,11 @@ kernel_sources![
     "cast.cu",
     "elementwise.cu",
     "embedding.cu",
+    "flash_attention.cu",
+    "grpo.cu",
+    "lmhead.cu",
     "logprob.cu",
+    "moe.cu",
     "optim.cu",
     "rmsnorm.cu",
     "rope.cu",
@@ -126,6 +130,133 @@ kernel_ids! {
     /// `sample_f32`: one token per row (temperature, top-k, top-p, min-p,
     /// a given uniform); CPU twin `aha_sampler::sample_with_uniform`.
     SampleF32 => ("sampling.cu", "sample_f32"),
+    /// `flash_fwd_d64_bf16`: varlen causal GQA flash attention forward, head
+    /// widths 64/64; CPU twin `aha_tensor::cpu::flash_forward`.
+    FlashFwdD64Bf16 => ("flash_attention.cu", "flash_fwd_d64_bf16"),
+    /// `flash_fwd_d128_bf16`: as `flash_fwd_d64_bf16` for widths 128/128.
+    FlashFwdD128Bf16 => ("flash_attention.cu", "flash_fwd_d128_bf16"),
+    /// `flash_fwd_d192v128_bf16`: as `flash_fwd_d64_bf16` for MLA widths 192/128.
+    FlashFwdD192v128Bf16 => ("flash_attention.cu", "flash_fwd_d192v128_bf16"),
+    /// `flash_fwd_any_bf16`: as `flash_fwd_d64_bf16` for any widths up to 256.
+    FlashFwdAnyBf16 => ("flash_attention.cu", "flash_fwd_any_bf16"),
+    /// `flash_fwd_mma_d64_bf16`: the forward on tensor cores (mma.sync
+    /// m16n8k16, P rounded to bf16), widths 64/64; CPU twin
+    /// `aha_tensor::cpu::flash_forward`.
+    FlashFwdMmaD64Bf16 => ("flash_attention.cu", "flash_fwd_mma_d64_bf16"),
+    /// `flash_fwd_mma_d128_bf16`: as `flash_fwd_mma_d64_bf16` for 128/128.
+    FlashFwdMmaD128Bf16 => ("flash_attention.cu", "flash_fwd_mma_d128_bf16"),
+    /// `flash_fwd_mma_d192v128_bf16`: as `flash_fwd_mma_d64_bf16` for 192/128.
+    FlashFwdMmaD192v128Bf16 => ("flash_attention.cu", "flash_fwd_mma_d192v128_bf16"),
+    /// `flash_bwd_dsum_f32`: `dout . out` per (row, head), for the backward.
+    FlashBwdDsumF32 => ("flash_attention.cu", "flash_bwd_dsum_f32"),
+    /// `flash_bwd_dq_d64_bf16`: dQ by a pass over key tiles (no atomics);
+    /// CPU twin `aha_tensor::cpu::flash_backward`.
+    FlashBwdDqD64Bf16 => ("flash_attention.cu", "flash_bwd_dq_d64_bf16"),
+    /// `flash_bwd_dq_d128_bf16`: as `flash_bwd_dq_d64_bf16` for widths 128/128.
+    FlashBwdDqD128Bf16 => ("flash_attention.cu", "flash_bwd_dq_d128_bf16"),
+    /// `flash_bwd_dq_d192v128_bf16`: as `flash_bwd_dq_d64_bf16` for 192/128.
+    FlashBwdDqD192v128Bf16 => ("flash_attention.cu", "flash_bwd_dq_d192v128_bf16"),
+    /// `flash_bwd_dq_any_bf16`: as `flash_bwd_dq_d64_bf16` for widths up to 256.
+    FlashBwdDqAnyBf16 => ("flash_attention.cu", "flash_bwd_dq_any_bf16"),
+    /// `flash_bwd_dq_mma_d64_bf16`: dQ on tensor cores (P, dS, dO rounded
+    /// to bf16), widths 64/64; CPU twin `aha_tensor::cpu::flash_backward`.
+    FlashBwdDqMmaD64Bf16 => ("flash_attention.cu", "flash_bwd_dq_mma_d64_bf16"),
+    /// `flash_bwd_dq_mma_d128_bf16`: as `flash_bwd_dq_mma_d64_bf16` for 128/128.
+    FlashBwdDqMmaD128Bf16 => ("flash_attention.cu", "flash_bwd_dq_mma_d128_bf16"),
+    /// `flash_bwd_dq_mma_d192v128_bf16`: as `flash_bwd_dq_mma_d64_bf16` for 192/128.
+    FlashBwdDqMmaD192v128Bf16 => ("flash_attention.cu", "flash_bwd_dq_mma_d192v128_bf16"),
+    /// `flash_bwd_dkv_d64_bf16`: dK and dV by a pass over query tiles; CPU
+    /// twin `aha_tensor::cpu::flash_backward`.
+    FlashBwdDkvD64Bf16 => ("flash_attention.cu", "flash_bwd_dkv_d64_bf16"),
+    /// `flash_bwd_dkv_d128_bf16`: as `flash_bwd_dkv_d64_bf16` for 128/128.
+    FlashBwdDkvD128Bf16 => ("flash_attention.cu", "flash_bwd_dkv_d128_bf16"),
+    /// `flash_bwd_dkv_d192v128_bf16`: as `flash_bwd_dkv_d64_bf16` for 192/128.
+    FlashBwdDkvD192v128Bf16 => ("flash_attention.cu", "flash_bwd_dkv_d192v128_bf16"),
+    /// `flash_bwd_dkv_any_bf16`: as `flash_bwd_dkv_d64_bf16` for widths up to 256.
+    FlashBwdDkvAnyBf16 => ("flash_attention.cu", "flash_bwd_dkv_any_bf16"),
+    /// `flash_bwd_dkv_mma_d64_bf16`: dK and dV on tensor cores, widths
+    /// 64/64; CPU twin `aha_tensor::cpu::flash_backward`.
+    FlashBwdDkvMmaD64Bf16 => ("flash_attention.cu", "flash_bwd_dkv_mma_d64_bf16"),
+    /// `flash_bwd_dkv_mma_d128_bf16`: as `flash_bwd_dkv_mma_d64_bf16` for 128/128.
+    FlashBwdDkvMmaD128Bf16 => ("flash_attention.cu", "flash_bwd_dkv_mma_d128_bf16"),
+    /// `flash_bwd_dkv_mma_d192v128_bf16`: as `flash_bwd_dkv_mma_d64_bf16` for 192/128.
+    FlashBwdDkvMmaD192v128Bf16 => ("flash_attention.cu", "flash_bwd_dkv_mma_d192v128_bf16"),
+    /// `flash_decode_d64_bf16`: new tokens against the paged KV cache, one
+    /// key split per block (partial output and lse); CPU twin
+    /// `aha_tensor::cpu::flash_decode_paged`.
+    FlashDecodeD64Bf16 => ("flash_attention.cu", "flash_decode_d64_bf16"),
+    /// `flash_decode_d128_bf16`: as `flash_decode_d64_bf16` for 128/128.
+    FlashDecodeD128Bf16 => ("flash_attention.cu", "flash_decode_d128_bf16"),
+    /// `flash_decode_d192v128_bf16`: as `flash_decode_d64_bf16` for 192/128.
+    FlashDecodeD192v128Bf16 => ("flash_attention.cu", "flash_decode_d192v128_bf16"),
+    /// `flash_decode_any_bf16`: as `flash_decode_d64_bf16` for widths up to 256.
+    FlashDecodeAnyBf16 => ("flash_attention.cu", "flash_decode_any_bf16"),
+    /// `flash_decode_combine_f32`: merges the decode splits by their lse.
+    FlashDecodeCombineF32 => ("flash_attention.cu", "flash_decode_combine_f32"),
+    /// `lmhead_chunk_stats_f32`: one vocabulary chunk's max, sums and target
+    /// logit merged into each row's running state; CPU twin
+    /// `aha_tensor::cpu::lm_head_logprob_forward`.
+    LmheadChunkStatsF32 => ("lmhead.cu", "lmhead_chunk_stats_f32"),
+    /// `lmhead_finish_f32`: log-prob, entropy and lse from the running state.
+    LmheadFinishF32 => ("lmhead.cu", "lmhead_finish_f32"),
+    /// `lmhead_chunk_grad_f32`: a chunk's logits replaced by their gradient;
+    /// CPU twin `aha_tensor::cpu::lm_head_logprob_backward`.
+    LmheadChunkGradF32 => ("lmhead.cu", "lmhead_chunk_grad_f32"),
+    /// `grpo_seq_stats_f32`: tokens and mean log-ratio per completion.
+    GrpoSeqStatsF32 => ("grpo.cu", "grpo_seq_stats_f32"),
+    /// `grpo_batch_stats_f32`: token total and the top-entropy threshold.
+    GrpoBatchStatsF32 => ("grpo.cu", "grpo_batch_stats_f32"),
+    /// `grpo_token_loss_f32`: per-token loss terms and d loss / d logp; CPU
+    /// twin `aha_grpo::grpo_loss`.
+    GrpoTokenLossF32 => ("grpo.cu", "grpo_token_loss_f32"),
+    /// `grpo_finalize_f64`: the loss and TRL's metrics from per-row sums.
+    GrpoFinalizeF64 => ("grpo.cu", "grpo_finalize_f64"),
+    /// `grpo_advantages_f64`; CPU twin `aha_grpo::compute_advantages`.
+    GrpoAdvantagesF64 => ("grpo.cu", "grpo_advantages_f64"),
+    /// `moe_route_softmax_f32`: softmax top-k routing; CPU twin
+    /// `aha_tensor::cpu::moe_route_softmax`.
+    MoeRouteSoftmaxF32 => ("moe.cu", "moe_route_softmax_f32"),
+    /// `moe_route_sigmoid_group_f32`: DeepSeek-V3 group-limited routing; CPU
+    /// twin `aha_tensor::cpu::moe_route_sigmoid_group`.
+    MoeRouteSigmoidGroupF32 => ("moe.cu", "moe_route_sigmoid_group_f32"),
+    /// `moe_route_backward_f32`: routing weights back to the router logits;
+    /// CPU twin `aha_tensor::cpu::moe_route_backward`.
+    MoeRouteBackwardF32 => ("moe.cu", "moe_route_backward_f32"),
+    /// `moe_count_u32`: per-expert counts, offsets, tile list, load fractions;
+    /// CPU twin `aha_tensor::cpu::moe_count`.
+    MoeCountU32 => ("moe.cu", "moe_count_u32"),
+    /// `moe_scatter_u32`: stable permutation and its inverse; CPU twin
+    /// `aha_tensor::cpu::moe_permute`.
+    MoeScatterU32 => ("moe.cu", "moe_scatter_u32"),
+    /// `moe_gather_bf16`: token rows into expert order, as bf16; CPU twin
+    /// `aha_tensor::cpu::moe_gather`.
+    MoeGatherBf16 => ("moe.cu", "moe_gather_bf16"),
+    /// `moe_combine_f32`: weighted gather back to token order; CPU twin
+    /// `aha_tensor::cpu::moe_combine`.
+    MoeCombineF32 => ("moe.cu", "moe_combine_f32"),
+    /// `moe_combine_backward_bf16`: d routing weights and d expert outputs;
+    /// CPU twin `aha_tensor::cpu::moe_combine_backward`.
+    MoeCombineBackwardBf16 => ("moe.cu", "moe_combine_backward_bf16"),
+    /// `moe_swiglu_backward_bf16`; CPU twin `aha_tensor::cpu::moe_swiglu_backward`.
+    MoeSwigluBackwardBf16 => ("moe.cu", "moe_swiglu_backward_bf16"),
+    /// `moe_bias_update_f32`: aux-loss-free balancing; CPU twin
+    /// `aha_tensor::cpu::moe_bias_update`.
+    MoeBiasUpdateF32 => ("moe.cu", "moe_bias_update_f32"),
+    /// `moe_grouped_gemm_bf16`: products over expert segments; CPU twin
+    /// `aha_tensor::cpu::moe_grouped_matmul`.
+    MoeGroupedGemmBf16 => ("moe.cu", "moe_grouped_gemm_bf16"),
+    /// `moe_grouped_gate_up_bf16`: fused gate/up products and SwiGLU; CPU
+    /// twin `aha_tensor::cpu::moe_grouped_gate_up`.
+    MoeGroupedGateUpBf16 => ("moe.cu", "moe_grouped_gate_up_bf16"),
+    /// `moe_grouped_wgrad_bf16`: per-expert weight gradients; CPU twin
+    /// `aha_tensor::cpu::moe_grouped_wgrad`.
+    MoeGroupedWgradBf16 => ("moe.cu", "moe_grouped_wgrad_bf16"),
+    /// `moe_grouped_gemm_mma_bf16`: tensor-core twin of `moe_grouped_gemm_bf16`.
+    MoeGroupedGemmMmaBf16 => ("moe.cu", "moe_grouped_gemm_mma_bf16"),
+    /// `moe_grouped_gate_up_mma_bf16`: tensor-core twin of `moe_grouped_gate_up_bf16`.
+    MoeGroupedGateUpMmaBf16 => ("moe.cu", "moe_grouped_gate_up_mma_bf16"),
+    /// `moe_grouped_wgrad_mma_bf16`: tensor-core twin of `moe_grouped_wgrad_bf16`.
+    MoeGroupedWgradMmaBf16 => ("moe.cu", "moe_grouped_wgrad_mma_bf16"),
 }
 
 impl KernelId {

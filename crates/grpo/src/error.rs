@@ -28,6 +28,9 @@ pub enum Error {
         /// Which setting needs it.
         why: &'static str,
     },
+    /// The device path failed (no GPU, a launch, a copy).
+    #[error("GRPO on the GPU: {0}")]
+    Device(#[from] aha_cuda_kernels::Error),
 }
 
 /// Result with this crate's [`Error`].

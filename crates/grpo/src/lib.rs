@@ -8,6 +8,9 @@
 //!   entropy bonus and top-entropy masking, aggregated as grpo, bnpo, dr_grpo,
 //!   dapo or cispo; with d loss / d log-prob for every token.
 //! - [`metrics`]: the numbers TRL logs, under TRL's names.
+//! - [`gpu`]: advantages and the loss on the device (kernels/grpo.cu), the
+//!   gradients left there for the model's backward; the functions above are
+//!   its CPU twins.
 //!
 //! Conventions follow TRL's `GRPOTrainer` (checked against its own outputs in
 //! `tests/trl_fixture.rs`).
@@ -43,6 +46,7 @@
 
 mod advantages;
 mod error;
+pub mod gpu;
 mod loss;
 pub mod metrics;
 

@@ -5,26 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::needless_range_loop)]
 
-use aha_grpo::{
-    compute_advantages, grpo_loss, AdvantageEstimator, ImportanceSampling, LossConfig, LossInputs, LossType,
-};
-use serde_json::Value;
+use aha_grpo::{compute_advantages, grpo_loss, AdvantageEstimator, LossInputs};
+mod common;
 
-fn fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/grpo/trl_grpo_cases.json"
-    );
-    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
-}
-
-fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
-}
-
-fn flat(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().flat_map(f64s).collect()
-}
+use common::{f64s, fixture, flat};
 
 fn close(what: &str, got: f64, want: f64, tol: f64) {
     assert!(
@@ -57,49 +41,20 @@ fn advantages_match_trl() {
 #[test]
 fn losses_gradients_and_metrics_match_trl() {
     let f = fixture();
-    let b = f["rewards"].as_array().unwrap().len();
-    let t = f["max_completion_length"].as_u64().unwrap() as usize;
-    let mask: Vec<bool> = f["completion_mask"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap() != 0)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let logp = flat(&f["per_token_logps"]);
-    let old = flat(&f["old_per_token_logps"]);
-    let refp = flat(&f["ref_per_token_logps"]);
+    let common::Inputs {
+        b,
+        t,
+        mask,
+        logp,
+        old,
+        refp,
+    } = common::inputs(&f);
     let zeros = vec![0.0; b * t];
     let cases = f["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 12);
     for (ci, case) in cases.iter().enumerate() {
         let c = &case["config"];
-        let loss_type = match c["loss_type"].as_str().unwrap() {
-            "grpo" => LossType::Grpo,
-            "bnpo" => LossType::Bnpo,
-            "dr_grpo" => LossType::DrGrpo,
-            "dapo" => LossType::Dapo,
-            "cispo" => LossType::Cispo,
-            other => panic!("unknown loss type {other}"),
-        };
-        let cfg = LossConfig {
-            loss_type,
-            epsilon: c["epsilon"].as_f64().unwrap(),
-            epsilon_high: c["epsilon_high"].as_f64(),
-            delta: c["delta"].as_f64(),
-            beta: c["beta"].as_f64().unwrap(),
-            importance_sampling_level: match c["importance_sampling_level"].as_str().unwrap() {
-                "sequence" => ImportanceSampling::Sequence,
-                _ => ImportanceSampling::Token,
-            },
-            max_completion_length: t,
-            ..LossConfig::default()
-        };
+        let cfg = common::config(case, t);
         let adv = f64s(&f["advantages"][case["advantages"].as_str().unwrap()]);
         let out = grpo_loss(
             &LossInputs {

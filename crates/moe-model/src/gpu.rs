@@ -20,6 +20,7 @@ use std::sync::Arc;
 use aha_cuda_kernels::blas::{matmul_f32, MatmulShape};
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
 use aha_cuda_kernels::launch::{self, AttnGeometry, RopeGeometry, TokenIds};
+use aha_cuda_kernels::lmhead::{self, LmHeadOperands};
 use aha_cuda_kernels::Gpu;
 use aha_tensor::cpu;
 
@@ -329,6 +330,31 @@ impl GpuModel {
         }
         let hidden = self.forward_hidden(ids, b, t)?;
         let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        if self.precision == GpuPrecision::F32 {
+            // Vocabulary chunks straight from the hidden states
+            // (`aha_cuda_kernels::lmhead`): at most 256 MiB of logits.
+            let plan = lmhead::plan_lm_head(n, c, v, 1.0, lmhead::DEFAULT_BUDGET_BYTES).map_err(cuda)?;
+            let (mut lp, mut ent, mut ls) = (self.zeros(n)?, self.zeros(n)?, self.zeros(n)?);
+            let w = self.w(self.head().w)?;
+            lmhead::lm_head_logprob_forward_f32(
+                &self.gpu,
+                &mut lp,
+                &mut ent,
+                &mut ls,
+                LmHeadOperands::F32 {
+                    hidden: &hidden,
+                    weight: w,
+                },
+                targets,
+                &plan,
+            )
+            .map_err(cuda)?;
+            return Ok((
+                self.gpu.download(&lp).map_err(cuda)?,
+                self.gpu.download(&ls).map_err(cuda)?,
+            ));
+        }
+        // bf16 products: rows at a time through the model's linear layer.
         // Rows per chunk: at most ~256 MiB of logits at a time.
         let chunk = ((64usize << 20) / v.max(1)).clamp(1, n);
         let (mut logp, mut lse) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -694,19 +720,33 @@ impl GpuModel {
         }
         let acts = self.forward_acts(ids, b, t, true)?;
         let mut grads = self.zero_grads()?;
-        // The head: logits, log-softmax backward, then both products.
+        // The head in vocabulary chunks (`aha_cuda_kernels::lmhead`): the
+        // forward for lse, then the backward recomputing each chunk's
+        // logits; [N, V] logits never exist.
         let head = self.head();
-        let logits = self.linear(&acts.hidden, &head, n)?;
-        let (mut lp, mut lse) = (self.zeros(n)?, self.zeros(n)?);
-        launch::token_logprob_forward_f32(g, &mut lp, &mut lse, &logits, targets, v).map_err(cuda)?;
-        let mut dlogits = self.zeros(n * v)?;
+        let plan = lmhead::plan_lm_head(n, c, v, 1.0, lmhead::DEFAULT_BUDGET_BYTES).map_err(cuda)?;
+        let (mut lp, mut ent, mut lse) = (self.zeros(n)?, self.zeros(n)?, self.zeros(n)?);
+        let head_x = LmHeadOperands::F32 {
+            hidden: &acts.hidden,
+            weight: self.w(head.w)?,
+        };
+        lmhead::lm_head_logprob_forward_f32(g, &mut lp, &mut ent, &mut lse, head_x, targets, &plan).map_err(cuda)?;
         let dl = g.upload(dlogp).map_err(cuda)?;
-        launch::token_logprob_backward_f32(g, &mut dlogits, &dl, &logits, &lse, targets, v).map_err(cuda)?;
-        drop(logits);
-        let dhidden = self
-            .linear_back(&mut grads, &dlogits, &acts.hidden, &head, n, None)?
-            .ok_or_else(|| input_err("gpu backward", "no head gradient"))?;
-        drop(dlogits);
+        let de = self.zeros(n)?;
+        let mut dhidden = self.zeros(n * c)?;
+        lmhead::lm_head_logprob_backward_f32(
+            g,
+            &mut dhidden,
+            Self::grad(&mut grads, head.w)?,
+            head_x,
+            targets,
+            &lse,
+            &ent,
+            &dl,
+            &de,
+            &plan,
+        )
+        .map_err(cuda)?;
         let mut dx = self.norm_back(&mut grads, &dhidden, &acts.x_last, &acts.rstd, self.layout.norm, n, c)?;
         for (s, a) in self.layout.layers.iter().zip(&acts.layers).rev() {
             let (AttnSlots::Gqa { q, k, v, o, qk_norm }, FfnSlots::Dense(mlp)) = (&s.attn, &s.ffn) else {

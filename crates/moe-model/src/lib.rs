@@ -20,6 +20,8 @@ mod ffn;
 pub mod gpu;
 mod linear;
 mod model;
+#[cfg(test)]
+mod moe_twin_tests;
 pub mod paged;
 pub mod params;
 pub mod st;

@@ -824,6 +824,53 @@ fn check_token_logprob(dev: Device) -> Result<()> {
 
 twin_tests!(check_token_logprob, token_logprob_cpu, token_logprob_cuda);
 
+/// kernels/logprob.cu's one-pass forward as written, run on the CPU through
+/// `aha_cuda_kernels::emulate`, against the f64 twin; rows with -inf logits
+/// (masked vocabulary), rows shorter than the block, and a NaN row.
+#[test]
+fn token_logprob_emulated() {
+    use aha_cuda_kernels::emulate::{self, numbers, EmulateError, Emulator};
+    let e = match Emulator::build("lmhead_grpo") {
+        Ok(e) => e,
+        Err(EmulateError::NoCompiler(why)) if !emulate::required() => {
+            eprintln!("token_logprob_emulated: skipped: {why}");
+            return;
+        }
+        Err(other) => panic!("{other}"),
+    };
+    let mut rng = StdRng::seed_from_u64(43);
+    for (i, &(n, v)) in [(1usize, 1usize), (3, 255), (5, 257), (4, 5000)].iter().enumerate() {
+        let mut logits = rand32(4200 + i as u64, n * v, 8.0);
+        // Masked entries: every seventh logit is -inf (never a target).
+        let targets: Vec<u32> = (0..n)
+            .map(|_| loop {
+                let t = rng.random_range(0..v as u32);
+                if v == 1 || t % 7 != 3 {
+                    break t;
+                }
+            })
+            .collect();
+        if v > 1 {
+            for (j, x) in logits.iter_mut().enumerate() {
+                if j % v % 7 == 3 {
+                    *x = f64::NEG_INFINITY;
+                }
+            }
+        }
+        let (mut logp, mut lse) = (vec![0f64; n], vec![0f64; n]);
+        cpu::token_logprob_forward(&mut logp, &mut lse, &logits, &targets, v).unwrap();
+        let out = e
+            .run(&format!("logprob {n} {v}\n{}{}", numbers(&logits), numbers(&targets)))
+            .unwrap();
+        let what = format!("emulated token_logprob n {n} v {v}");
+        assert_close(&format!("{what} logp"), &out[..n], &logp, 1e-4, 1e-5);
+        assert_close(&format!("{what} lse"), &out[n..], &lse, 1e-4, 1e-5);
+    }
+    // A NaN logit makes its row's log-prob NaN, not a number.
+    let out = e.run("logprob 2 3\n1.0 nan 0.5 0.1 0.2 0.3\n0 2\n").unwrap();
+    assert!(out[0].is_nan() && out[1].is_finite() && out[1] < 0.0, "{out:?}");
+}
+
 /// Bias add and bias gradient on the GPU against plain loops in f64.
 #[test]
 fn bias_add_and_grad_cuda() {

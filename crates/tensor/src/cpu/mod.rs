@@ -10,8 +10,12 @@
 mod attention;
 mod elementwise;
 mod embedding;
+mod flash;
+mod lmhead;
 mod logprob;
 mod matmul;
+mod moe;
+mod moe_layer;
 mod norm;
 mod optim;
 mod rope;
@@ -24,8 +28,18 @@ pub use elementwise::{
     swiglu_backward,
 };
 pub use embedding::{embedding_backward, embedding_forward};
+pub use flash::{
+    check_cu_seqlens, flash_backward, flash_decode_paged, flash_forward, flash_forward_tiled, FlashShape, PagedShape,
+};
+pub use lmhead::{lm_head_logprob_backward, lm_head_logprob_forward, LmHeadShape};
 pub use logprob::{token_logprob_backward, token_logprob_forward};
 pub use matmul::{matmul, matmul_batched, Gemm};
+pub use moe::{
+    moe_bias_update, moe_combine, moe_combine_backward, moe_count, moe_gather, moe_grouped_gate_up, moe_grouped_matmul,
+    moe_grouped_wgrad, moe_permute, moe_route, moe_route_backward, moe_route_sigmoid_group, moe_route_softmax,
+    moe_swiglu_backward, MoeGating, MoeMath, Store, MOE_TILE_ROWS,
+};
+pub use moe_layer::{moe_layer_backward, moe_layer_forward, MoeDims, MoeLayerGrads, MoeLayerSaved, MoeLayerWeights};
 pub use norm::{rmsnorm_backward, rmsnorm_forward};
 pub use optim::{adamw_step, clip_grad_norm, global_norm, AdamW};
 pub use rope::{rope_backward, rope_forward, rope_table, RopeLayout, RopeShape};

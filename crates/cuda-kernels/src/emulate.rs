@@ -1,0 +1,243 @@
+//! Runs `kernels/*.cu` on the CPU, as written, for tests on machines without
+//! a GPU: `emulate/cuda_shim.h` maps the CUDA surface the kernels use onto
+//! C++ (each CUDA thread a fiber, barriers and shuffles between fibers), and
+//! a driver program per kernel family (`emulate/*.cpp`) launches the kernels
+//! as their Rust launchers do, reading a job on stdin and printing the
+//! outputs. Tests feed the same inputs to the CPU twins and compare.
+//!
+//! The sources are embedded in this crate, written to a cache directory
+//! named by their hash, and compiled once with `$CXX` (default `g++`).
+//! This checks indexing, masking, barrier placement and arithmetic of the
+//! real kernel text; it does not model the GPU's memory model, inter-block
+//! races, resource limits or speed (see the shim's header).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::registry::SOURCES;
+
+/// The shim and the driver programs, by name.
+const FILES: &[(&str, &str)] = &[
+    ("cuda_shim.h", include_str!("../emulate/cuda_shim.h")),
+    ("lmhead_grpo.cpp", include_str!("../emulate/lmhead_grpo.cpp")),
+    ("core.cpp", include_str!("../emulate/core.cpp")),
+    ("flash.cpp", include_str!("../emulate/flash.cpp")),
+    ("moe.cpp", include_str!("../emulate/moe.cpp")),
+];
+
+/// Why the emulator cannot be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulateError {
+    /// No C++ compiler was found.
+    #[error("no C++ compiler: {0} (install g++ or set CXX)")]
+    NoCompiler(String),
+    /// The program is not one of the embedded drivers.
+    #[error("unknown emulator program {0:?}")]
+    UnknownProgram(String),
+    /// Compiling failed (the compiler's output is included).
+    #[error("compiling {program} failed:\n{log}")]
+    Compile {
+        /// The driver program.
+        program: String,
+        /// The compiler's stderr.
+        log: String,
+    },
+    /// Running the program failed or printed something that is not numbers.
+    #[error("running {program}: {msg}")]
+    Run {
+        /// The driver program.
+        program: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// A file could not be written.
+    #[error("emulator cache: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn cxx() -> String {
+    std::env::var("CXX").unwrap_or_else(|_| "g++".into())
+}
+
+/// `None` when a C++ compiler answers `--version`, else why not.
+pub fn unavailable_reason() -> Option<String> {
+    let c = cxx();
+    match Command::new(&c).arg("--version").output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!("{c} --version exited with {}", o.status)),
+        Err(e) => Some(format!("{c}: {e}")),
+    }
+}
+
+/// A compiled driver program.
+#[derive(Debug, Clone)]
+pub struct Emulator {
+    program: String,
+    exe: PathBuf,
+}
+
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Emulator {
+    /// Compiles `program` (e.g. `"lmhead_grpo"`) with the shim and every
+    /// kernel source, or reuses the binary compiled from the same text.
+    pub fn build(program: &str) -> Result<Emulator, EmulateError> {
+        // One build at a time in this process: tests run in threads, and an
+        // executable must not be replaced while another thread starts it.
+        static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+        let file = format!("{program}.cpp");
+        if !FILES.iter().any(|(f, _)| *f == file) {
+            return Err(EmulateError::UnknownProgram(program.into()));
+        }
+        if let Some(why) = unavailable_reason() {
+            return Err(EmulateError::NoCompiler(why));
+        }
+        let mut parts: Vec<&str> = FILES.iter().flat_map(|(f, s)| [*f, *s]).collect();
+        parts.extend(SOURCES.iter().flat_map(|s| [s.file, s.source]));
+        let dir = std::env::temp_dir().join(format!("aha-emulate-{:016x}", fnv1a(&parts)));
+        let exe = dir.join(program);
+        if !exe.exists() {
+            std::fs::create_dir_all(&dir)?;
+            for (f, s) in FILES {
+                std::fs::write(dir.join(f), s)?;
+            }
+            for s in SOURCES {
+                std::fs::write(dir.join(s.file), s.source)?;
+            }
+            // Compile to a name unique to this process, then rename: test
+            // processes of different crates may build at the same time.
+            let tmp = dir.join(format!("{program}.{}.tmp", std::process::id()));
+            let out = Command::new(cxx())
+                .args(["-O2", "-std=c++20", "-w", "-fno-strict-aliasing", "-I"])
+                .arg(&dir)
+                .arg("-o")
+                .arg(&tmp)
+                .arg(dir.join(&file))
+                .output()?;
+            if !out.status.success() {
+                return Err(EmulateError::Compile {
+                    program: program.into(),
+                    log: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+            std::fs::rename(&tmp, &exe)?;
+        }
+        Ok(Emulator {
+            program: program.into(),
+            exe,
+        })
+    }
+
+    /// Runs the program with `input` on stdin and returns what it printed;
+    /// a non-zero exit is an error carrying its stdout and stderr (the
+    /// self-checking programs, `flash` and `moe`, print their checks and
+    /// fail this way).
+    pub fn run_raw(&self, input: &str) -> Result<String, EmulateError> {
+        let mut child = Command::new(&self.exe)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(EmulateError::Run {
+                program: self.program.clone(),
+                msg: format!(
+                    "exited with {}:\n{stdout}\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
+        }
+        Ok(stdout)
+    }
+
+    /// Runs one job (`input` on stdin) and parses the numbers it prints.
+    pub fn run(&self, input: &str) -> Result<Vec<f64>, EmulateError> {
+        let err = |msg: String| EmulateError::Run {
+            program: self.program.clone(),
+            msg,
+        };
+        let out = self.run_raw(input)?;
+        out.split_whitespace()
+            .map(|w| match w {
+                "nan" | "-nan" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                _ => w.parse::<f64>().map_err(|e| err(format!("output {w:?}: {e}"))),
+            })
+            .collect()
+    }
+}
+
+/// Formats numbers for a job's input, one per line, exactly (`{:?}` of f64
+/// round-trips).
+pub fn numbers<T: Copy + Into<f64>>(xs: &[T]) -> String {
+    let mut s = String::with_capacity(xs.len() * 12);
+    for &x in xs {
+        let v: f64 = x.into();
+        // strtod's spellings of the non-finite values.
+        if v.is_nan() {
+            s.push_str("nan\n");
+        } else if v.is_infinite() {
+            s.push_str(if v > 0.0 { "inf\n" } else { "-inf\n" });
+        } else {
+            s.push_str(&format!("{v:?}\n"));
+        }
+    }
+    s
+}
+
+/// Whether tests must fail instead of skipping when no compiler is found
+/// (`AHA_REQUIRE_EMULATOR=1`, set by `scripts/test.sh`).
+pub fn required() -> bool {
+    std::env::var("AHA_REQUIRE_EMULATOR").is_ok_and(|v| v == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_programs_are_refused_and_numbers_round_trip() {
+        assert!(matches!(Emulator::build("nope"), Err(EmulateError::UnknownProgram(_))));
+        let s = numbers(&[0.1f64, -2.5, f64::NAN]);
+        let back: Vec<f64> = s.lines().map(|l| l.parse().unwrap()).collect();
+        assert_eq!(back[..2], [0.1, -2.5]);
+        assert!(back[2].is_nan());
+    }
+
+    #[test]
+    fn the_advantage_kernel_runs_on_the_cpu() {
+        let e = match Emulator::build("lmhead_grpo") {
+            Ok(e) => e,
+            Err(EmulateError::NoCompiler(why)) if !required() => {
+                eprintln!("the_advantage_kernel_runs_on_the_cpu: skipped: {why}");
+                return;
+            }
+            Err(other) => panic!("{other}"),
+        };
+        // Two groups of three: (1, 0, 1) and (0.5, 0.5, 0.5).
+        let out = e.run("adv 6 3 0 1 0 1 0.5 0.5 0.5").unwrap();
+        assert_eq!(out.len(), 3 * 6 + 3);
+        let std = (1.0f64 / 3.0).sqrt();
+        assert!((out[0] - (1.0 / 3.0) / (std + 1e-4)).abs() < 1e-12, "{out:?}");
+        assert_eq!(out[3..6], [0.0, 0.0, 0.0]);
+        assert!((out[18] - 0.5).abs() < 1e-15, "half the groups have zero std: {out:?}");
+    }
+}
