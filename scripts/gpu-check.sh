@@ -14,6 +14,11 @@
 #
 # NVRTC: $AHA_CUDA_ROOT, else .cuda-wheels/ (scripts/test.sh installs it;
 # carry it to a machine that cannot reach pip), else /usr/local/cuda.
+#
+# Without cargo (the device image has CUDA, PyTorch and g++ but no Rust):
+# run scripts/gpu-bundle.sh on a machine with cargo first and carry
+# .gpu-bundle/ (release test binaries, kernel_bench, aha; stripped); this
+# script then runs those instead of building.
 # Usage: scripts/gpu-check.sh [BENCH_ITERS]   (default 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,29 +39,67 @@ else
 fi
 echo "AHA_CUDA_ROOT=${AHA_CUDA_ROOT:-<unset>}"
 
-echo "== build"
-cargo build --release -p aha-cuda-kernels --example kernel_bench
-cargo test -p aha-cuda-kernels -p aha-tensor -p aha-sampler -p aha-moe-model -p aha-grpo --no-run
+if command -v cargo >/dev/null 2>&1; then
+    mode=cargo
+    echo "== build"
+    cargo build --release -p aha-cuda-kernels --example kernel_bench
+    cargo test --release -p aha-cuda-kernels -p aha-tensor -p aha-sampler -p aha-moe-model -p aha-grpo --no-run
+    bench=./target/release/examples/kernel_bench
+elif [ -d .gpu-bundle/bin ]; then
+    mode=bundle
+    echo "== no cargo: running the binaries of .gpu-bundle/"
+    # The tests open fixtures under the source path baked in at build time.
+    root="$(cat .gpu-bundle/root)"
+    if [ "$root" != "$PWD" ] && [ ! -e "$root" ]; then
+        mkdir -p "$(dirname "$root")"
+        ln -s "$PWD" "$root"
+    fi
+    mkdir -p target/release
+    cp .gpu-bundle/bin/aha target/release/aha
+    bench=.gpu-bundle/bin/kernel_bench
+else
+    echo "gpu-check: neither cargo nor .gpu-bundle/ (run scripts/gpu-bundle.sh where cargo is and carry .gpu-bundle)" >&2
+    exit 1
+fi
+
+# run_test CRATE TEST [FILTER]: one test binary with --nocapture, output
+# logged; a failure is recorded and the check goes on, so that one device
+# call reports every test and the benchmark.
+failed=()
+run_test() {
+    local rc=0
+    if [ "$mode" = cargo ]; then
+        cargo test --release -p "$1" --test "$2" -- ${3:-} --nocapture --test-threads=1 2>&1 | tee -a "$log" || rc=$?
+    else
+        ".gpu-bundle/bin/$1-$2" ${3:-} --nocapture --test-threads=1 2>&1 | tee -a "$log" || rc=$?
+    fi
+    if [ "$rc" != 0 ]; then
+        failed+=("$1/$2")
+    fi
+}
 
 echo "== GPU tests"
-cargo test -p aha-cuda-kernels --test nvrtc_compile -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
-cargo test -p aha-tensor --test gpu_twins --test gpu_kernels -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
-cargo test -p aha-tensor --test gpu_moe -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
-cargo test -p aha-tensor --test gpu_flash -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
-cargo test -p aha-sampler --test gpu_sampling -- --nocapture 2>&1 | tee -a "$log"
-cargo test -p aha-moe-model --test gpu_model -- --nocapture 2>&1 | tee -a "$log"
-cargo test -p aha-tensor --test gpu_lmhead -- --nocapture 2>&1 | tee -a "$log"
-cargo test -p aha-grpo --test gpu_loss -- --nocapture 2>&1 | tee -a "$log"
-cargo test -p aha --test cli on_cuda -- --nocapture 2>&1 | tee -a "$log"
+run_test aha-cuda-kernels nvrtc_compile
+run_test aha-cuda-kernels emulation
+run_test aha-tensor gpu_twins
+run_test aha-tensor gpu_kernels
+run_test aha-tensor gpu_moe
+run_test aha-tensor gpu_flash
+run_test aha-tensor gpu_lmhead
+run_test aha-sampler gpu_sampling
+run_test aha-moe-model gpu_model
+run_test aha-grpo gpu_loss
+run_test aha cli on_cuda
 if grep -q "skipped: no GPU" "$log"; then
     echo "gpu-check: GPU tests were skipped: no GPU was found" >&2
     if [ "${AHA_GPU_CHECK_ALLOW_SKIP:-0}" != "1" ]; then
         exit 1
     fi
 fi
+echo "== failed test binaries: ${failed[*]:-none}"
 
 echo "== kernel benchmark"
-./target/release/examples/kernel_bench "$iters"
+"$bench" "$iters"
 
 echo "== PyTorch peer: transformers Qwen3-MoE sparse block (bf16; same shape as the first MoE rows)"
 if command -v python3 >/dev/null 2>&1; then
@@ -77,4 +120,9 @@ if command -v python3 >/dev/null 2>&1; then
     python3 scripts/bench_sdpa.py "$iters" || echo "bench_sdpa.py failed (see above)"
 else
     echo "python3 not found: SDPA peer rows skipped"
+fi
+
+if [ "${#failed[@]}" != 0 ]; then
+    echo "gpu-check: failed: ${failed[*]}" >&2
+    exit 1
 fi

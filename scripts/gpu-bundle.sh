@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Builds everything scripts/gpu-check.sh runs into .gpu-bundle/ (ignored by
+# git), for a GPU machine without a Rust toolchain (the device image has
+# CUDA, PyTorch and g++, but no cargo): the GPU test binaries and the kernel
+# benchmark in release, stripped, plus the `aha` binary for the CLI's CUDA
+# tests. Carry the folder with the device call (`carry: [".gpu-bundle"]`);
+# gpu-check.sh uses it when cargo is missing. Tests find their fixtures
+# through the source path baked in at build time; gpu-check.sh links that
+# path to the working tree on the GPU machine (.gpu-bundle/root holds it).
+#
+# Usage: scripts/gpu-bundle.sh   (then check the size: the carry limit is 64 MiB)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out=.gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/bin"
+pwd > "$out/root"
+
+# crate:test pairs, in the order gpu-check.sh runs them.
+tests=(
+    aha-cuda-kernels:nvrtc_compile
+    aha-cuda-kernels:emulation
+    aha-tensor:gpu_twins
+    aha-tensor:gpu_kernels
+    aha-tensor:gpu_moe
+    aha-tensor:gpu_flash
+    aha-tensor:gpu_lmhead
+    aha-sampler:gpu_sampling
+    aha-moe-model:gpu_model
+    aha-grpo:gpu_loss
+    aha:cli
+)
+args=()
+for t in "${tests[@]}"; do
+    args+=(-p "${t%%:*}" --test "${t##*:}")
+done
+# One build; the JSON messages name each test executable.
+cargo test --release --no-run --message-format=json "${args[@]}" >"$out/build.json"
+python3 - "$out" <<'PY'
+import json, os, shutil, sys
+out = sys.argv[1]
+for line in open(os.path.join(out, "build.json")):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:
+        continue
+    # package_id: "path+file:///dir#name@version", or "...#version" when the
+    # package is named like its folder.
+    pid = m["package_id"]
+    tail = pid.split("#", 1)[1] if "#" in pid else pid
+    pkg = tail.split("@")[0] if "@" in tail else pid.split("#")[0].rstrip("/").split("/")[-1]
+    shutil.copy2(m["executable"], os.path.join(out, "bin", f"{pkg}-{m['target']['name']}"))
+PY
+rm "$out/build.json"
+cargo build --release -p aha-cuda-kernels --example kernel_bench
+cp target/release/examples/kernel_bench "$out/bin/kernel_bench"
+# The CLI tests start the binary at the path cargo baked into them.
+cargo build --release --bin aha
+cp target/release/aha "$out/bin/aha"
+strip -s "$out"/bin/* 2>/dev/null || true
+ls -l "$out/bin"
+du -sh "$out"
