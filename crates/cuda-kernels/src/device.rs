@@ -28,6 +28,10 @@ fn probe() -> std::result::Result<i32, String> {
     static COUNT: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
     COUNT
         .get_or_init(|| {
+            if crate::emulate::emulated_gpu_requested() {
+                crate::emulate::install_emulated_gpu()
+                    .map_err(|e| format!("AHA_EMULATED_GPU=1 but the emulated GPU could not be built: {e}"))?;
+            }
             // SAFETY: only tries to open the driver library.
             if !unsafe { cudarc::driver::sys::is_culib_present() } {
                 return Err("the CUDA driver library (libcuda.so) is not installed".into());
@@ -119,6 +123,13 @@ impl Gpu {
     /// The device's marketing name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether this is the emulated GPU (`AHA_EMULATED_GPU=1`: the kernels
+    /// run on the CPU through `emulate`), where hardware-scale tests and
+    /// timings mean nothing.
+    pub fn is_emulated(&self) -> bool {
+        self.name == crate::emulate::EMULATED_DEVICE_NAME
     }
 
     /// The kernel `id`, compiling its source file for this device on first use.

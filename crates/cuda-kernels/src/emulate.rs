@@ -24,7 +24,12 @@ const FILES: &[(&str, &str)] = &[
     ("core.cpp", include_str!("../emulate/core.cpp")),
     ("flash.cpp", include_str!("../emulate/flash.cpp")),
     ("moe.cpp", include_str!("../emulate/moe.cpp")),
+    ("fake_driver.cpp", include_str!("../emulate/fake_driver.cpp")),
+    ("fake_cublas.cpp", include_str!("../emulate/fake_cublas.cpp")),
 ];
+
+/// The name the emulated GPU reports (`cuDeviceGetName`).
+pub const EMULATED_DEVICE_NAME: &str = "aha CPU emulation";
 
 /// Why the emulator cannot be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -103,35 +108,10 @@ impl Emulator {
         if let Some(why) = unavailable_reason() {
             return Err(EmulateError::NoCompiler(why));
         }
-        let mut parts: Vec<&str> = FILES.iter().flat_map(|(f, s)| [*f, *s]).collect();
-        parts.extend(SOURCES.iter().flat_map(|s| [s.file, s.source]));
-        let dir = std::env::temp_dir().join(format!("aha-emulate-{:016x}", fnv1a(&parts)));
+        let dir = source_dir()?;
         let exe = dir.join(program);
         if !exe.exists() {
-            std::fs::create_dir_all(&dir)?;
-            for (f, s) in FILES {
-                std::fs::write(dir.join(f), s)?;
-            }
-            for s in SOURCES {
-                std::fs::write(dir.join(s.file), s.source)?;
-            }
-            // Compile to a name unique to this process, then rename: test
-            // processes of different crates may build at the same time.
-            let tmp = dir.join(format!("{program}.{}.tmp", std::process::id()));
-            let out = Command::new(cxx())
-                .args(["-O2", "-std=c++20", "-w", "-fno-strict-aliasing", "-I"])
-                .arg(&dir)
-                .arg("-o")
-                .arg(&tmp)
-                .arg(dir.join(&file))
-                .output()?;
-            if !out.status.success() {
-                return Err(EmulateError::Compile {
-                    program: program.into(),
-                    log: String::from_utf8_lossy(&out.stderr).into_owned(),
-                });
-            }
-            std::fs::rename(&tmp, &exe)?;
+            compile(&dir, &file, &exe, None)?;
         }
         Ok(Emulator {
             program: program.into(),
@@ -183,6 +163,102 @@ impl Emulator {
             })
             .collect()
     }
+}
+
+/// The cache directory for the current sources (named by their hash), with
+/// every source written into it.
+fn source_dir() -> Result<PathBuf, EmulateError> {
+    let table = kernel_table();
+    let mut parts: Vec<&str> = FILES.iter().flat_map(|(f, s)| [*f, *s]).collect();
+    parts.extend(SOURCES.iter().flat_map(|s| [s.file, s.source]));
+    parts.push(&table);
+    let dir = std::env::temp_dir().join(format!("aha-emulate-{:016x}", fnv1a(&parts)));
+    if !dir.join("kernel_table.inc").exists() {
+        std::fs::create_dir_all(&dir)?;
+        for (f, s) in FILES {
+            std::fs::write(dir.join(f), s)?;
+        }
+        for s in SOURCES {
+            std::fs::write(dir.join(s.file), s.source)?;
+        }
+        std::fs::write(dir.join("kernel_table.inc"), &table)?;
+    }
+    Ok(dir)
+}
+
+/// `AHA_KERNEL(symbol)` for every kernel the launchers use, for the emulated
+/// driver's name lookup.
+fn kernel_table() -> String {
+    crate::registry::KernelId::ALL
+        .iter()
+        .map(|k| format!("AHA_KERNEL({})\n", k.symbol()))
+        .collect()
+}
+
+/// Compiles `file` in `dir` into `out` (a shared library with `soname` when
+/// given), through a temporary name renamed into place.
+fn compile(dir: &std::path::Path, file: &str, out: &std::path::Path, soname: Option<&str>) -> Result<(), EmulateError> {
+    let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
+    let mut cmd = Command::new(cxx());
+    cmd.args(["-O2", "-std=c++20", "-w", "-fno-strict-aliasing", "-I"])
+        .arg(dir);
+    if let Some(so) = soname {
+        cmd.args(["-shared", "-fPIC", &format!("-Wl,-soname,{so}")]);
+    }
+    let o = cmd.arg("-o").arg(&tmp).arg(dir.join(file)).output()?;
+    if !o.status.success() {
+        return Err(EmulateError::Compile {
+            program: file.into(),
+            log: String::from_utf8_lossy(&o.stderr).into_owned(),
+        });
+    }
+    std::fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// Makes the emulated GPU the process's CUDA driver and cuBLAS: compiles
+/// `emulate/fake_driver.cpp` (every kernel file included) as `libcuda.so`
+/// and `emulate/fake_cublas.cpp` as `libcublas.so`, then loads both by path,
+/// so that cudarc's later lookups by name find them. Must run before
+/// anything touches the driver; `aha_cuda_kernels::device_count` calls it
+/// when `AHA_EMULATED_GPU=1`. The kernels then run on the CPU as written,
+/// launched by the unchanged Rust launchers: slow (a fiber per CUDA thread),
+/// for tests.
+pub fn install_emulated_gpu() -> Result<(), EmulateError> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| install().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|msg| EmulateError::Run {
+            program: "fake_driver".into(),
+            msg,
+        })
+}
+
+fn install() -> Result<(), EmulateError> {
+    if let Some(why) = unavailable_reason() {
+        return Err(EmulateError::NoCompiler(why));
+    }
+    let dir = source_dir()?;
+    for (file, lib) in [("fake_driver.cpp", "libcuda.so"), ("fake_cublas.cpp", "libcublas.so")] {
+        let out = dir.join(lib);
+        if !out.exists() {
+            compile(&dir, file, &out, Some(lib))?;
+        }
+        // SAFETY: the library is ours, with no initialisers beyond C++
+        // statics; it stays loaded for the life of the process (forgotten
+        // handle), so the symbols cudarc resolves later remain valid.
+        let handle = unsafe { libloading::Library::new(&out) }.map_err(|e| EmulateError::Run {
+            program: lib.into(),
+            msg: format!("loading {}: {e}", out.display()),
+        })?;
+        std::mem::forget(handle);
+    }
+    Ok(())
+}
+
+/// Whether the emulated GPU was asked for (`AHA_EMULATED_GPU=1`).
+pub fn emulated_gpu_requested() -> bool {
+    std::env::var("AHA_EMULATED_GPU").is_ok_and(|v| v == "1")
 }
 
 /// Formats numbers for a job's input, one per line, exactly (`{:?}` of f64
