@@ -61,7 +61,12 @@ pub fn read_ids(path: &Path) -> Result<(Vec<u32>, usize, usize)> {
 /// On `cuda:N` the dense models (Qwen2, Qwen3) run on the GPU
 /// (`aha_moe_model::gpu`); other architectures are refused with the reason.
 /// `auto` takes GPU 0 when there is one and the model runs there, else the CPU.
-pub fn run(model_dir: &Path, input: &Path, out: &Path, device: &str) -> Result<()> {
+pub fn run(model_dir: &Path, input: &Path, out: &Path, device: &str, precision: &str) -> Result<()> {
+    let precision = match precision {
+        "f32" => aha_moe_model::gpu::GpuPrecision::F32,
+        "bf16" => aha_moe_model::gpu::GpuPrecision::Bf16,
+        other => anyhow::bail!("--precision {other:?}: expected f32 or bf16"),
+    };
     let model = Model::load(model_dir)?;
     let device = if device == "auto" {
         let gpu_ok = aha_cuda_kernels::device_count() > 0 && aha_moe_model::gpu::gpu_support(&model.config).is_ok();
@@ -84,11 +89,14 @@ pub fn run(model_dir: &Path, input: &Path, out: &Path, device: &str) -> Result<(
         Device::Cuda(ordinal) => {
             aha_moe_model::gpu::gpu_support(&model.config)
                 .map_err(|e| anyhow::anyhow!("--device {device}: {e}; use --device cpu"))?;
-            let gpu = aha_moe_model::gpu::GpuModel::upload(&model, ordinal)?;
+            let gpu = aha_moe_model::gpu::GpuModel::upload_with(&model, ordinal, precision)?;
             let logits = gpu.logits(&ids, b, t)?;
             (logits, gpu.token_logprobs(&ids, b, t, &targets)?.0)
         }
         Device::Cpu => {
+            if precision != aha_moe_model::gpu::GpuPrecision::F32 {
+                anyhow::bail!("--precision bf16 runs on the GPU only; use --device cuda or --precision f32");
+            }
             let acts = model.forward(&ids, b, t)?;
             let logits = model.logits_of(&acts.hidden)?;
             (logits, model.token_logprobs(&acts, &targets)?.0)

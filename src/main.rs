@@ -77,6 +77,10 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// On the GPU: f32 (matches the CPU to 1e-4) or bf16 (bf16 weight
+        /// products, flash attention and lm head; within ~0.1 nats).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Sample completions: one JSON line per completion (prompt and sample index,
     /// token ids, text, log-probs, finish reason).
@@ -464,7 +468,8 @@ fn main() -> Result<()> {
             input,
             out,
             device,
-        } => logprobs::run(&model, &input, &out, &device),
+            precision,
+        } => logprobs::run(&model, &input, &out, &device, &precision),
         Command::Grpo {
             config,
             model,

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use aha_cuda_kernels::blas::{matmul_f32, MatmulShape};
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
+use aha_cuda_kernels::flash::{self, FlashGeometry};
 use aha_cuda_kernels::launch::{self, AttnGeometry, RopeGeometry, TokenIds};
 use aha_cuda_kernels::lmhead::{self, LmHeadOperands};
 use aha_cuda_kernels::Gpu;
@@ -65,8 +66,11 @@ pub enum GpuPrecision {
     F32,
     /// bf16 copies of the weight matrices; every linear layer casts its
     /// input to bf16, multiplies with f32 accumulation (cuBLAS) and casts the
-    /// output back to f32. Norms, attention, softmax and the residual stream
-    /// stay f32. Forward only: the backward always runs in f32.
+    /// output back to f32; attention runs the flash kernels on bf16 q, k, v
+    /// (tensor cores for head widths 64 and 128); the lm head's log-probs
+    /// take bf16 operands with f32 logits. Norms, softmax statistics and the
+    /// residual stream stay f32. Forward only: the backward always runs in
+    /// f32, and the KV-cache decode uses the f32 attention kernels.
     Bf16,
 }
 
@@ -225,6 +229,42 @@ impl GpuModel {
         }
     }
 
+    /// Causal attention of `b` sequences of `t` tokens with the flash
+    /// kernels (`aha_cuda_kernels::flash`): q, k, v rounded to bf16, the
+    /// batch packed as `b` sequences of equal length (the `[B, T, H, D]`
+    /// layout is the packed `[B * T, H, D]` one), tensor cores where the
+    /// head width has them; `att [B * T, H, D]` in f32.
+    fn flash_attention(&self, att: &mut CudaSlice<f32>, qkv: &QkvOut, b: usize, t: usize) -> Result<()> {
+        let g = &self.gpu;
+        let cfg = &self.config;
+        let (n, h, hk, d) = (b * t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let to_bf16 = |x: &CudaSlice<f32>, len: usize| -> Result<CudaSlice<u16>> {
+            let mut o = g.zeros::<u16>(len).map_err(cuda)?;
+            launch::cast_f32_to_bf16(g, &mut o, x, len).map_err(cuda)?;
+            Ok(o)
+        };
+        let (q, k, v) = (
+            to_bf16(&qkv.qr, n * h * d)?,
+            to_bf16(&qkv.kr, n * hk * d)?,
+            to_bf16(&qkv.vl, n * hk * d)?,
+        );
+        let cu: Vec<i32> = (0..=b).map(|i| (i * t) as i32).collect();
+        let cu = g.upload(&cu).map_err(cuda)?;
+        let mut lse = self.zeros(h * n)?;
+        let geom = FlashGeometry {
+            total: n,
+            nseq: b,
+            max_seqlen: t,
+            h,
+            hk,
+            dk: d,
+            dv: d,
+            scale: self.attn_geometry(b, t).scale,
+            tensor_cores: true,
+        };
+        flash::flash_forward_bf16(g, att, &mut lse, &q, &k, &v, &cu, &geom).map_err(cuda)
+    }
+
     /// The forward, keeping what the backward needs when `keep`.
     fn forward_acts(&self, ids: &[u32], b: usize, t: usize, keep: bool) -> Result<GpuActs> {
         let cfg = &self.config;
@@ -253,16 +293,21 @@ impl GpuModel {
         for s in &self.layout.layers {
             let (qkv, o) = self.layer_qkv(&x, s, &pos, n)?;
             let (mut att, mut lse) = (self.zeros(n * h * d)?, self.zeros(b * h * t)?);
-            launch::attention_forward_f32(
-                g,
-                &mut att,
-                &mut lse,
-                &qkv.qr,
-                &qkv.kr,
-                &qkv.vl,
-                &self.attn_geometry(b, t),
-            )
-            .map_err(cuda)?;
+            if self.precision == GpuPrecision::Bf16 && !keep {
+                // bf16 mode (forward only): flash attention on bf16 q, k, v.
+                self.flash_attention(&mut att, &qkv, b, t)?;
+            } else {
+                launch::attention_forward_f32(
+                    g,
+                    &mut att,
+                    &mut lse,
+                    &qkv.qr,
+                    &qkv.kr,
+                    &qkv.vl,
+                    &self.attn_geometry(b, t),
+                )
+                .map_err(cuda)?;
+            }
             let ao = self.linear(&att, o, n)?;
             let x_in = if keep {
                 Some(g.clone_dtod(&x).map_err(cuda)?)
@@ -330,45 +375,35 @@ impl GpuModel {
         }
         let hidden = self.forward_hidden(ids, b, t)?;
         let (c, v) = (self.config.hidden_size, self.config.vocab_size);
-        if self.precision == GpuPrecision::F32 {
-            // Vocabulary chunks straight from the hidden states
-            // (`aha_cuda_kernels::lmhead`): at most 256 MiB of logits.
-            let plan = lmhead::plan_lm_head(n, c, v, 1.0, lmhead::DEFAULT_BUDGET_BYTES).map_err(cuda)?;
-            let (mut lp, mut ent, mut ls) = (self.zeros(n)?, self.zeros(n)?, self.zeros(n)?);
-            let w = self.w(self.head().w)?;
-            lmhead::lm_head_logprob_forward_f32(
-                &self.gpu,
-                &mut lp,
-                &mut ent,
-                &mut ls,
-                LmHeadOperands::F32 {
-                    hidden: &hidden,
-                    weight: w,
-                },
-                targets,
-                &plan,
-            )
-            .map_err(cuda)?;
-            return Ok((
-                self.gpu.download(&lp).map_err(cuda)?,
-                self.gpu.download(&ls).map_err(cuda)?,
-            ));
-        }
-        // bf16 products: rows at a time through the model's linear layer.
-        // Rows per chunk: at most ~256 MiB of logits at a time.
-        let chunk = ((64usize << 20) / v.max(1)).clamp(1, n);
-        let (mut logp, mut lse) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        for r0 in (0..n).step_by(chunk) {
-            let r1 = (r0 + chunk).min(n);
-            let hc = self.gpu.clone_range(&hidden, r0 * c..r1 * c).map_err(cuda)?;
-            let logits = self.linear(&hc, &self.head(), r1 - r0)?;
-            let (mut lp, mut ls) = (self.zeros(r1 - r0)?, self.zeros(r1 - r0)?);
-            launch::token_logprob_forward_f32(&self.gpu, &mut lp, &mut ls, &logits, &targets[r0..r1], v)
-                .map_err(cuda)?;
-            logp.extend(self.gpu.download(&lp).map_err(cuda)?);
-            lse.extend(self.gpu.download(&ls).map_err(cuda)?);
-        }
-        Ok((logp, lse))
+        // Vocabulary chunks straight from the hidden states
+        // (`aha_cuda_kernels::lmhead`): at most 256 MiB of logits; the
+        // operands in the model's precision (bf16: the hidden states rounded,
+        // the head's bf16 copy, f32 logits).
+        let g = &self.gpu;
+        let plan = lmhead::plan_lm_head(n, c, v, 1.0, lmhead::DEFAULT_BUDGET_BYTES).map_err(cuda)?;
+        let (mut lp, mut ent, mut ls) = (self.zeros(n)?, self.zeros(n)?, self.zeros(n)?);
+        let head = self.head();
+        let h16;
+        let x = match self.precision {
+            GpuPrecision::F32 => LmHeadOperands::F32 {
+                hidden: &hidden,
+                weight: self.w(head.w)?,
+            },
+            GpuPrecision::Bf16 => {
+                let mut h = g.zeros::<u16>(n * c).map_err(cuda)?;
+                launch::cast_f32_to_bf16(g, &mut h, &hidden, n * c).map_err(cuda)?;
+                h16 = h;
+                LmHeadOperands::Bf16 {
+                    hidden: &h16,
+                    weight: self
+                        .weights_bf16
+                        .get(&head.w.off)
+                        .ok_or_else(|| input_err("gpu", "no bf16 copy of the lm head"))?,
+                }
+            }
+        };
+        lmhead::lm_head_logprob_forward_f32(g, &mut lp, &mut ent, &mut ls, x, targets, &plan).map_err(cuda)?;
+        Ok((g.download(&lp).map_err(cuda)?, g.download(&ls).map_err(cuda)?))
     }
 }
 
