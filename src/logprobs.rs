@@ -58,8 +58,8 @@ pub fn read_ids(path: &Path) -> Result<(Vec<u32>, usize, usize)> {
 
 /// Runs the model and writes `logits [B, T, V]` and `token_logprobs [B, T-1]`.
 ///
-/// On `cuda:N` the dense models (Qwen2, Qwen3) run on the GPU
-/// (`aha_moe_model::gpu`); other architectures are refused with the reason.
+/// On `cuda:N` the grouped-query models (Qwen2, Qwen3, Qwen3-MoE) run on the
+/// GPU (`aha_moe_model::gpu`); MLA models are refused with the reason.
 /// `auto` takes GPU 0 when there is one and the model runs there, else the CPU.
 pub fn run(model_dir: &Path, input: &Path, out: &Path, device: &str, precision: &str) -> Result<()> {
     let precision = match precision {

@@ -200,7 +200,7 @@ fn eval_reports_pass_at_k_on_a_public_set() {
 }
 
 #[test]
-fn logprobs_on_cuda_runs_dense_models_and_refuses_others_by_name() {
+fn logprobs_on_cuda_runs_dense_and_moe_models_and_refuses_mla_by_name() {
     let run = |model: &str, out: &std::path::Path| {
         let m = fixture(model);
         Command::new(env!("CARGO_BIN_EXE_aha"))
@@ -216,10 +216,11 @@ fn logprobs_on_cuda_runs_dense_models_and_refuses_others_by_name() {
             .expect("run aha")
     };
     let out = std::env::temp_dir().join(format!("aha-cli-logprobs-cuda-{}.safetensors", std::process::id()));
-    // MoE layers do not run on the GPU yet: refused before any device work.
-    let r = run("models/qwen3-moe-tiny", &out);
+    // Multi-head latent attention does not run on the GPU yet: refused by
+    // name before any device work.
+    let r = run("models/deepseek-v3-tiny", &out);
     assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("mixture-of-experts"));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("latent attention"));
     // A dense model: on a GPU it reproduces transformers; without one, a clear error.
     let r = run("models/qwen2-tiny", &out);
     if aha_cuda_kernels::device_count() == 0 {
@@ -228,6 +229,27 @@ fn logprobs_on_cuda_runs_dense_models_and_refuses_others_by_name() {
         assert!(String::from_utf8_lossy(&r.stderr).contains("no GPU"));
         return;
     }
+    // Qwen3-MoE (the GPU MoE layer: bf16 experts) within 0.1 nats of
+    // transformers' log-probs.
+    let moe = run("models/qwen3-moe-tiny", &out);
+    assert!(moe.status.success(), "{}", String::from_utf8_lossy(&moe.stderr));
+    let got = aha_moe_model::st::read_file(&out).unwrap();
+    let want = aha_moe_model::st::read_file(&fixture("models/qwen3-moe-tiny").join("reference.safetensors")).unwrap();
+    let lp = |ts: &[aha_moe_model::st::NamedTensor]| {
+        ts.iter()
+            .find(|t| t.name == "token_logprobs")
+            .unwrap()
+            .data
+            .to_f64_vec()
+    };
+    let d = lp(&got)
+        .iter()
+        .zip(&lp(&want))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    eprintln!("logprobs qwen3-moe-tiny on cuda: max |diff| to transformers {d:.4} nats");
+    assert!(d < 0.1, "MoE token_logprobs on the GPU: max |diff| {d}");
+    let r = run("models/qwen2-tiny", &out);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let got = aha_moe_model::st::read_file(&out).unwrap();
     let want = aha_moe_model::st::read_file(&fixture("models/qwen2-tiny").join("reference.safetensors")).unwrap();
@@ -315,9 +337,9 @@ fn generate_on_cuda_matches_the_cpu_greedy_or_says_no_gpu() {
             .output()
             .expect("run aha")
     };
-    let r = run("models/qwen3-moe-tiny", "cuda");
+    let r = run("models/deepseek-v3-tiny", "cuda");
     assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("mixture-of-experts"));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("latent attention"));
     let gpu = run("models/qwen2-tiny", "cuda");
     if aha_cuda_kernels::device_count() == 0 {
         eprintln!("generate_on_cuda: skipped the GPU run: no GPU");

@@ -1,18 +1,18 @@
-//! The dense models (Qwen2, Qwen3 and other grouped-query models with dense
-//! MLPs) on a GPU: weights uploaded once, every activation on
-//! the device, the same math as the CPU forward (cuBLAS f32 products and the
-//! kernels of aha-cuda-kernels, each tested against its CPU twin). Gives
-//! logits and token log-probs for a right-padded batch `[B, T]`, as
-//! `Model::forward` + `Model::token_logprobs` do on the CPU.
-//!
-//! The backward ([`GpuModel::backward`]) runs on the device too and returns
-//! the gradients in the CPU model's flat layout. Not here yet (CUDA backend
-//! issue): KV-cache decode, bf16 weights, MoE and MLA layers on the GPU. [`gpu_support`] says which models
-//! this path takes.
+//! Grouped-query models on a GPU: the dense ones (Qwen2, Qwen3, Llama-style)
+//! forward and backward, Qwen3-MoE-style mixture-of-experts models forward
+//! (the MoE layer of `aha_cuda_kernels::moe_layer`, bf16 experts). Weights
+//! are uploaded once, every activation stays on the device, the math is the
+//! CPU forward's (cuBLAS products and the kernels of aha-cuda-kernels, each
+//! tested against its CPU twin). Gives logits and token log-probs for a
+//! right-padded batch `[B, T]`, as `Model::forward` + `Model::token_logprobs`
+//! do on the CPU, the backward ([`GpuModel::backward`], dense models) in the
+//! CPU model's flat layout, and KV-cache decoding. MLA layers (DeepSeek-V3)
+//! are not here; [`gpu_support`] says which models this path takes.
 //!
 //! **Not run on a GPU yet**: written and compiled on a machine without one;
-//! `tests/gpu_model.rs` compares it with the CPU forward on the fixture models
-//! and prints "skipped: no GPU" where there is none.
+//! `tests/gpu_model.rs` compares it with the CPU forward on the fixture models,
+//! prints "skipped: no GPU" where there is none, and passes on the emulated
+//! GPU (`AHA_EMULATED_GPU=1`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,21 +21,24 @@ use aha_cuda_kernels::blas::{matmul_f32, MatmulShape};
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
 use aha_cuda_kernels::flash::{self, FlashGeometry};
 use aha_cuda_kernels::launch::{self, AttnGeometry, RopeGeometry, TokenIds};
+use aha_cuda_kernels::launch_moe::{self, MoeGating, MoeMath};
 use aha_cuda_kernels::lmhead::{self, LmHeadOperands};
+use aha_cuda_kernels::moe_layer::{self, MoeBuffers, MoeDims, MoeWeights};
 use aha_cuda_kernels::Gpu;
 use aha_tensor::cpu;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Router};
 use crate::error::{input_err, Error, Result};
 use crate::model::Model;
-use crate::params::{AttnSlots, FfnSlots, LayerSlots, Layout, Linear, Slot};
+use crate::params::{AttnSlots, FfnSlots, LayerSlots, Layout, Linear, MlpSlots, Slot};
 
 fn cuda(e: aha_cuda_kernels::Error) -> Error {
     Error::Tensor(aha_tensor::Error::from(e))
 }
 
 /// Whether [`GpuModel`] takes this model: grouped-query attention with full
-/// rotary embeddings and dense MLPs in every layer.
+/// rotary embeddings, dense MLPs or MoE layers within the routing kernels'
+/// limits (MoE: forward only).
 pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
     if cfg.mla.is_some() {
         return Err(input_err(
@@ -43,8 +46,19 @@ pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
             "multi-head latent attention (DeepSeek-V3) does not run on the GPU yet",
         ));
     }
-    if cfg.moe.is_some() {
-        return Err(input_err("gpu", "mixture-of-experts layers do not run on the GPU yet"));
+    if let Some(m) = &cfg.moe {
+        if m.n_experts > launch_moe::MOE_MAX_EXPERTS || m.top_k > launch_moe::MOE_MAX_TOP_K {
+            return Err(input_err(
+                "gpu",
+                format!(
+                    "{} experts, top-{}: the GPU routing kernels take at most {} and {}",
+                    m.n_experts,
+                    m.top_k,
+                    launch_moe::MOE_MAX_EXPERTS,
+                    launch_moe::MOE_MAX_TOP_K
+                ),
+            ));
+        }
     }
     if cfg.head_dim > launch::ATTENTION_MAX_D {
         return Err(input_err(
@@ -80,6 +94,9 @@ pub struct GpuModel {
     precision: GpuPrecision,
     /// bf16 copies of the 2-D weights, by offset (bf16 precision only).
     weights_bf16: HashMap<usize, CudaSlice<u16>>,
+    /// Each mixture-of-experts layer's weights (experts stacked, bf16), by
+    /// the offset of its router.
+    moe: HashMap<usize, MoeWeights>,
     /// The model's config.
     pub config: ModelConfig,
     layout: Layout,
@@ -116,6 +133,21 @@ impl GpuModel {
                 weights_bf16.insert(e.slot.off, gpu.upload(&bits).map_err(cuda)?);
             }
         }
+        let mut moe = HashMap::new();
+        for l in &model.layout.layers {
+            if let FfnSlots::Moe {
+                router,
+                bias,
+                experts,
+                shared,
+            } = &l.ffn
+            {
+                moe.insert(
+                    router.off,
+                    upload_moe(&gpu, model, *router, *bias, experts, shared.as_ref())?,
+                );
+            }
+        }
         // Tied embeddings: the lm head slot is the embedding's, already uploaded.
         let rot = model.config.head_dim;
         let (cos, sin) = cpu::rope_table::<f32>(model.config.rope_theta, rot, model.config.max_position_embeddings);
@@ -125,6 +157,7 @@ impl GpuModel {
             gpu,
             precision,
             weights_bf16,
+            moe,
             config: model.config.clone(),
             layout: model.layout.clone(),
             weights,
@@ -589,10 +622,54 @@ impl GpuModel {
 
     /// Layer `s`'s MLP on `x [n, C]` (the output before the residual add).
     fn layer_mlp(&self, x: &CudaSlice<f32>, s: &LayerSlots, n: usize) -> Result<MlpOut> {
-        let FfnSlots::Dense(mlp) = &s.ffn else {
-            return Err(input_err("gpu", "only dense MLPs run on the GPU"));
-        };
         let c = self.config.hidden_size;
+        let mlp = match &s.ffn {
+            FfnSlots::Dense(mlp) => mlp,
+            FfnSlots::Moe { router, .. } => {
+                // The MoE layer (aha_cuda_kernels::moe_layer): routing and
+                // permutation on the device, bf16 grouped expert products.
+                let (ln2, ln2_rstd) = self.norm_rstd(x, s.ln2, n, c)?;
+                let (Some(m), Some(w)) = (&self.config.moe, self.moe.get(&router.off)) else {
+                    return Err(input_err("gpu", "a mixture-of-experts layer without its weights"));
+                };
+                let dims = MoeDims {
+                    n,
+                    c,
+                    e: m.n_experts,
+                    k: m.top_k,
+                    f: m.expert_dim,
+                    f_shared: m.n_shared * m.expert_dim,
+                    gating: match m.router {
+                        Router::SoftmaxTopK => MoeGating::Softmax {
+                            renorm: m.norm_topk_prob,
+                        },
+                        Router::SigmoidGroupLimited {
+                            n_group,
+                            topk_group,
+                            routed_scaling_factor,
+                        } => MoeGating::SigmoidGroup {
+                            n_group,
+                            topk_group,
+                            renorm: m.norm_topk_prob,
+                            scaling: routed_scaling_factor,
+                        },
+                    },
+                    math: MoeMath::TensorCores,
+                };
+                let mut buf = MoeBuffers::new(&self.gpu, dims).map_err(cuda)?;
+                let mut down = self.zeros(n * c)?;
+                moe_layer::moe_layer_forward(&self.gpu, &mut down, &ln2, w, &mut buf).map_err(cuda)?;
+                let empty = || self.zeros(1);
+                return Ok(MlpOut {
+                    ln2,
+                    ln2_rstd,
+                    gate: empty()?,
+                    up: empty()?,
+                    act: empty()?,
+                    down,
+                });
+            }
+        };
         let (ln2, ln2_rstd) = self.norm_rstd(x, s.ln2, n, c)?;
         let (gate, up) = (self.linear(&ln2, &mlp.gate, n)?, self.linear(&ln2, &mlp.up, n)?);
         let mut act = self.zeros(n * mlp.gate.out)?;
@@ -753,6 +830,12 @@ impl GpuModel {
                 "the backward runs in f32: upload the model with GpuPrecision::F32",
             ));
         }
+        if cfg.moe.is_some() {
+            return Err(input_err(
+                "gpu backward",
+                "mixture-of-experts layers run forward only on the GPU (the MoE layer's backward kernels exist, aha_cuda_kernels::moe_layer, but the model does not chain them yet)",
+            ));
+        }
         let acts = self.forward_acts(ids, b, t, true)?;
         let mut grads = self.zero_grads()?;
         // The head in vocabulary chunks (`aha_cuda_kernels::lmhead`): the
@@ -880,6 +963,43 @@ impl GpuModel {
     }
 }
 
+/// One MoE layer's weights on the device: the router (and DeepSeek-V3's
+/// correction bias) in f32, every expert's gate/up/down stacked `[E, F, C]`,
+/// `[E, F, C]`, `[E, C, F]` and the shared expert, in bf16.
+fn upload_moe(
+    gpu: &Gpu,
+    model: &Model,
+    router: Slot,
+    bias: Option<Slot>,
+    experts: &[MlpSlots],
+    shared: Option<&MlpSlots>,
+) -> Result<MoeWeights> {
+    let p = &model.params;
+    let bf16 = |parts: &mut dyn Iterator<Item = &[f32]>| -> Result<CudaSlice<u16>> {
+        let bits: Vec<u16> = parts.flatten().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        gpu.upload(&bits).map_err(cuda)
+    };
+    let stack = |pick: fn(&MlpSlots) -> Slot| bf16(&mut experts.iter().map(|e| pick(e).of(p)));
+    Ok(MoeWeights {
+        router: gpu.upload(router.of(p)).map_err(cuda)?,
+        bias: match bias {
+            Some(b) => Some(gpu.upload(b.of(p)).map_err(cuda)?),
+            None => None,
+        },
+        w_gate: stack(|e| e.gate.w)?,
+        w_up: stack(|e| e.up.w)?,
+        w_down: stack(|e| e.down.w)?,
+        shared: match shared {
+            Some(s) => Some([
+                bf16(&mut std::iter::once(s.gate.w.of(p)))?,
+                bf16(&mut std::iter::once(s.up.w.of(p)))?,
+                bf16(&mut std::iter::once(s.down.w.of(p)))?,
+            ]),
+            None => None,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -889,7 +1009,7 @@ mod tests {
     }
 
     #[test]
-    fn dense_gqa_models_are_supported_and_others_refused_with_reasons() {
+    fn gqa_models_are_supported_and_others_refused_with_reasons() {
         let dense = cfg(
             r#"{"model_type": "qwen2", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
             "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}"#,
@@ -900,9 +1020,12 @@ mod tests {
             "moe_intermediate_size": 8, "num_experts": 4, "num_experts_per_tok": 2,
             "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4}"#,
         );
-        assert!(gpu_support(&moe)
-            .unwrap_err()
-            .to_string()
-            .contains("mixture-of-experts"));
+        assert!(gpu_support(&moe).is_ok());
+        let too_many = cfg(
+            r#"{"model_type": "qwen3_moe", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+            "moe_intermediate_size": 8, "num_experts": 2048, "num_experts_per_tok": 2,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4}"#,
+        );
+        assert!(gpu_support(&too_many).unwrap_err().to_string().contains("2048 experts"));
     }
 }

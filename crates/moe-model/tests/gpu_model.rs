@@ -100,10 +100,47 @@ fn gpu_forward_matches_the_cpu_cuda() {
 
 #[test]
 fn models_the_gpu_path_does_not_take_are_refused_by_name() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen3-moe-tiny");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/deepseek-v3-tiny");
     let m = Model::load(&dir).unwrap();
     let err = aha_moe_model::gpu::gpu_support(&m.config).unwrap_err().to_string();
-    assert!(err.contains("mixture-of-experts"), "{err}");
+    assert!(err.contains("latent attention"), "{err}");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen3-moe-tiny");
+    assert!(aha_moe_model::gpu::gpu_support(&Model::load(&dir).unwrap().config).is_ok());
+}
+
+/// Qwen3-MoE forward on the GPU (the MoE layer of aha_cuda_kernels: device
+/// routing in f32, bf16 expert products with f32 accumulation) against the
+/// f32 CPU model: the router sees the same f32 inputs, so the same experts
+/// are chosen; the experts' bf16 rounding (2^-8 relative per product) moves
+/// the log-probs by a few hundredths of a nat. Also the cached greedy
+/// decoding and the refusal of the backward (forward only for MoE).
+#[test]
+fn gpu_moe_forward_stays_near_the_cpu_cuda() {
+    if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
+        eprintln!("gpu_moe_forward_stays_near_the_cpu_cuda: skipped: no GPU ({reason})");
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen3-moe-tiny");
+    let model = Model::load(&dir).unwrap();
+    let gpu = GpuModel::upload(&model, 0).unwrap();
+    let (b, t) = (2, 11);
+    let v = model.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..b * t).map(|i| (i as u32).wrapping_mul(2_654_435_761) % v).collect();
+    let targets: Vec<u32> = ids.iter().map(|&x| (x + 1) % v).collect();
+    let acts = model.forward(&ids, b, t).unwrap();
+    let (lp, _) = model.token_logprobs(&acts, &targets).unwrap();
+    let (glp, _) = gpu.token_logprobs(&ids, b, t, &targets).unwrap();
+    let worst = lp.iter().zip(&glp).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    eprintln!("qwen3-moe-tiny on the GPU: worst |logp - CPU logp| = {worst}");
+    assert!(worst < 0.1, "MoE log-probs moved by {worst} nats");
+    let logits = gpu.logits(&ids, b, t).unwrap();
+    assert_eq!(logits.len(), b * t * v as usize);
+    let mut cache = gpu.new_cache().unwrap();
+    let step = gpu.forward_cached(&ids[..5], &mut cache).unwrap();
+    assert_eq!(step.len(), v as usize);
+    assert!(gpu.greedy(&ids[..5], 6).unwrap().len() >= 5);
+    let err = gpu.backward(&ids, b, t, &targets, &lp).unwrap_err().to_string();
+    assert!(err.contains("forward only"), "{err}");
 }
 
 /// bf16 products (weights and linear-layer inputs rounded to bf16, f32
