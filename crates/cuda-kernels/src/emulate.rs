@@ -279,6 +279,20 @@ pub fn numbers<T: Copy + Into<f64>>(xs: &[T]) -> String {
     s
 }
 
+/// For tests: `program` compiled, or `Ok(None)` after printing
+/// "`test`: skipped: ..." when no C++ compiler exists and none is
+/// [`required`]; any other failure is an error.
+pub fn emulator_for_test(test: &str, program: &str) -> Result<Option<Emulator>, EmulateError> {
+    match Emulator::build(program) {
+        Ok(e) => Ok(Some(e)),
+        Err(EmulateError::NoCompiler(why)) if !required() => {
+            eprintln!("{test}: skipped: {why}");
+            Ok(None)
+        }
+        Err(other) => Err(other),
+    }
+}
+
 /// Whether tests must fail instead of skipping when no compiler is found
 /// (`AHA_REQUIRE_EMULATOR=1`, set by `scripts/test.sh`).
 pub fn required() -> bool {
@@ -300,13 +314,8 @@ mod tests {
 
     #[test]
     fn the_advantage_kernel_runs_on_the_cpu() {
-        let e = match Emulator::build("lmhead_grpo") {
-            Ok(e) => e,
-            Err(EmulateError::NoCompiler(why)) if !required() => {
-                eprintln!("the_advantage_kernel_runs_on_the_cpu: skipped: {why}");
-                return;
-            }
-            Err(other) => panic!("{other}"),
+        let Some(e) = emulator_for_test("the_advantage_kernel_runs_on_the_cpu", "lmhead_grpo").unwrap() else {
+            return;
         };
         // Two groups of three: (1, 0, 1) and (0.5, 0.5, 0.5).
         let out = e.run("adv 6 3 0 1 0 1 0.5 0.5 0.5").unwrap();

@@ -34,6 +34,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::device::Gpu;
 use crate::error::{DriverContext, Error, Result};
+use crate::launch::{check_lens, to_i32};
 use crate::registry::KernelId;
 
 /// Widest query/key and value head the flash kernels take.
@@ -263,10 +264,6 @@ fn to_u32(op: &'static str, what: &str, x: usize) -> Result<u32> {
     u32::try_from(x).map_err(|_| bad(op, format!("{what} = {x} exceeds the grid")))
 }
 
-fn to_i32(op: &'static str, what: &str, x: usize) -> Result<i32> {
-    i32::try_from(x).map_err(|_| bad(op, format!("{what} = {x} does not fit the kernel's int")))
-}
-
 fn check_heads(op: &'static str, h: usize, hk: usize, dk: usize, dv: usize) -> Result<FlashVariant> {
     if hk == 0 || h == 0 || !h.is_multiple_of(hk) {
         return Err(bad(
@@ -282,15 +279,6 @@ fn check_heads(op: &'static str, h: usize, hk: usize, dk: usize, dv: usize) -> R
 }
 
 /// Checks `(name, have, want)`: every buffer must hold at least `want`.
-fn check_at_least(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {
-    for &(name, have, want) in lens {
-        if have < want {
-            return Err(bad(op, format!("{name} holds {have} elements, needs {want}")));
-        }
-    }
-    Ok(())
-}
-
 /// Checks a varlen call's sizes and buffer lengths (`q`, `k`, `v`,
 /// `cu_seqlens`, `out`, `lse`, in that order; longer buffers are fine) and
 /// returns its launch plan, or `None` when there is nothing to do.
@@ -327,7 +315,7 @@ pub fn plan_flash(g: &FlashGeometry, lens: [usize; 6]) -> Result<Option<FlashPla
     ];
     let names = ["q", "k", "v", "cu_seqlens", "out", "lse"];
     let checks: Vec<(&str, usize, usize)> = names.iter().zip(lens).zip(want).map(|((n, l), w)| (*n, l, w)).collect();
-    check_at_least(OP, &checks)?;
+    check_lens(OP, &checks)?;
     // Every index the kernels form fits an i32 row count times a width.
     for (what, x) in [("total", total), ("h * total", h * total)] {
         to_i32(OP, what, x)?;
@@ -475,7 +463,7 @@ pub fn flash_backward_bf16(
     let Some(p) = plan_flash(g, lens)? else {
         return Ok(());
     };
-    check_at_least(
+    check_lens(
         OP,
         &[
             ("dq", dq.len(), g.total * g.h * g.dk),
@@ -689,7 +677,7 @@ pub fn plan_flash_decode(g: &PagedGeometry, lens: [usize; 8]) -> Result<Option<D
         "lse",
     ];
     let checks: Vec<(&str, usize, usize)> = names.iter().zip(lens).zip(want).map(|((n, l), w)| (*n, l, w)).collect();
-    check_at_least(OP, &checks)?;
+    check_lens(OP, &checks)?;
     for (what, x) in [
         ("num_blocks * block_size", num_blocks * block_size),
         ("max_blocks", max_blocks),

@@ -35,19 +35,23 @@ fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()
     Ok(())
 }
 
-fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {
+/// Every `(buffer, holds, needs)` holds at least what it needs, else an
+/// error naming the first that does not (shared by every launcher module).
+pub(crate) fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {
     lens.iter()
         .try_for_each(|&(what, got, want)| check_len(op, what, got, want))
 }
 
-fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
+/// `v` as the kernel's `int`, or an error naming it.
+pub(crate) fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::InvalidArgument {
         op,
         msg: format!("{what} = {v} does not fit the kernel's int"),
     })
 }
 
-fn mul(op: &'static str, a: usize, b: usize) -> Result<usize> {
+/// `a * b`, or an error when it overflows.
+pub(crate) fn mul(op: &'static str, a: usize, b: usize) -> Result<usize> {
     a.checked_mul(b).ok_or_else(|| Error::InvalidArgument {
         op,
         msg: format!("{a} * {b} elements overflow"),
@@ -55,7 +59,7 @@ fn mul(op: &'static str, a: usize, b: usize) -> Result<usize> {
 }
 
 /// Grid-stride geometry for `n` elements: 256 threads a block, at most 65536 blocks.
-fn grid_1d(n: u64) -> LaunchConfig {
+pub(crate) fn grid_1d(n: u64) -> LaunchConfig {
     let blocks = n.div_ceil(u64::from(BLOCK)).clamp(1, MAX_GRID) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),

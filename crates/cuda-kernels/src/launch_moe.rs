@@ -22,6 +22,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::device::Gpu;
 use crate::error::{DriverContext, Error, Result};
+use crate::launch::{check_lens, grid_1d, mul, to_i32};
 use crate::registry::KernelId;
 
 /// Most experts the routing and counting kernels take (shared-memory bitmasks).
@@ -34,9 +35,6 @@ pub const MOE_TILE_ROWS: usize = 64;
 const MOE_TILE_COLS: usize = 64;
 /// The largest grid.y of a launch.
 const MAX_GRID_Y: usize = 65535;
-/// Threads per block of the element-wise kernels; their grid cap.
-const BLOCK: u32 = 256;
-const MAX_GRID: u64 = 1 << 16;
 
 /// How a router picks experts (the kernels' `aha_moe_model::Router` and
 /// `norm_topk_prob`).
@@ -89,33 +87,6 @@ impl MoeGating {
 
 fn bad(op: &'static str, msg: String) -> Error {
     Error::InvalidArgument { op, msg }
-}
-
-fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {
-    for &(what, got, want) in lens {
-        if got < want {
-            return Err(bad(op, format!("{what} holds {got} elements, needs {want}")));
-        }
-    }
-    Ok(())
-}
-
-fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| bad(op, format!("{what} = {v} does not fit the kernel's int")))
-}
-
-fn mul(op: &'static str, a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b)
-        .ok_or_else(|| bad(op, format!("{a} * {b} elements overflow")))
-}
-
-fn grid_1d(n: u64) -> LaunchConfig {
-    let blocks = n.div_ceil(u64::from(BLOCK)).clamp(1, MAX_GRID) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 fn check_experts(op: &'static str, e: usize, k: usize) -> Result<()> {

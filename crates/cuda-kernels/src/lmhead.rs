@@ -25,7 +25,7 @@ use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
 use crate::blas::{matmul_bf16_f32out, matmul_f32, MatmulShape};
 use crate::device::Gpu;
 use crate::error::{DriverContext, Error, Result};
-use crate::launch::cast_f32_to_bf16;
+use crate::launch::{cast_f32_to_bf16, check_lens};
 use crate::registry::KernelId;
 
 /// Default byte budget of the chunk buffer: 256 MiB.
@@ -117,18 +117,6 @@ pub fn plan_lm_head(n: usize, c: usize, v: usize, temperature: f32, budget_bytes
     })
 }
 
-fn check(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {
-    for &(what, got, want) in lens {
-        if got < want {
-            return Err(Error::InvalidArgument {
-                op,
-                msg: format!("{what} holds {got} elements, needs {want}"),
-            });
-        }
-    }
-    Ok(())
-}
-
 fn check_targets(op: &'static str, targets: &[u32], v: usize) -> Result<()> {
     match targets.iter().position(|&t| t as usize >= v) {
         Some(i) => Err(Error::InvalidArgument {
@@ -213,7 +201,7 @@ pub fn lm_head_logprob_forward_f32(
     const OP: &str = "lm_head_logprob_forward_f32";
     let (n, c, v) = (p.n, p.c, p.v);
     let (hidden_len, weight_len) = x.lens();
-    check(
+    check_lens(
         OP,
         &[
             ("logp", logp.len(), n),
@@ -298,7 +286,7 @@ pub fn lm_head_logprob_backward_f32(
     const OP: &str = "lm_head_logprob_backward_f32";
     let (n, c, v) = (p.n, p.c, p.v);
     let (hidden_len, weight_len) = x.lens();
-    check(
+    check_lens(
         OP,
         &[
             ("dhidden", dhidden.len(), n * c),

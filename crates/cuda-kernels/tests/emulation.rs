@@ -14,16 +14,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use aha_cuda_kernels::emulate::{self, EmulateError, Emulator};
+use aha_cuda_kernels::emulate;
 
 fn run_self_checking(test: &str, program: &str, ok_marker: &str) {
-    let e = match Emulator::build(program) {
-        Ok(e) => e,
-        Err(EmulateError::NoCompiler(why)) if !emulate::required() => {
-            eprintln!("{test}: skipped: {why}");
-            return;
-        }
-        Err(other) => panic!("{test}: {other}"),
+    let Some(e) = emulate::emulator_for_test(test, program).unwrap_or_else(|err| panic!("{test}: {err}")) else {
+        return;
     };
     let out = e.run_raw("").unwrap_or_else(|err| panic!("{test}: {err}"));
     eprintln!("{out}");

@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use aha_cuda_kernels::emulate::{self, numbers, EmulateError, Emulator};
+use aha_cuda_kernels::emulate::{self, numbers, Emulator};
 use aha_cuda_kernels::grpo::GrpoLossInputs;
 use aha_cuda_kernels::Gpu;
 use aha_grpo::gpu::{compute_advantages_device, estimator_code, grpo_loss_device, loss_params};
@@ -195,14 +195,7 @@ fn on_emulator(e: &Emulator, x: &Batch, cfg: &LossConfig) -> LossOutput {
 /// The emulator, or `None` (test skipped) where no C++ compiler exists and
 /// none is required.
 fn emulator_or_skip(test: &str) -> Option<Emulator> {
-    match Emulator::build("lmhead_grpo") {
-        Ok(e) => Some(e),
-        Err(EmulateError::NoCompiler(why)) if !emulate::required() => {
-            eprintln!("{test}: skipped: {why}");
-            None
-        }
-        Err(other) => panic!("{test}: {other}"),
-    }
+    emulate::emulator_for_test(test, "lmhead_grpo").unwrap_or_else(|e| panic!("{test}: {e}"))
 }
 
 fn compare(tag: &str, gpu: &LossOutput, want: &LossOutput, tol: f64) {

@@ -126,14 +126,9 @@ fn gpu_sampling_matches_the_cpu_twin_cuda() {
 /// block per row), against the twin; a NaN row reports token -1.
 #[test]
 fn sampling_kernel_matches_the_cpu_twin_emulated() {
-    use aha_cuda_kernels::emulate::{self, numbers, EmulateError, Emulator};
-    let e = match Emulator::build("core") {
-        Ok(e) => e,
-        Err(EmulateError::NoCompiler(why)) if !emulate::required() => {
-            eprintln!("sampling_kernel_matches_the_cpu_twin_emulated: skipped: {why}");
-            return;
-        }
-        Err(other) => panic!("{other}"),
+    use aha_cuda_kernels::emulate::{self, numbers};
+    let Some(e) = emulate::emulator_for_test("sampling_kernel_matches_the_cpu_twin_emulated", "core").unwrap() else {
+        return;
     };
     let run = |logits: &[f32], rows: usize, v: usize, u: &[f64], p: &SampleParams| -> Vec<Drawn> {
         let job = format!(

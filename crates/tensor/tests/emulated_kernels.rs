@@ -14,19 +14,12 @@
 
 mod common;
 
-use aha_cuda_kernels::emulate::{self, numbers, EmulateError, Emulator};
+use aha_cuda_kernels::emulate::{self, numbers, Emulator};
 use aha_tensor::cpu::{self, AttnShape, RopeLayout, RopeShape};
 use common::{assert_close, rand_vec, to_f32};
 
 fn core_or_skip(test: &str) -> Option<Emulator> {
-    match Emulator::build("core") {
-        Ok(e) => Some(e),
-        Err(EmulateError::NoCompiler(why)) if !emulate::required() => {
-            eprintln!("{test}: skipped: {why}");
-            None
-        }
-        Err(other) => panic!("{test}: {other}"),
-    }
+    emulate::emulator_for_test(test, "core").unwrap_or_else(|e| panic!("{test}: {e}"))
 }
 
 /// Seeded values that are exact f32s.

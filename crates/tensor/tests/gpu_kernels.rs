@@ -829,14 +829,9 @@ twin_tests!(check_token_logprob, token_logprob_cpu, token_logprob_cuda);
 /// (masked vocabulary), rows shorter than the block, and a NaN row.
 #[test]
 fn token_logprob_emulated() {
-    use aha_cuda_kernels::emulate::{self, numbers, EmulateError, Emulator};
-    let e = match Emulator::build("lmhead_grpo") {
-        Ok(e) => e,
-        Err(EmulateError::NoCompiler(why)) if !emulate::required() => {
-            eprintln!("token_logprob_emulated: skipped: {why}");
-            return;
-        }
-        Err(other) => panic!("{other}"),
+    use aha_cuda_kernels::emulate::{self, numbers};
+    let Some(e) = emulate::emulator_for_test("token_logprob_emulated", "lmhead_grpo").unwrap() else {
+        return;
     };
     let mut rng = StdRng::seed_from_u64(43);
     for (i, &(n, v)) in [(1usize, 1usize), (3, 255), (5, 257), (4, 5000)].iter().enumerate() {

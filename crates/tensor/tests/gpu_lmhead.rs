@@ -274,14 +274,9 @@ fn memory_at_grpo_scale_measured_cuda() {
 /// where no C++ compiler exists and `AHA_REQUIRE_EMULATOR` is not 1.
 #[test]
 fn lm_head_logprob_emulated() {
-    use aha_cuda_kernels::emulate::{self, numbers, EmulateError, Emulator};
-    let e = match Emulator::build("lmhead_grpo") {
-        Ok(e) => e,
-        Err(EmulateError::NoCompiler(why)) if !emulate::required() => {
-            eprintln!("lm_head_logprob_emulated: skipped: {why}");
-            return;
-        }
-        Err(other) => panic!("{other}"),
+    use aha_cuda_kernels::emulate::{self, numbers};
+    let Some(e) = emulate::emulator_for_test("lm_head_logprob_emulated", "lmhead_grpo").unwrap() else {
+        return;
     };
     for (i, &(n, c, v, budget, temp)) in CASES.iter().enumerate() {
         let plan = plan_lm_head(n, c, v, temp, budget).unwrap();

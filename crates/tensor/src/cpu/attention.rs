@@ -41,7 +41,8 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    fn check(&self, op: &'static str) -> Result<()> {
+    /// `h` a multiple of `hk` (> 0), else an error naming `op`.
+    pub(crate) fn check(&self, op: &'static str) -> Result<()> {
         if self.hk == 0 || !self.h.is_multiple_of(self.hk) {
             return Err(Error::InvalidArgument {
                 op,

@@ -42,16 +42,7 @@ pub struct FlashShape {
 
 impl FlashShape {
     fn check(&self, op: &'static str) -> Result<()> {
-        if self.hk == 0 || !self.h.is_multiple_of(self.hk) {
-            return Err(Error::InvalidArgument {
-                op,
-                msg: format!(
-                    "{} query heads are not a multiple of {} key/value heads",
-                    self.h, self.hk
-                ),
-            });
-        }
-        Ok(())
+        self.attn(1).check(op)
     }
 
     fn attn(&self, t: usize) -> AttnShape {
