@@ -29,6 +29,33 @@
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (unsigned long long)gridDim.x * blockDim.x)
 
+// One element of the update (shared by both AdamW kernels); returns the new
+// parameter.
+__device__ __forceinline__ float aha_adamw_one(
+    float* __restrict__ params,
+    float* __restrict__ m,
+    float* __restrict__ v,
+    const float* __restrict__ grads,
+    unsigned long long i,
+    float b1,
+    float b2,
+    float ob1,
+    float ob2,
+    float decay,
+    float step,
+    float inv_bc2_sqrt,
+    float eps)
+{
+    const float g = grads[i];
+    const float mi = b1 * m[i] + ob1 * g;
+    const float vi = b2 * v[i] + ob2 * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    const float p = params[i] * decay - step * mi / (sqrtf(vi) * inv_bc2_sqrt + eps);
+    params[i] = p;
+    return p;
+}
+
 extern "C" __global__ void adamw_f32(
     float* __restrict__ params,
     float* __restrict__ m,
@@ -45,12 +72,36 @@ extern "C" __global__ void adamw_f32(
     float eps)
 {
     AHA_GRID_STRIDE(i, n) {
-        const float g = grads[i];
-        const float mi = b1 * m[i] + ob1 * g;
-        const float vi = b2 * v[i] + ob2 * g * g;
-        m[i] = mi;
-        v[i] = vi;
-        params[i] = params[i] * decay - step * mi / (sqrtf(vi) * inv_bc2_sqrt + eps);
+        aha_adamw_one(params, m, v, grads, i, b1, b2, ob1, ob2, decay, step, inv_bc2_sqrt, eps);
+    }
+}
+
+// adamw_f32 that also writes the bf16 copy of each updated parameter
+// (round to nearest even, NaN kept quiet: as cast_f32_to_bf16), so the copy
+// the bf16 products read is refreshed by the same pass over the weights.
+// Shapes: params, m, v, grads [n] f32; copy [n] bf16 bits.
+// CPU twin: aha_tensor::cpu::adamw_step, then half::bf16::from_f32.
+extern "C" __global__ void adamw_copy_bf16_f32(
+    float* __restrict__ params,
+    float* __restrict__ m,
+    float* __restrict__ v,
+    unsigned short* __restrict__ copy,
+    const float* __restrict__ grads,
+    unsigned long long n,
+    float b1,
+    float b2,
+    float ob1,
+    float ob2,
+    float decay,
+    float step,
+    float inv_bc2_sqrt,
+    float eps)
+{
+    AHA_GRID_STRIDE(i, n) {
+        const float p = aha_adamw_one(params, m, v, grads, i, b1, b2, ob1, ob2, decay, step, inv_bc2_sqrt, eps);
+        const unsigned int u = __float_as_uint(p);
+        copy[i] = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x0040u)
+                                                  : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     }
 }
 

@@ -1,21 +1,41 @@
-//! `aha bench train`: full training steps (forward, backward, AdamW) on a
-//! randomly initialised model, reported as one JSON line.
+//! `aha bench train`: full training steps (forward, the lm head's log-probs
+//! of every next token, backward, clipping, AdamW) on a randomly
+//! initialised model, on the CPU or a GPU, reported as one JSON line.
 
 use std::path::Path;
 use std::time::Instant;
 
-use aha_moe_model::{Model, ModelConfig};
-use aha_tensor::cpu::{adamw_step, AdamW};
+use aha_moe_model::{Model, ModelConfig, Policy, Precision};
+use aha_tensor::cpu::AdamW;
+use aha_tensor::{Device, Tensor};
 use anyhow::{Context, Result};
 
 /// Options of one training benchmark.
 pub struct TrainBench<'a> {
+    pub place: &'a crate::Placement,
     pub config: &'a Path,
     pub batch: usize,
     pub seq: usize,
     pub steps: usize,
     pub warmup: usize,
     pub seed: u64,
+}
+
+/// Dense peak of the device for MFU, FLOP/s: an H100 SXM's bf16 tensor-core
+/// (989e12) or f32 (67e12) rate; `None` elsewhere (the CPU's ceiling is
+/// measured by `cargo bench --bench cpu_ops`, not assumed).
+fn peak_flops(device: Device, precision: Precision) -> Option<f64> {
+    let Device::Cuda(i) = device else {
+        return None;
+    };
+    let gpu = aha_cuda_kernels::Gpu::get(i).ok()?;
+    if gpu.is_emulated() || !gpu.name().contains("H100") {
+        return None;
+    }
+    Some(match precision {
+        Precision::Bf16 => 989e12,
+        Precision::F32 => 67e12,
+    })
 }
 
 /// Runs the benchmark and returns its JSON line.
@@ -25,9 +45,12 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
         "need --batch >= 1, --seq >= 2, --steps >= 1"
     );
     let cfg = ModelConfig::from_path(o.config).with_context(|| format!("reading {}", o.config.display()))?;
+    let (device, precision) = o.place.resolve(&cfg)?;
     let model_type = format!("{:?}", cfg.arch);
-    let mut model = Model::random(cfg, o.seed, 0.02);
+    let model = Model::random(cfg, o.seed, 0.02);
+    let flops_per_token = model.forward_flops_per_token(o.seq);
     let v = model.config.vocab_size as u64;
+    let mut policy = Policy::new(model, device, precision)?;
     let n = o.batch * o.seq;
     let mut state = o.seed ^ 0x5eed;
     let ids: Vec<u32> = (0..n)
@@ -38,17 +61,16 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
             ((state >> 33) % v) as u32
         })
         .collect();
-    let mut targets = vec![0u32; n];
-    let mut dlogp = vec![0f32; n];
-    let count = (o.batch * (o.seq - 1)) as f32;
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
     for r in 0..o.batch {
         for i in 0..o.seq - 1 {
-            targets[r * o.seq + i] = ids[r * o.seq + i + 1];
-            dlogp[r * o.seq + i] = -1.0 / count;
+            rows.push((r * o.seq + i) as u32);
+            targets.push(ids[r * o.seq + i + 1]);
         }
     }
-    let p = model.params.len();
-    let (mut grads, mut m, mut vv) = (vec![0f32; p], vec![0f32; p], vec![0f32; p]);
+    let count = rows.len();
+    let dlogp = Tensor::from_vec(vec![-1.0 / count as f32; count], count, device)?;
+    let mut moments = policy.new_moments()?;
     let opt = AdamW {
         lr: 1e-3,
         ..AdamW::default()
@@ -57,17 +79,17 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
     let mut losses = Vec::new();
     for step in 0..o.warmup + o.steps {
         let t0 = Instant::now();
-        grads.fill(0.0);
-        let acts = model.forward(&ids, o.batch, o.seq)?;
-        let (logp, lse) = model.token_logprobs(&acts, &targets)?;
+        policy.zero_grad()?;
+        let fwd = policy.forward(&ids, o.batch, o.seq)?;
+        let scores = policy.score(&fwd, &rows, &targets, 1.0)?;
+        let logp = scores.logp.to_vec::<f32>()?;
         let t1 = Instant::now();
-        model.backward(&acts, &targets, &lse, &dlogp, &mut grads)?;
-        drop(acts);
+        policy.backward(fwd, &scores, &dlogp, None, 0.0)?;
+        policy.synchronize()?;
         let t2 = Instant::now();
-        adamw_step(&mut model.params, &grads, &mut m, &mut vv, &opt, (step + 1) as u64)?;
+        policy.optimizer_step(&mut moments, &opt, (step + 1) as u64, 1.0)?;
         let t3 = Instant::now();
-        let loss: f64 = logp.iter().zip(&dlogp).map(|(&l, &d)| (l * d) as f64).sum();
-        losses.push(loss);
+        losses.push(-logp.iter().map(|&l| l as f64).sum::<f64>() / count as f64);
         if step >= o.warmup {
             t_fwd += (t1 - t0).as_secs_f64();
             t_bwd += (t2 - t1).as_secs_f64();
@@ -76,19 +98,23 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
     }
     let total = t_fwd + t_bwd + t_opt;
     let tokens = (n * o.steps) as f64;
-    let flops = 3.0 * model.forward_flops_per_token(o.seq) * tokens;
+    let flops = 3.0 * flops_per_token * tokens;
     let ms = |s: f64| s * 1e3 / o.steps as f64;
+    let peak = peak_flops(device, precision);
     Ok(serde_json::json!({
         "bench": "train",
         "config": o.config.display().to_string(),
         "model_type": model_type,
-        "params": p,
+        "device": device.to_string(),
+        "precision": precision.to_string(),
+        "params": policy.num_params(),
         "batch": o.batch,
         "seq": o.seq,
         "steps": o.steps,
         "threads": rayon::current_num_threads(),
         "tokens_per_s": tokens / total,
         "gflops": flops / total / 1e9,
+        "mfu": peak.map(|p| flops / total / p),
         "step_ms": ms(total),
         "forward_ms": ms(t_fwd),
         "backward_ms": ms(t_bwd),

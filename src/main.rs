@@ -24,6 +24,36 @@ struct Cli {
     command: Command,
 }
 
+/// Where a command computes: `--device` and `--precision`, resolved once
+/// per run by `aha_moe_model::resolve_device`.
+#[derive(clap::Args, Clone)]
+struct Placement {
+    /// cpu, cuda, cuda:N or auto (the GPU when one is present and takes the model).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// f32, or bf16 on a GPU (bf16 products; f32 master weights, moments and reductions).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+}
+
+impl Placement {
+    fn resolve(&self, cfg: &aha_moe_model::ModelConfig) -> Result<(aha_tensor::Device, aha_moe_model::Precision)> {
+        let precision: aha_moe_model::Precision = self.precision.parse()?;
+        Ok((aha_moe_model::resolve_device(&self.device, cfg, precision)?, precision))
+    }
+}
+
+/// `--device` / `--precision` that override a TOML config's keys.
+#[derive(clap::Args, Clone)]
+struct PlacementOverride {
+    /// cpu, cuda, cuda:N or auto [default: the config's, else auto].
+    #[arg(long)]
+    device: Option<String>,
+    /// f32 or bf16 [default: the config's, else f32].
+    #[arg(long)]
+    precision: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// The main job: R1-Zero at toy scale on the CPU (pretrain a small MoE,
@@ -53,6 +83,8 @@ enum Command {
         /// Operand width of addition and multiplication (1-4).
         #[arg(long, default_value_t = 2)]
         digits: usize,
+        #[command(flatten)]
+        place: Placement,
     },
     /// Print the compute devices and whether NVRTC is available, as one JSON line.
     Info {
@@ -149,6 +181,8 @@ enum Command {
         /// Operand width (1-4).
         #[arg(long, default_value_t = 2)]
         digits: usize,
+        #[command(flatten)]
+        place: Placement,
     },
     /// GRPO on a Hugging Face model and a JSONL math set, from a TOML config
     /// (see crates/trainer/README.md); flags override the file.
@@ -195,6 +229,8 @@ enum Command {
         /// Continue from the run folder's latest checkpoint.
         #[arg(long)]
         resume: bool,
+        #[command(flatten)]
+        place: PlacementOverride,
     },
     /// Supervised fine-tuning on JSONL prompt/completion (or messages) pairs,
     /// loss on completion tokens only; saves the result in HF layout.
@@ -226,6 +262,8 @@ enum Command {
         /// Seed [default: 0].
         #[arg(long)]
         seed: Option<u64>,
+        #[command(flatten)]
+        place: PlacementOverride,
     },
     /// k samples per problem; keep the correct, well-formatted, same-language,
     /// length-bounded ones as SFT JSONL.
@@ -254,6 +292,10 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Checked like the training commands' flags; sampling runs on the
+        /// CPU engine over the model's weights.
+        #[command(flatten)]
+        place: Placement,
     },
     /// Teacher writes traces, a student learns them by SFT; both evaluated.
     Distill {
@@ -290,6 +332,9 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where the student trains (the teacher samples on the CPU engine).
+        #[command(flatten)]
+        place: Placement,
     },
     /// Evaluate on a math set (JSONL: GSM8K, MATH-500, AIME, AMC field names or
     /// prompt/answer): pass@1 over k samples, pass@k, cons@k; one JSON line.
@@ -324,6 +369,10 @@ enum Command {
         /// Per-problem results as JSONL.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Checked like the training commands' flags; sampling runs on the
+        /// CPU engine over the model's weights.
+        #[command(flatten)]
+        place: Placement,
     },
     /// Benchmarks, each printing one JSON line.
     Bench {
@@ -372,6 +421,8 @@ enum BenchCommand {
         /// Seed of the random weights and tokens.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[command(flatten)]
+        place: Placement,
     },
 }
 
@@ -429,6 +480,7 @@ fn main() -> Result<()> {
             save_every,
             task,
             digits,
+            place,
         } => {
             let spec = aha_trainer::toy::TaskSpec { task, digits };
             let cfg = match config {
@@ -445,7 +497,17 @@ fn main() -> Result<()> {
                 t => format!("{}-digit {}", cfg.digits, t.name()),
             };
             eprintln!("aha demo: R1-Zero on {what}; run folder {}", out.display());
-            let opts = aha_trainer::RunOptions { resume, save_every };
+            let mcfg = aha_moe_model::ModelConfig::from_json_str(
+                &cfg.model_config_json().to_string(),
+                std::path::Path::new("<demo model config>"),
+            )?;
+            let (device, precision) = place.resolve(&mcfg)?;
+            let opts = aha_trainer::RunOptions {
+                resume,
+                save_every,
+                device,
+                precision,
+            };
             let mut p = Progress::new();
             let s = aha_trainer::run_demo_with(&cfg, &out, opts, &mut |line| p.line(line))?;
             p.finish();
@@ -485,6 +547,7 @@ fn main() -> Result<()> {
             seed,
             dynamic_sampling,
             resume,
+            place,
         } => {
             let mut cfg = match &config {
                 Some(p) => {
@@ -505,6 +568,8 @@ fn main() -> Result<()> {
             cfg.save_every = save_every.unwrap_or(cfg.save_every);
             cfg.seed = seed.unwrap_or(cfg.seed);
             cfg.dynamic_sampling |= dynamic_sampling;
+            cfg.device = place.device.unwrap_or(cfg.device);
+            cfg.precision = place.precision.unwrap_or(cfg.precision);
             let mut p = Progress::new();
             let m = aha_trainer::grpo_run::run_grpo(&cfg, resume, &mut |l| p.line(l))?;
             p.finish();
@@ -521,6 +586,7 @@ fn main() -> Result<()> {
             batch,
             lr,
             seed,
+            place,
         } => {
             let mut cfg = match &config {
                 Some(p) => {
@@ -537,6 +603,8 @@ fn main() -> Result<()> {
             cfg.batch = batch.unwrap_or(cfg.batch);
             cfg.learning_rate = lr.unwrap_or(cfg.learning_rate);
             cfg.seed = seed.unwrap_or(cfg.seed);
+            cfg.device = place.device.unwrap_or(cfg.device);
+            cfg.precision = place.precision.unwrap_or(cfg.precision);
             let loss = aha_trainer::sft_run::run_sft_config(&cfg)?;
             println!(
                 "{}",
@@ -553,7 +621,9 @@ fn main() -> Result<()> {
             max_new_tokens,
             language,
             seed,
+            place,
         } => {
+            place.resolve(&aha_moe_model::ModelConfig::from_path(&model)?)?;
             let o = aha_trainer::sft_run::RejectionOptions {
                 k,
                 max_new_tokens,
@@ -580,7 +650,10 @@ fn main() -> Result<()> {
             steps,
             lr,
             seed,
+            place,
         } => {
+            place.resolve(&aha_moe_model::ModelConfig::from_path(&student)?)?;
+            let precision: aha_moe_model::Precision = place.precision.parse()?;
             let o = aha_trainer::sft_run::RejectionOptions {
                 k,
                 max_new_tokens,
@@ -592,7 +665,17 @@ fn main() -> Result<()> {
                 seed,
             };
             let r = aha_trainer::sft_run::run_distill(
-                &teacher, &student, &train, &test, &template, &o, steps, lr, 4, &out,
+                &teacher,
+                &student,
+                &train,
+                &test,
+                &template,
+                &o,
+                steps,
+                lr,
+                4,
+                &out,
+                (&place.device, precision),
             )?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
@@ -603,9 +686,15 @@ fn main() -> Result<()> {
             seed,
             task,
             digits,
+            place,
         } => {
             let mut cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
             cfg.demo = cfg.demo.with_task(aha_trainer::toy::TaskSpec { task, digits })?;
+            let mcfg = aha_moe_model::ModelConfig::from_json_str(
+                &cfg.demo.model_config_json().to_string(),
+                std::path::Path::new("<pipeline model config>"),
+            )?;
+            (cfg.device, cfg.precision) = place.resolve(&mcfg)?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/pipeline-{seed}")));
             let mut p = Progress::new();
             let rows = aha_trainer::pipeline::run_pipeline(&cfg, &out, &mut |l| p.line(l))?;
@@ -633,21 +722,25 @@ fn main() -> Result<()> {
             max_new_tokens,
             seed,
             out,
-        } => eval_cmd::run(&eval_cmd::EvalArgs {
-            model: &model,
-            data: &data,
-            k,
-            limit,
-            template: &template,
-            params: aha_sampler::SamplingParams {
-                temperature,
-                top_p,
-                max_new_tokens,
-                seed,
-                ..aha_sampler::SamplingParams::default()
-            },
-            out: out.as_deref(),
-        }),
+            place,
+        } => {
+            place.resolve(&aha_moe_model::ModelConfig::from_path(&model)?)?;
+            eval_cmd::run(&eval_cmd::EvalArgs {
+                model: &model,
+                data: &data,
+                k,
+                limit,
+                template: &template,
+                params: aha_sampler::SamplingParams {
+                    temperature,
+                    top_p,
+                    max_new_tokens,
+                    seed,
+                    ..aha_sampler::SamplingParams::default()
+                },
+                out: out.as_deref(),
+            })
+        }
         Command::Generate {
             model,
             prompts,
@@ -704,9 +797,11 @@ fn main() -> Result<()> {
                     steps,
                     warmup,
                     seed,
+                    place,
                 },
         } => {
             let line = bench::train(&bench::TrainBench {
+                place: &place,
                 config: &config,
                 batch,
                 seq,

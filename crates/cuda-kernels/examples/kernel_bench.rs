@@ -382,17 +382,23 @@ fn bench_lmhead_grpo(gpu: &Gpu, iters: usize) -> Result<()> {
     let (mut dh, mut dw) = (zeros(gpu, n * c)?, zeros(gpu, v * c)?);
     let flops = 2.0 * (n * c * v) as f64;
     for (name, x) in [
-        ("f32", LmHeadOperands::F32 { hidden: &h, weight: &w }),
+        (
+            "f32",
+            LmHeadOperands::F32 {
+                hidden: h.as_view(),
+                weight: w.as_view(),
+            },
+        ),
         (
             "bf16",
             LmHeadOperands::Bf16 {
-                hidden: &h16,
-                weight: &w16,
+                hidden: h16.as_view(),
+                weight: w16.as_view(),
             },
         ),
     ] {
         let secs =
-            timed(&mut || lmhead::lm_head_logprob_forward_f32(gpu, &mut lp, &mut ent, &mut lse, x, &targets, &plan))?;
+            timed(&mut || lmhead::lm_head_logprob_forward_f32(gpu, &mut lp, &mut ent, &mut lse, &x, &targets, &plan))?;
         println!(
             "| {:<22} | {:<28} | {:>11.2} | {:>9.1} | {:>6.0} MB |",
             format!("fwd {name}"),
@@ -402,8 +408,8 @@ fn bench_lmhead_grpo(gpu: &Gpu, iters: usize) -> Result<()> {
             plan.workspace_bytes() as f64 / 1e6
         );
         let secs = timed(&mut || {
-            lmhead::lm_head_logprob_forward_f32(gpu, &mut lp, &mut ent, &mut lse, x, &targets, &plan)?;
-            lmhead::lm_head_logprob_backward_f32(gpu, &mut dh, &mut dw, x, &targets, &lse, &ent, &dl, &de, &plan)
+            lmhead::lm_head_logprob_forward_f32(gpu, &mut lp, &mut ent, &mut lse, &x, &targets, &plan)?;
+            lmhead::lm_head_logprob_backward_f32(gpu, &mut dh, &mut dw, &x, &targets, &lse, &ent, &dl, &de, &plan)
         })?;
         // forward, recompute, two gradient products: 4 products of 2 N C V.
         println!(

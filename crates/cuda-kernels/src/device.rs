@@ -110,6 +110,17 @@ impl Gpu {
         Ok(gpu)
     }
 
+    /// The device's ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// Free and total device memory in bytes (`cuMemGetInfo`).
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.bind_to_thread().ctx("bind context")?;
+        cudarc::driver::result::mem_get_info().ctx("cuMemGetInfo")
+    }
+
     /// The stream every launch of ours is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

@@ -9,6 +9,8 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
+use crate::view::{DevIn, DevOut};
+
 use crate::device::Gpu;
 use crate::error::{DriverContext, Error, Result};
 use crate::registry::KernelId;
@@ -107,14 +109,18 @@ impl Plan1d {
 /// `out [rows, c]`, `rstd [rows]`, `inp [rows, c]`, `weight [c]`.
 pub fn rmsnorm_forward_f32(
     gpu: &Gpu,
-    out: &mut CudaSlice<f32>,
-    rstd: &mut CudaSlice<f32>,
-    inp: &CudaSlice<f32>,
-    weight: &CudaSlice<f32>,
+    out: &mut impl DevOut<f32>,
+    rstd: &mut impl DevOut<f32>,
+    inp: &impl DevIn<f32>,
+    weight: &impl DevIn<f32>,
     rows: usize,
     c: usize,
     eps: f32,
 ) -> Result<()> {
+    let mut out = out.view_mut();
+    let mut rstd = rstd.view_mut();
+    let inp = inp.view();
+    let weight = weight.view();
     const OP: &str = "rmsnorm_forward_f32";
     check_len(OP, "out", out.len(), rows * c)?;
     check_len(OP, "rstd", rstd.len(), rows)?;
@@ -136,10 +142,10 @@ pub fn rmsnorm_forward_f32(
         shared_mem_bytes: 0,
     };
     let mut b = gpu.stream().launch_builder(&func);
-    b.arg(out)
-        .arg(rstd)
-        .arg(inp)
-        .arg(weight)
+    b.arg(&mut out)
+        .arg(&mut rstd)
+        .arg(&inp)
+        .arg(&weight)
         .arg(&rows_i)
         .arg(&c_i)
         .arg(&eps);
@@ -202,15 +208,21 @@ fn plan_rmsnorm_backward(lens: [usize; 6], rows: usize, c: usize) -> Result<Opti
 /// scratch buffer for the per-block partial sums.
 pub fn rmsnorm_backward_f32(
     gpu: &Gpu,
-    dinp: &mut CudaSlice<f32>,
-    dweight: &mut CudaSlice<f32>,
-    dout: &CudaSlice<f32>,
-    inp: &CudaSlice<f32>,
-    weight: &CudaSlice<f32>,
-    rstd: &CudaSlice<f32>,
+    dinp: &mut impl DevOut<f32>,
+    dweight: &mut impl DevOut<f32>,
+    dout: &impl DevIn<f32>,
+    inp: &impl DevIn<f32>,
+    weight: &impl DevIn<f32>,
+    rstd: &impl DevIn<f32>,
     rows: usize,
     c: usize,
 ) -> Result<()> {
+    let mut dinp = dinp.view_mut();
+    let mut dweight = dweight.view_mut();
+    let dout = dout.view();
+    let inp = inp.view();
+    let weight = weight.view();
+    let rstd = rstd.view();
     let lens = [
         dinp.len(),
         dweight.len(),
@@ -230,12 +242,12 @@ pub fn rmsnorm_backward_f32(
         shared_mem_bytes: (c * std::mem::size_of::<f32>()) as u32,
     };
     let mut b = gpu.stream().launch_builder(&f1);
-    b.arg(dinp)
+    b.arg(&mut dinp)
         .arg(&mut *partial)
-        .arg(dout)
-        .arg(inp)
-        .arg(weight)
-        .arg(rstd)
+        .arg(&dout)
+        .arg(&inp)
+        .arg(&weight)
+        .arg(&rstd)
         .arg(&p.rows)
         .arg(&p.c);
     // SAFETY: the arguments match (float*, float*, const float* x4, int, int);
@@ -250,7 +262,7 @@ pub fn rmsnorm_backward_f32(
         shared_mem_bytes: 0,
     };
     let mut b = gpu.stream().launch_builder(&f2);
-    b.arg(dweight).arg(&*partial).arg(&g).arg(&p.c);
+    b.arg(&mut dweight).arg(&*partial).arg(&g).arg(&p.c);
     // SAFETY: (float*, const float*, int, int); dweight holds c floats,
     // partial g * c, and each thread touches one channel < c.
     unsafe { b.launch(cfg2) }.ctx("launch rmsnorm_dweight_reduce_f32")?;
@@ -433,18 +445,21 @@ pub fn silu_backward_f32(
 /// `aha_tensor::cpu::swiglu`): `out = silu(gate) * up`, `n` elements.
 pub fn swiglu_forward_f32(
     gpu: &Gpu,
-    out: &mut CudaSlice<f32>,
-    gate: &CudaSlice<f32>,
-    up: &CudaSlice<f32>,
+    out: &mut impl DevOut<f32>,
+    gate: &impl DevIn<f32>,
+    up: &impl DevIn<f32>,
     n: usize,
 ) -> Result<()> {
+    let mut out = out.view_mut();
+    let gate = gate.view();
+    let up = up.view();
     let lens = [("out", out.len()), ("gate", gate.len()), ("up", up.len())];
     let Some(p) = plan_1d("swiglu_forward_f32", n, &lens)? else {
         return Ok(());
     };
     let f = gpu.function(KernelId::SwigluForwardF32)?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(gate).arg(up).arg(&p.n);
+    b.arg(&mut out).arg(&gate).arg(&up).arg(&p.n);
     // SAFETY: (float*, const float*, const float*, unsigned long long); all hold >= n.
     unsafe { b.launch(p.config()) }.ctx("launch swiglu_forward_f32")?;
     Ok(())
@@ -455,13 +470,18 @@ pub fn swiglu_forward_f32(
 /// `dup = dout * silu(gate)` (both assigned).
 pub fn swiglu_backward_f32(
     gpu: &Gpu,
-    dgate: &mut CudaSlice<f32>,
-    dup: &mut CudaSlice<f32>,
-    dout: &CudaSlice<f32>,
-    gate: &CudaSlice<f32>,
-    up: &CudaSlice<f32>,
+    dgate: &mut impl DevOut<f32>,
+    dup: &mut impl DevOut<f32>,
+    dout: &impl DevIn<f32>,
+    gate: &impl DevIn<f32>,
+    up: &impl DevIn<f32>,
     n: usize,
 ) -> Result<()> {
+    let mut dgate = dgate.view_mut();
+    let mut dup = dup.view_mut();
+    let dout = dout.view();
+    let gate = gate.view();
+    let up = up.view();
     let lens = [
         ("dgate", dgate.len()),
         ("dup", dup.len()),
@@ -474,7 +494,7 @@ pub fn swiglu_backward_f32(
     };
     let f = gpu.function(KernelId::SwigluBackwardF32)?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&p.n);
+    b.arg(&mut dgate).arg(&mut dup).arg(&dout).arg(&gate).arg(&up).arg(&p.n);
     // SAFETY: (float* x2, const float* x3, unsigned long long); all hold >= n.
     unsafe { b.launch(p.config()) }.ctx("launch swiglu_backward_f32")?;
     Ok(())
@@ -534,13 +554,15 @@ fn plan_embedding(
 /// first `tokens` ids. `out [tokens, c]`, `table [vocab, c]`.
 pub fn embedding_forward_f32(
     gpu: &Gpu,
-    out: &mut CudaSlice<f32>,
-    table: &CudaSlice<f32>,
+    out: &mut impl DevOut<f32>,
+    table: &impl DevIn<f32>,
     ids: TokenIds<'_>,
     tokens: usize,
     vocab: usize,
     c: usize,
 ) -> Result<()> {
+    let mut out = out.view_mut();
+    let table = table.view();
     const OP: &str = "embedding_forward_f32";
     let (host, ids_len) = match ids {
         TokenIds::Host(h) => (Some(h), h.len()),
@@ -559,7 +581,12 @@ pub fn embedding_forward_f32(
     };
     let f = gpu.function(KernelId::EmbeddingForwardF32)?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(table).arg(dev_ids).arg(&p.n.n).arg(&p.vocab).arg(&p.c);
+    b.arg(&mut out)
+        .arg(&table)
+        .arg(dev_ids)
+        .arg(&p.n.n)
+        .arg(&p.vocab)
+        .arg(&p.c);
     // SAFETY: (float*, const float*, const unsigned*, unsigned long long,
     // unsigned, int); out holds tokens * c floats, table vocab * c, ids
     // `tokens`; the kernel reads a table row only for an id < vocab.
@@ -574,13 +601,15 @@ pub fn embedding_forward_f32(
 /// `dtable [vocab, c]`, `dout [tokens, c]`.
 pub fn embedding_backward_f32(
     gpu: &Gpu,
-    dtable: &mut CudaSlice<f32>,
-    dout: &CudaSlice<f32>,
+    dtable: &mut impl DevOut<f32>,
+    dout: &impl DevIn<f32>,
     ids: TokenIds<'_>,
     tokens: usize,
     vocab: usize,
     c: usize,
 ) -> Result<()> {
+    let mut dtable = dtable.view_mut();
+    let dout = dout.view();
     const OP: &str = "embedding_backward_f32";
     let (host, ids_len) = match ids {
         TokenIds::Host(h) => (Some(h), h.len()),
@@ -599,7 +628,12 @@ pub fn embedding_backward_f32(
     };
     let f = gpu.function(KernelId::EmbeddingBackwardF32)?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(dtable).arg(dout).arg(dev_ids).arg(&p.n.n).arg(&p.vocab).arg(&p.c);
+    b.arg(&mut dtable)
+        .arg(&dout)
+        .arg(dev_ids)
+        .arg(&p.n.n)
+        .arg(&p.vocab)
+        .arg(&p.c);
     // SAFETY: (float*, const float*, const unsigned*, unsigned long long,
     // unsigned, int); dout holds tokens * c floats, dtable vocab * c, ids
     // `tokens`; the kernel writes a dtable row only for an id < vocab.
@@ -609,14 +643,23 @@ pub fn embedding_backward_f32(
 
 /// Residual add (kernel `add_f32`; CPU twin `aha_tensor::cpu::add`):
 /// `out = a + b`, `n` elements.
-pub fn add_f32(gpu: &Gpu, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, n: usize) -> Result<()> {
+pub fn add_f32(
+    gpu: &Gpu,
+    out: &mut impl DevOut<f32>,
+    a: &impl DevIn<f32>,
+    b: &impl DevIn<f32>,
+    n: usize,
+) -> Result<()> {
+    let mut out = out.view_mut();
+    let a = a.view();
+    let b = b.view();
     let lens = [("out", out.len()), ("a", a.len()), ("b", b.len())];
     let Some(p) = plan_1d("add_f32", n, &lens)? else {
         return Ok(());
     };
     let f = gpu.function(KernelId::AddF32)?;
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(out).arg(a).arg(b).arg(&p.n);
+    l.arg(&mut out).arg(&a).arg(&b).arg(&p.n);
     // SAFETY: (float*, const float*, const float*, unsigned long long); all hold >= n.
     unsafe { l.launch(p.config()) }.ctx("launch add_f32")?;
     Ok(())
@@ -624,13 +667,15 @@ pub fn add_f32(gpu: &Gpu, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &Cuda
 
 /// In-place add (kernel `add_inplace_f32`; CPU twin
 /// `aha_tensor::cpu::add_inplace`): `acc += x`, `n` elements.
-pub fn add_inplace_f32(gpu: &Gpu, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) -> Result<()> {
+pub fn add_inplace_f32(gpu: &Gpu, acc: &mut impl DevOut<f32>, x: &impl DevIn<f32>, n: usize) -> Result<()> {
+    let mut acc = acc.view_mut();
+    let x = x.view();
     let Some(p) = plan_1d("add_inplace_f32", n, &[("acc", acc.len()), ("x", x.len())])? else {
         return Ok(());
     };
     let f = gpu.function(KernelId::AddInplaceF32)?;
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(acc).arg(x).arg(&p.n);
+    l.arg(&mut acc).arg(&x).arg(&p.n);
     // SAFETY: (float*, const float*, unsigned long long); both hold >= n.
     unsafe { l.launch(p.config()) }.ctx("launch add_inplace_f32")?;
     Ok(())
@@ -638,27 +683,138 @@ pub fn add_inplace_f32(gpu: &Gpu, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, 
 
 /// In-place scale (kernel `scale_f32`; CPU twin `aha_tensor::cpu::scale` with
 /// `out = a`, as gradient clipping uses it): `x *= s`, `n` elements.
-pub fn scale_f32(gpu: &Gpu, x: &mut CudaSlice<f32>, s: f32, n: usize) -> Result<()> {
+pub fn scale_f32(gpu: &Gpu, x: &mut impl DevOut<f32>, s: f32, n: usize) -> Result<()> {
+    let mut x = x.view_mut();
     let Some(p) = plan_1d("scale_f32", n, &[("x", x.len())])? else {
         return Ok(());
     };
     let f = gpu.function(KernelId::ScaleF32)?;
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(x).arg(&s).arg(&p.n);
+    l.arg(&mut x).arg(&s).arg(&p.n);
     // SAFETY: (float*, float, unsigned long long); x holds >= n floats.
     unsafe { l.launch(p.config()) }.ctx("launch scale_f32")?;
     Ok(())
 }
 
+/// A block of columns copied between row-major matrices (kernel
+/// `copy_cols_f32`; CPU twin `aha_tensor::cpu::copy_cols`):
+/// `out[r * out_stride + out_off + j] (=, +=) sum_{q < group} inp[((r / rep)
+/// * group + q) * in_stride + in_off + j]` for `r < rows`, `j < cols`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColsCopy {
+    /// Output rows.
+    pub rows: usize,
+    /// Columns copied per row.
+    pub cols: usize,
+    /// Row length of `out`.
+    pub out_stride: usize,
+    /// First output column.
+    pub out_off: usize,
+    /// Row length of `inp`.
+    pub in_stride: usize,
+    /// First input column.
+    pub in_off: usize,
+    /// Output rows per input row group (a broadcast when > 1).
+    pub rep: usize,
+    /// Input rows summed into each output row (a reduction when > 1).
+    pub group: usize,
+    /// Add into `out` instead of assigning.
+    pub accumulate: bool,
+}
+
+impl ColsCopy {
+    /// A plain copy of `cols` columns: `out[r, out_off..] = inp[r, in_off..]`.
+    pub fn plain(
+        rows: usize,
+        cols: usize,
+        (out_stride, out_off): (usize, usize),
+        (in_stride, in_off): (usize, usize),
+    ) -> ColsCopy {
+        ColsCopy {
+            rows,
+            cols,
+            out_stride,
+            out_off,
+            in_stride,
+            in_off,
+            rep: 1,
+            group: 1,
+            accumulate: false,
+        }
+    }
+
+    /// The elements `out` and `inp` must hold (checked, so a zero-sized copy
+    /// needs nothing).
+    pub fn lens(&self) -> Result<(usize, usize)> {
+        const OP: &str = "copy_cols_f32";
+        let bad = |msg: String| Error::InvalidArgument { op: OP, msg };
+        if self.rep == 0 || self.group == 0 {
+            return Err(bad("rep and group must be at least 1".into()));
+        }
+        if self.out_off.saturating_add(self.cols) > self.out_stride
+            || self.in_off.saturating_add(self.cols) > self.in_stride
+        {
+            return Err(bad(format!(
+                "columns {}..+{} do not fit rows of {} (out) / {}..+{} of {} (in)",
+                self.out_off, self.cols, self.out_stride, self.in_off, self.cols, self.in_stride
+            )));
+        }
+        if self.rows == 0 || self.cols == 0 {
+            return Ok((0, 0));
+        }
+        let out = mul(OP, self.rows - 1, self.out_stride)? + self.out_off + self.cols;
+        let in_rows = mul(OP, (self.rows - 1) / self.rep, self.group)? + self.group;
+        let inp = mul(OP, in_rows - 1, self.in_stride)? + self.in_off + self.cols;
+        Ok((out, inp))
+    }
+}
+
+/// Copies the column block `s` from `inp` to `out` (kernel `copy_cols_f32`).
+pub fn copy_cols_f32(gpu: &Gpu, out: &mut impl DevOut<f32>, inp: &impl DevIn<f32>, s: &ColsCopy) -> Result<()> {
+    const OP: &str = "copy_cols_f32";
+    let (mut out, inp) = (out.view_mut(), inp.view());
+    let (need_out, need_in) = s.lens()?;
+    check_lens(OP, &[("out", out.len(), need_out), ("inp", inp.len(), need_in)])?;
+    let n = mul(OP, s.rows, s.cols)?;
+    let Some(p) = plan_1d(OP, n, &[])? else {
+        return Ok(());
+    };
+    let a = [
+        s.rows,
+        s.cols,
+        s.out_stride,
+        s.out_off,
+        s.in_stride,
+        s.in_off,
+        s.rep,
+        s.group,
+    ]
+    .map(|x| x as u64);
+    let acc = i32::from(s.accumulate);
+    let f = gpu.function(KernelId::CopyColsF32)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(&mut out).arg(&inp);
+    for x in &a {
+        l.arg(x);
+    }
+    l.arg(&acc);
+    // SAFETY: (float*, const float*, unsigned long long x8, int); the plan
+    // checked that out and inp hold every element the copy touches.
+    unsafe { l.launch(p.config()) }.ctx("launch copy_cols_f32")?;
+    Ok(())
+}
+
 /// f32 to bf16 bits, round to nearest even, NaN kept (kernel
 /// `cast_f32_to_bf16`; CPU twin `half::bf16::from_f32`), `n` elements.
-pub fn cast_f32_to_bf16(gpu: &Gpu, out: &mut CudaSlice<u16>, inp: &CudaSlice<f32>, n: usize) -> Result<()> {
+pub fn cast_f32_to_bf16(gpu: &Gpu, out: &mut impl DevOut<u16>, inp: &impl DevIn<f32>, n: usize) -> Result<()> {
+    let mut out = out.view_mut();
+    let inp = inp.view();
     let Some(p) = plan_1d("cast_f32_to_bf16", n, &[("out", out.len()), ("inp", inp.len())])? else {
         return Ok(());
     };
     let f = gpu.function(KernelId::CastF32ToBf16)?;
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(out).arg(inp).arg(&p.n);
+    l.arg(&mut out).arg(&inp).arg(&p.n);
     // SAFETY: (unsigned short*, const float*, unsigned long long); both hold >= n.
     unsafe { l.launch(p.config()) }.ctx("launch cast_f32_to_bf16")?;
     Ok(())
@@ -666,13 +822,15 @@ pub fn cast_f32_to_bf16(gpu: &Gpu, out: &mut CudaSlice<u16>, inp: &CudaSlice<f32
 
 /// bf16 bits to f32, exact (kernel `cast_bf16_to_f32`; CPU twin
 /// `half::bf16::to_f32`), `n` elements.
-pub fn cast_bf16_to_f32(gpu: &Gpu, out: &mut CudaSlice<f32>, inp: &CudaSlice<u16>, n: usize) -> Result<()> {
+pub fn cast_bf16_to_f32(gpu: &Gpu, out: &mut impl DevOut<f32>, inp: &impl DevIn<u16>, n: usize) -> Result<()> {
+    let mut out = out.view_mut();
+    let inp = inp.view();
     let Some(p) = plan_1d("cast_bf16_to_f32", n, &[("out", out.len()), ("inp", inp.len())])? else {
         return Ok(());
     };
     let f = gpu.function(KernelId::CastBf16ToF32)?;
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(out).arg(inp).arg(&p.n);
+    l.arg(&mut out).arg(&inp).arg(&p.n);
     // SAFETY: (float*, const unsigned short*, unsigned long long); both hold >= n.
     unsafe { l.launch(p.config()) }.ctx("launch cast_bf16_to_f32")?;
     Ok(())
@@ -767,6 +925,59 @@ pub fn adamw_f32(
     Ok(())
 }
 
+/// [`adamw_f32`] that also writes `copy [n]`, the bf16 bits of every updated
+/// parameter (kernel `adamw_copy_bf16_f32`; CPU twin `aha_tensor::cpu::adamw_step`
+/// then `half::bf16::from_f32`): the bf16 weights the products read are
+/// refreshed by the update itself.
+pub fn adamw_copy_bf16_f32(
+    gpu: &Gpu,
+    params: &mut impl DevOut<f32>,
+    m: &mut impl DevOut<f32>,
+    v: &mut impl DevOut<f32>,
+    copy: &mut impl DevOut<u16>,
+    grads: &impl DevIn<f32>,
+    n: usize,
+    h: &AdamwScalars,
+) -> Result<()> {
+    let (mut params, mut m, mut v, mut copy, grads) = (
+        params.view_mut(),
+        m.view_mut(),
+        v.view_mut(),
+        copy.view_mut(),
+        grads.view(),
+    );
+    let lens = [
+        ("params", params.len()),
+        ("m", m.len()),
+        ("v", v.len()),
+        ("copy", copy.len()),
+        ("grads", grads.len()),
+    ];
+    let Some(p) = plan_1d("adamw_copy_bf16_f32", n, &lens)? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::AdamwCopyBf16F32)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(&mut params)
+        .arg(&mut m)
+        .arg(&mut v)
+        .arg(&mut copy)
+        .arg(&grads)
+        .arg(&p.n)
+        .arg(&h.b1)
+        .arg(&h.b2)
+        .arg(&h.ob1)
+        .arg(&h.ob2)
+        .arg(&h.decay)
+        .arg(&h.step)
+        .arg(&h.inv_bc2_sqrt)
+        .arg(&h.eps);
+    // SAFETY: (float* x3, unsigned short*, const float*, unsigned long long,
+    // float x8); all five buffers hold >= n elements.
+    unsafe { l.launch(p.config()) }.ctx("launch adamw_copy_bf16_f32")?;
+    Ok(())
+}
+
 /// Blocks of the first gradient-norm pass for `n` elements (also the
 /// number of f64 partial sums).
 fn grad_norm_blocks(n: u64) -> u32 {
@@ -778,7 +989,8 @@ fn grad_norm_blocks(n: u64) -> u32 {
 /// `aha_tensor::cpu::global_norm`). Reads one f64 back, so it synchronises
 /// the stream; clip with [`scale_f32`] by `max_norm / (norm + 1e-6)` when
 /// that is below 1.
-pub fn grad_norm_f32(gpu: &Gpu, x: &CudaSlice<f32>, n: usize) -> Result<f64> {
+pub fn grad_norm_f32(gpu: &Gpu, x: &impl DevIn<f32>, n: usize) -> Result<f64> {
+    let x = x.view();
     let Some(p) = plan_1d("grad_norm_f32", n, &[("x", x.len())])? else {
         return Ok(0.0);
     };
@@ -792,7 +1004,7 @@ pub fn grad_norm_f32(gpu: &Gpu, x: &CudaSlice<f32>, n: usize) -> Result<f64> {
         shared_mem_bytes: 0,
     };
     let mut l = gpu.stream().launch_builder(&f1);
-    l.arg(&mut *partial).arg(x).arg(&p.n);
+    l.arg(&mut *partial).arg(&x).arg(&p.n);
     // SAFETY: (double*, const float*, unsigned long long); x holds >= n
     // floats and partial one double per block.
     unsafe { l.launch(cfg1) }.ctx("launch grad_norm_sq_f32")?;
@@ -1131,7 +1343,9 @@ pub fn token_logprob_backward_f32(
 }
 
 /// `x [rows, c] += bias [c]` (kernel `add_bias_f32`).
-pub fn add_bias_f32(gpu: &Gpu, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, c: usize) -> Result<()> {
+pub fn add_bias_f32(gpu: &Gpu, x: &mut impl DevOut<f32>, bias: &impl DevIn<f32>, rows: usize, c: usize) -> Result<()> {
+    let mut x = x.view_mut();
+    let bias = bias.view();
     const OP: &str = "add_bias_f32";
     check_len(OP, "bias", bias.len(), c)?;
     let n = rows.checked_mul(c).ok_or_else(|| Error::InvalidArgument {
@@ -1144,7 +1358,7 @@ pub fn add_bias_f32(gpu: &Gpu, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, ro
     let f = gpu.function(KernelId::AddBiasF32)?;
     let (r, cc) = (rows as u64, c as u64);
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(x).arg(bias).arg(&r).arg(&cc);
+    l.arg(&mut x).arg(&bias).arg(&r).arg(&cc);
     // SAFETY: (float*, const float*, unsigned long long x2); x holds rows * c, bias c.
     unsafe { l.launch(p.config()) }.ctx("launch add_bias_f32")?;
     Ok(())
@@ -1152,7 +1366,15 @@ pub fn add_bias_f32(gpu: &Gpu, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, ro
 
 /// `dbias [c] +=` the column sums of `dy [rows, c]`, summed in row order
 /// (kernel `bias_grad_f32`; deterministic).
-pub fn bias_grad_f32(gpu: &Gpu, dbias: &mut CudaSlice<f32>, dy: &CudaSlice<f32>, rows: usize, c: usize) -> Result<()> {
+pub fn bias_grad_f32(
+    gpu: &Gpu,
+    dbias: &mut impl DevOut<f32>,
+    dy: &impl DevIn<f32>,
+    rows: usize,
+    c: usize,
+) -> Result<()> {
+    let mut dbias = dbias.view_mut();
+    let dy = dy.view();
     const OP: &str = "bias_grad_f32";
     let n = rows.checked_mul(c).ok_or_else(|| Error::InvalidArgument {
         op: OP,
@@ -1165,7 +1387,7 @@ pub fn bias_grad_f32(gpu: &Gpu, dbias: &mut CudaSlice<f32>, dy: &CudaSlice<f32>,
     let f = gpu.function(KernelId::BiasGradF32)?;
     let (r, cc) = (rows as u64, c as u64);
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(dbias).arg(dy).arg(&r).arg(&cc);
+    l.arg(&mut dbias).arg(&dy).arg(&r).arg(&cc);
     // SAFETY: (float*, const float*, unsigned long long x2); one thread per
     // column < c, reading rows * c.
     unsafe { l.launch(p.config()) }.ctx("launch bias_grad_f32")?;

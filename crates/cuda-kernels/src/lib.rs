@@ -21,6 +21,8 @@
 //! - [`lmhead`]: token log-probs and entropies from hidden states in
 //!   vocabulary chunks, and their backward, never holding `[N, V]` logits.
 //! - [`grpo`]: group advantages and the GRPO loss family on the device.
+//! - [`view`]: the buffers launchers take, owned slices or views into a
+//!   flat allocation.
 //! - [`blas`]: row-major matrix products through cuBLAS (f32, and bf16 with
 //!   f32 accumulation).
 //!
@@ -46,8 +48,10 @@ pub mod moe_layer;
 pub mod nvrtc;
 pub mod pool;
 pub mod registry;
+pub mod view;
 
 pub use cudarc;
 pub use device::{device_count, no_gpu_reason, Gpu};
 pub use error::{Error, Result};
 pub use registry::{KernelId, KernelSource, SOURCES};
+pub use view::{DevIn, DevOut};

@@ -20,13 +20,14 @@
 //! | targets | [N] (host), each < V |
 //! | logp, entropy, lse, dlogp, dentropy | [N] f32 |
 
-use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use crate::blas::{matmul_bf16_f32out, matmul_f32, MatmulShape};
 use crate::device::Gpu;
 use crate::error::{DriverContext, Error, Result};
 use crate::launch::{cast_f32_to_bf16, check_lens};
 use crate::registry::KernelId;
+use crate::view::DevOut;
 
 /// Default byte budget of the chunk buffer: 256 MiB.
 pub const DEFAULT_BUDGET_BYTES: usize = 256 << 20;
@@ -131,21 +132,23 @@ fn check_targets(op: &'static str, targets: &[u32], v: usize) -> Result<()> {
 /// f32 (`cublasSgemm`) or both bf16 bits (`cublasGemmEx` with f32 logits;
 /// the gradient chunk is rounded to bf16 for the two backward products,
 /// which accumulate in f32).
-#[derive(Debug, Clone, Copy)]
+/// The buffers may be views (the weight usually is one, into a model's flat
+/// parameter buffer).
+#[derive(Debug)]
 pub enum LmHeadOperands<'a> {
     /// f32 hidden states and weight.
     F32 {
         /// `[N, C]`.
-        hidden: &'a CudaSlice<f32>,
+        hidden: CudaView<'a, f32>,
         /// `[V, C]`.
-        weight: &'a CudaSlice<f32>,
+        weight: CudaView<'a, f32>,
     },
     /// bf16 hidden states and weight (`u16` bits, as the cast kernels write).
     Bf16 {
         /// `[N, C]`.
-        hidden: &'a CudaSlice<u16>,
+        hidden: CudaView<'a, u16>,
         /// `[V, C]`.
-        weight: &'a CudaSlice<u16>,
+        weight: CudaView<'a, u16>,
     },
 }
 
@@ -162,7 +165,7 @@ impl LmHeadOperands<'_> {
 fn chunk_logits(
     gpu: &Gpu,
     buf: &mut CudaSlice<f32>,
-    x: LmHeadOperands<'_>,
+    x: &LmHeadOperands<'_>,
     p: &LmHeadPlan,
     (r0, rows): (usize, usize),
     (v0, vc): (usize, usize),
@@ -194,7 +197,7 @@ pub fn lm_head_logprob_forward_f32(
     logp: &mut CudaSlice<f32>,
     entropy: &mut CudaSlice<f32>,
     lse: &mut CudaSlice<f32>,
-    x: LmHeadOperands<'_>,
+    x: &LmHeadOperands<'_>,
     targets: &[u32],
     p: &LmHeadPlan,
 ) -> Result<()> {
@@ -273,9 +276,9 @@ pub fn lm_head_logprob_forward_f32(
 #[allow(clippy::too_many_arguments)]
 pub fn lm_head_logprob_backward_f32(
     gpu: &Gpu,
-    dhidden: &mut CudaSlice<f32>,
-    dweight: &mut CudaSlice<f32>,
-    x: LmHeadOperands<'_>,
+    dhidden: &mut impl DevOut<f32>,
+    dweight: &mut impl DevOut<f32>,
+    x: &LmHeadOperands<'_>,
     targets: &[u32],
     lse: &CudaSlice<f32>,
     entropy: &CudaSlice<f32>,
@@ -284,6 +287,7 @@ pub fn lm_head_logprob_backward_f32(
     p: &LmHeadPlan,
 ) -> Result<()> {
     const OP: &str = "lm_head_logprob_backward_f32";
+    let (mut dhidden, mut dweight) = (dhidden.view_mut(), dweight.view_mut());
     let (n, c, v) = (p.n, p.c, p.v);
     let (hidden_len, weight_len) = x.lens();
     check_lens(
@@ -343,7 +347,17 @@ pub fn lm_head_logprob_backward_f32(
                 // buffer; the per-row views hold `rows` entries.
                 unsafe { l.launch(cfg) }.ctx("launch lmhead_chunk_grad_f32")?;
             }
-            chunk_grad_products(gpu, dhidden, dweight, &buf, buf16.as_mut(), x, p, (r0, rows), (v0, vc))?;
+            chunk_grad_products(
+                gpu,
+                &mut dhidden,
+                &mut dweight,
+                &buf,
+                buf16.as_mut(),
+                x,
+                p,
+                (r0, rows),
+                (v0, vc),
+            )?;
         }
     }
     Ok(())
@@ -355,11 +369,11 @@ pub fn lm_head_logprob_backward_f32(
 #[allow(clippy::too_many_arguments)]
 fn chunk_grad_products(
     gpu: &Gpu,
-    dhidden: &mut CudaSlice<f32>,
-    dweight: &mut CudaSlice<f32>,
+    dhidden: &mut CudaViewMut<'_, f32>,
+    dweight: &mut CudaViewMut<'_, f32>,
     buf: &CudaSlice<f32>,
     buf16: Option<&mut CudaSlice<u16>>,
-    x: LmHeadOperands<'_>,
+    x: &LmHeadOperands<'_>,
     p: &LmHeadPlan,
     (r0, rows): (usize, usize),
     (v0, vc): (usize, usize),

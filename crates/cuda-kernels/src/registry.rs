@@ -96,12 +96,19 @@ kernel_ids! {
     AddInplaceF32 => ("elementwise.cu", "add_inplace_f32"),
     /// `scale_f32` (in place); CPU twin `aha_tensor::cpu::scale`.
     ScaleF32 => ("elementwise.cu", "scale_f32"),
+    /// `copy_cols_f32`: strided column blocks with broadcast or group sums;
+    /// CPU twin `aha_tensor::cpu::copy_cols`.
+    CopyColsF32 => ("elementwise.cu", "copy_cols_f32"),
     /// `cast_f32_to_bf16` (round to nearest even); CPU twin `half::bf16::from_f32`.
     CastF32ToBf16 => ("cast.cu", "cast_f32_to_bf16"),
     /// `cast_bf16_to_f32`; CPU twin `half::bf16::to_f32`.
     CastBf16ToF32 => ("cast.cu", "cast_bf16_to_f32"),
     /// `adamw_f32`; CPU twin `aha_tensor::cpu::adamw_step`.
     AdamwF32 => ("optim.cu", "adamw_f32"),
+    /// `adamw_copy_bf16_f32`: `adamw_f32` writing the bf16 copy of each
+    /// updated parameter; CPU twin `aha_tensor::cpu::adamw_step` then
+    /// `half::bf16::from_f32`.
+    AdamwCopyBf16F32 => ("optim.cu", "adamw_copy_bf16_f32"),
     /// `grad_norm_sq_f32`: per-block f64 sums of squares; CPU twin
     /// `aha_tensor::cpu::global_norm`.
     GradNormSqF32 => ("optim.cu", "grad_norm_sq_f32"),

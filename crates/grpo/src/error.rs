@@ -31,6 +31,9 @@ pub enum Error {
     /// The device path failed (no GPU, a launch, a copy).
     #[error("GRPO on the GPU: {0}")]
     Device(#[from] aha_cuda_kernels::Error),
+    /// A tensor was on the wrong device or of the wrong type.
+    #[error("GRPO loss inputs: {0}")]
+    Tensor(#[from] aha_tensor::Error),
 }
 
 /// Result with this crate's [`Error`].

@@ -49,8 +49,10 @@ mod error;
 pub mod gpu;
 mod loss;
 pub mod metrics;
+mod tensor;
 
 pub use advantages::{compute_advantages, AdvantageEstimator, Advantages, STD_EPS};
 pub use error::{Error, Result};
 pub use loss::{grpo_loss, ImportanceSampling, KlEstimator, LossConfig, LossInputs, LossOutput, LossType};
 pub use metrics::Metrics;
+pub use tensor::{grpo_loss_on, TensorLossInputs, TensorLossOutput};

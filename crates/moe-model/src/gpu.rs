@@ -1,51 +1,59 @@
-//! Grouped-query models on a GPU: the dense ones (Qwen2, Qwen3, Llama-style)
-//! forward and backward, Qwen3-MoE-style mixture-of-experts models forward
-//! (the MoE layer of `aha_cuda_kernels::moe_layer`, bf16 experts). Weights
-//! are uploaded once, every activation stays on the device, the math is the
-//! CPU forward's (cuBLAS products and the kernels of aha-cuda-kernels, each
-//! tested against its CPU twin). Gives logits and token log-probs for a
-//! right-padded batch `[B, T]`, as `Model::forward` + `Model::token_logprobs`
-//! do on the CPU, the backward ([`GpuModel::backward`], dense models) in the
-//! CPU model's flat layout, and KV-cache decoding. MLA layers (DeepSeek-V3)
-//! are not here; [`gpu_support`] says which models this path takes.
+//! All four architectures on a GPU: Qwen2/Qwen3/Llama-style dense models,
+//! Qwen3-MoE-style mixture-of-experts models and DeepSeek-V3 (multi-head
+//! latent attention, sigmoid group-limited routing, shared experts),
+//! forward, backward and KV-cache decoding, with the math of the CPU model
+//! (cuBLAS products and the kernels of aha-cuda-kernels, each tested
+//! against its CPU twin).
 //!
-//! **Not run on a GPU yet**: written and compiled on a machine without one;
-//! `tests/gpu_model.rs` compares it with the CPU forward on the fixture models,
-//! prints "skipped: no GPU" where there is none, and passes on the emulated
-//! GPU (`AHA_EMULATED_GPU=1`).
+//! Parameters live as on the CPU: **one flat f32 buffer** in the CPU
+//! model's [`Layout`] (master weights), one flat f32 gradient buffer and,
+//! in bf16 precision, one flat bf16 copy that the products read; a tensor
+//! is a view at its slot. Zeroing the gradients is one memset, the update
+//! one AdamW launch over the trainable prefix ([`Layout::trainable`]) that
+//! also refreshes the bf16 copy, clipping one norm and one scale.
+//!
+//! A training step stays on the device: [`GpuModel::forward`] keeps the
+//! activations there, [`GpuModel::score`] gives the tempered log-probs (and
+//! entropies) of chosen positions through the fused lm head (no `[N, V]`
+//! buffer), the loss reads them where they are, and [`GpuModel::backward`]
+//! takes d loss / d log-prob (and d loss / d entropy) on the device and
+//! accumulates every parameter's gradient into the flat buffer. Only
+//! scalars come to the host (the gradient norm, the loss, metrics).
+//!
+//! Precision: [`GpuPrecision::F32`] computes everything in f32 (matches the
+//! CPU to 1e-4); [`GpuPrecision::Bf16`] rounds every product's operands to
+//! bf16 (f32 accumulation, f32 outputs) and runs attention through the
+//! flash kernels; master weights, gradients, moments, norms, softmax
+//! statistics and the loss stay f32. Mixture-of-experts layers use the
+//! grouped bf16 expert kernels in both precisions.
+//!
+//! **Not run on a GPU yet**: `tests/gpu_model.rs` compares it with the CPU
+//! model, prints "skipped: no GPU" where there is none, and passes on the
+//! emulated GPU (`AHA_EMULATED_GPU=1`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use aha_cuda_kernels::blas::{matmul_f32, MatmulShape};
-use aha_cuda_kernels::cudarc::driver::CudaSlice;
+use aha_cuda_kernels::blas::{matmul_bf16_f32out, matmul_f32, MatmulShape};
+use aha_cuda_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use aha_cuda_kernels::flash::{self, FlashGeometry};
-use aha_cuda_kernels::launch::{self, AttnGeometry, RopeGeometry, TokenIds};
+use aha_cuda_kernels::launch::{self, AdamwScalars, AttnGeometry, ColsCopy, RopeGeometry, TokenIds};
 use aha_cuda_kernels::launch_moe::{self, MoeGating, MoeMath};
 use aha_cuda_kernels::lmhead::{self, LmHeadOperands};
-use aha_cuda_kernels::moe_layer::{self, MoeBuffers, MoeDims, MoeWeights};
+use aha_cuda_kernels::moe_layer::{self, MoeBuffers, MoeDims, MoeGrads, MoeWeights};
 use aha_cuda_kernels::Gpu;
-use aha_tensor::cpu;
 
 use crate::config::{ModelConfig, Router};
 use crate::error::{input_err, Error, Result};
-use crate::model::Model;
+use crate::model::{rope_tables, Model};
 use crate::params::{AttnSlots, FfnSlots, LayerSlots, Layout, Linear, MlpSlots, Slot};
 
 fn cuda(e: aha_cuda_kernels::Error) -> Error {
     Error::Tensor(aha_tensor::Error::from(e))
 }
 
-/// Whether [`GpuModel`] takes this model: grouped-query attention with full
-/// rotary embeddings, dense MLPs or MoE layers within the routing kernels'
-/// limits (MoE: forward only).
+/// Whether [`GpuModel`] takes this model: attention head widths and MoE
+/// routings within the kernels' limits.
 pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
-    if cfg.mla.is_some() {
-        return Err(input_err(
-            "gpu",
-            "multi-head latent attention (DeepSeek-V3) does not run on the GPU yet",
-        ));
-    }
     if let Some(m) = &cfg.moe {
         if m.n_experts > launch_moe::MOE_MAX_EXPERTS || m.top_k > launch_moe::MOE_MAX_TOP_K {
             return Err(input_err(
@@ -60,12 +68,12 @@ pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
             ));
         }
     }
-    if cfg.head_dim > launch::ATTENTION_MAX_D {
+    let (dk, dv, _, _) = cfg.attn_dims();
+    if dk.max(dv) > launch::ATTENTION_MAX_D {
         return Err(input_err(
             "gpu",
             format!(
-                "head_dim {} exceeds the GPU attention's {}",
-                cfg.head_dim,
+                "head widths {dk}/{dv} exceed the GPU attention's {}",
                 launch::ATTENTION_MAX_D
             ),
         ));
@@ -73,120 +81,405 @@ pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// How the GPU model multiplies by its weight matrices.
+/// How the GPU model multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuPrecision {
     /// f32 weights and products (matches the CPU to 1e-4).
     F32,
-    /// bf16 copies of the weight matrices; every linear layer casts its
-    /// input to bf16, multiplies with f32 accumulation (cuBLAS) and casts the
-    /// output back to f32; attention runs the flash kernels on bf16 q, k, v
-    /// (tensor cores for head widths 64 and 128); the lm head's log-probs
-    /// take bf16 operands with f32 logits. Norms, softmax statistics and the
-    /// residual stream stay f32. Forward only: the backward always runs in
-    /// f32, and the KV-cache decode uses the f32 attention kernels.
+    /// bf16 operands for every product (f32 accumulation and outputs),
+    /// attention through the flash kernels on bf16 q, k, v; the bf16 copy of
+    /// the weights is refreshed by every AdamW update. Master weights,
+    /// gradients, moments, norms, softmax statistics and the residual
+    /// stream stay f32.
     Bf16,
 }
 
-/// A dense model's weights on one GPU.
+/// A model's parameters and gradients on one GPU, flat.
 pub struct GpuModel {
     gpu: Arc<Gpu>,
     precision: GpuPrecision,
-    /// bf16 copies of the 2-D weights, by offset (bf16 precision only).
-    weights_bf16: HashMap<usize, CudaSlice<u16>>,
-    /// Each mixture-of-experts layer's weights (experts stacked, bf16), by
-    /// the offset of its router.
-    moe: HashMap<usize, MoeWeights>,
     /// The model's config.
     pub config: ModelConfig,
     layout: Layout,
-    /// Each parameter tensor, by its offset in the CPU model's flat buffer.
-    weights: HashMap<usize, CudaSlice<f32>>,
+    /// Every parameter, in the CPU model's layout (f32 master weights).
+    params: CudaSlice<f32>,
+    /// The bf16 bits of every parameter (bf16 precision, or a model with
+    /// mixture-of-experts layers, whose expert kernels read bf16).
+    params16: Option<CudaSlice<u16>>,
+    /// Gradients in the same layout (allocated by the first backward).
+    grads: Option<CudaSlice<f32>>,
+    /// Each MoE layer's weights as the layer kernels take them, by layer
+    /// (refreshed from `params` after every update).
+    moe: Vec<Option<MoeWeights>>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
 }
 
 impl std::fmt::Debug for GpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuModel({:?}, {} tensors)", self.gpu, self.weights.len())
+        write!(
+            f,
+            "GpuModel({:?}, {} parameters, {:?})",
+            self.gpu, self.layout.size, self.precision
+        )
     }
 }
 
+/// A training forward's saved state on the device (see [`GpuModel::forward`]).
+pub struct GpuForward {
+    b: usize,
+    t: usize,
+    ids: Vec<u32>,
+    pos: CudaSlice<u32>,
+    layers: Vec<LayerActs>,
+    x_last: CudaSlice<f32>,
+    rstd: CudaSlice<f32>,
+    /// The final normed hidden states `[B * T, C]`.
+    hidden: CudaSlice<f32>,
+}
+
+impl GpuForward {
+    /// Rows (`B * T`).
+    pub fn rows(&self) -> usize {
+        self.b * self.t
+    }
+
+    /// Tokens routed to each expert in each layer (empty for dense layers),
+    /// copied to the host.
+    pub fn expert_load(&self, gpu: &GpuModel) -> Result<Vec<Vec<u32>>> {
+        self.layers
+            .iter()
+            .map(|l| match &l.ffn {
+                FfnActs::Moe { buf, .. } => gpu.gpu.download(&buf.perm.counts).map_err(cuda),
+                FfnActs::Dense { .. } => Ok(vec![]),
+            })
+            .collect()
+    }
+}
+
+/// Tempered log-probs (and entropies) of chosen positions, on the device
+/// (see [`GpuModel::score`]).
+pub struct GpuScores {
+    /// `log softmax(logits / T)[target]` per scored row.
+    pub logp: CudaSlice<f32>,
+    /// The entropy of each scored row's tempered distribution.
+    pub entropy: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    temperature: f32,
+    hidden: CudaSlice<f32>,
+}
+
+impl GpuScores {
+    /// Scored rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True when no row was scored.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// What one layer's attention saves for the backward.
+enum AttnActs {
+    Gqa {
+        /// q, k projections before Qwen3's norms (the norms' inputs).
+        ql: CudaSlice<f32>,
+        kl: CudaSlice<f32>,
+        /// The norms' rstds (Qwen3).
+        qk_rstd: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+    },
+    Mla {
+        /// Low-rank query and its norm (q_lora_rank), or nothing.
+        qa: Option<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)>,
+        /// Compressed kv before and after its norm, and the rstd.
+        c: CudaSlice<f32>,
+        c_rstd: CudaSlice<f32>,
+        cn: CudaSlice<f32>,
+    },
+}
+
+/// One layer's queries, keys and values (after RoPE) and what made them.
+struct Qkv {
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    acts: AttnActs,
+}
+
+enum FfnActs {
+    Dense {
+        gate: CudaSlice<f32>,
+        up: CudaSlice<f32>,
+        act: CudaSlice<f32>,
+    },
+    Moe {
+        buf: Box<MoeBuffers>,
+    },
+}
+
+/// One layer's saved activations.
+struct LayerActs {
+    x_in: CudaSlice<f32>,
+    ln1: CudaSlice<f32>,
+    ln1_rstd: CudaSlice<f32>,
+    qkv: Qkv,
+    att: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    x_mid: CudaSlice<f32>,
+    ln2: CudaSlice<f32>,
+    ln2_rstd: CudaSlice<f32>,
+    ffn: FfnActs,
+}
+
+/// Which device buffer a product reads its weight from.
+enum W<'a> {
+    F32(CudaView<'a, f32>),
+    Bf16(CudaView<'a, u16>),
+}
+
 impl GpuModel {
-    /// Uploads `model` to GPU `ordinal` (each parameter tensor once, and the
-    /// RoPE table up to `max_position_embeddings`), in f32.
+    /// Uploads `model` to GPU `ordinal` in f32.
     pub fn upload(model: &Model, ordinal: usize) -> Result<GpuModel> {
         GpuModel::upload_with(model, ordinal, GpuPrecision::F32)
     }
 
-    /// [`GpuModel::upload`] with the products in `precision`.
+    /// Uploads `model`'s flat parameter buffer (one copy) and the RoPE
+    /// table, with the products in `precision`.
     pub fn upload_with(model: &Model, ordinal: usize, precision: GpuPrecision) -> Result<GpuModel> {
         gpu_support(&model.config)?;
         let gpu = Gpu::get(ordinal).map_err(cuda)?;
-        let mut weights = HashMap::new();
-        let mut weights_bf16 = HashMap::new();
-        for e in &model.layout.entries {
-            let host = e.slot.of(&model.params);
-            weights.insert(e.slot.off, gpu.upload(host).map_err(cuda)?);
-            if precision == GpuPrecision::Bf16 && e.shape.len() == 2 {
-                let bits: Vec<u16> = host.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
-                weights_bf16.insert(e.slot.off, gpu.upload(&bits).map_err(cuda)?);
-            }
-        }
-        let mut moe = HashMap::new();
-        for l in &model.layout.layers {
-            if let FfnSlots::Moe {
-                router,
-                bias,
-                experts,
-                shared,
-            } = &l.ffn
-            {
-                moe.insert(
-                    router.off,
-                    upload_moe(&gpu, model, *router, *bias, experts, shared.as_ref())?,
-                );
-            }
-        }
-        // Tied embeddings: the lm head slot is the embedding's, already uploaded.
-        let rot = model.config.head_dim;
-        let (cos, sin) = cpu::rope_table::<f32>(model.config.rope_theta, rot, model.config.max_position_embeddings);
-        Ok(GpuModel {
+        let params = gpu.upload(&model.params).map_err(cuda)?;
+        let needs16 = precision == GpuPrecision::Bf16 || model.config.moe.is_some();
+        let params16 = if needs16 {
+            Some(gpu.zeros::<u16>(model.params.len().max(1)).map_err(cuda)?)
+        } else {
+            None
+        };
+        let (cos, sin) = rope_tables(&model.config, model.config.max_position_embeddings);
+        let mut m = GpuModel {
             cos: gpu.upload(&cos).map_err(cuda)?,
             sin: gpu.upload(&sin).map_err(cuda)?,
             gpu,
             precision,
-            weights_bf16,
-            moe,
             config: model.config.clone(),
             layout: model.layout.clone(),
-            weights,
-        })
+            params,
+            params16,
+            grads: None,
+            moe: Vec::new(),
+        };
+        m.refresh_copies()?;
+        Ok(m)
     }
 
-    fn w(&self, s: Slot) -> Result<&CudaSlice<f32>> {
-        self.weights
-            .get(&s.off)
-            .ok_or_else(|| input_err("gpu", format!("no uploaded tensor at offset {}", s.off)))
+    /// The device.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
     }
 
-    /// The lm head as a linear layer `[C] -> [V]`.
-    fn head(&self) -> Linear {
-        Linear {
-            w: self.layout.lm_head,
-            b: None,
-            inp: self.config.hidden_size,
-            out: self.config.vocab_size,
+    /// The precision of the products.
+    pub fn precision(&self) -> GpuPrecision {
+        self.precision
+    }
+
+    /// The parameter layout (the CPU model's).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The flat f32 parameters (master weights).
+    pub fn params(&self) -> &CudaSlice<f32> {
+        &self.params
+    }
+
+    /// The flat parameters copied to the host.
+    pub fn params_to_host(&self) -> Result<Vec<f32>> {
+        self.gpu.download(&self.params).map_err(cuda)
+    }
+
+    /// Replaces every parameter with `host` (the CPU layout), refreshing
+    /// the bf16 copy.
+    pub fn set_params(&mut self, host: &[f32]) -> Result<()> {
+        if host.len() != self.layout.size {
+            return Err(input_err(
+                "gpu set_params",
+                format!("{} values for {} parameters", host.len(), self.layout.size),
+            ));
+        }
+        self.params = self.gpu.upload(host).map_err(cuda)?;
+        self.refresh_copies()
+    }
+
+    /// Copies another model's parameters (same layout) on the device.
+    pub fn copy_params_from(&mut self, other: &GpuModel) -> Result<()> {
+        if other.layout.size != self.layout.size {
+            return Err(input_err("gpu copy_params_from", "the layouts differ"));
+        }
+        self.params = self.gpu.clone_dtod(&other.params).map_err(cuda)?;
+        self.refresh_copies()
+    }
+
+    /// The gradient buffer copied to the host (zeros before any backward).
+    pub fn grads_to_host(&self) -> Result<Vec<f32>> {
+        match &self.grads {
+            Some(g) => self.gpu.download(g).map_err(cuda),
+            None => Ok(vec![0f32; self.layout.size]),
         }
     }
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.gpu.zeros::<f32>(n).map_err(cuda)
+    /// Replaces the gradient buffer with `host` (the CPU layout).
+    pub fn set_grads(&mut self, host: &[f32]) -> Result<()> {
+        if host.len() != self.layout.size {
+            return Err(input_err(
+                "gpu set_grads",
+                format!("{} values for {} parameters", host.len(), self.layout.size),
+            ));
+        }
+        self.grads = Some(self.gpu.upload(host).map_err(cuda)?);
+        Ok(())
     }
 
-    /// `out [n, l.out] = x [n, l.inp] W^T (+ b)`, in the model's precision.
-    fn linear(&self, x: &CudaSlice<f32>, l: &Linear, n: usize) -> Result<CudaSlice<f32>> {
+    /// Zeroes the gradient buffer (one memset), allocating it the first time.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        match &mut self.grads {
+            Some(g) => self
+                .gpu
+                .stream()
+                .memset_zeros(g)
+                .map_err(|e| input_err("gpu zero_grad", format!("memset of the gradient buffer: {e:?}"))),
+            None => {
+                self.grads = Some(self.zeros(self.layout.size)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// The bf16 copy and the MoE layers' weights, from `params`.
+    fn refresh_copies(&mut self) -> Result<()> {
+        if let Some(p16) = &mut self.params16 {
+            launch::cast_f32_to_bf16(&self.gpu, p16, &self.params, self.layout.size).map_err(cuda)?;
+        }
+        self.refresh_moe()
+    }
+
+    /// Each MoE layer's router, correction bias and stacked bf16 experts,
+    /// copied out of the flat buffers.
+    fn refresh_moe(&mut self) -> Result<()> {
+        let mut moe = Vec::with_capacity(self.layout.layers.len());
+        for l in &self.layout.layers {
+            moe.push(match &l.ffn {
+                FfnSlots::Moe {
+                    router,
+                    bias,
+                    experts,
+                    shared,
+                } => Some(self.moe_weights(*router, *bias, experts, shared.as_ref())?),
+                FfnSlots::Dense(_) => None,
+            });
+        }
+        self.moe = moe;
+        Ok(())
+    }
+
+    fn moe_weights(
+        &self,
+        router: Slot,
+        bias: Option<Slot>,
+        experts: &[MlpSlots],
+        shared: Option<&MlpSlots>,
+    ) -> Result<MoeWeights> {
         let g = &self.gpu;
+        let p16 = self
+            .params16
+            .as_ref()
+            .ok_or_else(|| input_err("gpu", "MoE layers need the bf16 parameter copy"))?;
+        let f32_copy = |s: Slot| g.clone_range(&self.params, s.off..s.off + s.len).map_err(cuda);
+        let stacked = |pick: fn(&MlpSlots) -> Slot| -> Result<CudaSlice<u16>> {
+            let first = experts
+                .first()
+                .map(pick)
+                .ok_or_else(|| input_err("gpu", "an MoE layer without experts"))?;
+            let len = first.len * experts.len();
+            // The layout stacks each projection of all experts (checked here).
+            for (e, x) in experts.iter().enumerate() {
+                if pick(x).off != first.off + e * first.len {
+                    return Err(input_err("gpu", "expert weights are not stacked in the layout"));
+                }
+            }
+            g.clone_range(p16, first.off..first.off + len).map_err(cuda)
+        };
+        let one = |s: Slot| g.clone_range(p16, s.off..s.off + s.len).map_err(cuda);
+        Ok(MoeWeights {
+            router: f32_copy(router)?,
+            bias: match bias {
+                Some(b) => Some(f32_copy(b)?),
+                None => None,
+            },
+            w_gate: stacked(|e| e.gate.w)?,
+            w_up: stacked(|e| e.up.w)?,
+            w_down: stacked(|e| e.down.w)?,
+            shared: match shared {
+                Some(s) => Some([one(s.gate.w)?, one(s.up.w)?, one(s.down.w)?]),
+                None => None,
+            },
+        })
+    }
+
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.gpu.zeros::<f32>(n.max(1)).map_err(cuda)
+    }
+
+    fn w32(&self, s: Slot) -> CudaView<'_, f32> {
+        self.params.slice(s.off..s.off + s.len)
+    }
+
+    /// The weight a product reads in the model's precision.
+    fn weight(&self, s: Slot) -> W<'_> {
+        match (&self.params16, self.precision) {
+            (Some(p16), GpuPrecision::Bf16) => W::Bf16(p16.slice(s.off..s.off + s.len)),
+            _ => W::F32(self.w32(s)),
+        }
+    }
+
+    fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
+        let mut o = self.gpu.zeros::<u16>(n.max(1)).map_err(cuda)?;
+        launch::cast_f32_to_bf16(&self.gpu, &mut o, x, n).map_err(cuda)?;
+        Ok(o)
+    }
+
+    /// `out [m, n] (+)= a [m, k] b` with `b` a weight (`trans_b`: stored
+    /// `[n, k]`), in the model's precision.
+    fn product(
+        &self,
+        out: &mut CudaViewMut<'_, f32>,
+        a: &CudaSlice<f32>,
+        w: W<'_>,
+        s: MatmulShape,
+        a16: Option<&CudaSlice<u16>>,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        match w {
+            W::F32(w) => matmul_f32(g, out, a, &w, s).map_err(cuda),
+            W::Bf16(w) => {
+                let owned;
+                let a16 = match a16 {
+                    Some(x) => x,
+                    None => {
+                        owned = self.to_bf16(a, s.m * s.k)?;
+                        &owned
+                    }
+                };
+                matmul_bf16_f32out(g, out, a16, &w, s).map_err(cuda)
+            }
+        }
+    }
+
+    /// `out [n, l.out] = x [n, l.inp] W^T (+ b)`.
+    fn linear(&self, x: &CudaSlice<f32>, l: &Linear, n: usize) -> Result<CudaSlice<f32>> {
         let mut out = self.zeros(n * l.out)?;
         let s = MatmulShape {
             m: n,
@@ -196,28 +489,11 @@ impl GpuModel {
             trans_b: true,
             accumulate: false,
         };
-        match self.precision {
-            GpuPrecision::F32 => matmul_f32(g, &mut out, x, self.w(l.w)?, s).map_err(cuda)?,
-            GpuPrecision::Bf16 => {
-                let w16 = self
-                    .weights_bf16
-                    .get(&l.w.off)
-                    .ok_or_else(|| input_err("gpu", format!("no bf16 weight at offset {}", l.w.off)))?;
-                let mut x16 = g.zeros::<u16>(n * l.inp).map_err(cuda)?;
-                launch::cast_f32_to_bf16(g, &mut x16, x, n * l.inp).map_err(cuda)?;
-                let mut o16 = g.zeros::<u16>(n * l.out).map_err(cuda)?;
-                aha_cuda_kernels::blas::matmul_bf16(g, &mut o16, &x16, w16, s).map_err(cuda)?;
-                launch::cast_bf16_to_f32(g, &mut out, &o16, n * l.out).map_err(cuda)?;
-            }
-        }
+        self.product(&mut out.slice_mut(..n * l.out), x, self.weight(l.w), s, None)?;
         if let Some(b) = l.b {
-            launch::add_bias_f32(&self.gpu, &mut out, self.w(b)?, n, l.out).map_err(cuda)?;
+            launch::add_bias_f32(&self.gpu, &mut out, &self.w32(b), n, l.out).map_err(cuda)?;
         }
         Ok(out)
-    }
-
-    fn norm(&self, x: &CudaSlice<f32>, w: Slot, rows: usize, c: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.norm_rstd(x, w, rows, c)?.0)
     }
 
     fn norm_rstd(
@@ -230,76 +506,299 @@ impl GpuModel {
         let mut out = self.zeros(rows * c)?;
         let mut rstd = self.zeros(rows)?;
         let eps = self.config.rms_norm_eps;
-        launch::rmsnorm_forward_f32(&self.gpu, &mut out, &mut rstd, x, self.w(w)?, rows, c, eps).map_err(cuda)?;
+        launch::rmsnorm_forward_f32(&self.gpu, &mut out, &mut rstd, x, &self.w32(w), rows, c, eps).map_err(cuda)?;
         Ok((out, rstd))
     }
 
-    /// The final normed hidden states `[B * T, C]` of `ids [B, T]`.
-    pub fn forward_hidden(&self, ids: &[u32], b: usize, t: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.forward_acts(ids, b, t, false)?.hidden)
+    fn copy_cols(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, s: ColsCopy) -> Result<()> {
+        launch::copy_cols_f32(&self.gpu, out, inp, &s).map_err(cuda)
     }
 
-    fn rope_geometry(&self, heads: usize) -> RopeGeometry {
-        RopeGeometry {
-            heads,
-            head_dim: self.config.head_dim,
-            rot_offset: 0,
-            rot_dim: self.config.head_dim,
-            interleaved: false,
+    fn rope(
+        &self,
+        x: &CudaSlice<f32>,
+        pos: &CudaSlice<u32>,
+        n: usize,
+        geo: RopeGeometry,
+        back: bool,
+    ) -> Result<CudaSlice<f32>> {
+        let mut out = self.zeros(n * geo.heads * geo.head_dim)?;
+        let g = &self.gpu;
+        if back {
+            launch::rope_backward_f32(g, &mut out, x, &self.cos, &self.sin, pos, n, &geo).map_err(cuda)?;
+        } else {
+            launch::rope_forward_f32(g, &mut out, x, &self.cos, &self.sin, pos, n, &geo).map_err(cuda)?;
+        }
+        Ok(out)
+    }
+
+    /// RoPE geometries of the queries and the keys (MLA: the decoupled
+    /// rotary part of each query head, and the one shared rotary key).
+    fn rope_geometries(&self) -> (RopeGeometry, RopeGeometry) {
+        let cfg = &self.config;
+        match &cfg.mla {
+            Some(m) => (
+                RopeGeometry {
+                    heads: cfg.num_heads,
+                    head_dim: m.qk_nope_head_dim + m.qk_rope_head_dim,
+                    rot_offset: m.qk_nope_head_dim,
+                    rot_dim: m.qk_rope_head_dim,
+                    interleaved: true,
+                },
+                RopeGeometry {
+                    heads: 1,
+                    head_dim: m.qk_rope_head_dim,
+                    rot_offset: 0,
+                    rot_dim: m.qk_rope_head_dim,
+                    interleaved: true,
+                },
+            ),
+            None => {
+                let full = |heads| RopeGeometry {
+                    heads,
+                    head_dim: cfg.head_dim,
+                    rot_offset: 0,
+                    rot_dim: cfg.head_dim,
+                    interleaved: false,
+                };
+                (full(cfg.num_heads), full(cfg.num_kv_heads))
+            }
+        }
+    }
+
+    /// Key/value heads of the attention proper (MLA: one per query head).
+    fn kv_heads(&self) -> usize {
+        if self.config.mla.is_some() {
+            self.config.num_heads
+        } else {
+            self.config.num_kv_heads
         }
     }
 
     fn attn_geometry(&self, b: usize, t: usize) -> AttnGeometry {
         let cfg = &self.config;
+        let (dk, dv, _, scale) = cfg.attn_dims();
         AttnGeometry {
             b,
             t,
             h: cfg.num_heads,
-            hk: cfg.num_kv_heads,
-            dk: cfg.head_dim,
-            dv: cfg.head_dim,
-            scale: cfg.attn_dims().3 as f32,
+            hk: self.kv_heads(),
+            dk,
+            dv,
+            scale: scale as f32,
         }
     }
 
-    /// Causal attention of `b` sequences of `t` tokens with the flash
-    /// kernels (`aha_cuda_kernels::flash`): q, k, v rounded to bf16, the
-    /// batch packed as `b` sequences of equal length (the `[B, T, H, D]`
-    /// layout is the packed `[B * T, H, D]` one), tensor cores where the
-    /// head width has them; `att [B * T, H, D]` in f32.
-    fn flash_attention(&self, att: &mut CudaSlice<f32>, qkv: &QkvOut, b: usize, t: usize) -> Result<()> {
-        let g = &self.gpu;
-        let cfg = &self.config;
-        let (n, h, hk, d) = (b * t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let to_bf16 = |x: &CudaSlice<f32>, len: usize| -> Result<CudaSlice<u16>> {
-            let mut o = g.zeros::<u16>(len).map_err(cuda)?;
-            launch::cast_f32_to_bf16(g, &mut o, x, len).map_err(cuda)?;
-            Ok(o)
-        };
-        let (q, k, v) = (
-            to_bf16(&qkv.qr, n * h * d)?,
-            to_bf16(&qkv.kr, n * hk * d)?,
-            to_bf16(&qkv.vl, n * hk * d)?,
-        );
-        let cu: Vec<i32> = (0..=b).map(|i| (i * t) as i32).collect();
-        let cu = g.upload(&cu).map_err(cuda)?;
-        let mut lse = self.zeros(h * n)?;
-        let geom = FlashGeometry {
-            total: n,
+    fn flash_geometry(&self, b: usize, t: usize) -> FlashGeometry {
+        let a = self.attn_geometry(b, t);
+        FlashGeometry {
+            total: b * t,
             nseq: b,
             max_seqlen: t,
-            h,
-            hk,
-            dk: d,
-            dv: d,
-            scale: self.attn_geometry(b, t).scale,
+            h: a.h,
+            hk: a.hk,
+            dk: a.dk,
+            dv: a.dv,
+            scale: a.scale,
             tensor_cores: true,
-        };
-        flash::flash_forward_bf16(g, att, &mut lse, &q, &k, &v, &cu, &geom).map_err(cuda)
+        }
     }
 
-    /// The forward, keeping what the backward needs when `keep`.
-    fn forward_acts(&self, ids: &[u32], b: usize, t: usize, keep: bool) -> Result<GpuActs> {
+    fn cu_seqlens(&self, b: usize, t: usize) -> Result<CudaSlice<i32>> {
+        let cu: Vec<i32> = (0..=b).map(|i| (i * t) as i32).collect();
+        self.gpu.upload(&cu).map_err(cuda)
+    }
+
+    /// Token embeddings `[n, C]`.
+    fn embed(&self, ids: &[u32]) -> Result<CudaSlice<f32>> {
+        let (c, n) = (self.config.hidden_size, ids.len());
+        let mut x = self.zeros(n * c)?;
+        let table = self.w32(self.layout.embed);
+        launch::embedding_forward_f32(
+            &self.gpu,
+            &mut x,
+            &table,
+            TokenIds::Host(ids),
+            n,
+            self.config.vocab_size,
+            c,
+        )
+        .map_err(cuda)?;
+        Ok(x)
+    }
+
+    /// Queries, keys and values of layer `s` from its normed input `ln1 [n, C]`.
+    fn qkv(&self, ln1: &CudaSlice<f32>, s: &LayerSlots, pos: &CudaSlice<u32>, n: usize) -> Result<Qkv> {
+        let cfg = &self.config;
+        let (gq, gk) = self.rope_geometries();
+        match &s.attn {
+            AttnSlots::Gqa { q, k, v, qk_norm, .. } => {
+                let (h, hk, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+                let (ql, kl, vl) = (
+                    self.linear(ln1, q, n)?,
+                    self.linear(ln1, k, n)?,
+                    self.linear(ln1, v, n)?,
+                );
+                let (qr, kr, qk_rstd) = match qk_norm {
+                    Some((qw, kw)) => {
+                        let (qn, q_rstd) = self.norm_rstd(&ql, *qw, n * h, d)?;
+                        let (kn, k_rstd) = self.norm_rstd(&kl, *kw, n * hk, d)?;
+                        (
+                            self.rope(&qn, pos, n, gq, false)?,
+                            self.rope(&kn, pos, n, gk, false)?,
+                            Some((q_rstd, k_rstd)),
+                        )
+                    }
+                    None => (
+                        self.rope(&ql, pos, n, gq, false)?,
+                        self.rope(&kl, pos, n, gk, false)?,
+                        None,
+                    ),
+                };
+                Ok(Qkv {
+                    q: qr,
+                    k: kr,
+                    v: vl,
+                    acts: AttnActs::Gqa { ql, kl, qk_rstd },
+                })
+            }
+            AttnSlots::Mla {
+                q_lora,
+                q,
+                kv_a,
+                kv_norm,
+                kv_b,
+                ..
+            } => {
+                let m = cfg
+                    .mla
+                    .as_ref()
+                    .ok_or_else(|| input_err("gpu", "MLA slots without an MLA config"))?;
+                let h = cfg.num_heads;
+                let (dn, dr, dv, kvl) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank);
+                let dk = dn + dr;
+                let (q_lin, qa) = match (q_lora, q) {
+                    (Some((qa_l, qa_w, qb_l)), _) => {
+                        let qa = self.linear(ln1, qa_l, n)?;
+                        let (qan, qa_rstd) = self.norm_rstd(&qa, *qa_w, n, qa_l.out)?;
+                        (self.linear(&qan, qb_l, n)?, Some((qa, qa_rstd, qan)))
+                    }
+                    (None, Some(q_l)) => (self.linear(ln1, q_l, n)?, None),
+                    (None, None) => return Err(input_err("gpu", "MLA without a query projection")),
+                };
+                let qr = self.rope(&q_lin, pos, n, gq, false)?;
+                let kva = self.linear(ln1, kv_a, n)?;
+                let w = kv_a.out;
+                let (mut c, mut kpe) = (self.zeros(n * kvl)?, self.zeros(n * dr)?);
+                self.copy_cols(&mut c, &kva, ColsCopy::plain(n, kvl, (kvl, 0), (w, 0)))?;
+                self.copy_cols(&mut kpe, &kva, ColsCopy::plain(n, dr, (dr, 0), (w, kvl)))?;
+                let (cn, c_rstd) = self.norm_rstd(&c, *kv_norm, n, kvl)?;
+                let kvb = self.linear(&cn, kv_b, n)?;
+                let kpe_r = self.rope(&kpe, pos, n, gk, false)?;
+                let (mut k, mut v) = (self.zeros(n * h * dk)?, self.zeros(n * h * dv)?);
+                let rows = n * h;
+                self.copy_cols(&mut k, &kvb, ColsCopy::plain(rows, dn, (dk, 0), (dn + dv, 0)))?;
+                self.copy_cols(
+                    &mut k,
+                    &kpe_r,
+                    ColsCopy {
+                        rep: h,
+                        ..ColsCopy::plain(rows, dr, (dk, dn), (dr, 0))
+                    },
+                )?;
+                self.copy_cols(&mut v, &kvb, ColsCopy::plain(rows, dv, (dv, 0), (dn + dv, dn)))?;
+                Ok(Qkv {
+                    q: qr,
+                    k,
+                    v,
+                    acts: AttnActs::Mla { qa, c, c_rstd, cn },
+                })
+            }
+        }
+    }
+
+    /// Causal attention of `b` sequences of `t` tokens: `(out [N, H * Dv], lse)`.
+    fn attention(&self, qkv: &Qkv, b: usize, t: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let g = &self.gpu;
+        let a = self.attn_geometry(b, t);
+        let n = b * t;
+        let mut out = self.zeros(n * a.h * a.dv)?;
+        let mut lse = self.zeros(a.h * n)?;
+        match self.precision {
+            GpuPrecision::F32 => {
+                launch::attention_forward_f32(g, &mut out, &mut lse, &qkv.q, &qkv.k, &qkv.v, &a).map_err(cuda)?
+            }
+            GpuPrecision::Bf16 => {
+                let q = self.to_bf16(&qkv.q, n * a.h * a.dk)?;
+                let k = self.to_bf16(&qkv.k, n * a.hk * a.dk)?;
+                let v = self.to_bf16(&qkv.v, n * a.hk * a.dv)?;
+                let cu = self.cu_seqlens(b, t)?;
+                flash::flash_forward_bf16(g, &mut out, &mut lse, &q, &k, &v, &cu, &self.flash_geometry(b, t))
+                    .map_err(cuda)?;
+            }
+        }
+        Ok((out, lse))
+    }
+
+    /// The MLP of layer `s` (layer `l`) on its normed input: the output
+    /// (before the residual add) and what the backward needs.
+    fn mlp(&self, ln2: &CudaSlice<f32>, l: usize, s: &LayerSlots, n: usize) -> Result<(CudaSlice<f32>, FfnActs)> {
+        let c = self.config.hidden_size;
+        match &s.ffn {
+            FfnSlots::Dense(mlp) => {
+                let (gate, up) = (self.linear(ln2, &mlp.gate, n)?, self.linear(ln2, &mlp.up, n)?);
+                let mut act = self.zeros(n * mlp.gate.out)?;
+                launch::swiglu_forward_f32(&self.gpu, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
+                let down = self.linear(&act, &mlp.down, n)?;
+                Ok((down, FfnActs::Dense { gate, up, act }))
+            }
+            FfnSlots::Moe { shared, experts, .. } => {
+                let m = self
+                    .config
+                    .moe
+                    .as_ref()
+                    .ok_or_else(|| input_err("gpu", "an MoE layer without an MoE config"))?;
+                let w = self
+                    .moe
+                    .get(l)
+                    .and_then(|x| x.as_ref())
+                    .ok_or_else(|| input_err("gpu", format!("layer {l}: MoE weights not uploaded")))?;
+                let dims = MoeDims {
+                    n,
+                    c,
+                    e: experts.len(),
+                    k: m.top_k,
+                    f: m.expert_dim,
+                    f_shared: shared.as_ref().map_or(0, |s| s.gate.out),
+                    gating: match m.router {
+                        Router::SoftmaxTopK => MoeGating::Softmax {
+                            renorm: m.norm_topk_prob,
+                        },
+                        Router::SigmoidGroupLimited {
+                            n_group,
+                            topk_group,
+                            routed_scaling_factor,
+                        } => MoeGating::SigmoidGroup {
+                            n_group,
+                            topk_group,
+                            renorm: m.norm_topk_prob,
+                            scaling: routed_scaling_factor,
+                        },
+                    },
+                    math: MoeMath::TensorCores,
+                };
+                let mut buf = Box::new(MoeBuffers::new(&self.gpu, dims).map_err(cuda)?);
+                let mut down = self.zeros(n * c)?;
+                moe_layer::moe_layer_forward(&self.gpu, &mut down, ln2, w, &mut buf).map_err(cuda)?;
+                Ok((down, FfnActs::Moe { buf }))
+            }
+        }
+    }
+
+    /// The training forward over a right-padded batch `ids [B, T]`
+    /// (positions `0..T` in every row, as `Model::forward`), keeping every
+    /// activation on the device for [`GpuModel::backward`].
+    pub fn forward(&self, ids: &[u32], b: usize, t: usize) -> Result<GpuForward> {
         let cfg = &self.config;
         let n = b * t;
         if ids.len() != n || n == 0 {
@@ -317,87 +816,129 @@ impl GpuModel {
                 ),
             ));
         }
-        let (c, h, d) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim);
+        let c = cfg.hidden_size;
         let g = &self.gpu;
         let mut x = self.embed(ids)?;
         let pos: Vec<u32> = (0..n).map(|i| (i % t) as u32).collect();
         let pos = g.upload(&pos).map_err(cuda)?;
-        let mut layers = Vec::new();
-        for s in &self.layout.layers {
-            let (qkv, o) = self.layer_qkv(&x, s, &pos, n)?;
-            let (mut att, mut lse) = (self.zeros(n * h * d)?, self.zeros(b * h * t)?);
-            if self.precision == GpuPrecision::Bf16 && !keep {
-                // bf16 mode (forward only): flash attention on bf16 q, k, v.
-                self.flash_attention(&mut att, &qkv, b, t)?;
-            } else {
-                launch::attention_forward_f32(
-                    g,
-                    &mut att,
-                    &mut lse,
-                    &qkv.qr,
-                    &qkv.kr,
-                    &qkv.vl,
-                    &self.attn_geometry(b, t),
-                )
-                .map_err(cuda)?;
-            }
+        let mut layers = Vec::with_capacity(self.layout.layers.len());
+        for (l, s) in self.layout.layers.iter().enumerate() {
+            let x_in = g.clone_dtod(&x).map_err(cuda)?;
+            let (ln1, ln1_rstd) = self.norm_rstd(&x, s.ln1, n, c)?;
+            let qkv = self.qkv(&ln1, s, &pos, n)?;
+            let (att, lse) = self.attention(&qkv, b, t)?;
+            let o = attn_out(&s.attn);
             let ao = self.linear(&att, o, n)?;
-            let x_in = if keep {
-                Some(g.clone_dtod(&x).map_err(cuda)?)
-            } else {
-                None
-            };
             launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
-            let mlp = self.layer_mlp(&x, s, n)?;
-            let x_mid = if keep {
-                Some(g.clone_dtod(&x).map_err(cuda)?)
-            } else {
-                None
-            };
-            launch::add_inplace_f32(g, &mut x, &mlp.down, n * c).map_err(cuda)?;
-            if let (Some(x_in), Some(x_mid)) = (x_in, x_mid) {
-                layers.push(GpuLayerActs {
-                    x_in,
-                    ln1: qkv.ln1,
-                    ln1_rstd: qkv.ln1_rstd,
-                    ql: qkv.ql,
-                    kl: qkv.kl,
-                    vl: qkv.vl,
-                    qk_rstd: qkv.qk,
-                    qr: qkv.qr,
-                    kr: qkv.kr,
-                    att,
-                    lse,
-                    x_mid,
-                    ln2: mlp.ln2,
-                    ln2_rstd: mlp.ln2_rstd,
-                    gate: mlp.gate,
-                    up: mlp.up,
-                    act: mlp.act,
-                });
-            }
+            let x_mid = g.clone_dtod(&x).map_err(cuda)?;
+            let (ln2, ln2_rstd) = self.norm_rstd(&x, s.ln2, n, c)?;
+            let (down, ffn) = self.mlp(&ln2, l, s, n)?;
+            launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
+            layers.push(LayerActs {
+                x_in,
+                ln1,
+                ln1_rstd,
+                qkv,
+                att,
+                lse,
+                x_mid,
+                ln2,
+                ln2_rstd,
+                ffn,
+            });
         }
         let (hidden, rstd) = self.norm_rstd(&x, self.layout.norm, n, c)?;
-        Ok(GpuActs {
-            hidden,
-            x_last: x,
-            rstd,
+        Ok(GpuForward {
+            b,
+            t,
+            ids: ids.to_vec(),
             pos,
             layers,
+            x_last: x,
+            rstd,
+            hidden,
+        })
+    }
+
+    /// The lm head's operands for hidden rows `h [n, C]`.
+    fn head_operands<'a>(
+        &'a self,
+        h: &'a CudaSlice<f32>,
+        h16: &'a Option<CudaSlice<u16>>,
+    ) -> Result<LmHeadOperands<'a>> {
+        let head = self.layout.lm_head;
+        Ok(match (self.precision, h16, &self.params16) {
+            (GpuPrecision::Bf16, Some(h16), Some(p16)) => LmHeadOperands::Bf16 {
+                hidden: h16.as_view(),
+                weight: p16.slice(head.off..head.off + head.len),
+            },
+            (GpuPrecision::Bf16, _, _) => return Err(input_err("gpu", "bf16 lm head without bf16 operands")),
+            _ => LmHeadOperands::F32 {
+                hidden: h.as_view(),
+                weight: self.w32(head),
+            },
+        })
+    }
+
+    /// Tempered log-probs and entropies of `targets[i]` at rows `rows[i]`
+    /// of a forward (row `r` is position `r % T` of sequence `r / T`):
+    /// `log softmax(logits / temperature)`, through the fused lm head in
+    /// vocabulary chunks. Results stay on the device.
+    pub fn score(&self, fwd: &GpuForward, rows: &[u32], targets: &[u32], temperature: f32) -> Result<GpuScores> {
+        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        let n = rows.len();
+        if targets.len() != n {
+            return Err(input_err(
+                "gpu score",
+                format!("{} targets for {n} rows", targets.len()),
+            ));
+        }
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(input_err("gpu score", format!("temperature {temperature} must be > 0")));
+        }
+        let g = &self.gpu;
+        // The rows' hidden states (a row gather: the embedding kernel over
+        // the forward's hidden states, which checks every row index).
+        let mut hidden = self.zeros(n * c)?;
+        launch::embedding_forward_f32(g, &mut hidden, &fwd.hidden, TokenIds::Host(rows), n, fwd.rows(), c)
+            .map_err(cuda)?;
+        let (mut logp, mut entropy, mut lse) = (self.zeros(n)?, self.zeros(n)?, self.zeros(n)?);
+        if n > 0 {
+            let plan = lmhead::plan_lm_head(n, c, v, temperature, lmhead::DEFAULT_BUDGET_BYTES).map_err(cuda)?;
+            let h16 = match self.precision {
+                GpuPrecision::Bf16 => Some(self.to_bf16(&hidden, n * c)?),
+                GpuPrecision::F32 => None,
+            };
+            let x = self.head_operands(&hidden, &h16)?;
+            lmhead::lm_head_logprob_forward_f32(g, &mut logp, &mut entropy, &mut lse, &x, targets, &plan)
+                .map_err(cuda)?;
+        }
+        Ok(GpuScores {
+            logp,
+            entropy,
+            lse,
+            rows: rows.to_vec(),
+            targets: targets.to_vec(),
+            temperature,
+            hidden,
         })
     }
 
     /// Logits `[B * T, V]` of `ids [B, T]`, copied to the host.
     pub fn logits(&self, ids: &[u32], b: usize, t: usize) -> Result<Vec<f32>> {
-        let hidden = self.forward_hidden(ids, b, t)?;
-        let logits = self.linear(&hidden, &self.head(), b * t)?;
+        let fwd = self.forward(ids, b, t)?;
+        let head = Linear {
+            w: self.layout.lm_head,
+            b: None,
+            inp: self.config.hidden_size,
+            out: self.config.vocab_size,
+        };
+        let logits = self.linear(&fwd.hidden, &head, b * t)?;
         self.gpu.download(&logits).map_err(cuda)
     }
 
     /// `log p(targets[i])` and the log-sum-exp at every position of `ids
-    /// [B, T]` (as `Model::token_logprobs`), computed on the device in row
-    /// chunks so that full-vocabulary logits for the whole batch never exist;
-    /// only the two result vectors come back to the host.
+    /// [B, T]` (as `Model::token_logprobs`, temperature 1), copied to the host.
     pub fn token_logprobs(&self, ids: &[u32], b: usize, t: usize, targets: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let n = b * t;
         if targets.len() != n {
@@ -406,42 +947,503 @@ impl GpuModel {
                 format!("{} targets for {n} positions", targets.len()),
             ));
         }
-        let hidden = self.forward_hidden(ids, b, t)?;
-        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
-        // Vocabulary chunks straight from the hidden states
-        // (`aha_cuda_kernels::lmhead`): at most 256 MiB of logits; the
-        // operands in the model's precision (bf16: the hidden states rounded,
-        // the head's bf16 copy, f32 logits).
+        let fwd = self.forward(ids, b, t)?;
+        let rows: Vec<u32> = (0..n as u32).collect();
+        let s = self.score(&fwd, &rows, targets, 1.0)?;
         let g = &self.gpu;
-        let plan = lmhead::plan_lm_head(n, c, v, 1.0, lmhead::DEFAULT_BUDGET_BYTES).map_err(cuda)?;
-        let (mut lp, mut ent, mut ls) = (self.zeros(n)?, self.zeros(n)?, self.zeros(n)?);
-        let head = self.head();
-        let h16;
-        let x = match self.precision {
-            GpuPrecision::F32 => LmHeadOperands::F32 {
-                hidden: &hidden,
-                weight: self.w(head.w)?,
-            },
-            GpuPrecision::Bf16 => {
-                let mut h = g.zeros::<u16>(n * c).map_err(cuda)?;
-                launch::cast_f32_to_bf16(g, &mut h, &hidden, n * c).map_err(cuda)?;
-                h16 = h;
-                LmHeadOperands::Bf16 {
-                    hidden: &h16,
-                    weight: self
-                        .weights_bf16
-                        .get(&head.w.off)
-                        .ok_or_else(|| input_err("gpu", "no bf16 copy of the lm head"))?,
-                }
-            }
+        Ok((g.download(&s.logp).map_err(cuda)?, g.download(&s.lse).map_err(cuda)?))
+    }
+}
+
+/// A layer's output projection.
+fn attn_out(a: &AttnSlots) -> &Linear {
+    match a {
+        AttnSlots::Gqa { o, .. } | AttnSlots::Mla { o, .. } => o,
+    }
+}
+
+/// The backward.
+impl GpuModel {
+    /// `dW += dy^T x` and `dx (+)= dy W` for `y = x W^T + b` (`db +=`);
+    /// returns `dx` unless `dx_acc` receives it.
+    fn linear_back(
+        &self,
+        grads: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        l: &Linear,
+        n: usize,
+        dx_acc: Option<&mut CudaSlice<f32>>,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let g = &self.gpu;
+        let sw = MatmulShape {
+            m: l.out,
+            k: n,
+            n: l.inp,
+            trans_a: true,
+            trans_b: false,
+            accumulate: true,
         };
-        lmhead::lm_head_logprob_forward_f32(g, &mut lp, &mut ent, &mut ls, x, targets, &plan).map_err(cuda)?;
-        Ok((g.download(&lp).map_err(cuda)?, g.download(&ls).map_err(cuda)?))
+        let mut sx = MatmulShape {
+            m: n,
+            k: l.out,
+            n: l.inp,
+            trans_a: false,
+            trans_b: false,
+            accumulate: false,
+        };
+        let w = l.w;
+        match self.precision {
+            GpuPrecision::F32 => {
+                matmul_f32(g, &mut grads.slice_mut(w.off..w.off + w.len), dy, x, sw).map_err(cuda)?;
+            }
+            GpuPrecision::Bf16 => {
+                let (dy16, x16) = (self.to_bf16(dy, n * l.out)?, self.to_bf16(x, n * l.inp)?);
+                matmul_bf16_f32out(g, &mut grads.slice_mut(w.off..w.off + w.len), &dy16, &x16, sw).map_err(cuda)?;
+            }
+        }
+        if let Some(b) = l.b {
+            launch::bias_grad_f32(g, &mut grads.slice_mut(b.off..b.off + b.len), dy, n, l.out).map_err(cuda)?;
+        }
+        let dy16 = match self.precision {
+            GpuPrecision::Bf16 => Some(self.to_bf16(dy, n * l.out)?),
+            GpuPrecision::F32 => None,
+        };
+        match dx_acc {
+            Some(acc) => {
+                sx.accumulate = true;
+                self.product(&mut acc.slice_mut(..n * l.inp), dy, self.weight(w), sx, dy16.as_ref())?;
+                Ok(None)
+            }
+            None => {
+                let mut dx = self.zeros(n * l.inp)?;
+                self.product(&mut dx.slice_mut(..n * l.inp), dy, self.weight(w), sx, dy16.as_ref())?;
+                Ok(Some(dx))
+            }
+        }
+    }
+
+    /// RMSNorm backward: `dx` assigned, the weight's gradient accumulated.
+    fn norm_back(
+        &self,
+        grads: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        w: Slot,
+        rows: usize,
+        c: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let mut dx = self.zeros(rows * c)?;
+        launch::rmsnorm_backward_f32(
+            &self.gpu,
+            &mut dx,
+            &mut grads.slice_mut(w.off..w.off + w.len),
+            dy,
+            x,
+            &self.w32(w),
+            rstd,
+            rows,
+            c,
+        )
+        .map_err(cuda)?;
+        Ok(dx)
+    }
+
+    fn some(x: Option<CudaSlice<f32>>) -> Result<CudaSlice<f32>> {
+        x.ok_or_else(|| input_err("gpu backward", "a product returned no gradient"))
+    }
+
+    /// The attention's backward from `datt [N, H * Dv]` (gradient of the
+    /// attention output) to `dln1 [N, C]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_back(
+        &self,
+        grads: &mut CudaSlice<f32>,
+        a: &LayerActs,
+        s: &LayerSlots,
+        datt: &CudaSlice<f32>,
+        pos: &CudaSlice<u32>,
+        b: usize,
+        t: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let g = &self.gpu;
+        let cfg = &self.config;
+        let n = b * t;
+        let geo = self.attn_geometry(b, t);
+        let (mut dq, mut dk, mut dv) = (
+            self.zeros(n * geo.h * geo.dk)?,
+            self.zeros(n * geo.hk * geo.dk)?,
+            self.zeros(n * geo.hk * geo.dv)?,
+        );
+        match self.precision {
+            GpuPrecision::F32 => launch::attention_backward_f32(
+                g, &mut dq, &mut dk, &mut dv, datt, &a.qkv.q, &a.qkv.k, &a.qkv.v, &a.att, &a.lse, &geo,
+            )
+            .map_err(cuda)?,
+            GpuPrecision::Bf16 => {
+                let q = self.to_bf16(&a.qkv.q, n * geo.h * geo.dk)?;
+                let k = self.to_bf16(&a.qkv.k, n * geo.hk * geo.dk)?;
+                let v = self.to_bf16(&a.qkv.v, n * geo.hk * geo.dv)?;
+                let cu = self.cu_seqlens(b, t)?;
+                flash::flash_backward_bf16(
+                    g,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    datt,
+                    &q,
+                    &k,
+                    &v,
+                    &a.att,
+                    &a.lse,
+                    &cu,
+                    &self.flash_geometry(b, t),
+                )
+                .map_err(cuda)?;
+            }
+        }
+        let (gq, gk) = self.rope_geometries();
+        match (&s.attn, &a.qkv.acts) {
+            (AttnSlots::Gqa { q, k, v, qk_norm, .. }, AttnActs::Gqa { ql, kl, qk_rstd }) => {
+                let (h, hk, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+                let dqn = self.rope(&dq, pos, n, gq, true)?;
+                let dkn = self.rope(&dk, pos, n, gk, true)?;
+                let (dql, dkl) = match (qk_norm, qk_rstd) {
+                    (Some((qw, kw)), Some((q_rstd, k_rstd))) => (
+                        self.norm_back(grads, &dqn, ql, q_rstd, *qw, n * h, d)?,
+                        self.norm_back(grads, &dkn, kl, k_rstd, *kw, n * hk, d)?,
+                    ),
+                    _ => (dqn, dkn),
+                };
+                let mut dln1 = Self::some(self.linear_back(grads, &dql, &a.ln1, q, n, None)?)?;
+                self.linear_back(grads, &dkl, &a.ln1, k, n, Some(&mut dln1))?;
+                self.linear_back(grads, &dv, &a.ln1, v, n, Some(&mut dln1))?;
+                Ok(dln1)
+            }
+            (
+                AttnSlots::Mla {
+                    q_lora,
+                    q,
+                    kv_a,
+                    kv_norm,
+                    kv_b,
+                    ..
+                },
+                AttnActs::Mla { qa, c, c_rstd, cn },
+            ) => {
+                let m = cfg
+                    .mla
+                    .as_ref()
+                    .ok_or_else(|| input_err("gpu", "MLA slots without an MLA config"))?;
+                let h = cfg.num_heads;
+                let (dn, dr, dvw, kvl) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank);
+                let dkw = dn + dr;
+                let rows = n * h;
+                // Keys and values back to kv_b's output and the shared rotary key.
+                let mut dkvb = self.zeros(n * kv_b.out)?;
+                self.copy_cols(&mut dkvb, &dk, ColsCopy::plain(rows, dn, (dn + dvw, 0), (dkw, 0)))?;
+                self.copy_cols(&mut dkvb, &dv, ColsCopy::plain(rows, dvw, (dn + dvw, dn), (dvw, 0)))?;
+                let mut dkpe_r = self.zeros(n * dr)?;
+                self.copy_cols(
+                    &mut dkpe_r,
+                    &dk,
+                    ColsCopy {
+                        group: h,
+                        ..ColsCopy::plain(n, dr, (dr, 0), (dkw, dn))
+                    },
+                )?;
+                let dkpe = self.rope(&dkpe_r, pos, n, gk, true)?;
+                let dcn = Self::some(self.linear_back(grads, &dkvb, cn, kv_b, n, None)?)?;
+                let dc = self.norm_back(grads, &dcn, c, c_rstd, *kv_norm, n, kvl)?;
+                let mut dkva = self.zeros(n * kv_a.out)?;
+                self.copy_cols(&mut dkva, &dc, ColsCopy::plain(n, kvl, (kv_a.out, 0), (kvl, 0)))?;
+                self.copy_cols(&mut dkva, &dkpe, ColsCopy::plain(n, dr, (kv_a.out, kvl), (dr, 0)))?;
+                let mut dln1 = Self::some(self.linear_back(grads, &dkva, &a.ln1, kv_a, n, None)?)?;
+                let dq_lin = self.rope(&dq, pos, n, gq, true)?;
+                match (q_lora, q, qa) {
+                    (Some((qa_l, qa_w, qb_l)), _, Some((qa_x, qa_rstd, qan))) => {
+                        let dqan = Self::some(self.linear_back(grads, &dq_lin, qan, qb_l, n, None)?)?;
+                        let dqa = self.norm_back(grads, &dqan, qa_x, qa_rstd, *qa_w, n, qa_l.out)?;
+                        self.linear_back(grads, &dqa, &a.ln1, qa_l, n, Some(&mut dln1))?;
+                    }
+                    (None, Some(q_l), None) => {
+                        self.linear_back(grads, &dq_lin, &a.ln1, q_l, n, Some(&mut dln1))?;
+                    }
+                    _ => return Err(input_err("gpu backward", "MLA activations do not match the layer")),
+                }
+                Ok(dln1)
+            }
+            _ => Err(input_err("gpu backward", "activations do not match the layer kind")),
+        }
+    }
+
+    /// Gradients of `sum_i dlogp[i] * logp[i] + dentropy[i] * entropy[i]`
+    /// over the scored rows (both on the device, as the loss left them),
+    /// accumulated (`+=`) into the flat gradient buffer; `aux_coef` adds
+    /// that multiple of the Switch load-balancing loss of softmax-routed MoE
+    /// layers (as `Model::backward_with_aux`). Consumes the forward.
+    pub fn backward(
+        &mut self,
+        fwd: GpuForward,
+        scores: &GpuScores,
+        dlogp: &CudaSlice<f32>,
+        dentropy: Option<&CudaSlice<f32>>,
+        aux_coef: f32,
+    ) -> Result<()> {
+        if self.grads.is_none() {
+            self.zero_grad()?;
+        }
+        let mut grads = self
+            .grads
+            .take()
+            .ok_or_else(|| input_err("gpu backward", "no gradient buffer"))?;
+        let r = self.backward_into(&mut grads, fwd, scores, dlogp, dentropy, aux_coef);
+        self.grads = Some(grads);
+        r
+    }
+
+    fn backward_into(
+        &self,
+        grads: &mut CudaSlice<f32>,
+        fwd: GpuForward,
+        sc: &GpuScores,
+        dlogp: &CudaSlice<f32>,
+        dentropy: Option<&CudaSlice<f32>>,
+        aux_coef: f32,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let g = &self.gpu;
+        let (b, t) = (fwd.b, fwd.t);
+        let n = b * t;
+        let (c, v) = (cfg.hidden_size, cfg.vocab_size);
+        let nr = sc.len();
+        if dlogp.len() < nr || dentropy.is_some_and(|d| d.len() < nr) {
+            return Err(input_err(
+                "gpu backward",
+                format!("fewer gradients than the {nr} scored rows"),
+            ));
+        }
+        // The lm head over the scored rows, then their hidden-state
+        // gradients scattered back to the batch's rows.
+        let mut dh_rows = self.zeros(nr * c)?;
+        if nr > 0 {
+            let plan = lmhead::plan_lm_head(nr, c, v, sc.temperature, lmhead::DEFAULT_BUDGET_BYTES).map_err(cuda)?;
+            let zero;
+            let de = match dentropy {
+                Some(d) => d,
+                None => {
+                    zero = self.zeros(nr)?;
+                    &zero
+                }
+            };
+            let h16 = match self.precision {
+                GpuPrecision::Bf16 => Some(self.to_bf16(&sc.hidden, nr * c)?),
+                GpuPrecision::F32 => None,
+            };
+            let x = self.head_operands(&sc.hidden, &h16)?;
+            let head = self.layout.lm_head;
+            lmhead::lm_head_logprob_backward_f32(
+                g,
+                &mut dh_rows,
+                &mut grads.slice_mut(head.off..head.off + head.len),
+                &x,
+                &sc.targets,
+                &sc.lse,
+                &sc.entropy,
+                dlogp,
+                de,
+                &plan,
+            )
+            .map_err(cuda)?;
+        }
+        let mut dhidden = self.zeros(n * c)?;
+        launch::embedding_backward_f32(g, &mut dhidden, &dh_rows, TokenIds::Host(&sc.rows), nr, n, c).map_err(cuda)?;
+        let mut dx = self.norm_back(grads, &dhidden, &fwd.x_last, &fwd.rstd, self.layout.norm, n, c)?;
+        drop(dhidden);
+        let aux = self.aux_grad(&fwd, aux_coef)?;
+        let GpuForward { ids, pos, layers, .. } = fwd;
+        for (l, (s, mut a)) in self.layout.layers.iter().zip(layers).enumerate().rev() {
+            // MLP: x_out = x_mid + ffn(ln2(x_mid)).
+            let mut dln2 = self.zeros(n * c)?;
+            match (&s.ffn, &mut a.ffn) {
+                (FfnSlots::Dense(mlp), FfnActs::Dense { gate, up, act }) => {
+                    let dact = Self::some(self.linear_back(grads, &dx, act, &mlp.down, n, None)?)?;
+                    let f = mlp.gate.out;
+                    let (mut dg, mut du) = (self.zeros(n * f)?, self.zeros(n * f)?);
+                    launch::swiglu_backward_f32(g, &mut dg, &mut du, &dact, gate, up, n * f).map_err(cuda)?;
+                    self.linear_back(grads, &dg, &a.ln2, &mlp.gate, n, Some(&mut dln2))?;
+                    self.linear_back(grads, &du, &a.ln2, &mlp.up, n, Some(&mut dln2))?;
+                }
+                (
+                    FfnSlots::Moe {
+                        router,
+                        experts,
+                        shared,
+                        ..
+                    },
+                    FfnActs::Moe { buf },
+                ) => {
+                    let w = self
+                        .moe
+                        .get(l)
+                        .and_then(|x| x.as_ref())
+                        .ok_or_else(|| input_err("gpu backward", format!("layer {l}: MoE weights not uploaded")))?;
+                    let mut gr = MoeGrads::zeros(g, &buf.dims).map_err(cuda)?;
+                    moe_layer::moe_layer_backward(g, &mut dln2, &mut gr, &dx, &a.ln2, w, buf, aux.as_ref())
+                        .map_err(cuda)?;
+                    self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
+                }
+                _ => return Err(input_err("gpu backward", "activations do not match the layer kind")),
+            }
+            let dmid = self.norm_back(grads, &dln2, &a.x_mid, &a.ln2_rstd, s.ln2, n, c)?;
+            launch::add_inplace_f32(g, &mut dx, &dmid, n * c).map_err(cuda)?;
+            // Attention: x_mid = x_in + o(attn(ln1(x_in))).
+            let datt = Self::some(self.linear_back(grads, &dx, &a.att, attn_out(&s.attn), n, None)?)?;
+            let dln1 = self.attn_back(grads, &a, s, &datt, &pos, b, t)?;
+            let din = self.norm_back(grads, &dln1, &a.x_in, &a.ln1_rstd, s.ln1, n, c)?;
+            launch::add_inplace_f32(g, &mut dx, &din, n * c).map_err(cuda)?;
+        }
+        let e = self.layout.embed;
+        launch::embedding_backward_f32(
+            g,
+            &mut grads.slice_mut(e.off..e.off + e.len),
+            &dx,
+            TokenIds::Host(&ids),
+            n,
+            v,
+            c,
+        )
+        .map_err(cuda)?;
+        Ok(())
+    }
+
+    /// The Switch loss's gradient on every token's router probabilities,
+    /// `coef * E * count_e / T^2` with counts and tokens pooled over the
+    /// softmax-routed MoE layers (as the CPU model); `None` when off.
+    fn aux_grad(&self, fwd: &GpuForward, coef: f32) -> Result<Option<CudaSlice<f32>>> {
+        let Some(m) = self.config.moe.as_ref() else {
+            return Ok(None);
+        };
+        if coef == 0.0 || m.router != Router::SoftmaxTopK {
+            return Ok(None);
+        }
+        // The pooled counts are E integers per layer: read back, as the
+        // scalars of a step are.
+        let e = m.n_experts;
+        let (mut counts, mut tokens) = (vec![0u64; e], 0usize);
+        for l in &fwd.layers {
+            if let FfnActs::Moe { buf } = &l.ffn {
+                for (c, x) in counts
+                    .iter_mut()
+                    .zip(self.gpu.download(&buf.perm.counts).map_err(cuda)?)
+                {
+                    *c += u64::from(x);
+                }
+                tokens += fwd.rows();
+            }
+        }
+        if tokens == 0 {
+            return Ok(None);
+        }
+        let (ef, tf) = (e as f64, tokens as f64);
+        let host: Vec<f32> = counts
+            .iter()
+            .map(|&c| (coef as f64 * ef * c as f64 / (tf * tf)) as f32)
+            .collect();
+        Ok(Some(self.gpu.upload(&host).map_err(cuda)?))
+    }
+
+    /// Adds an MoE layer's stacked gradients into the flat buffer.
+    fn add_moe_grads(
+        &self,
+        grads: &mut CudaSlice<f32>,
+        gr: &MoeGrads,
+        router: Slot,
+        experts: &[MlpSlots],
+        shared: Option<&MlpSlots>,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let mut add = |s: Slot, x: &CudaSlice<f32>, len: usize| -> Result<()> {
+            launch::add_inplace_f32(g, &mut grads.slice_mut(s.off..s.off + len), x, len).map_err(cuda)
+        };
+        add(router, &gr.router, router.len)?;
+        if let Some(first) = experts.first() {
+            let e = experts.len();
+            add(first.gate.w, &gr.w_gate, first.gate.w.len * e)?;
+            add(first.up.w, &gr.w_up, first.up.w.len * e)?;
+            add(first.down.w, &gr.w_down, first.down.w.len * e)?;
+        }
+        if let (Some(s), Some([dg, du, dd])) = (shared, &gr.shared) {
+            add(s.gate.w, dg, s.gate.w.len)?;
+            add(s.up.w, du, s.up.w.len)?;
+            add(s.down.w, dd, s.down.w.len)?;
+        }
+        Ok(())
+    }
+}
+
+/// The optimizer's device side.
+impl GpuModel {
+    /// Zeroed AdamW moments for this model (two flat f32 buffers).
+    pub fn new_moments(&self) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        Ok((self.zeros(self.layout.size)?, self.zeros(self.layout.size)?))
+    }
+
+    /// The global L2 norm of the trainable gradients (one f64 read back).
+    pub fn grad_norm(&self) -> Result<f64> {
+        match &self.grads {
+            Some(gr) => launch::grad_norm_f32(&self.gpu, gr, self.layout.trainable).map_err(cuda),
+            None => Ok(0.0),
+        }
+    }
+
+    /// Scales the gradients by `s` (clipping), on the trainable prefix.
+    pub fn scale_grads(&mut self, s: f32) -> Result<()> {
+        if let Some(gr) = &mut self.grads {
+            launch::scale_f32(&self.gpu, gr, s, self.layout.trainable).map_err(cuda)?;
+        }
+        Ok(())
+    }
+
+    /// One AdamW step over the trainable prefix (one launch; in bf16
+    /// precision the same launch refreshes the bf16 copy), then the MoE
+    /// layers' weights. Frozen tensors are not touched.
+    pub fn adamw(&mut self, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, h: &AdamwScalars) -> Result<()> {
+        let n = self.layout.trainable;
+        let g = &self.gpu;
+        let grads = self
+            .grads
+            .as_ref()
+            .ok_or_else(|| input_err("gpu adamw", "no gradients: run a backward first"))?;
+        match &mut self.params16 {
+            Some(p16) => launch::adamw_copy_bf16_f32(g, &mut self.params, m, v, p16, grads, n, h).map_err(cuda)?,
+            None => launch::adamw_f32(g, &mut self.params, m, v, grads, n, h).map_err(cuda)?,
+        }
+        self.refresh_moe()
+    }
+
+    /// DeepSeek-V3's auxiliary-loss-free balancing after a step, on the
+    /// device: each MoE layer's `e_score_correction_bias` moves by `speed`
+    /// towards balance, from the expert loads of `fwd`.
+    pub fn update_expert_bias(&mut self, fwd: &GpuForward, speed: f32) -> Result<()> {
+        for (s, a) in self.layout.layers.iter().zip(&fwd.layers) {
+            if let (FfnSlots::Moe { bias: Some(bias), .. }, FfnActs::Moe { buf }) = (&s.ffn, &a.ffn) {
+                let g = &self.gpu;
+                let mut b = g
+                    .clone_range(&self.params, bias.off..bias.off + bias.len)
+                    .map_err(cuda)?;
+                launch_moe::moe_bias_update_f32(g, &mut b, &buf.perm.counts, bias.len, speed).map_err(cuda)?;
+                g.copy_into(&mut self.params, bias.off, &b).map_err(cuda)?;
+            }
+        }
+        self.refresh_copies()
     }
 }
 
 /// One sequence's keys and values on the device, per layer
-/// `[max_position_embeddings, Hk, D]`, filled up to `len`.
+/// `[max_position_embeddings, Hk, Dk]` and `[.., Hk, Dv]` (MLA: the keys and
+/// values of every head, expanded), filled up to `len`.
 pub struct GpuKvCache {
     k: Vec<CudaSlice<f32>>,
     v: Vec<CudaSlice<f32>>,
@@ -455,12 +1457,13 @@ impl GpuModel {
     pub fn new_cache(&self) -> Result<GpuKvCache> {
         let cfg = &self.config;
         let cap = cfg.max_position_embeddings;
-        let w = cap * cfg.num_kv_heads * cfg.head_dim;
+        let (dk, dv, _, _) = cfg.attn_dims();
+        let hk = self.kv_heads();
         let mut k = Vec::with_capacity(cfg.num_layers);
         let mut v = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
-            k.push(self.zeros(w)?);
-            v.push(self.zeros(w)?);
+            k.push(self.zeros(cap * hk * dk)?);
+            v.push(self.zeros(cap * hk * dv)?);
         }
         Ok(GpuKvCache { k, v, len: 0, cap })
     }
@@ -478,29 +1481,39 @@ impl GpuModel {
                 format!("{n} new tokens after {start} do not fit {} positions", cache.cap),
             ));
         }
-        let (c, h, hk, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let c = cfg.hidden_size;
+        let (dk, dv, _, _) = cfg.attn_dims();
+        let (h, hk) = (cfg.num_heads, self.kv_heads());
         let g = &self.gpu;
         let mut x = self.embed(ids)?;
         let pos: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
         let pos = g.upload(&pos).map_err(cuda)?;
         for (l, s) in self.layout.layers.iter().enumerate() {
-            let (qkv, o) = self.layer_qkv(&x, s, &pos, n)?;
-            g.copy_into(&mut cache.k[l], start * hk * d, &qkv.kr).map_err(cuda)?;
-            g.copy_into(&mut cache.v[l], start * hk * d, &qkv.vl).map_err(cuda)?;
-            let mut att = self.zeros(n * h * d)?;
+            let (ln1, _) = self.norm_rstd(&x, s.ln1, n, c)?;
+            let qkv = self.qkv(&ln1, s, &pos, n)?;
+            g.copy_into(&mut cache.k[l], start * hk * dk, &qkv.k).map_err(cuda)?;
+            g.copy_into(&mut cache.v[l], start * hk * dv, &qkv.v).map_err(cuda)?;
+            let mut att = self.zeros(n * h * dv)?;
             let geo = self.attn_geometry(1, start + n);
-            launch::attention_decode_f32(g, &mut att, &qkv.qr, &cache.k[l], &cache.v[l], start, n, &geo)
+            launch::attention_decode_f32(g, &mut att, &qkv.q, &cache.k[l], &cache.v[l], start, n, &geo)
                 .map_err(cuda)?;
-            let ao = self.linear(&att, o, n)?;
+            let ao = self.linear(&att, attn_out(&s.attn), n)?;
             launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
-            let mlp = self.layer_mlp(&x, s, n)?;
-            launch::add_inplace_f32(g, &mut x, &mlp.down, n * c).map_err(cuda)?;
+            let (ln2, _) = self.norm_rstd(&x, s.ln2, n, c)?;
+            let (down, _) = self.mlp(&ln2, l, s, n)?;
+            launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
         }
         cache.len = start + n;
         // Only the last token's logits.
         let last = g.clone_range(&x, (n - 1) * c..n * c).map_err(cuda)?;
-        let hidden = self.norm(&last, self.layout.norm, 1, c)?;
-        let logits = self.linear(&hidden, &self.head(), 1)?;
+        let (hidden, _) = self.norm_rstd(&last, self.layout.norm, 1, c)?;
+        let head = Linear {
+            w: self.layout.lm_head,
+            b: None,
+            inp: c,
+            out: cfg.vocab_size,
+        };
+        let logits = self.linear(&hidden, &head, 1)?;
         g.download(&logits).map_err(cuda)
     }
 
@@ -528,478 +1541,6 @@ impl GpuModel {
     }
 }
 
-/// A layer's attention inputs: the normed input, the projections, Qwen3's
-/// q/k norms, and the rotated queries and keys.
-struct QkvOut {
-    ln1: CudaSlice<f32>,
-    ln1_rstd: CudaSlice<f32>,
-    ql: CudaSlice<f32>,
-    kl: CudaSlice<f32>,
-    vl: CudaSlice<f32>,
-    qk: Option<QkNormActs>,
-    qr: CudaSlice<f32>,
-    kr: CudaSlice<f32>,
-}
-
-/// A layer's MLP activations and output (before the residual add).
-struct MlpOut {
-    ln2: CudaSlice<f32>,
-    ln2_rstd: CudaSlice<f32>,
-    gate: CudaSlice<f32>,
-    up: CudaSlice<f32>,
-    act: CudaSlice<f32>,
-    down: CudaSlice<f32>,
-}
-
-impl GpuModel {
-    /// Token embeddings `[n, C]`.
-    fn embed(&self, ids: &[u32]) -> Result<CudaSlice<f32>> {
-        let (c, n) = (self.config.hidden_size, ids.len());
-        let mut x = self.zeros(n * c)?;
-        let table = self.w(self.layout.embed)?;
-        launch::embedding_forward_f32(
-            &self.gpu,
-            &mut x,
-            table,
-            TokenIds::Host(ids),
-            n,
-            self.config.vocab_size,
-            c,
-        )
-        .map_err(cuda)?;
-        Ok(x)
-    }
-
-    /// The attention inputs of layer `s` for `x [n, C]` at positions `pos`,
-    /// and its output projection.
-    fn layer_qkv<'s>(
-        &self,
-        x: &CudaSlice<f32>,
-        s: &'s LayerSlots,
-        pos: &CudaSlice<u32>,
-        n: usize,
-    ) -> Result<(QkvOut, &'s Linear)> {
-        let AttnSlots::Gqa { q, k, v, o, qk_norm } = &s.attn else {
-            return Err(input_err("gpu", "only grouped-query attention runs on the GPU"));
-        };
-        let cfg = &self.config;
-        let (c, h, hk, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let g = &self.gpu;
-        let (ln1, ln1_rstd) = self.norm_rstd(x, s.ln1, n, c)?;
-        let (ql, kl, vl) = (
-            self.linear(&ln1, q, n)?,
-            self.linear(&ln1, k, n)?,
-            self.linear(&ln1, v, n)?,
-        );
-        let qk = match qk_norm {
-            Some((qw, kw)) => {
-                let (qn, q_rstd) = self.norm_rstd(&ql, *qw, n * h, d)?;
-                let (kn, k_rstd) = self.norm_rstd(&kl, *kw, n * hk, d)?;
-                Some((qn, q_rstd, kn, k_rstd))
-            }
-            None => None,
-        };
-        let (qn, kn) = match &qk {
-            Some((qn, _, kn, _)) => (qn, kn),
-            None => (&ql, &kl),
-        };
-        let (mut qr, mut kr) = (self.zeros(n * h * d)?, self.zeros(n * hk * d)?);
-        launch::rope_forward_f32(g, &mut qr, qn, &self.cos, &self.sin, pos, n, &self.rope_geometry(h)).map_err(cuda)?;
-        launch::rope_forward_f32(g, &mut kr, kn, &self.cos, &self.sin, pos, n, &self.rope_geometry(hk))
-            .map_err(cuda)?;
-        let out = QkvOut {
-            ln1,
-            ln1_rstd,
-            ql,
-            kl,
-            vl,
-            qk,
-            qr,
-            kr,
-        };
-        Ok((out, o))
-    }
-
-    /// Layer `s`'s MLP on `x [n, C]` (the output before the residual add).
-    fn layer_mlp(&self, x: &CudaSlice<f32>, s: &LayerSlots, n: usize) -> Result<MlpOut> {
-        let c = self.config.hidden_size;
-        let mlp = match &s.ffn {
-            FfnSlots::Dense(mlp) => mlp,
-            FfnSlots::Moe { router, .. } => {
-                // The MoE layer (aha_cuda_kernels::moe_layer): routing and
-                // permutation on the device, bf16 grouped expert products.
-                let (ln2, ln2_rstd) = self.norm_rstd(x, s.ln2, n, c)?;
-                let (Some(m), Some(w)) = (&self.config.moe, self.moe.get(&router.off)) else {
-                    return Err(input_err("gpu", "a mixture-of-experts layer without its weights"));
-                };
-                let dims = MoeDims {
-                    n,
-                    c,
-                    e: m.n_experts,
-                    k: m.top_k,
-                    f: m.expert_dim,
-                    f_shared: m.n_shared * m.expert_dim,
-                    gating: match m.router {
-                        Router::SoftmaxTopK => MoeGating::Softmax {
-                            renorm: m.norm_topk_prob,
-                        },
-                        Router::SigmoidGroupLimited {
-                            n_group,
-                            topk_group,
-                            routed_scaling_factor,
-                        } => MoeGating::SigmoidGroup {
-                            n_group,
-                            topk_group,
-                            renorm: m.norm_topk_prob,
-                            scaling: routed_scaling_factor,
-                        },
-                    },
-                    math: MoeMath::TensorCores,
-                };
-                let mut buf = MoeBuffers::new(&self.gpu, dims).map_err(cuda)?;
-                let mut down = self.zeros(n * c)?;
-                moe_layer::moe_layer_forward(&self.gpu, &mut down, &ln2, w, &mut buf).map_err(cuda)?;
-                let empty = || self.zeros(1);
-                return Ok(MlpOut {
-                    ln2,
-                    ln2_rstd,
-                    gate: empty()?,
-                    up: empty()?,
-                    act: empty()?,
-                    down,
-                });
-            }
-        };
-        let (ln2, ln2_rstd) = self.norm_rstd(x, s.ln2, n, c)?;
-        let (gate, up) = (self.linear(&ln2, &mlp.gate, n)?, self.linear(&ln2, &mlp.up, n)?);
-        let mut act = self.zeros(n * mlp.gate.out)?;
-        launch::swiglu_forward_f32(&self.gpu, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
-        let down = self.linear(&act, &mlp.down, n)?;
-        Ok(MlpOut {
-            ln2,
-            ln2_rstd,
-            gate,
-            up,
-            act,
-            down,
-        })
-    }
-}
-
-/// Qwen3's q/k norms' outputs and rstds: (q, q rstd, k, k rstd).
-type QkNormActs = (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>);
-
-/// One layer's saved activations on the device.
-struct GpuLayerActs {
-    x_in: CudaSlice<f32>,
-    ln1: CudaSlice<f32>,
-    ln1_rstd: CudaSlice<f32>,
-    ql: CudaSlice<f32>,
-    kl: CudaSlice<f32>,
-    vl: CudaSlice<f32>,
-    /// Normed q and its rstd, normed k and its rstd (Qwen3).
-    qk_rstd: Option<QkNormActs>,
-    qr: CudaSlice<f32>,
-    kr: CudaSlice<f32>,
-    att: CudaSlice<f32>,
-    lse: CudaSlice<f32>,
-    x_mid: CudaSlice<f32>,
-    ln2: CudaSlice<f32>,
-    ln2_rstd: CudaSlice<f32>,
-    gate: CudaSlice<f32>,
-    up: CudaSlice<f32>,
-    act: CudaSlice<f32>,
-}
-
-/// A forward's outputs and, for the backward, its activations.
-struct GpuActs {
-    hidden: CudaSlice<f32>,
-    x_last: CudaSlice<f32>,
-    rstd: CudaSlice<f32>,
-    pos: CudaSlice<u32>,
-    layers: Vec<GpuLayerActs>,
-}
-
-impl GpuModel {
-    /// Zeroed gradient buffers, one per parameter tensor.
-    fn zero_grads(&self) -> Result<HashMap<usize, CudaSlice<f32>>> {
-        self.layout
-            .entries
-            .iter()
-            .map(|e| Ok((e.slot.off, self.zeros(e.slot.len)?)))
-            .collect()
-    }
-
-    fn grad(grads: &mut HashMap<usize, CudaSlice<f32>>, s: Slot) -> Result<&mut CudaSlice<f32>> {
-        grads
-            .get_mut(&s.off)
-            .ok_or_else(|| input_err("gpu backward", format!("no gradient buffer at offset {}", s.off)))
-    }
-
-    /// Backward of `y = x W^T + b`: returns `dx` (assigned unless `dx_acc`
-    /// is given, then added into it); `dW +=`, `db +=`.
-    fn linear_back(
-        &self,
-        grads: &mut HashMap<usize, CudaSlice<f32>>,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        l: &Linear,
-        n: usize,
-        dx_acc: Option<&mut CudaSlice<f32>>,
-    ) -> Result<Option<CudaSlice<f32>>> {
-        let g = &self.gpu;
-        // dW [out, inp] += dy^T [out, n] x [n, inp]
-        let sw = MatmulShape {
-            m: l.out,
-            k: n,
-            n: l.inp,
-            trans_a: true,
-            trans_b: false,
-            accumulate: true,
-        };
-        matmul_f32(g, Self::grad(grads, l.w)?, dy, x, sw).map_err(cuda)?;
-        if let Some(b) = l.b {
-            launch::bias_grad_f32(g, Self::grad(grads, b)?, dy, n, l.out).map_err(cuda)?;
-        }
-        // dx [n, inp] (+)= dy [n, out] W [out, inp]
-        let mut sx = MatmulShape {
-            m: n,
-            k: l.out,
-            n: l.inp,
-            trans_a: false,
-            trans_b: false,
-            accumulate: false,
-        };
-        match dx_acc {
-            Some(acc) => {
-                sx.accumulate = true;
-                matmul_f32(g, acc, dy, self.w(l.w)?, sx).map_err(cuda)?;
-                Ok(None)
-            }
-            None => {
-                let mut dx = self.zeros(n * l.inp)?;
-                matmul_f32(g, &mut dx, dy, self.w(l.w)?, sx).map_err(cuda)?;
-                Ok(Some(dx))
-            }
-        }
-    }
-
-    /// RMSNorm backward: `dx` assigned, the weight's gradient accumulated.
-    #[allow(clippy::too_many_arguments)]
-    fn norm_back(
-        &self,
-        grads: &mut HashMap<usize, CudaSlice<f32>>,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
-        w: Slot,
-        rows: usize,
-        c: usize,
-    ) -> Result<CudaSlice<f32>> {
-        let mut dx = self.zeros(rows * c)?;
-        let weight = self.w(w)?;
-        launch::rmsnorm_backward_f32(&self.gpu, &mut dx, Self::grad(grads, w)?, dy, x, weight, rstd, rows, c)
-            .map_err(cuda)?;
-        Ok(dx)
-    }
-
-    /// Gradients of `sum_i dlogp[i] * log p(targets[i])` with respect to
-    /// every parameter, in the CPU model's flat layout (as `Model::backward`
-    /// into a zeroed buffer): forward with saved activations, lm head and
-    /// log-softmax backward, then the layers in reverse, all on the device.
-    pub fn backward(&self, ids: &[u32], b: usize, t: usize, targets: &[u32], dlogp: &[f32]) -> Result<Vec<f32>> {
-        let cfg = &self.config;
-        let n = b * t;
-        if targets.len() != n || dlogp.len() != n {
-            return Err(input_err(
-                "gpu backward",
-                format!("{} targets and {} dlogp for {n} positions", targets.len(), dlogp.len()),
-            ));
-        }
-        let (c, h, hk, d, v) = (
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.vocab_size,
-        );
-        let g = &self.gpu;
-        if self.precision != GpuPrecision::F32 {
-            return Err(input_err(
-                "gpu backward",
-                "the backward runs in f32: upload the model with GpuPrecision::F32",
-            ));
-        }
-        if cfg.moe.is_some() {
-            return Err(input_err(
-                "gpu backward",
-                "mixture-of-experts layers run forward only on the GPU (the MoE layer's backward kernels exist, aha_cuda_kernels::moe_layer, but the model does not chain them yet)",
-            ));
-        }
-        let acts = self.forward_acts(ids, b, t, true)?;
-        let mut grads = self.zero_grads()?;
-        // The head in vocabulary chunks (`aha_cuda_kernels::lmhead`): the
-        // forward for lse, then the backward recomputing each chunk's
-        // logits; [N, V] logits never exist.
-        let head = self.head();
-        let plan = lmhead::plan_lm_head(n, c, v, 1.0, lmhead::DEFAULT_BUDGET_BYTES).map_err(cuda)?;
-        let (mut lp, mut ent, mut lse) = (self.zeros(n)?, self.zeros(n)?, self.zeros(n)?);
-        let head_x = LmHeadOperands::F32 {
-            hidden: &acts.hidden,
-            weight: self.w(head.w)?,
-        };
-        lmhead::lm_head_logprob_forward_f32(g, &mut lp, &mut ent, &mut lse, head_x, targets, &plan).map_err(cuda)?;
-        let dl = g.upload(dlogp).map_err(cuda)?;
-        let de = self.zeros(n)?;
-        let mut dhidden = self.zeros(n * c)?;
-        lmhead::lm_head_logprob_backward_f32(
-            g,
-            &mut dhidden,
-            Self::grad(&mut grads, head.w)?,
-            head_x,
-            targets,
-            &lse,
-            &ent,
-            &dl,
-            &de,
-            &plan,
-        )
-        .map_err(cuda)?;
-        let mut dx = self.norm_back(&mut grads, &dhidden, &acts.x_last, &acts.rstd, self.layout.norm, n, c)?;
-        for (s, a) in self.layout.layers.iter().zip(&acts.layers).rev() {
-            let (AttnSlots::Gqa { q, k, v, o, qk_norm }, FfnSlots::Dense(mlp)) = (&s.attn, &s.ffn) else {
-                return Err(input_err(
-                    "gpu backward",
-                    "only dense grouped-query layers run on the GPU",
-                ));
-            };
-            // MLP: x_out = x_mid + down(swiglu(gate(ln2), up(ln2))).
-            let dact = self
-                .linear_back(&mut grads, &dx, &a.act, &mlp.down, n, None)?
-                .ok_or_else(|| input_err("gpu backward", "no MLP gradient"))?;
-            let i = mlp.gate.out;
-            let (mut dgate, mut dup) = (self.zeros(n * i)?, self.zeros(n * i)?);
-            launch::swiglu_backward_f32(g, &mut dgate, &mut dup, &dact, &a.gate, &a.up, n * i).map_err(cuda)?;
-            let mut dln2 = self
-                .linear_back(&mut grads, &dgate, &a.ln2, &mlp.gate, n, None)?
-                .ok_or_else(|| input_err("gpu backward", "no MLP gradient"))?;
-            self.linear_back(&mut grads, &dup, &a.ln2, &mlp.up, n, Some(&mut dln2))?;
-            let dmid = self.norm_back(&mut grads, &dln2, &a.x_mid, &a.ln2_rstd, s.ln2, n, c)?;
-            launch::add_inplace_f32(g, &mut dx, &dmid, n * c).map_err(cuda)?;
-            // Attention: x_mid = x_in + o(attn(rope(norm?(q)), rope(norm?(k)), v)).
-            let datt = self
-                .linear_back(&mut grads, &dx, &a.att, o, n, None)?
-                .ok_or_else(|| input_err("gpu backward", "no attention gradient"))?;
-            let (mut dqr, mut dkr, mut dvl) =
-                (self.zeros(n * h * d)?, self.zeros(n * hk * d)?, self.zeros(n * hk * d)?);
-            launch::attention_backward_f32(
-                g,
-                &mut dqr,
-                &mut dkr,
-                &mut dvl,
-                &datt,
-                &a.qr,
-                &a.kr,
-                &a.vl,
-                &a.att,
-                &a.lse,
-                &self.attn_geometry(b, t),
-            )
-            .map_err(cuda)?;
-            let (mut dqn, mut dkn) = (self.zeros(n * h * d)?, self.zeros(n * hk * d)?);
-            launch::rope_backward_f32(
-                g,
-                &mut dqn,
-                &dqr,
-                &self.cos,
-                &self.sin,
-                &acts.pos,
-                n,
-                &self.rope_geometry(h),
-            )
-            .map_err(cuda)?;
-            launch::rope_backward_f32(
-                g,
-                &mut dkn,
-                &dkr,
-                &self.cos,
-                &self.sin,
-                &acts.pos,
-                n,
-                &self.rope_geometry(hk),
-            )
-            .map_err(cuda)?;
-            let (dql, dkl) = match (qk_norm, &a.qk_rstd) {
-                (Some((qw, kw)), Some((_, q_rstd, _, k_rstd))) => (
-                    self.norm_back(&mut grads, &dqn, &a.ql, q_rstd, *qw, n * h, d)?,
-                    self.norm_back(&mut grads, &dkn, &a.kl, k_rstd, *kw, n * hk, d)?,
-                ),
-                _ => (dqn, dkn),
-            };
-            let mut dln1 = self
-                .linear_back(&mut grads, &dql, &a.ln1, q, n, None)?
-                .ok_or_else(|| input_err("gpu backward", "no attention gradient"))?;
-            self.linear_back(&mut grads, &dkl, &a.ln1, k, n, Some(&mut dln1))?;
-            self.linear_back(&mut grads, &dvl, &a.ln1, v, n, Some(&mut dln1))?;
-            let din = self.norm_back(&mut grads, &dln1, &a.x_in, &a.ln1_rstd, s.ln1, n, c)?;
-            launch::add_inplace_f32(g, &mut dx, &din, n * c).map_err(cuda)?;
-        }
-        launch::embedding_backward_f32(
-            g,
-            Self::grad(&mut grads, self.layout.embed)?,
-            &dx,
-            TokenIds::Host(ids),
-            n,
-            v,
-            c,
-        )
-        .map_err(cuda)?;
-        let mut flat = vec![0f32; self.layout.size];
-        for e in &self.layout.entries {
-            let host = g.download(Self::grad(&mut grads, e.slot)?).map_err(cuda)?;
-            e.slot.of_mut(&mut flat).copy_from_slice(&host);
-        }
-        Ok(flat)
-    }
-}
-
-/// One MoE layer's weights on the device: the router (and DeepSeek-V3's
-/// correction bias) in f32, every expert's gate/up/down stacked `[E, F, C]`,
-/// `[E, F, C]`, `[E, C, F]` and the shared expert, in bf16.
-fn upload_moe(
-    gpu: &Gpu,
-    model: &Model,
-    router: Slot,
-    bias: Option<Slot>,
-    experts: &[MlpSlots],
-    shared: Option<&MlpSlots>,
-) -> Result<MoeWeights> {
-    let p = &model.params;
-    let bf16 = |parts: &mut dyn Iterator<Item = &[f32]>| -> Result<CudaSlice<u16>> {
-        let bits: Vec<u16> = parts.flatten().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
-        gpu.upload(&bits).map_err(cuda)
-    };
-    let stack = |pick: fn(&MlpSlots) -> Slot| bf16(&mut experts.iter().map(|e| pick(e).of(p)));
-    Ok(MoeWeights {
-        router: gpu.upload(router.of(p)).map_err(cuda)?,
-        bias: match bias {
-            Some(b) => Some(gpu.upload(b.of(p)).map_err(cuda)?),
-            None => None,
-        },
-        w_gate: stack(|e| e.gate.w)?,
-        w_up: stack(|e| e.up.w)?,
-        w_down: stack(|e| e.down.w)?,
-        shared: match shared {
-            Some(s) => Some([
-                bf16(&mut std::iter::once(s.gate.w.of(p)))?,
-                bf16(&mut std::iter::once(s.up.w.of(p)))?,
-                bf16(&mut std::iter::once(s.down.w.of(p)))?,
-            ]),
-            None => None,
-        },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1009,7 +1550,7 @@ mod tests {
     }
 
     #[test]
-    fn gqa_models_are_supported_and_others_refused_with_reasons() {
+    fn supported_models_and_refusals_with_reasons() {
         let dense = cfg(
             r#"{"model_type": "qwen2", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
             "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}"#,
@@ -1027,5 +1568,13 @@ mod tests {
             "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4}"#,
         );
         assert!(gpu_support(&too_many).unwrap_err().to_string().contains("2048 experts"));
+        let wide = cfg(
+            r#"{"model_type": "qwen2", "vocab_size": 32, "hidden_size": 1024, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}"#,
+        );
+        assert!(gpu_support(&wide)
+            .unwrap_err()
+            .to_string()
+            .contains("head widths 512/512"));
     }
 }

@@ -24,6 +24,7 @@ mod model;
 mod moe_twin_tests;
 pub mod paged;
 pub mod params;
+pub mod policy;
 pub mod st;
 
 pub use config::{Arch, MlaConfig, ModelConfig, MoeConfig, Router};
@@ -31,3 +32,4 @@ pub use error::{Error, Result};
 pub use model::{Activations, KvCache, Model};
 pub use paged::{PagedKvCache, SeqSpan};
 pub use params::{Layout, ParamEntry, Slot};
+pub use policy::{resolve_device, Forward, Moments, Policy, Precision, Scores};

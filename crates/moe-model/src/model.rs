@@ -19,6 +19,13 @@ use crate::params::{load_params, save_params, FfnSlots, Layout};
 /// [N, V] matrix never exists at once.
 const LOGIT_CHUNK: usize = 256;
 
+/// The RoPE tables `cos, sin [max_pos, rot / 2]` of a config (the CPU and
+/// the GPU model use the same ones).
+pub(crate) fn rope_tables(cfg: &ModelConfig, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+    let (_, _, rot, _) = cfg.attn_dims();
+    cpu::rope_table::<f32>(cfg.rope_theta, rot, max_pos)
+}
+
 /// A loaded model. `params` is the one flat buffer; `layout` names its views.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -156,8 +163,7 @@ impl Model {
     }
 
     fn rope_table(&self, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
-        let (_, _, rot, _) = self.config.attn_dims();
-        cpu::rope_table::<f32>(self.config.rope_theta, rot, max_pos)
+        rope_tables(&self.config, max_pos)
     }
 
     fn layer_fwd(
@@ -365,18 +371,6 @@ impl Model {
         aux_coef: f32,
         grads: &mut [f32],
     ) -> Result<()> {
-        // d aux / d p[t, e] = coef * E * count_e / T^2, the same for every token.
-        let aux_dprob: Option<Vec<f32>> = if aux_coef != 0.0 {
-            self.aux_stats(acts).map(|(counts, _, tokens)| {
-                let (e, t) = (counts.len() as f64, tokens as f64);
-                counts
-                    .iter()
-                    .map(|&c| (aux_coef as f64 * e * c as f64 / (t * t)) as f32)
-                    .collect()
-            })
-        } else {
-            None
-        };
         let cfg = &self.config;
         let (c, v) = (cfg.hidden_size, cfg.vocab_size);
         let (b, t) = (acts.b, acts.t);
@@ -413,7 +407,35 @@ impl Model {
                 Gemm::new(v, rows, c).ta().acc(),
             )?;
         }
-        let mut dx = norm_bwd(&dh, &acts.x_final, &acts.norm_rstd, p, grads, self.layout.norm, c)?;
+        self.backward_from_hidden(acts, &dh, aux_coef, grads)
+    }
+
+    /// The backward from `dh [N, C]`, the gradient of the final normed
+    /// hidden states (what the lm head's backward produces), through every
+    /// layer to the embedding: gradients accumulate into `grads`;
+    /// `aux_coef` adds that multiple of [`Model::aux_loss`]'s gradient.
+    pub fn backward_from_hidden(&self, acts: &Activations, dh: &[f32], aux_coef: f32, grads: &mut [f32]) -> Result<()> {
+        // d aux / d p[t, e] = coef * E * count_e / T^2, the same for every token.
+        let aux_dprob: Option<Vec<f32>> = if aux_coef != 0.0 {
+            self.aux_stats(acts).map(|(counts, _, tokens)| {
+                let (e, t) = (counts.len() as f64, tokens as f64);
+                counts
+                    .iter()
+                    .map(|&c| (aux_coef as f64 * e * c as f64 / (t * t)) as f32)
+                    .collect()
+            })
+        } else {
+            None
+        };
+        let cfg = &self.config;
+        let (c, v) = (cfg.hidden_size, cfg.vocab_size);
+        let (b, t) = (acts.b, acts.t);
+        let n = b * t;
+        if grads.len() != self.params.len() || dh.len() != n * c {
+            return Err(input_err("backward", "grads or dh have the wrong length"));
+        }
+        let p = &self.params[..];
+        let mut dx = norm_bwd(dh, &acts.x_final, &acts.norm_rstd, p, grads, self.layout.norm, c)?;
         let (cos, sin) = self.rope_table(t);
         let rope = Rope {
             cos: &cos,

@@ -141,6 +141,9 @@ pub struct Layout {
     pub entries: Vec<ParamEntry>,
     /// Total elements.
     pub size: usize,
+    /// Elements of the trainable prefix `0..trainable` (the frozen tensors
+    /// follow it).
+    pub trainable: usize,
     /// embed_tokens [V, C].
     pub embed: Slot,
     /// Decoder layers.
@@ -154,14 +157,29 @@ pub struct Layout {
 
 struct Builder {
     entries: Vec<ParamEntry>,
+    /// Elements of the trainable tensors so far.
     size: usize,
+    /// Where the frozen tensors start (after every trainable one).
+    frozen_base: usize,
+    /// Elements of the frozen tensors so far.
+    frozen: usize,
 }
 
 impl Builder {
     fn add(&mut self, name: String, shape: Vec<usize>, trainable: bool) -> Slot {
         let len = shape.iter().product();
-        let slot = Slot { off: self.size, len };
-        self.size += len;
+        let slot = if trainable {
+            let s = Slot { off: self.size, len };
+            self.size += len;
+            s
+        } else {
+            let s = Slot {
+                off: self.frozen_base + self.frozen,
+                len,
+            };
+            self.frozen += len;
+            s
+        };
         self.entries.push(ParamEntry {
             name,
             shape,
@@ -185,15 +203,46 @@ impl Builder {
             down: self.linear(&format!("{p}.down_proj"), f, c, false),
         }
     }
+    /// `n` experts' MLPs, stacked: every gate_proj, then every up_proj, then
+    /// every down_proj, so each projection of all experts is one contiguous
+    /// `[E, out, in]` block (what the grouped expert kernels read).
+    fn experts(&mut self, p: &str, n: usize, c: usize, f: usize) -> Vec<MlpSlots> {
+        let w = |b: &mut Builder, e: usize, proj: &str, inp: usize, out: usize| Linear {
+            w: b.add(format!("{p}.{e}.{proj}.weight"), vec![out, inp], true),
+            b: None,
+            inp,
+            out,
+        };
+        let gate: Vec<Linear> = (0..n).map(|e| w(self, e, "gate_proj", c, f)).collect();
+        let up: Vec<Linear> = (0..n).map(|e| w(self, e, "up_proj", c, f)).collect();
+        let down: Vec<Linear> = (0..n).map(|e| w(self, e, "down_proj", f, c)).collect();
+        gate.into_iter()
+            .zip(up)
+            .zip(down)
+            .map(|((gate, up), down)| MlpSlots { gate, up, down })
+            .collect()
+    }
 }
 
 impl Layout {
-    /// The layout a config implies, in a fixed order.
+    /// The layout a config implies, in a fixed order: every trainable
+    /// tensor first (so the optimizer runs over one prefix of the buffer,
+    /// [`Layout::trainable`] elements), then the frozen ones
+    /// (`e_score_correction_bias`); each MoE layer's experts stacked by
+    /// projection (see `Builder::experts`).
     pub fn new(cfg: &ModelConfig) -> Layout {
+        // The first pass only counts the trainable elements.
+        let trainable = Layout::build(cfg, usize::MAX / 2).trainable;
+        Layout::build(cfg, trainable)
+    }
+
+    fn build(cfg: &ModelConfig, frozen_base: usize) -> Layout {
         let c = cfg.hidden_size;
         let mut b = Builder {
             entries: Vec::new(),
             size: 0,
+            frozen_base,
+            frozen: 0,
         };
         let embed = b.add("model.embed_tokens.weight".into(), vec![cfg.vocab_size, c], true);
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -262,9 +311,7 @@ impl Layout {
                             false,
                         )
                     });
-                    let experts = (0..moe.n_experts)
-                        .map(|e| b.mlp(&format!("{p}.mlp.experts.{e}"), c, moe.expert_dim))
-                        .collect();
+                    let experts = b.experts(&format!("{p}.mlp.experts"), moe.n_experts, c, moe.expert_dim);
                     let shared = (moe.n_shared > 0)
                         .then(|| b.mlp(&format!("{p}.mlp.shared_experts"), c, moe.expert_dim * moe.n_shared));
                     FfnSlots::Moe {
@@ -287,7 +334,8 @@ impl Layout {
         let index = b.entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
         Layout {
             entries: b.entries,
-            size: b.size,
+            size: b.size + b.frozen,
+            trainable: b.size,
             embed,
             layers,
             norm,

@@ -85,6 +85,46 @@ impl Tensor {
         t.to_device(device)
     }
 
+    /// A tensor over an f32 device buffer of exactly `shape`'s element count.
+    pub fn from_cuda_f32(gpu: Arc<Gpu>, buf: CudaSlice<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if buf.len() < shape.elem_count() {
+            return Err(Error::ShapeMismatch {
+                op: "Tensor::from_cuda_f32",
+                expected: format!("{} elements for shape {shape}", shape.elem_count()),
+                got: format!("{}", buf.len()),
+            });
+        }
+        let device = Device::Cuda(gpu.ordinal());
+        Ok(Tensor {
+            shape,
+            device,
+            storage: Storage::Cuda(CudaStorage {
+                gpu,
+                buf: CudaBuf::F32(buf),
+            }),
+        })
+    }
+
+    /// The device buffer of an f32 tensor on a GPU (it may hold more
+    /// elements than the shape: buffers are never empty).
+    pub fn cuda_f32(&self) -> Result<&CudaSlice<f32>> {
+        match &self.storage {
+            Storage::Cuda(CudaStorage {
+                buf: CudaBuf::F32(b), ..
+            }) => Ok(b),
+            Storage::Cuda(_) => Err(Error::DType {
+                op: "Tensor::cuda_f32",
+                expected: "f32",
+                got: self.dtype(),
+            }),
+            Storage::Cpu(_) => Err(Error::Unsupported {
+                op: "Tensor::cuda_f32 (the tensor is on the host)",
+                device: self.device,
+            }),
+        }
+    }
+
     /// Zeros of `dtype` on `device`.
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
         let shape = shape.into();

@@ -64,17 +64,17 @@ fn check(dev: Device) -> Result<()> {
                 let (hh, ww) = (g.upload(&to_f32(&h))?, g.upload(&to_f32(&w))?);
                 let (mut a, mut b, mut l) = (g.zeros::<f32>(n)?, g.zeros::<f32>(n)?, g.zeros::<f32>(n)?);
                 let x = LmHeadOperands::F32 {
-                    hidden: &hh,
-                    weight: &ww,
+                    hidden: hh.as_view(),
+                    weight: ww.as_view(),
                 };
-                lmhead::lm_head_logprob_forward_f32(&g, &mut a, &mut b, &mut l, x, &t, &plan)?;
+                lmhead::lm_head_logprob_forward_f32(&g, &mut a, &mut b, &mut l, &x, &t, &plan)?;
                 let (dd, ee) = (g.upload(&to_f32(&dl))?, g.upload(&to_f32(&de))?);
                 let hx = LmHeadOperands::F32 {
-                    hidden: &hh,
-                    weight: &ww,
+                    hidden: hh.as_view(),
+                    weight: ww.as_view(),
                 };
                 let (mut x, mut y) = (g.zeros::<f32>(n * c)?, g.zeros::<f32>(v * c)?);
-                lmhead::lm_head_logprob_backward_f32(&g, &mut x, &mut y, hx, &t, &l, &b, &dd, &ee, &plan)?;
+                lmhead::lm_head_logprob_backward_f32(&g, &mut x, &mut y, &hx, &t, &l, &b, &dd, &ee, &plan)?;
                 (
                     g.download(&a)?,
                     g.download(&b)?,
@@ -180,18 +180,18 @@ fn lm_head_logprob_bf16_cuda() {
 
         let (hh, ww) = (g.upload(&bits(&h0)).unwrap(), g.upload(&bits(&w0)).unwrap());
         let x = LmHeadOperands::Bf16 {
-            hidden: &hh,
-            weight: &ww,
+            hidden: hh.as_view(),
+            weight: ww.as_view(),
         };
         let (mut a, mut b, mut l) = (
             g.zeros::<f32>(n).unwrap(),
             g.zeros::<f32>(n).unwrap(),
             g.zeros::<f32>(n).unwrap(),
         );
-        lmhead::lm_head_logprob_forward_f32(&g, &mut a, &mut b, &mut l, x, &t, &plan).unwrap();
+        lmhead::lm_head_logprob_forward_f32(&g, &mut a, &mut b, &mut l, &x, &t, &plan).unwrap();
         let (dd, ee) = (g.upload(&to_f32(&dl)).unwrap(), g.upload(&to_f32(&de)).unwrap());
         let (mut gx, mut gy) = (g.zeros::<f32>(n * c).unwrap(), g.zeros::<f32>(v * c).unwrap());
-        lmhead::lm_head_logprob_backward_f32(&g, &mut gx, &mut gy, x, &t, &l, &b, &dd, &ee, &plan).unwrap();
+        lmhead::lm_head_logprob_backward_f32(&g, &mut gx, &mut gy, &x, &t, &l, &b, &dd, &ee, &plan).unwrap();
         let what = format!("bf16 lm head n {n} c {c} v {v}");
         assert_close(&format!("{what} lse"), &g.download(&l).unwrap(), &lse, 1e-4, 1e-5);
         assert_close(&format!("{what} logp"), &g.download(&a).unwrap(), &lp, 1e-4, 1e-5);
@@ -247,10 +247,13 @@ fn memory_at_grpo_scale_measured_cuda() {
     let (mut dh, mut dw) = (g.zeros::<f32>(n * c).unwrap(), g.zeros::<f32>(v * c).unwrap());
     g.synchronize().unwrap();
     let (free_before, _) = mem_get_info().unwrap();
-    let x = LmHeadOperands::F32 { hidden: &h, weight: &w };
+    let x = LmHeadOperands::F32 {
+        hidden: h.as_view(),
+        weight: w.as_view(),
+    };
     let t0 = std::time::Instant::now();
-    lmhead::lm_head_logprob_forward_f32(&g, &mut lp, &mut ent, &mut lse, x, &t, &plan).unwrap();
-    lmhead::lm_head_logprob_backward_f32(&g, &mut dh, &mut dw, x, &t, &lse, &ent, &dl, &de, &plan).unwrap();
+    lmhead::lm_head_logprob_forward_f32(&g, &mut lp, &mut ent, &mut lse, &x, &t, &plan).unwrap();
+    lmhead::lm_head_logprob_backward_f32(&g, &mut dh, &mut dw, &x, &t, &lse, &ent, &dl, &de, &plan).unwrap();
     g.synchronize().unwrap();
     let secs = t0.elapsed().as_secs_f64();
     let (free_after, _) = mem_get_info().unwrap();

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::st::{read_file, write_f32};
-use aha_moe_model::Model;
+use aha_moe_model::{Model, Policy};
 use aha_tensor::CpuStorage;
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +38,16 @@ pub struct TrainState {
     pub metrics_lines: usize,
     /// Free-form numbers the run wants back (e.g. the base model's scores).
     pub extra: serde_json::Value,
+    /// The order of the flat parameter buffer the optimizer moments follow
+    /// ([`LAYOUT_VERSION`]; 0 in checkpoints written before it was recorded).
+    #[serde(default)]
+    pub layout: u32,
 }
+
+/// The flat buffer's order: 2 = trainable tensors first, each MoE layer's
+/// experts stacked by projection, frozen tensors last. Moments saved in
+/// another order cannot be resumed.
+pub const LAYOUT_VERSION: u32 = 2;
 
 fn sync_file(path: &Path) -> Result<()> {
     File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
@@ -61,10 +70,14 @@ pub fn save(
     root: &Path,
     name: &str,
     state: &TrainState,
-    model: &Model,
-    reference: Option<&Model>,
+    model: &Policy,
+    reference: Option<&Policy>,
     opt: &Optimizer,
 ) -> Result<PathBuf> {
+    let state = &TrainState {
+        layout: LAYOUT_VERSION,
+        ..state.clone()
+    };
     std::fs::create_dir_all(root).map_err(io_err(root))?;
     let tmp = root.join(format!(".tmp-{name}"));
     if tmp.exists() {
@@ -75,11 +88,14 @@ pub fn save(
     if let Some(r) = reference {
         r.save(&tmp.join("reference"), usize::MAX)?;
     }
-    let (m, v, _, _) = opt.state();
+    let (m, v, _, _) = opt.state(model)?;
     let n = m.len();
     write_f32(
         &tmp.join("optimizer.safetensors"),
-        &[("exp_avg".into(), vec![n], m), ("exp_avg_sq".into(), vec![n], v)],
+        &[
+            ("exp_avg".into(), vec![n], &m[..]),
+            ("exp_avg_sq".into(), vec![n], &v[..]),
+        ],
     )?;
     let sp = tmp.join("state.json");
     std::fs::write(&sp, serde_json::to_string_pretty(state).unwrap_or_default()).map_err(io_err(&sp))?;
@@ -123,6 +139,13 @@ pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
     let sp = dir.join("state.json");
     let state: TrainState = serde_json::from_str(&std::fs::read_to_string(&sp).map_err(io_err(&sp))?)
         .map_err(|e| Error::Other(format!("{}: {e}", sp.display())))?;
+    if state.layout != LAYOUT_VERSION {
+        return Err(Error::Other(format!(
+            "{}: written with parameter order {} (this build uses {LAYOUT_VERSION}): its optimizer state cannot be resumed; start a new run from its model/ folder",
+            sp.display(),
+            state.layout
+        )));
+    }
     let model = Model::load(&dir.join("model"))?;
     let reference = if dir.join("reference").is_dir() {
         Some(Model::load(&dir.join("reference"))?)

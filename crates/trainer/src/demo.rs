@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use aha_grpo::{AdvantageEstimator, LossConfig};
-use aha_moe_model::{Model, ModelConfig};
+use aha_moe_model::{Model, ModelConfig, Policy, Precision};
 use aha_sampler::SamplingParams;
+use aha_tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
@@ -225,13 +226,17 @@ pub struct DemoSummary {
     pub run_dir: PathBuf,
 }
 
-/// How a run saves and resumes.
+/// How a run saves and resumes, and where it computes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunOptions {
     /// Continue from `checkpoints/latest` of the run folder when there is one.
     pub resume: bool,
     /// Save a checkpoint every this many steps of each phase (0: only the final one).
     pub save_every: usize,
+    /// Where the policy trains (resolved by `aha_moe_model::resolve_device`).
+    pub device: Device,
+    /// The precision of its products.
+    pub precision: Precision,
 }
 
 struct RunLog {
@@ -366,13 +371,15 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         schedule: Schedule::Constant,
         ..pre_cfg
     };
+    let place = |m: Model| Policy::new(m, opts.device, opts.precision);
     let (mut model, mut reference, mut rng, mut opt, phase, start_step, mut base) = match resumed {
         Some(r) => {
-            let mut model = r.model;
-            model.source_dir = Some(src.clone());
+            let mut m = r.model;
+            m.source_dir = Some(src.clone());
+            let model = place(m)?;
             let grpo = r.state.phase == "grpo";
-            let mut opt = Optimizer::new(if grpo { rl_cfg } else { pre_cfg }, model.params.len());
-            opt.restore(r.moments.0, r.moments.1, r.state.opt_step, r.state.opt_bad)?;
+            let mut opt = Optimizer::new(if grpo { rl_cfg } else { pre_cfg });
+            opt.restore(&model, r.moments.0, r.moments.1, r.state.opt_step, r.state.opt_bad)?;
             let base = r.state.extra.get("base").and_then(eval_from_json);
             log(&format!(
                 "resuming {} at step {} from {}",
@@ -382,7 +389,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
             ));
             (
                 model,
-                r.reference,
+                r.reference.map(place).transpose()?,
                 Rng::from_state(r.state.rng),
                 opt,
                 r.state.phase,
@@ -392,15 +399,25 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         }
         None => {
             let mcfg = ModelConfig::from_json_str(&model_json.to_string(), &src.join("config.json"))?;
-            let mut model = Model::random(mcfg, cfg.seed, 0.02);
-            model.source_dir = Some(src.clone());
-            let opt = Optimizer::new(pre_cfg, model.params.len());
-            (model, None, Rng::new(cfg.seed), opt, "pretrain".to_string(), 0, None)
+            let mut m = Model::random(mcfg, cfg.seed, 0.02);
+            m.source_dir = Some(src.clone());
+            let opt = Optimizer::new(pre_cfg);
+            (
+                place(m)?,
+                None,
+                Rng::new(cfg.seed),
+                opt,
+                "pretrain".to_string(),
+                0,
+                None,
+            )
         }
     };
     log(&format!(
-        "model: DeepSeek-V3-style MoE, {} parameters; {} held-out problems",
-        model.params.len(),
+        "model: DeepSeek-V3-style MoE, {} parameters on {} ({}); {} held-out problems",
+        model.num_params(),
+        model.device(),
+        model.precision(),
         test.len()
     ));
     let extra = |base: &Option<EvalResult>| match base {
@@ -411,13 +428,13 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
                    phase: &str,
                    step: usize,
                    rng: &Rng,
-                   model: &Model,
-                   reference: Option<&Model>,
+                   model: &Policy,
+                   reference: Option<&Policy>,
                    opt: &Optimizer,
                    lines: usize,
                    base: &Option<EvalResult>|
      -> Result<()> {
-        let (_, _, s, bad) = opt.state();
+        let (s, bad) = (opt.step, opt.bad_in_a_row());
         let state = checkpoint::TrainState {
             phase: phase.into(),
             step,
@@ -426,6 +443,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
             opt_bad: bad,
             metrics_lines: lines,
             extra: extra(base),
+            layout: checkpoint::LAYOUT_VERSION,
         };
         checkpoint::save(&ckroot, &name, &state, model, reference, opt).map(|_| ())
     };
@@ -463,12 +481,12 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
                 )?;
             }
         }
-        let (b, base_samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
+        let (b, base_samples) = evaluate(&*model.host_model()?, &tok, &test, cfg.max_new_tokens)?;
         run.line(&eval_json("base", 0, &b))?;
         write_samples(&mut run, "base", 0, &test, &base_samples)?;
         base = Some(b);
-        reference = Some(model.clone());
-        opt = Optimizer::new(rl_cfg, model.params.len());
+        reference = Some(place(model.host_model()?.into_owned())?);
+        opt = Optimizer::new(rl_cfg);
     }
     let base = base.ok_or_else(|| Error::Other("the checkpoint lacks the base model's evaluation".into()))?;
     log(&format!(
@@ -496,7 +514,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
             log(&format!("grpo {step}: {note}"));
         }
         if step % cfg.eval_every == 0 || step == cfg.grpo_steps {
-            let (e, samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
+            let (e, samples) = evaluate(&*model.host_model()?, &tok, &test, cfg.max_new_tokens)?;
             m.insert("eval/accuracy".into(), e.accuracy);
             m.insert("eval/accuracy_strict".into(), e.accuracy_strict);
             m.insert("eval/format".into(), e.format);
@@ -539,7 +557,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
     }
     if last == base {
         // Resumed after the last evaluation: evaluate the final weights.
-        last = evaluate(&model, &tok, &test, cfg.max_new_tokens)?.0;
+        last = evaluate(&*model.host_model()?, &tok, &test, cfg.max_new_tokens)?.0;
     }
 
     // 3. Plots (from the whole metrics file, so resumed runs plot every step),

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_grpo::{AdvantageEstimator, KlEstimator, LossConfig, LossType};
-use aha_moe_model::Model;
+use aha_moe_model::{resolve_device, Model, ModelConfig, Policy, Precision};
 use aha_rewards::format::{check_format, tag_count, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
@@ -106,6 +106,13 @@ pub struct GrpoConfig {
     pub save_every: usize,
     /// Seed of data order and sampling.
     pub seed: u64,
+    /// Where the policy and the reference train and score: `cpu`, `cuda`,
+    /// `cuda:N` or `auto` (default: the GPU when one is present and takes
+    /// the model). Rollouts run on the CPU engine over the same weights.
+    pub device: String,
+    /// `f32` (default) or `bf16` (GPU: bf16 products, f32 master weights,
+    /// moments and reductions).
+    pub precision: String,
 }
 
 impl Default for GrpoConfig {
@@ -128,6 +135,8 @@ impl Default for GrpoConfig {
             scale_rewards: AdvantageEstimator::Group,
             temperature: 1.0,
             top_p: 1.0,
+            device: "auto".into(),
+            precision: "f32".into(),
             max_prompt_length: 512,
             max_completion_length: 1024,
             mask_truncated_completions: false,
@@ -251,6 +260,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         max_bad_steps: cfg.max_skipped_steps,
     };
     let metrics_path = out.join("metrics.jsonl");
+    let precision: Precision = cfg.precision.parse()?;
+    let device = resolve_device(&cfg.device, &ModelConfig::from_path(&cfg.model)?, precision)?;
+    log(&format!("policy on {device} ({precision})"));
+    let place = |m: Model| Policy::new(m, device, precision);
     let (mut policy, mut reference, mut opt, mut rng, start, mut lines) = match loaded {
         Some(l) => {
             let old = std::fs::read_to_string(out.join("config.toml")).unwrap_or_default();
@@ -260,8 +273,11 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                     out.join("config.toml").display()
                 )));
             }
-            let mut opt = Optimizer::new(optc, l.model.params.len());
-            opt.restore(l.moments.0, l.moments.1, l.state.opt_step, l.state.opt_bad)?;
+            let mut m = l.model;
+            m.source_dir = Some(cfg.model.clone());
+            let policy = place(m)?;
+            let mut opt = Optimizer::new(optc);
+            opt.restore(&policy, l.moments.0, l.moments.1, l.state.opt_step, l.state.opt_bad)?;
             let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
             let kept: String = text
                 .lines()
@@ -270,9 +286,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 .collect();
             std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
             log(&format!("resuming at step {} from {}", l.state.step, l.dir.display()));
-            let mut policy = l.model;
-            policy.source_dir = Some(cfg.model.clone());
-            let reference = l.reference.unwrap_or_else(|| policy.clone());
+            let reference = match l.reference {
+                Some(r) => place(r)?,
+                None => place(policy.host_model()?.into_owned())?,
+            };
             (
                 policy,
                 reference,
@@ -285,9 +302,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         None => {
             std::fs::write(out.join("config.toml"), &cfg_text).map_err(io_err(out))?;
             std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
-            let policy = Model::load(&cfg.model)?;
-            let reference = policy.clone();
-            let opt = Optimizer::new(optc, policy.params.len());
+            let policy = place(Model::load(&cfg.model)?)?;
+            let reference = place(Model::load(&cfg.model)?)?;
+            let opt = Optimizer::new(optc);
             (policy, reference, opt, Rng::new(cfg.seed), 0, 0)
         }
     };
@@ -322,7 +339,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     let mut last = aha_grpo::Metrics::new();
     for step in start + 1..=cfg.steps {
         if cfg.reference_reset_every > 0 && step > 1 && (step - 1) % cfg.reference_reset_every == 0 {
-            reference = policy.clone();
+            reference.copy_params_from(&policy)?;
             log(&format!("step {step}: reference reset to the current policy"));
         }
         let mut sc = step_cfg.clone();
@@ -381,7 +398,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             m.get("completions/mean_length").copied().unwrap_or(0.0)
         ));
         if cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
-            let (_, _, s, bad) = opt.state();
+            let (s, bad) = (opt.step, opt.bad_in_a_row());
             let st = TrainState {
                 phase: "grpo".into(),
                 step,
@@ -390,6 +407,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 opt_bad: bad,
                 metrics_lines: lines,
                 extra: serde_json::json!({}),
+                layout: checkpoint::LAYOUT_VERSION,
             };
             checkpoint::save(
                 &ckroot,

@@ -1,8 +1,12 @@
 //! AdamW over the flat parameter buffer with warmup and a cosine or constant
-//! schedule, global-norm clipping, and the non-finite guard.
+//! schedule, global-norm clipping, and the non-finite guard. The moments
+//! and the update live on the policy's device ([`aha_moe_model::Moments`],
+//! [`Policy::optimizer_step`]); this type keeps the schedule, the step
+//! count and the guard.
 
-use aha_moe_model::Model;
-use aha_tensor::cpu::{adamw_step, clip_grad_norm, AdamW};
+use aha_moe_model::{Moments, Policy};
+use aha_tensor::cpu::AdamW;
+use aha_tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -38,12 +42,12 @@ pub struct OptimConfig {
 }
 
 /// Adam moments, step counter and the guard's state.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Optimizer {
     /// Settings.
     pub cfg: OptimConfig,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    /// The moments, on the policy's device (created by the first update).
+    moments: Option<Moments>,
     /// Updates applied.
     pub step: u64,
     bad_in_a_row: usize,
@@ -62,34 +66,38 @@ pub struct StepInfo {
 }
 
 impl Optimizer {
-    /// Zero moments for a model with `params` parameters.
-    pub fn new(cfg: OptimConfig, params: usize) -> Optimizer {
+    /// A fresh optimizer (zero moments, created on the policy's device by
+    /// the first update).
+    pub fn new(cfg: OptimConfig) -> Optimizer {
         Optimizer {
             cfg,
-            m: vec![0.0; params],
-            v: vec![0.0; params],
+            moments: None,
             step: 0,
             bad_in_a_row: 0,
             notes: Vec::new(),
         }
     }
 
-    /// The moments and counters, for a checkpoint: (m, v, step, bad steps in a row).
-    pub fn state(&self) -> (&[f32], &[f32], u64, usize) {
-        (&self.m, &self.v, self.step, self.bad_in_a_row)
+    /// The moments (host copies; zeros before the first update) and
+    /// counters, for a checkpoint: (m, v, step, bad steps in a row).
+    pub fn state(&self, policy: &Policy) -> Result<(Vec<f32>, Vec<f32>, u64, usize)> {
+        let (m, v) = match &self.moments {
+            Some(x) => x.to_host(policy)?,
+            None => (vec![0.0; policy.num_params()], vec![0.0; policy.num_params()]),
+        };
+        Ok((m, v, self.step, self.bad_in_a_row))
     }
 
-    /// Restores what [`Optimizer::state`] returned.
-    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, step: u64, bad_in_a_row: usize) -> Result<()> {
-        if m.len() != self.m.len() || v.len() != self.v.len() {
-            return Err(Error::Other(format!(
-                "optimizer state holds {} moments, the model has {} parameters",
-                m.len(),
-                self.m.len()
-            )));
-        }
-        (self.m, self.v, self.step, self.bad_in_a_row) = (m, v, step, bad_in_a_row);
+    /// Restores what [`Optimizer::state`] returned, onto `policy`'s device.
+    pub fn restore(&mut self, policy: &Policy, m: Vec<f32>, v: Vec<f32>, step: u64, bad_in_a_row: usize) -> Result<()> {
+        self.moments = Some(policy.moments_from_host(m, v)?);
+        (self.step, self.bad_in_a_row) = (step, bad_in_a_row);
         Ok(())
+    }
+
+    /// Consecutive skipped updates so far.
+    pub fn bad_in_a_row(&self) -> usize {
+        self.bad_in_a_row
     }
 
     /// The learning rate at update `step` (0-based).
@@ -109,10 +117,11 @@ impl Optimizer {
         }
     }
 
-    /// Clips `grads`, then applies AdamW to the trainable parameters. A
-    /// non-finite gradient norm skips the update; too many in a row is an error.
-    pub fn update(&mut self, model: &mut Model, grads: &mut [f32]) -> Result<StepInfo> {
-        self.update_batch(model, grads, &String::new)
+    /// Clips the policy's gradients, then applies AdamW to the trainable
+    /// parameters. A non-finite gradient norm skips the update; too many in
+    /// a row is an error.
+    pub fn update(&mut self, policy: &mut Policy) -> Result<StepInfo> {
+        self.update_batch(policy, &String::new)
     }
 
     /// Takes the notes of skipped updates since the last call ("step 12,
@@ -147,30 +156,8 @@ impl Optimizer {
 
     /// [`Optimizer::update`] naming the batch in the note a skipped update
     /// leaves; `batch` describes it and is only called for a skip.
-    pub fn update_batch(
-        &mut self,
-        model: &mut Model,
-        grads: &mut [f32],
-        batch: &dyn Fn() -> String,
-    ) -> Result<StepInfo> {
+    pub fn update_batch(&mut self, policy: &mut Policy, batch: &dyn Fn() -> String) -> Result<StepInfo> {
         let lr = self.lr_at(self.step);
-        for e in model.layout.entries.iter().filter(|e| !e.trainable) {
-            e.slot.of_mut(grads).fill(0.0);
-        }
-        let grad_norm = clip_grad_norm(grads, self.cfg.max_grad_norm);
-        if !grad_norm.is_finite() {
-            let info = self.skip(&batch(), &format!("gradient norm {grad_norm}"))?;
-            return Ok(StepInfo { grad_norm, ..info });
-        }
-        self.bad_in_a_row = 0;
-        // Buffers the optimizer must not move (e.g. expert correction bias).
-        let frozen: Vec<(usize, Vec<f32>)> = model
-            .layout
-            .entries
-            .iter()
-            .filter(|e| !e.trainable)
-            .map(|e| (e.slot.off, e.slot.of(&model.params).to_vec()))
-            .collect();
         let h = AdamW {
             lr,
             beta1: 0.9,
@@ -178,11 +165,17 @@ impl Optimizer {
             eps: 1e-8,
             weight_decay: self.cfg.weight_decay,
         };
-        self.step += 1;
-        adamw_step(&mut model.params, grads, &mut self.m, &mut self.v, &h, self.step)?;
-        for (off, vals) in frozen {
-            model.params[off..off + vals.len()].copy_from_slice(&vals);
+        let moments = match &mut self.moments {
+            Some(m) => m,
+            None => self.moments.insert(policy.new_moments()?),
+        };
+        let grad_norm = policy.optimizer_step(moments, &h, self.step + 1, self.cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            let info = self.skip(&batch(), &format!("gradient norm {grad_norm}"))?;
+            return Ok(StepInfo { grad_norm, ..info });
         }
+        self.bad_in_a_row = 0;
+        self.step += 1;
         Ok(StepInfo {
             grad_norm,
             lr,
@@ -192,9 +185,10 @@ impl Optimizer {
 }
 
 /// One supervised step on (prompt, completion) pairs: mean next-token
-/// negative log-likelihood over completion tokens only. Returns the loss.
+/// negative log-likelihood over completion tokens only (only those rows go
+/// through the lm head). Returns the loss.
 pub fn sft_step(
-    model: &mut Model,
+    policy: &mut Policy,
     opt: &mut Optimizer,
     batch: &[(Vec<u32>, Vec<u32>)],
     pad: u32,
@@ -205,35 +199,33 @@ pub fn sft_step(
         return Err(Error::Other("empty SFT batch".into()));
     }
     let mut ids = vec![pad; b * t];
-    let mut targets = vec![pad; b * t];
-    let mut w = vec![0f32; b * t];
-    let mut count = 0usize;
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
     for (r, (p, c)) in batch.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::Other(format!("SFT batch row {r}: empty prompt")));
+        }
         let row = &mut ids[r * t..(r + 1) * t];
         row[..p.len()].copy_from_slice(p);
         row[p.len()..p.len() + c.len()].copy_from_slice(c);
         for (j, &tokid) in c.iter().enumerate() {
-            let pos = p.len() - 1 + j;
-            targets[r * t + pos] = tokid;
-            w[r * t + pos] = 1.0;
-            count += 1;
+            rows.push((r * t + p.len() - 1 + j) as u32);
+            targets.push(tokid);
         }
     }
-    let acts = model.forward(&ids, b, t)?;
-    let (logp, lse) = model.token_logprobs(&acts, &targets)?;
-    let loss = -logp.iter().zip(&w).map(|(&l, &x)| (l * x) as f64).sum::<f64>() / count.max(1) as f64;
+    let count = rows.len();
+    let describe = || format!("{b} sequences, {count} target tokens");
+    let fwd = policy.forward(&ids, b, t)?;
+    let scores = policy.score(&fwd, &rows, &targets, 1.0)?;
+    let logp = scores.logp.to_vec::<f32>()?;
+    let loss = -logp.iter().map(|&l| l as f64).sum::<f64>() / count.max(1) as f64;
     if !loss.is_finite() {
-        let info = opt.skip(
-            &format!("{b} sequences, {count} target tokens"),
-            &format!("loss {loss}"),
-        )?;
+        let info = opt.skip(&describe(), &format!("loss {loss}"))?;
         return Ok((loss, info));
     }
-    let scale = 1.0 / count.max(1) as f32;
-    let dlogp: Vec<f32> = w.iter().map(|&x| -x * scale).collect();
-    let mut grads = vec![0f32; model.params.len()];
-    model.backward(&acts, &targets, &lse, &dlogp, &mut grads)?;
-    drop(acts);
-    let info = opt.update_batch(model, &mut grads, &|| format!("{b} sequences, {count} target tokens"))?;
+    let scale = -1.0 / count.max(1) as f32;
+    let dlogp = Tensor::from_vec(vec![scale; count], count, policy.device())?;
+    policy.zero_grad()?;
+    policy.backward(fwd, &scores, &dlogp, None, 0.0)?;
+    let info = opt.update_batch(policy, &describe)?;
     Ok((loss, info))
 }

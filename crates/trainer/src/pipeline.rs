@@ -16,8 +16,9 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use aha_moe_model::{Model, ModelConfig};
+use aha_moe_model::{Model, ModelConfig, Policy, Precision};
 use aha_sampler::{SamplingParams, Tokenizer};
+use aha_tensor::Device;
 use serde::Serialize;
 
 use crate::demo::DemoConfig;
@@ -60,7 +61,7 @@ fn encode_pair(tok: &Tokenizer, prompt: &str, completion: &str) -> Result<(Vec<u
 /// `rng`; examples of similar length are batched together (length buckets:
 /// each batch is drawn from a window of the length-sorted list).
 pub(crate) fn sft(
-    model: &mut Model,
+    model: &mut Policy,
     examples: &[(Vec<u32>, Vec<u32>)],
     steps: usize,
     batch: usize,
@@ -69,7 +70,7 @@ pub(crate) fn sft(
 ) -> Result<f64> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].0.len() + examples[i].1.len());
-    let mut opt = Optimizer::new(optim(lr, steps, Schedule::Cosine), model.params.len());
+    let mut opt = Optimizer::new(optim(lr, steps, Schedule::Cosine));
     let window = (batch * 4).min(order.len()).max(1);
     let mut loss = f64::NAN;
     for _ in 0..steps {
@@ -84,9 +85,9 @@ pub(crate) fn sft(
 
 /// GRPO from `model` for `steps` steps (accuracy and format rewards, KL to
 /// the starting weights).
-fn grpo(model: &mut Model, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng: &mut Rng, seed: u64) -> Result<()> {
-    let reference = model.clone();
-    let mut opt = Optimizer::new(optim(cfg.grpo_lr, steps, Schedule::Constant), model.params.len());
+fn grpo(model: &mut Policy, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng: &mut Rng, seed: u64) -> Result<()> {
+    let reference = Policy::new(model.host_model()?.into_owned(), model.device(), model.precision())?;
+    let mut opt = Optimizer::new(optim(cfg.grpo_lr, steps, Schedule::Constant));
     let step_cfg = cfg.grpo_step_config();
     for step in 1..=steps {
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
@@ -179,6 +180,12 @@ pub struct PipelineConfig {
     pub student_steps: usize,
     /// Samples per problem in the evaluation (pass@1 is their mean).
     pub eval_k: usize,
+    /// Where the models train (sampling and evaluation run on the CPU engine).
+    #[serde(skip)]
+    pub device: Device,
+    /// The precision of their products.
+    #[serde(skip)]
+    pub precision: Precision,
 }
 
 impl PipelineConfig {
@@ -201,6 +208,8 @@ impl PipelineConfig {
             student_hidden: 48,
             student_steps: if quick { 1500 } else { 3000 },
             eval_k: 4,
+            device: Device::Cpu,
+            precision: Precision::F32,
         }
     }
 
@@ -234,7 +243,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     }
     let test: Vec<Problem> = toy::test_set(spec, d.eval_problems);
     let teacher_json = d.model_config_json();
-    let save = |name: &str, m: &Model, json: &serde_json::Value| -> Result<()> {
+    let save = |name: &str, m: &Policy, json: &serde_json::Value| -> Result<()> {
         let dir = out.join(name);
         m.save(&dir, usize::MAX)?;
         for (f, text) in [
@@ -246,18 +255,27 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         Ok(())
     };
     let mut rows = Vec::new();
-    let score_row = |name: &str, m: &Model| score(name, m, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens);
+    let score_row = |name: &str, m: &Policy| {
+        score(
+            name,
+            &*m.host_model()?,
+            &tok,
+            &test,
+            cfg.eval_k,
+            d.seed,
+            d.max_new_tokens,
+        )
+    };
+    let place = |m: Model| Policy::new(m, cfg.device, cfg.precision);
+    let copy = |m: &Policy| -> Result<Policy> { Ok(place(m.host_model()?.into_owned())?) };
 
     // 1. Base.
     let mcfg = ModelConfig::from_json_str(&teacher_json.to_string(), Path::new("<pipeline config>"))?;
-    let mut base = Model::random(mcfg, d.seed, 0.02);
+    let mut base = place(Model::random(mcfg, d.seed, 0.02))?;
     // Fresh problems every step, as in the demo: mixing both completion
     // styles in every batch matters here (length-bucketed batches of the base
     // corpus separate them and the base then fails to learn the reasoning).
-    let mut opt = Optimizer::new(
-        optim(d.pretrain_lr, d.pretrain_steps, Schedule::Cosine),
-        base.params.len(),
-    );
+    let mut opt = Optimizer::new(optim(d.pretrain_lr, d.pretrain_steps, Schedule::Cosine));
     let mut loss = f64::NAN;
     for _ in 0..d.pretrain_steps {
         let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..d.pretrain_batch)
@@ -277,7 +295,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     rows.push(score_row("base", &base)?);
 
     // 2. R1-Zero: pure RL from the base.
-    let mut zero = base.clone();
+    let mut zero = copy(&base)?;
     grpo(&mut zero, d, &tok, d.grpo_steps, &mut rng, d.seed ^ 1)?;
     save("r1-zero", &zero, &teacher_json)?;
     rows.push(score_row("r1-zero", &zero)?);
@@ -290,7 +308,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
             encode_pair(&tok, &p.prompt(), &p.reasoning())
         })
         .collect::<Result<_>>()?;
-    let mut r1 = base.clone();
+    let mut r1 = copy(&base)?;
     let l = sft(&mut r1, &cold, cfg.sft_steps, 32, 1e-3, &mut rng)?;
     log(&format!("r1: cold-start SFT on {} traces, loss {l:.3}", cold.len()));
     grpo(&mut r1, d, &tok, d.grpo_steps / 2, &mut rng, d.seed ^ 2)?;
@@ -298,9 +316,15 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         .map(|_| toy::problem(&mut rng, spec, false))
         .collect();
     let max_len = d.max_new_tokens;
-    let kept = rejection_sample(&r1, &tok, &problems, cfg.rejection_k, max_len, d.seed ^ 3, |text, p| {
-        toy::accuracy_reward(text, p) == 1.0 && toy::format_reward(text) == 1.0 && text.len() <= 4 * max_len
-    })?;
+    let kept = rejection_sample(
+        &*r1.host_model()?,
+        &tok,
+        &problems,
+        cfg.rejection_k,
+        max_len,
+        d.seed ^ 3,
+        |text, p| toy::accuracy_reward(text, p) == 1.0 && toy::format_reward(text) == 1.0 && text.len() <= 4 * max_len,
+    )?;
     let sft_path = out.join("rejection_sampled.jsonl");
     {
         let mut w = std::io::BufWriter::new(std::fs::File::create(&sft_path).map_err(io_err(&sft_path))?);
@@ -329,12 +353,18 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     let teach_problems: Vec<Problem> = (0..cfg.rejection_prompts * 2)
         .map(|_| toy::problem(&mut rng, spec, false))
         .collect();
-    let traces = rejection_sample(&r1, &tok, &teach_problems, 2, max_len, d.seed ^ 4, |text, _| {
-        toy::format_reward(text) == 1.0
-    })?;
+    let traces = rejection_sample(
+        &*r1.host_model()?,
+        &tok,
+        &teach_problems,
+        2,
+        max_len,
+        d.seed ^ 4,
+        |text, _| toy::format_reward(text) == 1.0,
+    )?;
     let sjson = cfg.student_json();
     let scfg = ModelConfig::from_json_str(&sjson.to_string(), Path::new("<student config>"))?;
-    let mut student = Model::random(scfg, d.seed ^ 5, 0.02);
+    let mut student = place(Model::random(scfg, d.seed ^ 5, 0.02))?;
     let sdata: Vec<(Vec<u32>, Vec<u32>)> = traces
         .iter()
         .map(|(p, c)| encode_pair(&tok, p, c))
@@ -342,7 +372,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     let l = sft(&mut student, &sdata, cfg.student_steps, 64, 3e-3, &mut rng)?;
     log(&format!(
         "student: {} parameters, SFT on {} teacher traces, loss {l:.3}",
-        student.params.len(),
+        student.num_params(),
         sdata.len()
     ));
     save("student", &student, &sjson)?;

@@ -3,9 +3,10 @@
 //! advantages, and update the policy with the GRPO loss (aha-grpo) through
 //! the model's backward.
 
-use aha_grpo::{compute_advantages, grpo_loss, metrics, AdvantageEstimator, LossConfig, LossInputs, Metrics};
-use aha_moe_model::Model;
+use aha_grpo::{compute_advantages, grpo_loss_on, metrics, AdvantageEstimator, LossConfig, Metrics, TensorLossInputs};
+use aha_moe_model::Policy;
 use aha_sampler::{Completion, Engine, EngineConfig, FinishReason, SamplingParams};
+use aha_tensor::Tensor;
 use tokenizers::Tokenizer;
 
 use crate::error::Result;
@@ -112,17 +113,20 @@ impl Rollouts {
     }
 }
 
-/// Samples G completions per prompt with the policy and scores them.
+/// Samples G completions per prompt with the policy and scores them. The
+/// sampler runs on the CPU engine, over the policy's weights (a host copy
+/// when the policy is on a GPU).
 pub fn rollout(
-    policy: &Model,
+    policy: &Policy,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     rewards: &[RewardFn<'_>],
     cfg: &GrpoStep,
 ) -> Result<Rollouts> {
     let g = cfg.num_generations;
+    let model = policy.host_model()?;
     let engine = Engine::new(
-        policy,
+        &model,
         Some(tok),
         EngineConfig {
             max_batch: (prompts.len() * g).max(g),
@@ -149,8 +153,8 @@ pub fn rollout(
 
 /// Runs one step; returns its metrics (TRL names) and the completions.
 pub fn grpo_step(
-    policy: &mut Model,
-    reference: Option<&Model>,
+    policy: &mut Policy,
+    reference: Option<&Policy>,
     opt: &mut Optimizer,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
@@ -165,9 +169,13 @@ pub fn grpo_step(
 
 /// One update of the policy on scored rollouts: group advantages, the GRPO
 /// loss, backward, optimizer. `names` label the reward functions' metrics.
+/// Log-probs are those of the sampling distribution, `log softmax(logits /
+/// T)` at the rollout temperature (as TRL, and as the sampler reports them),
+/// computed for completion tokens only; the loss runs on the policy's
+/// device and its per-token gradient goes straight into the backward.
 pub fn train_on(
-    policy: &mut Model,
-    reference: Option<&Model>,
+    policy: &mut Policy,
+    reference: Option<&Policy>,
     opt: &mut Optimizer,
     r: &Rollouts,
     names: &[&str],
@@ -178,6 +186,11 @@ pub fn train_on(
     let completions = &r.completions;
     let n = completions.len();
     let adv = compute_advantages(&r.total, g, cfg.advantages)?;
+    let temperature = if cfg.sampling.temperature > 0.0 {
+        cfg.sampling.temperature
+    } else {
+        1.0
+    };
 
     // The training batch: prompt + completion, right-padded.
     let t = completions
@@ -187,68 +200,85 @@ pub fn train_on(
         .unwrap_or(1);
     let tc = completions.iter().map(|c| c.token_ids.len()).max().unwrap_or(1).max(1);
     let mut ids = vec![0u32; n * t];
-    let mut targets = vec![0u32; n * t];
     let mut mask = vec![false; n * tc];
     for (i, c) in completions.iter().enumerate() {
         let p = &prompts[c.prompt_index];
+        if p.is_empty() {
+            return Err(crate::error::Error::Other(format!("completion {i}: empty prompt")));
+        }
         let row = &mut ids[i * t..(i + 1) * t];
         row[..p.len()].copy_from_slice(p);
         row[p.len()..p.len() + c.token_ids.len()].copy_from_slice(&c.token_ids);
         let train = !(cfg.mask_truncated && c.finish_reason == FinishReason::Length);
-        for (j, &tokid) in c.token_ids.iter().enumerate() {
-            targets[i * t + p.len() - 1 + j] = tokid;
+        for j in 0..c.token_ids.len() {
             mask[i * tc + j] = train;
         }
     }
-    // Log-probs of completion tokens for rows r0..r1 of a sub-batch forward.
-    let gather = |full: &[f32], r0: usize, r1: usize| -> Vec<f64> {
-        let mut out = vec![0f64; (r1 - r0) * tc];
+    // The scored rows of completions r0..r1 in a sub-batch forward: token j
+    // of completion k is predicted at row k * t + len(prompt) - 1 + j; the
+    // padding slots (j >= len) point at the completion's first row and are
+    // masked out of the loss.
+    let rows_of = |r0: usize, r1: usize| -> (Vec<u32>, Vec<u32>) {
+        let (mut rows, mut targets) = (Vec::with_capacity((r1 - r0) * tc), Vec::with_capacity((r1 - r0) * tc));
         for (k, c) in completions[r0..r1].iter().enumerate() {
             let base = k * t + prompts[c.prompt_index].len() - 1;
-            for j in 0..c.token_ids.len() {
-                out[k * tc + j] = full[base + j] as f64;
+            for j in 0..tc {
+                match c.token_ids.get(j) {
+                    Some(&tok) => {
+                        rows.push((base + j) as u32);
+                        targets.push(tok);
+                    }
+                    None => {
+                        rows.push(base as u32);
+                        targets.push(0);
+                    }
+                }
             }
         }
-        out
+        (rows, targets)
     };
     let mu = cfg.num_iterations.max(1);
     let nmb = cfg.minibatches.clamp(1, n.max(1));
+    let rows_per = n.div_ceil(nmb).max(1);
+    let spans: Vec<(usize, usize)> = (0..n)
+        .step_by(rows_per)
+        .map(|r0| (r0, (r0 + rows_per).min(n)))
+        .collect();
+    // Per-token log-probs of a minibatch under `p`, on its device.
+    let score = |p: &Policy, (r0, r1): (usize, usize)| -> Result<Tensor> {
+        let (rows, targets) = rows_of(r0, r1);
+        let fwd = p.forward(&ids[r0 * t..r1 * t], r1 - r0, t)?;
+        Ok(p.score(&fwd, &rows, &targets, temperature)?.logp)
+    };
     // With more than one update per generation batch, the policy that
     // sampled ("old") differs from the one being trained: keep its log-probs.
-    let old_c: Option<Vec<f64>> = if mu > 1 || nmb > 1 {
-        let a = policy.forward(&ids, n, t)?;
-        Some(gather(&policy.token_logprobs(&a, &targets)?.0, 0, n))
+    let old: Option<Vec<Tensor>> = if mu > 1 || nmb > 1 {
+        Some(spans.iter().map(|&sp| score(policy, sp)).collect::<Result<_>>()?)
     } else {
         None
     };
-    let ref_c = match (cfg.loss.beta > 0.0, reference) {
-        (true, Some(r)) => {
-            let ra = r.forward(&ids, n, t)?;
-            Some(gather(&r.token_logprobs(&ra, &targets)?.0, 0, n))
-        }
+    let refs: Option<Vec<Tensor>> = match (cfg.loss.beta > 0.0, reference) {
+        (true, Some(rf)) => Some(spans.iter().map(|&sp| score(rf, sp)).collect::<Result<_>>()?),
         _ => None,
     };
     let total_tokens = mask.iter().filter(|&&x| x).count() as f64;
-    let rows_per = n.div_ceil(nmb).max(1);
     let mut last = None;
     for it in 0..mu {
-        for r0 in (0..n).step_by(rows_per) {
-            let r1 = (r0 + rows_per).min(n);
+        for (mb, &(r0, r1)) in spans.iter().enumerate() {
             let nb = r1 - r0;
-            let (sub_ids, sub_targets) = (&ids[r0 * t..r1 * t], &targets[r0 * t..r1 * t]);
-            let acts = policy.forward(sub_ids, nb, t)?;
-            let (logp, lse) = policy.token_logprobs(&acts, sub_targets)?;
-            let logp_c = gather(&logp, r0, r1);
-            let out = grpo_loss(
-                &LossInputs {
+            let (rows, targets) = rows_of(r0, r1);
+            let fwd = policy.forward(&ids[r0 * t..r1 * t], nb, t)?;
+            let scores = policy.score(&fwd, &rows, &targets, temperature)?;
+            let out = grpo_loss_on(
+                &TensorLossInputs {
                     batch: nb,
                     seq: tc,
-                    logp: &logp_c,
-                    old_logp: old_c.as_ref().map(|o| &o[r0 * tc..r1 * tc]),
-                    ref_logp: ref_c.as_ref().map(|x| &x[r0 * tc..r1 * tc]),
+                    logp: &scores.logp,
+                    old_logp: old.as_ref().map(|o| &o[mb]),
+                    ref_logp: refs.as_ref().map(|x| &x[mb]),
+                    entropy: Some(&scores.entropy),
                     mask: &mask[r0 * tc..r1 * tc],
                     advantages: &adv.values[r0..r1],
-                    entropy: None,
                     num_items_in_batch: Some(total_tokens),
                 },
                 &cfg.loss,
@@ -259,33 +289,25 @@ pub fn train_on(
                 format!(
                     "iteration {}/{mu}, minibatch {}/{nmb}: completions {r0}..{r1} of prompts {ps:?}",
                     it + 1,
-                    r0 / rows_per + 1
+                    mb + 1
                 )
             };
             if !out.loss.is_finite() {
                 let info = opt.skip(&batch(), &format!("loss {}", out.loss))?;
-                last = Some((out, info));
+                last = Some((out.loss, out.metrics, info));
                 continue;
             }
-            let mut dlogp = vec![0f32; nb * t];
-            for (k, c) in completions[r0..r1].iter().enumerate() {
-                let base = k * t + prompts[c.prompt_index].len() - 1;
-                for j in 0..c.token_ids.len() {
-                    dlogp[base + j] = out.dlogp[k * tc + j] as f32;
-                }
-            }
-            let mut grads = vec![0f32; policy.params.len()];
-            policy.backward(&acts, sub_targets, &lse, &dlogp, &mut grads)?;
-            drop(acts);
-            let info = opt.update_batch(policy, &mut grads, &batch)?;
-            last = Some((out, info));
+            policy.zero_grad()?;
+            policy.backward(fwd, &scores, &out.dlogp, out.dentropy.as_ref(), 0.0)?;
+            let info = opt.update_batch(policy, &batch)?;
+            last = Some((out.loss, out.metrics, info));
         }
     }
-    let Some((out, info)) = last else {
+    let Some((loss, metrics, info)) = last else {
         return Err(crate::error::Error::Other("train_on: empty batch".into()));
     };
 
-    let mut m = out.metrics;
+    let mut m = metrics;
     let named: Vec<(&str, &[f64])> = names.iter().zip(&r.per_fn).map(|(nm, v)| (*nm, &v[..])).collect();
     m.extend(metrics::reward_metrics(&adv, &named));
     let lens: Vec<usize> = completions.iter().map(|c| c.token_ids.len()).collect();
@@ -294,7 +316,7 @@ pub fn train_on(
         .map(|c| c.finish_reason == FinishReason::Length)
         .collect();
     m.extend(metrics::completion_metrics(&lens, &truncated));
-    m.insert("loss".into(), out.loss);
+    m.insert("loss".into(), loss);
     m.insert("grad_norm".into(), info.grad_norm);
     m.insert("learning_rate".into(), info.lr);
     m.insert("update_skipped".into(), if info.skipped { 1.0 } else { 0.0 });

@@ -12,7 +12,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use aha_moe_model::Model;
+use aha_moe_model::{resolve_device, Model, Policy, Precision};
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
@@ -147,6 +147,11 @@ pub struct SftConfig {
     pub learning_rate: f64,
     /// Seed of the data order (and of the initialisation without weights).
     pub seed: u64,
+    /// `cpu`, `cuda`, `cuda:N` or `auto` (default: the GPU when one is
+    /// present and takes the model).
+    pub device: String,
+    /// `f32` (default) or `bf16` (GPU only).
+    pub precision: String,
 }
 
 impl Default for SftConfig {
@@ -160,6 +165,8 @@ impl Default for SftConfig {
             batch: 16,
             learning_rate: 1e-5,
             seed: 0,
+            device: "auto".into(),
+            precision: "f32".into(),
         }
     }
 }
@@ -198,6 +205,7 @@ pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
         cfg.batch,
         cfg.learning_rate,
         cfg.seed,
+        (&cfg.device, cfg.precision.parse()?),
     )?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
     let p = cfg.out.join("sft_config.toml");
@@ -208,7 +216,9 @@ pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
 /// Fine-tunes `model_dir` on `data` and saves to `out`; returns the last loss.
 ///
 /// A folder with a `config.json` and a tokenizer but no weights starts from a
-/// random initialisation (a student trained from scratch).
+/// random initialisation (a student trained from scratch). `device` is a
+/// `--device` value (`cpu`, `cuda`, `cuda:N`, `auto`) with the precision.
+#[allow(clippy::too_many_arguments)]
 pub fn run_sft(
     model_dir: &Path,
     data: &Path,
@@ -218,10 +228,11 @@ pub fn run_sft(
     batch: usize,
     lr: f64,
     seed: u64,
+    (device, precision): (&str, Precision),
 ) -> Result<f64> {
     let has_weights =
         model_dir.join("model.safetensors").is_file() || model_dir.join("model.safetensors.index.json").is_file();
-    let mut model = if has_weights {
+    let model = if has_weights {
         Model::load(model_dir)?
     } else {
         let mut m = Model::random(aha_moe_model::ModelConfig::from_path(model_dir)?, seed, 0.02);
@@ -245,8 +256,10 @@ pub fn run_sft(
         )));
     }
     let mut rng = Rng::new(seed);
-    let loss = crate::pipeline::sft(&mut model, &examples, steps, batch, lr, &mut rng)?;
-    model.save(out, 4 << 30)?;
+    let dev = resolve_device(device, &model.config, precision)?;
+    let mut policy = Policy::new(model, dev, precision)?;
+    let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng)?;
+    policy.save(out, 4 << 30)?;
     Ok(loss)
 }
 
@@ -376,6 +389,7 @@ pub fn run_distill(
     lr: f64,
     k_eval: usize,
     out: &Path,
+    device: (&str, Precision),
 ) -> Result<DistillReport> {
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let traces_path = out.join("teacher_traces.jsonl");
@@ -386,7 +400,17 @@ pub fn run_distill(
         ));
     }
     let sdir = out.join("student");
-    run_sft(student_dir, &traces_path, &sdir, template, steps, 32, lr, o.seed)?;
+    run_sft(
+        student_dir,
+        &traces_path,
+        &sdir,
+        template,
+        steps,
+        32,
+        lr,
+        o.seed,
+        device,
+    )?;
     let score = |dir: &Path| -> Result<MathEval> {
         let m = Model::load(dir)?;
         let tok = load_tokenizer(dir).or_else(|_| load_tokenizer(student_dir))?;

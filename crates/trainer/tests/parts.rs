@@ -3,7 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use aha_moe_model::{Model, ModelConfig};
+use aha_moe_model::{Model, ModelConfig, Policy, Precision};
+use aha_tensor::Device;
 use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
 use aha_trainer::toy::{self, Problem, TaskSpec};
 
@@ -52,18 +53,15 @@ fn splits_are_disjoint_and_rewards_are_strict() {
 }
 
 fn opt(schedule: Schedule) -> Optimizer {
-    Optimizer::new(
-        OptimConfig {
-            lr: 1e-3,
-            warmup_steps: 10,
-            total_steps: 110,
-            schedule,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            max_bad_steps: 2,
-        },
-        4,
-    )
+    Optimizer::new(OptimConfig {
+        lr: 1e-3,
+        warmup_steps: 10,
+        total_steps: 110,
+        schedule,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        max_bad_steps: 2,
+    })
 }
 
 #[test]
@@ -80,24 +78,28 @@ fn learning_rate_schedules() {
 #[test]
 fn non_finite_gradients_skip_then_abort() {
     let json = DemoConfigJson::tiny();
-    let mut m = Model::random(
+    let m = Model::random(
         ModelConfig::from_json_str(&json, std::path::Path::new("t")).unwrap(),
         0,
         0.02,
     );
-    let mut o = Optimizer::new(opt(Schedule::Constant).cfg, m.params.len());
     let before = m.params.clone();
     let mut g = vec![0f32; m.params.len()];
     g[3] = f32::NAN;
+    let mut m = Policy::new(m, Device::Cpu, Precision::F32).unwrap();
+    let mut o = Optimizer::new(opt(Schedule::Constant).cfg);
     for _ in 0..2 {
-        let info = o.update(&mut m, &mut g.clone()).unwrap();
+        m.set_grads(&g).unwrap();
+        let info = o.update(&mut m).unwrap();
         assert!(info.skipped);
-        assert_eq!(m.params, before, "a skipped update must not move the weights");
+        assert_eq!(
+            m.params_to_host().unwrap(),
+            before,
+            "a skipped update must not move the weights"
+        );
     }
-    assert!(
-        o.update(&mut m, &mut g.clone()).is_err(),
-        "the third bad step in a row aborts"
-    );
+    m.set_grads(&g).unwrap();
+    assert!(o.update(&mut m).is_err(), "the third bad step in a row aborts");
 }
 
 #[test]
@@ -105,7 +107,7 @@ fn a_nan_loss_skips_the_update_and_names_the_batch() {
     use aha_trainer::rl::{rollout, train_on};
     let cfg = aha_trainer::DemoConfig::quick(0);
     let json = cfg.model_config_json().to_string();
-    let mut m = Model::random(
+    let m = Model::random(
         ModelConfig::from_json_str(&json, std::path::Path::new("t")).unwrap(),
         0,
         0.02,
@@ -125,8 +127,6 @@ fn a_nan_loss_skips_the_update_and_names_the_batch() {
     step.sampling.max_new_tokens = 4;
     step.loss.beta = 0.0;
     let rewards = toy::rewards(&problems);
-    let r = rollout(&m, &tok, &prompts, &rewards, &step).unwrap();
-    // Poison the policy after sampling: every log-prob is NaN.
     let head = m
         .layout
         .entries
@@ -134,12 +134,18 @@ fn a_nan_loss_skips_the_update_and_names_the_batch() {
         .find(|e| e.name == "lm_head.weight")
         .unwrap()
         .slot;
-    head.of_mut(&mut m.params).fill(f32::NAN);
-    let before = m.params.clone();
-    let mut o = Optimizer::new(opt(Schedule::Constant).cfg, m.params.len());
+    let mut m = Policy::new(m, Device::Cpu, Precision::F32).unwrap();
+    let r = rollout(&m, &tok, &prompts, &rewards, &step).unwrap();
+    // Poison the policy after sampling: every log-prob is NaN.
+    let mut poisoned = m.params_to_host().unwrap();
+    head.of_mut(&mut poisoned).fill(f32::NAN);
+    m.set_params(&poisoned).unwrap();
+    let before = poisoned;
+    let mut o = Optimizer::new(opt(Schedule::Constant).cfg);
     let met = train_on(&mut m, None, &mut o, &r, &["accuracy", "format"], &step).unwrap();
     assert_eq!(met["update_skipped"], 1.0);
-    assert!(m.params.iter().zip(&before).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let after = m.params_to_host().unwrap();
+    assert!(after.iter().zip(&before).all(|(a, b)| a.to_bits() == b.to_bits()));
     let notes = o.take_notes();
     assert_eq!(notes.len(), 2, "{notes:?}");
     assert!(

@@ -60,6 +60,7 @@ fn resuming_from_any_checkpoint_is_bit_identical() {
     let opts = RunOptions {
         resume: false,
         save_every: 3,
+        ..RunOptions::default()
     };
     run_demo_with(&cfg, &straight, opts, &mut |_| {}).unwrap();
     let want = metrics(&straight);
@@ -86,6 +87,7 @@ fn resuming_from_any_checkpoint_is_bit_identical() {
             RunOptions {
                 resume: true,
                 save_every: 3,
+                ..RunOptions::default()
             },
             &mut |_| {},
         )
@@ -106,6 +108,7 @@ fn resuming_from_any_checkpoint_is_bit_identical() {
         RunOptions {
             resume: true,
             save_every: 3,
+            ..RunOptions::default()
         },
         &mut |_| {},
     );

@@ -175,3 +175,27 @@ pub fn swiglu_backward<F: Real>(dgate: &mut [F], dup: &mut [F], dout: &[F], gate
     }
     Ok(())
 }
+
+/// The block of columns `s` from `inp` into `out` (GPU twin `copy_cols_f32`):
+/// `out[r * out_stride + out_off + j]` is assigned (or, with `accumulate`,
+/// increased by) the sum over `q < group` of `inp[((r / rep) * group + q) *
+/// in_stride + in_off + j]`, summed in `q` order.
+pub fn copy_cols<F: Real>(out: &mut [F], inp: &[F], s: &aha_cuda_kernels::launch::ColsCopy) -> Result<()> {
+    let (need_out, need_in) = s.lens()?;
+    check_lens(
+        "copy_cols",
+        &[("out", out.len(), need_out), ("inp", inp.len(), need_in)],
+    )?;
+    for r in 0..s.rows {
+        let base = (r / s.rep) * s.group;
+        let o = &mut out[r * s.out_stride + s.out_off..][..s.cols];
+        for (j, oj) in o.iter_mut().enumerate() {
+            let mut acc = F::zero();
+            for q in 0..s.group {
+                acc += inp[(base + q) * s.in_stride + s.in_off + j];
+            }
+            *oj = if s.accumulate { *oj + acc } else { acc };
+        }
+    }
+    Ok(())
+}

@@ -24,7 +24,7 @@ mod topk;
 
 pub use attention::{attention_backward, attention_forward, AttnShape};
 pub use elementwise::{
-    add, add_backward, add_inplace, mul, mul_backward, scale, scale_backward, silu, silu_backward, swiglu,
+    add, add_backward, add_inplace, copy_cols, mul, mul_backward, scale, scale_backward, silu, silu_backward, swiglu,
     swiglu_backward,
 };
 pub use embedding::{embedding_backward, embedding_forward};

@@ -1,0 +1,681 @@
+//! [`Policy`]: the one model surface the trainer and the sampler use,
+//! whatever the device. It holds a [`Model`] (CPU, f32) or a [`GpuModel`]
+//! (its parameters, gradients and, through [`Moments`], the AdamW state in
+//! flat device buffers) and offers the same operations on both:
+//!
+//! - [`Policy::forward`] over a right-padded batch, keeping what the
+//!   backward needs on the model's device;
+//! - [`Policy::score`]: tempered log-probs and entropies of chosen
+//!   positions (a [`Tensor`] on the model's device, so a loss computed on
+//!   the GPU never copies them to the host);
+//! - [`Policy::backward`] from d loss / d log-prob (and d loss / d entropy),
+//!   accumulating into the policy's own flat gradient buffer;
+//! - [`Policy::optimizer_step`]: global-norm clipping and one AdamW update
+//!   over the trainable prefix;
+//! - parameter access, save, and a host copy for the CPU sampler.
+//!
+//! `--device` is resolved once, by [`resolve_device`]; nothing above this
+//! crate branches on the device.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::str::FromStr;
+
+use aha_cuda_kernels::launch::AdamwScalars;
+use aha_tensor::cpu::{self, AdamW, LmHeadShape};
+use aha_tensor::{Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{input_err, Error, Result};
+use crate::gpu::{gpu_support, GpuForward, GpuModel, GpuPrecision, GpuScores};
+use crate::model::{Activations, Model};
+use crate::params::Layout;
+
+/// Vocabulary rows per chunk of the CPU lm head (full-vocabulary logits
+/// exist for at most this many rows x chunk at a time).
+const CPU_HEAD_CHUNK: usize = 4096;
+
+/// The precision a policy computes in (`--precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 everywhere (the CPU's only precision).
+    #[default]
+    F32,
+    /// bf16 products with f32 accumulation, f32 master weights, gradients,
+    /// moments and reductions (GPU only).
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+
+    /// Parses `f32` or `bf16`.
+    fn from_str(s: &str) -> Result<Precision> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(input_err(
+                "--precision",
+                format!("unknown precision {s:?}: use f32 or bf16"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Resolves a `--device` value (`cpu`, `cuda`, `cuda:N` or `auto`) for a
+/// model once: `auto` is the first GPU when one is present and takes the
+/// model ([`gpu_support`]), else the CPU; an explicit `cuda` without a GPU,
+/// or for a model the GPU path refuses, is an error with the reason; bf16
+/// needs a GPU.
+pub fn resolve_device(spec: &str, cfg: &ModelConfig, precision: Precision) -> Result<Device> {
+    let asked = Device::from_str(if spec == "auto" { "cpu" } else { spec })
+        .map_err(|e| input_err("--device", e.to_string()))?;
+    let gpus = aha_cuda_kernels::device_count();
+    let device = match (spec, asked) {
+        ("auto", _) => {
+            if gpus > 0 && gpu_support(cfg).is_ok() {
+                Device::Cuda(0)
+            } else {
+                Device::Cpu
+            }
+        }
+        (_, Device::Cuda(i)) => {
+            if i >= gpus {
+                let why = aha_cuda_kernels::no_gpu_reason().unwrap_or_else(|| format!("{gpus} GPU(s) present"));
+                return Err(input_err("--device", format!("{spec}: no such GPU ({why})")));
+            }
+            gpu_support(cfg)?;
+            Device::Cuda(i)
+        }
+        (_, d) => d,
+    };
+    if precision == Precision::Bf16 && device == Device::Cpu {
+        return Err(input_err(
+            "--precision",
+            "bf16 runs on a GPU only (use --device cuda, or --precision f32)",
+        ));
+    }
+    Ok(device)
+}
+
+enum Inner {
+    Cpu { model: Box<Model>, grads: Vec<f32> },
+    Gpu(Box<GpuModel>),
+}
+
+/// A model being scored or trained, on one device (see the module docs).
+pub struct Policy {
+    inner: Inner,
+    /// Where `save` copies the config and tokenizer files from.
+    source_dir: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Policy({}, {})", self.device(), self.precision())
+    }
+}
+
+/// What a forward keeps for the backward, on the policy's device.
+pub struct Forward {
+    inner: FwdInner,
+}
+
+enum FwdInner {
+    Cpu(Activations),
+    Gpu(GpuForward),
+}
+
+/// Tempered log-probs and entropies of scored positions, on the policy's
+/// device, with what the backward of the lm head needs.
+pub struct Scores {
+    /// `log softmax(logits / T)[target]`, one per scored row, f32.
+    pub logp: Tensor,
+    /// The tempered distribution's entropy at each scored row, f32.
+    pub entropy: Tensor,
+    inner: ScoresInner,
+}
+
+enum ScoresInner {
+    Cpu {
+        lse: Vec<f32>,
+        ent: Vec<f32>,
+        rows: Vec<u32>,
+        targets: Vec<u32>,
+        temperature: f32,
+        hidden: Vec<f32>,
+    },
+    Gpu(GpuScores),
+}
+
+/// AdamW's first and second moments, flat, on the policy's device.
+pub enum Moments {
+    /// Host buffers.
+    Cpu {
+        /// First moment.
+        m: Vec<f32>,
+        /// Second moment.
+        v: Vec<f32>,
+    },
+    /// Device buffers.
+    Gpu {
+        /// First moment.
+        m: aha_cuda_kernels::cudarc::driver::CudaSlice<f32>,
+        /// Second moment.
+        v: aha_cuda_kernels::cudarc::driver::CudaSlice<f32>,
+    },
+}
+
+impl std::fmt::Debug for Moments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Moments::Cpu { m, .. } => write!(f, "Moments(cpu, {})", m.len()),
+            Moments::Gpu { m, .. } => write!(f, "Moments(cuda, {})", m.len()),
+        }
+    }
+}
+
+fn tensor_err(e: aha_tensor::Error) -> Error {
+    Error::Tensor(e)
+}
+
+fn cuda(e: aha_cuda_kernels::Error) -> Error {
+    Error::Tensor(aha_tensor::Error::from(e))
+}
+
+impl Policy {
+    /// Places `model` on `device` (from [`resolve_device`]) in `precision`.
+    pub fn new(model: Model, device: Device, precision: Precision) -> Result<Policy> {
+        let source_dir = model.source_dir.clone();
+        let inner = match device {
+            Device::Cpu => {
+                if precision != Precision::F32 {
+                    return Err(input_err("--precision", "the CPU computes in f32 only"));
+                }
+                Inner::Cpu {
+                    model: Box::new(model),
+                    grads: Vec::new(),
+                }
+            }
+            Device::Cuda(i) => {
+                let p = match precision {
+                    Precision::F32 => GpuPrecision::F32,
+                    Precision::Bf16 => GpuPrecision::Bf16,
+                };
+                Inner::Gpu(Box::new(GpuModel::upload_with(&model, i, p)?))
+            }
+        };
+        Ok(Policy { inner, source_dir })
+    }
+
+    /// Loads an HF folder onto `device`.
+    pub fn load(dir: &Path, device: Device, precision: Precision) -> Result<Policy> {
+        Policy::new(Model::load(dir)?, device, precision)
+    }
+
+    /// The device the policy lives on.
+    pub fn device(&self) -> Device {
+        match &self.inner {
+            Inner::Cpu { .. } => Device::Cpu,
+            Inner::Gpu(g) => Device::Cuda(g.gpu().ordinal()),
+        }
+    }
+
+    /// The precision of its products.
+    pub fn precision(&self) -> Precision {
+        match &self.inner {
+            Inner::Cpu { .. } => Precision::F32,
+            Inner::Gpu(g) => match g.precision() {
+                GpuPrecision::F32 => Precision::F32,
+                GpuPrecision::Bf16 => Precision::Bf16,
+            },
+        }
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        match &self.inner {
+            Inner::Cpu { model, .. } => &model.config,
+            Inner::Gpu(g) => &g.config,
+        }
+    }
+
+    /// The parameter layout.
+    pub fn layout(&self) -> &Layout {
+        match &self.inner {
+            Inner::Cpu { model, .. } => &model.layout,
+            Inner::Gpu(g) => g.layout(),
+        }
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.layout().size
+    }
+
+    /// The flat parameters on the host (a copy on a GPU).
+    pub fn params_to_host(&self) -> Result<Vec<f32>> {
+        match &self.inner {
+            Inner::Cpu { model, .. } => Ok(model.params.clone()),
+            Inner::Gpu(g) => g.params_to_host(),
+        }
+    }
+
+    /// Replaces every parameter (CPU layout).
+    pub fn set_params(&mut self, host: &[f32]) -> Result<()> {
+        match &mut self.inner {
+            Inner::Cpu { model, .. } => {
+                if host.len() != model.params.len() {
+                    return Err(input_err(
+                        "set_params",
+                        format!("{} values for {} parameters", host.len(), model.params.len()),
+                    ));
+                }
+                model.params.copy_from_slice(host);
+                Ok(())
+            }
+            Inner::Gpu(g) => g.set_params(host),
+        }
+    }
+
+    /// Copies `other`'s parameters (same layout; device to device when both
+    /// are on a GPU), e.g. to reset a reference model to the policy.
+    pub fn copy_params_from(&mut self, other: &Policy) -> Result<()> {
+        match (&mut self.inner, &other.inner) {
+            (Inner::Gpu(a), Inner::Gpu(b)) => a.copy_params_from(b),
+            _ => {
+                let host = other.params_to_host()?;
+                self.set_params(&host)
+            }
+        }
+    }
+
+    /// The model on the host: borrowed on the CPU, a copy of the weights on
+    /// a GPU (what the CPU sampler runs on).
+    pub fn host_model(&self) -> Result<Cow<'_, Model>> {
+        match &self.inner {
+            Inner::Cpu { model, .. } => Ok(Cow::Borrowed(&**model)),
+            Inner::Gpu(g) => {
+                let mut m = Model::zeros(g.config.clone());
+                m.params = g.params_to_host()?;
+                m.source_dir = self.source_dir.clone();
+                Ok(Cow::Owned(m))
+            }
+        }
+    }
+
+    /// Saves in the HF layout (as [`Model::save`]).
+    pub fn save(&self, dir: &Path, max_shard_bytes: usize) -> Result<()> {
+        self.host_model()?.save(dir, max_shard_bytes)
+    }
+
+    /// The training forward over `ids [b, t]`, right-padded (as
+    /// [`Model::forward`]).
+    pub fn forward(&self, ids: &[u32], b: usize, t: usize) -> Result<Forward> {
+        Ok(Forward {
+            inner: match &self.inner {
+                Inner::Cpu { model, .. } => FwdInner::Cpu(model.forward(ids, b, t)?),
+                Inner::Gpu(g) => FwdInner::Gpu(g.forward(ids, b, t)?),
+            },
+        })
+    }
+
+    /// `log softmax(logits / temperature)[targets[i]]` and the entropy of
+    /// that distribution at rows `rows[i]` of `fwd` (row `r` is position
+    /// `r % T` of sequence `r / T`), through the chunked lm head: `[N, V]`
+    /// logits never exist. The results stay on the policy's device.
+    pub fn score(&self, fwd: &Forward, rows: &[u32], targets: &[u32], temperature: f32) -> Result<Scores> {
+        match (&self.inner, &fwd.inner) {
+            (Inner::Cpu { model, .. }, FwdInner::Cpu(a)) => cpu_score(model, a, rows, targets, temperature),
+            (Inner::Gpu(g), FwdInner::Gpu(f)) => {
+                let s = g.score(f, rows, targets, temperature)?;
+                let gpu = g.gpu().clone();
+                let n = rows.len();
+                let copy = |x| gpu.clone_dtod(x).map_err(cuda);
+                let logp = Tensor::from_cuda_f32(gpu.clone(), copy(&s.logp)?, n).map_err(tensor_err)?;
+                let entropy = Tensor::from_cuda_f32(gpu.clone(), copy(&s.entropy)?, n).map_err(tensor_err)?;
+                Ok(Scores {
+                    logp,
+                    entropy,
+                    inner: ScoresInner::Gpu(s),
+                })
+            }
+            _ => Err(input_err("score", "the forward ran on another device")),
+        }
+    }
+
+    /// Scores positions and copies the log-probs to the host (for
+    /// reference and old-policy log-probs, evaluation, `aha logprobs`).
+    pub fn logprobs(
+        &self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        rows: &[u32],
+        targets: &[u32],
+        temperature: f32,
+    ) -> Result<Vec<f32>> {
+        let fwd = self.forward(ids, b, t)?;
+        self.score(&fwd, rows, targets, temperature)?
+            .logp
+            .to_vec::<f32>()
+            .map_err(tensor_err)
+    }
+
+    /// Zeroes the gradient buffer.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        match &mut self.inner {
+            Inner::Cpu { model, grads } => {
+                grads.clear();
+                grads.resize(model.params.len(), 0.0);
+                Ok(())
+            }
+            Inner::Gpu(g) => g.zero_grad(),
+        }
+    }
+
+    /// The gradients on the host (a copy on a GPU).
+    pub fn grads_to_host(&self) -> Result<Vec<f32>> {
+        match &self.inner {
+            Inner::Cpu { model, grads } => Ok(if grads.is_empty() {
+                vec![0.0; model.params.len()]
+            } else {
+                grads.clone()
+            }),
+            Inner::Gpu(g) => g.grads_to_host(),
+        }
+    }
+
+    /// Replaces the gradient buffer with `host` (CPU layout): gradients
+    /// computed elsewhere, or a test's.
+    pub fn set_grads(&mut self, host: &[f32]) -> Result<()> {
+        if host.len() != self.num_params() {
+            return Err(input_err(
+                "set_grads",
+                format!("{} values for {} parameters", host.len(), self.num_params()),
+            ));
+        }
+        match &mut self.inner {
+            Inner::Cpu { grads, .. } => {
+                grads.clear();
+                grads.extend_from_slice(host);
+                Ok(())
+            }
+            Inner::Gpu(g) => g.set_grads(host),
+        }
+    }
+
+    /// Accumulates (`+=`) into the gradient buffer the gradient of
+    /// `sum_i dlogp[i] logp[i] + dentropy[i] entropy[i]` over the scored
+    /// rows, plus `aux_coef` times the MoE load-balancing loss (softmax
+    /// routers). `dlogp` and `dentropy` are on the policy's device.
+    pub fn backward(
+        &mut self,
+        fwd: Forward,
+        scores: &Scores,
+        dlogp: &Tensor,
+        dentropy: Option<&Tensor>,
+        aux_coef: f32,
+    ) -> Result<()> {
+        match (&mut self.inner, fwd.inner, &scores.inner) {
+            (Inner::Cpu { model, grads }, FwdInner::Cpu(a), ScoresInner::Cpu { .. }) => {
+                if grads.len() != model.params.len() {
+                    grads.clear();
+                    grads.resize(model.params.len(), 0.0);
+                }
+                let dl = dlogp.to_vec::<f32>().map_err(tensor_err)?;
+                let de = match dentropy {
+                    Some(d) => Some(d.to_vec::<f32>().map_err(tensor_err)?),
+                    None => None,
+                };
+                cpu_backward(model, grads, &a, &scores.inner, &dl, de.as_deref(), aux_coef)
+            }
+            (Inner::Gpu(g), FwdInner::Gpu(f), ScoresInner::Gpu(s)) => {
+                let dl = dlogp.cuda_f32().map_err(tensor_err)?;
+                let de = match dentropy {
+                    Some(d) => Some(d.cuda_f32().map_err(tensor_err)?),
+                    None => None,
+                };
+                g.backward(f, s, dl, de, aux_coef)
+            }
+            _ => Err(input_err("backward", "the forward or the scores ran on another device")),
+        }
+    }
+
+    /// Waits for the device's queued work (a no-op on the CPU), so a timer
+    /// read after it covers the work.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.inner {
+            Inner::Cpu { .. } => Ok(()),
+            Inner::Gpu(g) => g.gpu().synchronize().map_err(cuda),
+        }
+    }
+
+    /// Zeroed AdamW moments for this policy, on its device.
+    pub fn new_moments(&self) -> Result<Moments> {
+        Ok(match &self.inner {
+            Inner::Cpu { model, .. } => Moments::Cpu {
+                m: vec![0.0; model.params.len()],
+                v: vec![0.0; model.params.len()],
+            },
+            Inner::Gpu(g) => {
+                let (m, v) = g.new_moments()?;
+                Moments::Gpu { m, v }
+            }
+        })
+    }
+
+    /// Moments from host copies (a checkpoint), on this policy's device.
+    pub fn moments_from_host(&self, m: Vec<f32>, v: Vec<f32>) -> Result<Moments> {
+        let n = self.num_params();
+        if m.len() != n || v.len() != n {
+            return Err(input_err(
+                "optimizer state",
+                format!("{} / {} moments for {n} parameters", m.len(), v.len()),
+            ));
+        }
+        Ok(match &self.inner {
+            Inner::Cpu { .. } => Moments::Cpu { m, v },
+            Inner::Gpu(g) => Moments::Gpu {
+                m: g.gpu().upload(&m).map_err(cuda)?,
+                v: g.gpu().upload(&v).map_err(cuda)?,
+            },
+        })
+    }
+
+    /// Global-norm clipping to `max_grad_norm`, then AdamW step `t`
+    /// (1-based) over the trainable parameters; frozen tensors
+    /// (`e_score_correction_bias`) are not touched. Returns the gradient
+    /// norm before clipping; a non-finite norm leaves the parameters and
+    /// moments unchanged (the caller decides whether to skip or abort).
+    pub fn optimizer_step(&mut self, moments: &mut Moments, h: &AdamW, t: u64, max_grad_norm: f64) -> Result<f64> {
+        match (&mut self.inner, moments) {
+            (Inner::Cpu { model, grads }, Moments::Cpu { m, v }) => {
+                let tr = model.layout.trainable;
+                if grads.len() != model.params.len() {
+                    return Err(input_err("optimizer_step", "no gradients: run a backward first"));
+                }
+                grads[tr..].fill(0.0);
+                let norm = cpu::clip_grad_norm(&mut grads[..tr], max_grad_norm);
+                if !norm.is_finite() {
+                    return Ok(norm);
+                }
+                cpu::adamw_step(&mut model.params[..tr], &grads[..tr], &mut m[..tr], &mut v[..tr], h, t)
+                    .map_err(tensor_err)?;
+                Ok(norm)
+            }
+            (Inner::Gpu(g), Moments::Gpu { m, v }) => {
+                let norm = g.grad_norm()?;
+                if !norm.is_finite() {
+                    return Ok(norm);
+                }
+                let coef = max_grad_norm / (norm + 1e-6);
+                if coef < 1.0 {
+                    g.scale_grads(coef as f32)?;
+                }
+                let sc = AdamwScalars::new(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, t).map_err(cuda)?;
+                g.adamw(m, v, &sc)?;
+                Ok(norm)
+            }
+            _ => Err(input_err("optimizer_step", "the moments live on another device")),
+        }
+    }
+
+    /// DeepSeek-V3's auxiliary-loss-free bias update from `fwd`'s expert
+    /// loads (`speed`: the report's 0.001).
+    pub fn update_expert_bias(&mut self, fwd: &Forward, speed: f32) -> Result<()> {
+        match (&mut self.inner, &fwd.inner) {
+            (Inner::Cpu { model, .. }, FwdInner::Cpu(a)) => model.update_expert_bias(&a.expert_load(), speed),
+            (Inner::Gpu(g), FwdInner::Gpu(f)) => g.update_expert_bias(f, speed),
+            _ => Err(input_err("update_expert_bias", "the forward ran on another device")),
+        }
+    }
+}
+
+impl Moments {
+    /// Host copies `(m, v)` (for a checkpoint).
+    pub fn to_host(&self, gpu_of: &Policy) -> Result<(Vec<f32>, Vec<f32>)> {
+        match (self, &gpu_of.inner) {
+            (Moments::Cpu { m, v }, _) => Ok((m.clone(), v.clone())),
+            (Moments::Gpu { m, v }, Inner::Gpu(g)) => {
+                Ok((g.gpu().download(m).map_err(cuda)?, g.gpu().download(v).map_err(cuda)?))
+            }
+            (Moments::Gpu { .. }, Inner::Cpu { .. }) => {
+                Err(input_err("optimizer state", "device moments for a policy on the CPU"))
+            }
+        }
+    }
+}
+
+/// Host rows of `hidden` gathered at `rows`.
+fn gather_rows(hidden: &[f32], rows: &[u32], n: usize, c: usize) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; rows.len() * c];
+    for (i, &r) in rows.iter().enumerate() {
+        let r = r as usize;
+        if r >= n {
+            return Err(input_err("score", format!("row {r} of a batch of {n} rows")));
+        }
+        out[i * c..(i + 1) * c].copy_from_slice(&hidden[r * c..(r + 1) * c]);
+    }
+    Ok(out)
+}
+
+fn cpu_score(model: &Model, a: &Activations, rows: &[u32], targets: &[u32], temperature: f32) -> Result<Scores> {
+    let (c, v) = (model.config.hidden_size, model.config.vocab_size);
+    let n = rows.len();
+    if targets.len() != n {
+        return Err(input_err("score", format!("{} targets for {n} rows", targets.len())));
+    }
+    let hidden = gather_rows(&a.hidden, rows, a.hidden.len() / c.max(1), c)?;
+    let (mut lp, mut ent, mut lse) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    if n > 0 {
+        let s = LmHeadShape {
+            n,
+            c,
+            v,
+            chunk: CPU_HEAD_CHUNK.min(v.max(1)),
+            temperature,
+        };
+        cpu::lm_head_logprob_forward(
+            &mut lp,
+            &mut ent,
+            &mut lse,
+            &hidden,
+            model.layout.lm_head.of(&model.params),
+            targets,
+            s,
+        )
+        .map_err(tensor_err)?;
+    }
+    Ok(Scores {
+        logp: Tensor::from_vec(lp, n, Device::Cpu).map_err(tensor_err)?,
+        entropy: Tensor::from_vec(ent.clone(), n, Device::Cpu).map_err(tensor_err)?,
+        inner: ScoresInner::Cpu {
+            lse,
+            ent,
+            rows: rows.to_vec(),
+            targets: targets.to_vec(),
+            temperature,
+            hidden,
+        },
+    })
+}
+
+fn cpu_backward(
+    model: &Model,
+    grads: &mut [f32],
+    a: &Activations,
+    sc: &ScoresInner,
+    dlogp: &[f32],
+    dentropy: Option<&[f32]>,
+    aux_coef: f32,
+) -> Result<()> {
+    let ScoresInner::Cpu {
+        lse,
+        ent,
+        rows,
+        targets,
+        temperature,
+        hidden,
+    } = sc
+    else {
+        return Err(input_err("backward", "scores from another device"));
+    };
+    let (c, v) = (model.config.hidden_size, model.config.vocab_size);
+    let nr = rows.len();
+    if dlogp.len() != nr || dentropy.is_some_and(|d| d.len() != nr) {
+        return Err(input_err(
+            "backward",
+            format!("gradients for {} rows, {nr} scored", dlogp.len()),
+        ));
+    }
+    let total = a.hidden.len() / c.max(1);
+    let mut dh_rows = vec![0f32; nr * c];
+    if nr > 0 {
+        let zeros;
+        let de = match dentropy {
+            Some(d) => d,
+            None => {
+                zeros = vec![0f32; nr];
+                &zeros
+            }
+        };
+        let s = LmHeadShape {
+            n: nr,
+            c,
+            v,
+            chunk: CPU_HEAD_CHUNK.min(v.max(1)),
+            temperature: *temperature,
+        };
+        cpu::lm_head_logprob_backward(
+            &mut dh_rows,
+            model.layout.lm_head.of_mut(grads),
+            hidden,
+            model.layout.lm_head.of(&model.params),
+            targets,
+            lse,
+            ent,
+            dlogp,
+            de,
+            s,
+        )
+        .map_err(tensor_err)?;
+    }
+    let mut dh = vec![0f32; total * c];
+    for (i, &r) in rows.iter().enumerate() {
+        let r = r as usize;
+        for (d, &x) in dh[r * c..(r + 1) * c].iter_mut().zip(&dh_rows[i * c..(i + 1) * c]) {
+            *d += x;
+        }
+    }
+    model.backward_from_hidden(a, &dh, aux_coef, grads)
+}
