@@ -10,6 +10,9 @@
 //!   and a seeded generator.
 //! - [`code`]: programs run against test cases in a sandbox (process group,
 //!   rlimits, no network, capped output, deadline).
+//! - [`external`]: user rewards outside Rust: a JSON-lines scorer process
+//!   ([`external::CommandReward`]) or an HTTP endpoint
+//!   ([`external::HttpReward`]).
 //! - [`length`]: DAPO's soft overlong punishment and the cosine length-scaled
 //!   reward.
 //!
@@ -35,6 +38,7 @@ mod batch;
 pub mod code;
 pub mod countdown;
 mod error;
+pub mod external;
 pub mod format;
 pub mod language;
 pub mod length;

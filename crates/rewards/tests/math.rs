@@ -61,11 +61,9 @@ fn reported_false_positives_are_false() {
 #[test]
 fn equations_scaled_or_rearranged_are_equal() {
     assert_eq!(check("2x + 4 = 0", "x + 2 = 0"), Status::Correct);
-    assert_eq!(
-        check("y = 2x + 1", "2x - y + 1 = 0"),
-        Status::Wrong,
-        "y = ... is an assignment of y"
-    );
+    // Two equations of one line, however written (as in Math-Verify).
+    assert_eq!(check("y = 2x + 1", "2x - y + 1 = 0"), Status::Correct);
+    assert_eq!(check("y = 2x + 1", "2x - y - 1 = 0"), Status::Wrong);
     assert_eq!(check("x - 2y + z - 1 = 0", "2x - 4y + 2z = 2"), Status::Correct);
     assert_eq!(check("x < 1", "-x > -1"), Status::Correct);
     assert_eq!(check("x < 1", "x > -1"), Status::Wrong);
@@ -312,4 +310,170 @@ fn hostile_inputs_are_bounded() {
     let parens = "(".repeat(100_000);
     let _ = verify(&parens, &parens, &lenient());
     assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+}
+
+fn any(gold: &str, completion: &str) -> Status {
+    verify(gold, completion, &lenient()).status
+}
+
+#[test]
+fn prose_answers_follow_math_verify_priorities() {
+    // An anchored answer beats later numbers; the first value after "answer".
+    assert_eq!(
+        any("$6$", "The answer is 6; checking, 2 + 3 = 5 and 5 + 2 = 7."),
+        Status::Wrong
+    );
+    assert_eq!(any("$6$", "The answer is 6, not 7 as first thought."), Status::Correct);
+    assert_eq!(any("$13$", "Answer: 13 marbles"), Status::Correct);
+    assert_eq!(any("$13$", "Answer: 14 marbles"), Status::Wrong);
+    // After "answer", the value after the last `=` on the line.
+    assert_eq!(any("$9$", "So the answer: a = 4, hence b = 9."), Status::Correct);
+    // Without an anchor, the last number, math span or plain fraction.
+    assert_eq!(
+        any("$\\frac{5}{8}$", "Dividing, we get p = \\frac{5}{8}."),
+        Status::Correct
+    );
+    assert_eq!(
+        any("$\\frac{1}{3}$", "Each of $\\frac{1}{3}$ of the 3 boxes"),
+        Status::Wrong
+    );
+    assert_eq!(any("$17$", "Thus $a = 4$ and therefore $b = 17$."), Status::Correct);
+    assert_eq!(
+        any("$\\frac{1}{9}$", "The final answer is $\\frac{1}{9}$ since 9 = 3^2."),
+        Status::Correct
+    );
+}
+
+#[test]
+fn matrix_expressions_are_evaluated() {
+    let m = |rows: &[&[&str]]| {
+        let body: Vec<String> = rows.iter().map(|r| r.join(" & ")).collect();
+        format!("\\begin{{pmatrix}} {} \\end{{pmatrix}}", body.join(" \\\\ "))
+    };
+    let a = m(&[&["2", "0"], &["1", "3"]]);
+    let b = m(&[&["1", "1"], &["0", "1"]]);
+    assert_eq!(
+        check(&m(&[&["3", "1"], &["1", "4"]]), &format!("{a} + {b}")),
+        Status::Correct
+    );
+    assert_eq!(
+        check(&m(&[&["1", "-1"], &["1", "2"]]), &format!("{a} - {b}")),
+        Status::Correct
+    );
+    assert_eq!(
+        check(&m(&[&["2", "2"], &["1", "4"]]), &format!("{a}{b}")),
+        Status::Correct
+    );
+    assert_eq!(
+        check(&m(&[&["3", "1"], &["1", "3"]]), &format!("{a}{b}")),
+        Status::Wrong
+    );
+    assert_eq!(
+        check(&m(&[&["6", "0"], &["3", "9"]]), &format!("3{a}")),
+        Status::Correct
+    );
+    assert_eq!(
+        check(&m(&[&["1", "0"], &["0.5", "1.5"]]), &format!("\\frac{{1}}{{2}}{a}")),
+        Status::Correct
+    );
+    // Decimals against fractions entry by entry; shapes matter.
+    assert_eq!(
+        check(
+            &m(&[&["\\frac{1}{4}"], &["\\frac{2}{3}"]]),
+            &m(&[&["0.25"], &["0.666667"]])
+        ),
+        Status::Correct
+    );
+    assert_eq!(
+        check(&m(&[&["\\frac{1}{4}"], &["\\frac{2}{3}"]]), &m(&[&["0.25"], &["0.6"]])),
+        Status::Wrong
+    );
+    assert_eq!(check(&m(&[&["1", "2"]]), &m(&[&["1"], &["2"]])), Status::Wrong);
+    // A product of incompatible shapes is not an answer.
+    assert_eq!(
+        check(
+            &m(&[&["1"]]),
+            &format!("{}{}", m(&[&["1"], &["2"]]), m(&[&["1"], &["2"]]))
+        ),
+        Status::Wrong
+    );
+}
+
+#[test]
+fn equations_and_relations_follow_math_verify_directions() {
+    assert_eq!(check("4x + 2y = 10", "y = 5 - 2x"), Status::Correct);
+    assert_eq!(check("y = 5 - 2x", "4x + 2y = 10"), Status::Correct);
+    assert_eq!(check("4x + 2y = 10", "y = 5 + 2x"), Status::Wrong);
+    // A value asked, an equation given: its right side counts.
+    assert_eq!(check("7", "PQ = 7"), Status::Correct);
+    assert_eq!(check("7", "3x = 7"), Status::Correct);
+    assert_eq!(check("PQ = 7", "7"), Status::Correct);
+    assert_eq!(check("2x + y = 7", "7"), Status::Wrong);
+    assert_eq!(check("a = 7", "b = 7"), Status::Wrong);
+    // A gold inequality accepts its interval; an interval gold does not accept a relation.
+    assert_eq!(check("-3 \\le s < 2", "[-3, 2)"), Status::Correct);
+    assert_eq!(check("-3 \\le s < 2", "(-3, 2)"), Status::Wrong);
+    assert_eq!(check("[-3, 2)", "-3 \\le s < 2"), Status::Wrong);
+    // Relations joined by "or" are two answers, not a set (as in Math-Verify);
+    // unions compare as sets.
+    assert_eq!(
+        check("s \\le -1 \\text{ or } s > 4", "(-\\infty, -1] \\cup (4, \\infty)"),
+        Status::Wrong
+    );
+    assert_eq!(
+        check("(-\\infty, -1] \\cup (4, \\infty)", "(4, \\infty) \\cup (-\\infty, -1]"),
+        Status::Correct
+    );
+}
+
+#[test]
+fn sets_and_several_answers() {
+    assert_eq!(
+        check("\\{(2,2,5), (2,5,2), (5,2,2)\\}", "(5,2,2), (2,2,5), (2,5,2)"),
+        Status::Correct
+    );
+    assert_eq!(
+        check("\\{(2,2,5), (2,5,2), (5,2,2)\\}", "(5,2,2), (2,2,5)"),
+        Status::Wrong
+    );
+    // Repeats count once in a set.
+    assert_eq!(check("4, 4, 9", "9, 4"), Status::Correct);
+    assert_eq!(check("4, 9", "4, 9, 10"), Status::Wrong);
+    assert_eq!(
+        any("$-1, 6$", "So the roots are $\\boxed{6}$ and $\\boxed{-1}$."),
+        Status::Correct
+    );
+    // Boxes in separate sentences are not one answer: the last one counts.
+    assert_eq!(
+        any("$3, 8$", "(a) We find $\\boxed{3}$.\n(b) We find $\\boxed{8}$."),
+        Status::Wrong
+    );
+    assert_eq!(
+        any("$8$", "(a) We find $\\boxed{3}$.\n(b) We find $\\boxed{8}$."),
+        Status::Correct
+    );
+    assert_eq!(check("(4, -2)", "(-2, 4)"), Status::Wrong);
+}
+
+#[test]
+fn numbers_as_people_write_them() {
+    assert_eq!(any("$2345678$", "In total 2,345,678 people."), Status::Correct);
+    assert_eq!(check("23456", "23, 456"), Status::Wrong);
+    assert_eq!(check("23456", "23{,}456"), Status::Correct);
+    assert_eq!(check("2345", "2,\\! 345"), Status::Correct);
+    assert_eq!(any("$35\\%$", "It grows by 35 percent."), Status::Correct);
+    assert_eq!(check("0.35", "35\\%"), Status::Correct);
+    assert_eq!(check("72", "72^\\circ"), Status::Correct);
+    assert_eq!(check("8", "8 \\text{ meters}"), Status::Correct);
+    assert_eq!(check("8", "9 \\text{ meters}"), Status::Wrong);
+}
+
+#[test]
+fn answers_broken_across_delimiters_are_not_joined() {
+    // Inline math does not span lines; the number after it is the answer.
+    assert_eq!(any("$10$", "So the total is $5 +\n 5$"), Status::Wrong);
+    // Math spans joined by prose are separate answers: the last one counts.
+    assert_eq!(any("$4$", "We have $x = 2$ so that $y = 4$."), Status::Correct);
+    // An empty box is skipped.
+    assert_eq!(any("$3$", "\\boxed{} so maybe 3"), Status::Correct);
 }

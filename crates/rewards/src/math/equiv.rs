@@ -56,7 +56,171 @@ pub(crate) fn resolve(n: Node) -> Node {
         Node::Union(v) => Node::Union(v.into_iter().map(resolve).collect()),
         other => other,
     };
+    let n = match matrix_value(&n, 0) {
+        Some(rows) if !matches!(n, Node::Matrix(_)) => Node::Matrix(rows),
+        _ => n,
+    };
     expand_pm(n)
+}
+
+/// Largest matrix side and tree size for matrix arithmetic.
+const MAX_MATRIX_SIDE: usize = 8;
+const MAX_MATRIX_NODES: usize = 20_000;
+
+fn node_size(n: &Node, budget: usize) -> usize {
+    if budget == 0 {
+        return 1;
+    }
+    1 + match n {
+        Node::Add(v) | Node::Mul(v) | Node::Func(_, v) | Node::Set(v) | Node::List(v) | Node::Union(v) => {
+            let mut t = 0;
+            for c in v {
+                t += node_size(c, budget.saturating_sub(t));
+                if t >= budget {
+                    break;
+                }
+            }
+            t
+        }
+        Node::Neg(a) | Node::Percent(a) => node_size(a, budget),
+        Node::Div(a, b) | Node::Pow(a, b) | Node::PlusMinus(a, b) => {
+            let t = node_size(a, budget);
+            t + node_size(b, budget.saturating_sub(t))
+        }
+        _ => 0,
+    }
+}
+
+fn matrix_nodes(m: &[Vec<Node>]) -> usize {
+    let mut t = 0;
+    for c in m.iter().flatten() {
+        t += node_size(c, MAX_MATRIX_NODES.saturating_sub(t));
+        if t >= MAX_MATRIX_NODES {
+            break;
+        }
+    }
+    t
+}
+
+fn contains_matrix(n: &Node) -> bool {
+    match n {
+        Node::Matrix(_) => true,
+        Node::Add(v) | Node::Mul(v) => v.iter().any(contains_matrix),
+        Node::Neg(a) => contains_matrix(a),
+        Node::Div(a, b) | Node::Pow(a, b) => contains_matrix(a) || contains_matrix(b),
+        _ => false,
+    }
+}
+
+fn map_entries(m: Vec<Vec<Node>>, f: impl Fn(Node) -> Node) -> Vec<Vec<Node>> {
+    m.into_iter().map(|r| r.into_iter().map(&f).collect()).collect()
+}
+
+fn matmul(a: &[Vec<Node>], b: &[Vec<Node>]) -> Option<Vec<Vec<Node>>> {
+    let inner = a.first()?.len();
+    if b.len() != inner || b.iter().any(|r| r.len() != b[0].len()) {
+        return None;
+    }
+    let cols = b[0].len();
+    let out: Vec<Vec<Node>> = a
+        .iter()
+        .map(|row| {
+            (0..cols)
+                .map(|j| {
+                    Node::Add(
+                        (0..inner)
+                            .map(|k| Node::Mul(vec![row[k].clone(), b[k][j].clone()]))
+                            .collect(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    (matrix_nodes(&out) < MAX_MATRIX_NODES).then_some(out)
+}
+
+/// The value of a matrix expression (sums, scalar and matrix products,
+/// negation, division by a scalar, small integer powers) as a matrix of
+/// entry expressions; `None` when `n` is not one or it gets too large.
+fn matrix_value(n: &Node, depth: usize) -> Option<Vec<Vec<Node>>> {
+    if depth > 16 || !contains_matrix(n) {
+        return None;
+    }
+    let shape_ok = |m: &Vec<Vec<Node>>| {
+        !m.is_empty()
+            && m.len() <= MAX_MATRIX_SIDE
+            && m.iter().all(|r| r.len() == m[0].len() && r.len() <= MAX_MATRIX_SIDE)
+    };
+    let m = match n {
+        Node::Matrix(rows) => rows.clone(),
+        Node::Neg(a) => map_entries(matrix_value(a, depth + 1)?, |e| Node::Neg(Box::new(e))),
+        Node::Div(a, b) if !contains_matrix(b) => {
+            map_entries(matrix_value(a, depth + 1)?, |e| Node::Div(Box::new(e), b.clone()))
+        }
+        Node::Add(terms) => {
+            let mut acc: Option<Vec<Vec<Node>>> = None;
+            for t in terms {
+                let m = matrix_value(t, depth + 1)?;
+                acc = Some(match acc {
+                    None => m,
+                    Some(a) => {
+                        if a.len() != m.len() || a.iter().zip(&m).any(|(x, y)| x.len() != y.len()) {
+                            return None;
+                        }
+                        a.into_iter()
+                            .zip(m)
+                            .map(|(x, y)| x.into_iter().zip(y).map(|(p, q)| Node::Add(vec![p, q])).collect())
+                            .collect()
+                    }
+                });
+            }
+            acc?
+        }
+        Node::Mul(factors) => {
+            let mut scalars = Vec::new();
+            let mut acc: Option<Vec<Vec<Node>>> = None;
+            for f in factors {
+                if contains_matrix(f) {
+                    let m = matrix_value(f, depth + 1)?;
+                    acc = Some(match acc {
+                        None => m,
+                        Some(a) => matmul(&a, &m)?,
+                    });
+                } else {
+                    scalars.push(f.clone());
+                }
+            }
+            let m = acc?;
+            if scalars.is_empty() {
+                m
+            } else {
+                map_entries(m, |e| {
+                    let mut v = scalars.clone();
+                    v.push(e);
+                    Node::Mul(v)
+                })
+            }
+        }
+        Node::Pow(a, k) => {
+            let base = matrix_value(a, depth + 1)?;
+            let k = exact(k)?;
+            let k = if k.is_integer() {
+                k.to_integer().to_usize()?
+            } else {
+                return None;
+            };
+            if !(1..=8).contains(&k) || base.len() != base[0].len() {
+                return None;
+            }
+            let mut acc = base.clone();
+            for _ in 1..k {
+                acc = matmul(&acc, &base)?;
+            }
+            acc
+        }
+        _ => return None,
+    };
+    (shape_ok(&m) && matrix_nodes(&m) < MAX_MATRIX_NODES).then_some(m)
 }
 
 fn resolve_rel(mut sides: Vec<Node>, ops: Vec<RelOp>) -> Node {
@@ -68,17 +232,27 @@ fn resolve_rel(mut sides: Vec<Node>, ops: Vec<RelOp>) -> Node {
     let all_eq = ops.iter().all(|o| matches!(o, RelOp::Eq | RelOp::Approx));
     if all_eq && !sides.is_empty() {
         if sides.len() >= 3 {
-            // The last value that follows an `=` (`x = 1/3 \approx 0.33` -> 1/3).
+            // The last value that follows an `=` (`x = 1/3 \approx 0.33` -> 1/3);
+            // `z = 1 + 1 = 2` stays the assignment `z = 2`.
             let idx = ops
                 .iter()
                 .rposition(|o| *o == RelOp::Eq)
                 .map(|i| i + 1)
                 .unwrap_or(sides.len() - 1);
-            return resolve(sides.swap_remove(idx));
+            let value = resolve(sides.swap_remove(idx));
+            if sides[0].is_name() {
+                return Node::Rel {
+                    sides: vec![sides.swap_remove(0), value],
+                    ops: vec![RelOp::Eq],
+                };
+            }
+            return value;
         }
-        if sides.len() == 2 && sides[0].is_name() {
+        if sides.len() == 2 && ops[0] == RelOp::Approx && sides[0].is_name() {
             return resolve(sides.swap_remove(1));
         }
+        // `x = 5` stays an equation: whether it means its value depends on
+        // the other side (see `equivalent`).
     }
     Node::Rel { sides, ops }
 }
@@ -186,6 +360,17 @@ pub(crate) fn equivalent(gold: &Node, pred: &Node, ctx: &mut Ctx) -> bool {
     }
     let gold = unwrap_single(gold);
     let pred = unwrap_single(pred);
+    // Math-Verify's direction: an equation answering a value question counts
+    // by its right side (`BC = 5` for 5, `2x = 6` for 6); an assignment in
+    // the gold (`x = 5`) asks for its value; two equations compare as
+    // equations.
+    match (eq_rhs(gold), eq_rhs(pred)) {
+        (None, Some(p)) if !matches!(gold, Node::Rel { .. }) => return equivalent(gold, p, ctx),
+        (Some(g), None) if !matches!(pred, Node::Rel { .. }) => {
+            return is_assignment(gold) && equivalent(g, pred, ctx);
+        }
+        _ => {}
+    }
     match (gold, pred) {
         (Node::Text(_), _) | (_, Node::Text(_)) => words_equal(gold, pred),
         (Node::List(g) | Node::Set(g), Node::List(p) | Node::Set(p)) => unordered(g, p, ctx),
@@ -203,10 +388,8 @@ pub(crate) fn equivalent(gold: &Node, pred: &Node, ctx: &mut Ctx) -> bool {
                 items: p,
             },
         ) => go == po && gc == pc && ordered(g, p, ctx),
-        (Node::Tuple { .. }, Node::Rel { .. }) => match rel_to_interval(pred) {
-            Some(i) => equivalent(gold, &i, ctx),
-            None => false,
-        },
+        // A relation answering an interval is not read as a set (Math-Verify
+        // compares the other direction only).
         (Node::Rel { .. }, Node::Tuple { .. }) => match rel_to_interval(gold) {
             Some(i) => equivalent(&i, pred, ctx),
             None => false,
@@ -227,6 +410,19 @@ pub(crate) fn equivalent(gold: &Node, pred: &Node, ctx: &mut Ctx) -> bool {
         (g, p) if is_scalar(g) && is_scalar(p) => scalar_equal(g, p, ctx),
         _ => false,
     }
+}
+
+/// The right side of an equation chain written with `=` only.
+fn eq_rhs(n: &Node) -> Option<&Node> {
+    match n {
+        Node::Rel { sides, ops } if ops.iter().all(|o| *o == RelOp::Eq) => sides.last(),
+        _ => None,
+    }
+}
+
+/// `x = 5`, `f(x) = ...`, `(a, b) = ...`: a name on the left.
+fn is_assignment(n: &Node) -> bool {
+    matches!(n, Node::Rel { sides, ops } if ops.iter().all(|o| *o == RelOp::Eq) && sides[0].is_name())
 }
 
 fn is_scalar(n: &Node) -> bool {
@@ -261,25 +457,26 @@ fn ordered(g: &[Node], p: &[Node], ctx: &mut Ctx) -> bool {
     g.len() == p.len() && g.len() <= MAX_ITEMS && g.iter().zip(p).all(|(a, b)| equivalent(a, b, ctx))
 }
 
+/// Set equality: every item of each side equals some item of the other
+/// (repeats count once, as in Math-Verify's sets).
 fn unordered(g: &[Node], p: &[Node], ctx: &mut Ctx) -> bool {
-    if g.len() != p.len() || g.len() > MAX_ITEMS {
+    if g.is_empty() != p.is_empty() || g.len() > MAX_ITEMS || p.len() > MAX_ITEMS {
         return false;
     }
-    let mut used = vec![false; p.len()];
+    let mut p_hit = vec![false; p.len()];
     for a in g {
         let mut found = false;
         for (j, b) in p.iter().enumerate() {
-            if !used[j] && equivalent(a, b, ctx) {
-                used[j] = true;
+            if equivalent(a, b, ctx) {
+                p_hit[j] = true;
                 found = true;
-                break;
             }
         }
         if !found {
             return false;
         }
     }
-    true
+    p_hit.into_iter().all(|h| h)
 }
 
 /// `a < x < b` or `x > a` as an interval, when the bound side is a name.

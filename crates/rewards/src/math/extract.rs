@@ -111,9 +111,15 @@ pub(crate) fn math_envs(s: &str) -> Vec<Span> {
             continue;
         };
         let body = i + open.len();
+        let inline = open == "$" || open == "\\(";
         let mut j = body;
         let mut found = None;
         while j < b.len() {
+            if inline && b[j] == b'\n' {
+                // Inline math stays on one line (as in Math-Verify): an
+                // answer broken across lines is not one answer.
+                break;
+            }
             if close == "$" && at(j, "\\$") {
                 j += 2;
                 continue;
@@ -141,45 +147,6 @@ pub(crate) fn math_envs(s: &str) -> Vec<Span> {
         }
     }
     out
-}
-
-/// The text after the last "final answer is" / "the answer is", up to the
-/// end of its sentence (or its math environment).
-pub(crate) fn final_answer_phrase(s: &str) -> Option<Span> {
-    let lower = s.to_ascii_lowercase();
-    let (pos, len) = ["final answer is", "the answer is", "final answer:"]
-        .iter()
-        .filter_map(|p| lower.rfind(p).map(|i| (i, p.len())))
-        .max_by_key(|x| x.0)?;
-    let mut st = pos + len;
-    let b = s.as_bytes();
-    while st < b.len() && matches!(b[st], b' ' | b':' | b'\n') {
-        st += 1;
-    }
-    let rest = &s[st..];
-    if let Some(env) = math_envs(rest).into_iter().next() {
-        if env.start == 0 {
-            return Some(Span {
-                start: st,
-                end: st + env.end,
-                content: env.content,
-            });
-        }
-    }
-    let end = [". ", ".\n", "\n", "<|"]
-        .iter()
-        .filter_map(|p| rest.find(p))
-        .min()
-        .unwrap_or(rest.len());
-    let content = rest[..end].trim().trim_end_matches('.').to_string();
-    if content.is_empty() || content.chars().count() > 200 {
-        return None;
-    }
-    Some(Span {
-        start: st,
-        end: st + end,
-        content,
-    })
 }
 
 /// Numbers in free text, normalised (`1,000.99` -> `1000.99`, `2,74` ->
@@ -327,4 +294,261 @@ pub(crate) fn last_group(spans: &[Span], s: &str) -> Vec<Span> {
         }
     }
     group
+}
+
+/// Whether two math environments next to each other form one answer:
+/// only a comma, `and` or `or` between them (Math-Verify's connectors).
+pub(crate) fn joins_strict(between: &str) -> bool {
+    let t = between.trim();
+    let t = t.strip_prefix(',').unwrap_or(t).trim();
+    matches!(t, "" | "and" | "or") && !between.trim().is_empty()
+}
+
+/// The last environment and the ones before it joined by
+/// [`joins_strict`].
+pub(crate) fn last_env_group(spans: &[Span], s: &str) -> Vec<Span> {
+    let Some(last) = spans.last() else { return Vec::new() };
+    let mut group = vec![last.clone()];
+    for w in spans.windows(2).rev() {
+        let (a, b) = (&w[0], &w[1]);
+        if b.start != group[0].start {
+            break;
+        }
+        if a.end <= b.start && joins_strict(&s[a.end..b.start]) {
+            group.insert(0, a.clone());
+        } else {
+            break;
+        }
+    }
+    group
+}
+
+/// The group of environments starting with `envs[first]` and the ones after
+/// it joined by [`joins_strict`].
+fn env_group_from(envs: &[Span], first: usize, s: &str) -> Vec<Span> {
+    let mut group = vec![envs[first].clone()];
+    for w in envs[first..].windows(2) {
+        if w[0].end <= w[1].start && joins_strict(&s[w[0].end..w[1].start]) {
+            group.push(w[1].clone());
+        } else {
+            break;
+        }
+    }
+    group
+}
+
+/// A candidate answer: its end in the text and its parts.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Candidate {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    pub(crate) parts: Vec<String>,
+}
+
+fn is_expr_char(c: u8) -> bool {
+    c.is_ascii_digit() || matches!(c, b'.' | b' ' | b'+' | b'-' | b'*' | b'/' | b'^' | b'(' | b')')
+}
+
+/// A number or an arithmetic expression of numbers starting at `p` (after a
+/// start, a space or `=`, as Math-Verify's anchors require), not followed by
+/// `=`. Stays on one line.
+fn value_at(s: &str, p: usize) -> Option<Span> {
+    let b = s.as_bytes();
+    if p >= b.len() {
+        return None;
+    }
+    if p > 0 && !matches!(b[p - 1], b' ' | b'=' | b'\n' | b'\t' | b'$') {
+        return None;
+    }
+    if p > 0 && b[p - 1] == b'$' && (p < 2 || !matches!(b[p - 2], b' ' | b'=' | b'\n')) {
+        return None;
+    }
+    let first_digit = b[p..].iter().take(3).position(|c| c.is_ascii_digit())?;
+    if !b[p..p + first_digit].iter().all(|c| matches!(c, b'-' | b'(')) {
+        return None;
+    }
+    // An expression: expression characters with an operator after the first digit.
+    let mut e = p + first_digit;
+    while e < b.len() && is_expr_char(b[e]) {
+        e += 1;
+    }
+    let mut end = e;
+    while end > p && !(b[end - 1].is_ascii_digit() || b[end - 1] == b')') {
+        end -= 1;
+    }
+    let body = &s[p..end];
+    let has_op = body[first_digit..]
+        .bytes()
+        .any(|c| matches!(c, b'+' | b'-' | b'*' | b'/' | b'^'));
+    let balanced = body.matches('(').count() == body.matches(')').count();
+    let followed_by_eq = |end: usize| s[end..].trim_start_matches([' ', '\t']).starts_with('=');
+    if has_op && balanced && end < b.len() + 1 && !followed_by_eq(end) {
+        let suffix_ok = end == b.len() || matches!(b[end], b'.' | b',' | b':' | b' ' | b')' | b'$' | b'\n');
+        if suffix_ok {
+            return Some(Span {
+                start: p,
+                end,
+                content: body.trim().to_string(),
+            });
+        }
+    }
+    let num = plain_numbers(&s[p..]).into_iter().next()?;
+    if num.start != 0 && !(num.start == 1 && b[p] == b'$') {
+        return None;
+    }
+    if followed_by_eq(p + num.end) {
+        return None;
+    }
+    Some(Span {
+        start: p + num.start,
+        end: p + num.end,
+        content: num.content,
+    })
+}
+
+fn line_end(s: &str, from: usize) -> usize {
+    s[from..].find('\n').map(|i| from + i).unwrap_or(s.len())
+}
+
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Candidates after one anchor ending at `at`: the first math environment
+/// starting within 50 characters (with the environments joined to it), the
+/// value after the last `=` within 100 characters of the line, else the
+/// first value within 50 characters of the line.
+fn after_anchor(s: &str, envs: &[Span], at: usize, out: &mut Vec<Candidate>) {
+    let limit = floor_boundary(s, at + 50);
+    if let Some(k) = envs.iter().position(|e| e.start >= at && e.start <= limit) {
+        let group = env_group_from(envs, k, s);
+        if let (Some(f), Some(l)) = (group.first(), group.last()) {
+            out.push(Candidate {
+                start: f.start,
+                end: l.end,
+                parts: group.iter().map(|e| e.content.clone()).collect(),
+            });
+        }
+    }
+    let eol = line_end(s, at);
+    let window_eq = floor_boundary(s, (at + 101).min(eol));
+    let mut found = None;
+    for (i, _) in s[at..window_eq]
+        .match_indices('=')
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        let mut p = at + i + 1;
+        while p < s.len() && s.as_bytes()[p] == b' ' {
+            p += 1;
+        }
+        if let Some(v) = value_at(s, p) {
+            found = Some(v);
+            break;
+        }
+    }
+    if found.is_none() {
+        let window = floor_boundary(s, (at + 51).min(eol));
+        found = (at..window)
+            .filter(|&p| s.is_char_boundary(p))
+            .find_map(|p| value_at(s, p));
+    }
+    if let Some(v) = found {
+        out.push(Candidate {
+            start: v.start,
+            end: v.end,
+            parts: vec![v.content],
+        });
+    }
+}
+
+/// Answers stated after an anchor, by Math-Verify's priorities: "final
+/// answer ... is", then "answer:", then "answer". Within one priority the
+/// candidate ending last comes first; the caller takes the first that
+/// parses.
+pub(crate) fn anchored(s: &str) -> Vec<Vec<Candidate>> {
+    let lower = s.to_ascii_lowercase();
+    let envs = math_envs(s);
+    let mut levels = Vec::new();
+    // "final answer is", "final answer to the question is".
+    let mut level = Vec::new();
+    for (i, _) in lower.match_indices("final answer") {
+        let from = i + "final answer".len();
+        let window = floor_boundary(s, from + 100 + 3);
+        if let Some(k) = lower[from..window].find(" is") {
+            let mut at = from + k + 3;
+            let b = s.as_bytes();
+            if at < b.len() && b[at] == b':' {
+                at += 1;
+            }
+            while at < b.len() && b[at].is_ascii_whitespace() {
+                at += 1;
+            }
+            if let Some(e) = envs.iter().position(|e| e.start == at) {
+                let group = env_group_from(&envs, e, s);
+                if let (Some(f), Some(l)) = (group.first(), group.last()) {
+                    level.push(Candidate {
+                        start: f.start,
+                        end: l.end,
+                        parts: group.iter().map(|e| e.content.clone()).collect(),
+                    });
+                }
+            } else if let Some(v) = value_at(s, at) {
+                level.push(Candidate {
+                    start: v.start,
+                    end: v.end,
+                    parts: vec![v.content],
+                });
+            }
+        }
+    }
+    levels.push(level);
+    for anchor in ["answer:", "answer"] {
+        let mut level = Vec::new();
+        for (i, _) in lower.match_indices(anchor) {
+            after_anchor(s, &envs, i + anchor.len(), &mut level);
+        }
+        levels.push(level);
+    }
+    for level in &mut levels {
+        level.sort_by(|a, b| b.end.cmp(&a.end).then(a.start.cmp(&b.start)));
+    }
+    levels
+}
+
+/// `\frac{a}{b}` with plain numbers, outside math environments.
+pub(crate) fn plain_fractions(s: &str) -> Vec<Span> {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    for (i, _) in s.match_indices("\\frac{") {
+        let num_ok = |t: &str| {
+            let t = t.strip_prefix('-').unwrap_or(t);
+            !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.' || c == ',')
+        };
+        let a0 = i + 6;
+        let Some(a1) = s[a0..].find('}').map(|k| a0 + k) else {
+            continue;
+        };
+        if a1 + 1 >= b.len() || b[a1 + 1] != b'{' {
+            continue;
+        }
+        let b0 = a1 + 2;
+        let Some(b1) = s[b0..].find('}').map(|k| b0 + k) else {
+            continue;
+        };
+        if num_ok(&s[a0..a1]) && num_ok(&s[b0..b1]) {
+            let start = if i > 0 && b[i - 1] == b'-' { i - 1 } else { i };
+            out.push(Span {
+                start,
+                end: b1 + 1,
+                content: s[start..=b1].to_string(),
+            });
+        }
+    }
+    out
 }

@@ -108,8 +108,7 @@ pub(crate) fn normalise(s: &str) -> String {
         ("^\\circ", ""),
         ("\\circ", ""),
         ("\\degree", ""),
-        ("{,}", ""),
-        ("{, }", ""),
+        (",\\! ", ","),
         (",\\!", ","),
         ("\\!", ""),
         ("\\$", ""),
@@ -134,27 +133,37 @@ pub(crate) fn normalise(s: &str) -> String {
             s = s.replace(from, to);
         }
     }
-    // `{ , }` with inner spaces, as in `14 {, }916`.
-    while let Some(p) = s.find('{') {
-        let rest = &s[p + 1..];
-        let inner = rest.find('}').map(|q| &rest[..q]);
-        match inner {
-            Some(t) if t.trim() == "," => {
-                let end = p + 1 + t.len() + 1;
-                let before = s[..p].trim_end().to_string();
-                let after = s[end..].trim_start().to_string();
-                s = before + &after;
-            }
-            _ => break,
-        }
-    }
+    // `{,}` thousands separators, also with spaces (`14 {, }916`).
+    let s = remove_brace_commas(&s);
     let t = s.trim();
     // A whole answer that is one number with thousands separators.
+    // A space after a comma makes a list (`12, 345`), as in Math-Verify.
     let squashed: String = t.chars().filter(|c| !c.is_whitespace()).collect();
-    if is_thousands(&squashed) {
+    if !t.contains(", ") && is_thousands(&squashed) {
         return squashed.replace(',', "");
     }
     t.to_string()
+}
+
+/// Drop every `{,}` group (spaces inside or around it too).
+fn remove_brace_commas(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(p) = rest.find('{') {
+        let after = &rest[p + 1..];
+        match after.find('}') {
+            Some(q) if after[..q].trim() == "," => {
+                out.push_str(rest[..p].trim_end());
+                rest = after[q + 1..].trim_start();
+            }
+            _ => {
+                out.push_str(&rest[..=p]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `1,234,567.8`: 1-3 leading digits (not starting with 0 unless alone), then groups of three.

@@ -140,7 +140,9 @@ impl Extracted {
 /// Find the final answer of `text` (see [`Extraction`]).
 pub fn extract_answer(text: &str, mode: Extraction) -> Option<Extracted> {
     let text = tail(text, 1 << 20);
-    let boxes = extract::boxes(text);
+    let mut boxes = extract::boxes(text);
+    // An empty box says nothing (Math-Verify moves on to other answers).
+    boxes.retain(|b| !b.content.trim().is_empty());
     if !boxes.is_empty() {
         let group = extract::last_group(&boxes, text);
         return Some(Extracted {
@@ -166,9 +168,14 @@ pub fn extract_answer(text: &str, mode: Extraction) -> Option<Extracted> {
             return Some(Extracted::one(rest.replace(',', "")));
         }
     }
-    if let Some(fa) = extract::final_answer_phrase(text) {
-        if let Some(e) = latest(&fa.content) {
-            return Some(e);
+    // Math-Verify's priorities: an answer stated after "final answer is",
+    // "answer:" or "answer" (the candidate ending last first, the first that
+    // parses wins), then the last math or number of the text.
+    for level in extract::anchored(text) {
+        for c in level {
+            if c.parts.iter().all(|p| parse_answer(p).is_some()) {
+                return Some(Extracted { parts: c.parts });
+            }
         }
     }
     latest(text)
@@ -181,15 +188,26 @@ fn latest(text: &str) -> Option<Extracted> {
     if envs.is_empty() {
         return plain_or_math(text);
     }
+    let inside = |spans: &[extract::Span], p: usize| spans.iter().any(|e| e.start <= p && p < e.end);
+    let fractions: Vec<extract::Span> = extract::plain_fractions(text)
+        .into_iter()
+        .filter(|f| !inside(&envs, f.start))
+        .collect();
     let numbers: Vec<extract::Span> = extract::plain_numbers(text)
         .into_iter()
-        .filter(|n| !envs.iter().any(|e| e.start <= n.start && n.start < e.end))
+        .filter(|n| !inside(&envs, n.start) && !inside(&fractions, n.start))
         .collect();
-    let env_group = extract::last_group(&envs, text);
+    let env_group = extract::last_env_group(&envs, text);
     let env_end = env_group.last().map(|e| e.end).unwrap_or(0);
-    match numbers.last() {
-        Some(n) if n.start >= env_end => Some(Extracted::one(n.content.clone())),
-        _ => Some(Extracted {
+    // The candidate ending last wins.
+    let loose = [numbers.last(), fractions.last()]
+        .into_iter()
+        .flatten()
+        .max_by_key(|n| n.end)
+        .filter(|n| n.end > env_end);
+    match loose {
+        Some(n) => Some(Extracted::one(n.content.clone())),
+        None => Some(Extracted {
             parts: env_group.into_iter().map(|e| e.content).collect(),
         }),
     }
@@ -199,7 +217,11 @@ fn latest(text: &str) -> Option<Extracted> {
 /// and thousands separators), else the whole text if it reads as math,
 /// else its last number.
 fn plain_or_math(text: &str) -> Option<Extracted> {
-    let cleaned = text.replace("\\$", "").replace(",\\!", ",").replace("{,}", "");
+    let cleaned = text
+        .replace("\\$", "")
+        .replace(",\\! ", ",")
+        .replace(",\\!", ",")
+        .replace("{,}", "");
     let t = cleaned.trim();
     let numbers = extract::plain_numbers(t);
     if numbers.len() == 1 {
@@ -212,7 +234,17 @@ fn plain_or_math(text: &str) -> Option<Extracted> {
     if t.chars().count() <= 300 && !t.contains('$') && !has_prose(t) && parse_answer(t).is_some() {
         return Some(Extracted::one(t));
     }
-    numbers.last().map(|n| Extracted::one(n.content.clone()))
+    // The last number or plain `\frac{a}{b}`, whichever ends last.
+    let fractions = extract::plain_fractions(t);
+    let numbers: Vec<&extract::Span> = numbers
+        .iter()
+        .filter(|n| !fractions.iter().any(|f| f.start <= n.start && n.start < f.end))
+        .collect();
+    [numbers.last().copied(), fractions.last()]
+        .into_iter()
+        .flatten()
+        .max_by_key(|n| n.end)
+        .map(|n| Extracted::one(n.content.clone()))
 }
 
 /// Two plain words (two letters or more, not LaTeX commands) in a row.
