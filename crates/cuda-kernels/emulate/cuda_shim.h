@@ -455,10 +455,52 @@ inline int __float_as_int(float f) { return emu_bits<int>(f); }
 inline unsigned __float_as_uint(float f) { return emu_bits<unsigned>(f); }
 inline double __longlong_as_double(long long i) { return emu_bits<double>(i); }
 inline long long __double_as_longlong(double d) { return emu_bits<long long>(d); }
-inline float __expf(float x) { return expf(x); }
-inline float __logf(float x) { return logf(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// The fast-math intrinsics, as inexact as the hardware's: each is computed
+// the way the GPU computes it (ex2.approx of x * log2(e) rounded to float,
+// lg2.approx times ln 2, the reciprocal approximation) with the approximate
+// instruction's documented error applied as a deterministic offset drawn
+// from the input's bits (the same input always gives the same result, so no
+// test becomes flaky; a tolerance that holds here holds for errors up to the
+// documented bound). Bounds, from the CUDA programming guide's intrinsic
+// table: __expf 2 + floor(|1.173 x|) ulp (the 2 from ex2.approx, the rest
+// from rounding x * log2(e), which this reproduces); __logf an absolute
+// 2^-21.41 for x in [0.5, 2], else 3 ulp; __fdividef 2 ulp for |y| in
+// [2^-126, 2^126], 0 beyond; rsqrtf 2 ulp. Kernels are compiled with
+// --use_fast_math, so their expf and logf are these too (the macros at the
+// end of this file). Not modelled: the fast-math division operator and
+// sqrtf (2 and 1 ulp on sm_90; exact here) and the flushing of subnormals
+// to zero.
+namespace emu {
+// An offset in [-1, 1] from the bits of the inputs and the function.
+inline double fast_math_noise(float x, float y, unsigned fn) {
+    uint64_t s = ((uint64_t)emu_bits<unsigned>(x) << 32 | emu_bits<unsigned>(y)) ^ ((uint64_t)fn << 56);
+    return (double)(splitmix(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
+// `r` moved by up to `ulps` units in its last place, by the noise.
+inline float off_by_ulps(float r, double ulps, double noise) {
+    if (!std::isfinite(r)) return r;
+    const long k = std::lround(noise * ulps);
+    for (long i = 0; i < std::labs(k); i++) r = std::nextafter(r, k > 0 ? INFINITY : -INFINITY);
+    return r;
+}
+}  // namespace emu
+inline float __expf(float x) {
+    const float t = x * 1.44269504f;  // rounded to float, as on the GPU
+    return emu::off_by_ulps((float)std::exp2((double)t), 2.0, emu::fast_math_noise(x, 0.0f, 1));
+}
+inline float __logf(float x) {
+    const double exact = std::log((double)x);
+    const double noise = emu::fast_math_noise(x, 0.0f, 2);
+    if (x >= 0.5f && x <= 2.0f) return (float)(exact + noise * 3.6e-7);  // 2^-21.41
+    return emu::off_by_ulps((float)exact, 3.0, noise);
+}
+inline float __fdividef(float a, float b) {
+    if (std::fabs(b) > 8.507059e37f) return a * 0.0f;  // |b| > 2^126: 0 (NaN for an infinite a)
+    return emu::off_by_ulps(a / b, 2.0, emu::fast_math_noise(a, b, 3));
+}
+inline float rsqrtf(float x) {
+    return emu::off_by_ulps((float)(1.0 / std::sqrt((double)x)), 2.0, emu::fast_math_noise(x, 0.0f, 4));
+}
 
 namespace emu {
 inline unsigned g_mma_a[MAX_THREADS][4], g_mma_b[MAX_THREADS][2];
@@ -503,3 +545,7 @@ inline void aha_emu_mma_m16n8k16_bf16(float* d, const unsigned* a, unsigned b0, 
     }
     wait(g_warp_bar[w]);
 }
+
+// --use_fast_math turns the kernels' expf and logf into the intrinsics.
+#define expf(x) __expf(x)
+#define logf(x) __logf(x)
