@@ -1,128 +1,237 @@
 #!/usr/bin/env bash
-# The GPU check, meant for one call on a machine with an NVIDIA GPU:
-#   1. builds the kernel tests and the benchmark (release),
-#   2. runs every GPU test (kernel compile + ptxas report, the GPU-vs-CPU-twin
-#      tests of aha-tensor incl. cuBLAS products and the scratch pool, the
-#      sampling kernel against aha-sampler, the dense models' GPU forward
-#      against the CPU and transformers) with --nocapture so that timings print, and fails
-#      if any of them says "skipped: no GPU" (set AHA_GPU_CHECK_ALLOW_SKIP=1
-#      to only compile and run what can run),
-#   3. times every kernel on model-sized shapes and prints a table: kernel,
-#      shape, time, GB/s, fraction of 3.0 TB/s (the H100's measured
-#      device-copy bandwidth), then the cuBLAS products in TFLOP/s against
-#      ~800 (bf16 dense).
+# The GPU check: one call of at most ~8 minutes on a GPU machine that has
+# CUDA, PyTorch and g++ but no Rust. Everything goes to one folder.
 #
-# NVRTC: $AHA_CUDA_ROOT, else .cuda-wheels/ (scripts/test.sh installs it;
-# carry it to a machine that cannot reach pip), else /usr/local/cuda.
+#   scripts/gpu-bundle.sh            # here, with cargo: .gpu-bundle/ (binaries + sm_90 kernel cache)
+#   scripts/gpu-check.sh [OUT_DIR]   # there, with carry: [".gpu-bundle"]
 #
-# Without cargo (the device image has CUDA, PyTorch and g++ but no Rust):
-# run scripts/gpu-bundle.sh on a machine with cargo first and carry
-# .gpu-bundle/ (release test binaries, kernel_bench, aha; stripped); this
-# script then runs those instead of building.
-# Usage: scripts/gpu-check.sh [BENCH_ITERS]   (default 20)
-set -euo pipefail
+# OUT_DIR: the argument, else $OUT, else .gpu-check/<date>. Steps, in order;
+# a failing step never stops the later ones:
+#   1. probe (~10 s): nvidia-smi; where libcuda, libcublas, libcublasLt,
+#      libnvrtc and libnccl are (loader cache, /usr/local/cuda, a Python
+#      environment's nvidia/*/lib); the folders found are exported on
+#      LD_LIBRARY_PATH; cuBLAS must open by name (cudarc opens it so);
+#      `aha info`.
+#   2. the kernel cache: .gpu-bundle/kernel-cache (sm_90 cubins from NVRTC
+#      13.0) copied into OUT_DIR and used as AHA_KERNEL_CACHE; the files it
+#      gains during the run are cache misses (compiled on the GPU machine),
+#      reported at the end.
+#   3. every test of the GPU test binaries, each in its own process under
+#      `timeout`, with AHA_CUDA_SYNC=1 (a kernel fault names its kernel);
+#      tests.json: name, pass/fail/skip, seconds; logs/ has each log.
+#   4. compute-sanitizer memcheck, racecheck and synccheck over the
+#      small-shape kernel tests, where the tool exists.
+#   5. kernel_bench with few iterations, then the PyTorch peer scripts.
+#   6. a short table.
+#
+# Dry run (CI, scripts/test.sh): AHA_EMULATED_GPU=1 runs the same script
+# on the emulated GPU; AHA_GPU_CHECK_BIN names a folder of test
+# executables (default .gpu-bundle/bin), AHA_GPU_CHECK_TESTS a subset of
+# "binary[:filter]" entries; the sanitizer, the benchmark and the peers are
+# skipped there and say so. Exit status: 1 when a test failed, else 0.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+root="$PWD"
+start_all=$SECONDS
 
-iters="${1:-20}"
-if [ -z "${AHA_CUDA_ROOT:-}" ] && [ -f .cuda-wheels/nvidia/cu13/lib/libnvrtc.so.13 ]; then
-    export AHA_CUDA_ROOT="$PWD/.cuda-wheels/nvidia/cu13"
-fi
-export AHA_REQUIRE_NVRTC=1
-log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+out="${1:-${OUT:-.gpu-check/$(date +%Y%m%d-%H%M%S)}}"
+mkdir -p "$out/logs"
+out="$(cd "$out" && pwd)"
+bin="${AHA_GPU_CHECK_BIN:-$root/.gpu-bundle/bin}"
+emulated=0
+if [ "${AHA_EMULATED_GPU:-0}" = 1 ]; then emulated=1; fi
+iters="${AHA_GPU_CHECK_ITERS:-5}"
+budget="${AHA_GPU_CHECK_BUDGET_S:-420}"   # tests stop being started past this
+summary="$out/summary.txt"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+step() { echo; echo "== $*"; }
 
-echo "== device"
-if command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-else
-    echo "nvidia-smi not found"
-fi
-echo "AHA_CUDA_ROOT=${AHA_CUDA_ROOT:-<unset>}"
-
-if command -v cargo >/dev/null 2>&1; then
-    mode=cargo
-    echo "== build"
-    cargo build --release -p aha-cuda-kernels --example kernel_bench
-    cargo test --release -p aha-cuda-kernels -p aha-tensor -p aha-sampler -p aha-moe-model -p aha-grpo --no-run
-    bench=./target/release/examples/kernel_bench
-elif [ -d .gpu-bundle/bin ]; then
-    mode=bundle
-    echo "== no cargo: running the binaries of .gpu-bundle/"
-    # The tests open fixtures under the source path baked in at build time.
-    root="$(cat .gpu-bundle/root)"
-    if [ "$root" != "$PWD" ] && [ ! -e "$root" ]; then
-        mkdir -p "$(dirname "$root")"
-        ln -s "$PWD" "$root"
-    fi
-    mkdir -p target/release
-    cp .gpu-bundle/bin/aha target/release/aha
-    bench=.gpu-bundle/bin/kernel_bench
-else
-    echo "gpu-check: neither cargo nor .gpu-bundle/ (run scripts/gpu-bundle.sh where cargo is and carry .gpu-bundle)" >&2
-    exit 1
-fi
-
-# run_test CRATE TEST [FILTER]: one test binary with --nocapture, output
-# logged; a failure is recorded and the check goes on, so that one device
-# call reports every test and the benchmark.
-failed=()
-run_test() {
-    local rc=0
-    if [ "$mode" = cargo ]; then
-        cargo test --release -p "$1" --test "$2" -- ${3:-} --nocapture --test-threads=1 2>&1 | tee -a "$log" || rc=$?
+# ---- 1. probe
+step "probe"
+probe="$out/probe.txt"
+{
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,compute_cap --format=csv
+        timeout 10 nvidia-smi | head -20
     else
-        ".gpu-bundle/bin/$1-$2" ${3:-} --nocapture --test-threads=1 2>&1 | tee -a "$log" || rc=$?
+        echo "nvidia-smi: not found"
     fi
-    if [ "$rc" != 0 ]; then
-        failed+=("$1/$2")
+} >"$probe" 2>&1
+cat "$probe"
+pydirs=""
+if command -v python3 >/dev/null 2>&1; then
+    # A Python environment's nvidia wheels (torch's CUDA libraries).
+    pydirs="$(timeout 10 python3 -c 'import glob, os, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+print("\n".join(sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "*", "lib"))})))' 2>/dev/null || true)"
+fi
+libdirs=()
+for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13 libnccl.so.2; do
+    found="$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l { print $NF; exit }')"
+    if [ -z "$found" ]; then
+        for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib $pydirs; do
+            if [ -e "$d/$lib" ]; then found="$d/$lib"; break; fi
+        done
     fi
+    echo "$lib: ${found:-not found}" | tee -a "$probe"
+    if [ -n "$found" ]; then
+        d="$(dirname "$found")"
+        case " ${libdirs[*]:-} " in *" $d "*) ;; *) libdirs+=("$d") ;; esac
+        if [ "$lib" = libnvrtc.so.13 ] && [ -z "${AHA_CUDA_ROOT:-}" ]; then
+            export AHA_CUDA_ROOT="$(dirname "$d")"
+        fi
+    fi
+done
+if [ "${#libdirs[@]}" -gt 0 ]; then
+    LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH
+fi
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" | tee -a "$probe"
+echo "AHA_CUDA_ROOT=${AHA_CUDA_ROOT:-<unset>}" | tee -a "$probe"
+if [ "$emulated" = 1 ]; then
+    note "probe: emulated GPU (AHA_EMULATED_GPU=1): cuBLAS by name not checked"
+elif command -v python3 >/dev/null 2>&1; then
+    if timeout 10 python3 -c 'import ctypes; ctypes.CDLL("libcublas.so.13"); ctypes.CDLL("libcublasLt.so.13")' >>"$probe" 2>&1; then
+        note "probe: libcublas.so.13 opens by name"
+    else
+        note "probe: libcublas.so.13 does NOT open by name (the cuBLAS tests will fail)"
+    fi
+fi
+aha="$bin/aha"
+if [ -x "$aha" ]; then
+    timeout 30 "$aha" info 2>&1 | tee -a "$probe" || note "probe: aha info failed"
+else
+    note "probe: no $aha"
+fi
+
+# The tests open fixtures under the source path baked in at build time.
+if [ "$bin" = "$root/.gpu-bundle/bin" ] && [ -f .gpu-bundle/root ]; then
+    built="$(cat .gpu-bundle/root)"
+    if [ "$built" != "$root" ] && [ ! -e "$built" ]; then
+        mkdir -p "$(dirname "$built")" && ln -s "$root" "$built"
+    fi
+    # The CLI tests start the binary at the path cargo baked into them.
+    mkdir -p target/release
+    [ -x "$aha" ] && cp "$aha" target/release/aha
+fi
+
+# ---- 2. kernel cache
+step "kernel cache"
+export AHA_KERNEL_CACHE="$out/kernel-cache"
+mkdir -p "$AHA_KERNEL_CACHE"
+if [ -d .gpu-bundle/kernel-cache ]; then
+    cp .gpu-bundle/kernel-cache/* "$AHA_KERNEL_CACHE"/ 2>/dev/null || true
+fi
+cached_before="$(ls "$AHA_KERNEL_CACHE" | sort)"
+note "kernel cache: $(echo "$cached_before" | grep -c . || true) precompiled files"
+
+# ---- 3. tests, one process each
+step "tests (AHA_CUDA_SYNC=1)"
+export AHA_CUDA_SYNC=1 AHA_REQUIRE_NVRTC=1 RUST_BACKTRACE=1
+json="$out/tests.json"
+echo "[" >"$json"
+first=1
+passed=0 failed=0 skipped=0
+record() { # name status seconds
+    [ "$first" = 1 ] || echo "," >>"$json"
+    first=0
+    printf '  {"name": "%s", "status": "%s", "seconds": %s}' "$1" "$2" "$3" >>"$json"
+    case "$2" in pass) passed=$((passed + 1)) ;; fail) failed=$((failed + 1)) ;; *) skipped=$((skipped + 1)) ;; esac
+    printf '%-70s %-5s %6ss\n' "$1" "$2" "$3"
 }
-
-echo "== GPU tests"
-run_test aha-cuda-kernels nvrtc_compile
-run_test aha-cuda-kernels emulation
-run_test aha-tensor gpu_twins
-run_test aha-tensor gpu_kernels
-run_test aha-tensor gpu_moe
-run_test aha-tensor gpu_flash
-run_test aha-tensor gpu_lmhead
-run_test aha-sampler gpu_sampling
-run_test aha-moe-model gpu_model
-run_test aha-grpo gpu_loss
-run_test aha cli on_cuda
-if grep -q "skipped: no GPU" "$log"; then
-    echo "gpu-check: GPU tests were skipped: no GPU was found" >&2
-    if [ "${AHA_GPU_CHECK_ALLOW_SKIP:-0}" != "1" ]; then
-        exit 1
+# binary[:filter]: the CLI tests need only their CUDA ones.
+tests="${AHA_GPU_CHECK_TESTS:-aha-cuda-kernels-emulated_driver aha-tensor-gpu_twins aha-tensor-gpu_kernels aha-tensor-gpu_moe aha-tensor-gpu_flash aha-tensor-gpu_lmhead aha-sampler-gpu_sampling aha-moe-model-gpu_model aha-grpo-gpu_loss aha-cli:cuda}"
+for entry in $tests; do
+    exe="$bin/${entry%%:*}"
+    filter=""
+    [ "$entry" != "${entry%%:*}" ] && filter="${entry#*:}"
+    if [ ! -x "$exe" ]; then
+        record "${entry%%:*}" fail 0
+        echo "missing executable $exe" >"$out/logs/${entry%%:*}.log"
+        continue
     fi
-fi
-echo "== failed test binaries: ${failed[*]:-none}"
+    names="$("$exe" --list --format terse $filter 2>/dev/null | sed -n 's/: test$//p')"
+    for name in $names; do
+        full="${entry%%:*}::$name"
+        if [ $((SECONDS - start_all)) -gt "$budget" ]; then
+            record "$full" skip 0
+            continue
+        fi
+        log="$out/logs/${entry%%:*}.$name.log"
+        t0=$SECONDS
+        rc=0
+        timeout 120 "$exe" "$name" --exact --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+        dt=$((SECONDS - t0))
+        if [ "$rc" = 0 ] && grep -q "skipped" "$log"; then
+            record "$full" skip "$dt"
+        elif [ "$rc" = 0 ]; then
+            record "$full" pass "$dt"
+        else
+            [ "$rc" = 124 ] && echo "gpu-check: timed out after 120 s" >>"$log"
+            record "$full" fail "$dt"
+        fi
+    done
+done
+echo "" >>"$json"
+echo "]" >>"$json"
+note "tests: $passed passed, $failed failed, $skipped skipped (tests.json, logs/)"
+unset AHA_CUDA_SYNC
 
-echo "== kernel benchmark"
-"$bench" "$iters"
-
-echo "== PyTorch peer: transformers Qwen3-MoE sparse block (bf16; same shape as the first MoE rows)"
-if command -v python3 >/dev/null 2>&1; then
-    python3 scripts/bench_moe_torch.py "$iters" || echo "bench_moe_torch.py failed (see above)"
+# ---- 4. compute-sanitizer
+step "compute-sanitizer"
+sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+if [ "$emulated" = 1 ]; then
+    note "sanitizer: skipped on the emulated GPU"
+elif [ -z "$sanitizer" ]; then
+    note "sanitizer: compute-sanitizer not found, skipped"
 else
-    echo "python3 not found: MoE peer rows skipped"
+    # Small shapes only: the tool slows kernels 10-100x.
+    for tool in memcheck racecheck synccheck; do
+        for t in aha-tensor-gpu_twins; do
+            [ $((SECONDS - start_all)) -gt $((budget + 60)) ] && { note "sanitizer $tool $t: skipped (time)"; continue; }
+            rc=0
+            timeout 60 "$sanitizer" --tool "$tool" --error-exitcode 99 "$bin/$t" --test-threads=1 \
+                >"$out/logs/sanitizer-$tool-$t.log" 2>&1 || rc=$?
+            note "sanitizer $tool $t: $([ "$rc" = 0 ] && echo clean || echo "exit $rc (logs/sanitizer-$tool-$t.log)")"
+        done
+    done
 fi
 
-echo "== PyTorch peer: lm-head log-probs (naive and selective_log_softmax)"
-if command -v python3 >/dev/null 2>&1; then
-    python3 scripts/bench_logprob_torch.py 5 || echo "bench_logprob_torch.py failed (see above)"
+# ---- 5. benchmark and peers
+step "kernel_bench ($iters iterations)"
+if [ "$emulated" = 1 ]; then
+    note "kernel_bench: skipped on the emulated GPU (model-sized shapes)"
+elif [ -x "$bin/kernel_bench" ]; then
+    rc=0
+    timeout 150 "$bin/kernel_bench" "$iters" 2>&1 | tee "$out/bench.txt" || rc=$?
+    note "kernel_bench: $([ "$rc" = 0 ] && echo done || echo "exit $rc") (bench.txt)"
 else
-    echo "python3 not found: PyTorch peer rows skipped"
+    note "kernel_bench: no $bin/kernel_bench"
 fi
-
-echo "== PyTorch peer: flash attention (SDPA, flash backend; same shapes as the flash rows)"
-if command -v python3 >/dev/null 2>&1; then
-    python3 scripts/bench_sdpa.py "$iters" || echo "bench_sdpa.py failed (see above)"
+step "PyTorch peers"
+if [ "$emulated" = 1 ]; then
+    note "peers: skipped on the emulated GPU"
+elif ! command -v python3 >/dev/null 2>&1; then
+    note "peers: no python3"
 else
-    echo "python3 not found: SDPA peer rows skipped"
+    for s in "bench_moe_torch.py $iters" "bench_logprob_torch.py 3" "bench_sdpa.py $iters"; do
+        rc=0
+        timeout 60 python3 scripts/$s >"$out/peer-${s%% *}.txt" 2>&1 || rc=$?
+        tail -15 "$out/peer-${s%% *}.txt"
+        note "peer ${s%% *}: $([ "$rc" = 0 ] && echo done || echo "exit $rc")"
+    done
 fi
 
-if [ "${#failed[@]}" != 0 ]; then
-    echo "gpu-check: failed: ${failed[*]}" >&2
+# ---- 6. summary
+cached_after="$(ls "$AHA_KERNEL_CACHE" | sort)"
+misses="$(comm -13 <(echo "$cached_before") <(echo "$cached_after") | grep -c . || true)"
+note "kernel cache misses (compiled here): $misses"
+step "summary ($((SECONDS - start_all)) s, folder $out)"
+grep -v '^$' "$summary"
+if [ "$failed" -gt 0 ]; then
+    echo "failed tests:"
+    grep -o '"name": "[^"]*", "status": "fail"' "$json" | sed 's/"name": "\([^"]*\)".*/  \1/'
     exit 1
 fi
+exit 0

@@ -43,3 +43,23 @@ if grep -q "skipped: no GPU" "$log"; then
     echo "scripts/test.sh: a GPU test skipped on the emulated GPU" >&2
     exit 1
 fi
+
+# The kernel-file emulation tests again with the threads of each block run
+# in reverse and in a seeded random order between barriers (forward is the
+# default above), so that a missing __syncthreads shows whichever thread a
+# read depends on.
+for order in reverse random:1; do
+    AHA_EMU_ORDER="$order" cargo test "$@" \
+        -p aha-cuda-kernels --test emulation --test emulated_driver -p aha-tensor --test emulated_kernels \
+        --test gpu_kernels --test gpu_lmhead -p aha-sampler --test gpu_sampling -p aha-grpo --test gpu_loss \
+        -- emulated
+done
+
+# scripts/gpu-check.sh's dry run on the emulated GPU, over a few tests, so
+# that the script a GPU machine runs cannot rot.
+dry="$(mktemp -d)"
+trap 'rm -f "$log"; rm -rf "$dry"' EXIT
+scripts/gpu-bundle.sh --dry-run "$dry/bundle" >/dev/null
+AHA_EMULATED_GPU=1 AHA_GPU_CHECK_BIN="$dry/bundle/bin" \
+    AHA_GPU_CHECK_TESTS="aha-cuda-kernels-emulated_driver aha-tensor-gpu_twins aha-grpo-gpu_loss:advantages" \
+    scripts/gpu-check.sh "$dry/out"

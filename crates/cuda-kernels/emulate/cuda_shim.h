@@ -5,17 +5,34 @@
 // blocks run one after another. __syncthreads is a barrier over the block's
 // threads, __syncwarp one over the warp's; the shuffles and ballots exchange
 // through per-warp slots between two warp barriers. __shared__ variables are
-// function statics (one block lives at a time), dynamic shared memory is one
-// static arena. Atomics are plain read-modify-writes (fibers switch only at
-// barriers). The fast-math intrinsics are the exact libm functions.
+// function statics (one block lives at a time) in their own linker section,
+// dynamic shared memory is one static arena. Atomics are plain
+// read-modify-writes (fibers switch only at barriers). The fast-math
+// intrinsics are the exact libm functions.
+//
+// Thread order (AHA_EMU_ORDER): between barriers a block's threads run one
+// after another, in ascending id (`forward`, the default), descending
+// (`reverse`) or a seeded shuffle drawn again at every barrier
+// (`random:SEED`). A barrier missing between a write to shared memory and a
+// read of another thread's element shows up in one of the orders as a wrong
+// result, whichever thread the read targets.
+//
+// Shared memory starts each block as 0xFF bytes (a NaN in every float
+// width, 0xffffffff in every unsigned), static and dynamic alike, so a read
+// of an element no thread of the block wrote is visible. The dynamic arena
+// is followed by a guard of GUARD_BYTES, also 0xFF: a write into it fails
+// the launch, naming the kernel; a read from it yields the NaN poison.
 //
 // What this checks: indexing, bounds, masking, tie breaking, scans, the
 // placement of barriers (a barrier some threads of a block skip is reported
-// and exits 2), and the arithmetic. What it does not: the memory model,
-// races between blocks, register and shared-memory limits, timing.
+// and exits 2), reads of unwritten shared memory, dynamic shared memory
+// overruns, and the arithmetic. What it does not: the memory model, races
+// between blocks, register limits, timing.
 //
 // Use: #include "cuda_shim.h", then the .cu file, then
 //   emu::launch({gx, gy, gz}, threads, [&] { kernel(args...); });
+// or emu::launch_checked(...) with the dynamic size and the kernel's name,
+// which returns an error code instead of exiting.
 
 #pragma once
 
@@ -51,9 +68,14 @@ inline float4 make_float4(float x, float y, float z, float w) { return float4{x,
 #define __global__
 #define __device__
 #define __host__
-#define __forceinline__ inline
+// Internal linkage, so that a helper's static __shared__ (optim.cu's block
+// sum) is an ordinary static in the shared section, not a COMDAT one.
+#define __forceinline__ static inline
 #define __restrict__
-#define __shared__ static
+// GCC honours the section for statics of ordinary functions (every kernel
+// is extern "C"); a static __shared__ inside a template would land in a
+// COMDAT section instead and escape the poisoning.
+#define __shared__ static __attribute__((section("aha_shared")))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 // Kernel files test this to call the emulated tensor-core product below.
@@ -82,7 +104,12 @@ inline Dim3 g_block_idx, g_block_dim, g_grid_dim;
 inline Barrier g_block_bar;
 inline Barrier g_warp_bar[MAX_THREADS / 32];
 inline uint64_t g_slots[MAX_THREADS];
-alignas(16) inline unsigned char g_dyn_smem[228 * 1024];
+// The sm_90 opt-in maximum of dynamic shared memory per block, and the
+// guard after the requested bytes.
+constexpr size_t MAX_DYN_SMEM = 227 * 1024;
+constexpr size_t GUARD_BYTES = 4096;
+constexpr unsigned char POISON = 0xFF;
+alignas(16) inline unsigned char g_dyn_smem[MAX_DYN_SMEM + GUARD_BYTES];
 inline std::function<void()> g_body;
 
 #if defined(__x86_64__)
@@ -200,33 +227,107 @@ inline void resume(Fiber& f) {
     }
 }
 
-// Runs `body` as every thread of every block of `grid`, `threads` threads a
-// block (x only).
-inline void launch(Dim3 grid, unsigned threads, const std::function<void()>& body) {
-    if (threads == 0 || threads > MAX_THREADS) {
-        fprintf(stderr, "emu::launch: %u threads per block\n", threads);
+// The order threads run in between barriers, from AHA_EMU_ORDER.
+struct Order {
+    int kind = 0;  // 0 forward, 1 reverse, 2 random
+    uint64_t seed = 0;
+};
+inline Order order_from_env() {
+    Order o;
+    const char* v = getenv("AHA_EMU_ORDER");
+    if (v == nullptr || *v == '\0' || strcmp(v, "forward") == 0) return o;
+    if (strcmp(v, "reverse") == 0) {
+        o.kind = 1;
+    } else if (strncmp(v, "random:", 7) == 0 && v[7] != '\0') {
+        char* end = nullptr;
+        o.kind = 2;
+        o.seed = strtoull(v + 7, &end, 10);
+        if (*end != '\0') o.kind = -1;
+    } else {
+        o.kind = -1;
+    }
+    if (o.kind < 0) {
+        fprintf(stderr, "AHA_EMU_ORDER=%s: expected forward, reverse or random:SEED\n", v);
         exit(2);
+    }
+    return o;
+}
+inline const Order& order() {
+    static const Order o = order_from_env();
+    return o;
+}
+inline uint64_t splitmix(uint64_t& s) {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+}  // namespace emu
+
+// The bounds of the static __shared__ section (weak: a program without one
+// sees null).
+extern "C" unsigned char __start_aha_shared[] __attribute__((weak));
+extern "C" unsigned char __stop_aha_shared[] __attribute__((weak));
+
+namespace emu {
+
+// Fills the block's shared memory with the poison: every static __shared__
+// variable and `dyn` bytes of the dynamic arena plus the guard.
+inline void poison_shared(size_t dyn) {
+    if (__start_aha_shared != nullptr && __stop_aha_shared > __start_aha_shared)
+        memset(__start_aha_shared, POISON, (size_t)(__stop_aha_shared - __start_aha_shared));
+    memset(g_dyn_smem, POISON, std::min(dyn + GUARD_BYTES, sizeof(g_dyn_smem)));
+}
+
+// Launches counted, so that the random order differs between launches.
+inline uint64_t g_launches = 0;
+
+// Runs `body` as every thread of every block of `grid`, `threads` threads a
+// block (x only), with `dyn` bytes of dynamic shared memory (SIZE_MAX: not
+// known, the whole arena, no guard). Returns 0, or 1 (invalid value: a bad
+// block size or dynamic size) or 700 (illegal address: the guard after the
+// dynamic shared memory was written) after printing what happened, naming
+// `name`. A divergent barrier still exits 2: the fibers cannot be unwound.
+inline int launch_checked(Dim3 grid, unsigned threads, size_t dyn, const char* name,
+                          const std::function<void()>& body) {
+    if (threads == 0 || threads > MAX_THREADS) {
+        fprintf(stderr, "%s: %u threads per block\n", name, threads);
+        return 1;
+    }
+    const bool guarded = dyn != SIZE_MAX;
+    if (!guarded) dyn = MAX_DYN_SMEM;
+    if (dyn > MAX_DYN_SMEM) {
+        fprintf(stderr, "%s: %zu bytes of dynamic shared memory\n", name, dyn);
+        return 1;
     }
     g_body = body;
     g_grid_dim = grid;
     g_block_dim = Dim3{threads, 1, 1};
     static std::vector<Fiber> fibers(MAX_THREADS);
+    std::vector<unsigned> ord(threads);
+    const Order& o = order();
+    uint64_t rng = o.seed ^ (0x5851f42d4c957f2dull * ++g_launches);
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
                 g_block_idx = Dim3{x, y, z};
                 g_block_bar = Barrier{0, 0, (int)threads};
                 for (unsigned w = 0; w * 32 < threads; w++) g_warp_bar[w] = Barrier{0, 0, (int)warp_size_of(w * 32)};
+                poison_shared(dyn);
                 for (unsigned t = 0; t < threads; t++) {
                     Fiber& f = fibers[t];
                     if (f.stack.empty()) f.stack.resize(STACK_BYTES);
                     f.tid = t;
                     f.done = false;
                     start(f);
+                    ord[t] = o.kind == 1 ? threads - 1 - t : t;
                 }
                 for (unsigned live = threads; live > 0;) {
+                    if (o.kind == 2)
+                        for (unsigned i = threads - 1; i > 0; i--) std::swap(ord[i], ord[splitmix(rng) % (i + 1)]);
                     live = 0;
-                    for (unsigned t = 0; t < threads; t++) {
+                    for (unsigned t : ord) {
                         Fiber& f = fibers[t];
                         if (f.done) continue;
                         resume(f);
@@ -235,11 +336,31 @@ inline void launch(Dim3 grid, unsigned threads, const std::function<void()>& bod
                     // Threads still waiting at a barrier that finished threads
                     // will never reach: a divergent __syncthreads.
                     if (live > 0 && live < threads && g_block_bar.count == (int)live) {
-                        fprintf(stderr, "divergent __syncthreads in block (%u,%u,%u)\n", x, y, z);
+                        fprintf(stderr, "%s: divergent __syncthreads in block (%u,%u,%u)\n", name, x, y, z);
                         exit(2);
                     }
                 }
+                if (guarded) {
+                    size_t bad = 0, first = 0;
+                    for (size_t i = 0; i < GUARD_BYTES && dyn + i < sizeof(g_dyn_smem); i++)
+                        if (g_dyn_smem[dyn + i] != POISON && bad++ == 0) first = i;
+                    if (bad > 0) {
+                        fprintf(stderr,
+                                "%s: block (%u,%u,%u) wrote %zu bytes past its %zu bytes of dynamic shared "
+                                "memory (first at +%zu)\n",
+                                name, x, y, z, bad, dyn, first);
+                        return 700;
+                    }
+                }
             }
+    return 0;
+}
+
+// launch_checked with the dynamic size unknown; exits 2 on any failure (the
+// driver programs' way).
+inline void launch(Dim3 grid, unsigned threads, const std::function<void()>& body, size_t dyn = SIZE_MAX,
+                   const char* name = "emu::launch") {
+    if (launch_checked(grid, threads, dyn, name, body) != 0) exit(2);
 }
 
 }  // namespace emu
@@ -334,10 +455,52 @@ inline int __float_as_int(float f) { return emu_bits<int>(f); }
 inline unsigned __float_as_uint(float f) { return emu_bits<unsigned>(f); }
 inline double __longlong_as_double(long long i) { return emu_bits<double>(i); }
 inline long long __double_as_longlong(double d) { return emu_bits<long long>(d); }
-inline float __expf(float x) { return expf(x); }
-inline float __logf(float x) { return logf(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// The fast-math intrinsics, as inexact as the hardware's: each is computed
+// the way the GPU computes it (ex2.approx of x * log2(e) rounded to float,
+// lg2.approx times ln 2, the reciprocal approximation) with the approximate
+// instruction's documented error applied as a deterministic offset drawn
+// from the input's bits (the same input always gives the same result, so no
+// test becomes flaky; a tolerance that holds here holds for errors up to the
+// documented bound). Bounds, from the CUDA programming guide's intrinsic
+// table: __expf 2 + floor(|1.173 x|) ulp (the 2 from ex2.approx, the rest
+// from rounding x * log2(e), which this reproduces); __logf an absolute
+// 2^-21.41 for x in [0.5, 2], else 3 ulp; __fdividef 2 ulp for |y| in
+// [2^-126, 2^126], 0 beyond; rsqrtf 2 ulp. Kernels are compiled with
+// --use_fast_math, so their expf and logf are these too (the macros at the
+// end of this file). Not modelled: the fast-math division operator and
+// sqrtf (2 and 1 ulp on sm_90; exact here) and the flushing of subnormals
+// to zero.
+namespace emu {
+// An offset in [-1, 1] from the bits of the inputs and the function.
+inline double fast_math_noise(float x, float y, unsigned fn) {
+    uint64_t s = ((uint64_t)emu_bits<unsigned>(x) << 32 | emu_bits<unsigned>(y)) ^ ((uint64_t)fn << 56);
+    return (double)(splitmix(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
+// `r` moved by up to `ulps` units in its last place, by the noise.
+inline float off_by_ulps(float r, double ulps, double noise) {
+    if (!std::isfinite(r)) return r;
+    const long k = std::lround(noise * ulps);
+    for (long i = 0; i < std::labs(k); i++) r = std::nextafter(r, k > 0 ? INFINITY : -INFINITY);
+    return r;
+}
+}  // namespace emu
+inline float __expf(float x) {
+    const float t = x * 1.44269504f;  // rounded to float, as on the GPU
+    return emu::off_by_ulps((float)std::exp2((double)t), 2.0, emu::fast_math_noise(x, 0.0f, 1));
+}
+inline float __logf(float x) {
+    const double exact = std::log((double)x);
+    const double noise = emu::fast_math_noise(x, 0.0f, 2);
+    if (x >= 0.5f && x <= 2.0f) return (float)(exact + noise * 3.6e-7);  // 2^-21.41
+    return emu::off_by_ulps((float)exact, 3.0, noise);
+}
+inline float __fdividef(float a, float b) {
+    if (std::fabs(b) > 8.507059e37f) return a * 0.0f;  // |b| > 2^126: 0 (NaN for an infinite a)
+    return emu::off_by_ulps(a / b, 2.0, emu::fast_math_noise(a, b, 3));
+}
+inline float rsqrtf(float x) {
+    return emu::off_by_ulps((float)(1.0 / std::sqrt((double)x)), 2.0, emu::fast_math_noise(x, 0.0f, 4));
+}
 
 namespace emu {
 inline unsigned g_mma_a[MAX_THREADS][4], g_mma_b[MAX_THREADS][2];
@@ -382,3 +545,7 @@ inline void aha_emu_mma_m16n8k16_bf16(float* d, const unsigned* a, unsigned b0, 
     }
     wait(g_warp_bar[w]);
 }
+
+// --use_fast_math turns the kernels' expf and logf into the intrinsics.
+#define expf(x) __expf(x)
+#define logf(x) __logf(x)

@@ -14,6 +14,23 @@
 // C++ signature, exactly as the real driver reads them, so a launcher that
 // passes arguments in the wrong order or of the wrong size fails here too.
 // Only one-dimensional blocks are supported (all of aha's launches).
+//
+// cuLaunchKernel refuses what an sm_90 device refuses, with the real
+// driver's codes: a block of more than 1024 threads, gridDim.x above
+// 2^31 - 1 or gridDim.y / z above 65,535 (CUDA_ERROR_INVALID_VALUE); more
+// dynamic shared memory than the function's
+// CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (48 KB less its static
+// shared memory until cuFuncSetAttribute raises it; raising it past 227 KB
+// less the static size is itself refused) (CUDA_ERROR_INVALID_VALUE); and,
+// where the kernel's register count is known (aha_fake_set_kernel_resources,
+// fed from NVRTC's ptxas report), more than 65,536 registers a block at the
+// hardware's allocation granularity (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES).
+// A write past the requested dynamic shared memory (the shim's guard) is a
+// kernel fault: like an illegal address on a GPU it is reported
+// asynchronously, by the next synchronising call (context, stream or event
+// synchronise, a copy to the host), as CUDA_ERROR_ILLEGAL_ADDRESS; unlike a
+// GPU, the context stays usable after it has been reported once. Every
+// refusal and fault is also printed on stderr with the kernel's name.
 
 #include "cuda_shim.h"
 
@@ -63,12 +80,40 @@ const Kernel TABLE[] = {
 };
 #undef AHA_KERNEL
 
+// A kernel's resources from ptxas (-1: unknown).
+struct Resources {
+    int regs = -1;
+    int static_smem = 0;
+};
+std::map<std::string, Resources> g_resources;
+
+// A module's function: the kernel and its attribute.
+struct Function {
+    const Kernel* kernel;
+    int max_dynamic_smem;
+};
+
 struct Object {
     int kind;  // 1 context, 2 stream, 3 event, 4 module
+    std::map<std::string, Function*> functions;  // modules only
 };
 Object g_context{1};
 
 std::mutex g_mu;
+// A fault of an earlier launch, reported by the next synchronising call.
+std::atomic<int> g_pending{0};
+
+constexpr int DEFAULT_DYNAMIC_SMEM = 48 * 1024;
+constexpr int MAX_SMEM_PER_BLOCK = 227 * 1024;
+constexpr int REGS_PER_BLOCK = 65536;
+
+Resources resources_of(const char* name) {
+    std::lock_guard<std::mutex> g(g_mu);
+    auto it = g_resources.find(name);
+    return it == g_resources.end() ? Resources{} : it->second;
+}
+
+int take_pending() { return g_pending.exchange(0); }
 std::map<uintptr_t, size_t> g_allocs;
 size_t g_allocated = 0;
 constexpr size_t TOTAL_MEMORY = size_t(64) << 30;
@@ -84,15 +129,24 @@ typedef void* CUcontext;
 typedef void* CUstream;
 typedef void* CUevent;
 typedef void* CUmodule;
-typedef const fake::Kernel* CUfunction;
+typedef fake::Function* CUfunction;
 
 enum {
     OK = 0,
     ERR_INVALID_VALUE = 1,
     ERR_OUT_OF_MEMORY = 2,
     ERR_NOT_FOUND = 500,
+    ERR_ILLEGAL_ADDRESS = 700,
+    ERR_LAUNCH_OUT_OF_RESOURCES = 701,
     ERR_NOT_SUPPORTED = 801,
 };
+
+// Records ptxas's register count and static shared memory for a kernel
+// (called by aha_cuda_kernels::emulate after loading this library).
+void aha_fake_set_kernel_resources(const char* name, int regs, int static_smem) {
+    std::lock_guard<std::mutex> g(fake::g_mu);
+    fake::g_resources[name] = fake::Resources{regs, static_smem};
+}
 
 CUresult cuInit(unsigned) { return OK; }
 CUresult cuDriverGetVersion(int* v) {
@@ -148,7 +202,7 @@ CUresult cuCtxGetCurrent(CUcontext* c) {
     *c = &fake::g_context;
     return OK;
 }
-CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSynchronize() { return fake::take_pending(); }
 CUresult cuCtxSetFlags(unsigned) { return OK; }
 CUresult cuCtxGetStreamPriorityRange(int* lo, int* hi) {
     *lo = 0;
@@ -165,7 +219,7 @@ CUresult cuStreamDestroy_v2(CUstream s) {
     delete static_cast<fake::Object*>(s);
     return OK;
 }
-CUresult cuStreamSynchronize(CUstream) { return OK; }
+CUresult cuStreamSynchronize(CUstream) { return fake::take_pending(); }
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return OK; }
 CUresult cuStreamIsCapturing(CUstream, int* status) {
     *status = 0;
@@ -180,7 +234,7 @@ CUresult cuEventDestroy_v2(CUevent e) {
     return OK;
 }
 CUresult cuEventRecord(CUevent, CUstream) { return OK; }
-CUresult cuEventSynchronize(CUevent) { return OK; }
+CUresult cuEventSynchronize(CUevent) { return fake::take_pending(); }
 CUresult cuEventQuery(CUevent) { return OK; }
 CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
     *ms = 0.0f;
@@ -221,7 +275,7 @@ CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     if (n) memcpy(dst, (const void*)(uintptr_t)src, n);
-    return OK;
+    return fake::take_pending();
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     if (n) memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
@@ -241,36 +295,110 @@ CUresult cuModuleLoadData(CUmodule* m, const void*) {
     return OK;
 }
 CUresult cuModuleUnload(CUmodule m) {
-    delete static_cast<fake::Object*>(m);
+    auto* o = static_cast<fake::Object*>(m);
+    for (auto& [name, f] : o->functions) delete f;
+    delete o;
     return OK;
 }
-CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+// One function object per (module, name), as the driver returns the same
+// handle for the same name, so that attributes set on it stay with it.
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
+    auto* mod = static_cast<fake::Object*>(m);
+    std::lock_guard<std::mutex> g(fake::g_mu);
+    if (auto it = mod->functions.find(name); it != mod->functions.end()) {
+        *f = it->second;
+        return OK;
+    }
     for (const auto& k : fake::TABLE) {
         if (strcmp(k.name, name) == 0) {
-            *f = &k;
+            const auto r = fake::g_resources.find(name);
+            const int st = r == fake::g_resources.end() ? 0 : r->second.static_smem;
+            auto* fn = new fake::Function{&k, std::max(0, fake::DEFAULT_DYNAMIC_SMEM - st)};
+            mod->functions[name] = fn;
+            *f = fn;
             return OK;
         }
     }
     return ERR_NOT_FOUND;
 }
-CUresult cuFuncSetAttribute(CUfunction, int, int) { return OK; }
-CUresult cuFuncGetAttribute(int* v, int attr, CUfunction) {
-    *v = attr == 0 ? 1024 : 0;  // max threads per block; sizes 0
+CUresult cuFuncSetAttribute(CUfunction f, int attr, int value) {
+    if (!f) return ERR_INVALID_VALUE;
+    if (attr == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        const int st = fake::resources_of(f->kernel->name).static_smem;
+        if (value < 0 || value > fake::MAX_SMEM_PER_BLOCK - st) {
+            fprintf(stderr, "cuFuncSetAttribute(%s): %d bytes of dynamic shared memory exceed the %d bytes sm_90 allows\n",
+                    f->kernel->name, value, fake::MAX_SMEM_PER_BLOCK - st);
+            return ERR_INVALID_VALUE;
+        }
+        f->max_dynamic_smem = value;
+    }
+    return OK;
+}
+CUresult cuFuncGetAttribute(int* v, int attr, CUfunction f) {
+    if (!f) return ERR_INVALID_VALUE;
+    const fake::Resources r = fake::resources_of(f->kernel->name);
+    switch (attr) {
+        case 0: *v = 1024; break;  // max threads per block
+        case 1: *v = r.static_smem; break;
+        case 4: *v = std::max(r.regs, 0); break;
+        case 8: *v = f->max_dynamic_smem; break;
+        default: *v = 0;
+    }
     return OK;
 }
 CUresult cuFuncSetCacheConfig(CUfunction, int) { return OK; }
 
+namespace fake {
+// Why a launch is refused (nullptr: it is not), and the code for it.
+const char* refusal(const Function* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                    unsigned smem, int* code) {
+    *code = ERR_INVALID_VALUE;
+    const unsigned long long threads = (unsigned long long)bx * by * bz;
+    if (gx == 0 || gy == 0 || gz == 0 || threads == 0) return "an empty grid or block";
+    if (gx > 2147483647u) return "gridDim.x above 2^31 - 1";
+    if (gy > 65535 || gz > 65535) return "gridDim.y or gridDim.z above 65,535";
+    if (bx > 1024 || by > 1024 || bz > 64 || threads > 1024) return "more than 1024 threads a block";
+    if ((int)smem > f->max_dynamic_smem)
+        return "more dynamic shared memory than CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES allows (48 KB "
+               "less the static size unless raised, at most 227 KB)";
+    const Resources r = resources_of(f->kernel->name);
+    if (r.regs > 0) {
+        // Registers are allocated per warp in units of 256.
+        const unsigned long long per_warp = ((unsigned long long)r.regs * 32 + 255) / 256 * 256;
+        if ((threads + 31) / 32 * per_warp > (unsigned long long)REGS_PER_BLOCK) {
+            *code = ERR_LAUNCH_OUT_OF_RESOURCES;
+            return "more than 65,536 registers a block";
+        }
+    }
+    if (by != 1 || bz != 1) {
+        *code = ERR_NOT_SUPPORTED;
+        return "a block of more than one dimension (the emulation runs x only)";
+    }
+    return nullptr;
+}
+}  // namespace fake
+
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned smem, CUstream, void** params, void** extra) {
-    if (!f || by != 1 || bz != 1 || bx == 0 || bx > emu::MAX_THREADS || extra != nullptr) return ERR_INVALID_VALUE;
-    if (smem > sizeof(emu::g_dyn_smem)) return ERR_INVALID_VALUE;
-    if ((unsigned long long)gx * gy * gz == 0) return ERR_INVALID_VALUE;
+    if (!f || extra != nullptr) return ERR_INVALID_VALUE;
+    int code = OK;
+    if (const char* why = fake::refusal(f, gx, gy, gz, bx, by, bz, smem, &code)) {
+        const fake::Resources r = fake::resources_of(f->kernel->name);
+        fprintf(stderr, "cuLaunchKernel(%s, grid (%u,%u,%u), block (%u,%u,%u), %u bytes dynamic shared, %d registers): %s\n",
+                f->kernel->name, gx, gy, gz, bx, by, bz, smem, r.regs, why);
+        return code;
+    }
     // One launch at a time: the emulation's fibers, barriers and __shared__
     // statics are process-wide (test threads launch concurrently).
     static std::mutex launch_mu;
     std::lock_guard<std::mutex> g(launch_mu);
-    emu::launch(Dim3{gx, gy, gz}, bx, [&] { f->call(params); });
-    return OK;
+    const fake::Kernel* k = f->kernel;
+    const int rc = emu::launch_checked(Dim3{gx, gy, gz}, bx, smem, k->name, [&] { k->call(params); });
+    if (rc == ERR_ILLEGAL_ADDRESS) {
+        fake::g_pending.store(rc);
+        return OK;
+    }
+    return rc;
 }
 
 CUresult cuGetErrorName(CUresult e, const char** s) {
@@ -279,6 +407,8 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
         case ERR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
         case ERR_OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
         case ERR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case ERR_ILLEGAL_ADDRESS: *s = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
+        case ERR_LAUNCH_OUT_OF_RESOURCES: *s = "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"; break;
         default: *s = "CUDA_ERROR_NOT_SUPPORTED";
     }
     return OK;

@@ -245,15 +245,115 @@ fn install() -> Result<(), EmulateError> {
             compile(&dir, file, &out, Some(lib))?;
         }
         // SAFETY: the library is ours, with no initialisers beyond C++
-        // statics; it stays loaded for the life of the process (forgotten
-        // handle), so the symbols cudarc resolves later remain valid.
+        // statics; it stays loaded for the life of the process (kept in a
+        // static or forgotten), so the symbols cudarc resolves later remain
+        // valid.
         let handle = unsafe { libloading::Library::new(&out) }.map_err(|e| EmulateError::Run {
             program: lib.into(),
             msg: format!("loading {}: {e}", out.display()),
         })?;
-        std::mem::forget(handle);
+        if lib == "libcuda.so" {
+            let _ = DRIVER.set(handle);
+        } else {
+            std::mem::forget(handle);
+        }
+    }
+    match resource_table(&dir) {
+        Ok(table) => {
+            for (name, regs, smem) in table {
+                set_kernel_resources(&name, regs, smem)?;
+            }
+        }
+        Err(why) => eprintln!("emulated GPU: register limits not checked (no ptxas report): {why}"),
     }
     Ok(())
+}
+
+/// The emulated driver, once loaded.
+static DRIVER: std::sync::OnceLock<libloading::Library> = std::sync::OnceLock::new();
+
+/// Tells the emulated driver a kernel's register count and static shared
+/// memory (bytes), as ptxas reports them, so that its launches are refused
+/// where a GPU would refuse them. Fails when the emulated GPU is not
+/// installed.
+pub fn set_kernel_resources(name: &str, regs: u32, static_smem: u32) -> Result<(), EmulateError> {
+    let err = |msg: String| EmulateError::Run {
+        program: "fake_driver".into(),
+        msg,
+    };
+    let lib = DRIVER
+        .get()
+        .ok_or_else(|| err("the emulated GPU is not installed".into()))?;
+    let name = std::ffi::CString::new(name).map_err(|e| err(e.to_string()))?;
+    let clamp = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    // SAFETY: fake_driver.cpp defines
+    // `void aha_fake_set_kernel_resources(const char*, int, int)`; the name
+    // is a NUL-terminated string that outlives the call, which copies it.
+    unsafe {
+        let f: libloading::Symbol<unsafe extern "C" fn(*const std::ffi::c_char, i32, i32)> = lib
+            .get(b"aha_fake_set_kernel_resources\0")
+            .map_err(|e| err(e.to_string()))?;
+        f(name.as_ptr(), clamp(regs), clamp(static_smem));
+    }
+    Ok(())
+}
+
+/// Every kernel's (name, registers, static shared bytes) for sm_90, from
+/// ptxas's report through NVRTC, kept in the emulator's cache folder (one
+/// compile of every kernel file per change of the sources or of NVRTC).
+fn resource_table(dir: &std::path::Path) -> Result<Vec<(String, u32, u32)>, String> {
+    let nv = crate::nvrtc::nvrtc().map_err(|e| e.to_string())?;
+    let file = dir.join(format!("resources-sm90-nvrtc{}.{}.txt", nv.version.0, nv.version.1));
+    let parse_file = |text: &str| -> Vec<(String, u32, u32)> {
+        text.lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_string(), w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+            })
+            .collect()
+    };
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        return Ok(parse_file(&text));
+    }
+    let mut table = Vec::new();
+    for src in SOURCES {
+        let log = crate::nvrtc::resource_usage(src, (9, 0)).map_err(|e| e.to_string())?;
+        table.extend(parse_resource_usage(&log));
+    }
+    let text: String = table.iter().map(|(n, r, s)| format!("{n} {r} {s}\n")).collect();
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &file))
+        .is_err()
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(table)
+}
+
+/// Reads ptxas's `-v` report (as [`crate::nvrtc::resource_usage`] returns
+/// it) into (kernel, registers, static shared bytes), one entry per entry
+/// function.
+pub fn parse_resource_usage(log: &str) -> Vec<(String, u32, u32)> {
+    let mut out = Vec::new();
+    let mut kernel: Option<String> = None;
+    for line in log.lines() {
+        if let Some(rest) = line.split("entry function '").nth(1) {
+            kernel = rest.split('\'').next().map(str::to_string);
+        } else if let (Some(k), Some(used)) = (kernel.as_ref(), line.split("Used ").nth(1)) {
+            let number_before = |unit: &str| -> Option<u32> {
+                used.split(',')
+                    .map(str::trim)
+                    .find(|part| part.ends_with(unit))
+                    .and_then(|part| part.split_whitespace().next()?.parse().ok())
+            };
+            if let Some(regs) = number_before("registers") {
+                out.push((k.clone(), regs, number_before("bytes smem").unwrap_or(0)));
+                kernel = None;
+            }
+        }
+    }
+    out
 }
 
 /// Whether the emulated GPU was asked for (`AHA_EMULATED_GPU=1`).
@@ -310,6 +410,24 @@ mod tests {
         let back: Vec<f64> = s.lines().map(|l| l.parse().unwrap()).collect();
         assert_eq!(back[..2], [0.1, -2.5]);
         assert!(back[2].is_nan());
+    }
+
+    #[test]
+    fn ptxas_reports_are_parsed() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+            ptxas info    : Compiling entry function 'add_f32' for 'sm_90'\n\
+            ptxas info    : Function properties for add_f32\n\
+            \x20   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 10 registers, used 0 barriers, 380 bytes cmem[0]\n\
+            ptxas info    : Compiling entry function 'rmsnorm_backward_f32' for 'sm_90'\n\
+            ptxas info    : Used 32 registers, used 1 barriers, 132 bytes smem, 400 bytes cmem[0]\n";
+        assert_eq!(
+            parse_resource_usage(log),
+            vec![
+                ("add_f32".to_string(), 10, 0),
+                ("rmsnorm_backward_f32".to_string(), 32, 132)
+            ]
+        );
     }
 
     #[test]

@@ -36,6 +36,15 @@ pub enum Error {
         /// The driver's error.
         source: cudarc::driver::DriverError,
     },
+    /// A kernel failed while it ran (an illegal address, a trap), found by
+    /// the synchronize that `AHA_CUDA_SYNC=1` adds after every launch.
+    #[error("CUDA error in {op}, found by the synchronize after it (AHA_CUDA_SYNC=1): {source}")]
+    KernelFault {
+        /// The launch (`launch <kernel>`).
+        op: &'static str,
+        /// The driver's error.
+        source: cudarc::driver::DriverError,
+    },
     /// A cuBLAS call failed.
     #[error("cuBLAS error in {op}: {msg}")]
     Blas {
@@ -57,13 +66,40 @@ pub enum Error {
 /// Result with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Adds the operation's name to a driver error.
+/// Adds the operation's name to a driver error. Every launcher passes its
+/// launch's result through here as `ctx("launch <kernel>")`; with
+/// `AHA_CUDA_SYNC=1` such a result is followed by a synchronize of the
+/// current context, so that a kernel's fault is reported with its own name
+/// rather than by a later, unrelated call.
 pub(crate) trait DriverContext<T> {
     fn ctx(self, op: &'static str) -> Result<T>;
 }
 
 impl<T> DriverContext<T> for std::result::Result<T, cudarc::driver::DriverError> {
     fn ctx(self, op: &'static str) -> Result<T> {
-        self.map_err(|source| Error::Driver { op, source })
+        with_context(self, op, op.starts_with("launch ") && sync_after_launch())
     }
+}
+
+/// A driver call's result with `op` named in its error; with `sync`, a
+/// success is followed by a synchronize of the thread's current context (a
+/// launch binds its stream's context), whose failure becomes
+/// [`Error::KernelFault`] naming `op`.
+pub fn with_context<T>(
+    result: std::result::Result<T, cudarc::driver::DriverError>,
+    op: &'static str,
+    sync: bool,
+) -> Result<T> {
+    let value = result.map_err(|source| Error::Driver { op, source })?;
+    if sync {
+        cudarc::driver::result::ctx::synchronize().map_err(|source| Error::KernelFault { op, source })?;
+    }
+    Ok(value)
+}
+
+/// Whether every launch is followed by a synchronize (`AHA_CUDA_SYNC=1`),
+/// read once per process.
+pub fn sync_after_launch() -> bool {
+    static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SYNC.get_or_init(|| std::env::var("AHA_CUDA_SYNC").is_ok_and(|v| v == "1"))
 }
