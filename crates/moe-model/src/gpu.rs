@@ -21,9 +21,9 @@ use aha_cuda_kernels::blas::{matmul_f32, MatmulShape};
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
 use aha_cuda_kernels::flash::{self, FlashGeometry};
 use aha_cuda_kernels::launch::{self, AttnGeometry, RopeGeometry, TokenIds};
-use aha_cuda_kernels::launch_moe::{self, MoeGating, MoeMath};
+use aha_cuda_kernels::launch_moe::{self, MoeGating, MoeMath, MoeStorage};
 use aha_cuda_kernels::lmhead::{self, LmHeadOperands};
-use aha_cuda_kernels::moe_layer::{self, MoeBuffers, MoeDims, MoeWeights};
+use aha_cuda_kernels::moe_layer::{self, MoeBuffers, MoeDims, MoeWeightsBf16};
 use aha_cuda_kernels::Gpu;
 use aha_tensor::cpu;
 
@@ -96,7 +96,7 @@ pub struct GpuModel {
     weights_bf16: HashMap<usize, CudaSlice<u16>>,
     /// Each mixture-of-experts layer's weights (experts stacked, bf16), by
     /// the offset of its router.
-    moe: HashMap<usize, MoeWeights>,
+    moe: HashMap<usize, MoeWeightsBf16>,
     /// The model's config.
     pub config: ModelConfig,
     layout: Layout,
@@ -655,10 +655,11 @@ impl GpuModel {
                         },
                     },
                     math: MoeMath::TensorCores,
+                    storage: MoeStorage::Bf16,
                 };
                 let mut buf = MoeBuffers::new(&self.gpu, dims).map_err(cuda)?;
                 let mut down = self.zeros(n * c)?;
-                moe_layer::moe_layer_forward(&self.gpu, &mut down, &ln2, w, &mut buf).map_err(cuda)?;
+                moe_layer::moe_layer_forward(&self.gpu, &mut down, &ln2, &w.view(), &mut buf).map_err(cuda)?;
                 let empty = || self.zeros(1);
                 return Ok(MlpOut {
                     ln2,
@@ -973,14 +974,14 @@ fn upload_moe(
     bias: Option<Slot>,
     experts: &[MlpSlots],
     shared: Option<&MlpSlots>,
-) -> Result<MoeWeights> {
+) -> Result<MoeWeightsBf16> {
     let p = &model.params;
     let bf16 = |parts: &mut dyn Iterator<Item = &[f32]>| -> Result<CudaSlice<u16>> {
         let bits: Vec<u16> = parts.flatten().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
         gpu.upload(&bits).map_err(cuda)
     };
     let stack = |pick: fn(&MlpSlots) -> Slot| bf16(&mut experts.iter().map(|e| pick(e).of(p)));
-    Ok(MoeWeights {
+    Ok(MoeWeightsBf16 {
         router: gpu.upload(router.of(p)).map_err(cuda)?,
         bias: match bias {
             Some(b) => Some(gpu.upload(b.of(p)).map_err(cuda)?),
