@@ -8,7 +8,10 @@
 //! finite differences. The grouped products run in both kernel families
 //! (`MoeMath::Simt`, `MoeMath::TensorCores`); the whole-layer test also
 //! checks the expert loads, the aux-loss gradient path and that a rerun gives
-//! identical bits. Without a GPU the `_cuda` tests print "skipped: no GPU"
+//! identical bits. The storage kernels run in bf16 and in f32 (the `_f32`
+//! launchers, against the same twins with `Store::F32`), and the layer in
+//! f32 storage with its weights and gradients as views into one flat
+//! parameter and one flat gradient buffer. Without a GPU the `_cuda` tests print "skipped: no GPU"
 //! and pass. None of them has run on a GPU yet.
 //!
 //! bf16 operands are generated as f32 values that are exact bf16s and
