@@ -11,11 +11,16 @@
 //   logits, probs [N, E] f32        ids [N, K] u32, w [N, K] f32, denom [N] f32
 //   counts [E] u32, frac [E] f32, offsets [E + 1] u32, tile_off [E + 1] u32
 //   tok, slot [M] u32 (token and slot of permuted row r), inv [N * K] u32
-//   (permuted row of (token, slot)); xe, act [M, *] bf16; g, u, ye [M, *] f32
-//   expert weights (PyTorch's [out, in] per expert): w_gate, w_up [E, F, C],
-//   w_down [E, C, F], bf16.
-// bf16 travels as its 16 bits in an unsigned short; f32 -> bf16 rounds to
-// nearest even with bit operations (as kernels/cast.cu, no <cuda_bf16.h>).
+//   (permuted row of (token, slot)); xe, act [M, *] stored; g, u, ye [M, *]
+//   f32; expert weights (PyTorch's [out, in] per expert): w_gate, w_up
+//   [E, F, C], w_down [E, C, F], stored.
+// "Stored" buffers (xe, act, dye, dg, du and the expert weights) are bf16 or
+// f32: the kernels that read or write them are templates over the element
+// type (moe_ld / moe_st below) with one extern "C" entry point per type,
+// `..._bf16` and `..._f32`, sharing one body. bf16 travels as its 16 bits in
+// an unsigned short; f32 -> bf16 rounds to nearest even with bit operations
+// (as kernels/cast.cu, no <cuda_bf16.h>). The tensor-core (mma) kernels are
+// bf16 only.
 // CPU twins: aha_tensor::cpu::moe (one function per kernel, named alike).
 // Determinism: no floating-point atomics anywhere; every sum has a fixed
 // order, so reruns give identical bits. The only atomics are the integer
@@ -51,6 +56,24 @@ __device__ __forceinline__ unsigned short moe_f32_to_bf16(float f) {
         return (unsigned short)((u >> 16) | 0x0040u);
     }
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Loads and stores of a stored buffer's element i as f32: bf16 rounds to
+// nearest even on store, f32 is kept as is.
+__device__ __forceinline__ float moe_ld(const unsigned short* p, size_t i) {
+    return moe_bf16_to_f32(p[i]);
+}
+
+__device__ __forceinline__ float moe_ld(const float* p, size_t i) {
+    return p[i];
+}
+
+__device__ __forceinline__ void moe_st(unsigned short* p, size_t i, float v) {
+    p[i] = moe_f32_to_bf16(v);
+}
+
+__device__ __forceinline__ void moe_st(float* p, size_t i, float v) {
+    p[i] = v;
 }
 
 __device__ __forceinline__ float moe_warp_sum(float v) {
@@ -478,13 +501,15 @@ extern "C" __global__ void moe_scatter_u32(
     }
 }
 
-// Gathers token rows into the permuted, expert-contiguous buffer, rounding
-// to bf16: xe[p, :] = bf16(x[tok[p], :]).
-// Shapes: xe [M, C] (bf16), x [N, C] f32, tok [M].
+// Gathers token rows into the permuted, expert-contiguous buffer, stored as
+// T: xe[p, :] = store(x[tok[p], :]) (bf16 rounds, f32 copies).
+// Shapes: xe [M, C] (T), x [N, C] f32, tok [M].
 // Launch: grid-stride over M * C elements, block = 256, grid <= 65536.
-// CPU twin: aha_tensor::cpu::moe_gather (with Store::Bf16).
-extern "C" __global__ void moe_gather_bf16(
-    unsigned short* __restrict__ xe,
+// Entry points: moe_gather_bf16, moe_gather_f32.
+// CPU twin: aha_tensor::cpu::moe_gather (with Store::Bf16 / Store::F32).
+template <class T>
+__device__ __forceinline__ void moe_gather(
+    T* __restrict__ xe,
     const float* __restrict__ x,
     const unsigned* __restrict__ tok,
     unsigned long long m,
@@ -493,8 +518,22 @@ extern "C" __global__ void moe_gather_bf16(
     MOE_GRID_STRIDE(i, m * c) {
         const unsigned long long p = i / c;
         const unsigned long long col = i - p * c;
-        xe[i] = moe_f32_to_bf16(x[(unsigned long long)tok[p] * c + col]);
+        moe_st(xe, i, x[(unsigned long long)tok[p] * c + col]);
     }
+}
+
+extern "C" __global__ void moe_gather_bf16(
+    unsigned short* __restrict__ xe, const float* __restrict__ x, const unsigned* __restrict__ tok,
+    unsigned long long m, unsigned long long c)
+{
+    moe_gather(xe, x, tok, m, c);
+}
+
+extern "C" __global__ void moe_gather_f32(
+    float* __restrict__ xe, const float* __restrict__ x, const unsigned* __restrict__ tok,
+    unsigned long long m, unsigned long long c)
+{
+    moe_gather(xe, x, tok, m, c);
 }
 
 // Weighted un-permute and combine by a gather through the inverse map:
@@ -529,14 +568,16 @@ extern "C" __global__ void moe_combine_f32(
 
 // Backward of moe_combine_f32 with weights:
 //   dw[t, j] = sum_c dy[t, c] * ye[inv[t, j], c]                 (assigned)
-//   dye[inv[t, j], c] = bf16(w[t, j] * dy[t, c])                 (assigned)
-// Shapes: dw, w, inv [N, K]; dye [M, C] (bf16); dy [N, C]; ye [M, C].
+//   dye[inv[t, j], c] = store(w[t, j] * dy[t, c])                (assigned)
+// Shapes: dw, w, inv [N, K]; dye [M, C] (T); dy [N, C]; ye [M, C].
 // Launch: one block per token (grid = N), block = 256; the dot product is a
 //   block reduction with a fixed order (warp shuffles, then warp 0).
-// CPU twin: aha_tensor::cpu::moe_combine_backward (with Store::Bf16).
-extern "C" __global__ void moe_combine_backward_bf16(
+// Entry points: moe_combine_backward_bf16, moe_combine_backward_f32.
+// CPU twin: aha_tensor::cpu::moe_combine_backward (with Store::Bf16 / F32).
+template <class T>
+__device__ __forceinline__ void moe_combine_backward(
     float* __restrict__ dw,
-    unsigned short* __restrict__ dye,
+    T* __restrict__ dye,
     const float* __restrict__ dy,
     const float* __restrict__ ye,
     const float* __restrict__ w,
@@ -558,12 +599,12 @@ extern "C" __global__ void moe_combine_backward_bf16(
         const size_t r = inv[(size_t)t * k + j];
         const float wt = w[(size_t)t * k + j];
         const float* yr = ye + r * c;
-        unsigned short* dr = dye + r * c;
+        T* dr = dye + r * c;
         float s = 0.0f;
         for (int i = threadIdx.x; i < c; i += blockDim.x) {
             const float gi = g[i];
             s += gi * yr[i];
-            dr[i] = moe_f32_to_bf16(wt * gi);
+            moe_st(dr, i, wt * gi);
         }
         s = moe_warp_sum(s);
         if (lane == 0) {
@@ -581,15 +622,31 @@ extern "C" __global__ void moe_combine_backward_bf16(
     }
 }
 
-// SwiGLU backward for the expert rows, with bf16 outputs for the grouped
-// products that follow (s = sigmoid(g)):
-//   dg = bf16(da * u * (s + g s (1 - s))), du = bf16(da * g * s)  (assigned)
+extern "C" __global__ void moe_combine_backward_bf16(
+    float* __restrict__ dw, unsigned short* __restrict__ dye, const float* __restrict__ dy,
+    const float* __restrict__ ye, const float* __restrict__ w, const unsigned* __restrict__ inv, int n, int c, int k)
+{
+    moe_combine_backward(dw, dye, dy, ye, w, inv, n, c, k);
+}
+
+extern "C" __global__ void moe_combine_backward_f32(
+    float* __restrict__ dw, float* __restrict__ dye, const float* __restrict__ dy,
+    const float* __restrict__ ye, const float* __restrict__ w, const unsigned* __restrict__ inv, int n, int c, int k)
+{
+    moe_combine_backward(dw, dye, dy, ye, w, inv, n, c, k);
+}
+
+// SwiGLU backward for the expert rows, with outputs stored as T for the
+// grouped products that follow (s = sigmoid(g)):
+//   dg = store(da * u * (s + g s (1 - s))), du = store(da * g * s)  (assigned)
 // Shapes: every buffer [M * F].
 // Launch: grid-stride, block = 256, grid <= 65536.
-// CPU twin: aha_tensor::cpu::moe_swiglu_backward (with Store::Bf16).
-extern "C" __global__ void moe_swiglu_backward_bf16(
-    unsigned short* __restrict__ dg,
-    unsigned short* __restrict__ du,
+// Entry points: moe_swiglu_backward_bf16, moe_swiglu_backward_f32.
+// CPU twin: aha_tensor::cpu::moe_swiglu_backward (with Store::Bf16 / F32).
+template <class T>
+__device__ __forceinline__ void moe_swiglu_backward(
+    T* __restrict__ dg,
+    T* __restrict__ du,
     const float* __restrict__ da,
     const float* __restrict__ g,
     const float* __restrict__ u,
@@ -599,9 +656,23 @@ extern "C" __global__ void moe_swiglu_backward_bf16(
         const float gv = g[i];
         const float d = da[i];
         const float s = 1.0f / (1.0f + expf(-gv));
-        du[i] = moe_f32_to_bf16(d * gv * s);
-        dg[i] = moe_f32_to_bf16(d * u[i] * (s + gv * s * (1.0f - s)));
+        moe_st(du, i, d * gv * s);
+        moe_st(dg, i, d * u[i] * (s + gv * s * (1.0f - s)));
     }
+}
+
+extern "C" __global__ void moe_swiglu_backward_bf16(
+    unsigned short* __restrict__ dg, unsigned short* __restrict__ du, const float* __restrict__ da,
+    const float* __restrict__ g, const float* __restrict__ u, unsigned long long n)
+{
+    moe_swiglu_backward(dg, du, da, g, u, n);
+}
+
+extern "C" __global__ void moe_swiglu_backward_f32(
+    float* __restrict__ dg, float* __restrict__ du, const float* __restrict__ da,
+    const float* __restrict__ g, const float* __restrict__ u, unsigned long long n)
+{
+    moe_swiglu_backward(dg, du, da, g, u, n);
 }
 
 // Aux-loss-free balancing (DeepSeek-V3): bias[x] -= speed when counts[x] is
@@ -658,23 +729,25 @@ __device__ __forceinline__ int moe_tile_expert(const unsigned* tile_off, int e, 
 }
 
 // Loads a [TK, TM] tile of rows r0..r1 (exclusive bound) and depth k0.. of a
-// row-major [*, ld] bf16 matrix, transposed into s[kk][row].
+// row-major [*, ld] stored matrix, transposed into s[kk][row].
+template <class T>
 __device__ __forceinline__ void moe_load_rows(
-    float (*s)[MOE_TM + 1], const unsigned short* a, size_t r0, size_t r1, int k0, int kdim, int ld)
+    float (*s)[MOE_TM + 1], const T* a, size_t r0, size_t r1, int k0, int kdim, int ld)
 {
     for (int idx = threadIdx.x; idx < MOE_TM * MOE_TK; idx += 256) {
         const int row = idx / MOE_TK;
         const int kk = idx % MOE_TK;
         const size_t r = r0 + row;
         const int kc = k0 + kk;
-        s[kk][row] = (r < r1 && kc < kdim) ? moe_bf16_to_f32(a[r * ld + kc]) : 0.0f;
+        s[kk][row] = (r < r1 && kc < kdim) ? moe_ld(a, r * ld + kc) : 0.0f;
     }
 }
 
 // Loads a [TK, TN] tile of an expert's weight: columns n0.., depth k0..;
 // stored [n, k] (trans) or [k, n].
+template <class T>
 __device__ __forceinline__ void moe_load_weight(
-    float (*s)[MOE_TN + 1], const unsigned short* b, int n0, int k0, int n, int kdim, int trans)
+    float (*s)[MOE_TN + 1], const T* b, int n0, int k0, int n, int kdim, int trans)
 {
     for (int idx = threadIdx.x; idx < MOE_TN * MOE_TK; idx += 256) {
         int col, kk;
@@ -689,7 +762,7 @@ __device__ __forceinline__ void moe_load_weight(
         const int kc = k0 + kk;
         float v = 0.0f;
         if (nc < n && kc < kdim) {
-            v = moe_bf16_to_f32(trans ? b[(size_t)nc * kdim + kc] : b[(size_t)kc * n + nc]);
+            v = moe_ld(b, trans ? (size_t)nc * kdim + kc : (size_t)kc * n + nc);
         }
         s[kk][col] = v;
     }
@@ -699,19 +772,21 @@ __device__ __forceinline__ void moe_load_weight(
 // offsets[x]..offsets[x + 1]:
 //   out[r, c] (= or +=) sum_l a[r, l] * B_x[l, c],   B_x = b + x * n * k,
 //   stored [n, k] when trans_b (so B_x[l, c] = b_x[c, l]) or [k, n].
-// a bf16 [M, k], b bf16 [E, n, k] or [E, k, n], out f32 [M, n]; f32 sums in
-// k order within each thread.
+// a [M, k] and b [E, n, k] or [E, k, n] stored as T (bf16 or f32), out f32
+// [M, n]; f32 sums in k order within each thread.
 // Uses: the forward down projection (a = act, b = w_down, trans), the
 //   backward dact = dye w_down (no trans), dxe = dg w_gate + du w_up (no
 //   trans, the second accumulating).
 // Launch: grid = (ceil(n / 64), tiles, 1) with tiles >= tile_off[E] (the
 //   launcher uses the bound ceil(M / 64) + E, known without the counts);
 //   block = 256. Blocks past tile_off[E] exit at once.
+// Entry points: moe_grouped_gemm_bf16, moe_grouped_gemm_f32.
 // CPU twin: aha_tensor::cpu::moe_grouped_matmul.
-extern "C" __global__ __launch_bounds__(256) void moe_grouped_gemm_bf16(
+template <class T>
+__device__ __forceinline__ void moe_grouped_gemm(
     float* __restrict__ out,
-    const unsigned short* __restrict__ a,
-    const unsigned short* __restrict__ b,
+    const T* __restrict__ a,
+    const T* __restrict__ b,
     const unsigned* __restrict__ offsets,
     const unsigned* __restrict__ tile_off,
     int e,
@@ -730,7 +805,7 @@ extern "C" __global__ __launch_bounds__(256) void moe_grouped_gemm_bf16(
     const size_t r0 = (size_t)offsets[x] + (size_t)(tile - tile_off[x]) * MOE_TM;
     const size_t r1 = offsets[x + 1];
     const int n0 = blockIdx.x * MOE_TN;
-    const unsigned short* bx = b + (size_t)x * n * k;
+    const T* bx = b + (size_t)x * n * k;
     const int tx = threadIdx.x % 16;
     const int ty = threadIdx.x / 16;
     float acc[4][4];
@@ -780,22 +855,40 @@ extern "C" __global__ __launch_bounds__(256) void moe_grouped_gemm_bf16(
     }
 }
 
+extern "C" __global__ __launch_bounds__(256) void moe_grouped_gemm_bf16(
+    float* __restrict__ out, const unsigned short* __restrict__ a, const unsigned short* __restrict__ b,
+    const unsigned* __restrict__ offsets, const unsigned* __restrict__ tile_off, int e, int k, int n, int trans_b,
+    int accumulate)
+{
+    moe_grouped_gemm(out, a, b, offsets, tile_off, e, k, n, trans_b, accumulate);
+}
+
+extern "C" __global__ __launch_bounds__(256) void moe_grouped_gemm_f32(
+    float* __restrict__ out, const float* __restrict__ a, const float* __restrict__ b,
+    const unsigned* __restrict__ offsets, const unsigned* __restrict__ tile_off, int e, int k, int n, int trans_b,
+    int accumulate)
+{
+    moe_grouped_gemm(out, a, b, offsets, tile_off, e, k, n, trans_b, accumulate);
+}
+
 // Fused gate and up projections with SwiGLU, forward:
 //   g[r, f] = sum_c xe[r, c] w_gate[x, f, c], u[r, f] = sum_c xe[r, c] w_up[x, f, c],
-//   act[r, f] = bf16(silu(g) * u)       for r in expert x's segment.
-// Shapes: g, u f32 [M, F]; act bf16 [M, F]; xe bf16 [M, C];
-//   w_gate, w_up bf16 [E, F, C]; offsets, tile_off [E + 1].
+//   act[r, f] = store(silu(g) * u)      for r in expert x's segment.
+// Shapes: g, u f32 [M, F]; act, xe, w_gate, w_up stored as T (bf16 or f32):
+//   act [M, F], xe [M, C], w_gate, w_up [E, F, C]; offsets, tile_off [E + 1].
 // Launch: as moe_grouped_gemm_bf16 with n = F, k = C; __launch_bounds__
 //   (256, 2) lets ptxas use up to 128 registers (two 4 x 4 accumulator sets;
 //   with the default bound it spilled 16 bytes on sm_80).
-// CPU twin: aha_tensor::cpu::moe_grouped_gate_up (with Store::Bf16).
-extern "C" __global__ __launch_bounds__(256, 2) void moe_grouped_gate_up_bf16(
+// Entry points: moe_grouped_gate_up_bf16, moe_grouped_gate_up_f32.
+// CPU twin: aha_tensor::cpu::moe_grouped_gate_up (with Store::Bf16 / F32).
+template <class T>
+__device__ __forceinline__ void moe_grouped_gate_up(
     float* __restrict__ g,
     float* __restrict__ u,
-    unsigned short* __restrict__ act,
-    const unsigned short* __restrict__ xe,
-    const unsigned short* __restrict__ w_gate,
-    const unsigned short* __restrict__ w_up,
+    T* __restrict__ act,
+    const T* __restrict__ xe,
+    const T* __restrict__ w_gate,
+    const T* __restrict__ w_up,
     const unsigned* __restrict__ offsets,
     const unsigned* __restrict__ tile_off,
     int e,
@@ -813,8 +906,8 @@ extern "C" __global__ __launch_bounds__(256, 2) void moe_grouped_gate_up_bf16(
     const size_t r0 = (size_t)offsets[x] + (size_t)(tile - tile_off[x]) * MOE_TM;
     const size_t r1 = offsets[x + 1];
     const int n0 = blockIdx.x * MOE_TN;
-    const unsigned short* wg = w_gate + (size_t)x * f * c;
-    const unsigned short* wu = w_up + (size_t)x * f * c;
+    const T* wg = w_gate + (size_t)x * f * c;
+    const T* wu = w_up + (size_t)x * f * c;
     const int tx = threadIdx.x % 16;
     const int ty = threadIdx.x / 16;
     float ag[4][4], au[4][4];
@@ -866,10 +959,27 @@ extern "C" __global__ __launch_bounds__(256, 2) void moe_grouped_gate_up_bf16(
                 const float uv = au[i][j];
                 g[o] = gv;
                 u[o] = uv;
-                act[o] = moe_f32_to_bf16(gv / (1.0f + expf(-gv)) * uv);
+                moe_st(act, o, gv / (1.0f + expf(-gv)) * uv);
             }
         }
     }
+}
+
+extern "C" __global__ __launch_bounds__(256, 2) void moe_grouped_gate_up_bf16(
+    float* __restrict__ g, float* __restrict__ u, unsigned short* __restrict__ act,
+    const unsigned short* __restrict__ xe, const unsigned short* __restrict__ w_gate,
+    const unsigned short* __restrict__ w_up, const unsigned* __restrict__ offsets,
+    const unsigned* __restrict__ tile_off, int e, int c, int f)
+{
+    moe_grouped_gate_up(g, u, act, xe, w_gate, w_up, offsets, tile_off, e, c, f);
+}
+
+extern "C" __global__ __launch_bounds__(256, 2) void moe_grouped_gate_up_f32(
+    float* __restrict__ g, float* __restrict__ u, float* __restrict__ act, const float* __restrict__ xe,
+    const float* __restrict__ w_gate, const float* __restrict__ w_up, const unsigned* __restrict__ offsets,
+    const unsigned* __restrict__ tile_off, int e, int c, int f)
+{
+    moe_grouped_gate_up(g, u, act, xe, w_gate, w_up, offsets, tile_off, e, c, f);
 }
 
 // Grouped weight gradient: for every expert x with segment rows R_x,
@@ -877,14 +987,17 @@ extern "C" __global__ __launch_bounds__(256, 2) void moe_grouped_gate_up_bf16(
 // summed over r in row order within each thread (deterministic).
 // Uses: d w_gate = dg^T xe, d w_up = du^T xe (i over F, j over C),
 //   d w_down = dye^T act (i over C, j over F).
-// Shapes: dw f32 [E, n1, n2]; a bf16 [M, n1]; b bf16 [M, n2]; offsets [E + 1].
+// Shapes: dw f32 [E, n1, n2]; a [M, n1] and b [M, n2] stored as T (bf16 or
+//   f32); offsets [E + 1].
 // Launch: grid = (ceil(n2 / 64), ceil(n1 / 64), E), block = 256; experts
 //   with no rows return at once.
+// Entry points: moe_grouped_wgrad_bf16, moe_grouped_wgrad_f32.
 // CPU twin: aha_tensor::cpu::moe_grouped_wgrad.
-extern "C" __global__ __launch_bounds__(256) void moe_grouped_wgrad_bf16(
+template <class T>
+__device__ __forceinline__ void moe_grouped_wgrad(
     float* __restrict__ dw,
-    const unsigned short* __restrict__ a,
-    const unsigned short* __restrict__ b,
+    const T* __restrict__ a,
+    const T* __restrict__ b,
     const unsigned* __restrict__ offsets,
     int n1,
     int n2)
@@ -916,8 +1029,8 @@ extern "C" __global__ __launch_bounds__(256) void moe_grouped_wgrad_bf16(
             const size_t r = q0 + rr;
             const int ia = i0 + col;
             const int jb = j0 + col;
-            as[rr][col] = (r < r1 && ia < n1) ? moe_bf16_to_f32(a[r * n1 + ia]) : 0.0f;
-            bs[rr][col] = (r < r1 && jb < n2) ? moe_bf16_to_f32(b[r * n2 + jb]) : 0.0f;
+            as[rr][col] = (r < r1 && ia < n1) ? moe_ld(a, r * n1 + ia) : 0.0f;
+            bs[rr][col] = (r < r1 && jb < n2) ? moe_ld(b, r * n2 + jb) : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -953,6 +1066,20 @@ extern "C" __global__ __launch_bounds__(256) void moe_grouped_wgrad_bf16(
             }
         }
     }
+}
+
+extern "C" __global__ __launch_bounds__(256) void moe_grouped_wgrad_bf16(
+    float* __restrict__ dw, const unsigned short* __restrict__ a, const unsigned short* __restrict__ b,
+    const unsigned* __restrict__ offsets, int n1, int n2)
+{
+    moe_grouped_wgrad(dw, a, b, offsets, n1, n2);
+}
+
+extern "C" __global__ __launch_bounds__(256) void moe_grouped_wgrad_f32(
+    float* __restrict__ dw, const float* __restrict__ a, const float* __restrict__ b,
+    const unsigned* __restrict__ offsets, int n1, int n2)
+{
+    moe_grouped_wgrad(dw, a, b, offsets, n1, n2);
 }
 
 // ---------------------------------------------------------------------------

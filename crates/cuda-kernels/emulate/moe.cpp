@@ -3,7 +3,8 @@
 // each kernel against a plain C++ reference written from its header comment
 // (the contract its Rust CPU twin in aha_tensor::cpu::moe also implements):
 // routing with ties, permutation with empty experts and all tokens on one
-// expert, the grouped products on both paths, combine and the backward.
+// expert, the grouped products on both paths, combine and the backward, in
+// bf16 and in f32 storage (the `_f32` instantiations of the same templates).
 // Prints a summary with "all ok", or exits non-zero. Run by
 // crates/cuda-kernels/tests/moe_emulation.rs through aha_cuda_kernels::emulate.
 
@@ -299,10 +300,23 @@ static void check_elementwise(int n, int e, int k, int c) {
     });
     launch({(unsigned)((m * c + 255) / 256), 1, 1}, 256,
            [&] { moe_swiglu_backward_bf16(dg.data(), du.data(), da.data(), g.data(), u.data(), mm * cc); });
+    // The f32-storage instantiations.
+    std::vector<float> xe32(m * c), dye32(m * c), dg32(m * c), du32(m * c), dwt32(m);
+    launch({(unsigned)((m * c + 255) / 256), 1, 1}, 256,
+           [&] { moe_gather_f32(xe32.data(), x.data(), p.tok.data(), mm, cc); });
+    launch({(unsigned)n, 1, 1}, 256, [&] {
+        moe_combine_backward_f32(dwt32.data(), dye32.data(), dy.data(), ye.data(), w.data(), p.inv.data(), n, c, k);
+    });
+    launch({(unsigned)((m * c + 255) / 256), 1, 1}, 256,
+           [&] { moe_swiglu_backward_f32(dg32.data(), du32.data(), da.data(), g.data(), u.data(), mm * cc); });
     std::vector<unsigned short> xe_r(m * c), dye_r(m * c);
+    std::vector<float> xe32_r(m * c), dye32_r(m * c);
     std::vector<double> y_r(n * c), yacc_r(n * c), dw_r(m), dg_r(m * c), du_r(m * c);
     for (size_t q = 0; q < m; q++)
-        for (int i = 0; i < c; i++) xe_r[q * c + i] = to_bf16(x[p.tok[q] * c + i]);
+        for (int i = 0; i < c; i++) {
+            xe_r[q * c + i] = to_bf16(x[p.tok[q] * c + i]);
+            xe32_r[q * c + i] = x[p.tok[q] * c + i];
+        }
     for (int t = 0; t < n; t++)
         for (int i = 0; i < c; i++) {
             double a = 0, b = 0;
@@ -321,6 +335,7 @@ static void check_elementwise(int n, int e, int k, int c) {
             for (int i = 0; i < c; i++) {
                 s += (double)dy[t * c + i] * ye[r * c + i];
                 dye_r[r * c + i] = to_bf16(w[t * k + j] * dy[t * c + i]);
+                dye32_r[r * c + i] = w[t * k + j] * dy[t * c + i];
             }
             dw_r[t * k + j] = s;
         }
@@ -343,6 +358,11 @@ static void check_elementwise(int n, int e, int k, int c) {
     same(dye, dye_r, "combine bwd dye " + tag);
     close(f32(dg), dg_r, 1e-6, 1.0 / 128, "swiglu bwd dg " + tag);
     close(f32(du), du_r, 1e-6, 1.0 / 128, "swiglu bwd du " + tag);
+    same(xe32, xe32_r, "gather f32 " + tag);
+    close(dwt32, dw_r, 2e-7 * c, 1e-6, "combine bwd dw (f32) " + tag);
+    same(dye32, dye32_r, "combine bwd dye f32 " + tag);
+    close(dg32, dg_r, 1e-6, 1e-6, "swiglu bwd dg f32 " + tag);
+    close(du32, du_r, 1e-6, 1e-6, "swiglu bwd du f32 " + tag);
     // Bias update.
     std::vector<float> bias = uvec(e, 0.1f), b0 = bias;
     launch({1, 1, 1}, 256, [&] { moe_bias_update_f32(bias.data(), p.counts.data(), e, 0.001f); });
@@ -455,6 +475,62 @@ static void check_grouped(int m, int e, int k, int n) {
     close(tdw, rdw, 1.2e-7 * m, 1e-6, "mma wgrad " + tag);
 }
 
+// The f32-storage grouped products (SIMT only) against double references,
+// on f32 data that are not bf16 values.
+static void check_grouped_f32(int m, int e, int k, int n) {
+    std::vector<unsigned> tiles;
+    const auto off = rand_offsets(e, m, tiles);
+    const auto a = uvec((size_t)m * k, 1.0f), bt = uvec((size_t)e * n * k, 1.0f), b2 = uvec((size_t)e * n * k, 1.0f);
+    const auto gb = uvec((size_t)m * n, 1.0f);
+    const auto out0 = uvec((size_t)m * n, 1.0f), dw0 = uvec((size_t)e * k * n, 1.0f);
+    std::vector<float> o1(m * n, 7.0f), o2 = out0, g(m * n), u(m * n), act(m * n), dw = dw0;
+    const Dim3 grid{(unsigned)((n + 63) / 64), (unsigned)((m + 63) / 64 + e), 1};
+    launch(grid, 256, [&] {
+        moe_grouped_gemm_f32(o1.data(), a.data(), bt.data(), off.data(), tiles.data(), e, k, n, 1, 0);
+    });
+    launch(grid, 256, [&] {
+        moe_grouped_gemm_f32(o2.data(), a.data(), b2.data(), off.data(), tiles.data(), e, k, n, 0, 1);
+    });
+    launch(grid, 256, [&] {
+        moe_grouped_gate_up_f32(g.data(), u.data(), act.data(), a.data(), bt.data(), b2.data(), off.data(),
+                                tiles.data(), e, k, n);
+    });
+    launch({(unsigned)((n + 63) / 64), (unsigned)((k + 63) / 64), (unsigned)e}, 256,
+           [&] { moe_grouped_wgrad_f32(dw.data(), a.data(), gb.data(), off.data(), k, n); });
+    std::vector<double> r1(m * n), r2(m * n), ru(m * n), ract(m * n), rdw(dw0.begin(), dw0.end());
+    for (int x = 0; x < e; x++)
+        for (unsigned r = off[x]; r < off[x + 1]; r++)
+            for (int c = 0; c < n; c++) {
+                double s1 = 0, s2 = 0, s3 = 0;
+                for (int l = 0; l < k; l++) {
+                    const double av = a[(size_t)r * k + l];
+                    s1 += av * bt[((size_t)x * n + c) * k + l];
+                    s2 += av * b2[((size_t)x * k + l) * n + c];
+                    s3 += av * b2[((size_t)x * n + c) * k + l];
+                }
+                r1[(size_t)r * n + c] = s1;
+                r2[(size_t)r * n + c] = out0[(size_t)r * n + c] + s2;
+                ru[(size_t)r * n + c] = s3;
+                ract[(size_t)r * n + c] = s1 / (1 + std::exp(-s1)) * s3;
+            }
+    for (int x = 0; x < e; x++)
+        for (int i = 0; i < k; i++)
+            for (int j = 0; j < n; j++) {
+                double s = 0;
+                for (unsigned r = off[x]; r < off[x + 1]; r++) s += (double)a[(size_t)r * k + i] * gb[(size_t)r * n + j];
+                rdw[((size_t)x * k + i) * n + j] += s;
+            }
+    const std::string tag = "f32 m " + std::to_string(m) + " e " + std::to_string(e) + " k " + std::to_string(k) +
+                            " n " + std::to_string(n);
+    const double atol = 1.2e-7 * k;
+    close(o1, r1, atol, 1e-6, "grouped a B^T " + tag);
+    close(o2, r2, atol, 1e-6, "grouped out + a B " + tag);
+    close(g, r1, atol, 1e-6, "gate " + tag);
+    close(u, ru, atol, 1e-6, "up " + tag);
+    close(act, ract, atol * k, 1e-5, "act " + tag);
+    close(dw, rdw, 1.2e-7 * m, 1e-6, "wgrad " + tag);
+}
+
 int main() {
     for (int renorm = 0; renorm < 2; renorm++) {
         check_route_softmax(37, 60, 4, renorm, false);
@@ -491,6 +567,9 @@ int main() {
     check_grouped(128, 2, 64, 64);
     check_grouped(200, 16, 33, 200);
     check_grouped(70, 1, 16, 65);
+    check_grouped_f32(300, 8, 48, 130);
+    check_grouped_f32(17, 4, 5, 3);
+    check_grouped_f32(70, 1, 16, 65);
     printf("moe_emulate: %d checks, %d failed\n", g_checks, g_fail);
     return g_fail ? 1 : 0;
 }

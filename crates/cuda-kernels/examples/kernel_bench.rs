@@ -623,8 +623,8 @@ fn noise(gpu: &Gpu, n: usize, seed: u64, s: f32) -> Result<CudaSlice<f32>> {
 /// scripts/bench_moe_torch.py times transformers' Qwen3-MoE sparse block at
 /// the first shape.
 fn bench_moe(gpu: &Gpu, iters: usize) -> Result<()> {
-    use aha_cuda_kernels::launch_moe::{self as lm, MoeGating, MoeMath};
-    use aha_cuda_kernels::moe_layer::{self as ml, MoeBuffers, MoeDims, MoeGrads, MoeWeights};
+    use aha_cuda_kernels::launch_moe::{self as lm, MoeGating, MoeMath, MoeStorage};
+    use aha_cuda_kernels::moe_layer::{self as ml, MoeBuffers, MoeDims, MoeGrads, MoeWeightsBf16, Stored};
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         for _ in 0..2 {
             f()?;
@@ -657,6 +657,7 @@ fn bench_moe(gpu: &Gpu, iters: usize) -> Result<()> {
                 f_shared: 0,
                 gating: MoeGating::Softmax { renorm: true },
                 math: MoeMath::TensorCores,
+                storage: MoeStorage::Bf16,
             },
         ),
         (
@@ -675,13 +676,14 @@ fn bench_moe(gpu: &Gpu, iters: usize) -> Result<()> {
                     scaling: 2.5,
                 },
                 math: MoeMath::TensorCores,
+                storage: MoeStorage::Bf16,
             },
         ),
     ];
     for (name, d) in shapes {
         let (n, c, e, k, f, fs, m) = (d.n, d.c, d.e, d.k, d.f, d.f_shared, d.m());
         let ws = 1.0 / (c as f32).sqrt();
-        let w = MoeWeights {
+        let w = MoeWeightsBf16 {
             router: noise(gpu, e * c, 1, ws)?,
             bias: matches!(d.gating, MoeGating::SigmoidGroup { .. })
                 .then(|| noise(gpu, e, 2, 0.01))
@@ -705,7 +707,8 @@ fn bench_moe(gpu: &Gpu, iters: usize) -> Result<()> {
         let mut dx = zeros(gpu, n * c)?;
         let mut b = MoeBuffers::new(gpu, d)?;
         let mut gr = MoeGrads::zeros(gpu, &d)?;
-        ml::moe_layer_forward(gpu, &mut y, &x, &w, &mut b)?;
+        let wv = w.view();
+        ml::moe_layer_forward(gpu, &mut y, &x, &wv, &mut b)?;
         let counts = gpu.download(&b.perm.counts)?;
         let max = counts.iter().copied().max().unwrap_or(0) as f64;
         let mean = m as f64 / e as f64;
@@ -739,23 +742,43 @@ fn bench_moe(gpu: &Gpu, iters: usize) -> Result<()> {
         let fwd = 2.0 * (3 * m * c * f + 3 * n * c * fs + n * c * e) as f64;
         for (tag, math) in [("simt", MoeMath::Simt), ("mma", MoeMath::TensorCores)] {
             let (o, t) = (&b.perm.offsets, &b.perm.tile_off);
+            let Stored::Bf16(st) = &mut b.stored else {
+                return Err(aha_cuda_kernels::Error::InvalidArgument {
+                    op: "bench_moe",
+                    msg: "bf16 buffers expected".into(),
+                });
+            };
             let secs = timed(&mut || {
                 lm::moe_grouped_gate_up_bf16(
-                    gpu, &mut b.g, &mut b.u, &mut b.act, &b.xe, &w.w_gate, &w.w_up, o, t, m, e, c, f, math,
+                    gpu,
+                    &mut b.g,
+                    &mut b.u,
+                    &mut st.act,
+                    &st.xe,
+                    &w.w_gate,
+                    &w.w_up,
+                    o,
+                    t,
+                    m,
+                    e,
+                    c,
+                    f,
+                    math,
                 )
             })?;
             row(&format!("gate+up+swiglu {tag}"), secs, 2.0 * 2.0 * (m * c * f) as f64);
             let secs = timed(&mut || {
-                lm::moe_grouped_gemm_bf16(gpu, &mut b.ye, &b.act, &w.w_down, o, t, m, e, f, c, true, false, math)
+                lm::moe_grouped_gemm_bf16(gpu, &mut b.ye, &st.act, &w.w_down, o, t, m, e, f, c, true, false, math)
             })?;
             row(&format!("grouped down {tag}"), secs, 2.0 * (m * c * f) as f64);
             let secs =
-                timed(&mut || lm::moe_grouped_wgrad_bf16(gpu, &mut gr.w_gate, &b.dg, &b.xe, o, m, e, f, c, math))?;
+                timed(&mut || lm::moe_grouped_wgrad_bf16(gpu, &mut gr.w_gate, &st.dg, &st.xe, o, m, e, f, c, math))?;
             row(&format!("wgrad (gate) {tag}"), secs, 2.0 * (m * c * f) as f64);
             b.dims.math = math;
-            let secs = timed(&mut || ml::moe_layer_forward(gpu, &mut y, &x, &w, &mut b))?;
+            let secs = timed(&mut || ml::moe_layer_forward(gpu, &mut y, &x, &wv, &mut b))?;
             row(&format!("layer forward {tag}"), secs, fwd);
-            let secs = timed(&mut || ml::moe_layer_backward(gpu, &mut dx, &mut gr, &dy, &x, &w, &mut b, None))?;
+            let secs =
+                timed(&mut || ml::moe_layer_backward(gpu, &mut dx, &mut gr.view_mut(), &dy, &x, &wv, &mut b, None))?;
             row(&format!("layer backward {tag}"), secs, 2.0 * fwd);
         }
         println!(

@@ -8,9 +8,16 @@
 //! | x, y, dx, dy | [N, C] f32 |
 //! | logits, probs, dlogits | [N, E] f32 |
 //! | ids, w, dw | [N, K] (u32, f32) |
-//! | xe, act, dye, dg, du | [M = N K, C or F] bf16 (u16 bits) |
+//! | xe, act, dye, dg, du | [M = N K, C or F] stored: bf16 (u16 bits) or f32 |
 //! | g, u, ye, dact, dxe | [M, F or C] f32 |
-//! | w_gate, w_up | [E, F, C] bf16; w_down [E, C, F] bf16 |
+//! | w_gate, w_up | [E, F, C] stored; w_down [E, C, F] stored |
+//!
+//! Each kernel that stores or reads the "stored" buffers has a `_bf16` and an
+//! `_f32` launcher ([`MoeStorage`]); the f32 ones run the SIMT kernels only
+//! (the tensor-core kernels multiply bf16). Buffer arguments are anything
+//! that points at device memory ([`DevicePtr`] / [`DevicePtrMut`]): a
+//! `CudaSlice`, or a `CudaView` / `CudaViewMut` into a larger flat buffer
+//! (the model's parameters and gradients).
 //!
 //! As in [`crate::launch`], every launcher first calls a `plan_moe_*`
 //! function that sees only lengths and sizes (tested without a GPU); buffers
@@ -18,7 +25,7 @@
 //! naming it. Values that live on the device (expert ids, counts) are not
 //! checked on the host: the routing kernels only produce ids below E.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::device::Gpu;
 use crate::error::{DriverContext, Error, Result};
@@ -75,6 +82,17 @@ impl MoeMath {
             MoeMath::TensorCores => (mma, 128),
         }
     }
+}
+
+/// The element type of the stored buffers (permuted rows `xe`, activations
+/// `act`, the gradients `dye`, `dg`, `du`) and of the expert weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeStorage {
+    /// bf16 (u16 bits), rounded to nearest even where stored: the mixed-precision mode.
+    Bf16,
+    /// f32 throughout: matches the CPU model's f32 layer to f32 rounding
+    /// (SIMT kernels only).
+    F32,
 }
 
 impl MoeGating {
@@ -200,7 +218,7 @@ pub fn moe_route_f32(
     w: &mut CudaSlice<f32>,
     denom: &mut CudaSlice<f32>,
     logits: &CudaSlice<f32>,
-    bias: Option<&CudaSlice<f32>>,
+    bias: Option<&impl DevicePtr<f32>>,
     n: usize,
     e: usize,
     k: usize,
@@ -238,14 +256,16 @@ pub fn moe_route_f32(
         } => {
             let (g, tg) = (n_group as i32, topk_group as i32);
             // A null pointer stands for "no bias" (the kernel tests it).
-            let null: u64 = 0;
+            let (bias_ptr, _bias_sync) = match bias {
+                Some(bb) => {
+                    let (ptr, sync) = bb.device_ptr(gpu.stream());
+                    (ptr, Some(sync))
+                }
+                None => (0u64, None),
+            };
             let f = gpu.function(KernelId::MoeRouteSigmoidGroupF32)?;
             let mut b = gpu.stream().launch_builder(&f);
-            b.arg(probs).arg(ids).arg(w).arg(denom).arg(logits);
-            match bias {
-                Some(bb) => b.arg(bb),
-                None => b.arg(&null),
-            };
+            b.arg(probs).arg(ids).arg(w).arg(denom).arg(logits).arg(&bias_ptr);
             b.arg(&p.n)
                 .arg(&p.e)
                 .arg(&p.k)
@@ -476,25 +496,20 @@ pub fn moe_permute(
     Ok(())
 }
 
-/// Gathers token rows into expert order as bf16 (kernel `moe_gather_bf16`;
-/// CPU twin `aha_tensor::cpu::moe_gather`): `xe[p] = bf16(x[tok[p]])`,
-/// `xe [m, c]`, `x [n, c]`, `tok [m]` (token ids < n, from [`moe_permute`]).
-pub fn moe_gather_bf16(
+fn gather<T: DeviceRepr>(
     gpu: &Gpu,
-    xe: &mut CudaSlice<u16>,
-    x: &CudaSlice<f32>,
-    tok: &CudaSlice<u32>,
-    m: usize,
-    n: usize,
-    c: usize,
+    (op, id): (&'static str, KernelId),
+    xe: &mut impl DevicePtrMut<T>,
+    x: &impl DevicePtr<f32>,
+    tok: &impl DevicePtr<u32>,
+    (m, n, c): (usize, usize, usize),
 ) -> Result<()> {
-    const OP: &str = "moe_gather_bf16";
-    let mc = mul(OP, m, c)?;
+    let mc = mul(op, m, c)?;
     check_lens(
-        OP,
+        op,
         &[
             ("xe", xe.len(), mc),
-            ("x", x.len(), mul(OP, n, c)?),
+            ("x", x.len(), mul(op, n, c)?),
             ("tok", tok.len(), m),
         ],
     )?;
@@ -502,13 +517,48 @@ pub fn moe_gather_bf16(
         return Ok(());
     }
     let (mm, cc) = (m as u64, c as u64);
-    let f = gpu.function(KernelId::MoeGatherBf16)?;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(xe).arg(x).arg(tok).arg(&mm).arg(&cc);
-    // SAFETY: (unsigned short*, const float*, const unsigned*, unsigned long
-    // long x2); xe holds m * c, tok m; token ids come from moe_permute (< n).
-    unsafe { b.launch(grid_1d(mc as u64)) }.ctx("launch moe_gather_bf16")?;
+    let st = gpu.stream();
+    let (pxe, _sxe) = xe.device_ptr_mut(st);
+    let (px, _sx) = x.device_ptr(st);
+    let (ptok, _stok) = tok.device_ptr(st);
+    let f = gpu.function(id)?;
+    let mut b = st.launch_builder(&f);
+    b.arg(&pxe).arg(&px).arg(&ptok).arg(&mm).arg(&cc);
+    // SAFETY: (T*, const float*, const unsigned*, unsigned long long x2) with
+    // T the launcher's storage type; xe holds m * c, tok m (checked); token
+    // ids come from moe_permute (< n); the guards outlive the launch.
+    unsafe { b.launch(grid_1d(mc as u64)) }.ctx(op)?;
     Ok(())
+}
+
+/// Gathers token rows into expert order as bf16 (kernel `moe_gather_bf16`;
+/// CPU twin `aha_tensor::cpu::moe_gather` with `Store::Bf16`):
+/// `xe[p] = bf16(x[tok[p]])`, `xe [m, c]`, `x [n, c]`, `tok [m]` (token ids
+/// < n, from [`moe_permute`]).
+pub fn moe_gather_bf16(
+    gpu: &Gpu,
+    xe: &mut impl DevicePtrMut<u16>,
+    x: &impl DevicePtr<f32>,
+    tok: &impl DevicePtr<u32>,
+    m: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    gather(gpu, ("moe_gather_bf16", KernelId::MoeGatherBf16), xe, x, tok, (m, n, c))
+}
+
+/// [`moe_gather_bf16`] with f32 storage (kernel `moe_gather_f32`; CPU twin
+/// `aha_tensor::cpu::moe_gather` with `Store::F32`): `xe[p] = x[tok[p]]`.
+pub fn moe_gather_f32(
+    gpu: &Gpu,
+    xe: &mut impl DevicePtrMut<f32>,
+    x: &impl DevicePtr<f32>,
+    tok: &impl DevicePtr<u32>,
+    m: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    gather(gpu, ("moe_gather_f32", KernelId::MoeGatherF32), xe, x, tok, (m, n, c))
 }
 
 /// Checks a combine: `lens` = (out, src, inv) lengths and `w` the weights'
@@ -563,31 +613,26 @@ pub fn moe_combine_f32(
     Ok(())
 }
 
-/// Backward of the weighted combine (kernel `moe_combine_backward_bf16`;
-/// CPU twin `aha_tensor::cpu::moe_combine_backward`): `dw[t, j] = dy[t] .
-/// ye[inv[t, j]]` and `dye[inv[t, j]] = bf16(w[t, j] dy[t])` (both assigned).
-/// `dw, w, inv [n, k]`, `dye [n k, c]` bf16, `dy [n, c]`, `ye [n k, c]`.
-pub fn moe_combine_backward_bf16(
+#[allow(clippy::too_many_arguments)]
+fn combine_backward<T: DeviceRepr>(
     gpu: &Gpu,
+    (op, id): (&'static str, KernelId),
     dw: &mut CudaSlice<f32>,
-    dye: &mut CudaSlice<u16>,
-    dy: &CudaSlice<f32>,
+    dye: &mut impl DevicePtrMut<T>,
+    dy: &impl DevicePtr<f32>,
     ye: &CudaSlice<f32>,
     w: &CudaSlice<f32>,
     inv: &CudaSlice<u32>,
-    n: usize,
-    c: usize,
-    k: usize,
+    (n, c, k): (usize, usize, usize),
 ) -> Result<()> {
-    const OP: &str = "moe_combine_backward_bf16";
-    let nk = mul(OP, n, k)?;
-    let mc = mul(OP, nk, c)?;
+    let nk = mul(op, n, k)?;
+    let mc = mul(op, nk, c)?;
     check_lens(
-        OP,
+        op,
         &[
             ("dw", dw.len(), nk),
             ("dye", dye.len(), mc),
-            ("dy", dy.len(), mul(OP, n, c)?),
+            ("dy", dy.len(), mul(op, n, c)?),
             ("ye", ye.len(), mc),
             ("w", w.len(), nk),
             ("inv", inv.len(), nk),
@@ -596,12 +641,15 @@ pub fn moe_combine_backward_bf16(
     if nk == 0 {
         return Ok(());
     }
-    let (nn, cc, kk) = (to_i32(OP, "n", n)?, to_i32(OP, "c", c)?, to_i32(OP, "k", k)?);
-    let f = gpu.function(KernelId::MoeCombineBackwardBf16)?;
-    let mut b = gpu.stream().launch_builder(&f);
+    let (nn, cc, kk) = (to_i32(op, "n", n)?, to_i32(op, "c", c)?, to_i32(op, "k", k)?);
+    let st = gpu.stream();
+    let (pdye, _sdye) = dye.device_ptr_mut(st);
+    let (pdy, _sdy) = dy.device_ptr(st);
+    let f = gpu.function(id)?;
+    let mut b = st.launch_builder(&f);
     b.arg(dw)
-        .arg(dye)
-        .arg(dy)
+        .arg(&pdye)
+        .arg(&pdy)
         .arg(ye)
         .arg(w)
         .arg(inv)
@@ -613,27 +661,64 @@ pub fn moe_combine_backward_bf16(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: (float*, unsigned short*, const float* x3, const unsigned*,
-    // int x3); lengths checked; one block per token, inv rows < n k.
-    unsafe { b.launch(cfg) }.ctx("launch moe_combine_backward_bf16")?;
+    // SAFETY: (float*, T*, const float* x3, const unsigned*, int x3) with T
+    // the launcher's storage type; lengths checked; one block per token, inv
+    // rows < n k; the guards outlive the launch.
+    unsafe { b.launch(cfg) }.ctx(op)?;
     Ok(())
 }
 
-/// SwiGLU backward with bf16 outputs (kernel `moe_swiglu_backward_bf16`; CPU
-/// twin `aha_tensor::cpu::moe_swiglu_backward`): `dg, du [len]` (bf16,
-/// assigned) from `da, g, u [len]`.
-pub fn moe_swiglu_backward_bf16(
+/// Backward of the weighted combine (kernel `moe_combine_backward_bf16`;
+/// CPU twin `aha_tensor::cpu::moe_combine_backward` with `Store::Bf16`):
+/// `dw[t, j] = dy[t] . ye[inv[t, j]]` and `dye[inv[t, j]] = bf16(w[t, j]
+/// dy[t])` (both assigned). `dw, w, inv [n, k]`, `dye [n k, c]` bf16,
+/// `dy [n, c]`, `ye [n k, c]`.
+pub fn moe_combine_backward_bf16(
     gpu: &Gpu,
-    dg: &mut CudaSlice<u16>,
-    du: &mut CudaSlice<u16>,
+    dw: &mut CudaSlice<f32>,
+    dye: &mut impl DevicePtrMut<u16>,
+    dy: &impl DevicePtr<f32>,
+    ye: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    inv: &CudaSlice<u32>,
+    n: usize,
+    c: usize,
+    k: usize,
+) -> Result<()> {
+    let id = ("moe_combine_backward_bf16", KernelId::MoeCombineBackwardBf16);
+    combine_backward(gpu, id, dw, dye, dy, ye, w, inv, (n, c, k))
+}
+
+/// [`moe_combine_backward_bf16`] with f32 storage of `dye` (kernel
+/// `moe_combine_backward_f32`; CPU twin `aha_tensor::cpu::moe_combine_backward`
+/// with `Store::F32`).
+pub fn moe_combine_backward_f32(
+    gpu: &Gpu,
+    dw: &mut CudaSlice<f32>,
+    dye: &mut impl DevicePtrMut<f32>,
+    dy: &impl DevicePtr<f32>,
+    ye: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    inv: &CudaSlice<u32>,
+    n: usize,
+    c: usize,
+    k: usize,
+) -> Result<()> {
+    let id = ("moe_combine_backward_f32", KernelId::MoeCombineBackwardF32);
+    combine_backward(gpu, id, dw, dye, dy, ye, w, inv, (n, c, k))
+}
+
+fn swiglu_backward<T: DeviceRepr>(
+    gpu: &Gpu,
+    (op, id): (&'static str, KernelId),
+    (dg, du): (&mut impl DevicePtrMut<T>, &mut impl DevicePtrMut<T>),
     da: &CudaSlice<f32>,
     g: &CudaSlice<f32>,
     u: &CudaSlice<f32>,
     len: usize,
 ) -> Result<()> {
-    const OP: &str = "moe_swiglu_backward_bf16";
     check_lens(
-        OP,
+        op,
         &[
             ("dg", dg.len(), len),
             ("du", du.len(), len),
@@ -646,13 +731,48 @@ pub fn moe_swiglu_backward_bf16(
         return Ok(());
     }
     let nn = len as u64;
-    let f = gpu.function(KernelId::MoeSwigluBackwardBf16)?;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(dg).arg(du).arg(da).arg(g).arg(u).arg(&nn);
-    // SAFETY: (unsigned short* x2, const float* x3, unsigned long long);
-    // every buffer holds len elements (checked).
-    unsafe { b.launch(grid_1d(nn)) }.ctx("launch moe_swiglu_backward_bf16")?;
+    let st = gpu.stream();
+    let (pdg, _sdg) = dg.device_ptr_mut(st);
+    let (pdu, _sdu) = du.device_ptr_mut(st);
+    let f = gpu.function(id)?;
+    let mut b = st.launch_builder(&f);
+    b.arg(&pdg).arg(&pdu).arg(da).arg(g).arg(u).arg(&nn);
+    // SAFETY: (T* x2, const float* x3, unsigned long long) with T the
+    // launcher's storage type; every buffer holds len elements (checked).
+    unsafe { b.launch(grid_1d(nn)) }.ctx(op)?;
     Ok(())
+}
+
+/// SwiGLU backward with bf16 outputs (kernel `moe_swiglu_backward_bf16`; CPU
+/// twin `aha_tensor::cpu::moe_swiglu_backward` with `Store::Bf16`):
+/// `dg, du [len]` (bf16, assigned) from `da, g, u [len]`.
+pub fn moe_swiglu_backward_bf16(
+    gpu: &Gpu,
+    dg: &mut impl DevicePtrMut<u16>,
+    du: &mut impl DevicePtrMut<u16>,
+    da: &CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    u: &CudaSlice<f32>,
+    len: usize,
+) -> Result<()> {
+    let id = ("moe_swiglu_backward_bf16", KernelId::MoeSwigluBackwardBf16);
+    swiglu_backward(gpu, id, (dg, du), da, g, u, len)
+}
+
+/// [`moe_swiglu_backward_bf16`] with f32 outputs (kernel
+/// `moe_swiglu_backward_f32`; CPU twin `aha_tensor::cpu::moe_swiglu_backward`
+/// with `Store::F32`).
+pub fn moe_swiglu_backward_f32(
+    gpu: &Gpu,
+    dg: &mut impl DevicePtrMut<f32>,
+    du: &mut impl DevicePtrMut<f32>,
+    da: &CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    u: &CudaSlice<f32>,
+    len: usize,
+) -> Result<()> {
+    let id = ("moe_swiglu_backward_f32", KernelId::MoeSwigluBackwardF32);
+    swiglu_backward(gpu, id, (dg, du), da, g, u, len)
 }
 
 /// DeepSeek-V3's aux-loss-free balancing step on the device (kernel
@@ -661,7 +781,7 @@ pub fn moe_swiglu_backward_bf16(
 /// below. `bias, counts [e]`.
 pub fn moe_bias_update_f32(
     gpu: &Gpu,
-    bias: &mut CudaSlice<f32>,
+    bias: &mut impl DevicePtrMut<f32>,
     counts: &CudaSlice<u32>,
     e: usize,
     speed: f32,
@@ -672,9 +792,10 @@ pub fn moe_bias_update_f32(
         return Ok(());
     }
     let e_i = to_i32(OP, "e", e)?;
+    let (pbias, _sbias) = bias.device_ptr_mut(gpu.stream());
     let f = gpu.function(KernelId::MoeBiasUpdateF32)?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(bias).arg(counts).arg(&e_i).arg(&speed);
+    b.arg(&pbias).arg(counts).arg(&e_i).arg(&speed);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (256, 1, 1),
@@ -755,6 +876,51 @@ pub fn plan_moe_grouped(lens: [usize; 5], m: usize, e: usize, k: usize, n: usize
     }))
 }
 
+/// The segment offsets and tile list of a grouped product (from [`moe_permute`]).
+type Segments<'s> = (&'s CudaSlice<u32>, &'s CudaSlice<u32>);
+
+#[allow(clippy::too_many_arguments)]
+fn grouped_gemm<T: DeviceRepr>(
+    gpu: &Gpu,
+    (op, id, threads): (&'static str, KernelId, u32),
+    out: &mut impl DevicePtrMut<f32>,
+    a: &impl DevicePtr<T>,
+    b: &impl DevicePtr<T>,
+    (offsets, tile_off): Segments<'_>,
+    (m, e, k, n): (usize, usize, usize, usize),
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<()> {
+    let lens = [out.len(), a.len(), b.len(), offsets.len(), tile_off.len()];
+    let Some(p) = plan_moe_grouped(lens, m, e, k, n)? else {
+        return Ok(());
+    };
+    let (tb, acc) = (i32::from(trans_b), i32::from(accumulate));
+    let st = gpu.stream();
+    let (pout, _sout) = out.device_ptr_mut(st);
+    let (pa, _sa) = a.device_ptr(st);
+    let (pb, _sb) = b.device_ptr(st);
+    let f = gpu.function(id)?;
+    let mut l = st.launch_builder(&f);
+    l.arg(&pout)
+        .arg(&pa)
+        .arg(&pb)
+        .arg(offsets)
+        .arg(tile_off)
+        .arg(&p.e)
+        .arg(&p.k)
+        .arg(&p.n)
+        .arg(&tb)
+        .arg(&acc);
+    // SAFETY: every kernel of `id` takes (float*, const T* x2, const
+    // unsigned* x2, int x5) with T the launcher's storage type; lengths
+    // checked by the plan; offsets/tile_off come from moe_permute (offsets[e]
+    // <= m, tile_off[e] <= grid.y), so every row read or written is < m and
+    // every weight index < e * n * k; the guards outlive the launch.
+    unsafe { l.launch(p.config(threads)) }.ctx(op)?;
+    Ok(())
+}
+
 /// Grouped product over expert segments (kernel `moe_grouped_gemm_bf16`; CPU
 /// twin `aha_tensor::cpu::moe_grouped_matmul`): for the rows of expert x,
 /// `out (= or +=) a B_x` with `B_x` the x-th `[n, k]` matrix of `b` used
@@ -764,9 +930,9 @@ pub fn plan_moe_grouped(lens: [usize; 5], m: usize, e: usize, k: usize, n: usize
 /// SIMT kernel or its tensor-core twin `moe_grouped_gemm_mma_bf16`.
 pub fn moe_grouped_gemm_bf16(
     gpu: &Gpu,
-    out: &mut CudaSlice<f32>,
-    a: &CudaSlice<u16>,
-    b: &CudaSlice<u16>,
+    out: &mut impl DevicePtrMut<f32>,
+    a: &impl DevicePtr<u16>,
+    b: &impl DevicePtr<u16>,
     offsets: &CudaSlice<u32>,
     tile_off: &CudaSlice<u32>,
     m: usize,
@@ -777,30 +943,98 @@ pub fn moe_grouped_gemm_bf16(
     accumulate: bool,
     math: MoeMath,
 ) -> Result<()> {
-    let lens = [out.len(), a.len(), b.len(), offsets.len(), tile_off.len()];
-    let Some(p) = plan_moe_grouped(lens, m, e, k, n)? else {
+    let (id, threads) = math.pick(KernelId::MoeGroupedGemmBf16, KernelId::MoeGroupedGemmMmaBf16);
+    let kernel = ("moe_grouped_gemm_bf16", id, threads);
+    grouped_gemm(
+        gpu,
+        kernel,
+        out,
+        a,
+        b,
+        (offsets, tile_off),
+        (m, e, k, n),
+        trans_b,
+        accumulate,
+    )
+}
+
+/// [`moe_grouped_gemm_bf16`] with f32 operands (kernel `moe_grouped_gemm_f32`,
+/// SIMT only; CPU twin `aha_tensor::cpu::moe_grouped_matmul`).
+pub fn moe_grouped_gemm_f32(
+    gpu: &Gpu,
+    out: &mut impl DevicePtrMut<f32>,
+    a: &impl DevicePtr<f32>,
+    b: &impl DevicePtr<f32>,
+    offsets: &CudaSlice<u32>,
+    tile_off: &CudaSlice<u32>,
+    m: usize,
+    e: usize,
+    k: usize,
+    n: usize,
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<()> {
+    let kernel = ("moe_grouped_gemm_f32", KernelId::MoeGroupedGemmF32, 256);
+    grouped_gemm(
+        gpu,
+        kernel,
+        out,
+        a,
+        b,
+        (offsets, tile_off),
+        (m, e, k, n),
+        trans_b,
+        accumulate,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn grouped_gate_up<T: DeviceRepr>(
+    gpu: &Gpu,
+    (op, id, threads): (&'static str, KernelId, u32),
+    (g, u): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    act: &mut impl DevicePtrMut<T>,
+    xe: &impl DevicePtr<T>,
+    (w_gate, w_up): (&impl DevicePtr<T>, &impl DevicePtr<T>),
+    (offsets, tile_off): Segments<'_>,
+    (m, e, c, f): (usize, usize, usize, usize),
+) -> Result<()> {
+    let lens = [g.len(), xe.len(), w_gate.len(), offsets.len(), tile_off.len()];
+    let Some(p) = plan_moe_grouped(lens, m, e, c, f)? else {
         return Ok(());
     };
-    let (tb, acc) = (i32::from(trans_b), i32::from(accumulate));
-    let (id, threads) = math.pick(KernelId::MoeGroupedGemmBf16, KernelId::MoeGroupedGemmMmaBf16);
-    let f = gpu.function(id)?;
-    let mut l = gpu.stream().launch_builder(&f);
-    l.arg(out)
-        .arg(a)
-        .arg(b)
+    let mf = m * f;
+    check_lens(
+        op,
+        &[
+            ("u", u.len(), mf),
+            ("act", act.len(), mf),
+            ("w_up", w_up.len(), e * f * c),
+        ],
+    )?;
+    let st = gpu.stream();
+    let (pact, _sact) = act.device_ptr_mut(st);
+    let (pxe, _sxe) = xe.device_ptr(st);
+    let (pwg, _swg) = w_gate.device_ptr(st);
+    let (pwu, _swu) = w_up.device_ptr(st);
+    let func = gpu.function(id)?;
+    let mut l = st.launch_builder(&func);
+    l.arg(g)
+        .arg(u)
+        .arg(&pact)
+        .arg(&pxe)
+        .arg(&pwg)
+        .arg(&pwu)
         .arg(offsets)
         .arg(tile_off)
         .arg(&p.e)
         .arg(&p.k)
-        .arg(&p.n)
-        .arg(&tb)
-        .arg(&acc);
-    // SAFETY: both kernels of `math` take (float*, const unsigned short* x2,
-    // const unsigned* x2, int x5);
-    // lengths checked by the plan; offsets/tile_off come from moe_permute
-    // (offsets[e] <= m, tile_off[e] <= grid.y), so every row read or written
-    // is < m and every weight index < e * n * k.
-    unsafe { l.launch(p.config(threads)) }.ctx("launch moe_grouped_gemm_bf16")?;
+        .arg(&p.n);
+    // SAFETY: every kernel of `id` takes (float* x2, T*, const T* x3, const
+    // unsigned* x2, int x3) with T the launcher's storage type; lengths
+    // checked (g, u, act m * f; xe m * c; weights e * f * c); rows and
+    // experts bounded as in grouped_gemm; the guards outlive the launch.
+    unsafe { l.launch(p.config(threads)) }.ctx(op)?;
     Ok(())
 }
 
@@ -813,10 +1047,10 @@ pub fn moe_grouped_gate_up_bf16(
     gpu: &Gpu,
     g: &mut CudaSlice<f32>,
     u: &mut CudaSlice<f32>,
-    act: &mut CudaSlice<u16>,
-    xe: &CudaSlice<u16>,
-    w_gate: &CudaSlice<u16>,
-    w_up: &CudaSlice<u16>,
+    act: &mut impl DevicePtrMut<u16>,
+    xe: &impl DevicePtr<u16>,
+    w_gate: &impl DevicePtr<u16>,
+    w_up: &impl DevicePtr<u16>,
     offsets: &CudaSlice<u32>,
     tile_off: &CudaSlice<u32>,
     m: usize,
@@ -825,39 +1059,49 @@ pub fn moe_grouped_gate_up_bf16(
     f: usize,
     math: MoeMath,
 ) -> Result<()> {
-    const OP: &str = "moe_grouped_gate_up_bf16";
-    let lens = [g.len(), xe.len(), w_gate.len(), offsets.len(), tile_off.len()];
-    let Some(p) = plan_moe_grouped(lens, m, e, c, f)? else {
-        return Ok(());
-    };
-    let mf = m * f;
-    check_lens(
-        OP,
-        &[
-            ("u", u.len(), mf),
-            ("act", act.len(), mf),
-            ("w_up", w_up.len(), e * f * c),
-        ],
-    )?;
     let (id, threads) = math.pick(KernelId::MoeGroupedGateUpBf16, KernelId::MoeGroupedGateUpMmaBf16);
-    let func = gpu.function(id)?;
-    let mut l = gpu.stream().launch_builder(&func);
-    l.arg(g)
-        .arg(u)
-        .arg(act)
-        .arg(xe)
-        .arg(w_gate)
-        .arg(w_up)
-        .arg(offsets)
-        .arg(tile_off)
-        .arg(&p.e)
-        .arg(&p.k)
-        .arg(&p.n);
-    // SAFETY: both kernels of `math` take (float* x2, unsigned short*, const
-    // unsigned short* x3, const unsigned* x2, int x3); lengths checked (g, u, act m * f; xe m * c;
-    // weights e * f * c); rows and experts bounded as in moe_grouped_gemm_bf16.
-    unsafe { l.launch(p.config(threads)) }.ctx("launch moe_grouped_gate_up_bf16")?;
-    Ok(())
+    let kernel = ("moe_grouped_gate_up_bf16", id, threads);
+    grouped_gate_up(
+        gpu,
+        kernel,
+        (g, u),
+        act,
+        xe,
+        (w_gate, w_up),
+        (offsets, tile_off),
+        (m, e, c, f),
+    )
+}
+
+/// [`moe_grouped_gate_up_bf16`] with f32 operands and `act` (kernel
+/// `moe_grouped_gate_up_f32`, SIMT only; CPU twin
+/// `aha_tensor::cpu::moe_grouped_gate_up` with `Store::F32`).
+pub fn moe_grouped_gate_up_f32(
+    gpu: &Gpu,
+    g: &mut CudaSlice<f32>,
+    u: &mut CudaSlice<f32>,
+    act: &mut impl DevicePtrMut<f32>,
+    xe: &impl DevicePtr<f32>,
+    w_gate: &impl DevicePtr<f32>,
+    w_up: &impl DevicePtr<f32>,
+    offsets: &CudaSlice<u32>,
+    tile_off: &CudaSlice<u32>,
+    m: usize,
+    e: usize,
+    c: usize,
+    f: usize,
+) -> Result<()> {
+    let kernel = ("moe_grouped_gate_up_f32", KernelId::MoeGroupedGateUpF32, 256);
+    grouped_gate_up(
+        gpu,
+        kernel,
+        (g, u),
+        act,
+        xe,
+        (w_gate, w_up),
+        (offsets, tile_off),
+        (m, e, c, f),
+    )
 }
 
 /// Checks a grouped weight gradient: `dw [e, n1, n2]`, `a [m, n1]`,
@@ -896,15 +1140,42 @@ pub fn plan_moe_wgrad(lens: [usize; 4], m: usize, e: usize, n1: usize, n2: usize
     }))
 }
 
+fn grouped_wgrad<T: DeviceRepr>(
+    gpu: &Gpu,
+    (op, id, threads): (&'static str, KernelId, u32),
+    dw: &mut impl DevicePtrMut<f32>,
+    a: &impl DevicePtr<T>,
+    b: &impl DevicePtr<T>,
+    offsets: &CudaSlice<u32>,
+    (m, e, n1, n2): (usize, usize, usize, usize),
+) -> Result<()> {
+    let lens = [dw.len(), a.len(), b.len(), offsets.len()];
+    let Some(p) = plan_moe_wgrad(lens, m, e, n1, n2)? else {
+        return Ok(());
+    };
+    let st = gpu.stream();
+    let (pdw, _sdw) = dw.device_ptr_mut(st);
+    let (pa, _sa) = a.device_ptr(st);
+    let (pb, _sb) = b.device_ptr(st);
+    let f = gpu.function(id)?;
+    let mut l = st.launch_builder(&f);
+    l.arg(&pdw).arg(&pa).arg(&pb).arg(offsets).arg(&p.k).arg(&p.n);
+    // SAFETY: every kernel of `id` takes (float*, const T* x2, const
+    // unsigned*, int x2) with T the launcher's storage type; lengths checked;
+    // offsets from moe_permute are <= m; the guards outlive the launch.
+    unsafe { l.launch(p.config(threads)) }.ctx(op)?;
+    Ok(())
+}
+
 /// Grouped weight gradient (kernel `moe_grouped_wgrad_bf16`; CPU twin
 /// `aha_tensor::cpu::moe_grouped_wgrad`): `dw[x] += a_x^T b_x` over the rows
 /// of expert x (accumulated; experts with no rows are left as they are).
 /// `math` picks the SIMT kernel or `moe_grouped_wgrad_mma_bf16`.
 pub fn moe_grouped_wgrad_bf16(
     gpu: &Gpu,
-    dw: &mut CudaSlice<f32>,
-    a: &CudaSlice<u16>,
-    b: &CudaSlice<u16>,
+    dw: &mut impl DevicePtrMut<f32>,
+    a: &impl DevicePtr<u16>,
+    b: &impl DevicePtr<u16>,
     offsets: &CudaSlice<u32>,
     m: usize,
     e: usize,
@@ -912,19 +1183,33 @@ pub fn moe_grouped_wgrad_bf16(
     n2: usize,
     math: MoeMath,
 ) -> Result<()> {
-    let lens = [dw.len(), a.len(), b.len(), offsets.len()];
-    let Some(p) = plan_moe_wgrad(lens, m, e, n1, n2)? else {
-        return Ok(());
-    };
     let (id, threads) = math.pick(KernelId::MoeGroupedWgradBf16, KernelId::MoeGroupedWgradMmaBf16);
-    let f = gpu.function(id)?;
-    let mut l = gpu.stream().launch_builder(&f);
-    l.arg(dw).arg(a).arg(b).arg(offsets).arg(&p.k).arg(&p.n);
-    // SAFETY: both kernels of `math` take (float*, const unsigned short* x2,
-    // const unsigned*, int x2);
-    // lengths checked; offsets from moe_permute are <= m.
-    unsafe { l.launch(p.config(threads)) }.ctx("launch moe_grouped_wgrad_bf16")?;
-    Ok(())
+    grouped_wgrad(
+        gpu,
+        ("moe_grouped_wgrad_bf16", id, threads),
+        dw,
+        a,
+        b,
+        offsets,
+        (m, e, n1, n2),
+    )
+}
+
+/// [`moe_grouped_wgrad_bf16`] with f32 operands (kernel
+/// `moe_grouped_wgrad_f32`, SIMT only; CPU twin `aha_tensor::cpu::moe_grouped_wgrad`).
+pub fn moe_grouped_wgrad_f32(
+    gpu: &Gpu,
+    dw: &mut impl DevicePtrMut<f32>,
+    a: &impl DevicePtr<f32>,
+    b: &impl DevicePtr<f32>,
+    offsets: &CudaSlice<u32>,
+    m: usize,
+    e: usize,
+    n1: usize,
+    n2: usize,
+) -> Result<()> {
+    let kernel = ("moe_grouped_wgrad_f32", KernelId::MoeGroupedWgradF32, 256);
+    grouped_wgrad(gpu, kernel, dw, a, b, offsets, (m, e, n1, n2))
 }
 
 #[cfg(test)]

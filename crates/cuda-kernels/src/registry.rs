@@ -238,26 +238,44 @@ kernel_ids! {
     /// `moe_gather_bf16`: token rows into expert order, as bf16; CPU twin
     /// `aha_tensor::cpu::moe_gather`.
     MoeGatherBf16 => ("moe.cu", "moe_gather_bf16"),
+    /// `moe_gather_f32`: token rows into expert order, as f32; CPU twin
+    /// `aha_tensor::cpu::moe_gather` with `Store::F32`.
+    MoeGatherF32 => ("moe.cu", "moe_gather_f32"),
     /// `moe_combine_f32`: weighted gather back to token order; CPU twin
     /// `aha_tensor::cpu::moe_combine`.
     MoeCombineF32 => ("moe.cu", "moe_combine_f32"),
     /// `moe_combine_backward_bf16`: d routing weights and d expert outputs;
     /// CPU twin `aha_tensor::cpu::moe_combine_backward`.
     MoeCombineBackwardBf16 => ("moe.cu", "moe_combine_backward_bf16"),
+    /// `moe_combine_backward_f32`: as the bf16 kernel with f32 d expert
+    /// outputs; CPU twin `aha_tensor::cpu::moe_combine_backward` with `Store::F32`.
+    MoeCombineBackwardF32 => ("moe.cu", "moe_combine_backward_f32"),
     /// `moe_swiglu_backward_bf16`; CPU twin `aha_tensor::cpu::moe_swiglu_backward`.
     MoeSwigluBackwardBf16 => ("moe.cu", "moe_swiglu_backward_bf16"),
+    /// `moe_swiglu_backward_f32`: f32 outputs; CPU twin
+    /// `aha_tensor::cpu::moe_swiglu_backward` with `Store::F32`.
+    MoeSwigluBackwardF32 => ("moe.cu", "moe_swiglu_backward_f32"),
     /// `moe_bias_update_f32`: aux-loss-free balancing; CPU twin
     /// `aha_tensor::cpu::moe_bias_update`.
     MoeBiasUpdateF32 => ("moe.cu", "moe_bias_update_f32"),
     /// `moe_grouped_gemm_bf16`: products over expert segments; CPU twin
     /// `aha_tensor::cpu::moe_grouped_matmul`.
     MoeGroupedGemmBf16 => ("moe.cu", "moe_grouped_gemm_bf16"),
+    /// `moe_grouped_gemm_f32`: `moe_grouped_gemm_bf16` with f32 operands;
+    /// CPU twin `aha_tensor::cpu::moe_grouped_matmul`.
+    MoeGroupedGemmF32 => ("moe.cu", "moe_grouped_gemm_f32"),
     /// `moe_grouped_gate_up_bf16`: fused gate/up products and SwiGLU; CPU
     /// twin `aha_tensor::cpu::moe_grouped_gate_up`.
     MoeGroupedGateUpBf16 => ("moe.cu", "moe_grouped_gate_up_bf16"),
+    /// `moe_grouped_gate_up_f32`: f32 operands and activations; CPU twin
+    /// `aha_tensor::cpu::moe_grouped_gate_up` with `Store::F32`.
+    MoeGroupedGateUpF32 => ("moe.cu", "moe_grouped_gate_up_f32"),
     /// `moe_grouped_wgrad_bf16`: per-expert weight gradients; CPU twin
     /// `aha_tensor::cpu::moe_grouped_wgrad`.
     MoeGroupedWgradBf16 => ("moe.cu", "moe_grouped_wgrad_bf16"),
+    /// `moe_grouped_wgrad_f32`: f32 operands; CPU twin
+    /// `aha_tensor::cpu::moe_grouped_wgrad`.
+    MoeGroupedWgradF32 => ("moe.cu", "moe_grouped_wgrad_f32"),
     /// `moe_grouped_gemm_mma_bf16`: tensor-core twin of `moe_grouped_gemm_bf16`.
     MoeGroupedGemmMmaBf16 => ("moe.cu", "moe_grouped_gemm_mma_bf16"),
     /// `moe_grouped_gate_up_mma_bf16`: tensor-core twin of `moe_grouped_gate_up_bf16`.

@@ -24,8 +24,10 @@
 //! CPU to 1e-4); [`GpuPrecision::Bf16`] rounds every product's operands to
 //! bf16 (f32 accumulation, f32 outputs) and runs attention through the
 //! flash kernels; master weights, gradients, moments, norms, softmax
-//! statistics and the loss stay f32. Mixture-of-experts layers use the
-//! grouped bf16 expert kernels in both precisions.
+//! statistics and the loss stay f32. Mixture-of-experts layers run the
+//! grouped expert kernels of `aha_cuda_kernels::moe_layer` on views of the
+//! flat buffers: f32 storage (SIMT) in f32, bf16 storage (tensor cores) in
+//! bf16.
 //!
 //! **Not run on a GPU yet**: `tests/gpu_model.rs` compares it with the CPU
 //! model, prints "skipped: no GPU" where there is none, and passes on the
@@ -37,9 +39,9 @@ use aha_cuda_kernels::blas::{matmul_bf16_f32out, matmul_f32, MatmulShape};
 use aha_cuda_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use aha_cuda_kernels::flash::{self, FlashGeometry};
 use aha_cuda_kernels::launch::{self, AdamwScalars, AttnGeometry, ColsCopy, RopeGeometry, TokenIds};
-use aha_cuda_kernels::launch_moe::{self, MoeGating, MoeMath};
+use aha_cuda_kernels::launch_moe::{self, MoeGating, MoeMath, MoeStorage};
 use aha_cuda_kernels::lmhead::{self, LmHeadOperands};
-use aha_cuda_kernels::moe_layer::{self, MoeBuffers, MoeDims, MoeGrads, MoeWeights};
+use aha_cuda_kernels::moe_layer::{self, MoeBuffers, MoeDims, MoeExpertViews, MoeExperts, MoeGrads, MoeWeights};
 use aha_cuda_kernels::Gpu;
 
 use crate::config::{ModelConfig, Router};
@@ -103,14 +105,10 @@ pub struct GpuModel {
     layout: Layout,
     /// Every parameter, in the CPU model's layout (f32 master weights).
     params: CudaSlice<f32>,
-    /// The bf16 bits of every parameter (bf16 precision, or a model with
-    /// mixture-of-experts layers, whose expert kernels read bf16).
+    /// The bf16 bits of every parameter (bf16 precision).
     params16: Option<CudaSlice<u16>>,
     /// Gradients in the same layout (allocated by the first backward).
     grads: Option<CudaSlice<f32>>,
-    /// Each MoE layer's weights as the layer kernels take them, by layer
-    /// (refreshed from `params` after every update).
-    moe: Vec<Option<MoeWeights>>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
 }
@@ -253,8 +251,7 @@ impl GpuModel {
         gpu_support(&model.config)?;
         let gpu = Gpu::get(ordinal).map_err(cuda)?;
         let params = gpu.upload(&model.params).map_err(cuda)?;
-        let needs16 = precision == GpuPrecision::Bf16 || model.config.moe.is_some();
-        let params16 = if needs16 {
+        let params16 = if precision == GpuPrecision::Bf16 {
             Some(gpu.zeros::<u16>(model.params.len().max(1)).map_err(cuda)?)
         } else {
             None
@@ -270,7 +267,6 @@ impl GpuModel {
             params,
             params16,
             grads: None,
-            moe: Vec::new(),
         };
         m.refresh_copies()?;
         Ok(m)
@@ -358,75 +354,78 @@ impl GpuModel {
         }
     }
 
-    /// The bf16 copy and the MoE layers' weights, from `params`.
+    /// The bf16 copy, from `params`.
     fn refresh_copies(&mut self) -> Result<()> {
         if let Some(p16) = &mut self.params16 {
             launch::cast_f32_to_bf16(&self.gpu, p16, &self.params, self.layout.size).map_err(cuda)?;
         }
-        self.refresh_moe()
-    }
-
-    /// Each MoE layer's router, correction bias and stacked bf16 experts,
-    /// copied out of the flat buffers.
-    fn refresh_moe(&mut self) -> Result<()> {
-        let mut moe = Vec::with_capacity(self.layout.layers.len());
-        for l in &self.layout.layers {
-            moe.push(match &l.ffn {
-                FfnSlots::Moe {
-                    router,
-                    bias,
-                    experts,
-                    shared,
-                } => Some(self.moe_weights(*router, *bias, experts, shared.as_ref())?),
-                FfnSlots::Dense(_) => None,
-            });
-        }
-        self.moe = moe;
         Ok(())
     }
 
-    fn moe_weights(
-        &self,
-        router: Slot,
-        bias: Option<Slot>,
-        experts: &[MlpSlots],
-        shared: Option<&MlpSlots>,
-    ) -> Result<MoeWeights> {
-        let g = &self.gpu;
-        let p16 = self
-            .params16
-            .as_ref()
-            .ok_or_else(|| input_err("gpu", "MoE layers need the bf16 parameter copy"))?;
-        let f32_copy = |s: Slot| g.clone_range(&self.params, s.off..s.off + s.len).map_err(cuda);
-        let stacked = |pick: fn(&MlpSlots) -> Slot| -> Result<CudaSlice<u16>> {
-            let first = experts
-                .first()
-                .map(pick)
-                .ok_or_else(|| input_err("gpu", "an MoE layer without experts"))?;
-            let len = first.len * experts.len();
-            // The layout stacks each projection of all experts (checked here).
-            for (e, x) in experts.iter().enumerate() {
-                if pick(x).off != first.off + e * first.len {
-                    return Err(input_err("gpu", "expert weights are not stacked in the layout"));
-                }
-            }
-            g.clone_range(p16, first.off..first.off + len).map_err(cuda)
+    /// An MoE layer's weights as views of the flat buffers: the router and
+    /// correction bias in f32, the experts (stacked by the layout) in the
+    /// model's precision.
+    fn moe_weights(&self, ffn: &FfnSlots) -> Result<(MoeWeights<'_>, MoeStorage)> {
+        let FfnSlots::Moe {
+            router,
+            bias,
+            experts,
+            shared,
+        } = ffn
+        else {
+            return Err(input_err("gpu", "a dense layer has no experts"));
         };
-        let one = |s: Slot| g.clone_range(p16, s.off..s.off + s.len).map_err(cuda);
-        Ok(MoeWeights {
-            router: f32_copy(router)?,
-            bias: match bias {
-                Some(b) => Some(f32_copy(b)?),
-                None => None,
+        let first = experts
+            .first()
+            .ok_or_else(|| input_err("gpu", "an MoE layer without experts"))?;
+        for (e, x) in experts.iter().enumerate() {
+            let stacked = [(x.gate.w, first.gate.w), (x.up.w, first.up.w), (x.down.w, first.down.w)];
+            if stacked.iter().any(|(s, f)| s.off != f.off + e * f.len) {
+                return Err(input_err("gpu", "expert weights are not stacked in the layout"));
+            }
+        }
+        let e = experts.len();
+        let span = |s: Slot| s.off..s.off + s.len * e;
+        let one = |s: Slot| s.off..s.off + s.len;
+        let (experts, storage) = match (&self.params16, self.precision) {
+            (Some(p16), GpuPrecision::Bf16) => (
+                MoeExperts::Bf16(MoeExpertViews {
+                    w_gate: p16.slice(span(first.gate.w)),
+                    w_up: p16.slice(span(first.up.w)),
+                    w_down: p16.slice(span(first.down.w)),
+                    shared: shared.as_ref().map(|s| {
+                        [
+                            p16.slice(one(s.gate.w)),
+                            p16.slice(one(s.up.w)),
+                            p16.slice(one(s.down.w)),
+                        ]
+                    }),
+                }),
+                MoeStorage::Bf16,
+            ),
+            _ => {
+                let p = &self.params;
+                (
+                    MoeExperts::F32(MoeExpertViews {
+                        w_gate: p.slice(span(first.gate.w)),
+                        w_up: p.slice(span(first.up.w)),
+                        w_down: p.slice(span(first.down.w)),
+                        shared: shared
+                            .as_ref()
+                            .map(|s| [p.slice(one(s.gate.w)), p.slice(one(s.up.w)), p.slice(one(s.down.w))]),
+                    }),
+                    MoeStorage::F32,
+                )
+            }
+        };
+        Ok((
+            MoeWeights {
+                router: self.w32(*router),
+                bias: bias.map(|b| self.w32(b)),
+                experts,
             },
-            w_gate: stacked(|e| e.gate.w)?,
-            w_up: stacked(|e| e.up.w)?,
-            w_down: stacked(|e| e.down.w)?,
-            shared: match shared {
-                Some(s) => Some([one(s.gate.w)?, one(s.up.w)?, one(s.down.w)?]),
-                None => None,
-            },
-        })
+            storage,
+        ))
     }
 
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
@@ -742,7 +741,7 @@ impl GpuModel {
 
     /// The MLP of layer `s` (layer `l`) on its normed input: the output
     /// (before the residual add) and what the backward needs.
-    fn mlp(&self, ln2: &CudaSlice<f32>, l: usize, s: &LayerSlots, n: usize) -> Result<(CudaSlice<f32>, FfnActs)> {
+    fn mlp(&self, ln2: &CudaSlice<f32>, s: &LayerSlots, n: usize) -> Result<(CudaSlice<f32>, FfnActs)> {
         let c = self.config.hidden_size;
         match &s.ffn {
             FfnSlots::Dense(mlp) => {
@@ -758,11 +757,7 @@ impl GpuModel {
                     .moe
                     .as_ref()
                     .ok_or_else(|| input_err("gpu", "an MoE layer without an MoE config"))?;
-                let w = self
-                    .moe
-                    .get(l)
-                    .and_then(|x| x.as_ref())
-                    .ok_or_else(|| input_err("gpu", format!("layer {l}: MoE weights not uploaded")))?;
+                let (w, storage) = self.moe_weights(&s.ffn)?;
                 let dims = MoeDims {
                     n,
                     c,
@@ -785,11 +780,15 @@ impl GpuModel {
                             scaling: routed_scaling_factor,
                         },
                     },
-                    math: MoeMath::TensorCores,
+                    math: match storage {
+                        MoeStorage::Bf16 => MoeMath::TensorCores,
+                        MoeStorage::F32 => MoeMath::Simt,
+                    },
+                    storage,
                 };
                 let mut buf = Box::new(MoeBuffers::new(&self.gpu, dims).map_err(cuda)?);
                 let mut down = self.zeros(n * c)?;
-                moe_layer::moe_layer_forward(&self.gpu, &mut down, ln2, w, &mut buf).map_err(cuda)?;
+                moe_layer::moe_layer_forward(&self.gpu, &mut down, ln2, &w, &mut buf).map_err(cuda)?;
                 Ok((down, FfnActs::Moe { buf }))
             }
         }
@@ -822,7 +821,7 @@ impl GpuModel {
         let pos: Vec<u32> = (0..n).map(|i| (i % t) as u32).collect();
         let pos = g.upload(&pos).map_err(cuda)?;
         let mut layers = Vec::with_capacity(self.layout.layers.len());
-        for (l, s) in self.layout.layers.iter().enumerate() {
+        for s in &self.layout.layers {
             let x_in = g.clone_dtod(&x).map_err(cuda)?;
             let (ln1, ln1_rstd) = self.norm_rstd(&x, s.ln1, n, c)?;
             let qkv = self.qkv(&ln1, s, &pos, n)?;
@@ -832,7 +831,7 @@ impl GpuModel {
             launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
             let x_mid = g.clone_dtod(&x).map_err(cuda)?;
             let (ln2, ln2_rstd) = self.norm_rstd(&x, s.ln2, n, c)?;
-            let (down, ffn) = self.mlp(&ln2, l, s, n)?;
+            let (down, ffn) = self.mlp(&ln2, s, n)?;
             launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
             layers.push(LayerActs {
                 x_in,
@@ -1263,7 +1262,7 @@ impl GpuModel {
         drop(dhidden);
         let aux = self.aux_grad(&fwd, aux_coef)?;
         let GpuForward { ids, pos, layers, .. } = fwd;
-        for (l, (s, mut a)) in self.layout.layers.iter().zip(layers).enumerate().rev() {
+        for (s, mut a) in self.layout.layers.iter().zip(layers).rev() {
             // MLP: x_out = x_mid + ffn(ln2(x_mid)).
             let mut dln2 = self.zeros(n * c)?;
             match (&s.ffn, &mut a.ffn) {
@@ -1284,13 +1283,11 @@ impl GpuModel {
                     },
                     FfnActs::Moe { buf },
                 ) => {
-                    let w = self
-                        .moe
-                        .get(l)
-                        .and_then(|x| x.as_ref())
-                        .ok_or_else(|| input_err("gpu backward", format!("layer {l}: MoE weights not uploaded")))?;
+                    let (w, _) = self.moe_weights(&s.ffn)?;
+                    // The layer's gradients into zeroed stacked buffers,
+                    // then added to the flat buffer's views.
                     let mut gr = MoeGrads::zeros(g, &buf.dims).map_err(cuda)?;
-                    moe_layer::moe_layer_backward(g, &mut dln2, &mut gr, &dx, &a.ln2, w, buf, aux.as_ref())
+                    moe_layer::moe_layer_backward(g, &mut dln2, &mut gr.view_mut(), &dx, &a.ln2, &w, buf, aux.as_ref())
                         .map_err(cuda)?;
                     self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
                 }
@@ -1420,7 +1417,7 @@ impl GpuModel {
             Some(p16) => launch::adamw_copy_bf16_f32(g, &mut self.params, m, v, p16, grads, n, h).map_err(cuda)?,
             None => launch::adamw_f32(g, &mut self.params, m, v, grads, n, h).map_err(cuda)?,
         }
-        self.refresh_moe()
+        Ok(())
     }
 
     /// DeepSeek-V3's auxiliary-loss-free balancing after a step, on the
@@ -1500,7 +1497,7 @@ impl GpuModel {
             let ao = self.linear(&att, attn_out(&s.attn), n)?;
             launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
             let (ln2, _) = self.norm_rstd(&x, s.ln2, n, c)?;
-            let (down, _) = self.mlp(&ln2, l, s, n)?;
+            let (down, _) = self.mlp(&ln2, s, n)?;
             launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
         }
         cache.len = start + n;

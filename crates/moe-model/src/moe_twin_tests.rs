@@ -13,7 +13,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::needless_range_loop)]
 
-use aha_tensor::cpu::{self, MoeDims, MoeGating, MoeLayerGrads, MoeLayerWeights, MoeMath, Store};
+use aha_tensor::cpu::{self, MoeDims, MoeGating, MoeLayerGrads, MoeLayerWeights, MoeMath, MoeStorage, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -123,7 +123,8 @@ fn dims(case: &Case) -> MoeDims {
         f: m.expert_dim,
         f_shared: m.n_shared * m.expert_dim,
         gating,
-        math: MoeMath::TensorCores,
+        math: MoeMath::Simt,
+        storage: MoeStorage::F32,
     }
 }
 

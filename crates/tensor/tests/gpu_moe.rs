@@ -8,7 +8,10 @@
 //! finite differences. The grouped products run in both kernel families
 //! (`MoeMath::Simt`, `MoeMath::TensorCores`); the whole-layer test also
 //! checks the expert loads, the aux-loss gradient path and that a rerun gives
-//! identical bits. Without a GPU the `_cuda` tests print "skipped: no GPU"
+//! identical bits. The storage kernels run in bf16 and in f32 (the `_f32`
+//! launchers, against the same twins with `Store::F32`), and the layer in
+//! f32 storage with its weights and gradients as views into one flat
+//! parameter and one flat gradient buffer. Without a GPU the `_cuda` tests print "skipped: no GPU"
 //! and pass. None of them has run on a GPU yet.
 //!
 //! bf16 operands are generated as f32 values that are exact bf16s and
@@ -26,8 +29,10 @@ mod common;
 use std::sync::Arc;
 
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
-use aha_cuda_kernels::launch_moe::{self as lm, MoePermutation};
-use aha_cuda_kernels::moe_layer::{self as ml, MoeBuffers, MoeGrads, MoeWeights};
+use aha_cuda_kernels::launch_moe::{self as lm, MoePermutation, MoeStorage};
+use aha_cuda_kernels::moe_layer::{
+    self as ml, MoeBuffers, MoeExpertViews, MoeExperts, MoeGrads, MoeGradsMut, MoeWeights, MoeWeightsBf16,
+};
 use aha_cuda_kernels::Gpu;
 use aha_tensor::cpu::{self, MoeDims, MoeGating, MoeLayerGrads, MoeLayerWeights, MoeMath, Store};
 use aha_tensor::{bf16, Device, Result};
@@ -84,6 +89,14 @@ fn uniform(rng: &mut StdRng, n: usize, s: f32) -> Vec<f32> {
 /// Uniform values rounded to bf16 (exact on both sides).
 fn bf16s(rng: &mut StdRng, n: usize, s: f32) -> Vec<f32> {
     (0..n).map(|_| Store::Bf16.apply(rng.random_range(-s..s))).collect()
+}
+
+/// The twins' rounding for a storage precision.
+fn store_of(s: MoeStorage) -> Store {
+    match s {
+        MoeStorage::Bf16 => Store::Bf16,
+        MoeStorage::F32 => Store::F32,
+    }
 }
 
 fn bits(v: &[f32]) -> Vec<u16> {
@@ -348,7 +361,14 @@ fn check_moe_elementwise(dev: Device) -> Result<()> {
         cpu::moe_swiglu_backward(&mut dg, &mut du, &da, &gg, &uu, Store::Bf16)?;
         let mut bias = bias0.clone();
         cpu::moe_bias_update(&mut bias, &counts, 0.001)?;
-        let want = [xe, y, yacc, dw, dye, dg, du, bias];
+        // The f32-storage kernels' twins: the same functions with Store::F32.
+        let mut xe32 = vec![0f32; m * c];
+        cpu::moe_gather(&mut xe32, &x, &tok, c, Store::F32)?;
+        let (mut dw32, mut dye32) = (vec![0f32; m], vec![0f32; m * c]);
+        cpu::moe_combine_backward(&mut dw32, &mut dye32, &dy, &ye, &w, &inv, n, c, k, Store::F32)?;
+        let (mut dg32, mut du32) = (vec![0f32; m * c], vec![0f32; m * c]);
+        cpu::moe_swiglu_backward(&mut dg32, &mut du32, &da, &gg, &uu, Store::F32)?;
+        let want = [xe, y, yacc, dw, dye, dg, du, bias, xe32, dw32, dye32, dg32, du32];
         let got: Vec<Vec<f32>> = match &on {
             On::Cpu => want.to_vec(),
             On::Gpu(g) => {
@@ -367,6 +387,12 @@ fn check_moe_elementwise(dev: Device) -> Result<()> {
                 lm::moe_swiglu_backward_bf16(g, &mut dgd, &mut dud, &dad, &gd, &ud, m * c)?;
                 let mut bd = up(g, &bias0)?;
                 lm::moe_bias_update_f32(g, &mut bd, &up(g, &counts)?, e, 0.001)?;
+                let mut xe32d = g.zeros::<f32>(m * c)?;
+                lm::moe_gather_f32(g, &mut xe32d, &xd, &tokd, m, n, c)?;
+                let (mut dw32d, mut dye32d) = (g.zeros::<f32>(m)?, g.zeros::<f32>(m * c)?);
+                lm::moe_combine_backward_f32(g, &mut dw32d, &mut dye32d, &dyd, &yed, &wd, &invd, n, c, k)?;
+                let (mut dg32d, mut du32d) = (g.zeros::<f32>(m * c)?, g.zeros::<f32>(m * c)?);
+                lm::moe_swiglu_backward_f32(g, &mut dg32d, &mut du32d, &dad, &gd, &ud, m * c)?;
                 vec![
                     unbits(&down(g, &xed)?),
                     down(g, &yd)?,
@@ -376,6 +402,11 @@ fn check_moe_elementwise(dev: Device) -> Result<()> {
                     unbits(&down(g, &dgd)?),
                     unbits(&down(g, &dud)?),
                     down(g, &bd)?,
+                    down(g, &xe32d)?,
+                    down(g, &dw32d)?,
+                    down(g, &dye32d)?,
+                    down(g, &dg32d)?,
+                    down(g, &du32d)?,
                 ]
             }
         };
@@ -394,6 +425,14 @@ fn check_moe_elementwise(dev: Device) -> Result<()> {
         // where the f32 values straddle a rounding boundary.
         close(&format!("d gate {tag}"), &got[5], &want[5], 1e-6, 2f64.powi(-7));
         close(&format!("d up {tag}"), &got[6], &want[6], 1e-6, 2f64.powi(-7));
+        // f32 storage: the gather copies and d ye is one product (exact); d w
+        // as above; SwiGLU backward differs by expf against exp only (a few
+        // f32 ulp of terms <= 8 in magnitude).
+        assert_eq!(got[8], want[8], "gather f32 {tag}");
+        close(&format!("d w (f32) {tag}"), &got[9], &want[9], 2e-7 * c as f64, 1e-6);
+        assert_eq!(got[10], want[10], "d ye f32 {tag}");
+        close(&format!("d gate f32 {tag}"), &got[11], &want[11], 2e-6, 2e-6);
+        close(&format!("d up f32 {tag}"), &got[12], &want[12], 2e-6, 2e-6);
     }
     Ok(())
 }
@@ -431,73 +470,116 @@ fn check_moe_grouped(dev: Device) -> Result<()> {
         (200, 16, 33, 200),
         (70, 1, 16, 65),
     ] {
-        let (off, tiles) = rand_offsets(&mut rng, e, m);
-        let a = bf16s(&mut rng, m * k, 1.0);
-        let bt = bf16s(&mut rng, e * n * k, 1.0);
-        let b2 = bf16s(&mut rng, e * n * k, 1.0);
-        let out0 = uniform(&mut rng, m * n, 1.0);
-        let gb = bf16s(&mut rng, m * n, 1.0);
-        // Twin: out = a B^T (trans), out0 + a B (no trans, accumulate),
-        // gate/up (k = C, n = F), weight gradient dw0 + a^T gb.
-        let mut o1 = vec![0f32; m * n];
-        cpu::moe_grouped_matmul(&mut o1, &a, &bt, &off, k, n, true, false)?;
-        let mut o2 = out0.clone();
-        cpu::moe_grouped_matmul(&mut o2, &a, &b2, &off, k, n, false, true)?;
-        let (mut g, mut u, mut act) = (vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]);
-        cpu::moe_grouped_gate_up(&mut g, &mut u, &mut act, &a, &bt, &b2, &off, k, n, Store::Bf16)?;
-        let dw0 = uniform(&mut rng, e * k * n, 1.0);
-        let mut dw = dw0.clone();
-        cpu::moe_grouped_wgrad(&mut dw, &a, &gb, &off, k, n)?;
-        let want = [o1, o2, g, u, act, dw];
-        // Both kernel families against the same twin.
-        for math in [MoeMath::Simt, MoeMath::TensorCores] {
-            let got: Vec<Vec<f32>> = match &on {
-                On::Cpu => want.to_vec(),
-                On::Gpu(gpu) => {
-                    let (ad, btd, b2d, gbd) = (
-                        up(gpu, &bits(&a))?,
-                        up(gpu, &bits(&bt))?,
-                        up(gpu, &bits(&b2))?,
-                        up(gpu, &bits(&gb))?,
-                    );
-                    let (od, td) = (up(gpu, &off)?, up(gpu, &tiles)?);
-                    let mut o1d = gpu.zeros::<f32>(m * n)?;
-                    lm::moe_grouped_gemm_bf16(gpu, &mut o1d, &ad, &btd, &od, &td, m, e, k, n, true, false, math)?;
-                    let mut o2d = up(gpu, &out0)?;
-                    lm::moe_grouped_gemm_bf16(gpu, &mut o2d, &ad, &b2d, &od, &td, m, e, k, n, false, true, math)?;
-                    let (mut gd, mut ud, mut actd) = (
-                        gpu.zeros::<f32>(m * n)?,
-                        gpu.zeros::<f32>(m * n)?,
-                        gpu.zeros::<u16>(m * n)?,
-                    );
-                    lm::moe_grouped_gate_up_bf16(
-                        gpu, &mut gd, &mut ud, &mut actd, &ad, &btd, &b2d, &od, &td, m, e, k, n, math,
-                    )?;
-                    let mut dwd = up(gpu, &dw0)?;
-                    lm::moe_grouped_wgrad_bf16(gpu, &mut dwd, &ad, &gbd, &od, m, e, k, n, math)?;
-                    vec![
-                        down(gpu, &o1d)?,
-                        down(gpu, &o2d)?,
-                        down(gpu, &gd)?,
-                        down(gpu, &ud)?,
-                        unbits(&down(gpu, &actd)?),
-                        down(gpu, &dwd)?,
-                    ]
-                }
+        for storage in [MoeStorage::Bf16, MoeStorage::F32] {
+            let (off, tiles) = rand_offsets(&mut rng, e, m);
+            // bf16 storage: exact bf16 values; f32: any f32.
+            let mut gen = |len: usize| match storage {
+                MoeStorage::Bf16 => bf16s(&mut rng, len, 1.0),
+                MoeStorage::F32 => uniform(&mut rng, len, 1.0),
             };
-            let tag = format!("m {m} e {e} k {k} n {n} {math:?} on {dev}");
-            // Exact bf16 products summed in f32 in another order: error <= depth
-            // * 2^-24 * sum |a b| with |a b| <= 1.
-            let atol = 1.2e-7 * k as f64;
-            close(&format!("grouped a B^T {tag}"), &got[0], &want[0], atol, 1e-6);
-            close(&format!("grouped out + a B {tag}"), &got[1], &want[1], atol, 1e-6);
-            close(&format!("gate {tag}"), &got[2], &want[2], atol, 1e-6);
-            close(&format!("up {tag}"), &got[3], &want[3], atol, 1e-6);
-            // act: bf16 of silu(g) u, one bf16 ulp where g, u differ by rounding
-            // across a rounding boundary (|silu(g) u| <= k^2, ulp 2^-8 relative).
-            close(&format!("act {tag}"), &got[4], &want[4], atol * k as f64, 2f64.powi(-7));
-            // dw: depth = the expert's rows (<= m).
-            close(&format!("wgrad {tag}"), &got[5], &want[5], 1.2e-7 * m as f64, 1e-6);
+            let (a, bt, b2) = (gen(m * k), gen(e * n * k), gen(e * n * k));
+            let gb = gen(m * n);
+            let out0 = uniform(&mut rng, m * n, 1.0);
+            let store = store_of(storage);
+            // Twin: out = a B^T (trans), out0 + a B (no trans, accumulate),
+            // gate/up (k = C, n = F), weight gradient dw0 + a^T gb.
+            let mut o1 = vec![0f32; m * n];
+            cpu::moe_grouped_matmul(&mut o1, &a, &bt, &off, k, n, true, false)?;
+            let mut o2 = out0.clone();
+            cpu::moe_grouped_matmul(&mut o2, &a, &b2, &off, k, n, false, true)?;
+            let (mut g, mut u, mut act) = (vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]);
+            cpu::moe_grouped_gate_up(&mut g, &mut u, &mut act, &a, &bt, &b2, &off, k, n, store)?;
+            let dw0 = uniform(&mut rng, e * k * n, 1.0);
+            let mut dw = dw0.clone();
+            cpu::moe_grouped_wgrad(&mut dw, &a, &gb, &off, k, n)?;
+            let want = [o1, o2, g, u, act, dw];
+            // Both kernel families against the same twin (f32: SIMT only).
+            let maths: &[MoeMath] = match storage {
+                MoeStorage::Bf16 => &[MoeMath::Simt, MoeMath::TensorCores],
+                MoeStorage::F32 => &[MoeMath::Simt],
+            };
+            for &math in maths {
+                let got: Vec<Vec<f32>> = match &on {
+                    On::Cpu => want.to_vec(),
+                    On::Gpu(gpu) if storage == MoeStorage::F32 => {
+                        let (ad, btd, b2d, gbd) = (up(gpu, &a)?, up(gpu, &bt)?, up(gpu, &b2)?, up(gpu, &gb)?);
+                        let (od, td) = (up(gpu, &off)?, up(gpu, &tiles)?);
+                        let mut o1d = gpu.zeros::<f32>(m * n)?;
+                        lm::moe_grouped_gemm_f32(gpu, &mut o1d, &ad, &btd, &od, &td, m, e, k, n, true, false)?;
+                        let mut o2d = up(gpu, &out0)?;
+                        lm::moe_grouped_gemm_f32(gpu, &mut o2d, &ad, &b2d, &od, &td, m, e, k, n, false, true)?;
+                        let (mut gd, mut ud, mut actd) = (
+                            gpu.zeros::<f32>(m * n)?,
+                            gpu.zeros::<f32>(m * n)?,
+                            gpu.zeros::<f32>(m * n)?,
+                        );
+                        lm::moe_grouped_gate_up_f32(
+                            gpu, &mut gd, &mut ud, &mut actd, &ad, &btd, &b2d, &od, &td, m, e, k, n,
+                        )?;
+                        let mut dwd = up(gpu, &dw0)?;
+                        lm::moe_grouped_wgrad_f32(gpu, &mut dwd, &ad, &gbd, &od, m, e, k, n)?;
+                        vec![
+                            down(gpu, &o1d)?,
+                            down(gpu, &o2d)?,
+                            down(gpu, &gd)?,
+                            down(gpu, &ud)?,
+                            down(gpu, &actd)?,
+                            down(gpu, &dwd)?,
+                        ]
+                    }
+                    On::Gpu(gpu) => {
+                        let (ad, btd, b2d, gbd) = (
+                            up(gpu, &bits(&a))?,
+                            up(gpu, &bits(&bt))?,
+                            up(gpu, &bits(&b2))?,
+                            up(gpu, &bits(&gb))?,
+                        );
+                        let (od, td) = (up(gpu, &off)?, up(gpu, &tiles)?);
+                        let mut o1d = gpu.zeros::<f32>(m * n)?;
+                        lm::moe_grouped_gemm_bf16(gpu, &mut o1d, &ad, &btd, &od, &td, m, e, k, n, true, false, math)?;
+                        let mut o2d = up(gpu, &out0)?;
+                        lm::moe_grouped_gemm_bf16(gpu, &mut o2d, &ad, &b2d, &od, &td, m, e, k, n, false, true, math)?;
+                        let (mut gd, mut ud, mut actd) = (
+                            gpu.zeros::<f32>(m * n)?,
+                            gpu.zeros::<f32>(m * n)?,
+                            gpu.zeros::<u16>(m * n)?,
+                        );
+                        lm::moe_grouped_gate_up_bf16(
+                            gpu, &mut gd, &mut ud, &mut actd, &ad, &btd, &b2d, &od, &td, m, e, k, n, math,
+                        )?;
+                        let mut dwd = up(gpu, &dw0)?;
+                        lm::moe_grouped_wgrad_bf16(gpu, &mut dwd, &ad, &gbd, &od, m, e, k, n, math)?;
+                        vec![
+                            down(gpu, &o1d)?,
+                            down(gpu, &o2d)?,
+                            down(gpu, &gd)?,
+                            down(gpu, &ud)?,
+                            unbits(&down(gpu, &actd)?),
+                            down(gpu, &dwd)?,
+                        ]
+                    }
+                };
+                let tag = format!("m {m} e {e} k {k} n {n} {math:?} {storage:?} on {dev}");
+                // Products summed in f32 in another order (exact bf16 products, or
+                // f32 products rounded once, fused or not): error <= depth * 2^-24
+                // * sum |a b| with |a b| <= 1.
+                let atol = 1.2e-7 * k as f64;
+                close(&format!("grouped a B^T {tag}"), &got[0], &want[0], atol, 1e-6);
+                close(&format!("grouped out + a B {tag}"), &got[1], &want[1], atol, 1e-6);
+                close(&format!("gate {tag}"), &got[2], &want[2], atol, 1e-6);
+                close(&format!("up {tag}"), &got[3], &want[3], atol, 1e-6);
+                // act: bf16 of silu(g) u, one bf16 ulp where g, u differ by rounding
+                // across a rounding boundary (|silu(g) u| <= k^2, ulp 2^-8 relative);
+                // in f32, the g and u errors above times |d act / d (g, u)| <= k,
+                // plus expf against exp (a few ulp).
+                let act_rtol = match storage {
+                    MoeStorage::Bf16 => 2f64.powi(-7),
+                    MoeStorage::F32 => 1e-5,
+                };
+                close(&format!("act {tag}"), &got[4], &want[4], atol * k as f64, act_rtol);
+                // dw: depth = the expert's rows (<= m).
+                close(&format!("wgrad {tag}"), &got[5], &want[5], 1.2e-7 * m as f64, 1e-6);
+            }
         }
     }
     Ok(())
@@ -524,6 +606,7 @@ fn check_moe_layer(dev: Device) -> Result<()> {
                 f_shared: 48,
                 gating: MoeGating::Softmax { renorm: true },
                 math: MoeMath::TensorCores,
+                storage: MoeStorage::Bf16,
             },
             hot: None,
             seed: 1,
@@ -538,6 +621,7 @@ fn check_moe_layer(dev: Device) -> Result<()> {
                 f_shared: 0,
                 gating: sig(4, 2, true, 2.5),
                 math: MoeMath::TensorCores,
+                storage: MoeStorage::Bf16,
             },
             hot: None,
             seed: 2,
@@ -553,6 +637,7 @@ fn check_moe_layer(dev: Device) -> Result<()> {
                 f_shared: 16,
                 gating: MoeGating::Softmax { renorm: false },
                 math: MoeMath::TensorCores,
+                storage: MoeStorage::Bf16,
             },
             hot: Some(2),
             seed: 3,
@@ -568,14 +653,21 @@ fn check_moe_layer(dev: Device) -> Result<()> {
                 f_shared: 0,
                 gating: sig(8, 2, true, 1.0),
                 math: MoeMath::TensorCores,
+                storage: MoeStorage::Bf16,
             },
             hot: None,
             seed: 4,
         },
     ];
+    // bf16 storage on both kernel families, f32 storage (SIMT).
+    let kinds = [
+        (MoeMath::Simt, MoeStorage::Bf16),
+        (MoeMath::TensorCores, MoeStorage::Bf16),
+        (MoeMath::Simt, MoeStorage::F32),
+    ];
     let cases = cases.into_iter().flat_map(|c| {
-        [MoeMath::Simt, MoeMath::TensorCores].map(|math| LayerCase {
-            d: MoeDims { math, ..c.d },
+        kinds.map(|(math, storage)| LayerCase {
+            d: MoeDims { math, storage, ..c.d },
             ..c
         })
     });
@@ -592,16 +684,18 @@ fn check_moe_layer(dev: Device) -> Result<()> {
             None => uniform(&mut rng, n * c, 1.0),
         };
         let bias = matches!(d.gating, MoeGating::SigmoidGroup { .. }).then(|| uniform(&mut rng, e, 0.05));
-        let wg = bf16s(&mut rng, e * f * c, sc);
-        let wu = bf16s(&mut rng, e * f * c, sc);
-        let wd = bf16s(&mut rng, e * c * f, 1.0 / (f as f32).sqrt());
-        let shared = (fs > 0).then(|| {
-            [
-                bf16s(&mut rng, fs * c, sc),
-                bf16s(&mut rng, fs * c, sc),
-                bf16s(&mut rng, c * fs, 1.0 / (fs as f32).sqrt()),
-            ]
-        });
+        let f32s = d.storage == MoeStorage::F32;
+        let mut gen = |len: usize, s: f32| {
+            if f32s {
+                uniform(&mut rng, len, s)
+            } else {
+                bf16s(&mut rng, len, s)
+            }
+        };
+        let wg = gen(e * f * c, sc);
+        let wu = gen(e * f * c, sc);
+        let wd = gen(e * c * f, 1.0 / (f as f32).sqrt());
+        let shared = (fs > 0).then(|| [gen(fs * c, sc), gen(fs * c, sc), gen(c * fs, 1.0 / (fs as f32).sqrt())]);
         let dy = uniform(&mut rng, n * c, 1.0);
         // The Switch aux-loss gradient on the probabilities (softmax only).
         let aux: Option<Vec<f32>> = matches!(d.gating, MoeGating::Softmax { .. }).then(|| uniform(&mut rng, e, 0.05));
@@ -613,14 +707,120 @@ fn check_moe_layer(dev: Device) -> Result<()> {
             w_down: &wd,
             shared: shared.as_ref().map(|[a, b, c]| [&a[..], &b[..], &c[..]]),
         };
-        let (y, saved) = cpu::moe_layer_forward(&d, &wt, &x, Store::Bf16)?;
+        let store = store_of(d.storage);
+        let (y, saved) = cpu::moe_layer_forward(&d, &wt, &x, store)?;
         let mut dx = vec![0f32; n * c];
         let mut gr = MoeLayerGrads::zeros(&d);
-        cpu::moe_layer_backward(&d, &wt, &saved, &x, &dy, aux.as_deref(), Store::Bf16, &mut dx, &mut gr)?;
+        cpu::moe_layer_backward(&d, &wt, &saved, &x, &dy, aux.as_deref(), store, &mut dx, &mut gr)?;
         let (gy, gcounts, gdx, ggr) = match &on {
             On::Cpu => (y.clone(), saved.counts.clone(), dx.clone(), gr.clone()),
-            On::Gpu(g) => {
+            On::Gpu(g) if f32s => {
+                // Every weight a view into one flat f32 buffer and every
+                // gradient a view into one flat gradient buffer (as a model
+                // keeps them), with a guard band before and after.
+                const PAD: usize = 5;
+                let sh = shared.as_ref();
+                let parts: Vec<&[f32]> = [&router[..], bias.as_deref().unwrap_or(&[]), &wg, &wu, &wd]
+                    .into_iter()
+                    .chain(sh.into_iter().flat_map(|s| s.iter().map(|v| &v[..])))
+                    .collect();
+                let mut flat = vec![7.0f32; PAD];
+                let mut at = Vec::new();
+                for p in &parts {
+                    at.push(flat.len());
+                    flat.extend_from_slice(p);
+                }
+                flat.extend_from_slice(&[7.0; PAD]);
+                let pd = up(g, &flat)?;
+                let view = |i: usize| pd.slice(at[i]..at[i] + parts[i].len());
                 let w = MoeWeights {
+                    router: view(0),
+                    bias: bias.as_ref().map(|_| view(1)),
+                    experts: MoeExperts::F32(MoeExpertViews {
+                        w_gate: view(2),
+                        w_up: view(3),
+                        w_down: view(4),
+                        shared: sh.map(|_| [view(5), view(6), view(7)]),
+                    }),
+                };
+                // Gradients: router, the three stacked expert tensors (equal
+                // sizes), the three shared ones (equal sizes); prefilled with
+                // g0, so `+=` is checked.
+                let (ec, efc, fsc) = (e * c, e * f * c, fs * c);
+                let glen = PAD + ec + 3 * efc + 3 * fsc + PAD;
+                let g0 = uniform(&mut StdRng::seed_from_u64(seed + 100), glen, 0.5);
+                let mut buf = MoeBuffers::new(g, d)?;
+                let (xd, dyd) = (up(g, &x)?, up(g, &dy)?);
+                let auxd = aux.as_deref().map(|a| up(g, a)).transpose()?;
+                let run = |y: &mut CudaSlice<f32>,
+                           dx: &mut CudaSlice<f32>,
+                           gflat: &mut CudaSlice<f32>,
+                           buf: &mut MoeBuffers|
+                 -> Result<()> {
+                    ml::moe_layer_forward(g, y, &xd, &w, buf)?;
+                    let (_, mut rest) = gflat.split_at_mut(PAD);
+                    let (router_g, mut rest) = rest.split_at_mut(ec);
+                    let (experts_g, mut rest) = rest.split_at_mut(3 * efc);
+                    let mut ex = experts_g.chunks_exact_mut(efc.max(1));
+                    let shared_g = if fs > 0 {
+                        let mut it = rest.slice_mut(0..3 * fsc).chunks_exact_mut(fsc);
+                        match (it.next(), it.next(), it.next()) {
+                            (Some(a), Some(b), Some(c)) => Some([a, b, c]),
+                            _ => None,
+                        }
+                    } else {
+                        None
+                    };
+                    let (Some(w_gate), Some(w_up), Some(w_down)) = (ex.next(), ex.next(), ex.next()) else {
+                        panic!("three expert gradient views");
+                    };
+                    let mut grv = MoeGradsMut {
+                        router: router_g,
+                        w_gate,
+                        w_up,
+                        w_down,
+                        shared: shared_g,
+                    };
+                    ml::moe_layer_backward(g, dx, &mut grv, &dyd, &xd, &w, buf, auxd.as_ref())?;
+                    Ok(())
+                };
+                let (mut yd, mut dxd, mut gd) = (g.zeros::<f32>(n * c)?, g.zeros::<f32>(n * c)?, up(g, &g0)?);
+                run(&mut yd, &mut dxd, &mut gd, &mut buf)?;
+                let ids = down(g, &buf.ids)?;
+                assert_eq!(ids, saved.ids, "layer routing, seed {seed} on {dev}");
+                let counts = down(g, &buf.perm.counts)?;
+                // Determinism: a rerun gives the same bits.
+                let (mut y2, mut dx2, mut gd2) = (g.zeros::<f32>(n * c)?, g.zeros::<f32>(n * c)?, up(g, &g0)?);
+                run(&mut y2, &mut dx2, &mut gd2, &mut buf)?;
+                let tobits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
+                assert_eq!(tobits(down(g, &y2)?), tobits(down(g, &yd)?), "rerun y, seed {seed}");
+                assert_eq!(tobits(down(g, &dx2)?), tobits(down(g, &dxd)?), "rerun dx, seed {seed}");
+                let gflat = down(g, &gd)?;
+                assert_eq!(
+                    tobits(down(g, &gd2)?),
+                    tobits(gflat.clone()),
+                    "rerun grads, seed {seed}"
+                );
+                // The guard bands and the parameters are untouched.
+                assert_eq!(&gflat[..PAD], &g0[..PAD], "gradient guard band before");
+                assert_eq!(&gflat[glen - PAD..], &g0[glen - PAD..], "gradient guard band after");
+                assert_eq!(down(g, &pd)?, flat, "parameters untouched");
+                let delta = |a: usize, len: usize| -> Vec<f32> { (a..a + len).map(|i| gflat[i] - g0[i]).collect() };
+                let o = PAD + ec;
+                let ggr = MoeLayerGrads {
+                    router: delta(PAD, ec),
+                    w_gate: delta(o, efc),
+                    w_up: delta(o + efc, efc),
+                    w_down: delta(o + 2 * efc, efc),
+                    shared: (fs > 0).then(|| {
+                        let s0 = o + 3 * efc;
+                        [delta(s0, fsc), delta(s0 + fsc, fsc), delta(s0 + 2 * fsc, fsc)]
+                    }),
+                };
+                (down(g, &yd)?, counts, down(g, &dxd)?, ggr)
+            }
+            On::Gpu(g) => {
+                let w = MoeWeightsBf16 {
                     router: up(g, &router)?,
                     bias: bias.as_deref().map(|b| up(g, b)).transpose()?,
                     w_gate: up(g, &bits(&wg))?,
@@ -631,6 +831,7 @@ fn check_moe_layer(dev: Device) -> Result<()> {
                         None => None,
                     },
                 };
+                let w = w.view();
                 let mut buf = MoeBuffers::new(g, d)?;
                 let (xd, dyd) = (up(g, &x)?, up(g, &dy)?);
                 let mut yd = g.zeros::<f32>(n * c)?;
@@ -640,13 +841,13 @@ fn check_moe_layer(dev: Device) -> Result<()> {
                 let auxd = aux.as_deref().map(|a| up(g, a)).transpose()?;
                 let mut dxd = g.zeros::<f32>(n * c)?;
                 let mut grd = MoeGrads::zeros(g, &d)?;
-                ml::moe_layer_backward(g, &mut dxd, &mut grd, &dyd, &xd, &w, &mut buf, auxd.as_ref())?;
+                ml::moe_layer_backward(g, &mut dxd, &mut grd.view_mut(), &dyd, &xd, &w, &mut buf, auxd.as_ref())?;
                 // Determinism: no float atomics, so a rerun gives the same bits.
                 let mut y2 = g.zeros::<f32>(n * c)?;
                 ml::moe_layer_forward(g, &mut y2, &xd, &w, &mut buf)?;
                 let mut dx2 = g.zeros::<f32>(n * c)?;
                 let mut gr2 = MoeGrads::zeros(g, &d)?;
-                ml::moe_layer_backward(g, &mut dx2, &mut gr2, &dyd, &xd, &w, &mut buf, auxd.as_ref())?;
+                ml::moe_layer_backward(g, &mut dx2, &mut gr2.view_mut(), &dyd, &xd, &w, &mut buf, auxd.as_ref())?;
                 let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
                 assert_eq!(bits(down(g, &y2)?), bits(down(g, &yd)?), "rerun y, seed {seed}");
                 assert_eq!(bits(down(g, &dx2)?), bits(down(g, &dxd)?), "rerun dx, seed {seed}");
@@ -673,7 +874,7 @@ fn check_moe_layer(dev: Device) -> Result<()> {
                 (down(g, &yd)?, down(g, &buf.perm.counts)?, down(g, &dxd)?, ggr)
             }
         };
-        let tag = format!("layer seed {seed} {:?} {:?} on {dev}", d.gating, d.math);
+        let tag = format!("layer seed {seed} {:?} {:?} {:?} on {dev}", d.gating, d.math, d.storage);
         assert_eq!(gcounts, saved.counts, "expert loads {tag}");
         if let Some(h) = hot {
             assert_eq!(gcounts[h] as usize, n, "{tag}: all tokens on expert {h}");
@@ -684,16 +885,52 @@ fn check_moe_layer(dev: Device) -> Result<()> {
         // moves an output by at most 2^-8 of one O(1) product term. Outputs
         // are O(1): 3e-3 absolute + 1e-2 relative covers a few flips and
         // is still far below a wrong segment, slot or weight (O(1) errors).
-        close(&format!("y {tag}"), &gy, &y, 3e-3, 1e-2);
-        close(&format!("dx {tag}"), &gdx, &dx, 3e-3, 1e-2);
-        close(&format!("d router {tag}"), &ggr.router, &gr.router, 3e-3, 1e-2);
-        close(&format!("d w_gate {tag}"), &ggr.w_gate, &gr.w_gate, 3e-3, 1e-2);
-        close(&format!("d w_up {tag}"), &ggr.w_up, &gr.w_up, 3e-3, 1e-2);
-        close(&format!("d w_down {tag}"), &ggr.w_down, &gr.w_down, 3e-3, 1e-2);
+        //
+        // f32 storage: nothing is rounded to bf16, so the two sides differ
+        // only by f32 summation order (products over C <= 96 or F <= 70
+        // terms, weight gradients over up to N = 150 rows, |terms| <= 1) and
+        // expf against exp: depth * 2^-24 * sum |terms| <= 150 * 6e-8 ~ 1e-5
+        // absolute in the worst case, typically far less; plus the 1e-7
+        // rounding of reading a gradient back as (g0 + grad) - g0. So
+        // 2e-5 absolute + 1e-4 relative (the training step's bar): a
+        // wrong row, slot or weight is an O(1e-2..1) error.
+        let (atol, rtol) = match d.storage {
+            MoeStorage::Bf16 => (3e-3, 1e-2),
+            MoeStorage::F32 => (2e-5, 1e-4),
+        };
+        close(&format!("y {tag}"), &gy, &y, atol, rtol);
+        close(&format!("dx {tag}"), &gdx, &dx, atol, rtol);
+        close(&format!("d router {tag}"), &ggr.router, &gr.router, atol, rtol);
+        close(&format!("d w_gate {tag}"), &ggr.w_gate, &gr.w_gate, atol, rtol);
+        close(&format!("d w_up {tag}"), &ggr.w_up, &gr.w_up, atol, rtol);
+        close(&format!("d w_down {tag}"), &ggr.w_down, &gr.w_down, atol, rtol);
         if let (Some(a), Some(b)) = (&ggr.shared, &gr.shared) {
             for i in 0..3 {
-                close(&format!("d shared {i} {tag}"), &a[i], &b[i], 3e-3, 1e-2);
+                close(&format!("d shared {i} {tag}"), &a[i], &b[i], atol, rtol);
             }
+        }
+        if d.storage == MoeStorage::F32 {
+            // The largest absolute difference, and the largest relative one
+            // where |twin| > 1e-2.
+            let worst = |a: &[f32], b: &[f32]| {
+                a.iter().zip(b).fold((0.0f32, 0.0f32), |(ab, rel), (x, y)| {
+                    let d = (x - y).abs();
+                    (ab.max(d), if y.abs() > 1e-2 { rel.max(d / y.abs()) } else { rel })
+                })
+            };
+            let all = [
+                ("y", worst(&gy, &y)),
+                ("dx", worst(&gdx, &dx)),
+                ("d router", worst(&ggr.router, &gr.router)),
+                ("d w_gate", worst(&ggr.w_gate, &gr.w_gate)),
+                ("d w_up", worst(&ggr.w_up, &gr.w_up)),
+                ("d w_down", worst(&ggr.w_down, &gr.w_down)),
+            ];
+            let line: Vec<String> = all
+                .iter()
+                .map(|(w, (a, r))| format!("{w} {a:.1e} abs {r:.1e} rel"))
+                .collect();
+            eprintln!("{tag}: max differences: {}", line.join(", "));
         }
     }
     Ok(())

@@ -37,7 +37,7 @@ pub use matmul::{matmul, matmul_batched, Gemm};
 pub use moe::{
     moe_bias_update, moe_combine, moe_combine_backward, moe_count, moe_gather, moe_grouped_gate_up, moe_grouped_matmul,
     moe_grouped_wgrad, moe_permute, moe_route, moe_route_backward, moe_route_sigmoid_group, moe_route_softmax,
-    moe_swiglu_backward, MoeGating, MoeMath, Store, MOE_TILE_ROWS,
+    moe_swiglu_backward, MoeGating, MoeMath, MoeStorage, Store, MOE_TILE_ROWS,
 };
 pub use moe_layer::{moe_layer_backward, moe_layer_forward, MoeDims, MoeLayerGrads, MoeLayerSaved, MoeLayerWeights};
 pub use norm::{rmsnorm_backward, rmsnorm_forward};

@@ -23,7 +23,7 @@ use half::bf16;
 use super::{matmul, Gemm};
 use crate::error::{check_lens, Error, Result};
 
-pub use aha_cuda_kernels::launch_moe::{MoeGating, MoeMath};
+pub use aha_cuda_kernels::launch_moe::{MoeGating, MoeMath, MoeStorage};
 
 /// Rows per tile of the grouped products' tile list (`MOE_TM`).
 pub const MOE_TILE_ROWS: usize = aha_cuda_kernels::launch_moe::MOE_TILE_ROWS;

@@ -2,8 +2,10 @@
 //! [`super::moe`] chained in the same order, forward and backward, so that
 //! the GPU layer is checked against it step for step and it is checked
 //! against `aha_moe_model`'s CPU MoE layer (with [`Store::F32`] the two are
-//! the same math, in another summation order). `MoeDims::math` is ignored
-//! here: the SIMT and tensor-core kernels share one contract.
+//! the same math, in another summation order). `MoeDims::math` and
+//! `MoeDims::storage` are ignored here: the SIMT and tensor-core kernels
+//! share one contract, and the `store` argument sets the rounding (the
+//! device layer's bf16 storage is `Store::Bf16`, its f32 storage `Store::F32`).
 
 use super::moe::{
     moe_combine, moe_combine_backward, moe_count, moe_gather, moe_grouped_gate_up, moe_grouped_matmul,
@@ -259,7 +261,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::cpu::{MoeGating, MoeMath};
+    use crate::cpu::{MoeGating, MoeMath, MoeStorage};
 
     struct Layer {
         d: MoeDims,
@@ -340,6 +342,7 @@ mod tests {
             f_shared,
             gating,
             math: MoeMath::TensorCores,
+            storage: MoeStorage::F32,
         };
         let mut v = |len: usize, s: f32| -> Vec<f32> { (0..len).map(|_| rng.random_range(-s..s)).collect() };
         let w = vec![
