@@ -19,6 +19,7 @@ mod error;
 mod ffn;
 pub mod gpu;
 mod linear;
+pub mod memory;
 mod model;
 #[cfg(test)]
 mod moe_twin_tests;
