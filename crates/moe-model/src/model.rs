@@ -19,11 +19,15 @@ use crate::params::{load_params, save_params, FfnSlots, Layout};
 /// [N, V] matrix never exists at once.
 const LOGIT_CHUNK: usize = 256;
 
-/// The RoPE tables `cos, sin [max_pos, rot / 2]` of a config (the CPU and
-/// the GPU model use the same ones).
+/// The RoPE tables `cos, sin [max_pos, rot / 2]` of a config, with its
+/// RoPE scaling and attention factor applied (the CPU and the GPU model use
+/// the same ones). `max_pos` is also the sequence length dynamic scaling
+/// reads, as transformers reads the longest position of a forward.
 pub(crate) fn rope_tables(cfg: &ModelConfig, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
     let (_, _, rot, _) = cfg.attn_dims();
-    cpu::rope_table::<f32>(cfg.rope_theta, rot, max_pos)
+    let s = &cfg.rope_scaling;
+    let inv_freq = s.inv_freq(cfg.rope_theta, rot, max_pos, cfg.max_position_embeddings);
+    crate::rope::tables(&inv_freq, max_pos, s.attention_factor())
 }
 
 /// A loaded model. `params` is the one flat buffer; `layout` names its views.

@@ -1,5 +1,6 @@
-//! The tests of truth: tiny models written by transformers 5.23 in float32
-//! (tests/fixtures/models/*), with transformers' logits, next-token
+//! The tests of truth: tiny models written by transformers 5.23 / 5.25 in
+//! float32 (tests/fixtures/models/*: Qwen2, Qwen3-MoE, DeepSeek-V3, Llama
+//! with llama3 RoPE scaling, DeepSeek-V3 with YaRN, DeepSeek-V3 in FP8), with transformers' logits, next-token
 //! log-probs, mean-NLL loss, the gradient of that loss for every parameter,
 //! and a 12-token greedy continuation. Tolerances are the issue's: logits and
 //! log-probs within 1e-4 (max abs), loss within 1e-5 (relative), every
@@ -178,4 +179,14 @@ fn qwen3_moe_tiny_matches_transformers() {
 #[test]
 fn deepseek_v3_tiny_matches_transformers() {
     check_model("deepseek-v3-tiny");
+}
+
+#[test]
+fn llama_tiny_with_llama3_rope_matches_transformers() {
+    check_model("llama-tiny");
+}
+
+#[test]
+fn deepseek_v3_yarn_tiny_matches_transformers() {
+    check_model("deepseek-v3-yarn-tiny");
 }

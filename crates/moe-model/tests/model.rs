@@ -60,18 +60,83 @@ fn configs_parse_with_aliases_and_lists() {
 }
 
 #[test]
+fn rope_scaling_is_read_from_either_key() {
+    use aha_moe_model::RopeScaling;
+    let ds = ModelConfig::from_path(&fixture("deepseek-v3-yarn-tiny")).unwrap();
+    let RopeScaling::Yarn {
+        factor,
+        attention_factor,
+        original_max_position_embeddings,
+        ..
+    } = ds.rope_scaling
+    else {
+        panic!("{:?}", ds.rope_scaling)
+    };
+    assert_eq!(
+        (factor, attention_factor, original_max_position_embeddings),
+        (40.0, 1.0, 64.0)
+    );
+    // DeepSeek-V3 multiplies the softmax scale by (0.1 ln 40 + 1)^2.
+    let m = 0.1 * 40f64.ln() + 1.0;
+    assert!((ds.softmax_scale_mult - m * m).abs() < 1e-12);
+    let (.., scale) = ds.attn_dims();
+    assert!((scale - m * m / 48f64.sqrt()).abs() < 1e-12);
+    // The older key and `type` spelling give the same rule; a Qwen-style
+    // model takes no softmax multiplier.
+    let c = parse(&format!(
+        r#"{QWEN3}, "rope_scaling": {{"type": "linear", "factor": 2.0}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    assert_eq!(c.softmax_scale_mult, 1.0);
+    let c = parse(&format!(
+        r#"{QWEN3}, "rope_parameters": {{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}}}"#
+    ))
+    .unwrap();
+    // Without mscale and mscale_all_dim, the attention factor is 0.1 ln 4 + 1.
+    assert!((c.rope_scaling.attention_factor() - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+}
+
+#[test]
 fn configs_that_change_the_math_are_refused() {
     for (extra, needle) in [
-        (r#", "rope_scaling": {"type": "yarn", "factor": 4.0}"#, "yarn"),
+        (
+            r#", "rope_scaling": {"type": "longrope", "factor": 4.0}"#,
+            "rope_scaling` of type `longrope",
+        ),
+        (
+            r#", "rope_parameters": {"rope_type": "su"}"#,
+            "rope_parameters` of type `su",
+        ),
+        (
+            r#", "rope_scaling": {"type": "yarn"}, "max_position_embeddings": 0"#,
+            "original_max_position_embeddings",
+        ),
+        (
+            r#", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}"#,
+            "low_freq_factor",
+        ),
+        (r#", "partial_rotary_factor": 0.5"#, "partial_rotary_factor"),
         (r#", "use_sliding_window": true"#, "sliding"),
-        (r#", "quantization_config": {"quant_method": "fp8"}"#, "quantized"),
+        (
+            r#", "quantization_config": {"quant_method": "gptq"}"#,
+            "quant_method `gptq`",
+        ),
+        (
+            r#", "quantization_config": {"quant_method": "fp8"}"#,
+            "weight_block_size",
+        ),
+        (
+            r#", "quantization_config": {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}"#,
+            "e5m2",
+        ),
         (r#", "hidden_act": "gelu""#, "gelu"),
     ] {
         let e = parse(&format!("{QWEN3}{extra}}}")).unwrap_err().to_string();
         assert!(e.contains(needle) && e.contains("config.json"), "{e}");
     }
-    let e = parse(r#"{"model_type": "llama"}"#).unwrap_err().to_string();
-    assert!(e.contains("llama"), "{e}");
+    let e = parse(r#"{"model_type": "gpt2"}"#).unwrap_err().to_string();
+    assert!(e.contains("gpt2"), "{e}");
     let e = parse(r#"{"model_type": "qwen2", "hidden_size": "big"}"#)
         .unwrap_err()
         .to_string();
