@@ -356,3 +356,88 @@ fn bad_inputs_are_errors() {
     assert!(m.forward_cached(&[], &mut cache).is_err());
     assert!(Model::load(Path::new("/nonexistent/model")).is_err());
 }
+
+/// Writes `tensors` (name, dtype, shape, raw bytes) as one safetensors file.
+fn write_raw(path: &Path, tensors: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Block-wise FP8 as DeepSeek-V3 ships it, on llama-tiny's shapes with
+/// 48x40 blocks so that edge blocks are partial both ways: every weight is
+/// an e4m3 code times its block's scale, so the dequantized model must
+/// equal the f32 one bit for bit. A weight without its scale is named.
+#[test]
+fn fp8_block_quantized_weights_dequantize_exactly() {
+    let src = fixture("llama-tiny");
+    let f32_model = Model::load(&src).unwrap();
+    // Codes and the values they stand for: 1, 2, 0.5, -1, 3, 2^-9 (subnormal), -448.
+    let codes: [(u8, f32); 7] = [
+        (0x38, 1.0),
+        (0x40, 2.0),
+        (0x30, 0.5),
+        (0xb8, -1.0),
+        (0x44, 3.0),
+        (0x01, 1.0 / 512.0),
+        (0xfe, -448.0),
+    ];
+    let (bn, bk) = (48usize, 40usize);
+    let mut expected = f32_model.params.clone();
+    let mut tensors = Vec::new();
+    for e in &f32_model.layout.entries {
+        let quantize = e.name.starts_with("model.layers.") && e.shape.len() == 2;
+        if !quantize {
+            let bytes = e
+                .slot
+                .of(&f32_model.params)
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            tensors.push((e.name.clone(), safetensors::Dtype::F32, e.shape.clone(), bytes));
+            continue;
+        }
+        let (rows, cols) = (e.shape[0], e.shape[1]);
+        let (sr, sc) = (rows.div_ceil(bn), cols.div_ceil(bk));
+        let scale: Vec<f32> = (0..sr * sc).map(|i| 0.001 * (i + 1) as f32).collect();
+        let mut q = Vec::with_capacity(rows * cols);
+        let want = e.slot.of_mut(&mut expected);
+        for r in 0..rows {
+            for c in 0..cols {
+                let (code, value) = codes[(r * 7 + c * 3) % codes.len()];
+                q.push(code);
+                want[r * cols + c] = value * scale[(r / bn) * sc + c / bk];
+            }
+        }
+        tensors.push((e.name.clone(), safetensors::Dtype::F8_E4M3, e.shape.clone(), q));
+        let sbytes = scale.iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push((
+            format!("{}_scale_inv", e.name),
+            safetensors::Dtype::F32,
+            vec![sr, sc],
+            sbytes,
+        ));
+    }
+    let d = tmpdir("fp8");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [bn, bk]});
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    write_raw(&d.join("model.safetensors"), &tensors);
+    let m = Model::load(&d).unwrap();
+    assert!(m.params.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    // Drop one scale: the error names it.
+    tensors.retain(|t| t.0 != "model.layers.1.mlp.up_proj.weight_scale_inv");
+    write_raw(&d.join("model.safetensors"), &tensors);
+    let e = Model::load(&d).unwrap_err().to_string();
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight_scale_inv"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
