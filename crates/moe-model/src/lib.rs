@@ -26,6 +26,7 @@ pub mod paged;
 pub mod params;
 pub mod policy;
 pub mod rope;
+pub mod save;
 pub mod st;
 
 pub use config::{Arch, Fp8Blocks, MlaConfig, ModelConfig, MoeConfig, Router};
@@ -35,3 +36,4 @@ pub use paged::{PagedKvCache, SeqSpan};
 pub use params::{Layout, ParamEntry, Slot};
 pub use policy::{resolve_device, Forward, Moments, Policy, Precision, Scores};
 pub use rope::RopeScaling;
+pub use save::{SaveDtype, SaveOptions};
