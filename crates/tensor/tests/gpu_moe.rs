@@ -26,8 +26,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
 use aha_cuda_kernels::launch_moe::{self as lm, MoePermutation, MoeStorage};
 use aha_cuda_kernels::moe_layer::{
@@ -36,46 +34,10 @@ use aha_cuda_kernels::moe_layer::{
 use aha_cuda_kernels::Gpu;
 use aha_tensor::cpu::{self, MoeDims, MoeGating, MoeLayerGrads, MoeLayerWeights, MoeMath, Store};
 use aha_tensor::{bf16, Device, Result};
-use common::assert_close;
+use common::{assert_close, on, twin_tests, On};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-
-enum On {
-    Cpu,
-    Gpu(Arc<Gpu>),
-}
-
-fn on(dev: Device) -> Result<On> {
-    Ok(match dev {
-        Device::Cpu => On::Cpu,
-        Device::Cuda(i) => On::Gpu(Gpu::get(i)?),
-    })
-}
-
-macro_rules! twin_tests {
-    ($check:ident, $cpu:ident, $cuda:ident) => {
-        #[test]
-        fn $cpu() {
-            $check(Device::Cpu).unwrap();
-        }
-
-        #[test]
-        fn $cuda() {
-            if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
-                eprintln!("{}: skipped: no GPU ({reason})", stringify!($cuda));
-                return;
-            }
-            let t = std::time::Instant::now();
-            $check(Device::Cuda(0)).unwrap();
-            eprintln!(
-                "{}: passed in {:.1} ms",
-                stringify!($cuda),
-                t.elapsed().as_secs_f64() * 1e3
-            );
-        }
-    };
-}
 
 fn close(what: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) {
     let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
