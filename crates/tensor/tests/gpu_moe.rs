@@ -12,7 +12,7 @@
 //! launchers, against the same twins with `Store::F32`), and the layer in
 //! f32 storage with its weights and gradients as views into one flat
 //! parameter and one flat gradient buffer. Without a GPU the `_cuda` tests print "skipped: no GPU"
-//! and pass. None of them has run on a GPU yet.
+//! and pass (GPU status: `docs/gpu-verification.md`).
 //!
 //! bf16 operands are generated as f32 values that are exact bf16s and
 //! uploaded as their bits, so both sides start from identical inputs.
