@@ -109,6 +109,9 @@ pub struct GpuModel {
     params16: Option<CudaSlice<u16>>,
     /// Gradients in the same layout (allocated by the first backward).
     grads: Option<CudaSlice<f32>>,
+    /// Keep only each layer's input in the forward and recompute the rest
+    /// in the backward.
+    recompute: bool,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
 }
@@ -129,7 +132,7 @@ pub struct GpuForward {
     t: usize,
     ids: Vec<u32>,
     pos: CudaSlice<u32>,
-    layers: Vec<LayerActs>,
+    layers: Vec<Saved>,
     x_last: CudaSlice<f32>,
     rstd: CudaSlice<f32>,
     /// The final normed hidden states `[B * T, C]`.
@@ -147,9 +150,9 @@ impl GpuForward {
     pub fn expert_load(&self, gpu: &GpuModel) -> Result<Vec<Vec<u32>>> {
         self.layers
             .iter()
-            .map(|l| match &l.ffn {
-                FfnActs::Moe { buf, .. } => gpu.gpu.download(&buf.perm.counts).map_err(cuda),
-                FfnActs::Dense { .. } => Ok(vec![]),
+            .map(|l| match l.counts() {
+                Some(c) => gpu.gpu.download(c).map_err(cuda),
+                None => Ok(vec![]),
             })
             .collect()
     }
@@ -178,6 +181,29 @@ impl GpuScores {
     /// True when no row was scored.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+}
+
+/// A layer's saved state: everything, or only its input and its MoE
+/// layer's expert loads (recomputation).
+enum Saved {
+    Full(Box<LayerActs>),
+    Input {
+        x: CudaSlice<f32>,
+        counts: Option<CudaSlice<u32>>,
+    },
+}
+
+impl Saved {
+    /// The MoE layer's tokens per expert of the forward, if an MoE layer.
+    fn counts(&self) -> Option<&CudaSlice<u32>> {
+        match self {
+            Saved::Full(a) => match &a.ffn {
+                FfnActs::Moe { buf } => Some(&buf.perm.counts),
+                FfnActs::Dense { .. } => None,
+            },
+            Saved::Input { counts, .. } => counts.as_ref(),
+        }
     }
 }
 
@@ -267,6 +293,7 @@ impl GpuModel {
             params,
             params16,
             grads: None,
+            recompute: false,
         };
         m.refresh_copies()?;
         Ok(m)
@@ -822,28 +849,18 @@ impl GpuModel {
         let pos = g.upload(&pos).map_err(cuda)?;
         let mut layers = Vec::with_capacity(self.layout.layers.len());
         for s in &self.layout.layers {
-            let x_in = g.clone_dtod(&x).map_err(cuda)?;
-            let (ln1, ln1_rstd) = self.norm_rstd(&x, s.ln1, n, c)?;
-            let qkv = self.qkv(&ln1, s, &pos, n)?;
-            let (att, lse) = self.attention(&qkv, b, t)?;
-            let o = attn_out(&s.attn);
-            let ao = self.linear(&att, o, n)?;
-            launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
-            let x_mid = g.clone_dtod(&x).map_err(cuda)?;
-            let (ln2, ln2_rstd) = self.norm_rstd(&x, s.ln2, n, c)?;
-            let (down, ffn) = self.mlp(&ln2, s, n)?;
-            launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
-            layers.push(LayerActs {
-                x_in,
-                ln1,
-                ln1_rstd,
-                qkv,
-                att,
-                lse,
-                x_mid,
-                ln2,
-                ln2_rstd,
-                ffn,
+            layers.push(if self.recompute {
+                // Only the layer's input (and expert loads); the backward
+                // runs the layer again.
+                let x_in = g.clone_dtod(&x).map_err(cuda)?;
+                let a = self.layer_forward(&mut x, s, &pos, b, t)?;
+                let counts = match &a.ffn {
+                    FfnActs::Moe { buf } => Some(g.clone_dtod(&buf.perm.counts).map_err(cuda)?),
+                    FfnActs::Dense { .. } => None,
+                };
+                Saved::Input { x: x_in, counts }
+            } else {
+                Saved::Full(Box::new(self.layer_forward(&mut x, s, &pos, b, t)?))
             });
         }
         let (hidden, rstd) = self.norm_rstd(&x, self.layout.norm, n, c)?;
@@ -857,6 +874,49 @@ impl GpuModel {
             rstd,
             hidden,
         })
+    }
+
+    /// One decoder layer of the training forward: `x [B * T, C]` becomes the
+    /// layer's output; returns what its backward needs.
+    fn layer_forward(
+        &self,
+        x: &mut CudaSlice<f32>,
+        s: &LayerSlots,
+        pos: &CudaSlice<u32>,
+        b: usize,
+        t: usize,
+    ) -> Result<LayerActs> {
+        let g = &self.gpu;
+        let (n, c) = (b * t, self.config.hidden_size);
+        let x_in = g.clone_dtod(x).map_err(cuda)?;
+        let (ln1, ln1_rstd) = self.norm_rstd(x, s.ln1, n, c)?;
+        let qkv = self.qkv(&ln1, s, pos, n)?;
+        let (att, lse) = self.attention(&qkv, b, t)?;
+        let ao = self.linear(&att, attn_out(&s.attn), n)?;
+        launch::add_inplace_f32(g, x, &ao, n * c).map_err(cuda)?;
+        let x_mid = g.clone_dtod(x).map_err(cuda)?;
+        let (ln2, ln2_rstd) = self.norm_rstd(x, s.ln2, n, c)?;
+        let (down, ffn) = self.mlp(&ln2, s, n)?;
+        launch::add_inplace_f32(g, x, &down, n * c).map_err(cuda)?;
+        Ok(LayerActs {
+            x_in,
+            ln1,
+            ln1_rstd,
+            qkv,
+            att,
+            lse,
+            x_mid,
+            ln2,
+            ln2_rstd,
+            ffn,
+        })
+    }
+
+    /// Per-layer activation recomputation: the forward keeps only each
+    /// layer's input and the backward runs the layer again (one layer's
+    /// activations alive at a time, at the cost of a second forward).
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     /// The lm head's operands for hidden rows `h [n, C]`.
@@ -1262,7 +1322,11 @@ impl GpuModel {
         drop(dhidden);
         let aux = self.aux_grad(&fwd, aux_coef)?;
         let GpuForward { ids, pos, layers, .. } = fwd;
-        for (s, mut a) in self.layout.layers.iter().zip(layers).rev() {
+        for (s, saved) in self.layout.layers.iter().zip(layers).rev() {
+            let mut a = match saved {
+                Saved::Full(a) => *a,
+                Saved::Input { mut x, .. } => self.layer_forward(&mut x, s, &pos, b, t)?,
+            };
             // MLP: x_out = x_mid + ffn(ln2(x_mid)).
             let mut dln2 = self.zeros(n * c)?;
             match (&s.ffn, &mut a.ffn) {
@@ -1330,11 +1394,8 @@ impl GpuModel {
         let e = m.n_experts;
         let (mut counts, mut tokens) = (vec![0u64; e], 0usize);
         for l in &fwd.layers {
-            if let FfnActs::Moe { buf } = &l.ffn {
-                for (c, x) in counts
-                    .iter_mut()
-                    .zip(self.gpu.download(&buf.perm.counts).map_err(cuda)?)
-                {
+            if let Some(layer_counts) = l.counts() {
+                for (c, x) in counts.iter_mut().zip(self.gpu.download(layer_counts).map_err(cuda)?) {
                     *c += u64::from(x);
                 }
                 tokens += fwd.rows();
@@ -1425,13 +1486,15 @@ impl GpuModel {
     /// towards balance, from the expert loads of `fwd`.
     pub fn update_expert_bias(&mut self, fwd: &GpuForward, speed: f32) -> Result<()> {
         for (s, a) in self.layout.layers.iter().zip(&fwd.layers) {
-            if let (FfnSlots::Moe { bias: Some(bias), .. }, FfnActs::Moe { buf }) = (&s.ffn, &a.ffn) {
-                let g = &self.gpu;
-                let mut b = g
-                    .clone_range(&self.params, bias.off..bias.off + bias.len)
-                    .map_err(cuda)?;
-                launch_moe::moe_bias_update_f32(g, &mut b, &buf.perm.counts, bias.len, speed).map_err(cuda)?;
-                g.copy_into(&mut self.params, bias.off, &b).map_err(cuda)?;
+            if let (FfnSlots::Moe { bias: Some(bias), .. }, Some(counts)) = (&s.ffn, a.counts()) {
+                launch_moe::moe_bias_update_f32(
+                    &self.gpu,
+                    &mut self.params.slice_mut(bias.off..bias.off + bias.len),
+                    counts,
+                    bias.len,
+                    speed,
+                )
+                .map_err(cuda)?;
             }
         }
         self.refresh_copies()

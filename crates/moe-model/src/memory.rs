@@ -24,6 +24,9 @@ pub struct Workload {
     pub kv_tokens: usize,
     /// True when gradients and AdamW moments are needed.
     pub training: bool,
+    /// Per-layer activation recomputation: the forward keeps each layer's
+    /// input only, and one layer's activations exist at a time.
+    pub recompute: bool,
 }
 
 /// Bytes by purpose (see [`memory_plan`]).
@@ -95,9 +98,10 @@ impl std::fmt::Display for MemoryPlan {
 /// The lm head's workspace cap (`aha_cuda_kernels::lmhead::DEFAULT_BUDGET_BYTES`).
 const HEAD_BUDGET: u64 = 256 << 20;
 
-/// Bytes the GPU model keeps per token for the backward, by layer kind, and
-/// the bytes of one MoE layer's gradient buffers.
-fn per_token_bytes(cfg: &ModelConfig, precision: Precision) -> (u64, u64) {
+/// Bytes the GPU model keeps per token for the backward (all layers), the
+/// largest single layer's, and the bytes of one MoE layer's gradient
+/// buffers.
+fn per_token_bytes(cfg: &ModelConfig, precision: Precision) -> (u64, u64, u64) {
     let f = 4u64;
     let st: u64 = match precision {
         Precision::F32 => 4,
@@ -138,21 +142,30 @@ fn per_token_bytes(cfg: &ModelConfig, precision: Precision) -> (u64, u64) {
         None => (0, 0),
     };
     let layers = &cfg.sparse_layers;
-    let mut total = 0u64;
+    let (mut total, mut largest) = (0u64, 0u64);
     for l in 0..cfg.num_layers {
         let sparse = cfg.moe.is_some() && layers.get(l).copied().unwrap_or(false);
-        total += common + attn + if sparse { moe } else { dense };
+        let layer = common + attn + if sparse { moe } else { dense };
+        total += layer;
+        largest = largest.max(layer);
     }
     // The final norm's input and output and its rstd.
     total += f * (2 * c + 1);
-    (total, moe_grads)
+    (total, largest, moe_grads)
 }
 
 /// The plan of `cfg` in `precision` for `w`.
 pub fn memory_plan(cfg: &ModelConfig, precision: Precision, w: &Workload) -> MemoryPlan {
     let layout = Layout::new(cfg);
     let p = layout.size as u64;
-    let (per_token, moe_grads) = per_token_bytes(cfg, precision);
+    let (per_token, largest, moe_grads) = per_token_bytes(cfg, precision);
+    // Recomputation: every layer's input (C f32) and the final norm's
+    // buffers, plus the one layer being recomputed.
+    let kept = if w.recompute {
+        4 * cfg.num_layers as u64 * cfg.hidden_size as u64 + 4 * (2 * cfg.hidden_size as u64 + 1) + largest
+    } else {
+        per_token
+    };
     let (dk, dv, _, _) = cfg.attn_dims();
     let hk = if cfg.mla.is_some() {
         cfg.num_heads
@@ -169,13 +182,8 @@ pub fn memory_plan(cfg: &ModelConfig, precision: Precision, w: &Workload) -> Mem
         weights_bf16: if precision == Precision::Bf16 { 2 * p } else { 0 },
         grads: if w.training { 4 * p } else { 0 },
         moments: if w.training { 8 * p } else { 0 },
-        activations: if w.training {
-            per_token * w.tokens as u64
-        } else {
-            // Scoring keeps every layer's buffers as the forward runs: bound
-            // by the training figure.
-            per_token * w.tokens as u64
-        },
+        // (Scoring keeps what the training forward keeps.)
+        activations: kept * w.tokens as u64,
         kv_cache: w.kv_tokens as u64 * cfg.num_layers as u64 * hk * (dk + dv) as u64 * 4,
         workspace: head + if w.training { moe_grads } else { 0 },
     }

@@ -451,6 +451,16 @@ impl Policy {
         }
     }
 
+    /// Per-layer activation recomputation on a GPU (`recompute = true`):
+    /// the forward keeps only each layer's input and the backward runs the
+    /// layer again, so one layer's activations are alive at a time. The CPU
+    /// keeps everything (host memory is rarely the limit there).
+    pub fn set_recompute(&mut self, on: bool) {
+        if let Inner::Gpu(g) = &mut self.inner {
+            g.set_recompute(on);
+        }
+    }
+
     /// Waits for the device's queued work (a no-op on the CPU), so a timer
     /// read after it covers the work.
     pub fn synchronize(&self) -> Result<()> {

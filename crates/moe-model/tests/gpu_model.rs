@@ -274,3 +274,43 @@ fn bf16_training_stays_near_the_f32_reference_cuda() {
     eprintln!("qwen2-tiny bf16: gradients: worst relative difference {worst:.3e} ({at})");
     assert!(worst < 0.1, "bf16 gradient of {at} differs by {worst} of its scale");
 }
+
+/// Per-layer recomputation gives the gradients of the full forward: the
+/// layers run again from their inputs in the backward, with the same
+/// routing (the routers are deterministic), on an MoE model with the aux
+/// loss and on MLA + sigmoid routing.
+#[test]
+fn recomputation_gives_the_same_gradients_cuda() {
+    if skip("recomputation_gives_the_same_gradients_cuda") {
+        return;
+    }
+    for (name, aux) in [("qwen3-moe-tiny", 0.01), ("deepseek-v3-tiny", 0.0)] {
+        let model = fixture(name);
+        let (bs, t) = (2, 9);
+        let v = model.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..bs * t)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761) % v)
+            .collect();
+        let rows: Vec<u32> = (0..(bs * t) as u32).collect();
+        let targets: Vec<u32> = ids.iter().map(|&x| (x + 3) % v).collect();
+        let n = rows.len();
+        let dl: Vec<f32> = (0..n).map(|i| ((i * 31) % 11) as f32 / 11.0 - 0.5).collect();
+        let grads = |recompute: bool| {
+            let mut p = Policy::new(model.clone(), Device::Cuda(0), Precision::F32).unwrap();
+            p.set_recompute(recompute);
+            let f = p.forward(&ids, bs, t).unwrap();
+            let s = p.score(&f, &rows, &targets, 1.0).unwrap();
+            p.zero_grad().unwrap();
+            let d = Tensor::from_vec(dl.clone(), n, Device::Cuda(0)).unwrap();
+            p.backward(f, &s, &d, None, aux).unwrap();
+            p.grads_to_host().unwrap()
+        };
+        let (full, again) = (grads(false), grads(true));
+        let (worst, at) = worst_relative(&model, &again, &full);
+        eprintln!("{name}: recomputed gradients: worst relative difference {worst:.1e} ({at})");
+        assert!(
+            worst <= 1e-6,
+            "{name}: recomputation changed the gradient of {at} by {worst}"
+        );
+    }
+}

@@ -42,6 +42,7 @@ fn qwen25_1_5b_fits_80gb_with_room_for_activations() {
         scored: 2048,
         kv_tokens: 0,
         training: true,
+        recompute: false,
     };
     let plan = memory_plan(&m, Precision::Bf16, &w);
     assert_eq!(plan.params as u64, p);
@@ -62,6 +63,20 @@ fn qwen25_1_5b_fits_80gb_with_room_for_activations() {
     let big = memory_plan(&m, Precision::Bf16, &Workload { tokens: 16_384, ..w });
     assert_eq!(big.activations, per_token * 16_384);
     assert!(big.check(GB80, "an 80 GB GPU").is_err(), "{big}");
+    // With recomputation: 28 layer inputs (4 x 1536 bytes) and the final
+    // norm's buffers per token, plus one layer's activations: 16k tokens fit.
+    let re = memory_plan(
+        &m,
+        Precision::Bf16,
+        &Workload {
+            tokens: 16_384,
+            recompute: true,
+            ..w
+        },
+    );
+    assert_eq!(re.activations, (28 * 4 * 1536 + 4 * (2 * 1536 + 1) + 153_656) * 16_384);
+    assert!(re.check(GB80, "an 80 GB GPU").is_ok(), "{re}");
+    eprintln!("Qwen2.5-1.5B bf16, 16k tokens, recomputation: {re}");
 }
 
 #[test]
@@ -74,6 +89,7 @@ fn qwen25_7b_full_training_does_not_fit_80gb_and_is_refused() {
         scored: 2048,
         kv_tokens: 0,
         training: true,
+        recompute: false,
     };
     let plan = memory_plan(&m, Precision::Bf16, &w);
     // Weights, bf16 copy, gradients and moments alone: 18 x 7.62e9 = 137 GB.
@@ -119,6 +135,7 @@ fn qwen3_30b_a3b_counts_every_expert_and_its_buffers() {
         scored: 2048,
         kv_tokens: 0,
         training: true,
+        recompute: false,
     };
     let plan = memory_plan(&m, Precision::Bf16, &w);
     assert_eq!(plan.params as u64, p);

@@ -91,6 +91,10 @@ pub struct GrpoConfig {
     /// TRL's `per_device_train_batch_size` x `gradient_accumulation_steps`
     /// in tokens).
     pub micro_batch_tokens: usize,
+    /// Per-layer activation recomputation on the GPU: the forward keeps each
+    /// layer's input only and the backward runs the layer again (default
+    /// false; TRL's `gradient_checkpointing`).
+    pub recompute: bool,
     /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
     /// more prompts until the step has `prompts_per_step` groups.
     pub dynamic_sampling: bool,
@@ -145,6 +149,7 @@ impl Default for GrpoConfig {
             device: "auto".into(),
             precision: "f32".into(),
             micro_batch_tokens: 0,
+            recompute: false,
             max_prompt_length: 512,
             max_completion_length: 1024,
             mask_truncated_completions: false,
@@ -284,6 +289,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         scored: rows * cfg.max_completion_length,
         kv_tokens: 0,
         training: true,
+        recompute: cfg.recompute,
     };
     let mut plan = memory_plan(&mcfg, precision, &work);
     if cfg.beta > 0.0 {
@@ -300,7 +306,11 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     }
     log(&format!("policy on {device} ({precision}); memory plan: {plan}"));
     check_device(&plan, device)?;
-    let place = |m: Model| Policy::new(m, device, precision);
+    let place = |m: Model| -> Result<Policy> {
+        let mut p = Policy::new(m, device, precision)?;
+        p.set_recompute(cfg.recompute);
+        Ok(p)
+    };
     let (mut policy, mut reference, mut opt, mut rng, start, mut lines) = match loaded {
         Some(l) => {
             let old = std::fs::read_to_string(out.join("config.toml")).unwrap_or_default();

@@ -240,6 +240,8 @@ pub fn run_sft(
         m.source_dir = Some(model_dir.to_path_buf());
         m
     };
+    // The device first: a wrong --device fails before any data is read.
+    let dev = resolve_device(device, &model.config, precision)?;
     let tok = load_tokenizer(model_dir)?;
     let t = Templater::new(template, model_dir)?;
     let examples = read_sft_jsonl(data, &tok, &t, model.config.eos_token_ids.first().copied())?;
@@ -257,7 +259,6 @@ pub fn run_sft(
         )));
     }
     let mut rng = Rng::new(seed);
-    let dev = resolve_device(device, &model.config, precision)?;
     let longest = examples.iter().map(|e| e.0.len() + e.1.len()).max().unwrap_or(0);
     let plan = memory_plan(
         &model.config,
@@ -267,6 +268,7 @@ pub fn run_sft(
             scored: batch * longest,
             kv_tokens: 0,
             training: true,
+            recompute: false,
         },
     );
     eprintln!("aha sft: model on {dev} ({precision}); memory plan: {plan}");
