@@ -126,7 +126,14 @@ fn a_nan_loss_skips_the_update_and_names_the_batch() {
     step.minibatches = 2;
     step.sampling.max_new_tokens = 4;
     step.loss.beta = 0.0;
-    let rewards = toy::rewards(&problems);
+    let rewards = toy::rewards();
+    let examples = toy::examples(&problems);
+    let batch = aha_rewards::BatchConfig::default();
+    let scoring = aha_trainer::rl::Scoring {
+        rewards: &rewards,
+        examples: &examples,
+        batch: &batch,
+    };
     let head = m
         .layout
         .entries
@@ -135,7 +142,7 @@ fn a_nan_loss_skips_the_update_and_names_the_batch() {
         .unwrap()
         .slot;
     let mut m = Policy::new(m, Device::Cpu, Precision::F32).unwrap();
-    let r = rollout(&m, &tok, &prompts, &rewards, &step).unwrap();
+    let r = rollout(&m, &tok, &prompts, &scoring, &step).unwrap();
     // Poison the policy after sampling: every log-prob is NaN.
     let mut poisoned = m.params_to_host().unwrap();
     head.of_mut(&mut poisoned).fill(f32::NAN);
