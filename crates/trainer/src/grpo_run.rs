@@ -16,7 +16,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::data::read_rows_jsonl;
 use crate::error::{io_err, Error, Result};
 use crate::optim::{OptimConfig, Optimizer, Schedule};
-use crate::rewards::{build, BuildContext, RewardSpec};
+use crate::rewards::{build, BuildContext, RewardKind, RewardSpec};
 use crate::rl::{rollout, train_on, GrpoStep, Rollouts, Scoring};
 use crate::sft_run::Templater;
 use crate::toy::Rng;
@@ -143,7 +143,10 @@ impl Default for GrpoConfig {
             dynamic_sampling_max_rounds: 4,
             reference_reset_every: 400,
             template: "r1-zero".into(),
-            rewards: vec![default_reward("accuracy"), default_reward("format")],
+            rewards: vec![
+                default_reward("accuracy", RewardKind::Accuracy(Default::default())),
+                default_reward("format", RewardKind::Format(Default::default())),
+            ],
             language: "en".into(),
             reward_workers: 0,
             reward_deadline_s: BatchConfig::default().item_deadline_s,
@@ -155,14 +158,12 @@ impl Default for GrpoConfig {
     }
 }
 
-fn default_reward(kind: &str) -> RewardSpec {
+/// A reward named after its kind, weight 1, default parameters.
+fn default_reward(name: &str, kind: RewardKind) -> RewardSpec {
     RewardSpec {
-        name: kind.into(),
+        name: name.into(),
         weight: 1.0,
-        kind: match kind {
-            "accuracy" => crate::rewards::RewardKind::Accuracy(Default::default()),
-            _ => crate::rewards::RewardKind::Format(Default::default()),
-        },
+        kind,
     }
 }
 
