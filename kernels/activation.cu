@@ -18,9 +18,7 @@ __device__ __forceinline__ float aha_sigmoid(float x) {
     return 1.0f / (1.0f + expf(-x));
 }
 
-#define AHA_GRID_STRIDE(i, n) \
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (unsigned long long)gridDim.x * blockDim.x)
+#include "common.cuh"
 
 extern "C" __global__ void silu_forward_f32(
     float* __restrict__ out,

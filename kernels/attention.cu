@@ -14,14 +14,11 @@
 // The backward recomputes probabilities from lse and needs no atomics, so it
 // is deterministic.
 
+#include "common.cuh"
+
 #define ATT_MAX_D 256
 #define ATT_PER_LANE (ATT_MAX_D / 32)
 #define ATT_WARPS 4
-
-__device__ __forceinline__ float att_warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
 
 // Loads row `p` of width d into the lane's slots (zero past d).
 __device__ __forceinline__ void att_load(float* r, const float* p, int d, int lane) {
@@ -39,7 +36,7 @@ __device__ __forceinline__ float att_dot(const float* a, const float* p, int d, 
         int c = lane + 32 * s;
         if (c < d) acc += a[s] * p[c];
     }
-    return att_warp_sum(acc);
+    return aha_warp_sum(acc);
 }
 
 __device__ __forceinline__ void att_store(float* p, const float* r, int d, int lane) {

@@ -16,9 +16,7 @@
 //   compiling where NVRTC finds no CUDA headers (a driver-only machine).
 // CPU twin: half::bf16::from_f32 / to_f32 (aha_tensor::CpuStorage::to_dtype).
 
-#define AHA_GRID_STRIDE(i, n) \
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (unsigned long long)gridDim.x * blockDim.x)
+#include "common.cuh"
 
 extern "C" __global__ void cast_f32_to_bf16(
     unsigned short* __restrict__ out,
@@ -26,14 +24,7 @@ extern "C" __global__ void cast_f32_to_bf16(
     unsigned long long n)
 {
     AHA_GRID_STRIDE(i, n) {
-        const unsigned int u = __float_as_uint(inp[i]);
-        unsigned short r;
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            r = (unsigned short)((u >> 16) | 0x0040u);
-        } else {
-            r = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        }
-        out[i] = r;
+        out[i] = aha_f32_to_bf16(inp[i]);
     }
 }
 

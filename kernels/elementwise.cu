@@ -12,9 +12,7 @@
 // CPU twins: aha_tensor::cpu::add, add_inplace, scale (with out = a; the
 //   multiply of aha_tensor::cpu::clip_grad_norm).
 
-#define AHA_GRID_STRIDE(i, n) \
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (unsigned long long)gridDim.x * blockDim.x)
+#include "common.cuh"
 
 extern "C" __global__ void add_f32(
     float* __restrict__ out,

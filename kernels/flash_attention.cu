@@ -65,6 +65,8 @@
 // through aha_cuda_kernels::emulate, run by tests/flash_emulation.rs;
 // AHA_EMULATE swaps the mma.sync asm for the emulation's) and, on a GPU, by crates/tensor/tests/gpu_flash.rs.
 
+#include "common.cuh"
+
 #define FA_WARPS 4
 #define FA_THREADS (32 * FA_WARPS)
 #define FA_BC 32
@@ -74,23 +76,6 @@
 
 typedef unsigned short fa_u16;
 
-__device__ __forceinline__ float fa_bf16(fa_u16 x) { return __uint_as_float(((unsigned int)x) << 16); }
-
-__device__ __forceinline__ float fa_warp_max(float x) {
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FA_FULL, x, o));
-    return x;
-}
-
-__device__ __forceinline__ float fa_warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FA_FULL, x, o);
-    return x;
-}
-
-// The block's dynamic shared memory (the CPU emulation,
-// aha_cuda_kernels::emulate, supplies its own definition of the macro).
-#ifndef AHA_DYNAMIC_SHARED
-#define AHA_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
-#endif
 AHA_DYNAMIC_SHARED(float4, fa_smem4);
 
 // Rows row0 .. row0 + n of a [*, nh, d] tensor at head hh into dst (row
@@ -101,7 +86,7 @@ __device__ __forceinline__ void fa_load_bf16(float* dst, int stride, const fa_u1
     for (int idx = threadIdx.x; idx < n * DCAP; idx += FA_THREADS) {
         const int r = idx / DCAP, c = idx % DCAP;
         float x = 0.0f;
-        if (r < nvalid && c < d) x = fa_bf16(src[((row0 + r) * nh + hh) * (long long)d + c]);
+        if (r < nvalid && c < d) x = aha_bf16_to_f32(src[((row0 + r) * nh + hh) * (long long)d + c]);
         dst[r * stride + c] = x;
     }
 }
@@ -162,7 +147,7 @@ template <int DV, int R>
 __device__ __forceinline__ void fa_online(float* x, float* m, float* l, float (*acc)[DV / 32]) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        const float mn = fmaxf(m[r], fa_warp_max(x[r]));
+        const float mn = fmaxf(m[r], aha_warp_max(x[r]));
         const float corr = __expf(m[r] - mn);
         const float p = __expf(x[r] - mn);
         l[r] = l[r] * corr + p;
@@ -217,7 +202,7 @@ __device__ __forceinline__ void fa_fwd(float* __restrict__ out, float* __restric
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const int i = i0 + warp * R + r;
-        const float sum = fa_warp_sum(l[r]);
+        const float sum = aha_warp_sum(l[r]);
         if (i >= len) continue;
         const float inv = 1.0f / sum;
         const long long row = start + i;
@@ -382,23 +367,10 @@ __device__ __forceinline__ void fa_bwd_dkv(float* __restrict__ dk, float* __rest
 // rounding); lse uses the f32 sum. Fragment layouts (PTX ISA, mma.m16n8k16,
 // g = lane / 4, t = lane % 4): A reg i holds row g + 8 (i % 2), columns
 // 8 (i / 2) + 2t, +1; B reg i holds rows (k) 8 i + 2t, +1 of column g;
-// C element e is row g + 8 (e / 2), column 2t + e % 2. Built with
-// AHA_EMULATE (the CPU emulation, aha_cuda_kernels::emulate) the mma is
-// the emulation's.
+// C element e is row g + 8 (e / 2), column 2t + e % 2. The mma is
+// aha_mma16816 (common.cuh), the emulation's under AHA_EMULATE.
 #define FA_MMA_BR 64
 #define FA_MMA_VS (FA_BC + 8)
-
-__device__ __forceinline__ void fa_mma16816(float* d, const unsigned* a, unsigned b0, unsigned b1) {
-#ifdef AHA_EMULATE
-    aha_emu_mma_m16n8k16_bf16(d, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
 
 // Rounds x to bf16 (nearest even; finite inputs) and returns its bits.
 __device__ __forceinline__ unsigned fa_round_bf16(float x) {
@@ -410,11 +382,9 @@ __device__ __forceinline__ unsigned fa_round_bf16(float x) {
 // rounded values to *sum.
 __device__ __forceinline__ unsigned fa_pack_p(float lo, float hi, float* sum) {
     const unsigned a = fa_round_bf16(lo), b = fa_round_bf16(hi);
-    *sum += fa_bf16((fa_u16)a) + fa_bf16((fa_u16)b);
+    *sum += aha_bf16_to_f32((fa_u16)a) + aha_bf16_to_f32((fa_u16)b);
     return a | (b << 16);
 }
-
-__device__ __forceinline__ unsigned fa_ld32(const fa_u16* p) { return *reinterpret_cast<const unsigned*>(p); }
 
 template <int DK, int DV>
 __device__ __forceinline__ void fa_fwd_mma(float* __restrict__ out, float* __restrict__ lse,
@@ -436,7 +406,7 @@ __device__ __forceinline__ void fa_fwd_mma(float* __restrict__ out, float* __res
     for (int idx = threadIdx.x; idx < FA_MMA_BR * (DK / 2); idx += FA_THREADS) {
         const int r = idx / (DK / 2), c2 = idx % (DK / 2);
         unsigned x = 0;
-        if (r < len - i0) x = fa_ld32(q + ((long long)(start + i0 + r) * H + h) * DK + 2 * c2);
+        if (r < len - i0) x = aha_ld32(q + ((long long)(start + i0 + r) * H + h) * DK + 2 * c2);
         *reinterpret_cast<unsigned*>(qs + r * QS + 2 * c2) = x;
     }
     __syncthreads();
@@ -444,10 +414,10 @@ __device__ __forceinline__ void fa_fwd_mma(float* __restrict__ out, float* __res
     const int r0 = warp * 16 + g;
 #pragma unroll
     for (int kk = 0; kk < DK / 16; kk++) {
-        qf[kk][0] = fa_ld32(qs + r0 * QS + kk * 16 + 2 * t);
-        qf[kk][1] = fa_ld32(qs + (r0 + 8) * QS + kk * 16 + 2 * t);
-        qf[kk][2] = fa_ld32(qs + r0 * QS + kk * 16 + 8 + 2 * t);
-        qf[kk][3] = fa_ld32(qs + (r0 + 8) * QS + kk * 16 + 8 + 2 * t);
+        qf[kk][0] = aha_ld32(qs + r0 * QS + kk * 16 + 2 * t);
+        qf[kk][1] = aha_ld32(qs + (r0 + 8) * QS + kk * 16 + 2 * t);
+        qf[kk][2] = aha_ld32(qs + r0 * QS + kk * 16 + 8 + 2 * t);
+        qf[kk][3] = aha_ld32(qs + (r0 + 8) * QS + kk * 16 + 8 + 2 * t);
     }
     float o[DV / 8][4];
 #pragma unroll
@@ -460,13 +430,13 @@ __device__ __forceinline__ void fa_fwd_mma(float* __restrict__ out, float* __res
         for (int idx = threadIdx.x; idx < FA_BC * (DK / 2); idx += FA_THREADS) {
             const int r = idx / (DK / 2), c2 = idx % (DK / 2);
             unsigned x = 0;
-            if (j0 + r < len) x = fa_ld32(k + ((long long)(start + j0 + r) * Hk + kh) * DK + 2 * c2);
+            if (j0 + r < len) x = aha_ld32(k + ((long long)(start + j0 + r) * Hk + kh) * DK + 2 * c2);
             *reinterpret_cast<unsigned*>(ks + r * QS + 2 * c2) = x;
         }
         for (int idx = threadIdx.x; idx < FA_BC * (DV / 2); idx += FA_THREADS) {
             const int r = idx / (DV / 2), c2 = idx % (DV / 2);
             unsigned x = 0;
-            if (j0 + r < len) x = fa_ld32(v + ((long long)(start + j0 + r) * Hk + kh) * DV + 2 * c2);
+            if (j0 + r < len) x = aha_ld32(v + ((long long)(start + j0 + r) * Hk + kh) * DV + 2 * c2);
             vt[(2 * c2) * FA_MMA_VS + r] = (fa_u16)(x & 0xffffu);
             vt[(2 * c2 + 1) * FA_MMA_VS + r] = (fa_u16)(x >> 16);
         }
@@ -481,7 +451,7 @@ __device__ __forceinline__ void fa_fwd_mma(float* __restrict__ out, float* __res
 #pragma unroll
             for (int n = 0; n < 4; n++) {
                 const fa_u16* kr = ks + (n * 8 + g) * QS + kk * 16 + 2 * t;
-                fa_mma16816(s[n], qf[kk], fa_ld32(kr), fa_ld32(kr + 8));
+                aha_mma16816(s[n], qf[kk], aha_ld32(kr), aha_ld32(kr + 8));
             }
         }
         float mx[2] = {-FA_INF, -FA_INF};
@@ -531,7 +501,7 @@ __device__ __forceinline__ void fa_fwd_mma(float* __restrict__ out, float* __res
 #pragma unroll
             for (int n = 0; n < DV / 8; n++) {
                 const fa_u16* vr = vt + (n * 8 + g) * FA_MMA_VS + kk * 16 + 2 * t;
-                fa_mma16816(o[n], a, fa_ld32(vr), fa_ld32(vr + 8));
+                aha_mma16816(o[n], a, aha_ld32(vr), aha_ld32(vr + 8));
             }
         }
     }
@@ -574,7 +544,7 @@ __device__ __forceinline__ void fa_tile_bf16(fa_u16* rs, fa_u16* ts, const fa_u1
     for (int idx = threadIdx.x; idx < n * (D / 2); idx += FA_THREADS) {
         const int r = idx / (D / 2), c2 = idx % (D / 2);
         unsigned x = 0;
-        if (r < nvalid) x = fa_ld32(src + ((row0 + r) * nh + hh) * D + 2 * c2);
+        if (r < nvalid) x = aha_ld32(src + ((row0 + r) * nh + hh) * D + 2 * c2);
         if (rs) *reinterpret_cast<unsigned*>(rs + r * (D + 8) + 2 * c2) = x;
         if (ts) {
             ts[(2 * c2) * FA_MMA_VS + r] = (fa_u16)(x & 0xffffu);
@@ -613,14 +583,14 @@ __device__ __forceinline__ void fa_mma_rows(float (*acc)[4], const fa_u16* a, co
     for (int kk = 0; kk < D / 16; kk++) {
         unsigned af[4];
         const fa_u16* ar = a + g * (D + 8) + kk * 16 + 2 * t;
-        af[0] = fa_ld32(ar);
-        af[1] = fa_ld32(ar + 8 * (D + 8));
-        af[2] = fa_ld32(ar + 8);
-        af[3] = fa_ld32(ar + 8 * (D + 8) + 8);
+        af[0] = aha_ld32(ar);
+        af[1] = aha_ld32(ar + 8 * (D + 8));
+        af[2] = aha_ld32(ar + 8);
+        af[3] = aha_ld32(ar + 8 * (D + 8) + 8);
 #pragma unroll
         for (int n = 0; n < 4; n++) {
             const fa_u16* br = b + (n * 8 + g) * (D + 8) + kk * 16 + 2 * t;
-            fa_mma16816(acc[n], af, fa_ld32(br), fa_ld32(br + 8));
+            aha_mma16816(acc[n], af, aha_ld32(br), aha_ld32(br + 8));
         }
     }
 }
@@ -640,7 +610,7 @@ __device__ __forceinline__ void fa_mma_tile(float (*acc)[4], float (*w)[4], cons
 #pragma unroll
         for (int n = 0; n < D / 8; n++) {
             const fa_u16* br = ts + (n * 8 + g) * FA_MMA_VS + kk * 16 + 2 * t;
-            fa_mma16816(acc[n], a, fa_ld32(br), fa_ld32(br + 8));
+            aha_mma16816(acc[n], a, aha_ld32(br), aha_ld32(br + 8));
         }
     }
 }
@@ -809,7 +779,7 @@ __device__ __forceinline__ void fa_load_paged(float* dst, int stride, const fa_u
         float x = 0.0f;
         if (p < pend && c < d) {
             const long long slot = (long long)table[p / bs] * bs + p % bs;
-            x = fa_bf16(cache[(slot * Hk + kh) * (long long)d + c]);
+            x = aha_bf16_to_f32(cache[(slot * Hk + kh) * (long long)d + c]);
         }
         dst[r * stride + c] = x;
     }
@@ -843,7 +813,7 @@ __device__ __forceinline__ void fa_decode(float* __restrict__ opart, float* __re
             float x = 0.0f;
             if (rho < rows && c < dk) {
                 const long long row = (long long)(qstart + rho / group) * H + kh * group + rho % group;
-                x = fa_bf16(q[row * dk + c]);
+                x = aha_bf16_to_f32(q[row * dk + c]);
             }
             qs[idx] = x;
         }
@@ -873,7 +843,7 @@ __device__ __forceinline__ void fa_decode(float* __restrict__ opart, float* __re
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int rho = rho0 + warp * R + r;
-            const float sum = fa_warp_sum(l[r]);
+            const float sum = aha_warp_sum(l[r]);
             if (rho >= rows) continue;
             const long long row = ((long long)split * total_q + qstart + rho / group) * H + kh * group + rho % group;
             const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
@@ -1086,7 +1056,7 @@ extern "C" __global__ __launch_bounds__(FA_THREADS, 1) void flash_bwd_dsum_f32(
     const float* b = out + w * dv;
     float acc = 0.0f;
     for (int c = lane; c < dv; c += 32) acc += a[c] * b[c];
-    acc = fa_warp_sum(acc);
+    acc = aha_warp_sum(acc);
     if (lane == 0) dsum[(long long)h * total + row] = acc;
 }
 

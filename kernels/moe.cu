@@ -26,6 +26,8 @@
 // order, so reruns give identical bits. The only atomics are the integer
 // counts in moe_count_u32.
 
+#include "common.cuh"
+
 #define MOE_WARP 32
 #define MOE_MAX_E 1024
 #define MOE_MAX_K 32
@@ -36,32 +38,10 @@
 #define MOE_TN 64
 #define MOE_TK 16
 
-// The block's dynamic shared memory (the CPU emulation,
-// aha_cuda_kernels::emulate, supplies its own definition of the macro).
-#ifndef AHA_DYNAMIC_SHARED
-#define AHA_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
-#endif
-
-#define MOE_GRID_STRIDE(i, n) \
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (unsigned long long)gridDim.x * blockDim.x)
-
-__device__ __forceinline__ float moe_bf16_to_f32(unsigned short b) {
-    return __uint_as_float(((unsigned int)b) << 16);
-}
-
-__device__ __forceinline__ unsigned short moe_f32_to_bf16(float f) {
-    const unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (unsigned short)((u >> 16) | 0x0040u);
-    }
-    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 // Loads and stores of a stored buffer's element i as f32: bf16 rounds to
 // nearest even on store, f32 is kept as is.
 __device__ __forceinline__ float moe_ld(const unsigned short* p, size_t i) {
-    return moe_bf16_to_f32(p[i]);
+    return aha_bf16_to_f32(p[i]);
 }
 
 __device__ __forceinline__ float moe_ld(const float* p, size_t i) {
@@ -69,25 +49,11 @@ __device__ __forceinline__ float moe_ld(const float* p, size_t i) {
 }
 
 __device__ __forceinline__ void moe_st(unsigned short* p, size_t i, float v) {
-    p[i] = moe_f32_to_bf16(v);
+    p[i] = aha_f32_to_bf16(v);
 }
 
 __device__ __forceinline__ void moe_st(float* p, size_t i, float v) {
     p[i] = v;
-}
-
-__device__ __forceinline__ float moe_warp_sum(float v) {
-    for (int o = MOE_WARP / 2; o > 0; o >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    }
-    return v;
-}
-
-__device__ __forceinline__ float moe_warp_max(float v) {
-    for (int o = MOE_WARP / 2; o > 0; o >>= 1) {
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    }
-    return v;
 }
 
 // NaN sorts below every number (as aha_tensor::cpu::topk).
@@ -163,14 +129,14 @@ extern "C" __global__ void moe_route_softmax_f32(
     for (int i = lane; i < e; i += MOE_WARP) {
         m = fmaxf(m, x[i]);
     }
-    m = moe_warp_max(m);
+    m = aha_warp_max(m);
     float s = 0.0f;
     for (int i = lane; i < e; i += MOE_WARP) {
         const float v = m == MOE_NEG_INF ? 0.0f : expf(x[i] - m);
         p[i] = v;
         s += v;
     }
-    s = moe_warp_sum(s);
+    s = aha_warp_sum(s);
     const float inv = m == MOE_NEG_INF ? 0.0f : 1.0f / s;
     for (int i = lane; i < e; i += MOE_WARP) {
         const float v = p[i] * inv;
@@ -396,7 +362,7 @@ extern "C" __global__ void moe_route_backward_f32(
     for (int i = lane; i < e; i += MOE_WARP) {
         dot += dp[i] * pr[i];
     }
-    dot = moe_warp_sum(dot);
+    dot = aha_warp_sum(dot);
     for (int i = lane; i < e; i += MOE_WARP) {
         dl[i] = pr[i] * (dp[i] - dot);
     }
@@ -515,7 +481,7 @@ __device__ __forceinline__ void moe_gather(
     unsigned long long m,
     unsigned long long c)
 {
-    MOE_GRID_STRIDE(i, m * c) {
+    AHA_GRID_STRIDE(i, m * c) {
         const unsigned long long p = i / c;
         const unsigned long long col = i - p * c;
         moe_st(xe, i, x[(unsigned long long)tok[p] * c + col]);
@@ -553,7 +519,7 @@ extern "C" __global__ void moe_combine_f32(
     int k,
     int accumulate)
 {
-    MOE_GRID_STRIDE(i, n * c) {
+    AHA_GRID_STRIDE(i, n * c) {
         const unsigned long long t = i / c;
         const unsigned long long col = i - t * c;
         float acc = 0.0f;
@@ -606,14 +572,14 @@ __device__ __forceinline__ void moe_combine_backward(
             s += gi * yr[i];
             moe_st(dr, i, wt * gi);
         }
-        s = moe_warp_sum(s);
+        s = aha_warp_sum(s);
         if (lane == 0) {
             red[warp] = s;
         }
         __syncthreads();
         if (warp == 0) {
             float v = lane < nwarps ? red[lane] : 0.0f;
-            v = moe_warp_sum(v);
+            v = aha_warp_sum(v);
             if (lane == 0) {
                 dw[(size_t)t * k + j] = v;
             }
@@ -652,7 +618,7 @@ __device__ __forceinline__ void moe_swiglu_backward(
     const float* __restrict__ u,
     unsigned long long n)
 {
-    MOE_GRID_STRIDE(i, n) {
+    AHA_GRID_STRIDE(i, n) {
         const float gv = g[i];
         const float d = da[i];
         const float s = 1.0f / (1.0f + expf(-gv));
@@ -1093,27 +1059,10 @@ extern "C" __global__ __launch_bounds__(256) void moe_grouped_wgrad_f32(
 // B reg i = depth 8 i + 2t, +1 of column g; D element q = row g + 8 (q / 2),
 // column 2t + q % 2. The sums run in another order than the SIMT kernels'
 // (per 16-deep mma), so the two agree to f32 rounding, not bit for bit.
-// Under AHA_EMULATE (the CPU emulation, aha_cuda_kernels::emulate) the mma
-// is the emulation's.
+// The mma is aha_mma16816 (common.cuh), the emulation's under AHA_EMULATE.
 
 #define MOE_MK 32
 #define MOE_MS (MOE_MK + 8)
-
-__device__ __forceinline__ void moe_mma16816(float* d, const unsigned* a, unsigned b0, unsigned b1) {
-#ifdef AHA_EMULATE
-    aha_emu_mma_m16n8k16_bf16(d, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-__device__ __forceinline__ unsigned moe_ld32(const unsigned short* p) {
-    return *reinterpret_cast<const unsigned*>(p);
-}
 
 // acc[mi][ni][q] += the warp's 32 x 32 part of as (rows) x bs^T (columns)
 // over one MOE_MK-deep chunk; both tiles [64][MOE_MS], depth contiguous.
@@ -1128,19 +1077,19 @@ __device__ __forceinline__ void moe_mma_chunk(
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
             const int r = wm * 32 + mi * 16 + g;
-            af[mi][0] = moe_ld32(&as[r][ks + 2 * t]);
-            af[mi][1] = moe_ld32(&as[r + 8][ks + 2 * t]);
-            af[mi][2] = moe_ld32(&as[r][ks + 8 + 2 * t]);
-            af[mi][3] = moe_ld32(&as[r + 8][ks + 8 + 2 * t]);
+            af[mi][0] = aha_ld32(&as[r][ks + 2 * t]);
+            af[mi][1] = aha_ld32(&as[r + 8][ks + 2 * t]);
+            af[mi][2] = aha_ld32(&as[r][ks + 8 + 2 * t]);
+            af[mi][3] = aha_ld32(&as[r + 8][ks + 8 + 2 * t]);
         }
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
             const int cn = wn * 32 + ni * 8 + g;
-            const unsigned b0 = moe_ld32(&bs[cn][ks + 2 * t]);
-            const unsigned b1 = moe_ld32(&bs[cn][ks + 8 + 2 * t]);
+            const unsigned b0 = aha_ld32(&bs[cn][ks + 2 * t]);
+            const unsigned b1 = aha_ld32(&bs[cn][ks + 8 + 2 * t]);
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {
-                moe_mma16816(acc[mi][ni], af[mi], b0, b1);
+                aha_mma16816(acc[mi][ni], af[mi], b0, b1);
             }
         }
     }
@@ -1327,7 +1276,7 @@ extern "C" __global__ __launch_bounds__(128, 3) void moe_grouped_gate_up_mma_bf1
                     const float uv = au[mi][ni][q];
                     g[o] = gv;
                     u[o] = uv;
-                    act[o] = moe_f32_to_bf16(gv / (1.0f + expf(-gv)) * uv);
+                    act[o] = aha_f32_to_bf16(gv / (1.0f + expf(-gv)) * uv);
                 }
             }
         }

@@ -23,11 +23,7 @@
 // CPU twin: aha_tensor::cpu::global_norm (scaling for clipping: scale_f32 in
 //   elementwise.cu).
 
-#define AHA_WARP 32
-
-#define AHA_GRID_STRIDE(i, n) \
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (unsigned long long)gridDim.x * blockDim.x)
+#include "common.cuh"
 
 // One element of the update (shared by both AdamW kernels); returns the new
 // parameter.
@@ -99,9 +95,7 @@ extern "C" __global__ void adamw_copy_bf16_f32(
 {
     AHA_GRID_STRIDE(i, n) {
         const float p = aha_adamw_one(params, m, v, grads, i, b1, b2, ob1, ob2, decay, step, inv_bc2_sqrt, eps);
-        const unsigned int u = __float_as_uint(p);
-        copy[i] = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x0040u)
-                                                  : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        copy[i] = aha_f32_to_bf16(p);
     }
 }
 

@@ -9,19 +9,7 @@
 //   is reduced with warp shuffles and then across warps in shared memory.
 // CPU twin: aha_tensor::cpu::rmsnorm_forward.
 
-#define AHA_WARP 32
-// The block's dynamic shared memory as a T array (the CPU emulation,
-// aha_cuda_kernels::emulate, supplies its own definition).
-#ifndef AHA_DYNAMIC_SHARED
-#define AHA_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
-#endif
-
-__device__ __forceinline__ float aha_warp_sum(float v) {
-    for (int o = AHA_WARP / 2; o > 0; o >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    }
-    return v;
-}
+#include "common.cuh"
 
 extern "C" __global__ void rmsnorm_forward_f32(
     float* __restrict__ out,

@@ -21,7 +21,10 @@
 #      tests.json: name, pass/fail/skip, seconds; logs/ has each log.
 #   4. compute-sanitizer memcheck, racecheck and synccheck over the
 #      small-shape kernel tests, where the tool exists.
-#   5. kernel_bench with few iterations, then the PyTorch peer scripts.
+#   5. kernel_bench with few iterations, then the PyTorch peer scripts;
+#      `aha bench train --device cuda --precision bf16` on a Qwen2.5-1.5B and
+#      a reduced Qwen3-MoE config next to scripts/bench_train_torch.py, and
+#      `aha demo --quick --device cuda`.
 #   6. a short table.
 #
 # Dry run (CI, scripts/test.sh): AHA_EMULATED_GPU=1 runs the same script
@@ -221,6 +224,34 @@ else
         tail -15 "$out/peer-${s%% *}.txt"
         note "peer ${s%% *}: $([ "$rc" = 0 ] && echo done || echo "exit $rc")"
     done
+fi
+
+# ---- 5b. training: aha bench train on the GPU (bf16) next to PyTorch's
+# step on the same configs, and the quick demo on the GPU next to the CPU.
+step "training benchmarks and the demo on the GPU"
+if [ "$emulated" = 1 ]; then
+    note "training: skipped on the emulated GPU (crates/trainer/tests/gpu_demo.rs runs a shortened demo there)"
+elif [ -x "$bin/aha" ]; then
+    for c in qwen2.5-1.5b:8:1024 qwen3-moe-gpu-bench:8:1024; do
+        IFS=: read -r name b t <<<"$c"
+        cfgf="tests/fixtures/bench-configs/$name.json"
+        rc=0
+        timeout 90 "$bin/aha" bench train --config "$cfgf" --device cuda --precision bf16 --batch "$b" --seq "$t" \
+            --steps 3 >"$out/train-$name.json" 2>"$out/logs/train-$name.log" || rc=$?
+        note "aha bench train $name bf16: $([ "$rc" = 0 ] && cat "$out/train-$name.json" || echo "exit $rc")"
+        if command -v python3 >/dev/null 2>&1; then
+            rc=0
+            timeout 90 python3 scripts/bench_train_torch.py "$cfgf" "$b" "$t" 3 >"$out/peer-train-$name.json" 2>&1 || rc=$?
+            note "torch train $name: $([ "$rc" = 0 ] && tail -1 "$out/peer-train-$name.json" || echo "exit $rc")"
+        fi
+    done
+    # The CPU's numbers for the same seed are in the trainer README.
+    rc=0
+    timeout 120 "$bin/aha" demo --quick --device cuda --out "$out/demo-cuda" >"$out/demo-cuda.json" \
+        2>"$out/logs/demo-cuda.log" || rc=$?
+    note "aha demo --quick --device cuda: $([ "$rc" = 0 ] && cat "$out/demo-cuda.json" || echo "exit $rc")"
+else
+    note "training: no $bin/aha"
 fi
 
 # ---- 6. summary

@@ -200,7 +200,7 @@ fn eval_reports_pass_at_k_on_a_public_set() {
 }
 
 #[test]
-fn logprobs_on_cuda_runs_dense_and_moe_models_and_refuses_mla_by_name() {
+fn logprobs_on_cuda_runs_every_architecture() {
     let run = |model: &str, out: &std::path::Path| {
         let m = fixture(model);
         Command::new(env!("CARGO_BIN_EXE_aha"))
@@ -216,11 +216,6 @@ fn logprobs_on_cuda_runs_dense_and_moe_models_and_refuses_mla_by_name() {
             .expect("run aha")
     };
     let out = std::env::temp_dir().join(format!("aha-cli-logprobs-cuda-{}.safetensors", std::process::id()));
-    // Multi-head latent attention does not run on the GPU yet: refused by
-    // name before any device work.
-    let r = run("models/deepseek-v3-tiny", &out);
-    assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("latent attention"));
     // A dense model: on a GPU it reproduces transformers; without one, a clear error.
     let r = run("models/qwen2-tiny", &out);
     if aha_cuda_kernels::device_count() == 0 {
@@ -229,26 +224,28 @@ fn logprobs_on_cuda_runs_dense_and_moe_models_and_refuses_mla_by_name() {
         assert!(String::from_utf8_lossy(&r.stderr).contains("no GPU"));
         return;
     }
-    // Qwen3-MoE (the GPU MoE layer: bf16 experts) within 0.1 nats of
-    // transformers' log-probs.
-    let moe = run("models/qwen3-moe-tiny", &out);
-    assert!(moe.status.success(), "{}", String::from_utf8_lossy(&moe.stderr));
-    let got = aha_moe_model::st::read_file(&out).unwrap();
-    let want = aha_moe_model::st::read_file(&fixture("models/qwen3-moe-tiny").join("reference.safetensors")).unwrap();
-    let lp = |ts: &[aha_moe_model::st::NamedTensor]| {
-        ts.iter()
-            .find(|t| t.name == "token_logprobs")
-            .unwrap()
-            .data
-            .to_f64_vec()
-    };
-    let d = lp(&got)
-        .iter()
-        .zip(&lp(&want))
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    eprintln!("logprobs qwen3-moe-tiny on cuda: max |diff| to transformers {d:.4} nats");
-    assert!(d < 0.1, "MoE token_logprobs on the GPU: max |diff| {d}");
+    // Qwen3-MoE (the GPU MoE layer, f32 experts) and DeepSeek-V3 (MLA,
+    // sigmoid routing, shared expert) reproduce transformers' log-probs.
+    for model in ["models/qwen3-moe-tiny", "models/deepseek-v3-tiny"] {
+        let r = run(model, &out);
+        assert!(r.status.success(), "{model}: {}", String::from_utf8_lossy(&r.stderr));
+        let got = aha_moe_model::st::read_file(&out).unwrap();
+        let want = aha_moe_model::st::read_file(&fixture(model).join("reference.safetensors")).unwrap();
+        let lp = |ts: &[aha_moe_model::st::NamedTensor]| {
+            ts.iter()
+                .find(|t| t.name == "token_logprobs")
+                .unwrap()
+                .data
+                .to_f64_vec()
+        };
+        let d = lp(&got)
+            .iter()
+            .zip(&lp(&want))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        eprintln!("logprobs {model} on cuda: max |diff| to transformers {d:.2e} nats");
+        assert!(d < 1e-4, "{model}: token_logprobs on the GPU: max |diff| {d}");
+    }
     let r = run("models/qwen2-tiny", &out);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let got = aha_moe_model::st::read_file(&out).unwrap();
@@ -337,9 +334,6 @@ fn generate_on_cuda_matches_the_cpu_greedy_or_says_no_gpu() {
             .output()
             .expect("run aha")
     };
-    let r = run("models/deepseek-v3-tiny", "cuda");
-    assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("latent attention"));
     let gpu = run("models/qwen2-tiny", "cuda");
     if aha_cuda_kernels::device_count() == 0 {
         eprintln!("generate_on_cuda: skipped the GPU run: no GPU");
@@ -347,13 +341,60 @@ fn generate_on_cuda_matches_the_cpu_greedy_or_says_no_gpu() {
         assert!(String::from_utf8_lossy(&gpu.stderr).contains("no GPU"));
         return;
     }
-    let cpu = run("models/qwen2-tiny", "cpu");
-    assert!(gpu.status.success() && cpu.status.success());
     let ids = |o: &std::process::Output| -> Vec<serde_json::Value> {
         String::from_utf8_lossy(&o.stdout)
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"].clone())
             .collect()
     };
-    assert_eq!(ids(&gpu), ids(&cpu), "greedy tokens on the GPU and the CPU");
+    for model in ["models/qwen2-tiny", "models/deepseek-v3-tiny"] {
+        let gpu = run(model, "cuda");
+        let cpu = run(model, "cpu");
+        assert!(
+            gpu.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&gpu.stderr)
+        );
+        assert!(cpu.status.success());
+        assert_eq!(ids(&gpu), ids(&cpu), "{model}: greedy tokens on the GPU and the CPU");
+    }
+}
+
+#[test]
+fn training_commands_resolve_device_and_precision_once_with_clear_errors() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_aha"))
+            .args(args)
+            .output()
+            .expect("run aha")
+    };
+    let model = fixture("models/qwen2-tiny");
+    let m = model.to_str().unwrap();
+    // No such GPU: the error names the device.
+    let r = run(&[
+        "sft",
+        "--model",
+        m,
+        "--data",
+        "x.jsonl",
+        "--out",
+        "/tmp/never",
+        "--device",
+        "cuda:7",
+    ]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("cuda:7"), "{err}");
+    // bf16 is a GPU precision.
+    let r = run(&["demo", "--quick", "--device", "cpu", "--precision", "bf16"]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("bf16 runs on a GPU only"), "{err}");
+    // Unknown values are refused by name.
+    for (flag, bad) in [("--device", "tpu"), ("--precision", "fp8")] {
+        let r = run(&["eval", "--model", m, "--data", "x.jsonl", flag, bad]);
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(bad), "{flag} {bad}: {err}");
+    }
 }

@@ -62,7 +62,7 @@ static void write(const std::vector<T>& v) {
     for (const auto& x : v) printf("%.17g\n", (double)x);
 }
 
-// The element-wise launch geometry of launch.rs (grid_1d): 256 threads,
+// The element-wise launch geometry of launch/mod.rs (grid_1d): 256 threads,
 // ceil(n / 256) blocks capped at 65536 -- capped here at 4 so that the grid
 // stride loops run more than once in the emulation.
 static Dim3 grid_1d(unsigned long long n) {

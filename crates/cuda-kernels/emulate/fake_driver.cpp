@@ -34,13 +34,16 @@
 
 #include "cuda_shim.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <map>
 #include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "activation.cu"
 #include "attention.cu"
@@ -117,6 +120,45 @@ int take_pending() { return g_pending.exchange(0); }
 std::map<uintptr_t, size_t> g_allocs;
 size_t g_allocated = 0;
 constexpr size_t TOTAL_MEMORY = size_t(64) << 30;
+
+}  // namespace fake
+
+namespace fake {
+
+// AHA_EMU_PROFILE=1: seconds, launches and threads per kernel, printed on
+// stderr at exit, slowest first (where the emulation's time goes).
+struct Prof {
+    double s = 0;
+    unsigned long long launches = 0, threads = 0;
+};
+inline std::map<std::string, Prof>* profile_table() {
+    static const bool on = [] {
+        const char* v = getenv("AHA_EMU_PROFILE");
+        return v != nullptr && strcmp(v, "1") == 0;
+    }();
+    if (!on) return nullptr;
+    static auto* t = [] {
+        auto* m = new std::map<std::string, Prof>();
+        atexit([] {
+            auto* m = profile_table();
+            std::vector<std::pair<std::string, Prof>> v(m->begin(), m->end());
+            std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.second.s > b.second.s; });
+            fprintf(stderr, "emulated GPU profile (kernel, seconds, launches, threads):\n");
+            for (auto& [name, p] : v) fprintf(stderr, "  %-40s %9.3f %8llu %12llu\n", name.c_str(), p.s, p.launches, p.threads);
+        });
+        return m;
+    }();
+    return t;
+}
+template <class D>
+void profile_add(const char* name, D d, unsigned long long threads) {
+    if (auto* t = profile_table()) {
+        Prof& p = (*t)[name];
+        p.s += std::chrono::duration<double>(d).count();
+        p.launches += 1;
+        p.threads += threads;
+    }
+}
 
 }  // namespace fake
 
@@ -393,7 +435,9 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     static std::mutex launch_mu;
     std::lock_guard<std::mutex> g(launch_mu);
     const fake::Kernel* k = f->kernel;
+    const auto t0 = std::chrono::steady_clock::now();
     const int rc = emu::launch_checked(Dim3{gx, gy, gz}, bx, smem, k->name, [&] { k->call(params); });
+    fake::profile_add(k->name, std::chrono::steady_clock::now() - t0, (unsigned long long)gx * gy * gz * bx);
     if (rc == ERR_ILLEGAL_ADDRESS) {
         fake::g_pending.store(rc);
         return OK;

@@ -2,8 +2,9 @@
 //! that decides it, so that a process compiles a kernel file once per
 //! machine, not once per run.
 //!
-//! The key hashes (FNV-1a, 64 bits) the source text, the target
-//! architecture, the output kind, the compile options and NVRTC's version;
+//! The key hashes (FNV-1a, 64 bits) the source text and the headers it may
+//! include (`registry::HEADERS`), the target architecture, the output kind,
+//! the compile options and NVRTC's version;
 //! the file is `<dir>/<file>-<arch>-<key>.{cubin,ptx}`. Writes go to a
 //! temporary name and are renamed into place, so a reader never sees a
 //! partial file and two processes racing write the same bytes. Each file
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::Result;
 use crate::nvrtc::{self, Output};
-use crate::registry::KernelSource;
+use crate::registry::{KernelSource, HEADERS};
 
 /// Compilations done by this process through [`compile_cached`] (cache
 /// misses), for tests and logs.
@@ -58,13 +59,17 @@ pub fn cache_path(dir: &Path, src: &KernelSource, cc: (u32, u32), output: Output
         Output::Ptx => (format!("compute_{}{}", cc.0, cc.1), "ptx"),
     };
     let ver = format!("{}.{}", version.0, version.1);
-    let key = fnv1a(&[
+    let options = nvrtc::OPTIONS.join(" ");
+    let mut parts: Vec<&[u8]> = vec![
         src.source.as_bytes(),
         arch.as_bytes(),
         ext.as_bytes(),
-        nvrtc::OPTIONS.join(" ").as_bytes(),
+        options.as_bytes(),
         ver.as_bytes(),
-    ]);
+    ];
+    // The headers every file may include are part of what it compiles from.
+    parts.extend(HEADERS.iter().flat_map(|h| [h.file.as_bytes(), h.source.as_bytes()]));
+    let key = fnv1a(&parts);
     let stem = src.file.trim_end_matches(".cu");
     dir.join(format!("{stem}-{arch}-{key:016x}.{ext}"))
 }

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use crate::registry::SOURCES;
+use crate::registry::{HEADERS, SOURCES};
 
 /// The shim and the driver programs, by name.
 const FILES: &[(&str, &str)] = &[
@@ -170,7 +170,7 @@ impl Emulator {
 fn source_dir() -> Result<PathBuf, EmulateError> {
     let table = kernel_table();
     let mut parts: Vec<&str> = FILES.iter().flat_map(|(f, s)| [*f, *s]).collect();
-    parts.extend(SOURCES.iter().flat_map(|s| [s.file, s.source]));
+    parts.extend(SOURCES.iter().chain(HEADERS).flat_map(|s| [s.file, s.source]));
     parts.push(&table);
     let dir = std::env::temp_dir().join(format!("aha-emulate-{:016x}", fnv1a(&parts)));
     if !dir.join("kernel_table.inc").exists() {
@@ -178,7 +178,7 @@ fn source_dir() -> Result<PathBuf, EmulateError> {
         for (f, s) in FILES {
             std::fs::write(dir.join(f), s)?;
         }
-        for s in SOURCES {
+        for s in SOURCES.iter().chain(HEADERS) {
             std::fs::write(dir.join(s.file), s.source)?;
         }
         std::fs::write(dir.join("kernel_table.inc"), &table)?;

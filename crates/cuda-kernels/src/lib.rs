@@ -10,17 +10,19 @@
 //!   options and NVRTC version.
 //! - [`pool`]: a caching pool of device buffers (scratch stops calling the
 //!   driver's allocator after the first step).
-//! - [`launch`]: one typed launcher per kernel.
-//! - [`launch_moe`]: the mixture-of-experts kernels (routing, permutation,
-//!   grouped bf16 expert products, combine, backward); [`moe_layer`] chains
-//!   them into a whole layer with no copy to the host.
-//! - [`flash`]: flash attention (varlen causal GQA forward, deterministic
-//!   backward, paged split-key decode) over bf16 inputs.
+//! - [`launch`]: one typed launcher per kernel, one module per kernel file
+//!   (`launch::rmsnorm` launches `kernels/rmsnorm.cu`); among them
+//!   [`launch::moe`] (also [`launch_moe`]): the mixture-of-experts kernels
+//!   (routing, permutation, grouped expert products, combine, backward),
+//!   which [`moe_layer`] chains into a whole layer with no copy to the host;
+//!   [`launch::flash_attention`] (also [`flash`]): flash attention (varlen
+//!   causal GQA forward, deterministic backward, paged split-key decode) over
+//!   bf16 inputs; [`lmhead`]: token log-probs and entropies from hidden
+//!   states in vocabulary chunks, and their backward, never holding `[N, V]`
+//!   logits; [`grpo`]: group advantages and the GRPO loss family on the
+//!   device.
 //! - [`emulate`]: the kernel files compiled by a C++ compiler through a CUDA
 //!   shim and run on the CPU, as written, for tests without a GPU.
-//! - [`lmhead`]: token log-probs and entropies from hidden states in
-//!   vocabulary chunks, and their backward, never holding `[N, V]` logits.
-//! - [`grpo`]: group advantages and the GRPO loss family on the device.
 //! - [`view`]: the buffers launchers take, owned slices or views into a
 //!   flat allocation.
 //! - [`blas`]: row-major matrix products through cuBLAS (f32, and bf16 with
@@ -39,11 +41,7 @@ pub mod cache;
 pub mod device;
 pub mod emulate;
 pub mod error;
-pub mod flash;
-pub mod grpo;
 pub mod launch;
-pub mod launch_moe;
-pub mod lmhead;
 pub mod moe_layer;
 pub mod nvrtc;
 pub mod pool;
@@ -53,5 +51,13 @@ pub mod view;
 pub use cudarc;
 pub use device::{device_count, no_gpu_reason, Gpu};
 pub use error::{Error, Result};
+/// The flash-attention launchers, by their older name ([`launch::flash_attention`]).
+pub use launch::flash_attention as flash;
+/// The GRPO loss launchers ([`launch::grpo`]).
+pub use launch::grpo;
+/// The chunked lm-head launchers ([`launch::lmhead`]).
+pub use launch::lmhead;
+/// The mixture-of-experts launchers, by their older name ([`launch::moe`]).
+pub use launch::moe as launch_moe;
 pub use registry::{KernelId, KernelSource, SOURCES};
 pub use view::{DevIn, DevOut};

@@ -1,5 +1,5 @@
 //! A whole mixture-of-experts layer on the device: the launchers of
-//! [`crate::launch_moe`] (and cuBLAS for the f32 router product) in order,
+//! [`crate::launch::moe`] (and cuBLAS for the f32 router product) in order,
 //! forward and backward, with no copy to the host anywhere: counts, offsets
 //! and the tile list are produced and consumed on the device.
 //!
@@ -37,7 +37,7 @@ use crate::blas::{matmul_f32, MatmulShape};
 use crate::device::Gpu;
 use crate::error::{DriverContext, Error, Result};
 use crate::launch::cast_f32_to_bf16;
-use crate::launch_moe::{
+use crate::launch::moe::{
     moe_combine_backward_bf16, moe_combine_backward_f32, moe_combine_f32, moe_gather_bf16, moe_gather_f32,
     moe_grouped_gate_up_bf16, moe_grouped_gate_up_f32, moe_grouped_gemm_bf16, moe_grouped_gemm_f32,
     moe_grouped_wgrad_bf16, moe_grouped_wgrad_f32, moe_permute, moe_route_backward_f32, moe_route_f32,
@@ -621,7 +621,7 @@ fn mismatch(what: &str) -> Error {
 /// saves what the backward needs in `b` (sized for the same dims, whose
 /// `storage` must be the weights' experts'). The expert loads are in
 /// `b.perm.counts` / `b.perm.frac` afterwards (for
-/// [`crate::launch_moe::moe_bias_update_f32`]).
+/// [`crate::launch::moe::moe_bias_update_f32`]).
 pub fn moe_layer_forward(
     gpu: &Gpu,
     y: &mut CudaSlice<f32>,

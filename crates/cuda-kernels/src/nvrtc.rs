@@ -6,13 +6,14 @@
 //! first: the dynamic loader then answers cudarc's by-name request with the
 //! library already in the process.
 
+use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use cudarc::nvrtc::{result, sys};
 
 use crate::error::{Error, Result};
-use crate::registry::KernelSource;
+use crate::registry::{KernelSource, HEADERS};
 
 /// What we found of the CUDA compiler: where its headers are, if anywhere.
 #[derive(Debug, Clone)]
@@ -176,7 +177,7 @@ fn compile_with(src: &KernelSource, cc: (u32, u32), output: Output, extra: &[&st
     }
     let code = std::ffi::CString::new(src.source).map_err(|e| fail(e.to_string()))?;
     let name = std::ffi::CString::new(src.file).map_err(|e| fail(e.to_string()))?;
-    let prog = result::create_program(&code, Some(&name)).map_err(|e| fail(e.to_string()))?;
+    let prog = create_program(&code, &name).map_err(fail)?;
     // SAFETY: `prog` was just created and is destroyed exactly once below.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     let out = match compiled {
@@ -201,6 +202,44 @@ fn compile_with(src: &KernelSource, cc: (u32, u32), output: Output, extra: &[&st
     // SAFETY: `prog` is live and not used after this.
     let _ = unsafe { result::destroy_program(prog) };
     out
+}
+
+/// Creates an NVRTC program for `code` named `name`, with every header of
+/// [`HEADERS`] available to its `#include "..."` lines.
+fn create_program(code: &CStr, name: &CStr) -> std::result::Result<sys::nvrtcProgram, String> {
+    let texts = HEADERS
+        .iter()
+        .map(|h| CString::new(h.source).map_err(|e| format!("{}: {e}", h.file)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let names = HEADERS
+        .iter()
+        .map(|h| CString::new(h.file).map_err(|e| format!("{}: {e}", h.file)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let text_ptrs: Vec<*const c_char> = texts.iter().map(|t| t.as_ptr()).collect();
+    let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+    let count = i32::try_from(HEADERS.len()).map_err(|e| e.to_string())?;
+    let mut prog = std::mem::MaybeUninit::<sys::nvrtcProgram>::uninit();
+    // SAFETY: nvrtcCreateProgram(nvrtcProgram* prog, const char* src, const
+    // char* name, int numHeaders, const char* const* headers, const char*
+    // const* includeNames): `code` and `name` are NUL-terminated and live
+    // for the call; `text_ptrs` and `name_ptrs` hold `count` pointers each
+    // to NUL-terminated strings owned by `texts` and `names`, which outlive
+    // the call (NVRTC copies them). `prog` is written on success only.
+    let rc = unsafe {
+        sys::nvrtcCreateProgram(
+            prog.as_mut_ptr(),
+            code.as_ptr(),
+            name.as_ptr(),
+            count,
+            text_ptrs.as_ptr(),
+            name_ptrs.as_ptr(),
+        )
+    };
+    if rc != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcCreateProgram: {rc:?}"));
+    }
+    // SAFETY: NVRTC_SUCCESS means `prog` was written.
+    Ok(unsafe { prog.assume_init() })
 }
 
 fn c_chars_to_string(chars: &[std::ffi::c_char]) -> String {

@@ -19,6 +19,15 @@ macro_rules! kernel_sources {
     };
 }
 
+/// The headers the kernel files include (`#include "common.cuh"`), embedded
+/// like them: NVRTC receives them as in-memory headers and the CPU emulation
+/// writes them beside the kernel files. A test checks this list against the
+/// folder's `*.cuh`.
+pub const HEADERS: &[KernelSource] = &[KernelSource {
+    file: "common.cuh",
+    source: include_str!("../../../kernels/common.cuh"),
+}];
+
 kernel_sources![
     "activation.cu",
     "attention.cu",

@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use aha_cuda_kernels::nvrtc::{compile, nvrtc, resource_usage, Output};
+use aha_cuda_kernels::registry::HEADERS;
 use aha_cuda_kernels::{KernelId, KernelSource, SOURCES};
 
 const ARCHES: &[(u32, u32)] = &[(8, 0), (9, 0)];
@@ -45,6 +46,14 @@ fn registry_lists_every_kernel_file() {
         .collect();
     let registered: BTreeSet<String> = SOURCES.iter().map(|s| s.file.to_string()).collect();
     assert_eq!(on_disk, registered, "kernels/*.cu and registry::SOURCES disagree");
+    let headers_on_disk: BTreeSet<String> = std::fs::read_dir(&dir)
+        .expect("kernels/ exists")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cuh"))
+        .collect();
+    let headers: BTreeSet<String> = HEADERS.iter().map(|s| s.file.to_string()).collect();
+    assert_eq!(headers_on_disk, headers, "kernels/*.cuh and registry::HEADERS disagree");
     for id in KernelId::ALL {
         let src = id.source().expect("kernel's file is registered");
         assert!(

@@ -51,6 +51,21 @@ pub struct TensorLossOutput {
     pub metrics: Metrics,
 }
 
+impl TensorLossOutput {
+    /// Multiplies the loss and its gradients by `s` (a micro-batch's share
+    /// of its minibatch's loss, for gradient accumulation).
+    pub fn scale(&mut self, s: f64) -> Result<()> {
+        if s != 1.0 {
+            self.loss *= s;
+            self.dlogp.scale_inplace(s as f32)?;
+            if let Some(d) = &mut self.dentropy {
+                d.scale_inplace(s as f32)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn host(t: Option<&Tensor>) -> Result<Option<Vec<f64>>> {
     Ok(match t {
         Some(t) => Some(t.to_vec::<f32>()?.into_iter().map(f64::from).collect()),

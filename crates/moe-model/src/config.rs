@@ -1,8 +1,9 @@
 //! `config.json` of the supported Hugging Face architectures, parsed into one
 //! typed [`ModelConfig`].
 //!
-//! Keys that change the math and are not implemented (a `rope_scaling` type
-//! other than `default`, an enabled sliding window, a `quantization_config`)
+//! Keys that change the math and are not implemented (a RoPE type other than
+//! `default`, `linear`, `dynamic`, `llama3` and `yarn`, an enabled sliding
+//! window, a `quantization_config` other than DeepSeek-V3's block-wise FP8)
 //! are errors: silently ignoring them would give a model that loads and is
 //! wrong. Keys that do not change the math (dropout, `use_cache`, ...) are
 //! ignored.
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::rope::{yarn_mscale, RopeScaling};
 
 /// The architecture, from `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,21 @@ pub enum Arch {
     Qwen3Moe,
     /// `deepseek_v3`: MLA attention, sigmoid-scored group-limited experts.
     DeepseekV3,
+    /// `llama`: GQA, optional attention bias (the DeepSeek-R1-Distill-Llama family).
+    Llama,
+}
+
+/// Block-wise FP8 weights as DeepSeek-V3 ships them (`quantization_config`
+/// with `quant_method: fp8`, `fmt: e4m3`): each quantized `<name>.weight`
+/// is `F8_E4M3` with a `<name>.weight_scale_inv` of one f32 per
+/// `[rows, cols]` block (edge blocks partial), and the weight is
+/// `q * scale_inv`. Dequantized to f32 on load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Blocks {
+    /// Block height (output rows).
+    pub rows: usize,
+    /// Block width (input columns).
+    pub cols: usize,
 }
 
 /// How an MoE layer picks experts.
@@ -102,6 +119,14 @@ pub struct ModelConfig {
     pub rms_norm_eps: f32,
     /// RoPE base.
     pub rope_theta: f64,
+    /// RoPE frequency scaling (`rope_parameters` / `rope_scaling`).
+    pub rope_scaling: RopeScaling,
+    /// Multiplier on the softmax scale `1 / sqrt(Dk)`: DeepSeek-V3 with a
+    /// scaled RoPE and `mscale_all_dim` multiplies it by
+    /// `yarn_mscale(factor, mscale_all_dim)^2`; 1 otherwise.
+    pub softmax_scale_mult: f64,
+    /// FP8 block quantization of the checkpoint, if any.
+    pub fp8: Option<Fp8Blocks>,
     /// Positions the RoPE table covers.
     pub max_position_embeddings: usize,
     /// lm-head shares the embedding matrix.
@@ -204,9 +229,10 @@ impl ModelConfig {
             Some("qwen3") => Arch::Qwen3,
             Some("qwen3_moe") => Arch::Qwen3Moe,
             Some("deepseek_v3") => Arch::DeepseekV3,
+            Some("llama") => Arch::Llama,
             Some(other) => {
                 return Err(r.err(format!(
-                    "model_type `{other}` is not supported (qwen2, qwen3, qwen3_moe, deepseek_v3)"
+                    "model_type `{other}` is not supported (llama, qwen2, qwen3, qwen3_moe, deepseek_v3)"
                 )))
             }
             None => return Err(r.err("missing `model_type`")),
@@ -237,6 +263,9 @@ impl ModelConfig {
                 None => 10000.0,
             },
         };
+        let max_position_embeddings = r.usize_opt("max_position_embeddings")?.unwrap_or(4096);
+        let (rope_scaling, rope_factor) = parse_rope(&r, max_position_embeddings)?;
+        let fp8 = parse_quant(&r)?;
         let eos_token_ids = match r.get("eos_token_id") {
             None => vec![],
             Some(Value::Number(n)) => vec![n.as_u64().ok_or_else(|| r.err("eos_token_id must be >= 0"))? as u32],
@@ -328,6 +357,23 @@ impl ModelConfig {
             }
             _ => (None, vec![false; num_layers]),
         };
+        // DeepSeek-V3 scales the softmax by mscale^2 whenever its RoPE is scaled.
+        let softmax_scale_mult = match (arch, rope_factor) {
+            (Arch::DeepseekV3, Some((key, factor))) => {
+                let m = match r.get(key).and_then(|p| p.get("mscale_all_dim")) {
+                    None | Some(Value::Null) => 0.0,
+                    Some(v) => v
+                        .as_f64()
+                        .ok_or_else(|| r.err(format!("`{key}.mscale_all_dim` must be a number, got {v}")))?,
+                };
+                if m != 0.0 {
+                    yarn_mscale(factor, m).powi(2)
+                } else {
+                    1.0
+                }
+            }
+            _ => 1.0,
+        };
         if let Some(m) = &moe {
             if m.top_k == 0 || m.top_k > m.n_experts {
                 return Err(r.err(format!(
@@ -356,7 +402,10 @@ impl ModelConfig {
             intermediate_size: r.usize("intermediate_size")?,
             rms_norm_eps: r.f64_opt("rms_norm_eps")?.unwrap_or(1e-6) as f32,
             rope_theta,
-            max_position_embeddings: r.usize_opt("max_position_embeddings")?.unwrap_or(4096),
+            rope_scaling,
+            softmax_scale_mult,
+            fp8,
+            max_position_embeddings,
             tie_word_embeddings: r.bool_or("tie_word_embeddings", false)?,
             qkv_bias: match arch {
                 Arch::Qwen2 => true,
@@ -375,48 +424,186 @@ impl ModelConfig {
         match &self.mla {
             Some(m) => {
                 let dk = m.qk_nope_head_dim + m.qk_rope_head_dim;
-                (dk, m.v_head_dim, m.qk_rope_head_dim, 1.0 / (dk as f64).sqrt())
+                (
+                    dk,
+                    m.v_head_dim,
+                    m.qk_rope_head_dim,
+                    self.softmax_scale_mult / (dk as f64).sqrt(),
+                )
             }
             None => (
                 self.head_dim,
                 self.head_dim,
                 self.head_dim,
-                1.0 / (self.head_dim as f64).sqrt(),
+                self.softmax_scale_mult / (self.head_dim as f64).sqrt(),
             ),
         }
     }
 }
 
 fn reject_unsupported(r: &Reader<'_>) -> Result<()> {
-    for key in ["rope_scaling", "rope_parameters"] {
-        if let Some(p) = r.get(key) {
-            let kind = p
-                .get("rope_type")
-                .or_else(|| p.get("type"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("default");
-            if kind != "default" {
-                return Err(r.err(format!(
-                    "`{key}` of type `{kind}` is not implemented (only default RoPE)"
-                )));
-            }
-            if key == "rope_scaling" && p.get("factor").is_some() {
-                return Err(r.err("`rope_scaling.factor` is not implemented (only default RoPE)"));
-            }
-        }
-    }
     if r.bool_or("use_sliding_window", false)? {
         return Err(r.err("use_sliding_window = true is not implemented"));
-    }
-    if let Some(q) = r.get("quantization_config") {
-        return Err(r.err(format!(
-            "quantized checkpoints are not implemented (quantization_config = {q})"
-        )));
     }
     if let Some(act) = r.get("hidden_act").and_then(|a| a.as_str()) {
         if act != "silu" {
             return Err(r.err(format!("hidden_act `{act}` is not implemented (silu)")));
         }
     }
+    for (key, v) in [
+        ("partial_rotary_factor", r.get("partial_rotary_factor")),
+        (
+            "rope_parameters.partial_rotary_factor",
+            r.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")),
+        ),
+    ] {
+        if let Some(v) = v.filter(|v| !v.is_null()) {
+            if v.as_f64() != Some(1.0) {
+                return Err(r.err(format!("`{key}` = {v} is not implemented (1.0)")));
+            }
+        }
+    }
+    if r.bool_or("mlp_bias", false)? {
+        return Err(r.err("mlp_bias = true is not implemented"));
+    }
     Ok(())
+}
+
+/// The RoPE scaling of `rope_parameters` (transformers 5) or `rope_scaling`
+/// (earlier), whichever names a non-default type, with the key it came from
+/// and its `factor` (which DeepSeek-V3's softmax scale reads).
+fn parse_rope(r: &Reader<'_>, max_pos: usize) -> Result<(RopeScaling, Option<(&'static str, f64)>)> {
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(p) = r.get(key) else { continue };
+        if !p.is_object() {
+            return Err(r.err(format!("`{key}` must be an object, got {p}")));
+        }
+        let kind = match p.get("rope_type").or_else(|| p.get("type")) {
+            None | Some(Value::Null) => "default",
+            Some(t) => t
+                .as_str()
+                .ok_or_else(|| r.err(format!("`{key}.rope_type` must be a string, got {t}")))?,
+        };
+        let num = |name: &str| -> Result<Option<f64>> {
+            match p.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| r.err(format!("`{key}.{name}` must be a number, got {v}"))),
+            }
+        };
+        let need = |name: &str| -> Result<f64> {
+            num(name)?.ok_or_else(|| r.err(format!("`{key}` of type `{kind}` needs `{key}.{name}`")))
+        };
+        let positive = |name: &str, v: f64| -> Result<f64> {
+            if v > 0.0 && v.is_finite() {
+                Ok(v)
+            } else {
+                Err(r.err(format!("`{key}.{name}` must be positive, got {v}")))
+            }
+        };
+        let scaling = match kind {
+            "default" => continue,
+            "linear" => RopeScaling::Linear {
+                factor: positive("factor", need("factor")?)?,
+            },
+            "dynamic" => RopeScaling::Dynamic {
+                factor: positive("factor", need("factor")?)?,
+            },
+            "llama3" => {
+                let low = positive("low_freq_factor", need("low_freq_factor")?)?;
+                let high = positive("high_freq_factor", need("high_freq_factor")?)?;
+                if high <= low {
+                    return Err(r.err(format!(
+                        "`{key}.high_freq_factor` ({high}) must exceed `{key}.low_freq_factor` ({low})"
+                    )));
+                }
+                RopeScaling::Llama3 {
+                    factor: positive("factor", need("factor")?)?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: positive(
+                        "original_max_position_embeddings",
+                        need("original_max_position_embeddings")?,
+                    )?,
+                }
+            }
+            "yarn" => {
+                let old = positive(
+                    "original_max_position_embeddings",
+                    num("original_max_position_embeddings")?.unwrap_or(max_pos as f64),
+                )?;
+                let factor = positive("factor", num("factor")?.unwrap_or(max_pos as f64 / old))?;
+                let attention_factor = match num("attention_factor")? {
+                    Some(a) => a,
+                    None => match (num("mscale")?, num("mscale_all_dim")?) {
+                        (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                            yarn_mscale(factor, m) / yarn_mscale(factor, all)
+                        }
+                        _ => yarn_mscale(factor, 1.0),
+                    },
+                };
+                let truncate = match p.get("truncate") {
+                    None | Some(Value::Null) => true,
+                    Some(v) => v
+                        .as_bool()
+                        .ok_or_else(|| r.err(format!("`{key}.truncate` must be true or false, got {v}")))?,
+                };
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: old,
+                    beta_fast: num("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0),
+                    beta_slow: num("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
+                    truncate,
+                    attention_factor,
+                }
+            }
+            other => {
+                return Err(r.err(format!(
+                    "`{key}` of type `{other}` is not implemented (default, linear, dynamic, llama3, yarn)"
+                )))
+            }
+        };
+        let factor = match &scaling {
+            RopeScaling::Linear { factor }
+            | RopeScaling::Dynamic { factor }
+            | RopeScaling::Llama3 { factor, .. }
+            | RopeScaling::Yarn { factor, .. } => *factor,
+            RopeScaling::Default => 1.0,
+        };
+        return Ok((scaling, Some((key, factor))));
+    }
+    Ok((RopeScaling::Default, None))
+}
+
+/// DeepSeek-V3's block-wise FP8 `quantization_config`; any other method,
+/// format or a missing block size is refused by name.
+fn parse_quant(r: &Reader<'_>) -> Result<Option<Fp8Blocks>> {
+    let Some(q) = r.get("quantization_config") else {
+        return Ok(None);
+    };
+    let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+    if method != "fp8" {
+        return Err(r.err(format!(
+            "quantization_config.quant_method `{method}` is not implemented (quantized checkpoints load only as block-wise fp8)"
+        )));
+    }
+    match q.get("fmt").and_then(|f| f.as_str()) {
+        None | Some("e4m3") => {}
+        Some(other) => return Err(r.err(format!("quantization_config.fmt `{other}` is not implemented (e4m3)"))),
+    }
+    let block = q
+        .get("weight_block_size")
+        .and_then(|b| b.as_array())
+        .filter(|b| b.len() == 2)
+        .and_then(|b| Some((b[0].as_u64()? as usize, b[1].as_u64()? as usize)))
+        .filter(|&(a, b)| a > 0 && b > 0)
+        .ok_or_else(|| {
+            r.err("quantization_config.weight_block_size must be two positive integers (per-tensor fp8 is not implemented)")
+        })?;
+    Ok(Some(Fp8Blocks {
+        rows: block.0,
+        cols: block.1,
+    }))
 }

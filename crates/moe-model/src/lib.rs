@@ -1,4 +1,4 @@
-//! aha-moe-model: Hugging Face Qwen2, Qwen3, Qwen3-MoE and DeepSeek-V3
+//! aha-moe-model: Hugging Face Llama, Qwen2, Qwen3, Qwen3-MoE and DeepSeek-V3
 //! models with hand-written forward and backward passes over one flat
 //! parameter buffer, loaded from and saved to HF safetensors folders.
 //!
@@ -19,17 +19,22 @@ mod error;
 mod ffn;
 pub mod gpu;
 mod linear;
+pub mod memory;
 mod model;
 #[cfg(test)]
 mod moe_twin_tests;
 pub mod paged;
 pub mod params;
 pub mod policy;
+pub mod rope;
+pub mod save;
 pub mod st;
 
-pub use config::{Arch, MlaConfig, ModelConfig, MoeConfig, Router};
+pub use config::{Arch, Fp8Blocks, MlaConfig, ModelConfig, MoeConfig, Router};
 pub use error::{Error, Result};
 pub use model::{Activations, KvCache, Model};
 pub use paged::{PagedKvCache, SeqSpan};
 pub use params::{Layout, ParamEntry, Slot};
 pub use policy::{resolve_device, Forward, Moments, Policy, Precision, Scores};
+pub use rope::RopeScaling;
+pub use save::{SaveDtype, SaveOptions};

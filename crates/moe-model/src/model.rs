@@ -9,21 +9,26 @@ use rayon::prelude::*;
 
 use crate::attn::{attn_bwd, attn_fwd, AttnActs, AttnMode, Rope};
 use crate::config::ModelConfig;
-use crate::error::{input_err, Error, Result};
+use crate::error::{input_err, Result};
 use crate::ffn::{mlp_bwd, mlp_fwd, moe_bwd, moe_fwd, MlpActs, MoeActs};
 use crate::linear::{norm_bwd, norm_fwd};
 use crate::paged::{check_spans, PagedKvCache, SeqSpan};
-use crate::params::{load_params, save_params, FfnSlots, Layout};
+use crate::params::{load_params, FfnSlots, Layout};
+use crate::save::{copy_folder, save_params_as, SaveOptions};
 
 /// Rows of logits computed at a time by the chunked log-prob path: the full
 /// [N, V] matrix never exists at once.
 const LOGIT_CHUNK: usize = 256;
 
-/// The RoPE tables `cos, sin [max_pos, rot / 2]` of a config (the CPU and
-/// the GPU model use the same ones).
+/// The RoPE tables `cos, sin [max_pos, rot / 2]` of a config, with its
+/// RoPE scaling and attention factor applied (the CPU and the GPU model use
+/// the same ones). `max_pos` is also the sequence length dynamic scaling
+/// reads, as transformers reads the longest position of a forward.
 pub(crate) fn rope_tables(cfg: &ModelConfig, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
     let (_, _, rot, _) = cfg.attn_dims();
-    cpu::rope_table::<f32>(cfg.rope_theta, rot, max_pos)
+    let s = &cfg.rope_scaling;
+    let inv_freq = s.inv_freq(cfg.rope_theta, rot, max_pos, cfg.max_position_embeddings);
+    crate::rope::tables(&inv_freq, max_pos, s.attention_factor())
 }
 
 /// A loaded model. `params` is the one flat buffer; `layout` names its views.
@@ -127,26 +132,29 @@ impl Model {
         }
     }
 
-    /// Saves in the HF layout (f32, sharded above `max_shard_bytes`), copying
-    /// config and tokenizer files from the source folder when there is one.
+    /// Saves in the HF layout, sharded above `max_shard_bytes`, each tensor
+    /// in the dtype it had in the source folder (see [`SaveOptions`]), with
+    /// the source folder's other files; as [`Model::save_as`] with the
+    /// default options.
     pub fn save(&self, dir: &Path, max_shard_bytes: usize) -> Result<()> {
-        save_params(dir, &self.layout, &self.params, max_shard_bytes)?;
-        if let Some(src) = &self.source_dir {
-            for f in [
-                "config.json",
-                "generation_config.json",
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-            ] {
-                let from = src.join(f);
-                if from.is_file() && src != dir {
-                    std::fs::copy(&from, dir.join(f)).map_err(|source| Error::Io {
-                        path: from.clone(),
-                        source,
-                    })?;
-                }
-            }
+        self.save_as(
+            dir,
+            &SaveOptions {
+                max_shard_bytes,
+                ..SaveOptions::default()
+            },
+        )
+    }
+
+    /// Saves as a whole HF folder: the parameters in `opts.dtype`, the
+    /// source's extra layers (multi-token prediction) unless dropped,
+    /// `config.json` without `quantization_config`, and every other file of
+    /// the source folder (tokenizer, chat template, generation config, ...).
+    pub fn save_as(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
+        let src = self.source_dir.as_deref();
+        let dtype = save_params_as(dir, &self.config, &self.layout, &self.params, src, opts)?;
+        if let Some(src) = src {
+            copy_folder(src, dir, dtype)?;
         }
         Ok(())
     }

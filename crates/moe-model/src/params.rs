@@ -1,12 +1,10 @@
 //! All parameters in one flat f32 buffer, with named views under the Hugging
 //! Face tensor names; loading from and saving to HF safetensors folders.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use aha_tensor::CpuStorage;
-
-use crate::config::{Arch, ModelConfig, Router};
+use crate::config::{Arch, Fp8Blocks, ModelConfig, Router};
 use crate::error::{Error, Result};
 use crate::st;
 
@@ -415,65 +413,137 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
-/// Loads every parameter of `layout` from the folder's safetensors into a
-/// new flat buffer, converting bf16/f16 to f32. Missing, unexpected and
-/// mis-shaped tensors are listed in the error.
-pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &Layout) -> Result<Vec<f32>> {
-    let mut data = vec![0f32; layout.size];
-    let mut seen = vec![false; layout.entries.len()];
-    let mut unexpected = Vec::new();
-    let mut problems = Vec::new();
+/// Every tensor of a model folder's safetensors files, by name, from the
+/// headers alone. A name in two shards is an error.
+pub fn checkpoint_index(dir: &Path) -> Result<BTreeMap<String, st::TensorLoc>> {
+    let mut all = BTreeMap::new();
     for file in checkpoint_files(dir)? {
-        let bytes = st::read_bytes(&file)?;
-        let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint {
-            path: file.clone(),
-            msg: format!("not a valid safetensors file: {e}"),
-        })?;
-        for (name, view) in tensors.iter() {
-            let Some(&i) = layout.index.get(name) else {
-                if !ignorable(cfg, name) {
-                    unexpected.push(name.to_string());
-                }
-                continue;
-            };
-            let e = &layout.entries[i];
-            if view.shape() != e.shape.as_slice() {
-                problems.push(format!(
-                    "`{name}` has shape {:?}, config implies {:?}",
-                    view.shape(),
-                    e.shape
-                ));
-                continue;
+        for (name, loc) in st::read_header(&file)? {
+            if let Some(prev) = all.insert(name.clone(), loc) {
+                return Err(Error::Checkpoint {
+                    path: dir.to_path_buf(),
+                    msg: format!("`{name}` appears in more than one shard ({})", prev.file.display()),
+                });
             }
-            let dst = e.slot.of_mut(&mut data);
-            match st::view_to_storage(&file, name, view.dtype(), view.data())? {
-                CpuStorage::F32(v) => dst.copy_from_slice(&v),
-                CpuStorage::BF16(v) => dst.iter_mut().zip(v).for_each(|(d, s)| *d = s.to_f32()),
-                CpuStorage::F16(v) => dst.iter_mut().zip(v).for_each(|(d, s)| *d = s.to_f32()),
-                other => {
-                    problems.push(format!("`{name}` has integer dtype {:?}", other.dtype()));
-                    continue;
-                }
-            }
-            if seen[i] {
-                problems.push(format!("`{name}` appears in more than one shard"));
-            }
-            seen[i] = true;
         }
     }
-    let missing: Vec<&str> = layout
-        .entries
-        .iter()
-        .zip(&seen)
-        .filter(|(_, s)| !**s)
-        .map(|(e, _)| e.name.as_str())
+    Ok(all)
+}
+
+/// The block-scale tensor of a block-quantized `<name>.weight`.
+pub(crate) fn scale_name(weight: &str) -> Option<String> {
+    weight.strip_suffix(".weight").map(|p| format!("{p}.weight_scale_inv"))
+}
+
+/// Dequantizes an FP8 block-quantized weight `[rows, cols]` in place:
+/// `w[r, c] *= scale_inv[r / bn, c / bk]` (edge blocks partial).
+fn dequantize_blocks(w: &mut [f32], cols: usize, scale: &[f32], blocks: Fp8Blocks) {
+    let sc = cols.div_ceil(blocks.cols);
+    for (r, row) in w.chunks_exact_mut(cols.max(1)).enumerate() {
+        let srow = &scale[(r / blocks.rows) * sc..(r / blocks.rows + 1) * sc];
+        for (c, x) in row.iter_mut().enumerate() {
+            *x *= srow[c / blocks.cols];
+        }
+    }
+}
+
+/// Reads one parameter into `dst` (f32, bf16, f16, or FP8 E4M3 with its
+/// block scales), or says what is wrong with it.
+fn load_tensor(
+    dst: &mut [f32],
+    name: &str,
+    loc: &st::TensorLoc,
+    index: &BTreeMap<String, st::TensorLoc>,
+    cfg: &ModelConfig,
+) -> Result<std::result::Result<(), String>> {
+    let bytes = st::read_tensor(loc)?;
+    if st::decode_floats(dst, loc.dtype, &bytes).is_none() {
+        return Ok(Err(format!(
+            "`{name}` has dtype {:?}; supported: F32, BF16, F16, F8_E4M3 (block-quantized)",
+            loc.dtype
+        )));
+    }
+    if loc.dtype != safetensors::Dtype::F8_E4M3 {
+        return Ok(Ok(()));
+    }
+    let Some(blocks) = cfg.fp8 else {
+        return Ok(Err(format!(
+            "`{name}` is F8_E4M3 but config.json has no quantization_config"
+        )));
+    };
+    let (Some(sname), [rows, cols]) = (scale_name(name), loc.shape.as_slice()) else {
+        return Ok(Err(format!("`{name}` is F8_E4M3 but not a 2-D weight")));
+    };
+    let Some(sloc) = index.get(&sname) else {
+        return Ok(Err(format!("`{name}` is F8_E4M3 but `{sname}` is missing")));
+    };
+    let want = [rows.div_ceil(blocks.rows), cols.div_ceil(blocks.cols)];
+    if sloc.shape != want {
+        return Ok(Err(format!(
+            "`{sname}` has shape {:?}; {rows}x{cols} in {}x{} blocks needs {want:?}",
+            sloc.shape, blocks.rows, blocks.cols
+        )));
+    }
+    let mut scale = vec![0f32; want[0] * want[1]];
+    let float_scale = matches!(
+        sloc.dtype,
+        safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16
+    );
+    if !float_scale || st::decode_floats(&mut scale, sloc.dtype, &st::read_tensor(sloc)?).is_none() {
+        return Ok(Err(format!(
+            "`{sname}` has dtype {:?}; supported: F32, BF16, F16",
+            sloc.dtype
+        )));
+    }
+    dequantize_blocks(dst, *cols, &scale, blocks);
+    Ok(Ok(()))
+}
+
+/// Loads every parameter of `layout` from the folder's safetensors into a
+/// new flat buffer, one tensor at a time (only the headers and one
+/// tensor's bytes are held besides the buffer), converting bf16/f16 to f32
+/// and dequantizing FP8 block-quantized weights. Missing, unexpected and
+/// mis-shaped tensors are listed in the error.
+pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &Layout) -> Result<Vec<f32>> {
+    let index = checkpoint_index(dir)?;
+    let mut data = vec![0f32; layout.size];
+    let mut problems = Vec::new();
+    let mut missing = Vec::new();
+    for e in &layout.entries {
+        let Some(loc) = index.get(&e.name) else {
+            missing.push(e.name.as_str());
+            continue;
+        };
+        if loc.shape != e.shape {
+            problems.push(format!(
+                "`{}` has shape {:?}, config implies {:?}",
+                e.name, loc.shape, e.shape
+            ));
+            continue;
+        }
+        if let Err(p) = load_tensor(e.slot.of_mut(&mut data), &e.name, loc, &index, cfg)? {
+            problems.push(p);
+        }
+    }
+    let unexpected: Vec<&str> = index
+        .keys()
+        .filter(|name| {
+            if layout.get(name).is_some() || ignorable(cfg, name) {
+                return false;
+            }
+            // A block scale belongs to the quantized weight beside it.
+            match name.strip_suffix("_scale_inv") {
+                Some(w) if cfg.fp8.is_some() => layout.get(w).is_none() && !ignorable(cfg, w),
+                _ => true,
+            }
+        })
+        .map(|s| s.as_str())
         .collect();
     if !missing.is_empty() {
         problems.push(format!("{} missing: {}", missing.len(), list(&missing)));
     }
     if !unexpected.is_empty() {
-        let u: Vec<&str> = unexpected.iter().map(|s| s.as_str()).collect();
-        problems.push(format!("{} unexpected: {}", u.len(), list(&u)));
+        problems.push(format!("{} unexpected: {}", unexpected.len(), list(&unexpected)));
     }
     if !problems.is_empty() {
         return Err(Error::Checkpoint {

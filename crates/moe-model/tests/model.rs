@@ -60,18 +60,83 @@ fn configs_parse_with_aliases_and_lists() {
 }
 
 #[test]
+fn rope_scaling_is_read_from_either_key() {
+    use aha_moe_model::RopeScaling;
+    let ds = ModelConfig::from_path(&fixture("deepseek-v3-yarn-tiny")).unwrap();
+    let RopeScaling::Yarn {
+        factor,
+        attention_factor,
+        original_max_position_embeddings,
+        ..
+    } = ds.rope_scaling
+    else {
+        panic!("{:?}", ds.rope_scaling)
+    };
+    assert_eq!(
+        (factor, attention_factor, original_max_position_embeddings),
+        (40.0, 1.0, 64.0)
+    );
+    // DeepSeek-V3 multiplies the softmax scale by (0.1 ln 40 + 1)^2.
+    let m = 0.1 * 40f64.ln() + 1.0;
+    assert!((ds.softmax_scale_mult - m * m).abs() < 1e-12);
+    let (.., scale) = ds.attn_dims();
+    assert!((scale - m * m / 48f64.sqrt()).abs() < 1e-12);
+    // The older key and `type` spelling give the same rule; a Qwen-style
+    // model takes no softmax multiplier.
+    let c = parse(&format!(
+        r#"{QWEN3}, "rope_scaling": {{"type": "linear", "factor": 2.0}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    assert_eq!(c.softmax_scale_mult, 1.0);
+    let c = parse(&format!(
+        r#"{QWEN3}, "rope_parameters": {{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}}}"#
+    ))
+    .unwrap();
+    // Without mscale and mscale_all_dim, the attention factor is 0.1 ln 4 + 1.
+    assert!((c.rope_scaling.attention_factor() - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+}
+
+#[test]
 fn configs_that_change_the_math_are_refused() {
     for (extra, needle) in [
-        (r#", "rope_scaling": {"type": "yarn", "factor": 4.0}"#, "yarn"),
+        (
+            r#", "rope_scaling": {"type": "longrope", "factor": 4.0}"#,
+            "rope_scaling` of type `longrope",
+        ),
+        (
+            r#", "rope_parameters": {"rope_type": "su"}"#,
+            "rope_parameters` of type `su",
+        ),
+        (
+            r#", "rope_scaling": {"type": "yarn"}, "max_position_embeddings": 0"#,
+            "original_max_position_embeddings",
+        ),
+        (
+            r#", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}"#,
+            "low_freq_factor",
+        ),
+        (r#", "partial_rotary_factor": 0.5"#, "partial_rotary_factor"),
         (r#", "use_sliding_window": true"#, "sliding"),
-        (r#", "quantization_config": {"quant_method": "fp8"}"#, "quantized"),
+        (
+            r#", "quantization_config": {"quant_method": "gptq"}"#,
+            "quant_method `gptq`",
+        ),
+        (
+            r#", "quantization_config": {"quant_method": "fp8"}"#,
+            "weight_block_size",
+        ),
+        (
+            r#", "quantization_config": {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}"#,
+            "e5m2",
+        ),
         (r#", "hidden_act": "gelu""#, "gelu"),
     ] {
         let e = parse(&format!("{QWEN3}{extra}}}")).unwrap_err().to_string();
         assert!(e.contains(needle) && e.contains("config.json"), "{e}");
     }
-    let e = parse(r#"{"model_type": "llama"}"#).unwrap_err().to_string();
-    assert!(e.contains("llama"), "{e}");
+    let e = parse(r#"{"model_type": "gpt2"}"#).unwrap_err().to_string();
+    assert!(e.contains("gpt2"), "{e}");
     let e = parse(r#"{"model_type": "qwen2", "hidden_size": "big"}"#)
         .unwrap_err()
         .to_string();
@@ -290,4 +355,89 @@ fn bad_inputs_are_errors() {
     let mut cache = m.new_cache();
     assert!(m.forward_cached(&[], &mut cache).is_err());
     assert!(Model::load(Path::new("/nonexistent/model")).is_err());
+}
+
+/// Writes `tensors` (name, dtype, shape, raw bytes) as one safetensors file.
+fn write_raw(path: &Path, tensors: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Block-wise FP8 as DeepSeek-V3 ships it, on llama-tiny's shapes with
+/// 48x40 blocks so that edge blocks are partial both ways: every weight is
+/// an e4m3 code times its block's scale, so the dequantized model must
+/// equal the f32 one bit for bit. A weight without its scale is named.
+#[test]
+fn fp8_block_quantized_weights_dequantize_exactly() {
+    let src = fixture("llama-tiny");
+    let f32_model = Model::load(&src).unwrap();
+    // Codes and the values they stand for: 1, 2, 0.5, -1, 3, 2^-9 (subnormal), -448.
+    let codes: [(u8, f32); 7] = [
+        (0x38, 1.0),
+        (0x40, 2.0),
+        (0x30, 0.5),
+        (0xb8, -1.0),
+        (0x44, 3.0),
+        (0x01, 1.0 / 512.0),
+        (0xfe, -448.0),
+    ];
+    let (bn, bk) = (48usize, 40usize);
+    let mut expected = f32_model.params.clone();
+    let mut tensors = Vec::new();
+    for e in &f32_model.layout.entries {
+        let quantize = e.name.starts_with("model.layers.") && e.shape.len() == 2;
+        if !quantize {
+            let bytes = e
+                .slot
+                .of(&f32_model.params)
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            tensors.push((e.name.clone(), safetensors::Dtype::F32, e.shape.clone(), bytes));
+            continue;
+        }
+        let (rows, cols) = (e.shape[0], e.shape[1]);
+        let (sr, sc) = (rows.div_ceil(bn), cols.div_ceil(bk));
+        let scale: Vec<f32> = (0..sr * sc).map(|i| 0.001 * (i + 1) as f32).collect();
+        let mut q = Vec::with_capacity(rows * cols);
+        let want = e.slot.of_mut(&mut expected);
+        for r in 0..rows {
+            for c in 0..cols {
+                let (code, value) = codes[(r * 7 + c * 3) % codes.len()];
+                q.push(code);
+                want[r * cols + c] = value * scale[(r / bn) * sc + c / bk];
+            }
+        }
+        tensors.push((e.name.clone(), safetensors::Dtype::F8_E4M3, e.shape.clone(), q));
+        let sbytes = scale.iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push((
+            format!("{}_scale_inv", e.name),
+            safetensors::Dtype::F32,
+            vec![sr, sc],
+            sbytes,
+        ));
+    }
+    let d = tmpdir("fp8");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [bn, bk]});
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    write_raw(&d.join("model.safetensors"), &tensors);
+    let m = Model::load(&d).unwrap();
+    assert!(m.params.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    // Drop one scale: the error names it.
+    tensors.retain(|t| t.0 != "model.layers.1.mlp.up_proj.weight_scale_inv");
+    write_raw(&d.join("model.safetensors"), &tensors);
+    let e = Model::load(&d).unwrap_err().to_string();
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight_scale_inv"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -125,6 +125,33 @@ impl Tensor {
         }
     }
 
+    /// Multiplies every element of an f32 tensor by `s`, in place, on its
+    /// device (the GPU: `scale_f32`).
+    pub fn scale_inplace(&mut self, s: f32) -> Result<()> {
+        let n = self.elem_count();
+        let dtype = self.dtype();
+        match &mut self.storage {
+            Storage::Cuda(CudaStorage {
+                gpu,
+                buf: CudaBuf::F32(b),
+            }) => {
+                aha_cuda_kernels::launch::scale_f32(gpu, b, s, n)?;
+                Ok(())
+            }
+            Storage::Cuda(_) => Err(Error::DType {
+                op: "Tensor::scale_inplace",
+                expected: "f32",
+                got: dtype,
+            }),
+            Storage::Cpu(_) => {
+                for x in self.as_mut_slice::<f32>()? {
+                    *x *= s;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Zeros of `dtype` on `device`.
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
         let shape = shape.into();

@@ -21,22 +21,14 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
 use aha_cuda_kernels::flash::{self, FlashGeometry, PagedGeometry};
-use aha_cuda_kernels::Gpu;
 use aha_tensor::cpu::{self, FlashShape, PagedShape};
 use aha_tensor::{bf16, Device, Result};
-use common::{assert_close, rand_vec, to_f32};
+use common::{assert_close, on, rand_vec, to_f32, twin_tests, On};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-
-enum On {
-    Cpu,
-    Gpu(Arc<Gpu>),
-}
 
 /// The long-sequence length: 8192, or 1024 on the emulated GPU (the kernels
 /// run as written on CPU fibers there; 8k tokens take minutes).
@@ -45,13 +37,6 @@ fn long_len(on: &On) -> usize {
         On::Gpu(g) if g.is_emulated() => 1024,
         _ => 8192,
     }
-}
-
-fn on(dev: Device) -> Result<On> {
-    Ok(match dev {
-        Device::Cpu => On::Cpu,
-        Device::Cuda(i) => On::Gpu(Gpu::get(i)?),
-    })
 }
 
 /// Seeded values in [-scale, scale) rounded to bf16: (bits, exact values).
@@ -80,31 +65,6 @@ fn cu_of(lens: &[usize]) -> Vec<usize> {
         cu.push(cu[cu.len() - 1] + l);
     }
     cu
-}
-
-/// A `_cpu` and a `_cuda` test from one body `fn(Device) -> Result<()>`.
-macro_rules! twin_tests {
-    ($check:ident, $cpu:ident, $cuda:ident) => {
-        #[test]
-        fn $cpu() {
-            $check(Device::Cpu).unwrap();
-        }
-
-        #[test]
-        fn $cuda() {
-            if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
-                eprintln!("{}: skipped: no GPU ({reason})", stringify!($cuda));
-                return;
-            }
-            let t = std::time::Instant::now();
-            $check(Device::Cuda(0)).unwrap();
-            eprintln!(
-                "{}: passed in {:.1} ms",
-                stringify!($cuda),
-                t.elapsed().as_secs_f64() * 1e3
-            );
-        }
-    };
 }
 
 /// One varlen problem: inputs as bf16 bits and exact values.

@@ -11,29 +11,14 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
 use aha_cuda_kernels::launch::{self, AdamwScalars, RopeGeometry, TokenIds};
 use aha_cuda_kernels::Gpu;
 use aha_tensor::cpu::{self, AdamW, RopeLayout, RopeShape};
 use aha_tensor::{bf16, Device, Result};
-use common::{assert_close, rand_ids, rand_vec, to_f32};
+use common::{assert_close, on, rand_ids, rand_vec, to_f32, twin_tests, On};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// Where a test body computes.
-enum On {
-    Cpu,
-    Gpu(Arc<Gpu>),
-}
-
-fn on(dev: Device) -> Result<On> {
-    Ok(match dev {
-        Device::Cpu => On::Cpu,
-        Device::Cuda(i) => On::Gpu(Gpu::get(i)?),
-    })
-}
 
 fn up(g: &Gpu, v: &[f32]) -> Result<CudaSlice<f32>> {
     Ok(g.upload(v)?)
@@ -59,31 +44,6 @@ fn sizes(seed: u64, edges: &[usize], count: usize, max: usize) -> Vec<usize> {
     let mut v = edges.to_vec();
     v.extend((0..count).map(|_| rng.random_range(1..max)));
     v
-}
-
-/// A `_cpu` and a `_cuda` test from one body `fn(Device) -> Result<()>`.
-macro_rules! twin_tests {
-    ($check:ident, $cpu:ident, $cuda:ident) => {
-        #[test]
-        fn $cpu() {
-            $check(Device::Cpu).unwrap();
-        }
-
-        #[test]
-        fn $cuda() {
-            if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
-                eprintln!("{}: skipped: no GPU ({reason})", stringify!($cuda));
-                return;
-            }
-            let t = std::time::Instant::now();
-            $check(Device::Cuda(0)).unwrap();
-            eprintln!(
-                "{}: passed in {:.1} ms",
-                stringify!($cuda),
-                t.elapsed().as_secs_f64() * 1e3
-            );
-        }
-    };
 }
 
 fn check_rmsnorm_backward(dev: Device) -> Result<()> {

@@ -164,6 +164,7 @@ impl DemoConfig {
             mask_truncated: false,
             num_iterations: 1,
             minibatches: 1,
+            micro_batch_tokens: 0,
         }
     }
 

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_grpo::{AdvantageEstimator, KlEstimator, LossConfig, LossType};
+use aha_moe_model::memory::{check_device, memory_plan, Workload};
 use aha_moe_model::{resolve_device, Model, ModelConfig, Policy, Precision};
 use aha_rewards::language::Script;
 use aha_rewards::{BatchConfig, Example};
@@ -73,6 +74,12 @@ pub struct GrpoConfig {
     pub num_iterations: usize,
     /// Updates per pass (the generation batch split into minibatches).
     pub minibatches: usize,
+    /// Tokens (rows x padded length) per forward and backward: minibatches
+    /// are split into micro-batches of similar-length completions under
+    /// this budget and their gradients accumulated (default 0: no split;
+    /// TRL's `per_device_train_batch_size` x `gradient_accumulation_steps`
+    /// in tokens).
+    pub micro_batch_tokens: usize,
     /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
     /// more prompts until the step has `prompts_per_step` groups.
     pub dynamic_sampling: bool,
@@ -134,6 +141,7 @@ impl Default for GrpoConfig {
             top_p: 1.0,
             device: "auto".into(),
             precision: "f32".into(),
+            micro_batch_tokens: 0,
             max_prompt_length: 512,
             max_completion_length: 1024,
             mask_truncated_completions: false,
@@ -258,8 +266,37 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     };
     let metrics_path = out.join("metrics.jsonl");
     let precision: Precision = cfg.precision.parse()?;
-    let device = resolve_device(&cfg.device, &ModelConfig::from_path(&cfg.model)?, precision)?;
-    log(&format!("policy on {device} ({precision})"));
+    let mcfg = ModelConfig::from_path(&cfg.model)?;
+    let device = resolve_device(&cfg.device, &mcfg, precision)?;
+    // The device memory of the policy (trained) and the reference (scored),
+    // refused before anything is allocated when it cannot fit.
+    let rows = (cfg.prompts_per_step * cfg.num_generations).div_ceil(cfg.minibatches.max(1));
+    let seq = cfg.max_prompt_length + cfg.max_completion_length;
+    let rows = match cfg.micro_batch_tokens {
+        0 => rows,
+        b => rows.min((b / seq.max(1)).max(1)),
+    };
+    let work = Workload {
+        tokens: rows * seq,
+        scored: rows * cfg.max_completion_length,
+        kv_tokens: 0,
+        training: true,
+    };
+    let mut plan = memory_plan(&mcfg, precision, &work);
+    if cfg.beta > 0.0 {
+        let r = memory_plan(
+            &mcfg,
+            precision,
+            &Workload {
+                training: false,
+                ..work
+            },
+        );
+        plan.weights += r.weights;
+        plan.weights_bf16 += r.weights_bf16;
+    }
+    log(&format!("policy on {device} ({precision}); memory plan: {plan}"));
+    check_device(&plan, device)?;
     let place = |m: Model| Policy::new(m, device, precision);
     let (mut policy, mut reference, mut opt, mut rng, start, mut lines) = match loaded {
         Some(l) => {
@@ -330,6 +367,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         mask_truncated: cfg.mask_truncated_completions,
         num_iterations: cfg.num_iterations,
         minibatches: cfg.minibatches,
+        micro_batch_tokens: cfg.micro_batch_tokens,
     };
     let g = cfg.num_generations;
     let mut last = aha_grpo::Metrics::new();

@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use aha_grpo::{compute_advantages, grpo_loss_on, metrics, AdvantageEstimator, LossConfig, Metrics, TensorLossInputs};
+use aha_grpo::{
+    compute_advantages, grpo_loss_on, metrics, AdvantageEstimator, LossConfig, LossType, Metrics, TensorLossInputs,
+};
 use aha_moe_model::Policy;
 use aha_rewards::length::LENGTH_FIELD;
 use aha_rewards::{evaluate_weighted, BatchConfig, Example, Item, WeightedSum};
@@ -85,6 +87,11 @@ pub struct GrpoStep {
     /// Optimizer updates per pass: the generation batch is split into this
     /// many minibatches of whole completions (1: one update per pass).
     pub minibatches: usize,
+    /// Tokens (rows x padded length) of one forward and backward: each
+    /// minibatch is split into micro-batches of completions of similar
+    /// length under this budget, their gradients accumulated before the
+    /// update (0: the whole minibatch at once).
+    pub micro_batch_tokens: usize,
 }
 
 /// Scored completions of a set of prompts, G each, grouped by prompt.
@@ -226,115 +233,147 @@ pub fn train_on(
         1.0
     };
 
-    // The training batch: prompt + completion, right-padded.
-    let t = completions
+    let lens: Vec<usize> = completions
         .iter()
         .map(|c| prompts[c.prompt_index].len() + c.token_ids.len())
-        .max()
-        .unwrap_or(1);
-    let tc = completions.iter().map(|c| c.token_ids.len()).max().unwrap_or(1).max(1);
-    let mut ids = vec![0u32; n * t];
-    let mut mask = vec![false; n * tc];
-    for (i, c) in completions.iter().enumerate() {
-        let p = &prompts[c.prompt_index];
-        if p.is_empty() {
-            return Err(Error::Other(format!("completion {i}: empty prompt")));
-        }
-        let row = &mut ids[i * t..(i + 1) * t];
-        row[..p.len()].copy_from_slice(p);
-        row[p.len()..p.len() + c.token_ids.len()].copy_from_slice(&c.token_ids);
-        let train = !(cfg.mask_truncated && c.finish_reason == FinishReason::Length);
-        for j in 0..c.token_ids.len() {
-            mask[i * tc + j] = train;
-        }
+        .collect();
+    let clens: Vec<usize> = completions.iter().map(|c| c.token_ids.len()).collect();
+    if let Some(i) = completions.iter().position(|c| prompts[c.prompt_index].is_empty()) {
+        return Err(crate::error::Error::Other(format!("completion {i}: empty prompt")));
     }
-    // The scored rows of completions r0..r1 in a sub-batch forward: token j
-    // of completion k is predicted at row k * t + len(prompt) - 1 + j; the
-    // padding slots (j >= len) point at the completion's first row and are
-    // masked out of the loss.
-    let rows_of = |r0: usize, r1: usize| -> (Vec<u32>, Vec<u32>) {
-        let (mut rows, mut targets) = (Vec::with_capacity((r1 - r0) * tc), Vec::with_capacity((r1 - r0) * tc));
-        for (k, c) in completions[r0..r1].iter().enumerate() {
-            let base = k * t + prompts[c.prompt_index].len() - 1;
-            for j in 0..tc {
-                match c.token_ids.get(j) {
-                    Some(&tok) => {
-                        rows.push((base + j) as u32);
-                        targets.push(tok);
-                    }
-                    None => {
-                        rows.push(base as u32);
-                        targets.push(0);
-                    }
-                }
-            }
-        }
-        (rows, targets)
-    };
+    let train_mask = |c: &Completion| !(cfg.mask_truncated && c.finish_reason == FinishReason::Length);
+    let total_tokens = completions
+        .iter()
+        .filter(|c| train_mask(c))
+        .map(|c| c.token_ids.len())
+        .sum::<usize>() as f64;
+    // Minibatches of whole completions (one optimizer update each), each
+    // split into micro-batches that fit the token budget (one forward and
+    // backward each, gradients accumulated).
     let mu = cfg.num_iterations.max(1);
     let nmb = cfg.minibatches.clamp(1, n.max(1));
     let rows_per = n.div_ceil(nmb).max(1);
-    let spans: Vec<(usize, usize)> = (0..n)
+    let minibatches: Vec<Vec<Micro>> = (0..n)
         .step_by(rows_per)
-        .map(|r0| (r0, (r0 + rows_per).min(n)))
+        .map(|r0| micro_batches(r0..(r0 + rows_per).min(n), &lens, &clens, cfg.micro_batch_tokens))
         .collect();
-    // Per-token log-probs of a minibatch under `p`, on its device.
-    let score = |p: &Policy, (r0, r1): (usize, usize)| -> Result<Tensor> {
-        let (rows, targets) = rows_of(r0, r1);
-        let fwd = p.forward(&ids[r0 * t..r1 * t], r1 - r0, t)?;
-        Ok(p.score(&fwd, &rows, &targets, temperature)?.logp)
+    // One micro-batch's training rows: prompt + completion right-padded to
+    // its longest, the scored rows (token j of completion k is predicted at
+    // row k * t + len(prompt) - 1 + j; padding slots point at the
+    // completion's first row and are masked out), mask and advantages.
+    let batch_of = |m: &Micro| -> MicroData {
+        let (t, tc) = (m.t, m.tc);
+        let nb = m.idx.len();
+        let mut d = MicroData {
+            ids: vec![0u32; nb * t],
+            rows: Vec::with_capacity(nb * tc),
+            targets: Vec::with_capacity(nb * tc),
+            mask: vec![false; nb * tc],
+            adv: Vec::with_capacity(nb),
+        };
+        for (k, &i) in m.idx.iter().enumerate() {
+            let c = &completions[i];
+            let p = &prompts[c.prompt_index];
+            let row = &mut d.ids[k * t..(k + 1) * t];
+            row[..p.len()].copy_from_slice(p);
+            row[p.len()..p.len() + c.token_ids.len()].copy_from_slice(&c.token_ids);
+            let base = k * t + p.len() - 1;
+            for j in 0..tc {
+                match c.token_ids.get(j) {
+                    Some(&tok) => {
+                        d.rows.push((base + j) as u32);
+                        d.targets.push(tok);
+                        d.mask[k * tc + j] = train_mask(c);
+                    }
+                    None => {
+                        d.rows.push(base as u32);
+                        d.targets.push(0);
+                    }
+                }
+            }
+            d.adv.push(adv.values[i]);
+        }
+        d
+    };
+    let data: Vec<Vec<MicroData>> = minibatches.iter().map(|mb| mb.iter().map(batch_of).collect()).collect();
+    // Per-token log-probs of a micro-batch under `p`, on its device.
+    let score = |p: &Policy, m: &Micro, d: &MicroData| -> Result<Tensor> {
+        let fwd = p.forward(&d.ids, m.idx.len(), m.t)?;
+        Ok(p.score(&fwd, &d.rows, &d.targets, temperature)?.logp)
+    };
+    let all = |p: &Policy| -> Result<Vec<Vec<Tensor>>> {
+        minibatches
+            .iter()
+            .zip(&data)
+            .map(|(mb, ds)| mb.iter().zip(ds).map(|(m, d)| score(p, m, d)).collect())
+            .collect()
     };
     // With more than one update per generation batch, the policy that
     // sampled ("old") differs from the one being trained: keep its log-probs.
-    let old: Option<Vec<Tensor>> = if mu > 1 || nmb > 1 {
-        Some(spans.iter().map(|&sp| score(policy, sp)).collect::<Result<_>>()?)
-    } else {
-        None
-    };
-    let refs: Option<Vec<Tensor>> = match (cfg.loss.beta > 0.0, reference) {
-        (true, Some(rf)) => Some(spans.iter().map(|&sp| score(rf, sp)).collect::<Result<_>>()?),
+    let old = if mu > 1 || nmb > 1 { Some(all(policy)?) } else { None };
+    let refs = match (cfg.loss.beta > 0.0, reference) {
+        (true, Some(rf)) => Some(all(rf)?),
         _ => None,
     };
-    let total_tokens = mask.iter().filter(|&&x| x).count() as f64;
     let mut last = None;
     for it in 0..mu {
-        for (mb, &(r0, r1)) in spans.iter().enumerate() {
-            let nb = r1 - r0;
-            let (rows, targets) = rows_of(r0, r1);
-            let fwd = policy.forward(&ids[r0 * t..r1 * t], nb, t)?;
-            let scores = policy.score(&fwd, &rows, &targets, temperature)?;
-            let out = grpo_loss_on(
-                &TensorLossInputs {
-                    batch: nb,
-                    seq: tc,
-                    logp: &scores.logp,
-                    old_logp: old.as_ref().map(|o| &o[mb]),
-                    ref_logp: refs.as_ref().map(|x| &x[mb]),
-                    entropy: Some(&scores.entropy),
-                    mask: &mask[r0 * tc..r1 * tc],
-                    advantages: &adv.values[r0..r1],
-                    num_items_in_batch: Some(total_tokens),
-                },
-                &cfg.loss,
-            )?;
-            let batch = || {
+        for (b, (mb, ds)) in minibatches.iter().zip(&data).enumerate() {
+            let (r0, r1) = (b * rows_per, (b * rows_per + rows_per).min(n));
+            let describe = || {
                 let mut ps: Vec<usize> = completions[r0..r1].iter().map(|c| c.prompt_index).collect();
                 ps.dedup();
                 format!(
                     "iteration {}/{mu}, minibatch {}/{nmb}: completions {r0}..{r1} of prompts {ps:?}",
                     it + 1,
-                    mb + 1
+                    b + 1
                 )
             };
-            if !out.loss.is_finite() {
-                let info = opt.skip(&batch(), &format!("loss {}", out.loss))?;
-                last = Some((out.loss, out.metrics, info));
-                continue;
-            }
+            let rows_mb = (r1 - r0) as f64;
+            let tokens_mb: f64 = ds.iter().map(|d| d.mask.iter().filter(|&&x| x).count() as f64).sum();
+            let mut acc: Option<(f64, Metrics)> = None;
+            let mut bad = None;
             policy.zero_grad()?;
-            policy.backward(fwd, &scores, &out.dlogp, out.dentropy.as_ref(), 0.0)?;
-            let info = opt.update_batch(policy, &batch)?;
-            last = Some((out.loss, out.metrics, info));
+            for (u, (m, d)) in mb.iter().zip(ds).enumerate() {
+                let fwd = policy.forward(&d.ids, m.idx.len(), m.t)?;
+                let scores = policy.score(&fwd, &d.rows, &d.targets, temperature)?;
+                let mut out = grpo_loss_on(
+                    &TensorLossInputs {
+                        batch: m.idx.len(),
+                        seq: m.tc,
+                        logp: &scores.logp,
+                        old_logp: old.as_ref().map(|o| &o[b][u]),
+                        ref_logp: refs.as_ref().map(|x| &x[b][u]),
+                        entropy: Some(&scores.entropy),
+                        mask: &d.mask,
+                        advantages: &d.adv,
+                        num_items_in_batch: Some(total_tokens),
+                    },
+                    &cfg.loss,
+                )?;
+                if !out.loss.is_finite() {
+                    bad = Some(out.loss);
+                    acc = Some((out.loss, out.metrics));
+                    break;
+                }
+                // This micro-batch's share of the minibatch's loss.
+                let share = match cfg.loss.loss_type {
+                    LossType::Grpo | LossType::DrGrpo => m.idx.len() as f64 / rows_mb,
+                    LossType::Bnpo if tokens_mb > 0.0 => d.mask.iter().filter(|&&x| x).count() as f64 / tokens_mb,
+                    LossType::Bnpo => m.idx.len() as f64 / rows_mb,
+                    LossType::Dapo | LossType::Cispo => 1.0,
+                };
+                out.scale(share)?;
+                policy.backward(fwd, &scores, &out.dlogp, out.dentropy.as_ref(), 0.0)?;
+                acc = Some(merge_metrics(acc, out.loss, out.metrics, m.idx.len() as f64 / rows_mb));
+            }
+            let Some((loss, metrics)) = acc else {
+                continue;
+            };
+            let info = match bad {
+                Some(l) => opt.skip(&describe(), &format!("loss {l}"))?,
+                None => opt.update_batch(policy, &describe)?,
+            };
+            last = Some((loss, metrics, info));
         }
     }
     let Some((loss, metrics, info)) = last else {
@@ -356,4 +395,93 @@ pub fn train_on(
     m.insert("update_skipped".into(), if info.skipped { 1.0 } else { 0.0 });
     m.insert("timing/generate_s".into(), r.generate_s);
     Ok(m)
+}
+
+/// A micro-batch: completions (indices, in training order) and the padded
+/// lengths of its forward.
+struct Micro {
+    idx: Vec<usize>,
+    /// Longest prompt + completion.
+    t: usize,
+    /// Longest completion (at least 1).
+    tc: usize,
+}
+
+/// A micro-batch's tensors on the host.
+struct MicroData {
+    ids: Vec<u32>,
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    mask: Vec<bool>,
+    adv: Vec<f64>,
+}
+
+/// Splits the completions `range` (whole lengths `lens`, completion lengths
+/// `clens`) into micro-batches of at most `budget` tokens each (rows x padded length; a single longer completion is a
+/// micro-batch of its own), grouping completions of similar length so that
+/// little padding is computed. `budget` 0: the whole range, in order.
+fn micro_batches(range: std::ops::Range<usize>, lens: &[usize], clens: &[usize], budget: usize) -> Vec<Micro> {
+    let micro = |idx: Vec<usize>| {
+        let t = idx.iter().map(|&i| lens[i]).max().unwrap_or(1).max(1);
+        let tc = idx.iter().map(|&i| clens[i]).max().unwrap_or(1).max(1);
+        Micro { idx, t, tc }
+    };
+    let mut out = Vec::new();
+    if budget == 0 {
+        out.push(micro(range.collect()));
+    } else {
+        let mut order: Vec<usize> = range.collect();
+        order.sort_by_key(|&i| (lens[i], i));
+        let mut cur: Vec<usize> = Vec::new();
+        for i in order {
+            // Sorted by length: `i` is the longest so far.
+            if !cur.is_empty() && (cur.len() + 1) * lens[i] > budget {
+                out.push(micro(std::mem::take(&mut cur)));
+            }
+            cur.push(i);
+        }
+        if !cur.is_empty() {
+            out.push(micro(cur));
+        }
+    }
+    out
+}
+
+/// Adds a micro-batch's (already scaled) loss and its metrics, weighted by
+/// its share of the minibatch's completions (minima and maxima kept as such).
+fn merge_metrics(acc: Option<(f64, Metrics)>, loss: f64, m: Metrics, w: f64) -> (f64, Metrics) {
+    match acc {
+        None => (
+            loss,
+            m.into_iter()
+                .map(|(k, v)| {
+                    let v = if k.ends_with("_min") || k.ends_with("_max") {
+                        v
+                    } else {
+                        v * w
+                    };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        Some((l, mut a)) => {
+            for (k, v) in m {
+                let e = a.entry(k.clone()).or_insert(if k.ends_with("_min") {
+                    f64::INFINITY
+                } else if k.ends_with("_max") {
+                    f64::NEG_INFINITY
+                } else {
+                    0.0
+                });
+                if k.ends_with("_min") {
+                    *e = e.min(v);
+                } else if k.ends_with("_max") {
+                    *e = e.max(v);
+                } else {
+                    *e += v * w;
+                }
+            }
+            (l + loss, a)
+        }
+    }
 }

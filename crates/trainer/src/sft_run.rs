@@ -12,6 +12,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use aha_moe_model::memory::{check_device, memory_plan, Workload};
 use aha_moe_model::{resolve_device, Model, Policy, Precision};
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
@@ -257,6 +258,19 @@ pub fn run_sft(
     }
     let mut rng = Rng::new(seed);
     let dev = resolve_device(device, &model.config, precision)?;
+    let longest = examples.iter().map(|e| e.0.len() + e.1.len()).max().unwrap_or(0);
+    let plan = memory_plan(
+        &model.config,
+        precision,
+        &Workload {
+            tokens: batch * longest,
+            scored: batch * longest,
+            kv_tokens: 0,
+            training: true,
+        },
+    );
+    eprintln!("aha sft: model on {dev} ({precision}); memory plan: {plan}");
+    check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
     let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng)?;
     policy.save(out, 4 << 30)?;

@@ -216,3 +216,90 @@ fn the_public_sets_load_with_their_own_field_names() {
     assert!(e.contains(":2:") && e.contains("answer"), "{e}");
     let _ = std::fs::remove_file(&bad);
 }
+
+/// Gradient accumulation over micro-batches gives the gradient of the
+/// whole minibatch, for every loss aggregation (f32; only summation orders
+/// differ).
+#[test]
+fn micro_batches_accumulate_to_the_whole_batch_gradient() {
+    use aha_grpo::LossType;
+    use aha_trainer::rl::{rollout, train_on, Scoring};
+    let cfg = aha_trainer::DemoConfig::quick(0);
+    let json = cfg.model_config_json().to_string();
+    let model = Model::random(
+        ModelConfig::from_json_str(&json, std::path::Path::new("t")).unwrap(),
+        4,
+        0.05,
+    );
+    let tok = toy::tokenizer().unwrap();
+    let mut rng = toy::Rng::new(9);
+    let problems: Vec<Problem> = (0..2)
+        .map(|_| toy::problem(&mut rng, TaskSpec::default(), false))
+        .collect();
+    let prompts: Vec<Vec<u32>> = problems
+        .iter()
+        .map(|p| toy::encode(&tok, &p.prompt()).unwrap())
+        .collect();
+    let mut step = cfg.grpo_step_config();
+    step.num_generations = 4;
+    step.sampling.max_new_tokens = 10;
+    step.loss.beta = 0.04;
+    let sum = aha_rewards::WeightedSum::new().add(LengthMod3, 1.0);
+    let examples = vec![aha_rewards::Example::new(); prompts.len()];
+    let batch = aha_rewards::BatchConfig::default();
+    let rewards = Scoring {
+        rewards: &sum,
+        examples: &examples,
+        batch: &batch,
+    };
+    let policy = Policy::new(model.clone(), Device::Cpu, Precision::F32).unwrap();
+    let r = rollout(&policy, &tok, &prompts, &rewards, &step).unwrap();
+    let longest = r
+        .completions
+        .iter()
+        .map(|c| prompts[c.prompt_index].len() + c.token_ids.len())
+        .max()
+        .unwrap();
+    for loss_type in [LossType::Grpo, LossType::Bnpo, LossType::DrGrpo, LossType::Dapo] {
+        let run = |budget: usize| {
+            let mut s = step.clone();
+            s.loss.loss_type = loss_type;
+            s.micro_batch_tokens = budget;
+            let mut p = Policy::new(model.clone(), Device::Cpu, Precision::F32).unwrap();
+            let reference = Policy::new(model.clone(), Device::Cpu, Precision::F32).unwrap();
+            let mut o = Optimizer::new(opt(Schedule::Constant).cfg);
+            let m = train_on(&mut p, Some(&reference), &mut o, &r, &["length_mod_3"], &s).unwrap();
+            (m["loss"], p.grads_to_host().unwrap())
+        };
+        let (l1, g1) = run(0);
+        // Two completions a micro-batch: four micro-batches of the eight.
+        let (l4, g4) = run(2 * longest);
+        let scale = g1.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let diff = g1.iter().zip(&g4).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        eprintln!(
+            "{loss_type:?}: loss {l1:.6e} vs {l4:.6e}; gradients max |diff| / scale {:.2e}",
+            diff / scale
+        );
+        assert!(scale > 0.0);
+        assert!(
+            diff <= 1e-6 * scale,
+            "{loss_type:?}: gradients differ by {diff} (scale {scale})"
+        );
+        assert!(
+            (l1 - l4).abs() <= 1e-6 * l1.abs().max(1e-9),
+            "{loss_type:?}: loss {l1} vs {l4}"
+        );
+    }
+}
+
+/// A reward that differs within every group: the completion's length mod 3.
+struct LengthMod3;
+
+impl aha_rewards::Reward for LengthMod3 {
+    fn name(&self) -> &str {
+        "length_mod_3"
+    }
+    fn score(&self, _: &aha_rewards::Example, completion: &str) -> aha_rewards::Outcome {
+        aha_rewards::Outcome::new((completion.len() % 3) as f64, aha_rewards::Status::Correct)
+    }
+}

@@ -1,9 +1,56 @@
 //! Helpers shared by the kernel tests: seeded random data, closeness checks
-//! that print the first mismatches, and a finite-difference gradient check.
-#![allow(dead_code)]
+//! that print the first mismatches, a finite-difference gradient check, and
+//! the device a twin test's body runs on ([`On`], [`on`], [`twin_tests!`]).
+#![allow(dead_code, unused_macros, unused_imports)]
 
+use std::sync::Arc;
+
+use aha_cuda_kernels::Gpu;
+use aha_tensor::{Device, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// Where a test body computes: the CPU twins, or the launchers on a GPU.
+pub enum On {
+    Cpu,
+    Gpu(Arc<Gpu>),
+}
+
+/// The [`On`] of a device (creates or reuses the GPU's context).
+pub fn on(dev: Device) -> Result<On> {
+    Ok(match dev {
+        Device::Cpu => On::Cpu,
+        Device::Cuda(i) => On::Gpu(Gpu::get(i)?),
+    })
+}
+
+/// A `_cpu` and a `_cuda` test from one body `fn(Device) -> Result<()>`: the
+/// `_cuda` one prints "skipped: no GPU" and passes where there is none, and
+/// its wall time where there is one (`--nocapture`).
+macro_rules! twin_tests {
+    ($check:ident, $cpu:ident, $cuda:ident) => {
+        #[test]
+        fn $cpu() {
+            $check(aha_tensor::Device::Cpu).unwrap();
+        }
+
+        #[test]
+        fn $cuda() {
+            if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
+                eprintln!("{}: skipped: no GPU ({reason})", stringify!($cuda));
+                return;
+            }
+            let t = std::time::Instant::now();
+            $check(aha_tensor::Device::Cuda(0)).unwrap();
+            eprintln!(
+                "{}: passed in {:.1} ms",
+                stringify!($cuda),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    };
+}
+pub(crate) use twin_tests;
 
 /// `n` values uniform in [-scale, scale), reproducible from `seed`.
 pub fn rand_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {

@@ -1,0 +1,193 @@
+//! The device memory a training run needs, computed before anything is
+//! allocated: weights, their bf16 copy, gradients, AdamW moments, the
+//! activations the backward keeps, a KV cache, and workspace. The numbers
+//! follow what [`crate::gpu::GpuModel`] allocates (f32 master weights,
+//! gradients and moments, f32 saved activations, the MoE layers' buffers in
+//! their storage precision, the fused lm head's chunked workspace), so a
+//! run that cannot fit is refused with this plan in the error instead of
+//! failing in the middle with an out-of-memory error.
+
+use crate::config::ModelConfig;
+use crate::error::{input_err, Result};
+use crate::params::Layout;
+use crate::policy::Precision;
+
+/// What one step processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workload {
+    /// Tokens of one forward and backward (a micro-batch: rows x padded length).
+    pub tokens: usize,
+    /// Rows scored by the lm head per forward (completion tokens; at most `tokens`).
+    pub scored: usize,
+    /// Cached positions for decoding on the device (0 while rollouts run on
+    /// the CPU engine).
+    pub kv_tokens: usize,
+    /// True when gradients and AdamW moments are needed.
+    pub training: bool,
+}
+
+/// Bytes by purpose (see [`memory_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Parameters.
+    pub params: usize,
+    /// f32 master weights: 4 bytes a parameter.
+    pub weights: u64,
+    /// The bf16 copy the products read (bf16 precision): 2 bytes a parameter.
+    pub weights_bf16: u64,
+    /// f32 gradients: 4 bytes a parameter (training).
+    pub grads: u64,
+    /// AdamW's two f32 moments: 8 bytes a parameter (training).
+    pub moments: u64,
+    /// What the forward keeps for the backward, for `Workload::tokens`.
+    pub activations: u64,
+    /// The KV cache for `Workload::kv_tokens` positions (f32).
+    pub kv_cache: u64,
+    /// The lm head's chunked logits and one MoE layer's gradient buffers.
+    pub workspace: u64,
+}
+
+impl MemoryPlan {
+    /// Everything together.
+    pub fn total(&self) -> u64 {
+        self.weights + self.weights_bf16 + self.grads + self.moments + self.activations + self.kv_cache + self.workspace
+    }
+
+    /// An error naming every part when the plan exceeds `available` bytes.
+    pub fn check(&self, available: u64, device: &str) -> Result<()> {
+        if self.total() > available {
+            return Err(input_err(
+                "memory plan",
+                format!(
+                    "the run needs {:.2} GB but {device} has {:.2} GB available: {self}",
+                    gb(self.total()),
+                    gb(available)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn gb(b: u64) -> f64 {
+    b as f64 / 1e9
+}
+
+impl std::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.3}B parameters; weights {:.2} GB, bf16 copy {:.2} GB, gradients {:.2} GB, AdamW moments {:.2} GB, \
+             activations {:.2} GB, KV cache {:.2} GB, workspace {:.2} GB; total {:.2} GB",
+            self.params as f64 / 1e9,
+            gb(self.weights),
+            gb(self.weights_bf16),
+            gb(self.grads),
+            gb(self.moments),
+            gb(self.activations),
+            gb(self.kv_cache),
+            gb(self.workspace),
+            gb(self.total())
+        )
+    }
+}
+
+/// The lm head's workspace cap (`aha_cuda_kernels::lmhead::DEFAULT_BUDGET_BYTES`).
+const HEAD_BUDGET: u64 = 256 << 20;
+
+/// Bytes the GPU model keeps per token for the backward, by layer kind, and
+/// the bytes of one MoE layer's gradient buffers.
+fn per_token_bytes(cfg: &ModelConfig, precision: Precision) -> (u64, u64) {
+    let f = 4u64;
+    let st: u64 = match precision {
+        Precision::F32 => 4,
+        Precision::Bf16 => 2,
+    };
+    let (c, h, hk) = (cfg.hidden_size as u64, cfg.num_heads as u64, cfg.num_kv_heads as u64);
+    let (dk, dv, _, _) = cfg.attn_dims();
+    let (dk, dv) = (dk as u64, dv as u64);
+    // Residual stream and norms: x_in, ln1, x_mid, ln2 and two rstds.
+    let common = f * (4 * c + 2);
+    let attn = match &cfg.mla {
+        // q, k, v of every head, the attention output and lse; the low-rank
+        // query and compressed kv with their norms.
+        Some(m) => {
+            let qa = m.q_lora_rank.map_or(0, |r| 2 * r as u64 + 1);
+            let kvl = m.kv_lora_rank as u64;
+            f * (h * dk + h * dk + h * dv + h * dv + h + qa + 2 * kvl + 1)
+        }
+        // q, k, v (rotated), q and k before the norms, output, lse, norms' rstds.
+        None => {
+            let norms = if cfg.qk_norm { h + hk } else { 0 };
+            f * (2 * h * dk + 2 * hk * dk + hk * dv + h * dv + h + norms)
+        }
+    };
+    let dense = f * 3 * cfg.intermediate_size as u64;
+    let (moe, moe_grads) = match &cfg.moe {
+        Some(m) => {
+            let (e, k, fe) = (m.n_experts as u64, m.top_k as u64, m.expert_dim as u64);
+            let fs = fe * m.n_shared as u64;
+            // MoeBuffers per token: logits, probs, dlogits [E]; ids, w, dw
+            // [K], denom, permutation maps [3K]; xe, dye [K C] and act, dg, du
+            // [K F] in the storage type; g, u, dact [K F] and ye, dxe [K C] in f32.
+            let routed = f * (3 * e + 3 * k + 1 + 3 * k) + st * (2 * k * c + 3 * k * fe) + f * (3 * k * fe + 2 * k * c);
+            let shared = if fs > 0 { st * (2 * c + 3 * fs) + f * 3 * fs } else { 0 };
+            let grads = f * (e * c + 3 * e * fe * c + 3 * fs * c);
+            (routed + shared, grads)
+        }
+        None => (0, 0),
+    };
+    let layers = &cfg.sparse_layers;
+    let mut total = 0u64;
+    for l in 0..cfg.num_layers {
+        let sparse = cfg.moe.is_some() && layers.get(l).copied().unwrap_or(false);
+        total += common + attn + if sparse { moe } else { dense };
+    }
+    // The final norm's input and output and its rstd.
+    total += f * (2 * c + 1);
+    (total, moe_grads)
+}
+
+/// The plan of `cfg` in `precision` for `w`.
+pub fn memory_plan(cfg: &ModelConfig, precision: Precision, w: &Workload) -> MemoryPlan {
+    let layout = Layout::new(cfg);
+    let p = layout.size as u64;
+    let (per_token, moe_grads) = per_token_bytes(cfg, precision);
+    let (dk, dv, _, _) = cfg.attn_dims();
+    let hk = if cfg.mla.is_some() {
+        cfg.num_heads
+    } else {
+        cfg.num_kv_heads
+    } as u64;
+    let (c, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+    // The head's chunk of logits (capped), its state and the scored rows'
+    // hidden states and their gradients.
+    let head = (w.scored as u64 * v * 4).min(HEAD_BUDGET) + w.scored as u64 * (2 * c * 4 + 16);
+    MemoryPlan {
+        params: layout.size,
+        weights: 4 * p,
+        weights_bf16: if precision == Precision::Bf16 { 2 * p } else { 0 },
+        grads: if w.training { 4 * p } else { 0 },
+        moments: if w.training { 8 * p } else { 0 },
+        activations: if w.training {
+            per_token * w.tokens as u64
+        } else {
+            // Scoring keeps every layer's buffers as the forward runs: bound
+            // by the training figure.
+            per_token * w.tokens as u64
+        },
+        kv_cache: w.kv_tokens as u64 * cfg.num_layers as u64 * hk * (dk + dv) as u64 * 4,
+        workspace: head + if w.training { moe_grads } else { 0 },
+    }
+}
+
+/// Refuses `plan` on GPU `ordinal` when it exceeds the device's free memory
+/// (with the plan in the error); a no-op for the CPU.
+pub fn check_device(plan: &MemoryPlan, device: aha_tensor::Device) -> Result<()> {
+    let aha_tensor::Device::Cuda(i) = device else {
+        return Ok(());
+    };
+    let gpu = aha_cuda_kernels::Gpu::get(i).map_err(|e| crate::error::Error::Tensor(e.into()))?;
+    let (free, _) = gpu.mem_info().map_err(|e| crate::error::Error::Tensor(e.into()))?;
+    plan.check(free as u64, &format!("cuda:{i} ({})", gpu.name()))
+}

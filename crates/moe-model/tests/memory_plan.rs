@@ -1,0 +1,139 @@
+//! The memory plan against hand arithmetic for three real model shapes on
+//! an 80 GB GPU: Qwen2.5-1.5B and Qwen2.5-7B (dense) and Qwen3-30B-A3B
+//! (128 experts, top-8), and the refusal of a run that cannot fit.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use aha_moe_model::memory::{memory_plan, Workload};
+use aha_moe_model::{ModelConfig, Precision};
+
+const GB80: u64 = 80_000_000_000;
+
+fn cfg(json: &str) -> ModelConfig {
+    ModelConfig::from_json_str(json, Path::new("config.json")).unwrap()
+}
+
+fn qwen25(hidden: u64, inter: u64, heads: u64, kv: u64, vocab: u64, tied: bool) -> ModelConfig {
+    cfg(&format!(
+        r#"{{"model_type": "qwen2", "vocab_size": {vocab}, "hidden_size": {hidden}, "intermediate_size": {inter},
+        "num_hidden_layers": 28, "num_attention_heads": {heads}, "num_key_value_heads": {kv},
+        "max_position_embeddings": 32768, "tie_word_embeddings": {tied}}}"#
+    ))
+}
+
+/// Parameters of a Qwen2 model written out: embedding, per layer q/k/v
+/// (with biases), o, two norms, the MLP, the final norm, the head if untied.
+fn qwen2_params(c: u64, f: u64, h: u64, kv: u64, v: u64, layers: u64, tied: bool) -> u64 {
+    let d = c / h;
+    let attn = c * h * d + h * d + 2 * (c * kv * d + kv * d) + h * d * c;
+    let layer = attn + 2 * c + 3 * c * f;
+    v * c + layers * layer + c + if tied { 0 } else { v * c }
+}
+
+#[test]
+fn qwen25_1_5b_fits_80gb_with_room_for_activations() {
+    let m = qwen25(1536, 8960, 12, 2, 151_936, true);
+    let p = qwen2_params(1536, 8960, 12, 2, 151_936, 28, true);
+    assert_eq!(p, 1_543_714_304, "Qwen2.5-1.5B has 1.54B parameters");
+    let w = Workload {
+        tokens: 4096,
+        scored: 2048,
+        kv_tokens: 0,
+        training: true,
+    };
+    let plan = memory_plan(&m, Precision::Bf16, &w);
+    assert_eq!(plan.params as u64, p);
+    // 4 + 2 + 4 + 8 = 18 bytes a parameter: 27.8 GB.
+    assert_eq!(plan.weights + plan.weights_bf16 + plan.grads + plan.moments, 18 * p);
+    // Saved per token per layer (f32): x_in, ln1, x_mid, ln2 (4 x 1536) and
+    // 2 rstds; q and q before RoPE (2 x 1536), k, k before RoPE and v
+    // (3 x 256), attention output 1536, lse 12; gate, up, act (3 x 8960):
+    // 4 x (6144 + 2 + 3072 + 768 + 1536 + 12 + 26880) = 153,656 bytes; 28
+    // layers and the final norm (2 x 1536 + 1 floats).
+    let per_token = 28 * 153_656 + 4 * (2 * 1536 + 1);
+    assert_eq!(plan.activations, per_token * 4096);
+    assert!(plan.total() < GB80, "{plan}");
+    assert!(plan.check(GB80, "an 80 GB GPU").is_ok());
+    eprintln!("Qwen2.5-1.5B bf16, 4k tokens: {plan}");
+    // 16k tokens in one forward keep 70.7 GB of activations: refused, which
+    // is what micro-batches are for.
+    let big = memory_plan(&m, Precision::Bf16, &Workload { tokens: 16_384, ..w });
+    assert_eq!(big.activations, per_token * 16_384);
+    assert!(big.check(GB80, "an 80 GB GPU").is_err(), "{big}");
+}
+
+#[test]
+fn qwen25_7b_full_training_does_not_fit_80gb_and_is_refused() {
+    let m = qwen25(3584, 18_944, 28, 4, 152_064, false);
+    let p = qwen2_params(3584, 18_944, 28, 4, 152_064, 28, false);
+    assert_eq!(p, 7_615_616_512, "Qwen2.5-7B has 7.62B parameters");
+    let w = Workload {
+        tokens: 4096,
+        scored: 2048,
+        kv_tokens: 0,
+        training: true,
+    };
+    let plan = memory_plan(&m, Precision::Bf16, &w);
+    // Weights, bf16 copy, gradients and moments alone: 18 x 7.62e9 = 137 GB.
+    assert_eq!(plan.weights + plan.weights_bf16 + plan.grads + plan.moments, 18 * p);
+    assert!(plan.total() > GB80);
+    let err = plan.check(GB80, "an 80 GB GPU").unwrap_err().to_string();
+    assert!(
+        err.contains("an 80 GB GPU") && err.contains("AdamW moments 60.92 GB"),
+        "{err}"
+    );
+    // Scoring only (a reference model) in 2k-token forwards: 4 + 2 bytes a
+    // parameter and the activations fit.
+    let score = memory_plan(
+        &m,
+        Precision::Bf16,
+        &Workload {
+            tokens: 2048,
+            training: false,
+            ..w
+        },
+    );
+    assert_eq!(score.grads + score.moments, 0);
+    assert!(score.total() < GB80, "{score}");
+}
+
+#[test]
+fn qwen3_30b_a3b_counts_every_expert_and_its_buffers() {
+    let m = cfg(
+        r#"{"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "max_position_embeddings": 32768,
+        "tie_word_embeddings": false}"#,
+    );
+    // Per layer: q (2048 x 4096), k, v (2048 x 512 each), o (4096 x 2048),
+    // q/k norms (128 each), two norms, router (128 x 2048), 128 experts x 3
+    // x 768 x 2048.
+    let layer: u64 =
+        2048 * 4096 + 2 * 2048 * 512 + 4096 * 2048 + 2 * 128 + 2 * 2048 + 128 * 2048 + 128 * 3 * 768 * 2048;
+    let p = 151_936 * 2048 * 2 + 48 * layer + 2048;
+    assert_eq!(p, 30_532_122_624, "Qwen3-30B-A3B has 30.5B parameters");
+    let w = Workload {
+        tokens: 4096,
+        scored: 2048,
+        kv_tokens: 0,
+        training: true,
+    };
+    let plan = memory_plan(&m, Precision::Bf16, &w);
+    assert_eq!(plan.params as u64, p);
+    // 18 bytes a parameter: 550 GB; refused on one 80 GB GPU.
+    assert!(plan.check(GB80, "an 80 GB GPU").is_err());
+    // The MoE layer's buffers per token (f32 4, bf16 2): logits, probs,
+    // dlogits (3 x 128), ids, w, dw, perm maps (6 x 8) and denom: 4 x 433;
+    // xe, dye (2 x 8 x 2048) and act, dg, du (3 x 8 x 768) in bf16: 2 x
+    // 51,200; g, u, dact (3 x 8 x 768) and ye, dxe (2 x 8 x 2048) in f32:
+    // 4 x 51,200. Attention with q/k norms: 4 x (2 x 4096 + 2 x 512 + 512 +
+    // 4096 + 32 + 36); the residual stream: 4 x (4 x 2048 + 2).
+    let moe = 4 * 433 + 2 * 51_200 + 4 * 51_200;
+    let attn = 4 * (2 * 4096 + 2 * 512 + 512 + 4096 + 32 + 36);
+    let common = 4 * (4 * 2048 + 2);
+    let per_token = 48 * (moe + attn + common) + 4 * (2 * 2048 + 1);
+    assert_eq!(plan.activations, per_token * 4096);
+    eprintln!("Qwen3-30B-A3B bf16, 4k tokens: {plan}");
+}
