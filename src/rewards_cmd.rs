@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 
 use aha_rewards::code::{CodeReward, SandboxConfig};
 use aha_rewards::countdown::CountdownReward;
+use aha_rewards::external::{CommandConfig, CommandReward, HttpConfig, HttpReward};
 use aha_rewards::format::{FormatConfig, FormatReward, FormatStyle, TagCountReward};
 use aha_rewards::language::LanguageReward;
 use aha_rewards::math::{Extraction, MathConfig, MathReward};
@@ -30,6 +31,11 @@ pub enum Kind {
     Countdown,
     /// The last fenced code block run against `tests`.
     Code,
+    /// A scorer process (`--command`): one JSON request per line on its
+    /// stdin, one reward per line on its stdout; the whole file in one batch.
+    Command,
+    /// An HTTP endpoint (`--url`) with OpenRLHF's remote reward protocol.
+    Http,
 }
 
 /// `aha rewards` arguments.
@@ -56,6 +62,15 @@ pub struct RewardsArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     workers: Option<usize>,
+    /// Command: the scorer program and its arguments (`--command python3 score.py`).
+    #[arg(long, num_args = 1..)]
+    command: Vec<String>,
+    /// Http: `http://host:port/path`.
+    #[arg(long)]
+    url: Option<String>,
+    /// Command and http: time for the batch's replies (per attempt for http), in ms.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
 }
 
 fn reward_of(args: &RewardsArgs) -> Result<Arc<dyn Reward>> {
@@ -91,6 +106,22 @@ fn reward_of(args: &RewardsArgs) -> Result<Arc<dyn Reward>> {
             config.validate()?;
             Arc::new(CodeReward { config })
         }
+        Kind::Command => Arc::new(CommandReward::new(CommandConfig {
+            name: "command".into(),
+            command: args.command.clone(),
+            timeout_ms: args.timeout_ms,
+        })?),
+        Kind::Http => {
+            let Some(url) = args.url.clone() else {
+                bail!("--kind http needs --url");
+            };
+            Arc::new(HttpReward::new(HttpConfig {
+                name: "http".into(),
+                url,
+                timeout_ms: args.timeout_ms,
+                retries: 2,
+            })?)
+        }
     })
 }
 
@@ -112,7 +143,7 @@ fn check_fields(kind: Kind, ex: &Example) -> Result<()> {
             }
             _ => bail!("field `language` (a string such as \"en\" or \"zh\") is required"),
         },
-        Kind::Format | Kind::TagCount => {}
+        Kind::Format | Kind::TagCount | Kind::Command | Kind::Http => {}
     }
     Ok(())
 }
@@ -151,7 +182,11 @@ pub fn run(args: &RewardsArgs) -> Result<()> {
             .unwrap_or(1);
         batch.item_deadline_s = 60.0 + args.code_timeout * (most_tests as f64 + 1.0);
     }
-    let outcomes = evaluate_batch(reward, Arc::new(items), &batch)?;
+    // The scorer process and the HTTP endpoint take the file in one batch.
+    let outcomes = match reward.score_many(&items) {
+        Some(v) => v,
+        None => evaluate_batch(reward, Arc::new(items), &batch)?,
+    };
     let mut out: Box<dyn Write> = match &args.out {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,

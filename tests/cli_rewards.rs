@@ -150,3 +150,47 @@ fn malformed_lines_name_their_line_number() {
     let out = run(&["--kind", "math", "--input", "/nonexistent.jsonl"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_scorer_process_scores_the_file_in_one_batch() {
+    let script = tmp(
+        "score.py",
+        "import json, sys\nfor line in sys.stdin:\n    req = json.loads(line)\n    \
+         print(json.dumps({\"reward\": len(req[\"completion\"]) + req[\"example\"][\"bonus\"]}), flush=True)\n",
+    );
+    let input = tmp(
+        "cmd.jsonl",
+        "{\"completion\": \"ab\", \"bonus\": 0.5}\n{\"completion\": \"abcd\", \"bonus\": 0}\n",
+    );
+    let rows = lines(&run(&[
+        "--kind",
+        "command",
+        "--command",
+        "python3",
+        script.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        (rows[0]["reward"].as_f64(), rows[1]["reward"].as_f64()),
+        (Some(2.5), Some(4.0))
+    );
+    // Nothing listening: every line is unscorable (null), not an error.
+    let rows = lines(&run(&[
+        "--kind",
+        "http",
+        "--url",
+        "http://127.0.0.1:9/reward",
+        "--timeout-ms",
+        "500",
+        "--input",
+        input.to_str().unwrap(),
+    ]));
+    assert!(
+        rows.iter()
+            .all(|r| r["reward"].is_null() && r["status"] == "infra_error"),
+        "{rows:?}"
+    );
+    let out = run(&["--kind", "http", "--input", input.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--url"));
+}

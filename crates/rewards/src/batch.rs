@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::outcome::{Example, Outcome, Reward, Status};
+use crate::outcome::{Combined, Example, Outcome, Reward, Status, WeightedSum};
 
 /// How a batch is evaluated.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -129,6 +129,36 @@ pub fn evaluate_batch(reward: Arc<dyn Reward>, items: Arc<Vec<Item>>, config: &B
     Ok(out
         .into_iter()
         .map(|o| o.unwrap_or_else(|| Outcome::zero(Status::InfraError).with_detail("worker lost")))
+        .collect())
+}
+
+/// Score every item with every reward of `sum`: each reward runs over the
+/// whole batch, either in one call when it has a batch path
+/// ([`Reward::score_many`]: a scorer process, an HTTP endpoint) or through
+/// [`evaluate_batch`] (parallel, a deadline per item). One [`Combined`] per
+/// item, in order, totals as [`WeightedSum::score`] adds them.
+pub fn evaluate_weighted(sum: &WeightedSum, items: Arc<Vec<Item>>, config: &BatchConfig) -> Result<Vec<Combined>> {
+    config.validate()?;
+    let n = items.len();
+    let mut per_reward: Vec<std::vec::IntoIter<Outcome>> = Vec::with_capacity(sum.parts().len());
+    for (reward, _) in sum.parts() {
+        let outcomes = match reward.score_many(&items) {
+            Some(v) if v.len() == n => v,
+            Some(v) => {
+                vec![Outcome::zero(Status::InfraError).with_detail(format!("{} outcomes for {n} items", v.len())); n]
+            }
+            None => evaluate_batch(Arc::clone(reward), Arc::clone(&items), config)?,
+        };
+        per_reward.push(outcomes.into_iter());
+    }
+    Ok((0..n)
+        .map(|_| {
+            let row = per_reward
+                .iter_mut()
+                .map(|it| it.next().unwrap_or_else(|| Outcome::zero(Status::InfraError)))
+                .collect();
+            sum.combine(row)
+        })
         .collect())
 }
 

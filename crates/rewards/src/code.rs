@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::outcome::{Example, Outcome, Reward, Status};
@@ -47,7 +47,7 @@ pub const SANDBOX_UID_BASE: u32 = 700_000;
 const UID_SLOTS: u32 = 4096;
 
 /// What to do where no network namespace can be created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkIsolation {
     /// Refuse to run (status `InfraError`): no code ever runs with network.
@@ -58,7 +58,7 @@ pub enum NetworkIsolation {
 }
 
 /// The language of a program.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ProgramLanguage {
     /// Python 3 (a system interpreter the sandbox user can run).

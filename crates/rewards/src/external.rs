@@ -276,6 +276,10 @@ impl Reward for CommandReward {
             .pop()
             .unwrap_or_else(|| Outcome::zero(Status::InfraError))
     }
+
+    fn score_many(&self, items: &[Item]) -> Option<Vec<Outcome>> {
+        Some(self.score_batch(items))
+    }
 }
 
 /// Settings of an [`HttpReward`].
@@ -518,5 +522,9 @@ impl Reward for HttpReward {
         self.score_batch(std::slice::from_ref(&item))
             .pop()
             .unwrap_or_else(|| Outcome::zero(Status::InfraError))
+    }
+
+    fn score_many(&self, items: &[Item]) -> Option<Vec<Outcome>> {
+        Some(self.score_batch(items))
     }
 }

@@ -2,12 +2,12 @@
 //! `<think>...</think>` followed by a summary, and the tag-count shaping
 //! reward (0.25 per tag present exactly once, as in open-r1).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::outcome::{Example, Outcome, Reward, Status};
 
 /// Which template the completion must follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum FormatStyle {
     /// R1-Zero: `<think>reasoning</think>` then `<answer>answer</answer>`,
@@ -19,7 +19,7 @@ pub enum FormatStyle {
 }
 
 /// Settings of the format reward.
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FormatConfig {
     /// The template.
@@ -28,6 +28,21 @@ pub struct FormatConfig {
     /// 2025-02), so the completion starts inside the reasoning and must not
     /// open it again.
     pub think_opened_in_prompt: bool,
+    /// Strict (default): the reasoning and the answer must be non-empty and
+    /// nothing may stand between `</think>` and `<answer>`. Lenient: only the
+    /// tags are checked (each once, in order, text only inside or between
+    /// them), as open-r1's soft format reward does.
+    pub strict: bool,
+}
+
+impl Default for FormatConfig {
+    fn default() -> Self {
+        FormatConfig {
+            style: FormatStyle::default(),
+            think_opened_in_prompt: false,
+            strict: true,
+        }
+    }
 }
 
 const TAGS: [&str; 4] = ["<think>", "</think>", "<answer>", "</answer>"];
@@ -59,7 +74,7 @@ pub fn check_format(completion: &str, config: &FormatConfig) -> std::result::Res
         return Err("no </think>".into());
     };
     let reasoning = &t["<think>".len()..think_end];
-    if reasoning.trim().is_empty() {
+    if config.strict && reasoning.trim().is_empty() {
         return Err("empty reasoning".into());
     }
     let after = &t[think_end + "</think>".len()..];
@@ -76,10 +91,10 @@ pub fn check_format(completion: &str, config: &FormatConfig) -> std::result::Res
     if a_close < a_open {
         return Err("</answer> before <answer>".into());
     }
-    if !after[..a_open].trim().is_empty() {
+    if config.strict && !after[..a_open].trim().is_empty() {
         return Err("text between </think> and <answer>".into());
     }
-    if after[a_open + "<answer>".len()..a_close].trim().is_empty() {
+    if config.strict && after[a_open + "<answer>".len()..a_close].trim().is_empty() {
         return Err("empty answer".into());
     }
     if !after[a_close + "</answer>".len()..].trim().is_empty() {

@@ -4,6 +4,8 @@
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::math::{gold_of, verify, MathConfig};
+use crate::outcome::{Example, Outcome, Reward, Status};
 
 /// DAPO (Yu et al. 2025, eq. 13): no penalty up to `max_len - cache_len`,
 /// then a linear penalty down to -1 at `max_len`, and -1 beyond. Added to
@@ -104,4 +106,79 @@ pub fn cosine_scaled(correct: bool, len: usize, cfg: &CosineConfig) -> f64 {
         (cfg.max_value_wrong, cfg.min_value_wrong)
     };
     lo + 0.5 * (hi - lo) * (1.0 + cosine)
+}
+
+/// The example field holding the completion's length in tokens, which the
+/// caller (the trainer, or a JSONL line given to `aha rewards`) fills in:
+/// lengths are counted by the tokenizer, which rewards do not have.
+pub const LENGTH_FIELD: &str = "completion_tokens";
+
+/// The completion's length in tokens from [`LENGTH_FIELD`].
+fn length_of(example: &Example) -> std::result::Result<usize, Outcome> {
+    match example.get(LENGTH_FIELD).and_then(serde_json::Value::as_u64) {
+        Some(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        None => Err(Outcome::zero(Status::InfraError)
+            .with_detail(format!("no token count in the example's `{LENGTH_FIELD}` field"))),
+    }
+}
+
+/// DAPO's soft overlong punishment as a [`Reward`]: 0 up to `max_len -
+/// cache_len` tokens, then down to -1 at `max_len` (status `Correct` while
+/// unpunished, else `Wrong`). Reads the length from [`LENGTH_FIELD`].
+#[derive(Debug, Clone, Default)]
+pub struct SoftOverlongReward {
+    /// Its settings.
+    pub config: OverlongConfig,
+}
+
+impl Reward for SoftOverlongReward {
+    fn name(&self) -> &str {
+        "soft_overlong"
+    }
+
+    fn score(&self, example: &Example, _completion: &str) -> Outcome {
+        match length_of(example) {
+            Ok(len) => {
+                let p = soft_overlong_penalty(len, &self.config);
+                let status = if p == 0.0 { Status::Correct } else { Status::Wrong };
+                Outcome::new(p, status).with_detail(format!("{len} tokens"))
+            }
+            Err(o) => o,
+        }
+    }
+}
+
+/// The cosine length-scaled reward as a [`Reward`]: the completion is judged
+/// by the math verifier against the example's gold answer, then scaled by
+/// its length ([`LENGTH_FIELD`]) with [`cosine_scaled`]. An unparsable gold
+/// answer or a missing length is not scorable (NaN).
+#[derive(Debug, Clone, Default)]
+pub struct CosineLengthReward {
+    /// The length scaling.
+    pub config: CosineConfig,
+    /// How correctness is decided.
+    pub math: MathConfig,
+}
+
+impl Reward for CosineLengthReward {
+    fn name(&self) -> &str {
+        "cosine_length"
+    }
+
+    fn score(&self, example: &Example, completion: &str) -> Outcome {
+        let len = match length_of(example) {
+            Ok(len) => len,
+            Err(o) => return o,
+        };
+        let judged = match gold_of(example) {
+            Ok(gold) => verify(&gold, completion, &self.math),
+            Err(e) => return Outcome::zero(Status::UnparsableGold).with_detail(e.to_string()),
+        };
+        if !judged.status.is_scorable() {
+            return judged;
+        }
+        let correct = judged.status == Status::Correct;
+        Outcome::new(cosine_scaled(correct, len, &self.config), judged.status)
+            .with_detail(format!("{} at {len} tokens", judged.status))
+    }
 }

@@ -45,6 +45,6 @@ pub mod length;
 pub mod math;
 mod outcome;
 
-pub use batch::{evaluate_batch, BatchConfig, Item};
+pub use batch::{evaluate_batch, evaluate_weighted, BatchConfig, Item};
 pub use error::{Error, Result};
 pub use outcome::{combined_metrics, metrics, Combined, Example, Outcome, Reward, RewardMetrics, Status, WeightedSum};

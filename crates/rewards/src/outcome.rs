@@ -2,8 +2,11 @@
 //! several rewards, and per-reward metrics.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::batch::Item;
 
 /// One example's fields (`gold`, `nums`, `target`, `tests`, `language`, ...),
 /// as read from a JSONL line.
@@ -108,12 +111,21 @@ pub trait Reward: Send + Sync {
     fn name(&self) -> &str;
     /// Judge one completion.
     fn score(&self, example: &Example, completion: &str) -> Outcome;
+
+    /// Judge many completions in one call, for rewards that have a cheaper
+    /// way than one call per item (one round trip to a scorer process or a
+    /// server). `None` (the default): score item by item with
+    /// [`Reward::score`]. A reward that answers bounds its own time and
+    /// returns one outcome per item, in order.
+    fn score_many(&self, _items: &[Item]) -> Option<Vec<Outcome>> {
+        None
+    }
 }
 
 /// Several rewards with weights: R1 adds accuracy, format and language
 /// consistency rewards.
 pub struct WeightedSum {
-    parts: Vec<(Box<dyn Reward>, f64)>,
+    parts: Vec<(Arc<dyn Reward>, f64)>,
 }
 
 /// One completion scored by a [`WeightedSum`].
@@ -132,8 +144,13 @@ impl WeightedSum {
     }
 
     /// Add a reward with its weight.
-    pub fn add(mut self, reward: impl Reward + 'static, weight: f64) -> Self {
-        self.parts.push((Box::new(reward), weight));
+    pub fn add(self, reward: impl Reward + 'static, weight: f64) -> Self {
+        self.add_shared(Arc::new(reward), weight)
+    }
+
+    /// Add a shared reward with its weight.
+    pub fn add_shared(mut self, reward: Arc<dyn Reward>, weight: f64) -> Self {
+        self.parts.push((reward, weight));
         self
     }
 
@@ -142,12 +159,24 @@ impl WeightedSum {
         self.parts.iter().map(|(r, _)| r.name().to_string()).collect()
     }
 
+    /// The rewards and their weights, in order.
+    pub fn parts(&self) -> &[(Arc<dyn Reward>, f64)] {
+        &self.parts
+    }
+
     /// Score one completion with every reward.
     pub fn score(&self, example: &Example, completion: &str) -> Combined {
+        let outcomes = self.parts.iter().map(|(r, _)| r.score(example, completion)).collect();
+        self.combine(outcomes)
+    }
+
+    /// The weighted total of one completion's outcomes, one per reward in
+    /// order (a weight of 0 leaves its part out of the total, so an
+    /// unscorable part with weight 0 does not make the total NaN).
+    pub fn combine(&self, outcomes: Vec<Outcome>) -> Combined {
         let mut total = 0.0;
         let mut parts = Vec::with_capacity(self.parts.len());
-        for (reward, weight) in &self.parts {
-            let out = reward.score(example, completion);
+        for ((reward, weight), out) in self.parts.iter().zip(outcomes) {
             if *weight != 0.0 {
                 total += weight * out.score;
             }

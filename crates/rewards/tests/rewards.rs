@@ -51,7 +51,8 @@ fn r1_zero_format() {
             text,
             &FormatConfig {
                 style: FormatStyle::R1,
-                think_opened_in_prompt: true
+                think_opened_in_prompt: true,
+                ..FormatConfig::default()
             }
         )
         .is_err());
@@ -66,6 +67,7 @@ fn r1_format_and_opened_think() {
     let cfg = FormatConfig {
         style: FormatStyle::R1,
         think_opened_in_prompt: false,
+        ..FormatConfig::default()
     };
     assert_eq!(
         check_format("<think>reasoning</think>\nThe answer is \\boxed{2}.", &cfg),
@@ -79,6 +81,7 @@ fn r1_format_and_opened_think() {
     let opened = FormatConfig {
         style: FormatStyle::R1,
         think_opened_in_prompt: true,
+        ..FormatConfig::default()
     };
     assert_eq!(check_format("reasoning</think>summary", &opened), Ok(()));
     assert!(
@@ -187,9 +190,9 @@ fn countdown_generator_is_seeded_and_solvable() {
 
 proptest! {
     #[test]
-    fn format_never_panics(s in "(<think>|</think>|<answer>|</answer>|[a-z ]){0,40}", opened: bool, r1: bool) {
+    fn format_never_panics(s in "(<think>|</think>|<answer>|</answer>|[a-z ]){0,40}", opened: bool, r1: bool, strict: bool) {
         let style = if r1 { FormatStyle::R1 } else { FormatStyle::R1Zero };
-        let _ = check_format(&s, &FormatConfig { style, think_opened_in_prompt: opened });
+        let _ = check_format(&s, &FormatConfig { style, think_opened_in_prompt: opened, strict });
         let t = tag_count(&s);
         prop_assert!((0.0..=1.0).contains(&t));
     }
@@ -350,4 +353,98 @@ fn a_panicking_reward_costs_only_its_item() {
     let statuses: Vec<Status> = out.iter().map(|o| o.status).collect();
     assert_eq!(statuses, vec![Status::Correct, Status::InfraError, Status::Correct]);
     assert!(out[1].score.is_nan());
+}
+
+#[test]
+fn lenient_format_checks_the_tags_only() {
+    let lenient = FormatConfig {
+        strict: false,
+        ..FormatConfig::default()
+    };
+    for t in [
+        "<think></think><answer></answer>",
+        "<think>a</think> so <answer>1</answer>",
+    ] {
+        assert!(check_format(t, &FormatConfig::default()).is_err(), "{t}");
+        assert_eq!(check_format(t, &lenient), Ok(()), "{t}");
+    }
+    for t in [
+        "<answer>1</answer><think>a</think>",
+        "<think>a</think><answer>1</answer>x",
+        "x<think>a</think><answer>1</answer>",
+    ] {
+        assert!(check_format(t, &lenient).is_err(), "{t}");
+    }
+}
+
+#[test]
+fn length_rewards_read_the_token_count() {
+    use aha_rewards::length::{CosineLengthReward, SoftOverlongReward, LENGTH_FIELD};
+    let r = SoftOverlongReward {
+        config: OverlongConfig {
+            max_len: 100,
+            cache_len: 20,
+        },
+    };
+    let at = |n: u64| ex(serde_json::json!({ LENGTH_FIELD: n, "gold": "3" }));
+    assert_eq!(r.score(&at(50), "x").score, 0.0);
+    assert_eq!(r.score(&at(90), "x").score, -0.5);
+    assert_eq!(r.score(&Example::new(), "x").status, Status::InfraError);
+    let c = CosineLengthReward::default();
+    assert_eq!(c.score(&at(0), "\\boxed{3}").score, 1.0);
+    assert!((c.score(&at(1000), "\\boxed{4}").score - -0.5).abs() < 1e-12);
+    assert_eq!(c.score(&at(0), "no box").score, -1.0);
+    let no_gold = ex(serde_json::json!({ LENGTH_FIELD: 5 }));
+    assert!(c.score(&no_gold, "\\boxed{3}").score.is_nan());
+}
+
+/// Scores a batch in one call, counting the calls.
+struct Batched(std::sync::atomic::AtomicUsize);
+
+impl Reward for Batched {
+    fn name(&self) -> &str {
+        "batched"
+    }
+    fn score(&self, _e: &Example, _c: &str) -> Outcome {
+        Outcome::zero(Status::InfraError)
+    }
+    fn score_many(&self, items: &[Item]) -> Option<Vec<Outcome>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Some(
+            items
+                .iter()
+                .map(|i| Outcome::new(i.completion.len() as f64, Status::Wrong))
+                .collect(),
+        )
+    }
+}
+
+#[test]
+fn weighted_batches_use_batch_rewards_and_keep_order() {
+    let batched = Arc::new(Batched(std::sync::atomic::AtomicUsize::new(0)));
+    let sum = WeightedSum::new()
+        .add_shared(batched.clone(), 2.0)
+        .add(FormatReward::default(), 1.0)
+        .add(MathReward::default(), 0.0);
+    let items: Vec<Item> = ["ab", "<think>a</think><answer>1</answer>", "abcd"]
+        .iter()
+        .map(|c| Item {
+            example: Example::new(),
+            completion: c.to_string(),
+        })
+        .collect();
+    let rows = aha_rewards::evaluate_weighted(&sum, Arc::new(items), &BatchConfig::default()).unwrap();
+    assert_eq!(
+        batched.0.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one call for the batch"
+    );
+    let totals: Vec<f64> = rows.iter().map(|r| r.total).collect();
+    assert_eq!(
+        totals,
+        vec![4.0, 2.0 * 34.0 + 1.0, 8.0],
+        "weight 0 leaves the NaN math part out"
+    );
+    assert!(rows[0].parts[2].1.score.is_nan());
+    assert_eq!(rows[1].parts[1].0, "format");
 }

@@ -39,43 +39,96 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
     Ok(out)
 }
 
+/// The reference answer of a row: `answer` or `gold` as text (a GSM8K
+/// solution reduced to its final `#### N`, a whole-number float written
+/// without `.0`); `Ok(None)` when the row has neither.
+fn gold_of_row(v: &serde_json::Value) -> std::result::Result<Option<String>, String> {
+    let Some(raw) = ["answer", "gold"]
+        .iter()
+        .find_map(|k| v.get(*k).filter(|x| !x.is_null()))
+    else {
+        return Ok(None);
+    };
+    let gold = match raw {
+        serde_json::Value::String(s) => match s.rfind("####") {
+            // GSM8K: a worked solution whose last line is `#### N`.
+            Some(at) => s[at + 4..].trim().replace(',', ""),
+            None => s.trim().to_string(),
+        },
+        serde_json::Value::Number(x) => match x.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            _ => x.to_string(),
+        },
+        other => return Err(format!("`answer` must be a string or a number, got {other}")),
+    };
+    if gold.is_empty() {
+        return Err("empty answer".into());
+    }
+    Ok(Some(gold))
+}
+
+fn prompt_of_row(v: &serde_json::Value) -> Option<&str> {
+    ["prompt", "question", "problem"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(|x| x.as_str()))
+}
+
 /// Reads a JSONL set of math problems.
 pub fn read_math_jsonl(path: &Path) -> Result<Vec<MathExample>> {
     let mut out = Vec::new();
     for (n, v) in read_jsonl(path)? {
-        let prompt = ["prompt", "question", "problem"]
-            .iter()
-            .find_map(|k| v.get(*k).and_then(|x| x.as_str()))
-            .ok_or_else(|| bad(path, n, "no string field `prompt`, `question` or `problem`"))?;
-        let raw = ["answer", "gold"]
-            .iter()
-            .find_map(|k| v.get(*k).filter(|x| !x.is_null()))
+        let prompt =
+            prompt_of_row(&v).ok_or_else(|| bad(path, n, "no string field `prompt`, `question` or `problem`"))?;
+        let gold = gold_of_row(&v)
+            .map_err(|e| bad(path, n, e))?
             .ok_or_else(|| bad(path, n, "no field `answer` or `gold`"))?;
-        let gold = match raw {
-            serde_json::Value::String(s) => match s.rfind("####") {
-                // GSM8K: a worked solution whose last line is `#### N`.
-                Some(at) => s[at + 4..].trim().replace(',', ""),
-                None => s.trim().to_string(),
-            },
-            serde_json::Value::Number(x) => match x.as_f64() {
-                Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
-                _ => x.to_string(),
-            },
-            other => {
-                return Err(bad(
-                    path,
-                    n,
-                    format!("`answer` must be a string or a number, got {other}"),
-                ))
-            }
-        };
-        if gold.is_empty() {
-            return Err(bad(path, n, "empty answer"));
-        }
         out.push(MathExample {
             prompt: prompt.to_string(),
             gold,
         });
+    }
+    if out.is_empty() {
+        return Err(Error::Other(format!("{}: no examples", path.display())));
+    }
+    Ok(out)
+}
+
+/// One training prompt with its whole dataset row, for the rewards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The question text (`prompt`, `question` or `problem`).
+    pub prompt: String,
+    /// Every field of the line (`tests`, `nums`, `target`, `language`, ...),
+    /// plus `prompt` (the question text) and `gold` (the reference answer
+    /// read from `answer` or `gold`, GSM8K's `#### N` reduced) when the line
+    /// has one.
+    pub example: aha_rewards::Example,
+}
+
+/// Reads a JSONL set of prompts with their rows; `need_gold`: a line
+/// without an `answer` or `gold` field is an error naming file and line.
+pub fn read_rows_jsonl(path: &Path, need_gold: bool) -> Result<Vec<Row>> {
+    let mut out = Vec::new();
+    for (n, v) in read_jsonl(path)? {
+        let prompt = prompt_of_row(&v)
+            .ok_or_else(|| bad(path, n, "no string field `prompt`, `question` or `problem`"))?
+            .to_string();
+        let gold = gold_of_row(&v).map_err(|e| bad(path, n, e))?;
+        if need_gold && gold.is_none() {
+            return Err(bad(
+                path,
+                n,
+                "no field `answer` or `gold` (an accuracy reward needs one)",
+            ));
+        }
+        let serde_json::Value::Object(mut example) = v else {
+            return Err(bad(path, n, "not a JSON object"));
+        };
+        example.insert("prompt".into(), prompt.clone().into());
+        if let Some(g) = gold {
+            example.insert("gold".into(), g.into());
+        }
+        out.push(Row { prompt, example });
     }
     if out.is_empty() {
         return Err(Error::Other(format!("{}: no examples", path.display())));

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use aha_grpo::{AdvantageEstimator, LossConfig};
 use aha_moe_model::{Model, ModelConfig, Policy, Precision};
+use aha_rewards::BatchConfig;
 use aha_sampler::SamplingParams;
 use aha_tensor::Device;
 use serde::{Deserialize, Serialize};
@@ -26,7 +27,7 @@ use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate, EvalResult};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
 use crate::plot::line_chart;
-use crate::rl::{grpo_step, GrpoStep};
+use crate::rl::{grpo_step, GrpoStep, Scoring};
 use crate::toy::{self, Problem, Rng, Task, TaskSpec};
 
 /// Everything a demo run does; written to `config.json` in the run folder.
@@ -501,16 +502,23 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
 
     // 2. GRPO with accuracy and format rewards.
     let step_cfg = cfg.grpo_step_config();
+    let rewards = toy::rewards();
+    let reward_batch = BatchConfig::default();
     let mut last = base;
     for step in grpo_start + 1..=cfg.grpo_steps {
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
             .map(|_| toy::problem(&mut rng, cfg.spec(), false))
             .collect();
         let prompts = toy::encode_prompts(&tok, &problems)?;
-        let rewards = toy::rewards(&problems);
+        let examples = toy::examples(&problems);
+        let scoring = Scoring {
+            rewards: &rewards,
+            examples: &examples,
+            batch: &reward_batch,
+        };
         let mut sc = step_cfg.clone();
         sc.sampling.seed = cfg.seed.wrapping_add(step as u64 * 1_000_003);
-        let (mut m, _) = grpo_step(&mut model, Some(&reference), &mut opt, &tok, &prompts, &rewards, &sc)?;
+        let (mut m, _) = grpo_step(&mut model, Some(&reference), &mut opt, &tok, &prompts, &scoring, &sc)?;
         for note in opt.take_notes() {
             log(&format!("grpo {step}: {note}"));
         }

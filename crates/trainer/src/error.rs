@@ -14,6 +14,9 @@ pub enum Error {
     /// The GRPO math refused its inputs.
     #[error(transparent)]
     Grpo(#[from] aha_grpo::Error),
+    /// A reward's configuration or the batch evaluator failed.
+    #[error(transparent)]
+    Rewards(#[from] aha_rewards::Error),
     /// A kernel failed.
     #[error(transparent)]
     Tensor(#[from] aha_tensor::Error),

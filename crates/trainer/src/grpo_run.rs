@@ -8,32 +8,19 @@ use std::path::{Path, PathBuf};
 use aha_grpo::{AdvantageEstimator, KlEstimator, LossConfig, LossType};
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
 use aha_moe_model::{resolve_device, Model, ModelConfig, Policy, Precision};
-use aha_rewards::format::{check_format, tag_count, FormatConfig};
-use aha_rewards::language::{chain_of_thought, consistency, Script};
-use aha_rewards::math::{verify, MathConfig};
+use aha_rewards::language::Script;
+use aha_rewards::{BatchConfig, Example};
 use aha_sampler::{load_tokenizer, SamplingParams};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
-use crate::data::{read_math_jsonl, MathExample};
+use crate::data::read_rows_jsonl;
 use crate::error::{io_err, Error, Result};
 use crate::optim::{OptimConfig, Optimizer, Schedule};
-use crate::rl::{rollout, train_on, GrpoStep, RewardFn, Rollouts};
+use crate::rewards::{build, BuildContext, RewardKind, RewardSpec};
+use crate::rl::{rollout, train_on, GrpoStep, Rollouts, Scoring};
 use crate::sft_run::Templater;
 use crate::toy::Rng;
-
-/// One reward in the weighted sum.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RewardSpec {
-    /// `accuracy` (math verification against `answer`, strict: boxed or
-    /// `<answer>`), `format` (R1-Zero's think/answer template), `tag_count`,
-    /// or `language` (share of the reasoning's words in `language`'s script,
-    /// R1's language-consistency reward).
-    pub name: String,
-    /// Weight in the sum.
-    pub weight: f64,
-}
 
 /// A GRPO run. Defaults follow the DeepSeek-R1 report where it states them
 /// (learning rate 3e-6, KL coefficient 0.001, 16 samples per prompt,
@@ -43,7 +30,9 @@ pub struct RewardSpec {
 pub struct GrpoConfig {
     /// The policy's Hugging Face folder.
     pub model: PathBuf,
-    /// JSONL prompts with answers (GSM8K, MATH, AIME field names or prompt/answer).
+    /// JSONL prompts (`prompt`, `question` or `problem`) with the fields
+    /// the rewards read (`answer`/`gold`, `tests`, `nums`, `target`,
+    /// `language`, ...; GSM8K, MATH and AIME field names work as they are).
     pub data: PathBuf,
     /// The run folder.
     pub out: PathBuf,
@@ -104,10 +93,18 @@ pub struct GrpoConfig {
     pub reference_reset_every: usize,
     /// `none`, `r1-zero` or `chat` (the model folder's template).
     pub template: String,
-    /// The rewards and their weights.
+    /// The rewards (`[[rewards]]` tables: `name`, `kind`, `weight` and the
+    /// kind's parameters; see [`crate::rewards`]). Default: `accuracy` and
+    /// `format`, weight 1 each (R1-Zero's rule-based rewards).
     pub rewards: Vec<RewardSpec>,
-    /// Target language of the `language` reward (`en`, `zh`, `ru`, ...).
+    /// Default target language of `language` rewards (`en`, `zh`, `ru`, ...).
     pub language: String,
+    /// Threads scoring completions (0, the default: one per core).
+    pub reward_workers: usize,
+    /// Wall-clock deadline per completion and reward, in seconds (default
+    /// 60, aha-rewards' batch default: above the code reward's 10 s per
+    /// test for a few tests); past it the completion scores 0 (`Timeout`).
+    pub reward_deadline_s: f64,
     /// Global gradient-norm clip.
     pub max_grad_norm: f64,
     /// Updates skipped in a row for a NaN/Inf loss or gradient norm before
@@ -160,21 +157,26 @@ impl Default for GrpoConfig {
             reference_reset_every: 400,
             template: "r1-zero".into(),
             rewards: vec![
-                RewardSpec {
-                    name: "accuracy".into(),
-                    weight: 1.0,
-                },
-                RewardSpec {
-                    name: "format".into(),
-                    weight: 1.0,
-                },
+                default_reward("accuracy", RewardKind::Accuracy(Default::default())),
+                default_reward("format", RewardKind::Format(Default::default())),
             ],
             language: "en".into(),
+            reward_workers: 0,
+            reward_deadline_s: BatchConfig::default().item_deadline_s,
             max_grad_norm: 1.0,
             max_skipped_steps: 10,
             save_every: 0,
             seed: 0,
         }
+    }
+}
+
+/// A reward named after its kind, weight 1, default parameters.
+fn default_reward(name: &str, kind: RewardKind) -> RewardSpec {
+    RewardSpec {
+        name: name.into(),
+        weight: 1.0,
+        kind,
     }
 }
 
@@ -189,44 +191,29 @@ impl GrpoConfig {
         if self.steps == 0 || self.prompts_per_step == 0 || self.num_generations < 2 {
             return bad("steps and prompts_per_step must be >= 1 and num_generations >= 2".into());
         }
-        for r in &self.rewards {
-            if !["accuracy", "format", "tag_count", "language"].contains(&r.name.as_str()) {
-                return bad(format!(
-                    "unknown reward {:?} (accuracy, format, tag_count, language)",
-                    r.name
-                ));
-            }
-        }
         if self.rewards.is_empty() {
             return bad("no rewards".into());
         }
         if let Err(e) = Script::of_language(&self.language) {
             return bad(format!("language {:?}: {e}", self.language));
         }
+        if let Err(e) = self.reward_batch().validate() {
+            return bad(e.to_string());
+        }
         Ok(())
     }
-}
 
-fn reward_fns<'a>(specs: &[RewardSpec], golds: &'a [String], script: Script) -> Vec<RewardFn<'a>> {
-    specs
-        .iter()
-        .map(|s| {
-            let score: crate::rl::Scorer<'a> = match s.name.as_str() {
-                "accuracy" => {
-                    Box::new(move |text: &str, i: usize| verify(&golds[i], text, &MathConfig::default()).score)
-                }
-                "format" => Box::new(|text: &str, _| f64::from(check_format(text, &FormatConfig::default()).is_ok())),
-                // No words in the reasoning: nothing to reward (0, not NaN).
-                "language" => Box::new(move |text: &str, _| consistency(chain_of_thought(text), script).unwrap_or(0.0)),
-                _ => Box::new(|text: &str, _| tag_count(text)),
-            };
-            RewardFn {
-                name: s.name.clone(),
-                weight: s.weight,
-                score,
-            }
-        })
-        .collect()
+    /// The batch evaluator's settings.
+    pub fn reward_batch(&self) -> BatchConfig {
+        let mut b = BatchConfig {
+            item_deadline_s: self.reward_deadline_s,
+            ..BatchConfig::default()
+        };
+        if self.reward_workers > 0 {
+            b.workers = self.reward_workers;
+        }
+        b
+    }
 }
 
 /// Runs GRPO as configured; `resume` continues from the run folder's latest
@@ -237,15 +224,25 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let tok = load_tokenizer(&cfg.model)?;
     let templater = Templater::new(&cfg.template, &cfg.model)?;
-    let examples: Vec<MathExample> = read_math_jsonl(&cfg.data)?;
-    let mut data: Vec<(Vec<u32>, String)> = Vec::new();
+    let reward_sum = build(
+        &cfg.rewards,
+        &BuildContext {
+            max_completion_length: cfg.max_completion_length,
+            language: cfg.language.clone(),
+        },
+    )
+    .map_err(|e| Error::Other(format!("grpo config: {e}")))?;
+    let reward_batch = cfg.reward_batch();
+    let need_gold = cfg.rewards.iter().any(|r| r.kind.needs_gold());
+    let rows = read_rows_jsonl(&cfg.data, need_gold)?;
+    let mut data: Vec<(Vec<u32>, Example)> = Vec::new();
     let mut skipped = 0;
-    for e in &examples {
-        let ids = templater.encode(&tok, &e.prompt)?;
+    for row in rows {
+        let ids = templater.encode(&tok, &row.prompt)?;
         if ids.len() > cfg.max_prompt_length {
             skipped += 1;
         } else {
-            data.push((ids, e.gold.clone()));
+            data.push((ids, row.example));
         }
     }
     log(&format!(
@@ -383,7 +380,6 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         micro_batch_tokens: cfg.micro_batch_tokens,
     };
     let g = cfg.num_generations;
-    let script = Script::of_language(&cfg.language).map_err(|e| Error::Other(e.to_string()))?;
     let mut last = aha_grpo::Metrics::new();
     for step in start + 1..=cfg.steps {
         if cfg.reference_reset_every > 0 && step > 1 && (step - 1) % cfg.reference_reset_every == 0 {
@@ -402,10 +398,14 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 .map(|_| rng.below(data.len() as u64) as usize)
                 .collect();
             let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| data[i].0.clone()).collect();
-            let golds: Vec<String> = picks.iter().map(|&i| data[i].1.clone()).collect();
+            let examples: Vec<Example> = picks.iter().map(|&i| data[i].1.clone()).collect();
             sc.sampling.seed = cfg.seed.wrapping_add((step * 1_000_003 + round * 7919) as u64);
-            let fns = reward_fns(&cfg.rewards, &golds, script);
-            let r = rollout(&policy, &tok, &prompts, &fns, &sc)?;
+            let scoring = Scoring {
+                rewards: &reward_sum,
+                examples: &examples,
+                batch: &reward_batch,
+            };
+            let r = rollout(&policy, &tok, &prompts, &scoring, &sc)?;
             let keep: Vec<usize> = if cfg.dynamic_sampling && round < cfg.dynamic_sampling_max_rounds {
                 (0..prompts.len()).filter(|&k| !r.group_is_flat(k, g)).collect()
             } else {

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use aha_moe_model::{Model, ModelConfig, Policy, Precision};
+use aha_rewards::BatchConfig;
 use aha_sampler::{SamplingParams, Tokenizer};
 use aha_tensor::Device;
 use serde::Serialize;
@@ -25,7 +26,7 @@ use crate::demo::DemoConfig;
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, sample_toy, MathEval};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
-use crate::rl::grpo_step;
+use crate::rl::{grpo_step, Scoring};
 use crate::toy::{self, Problem, Rng};
 
 /// One row of the final table.
@@ -89,22 +90,22 @@ fn grpo(model: &mut Policy, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng
     let reference = Policy::new(model.host_model()?.into_owned(), model.device(), model.precision())?;
     let mut opt = Optimizer::new(optim(cfg.grpo_lr, steps, Schedule::Constant));
     let step_cfg = cfg.grpo_step_config();
+    let rewards = toy::rewards();
+    let reward_batch = BatchConfig::default();
     for step in 1..=steps {
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
             .map(|_| toy::problem(rng, cfg.spec(), false))
             .collect();
         let prompts = toy::encode_prompts(tok, &problems)?;
+        let examples = toy::examples(&problems);
+        let scoring = Scoring {
+            rewards: &rewards,
+            examples: &examples,
+            batch: &reward_batch,
+        };
         let mut sc = step_cfg.clone();
         sc.sampling.seed = seed.wrapping_add(step as u64 * 1_000_003);
-        grpo_step(
-            model,
-            Some(&reference),
-            &mut opt,
-            tok,
-            &prompts,
-            &toy::rewards(&problems),
-            &sc,
-        )?;
+        grpo_step(model, Some(&reference), &mut opt, tok, &prompts, &scoring, &sc)?;
     }
     Ok(())
 }

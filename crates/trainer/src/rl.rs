@@ -3,29 +3,68 @@
 //! advantages, and update the policy with the GRPO loss (aha-grpo) through
 //! the model's backward.
 
+use std::sync::Arc;
+
 use aha_grpo::{
     compute_advantages, grpo_loss_on, metrics, AdvantageEstimator, LossConfig, LossType, Metrics, TensorLossInputs,
 };
 use aha_moe_model::Policy;
+use aha_rewards::length::LENGTH_FIELD;
+use aha_rewards::{evaluate_weighted, BatchConfig, Example, Item, WeightedSum};
 use aha_sampler::{Completion, Engine, EngineConfig, FinishReason, SamplingParams};
 use aha_tensor::Tensor;
 use tokenizers::Tokenizer;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::optim::Optimizer;
 
-/// Scores a completion's text given its prompt index.
-pub type Scorer<'a> = Box<dyn Fn(&str, usize) -> f64 + Sync + 'a>;
+/// What scores a step's completions: the weighted rewards (each reward's
+/// `name()` labels its `rewards/{name}/*` metrics), the dataset row of each
+/// prompt, and the batch evaluator's workers and per-completion deadline.
+pub struct Scoring<'a> {
+    /// The rewards and their weights.
+    pub rewards: &'a WeightedSum,
+    /// The dataset row of each prompt, in prompt order (gold answer, tests,
+    /// `nums`/`target`, ...).
+    pub examples: &'a [Example],
+    /// Worker threads and the deadline per completion.
+    pub batch: &'a BatchConfig,
+}
 
-/// A reward function: a name (for the `rewards/{name}/*` metrics), a weight
-/// in the total, and the scorer `(completion text, prompt index) -> reward`.
-pub struct RewardFn<'a> {
-    /// Metric name.
-    pub name: String,
-    /// Weight in the summed reward.
-    pub weight: f64,
-    /// The scorer; NaN means "could not score" (left out of the baseline).
-    pub score: Scorer<'a>,
+/// Scores completions with every reward, in parallel with a deadline per
+/// completion. Each completion is judged against its prompt's row, with the
+/// completion's length in tokens added under
+/// [`aha_rewards::length::LENGTH_FIELD`]. Returns one score per completion
+/// per reward (NaN: could not be scored) and the weighted totals (NaN when
+/// a weighted part is NaN, so the completion stays out of its group's
+/// baseline).
+pub fn score_completions(completions: &[Completion], scoring: &Scoring<'_>) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
+    let mut items = Vec::with_capacity(completions.len());
+    for c in completions {
+        let mut example = scoring.examples.get(c.prompt_index).cloned().ok_or_else(|| {
+            Error::Other(format!(
+                "completion of prompt {} but only {} examples",
+                c.prompt_index,
+                scoring.examples.len()
+            ))
+        })?;
+        example.insert(LENGTH_FIELD.into(), c.token_ids.len().into());
+        items.push(Item {
+            example,
+            completion: c.text.clone(),
+        });
+    }
+    let combined = evaluate_weighted(scoring.rewards, Arc::new(items), scoring.batch)?;
+    let per_fn = (0..scoring.rewards.parts().len())
+        .map(|k| {
+            combined
+                .iter()
+                .map(|row| row.parts.get(k).map_or(f64::NAN, |p| p.1.score))
+                .collect()
+        })
+        .collect();
+    let total = combined.iter().map(|row| row.total).collect();
+    Ok((per_fn, total))
 }
 
 /// Settings of a GRPO step.
@@ -127,7 +166,7 @@ pub fn rollout(
     policy: &Policy,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
-    rewards: &[RewardFn<'_>],
+    scoring: &Scoring<'_>,
     cfg: &GrpoStep,
 ) -> Result<Rollouts> {
     let g = cfg.num_generations;
@@ -142,13 +181,7 @@ pub fn rollout(
         &[],
     )?;
     let (completions, stats) = engine.generate(prompts, g, &cfg.sampling)?;
-    let per_fn: Vec<Vec<f64>> = rewards
-        .iter()
-        .map(|r| completions.iter().map(|c| (r.score)(&c.text, c.prompt_index)).collect())
-        .collect();
-    let total: Vec<f64> = (0..completions.len())
-        .map(|i| rewards.iter().zip(&per_fn).map(|(r, v)| r.weight * v[i]).sum())
-        .collect();
+    let (per_fn, total) = score_completions(&completions, scoring)?;
     Ok(Rollouts {
         prompts: prompts.to_vec(),
         completions,
@@ -165,11 +198,12 @@ pub fn grpo_step(
     opt: &mut Optimizer,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
-    rewards: &[RewardFn<'_>],
+    scoring: &Scoring<'_>,
     cfg: &GrpoStep,
 ) -> Result<(Metrics, Vec<Completion>)> {
-    let r = rollout(policy, tok, prompts, rewards, cfg)?;
-    let names: Vec<&str> = rewards.iter().map(|f| f.name.as_str()).collect();
+    let r = rollout(policy, tok, prompts, scoring, cfg)?;
+    let names = scoring.rewards.names();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let m = train_on(policy, reference, opt, &r, &names, cfg)?;
     Ok((m, r.completions))
 }
@@ -343,7 +377,7 @@ pub fn train_on(
         }
     }
     let Some((loss, metrics, info)) = last else {
-        return Err(crate::error::Error::Other("train_on: empty batch".into()));
+        return Err(Error::Other("train_on: empty batch".into()));
     };
 
     let mut m = metrics;

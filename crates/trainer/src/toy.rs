@@ -25,6 +25,8 @@
 
 use std::str::FromStr;
 
+use aha_rewards::format::{check_format, FormatConfig, FormatReward, FormatStyle};
+use aha_rewards::{Example, Outcome, Reward, Status, WeightedSum};
 use aha_tensor::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
@@ -520,22 +522,22 @@ pub fn is_correct(text: &str, p: &Problem, lenient: bool) -> bool {
     extract_answer(text, lenient).is_some_and(|a| p.is_correct(a))
 }
 
-/// 1 when the completion is exactly `<think>...</think><answer>...</answer>`
-/// (one of each, in order, nothing after), else 0.
-pub fn format_reward(text: &str) -> f64 {
-    let t = text.trim();
-    let ok = t.starts_with("<think>")
-        && t.ends_with("</answer>")
-        && t.matches("<think>").count() == 1
-        && t.matches("</think>").count() == 1
-        && t.matches("<answer>").count() == 1
-        && t.matches("</answer>").count() == 1
-        && matches!((t.find("</think>"), t.find("<answer>")), (Some(a), Some(b)) if a < b);
-    if ok {
-        1.0
-    } else {
-        0.0
+/// The toy format: R1-Zero's template checked by aha-rewards' format check
+/// in its lenient form (the four tags once each, in order, nothing before
+/// `<think>` or after `</answer>`; empty reasoning or answer and text
+/// between the blocks are accepted).
+pub fn format_config() -> FormatConfig {
+    FormatConfig {
+        style: FormatStyle::R1Zero,
+        think_opened_in_prompt: false,
+        strict: false,
     }
+}
+
+/// 1 when the completion is `<think>...</think>...<answer>...</answer>` (one
+/// of each, in order, nothing after), else 0 ([`format_config`]).
+pub fn format_reward(text: &str) -> f64 {
+    f64::from(check_format(text, &format_config()).is_ok())
 }
 
 /// 1 when the `<answer>` tag holds a right answer (strict: no tag, no reward).
@@ -547,21 +549,116 @@ pub fn accuracy_reward(text: &str, p: &Problem) -> f64 {
     }
 }
 
-/// The toy task's two rewards, accuracy (strict) and format, each weight 1,
-/// for a step's `problems` (indexed by prompt).
-pub fn rewards(problems: &[Problem]) -> [crate::rl::RewardFn<'_>; 2] {
-    [
-        crate::rl::RewardFn {
-            name: "accuracy".into(),
-            weight: 1.0,
-            score: Box::new(move |text: &str, i: usize| accuracy_reward(text, &problems[i])),
+impl Problem {
+    /// The problem as a dataset row: `task`, its operands (`a`, `b`,
+    /// `digits`) or `nums`, `target` and the solution (`order`, `ops`), the
+    /// `prompt` and the reference answer as `gold`.
+    pub fn example(&self) -> Example {
+        let mut e = Example::new();
+        e.insert("task".into(), self.task().name().into());
+        e.insert("prompt".into(), self.prompt().into());
+        e.insert("gold".into(), self.answer().into());
+        match *self {
+            Problem::Add { a, b, digits } | Problem::Mul { a, b, digits } => {
+                e.insert("a".into(), a.into());
+                e.insert("b".into(), b.into());
+                e.insert("digits".into(), digits.into());
+            }
+            Problem::Countdown {
+                nums,
+                target,
+                solution: (order, ops),
+            } => {
+                e.insert("nums".into(), nums.to_vec().into());
+                e.insert("target".into(), target.into());
+                e.insert("order".into(), order.to_vec().into());
+                e.insert("ops".into(), String::from_utf8_lossy(&ops).into_owned().into());
+            }
+        }
+        e
+    }
+
+    /// The problem of a row written by [`Problem::example`]; `None` when the
+    /// row is not one.
+    pub fn from_example(e: &Example) -> Option<Problem> {
+        let int = |k: &str| {
+            e.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|x| u32::try_from(x).ok())
+        };
+        let ints3 = |k: &str| -> Option<[u32; 3]> {
+            let v: Vec<u32> = e
+                .get(k)?
+                .as_array()?
+                .iter()
+                .map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+                .collect::<Option<_>>()?;
+            v.try_into().ok()
+        };
+        let task: Task = e.get("task")?.as_str()?.parse().ok()?;
+        match task {
+            Task::Addition | Task::Multiplication => {
+                let (a, b) = (int("a")?, int("b")?);
+                let digits = u8::try_from(int("digits")?).ok()?;
+                Some(if task == Task::Addition {
+                    Problem::Add { a, b, digits }
+                } else {
+                    Problem::Mul { a, b, digits }
+                })
+            }
+            Task::Countdown => {
+                let order = ints3("order")?.map(|i| u8::try_from(i).unwrap_or(u8::MAX));
+                if order.iter().any(|&i| i > 2) {
+                    return None;
+                }
+                let ops: [u8; 2] = e.get("ops")?.as_str()?.as_bytes().try_into().ok()?;
+                Some(Problem::Countdown {
+                    nums: ints3("nums")?,
+                    target: int("target")?,
+                    solution: (order, ops),
+                })
+            }
+        }
+    }
+}
+
+/// The toy tasks' accuracy reward as a [`Reward`]: 1 when the `<answer>`
+/// tag holds a right answer to the row's problem ([`Problem::example`]),
+/// else 0 (strict: no tag, no reward). A row that is not a toy problem is
+/// not scorable.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AccuracyReward;
+
+impl Reward for AccuracyReward {
+    fn name(&self) -> &str {
+        "accuracy"
+    }
+
+    fn score(&self, example: &Example, completion: &str) -> Outcome {
+        let Some(p) = Problem::from_example(example) else {
+            return Outcome::zero(Status::UnparsableGold).with_detail("not a toy problem");
+        };
+        match extract_answer(completion, false) {
+            None => Outcome::zero(Status::NoAnswer),
+            Some(a) if p.is_correct(a) => Outcome::correct(),
+            Some(_) => Outcome::zero(Status::Wrong),
+        }
+    }
+}
+
+/// The toy tasks' two rewards, accuracy (strict) and format, each weight 1.
+pub fn rewards() -> WeightedSum {
+    WeightedSum::new().add(AccuracyReward, 1.0).add(
+        FormatReward {
+            config: format_config(),
         },
-        crate::rl::RewardFn {
-            name: "format".into(),
-            weight: 1.0,
-            score: Box::new(|text: &str, _| format_reward(text)),
-        },
-    ]
+        1.0,
+    )
+}
+
+/// The rows of `problems`, for [`rewards`].
+pub fn examples(problems: &[Problem]) -> Vec<Example> {
+    problems.iter().map(Problem::example).collect()
 }
 
 #[cfg(test)]
@@ -689,6 +786,72 @@ mod tests {
             // Carries are common: direct answers are mostly wrong beyond one digit.
             assert!(spec.digits == 1 || right < 350, "{spec:?}: {right}");
         }
+    }
+
+    /// The toy format check as it was written before it moved to
+    /// aha-rewards' lenient format check.
+    fn old_format_reward(text: &str) -> f64 {
+        let t = text.trim();
+        let ok = t.starts_with("<think>")
+            && t.ends_with("</answer>")
+            && t.matches("<think>").count() == 1
+            && t.matches("</think>").count() == 1
+            && t.matches("<answer>").count() == 1
+            && t.matches("</answer>").count() == 1
+            && matches!((t.find("</think>"), t.find("<answer>")), (Some(a), Some(b)) if a < b);
+        f64::from(ok)
+    }
+
+    #[test]
+    fn format_reward_is_the_old_toy_check() {
+        const PIECES: [&str; 8] = ["<think>", "</think>", "<answer>", "</answer>", "1", "+", " ", "\n"];
+        let mut rng = Rng::new(17);
+        let mut accepted = 0;
+        for _ in 0..200_000 {
+            let n = rng.below(9) as usize;
+            let text: String = (0..n).map(|_| PIECES[rng.below(8) as usize]).collect();
+            assert_eq!(format_reward(&text), old_format_reward(&text), "{text:?}");
+            accepted += format_reward(&text) as usize;
+        }
+        // Near-templates: the four tags in order with random filling.
+        let filler = |rng: &mut Rng| -> String { (0..rng.below(3)).map(|_| PIECES[rng.below(8) as usize]).collect() };
+        for _ in 0..50_000 {
+            let mut text = String::new();
+            for tag in ["<think>", "</think>", "<answer>", "</answer>"] {
+                text += &filler(&mut rng);
+                text += tag;
+            }
+            text += &filler(&mut rng);
+            assert_eq!(format_reward(&text), old_format_reward(&text), "{text:?}");
+            accepted += format_reward(&text) as usize;
+        }
+        assert!(accepted > 1000, "{accepted}");
+        for t in [
+            "<think></think><answer></answer>",
+            "<think>a</think>x<answer>1</answer>",
+            " <think>a</think><answer>1</answer>\n",
+        ] {
+            assert_eq!(format_reward(t), 1.0, "{t}");
+        }
+    }
+
+    #[test]
+    fn problems_round_trip_through_their_rows() {
+        let mut rng = Rng::new(4);
+        for spec in specs() {
+            for _ in 0..50 {
+                let p = problem(&mut rng, spec, false);
+                let e = p.example();
+                assert_eq!(Problem::from_example(&e), Some(p));
+                let r = AccuracyReward;
+                assert_eq!(r.score(&e, &p.reasoning()).score, 1.0);
+                assert_eq!(r.score(&e, &p.answer()).score, 0.0, "strict: no tag, no reward");
+            }
+        }
+        assert_eq!(
+            AccuracyReward.score(&Example::new(), "x").status,
+            Status::UnparsableGold
+        );
     }
 
     #[test]

@@ -111,7 +111,7 @@ fn demo_on_the_gpu_follows_the_cpu_run_cuda() {
 fn grpo_updates_on_the_gpu_match_the_cpu_cuda() {
     use aha_moe_model::{Model, ModelConfig, Policy};
     use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
-    use aha_trainer::rl::{rollout, train_on, RewardFn};
+    use aha_trainer::rl::{rollout, train_on, Scoring};
     use aha_trainer::toy;
     if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
         eprintln!("grpo_updates_on_the_gpu_match_the_cpu_cuda: skipped: no GPU ({reason})");
@@ -132,12 +132,14 @@ fn grpo_updates_on_the_gpu_match_the_cpu_cuda() {
     step.minibatches = 2;
     step.loss.beta = 0.04;
     step.loss.entropy_coef = 0.01;
-    // Rewards that differ within every group: the completion's length mod 3.
-    let rewards = vec![RewardFn {
-        name: "length_mod_3".into(),
-        weight: 1.0,
-        score: Box::new(|text: &str, _| (text.len() % 3) as f64),
-    }];
+    let sum = aha_rewards::WeightedSum::new().add(LengthMod3, 1.0);
+    let examples = vec![aha_rewards::Example::new(); prompts.len()];
+    let batch = aha_rewards::BatchConfig::default();
+    let rewards = Scoring {
+        rewards: &sum,
+        examples: &examples,
+        batch: &batch,
+    };
     let cfg = OptimConfig {
         lr: 1e-3,
         warmup_steps: 0,
@@ -167,5 +169,17 @@ fn grpo_updates_on_the_gpu_match_the_cpu_cuda() {
         let rel = rel_diff(&gpu.params_to_host().unwrap(), &cpu.params_to_host().unwrap());
         eprintln!("step {s}: weights relative difference {rel:.2e}");
         assert!(rel <= 1e-5, "step {s}: weights differ by {rel} of their scale");
+    }
+}
+
+/// A reward that differs within every group: the completion's length mod 3.
+struct LengthMod3;
+
+impl aha_rewards::Reward for LengthMod3 {
+    fn name(&self) -> &str {
+        "length_mod_3"
+    }
+    fn score(&self, _: &aha_rewards::Example, completion: &str) -> aha_rewards::Outcome {
+        aha_rewards::Outcome::new((completion.len() % 3) as f64, aha_rewards::Status::Correct)
     }
 }

@@ -126,7 +126,14 @@ fn a_nan_loss_skips_the_update_and_names_the_batch() {
     step.minibatches = 2;
     step.sampling.max_new_tokens = 4;
     step.loss.beta = 0.0;
-    let rewards = toy::rewards(&problems);
+    let rewards = toy::rewards();
+    let examples = toy::examples(&problems);
+    let batch = aha_rewards::BatchConfig::default();
+    let scoring = aha_trainer::rl::Scoring {
+        rewards: &rewards,
+        examples: &examples,
+        batch: &batch,
+    };
     let head = m
         .layout
         .entries
@@ -135,7 +142,7 @@ fn a_nan_loss_skips_the_update_and_names_the_batch() {
         .unwrap()
         .slot;
     let mut m = Policy::new(m, Device::Cpu, Precision::F32).unwrap();
-    let r = rollout(&m, &tok, &prompts, &rewards, &step).unwrap();
+    let r = rollout(&m, &tok, &prompts, &scoring, &step).unwrap();
     // Poison the policy after sampling: every log-prob is NaN.
     let mut poisoned = m.params_to_host().unwrap();
     head.of_mut(&mut poisoned).fill(f32::NAN);
@@ -216,7 +223,7 @@ fn the_public_sets_load_with_their_own_field_names() {
 #[test]
 fn micro_batches_accumulate_to_the_whole_batch_gradient() {
     use aha_grpo::LossType;
-    use aha_trainer::rl::{rollout, train_on, RewardFn};
+    use aha_trainer::rl::{rollout, train_on, Scoring};
     let cfg = aha_trainer::DemoConfig::quick(0);
     let json = cfg.model_config_json().to_string();
     let model = Model::random(
@@ -237,11 +244,14 @@ fn micro_batches_accumulate_to_the_whole_batch_gradient() {
     step.num_generations = 4;
     step.sampling.max_new_tokens = 10;
     step.loss.beta = 0.04;
-    let rewards = vec![RewardFn {
-        name: "len".into(),
-        weight: 1.0,
-        score: Box::new(|text: &str, _| (text.len() % 3) as f64),
-    }];
+    let sum = aha_rewards::WeightedSum::new().add(LengthMod3, 1.0);
+    let examples = vec![aha_rewards::Example::new(); prompts.len()];
+    let batch = aha_rewards::BatchConfig::default();
+    let rewards = Scoring {
+        rewards: &sum,
+        examples: &examples,
+        batch: &batch,
+    };
     let policy = Policy::new(model.clone(), Device::Cpu, Precision::F32).unwrap();
     let r = rollout(&policy, &tok, &prompts, &rewards, &step).unwrap();
     let longest = r
@@ -258,7 +268,7 @@ fn micro_batches_accumulate_to_the_whole_batch_gradient() {
             let mut p = Policy::new(model.clone(), Device::Cpu, Precision::F32).unwrap();
             let reference = Policy::new(model.clone(), Device::Cpu, Precision::F32).unwrap();
             let mut o = Optimizer::new(opt(Schedule::Constant).cfg);
-            let m = train_on(&mut p, Some(&reference), &mut o, &r, &["len"], &s).unwrap();
+            let m = train_on(&mut p, Some(&reference), &mut o, &r, &["length_mod_3"], &s).unwrap();
             (m["loss"], p.grads_to_host().unwrap())
         };
         let (l1, g1) = run(0);
@@ -279,5 +289,17 @@ fn micro_batches_accumulate_to_the_whole_batch_gradient() {
             (l1 - l4).abs() <= 1e-6 * l1.abs().max(1e-9),
             "{loss_type:?}: loss {l1} vs {l4}"
         );
+    }
+}
+
+/// A reward that differs within every group: the completion's length mod 3.
+struct LengthMod3;
+
+impl aha_rewards::Reward for LengthMod3 {
+    fn name(&self) -> &str {
+        "length_mod_3"
+    }
+    fn score(&self, _: &aha_rewards::Example, completion: &str) -> aha_rewards::Outcome {
+        aha_rewards::Outcome::new((completion.len() % 3) as f64, aha_rewards::Status::Correct)
     }
 }

@@ -26,7 +26,7 @@ mod parse;
 
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use ast::{Node, RelOp};
 pub use equiv::{DECIMAL_MIN_REL_PRECISION, NUMERIC_REL_TOL};
@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::outcome::{Example, Outcome, Reward, Status};
 
 /// Where the answer is looked for in a completion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Extraction {
     /// Training (strict): the last `\boxed{}` / `\fbox{}` or `<answer>` tag;
