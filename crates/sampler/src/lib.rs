@@ -20,12 +20,16 @@ pub mod chat;
 mod detok;
 mod engine;
 mod error;
+mod gpu_engine;
+mod sampler;
 pub mod sampling;
 
 pub use chat::ChatTemplate;
 pub use detok::{decode, load_tokenizer, Detokenizer};
 pub use engine::{find_stop, Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};
 pub use error::{Error, Result};
+pub use gpu_engine::GpuEngine;
+pub use sampler::Sampler;
 pub use sampling::{sample, sample_with_uniform, Sampled, SamplingParams, SeqRng};
 
 /// The tokenizer type the engine decodes with (from the `tokenizers` crate).
