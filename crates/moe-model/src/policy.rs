@@ -117,6 +117,18 @@ pub enum PolicyModel<'a> {
     Gpu(&'a GpuModel),
 }
 
+impl<'a> From<&'a Model> for PolicyModel<'a> {
+    fn from(m: &'a Model) -> PolicyModel<'a> {
+        PolicyModel::Cpu(m)
+    }
+}
+
+impl<'a> From<&'a Policy> for PolicyModel<'a> {
+    fn from(p: &'a Policy) -> PolicyModel<'a> {
+        p.model()
+    }
+}
+
 enum Inner {
     Cpu { model: Box<Model>, grads: Vec<f32> },
     Gpu(Box<GpuModel>),
