@@ -1,6 +1,8 @@
 //! aha-sampler: the rollout engine. Turns prompts x G samples into
 //! completions with continuous batching over a paged KV cache, in the same
 //! process and on the same weights as the trainer (no weight sync step).
+//! [`Sampler`] generates from a `Policy` on its device: the CPU [`Engine`],
+//! or the [`GpuEngine`] (batched decode and sampling on the GPU).
 //!
 //! ```no_run
 //! use aha_moe_model::Model;
