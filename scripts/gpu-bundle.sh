@@ -39,6 +39,7 @@ tests=(
     aha-tensor:gpu_flash
     aha-tensor:gpu_lmhead
     aha-sampler:gpu_sampling
+    aha-sampler:gpu_engine
     aha-moe-model:gpu_model
     aha-grpo:gpu_loss
     aha:cli

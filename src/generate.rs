@@ -3,9 +3,9 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
-use aha_moe_model::{Model, ModelConfig};
+use aha_moe_model::{Model, ModelConfig, Policy, Precision};
 use aha_sampler::chat::{self, ChatTemplate};
-use aha_sampler::{load_tokenizer, Engine, EngineConfig, SamplingParams};
+use aha_sampler::{load_tokenizer, EngineConfig, Sampler, SamplingParams};
 use aha_tensor::Device;
 use anyhow::{bail, Context, Result};
 
@@ -135,17 +135,12 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
         _ => bail!("give exactly one of --prompts FILE.jsonl and --prompt-ids JSON"),
     };
     let gen_eos = generation_eos(a.model);
-    if let Device::Cuda(ordinal) = device {
+    if device != Device::Cpu {
         aha_moe_model::gpu::gpu_support(&model.config)
             .map_err(|e| anyhow::anyhow!("--device {device}: {e}; use --device cpu"))?;
-        let gpu = aha_moe_model::gpu::GpuModel::upload(&model, ordinal)?;
-        let mut eos = model.config.eos_token_ids.clone();
-        eos.extend(&gen_eos);
-        eos.extend(&a.params.stop_token_ids);
-        let completions = gpu_generate(&gpu, tok.as_ref(), &prompts, a.n, &a.params, &eos)?;
-        return write_completions(a.out, &completions);
     }
-    let engine = Engine::new(&model, tok.as_ref(), EngineConfig::default(), &gen_eos)?;
+    let policy = Policy::new(model, device, Precision::F32)?;
+    let engine = Sampler::new(&policy, tok.as_ref(), EngineConfig::default(), &gen_eos)?;
     let tty = std::io::stderr().is_terminal();
     let mut last_draw = f64::NEG_INFINITY;
     let (completions, stats) = engine.generate_with_progress(&prompts, a.n, &a.params, &mut |p| {
@@ -181,81 +176,6 @@ fn write_completions(out: Option<&Path>, completions: &[aha_sampler::Completion]
     }
     w.flush()?;
     Ok(())
-}
-
-/// Generation on the GPU: each (prompt, sample) decoded in turn with its KV
-/// cache on the device (`GpuModel::forward_cached`) and sampled on the host
-/// with the same per-sequence streams as the CPU engine, so the draws are
-/// the engine's (tokens can still differ where f32 rounding moves a logit
-/// across a boundary). Stops at an end-of-sequence id, a stop string (the
-/// text is cut before it) or `max_new_tokens`.
-fn gpu_generate(
-    gpu: &aha_moe_model::gpu::GpuModel,
-    tok: Option<&aha_sampler::Tokenizer>,
-    prompts: &[Vec<u32>],
-    n: usize,
-    p: &SamplingParams,
-    eos: &[u32],
-) -> Result<Vec<aha_sampler::Completion>> {
-    use aha_sampler::{decode, find_stop, sample, Completion, Detokenizer, FinishReason, SeqRng};
-    p.validate()?;
-    if !p.stop_strings.is_empty() && tok.is_none() {
-        bail!("stop strings need a tokenizer.json");
-    }
-    let max_pos = gpu.config.max_position_embeddings;
-    let mut out = Vec::with_capacity(prompts.len() * n);
-    for (pi, prompt) in prompts.iter().enumerate() {
-        if prompt.is_empty() || prompt.len() + p.max_new_tokens > max_pos {
-            bail!(
-                "prompt {pi}: {} + {} tokens must be within 1..={max_pos}",
-                prompt.len(),
-                p.max_new_tokens
-            );
-        }
-        for si in 0..n {
-            let mut rng = SeqRng::for_sequence(p.seed, pi as u64, si as u64);
-            let mut cache = gpu.new_cache()?;
-            let mut logits = gpu.forward_cached(prompt, &mut cache)?;
-            let (mut ids, mut lps) = (Vec::new(), Vec::new());
-            // Incremental text, only while stop strings need watching (as the engine).
-            let (mut detok, mut text) = (Detokenizer::default(), String::new());
-            let reason = loop {
-                let s = sample(&logits, p, &mut rng)?;
-                ids.push(s.token);
-                lps.push(s.logprob);
-                if eos.contains(&s.token) {
-                    break FinishReason::Eos;
-                }
-                if let (Some(t), false) = (tok, p.stop_strings.is_empty()) {
-                    let delta = detok.step(t, &ids)?;
-                    text.push_str(&delta);
-                    if let Some(cut) = find_stop(&text, &p.stop_strings, delta.len()) {
-                        text.truncate(cut);
-                        break FinishReason::Stop;
-                    }
-                }
-                if ids.len() >= p.max_new_tokens {
-                    break FinishReason::Length;
-                }
-                logits = gpu.forward_cached(&[s.token], &mut cache)?;
-            };
-            let text = match (tok, reason) {
-                (Some(_), FinishReason::Stop) => text,
-                (Some(t), FinishReason::Eos) => decode(t, &ids[..ids.len() - 1])?,
-                (Some(t), _) => decode(t, &ids)?,
-                (None, _) => String::new(),
-            };
-            out.push(Completion {
-                prompt_index: pi,
-                sample_index: si,
-                token_ids: ids,
-                text,
-                logprobs: lps,
-                finish_reason: reason,
-            });
-        }
-    }
-    Ok(out)
 }
 
 /// One line of progress: a bar of `width` cells, completions done, tokens,
@@ -295,9 +215,29 @@ fn generation_eos(dir: &Path) -> Vec<u32> {
     }
 }
 
+/// Sizes of `aha bench generate`.
+pub struct GenerateBench<'a> {
+    /// A Hugging Face config.json.
+    pub config: &'a Path,
+    /// Prompts, decoded together.
+    pub batch: usize,
+    /// Tokens per prompt.
+    pub prompt: usize,
+    /// New tokens per prompt.
+    pub new: usize,
+    /// Seed of weights, prompts and sampling.
+    pub seed: u64,
+    /// `cpu`, `cuda[:N]` or `auto`.
+    pub device: &'a str,
+    /// `f32` or `bf16` (GPU).
+    pub precision: &'a str,
+}
+
 /// `aha bench generate`: random weights, `batch` prompts of `prompt` random
-/// tokens, `new` sampled tokens each (T 1.0, top-p 0.95), one JSON line.
-pub fn bench(config: &Path, batch: usize, prompt: usize, new: usize, seed: u64) -> Result<serde_json::Value> {
+/// tokens, `new` sampled tokens each (T 1.0, top-p 0.95), on the CPU engine
+/// or the GPU engine, one JSON line.
+pub fn bench(b: &GenerateBench<'_>) -> Result<serde_json::Value> {
+    let (config, batch, prompt, new, seed) = (b.config, b.batch, b.prompt, b.new, b.seed);
     anyhow::ensure!(
         batch > 0 && prompt > 0 && new > 0,
         "need --batch, --prompt and --new >= 1"
@@ -319,8 +259,11 @@ pub fn bench(config: &Path, batch: usize, prompt: usize, new: usize, seed: u64) 
                 .collect()
         })
         .collect();
-    let engine = Engine::new(
-        &model,
+    let precision: Precision = b.precision.parse()?;
+    let device = aha_moe_model::resolve_device(b.device, &model.config, precision)?;
+    let policy = Policy::new(model, device, precision)?;
+    let engine = Sampler::new(
+        &policy,
         None,
         EngineConfig {
             max_batch: batch.max(1),
@@ -349,6 +292,8 @@ pub fn bench(config: &Path, batch: usize, prompt: usize, new: usize, seed: u64) 
     Ok(serde_json::json!({
         "bench": "generate",
         "config": config.display().to_string(),
+        "device": device.to_string(),
+        "precision": precision.to_string(),
         "batch": batch,
         "prompt": prompt,
         "new": new,

@@ -400,6 +400,12 @@ enum BenchCommand {
         /// Seed of weights, prompts and sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// cpu (the CPU engine), cuda or cuda:N (the GPU engine), or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32, or bf16 on a GPU.
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Full training steps (forward, backward, AdamW) on random weights.
     Train {
@@ -783,9 +789,20 @@ fn main() -> Result<()> {
                     prompt,
                     new,
                     seed,
+                    device,
+                    precision,
                 },
         } => {
-            println!("{}", generate::bench(&config, batch, prompt, new, seed)?);
+            let b = generate::GenerateBench {
+                config: &config,
+                batch,
+                prompt,
+                new,
+                seed,
+                device: &device,
+                precision: &precision,
+            };
+            println!("{}", generate::bench(&b)?);
             Ok(())
         }
         Command::Bench {

@@ -35,6 +35,6 @@ pub use error::{Error, Result};
 pub use model::{Activations, KvCache, Model};
 pub use paged::{PagedKvCache, SeqSpan};
 pub use params::{Layout, ParamEntry, Slot};
-pub use policy::{resolve_device, Forward, Moments, Policy, Precision, Scores};
+pub use policy::{resolve_device, Forward, Moments, Policy, PolicyModel, Precision, Scores};
 pub use rope::RopeScaling;
 pub use save::{SaveDtype, SaveOptions};

@@ -107,6 +107,28 @@ pub fn resolve_device(spec: &str, cfg: &ModelConfig, precision: Precision) -> Re
     Ok(device)
 }
 
+/// The model a [`Policy`] holds, by device: what the sampler dispatches on
+/// (the one place above this crate that does).
+#[derive(Debug, Clone, Copy)]
+pub enum PolicyModel<'a> {
+    /// The CPU model (f32).
+    Cpu(&'a Model),
+    /// The model on a GPU: its live weights, as the trainer updates them.
+    Gpu(&'a GpuModel),
+}
+
+impl<'a> From<&'a Model> for PolicyModel<'a> {
+    fn from(m: &'a Model) -> PolicyModel<'a> {
+        PolicyModel::Cpu(m)
+    }
+}
+
+impl<'a> From<&'a Policy> for PolicyModel<'a> {
+    fn from(p: &'a Policy) -> PolicyModel<'a> {
+        p.model()
+    }
+}
+
 enum Inner {
     Cpu { model: Box<Model>, grads: Vec<f32> },
     Gpu(Box<GpuModel>),
@@ -296,6 +318,15 @@ impl Policy {
                 let host = other.params_to_host()?;
                 self.set_params(&host)
             }
+        }
+    }
+
+    /// The model itself, on its device (no copy): the sampler generates
+    /// from it with the CPU engine or the GPU engine.
+    pub fn model(&self) -> PolicyModel<'_> {
+        match &self.inner {
+            Inner::Cpu { model, .. } => PolicyModel::Cpu(model),
+            Inner::Gpu(g) => PolicyModel::Gpu(g),
         }
     }
 

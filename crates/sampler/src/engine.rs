@@ -177,32 +177,14 @@ impl<'a> Engine<'a> {
         params: &SamplingParams,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<(Vec<Completion>, GenerateStats)> {
-        params.validate()?;
-        if n == 0 {
-            return Err(Error::Invalid("n must be at least 1".into()));
-        }
-        if n > self.cfg.max_batch {
-            return Err(Error::Invalid(format!(
-                "n = {n} exceeds max_batch = {}",
-                self.cfg.max_batch
-            )));
-        }
-        if !params.stop_strings.is_empty() && self.tokenizer.is_none() {
-            return Err(Error::Invalid("stop strings need a tokenizer".into()));
-        }
-        let max_pos = self.model.config.max_position_embeddings;
-        for (i, p) in prompts.iter().enumerate() {
-            if p.is_empty() {
-                return Err(Error::Invalid(format!("prompt {i} is empty")));
-            }
-            if p.len() + params.max_new_tokens > max_pos {
-                return Err(Error::Invalid(format!(
-                    "prompt {i}: {} + {} tokens exceed max_position_embeddings {max_pos}",
-                    p.len(),
-                    params.max_new_tokens
-                )));
-            }
-        }
+        check_request(
+            prompts,
+            n,
+            params,
+            self.cfg.max_batch,
+            self.tokenizer.is_some(),
+            self.model.config.max_position_embeddings,
+        )?;
         let mut eos = self.eos.clone();
         eos.extend_from_slice(&params.stop_token_ids);
         let t_all = Instant::now();
@@ -347,24 +329,7 @@ impl<'a> Engine<'a> {
             let t2 = Instant::now();
             let mut keep = Vec::with_capacity(live.len());
             for mut s in live.drain(..) {
-                let last = s.pending;
-                let mut reason = None;
-                if let Some(tok) = self.tokenizer {
-                    if !eos.contains(&last) {
-                        let delta = s.detok.step(tok, &s.tokens)?;
-                        s.text.push_str(&delta);
-                        if let Some(cut) = find_stop(&s.text, &params.stop_strings, delta.len()) {
-                            s.text.truncate(cut);
-                            reason = Some(FinishReason::Stop);
-                        }
-                    }
-                }
-                if reason.is_none() && eos.contains(&last) {
-                    reason = Some(FinishReason::Eos);
-                }
-                if reason.is_none() && s.tokens.len() >= params.max_new_tokens {
-                    reason = Some(FinishReason::Length);
-                }
+                let reason = stop_rule(self.tokenizer, &eos, params, &s.tokens, &mut s.detok, &mut s.text)?;
                 match reason {
                     Some(r) => {
                         cache.release(&s.table);
@@ -376,18 +341,7 @@ impl<'a> Engine<'a> {
                                 sharing.remove(&s.prompt);
                             }
                         }
-                        let text = match (self.tokenizer, r) {
-                            (Some(_), FinishReason::Stop) => s.text,
-                            (Some(tok), _) => {
-                                let body = if r == FinishReason::Eos {
-                                    &s.tokens[..s.tokens.len() - 1]
-                                } else {
-                                    &s.tokens[..]
-                                };
-                                decode(tok, body)?
-                            }
-                            (None, _) => String::new(),
-                        };
+                        let text = completion_text(self.tokenizer, r, &s.tokens, s.text)?;
                         done.push(Completion {
                             prompt_index: s.prompt,
                             sample_index: s.sample,
@@ -413,6 +367,99 @@ impl<'a> Engine<'a> {
         done.sort_by_key(|c| (c.prompt_index, c.sample_index));
         stats.total_s = t_all.elapsed().as_secs_f64();
         Ok((done, stats))
+    }
+}
+
+/// Checks a request as every engine does: valid parameters, `n` in
+/// `1..=max_batch`, a tokenizer for stop strings, non-empty prompts that fit
+/// `max_pos` positions with `max_new_tokens` more.
+pub(crate) fn check_request(
+    prompts: &[Vec<u32>],
+    n: usize,
+    params: &SamplingParams,
+    max_batch: usize,
+    has_tokenizer: bool,
+    max_pos: usize,
+) -> Result<()> {
+    params.validate()?;
+    if n == 0 {
+        return Err(Error::Invalid("n must be at least 1".into()));
+    }
+    if n > max_batch {
+        return Err(Error::Invalid(format!("n = {n} exceeds max_batch = {max_batch}")));
+    }
+    if !params.stop_strings.is_empty() && !has_tokenizer {
+        return Err(Error::Invalid("stop strings need a tokenizer".into()));
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::Invalid(format!("prompt {i} is empty")));
+        }
+        if p.len() + params.max_new_tokens > max_pos {
+            return Err(Error::Invalid(format!(
+                "prompt {i}: {} + {} tokens exceed max_position_embeddings {max_pos}",
+                p.len(),
+                params.max_new_tokens
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The stop rules after a sequence's newest token (the last of `tokens`):
+/// with a tokenizer, the text grows by the token's delta and a stop string
+/// in it ends the sequence (the text cut before it); then an end-of-sequence
+/// id (`eos`), then `max_new_tokens`.
+pub(crate) fn stop_rule(
+    tokenizer: Option<&Tokenizer>,
+    eos: &[u32],
+    params: &SamplingParams,
+    tokens: &[u32],
+    detok: &mut Detokenizer,
+    text: &mut String,
+) -> Result<Option<FinishReason>> {
+    let Some(&last) = tokens.last() else {
+        return Ok(None);
+    };
+    if let Some(tok) = tokenizer {
+        if !eos.contains(&last) {
+            let delta = detok.step(tok, tokens)?;
+            text.push_str(&delta);
+            if let Some(cut) = find_stop(text, &params.stop_strings, delta.len()) {
+                text.truncate(cut);
+                return Ok(Some(FinishReason::Stop));
+            }
+        }
+    }
+    if eos.contains(&last) {
+        return Ok(Some(FinishReason::Eos));
+    }
+    if tokens.len() >= params.max_new_tokens {
+        return Ok(Some(FinishReason::Length));
+    }
+    Ok(None)
+}
+
+/// A finished completion's text: the incremental text when a stop string
+/// cut it, else the tokens decoded (an ending EOS left out); empty without
+/// a tokenizer.
+pub(crate) fn completion_text(
+    tokenizer: Option<&Tokenizer>,
+    reason: FinishReason,
+    tokens: &[u32],
+    text: String,
+) -> Result<String> {
+    match (tokenizer, reason) {
+        (Some(_), FinishReason::Stop) => Ok(text),
+        (Some(tok), _) => {
+            let body = if reason == FinishReason::Eos {
+                &tokens[..tokens.len().saturating_sub(1)]
+            } else {
+                tokens
+            };
+            decode(tok, body)
+        }
+        (None, _) => Ok(String::new()),
     }
 }
 

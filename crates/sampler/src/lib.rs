@@ -1,6 +1,8 @@
 //! aha-sampler: the rollout engine. Turns prompts x G samples into
 //! completions with continuous batching over a paged KV cache, in the same
 //! process and on the same weights as the trainer (no weight sync step).
+//! [`Sampler`] generates from a `Policy` on its device: the CPU [`Engine`],
+//! or the [`GpuEngine`] (batched decode and sampling on the GPU).
 //!
 //! ```no_run
 //! use aha_moe_model::Model;
@@ -20,12 +22,16 @@ pub mod chat;
 mod detok;
 mod engine;
 mod error;
+mod gpu_engine;
+mod sampler;
 pub mod sampling;
 
 pub use chat::ChatTemplate;
 pub use detok::{decode, load_tokenizer, Detokenizer};
 pub use engine::{find_stop, Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};
 pub use error::{Error, Result};
+pub use gpu_engine::GpuEngine;
+pub use sampler::Sampler;
 pub use sampling::{sample, sample_with_uniform, Sampled, SamplingParams, SeqRng};
 
 /// The tokenizer type the engine decodes with (from the `tokenizers` crate).

@@ -483,7 +483,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
                 )?;
             }
         }
-        let (b, base_samples) = evaluate(&*model.host_model()?, &tok, &test, cfg.max_new_tokens)?;
+        let (b, base_samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
         run.line(&eval_json("base", 0, &b))?;
         write_samples(&mut run, "base", 0, &test, &base_samples)?;
         base = Some(b);
@@ -523,7 +523,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
             log(&format!("grpo {step}: {note}"));
         }
         if step % cfg.eval_every == 0 || step == cfg.grpo_steps {
-            let (e, samples) = evaluate(&*model.host_model()?, &tok, &test, cfg.max_new_tokens)?;
+            let (e, samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
             m.insert("eval/accuracy".into(), e.accuracy);
             m.insert("eval/accuracy_strict".into(), e.accuracy_strict);
             m.insert("eval/format".into(), e.format);
@@ -566,7 +566,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
     }
     if last == base {
         // Resumed after the last evaluation: evaluate the final weights.
-        last = evaluate(&*model.host_model()?, &tok, &test, cfg.max_new_tokens)?.0;
+        last = evaluate(&model, &tok, &test, cfg.max_new_tokens)?.0;
     }
 
     // 3. Plots (from the whole metrics file, so resumed runs plot every step),

@@ -1,7 +1,7 @@
 //! Evaluation of the toy task: greedy answers to held-out problems.
 
-use aha_moe_model::Model;
-use aha_sampler::{Completion, Engine, EngineConfig, SamplingParams};
+use aha_moe_model::PolicyModel;
+use aha_sampler::{Completion, EngineConfig, Sampler, SamplingParams};
 use tokenizers::Tokenizer;
 
 use crate::error::Result;
@@ -22,17 +22,18 @@ pub struct EvalResult {
 }
 
 /// `n` completions of every toy problem (the toy's end token stops them),
-/// in (problem, sample) order.
-pub fn sample_toy(
-    model: &Model,
-    tok: &Tokenizer,
+/// in (problem, sample) order, generated on the model's device (a
+/// [`Model`](aha_moe_model::Model) or a [`Policy`](aha_moe_model::Policy)).
+pub fn sample_toy<'a>(
+    model: impl Into<PolicyModel<'a>>,
+    tok: &'a Tokenizer,
     problems: &[Problem],
     n: usize,
     params: &SamplingParams,
 ) -> Result<Vec<Completion>> {
     let prompts = toy::encode_prompts(tok, problems)?;
-    let engine = Engine::new(
-        model,
+    let engine = Sampler::for_model(
+        model.into(),
         Some(tok),
         EngineConfig {
             max_batch: 256,
@@ -44,9 +45,9 @@ pub fn sample_toy(
 }
 
 /// Greedy completions of `problems` and their scores.
-pub fn evaluate(
-    model: &Model,
-    tok: &Tokenizer,
+pub fn evaluate<'a>(
+    model: impl Into<PolicyModel<'a>>,
+    tok: &'a Tokenizer,
     problems: &[Problem],
     max_new: usize,
 ) -> Result<(EvalResult, Vec<Completion>)> {
@@ -111,10 +112,11 @@ pub struct ProblemResult {
 
 /// Samples `k` completions per problem, checks them with the math verifier
 /// (lenient extraction, as for evaluation), and reports pass@1, pass@k and
-/// cons@k. `prompts` are the token ids to generate from, one per example.
-pub fn evaluate_math(
-    model: &Model,
-    tok: &Tokenizer,
+/// cons@k. `prompts` are the token ids to generate from, one per example;
+/// generation runs on the model's device.
+pub fn evaluate_math<'a>(
+    model: impl Into<PolicyModel<'a>>,
+    tok: &'a Tokenizer,
     prompts: &[Vec<u32>],
     golds: &[String],
     k: usize,
@@ -126,8 +128,8 @@ pub fn evaluate_math(
             "evaluate_math: need one gold per prompt and k >= 1".into(),
         ));
     }
-    let engine = Engine::new(
-        model,
+    let engine = Sampler::for_model(
+        model.into(),
         Some(tok),
         EngineConfig {
             max_batch: (8 * k).max(64),

@@ -113,7 +113,7 @@ fn grpo(model: &mut Policy, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng
 /// `k` samples for each problem; returns (prompt, completion text) pairs
 /// that `keep` accepts.
 fn rejection_sample(
-    model: &Model,
+    model: &Policy,
     tok: &Tokenizer,
     problems: &[Problem],
     k: usize,
@@ -137,7 +137,7 @@ fn rejection_sample(
 
 fn score(
     name: &str,
-    model: &Model,
+    model: &Policy,
     tok: &Tokenizer,
     test: &[Problem],
     k: usize,
@@ -157,7 +157,7 @@ fn score(
     let (eval, _, _) = evaluate_math(model, tok, &prompts, &golds, k, &params)?;
     Ok(Row {
         model: name.into(),
-        params: model.params.len(),
+        params: model.num_params(),
         eval,
     })
 }
@@ -256,17 +256,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         Ok(())
     };
     let mut rows = Vec::new();
-    let score_row = |name: &str, m: &Policy| {
-        score(
-            name,
-            &*m.host_model()?,
-            &tok,
-            &test,
-            cfg.eval_k,
-            d.seed,
-            d.max_new_tokens,
-        )
-    };
+    let score_row = |name: &str, m: &Policy| score(name, m, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens);
     let place = |m: Model| Policy::new(m, cfg.device, cfg.precision);
     let copy = |m: &Policy| -> Result<Policy> { Ok(place(m.host_model()?.into_owned())?) };
 
@@ -317,15 +307,9 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         .map(|_| toy::problem(&mut rng, spec, false))
         .collect();
     let max_len = d.max_new_tokens;
-    let kept = rejection_sample(
-        &*r1.host_model()?,
-        &tok,
-        &problems,
-        cfg.rejection_k,
-        max_len,
-        d.seed ^ 3,
-        |text, p| toy::accuracy_reward(text, p) == 1.0 && toy::format_reward(text) == 1.0 && text.len() <= 4 * max_len,
-    )?;
+    let kept = rejection_sample(&r1, &tok, &problems, cfg.rejection_k, max_len, d.seed ^ 3, |text, p| {
+        toy::accuracy_reward(text, p) == 1.0 && toy::format_reward(text) == 1.0 && text.len() <= 4 * max_len
+    })?;
     let sft_path = out.join("rejection_sampled.jsonl");
     {
         let mut w = std::io::BufWriter::new(std::fs::File::create(&sft_path).map_err(io_err(&sft_path))?);
@@ -354,15 +338,9 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     let teach_problems: Vec<Problem> = (0..cfg.rejection_prompts * 2)
         .map(|_| toy::problem(&mut rng, spec, false))
         .collect();
-    let traces = rejection_sample(
-        &*r1.host_model()?,
-        &tok,
-        &teach_problems,
-        2,
-        max_len,
-        d.seed ^ 4,
-        |text, _| toy::format_reward(text) == 1.0,
-    )?;
+    let traces = rejection_sample(&r1, &tok, &teach_problems, 2, max_len, d.seed ^ 4, |text, _| {
+        toy::format_reward(text) == 1.0
+    })?;
     let sjson = cfg.student_json();
     let scfg = ModelConfig::from_json_str(&sjson.to_string(), Path::new("<student config>"))?;
     let mut student = place(Model::random(scfg, d.seed ^ 5, 0.02))?;

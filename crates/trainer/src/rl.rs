@@ -11,7 +11,7 @@ use aha_grpo::{
 use aha_moe_model::Policy;
 use aha_rewards::length::LENGTH_FIELD;
 use aha_rewards::{evaluate_weighted, BatchConfig, Example, Item, WeightedSum};
-use aha_sampler::{Completion, Engine, EngineConfig, FinishReason, SamplingParams};
+use aha_sampler::{Completion, EngineConfig, FinishReason, Sampler, SamplingParams};
 use aha_tensor::Tensor;
 use tokenizers::Tokenizer;
 
@@ -160,8 +160,8 @@ impl Rollouts {
 }
 
 /// Samples G completions per prompt with the policy and scores them. The
-/// sampler runs on the CPU engine, over the policy's weights (a host copy
-/// when the policy is on a GPU).
+/// sampler runs on the policy's device over its live weights (the CPU
+/// engine, or the GPU engine with no copy of the weights).
 pub fn rollout(
     policy: &Policy,
     tok: &Tokenizer,
@@ -170,9 +170,8 @@ pub fn rollout(
     cfg: &GrpoStep,
 ) -> Result<Rollouts> {
     let g = cfg.num_generations;
-    let model = policy.host_model()?;
-    let engine = Engine::new(
-        &model,
+    let engine = Sampler::new(
+        policy,
         Some(tok),
         EngineConfig {
             max_batch: (prompts.len() * g).max(g),
