@@ -26,7 +26,9 @@ pub use chat::ChatTemplate;
 pub use detok::{decode, load_tokenizer, Detokenizer};
 pub use engine::{find_stop, Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};
 pub use error::{Error, Result};
-pub use sampling::{sample, sample_with_uniform, Sampled, SamplingParams, SeqRng};
+pub use sampling::{
+    apply_repetition_penalty, sample, sample_in_context, sample_with_uniform, Sampled, SamplingParams, SeqRng,
+};
 
 /// The tokenizer type the engine decodes with (from the `tokenizers` crate).
 pub use tokenizers::Tokenizer;

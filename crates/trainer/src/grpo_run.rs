@@ -5,7 +5,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use aha_grpo::{AdvantageEstimator, KlEstimator, LossConfig, LossType};
+use std::collections::BTreeMap;
+
+use aha_grpo::{AdvantageEstimator, ImportanceSampling, KlEstimator, LossConfig, LossType};
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
 use aha_moe_model::{resolve_device, Model, ModelConfig, Policy, Precision};
 use aha_rewards::language::Script;
@@ -24,7 +26,9 @@ use crate::toy::Rng;
 
 /// A GRPO run. Defaults follow the DeepSeek-R1 report where it states them
 /// (learning rate 3e-6, KL coefficient 0.001, 16 samples per prompt,
-/// temperature 1.0, reference reset every 400 steps) and TRL otherwise.
+/// temperature 1.0, reference reset every 400 steps) and TRL's `GRPOConfig`
+/// otherwise; each key's comment names its default's source. The crate
+/// README maps TRL's keys to these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpoConfig {
@@ -48,23 +52,52 @@ pub struct GrpoConfig {
     pub warmup_steps: usize,
     /// `constant` (R1) or `cosine`.
     pub schedule: Schedule,
-    /// KL coefficient (R1: 0.001).
+    /// KL coefficient (default 0.001, the R1 report; TRL's default is 0.0;
+    /// 0 loads no reference).
     pub beta: f64,
-    /// KL estimator (k3, as DeepSeekMath and TRL).
+    /// KL estimator `k1`, `k2` or `k3` (default k3, as DeepSeekMath and TRL,
+    /// which has no key for it).
     pub kl_estimator: KlEstimator,
-    /// Lower clip (TRL: 0.2).
+    /// Lower clip (default 0.2, TRL).
     pub epsilon: f64,
-    /// Upper clip (clip-higher); default = `epsilon`.
+    /// Upper clip (DAPO's clip-higher); default unset = `epsilon` (TRL).
     pub epsilon_high: Option<f64>,
-    /// grpo, bnpo, dr_grpo, dapo or cispo.
+    /// Two-sided clipping: cap on the unclipped ratio, must exceed
+    /// `1 + epsilon_high` (default unset = off, TRL's `delta`).
+    pub delta: Option<f64>,
+    /// `token` (GRPO) or `sequence` (GSPO) importance ratios (default
+    /// `token`, TRL's `importance_sampling_level`).
+    pub importance_sampling_level: ImportanceSampling,
+    /// grpo, bnpo, dr_grpo, dapo or cispo (default grpo: DeepSeekMath and
+    /// the R1 report; TRL's default is dapo).
     pub loss_type: LossType,
-    /// group (GRPO), batch, none (Dr. GRPO), rloo, reinforce_plus_plus_baseline.
+    /// group (GRPO), batch, none (Dr. GRPO), rloo, reinforce_plus_plus_baseline
+    /// (default group, TRL's `scale_rewards = "group"`).
     pub scale_rewards: AdvantageEstimator,
-    /// Rollout temperature (R1: 1.0).
+    /// Coefficient of an entropy bonus subtracted from the loss (default
+    /// 0.0 = off; TRL has no such key, verl's `entropy_coeff` defaults to 0).
+    pub entropy_coef: f64,
+    /// Train only on tokens whose entropy is in this top fraction of the
+    /// batch (default 1.0 = all tokens, TRL's `top_entropy_quantile`).
+    pub top_entropy_quantile: f64,
+    /// Rollout temperature (default 1.0: the R1 report and TRL).
     pub temperature: f32,
-    /// Rollout nucleus mass.
+    /// Rollout nucleus mass (default 1.0 = off, TRL).
     pub top_p: f32,
-    /// Longer prompts are skipped (and counted in the log).
+    /// Rollout top-k (default 0 = off; TRL's `top_k` default None).
+    pub top_k: usize,
+    /// Rollout min-p (default 0.0 = off; TRL's `min_p` default None).
+    pub min_p: f32,
+    /// Rollout repetition penalty over prompt and completion so far
+    /// (default 1.0 = off, TRL and transformers).
+    pub repetition_penalty: f32,
+    /// Variables passed to the chat template (`template = "chat"` only),
+    /// e.g. `{ enable_thinking = false }` (default empty; TRL's
+    /// `chat_template_kwargs`).
+    pub chat_template_kwargs: BTreeMap<String, serde_json::Value>,
+    /// Prompts longer than this many tokens (after the template) are
+    /// skipped and counted in the log (default 512, TRL; TRL truncates them
+    /// on the left instead, which cuts the question).
     pub max_prompt_length: usize,
     /// Completion length limit.
     pub max_completion_length: usize,
@@ -135,10 +168,18 @@ impl Default for GrpoConfig {
             kl_estimator: KlEstimator::K3,
             epsilon: 0.2,
             epsilon_high: None,
+            delta: None,
+            importance_sampling_level: ImportanceSampling::Token,
             loss_type: LossType::Grpo,
             scale_rewards: AdvantageEstimator::Group,
+            entropy_coef: 0.0,
+            top_entropy_quantile: 1.0,
             temperature: 1.0,
             top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            chat_template_kwargs: BTreeMap::new(),
             device: "auto".into(),
             precision: "f32".into(),
             micro_batch_tokens: 0,
@@ -195,7 +236,42 @@ impl GrpoConfig {
         if let Err(e) = self.reward_batch().validate() {
             return bad(e.to_string());
         }
+        if let Err(e) = self.loss_config().validate() {
+            return bad(e.to_string());
+        }
+        if let Err(e) = self.sampling().validate() {
+            return bad(e.to_string());
+        }
         Ok(())
+    }
+
+    /// The loss settings.
+    pub fn loss_config(&self) -> LossConfig {
+        LossConfig {
+            loss_type: self.loss_type,
+            epsilon: self.epsilon,
+            epsilon_high: self.epsilon_high,
+            delta: self.delta,
+            beta: self.beta,
+            kl_estimator: self.kl_estimator,
+            importance_sampling_level: self.importance_sampling_level,
+            max_completion_length: self.max_completion_length,
+            entropy_coef: self.entropy_coef,
+            top_entropy_quantile: self.top_entropy_quantile,
+        }
+    }
+
+    /// The rollout sampling settings (the seed is set per step).
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_completion_length,
+            ..SamplingParams::default()
+        }
     }
 
     /// The batch evaluator's settings.
@@ -218,7 +294,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     let out = &cfg.out;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let tok = load_tokenizer(&cfg.model)?;
-    let templater = Templater::new(&cfg.template, &cfg.model)?;
+    let templater = Templater::new(&cfg.template, &cfg.model)?.with_kwargs(&cfg.chat_template_kwargs)?;
     let reward_sum = build(
         &cfg.rewards,
         &BuildContext {
@@ -348,22 +424,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         .map_err(io_err(&metrics_path))?;
     let step_cfg = GrpoStep {
         num_generations: cfg.num_generations,
-        loss: LossConfig {
-            loss_type: cfg.loss_type,
-            epsilon: cfg.epsilon,
-            epsilon_high: cfg.epsilon_high,
-            beta: cfg.beta,
-            kl_estimator: cfg.kl_estimator,
-            max_completion_length: cfg.max_completion_length,
-            ..LossConfig::default()
-        },
+        loss: cfg.loss_config(),
         advantages: cfg.scale_rewards,
-        sampling: SamplingParams {
-            temperature: cfg.temperature,
-            top_p: cfg.top_p,
-            max_new_tokens: cfg.max_completion_length,
-            ..SamplingParams::default()
-        },
+        sampling: cfg.sampling(),
         mask_truncated: cfg.mask_truncated_completions,
         num_iterations: cfg.num_iterations,
         minibatches: cfg.minibatches,
@@ -460,4 +523,83 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     }
     policy.save(&out.join("final"), 4 << 30)?;
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<GrpoConfig> {
+        GrpoConfig::from_toml(text, Path::new("g.toml"))
+    }
+
+    #[test]
+    fn every_loss_and_sampling_key_reaches_its_config() {
+        let cfg = parse(
+            "importance_sampling_level = \"sequence\"\ndelta = 1.5\nkl_estimator = \"k1\"\nentropy_coef = 0.01\n\
+             top_entropy_quantile = 0.2\ntop_k = 20\nmin_p = 0.05\nrepetition_penalty = 1.1\nmax_prompt_length = 64\n\
+             [chat_template_kwargs]\nenable_thinking = false\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let l = cfg.loss_config();
+        assert_eq!(l.importance_sampling_level, ImportanceSampling::Sequence);
+        assert_eq!(l.delta, Some(1.5));
+        assert_eq!(l.kl_estimator, KlEstimator::K1);
+        assert_eq!((l.entropy_coef, l.top_entropy_quantile), (0.01, 0.2));
+        let s = cfg.sampling();
+        assert_eq!((s.top_k, s.min_p, s.repetition_penalty), (20, 0.05, 1.1));
+        assert_eq!(cfg.chat_template_kwargs["enable_thinking"], serde_json::json!(false));
+        // The resolved config written to the run folder parses back the same.
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(parse(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_errors_naming_them() {
+        let e = parse("repetition_penaltyy = 1.1\n").unwrap_err().to_string();
+        assert!(e.contains("g.toml") && e.contains("repetition_penaltyy"), "{e}");
+        let e = parse("delta = 1.1\n").unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("delta"), "{e}");
+        let e = parse("repetition_penalty = 0.0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("repetition_penalty"), "{e}");
+        let e = parse("top_entropy_quantile = 0.0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("top_entropy_quantile"), "{e}");
+    }
+
+    #[test]
+    fn chat_template_kwargs_reach_the_template() {
+        let dir = std::env::temp_dir().join(format!("aha-grpo-kwargs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat_templates/qwen3.jinja"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::json!({ "chat_template": src }).to_string(),
+        )
+        .unwrap();
+        let plain = Templater::new("chat", &dir).unwrap().prompt("hi").unwrap();
+        let kw: BTreeMap<String, serde_json::Value> =
+            [("enable_thinking".to_string(), serde_json::json!(false))].into();
+        let off = Templater::new("chat", &dir)
+            .unwrap()
+            .with_kwargs(&kw)
+            .unwrap()
+            .prompt("hi")
+            .unwrap();
+        assert!(!plain.contains("<think>"), "{plain}");
+        assert!(off.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"), "{off}");
+        assert!(Templater::new("none", &dir).unwrap().with_kwargs(&kw).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
