@@ -196,6 +196,11 @@ fn eval_reports_pass_at_k_on_a_public_set() {
         let x = v[key].as_f64().unwrap_or(-1.0);
         assert!((0.0..=4.0).contains(&x), "{key} = {x}");
     }
+    // pass@j for every j <= k: pass@1 and pass@k as above, never falling.
+    let at = |j: &str| v["pass_at"][j].as_f64().unwrap_or(-1.0);
+    assert!((at("1") - v["pass_at_1"].as_f64().unwrap_or(9.0)).abs() < 1e-9);
+    assert!((at("2") - v["pass_at_k"].as_f64().unwrap_or(9.0)).abs() < 1e-9);
+    assert!(at("1") <= at("2") + 1e-12);
     let _ = std::fs::remove_file(&data);
 }
 
