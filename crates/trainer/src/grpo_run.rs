@@ -16,12 +16,14 @@ use aha_sampler::{load_tokenizer, SamplingParams};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
-use crate::data::read_rows_jsonl;
+use crate::data::{read_math_jsonl_fields, read_rows_jsonl_fields, Cursor, Fields};
 use crate::error::{io_err, Error, Result};
+use crate::eval::evaluate_math;
 use crate::optim::{OptimConfig, Optimizer, Schedule};
 use crate::rewards::{build, BuildContext, RewardKind, RewardSpec};
 use crate::rl::{rollout, train_on, GrpoStep, Rollouts, Scoring};
 use crate::sft_run::Templater;
+use crate::tensorboard::EventWriter;
 use crate::toy::Rng;
 
 /// A GRPO run. Defaults follow the DeepSeek-R1 report where it states them
@@ -38,6 +40,26 @@ pub struct GrpoConfig {
     /// the rewards read (`answer`/`gold`, `tests`, `nums`, `target`,
     /// `language`, ...; GSM8K, MATH and AIME field names work as they are).
     pub data: PathBuf,
+    /// The field holding the question in `data` and `eval_data` (default
+    /// unset: `prompt`, `question` or `problem`; TRL reads `prompt`).
+    pub prompt_field: Option<String>,
+    /// The field holding the reference answer (default unset: `answer` or
+    /// `gold`).
+    pub answer_field: Option<String>,
+    /// JSONL math problems evaluated during training (default unset: no
+    /// evaluation; TRL's `eval_dataset`).
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N steps (default 0 = never; TRL's `eval_steps`).
+    pub eval_every: usize,
+    /// Evaluate once before the first step (default false; TRL's `eval_on_start`).
+    pub eval_before_training: bool,
+    /// Samples per evaluation problem, k: pass@1 is averaged over them and
+    /// cons@k votes among them (default 4; the R1 report uses 64).
+    pub eval_samples: usize,
+    /// Evaluation temperature (default 0.6, the R1 report).
+    pub eval_temperature: f32,
+    /// Evaluation nucleus mass (default 0.95, the R1 report).
+    pub eval_top_p: f32,
     /// The run folder.
     pub out: PathBuf,
     /// Optimizer steps.
@@ -157,6 +179,14 @@ impl Default for GrpoConfig {
         GrpoConfig {
             model: PathBuf::new(),
             data: PathBuf::new(),
+            prompt_field: None,
+            answer_field: None,
+            eval_data: None,
+            eval_every: 0,
+            eval_before_training: false,
+            eval_samples: 4,
+            eval_temperature: 0.6,
+            eval_top_p: 0.95,
             out: PathBuf::from("runs/grpo"),
             steps: 100,
             prompts_per_step: 4,
@@ -230,6 +260,15 @@ impl GrpoConfig {
         if self.rewards.is_empty() {
             return bad("no rewards".into());
         }
+        if (self.eval_every > 0 || self.eval_before_training) && self.eval_data.is_none() {
+            return bad("eval_every and eval_before_training need eval_data".into());
+        }
+        if self.eval_samples == 0 {
+            return bad("eval_samples must be at least 1".into());
+        }
+        if let Err(e) = self.eval_sampling().validate() {
+            return bad(format!("eval: {e}"));
+        }
         if let Err(e) = Script::of_language(&self.language) {
             return bad(format!("language {:?}: {e}", self.language));
         }
@@ -258,6 +297,26 @@ impl GrpoConfig {
             max_completion_length: self.max_completion_length,
             entropy_coef: self.entropy_coef,
             top_entropy_quantile: self.top_entropy_quantile,
+        }
+    }
+
+    /// The question and answer fields of the data sets.
+    pub fn fields(&self) -> Fields {
+        Fields {
+            prompt: self.prompt_field.clone(),
+            answer: self.answer_field.clone(),
+        }
+    }
+
+    /// The evaluation's sampling settings (the same seed at every
+    /// evaluation, so that they compare).
+    pub fn eval_sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.eval_temperature,
+            top_p: self.eval_top_p,
+            max_new_tokens: self.max_completion_length,
+            seed: self.seed,
+            ..SamplingParams::default()
         }
     }
 
@@ -305,7 +364,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     .map_err(|e| Error::Other(format!("grpo config: {e}")))?;
     let reward_batch = cfg.reward_batch();
     let need_gold = cfg.rewards.iter().any(|r| r.kind.needs_gold());
-    let rows = read_rows_jsonl(&cfg.data, need_gold)?;
+    let rows = read_rows_jsonl_fields(&cfg.data, need_gold, &cfg.fields())?;
     let mut data: Vec<(Vec<u32>, Example)> = Vec::new();
     let mut skipped = 0;
     for row in rows {
@@ -324,6 +383,21 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     if data.is_empty() {
         return Err(Error::Other(format!("{}: no usable prompts", cfg.data.display())));
     }
+    let eval_set = match &cfg.eval_data {
+        Some(p) => {
+            let ex = read_math_jsonl_fields(p, &cfg.fields())?;
+            let mut prompts = Vec::with_capacity(ex.len());
+            for e in &ex {
+                prompts.push(templater.encode(&tok, &e.prompt)?);
+            }
+            log(&format!("{}: {} evaluation problems", p.display(), ex.len()));
+            Some(EvalSet {
+                prompts,
+                golds: ex.into_iter().map(|e| e.gold).collect(),
+            })
+        }
+        None => None,
+    };
     let cfg_text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
     let ckroot = out.join("checkpoints");
     let loaded = if resume {
@@ -374,7 +448,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     log(&format!("policy on {device} ({precision}); memory plan: {plan}"));
     check_device(&plan, device)?;
     let place = |m: Model| Policy::new(m, device, precision);
-    let (mut policy, mut reference, mut opt, mut rng, start, mut lines) = match loaded {
+    let (mut policy, mut reference, mut opt, rng, start, mut lines, mut cursor) = match loaded {
         Some(l) => {
             let old = std::fs::read_to_string(out.join("config.toml")).unwrap_or_default();
             if old != cfg_text {
@@ -400,6 +474,14 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 Some(r) => place(r)?,
                 None => place(policy.host_model()?.into_owned())?,
             };
+            let cursor = match l.state.extra.get("data_cursor") {
+                Some(c) => serde_json::from_value(c.clone())
+                    .map_err(|e| Error::Other(format!("{}: data_cursor: {e}", l.dir.display())))?,
+                None => {
+                    log("checkpoint without a data cursor: the data order restarts");
+                    Cursor::default()
+                }
+            };
             (
                 policy,
                 reference,
@@ -407,6 +489,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 Rng::from_state(l.state.rng),
                 l.state.step,
                 l.state.metrics_lines,
+                cursor,
             )
         }
         None => {
@@ -415,13 +498,15 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             let policy = place(Model::load(&cfg.model)?)?;
             let reference = place(Model::load(&cfg.model)?)?;
             let opt = Optimizer::new(optc);
-            (policy, reference, opt, Rng::new(cfg.seed), 0, 0)
+            (policy, reference, opt, Rng::new(cfg.seed), 0, 0, Cursor::default())
         }
     };
     let mut metrics_file = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)
         .map_err(io_err(&metrics_path))?;
+    // TensorBoard events beside metrics.jsonl: every scalar of every line.
+    let mut tb = EventWriter::create(out)?;
     let step_cfg = GrpoStep {
         num_generations: cfg.num_generations,
         loss: cfg.loss_config(),
@@ -434,6 +519,12 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     };
     let g = cfg.num_generations;
     let mut last = aha_grpo::Metrics::new();
+    if let (Some(set), true, 0) = (&eval_set, cfg.eval_before_training, start) {
+        let e = evaluate(&policy, &tok, set, cfg)?;
+        log(&format!("step 0: eval pass@1 {:.3}", e["eval/pass@1"]));
+        write_line(&mut metrics_file, &metrics_path, &mut tb, 0, &e)?;
+        lines += 1;
+    }
     for step in start + 1..=cfg.steps {
         if cfg.reference_reset_every > 0 && step > 1 && (step - 1) % cfg.reference_reset_every == 0 {
             reference.copy_params_from(&policy)?;
@@ -447,9 +538,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             if have >= cfg.prompts_per_step || (round > 0 && !cfg.dynamic_sampling) {
                 break;
             }
-            let picks: Vec<usize> = (0..cfg.prompts_per_step - have)
-                .map(|_| rng.below(data.len() as u64) as usize)
-                .collect();
+            let picks = cursor.take(data.len(), cfg.prompts_per_step - have, cfg.seed);
             let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| data[i].0.clone()).collect();
             let examples: Vec<Example> = picks.iter().map(|&i| data[i].1.clone()).collect();
             sc.sampling.seed = cfg.seed.wrapping_add((step * 1_000_003 + round * 7919) as u64);
@@ -483,13 +572,13 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             log(&format!("step {step}: {note}"));
         }
         m.insert("dynamic_sampling/dropped_groups".into(), dropped as f64);
-        let mut line = serde_json::Map::new();
-        line.insert("step".into(), step.into());
-        for (k, v) in &m {
-            line.insert(k.clone(), serde_json::json!(v));
+        m.insert("epoch".into(), cursor.fraction(data.len()));
+        if let (Some(set), true) = (&eval_set, cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+            let e = evaluate(&policy, &tok, set, cfg)?;
+            log(&format!("step {step}: eval pass@1 {:.3}", e["eval/pass@1"]));
+            m.extend(e);
         }
-        writeln!(metrics_file, "{}", serde_json::Value::Object(line)).map_err(io_err(&metrics_path))?;
-        metrics_file.flush().map_err(io_err(&metrics_path))?;
+        write_line(&mut metrics_file, &metrics_path, &mut tb, step, &m)?;
         lines += 1;
         log(&format!(
             "step {step}/{}  reward {:.3}  kl {:.4}  length {:.1}",
@@ -507,7 +596,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 opt_step: s,
                 opt_bad: bad,
                 metrics_lines: lines,
-                extra: serde_json::json!({}),
+                extra: serde_json::json!({ "data_cursor": cursor }),
                 layout: checkpoint::LAYOUT_VERSION,
             };
             checkpoint::save(
@@ -523,6 +612,62 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     }
     policy.save(&out.join("final"), 4 << 30)?;
     Ok(last)
+}
+
+/// Evaluation problems, rendered and tokenized, with their answers.
+struct EvalSet {
+    prompts: Vec<Vec<u32>>,
+    golds: Vec<String>,
+}
+
+/// pass@1 (over `eval_samples` samples), pass@k, cons@k, the share without
+/// an answer and the mean length of the policy on the evaluation set,
+/// under `eval/`.
+fn evaluate(
+    policy: &Policy,
+    tok: &aha_sampler::Tokenizer,
+    set: &EvalSet,
+    cfg: &GrpoConfig,
+) -> Result<aha_grpo::Metrics> {
+    let model = policy.host_model()?;
+    let (e, _, _) = evaluate_math(
+        &model,
+        tok,
+        &set.prompts,
+        &set.golds,
+        cfg.eval_samples,
+        &cfg.eval_sampling(),
+    )?;
+    Ok([
+        ("eval/pass@1", e.pass_at_1),
+        ("eval/pass@k", e.pass_at_k),
+        ("eval/cons@k", e.cons_at_k),
+        ("eval/k", e.k as f64),
+        ("eval/no_answer", e.no_answer),
+        ("eval/mean_length", e.mean_length),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect())
+}
+
+/// Appends one line `{"step": step, ...metrics}` to `metrics.jsonl`, and
+/// the same scalars to the TensorBoard event file.
+fn write_line(
+    file: &mut std::fs::File,
+    path: &Path,
+    tb: &mut EventWriter,
+    step: usize,
+    m: &aha_grpo::Metrics,
+) -> Result<()> {
+    tb.scalars(step, m.iter().map(|(k, v)| (k.as_str(), *v)))?;
+    let mut line = serde_json::Map::new();
+    line.insert("step".into(), step.into());
+    for (k, v) in m {
+        line.insert(k.clone(), serde_json::json!(v));
+    }
+    writeln!(file, "{}", serde_json::Value::Object(line)).map_err(io_err(path))?;
+    file.flush().map_err(io_err(path))
 }
 
 #[cfg(test)]
