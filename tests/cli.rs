@@ -140,6 +140,9 @@ fn generate_writes_one_json_line_per_completion() {
         assert!((1..=6).contains(&n));
         assert_eq!(l["logprobs"].as_array().unwrap().len(), n);
         assert!(l["text"].is_string() && l["finish_reason"].is_string());
+        // The prompt as rendered (template none: as written) and its ids.
+        assert_eq!(l["prompt_text"], ["2+3", "why?"][i / 3]);
+        assert!(!l["prompt_ids"].as_array().unwrap().is_empty());
     }
     // A malformed prompt line is an error naming the file and line.
     std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n{\"prompt\": 5}\n").unwrap();
