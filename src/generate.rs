@@ -113,16 +113,18 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
         d => d.parse()?,
     };
     let tok = load_tokenizer(a.model).ok();
+    let mut texts: Vec<String> = Vec::new();
     let prompts: Vec<Vec<u32>> = match (a.prompts, a.prompt_ids) {
         (Some(path), None) => {
             let tok = tok
                 .as_ref()
                 .with_context(|| format!("{}: --prompts needs a tokenizer.json", a.model.display()))?;
-            template_prompts(path, a.template, a.model)?
-                .into_iter()
+            texts = template_prompts(path, a.template, a.model)?;
+            texts
+                .iter()
                 .map(|text| {
                     Ok(tok
-                        .encode(text, false)
+                        .encode(text.as_str(), false)
                         .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
                         .get_ids()
                         .to_vec())
@@ -160,11 +162,18 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
         stats.total_s,
         stats.generated_tokens as f64 / stats.total_s.max(1e-9)
     );
-    write_completions(a.out, &completions)
+    write_completions(a.out, &completions, &prompts, &texts)
 }
 
-/// One JSON line per completion, to `out` or stdout.
-fn write_completions(out: Option<&Path>, completions: &[aha_sampler::Completion]) -> Result<()> {
+/// One JSON line per completion, to `out` or stdout, with its prompt's
+/// token ids (`prompt_ids`) and rendered text (`prompt_text`: the prompt
+/// after the template; null for `--prompt-ids`).
+fn write_completions(
+    out: Option<&Path>,
+    completions: &[aha_sampler::Completion],
+    prompts: &[Vec<u32>],
+    texts: &[String],
+) -> Result<()> {
     let mut w: Box<dyn Write> = match out {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -172,7 +181,10 @@ fn write_completions(out: Option<&Path>, completions: &[aha_sampler::Completion]
         None => Box::new(std::io::stdout().lock()),
     };
     for c in completions {
-        writeln!(w, "{}", serde_json::to_string(c)?)?;
+        let mut v = serde_json::to_value(c)?;
+        v["prompt_ids"] = serde_json::json!(prompts.get(c.prompt_index));
+        v["prompt_text"] = serde_json::json!(texts.get(c.prompt_index));
+        writeln!(w, "{v}")?;
     }
     w.flush()?;
     Ok(())

@@ -140,6 +140,9 @@ fn generate_writes_one_json_line_per_completion() {
         assert!((1..=6).contains(&n));
         assert_eq!(l["logprobs"].as_array().unwrap().len(), n);
         assert!(l["text"].is_string() && l["finish_reason"].is_string());
+        // The prompt as rendered (template none: as written) and its ids.
+        assert_eq!(l["prompt_text"], ["2+3", "why?"][i / 3]);
+        assert!(!l["prompt_ids"].as_array().unwrap().is_empty());
     }
     // A malformed prompt line is an error naming the file and line.
     std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n{\"prompt\": 5}\n").unwrap();
@@ -196,6 +199,11 @@ fn eval_reports_pass_at_k_on_a_public_set() {
         let x = v[key].as_f64().unwrap_or(-1.0);
         assert!((0.0..=4.0).contains(&x), "{key} = {x}");
     }
+    // pass@j for every j <= k: pass@1 and pass@k as above, never falling.
+    let at = |j: &str| v["pass_at"][j].as_f64().unwrap_or(-1.0);
+    assert!((at("1") - v["pass_at_1"].as_f64().unwrap_or(9.0)).abs() < 1e-9);
+    assert!((at("2") - v["pass_at_k"].as_f64().unwrap_or(9.0)).abs() < 1e-9);
+    assert!(at("1") <= at("2") + 1e-12);
     let _ = std::fs::remove_file(&data);
 }
 

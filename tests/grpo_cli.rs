@@ -23,17 +23,19 @@ fn grpo_runs_from_toml_and_resumes() {
     let data = base.join("train.jsonl");
     std::fs::write(
         &data,
-        "{\"prompt\": \"07+15=\", \"answer\": \"22\"}\n{\"question\": \"33+48=\", \"answer\": \"#### 81\"}\n",
+        "{\"prompt\": \"07+15=\", \"answer\": \"22\"}\n{\"question\": \"33+48=\", \"answer\": \"#### 81\"}\n{\"prompt\": \"12+30=\", \"answer\": \"42\"}\n",
     )
     .unwrap();
     let toml_path = base.join("grpo.toml");
     let toml = format!(
         "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 4\nprompts_per_step = 2\nnum_generations = 4\nlearning_rate = 1e-4\n\
          max_completion_length = 30\ntemplate = \"none\"\nsave_every = 2\ndynamic_sampling = true\nreference_reset_every = 3\nnum_iterations = 2\nminibatches = 2\n\
+         eval_data = {:?}\neval_every = 2\neval_before_training = true\neval_samples = 2\n\
          rewards = [{{ name = \"accuracy\", weight = 1.0 }}, {{ name = \"format\", weight = 0.5 }}, {{ name = \"language\", weight = 0.1 }}]\n",
         base.join("demo/checkpoint"),
         data,
-        base.join("run")
+        base.join("run"),
+        data
     );
     std::fs::write(&toml_path, &toml).unwrap();
     let run = |extra: &[&str]| {
@@ -52,7 +54,26 @@ fn grpo_runs_from_toml_and_resumes() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 4);
+    // The evaluation before training, then one line a step.
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["step"], 0);
+    for (i, l) in lines.iter().enumerate() {
+        let has = l.get("eval/pass@1").is_some();
+        assert_eq!(has, i % 2 == 0, "line {i}: eval at steps 0, 2, 4 only");
+        if has {
+            for key in ["eval/pass@1", "eval/pass@k", "eval/cons@k"] {
+                assert!(l[key].as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)), "{key}");
+            }
+            assert_eq!(l["eval/k"], 2.0);
+        }
+    }
+    // Epochs without replacement over the 3 prompts: the epoch count grows
+    // with the prompts drawn (2 or more a step).
+    let epochs: Vec<f64> = lines[1..].iter().map(|l| l["epoch"].as_f64().unwrap()).collect();
+    assert!(
+        epochs.windows(2).all(|w| w[0] < w[1]) && epochs[0] >= 2.0 / 3.0,
+        "{epochs:?}"
+    );
     for key in [
         "reward",
         "rewards/accuracy/mean",
@@ -61,9 +82,18 @@ fn grpo_runs_from_toml_and_resumes() {
         "completions/mean_length",
         "clip_ratio/region_mean",
     ] {
-        assert!(lines[3].get(key).is_some_and(|v| v.is_number()), "{key} missing");
+        assert!(lines[4].get(key).is_some_and(|v| v.is_number()), "{key} missing");
     }
     assert!(base.join("run/final/config.json").is_file());
+    // TensorBoard events beside metrics.jsonl.
+    let events: Vec<_> = std::fs::read_dir(base.join("run"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents."))
+        .collect();
+    assert_eq!(events.len(), 1);
+    let bytes = std::fs::read(events[0].path()).unwrap();
+    assert!(bytes.windows(b"eval/pass@1".len()).any(|w| w == b"eval/pass@1"));
     assert!(base.join("run/checkpoints/latest").is_file());
     // Rewind to the step-2 checkpoint and resume: the last two lines come back the same.
     std::fs::write(base.join("run/checkpoints/latest"), "step-000002").unwrap();

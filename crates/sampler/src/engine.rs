@@ -18,7 +18,7 @@ use tokenizers::Tokenizer;
 
 use crate::detok::{decode, Detokenizer};
 use crate::error::{Error, Result};
-use crate::sampling::{sample, SamplingParams, SeqRng};
+use crate::sampling::{sample_in_context, SamplingParams, SeqRng};
 
 /// Engine sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,7 +314,12 @@ impl<'a> Engine<'a> {
             // Each sequence has its own RNG stream, so sampling in parallel
             // gives the same tokens as sampling in order.
             rows.par_iter_mut().try_for_each(|(row, s)| -> Result<()> {
-                let out = sample(&logits[*row * v..(*row + 1) * v], params, &mut s.rng)?;
+                let out = sample_in_context(
+                    &logits[*row * v..(*row + 1) * v],
+                    params,
+                    &mut s.rng,
+                    &[&prompts[s.prompt], &s.tokens],
+                )?;
                 s.tokens.push(out.token);
                 s.logprobs.push(out.logprob);
                 s.pending = out.token;

@@ -32,7 +32,9 @@ pub use engine::{find_stop, Completion, Engine, EngineConfig, FinishReason, Gene
 pub use error::{Error, Result};
 pub use gpu_engine::GpuEngine;
 pub use sampler::Sampler;
-pub use sampling::{sample, sample_with_uniform, Sampled, SamplingParams, SeqRng};
+pub use sampling::{
+    apply_repetition_penalty, sample, sample_in_context, sample_with_uniform, Sampled, SamplingParams, SeqRng,
+};
 
 /// The tokenizer type the engine decodes with (from the `tokenizers` crate).
 pub use tokenizers::Tokenizer;

@@ -1,8 +1,10 @@
 //! Sampling one token from a row of logits, with a per-sequence seeded RNG.
 //!
-//! The distribution is built as transformers' warpers build it, in order:
-//! temperature, then top-k, then top-p (on the distribution renormalised
-//! over the top-k set), then min-p (relative to the most likely token).
+//! The distribution is built as transformers' processors and warpers build
+//! it, in order: the repetition penalty (on the raw logits, over the prompt
+//! and the completion so far; [`apply_repetition_penalty`]), temperature,
+//! then top-k, then top-p (on the distribution renormalised over the top-k
+//! set), then min-p (relative to the most likely token).
 //!
 //! The log-prob returned with each token is `log softmax(logits / T)` at
 //! that token: the temperature-scaled distribution *before* truncation,
@@ -29,6 +31,10 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Drop tokens below `min_p` times the top probability (0: off).
     pub min_p: f32,
+    /// Divide the positive logits and multiply the negative ones of every
+    /// token already in the prompt or the completion by this (1.0: off;
+    /// transformers' `repetition_penalty`, default 1.0).
+    pub repetition_penalty: f32,
     /// Always take the most likely token.
     pub greedy: bool,
     /// Completion tokens at most.
@@ -48,6 +54,7 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
+            repetition_penalty: 1.0,
             greedy: false,
             max_new_tokens: 256,
             stop_token_ids: vec![],
@@ -69,6 +76,12 @@ impl SamplingParams {
         }
         if !(0.0..1.0).contains(&self.min_p) {
             return bad(format!("min_p must be in [0, 1), got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens must be at least 1".into());
@@ -255,6 +268,48 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SeqRng) -> Result<Sa
     sample_with_uniform(logits, p, u)
 }
 
+/// Transformers' `RepetitionPenaltyLogitsProcessor`: every distinct token
+/// of `seen` (ids outside the vocabulary ignored) has its logit divided by
+/// `penalty` when positive and multiplied by it otherwise, once however
+/// often it occurs. `penalty` 1.0 changes nothing.
+pub fn apply_repetition_penalty<'a>(logits: &mut [f32], seen: impl IntoIterator<Item = &'a [u32]>, penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut done = vec![false; logits.len()];
+    for part in seen {
+        for &t in part {
+            let i = t as usize;
+            if i < logits.len() && !done[i] {
+                done[i] = true;
+                let x = logits[i];
+                logits[i] = if x < 0.0 { x * penalty } else { x / penalty };
+            }
+        }
+    }
+}
+
+/// [`sample`] in the context of the tokens so far (`context`: the prompt,
+/// then the completion), which the repetition penalty reads. With a
+/// penalty, the token is drawn from the penalized logits while `logprob`
+/// stays `log softmax(logits / T)` of the unpenalized ones (what a trainer
+/// recomputes from the weights); `truncated_mass_log` then refers to the
+/// penalized distribution.
+pub fn sample_in_context(logits: &[f32], p: &SamplingParams, rng: &mut SeqRng, context: &[&[u32]]) -> Result<Sampled> {
+    if p.repetition_penalty == 1.0 {
+        return sample(logits, p, rng);
+    }
+    let mut pen = logits.to_vec();
+    apply_repetition_penalty(&mut pen, context.iter().copied(), p.repetition_penalty);
+    let mut out = sample(&pen, p, rng)?;
+    let t = if p.is_greedy() { 1.0 } else { p.temperature };
+    let m = row_max(logits);
+    let mut e = vec![0f32; logits.len()];
+    let z = exp_shifted(&mut e, logits, m, 1.0 / t);
+    out.logprob = ((f64::from(logits[out.token as usize]) - f64::from(m)) / f64::from(t) - z.ln()) as f32;
+    Ok(out)
+}
+
 /// [`sample`] with the uniform number `u` in [0, 1) given: the contract the
 /// GPU sampling kernel (`sample_f32` in `kernels/sampling.cu`) shares. The
 /// kept tokens are scanned in id order, and the token is the first whose
@@ -406,6 +461,52 @@ pub fn sample_with_uniform(logits: &[f32], p: &SamplingParams, u: f64) -> Result
 #[cfg(test)]
 mod nucleus_tests {
     use super::*;
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+        // transformers: RepetitionPenaltyLogitsProcessor(penalty=2.0) on
+        // scores [1, -1, 3, -2, 0.5] with input_ids [0, 1, 1, 3, 7] gives
+        // [0.5, -2, 3, -4, 0.5] (7 is out of range here: ignored).
+        let mut x = [1.0f32, -1.0, 3.0, -2.0, 0.5];
+        apply_repetition_penalty(&mut x, [&[0u32, 1][..], &[1, 3, 7][..]], 2.0);
+        assert_eq!(x, [0.5, -2.0, 3.0, -4.0, 0.5]);
+        let mut y = [1.0f32, -1.0];
+        apply_repetition_penalty(&mut y, [&[0u32, 1][..]], 1.0);
+        assert_eq!(y, [1.0, -1.0]);
+    }
+
+    #[test]
+    fn repetition_penalty_steers_greedy_away_from_seen_tokens() {
+        let p = SamplingParams {
+            greedy: true,
+            repetition_penalty: 3.0,
+            ..SamplingParams::default()
+        };
+        let logits = [2.0f32, 1.0, -1.0];
+        let mut rng = SeqRng::for_sequence(0, 0, 0);
+        let s = sample_in_context(&logits, &p, &mut rng, &[&[5], &[0]]).unwrap();
+        // 2 / 3 < 1: token 1 wins; its log-prob is of the unpenalized row.
+        assert_eq!(s.token, 1);
+        let z: f64 = logits.iter().map(|&x| f64::from(x).exp()).sum();
+        assert!((f64::from(s.logprob) - (1.0 - z.ln())).abs() < 1e-5);
+        let plain = sample_in_context(
+            &logits,
+            &SamplingParams {
+                repetition_penalty: 1.0,
+                ..p.clone()
+            },
+            &mut rng,
+            &[&[0]],
+        )
+        .unwrap();
+        assert_eq!(plain.token, 0);
+        assert!(SamplingParams {
+            repetition_penalty: 0.0,
+            ..p
+        }
+        .validate()
+        .is_err());
+    }
 
     /// The nucleus as transformers defines it: sort, take the prefix.
     fn by_sorting(e: &[f32], z: f64, top_p: f64) -> Vec<u32> {

@@ -85,6 +85,9 @@ pub struct MathEval {
     pub pass_at_1: f64,
     /// Unbiased pass@k.
     pub pass_at_k: f64,
+    /// Unbiased pass@j for every j in 1..=k (key j; the JSON key is its
+    /// decimal text).
+    pub pass_at: std::collections::BTreeMap<usize, f64>,
     /// Majority vote over the extracted answers (cons@k).
     pub cons_at_k: f64,
     /// Share of samples with no extractable answer.
@@ -144,6 +147,7 @@ pub fn evaluate_math<'a>(
     };
     let mut results = Vec::with_capacity(prompts.len());
     let (mut p1, mut pk, mut cons, mut none) = (0.0, 0.0, 0.0, 0usize);
+    let mut pass_at = vec![0.0; k];
     for (pi, gold) in golds.iter().enumerate() {
         let samples: Vec<&Completion> = out.iter().filter(|c| c.prompt_index == pi).collect();
         let correct: Vec<bool> = samples
@@ -175,6 +179,9 @@ pub fn evaluate_math<'a>(
         let c = correct.iter().filter(|&&x| x).count();
         p1 += c as f64 / k as f64;
         pk += crate::data::pass_at_k(k, c, k);
+        for (j, p) in pass_at.iter_mut().enumerate() {
+            *p += crate::data::pass_at_k(k, c, j + 1);
+        }
         cons += f64::from(best.is_some_and(|b| b.2));
         results.push(ProblemResult {
             index: pi,
@@ -190,6 +197,7 @@ pub fn evaluate_math<'a>(
         k,
         pass_at_1: p1 / n,
         pass_at_k: pk / n,
+        pass_at: pass_at.iter().enumerate().map(|(j, p)| (j + 1, p / n)).collect(),
         cons_at_k: cons / n,
         no_answer: none as f64 / (n * k as f64),
         mean_length: out.iter().map(|c| c.token_ids.len() as f64).sum::<f64>() / out.len().max(1) as f64,

@@ -5,7 +5,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use aha_grpo::{AdvantageEstimator, KlEstimator, LossConfig, LossType};
+use std::collections::BTreeMap;
+
+use aha_grpo::{AdvantageEstimator, ImportanceSampling, KlEstimator, LossConfig, LossType};
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
 use aha_moe_model::{resolve_device, Model, ModelConfig, Policy, Precision};
 use aha_rewards::language::Script;
@@ -14,17 +16,21 @@ use aha_sampler::{load_tokenizer, SamplingParams};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
-use crate::data::read_rows_jsonl;
+use crate::data::{read_math_jsonl_fields, read_rows_jsonl_fields, Cursor, Fields};
 use crate::error::{io_err, Error, Result};
+use crate::eval::evaluate_math;
 use crate::optim::{OptimConfig, Optimizer, Schedule};
 use crate::rewards::{build, BuildContext, RewardKind, RewardSpec};
 use crate::rl::{rollout, train_on, GrpoStep, Rollouts, Scoring};
 use crate::sft_run::Templater;
+use crate::tensorboard::EventWriter;
 use crate::toy::Rng;
 
 /// A GRPO run. Defaults follow the DeepSeek-R1 report where it states them
 /// (learning rate 3e-6, KL coefficient 0.001, 16 samples per prompt,
-/// temperature 1.0, reference reset every 400 steps) and TRL otherwise.
+/// temperature 1.0, reference reset every 400 steps) and TRL's `GRPOConfig`
+/// otherwise; each key's comment names its default's source. The crate
+/// README maps TRL's keys to these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpoConfig {
@@ -34,6 +40,26 @@ pub struct GrpoConfig {
     /// the rewards read (`answer`/`gold`, `tests`, `nums`, `target`,
     /// `language`, ...; GSM8K, MATH and AIME field names work as they are).
     pub data: PathBuf,
+    /// The field holding the question in `data` and `eval_data` (default
+    /// unset: `prompt`, `question` or `problem`; TRL reads `prompt`).
+    pub prompt_field: Option<String>,
+    /// The field holding the reference answer (default unset: `answer` or
+    /// `gold`).
+    pub answer_field: Option<String>,
+    /// JSONL math problems evaluated during training (default unset: no
+    /// evaluation; TRL's `eval_dataset`).
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N steps (default 0 = never; TRL's `eval_steps`).
+    pub eval_every: usize,
+    /// Evaluate once before the first step (default false; TRL's `eval_on_start`).
+    pub eval_before_training: bool,
+    /// Samples per evaluation problem, k: pass@1 is averaged over them and
+    /// cons@k votes among them (default 4; the R1 report uses 64).
+    pub eval_samples: usize,
+    /// Evaluation temperature (default 0.6, the R1 report).
+    pub eval_temperature: f32,
+    /// Evaluation nucleus mass (default 0.95, the R1 report).
+    pub eval_top_p: f32,
     /// The run folder.
     pub out: PathBuf,
     /// Optimizer steps.
@@ -48,23 +74,52 @@ pub struct GrpoConfig {
     pub warmup_steps: usize,
     /// `constant` (R1) or `cosine`.
     pub schedule: Schedule,
-    /// KL coefficient (R1: 0.001).
+    /// KL coefficient (default 0.001, the R1 report; TRL's default is 0.0;
+    /// 0 loads no reference).
     pub beta: f64,
-    /// KL estimator (k3, as DeepSeekMath and TRL).
+    /// KL estimator `k1`, `k2` or `k3` (default k3, as DeepSeekMath and TRL,
+    /// which has no key for it).
     pub kl_estimator: KlEstimator,
-    /// Lower clip (TRL: 0.2).
+    /// Lower clip (default 0.2, TRL).
     pub epsilon: f64,
-    /// Upper clip (clip-higher); default = `epsilon`.
+    /// Upper clip (DAPO's clip-higher); default unset = `epsilon` (TRL).
     pub epsilon_high: Option<f64>,
-    /// grpo, bnpo, dr_grpo, dapo or cispo.
+    /// Two-sided clipping: cap on the unclipped ratio, must exceed
+    /// `1 + epsilon_high` (default unset = off, TRL's `delta`).
+    pub delta: Option<f64>,
+    /// `token` (GRPO) or `sequence` (GSPO) importance ratios (default
+    /// `token`, TRL's `importance_sampling_level`).
+    pub importance_sampling_level: ImportanceSampling,
+    /// grpo, bnpo, dr_grpo, dapo or cispo (default grpo: DeepSeekMath and
+    /// the R1 report; TRL's default is dapo).
     pub loss_type: LossType,
-    /// group (GRPO), batch, none (Dr. GRPO), rloo, reinforce_plus_plus_baseline.
+    /// group (GRPO), batch, none (Dr. GRPO), rloo, reinforce_plus_plus_baseline
+    /// (default group, TRL's `scale_rewards = "group"`).
     pub scale_rewards: AdvantageEstimator,
-    /// Rollout temperature (R1: 1.0).
+    /// Coefficient of an entropy bonus subtracted from the loss (default
+    /// 0.0 = off; TRL has no such key, verl's `entropy_coeff` defaults to 0).
+    pub entropy_coef: f64,
+    /// Train only on tokens whose entropy is in this top fraction of the
+    /// batch (default 1.0 = all tokens, TRL's `top_entropy_quantile`).
+    pub top_entropy_quantile: f64,
+    /// Rollout temperature (default 1.0: the R1 report and TRL).
     pub temperature: f32,
-    /// Rollout nucleus mass.
+    /// Rollout nucleus mass (default 1.0 = off, TRL).
     pub top_p: f32,
-    /// Longer prompts are skipped (and counted in the log).
+    /// Rollout top-k (default 0 = off; TRL's `top_k` default None).
+    pub top_k: usize,
+    /// Rollout min-p (default 0.0 = off; TRL's `min_p` default None).
+    pub min_p: f32,
+    /// Rollout repetition penalty over prompt and completion so far
+    /// (default 1.0 = off, TRL and transformers).
+    pub repetition_penalty: f32,
+    /// Variables passed to the chat template (`template = "chat"` only),
+    /// e.g. `{ enable_thinking = false }` (default empty; TRL's
+    /// `chat_template_kwargs`).
+    pub chat_template_kwargs: BTreeMap<String, serde_json::Value>,
+    /// Prompts longer than this many tokens (after the template) are
+    /// skipped and counted in the log (default 512, TRL; TRL truncates them
+    /// on the left instead, which cuts the question).
     pub max_prompt_length: usize,
     /// Completion length limit.
     pub max_completion_length: usize,
@@ -128,6 +183,14 @@ impl Default for GrpoConfig {
         GrpoConfig {
             model: PathBuf::new(),
             data: PathBuf::new(),
+            prompt_field: None,
+            answer_field: None,
+            eval_data: None,
+            eval_every: 0,
+            eval_before_training: false,
+            eval_samples: 4,
+            eval_temperature: 0.6,
+            eval_top_p: 0.95,
             out: PathBuf::from("runs/grpo"),
             steps: 100,
             prompts_per_step: 4,
@@ -139,10 +202,18 @@ impl Default for GrpoConfig {
             kl_estimator: KlEstimator::K3,
             epsilon: 0.2,
             epsilon_high: None,
+            delta: None,
+            importance_sampling_level: ImportanceSampling::Token,
             loss_type: LossType::Grpo,
             scale_rewards: AdvantageEstimator::Group,
+            entropy_coef: 0.0,
+            top_entropy_quantile: 1.0,
             temperature: 1.0,
             top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            chat_template_kwargs: BTreeMap::new(),
             device: "auto".into(),
             precision: "f32".into(),
             micro_batch_tokens: 0,
@@ -194,13 +265,77 @@ impl GrpoConfig {
         if self.rewards.is_empty() {
             return bad("no rewards".into());
         }
+        if (self.eval_every > 0 || self.eval_before_training) && self.eval_data.is_none() {
+            return bad("eval_every and eval_before_training need eval_data".into());
+        }
+        if self.eval_samples == 0 {
+            return bad("eval_samples must be at least 1".into());
+        }
+        if let Err(e) = self.eval_sampling().validate() {
+            return bad(format!("eval: {e}"));
+        }
         if let Err(e) = Script::of_language(&self.language) {
             return bad(format!("language {:?}: {e}", self.language));
         }
         if let Err(e) = self.reward_batch().validate() {
             return bad(e.to_string());
         }
+        if let Err(e) = self.loss_config().validate() {
+            return bad(e.to_string());
+        }
+        if let Err(e) = self.sampling().validate() {
+            return bad(e.to_string());
+        }
         Ok(())
+    }
+
+    /// The loss settings.
+    pub fn loss_config(&self) -> LossConfig {
+        LossConfig {
+            loss_type: self.loss_type,
+            epsilon: self.epsilon,
+            epsilon_high: self.epsilon_high,
+            delta: self.delta,
+            beta: self.beta,
+            kl_estimator: self.kl_estimator,
+            importance_sampling_level: self.importance_sampling_level,
+            max_completion_length: self.max_completion_length,
+            entropy_coef: self.entropy_coef,
+            top_entropy_quantile: self.top_entropy_quantile,
+        }
+    }
+
+    /// The question and answer fields of the data sets.
+    pub fn fields(&self) -> Fields {
+        Fields {
+            prompt: self.prompt_field.clone(),
+            answer: self.answer_field.clone(),
+        }
+    }
+
+    /// The evaluation's sampling settings (the same seed at every
+    /// evaluation, so that they compare).
+    pub fn eval_sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.eval_temperature,
+            top_p: self.eval_top_p,
+            max_new_tokens: self.max_completion_length,
+            seed: self.seed,
+            ..SamplingParams::default()
+        }
+    }
+
+    /// The rollout sampling settings (the seed is set per step).
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_completion_length,
+            ..SamplingParams::default()
+        }
     }
 
     /// The batch evaluator's settings.
@@ -223,7 +358,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     let out = &cfg.out;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let tok = load_tokenizer(&cfg.model)?;
-    let templater = Templater::new(&cfg.template, &cfg.model)?;
+    let templater = Templater::new(&cfg.template, &cfg.model)?.with_kwargs(&cfg.chat_template_kwargs)?;
     let reward_sum = build(
         &cfg.rewards,
         &BuildContext {
@@ -234,7 +369,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     .map_err(|e| Error::Other(format!("grpo config: {e}")))?;
     let reward_batch = cfg.reward_batch();
     let need_gold = cfg.rewards.iter().any(|r| r.kind.needs_gold());
-    let rows = read_rows_jsonl(&cfg.data, need_gold)?;
+    let rows = read_rows_jsonl_fields(&cfg.data, need_gold, &cfg.fields())?;
     let mut data: Vec<(Vec<u32>, Example)> = Vec::new();
     let mut skipped = 0;
     for row in rows {
@@ -253,6 +388,21 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     if data.is_empty() {
         return Err(Error::Other(format!("{}: no usable prompts", cfg.data.display())));
     }
+    let eval_set = match &cfg.eval_data {
+        Some(p) => {
+            let ex = read_math_jsonl_fields(p, &cfg.fields())?;
+            let mut prompts = Vec::with_capacity(ex.len());
+            for e in &ex {
+                prompts.push(templater.encode(&tok, &e.prompt)?);
+            }
+            log(&format!("{}: {} evaluation problems", p.display(), ex.len()));
+            Some(EvalSet {
+                prompts,
+                golds: ex.into_iter().map(|e| e.gold).collect(),
+            })
+        }
+        None => None,
+    };
     let cfg_text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
     let ckroot = out.join("checkpoints");
     let loaded = if resume {
@@ -308,7 +458,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         p.set_recompute(cfg.recompute);
         Ok(p)
     };
-    let (mut policy, mut reference, mut opt, mut rng, start, mut lines) = match loaded {
+    let (mut policy, mut reference, mut opt, rng, start, mut lines, mut cursor) = match loaded {
         Some(l) => {
             let old = std::fs::read_to_string(out.join("config.toml")).unwrap_or_default();
             if old != cfg_text {
@@ -334,6 +484,14 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 Some(r) => place(r)?,
                 None => place(policy.host_model()?.into_owned())?,
             };
+            let cursor = match l.state.extra.get("data_cursor") {
+                Some(c) => serde_json::from_value(c.clone())
+                    .map_err(|e| Error::Other(format!("{}: data_cursor: {e}", l.dir.display())))?,
+                None => {
+                    log("checkpoint without a data cursor: the data order restarts");
+                    Cursor::default()
+                }
+            };
             (
                 policy,
                 reference,
@@ -341,6 +499,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 Rng::from_state(l.state.rng),
                 l.state.step,
                 l.state.metrics_lines,
+                cursor,
             )
         }
         None => {
@@ -349,31 +508,20 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             let policy = place(Model::load(&cfg.model)?)?;
             let reference = place(Model::load(&cfg.model)?)?;
             let opt = Optimizer::new(optc);
-            (policy, reference, opt, Rng::new(cfg.seed), 0, 0)
+            (policy, reference, opt, Rng::new(cfg.seed), 0, 0, Cursor::default())
         }
     };
     let mut metrics_file = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)
         .map_err(io_err(&metrics_path))?;
+    // TensorBoard events beside metrics.jsonl: every scalar of every line.
+    let mut tb = EventWriter::create(out)?;
     let step_cfg = GrpoStep {
         num_generations: cfg.num_generations,
-        loss: LossConfig {
-            loss_type: cfg.loss_type,
-            epsilon: cfg.epsilon,
-            epsilon_high: cfg.epsilon_high,
-            beta: cfg.beta,
-            kl_estimator: cfg.kl_estimator,
-            max_completion_length: cfg.max_completion_length,
-            ..LossConfig::default()
-        },
+        loss: cfg.loss_config(),
         advantages: cfg.scale_rewards,
-        sampling: SamplingParams {
-            temperature: cfg.temperature,
-            top_p: cfg.top_p,
-            max_new_tokens: cfg.max_completion_length,
-            ..SamplingParams::default()
-        },
+        sampling: cfg.sampling(),
         mask_truncated: cfg.mask_truncated_completions,
         num_iterations: cfg.num_iterations,
         minibatches: cfg.minibatches,
@@ -381,6 +529,12 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     };
     let g = cfg.num_generations;
     let mut last = aha_grpo::Metrics::new();
+    if let (Some(set), true, 0) = (&eval_set, cfg.eval_before_training, start) {
+        let e = evaluate(&policy, &tok, set, cfg)?;
+        log(&format!("step 0: eval pass@1 {:.3}", e["eval/pass@1"]));
+        write_line(&mut metrics_file, &metrics_path, &mut tb, 0, &e)?;
+        lines += 1;
+    }
     for step in start + 1..=cfg.steps {
         if cfg.reference_reset_every > 0 && step > 1 && (step - 1) % cfg.reference_reset_every == 0 {
             reference.copy_params_from(&policy)?;
@@ -394,9 +548,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             if have >= cfg.prompts_per_step || (round > 0 && !cfg.dynamic_sampling) {
                 break;
             }
-            let picks: Vec<usize> = (0..cfg.prompts_per_step - have)
-                .map(|_| rng.below(data.len() as u64) as usize)
-                .collect();
+            let picks = cursor.take(data.len(), cfg.prompts_per_step - have, cfg.seed);
             let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| data[i].0.clone()).collect();
             let examples: Vec<Example> = picks.iter().map(|&i| data[i].1.clone()).collect();
             sc.sampling.seed = cfg.seed.wrapping_add((step * 1_000_003 + round * 7919) as u64);
@@ -430,13 +582,13 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             log(&format!("step {step}: {note}"));
         }
         m.insert("dynamic_sampling/dropped_groups".into(), dropped as f64);
-        let mut line = serde_json::Map::new();
-        line.insert("step".into(), step.into());
-        for (k, v) in &m {
-            line.insert(k.clone(), serde_json::json!(v));
+        m.insert("epoch".into(), cursor.fraction(data.len()));
+        if let (Some(set), true) = (&eval_set, cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+            let e = evaluate(&policy, &tok, set, cfg)?;
+            log(&format!("step {step}: eval pass@1 {:.3}", e["eval/pass@1"]));
+            m.extend(e);
         }
-        writeln!(metrics_file, "{}", serde_json::Value::Object(line)).map_err(io_err(&metrics_path))?;
-        metrics_file.flush().map_err(io_err(&metrics_path))?;
+        write_line(&mut metrics_file, &metrics_path, &mut tb, step, &m)?;
         lines += 1;
         log(&format!(
             "step {step}/{}  reward {:.3}  kl {:.4}  length {:.1}",
@@ -454,7 +606,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 opt_step: s,
                 opt_bad: bad,
                 metrics_lines: lines,
-                extra: serde_json::json!({}),
+                extra: serde_json::json!({ "data_cursor": cursor }),
                 layout: checkpoint::LAYOUT_VERSION,
             };
             checkpoint::save(
@@ -470,4 +622,139 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     }
     policy.save(&out.join("final"), 4 << 30)?;
     Ok(last)
+}
+
+/// Evaluation problems, rendered and tokenized, with their answers.
+struct EvalSet {
+    prompts: Vec<Vec<u32>>,
+    golds: Vec<String>,
+}
+
+/// pass@1 (over `eval_samples` samples), pass@k, cons@k, the share without
+/// an answer and the mean length of the policy on the evaluation set,
+/// under `eval/`.
+fn evaluate(
+    policy: &Policy,
+    tok: &aha_sampler::Tokenizer,
+    set: &EvalSet,
+    cfg: &GrpoConfig,
+) -> Result<aha_grpo::Metrics> {
+    // The policy's own device: the GPU engine when it is on a GPU.
+    let (e, _, _) = evaluate_math(
+        policy,
+        tok,
+        &set.prompts,
+        &set.golds,
+        cfg.eval_samples,
+        &cfg.eval_sampling(),
+    )?;
+    Ok([
+        ("eval/pass@1", e.pass_at_1),
+        ("eval/pass@k", e.pass_at_k),
+        ("eval/cons@k", e.cons_at_k),
+        ("eval/k", e.k as f64),
+        ("eval/no_answer", e.no_answer),
+        ("eval/mean_length", e.mean_length),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect())
+}
+
+/// Appends one line `{"step": step, ...metrics}` to `metrics.jsonl`, and
+/// the same scalars to the TensorBoard event file.
+fn write_line(
+    file: &mut std::fs::File,
+    path: &Path,
+    tb: &mut EventWriter,
+    step: usize,
+    m: &aha_grpo::Metrics,
+) -> Result<()> {
+    tb.scalars(step, m.iter().map(|(k, v)| (k.as_str(), *v)))?;
+    let mut line = serde_json::Map::new();
+    line.insert("step".into(), step.into());
+    for (k, v) in m {
+        line.insert(k.clone(), serde_json::json!(v));
+    }
+    writeln!(file, "{}", serde_json::Value::Object(line)).map_err(io_err(path))?;
+    file.flush().map_err(io_err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<GrpoConfig> {
+        GrpoConfig::from_toml(text, Path::new("g.toml"))
+    }
+
+    #[test]
+    fn every_loss_and_sampling_key_reaches_its_config() {
+        let cfg = parse(
+            "importance_sampling_level = \"sequence\"\ndelta = 1.5\nkl_estimator = \"k1\"\nentropy_coef = 0.01\n\
+             top_entropy_quantile = 0.2\ntop_k = 20\nmin_p = 0.05\nrepetition_penalty = 1.1\nmax_prompt_length = 64\n\
+             [chat_template_kwargs]\nenable_thinking = false\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let l = cfg.loss_config();
+        assert_eq!(l.importance_sampling_level, ImportanceSampling::Sequence);
+        assert_eq!(l.delta, Some(1.5));
+        assert_eq!(l.kl_estimator, KlEstimator::K1);
+        assert_eq!((l.entropy_coef, l.top_entropy_quantile), (0.01, 0.2));
+        let s = cfg.sampling();
+        assert_eq!((s.top_k, s.min_p, s.repetition_penalty), (20, 0.05, 1.1));
+        assert_eq!(cfg.chat_template_kwargs["enable_thinking"], serde_json::json!(false));
+        // The resolved config written to the run folder parses back the same.
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(parse(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_errors_naming_them() {
+        let e = parse("repetition_penaltyy = 1.1\n").unwrap_err().to_string();
+        assert!(e.contains("g.toml") && e.contains("repetition_penaltyy"), "{e}");
+        let e = parse("delta = 1.1\n").unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("delta"), "{e}");
+        let e = parse("repetition_penalty = 0.0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("repetition_penalty"), "{e}");
+        let e = parse("top_entropy_quantile = 0.0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("top_entropy_quantile"), "{e}");
+    }
+
+    #[test]
+    fn chat_template_kwargs_reach_the_template() {
+        let dir = std::env::temp_dir().join(format!("aha-grpo-kwargs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat_templates/qwen3.jinja"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::json!({ "chat_template": src }).to_string(),
+        )
+        .unwrap();
+        let plain = Templater::new("chat", &dir).unwrap().prompt("hi").unwrap();
+        let kw: BTreeMap<String, serde_json::Value> =
+            [("enable_thinking".to_string(), serde_json::json!(false))].into();
+        let off = Templater::new("chat", &dir)
+            .unwrap()
+            .with_kwargs(&kw)
+            .unwrap()
+            .prompt("hi")
+            .unwrap();
+        assert!(!plain.contains("<think>"), "{plain}");
+        assert!(off.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"), "{off}");
+        assert!(Templater::new("none", &dir).unwrap().with_kwargs(&kw).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -18,6 +18,7 @@ pub mod plot;
 pub mod rewards;
 pub mod rl;
 pub mod sft_run;
+pub mod tensorboard;
 pub mod toy;
 
 pub use demo::{run_demo, run_demo_with, DemoConfig, DemoSummary, RunOptions};

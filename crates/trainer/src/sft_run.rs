@@ -30,6 +30,8 @@ use crate::toy::{encode, Rng};
 pub struct Templater {
     kind: String,
     chat: Option<ChatTemplate>,
+    /// Extra variables of the chat template (`enable_thinking`, ...).
+    kwargs: Vec<(String, chat::Value)>,
 }
 
 impl Templater {
@@ -48,14 +50,44 @@ impl Templater {
         Ok(Templater {
             kind: kind.into(),
             chat,
+            kwargs: Vec::new(),
         })
+    }
+
+    /// Passes `kwargs` to the chat template as extra variables, as
+    /// transformers' `apply_chat_template(..., **kwargs)` does (TRL's
+    /// `chat_template_kwargs`, e.g. `enable_thinking = false` for Qwen3).
+    /// Only a `chat` template reads them; for the others they are an error.
+    pub fn with_kwargs(mut self, kwargs: &std::collections::BTreeMap<String, serde_json::Value>) -> Result<Templater> {
+        if kwargs.is_empty() {
+            return Ok(self);
+        }
+        if self.chat.is_none() {
+            return Err(Error::Other(format!(
+                "chat_template_kwargs need template = \"chat\" (template is {:?})",
+                self.kind
+            )));
+        }
+        for (k, v) in kwargs {
+            self.kwargs.push((k.clone(), chat::json_value(&v.to_string())?));
+        }
+        Ok(self)
     }
 
     /// The prompt text for a plain question.
     pub fn prompt(&self, text: &str) -> Result<String> {
         Ok(match (self.kind.as_str(), &self.chat) {
             ("r1-zero", _) => chat::render_r1_zero(text),
-            ("chat", Some(t)) => t.render_user_prompt(text)?,
+            ("chat", Some(t)) if self.kwargs.is_empty() => t.render_user_prompt(text)?,
+            ("chat", Some(t)) => {
+                let message = chat::Value::from_pairs([
+                    ("role", chat::Value::from("user")),
+                    ("content", chat::Value::from(text)),
+                ]);
+                let extra: Vec<(&str, chat::Value)> =
+                    self.kwargs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                t.render(&chat::Value::from(vec![message]), true, &extra)?
+            }
             _ => text.to_string(),
         })
     }
@@ -69,7 +101,11 @@ impl Templater {
     /// the generation prompt.
     pub fn conversation(&self, messages: &serde_json::Value) -> Result<String> {
         match &self.chat {
-            Some(t) => Ok(t.render(&chat::json_value(&messages.to_string())?, true, &[])?),
+            Some(t) => {
+                let extra: Vec<(&str, chat::Value)> =
+                    self.kwargs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                Ok(t.render(&chat::json_value(&messages.to_string())?, true, &extra)?)
+            }
             None => Err(Error::Other("`messages` lines need --template chat".into())),
         }
     }
