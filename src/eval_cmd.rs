@@ -3,8 +3,9 @@
 use std::io::Write;
 use std::path::Path;
 
-use aha_moe_model::Model;
+use aha_moe_model::{Model, Policy, Precision};
 use aha_sampler::{load_tokenizer, SamplingParams};
+use aha_tensor::Device;
 use aha_trainer::data::read_math_jsonl;
 use aha_trainer::eval::evaluate_math;
 use anyhow::{bail, Context, Result};
@@ -18,11 +19,13 @@ pub struct EvalArgs<'a> {
     pub template: &'a str,
     pub params: SamplingParams,
     pub out: Option<&'a Path>,
+    /// Where the model samples (resolved `--device`) and its precision.
+    pub place: (Device, Precision),
 }
 
 /// Runs the evaluation; prints one JSON line, writes per-problem lines to `out`.
 pub fn run(a: &EvalArgs<'_>) -> Result<()> {
-    let model = Model::load(a.model)?;
+    let policy = Policy::new(Model::load(a.model)?, a.place.0, a.place.1)?;
     let tok = load_tokenizer(a.model).with_context(|| format!("{}: eval needs tokenizer.json", a.model.display()))?;
     let mut examples = read_math_jsonl(a.data)?;
     if let Some(n) = a.limit {
@@ -37,7 +40,7 @@ pub fn run(a: &EvalArgs<'_>) -> Result<()> {
     if a.k == 0 {
         bail!("--k must be at least 1");
     }
-    let (ev, per, completions) = evaluate_math(&model, &tok, &prompts, &golds, a.k, &a.params)?;
+    let (ev, per, completions) = evaluate_math(&policy, &tok, &prompts, &golds, a.k, &a.params)?;
     if let Some(path) = a.out {
         let mut w = std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,

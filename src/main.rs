@@ -292,8 +292,7 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Checked like the training commands' flags; sampling runs on the
-        /// CPU engine over the model's weights.
+        /// Where the model samples (the GPU engine on a GPU).
         #[command(flatten)]
         place: Placement,
     },
@@ -332,7 +331,7 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Where the student trains (the teacher samples on the CPU engine).
+        /// Where the teacher samples and the student trains.
         #[command(flatten)]
         place: Placement,
     },
@@ -369,8 +368,7 @@ enum Command {
         /// Per-problem results as JSONL.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Checked like the training commands' flags; sampling runs on the
-        /// CPU engine over the model's weights.
+        /// Where the model samples (the GPU engine on a GPU).
         #[command(flatten)]
         place: Placement,
     },
@@ -629,8 +627,9 @@ fn main() -> Result<()> {
             seed,
             place,
         } => {
-            place.resolve(&aha_moe_model::ModelConfig::from_path(&model)?)?;
+            let place = place.resolve(&aha_moe_model::ModelConfig::from_path(&model)?)?;
             let o = aha_trainer::sft_run::RejectionOptions {
+                place,
                 k,
                 max_new_tokens,
                 min_chars: 1,
@@ -658,9 +657,12 @@ fn main() -> Result<()> {
             seed,
             place,
         } => {
+            // The teacher samples on the device too.
+            let teacher_place = place.resolve(&aha_moe_model::ModelConfig::from_path(&teacher)?)?;
             place.resolve(&aha_moe_model::ModelConfig::from_path(&student)?)?;
             let precision: aha_moe_model::Precision = place.precision.parse()?;
             let o = aha_trainer::sft_run::RejectionOptions {
+                place: teacher_place,
                 k,
                 max_new_tokens,
                 min_chars: 1,
@@ -730,8 +732,9 @@ fn main() -> Result<()> {
             out,
             place,
         } => {
-            place.resolve(&aha_moe_model::ModelConfig::from_path(&model)?)?;
+            let place = place.resolve(&aha_moe_model::ModelConfig::from_path(&model)?)?;
             eval_cmd::run(&eval_cmd::EvalArgs {
+                place,
                 model: &model,
                 data: &data,
                 k,

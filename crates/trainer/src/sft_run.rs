@@ -18,7 +18,7 @@ use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
 use aha_sampler::chat::{self, ChatTemplate};
-use aha_sampler::{load_tokenizer, Engine, EngineConfig, SamplingParams, Tokenizer};
+use aha_sampler::{load_tokenizer, EngineConfig, SamplingParams, Tokenizer};
 use serde::Serialize;
 
 use crate::data::read_math_jsonl;
@@ -333,6 +333,9 @@ pub struct RejectionOptions {
     pub temperature: f32,
     /// Seed.
     pub seed: u64,
+    /// Where the model samples (a resolved `--device`; the GPU engine on a
+    /// GPU) and its precision.
+    pub place: (aha_tensor::Device, Precision),
 }
 
 /// What rejection sampling kept.
@@ -356,7 +359,7 @@ pub fn run_rejection_sampling(
     o: &RejectionOptions,
     out: &Path,
 ) -> Result<RejectionStats> {
-    let model = Model::load(model_dir)?;
+    let policy = Policy::new(Model::load(model_dir)?, o.place.0, o.place.1)?;
     let tok = load_tokenizer(model_dir)?;
     let t = Templater::new(template, model_dir)?;
     let ex = read_math_jsonl(data)?;
@@ -368,8 +371,8 @@ pub fn run_rejection_sampling(
         Some(l) => Some(Script::of_language(l).map_err(|e| Error::Other(e.to_string()))?),
         None => None,
     };
-    let engine = Engine::new(
-        &model,
+    let engine = aha_sampler::Sampler::new(
+        &policy,
         Some(&tok),
         EngineConfig {
             max_batch: (o.k * 16).max(64),
