@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The peer for the MoE rows of kernel_bench (issue #10): transformers'
+"""The peer for the MoE rows of kernel_bench: transformers'
 Qwen3-MoE sparse block (Qwen3MoeSparseMoeBlock: softmax top-k router, a
 Python loop over the experts that got tokens, index_add_ combine) in bf16
 on the same GPU, at the first kernel_bench MoE shape: N = 4096 tokens,
@@ -8,7 +8,7 @@ C = 2048, 128 experts, top-8, expert width 768, norm_topk_prob = True.
 Times the forward, and forward + backward (autograd to the input and every
 weight), and prints rows in the kernel_bench format. Run by
 scripts/gpu-check.sh after kernel_bench; a missing package or GPU prints
-one line saying so and exits 0. Never run yet (written without a GPU).
+one line saying so and exits 0. Run status: docs/gpu-verification.md.
 """
 import sys
 import time

@@ -612,7 +612,7 @@ fn noise(gpu: &Gpu, n: usize, seed: u64, s: f32) -> Result<CudaSlice<f32>> {
     gpu.upload(&v)
 }
 
-/// The MoE layer (issue #10) at a Qwen3-30B-A3B-like shape (C 2048, 128
+/// The MoE layer at a Qwen3-30B-A3B-like shape (C 2048, 128
 /// experts, top-8, expert width 768, softmax top-k renormalised) and a
 /// scaled-down DeepSeek-V3-like one (C 2048, 64 experts in 8 groups, 4 kept,
 /// top-6, width 512, one shared expert of 1024, routed scaling 2.5), N =
@@ -643,7 +643,7 @@ fn bench_moe(gpu: &Gpu, iters: usize) -> Result<()> {
         Ok(o)
     };
     println!();
-    println!("| MoE (issue #10)        | shape                        |  time (us) |   TFLOP/s | of 800 |");
+    println!("| MoE                    | shape                        |  time (us) |   TFLOP/s | of 800 |");
     println!("|---|---|---:|---:|---:|");
     let shapes = [
         (
