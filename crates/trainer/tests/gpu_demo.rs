@@ -18,6 +18,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+use common::LengthMod3;
+
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::Precision;
@@ -169,17 +172,5 @@ fn grpo_updates_on_the_gpu_match_the_cpu_cuda() {
         let rel = rel_diff(&gpu.params_to_host().unwrap(), &cpu.params_to_host().unwrap());
         eprintln!("step {s}: weights relative difference {rel:.2e}");
         assert!(rel <= 1e-5, "step {s}: weights differ by {rel} of their scale");
-    }
-}
-
-/// A reward that differs within every group: the completion's length mod 3.
-struct LengthMod3;
-
-impl aha_rewards::Reward for LengthMod3 {
-    fn name(&self) -> &str {
-        "length_mod_3"
-    }
-    fn score(&self, _: &aha_rewards::Example, completion: &str) -> aha_rewards::Outcome {
-        aha_rewards::Outcome::new((completion.len() % 3) as f64, aha_rewards::Status::Correct)
     }
 }

@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+use common::LengthMod3;
+
 use aha_moe_model::{Model, ModelConfig, Policy, Precision};
 use aha_tensor::Device;
 use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
@@ -289,17 +292,5 @@ fn micro_batches_accumulate_to_the_whole_batch_gradient() {
             (l1 - l4).abs() <= 1e-6 * l1.abs().max(1e-9),
             "{loss_type:?}: loss {l1} vs {l4}"
         );
-    }
-}
-
-/// A reward that differs within every group: the completion's length mod 3.
-struct LengthMod3;
-
-impl aha_rewards::Reward for LengthMod3 {
-    fn name(&self) -> &str {
-        "length_mod_3"
-    }
-    fn score(&self, _: &aha_rewards::Example, completion: &str) -> aha_rewards::Outcome {
-        aha_rewards::Outcome::new((completion.len() % 3) as f64, aha_rewards::Status::Correct)
     }
 }
