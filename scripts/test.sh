@@ -56,6 +56,15 @@ for order in reverse random:1; do
         -- emulated
 done
 
+# The kernel-file emulation tests once more under AddressSanitizer and
+# UndefinedBehaviorSanitizer (AHA_EMU_SANITIZE=1: the driver programs built
+# with -fsanitize=address,undefined, every finding fatal), so that an
+# out-of-bounds access in a kernel fails here and not on a GPU. About 65 s
+# on 2 cores, most of it compiling the four sanitized programs.
+AHA_EMU_SANITIZE=1 cargo test "$@" \
+    -p aha-cuda-kernels --test emulation -p aha-tensor --test emulated_kernels --test gpu_kernels --test gpu_lmhead \
+    -- emulated
+
 # scripts/gpu-check.sh's dry run on the emulated GPU, over a few tests, so
 # that the script a GPU machine runs cannot rot.
 dry="$(mktemp -d)"
