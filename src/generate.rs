@@ -17,17 +17,27 @@ pub struct PromptLine {
     pub messages: Option<chat::Value>,
 }
 
-/// Prompt lines from a JSONL file: each line an object with a `prompt`
-/// string (or `question` / `problem`) and/or a `messages` array. A bad line
-/// is an error naming the file and line.
+/// Prompt lines from a JSONL file (or a Parquet file, one row a line): each
+/// line an object with a `prompt` string (or `question` / `problem`) and/or a
+/// `messages` array. A bad line is an error naming the file and line.
 pub fn read_prompt_lines(path: &Path) -> Result<Vec<PromptLine>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: read error", path.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
+    let mut lines: Vec<(usize, String)> = Vec::new();
+    if aha_trainer::data::is_parquet(path) {
+        for (n, v) in aha_trainer::data::read_parquet(path)? {
+            lines.push((n, v.to_string()));
         }
+    } else {
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line.with_context(|| format!("{}:{}: read error", path.display(), i + 1))?;
+            if !line.trim().is_empty() {
+                lines.push((i + 1, line));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (n, line) in lines {
+        let i = n - 1;
         let v = chat::json_value(&line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
         let field = |k: &str| v.get_attr(k).ok().filter(|x| !x.is_undefined() && !x.is_none());
         let text = ["prompt", "question", "problem"]

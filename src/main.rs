@@ -120,7 +120,7 @@ enum Command {
         /// A Hugging Face model folder.
         #[arg(long)]
         model: PathBuf,
-        /// JSONL prompts (`prompt`, `question` or `problem` field; with
+        /// JSONL or Parquet prompts (`prompt`, `question` or `problem` field; with
         /// `--template chat`, a `messages` array is used when a line has one).
         #[arg(long)]
         prompts: Option<PathBuf>,
@@ -184,7 +184,7 @@ enum Command {
         #[command(flatten)]
         place: Placement,
     },
-    /// GRPO on a Hugging Face model and a JSONL math set, from a TOML config
+    /// GRPO on a Hugging Face model and a JSONL or Parquet math set, from a TOML config
     /// (see crates/trainer/README.md); flags override the file.
     Grpo {
         /// The TOML config (unknown keys are errors).
@@ -193,7 +193,7 @@ enum Command {
         /// Policy model folder.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// JSONL prompts with answers.
+        /// JSONL or Parquet prompts with answers.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Run folder.
@@ -241,7 +241,7 @@ enum Command {
         /// Model folder (config.json alone: start from random weights).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// JSONL with `prompt` + `completion`, or `messages`.
+        /// JSONL or Parquet with `prompt` + `completion`, or `messages`.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Output folder.
@@ -271,7 +271,7 @@ enum Command {
         /// Model folder.
         #[arg(long)]
         model: PathBuf,
-        /// JSONL problems with answers.
+        /// JSONL or Parquet problems with answers.
         #[arg(long)]
         data: PathBuf,
         /// Output JSONL (prompt, completion, answer).
@@ -335,13 +335,13 @@ enum Command {
         #[command(flatten)]
         place: Placement,
     },
-    /// Evaluate on a math set (JSONL: GSM8K, MATH-500, AIME, AMC field names or
+    /// Evaluate on a math set (JSONL or Parquet: GSM8K, MATH-500, AIME, AMC field names or
     /// prompt/answer): pass@1 over k samples, pass@k, cons@k; one JSON line.
     Eval {
         /// A Hugging Face model folder with tokenizer.json.
         #[arg(long)]
         model: PathBuf,
-        /// The JSONL set.
+        /// The JSONL or Parquet set.
         #[arg(long)]
         data: PathBuf,
         /// Samples per problem (pass@1 is their mean; the R1 report uses 4 to 64).

@@ -164,6 +164,33 @@ fn generate_writes_one_json_line_per_completion() {
 }
 
 #[test]
+fn generate_reads_prompts_from_parquet() {
+    // Two GSM8K-style rows (`question`, `answer`), as the hub stores sets.
+    let prompts = fixture("datasets/missing_answer.parquet");
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("generate")
+        .arg("--model")
+        .arg(fixture("models/qwen2-tiny"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .args(["--max-new-tokens", "2", "--template", "none", "--device", "cpu"])
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let texts: Vec<String> = String::from_utf8(run.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt_text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(texts, ["What is 2 + 3?", "What is 4 + 4?"]);
+}
+
+#[test]
 fn eval_reports_pass_at_k_on_a_public_set() {
     // GSM8K's field names, with questions short enough for the tiny model's
     // 256 positions (its byte-level tokenizer has only 300 tokens).
