@@ -8,6 +8,7 @@ mod bench;
 mod eval_cmd;
 mod generate;
 mod logprobs;
+mod plan_cmd;
 mod rewards_cmd;
 
 use std::path::PathBuf;
@@ -372,6 +373,10 @@ enum Command {
         #[command(flatten)]
         place: Placement,
     },
+    /// A training run on paper: memory per GPU under data parallel, ZeRO-1,
+    /// expert parallel, optimizer offload and LoRA; bytes and seconds of
+    /// communication per step; the rollout / training split of a GRPO step.
+    Plan(plan_cmd::PlanArgs),
     /// Benchmarks, each printing one JSON line.
     Bench {
         #[command(subcommand)]
@@ -475,6 +480,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Info { device } => info(&device),
+        Command::Plan(a) => plan_cmd::run(a),
         Command::Demo {
             quick,
             out,

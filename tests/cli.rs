@@ -433,3 +433,44 @@ fn training_commands_resolve_device_and_precision_once_with_clear_errors() {
         assert!(err.contains(bad), "{flag} {bad}: {err}");
     }
 }
+
+#[test]
+fn plan_prints_every_strategy_and_refuses_unknown_hardware() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_aha"))
+            .args(args)
+            .output()
+            .expect("run aha")
+    };
+    let v3 = fixture("bench-configs/deepseek-v3.json");
+    let v3 = v3.to_str().unwrap();
+    let r = run(&[
+        "plan",
+        "--config",
+        v3,
+        "--gpus",
+        "256",
+        "--interconnect",
+        "ib",
+        "--json",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|r| r["strategy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["DP", "ZeRO-1", "EP + ZeRO-1", "offload", "LoRA r16"]);
+    // 671B parameters, 37B active a token.
+    assert!((rows[0]["params"].as_f64().unwrap() / 1e9 - 671.0).abs() < 0.5);
+    assert!((rows[0]["active_params"].as_f64().unwrap() / 1e9 - 36.6).abs() < 0.5);
+    // Expert parallelism divides the expert weights: the smallest footprint.
+    let gb = |i: usize| rows[i]["device_gb"].as_f64().unwrap();
+    assert!(gb(2) < gb(1) && gb(1) < gb(0));
+    for (flag, bad) in [("--gpu", "v100"), ("--interconnect", "ethernet"), ("--gpus", "0")] {
+        let r = run(&["plan", "--config", v3, flag, bad]);
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(flag), "{flag} {bad}: {err}");
+    }
+}

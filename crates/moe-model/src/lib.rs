@@ -25,6 +25,7 @@ mod model;
 mod moe_twin_tests;
 pub mod paged;
 pub mod params;
+pub mod plan;
 pub mod policy;
 pub mod rope;
 pub mod save;
