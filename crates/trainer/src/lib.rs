@@ -15,6 +15,7 @@ pub mod grpo_run;
 pub mod optim;
 pub mod pipeline;
 pub mod plot;
+pub mod reward_model;
 pub mod rewards;
 pub mod rl;
 pub mod sft_run;
