@@ -441,7 +441,7 @@ fn reward_model_lines() -> (String, Vec<f64>) {
     }
     // The one ending in the pad token (<|endoftext|>) is scored before it.
     assert_eq!(
-        rm.score_position(&tok.encode("a<|endoftext|>", false).unwrap().get_ids().to_vec()),
+        rm.score_position(tok.encode("a<|endoftext|>", false).unwrap().get_ids()),
         0
     );
     (lines, want)
