@@ -4,7 +4,9 @@
 //! Built so far: the optimizer (AdamW with warmup and cosine/constant
 //! schedules, clipping, a non-finite guard), supervised steps on completion
 //! tokens, the GRPO step, the toy task with its tokenizer, held-out
-//! evaluation, PNG plots, and the `aha demo` run (R1-Zero at toy scale).
+//! evaluation, PNG plots, the `aha demo` run (R1-Zero at toy scale), and
+//! the reward layer of `aha grpo` with every reward kind, a scalar reward
+//! model among them ([`reward_model`]).
 
 pub mod checkpoint;
 pub mod data;
