@@ -93,8 +93,9 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
-    /// Score a JSONL file of completions with one rule-based reward; each line
-    /// comes back with `reward` and `status` added.
+    /// Score a JSONL file of completions with one reward (a rule, a scorer
+    /// process, an HTTP endpoint or a reward model); each line comes back
+    /// with `reward` and `status` added.
     Rewards(rewards_cmd::RewardsArgs),
     /// Score token sequences: writes logits [B,T,V] and token_logprobs [B,T-1] as safetensors.
     Logprobs {

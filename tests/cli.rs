@@ -474,3 +474,117 @@ fn plan_prints_every_strategy_and_refuses_unknown_hardware() {
         assert!(err.contains(flag), "{flag} {bad}: {err}");
     }
 }
+
+/// `aha rewards --kind model` input lines (a prompt and completions), and
+/// each line's score by the library on the same tokens, one sequence per
+/// forward: `prompt + completion` through the reward model's tokenizer
+/// (qwen2-rm-tiny has no chat template) and `RewardModel::score_batch`,
+/// whose scores are checked against transformers' in aha-moe-model's
+/// `tests/reward_model.rs`.
+fn reward_model_lines() -> (String, Vec<f64>) {
+    let dir = fixture("models/qwen2-rm-tiny");
+    let tok = aha_sampler::load_tokenizer(&dir).unwrap();
+    let rm = aha_moe_model::RewardModel::load(&dir, aha_tensor::Device::Cpu, aha_moe_model::Precision::F32).unwrap();
+    let pairs = [
+        ("What is 7 + 5?", " <think>7 + 5 = 12</think><answer>12</answer>"),
+        ("What is 7 + 5?", " 13"),
+        (
+            "Name a prime.",
+            "<think>2 is prime.</think> <answer>2</answer><|endoftext|>",
+        ),
+        ("", "Just a completion, no prompt at all."),
+        ("Long?", " yes, yes, yes, yes, yes, yes, yes, yes, yes, yes, yes."),
+    ];
+    let mut lines = String::new();
+    let mut want = Vec::new();
+    for (i, (prompt, completion)) in pairs.iter().enumerate() {
+        let ids = tok
+            .encode(format!("{prompt}{completion}"), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        want.push(rm.score_batch(&[&ids]).unwrap()[0] as f64);
+        lines.push_str(&serde_json::json!({"id": i, "prompt": prompt, "completion": completion}).to_string());
+        lines.push('\n');
+    }
+    // The one ending in the pad token (<|endoftext|>) is scored before it.
+    assert_eq!(
+        rm.score_position(tok.encode("a<|endoftext|>", false).unwrap().get_ids()),
+        0
+    );
+    (lines, want)
+}
+
+fn rewards_model_run(device: &str, input: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["rewards", "--kind", "model", "--model"])
+        .arg(fixture("models/qwen2-rm-tiny"))
+        .args(["--device", device, "--batch-size", "2", "--input"])
+        .arg(input)
+        .output()
+        .expect("run aha")
+}
+
+fn check_rewards_model(device: &str) {
+    let (lines, want) = reward_model_lines();
+    let input = std::env::temp_dir().join(format!("aha-cli-rm-{device}-{}.jsonl", std::process::id()));
+    std::fs::write(&input, lines).unwrap();
+    let out = rewards_model_run(device, &input);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), want.len());
+    for (i, (row, w)) in rows.iter().zip(&want).enumerate() {
+        assert_eq!(row["id"], i);
+        let got = row["reward"].as_f64().unwrap();
+        eprintln!("aha rewards --kind model on {device}: row {i}: {got} (alone on the CPU: {w})");
+        assert!((got - w).abs() <= 1e-4, "row {i}: {got} vs {w} alone on the CPU");
+        assert_eq!(row["status"], if *w > 0.0 { "correct" } else { "wrong" });
+    }
+    let _ = std::fs::remove_file(&input);
+}
+
+#[test]
+fn rewards_kind_model_scores_prompt_and_completion_in_batches() {
+    check_rewards_model("cpu");
+    // Without --model, and with a folder that is not a reward model: clear errors.
+    let input = std::env::temp_dir().join(format!("aha-cli-rm-bad-{}.jsonl", std::process::id()));
+    std::fs::write(&input, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["rewards", "--kind", "model", "--input"])
+        .arg(&input)
+        .output()
+        .expect("run aha");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model"));
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["rewards", "--kind", "model", "--device", "cpu", "--model"])
+        .arg(fixture("models/qwen2-tiny"))
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .expect("run aha");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.json") && err.contains("Qwen2ForCausalLM"), "{err}");
+    let _ = std::fs::remove_file(&input);
+}
+
+#[test]
+fn rewards_kind_model_on_cuda_matches_the_cpu() {
+    if aha_cuda_kernels::device_count() == 0 {
+        eprintln!("rewards_kind_model_on_cuda: skipped the GPU run: no GPU");
+        let input = std::env::temp_dir().join(format!("aha-cli-rm-nogpu-{}.jsonl", std::process::id()));
+        std::fs::write(&input, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+        let out = rewards_model_run("cuda", &input);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--device") && err.contains("GPU"), "{err}");
+        let _ = std::fs::remove_file(&input);
+        return;
+    }
+    check_rewards_model("cuda");
+}

@@ -505,6 +505,13 @@ fn load_tensor(
 /// and dequantizing FP8 block-quantized weights. Missing, unexpected and
 /// mis-shaped tensors are listed in the error.
 pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &Layout) -> Result<Vec<f32>> {
+    load_params_except(dir, cfg, layout, &[])
+}
+
+/// [`load_params`], leaving the tensors named in `others` to the caller (a
+/// sequence-classification model's `score.weight`): they are neither
+/// loaded nor reported as unexpected.
+pub fn load_params_except(dir: &Path, cfg: &ModelConfig, layout: &Layout, others: &[&str]) -> Result<Vec<f32>> {
     let index = checkpoint_index(dir)?;
     let mut data = vec![0f32; layout.size];
     let mut problems = Vec::new();
@@ -528,7 +535,7 @@ pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &Layout) -> Result<Vec
     let unexpected: Vec<&str> = index
         .keys()
         .filter(|name| {
-            if layout.get(name).is_some() || ignorable(cfg, name) {
+            if layout.get(name).is_some() || ignorable(cfg, name) || others.contains(&name.as_str()) {
                 return false;
             }
             // A block scale belongs to the quantized weight beside it.

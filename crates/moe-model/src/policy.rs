@@ -597,6 +597,22 @@ impl Moments {
     }
 }
 
+impl Policy {
+    /// The final normed hidden states `[rows, C]` at rows `rows` of `fwd`
+    /// (row `r` is position `r % T` of sequence `r / T`), on the host: the
+    /// input of a head other than the lm head (a reward model's score).
+    pub fn hidden_rows(&self, fwd: &Forward, rows: &[u32]) -> Result<Vec<f32>> {
+        match (&self.inner, &fwd.inner) {
+            (Inner::Cpu { model, .. }, FwdInner::Cpu(a)) => {
+                let c = model.config.hidden_size;
+                gather_rows(&a.hidden, rows, a.hidden.len() / c.max(1), c)
+            }
+            (Inner::Gpu(g), FwdInner::Gpu(f)) => g.hidden_rows(f, rows),
+            _ => Err(input_err("hidden_rows", "the forward ran on another device")),
+        }
+    }
+}
+
 /// Host rows of `hidden` gathered at `rows`.
 fn gather_rows(hidden: &[f32], rows: &[u32], n: usize, c: usize) -> Result<Vec<f32>> {
     let mut out = vec![0f32; rows.len() * c];
