@@ -576,7 +576,7 @@ fn rewards_kind_model_scores_prompt_and_completion_in_batches() {
 #[test]
 fn rewards_kind_model_on_cuda_matches_the_cpu() {
     if aha_cuda_kernels::device_count() == 0 {
-        eprintln!("rewards_kind_model_on_cuda: skipped the GPU run: no GPU");
+        eprintln!("rewards_kind_model_on_cuda: skipped: no GPU (checked that --device cuda is refused instead)");
         let input = std::env::temp_dir().join(format!("aha-cli-rm-nogpu-{}.jsonl", std::process::id()));
         std::fs::write(&input, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
         let out = rewards_model_run("cuda", &input);
