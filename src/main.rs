@@ -616,7 +616,9 @@ fn main() -> Result<()> {
             cfg.seed = seed.unwrap_or(cfg.seed);
             cfg.device = place.device.unwrap_or(cfg.device);
             cfg.precision = place.precision.unwrap_or(cfg.precision);
-            let loss = aha_trainer::sft_run::run_sft_config(&cfg)?;
+            let mut p = Progress::new();
+            let loss = aha_trainer::sft_run::run_sft_config(&cfg, &mut |l| p.line(l))?;
+            p.finish();
             println!(
                 "{}",
                 serde_json::json!({"loss": loss, "out": cfg.out.display().to_string()})
@@ -646,7 +648,16 @@ fn main() -> Result<()> {
                 temperature: 1.0,
                 seed,
             };
-            let s = aha_trainer::sft_run::run_rejection_sampling(&model, &data, &template, &o, &out)?;
+            let mut bar = generate::SamplingBar::new("rejection-sample");
+            let s = aha_trainer::sft_run::run_rejection_sampling_with_progress(
+                &model,
+                &data,
+                &template,
+                &o,
+                &out,
+                &mut |p| bar.update(p),
+            )?;
+            bar.finish();
             println!("{}", serde_json::to_string(&s)?);
             Ok(())
         }
@@ -679,6 +690,7 @@ fn main() -> Result<()> {
                 temperature: 1.0,
                 seed,
             };
+            let mut p = Progress::new();
             let r = aha_trainer::sft_run::run_distill(
                 &teacher,
                 &student,
@@ -691,7 +703,9 @@ fn main() -> Result<()> {
                 4,
                 &out,
                 (&place.device, precision),
+                &mut |l| p.line(l),
             )?;
+            p.finish();
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }

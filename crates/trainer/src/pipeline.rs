@@ -60,7 +60,9 @@ fn encode_pair(tok: &Tokenizer, prompt: &str, completion: &str) -> Result<(Vec<u
 
 /// SFT over `examples` for `steps` steps of `batch`, drawing batches with
 /// `rng`; examples of similar length are batched together (length buckets:
-/// each batch is drawn from a window of the length-sorted list).
+/// each batch is drawn from a window of the length-sorted list). Each step
+/// is reported to `log` as `step i/steps loss x` (a terminal redraws these
+/// lines in place).
 pub(crate) fn sft(
     model: &mut Policy,
     examples: &[(Vec<u32>, Vec<u32>)],
@@ -68,18 +70,20 @@ pub(crate) fn sft(
     batch: usize,
     lr: f64,
     rng: &mut Rng,
+    log: &mut dyn FnMut(&str),
 ) -> Result<f64> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].0.len() + examples[i].1.len());
     let mut opt = Optimizer::new(optim(lr, steps, Schedule::Cosine));
     let window = (batch * 4).min(order.len()).max(1);
     let mut loss = f64::NAN;
-    for _ in 0..steps {
+    for step in 1..=steps {
         let start = rng.below((order.len() - window + 1) as u64) as usize;
         let b: Vec<(Vec<u32>, Vec<u32>)> = (0..batch)
             .map(|_| examples[order[start + rng.below(window as u64) as usize]].clone())
             .collect();
         loss = sft_step(model, &mut opt, &b, toy::PAD)?.0;
+        log(&format!("step {step}/{steps} sft loss {loss:.4}"));
     }
     Ok(loss)
 }
@@ -300,7 +304,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         })
         .collect::<Result<_>>()?;
     let mut r1 = copy(&base)?;
-    let l = sft(&mut r1, &cold, cfg.sft_steps, 32, 1e-3, &mut rng)?;
+    let l = sft(&mut r1, &cold, cfg.sft_steps, 32, 1e-3, &mut rng, log)?;
     log(&format!("r1: cold-start SFT on {} traces, loss {l:.3}", cold.len()));
     grpo(&mut r1, d, &tok, d.grpo_steps / 2, &mut rng, d.seed ^ 2)?;
     let problems: Vec<Problem> = (0..cfg.rejection_prompts)
@@ -328,7 +332,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         .map(|(p, c)| encode_pair(&tok, p, c))
         .collect::<Result<_>>()?;
     if !data.is_empty() {
-        sft(&mut r1, &data, cfg.sft_steps, 32, 3e-4, &mut rng)?;
+        sft(&mut r1, &data, cfg.sft_steps, 32, 3e-4, &mut rng, log)?;
     }
     save("r1", &r1, &teacher_json)?;
     rows.push(score_row("r1", &r1)?);
@@ -348,7 +352,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         .iter()
         .map(|(p, c)| encode_pair(&tok, p, c))
         .collect::<Result<_>>()?;
-    let l = sft(&mut student, &sdata, cfg.student_steps, 64, 3e-3, &mut rng)?;
+    let l = sft(&mut student, &sdata, cfg.student_steps, 64, 3e-3, &mut rng, log)?;
     log(&format!(
         "student: {} parameters, SFT on {} teacher traces, loss {l:.3}",
         student.num_params(),

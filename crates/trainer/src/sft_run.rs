@@ -230,10 +230,11 @@ impl SftConfig {
 }
 
 /// Runs [`run_sft`] from a config and writes the resolved config to
-/// `out/sft_config.toml`; returns the last loss.
-pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
+/// `out/sft_config.toml`; returns the last loss. Progress goes to `log`
+/// (see [`run_sft_logged`]).
+pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64> {
     cfg.validate()?;
-    let loss = run_sft(
+    let loss = run_sft_logged(
         &cfg.model,
         &cfg.data,
         &cfg.out,
@@ -243,6 +244,7 @@ pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
         cfg.learning_rate,
         cfg.seed,
         (&cfg.device, cfg.precision.parse()?),
+        log,
     )?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
     let p = cfg.out.join("sft_config.toml");
@@ -265,7 +267,36 @@ pub fn run_sft(
     batch: usize,
     lr: f64,
     seed: u64,
+    device: (&str, Precision),
+) -> Result<f64> {
+    run_sft_logged(
+        model_dir,
+        data,
+        out,
+        template,
+        steps,
+        batch,
+        lr,
+        seed,
+        device,
+        &mut |_| {},
+    )
+}
+
+/// [`run_sft`], reporting to `log`: the device and memory plan first, then
+/// one `step i/n sft loss x` line a step.
+#[allow(clippy::too_many_arguments)]
+pub fn run_sft_logged(
+    model_dir: &Path,
+    data: &Path,
+    out: &Path,
+    template: &str,
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    seed: u64,
     (device, precision): (&str, Precision),
+    log: &mut dyn FnMut(&str),
 ) -> Result<f64> {
     let has_weights =
         model_dir.join("model.safetensors").is_file() || model_dir.join("model.safetensors.index.json").is_file();
@@ -307,10 +338,10 @@ pub fn run_sft(
             recompute: false,
         },
     );
-    eprintln!("aha sft: model on {dev} ({precision}); memory plan: {plan}");
+    log(&format!("sft: model on {dev} ({precision}); memory plan: {plan}"));
     check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
-    let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng)?;
+    let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng, log)?;
     policy.save(out, 4 << 30)?;
     Ok(loss)
 }
@@ -359,6 +390,19 @@ pub fn run_rejection_sampling(
     o: &RejectionOptions,
     out: &Path,
 ) -> Result<RejectionStats> {
+    run_rejection_sampling_with_progress(model_dir, data, template, o, out, &mut |_| {})
+}
+
+/// [`run_rejection_sampling`], reporting the sampling's progress to
+/// `progress` as completions finish (a progress bar's input).
+pub fn run_rejection_sampling_with_progress(
+    model_dir: &Path,
+    data: &Path,
+    template: &str,
+    o: &RejectionOptions,
+    out: &Path,
+    progress: &mut dyn FnMut(&aha_sampler::Progress),
+) -> Result<RejectionStats> {
     let policy = Policy::new(Model::load(model_dir)?, o.place.0, o.place.1)?;
     let tok = load_tokenizer(model_dir)?;
     let t = Templater::new(template, model_dir)?;
@@ -386,7 +430,7 @@ pub fn run_rejection_sampling(
         seed: o.seed,
         ..SamplingParams::default()
     };
-    let (completions, _) = engine.generate(&prompts, o.k, &params)?;
+    let (completions, _) = engine.generate_with_progress(&prompts, o.k, &params, progress)?;
     let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io_err(out))?);
     let mut covered = vec![false; ex.len()];
     let mut kept = 0;
@@ -445,17 +489,23 @@ pub fn run_distill(
     k_eval: usize,
     out: &Path,
     device: (&str, Precision),
+    log: &mut dyn FnMut(&str),
 ) -> Result<DistillReport> {
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let traces_path = out.join("teacher_traces.jsonl");
+    log("distill: the teacher samples its traces");
     let stats = run_rejection_sampling(teacher_dir, train, template, o, &traces_path)?;
+    log(&format!(
+        "distill: kept {} of {} traces ({} prompts covered)",
+        stats.kept, stats.sampled, stats.prompts_covered
+    ));
     if stats.kept == 0 {
         return Err(Error::Other(
             "the teacher's traces were all rejected: nothing to distil".into(),
         ));
     }
     let sdir = out.join("student");
-    run_sft(
+    run_sft_logged(
         student_dir,
         &traces_path,
         &sdir,
@@ -465,7 +515,9 @@ pub fn run_distill(
         lr,
         o.seed,
         device,
+        log,
     )?;
+    log("distill: evaluating the teacher and the student");
     let score = |dir: &Path| -> Result<MathEval> {
         let m = Model::load(dir)?;
         let tok = load_tokenizer(dir).or_else(|_| load_tokenizer(student_dir))?;
