@@ -181,6 +181,9 @@ enum Command {
         /// Operand width (1-4).
         #[arg(long, default_value_t = 2)]
         digits: usize,
+        /// Saved models' dtype: same (f32, as trained), f32, bf16 or f16.
+        #[arg(long, default_value = "same")]
+        save_dtype: aha_moe_model::SaveDtype,
         #[command(flatten)]
         place: Placement,
     },
@@ -229,6 +232,9 @@ enum Command {
         /// Continue from the run folder's latest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Saved model's dtype: same (as the input folder), f32, bf16 or f16.
+        #[arg(long)]
+        save_dtype: Option<aha_moe_model::SaveDtype>,
         #[command(flatten)]
         place: PlacementOverride,
     },
@@ -262,6 +268,9 @@ enum Command {
         /// Seed [default: 0].
         #[arg(long)]
         seed: Option<u64>,
+        /// Saved model's dtype: same (as the input folder), f32, bf16 or f16.
+        #[arg(long)]
+        save_dtype: Option<aha_moe_model::SaveDtype>,
         #[command(flatten)]
         place: PlacementOverride,
     },
@@ -331,6 +340,9 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Saved student's dtype: same (as the input folder), f32, bf16 or f16.
+        #[arg(long, default_value = "same")]
+        save_dtype: aha_moe_model::SaveDtype,
         /// Where the teacher samples and the student trains.
         #[command(flatten)]
         place: Placement,
@@ -551,6 +563,7 @@ fn main() -> Result<()> {
             seed,
             dynamic_sampling,
             resume,
+            save_dtype,
             place,
         } => {
             let mut cfg = match &config {
@@ -572,6 +585,7 @@ fn main() -> Result<()> {
             cfg.save_every = save_every.unwrap_or(cfg.save_every);
             cfg.seed = seed.unwrap_or(cfg.seed);
             cfg.dynamic_sampling |= dynamic_sampling;
+            cfg.save_dtype = save_dtype.unwrap_or(cfg.save_dtype);
             cfg.device = place.device.unwrap_or(cfg.device);
             cfg.precision = place.precision.unwrap_or(cfg.precision);
             let mut p = Progress::new();
@@ -590,6 +604,7 @@ fn main() -> Result<()> {
             batch,
             lr,
             seed,
+            save_dtype,
             place,
         } => {
             let mut cfg = match &config {
@@ -607,6 +622,7 @@ fn main() -> Result<()> {
             cfg.batch = batch.unwrap_or(cfg.batch);
             cfg.learning_rate = lr.unwrap_or(cfg.learning_rate);
             cfg.seed = seed.unwrap_or(cfg.seed);
+            cfg.save_dtype = save_dtype.unwrap_or(cfg.save_dtype);
             cfg.device = place.device.unwrap_or(cfg.device);
             cfg.precision = place.precision.unwrap_or(cfg.precision);
             let loss = aha_trainer::sft_run::run_sft_config(&cfg)?;
@@ -655,6 +671,7 @@ fn main() -> Result<()> {
             steps,
             lr,
             seed,
+            save_dtype,
             place,
         } => {
             // The teacher samples on the device too.
@@ -684,6 +701,7 @@ fn main() -> Result<()> {
                 4,
                 &out,
                 (&place.device, precision),
+                save_dtype,
             )?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
@@ -694,9 +712,11 @@ fn main() -> Result<()> {
             seed,
             task,
             digits,
+            save_dtype,
             place,
         } => {
             let mut cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
+            cfg.save_dtype = save_dtype;
             cfg.demo = cfg.demo.with_task(aha_trainer::toy::TaskSpec { task, digits })?;
             let mcfg = aha_moe_model::ModelConfig::from_json_str(
                 &cfg.demo.model_config_json().to_string(),
