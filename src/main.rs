@@ -86,11 +86,15 @@ enum Command {
         #[command(flatten)]
         place: Placement,
     },
-    /// Print the compute devices and whether NVRTC is available, as one JSON line.
+    /// Print the compute devices and whether NVRTC is available, as one JSON
+    /// line; with --model, load that folder's weights and describe it too.
     Info {
         /// Device to resolve: cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// A Hugging Face model folder to load (into host memory, f32).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Score a JSONL file of completions with one rule-based reward; each line
     /// comes back with `reward` and `status` added.
@@ -486,7 +490,7 @@ fn main() -> Result<()> {
     aha_tensor::tune_allocator();
     let cli = Cli::parse();
     match cli.command {
-        Command::Info { device } => info(&device),
+        Command::Info { device, model } => info(&device, model.as_deref()),
         Command::Demo {
             quick,
             out,
@@ -860,7 +864,7 @@ fn read_text(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn info(device: &str) -> Result<()> {
+fn info(device: &str, model: Option<&std::path::Path>) -> Result<()> {
     let resolved: aha_tensor::Device = device.parse()?;
     let gpus = aha_cuda_kernels::device_count();
     let gpu_names: Vec<String> = (0..gpus)
@@ -874,8 +878,30 @@ fn info(device: &str) -> Result<()> {
         Ok(nv) => serde_json::json!({"found": true, "version": format!("{}.{}", nv.version.0, nv.version.1)}),
         Err(e) => serde_json::json!({"found": false, "error": e.to_string()}),
     };
+    let model = match model {
+        Some(dir) => {
+            let t0 = std::time::Instant::now();
+            let m = aha_moe_model::Model::load(dir)?;
+            let load_s = t0.elapsed().as_secs_f64();
+            let dtypes: std::collections::BTreeSet<String> = aha_moe_model::params::checkpoint_index(dir)?
+                .values()
+                .map(|l| format!("{:?}", l.dtype))
+                .collect();
+            serde_json::json!({
+                "dir": dir.display().to_string(),
+                "architecture": format!("{:?}", m.config.arch),
+                "parameters": m.params.len(),
+                "layers": m.config.num_layers,
+                "dtypes_on_disk": dtypes,
+                "host_bytes": m.params.len() * 4,
+                "load_s": load_s,
+            })
+        }
+        None => serde_json::Value::Null,
+    };
     let line = serde_json::json!({
         "aha": env!("CARGO_PKG_VERSION"),
+        "model": model,
         "device": resolved.to_string(),
         "cpu_threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "gpus": gpu_names,

@@ -182,8 +182,8 @@ fn materialize(item: &Item<'_>, cfg: &ModelConfig, path: &Path) -> Result<Vec<u8
             let mut wv = vec![0f32; rows * cols];
             let mut sv = vec![0f32; want[0] * want[1]];
             if s.shape != want
-                || st::decode_floats(&mut wv, w.dtype, &st::read_tensor(w)?).is_none()
-                || st::decode_floats(&mut sv, s.dtype, &st::read_tensor(s)?).is_none()
+                || st::decode_tensor(&mut wv, w)?.is_none()
+                || st::decode_tensor(&mut sv, s)?.is_none()
             {
                 return Err(bad(format!("`{}`: cannot dequantize with its scales", item.name)));
             }
