@@ -19,6 +19,28 @@ fn info_prints_one_json_line() {
     if v["gpus"].as_array().is_some_and(|a| a.is_empty()) {
         assert!(v["no_gpu_reason"].is_string());
     }
+    assert!(v["model"].is_null());
+    // With a model folder: its weights are loaded and described.
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["info", "--device", "cpu", "--model"])
+        .arg(fixture("models/deepseek-v3-fp8-tiny"))
+        .output()
+        .expect("run aha");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let m = &v["model"];
+    let want = aha_moe_model::Model::load(&fixture("models/deepseek-v3-fp8-tiny")).unwrap();
+    assert_eq!(m["parameters"], want.params.len());
+    assert_eq!(m["host_bytes"], want.params.len() * 4);
+    assert_eq!(m["architecture"], "DeepseekV3");
+    assert_eq!(m["dtypes_on_disk"], serde_json::json!(["F32", "F8_E4M3"]));
+    // A folder that is not a model is an error naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["info", "--device", "cpu", "--model", "/nonexistent-model"])
+        .output()
+        .expect("run aha");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-model"));
 }
 
 #[test]
