@@ -4,7 +4,7 @@ sharded as the hub ships them, without holding more than one tensor in
 memory: the input of the load-memory measurement in
 crates/moe-model/README.md. Needs numpy only.
 
-  python3 scripts/random_checkpoint.py scripts/qwen2.5-1.5b-config.json /tmp/q15 [--shard-gb 2]
+  python3 scripts/random_checkpoint.py tests/fixtures/bench-configs/qwen2.5-1.5b.json /tmp/q15 [--shard-gb 2]
 """
 import json, os, shutil, struct, sys
 
