@@ -458,7 +458,17 @@ fn sft_saves_in_the_input_dtype_unless_told_otherwise() {
     std::fs::write(&data, "{\"prompt\": \"1+2=\", \"completion\": \"3\"}\n").unwrap();
     let sft = |out: &str, extra: &[&str]| {
         let r = Command::new(env!("CARGO_BIN_EXE_aha"))
-            .args(["sft", "--steps", "1", "--batch", "1", "--template", "none", "--device", "cpu"])
+            .args([
+                "sft",
+                "--steps",
+                "1",
+                "--batch",
+                "1",
+                "--template",
+                "none",
+                "--device",
+                "cpu",
+            ])
             .arg("--model")
             .arg(&bf16)
             .arg("--data")

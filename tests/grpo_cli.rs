@@ -171,7 +171,12 @@ fn deepseek_v3_layout(dir: &std::path::Path) -> Vec<Raw> {
     .enumerate()
     {
         let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
-        mtp.push((format!("{p}{name}"), dtype, shape.clone(), bytes(n, i, dtype == Dtype::F8_E4M3)));
+        mtp.push((
+            format!("{p}{name}"),
+            dtype,
+            shape.clone(),
+            bytes(n, i, dtype == Dtype::F8_E4M3),
+        ));
         if dtype == Dtype::F8_E4M3 {
             let blocks = vec![shape[0].div_ceil(128), shape[1].div_ceil(128)];
             let scales: Vec<u8> = (0..blocks[0] * blocks[1])
@@ -182,7 +187,12 @@ fn deepseek_v3_layout(dir: &std::path::Path) -> Vec<Raw> {
     }
     let views: Vec<_> = mtp
         .iter()
-        .map(|(n, dt, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap()))
+        .map(|(n, dt, sh, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join(shard2)).unwrap();
     let mut map = serde_json::Map::new();
@@ -238,7 +248,8 @@ fn grpo_step_on_the_deepseek_v3_layout_keeps_the_mtp_layer() {
     assert!(metrics["reward_std"].as_f64().is_some_and(|s| s > 0.0), "{metrics}");
     let fin = base.join("run/final");
     // config.json: no quantization, f32 named, YaRN and MTP kept.
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fin.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fin.join("config.json")).unwrap()).unwrap();
     assert!(cfg.get("quantization_config").is_none(), "{cfg}");
     assert_eq!(cfg["dtype"], "float32");
     assert_eq!(cfg["num_nextn_predict_layers"], 1);
@@ -257,12 +268,19 @@ fn grpo_step_on_the_deepseek_v3_layout_keeps_the_mtp_layer() {
         if *dtype == Dtype::F8_E4M3 {
             assert_eq!(loc.dtype, Dtype::F32, "{name}");
             let (_, _, _, sb) = mtp.iter().find(|t| t.0 == format!("{name}_scale_inv")).unwrap();
-            let scales: Vec<f32> = sb.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            let scales: Vec<f32> = sb
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
             let sc = shape[1].div_ceil(128);
             for (i, (&q, w)) in bytes.iter().zip(got.chunks_exact(4)).enumerate() {
                 let (r, c) = (i / shape[1], i % shape[1]);
                 let want = aha_moe_model::st::f8_e4m3_to_f32(q) * scales[(r / 128) * sc + c / 128];
-                assert_eq!(f32::from_le_bytes(w.try_into().unwrap()).to_bits(), want.to_bits(), "{name}[{r}, {c}]");
+                assert_eq!(
+                    f32::from_le_bytes(w.try_into().unwrap()).to_bits(),
+                    want.to_bits(),
+                    "{name}[{r}, {c}]"
+                );
             }
         } else {
             assert_eq!(loc.dtype, *dtype, "{name}");

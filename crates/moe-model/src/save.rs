@@ -181,10 +181,7 @@ fn materialize(item: &Item<'_>, cfg: &ModelConfig, path: &Path) -> Result<Vec<u8
             let want = [rows.div_ceil(blocks.rows), cols.div_ceil(blocks.cols)];
             let mut wv = vec![0f32; rows * cols];
             let mut sv = vec![0f32; want[0] * want[1]];
-            if s.shape != want
-                || st::decode_tensor(&mut wv, w)?.is_none()
-                || st::decode_tensor(&mut sv, s)?.is_none()
-            {
+            if s.shape != want || st::decode_tensor(&mut wv, w)?.is_none() || st::decode_tensor(&mut sv, s)?.is_none() {
                 return Err(bad(format!("`{}`: cannot dequantize with its scales", item.name)));
             }
             for (r, row) in wv.chunks_exact_mut(cols.max(1)).enumerate() {

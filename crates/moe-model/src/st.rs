@@ -198,7 +198,8 @@ pub fn decode_tensor_chunked(dst: &mut [f32], loc: &TensorLoc, chunk_bytes: usiz
     let mut buf = vec![0u8; per.min(dst.len()) * width];
     for (i, out) in dst.chunks_mut(per).enumerate() {
         let bytes = &mut buf[..out.len() * width];
-        f.read_exact_at(bytes, loc.start + (i * per * width) as u64).map_err(io)?;
+        f.read_exact_at(bytes, loc.start + (i * per * width) as u64)
+            .map_err(io)?;
         if decode_floats(out, loc.dtype, bytes).is_none() {
             return Ok(None);
         }
