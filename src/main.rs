@@ -87,11 +87,15 @@ enum Command {
         #[command(flatten)]
         place: Placement,
     },
-    /// Print the compute devices and whether NVRTC is available, as one JSON line.
+    /// Print the compute devices and whether NVRTC is available, as one JSON
+    /// line; with --model, load that folder's weights and describe it too.
     Info {
         /// Device to resolve: cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// A Hugging Face model folder to load (into host memory, f32).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Score a JSONL file of completions with one reward (a rule, a scorer
     /// process, an HTTP endpoint or a reward model); each line comes back
@@ -183,6 +187,9 @@ enum Command {
         /// Operand width (1-4).
         #[arg(long, default_value_t = 2)]
         digits: usize,
+        /// Saved models' dtype: same (f32, as trained), f32, bf16 or f16.
+        #[arg(long, default_value = "same")]
+        save_dtype: aha_moe_model::SaveDtype,
         #[command(flatten)]
         place: Placement,
     },
@@ -231,6 +238,9 @@ enum Command {
         /// Continue from the run folder's latest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Saved model's dtype: same (as the input folder), f32, bf16 or f16.
+        #[arg(long)]
+        save_dtype: Option<aha_moe_model::SaveDtype>,
         #[command(flatten)]
         place: PlacementOverride,
     },
@@ -264,6 +274,9 @@ enum Command {
         /// Seed [default: 0].
         #[arg(long)]
         seed: Option<u64>,
+        /// Saved model's dtype: same (as the input folder), f32, bf16 or f16.
+        #[arg(long)]
+        save_dtype: Option<aha_moe_model::SaveDtype>,
         #[command(flatten)]
         place: PlacementOverride,
     },
@@ -333,6 +346,9 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Saved student's dtype: same (as the input folder), f32, bf16 or f16.
+        #[arg(long, default_value = "same")]
+        save_dtype: aha_moe_model::SaveDtype,
         /// Where the teacher samples and the student trains.
         #[command(flatten)]
         place: Placement,
@@ -480,7 +496,7 @@ fn main() -> Result<()> {
     aha_tensor::tune_allocator();
     let cli = Cli::parse();
     match cli.command {
-        Command::Info { device } => info(&device),
+        Command::Info { device, model } => info(&device, model.as_deref()),
         Command::Plan(a) => plan_cmd::run(a),
         Command::Demo {
             quick,
@@ -558,6 +574,7 @@ fn main() -> Result<()> {
             seed,
             dynamic_sampling,
             resume,
+            save_dtype,
             place,
         } => {
             let mut cfg = match &config {
@@ -579,6 +596,7 @@ fn main() -> Result<()> {
             cfg.save_every = save_every.unwrap_or(cfg.save_every);
             cfg.seed = seed.unwrap_or(cfg.seed);
             cfg.dynamic_sampling |= dynamic_sampling;
+            cfg.save_dtype = save_dtype.unwrap_or(cfg.save_dtype);
             cfg.device = place.device.unwrap_or(cfg.device);
             cfg.precision = place.precision.unwrap_or(cfg.precision);
             let mut p = Progress::new();
@@ -597,6 +615,7 @@ fn main() -> Result<()> {
             batch,
             lr,
             seed,
+            save_dtype,
             place,
         } => {
             let mut cfg = match &config {
@@ -614,6 +633,7 @@ fn main() -> Result<()> {
             cfg.batch = batch.unwrap_or(cfg.batch);
             cfg.learning_rate = lr.unwrap_or(cfg.learning_rate);
             cfg.seed = seed.unwrap_or(cfg.seed);
+            cfg.save_dtype = save_dtype.unwrap_or(cfg.save_dtype);
             cfg.device = place.device.unwrap_or(cfg.device);
             cfg.precision = place.precision.unwrap_or(cfg.precision);
             let mut p = Progress::new();
@@ -673,6 +693,7 @@ fn main() -> Result<()> {
             steps,
             lr,
             seed,
+            save_dtype,
             place,
         } => {
             // The teacher samples on the device too.
@@ -703,6 +724,7 @@ fn main() -> Result<()> {
                 4,
                 &out,
                 (&place.device, precision),
+                save_dtype,
                 &mut |l| p.line(l),
             )?;
             p.finish();
@@ -715,9 +737,11 @@ fn main() -> Result<()> {
             seed,
             task,
             digits,
+            save_dtype,
             place,
         } => {
             let mut cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
+            cfg.save_dtype = save_dtype;
             cfg.demo = cfg.demo.with_task(aha_trainer::toy::TaskSpec { task, digits })?;
             let mcfg = aha_moe_model::ModelConfig::from_json_str(
                 &cfg.demo.model_config_json().to_string(),
@@ -861,7 +885,7 @@ fn read_text(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn info(device: &str) -> Result<()> {
+fn info(device: &str, model: Option<&std::path::Path>) -> Result<()> {
     let resolved: aha_tensor::Device = device.parse()?;
     let gpus = aha_cuda_kernels::device_count();
     let gpu_names: Vec<String> = (0..gpus)
@@ -875,8 +899,30 @@ fn info(device: &str) -> Result<()> {
         Ok(nv) => serde_json::json!({"found": true, "version": format!("{}.{}", nv.version.0, nv.version.1)}),
         Err(e) => serde_json::json!({"found": false, "error": e.to_string()}),
     };
+    let model = match model {
+        Some(dir) => {
+            let t0 = std::time::Instant::now();
+            let m = aha_moe_model::Model::load(dir)?;
+            let load_s = t0.elapsed().as_secs_f64();
+            let dtypes: std::collections::BTreeSet<String> = aha_moe_model::params::checkpoint_index(dir)?
+                .values()
+                .map(|l| format!("{:?}", l.dtype))
+                .collect();
+            serde_json::json!({
+                "dir": dir.display().to_string(),
+                "architecture": format!("{:?}", m.config.arch),
+                "parameters": m.params.len(),
+                "layers": m.config.num_layers,
+                "dtypes_on_disk": dtypes,
+                "host_bytes": m.params.len() * 4,
+                "load_s": load_s,
+            })
+        }
+        None => serde_json::Value::Null,
+    };
     let line = serde_json::json!({
         "aha": env!("CARGO_PKG_VERSION"),
+        "model": model,
         "device": resolved.to_string(),
         "cpu_threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "gpus": gpu_names,

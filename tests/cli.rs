@@ -19,6 +19,28 @@ fn info_prints_one_json_line() {
     if v["gpus"].as_array().is_some_and(|a| a.is_empty()) {
         assert!(v["no_gpu_reason"].is_string());
     }
+    assert!(v["model"].is_null());
+    // With a model folder: its weights are loaded and described.
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["info", "--device", "cpu", "--model"])
+        .arg(fixture("models/deepseek-v3-fp8-tiny"))
+        .output()
+        .expect("run aha");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let m = &v["model"];
+    let want = aha_moe_model::Model::load(&fixture("models/deepseek-v3-fp8-tiny")).unwrap();
+    assert_eq!(m["parameters"], want.params.len());
+    assert_eq!(m["host_bytes"], want.params.len() * 4);
+    assert_eq!(m["architecture"], "DeepseekV3");
+    assert_eq!(m["dtypes_on_disk"], serde_json::json!(["F32", "F8_E4M3"]));
+    // A folder that is not a model is an error naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["info", "--device", "cpu", "--model", "/nonexistent-model"])
+        .output()
+        .expect("run aha");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-model"));
 }
 
 #[test]
@@ -587,4 +609,86 @@ fn rewards_kind_model_on_cuda_matches_the_cpu() {
         return;
     }
     check_rewards_model("cuda");
+}
+
+/// The dtype of every tensor of a saved folder's safetensors files.
+fn saved_dtypes(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+    aha_moe_model::params::checkpoint_index(dir)
+        .unwrap()
+        .values()
+        .map(|l| format!("{:?}", l.dtype))
+        .collect()
+}
+
+#[test]
+fn sft_saves_in_the_input_dtype_unless_told_otherwise() {
+    let base = std::env::temp_dir().join(format!("aha-cli-save-dtype-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    // qwen2-tiny in bf16, as a Hugging Face hub checkpoint usually is.
+    let src = aha_moe_model::Model::load(&fixture("models/qwen2-tiny")).unwrap();
+    let bf16 = base.join("bf16");
+    src.save_as(
+        &bf16,
+        &aha_moe_model::SaveOptions {
+            dtype: aha_moe_model::SaveDtype::Bf16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(saved_dtypes(&bf16), ["BF16".to_string()].into());
+    let data = base.join("sft.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"1+2=\", \"completion\": \"3\"}\n").unwrap();
+    let sft = |out: &str, extra: &[&str]| {
+        let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+            .args([
+                "sft",
+                "--steps",
+                "1",
+                "--batch",
+                "1",
+                "--template",
+                "none",
+                "--device",
+                "cpu",
+            ])
+            .arg("--model")
+            .arg(&bf16)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(base.join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        base.join(out)
+    };
+    let same = sft("same", &[]);
+    assert_eq!(saved_dtypes(&same), ["BF16".to_string()].into());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(same.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "bfloat16");
+    let f32 = sft("f32", &["--save-dtype", "f32"]);
+    assert_eq!(saved_dtypes(&f32), ["F32".to_string()].into());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f32.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "float32");
+    // The f32 save holds exactly the weights the bf16 save rounds.
+    let (a, b) = (
+        aha_moe_model::Model::load(&same).unwrap(),
+        aha_moe_model::Model::load(&f32).unwrap(),
+    );
+    let to_bf16 = |y: f32| {
+        let u = y.to_bits();
+        f32::from_bits((u + 0x7fff + ((u >> 16) & 1)) >> 16 << 16)
+    };
+    assert!(a.params.iter().zip(&b.params).all(|(x, y)| *x == to_bf16(*y)));
+    // An unknown dtype is refused by name.
+    let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["sft", "--save-dtype", "fp8"])
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("fp8"));
+    let _ = std::fs::remove_dir_all(&base);
 }

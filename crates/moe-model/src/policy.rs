@@ -349,6 +349,11 @@ impl Policy {
         self.host_model()?.save(dir, max_shard_bytes)
     }
 
+    /// Saves as a whole HF folder with `opts` (as [`Model::save_as`]).
+    pub fn save_as(&self, dir: &Path, opts: &crate::SaveOptions) -> Result<()> {
+        self.host_model()?.save_as(dir, opts)
+    }
+
     /// The training forward over `ids [b, t]`, right-padded (as
     /// [`Model::forward`]).
     pub fn forward(&self, ids: &[u32], b: usize, t: usize) -> Result<Forward> {

@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use aha_moe_model::{Model, ModelConfig, Policy, Precision};
+use aha_moe_model::{Model, ModelConfig, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::BatchConfig;
 use aha_sampler::{SamplingParams, Tokenizer};
 use aha_tensor::Device;
@@ -191,6 +191,8 @@ pub struct PipelineConfig {
     /// The precision of their products.
     #[serde(skip)]
     pub precision: Precision,
+    /// The dtype each saved model is written in (`same`: f32, as trained).
+    pub save_dtype: SaveDtype,
 }
 
 impl PipelineConfig {
@@ -215,6 +217,7 @@ impl PipelineConfig {
             eval_k: 4,
             device: Device::Cpu,
             precision: Precision::F32,
+            save_dtype: SaveDtype::Source,
         }
     }
 
@@ -250,7 +253,14 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     let teacher_json = d.model_config_json();
     let save = |name: &str, m: &Policy, json: &serde_json::Value| -> Result<()> {
         let dir = out.join(name);
-        m.save(&dir, usize::MAX)?;
+        m.save_as(
+            &dir,
+            &SaveOptions {
+                dtype: cfg.save_dtype,
+                max_shard_bytes: usize::MAX,
+                ..SaveOptions::default()
+            },
+        )?;
         for (f, text) in [
             ("config.json", serde_json::to_string_pretty(json).unwrap_or_default()),
             ("tokenizer.json", toy::tokenizer_json()),

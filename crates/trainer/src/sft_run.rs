@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, Model, Policy, Precision};
+use aha_moe_model::{resolve_device, Model, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
@@ -189,6 +189,9 @@ pub struct SftConfig {
     pub device: String,
     /// `f32` (default) or `bf16` (GPU only).
     pub precision: String,
+    /// The saved model's dtype: `same` (default: each tensor as the input
+    /// folder had it, f32 without weights), `f32`, `bf16` or `f16`.
+    pub save_dtype: SaveDtype,
 }
 
 impl Default for SftConfig {
@@ -204,6 +207,7 @@ impl Default for SftConfig {
             seed: 0,
             device: "auto".into(),
             precision: "f32".into(),
+            save_dtype: SaveDtype::Source,
         }
     }
 }
@@ -244,6 +248,7 @@ pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64>
         cfg.learning_rate,
         cfg.seed,
         (&cfg.device, cfg.precision.parse()?),
+        cfg.save_dtype,
         log,
     )?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
@@ -256,7 +261,8 @@ pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64>
 ///
 /// A folder with a `config.json` and a tokenizer but no weights starts from a
 /// random initialisation (a student trained from scratch). `device` is a
-/// `--device` value (`cpu`, `cuda`, `cuda:N`, `auto`) with the precision.
+/// `--device` value (`cpu`, `cuda`, `cuda:N`, `auto`) with the precision;
+/// the result is saved in `save_dtype`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_sft(
     model_dir: &Path,
@@ -268,6 +274,7 @@ pub fn run_sft(
     lr: f64,
     seed: u64,
     device: (&str, Precision),
+    save_dtype: SaveDtype,
 ) -> Result<f64> {
     run_sft_logged(
         model_dir,
@@ -279,6 +286,7 @@ pub fn run_sft(
         lr,
         seed,
         device,
+        save_dtype,
         &mut |_| {},
     )
 }
@@ -296,6 +304,7 @@ pub fn run_sft_logged(
     lr: f64,
     seed: u64,
     (device, precision): (&str, Precision),
+    save_dtype: SaveDtype,
     log: &mut dyn FnMut(&str),
 ) -> Result<f64> {
     let has_weights =
@@ -342,7 +351,14 @@ pub fn run_sft_logged(
     check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
     let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng, log)?;
-    policy.save(out, 4 << 30)?;
+    policy.save_as(
+        out,
+        &SaveOptions {
+            dtype: save_dtype,
+            max_shard_bytes: 4 << 30,
+            ..SaveOptions::default()
+        },
+    )?;
     Ok(loss)
 }
 
@@ -476,6 +492,7 @@ pub struct DistillReport {
 /// Teacher writes (rejection-sampled) traces for `train`; the student (a
 /// model folder, e.g. a smaller dense one) learns them by SFT; both are
 /// evaluated on `test` (pass@1 over `k_eval` samples at temperature 0.6).
+/// The student is saved in `save_dtype`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_distill(
     teacher_dir: &Path,
@@ -489,6 +506,7 @@ pub fn run_distill(
     k_eval: usize,
     out: &Path,
     device: (&str, Precision),
+    save_dtype: SaveDtype,
     log: &mut dyn FnMut(&str),
 ) -> Result<DistillReport> {
     std::fs::create_dir_all(out).map_err(io_err(out))?;
@@ -515,6 +533,7 @@ pub fn run_distill(
         lr,
         o.seed,
         device,
+        save_dtype,
         log,
     )?;
     log("distill: evaluating the teacher and the student");
