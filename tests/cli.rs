@@ -242,6 +242,10 @@ fn eval_reports_pass_at_k_on_a_public_set() {
         .expect("run aha");
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    // Sampling progress on stderr, the last line complete.
+    let err = String::from_utf8_lossy(&run.stderr);
+    let bars: Vec<&str> = err.lines().filter(|l| l.starts_with("eval: [")).collect();
+    assert!(bars.last().is_some_and(|l| l.contains("6/6 completions")), "{err}");
     assert_eq!(v["problems"], 3);
     assert_eq!(v["k"], 2);
     for key in ["pass_at_1", "pass_at_k", "cons_at_k", "no_answer", "mean_length"] {
