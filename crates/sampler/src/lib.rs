@@ -26,6 +26,7 @@ mod gpu_engine;
 mod sampler;
 pub mod sampling;
 
+pub use aha_moe_model::gpu::KvDtype;
 pub use chat::ChatTemplate;
 pub use detok::{decode, load_tokenizer, Detokenizer};
 pub use engine::{find_stop, Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};
