@@ -156,11 +156,13 @@ impl<'a> GpuEngine<'a> {
             self.tokenizer.is_some(),
             cfg.max_position_embeddings,
         )?;
-        let mut cache = self.model.new_paged_cache(
-            self.cfg.block_size,
-            self.pool_blocks(prompts, n, params.max_new_tokens),
-            self.cfg.kv_dtype,
-        )?;
+        let blocks = self.pool_blocks(prompts, n, params.max_new_tokens);
+        let (bs, dtype) = (self.cfg.block_size, self.cfg.kv_dtype);
+        let mut cache = self.model.new_paged_cache(bs, blocks, dtype).map_err(|e| {
+            Error::Invalid(format!(
+                "the KV-cache pool of {blocks} blocks of {bs} positions ({dtype:?}): {e} (lower kv_blocks)"
+            ))
+        })?;
         // One sequence alone must fit the pool, so that the oldest live
         // sequence can always grow.
         for (i, p) in prompts.iter().enumerate() {
