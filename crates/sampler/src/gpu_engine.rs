@@ -38,9 +38,13 @@
 //!   (copy-on-write; the last holder writes in place). A sequence
 //!   recomputed after preemption holds its own blocks.
 //!
-//! Not yet: MLA's compressed latent cache (DeepSeek-V3 caches the expanded
-//! keys and values of every head), CUDA graphs; the key/value writes into
-//! the pool are one device copy per run of positions within a block.
+//! - **MLA**: DeepSeek-V3-style models cache the compressed latent and the
+//!   rotary key (weight-absorbed attention) where the widths fit the
+//!   kernels, else the expanded keys and values (see
+//!   [`GpuPagedKvCache`](aha_moe_model::gpu::GpuPagedKvCache)).
+//!
+//! Not yet: CUDA graphs; the key/value writes into the pool are one device
+//! copy per run of positions within a block.
 
 use std::collections::VecDeque;
 use std::ops::Range;

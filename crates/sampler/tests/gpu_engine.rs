@@ -18,7 +18,7 @@
 
 use std::path::Path;
 
-use aha_moe_model::{Model, Policy, Precision};
+use aha_moe_model::{Model, Policy, PolicyModel, Precision, SeqSpan};
 use aha_sampler::{Completion, EngineConfig, KvDtype, Sampler, SamplingParams};
 use aha_tensor::Device;
 
@@ -352,4 +352,68 @@ fn a_pool_too_small_for_one_sequence_is_an_error() {
     let engine = Sampler::new(&gpu, None, cfg_with(4, 4, 2, KvDtype::Bf16), &[]).unwrap();
     let e = engine.generate(&prompts(), 1, &p).unwrap_err().to_string();
     assert!(e.contains("prompt 0 needs 3 cache blocks"), "{e}");
+}
+
+#[test]
+fn mla_caches_the_latent_and_decodes_as_the_expanded_form() {
+    if skip("mla_caches_the_latent_and_decodes_as_the_expanded_form") {
+        return;
+    }
+    let (_, gpu) = both(fixture("deepseek-v3-tiny"));
+    let PolicyModel::Gpu(g) = gpu.model() else {
+        panic!("not on the GPU")
+    };
+    let m = g.config.mla.unwrap();
+    let layers = g.config.num_layers;
+    assert!(g.mla_latent_fits());
+    // Bytes per cached position: the latent plus the rotary key, per layer.
+    for dtype in [KvDtype::F32, KvDtype::Bf16] {
+        let c = g.new_paged_cache(16, 4, dtype).unwrap();
+        assert!(c.is_latent());
+        assert_eq!(
+            c.bytes_per_token(),
+            (m.kv_lora_rank + m.qk_rope_head_dim) * dtype.size() * layers,
+            "{dtype:?}"
+        );
+    }
+    let expanded_bytes = g.config.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * 4 * layers;
+    assert_eq!(
+        g.new_paged_cache_with(16, 4, KvDtype::F32, false)
+            .unwrap()
+            .bytes_per_token(),
+        expanded_bytes
+    );
+    // The weight-absorbed decode gives the expanded form's logits: a
+    // prefill across a block boundary, then two decode tokens.
+    let mut logits = Vec::new();
+    for latent in [true, false] {
+        let mut cache = g.new_paged_cache_with(4, 8, KvDtype::F32, latent).unwrap();
+        let table: Vec<u32> = (0..8).map(|_| cache.alloc().unwrap()).collect();
+        let mut out = Vec::new();
+        let prompt = [5u32, 17, 42, 9, 3, 77];
+        let steps: [(&[u32], usize); 3] = [(&prompt, 0), (&[11], 6), (&[250], 7)];
+        for (ids, start) in steps {
+            let span = SeqSpan {
+                table: &table,
+                start,
+                len: ids.len(),
+            };
+            let l = g.forward_paged(ids, &[span], &mut cache).unwrap();
+            out.extend(g.gpu().download(&l).unwrap());
+        }
+        logits.push(out);
+    }
+    let worst = logits[0]
+        .iter()
+        .zip(&logits[1])
+        .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+    eprintln!("latent vs expanded MLA cache: worst |logit difference| {worst:.2e}");
+    assert!(worst < 1e-4, "worst {worst}");
+    // Asking for the latent cache of a model without MLA is an error.
+    let (_, dense) = both(fixture("qwen2-tiny"));
+    let PolicyModel::Gpu(d) = dense.model() else {
+        panic!("not on the GPU")
+    };
+    assert!(!d.mla_latent_fits());
+    assert!(d.new_paged_cache_with(16, 4, KvDtype::F32, true).is_err());
 }

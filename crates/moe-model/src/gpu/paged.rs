@@ -7,6 +7,20 @@
 //! |---|---|---|
 //! | k of a layer | [blocks, block_size, Hk, Dk] | bf16 bits (`u16`) or f32 |
 //! | v of a layer | [blocks, block_size, Hk, Dv] | bf16 bits or f32 |
+//! | MLA latent entries of a layer (instead of k and v) | [blocks, block_size, kv_lora_rank + qk_rope_head_dim] | bf16 bits or f32 |
+//!
+//! **MLA's latent cache** (DeepSeek-V3, where `kv_lora_rank +
+//! qk_rope_head_dim` fits the kernels' 256 columns): a position caches the
+//! normed compressed latent `c` and the rotated shared key `k_rope`, not
+//! every head's key and value. Attention runs in the weight-absorbed form
+//! as multi-query attention with one key/value head: each head's query
+//! becomes `[W_UK^T q_nope ; q_rope]` (so its product with the entry
+//! `[c ; k_rope]` is `q . k` of the expanded form; the softmax scale stays
+//! the expanded one), the values are the entries themselves (the same
+//! buffer; the output's first `kv_lora_rank` columns are `sum p c`), and
+//! `W_UV` maps that back to each head's value before `o_proj`. Wider models
+//! (DeepSeek-V3's 512 + 64) keep the expanded keys and values: the latent
+//! form needs a decode kernel for those widths.
 //!
 //! Position `p` of a sequence lives in block `table[p / block_size]`, slot
 //! `p % block_size`. The bookkeeping (reference counts, the free list, the
@@ -30,15 +44,18 @@
 
 use std::sync::Arc;
 
+use aha_cuda_kernels::blas::MatmulShape;
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
-use aha_cuda_kernels::flash::{self, PagedGeometry};
-use aha_cuda_kernels::launch::{self, TokenIds};
+use aha_cuda_kernels::flash::{self, PagedGeometry, FLASH_MAX_D};
+use aha_cuda_kernels::launch::{self, AttnGeometry, ColsCopy, TokenIds};
 use aha_cuda_kernels::Gpu;
 use serde::{Deserialize, Serialize};
 
-use super::{attn_out, cuda, GpuModel};
+use super::{attn_out, cuda, AttnActs, GpuModel, Qkv};
+use crate::config::MlaConfig;
 use crate::error::{input_err, Result};
 use crate::paged::SeqSpan;
+use crate::params::{AttnSlots, LayerSlots, Linear, Slot};
 
 /// Element type of the keys and values in a [`GpuPagedKvCache`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -77,8 +94,13 @@ pub struct GpuPagedKvCache {
     /// Per-position widths: Hk * Dk and Hk * Dv.
     kw: usize,
     vw: usize,
+    /// Keys (or MLA's latent entries) per layer.
     k: Vec<Store>,
+    /// Values per layer; empty for MLA's latent cache (the values are read
+    /// from the latent entries).
     v: Vec<Store>,
+    /// MLA's latent cache: one `[c ; k_rope]` entry a position.
+    latent: bool,
     refs: Vec<u32>,
     free: Vec<u32>,
     peak: usize,
@@ -133,7 +155,14 @@ impl GpuPagedKvCache {
         self.dtype
     }
 
-    /// Bytes of keys and values one position takes over all layers.
+    /// Whether the pool holds MLA's latent entries (see the module docs).
+    pub fn is_latent(&self) -> bool {
+        self.latent
+    }
+
+    /// Bytes of keys and values one position takes over all layers (for
+    /// MLA's latent cache: `(kv_lora_rank + qk_rope_head_dim) x dtype size
+    /// x layers`).
     pub fn bytes_per_token(&self) -> usize {
         self.k.len() * (self.kw + self.vw) * self.dtype.size()
     }
@@ -216,17 +245,51 @@ impl GpuPagedKvCache {
 impl GpuModel {
     /// A device pool of `blocks` blocks of `block_size` positions for this
     /// model's layers, keys and values in `dtype` (allocated now, zeroed).
-    /// MLA layers cache the expanded keys and values of every head.
+    /// An MLA model gets the latent cache where its widths allow
+    /// ([`GpuModel::mla_latent_fits`]), else the expanded keys and values of
+    /// every head.
     pub fn new_paged_cache(&self, block_size: usize, blocks: usize, dtype: KvDtype) -> Result<GpuPagedKvCache> {
+        self.new_paged_cache_with(block_size, blocks, dtype, self.mla_latent_fits())
+    }
+
+    /// Whether MLA's latent cache can serve this model: an MLA model whose
+    /// entry `kv_lora_rank + qk_rope_head_dim` fits the attention kernels'
+    /// head width (256; DeepSeek-V3's 576 does not).
+    pub fn mla_latent_fits(&self) -> bool {
+        self.config
+            .mla
+            .as_ref()
+            .is_some_and(|m| m.kv_lora_rank + m.qk_rope_head_dim <= FLASH_MAX_D.min(launch::ATTENTION_MAX_D))
+    }
+
+    /// [`GpuModel::new_paged_cache`] choosing the layout: `latent` asks for
+    /// MLA's latent cache (an error for a model without MLA or too wide),
+    /// otherwise the expanded keys and values.
+    pub fn new_paged_cache_with(
+        &self,
+        block_size: usize,
+        blocks: usize,
+        dtype: KvDtype,
+        latent: bool,
+    ) -> Result<GpuPagedKvCache> {
         if block_size == 0 || blocks == 0 || blocks > i32::MAX as usize {
             return Err(input_err(
                 "gpu new_paged_cache",
                 format!("{blocks} blocks of {block_size} positions: both must be positive"),
             ));
         }
+        if latent && !self.mla_latent_fits() {
+            return Err(input_err(
+                "gpu new_paged_cache",
+                "the latent cache needs an MLA model with kv_lora_rank + qk_rope_head_dim <= 256",
+            ));
+        }
         let (dk, dv, _, _) = self.config.attn_dims();
         let hk = self.kv_heads();
-        let (kw, vw) = (hk * dk, hk * dv);
+        let (kw, vw) = match (&self.config.mla, latent) {
+            (Some(m), true) => (m.kv_lora_rank + m.qk_rope_head_dim, 0),
+            _ => (hk * dk, hk * dv),
+        };
         let g = &self.gpu;
         let store = |w: usize| -> Result<Store> {
             let n = blocks * block_size * w;
@@ -240,7 +303,9 @@ impl GpuModel {
         let mut v = Vec::with_capacity(layers);
         for _ in 0..layers {
             k.push(store(kw)?);
-            v.push(store(vw)?);
+            if !latent {
+                v.push(store(vw)?);
+            }
         }
         Ok(GpuPagedKvCache {
             gpu: Arc::clone(g),
@@ -250,6 +315,7 @@ impl GpuModel {
             vw,
             k,
             v,
+            latent,
             refs: vec![0; blocks],
             free: (0..blocks as u32).rev().collect(),
             peak: 0,
@@ -316,6 +382,13 @@ impl GpuModel {
             }
             KvDtype::F32 => None,
         };
+        // The attention's shape: per head, or MLA's latent form (one
+        // key/value head of `[c ; k_rope]` entries, values = the entries).
+        let (ahk, adk, adv) = if cache.latent {
+            (1, cache.kw, cache.kw)
+        } else {
+            (hk, dk, dv)
+        };
         let geo = PagedGeometry {
             total_q: n,
             nseq: spans.len(),
@@ -324,49 +397,86 @@ impl GpuModel {
             num_blocks: cache.num_blocks(),
             max_blocks,
             h,
-            hk,
-            dk,
-            dv,
+            hk: ahk,
+            dk: adk,
+            dv: adv,
             scale: scale as f32,
             splits: 0,
         };
         for (l, s) in self.layout.layers.iter().enumerate() {
             let (ln1, _) = self.norm_rstd(&x, s.ln1, n, c)?;
             let qkv = self.qkv(&ln1, s, &pos, n)?;
-            let mut att = self.zeros(n * h * dv)?;
-            match &paged {
-                Some((tables, ctx, cu)) => {
-                    let (k16, v16) = (self.to_bf16(&qkv.k, n * hk * dk)?, self.to_bf16(&qkv.v, n * hk * dv)?);
-                    let (Store::Bf16(kc), Store::Bf16(vc)) = (&mut cache.k[l], &mut cache.v[l]) else {
-                        return Err(input_err("gpu forward_paged", "a bf16 cache holds f32 blocks"));
+            let (q, k, v) = if cache.latent {
+                let (q, entry) = self.mla_absorb(&qkv, s, n, cache.kw)?;
+                (q, entry, None)
+            } else {
+                (qkv.q, qkv.k, Some(qkv.v))
+            };
+            let mut out = self.zeros(n * h * adv)?;
+            let v_store = cache.v.get_mut(l);
+            match (&mut cache.k[l], v_store, &paged) {
+                (Store::Bf16(kc), vs, Some((tables, ctx, cu))) => {
+                    write_rows(g, kc, &self.to_bf16(&k, n * ahk * adk)?, spans, &row0, bs, ahk * adk)?;
+                    let vc = match (vs, &v) {
+                        (Some(Store::Bf16(vc)), Some(v)) => {
+                            write_rows(g, vc, &self.to_bf16(v, n * ahk * adv)?, spans, &row0, bs, ahk * adv)?;
+                            Some(vc)
+                        }
+                        (None, None) => None,
+                        _ => return Err(input_err("gpu forward_paged", "the cache's value blocks do not match")),
                     };
-                    write_rows(g, kc, &k16, spans, &row0, bs, hk * dk)?;
-                    write_rows(g, vc, &v16, spans, &row0, bs, hk * dv)?;
-                    let q16 = self.to_bf16(&qkv.q, n * h * dk)?;
+                    let q16 = self.to_bf16(&q, n * h * adk)?;
                     let mut lse = self.zeros(h * n)?;
-                    flash::flash_decode_bf16(g, &mut att, &mut lse, &q16, kc, vc, tables, ctx, cu, &geo)
+                    let kc: &CudaSlice<u16> = kc;
+                    let vc: &CudaSlice<u16> = vc.map_or(kc, |v| v);
+                    flash::flash_decode_bf16(g, &mut out, &mut lse, &q16, kc, vc, tables, ctx, cu, &geo)
                         .map_err(cuda)?;
                 }
-                None => {
-                    let (Store::F32(kc), Store::F32(vc)) = (&mut cache.k[l], &mut cache.v[l]) else {
-                        return Err(input_err("gpu forward_paged", "an f32 cache holds bf16 blocks"));
+                (Store::F32(kc), vs, None) => {
+                    write_rows(g, kc, &k, spans, &row0, bs, ahk * adk)?;
+                    let vc = match (vs, &v) {
+                        (Some(Store::F32(vc)), Some(v)) => {
+                            write_rows(g, vc, v, spans, &row0, bs, ahk * adv)?;
+                            Some(vc)
+                        }
+                        (None, None) => None,
+                        _ => return Err(input_err("gpu forward_paged", "the cache's value blocks do not match")),
                     };
-                    write_rows(g, kc, &qkv.k, spans, &row0, bs, hk * dk)?;
-                    write_rows(g, vc, &qkv.v, spans, &row0, bs, hk * dv)?;
+                    let kc: &CudaSlice<f32> = kc;
+                    let vc: &CudaSlice<f32> = vc.map_or(kc, |v| v);
                     for (sp, &r) in spans.iter().zip(&row0) {
                         let end = sp.start + sp.len;
                         let nb = end.div_ceil(bs);
-                        let kg = self.gather_blocks(kc, &sp.table[..nb], bs * hk * dk, &geo)?;
-                        let vg = self.gather_blocks(vc, &sp.table[..nb], bs * hk * dv, &geo)?;
-                        let qi = g.clone_range(&qkv.q, r * h * dk..(r + sp.len) * h * dk).map_err(cuda)?;
-                        let mut oi = self.zeros(sp.len * h * dv)?;
-                        let ageo = self.attn_geometry(1, end);
+                        let kg = self.gather_blocks(kc, &sp.table[..nb], bs * ahk * adk, &geo)?;
+                        let vg = self.gather_blocks(vc, &sp.table[..nb], bs * ahk * adv, &geo)?;
+                        let qi = g.clone_range(&q, r * h * adk..(r + sp.len) * h * adk).map_err(cuda)?;
+                        let mut oi = self.zeros(sp.len * h * adv)?;
+                        let ageo = AttnGeometry {
+                            b: 1,
+                            t: end,
+                            h,
+                            hk: ahk,
+                            dk: adk,
+                            dv: adv,
+                            scale: scale as f32,
+                        };
                         launch::attention_decode_f32(g, &mut oi, &qi, &kg, &vg, sp.start, sp.len, &ageo)
                             .map_err(cuda)?;
-                        g.copy_into(&mut att, r * h * dv, &oi).map_err(cuda)?;
+                        g.copy_into(&mut out, r * h * adv, &oi).map_err(cuda)?;
                     }
                 }
+                _ => {
+                    return Err(input_err(
+                        "gpu forward_paged",
+                        "the cache's blocks do not match its dtype",
+                    ))
+                }
             }
+            let att = if cache.latent {
+                self.mla_unabsorb(&out, s, n, cache.kw)?
+            } else {
+                out
+            };
             let ao = self.linear(&att, attn_out(&s.attn), n)?;
             launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
             let (ln2, _) = self.norm_rstd(&x, s.ln2, n, c)?;
@@ -378,6 +488,96 @@ impl GpuModel {
         let mut xl = self.zeros(spans.len() * c)?;
         launch::embedding_forward_f32(g, &mut xl, &x, TokenIds::Host(&last), spans.len(), n, c).map_err(cuda)?;
         self.head_logits(&xl, spans.len())
+    }
+
+    /// MLA's weight-absorbed queries and latent entries of `n` tokens:
+    /// per head `q~ = [W_UK^T q_nope ; q_rope]` `[n, H, w]` and per token
+    /// `[c ; k_rope]` `[n, w]` (`w = kv_lora_rank + qk_rope_head_dim`), so
+    /// that `q~ . entry = q . k` of the expanded form.
+    fn mla_absorb(&self, qkv: &Qkv, s: &LayerSlots, n: usize, w: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let (m, kv_b, cn) = self.mla_parts(qkv, s)?;
+        let h = self.config.num_heads;
+        let (dn, dr, dv, kvl) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank);
+        let dk = dn + dr;
+        // Entries: the normed latent, then the rotated key (head 0's copy).
+        let mut entry = self.zeros(n * w)?;
+        self.copy_cols(&mut entry, cn, ColsCopy::plain(n, kvl, (w, 0), (kvl, 0)))?;
+        self.copy_cols(&mut entry, &qkv.k, ColsCopy::plain(n, dr, (w, kvl), (h * dk, dn)))?;
+        // Queries: W_UK_h^T q_nope_h per head (W_UK_h: rows h (dn + dv) ..
+        // + dn of kv_b's weight, [dn, kvl]), then the rotated part.
+        let mut qt = self.zeros(n * h * w)?;
+        let mut qn = self.zeros(n * dn)?;
+        let mut qa = self.zeros(n * kvl)?;
+        for hh in 0..h {
+            self.copy_cols(&mut qn, &qkv.q, ColsCopy::plain(n, dn, (dn, 0), (h * dk, hh * dk)))?;
+            let uk = Slot {
+                off: kv_b.w.off + hh * (dn + dv) * kvl,
+                len: dn * kvl,
+            };
+            let shape = MatmulShape {
+                m: n,
+                k: dn,
+                n: kvl,
+                trans_a: false,
+                trans_b: false,
+                accumulate: false,
+            };
+            self.product(&mut qa.slice_mut(..n * kvl), &qn, self.weight(uk), shape, None)?;
+            self.copy_cols(&mut qt, &qa, ColsCopy::plain(n, kvl, (h * w, hh * w), (kvl, 0)))?;
+        }
+        self.copy_cols(&mut qt, &qkv.q, ColsCopy::plain(n * h, dr, (w, kvl), (dk, dn)))?;
+        Ok((qt, entry))
+    }
+
+    /// MLA's attention output from the latent form: per head `W_UV o_lat`
+    /// (`o_lat` the first `kv_lora_rank` columns of each head's row of
+    /// `out [n, H, w]`; W_UV_h: rows h (dn + dv) + dn .. + dv of kv_b's
+    /// weight, `[dv, kvl]`), as `[n, H * dv]`.
+    fn mla_unabsorb(&self, out: &CudaSlice<f32>, s: &LayerSlots, n: usize, w: usize) -> Result<CudaSlice<f32>> {
+        let AttnSlots::Mla { kv_b, .. } = &s.attn else {
+            return Err(input_err("gpu forward_paged", "a latent cache for a layer without MLA"));
+        };
+        let m = self
+            .config
+            .mla
+            .as_ref()
+            .ok_or_else(|| input_err("gpu", "MLA slots without an MLA config"))?;
+        let h = self.config.num_heads;
+        let (dn, dv, kvl) = (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
+        let mut att = self.zeros(n * h * dv)?;
+        let mut ol = self.zeros(n * kvl)?;
+        let mut vh = self.zeros(n * dv)?;
+        for hh in 0..h {
+            self.copy_cols(&mut ol, out, ColsCopy::plain(n, kvl, (kvl, 0), (h * w, hh * w)))?;
+            let uv = Slot {
+                off: kv_b.w.off + (hh * (dn + dv) + dn) * kvl,
+                len: dv * kvl,
+            };
+            let shape = MatmulShape {
+                m: n,
+                k: kvl,
+                n: dv,
+                trans_a: false,
+                trans_b: true,
+                accumulate: false,
+            };
+            self.product(&mut vh.slice_mut(..n * dv), &ol, self.weight(uv), shape, None)?;
+            self.copy_cols(&mut att, &vh, ColsCopy::plain(n, dv, (h * dv, hh * dv), (dv, 0)))?;
+        }
+        Ok(att)
+    }
+
+    /// An MLA layer's config, `kv_b` projection and normed latent.
+    fn mla_parts<'q>(&self, qkv: &'q Qkv, s: &'q LayerSlots) -> Result<(&MlaConfig, &'q Linear, &'q CudaSlice<f32>)> {
+        let (AttnSlots::Mla { kv_b, .. }, AttnActs::Mla { cn, .. }) = (&s.attn, &qkv.acts) else {
+            return Err(input_err("gpu forward_paged", "a latent cache for a layer without MLA"));
+        };
+        let m = self
+            .config
+            .mla
+            .as_ref()
+            .ok_or_else(|| input_err("gpu", "MLA slots without an MLA config"))?;
+        Ok((m, kv_b, cn))
     }
 
     /// The blocks `table` of one layer's f32 pool side by side: `[blocks,
