@@ -159,6 +159,9 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Cached keys and values on a GPU: bf16 or f32 (exact, slower).
+        #[arg(long, default_value = "bf16")]
+        kv_dtype: String,
         /// Output JSONL (stdout when absent).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -764,6 +767,7 @@ fn main() -> Result<()> {
             seed,
             greedy,
             device,
+            kv_dtype,
             out,
         } => generate::run(&generate::GenerateArgs {
             model: &model,
@@ -782,6 +786,7 @@ fn main() -> Result<()> {
                 ..aha_sampler::SamplingParams::default()
             },
             device: &device,
+            kv_dtype: &kv_dtype,
             out: out.as_deref(),
         }),
         Command::Bench {

@@ -70,6 +70,28 @@ pub enum KvDtype {
     F32,
 }
 
+impl std::str::FromStr for KvDtype {
+    type Err = crate::Error;
+
+    /// `bf16` or `f32`.
+    fn from_str(s: &str) -> Result<KvDtype> {
+        match s {
+            "bf16" => Ok(KvDtype::Bf16),
+            "f32" => Ok(KvDtype::F32),
+            _ => Err(input_err("kv dtype", format!("{s:?}: expected bf16 or f32"))),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::Bf16 => "bf16",
+            KvDtype::F32 => "f32",
+        })
+    }
+}
+
 impl KvDtype {
     /// Bytes per element.
     pub fn size(self) -> usize {
@@ -711,4 +733,24 @@ fn write_rows<T: aha_cuda_kernels::cudarc::driver::DeviceRepr>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvDtype;
+
+    #[test]
+    fn kv_dtypes_parse_by_name_and_size_their_elements() {
+        for (name, d, size) in [("bf16", KvDtype::Bf16, 2), ("f32", KvDtype::F32, 4)] {
+            let parsed: KvDtype = name.parse().unwrap_or(KvDtype::Bf16);
+            assert_eq!((parsed, parsed.size(), parsed.to_string()), (d, size, name.to_string()));
+        }
+        let e = "fp16"
+            .parse::<KvDtype>()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("\"fp16\": expected bf16 or f32"), "{e}");
+        assert_eq!(KvDtype::default(), KvDtype::Bf16);
+    }
 }
