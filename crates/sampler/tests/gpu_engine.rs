@@ -12,7 +12,8 @@
 //! log-prob within 0.05; seeded sampling is reproducible; the G samples of
 //! a prompt share its blocks (the pool's high-water mark is below that of
 //! G separate prompts). Without a GPU each test prints "skipped: no GPU";
-//! CI runs them on the emulated GPU.
+//! CI runs them on the emulated GPU (their names end in `_cuda`, which
+//! `scripts/test.sh`'s emulated pass selects).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -77,8 +78,8 @@ fn both(model: Model) -> (Policy, Policy) {
 }
 
 #[test]
-fn greedy_matches_the_cpu_engine_on_every_fixture() {
-    if skip("greedy_matches_the_cpu_engine_on_every_fixture") {
+fn greedy_matches_the_cpu_engine_on_every_fixture_cuda() {
+    if skip("greedy_matches_the_cpu_engine_on_every_fixture_cuda") {
         return;
     }
     let p = SamplingParams {
@@ -109,8 +110,8 @@ fn greedy_matches_the_cpu_engine_on_every_fixture() {
 }
 
 #[test]
-fn seeded_sampling_is_reproducible_and_scores_as_the_policy() {
-    if skip("seeded_sampling_is_reproducible_and_scores_as_the_policy") {
+fn seeded_sampling_is_reproducible_and_scores_as_the_policy_cuda() {
+    if skip("seeded_sampling_is_reproducible_and_scores_as_the_policy_cuda") {
         return;
     }
     let (cpu, gpu) = both(fixture("qwen3-moe-tiny"));
@@ -171,8 +172,8 @@ fn seeded_sampling_is_reproducible_and_scores_as_the_policy() {
 }
 
 #[test]
-fn new_weights_are_seen_by_the_next_generation() {
-    if skip("new_weights_are_seen_by_the_next_generation") {
+fn new_weights_are_seen_by_the_next_generation_cuda() {
+    if skip("new_weights_are_seen_by_the_next_generation_cuda") {
         return;
     }
     let (mut cpu, mut gpu) = both(fixture("llama-tiny"));
@@ -205,8 +206,8 @@ fn log_softmax(x: &[f32]) -> Vec<f32> {
 }
 
 #[test]
-fn bf16_kv_greedy_follows_the_cpu_model_on_every_fixture() {
-    if skip("bf16_kv_greedy_follows_the_cpu_model_on_every_fixture") {
+fn bf16_kv_greedy_follows_the_cpu_model_on_every_fixture_cuda() {
+    if skip("bf16_kv_greedy_follows_the_cpu_model_on_every_fixture_cuda") {
         return;
     }
     // bf16 keys, values and queries (relative rounding 2^-9 each) move
@@ -248,8 +249,8 @@ fn bf16_kv_greedy_follows_the_cpu_model_on_every_fixture() {
 }
 
 #[test]
-fn preemption_gives_the_completions_of_running_alone() {
-    if skip("preemption_gives_the_completions_of_running_alone") {
+fn preemption_gives_the_completions_of_running_alone_cuda() {
+    if skip("preemption_gives_the_completions_of_running_alone_cuda") {
         return;
     }
     let (_, gpu) = both(fixture("qwen3-moe-tiny"));
@@ -309,8 +310,8 @@ fn preemption_gives_the_completions_of_running_alone() {
 }
 
 #[test]
-fn the_samples_of_a_prompt_share_its_blocks() {
-    if skip("the_samples_of_a_prompt_share_its_blocks") {
+fn the_samples_of_a_prompt_share_its_blocks_cuda() {
+    if skip("the_samples_of_a_prompt_share_its_blocks_cuda") {
         return;
     }
     let (_, gpu) = both(fixture("llama-tiny"));
@@ -339,8 +340,8 @@ fn the_samples_of_a_prompt_share_its_blocks() {
 }
 
 #[test]
-fn a_pool_too_small_for_one_sequence_is_an_error() {
-    if skip("a_pool_too_small_for_one_sequence_is_an_error") {
+fn a_pool_too_small_for_one_sequence_is_an_error_cuda() {
+    if skip("a_pool_too_small_for_one_sequence_is_an_error_cuda") {
         return;
     }
     let (_, gpu) = both(fixture("qwen2-tiny"));
@@ -355,8 +356,8 @@ fn a_pool_too_small_for_one_sequence_is_an_error() {
 }
 
 #[test]
-fn mla_caches_the_latent_and_decodes_as_the_expanded_form() {
-    if skip("mla_caches_the_latent_and_decodes_as_the_expanded_form") {
+fn mla_caches_the_latent_and_decodes_as_the_expanded_form_cuda() {
+    if skip("mla_caches_the_latent_and_decodes_as_the_expanded_form_cuda") {
         return;
     }
     let (_, gpu) = both(fixture("deepseek-v3-tiny"));

@@ -314,7 +314,15 @@ impl GpuModel {
         };
         let g = &self.gpu;
         let store = |w: usize| -> Result<Store> {
-            let n = blocks * block_size * w;
+            let n = blocks
+                .checked_mul(block_size)
+                .and_then(|x| x.checked_mul(w))
+                .ok_or_else(|| {
+                    input_err(
+                        "gpu new_paged_cache",
+                        format!("{blocks} blocks of {block_size} overflow"),
+                    )
+                })?;
             Ok(match dtype {
                 KvDtype::Bf16 => Store::Bf16(g.zeros::<u16>(n).map_err(cuda)?),
                 KvDtype::F32 => Store::F32(g.zeros::<f32>(n).map_err(cuda)?),
