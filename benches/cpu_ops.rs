@@ -4,8 +4,8 @@
 //! are bytes moved (`GB/s`).
 //!
 //! Ceilings on the project's 2-core machine (docs/cpu-matmul.md): PyTorch's
-//! f32 matrix product 150-160 GFLOP/s at 1024-2048 square (from the
-//! foundation issue). Target: >= 120 GFLOP/s (80%) on the square sizes and
+//! f32 matrix product 150-160 GFLOP/s at 1024-2048 square (quoted for an
+//! earlier machine of the same kind). Target: >= 120 GFLOP/s (80%) on the square sizes and
 //! no cliff on the skinny shapes of a 256-wide model.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::needless_range_loop)]

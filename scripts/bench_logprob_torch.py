@@ -7,7 +7,7 @@ the same GPU at N = 16,384 tokens, C = 2,048, V = 151,936.
              and bf16, with the peak memory the step allocated;
   selective: TRL's selective_log_softmax idea on given logits (logsumexp
              row by row for f32, log_softmax row by row for bf16), the
-             number the issue's ">= 2x" goal is measured against.
+             number the ">= 2x" goal is measured against.
 
 Prints one table in the kernel_bench format. Run by scripts/gpu-check.sh;
 needs torch with CUDA (the device image has it).

@@ -109,6 +109,8 @@ pub struct GenerateArgs<'a> {
     pub params: SamplingParams,
     /// `auto`, `cpu` or `cuda[:N]`.
     pub device: &'a str,
+    /// The GPU engine's key/value dtype: `bf16` or `f32`.
+    pub kv_dtype: &'a str,
     pub out: Option<&'a Path>,
 }
 
@@ -151,8 +153,13 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
         aha_moe_model::gpu::gpu_support(&model.config)
             .map_err(|e| anyhow::anyhow!("--device {device}: {e}; use --device cpu"))?;
     }
+    let kv_dtype = a.kv_dtype.parse().context("--kv-dtype")?;
     let policy = Policy::new(model, device, Precision::F32)?;
-    let engine = Sampler::new(&policy, tok.as_ref(), EngineConfig::default(), &gen_eos)?;
+    let cfg = EngineConfig {
+        kv_dtype,
+        ..EngineConfig::default()
+    };
+    let engine = Sampler::new(&policy, tok.as_ref(), cfg, &gen_eos)?;
     let mut bar = SamplingBar::new("generate");
     let (completions, stats) = engine.generate_with_progress(&prompts, a.n, &a.params, &mut |p| bar.update(p))?;
     bar.finish();

@@ -1,8 +1,9 @@
 //! `aha`: the command line, thin over the library crates.
 //!
-//! Commands arrive with the issues that build them (the main job, `demo`,
-//! comes with the trainer). Today: `info`, which reports what this machine
-//! offers as one JSON line.
+//! Each command is a thin layer over a library crate: `demo` and `pipeline`
+//! (the R1 pipeline at toy scale), `grpo`, `sft`, `rejection-sample`,
+//! `distill`, `eval`, `generate`, `logprobs`, `rewards`, `plan`, `bench`
+//! and `info`.
 
 mod bench;
 mod eval_cmd;
@@ -165,6 +166,9 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Cached keys and values on a GPU: bf16 or f32 (exact, slower).
+        #[arg(long, default_value = "bf16")]
+        kv_dtype: String,
         /// Output JSONL (stdout when absent).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -809,6 +813,7 @@ fn main() -> Result<()> {
             seed,
             greedy,
             device,
+            kv_dtype,
             out,
         } => generate::run(&generate::GenerateArgs {
             model: &model,
@@ -827,6 +832,7 @@ fn main() -> Result<()> {
                 ..aha_sampler::SamplingParams::default()
             },
             device: &device,
+            kv_dtype: &kv_dtype,
             out: out.as_deref(),
         }),
         Command::Bench {

@@ -390,6 +390,10 @@ fn generate_on_cuda_matches_the_cpu_greedy_or_says_no_gpu() {
                 "--greedy",
                 "--max-new-tokens",
                 "8",
+                // f32 keys and values: the CPU's tokens exactly (bf16 may
+                // break a near-tie the other way).
+                "--kv-dtype",
+                "f32",
             ])
             .args(["--device", device])
             .output()

@@ -271,8 +271,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    // The simple attention kernels (f32, warp per row; the flash kernels of
-    // the attention issue will replace them) and the token log-probs.
+    // The simple attention kernels (f32, warp per row; bf16 runs the flash
+    // kernels instead) and the token log-probs.
     {
         use aha_cuda_kernels::launch::AttnGeometry;
         let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
@@ -350,7 +350,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
 
 /// The fused lm-head log-probs (vocabulary chunks from hidden states, f32
 /// and bf16 operands; forward, and forward + backward as a GRPO step runs
-/// it) at the issue's N = 16,384, V = 151,936, C = 2,048, with the chunk
+/// it) at the target shape N = 16,384, V = 151,936, C = 2,048, with the chunk
 /// buffer the plan allocates; then the GRPO math on a 1024 x 1024 batch.
 /// scripts/bench_logprob_torch.py times PyTorch's naive path (product,
 /// log_softmax, gather) and TRL's selective_log_softmax at the same shapes.

@@ -211,6 +211,31 @@ impl Gpu {
         self.stream.memcpy_dtod(src, &mut view).ctx("memcpy_dtod")
     }
 
+    /// Copies elements `range` of `src` into `dst` at element `offset` (on
+    /// the device, one copy, no temporary).
+    pub fn copy_range<T: DeviceRepr>(
+        &self,
+        dst: &mut CudaSlice<T>,
+        offset: usize,
+        src: &CudaSlice<T>,
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let n = range.end.saturating_sub(range.start);
+        let end = offset.checked_add(n).filter(|&e| e <= dst.len());
+        let (Some(end), true) = (end, range.start <= range.end && range.end <= src.len()) else {
+            return Err(Error::InvalidArgument {
+                op: "copy_range",
+                msg: format!(
+                    "{range:?} of a buffer of {} to {offset} of a buffer of {}",
+                    src.len(),
+                    dst.len()
+                ),
+            });
+        };
+        let mut view = dst.slice_mut(offset..end);
+        self.stream.memcpy_dtod(&src.slice(range), &mut view).ctx("memcpy_dtod")
+    }
+
     /// A zeroed device buffer of `len` elements.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros(len).ctx("alloc_zeros")

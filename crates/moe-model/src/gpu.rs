@@ -49,6 +49,9 @@ use crate::error::{input_err, Error, Result};
 use crate::model::{rope_tables, Model};
 use crate::params::{AttnSlots, FfnSlots, LayerSlots, Layout, Linear, MlpSlots, Slot};
 
+mod paged;
+pub use paged::{GpuPagedKvCache, KvDtype};
+
 fn cuda(e: aha_cuda_kernels::Error) -> Error {
     Error::Tensor(aha_tensor::Error::from(e))
 }
@@ -1501,102 +1504,7 @@ impl GpuModel {
     }
 }
 
-/// One sequence's keys and values on the device, per layer
-/// `[max_position_embeddings, Hk, Dk]` and `[.., Hk, Dv]` (MLA: the keys and
-/// values of every head, expanded), filled up to `len`.
-pub struct GpuKvCache {
-    k: Vec<CudaSlice<f32>>,
-    v: Vec<CudaSlice<f32>>,
-    /// Positions held.
-    pub len: usize,
-    cap: usize,
-}
-
-impl GpuKvCache {
-    /// Positions the cache can hold.
-    pub fn capacity(&self) -> usize {
-        self.cap
-    }
-}
-
 impl GpuModel {
-    /// An empty cache for one sequence of up to `max_position_embeddings`.
-    pub fn new_cache(&self) -> Result<GpuKvCache> {
-        self.new_cache_with(self.config.max_position_embeddings)
-    }
-
-    /// An empty cache for one sequence of up to `cap` positions (at most
-    /// `max_position_embeddings`): a rollout needs prompt + new tokens only.
-    pub fn new_cache_with(&self, cap: usize) -> Result<GpuKvCache> {
-        let cfg = &self.config;
-        if cap == 0 || cap > cfg.max_position_embeddings {
-            return Err(input_err(
-                "gpu new_cache_with",
-                format!(
-                    "{cap} positions: need 1..={} (max_position_embeddings)",
-                    cfg.max_position_embeddings
-                ),
-            ));
-        }
-        let (dk, dv, _, _) = cfg.attn_dims();
-        let hk = self.kv_heads();
-        let mut k = Vec::with_capacity(cfg.num_layers);
-        let mut v = Vec::with_capacity(cfg.num_layers);
-        for _ in 0..cfg.num_layers {
-            k.push(self.zeros(cap * hk * dk)?);
-            v.push(self.zeros(cap * hk * dv)?);
-        }
-        Ok(GpuKvCache { k, v, len: 0, cap })
-    }
-
-    /// Runs `ids` (the next tokens of one sequence) through the model,
-    /// writing their keys and values into `cache` and attending over it;
-    /// returns the logits of the last of them `[V]` (as `Model::forward_cached`).
-    pub fn forward_cached(&self, ids: &[u32], cache: &mut GpuKvCache) -> Result<Vec<f32>> {
-        let logits = self.forward_cached_on_device(ids, cache)?;
-        self.gpu.download(&logits).map_err(cuda)
-    }
-
-    /// [`GpuModel::forward_cached`] leaving the logits `[V]` of the last
-    /// token on the device (for sampling there).
-    pub fn forward_cached_on_device(&self, ids: &[u32], cache: &mut GpuKvCache) -> Result<CudaSlice<f32>> {
-        let cfg = &self.config;
-        let n = ids.len();
-        let start = cache.len;
-        if n == 0 || start + n > cache.cap {
-            return Err(input_err(
-                "gpu forward_cached",
-                format!("{n} new tokens after {start} do not fit {} positions", cache.cap),
-            ));
-        }
-        let c = cfg.hidden_size;
-        let (dk, dv, _, _) = cfg.attn_dims();
-        let (h, hk) = (cfg.num_heads, self.kv_heads());
-        let g = &self.gpu;
-        let mut x = self.embed(ids)?;
-        let pos: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
-        let pos = g.upload(&pos).map_err(cuda)?;
-        for (l, s) in self.layout.layers.iter().enumerate() {
-            let (ln1, _) = self.norm_rstd(&x, s.ln1, n, c)?;
-            let qkv = self.qkv(&ln1, s, &pos, n)?;
-            g.copy_into(&mut cache.k[l], start * hk * dk, &qkv.k).map_err(cuda)?;
-            g.copy_into(&mut cache.v[l], start * hk * dv, &qkv.v).map_err(cuda)?;
-            let mut att = self.zeros(n * h * dv)?;
-            let geo = self.attn_geometry(1, start + n);
-            launch::attention_decode_f32(g, &mut att, &qkv.q, &cache.k[l], &cache.v[l], start, n, &geo)
-                .map_err(cuda)?;
-            let ao = self.linear(&att, attn_out(&s.attn), n)?;
-            launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
-            let (ln2, _) = self.norm_rstd(&x, s.ln2, n, c)?;
-            let (down, _) = self.mlp(&ln2, s, n)?;
-            launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
-        }
-        cache.len = start + n;
-        // Only the last token's logits.
-        let last = g.clone_range(&x, (n - 1) * c..n * c).map_err(cuda)?;
-        self.head_logits(&last, 1)
-    }
-
     /// Logits `[n, V]` of residual rows `x [n, C]` (final norm, lm head).
     fn head_logits(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
         let c = self.config.hidden_size;
@@ -1608,85 +1516,6 @@ impl GpuModel {
             out: self.config.vocab_size,
         };
         self.linear(&hidden, &head, n)
-    }
-
-    /// One decode step of `B` sequences together: `tokens[i]` is the next
-    /// token of the sequence cached in `caches[i]` (at position
-    /// `caches[i].len`). The layer math (norms, projections, RoPE, the MLP
-    /// or the experts) runs once over the `[B, C]` batch; attention runs per
-    /// sequence against its own cache (`attention_decode_f32`). Appends each
-    /// sequence's key and value and returns the logits `[B, V]` on the device.
-    pub fn forward_decode(&self, tokens: &[u32], caches: &mut [&mut GpuKvCache]) -> Result<CudaSlice<f32>> {
-        let cfg = &self.config;
-        let b = tokens.len();
-        if b == 0 || caches.len() != b {
-            return Err(input_err(
-                "gpu forward_decode",
-                format!("{b} tokens for {} caches (need one each, at least one)", caches.len()),
-            ));
-        }
-        if let Some((i, cch)) = caches.iter().enumerate().find(|(_, c)| c.len >= c.cap) {
-            return Err(input_err(
-                "gpu forward_decode",
-                format!("sequence {i}: its cache of {} positions is full", cch.cap),
-            ));
-        }
-        let c = cfg.hidden_size;
-        let (dk, dv, _, _) = cfg.attn_dims();
-        let (h, hk) = (cfg.num_heads, self.kv_heads());
-        let g = &self.gpu;
-        let mut x = self.embed(tokens)?;
-        let pos: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
-        let pos = g.upload(&pos).map_err(cuda)?;
-        for (l, s) in self.layout.layers.iter().enumerate() {
-            let (ln1, _) = self.norm_rstd(&x, s.ln1, b, c)?;
-            let qkv = self.qkv(&ln1, s, &pos, b)?;
-            let mut att = self.zeros(b * h * dv)?;
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let p = cache.len;
-                let ki = g.clone_range(&qkv.k, i * hk * dk..(i + 1) * hk * dk).map_err(cuda)?;
-                let vi = g.clone_range(&qkv.v, i * hk * dv..(i + 1) * hk * dv).map_err(cuda)?;
-                g.copy_into(&mut cache.k[l], p * hk * dk, &ki).map_err(cuda)?;
-                g.copy_into(&mut cache.v[l], p * hk * dv, &vi).map_err(cuda)?;
-                let qi = g.clone_range(&qkv.q, i * h * dk..(i + 1) * h * dk).map_err(cuda)?;
-                let mut oi = self.zeros(h * dv)?;
-                let geo = self.attn_geometry(1, p + 1);
-                launch::attention_decode_f32(g, &mut oi, &qi, &cache.k[l], &cache.v[l], p, 1, &geo).map_err(cuda)?;
-                g.copy_into(&mut att, i * h * dv, &oi).map_err(cuda)?;
-            }
-            let ao = self.linear(&att, attn_out(&s.attn), b)?;
-            launch::add_inplace_f32(g, &mut x, &ao, b * c).map_err(cuda)?;
-            let (ln2, _) = self.norm_rstd(&x, s.ln2, b, c)?;
-            let (down, _) = self.mlp(&ln2, s, b)?;
-            launch::add_inplace_f32(g, &mut x, &down, b * c).map_err(cuda)?;
-        }
-        for cache in caches.iter_mut() {
-            cache.len += 1;
-        }
-        self.head_logits(&x, b)
-    }
-
-    /// Greedy decoding of `max_new` tokens after `prompt` with the KV cache
-    /// on the device (as `Model::greedy(prompt, max_new, true)`).
-    pub fn greedy(&self, prompt: &[u32], max_new: usize) -> Result<Vec<u32>> {
-        let mut cache = self.new_cache()?;
-        let mut logits = self.forward_cached(prompt, &mut cache)?;
-        let mut out = Vec::with_capacity(max_new);
-        for step in 0..max_new {
-            let next = logits
-                .iter()
-                .enumerate()
-                .fold(
-                    (0usize, f32::NEG_INFINITY),
-                    |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
-                )
-                .0 as u32;
-            out.push(next);
-            if step + 1 < max_new {
-                logits = self.forward_cached(&[next], &mut cache)?;
-            }
-        }
-        Ok(out)
     }
 }
 

@@ -89,7 +89,7 @@ impl std::str::FromStr for ProgramLanguage {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
-    /// Wall-clock limit per test in seconds (default 10; the default).
+    /// Wall-clock limit per test in seconds (default 10).
     pub timeout_s: f64,
     /// Address-space limit in MiB (default 1024).
     pub memory_mib: u64,

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use aha_moe_model::gpu::KvDtype;
 use aha_moe_model::{Model, PagedKvCache, SeqSpan};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -28,8 +29,13 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Positions per cache block.
     pub block_size: usize,
-    /// Cache blocks in the pool (memory is reserved as they are first used).
+    /// Cache blocks in the pool at most. The CPU engine reserves memory as
+    /// blocks are first used; the GPU engine allocates, per `generate`
+    /// call, the fewer of this and the request's worst case.
     pub kv_blocks: usize,
+    /// Element type of the cached keys and values on a GPU (bf16 unless
+    /// asked; see `gpu_engine`). The CPU engine's cache is always f32.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +44,7 @@ impl Default for EngineConfig {
             max_batch: 64,
             block_size: 16,
             kv_blocks: 16_384,
+            kv_dtype: KvDtype::Bf16,
         }
     }
 }
@@ -90,6 +97,9 @@ pub struct GenerateStats {
     pub generated_tokens: usize,
     /// Most cache blocks in use at once.
     pub peak_blocks: usize,
+    /// Sequences preempted (their blocks freed, recomputed on return; the
+    /// GPU engine only: the CPU engine reserves the worst case instead).
+    pub preemptions: usize,
 }
 
 struct Seq {

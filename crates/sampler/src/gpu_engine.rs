@@ -1,32 +1,63 @@
 //! The rollout engine on a GPU: [`GpuEngine::generate`] has the contract of
 //! [`Engine::generate`](crate::Engine::generate) (the same parameters,
 //! per-sequence seeded streams, stop rules, log-probs and
-//! [`Completion`]s) and keeps the model, the KV caches and the sampling
-//! on the device.
+//! [`Completion`]s) and keeps the model, the KV cache and the sampling on
+//! the device.
 //!
-//! Each step decodes every live sequence together: one new token per
-//! sequence through [`GpuModel::forward_decode`] (the layer math once for
-//! the batch, attention per sequence against its own cache), then one
-//! `sample_f32` launch over the `[B, V]` logits (temperature, top-k, top-p,
-//! min-p, with one uniform per row from the sequence's own stream), so only
-//! the sampled ids and their log-probs come back to the host. A sequence
-//! admitted this step prefills its prompt into its own cache first.
+//! Continuous batching over a paged KV cache in device memory
+//! ([`GpuPagedKvCache`](aha_moe_model::gpu::GpuPagedKvCache): one block
+//! pool per layer, block tables, reference counts, copy-on-write). Each step runs one ragged batch through
+//! [`GpuModel::forward_paged`]: one new token of every live sequence, the
+//! recomputation of sequences coming back from preemption, and the prefill
+//! of newly admitted prompts; then one `sample_f32` launch over the
+//! `[B, V]` logits (temperature, top-k, top-p, min-p, with one uniform per
+//! row from the sequence's own stream), so only the sampled ids and their
+//! log-probs come back to the host.
 //!
-//! This first form gives every sequence a contiguous f32 cache of
-//! `prompt + max_new_tokens` positions and prefills a prompt once per
-//! sample (no paged cache, no prefix sharing, no preemption; MLA caches the
-//! expanded keys and values, not the latent).
+//! - **Pool**: allocated per call, `min(EngineConfig::kv_blocks, the
+//!   request's worst case)` blocks of `EngineConfig::block_size` positions
+//!   (the worst case: every prompt's blocks once plus each sample's private
+//!   tail to `max_new_tokens`, so a pool of that size never preempts).
+//!   Keys and values in `EngineConfig::kv_dtype`: bf16 (default; attention
+//!   by the paged flash-decoding kernels) or f32 (exact; the f32 decode
+//!   kernel over gathered blocks).
+//! - **Admission by free blocks**: a prompt joins when batch slots allow
+//!   and the pool has free blocks for its prompt (its samples then grow
+//!   block by block); nothing is reserved for the future.
+//! - **Preemption by recomputation**: when a live sequence needs a block
+//!   and none is free, the most recently admitted sequence is preempted:
+//!   its blocks are released and it waits at the front of the queue with
+//!   its tokens; when it returns, prompt + tokens are prefilled again (its
+//!   stream and tokens are kept, so the completion is the one it would have
+//!   had). The oldest live sequence is never preempted while others are
+//!   live, so every step makes progress. No prompt is admitted in a step
+//!   that preempted.
+//! - **Prefix sharing**: the G samples of a prompt admitted together share
+//!   every block of its prefill (one prefill, reference counts); a sample
+//!   about to write into a shared partial block copies it first
+//!   (copy-on-write; the last holder writes in place). A sequence
+//!   recomputed after preemption holds its own blocks.
+//!
+//! - **MLA**: DeepSeek-V3-style models cache the compressed latent and the
+//!   rotary key (weight-absorbed attention) where the widths fit the
+//!   kernels, else the expanded keys and values (see
+//!   [`GpuPagedKvCache`](aha_moe_model::gpu::GpuPagedKvCache)).
+//!
+//! Not yet: CUDA graphs; the key/value writes into the pool are one device
+//! copy per run of positions within a block.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::time::Instant;
 
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
-use aha_cuda_kernels::launch::{sample_f32, SampleParams};
-use aha_moe_model::gpu::{GpuKvCache, GpuModel};
+use aha_cuda_kernels::launch::{embedding_forward_f32, sample_f32, SampleParams, TokenIds};
+use aha_moe_model::gpu::GpuModel;
+use aha_moe_model::SeqSpan;
 use tokenizers::Tokenizer;
 
 use crate::detok::Detokenizer;
-use crate::engine::{check_request, completion_text, stop_rule};
+use crate::engine::{check_request, completion_text, stop_rule, EngineConfig};
 use crate::error::{Error, Result};
 use crate::sampling::{SamplingParams, SeqRng};
 use crate::{Completion, GenerateStats, Progress};
@@ -34,7 +65,10 @@ use crate::{Completion, GenerateStats, Progress};
 struct Seq {
     prompt: usize,
     sample: usize,
-    cache: GpuKvCache,
+    /// Block table (empty while preempted).
+    table: Vec<u32>,
+    /// Positions in the cache.
+    len: usize,
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
     rng: SeqRng,
@@ -42,11 +76,18 @@ struct Seq {
     text: String,
 }
 
+/// A queue entry: samples of a prompt not started yet, or a preempted
+/// sequence.
+enum Waiting {
+    Fresh { prompt: usize, samples: Range<usize> },
+    Resume(Box<Seq>),
+}
+
 /// Generates completions with a model on a GPU (see the module docs).
 pub struct GpuEngine<'a> {
     model: &'a GpuModel,
     tokenizer: Option<&'a Tokenizer>,
-    max_batch: usize,
+    cfg: EngineConfig,
     eos: Vec<u32>,
 }
 
@@ -55,17 +96,19 @@ fn device(e: aha_cuda_kernels::Error) -> Error {
 }
 
 impl<'a> GpuEngine<'a> {
-    /// An engine over `model` decoding at most `max_batch` sequences at
-    /// once; `tokenizer` enables text and stop strings. End-of-sequence ids
-    /// come from the model config plus `extra_eos`.
+    /// An engine over `model` with `cfg`'s batch, block size, pool bound
+    /// and key/value dtype; `tokenizer` enables text and stop strings.
+    /// End-of-sequence ids come from the model config plus `extra_eos`.
     pub fn new(
         model: &'a GpuModel,
         tokenizer: Option<&'a Tokenizer>,
-        max_batch: usize,
+        cfg: EngineConfig,
         extra_eos: &[u32],
     ) -> Result<GpuEngine<'a>> {
-        if max_batch == 0 {
-            return Err(Error::Invalid("max_batch must be positive".into()));
+        if cfg.max_batch == 0 || cfg.block_size == 0 || cfg.kv_blocks == 0 {
+            return Err(Error::Invalid(
+                "max_batch, block_size and kv_blocks must be positive".into(),
+            ));
         }
         let mut eos = model.config.eos_token_ids.clone();
         eos.extend_from_slice(extra_eos);
@@ -74,7 +117,7 @@ impl<'a> GpuEngine<'a> {
         Ok(GpuEngine {
             model,
             tokenizer,
-            max_batch,
+            cfg,
             eos,
         })
     }
@@ -87,6 +130,17 @@ impl<'a> GpuEngine<'a> {
         params: &SamplingParams,
     ) -> Result<(Vec<Completion>, GenerateStats)> {
         self.generate_with_progress(prompts, n, params, &mut |_| {})
+    }
+
+    /// The pool's size for a request: the fewer of `kv_blocks` and the
+    /// blocks that let every sequence of it run at once to its last token.
+    fn pool_blocks(&self, prompts: &[Vec<u32>], n: usize, max_new: usize) -> usize {
+        let bs = self.cfg.block_size;
+        let worst: usize = prompts
+            .iter()
+            .map(|p| p.len().div_ceil(bs) + n * ((p.len() + max_new).div_ceil(bs) - p.len() / bs))
+            .sum();
+        worst.clamp(1, self.cfg.kv_blocks)
     }
 
     /// [`GpuEngine::generate`], calling `progress` after every step.
@@ -102,10 +156,30 @@ impl<'a> GpuEngine<'a> {
             prompts,
             n,
             params,
-            self.max_batch,
+            self.cfg.max_batch,
             self.tokenizer.is_some(),
             cfg.max_position_embeddings,
         )?;
+        let blocks = self.pool_blocks(prompts, n, params.max_new_tokens);
+        let (bs, dtype) = (self.cfg.block_size, self.cfg.kv_dtype);
+        let mut cache = self.model.new_paged_cache(bs, blocks, dtype).map_err(|e| {
+            Error::Invalid(format!(
+                "the KV-cache pool of {blocks} blocks of {bs} positions ({dtype:?}): {e} (lower kv_blocks)"
+            ))
+        })?;
+        // One sequence alone must fit the pool, so that the oldest live
+        // sequence can always grow.
+        for (i, p) in prompts.iter().enumerate() {
+            let need = cache.blocks_for(p.len() + params.max_new_tokens);
+            if need > cache.num_blocks() {
+                return Err(Error::Invalid(format!(
+                    "prompt {i} needs {need} cache blocks for {} + {} tokens, the pool has {} (kv_blocks)",
+                    p.len(),
+                    params.max_new_tokens,
+                    cache.num_blocks()
+                )));
+            }
+        }
         let mut eos = self.eos.clone();
         eos.extend_from_slice(&params.stop_token_ids);
         let greedy = params.greedy || params.temperature == 0.0;
@@ -119,53 +193,165 @@ impl<'a> GpuEngine<'a> {
         let gpu = self.model.gpu();
         let t_all = Instant::now();
         let mut stats = GenerateStats::default();
-        let mut waiting: VecDeque<(usize, usize)> =
-            (0..prompts.len()).flat_map(|p| (0..n).map(move |s| (p, s))).collect();
+        let mut waiting: VecDeque<Waiting> = (0..prompts.len())
+            .map(|p| Waiting::Fresh {
+                prompt: p,
+                samples: 0..n,
+            })
+            .collect();
         let mut live: Vec<Seq> = Vec::new();
         let mut done: Vec<Completion> = Vec::with_capacity(prompts.len() * n);
 
         while !waiting.is_empty() || !live.is_empty() {
             stats.steps += 1;
             let t0 = Instant::now();
-            // Rows of this step's logits: the live sequences' next tokens
-            // (one batched decode), then each admitted sequence's prefill.
-            let mut rows: Vec<CudaSlice<f32>> = Vec::new();
-            if !live.is_empty() {
-                let tokens: Vec<u32> = live.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
-                let mut caches: Vec<&mut GpuKvCache> = live.iter_mut().map(|s| &mut s.cache).collect();
-                rows.push(self.model.forward_decode(&tokens, &mut caches)?);
-            }
-            while live.len() < self.max_batch {
-                let Some((pi, si)) = waiting.pop_front() else { break };
-                let prompt = &prompts[pi];
-                let mut cache = self.model.new_cache_with(prompt.len() + params.max_new_tokens)?;
-                rows.push(self.model.forward_cached_on_device(prompt, &mut cache)?);
-                stats.prompt_tokens += prompt.len();
-                live.push(Seq {
-                    prompt: pi,
-                    sample: si,
-                    cache,
-                    tokens: Vec::new(),
-                    logprobs: Vec::new(),
-                    rng: SeqRng::for_sequence(params.seed, pi as u64, si as u64),
-                    detok: Detokenizer::default(),
-                    text: String::new(),
-                });
-            }
-            let logits = match rows.len() {
-                1 => rows.pop().ok_or_else(|| Error::Invalid("no logits".into()))?,
-                _ => {
-                    let mut all = gpu.zeros::<f32>(live.len() * v).map_err(device)?;
-                    let mut at = 0;
-                    for r in &rows {
-                        gpu.copy_into(&mut all, at, r).map_err(device)?;
-                        at += r.len();
-                    }
-                    all
+            // Room for each live sequence's next position: a new block, or
+            // a private copy of a shared last block; when the pool is full
+            // the newest sequence is preempted (perhaps the one asking).
+            let mut preempted = false;
+            let mut i = 0;
+            while i < live.len() {
+                let s = &live[i];
+                let grow = cache.blocks_for(s.len + 1) > s.table.len();
+                let shared = !grow && s.table.last().is_some_and(|&b| cache.is_shared(b));
+                if !grow && !shared {
+                    i += 1;
+                    continue;
                 }
-            };
+                if cache.free_blocks() == 0 {
+                    if live.len() == 1 {
+                        return Err(Error::Invalid("the KV-cache pool cannot hold one sequence".into()));
+                    }
+                    if let Some(mut victim) = live.pop() {
+                        cache.release(&victim.table);
+                        victim.table.clear();
+                        victim.len = 0;
+                        waiting.push_front(Waiting::Resume(Box::new(victim)));
+                        stats.preemptions += 1;
+                        preempted = true;
+                    }
+                    continue;
+                }
+                let s = &mut live[i];
+                if grow {
+                    s.table.push(cache.alloc()?);
+                } else if let Some(last) = s.table.last_mut() {
+                    let copy = cache.copy_block(*last)?;
+                    cache.release(&[*last]);
+                    *last = copy;
+                }
+                i += 1;
+            }
+
+            // Admission by batch slots and free blocks: preempted sequences
+            // first (prompt + tokens recomputed), then new prompts (one
+            // prefill for the samples admitted together).
+            let mut resumed: Vec<Seq> = Vec::new();
+            let mut fresh: Vec<(usize, Range<usize>, Vec<u32>)> = Vec::new();
+            let mut slots = self.cfg.max_batch - live.len();
+            while !preempted && slots > 0 {
+                let Some(w) = waiting.pop_front() else { break };
+                match w {
+                    Waiting::Resume(mut s) => {
+                        let need = cache.blocks_for(prompts[s.prompt].len() + s.tokens.len());
+                        if need > cache.free_blocks() {
+                            waiting.push_front(Waiting::Resume(s));
+                            break;
+                        }
+                        for _ in 0..need {
+                            s.table.push(cache.alloc()?);
+                        }
+                        resumed.push(*s);
+                        slots -= 1;
+                    }
+                    Waiting::Fresh { prompt, samples } => {
+                        let plen = prompts[prompt].len();
+                        let need = cache.blocks_for(plen);
+                        if need > cache.free_blocks() {
+                            waiting.push_front(Waiting::Fresh { prompt, samples });
+                            break;
+                        }
+                        let k = samples.len().min(slots);
+                        let mut table = Vec::with_capacity(need);
+                        for _ in 0..need {
+                            table.push(cache.alloc()?);
+                        }
+                        let (now, rest) = (samples.start..samples.start + k, samples.start + k..samples.end);
+                        if !rest.is_empty() {
+                            waiting.push_front(Waiting::Fresh { prompt, samples: rest });
+                        }
+                        stats.prompt_tokens += plen;
+                        fresh.push((prompt, now, table));
+                        slots -= k;
+                    }
+                }
+            }
+
+            // One ragged batch: a token of every live sequence, then the
+            // recomputations, then the prefills.
+            let mut tokens: Vec<u32> = live.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
+            for s in &resumed {
+                tokens.extend_from_slice(&prompts[s.prompt]);
+                tokens.extend_from_slice(&s.tokens);
+            }
+            for (p, _, _) in &fresh {
+                tokens.extend_from_slice(&prompts[*p]);
+            }
+            let mut spans: Vec<SeqSpan<'_>> = live
+                .iter()
+                .map(|s| SeqSpan {
+                    table: &s.table,
+                    start: s.len,
+                    len: 1,
+                })
+                .collect();
+            spans.extend(resumed.iter().map(|s| SeqSpan {
+                table: &s.table,
+                start: 0,
+                len: prompts[s.prompt].len() + s.tokens.len(),
+            }));
+            spans.extend(fresh.iter().map(|(p, _, table)| SeqSpan {
+                table,
+                start: 0,
+                len: prompts[*p].len(),
+            }));
+            let logits = self.model.forward_paged(&tokens, &spans, &mut cache)?;
+            drop(spans);
+            for s in live.iter_mut() {
+                s.len += 1;
+            }
+            for s in resumed.iter_mut() {
+                s.len = prompts[s.prompt].len() + s.tokens.len();
+            }
+            // The samples of a prefilled prompt share its blocks; the
+            // prompt's own reference goes.
+            let mut rows: Vec<u32> = (0..(live.len() + resumed.len()) as u32).collect();
+            let mut started: Vec<Seq> = Vec::new();
+            for (j, (p, samples, table)) in fresh.into_iter().enumerate() {
+                let row = (live.len() + resumed.len() + j) as u32;
+                for si in samples {
+                    cache.share(&table);
+                    rows.push(row);
+                    started.push(Seq {
+                        prompt: p,
+                        sample: si,
+                        table: table.clone(),
+                        len: prompts[p].len(),
+                        tokens: Vec::new(),
+                        logprobs: Vec::new(),
+                        rng: SeqRng::for_sequence(params.seed, p as u64, si as u64),
+                        detok: Detokenizer::default(),
+                        text: String::new(),
+                    });
+                }
+                cache.release(&table);
+            }
+            live.append(&mut resumed);
+            live.append(&mut started);
+            let logits = self.rows(logits, &rows)?;
             gpu.synchronize().map_err(device)?;
             stats.forward_s += t0.elapsed().as_secs_f64();
+            stats.peak_blocks = cache.peak_blocks();
 
             // One uniform per row from the sequence's own stream (greedy
             // draws none, as on the CPU), then one launch for every row.
@@ -182,12 +368,13 @@ impl<'a> GpuEngine<'a> {
             stats.sample_s += t1.elapsed().as_secs_f64();
             stats.generated_tokens += live.len();
 
-            // Stop rules; finished sequences leave and free their caches.
+            // Stop rules; finished sequences leave and free their blocks.
             let t2 = Instant::now();
             let mut keep = Vec::with_capacity(live.len());
             for mut s in live.drain(..) {
                 match stop_rule(self.tokenizer, &eos, params, &s.tokens, &mut s.detok, &mut s.text)? {
                     Some(r) => {
+                        cache.release(&s.table);
                         let text = completion_text(self.tokenizer, r, &s.tokens, s.text)?;
                         done.push(Completion {
                             prompt_index: s.prompt,
@@ -214,5 +401,19 @@ impl<'a> GpuEngine<'a> {
         done.sort_by_key(|c| (c.prompt_index, c.sample_index));
         stats.total_s = t_all.elapsed().as_secs_f64();
         Ok((done, stats))
+    }
+
+    /// Rows `rows` of `logits [*, V]` as a new `[rows, V]` buffer (one row
+    /// gather); `logits` itself when `rows` is `0, 1, 2, ..` of all of it.
+    fn rows(&self, logits: CudaSlice<f32>, rows: &[u32]) -> Result<CudaSlice<f32>> {
+        let v = self.model.config.vocab_size;
+        let have = logits.len() / v;
+        if rows.len() == have && rows.iter().enumerate().all(|(i, &r)| r as usize == i) {
+            return Ok(logits);
+        }
+        let gpu = self.model.gpu();
+        let mut out = gpu.zeros::<f32>(rows.len() * v).map_err(device)?;
+        embedding_forward_f32(gpu, &mut out, &logits, TokenIds::Host(rows), rows.len(), have, v).map_err(device)?;
+        Ok(out)
     }
 }

@@ -2,7 +2,8 @@
 //! completions with continuous batching over a paged KV cache, in the same
 //! process and on the same weights as the trainer (no weight sync step).
 //! [`Sampler`] generates from a `Policy` on its device: the CPU [`Engine`],
-//! or the [`GpuEngine`] (batched decode and sampling on the GPU).
+//! or the [`GpuEngine`] (the same continuous batching over a paged cache in
+//! device memory, with preemption, and sampling on the GPU).
 //!
 //! ```no_run
 //! use aha_moe_model::Model;
@@ -26,6 +27,7 @@ mod gpu_engine;
 mod sampler;
 pub mod sampling;
 
+pub use aha_moe_model::gpu::KvDtype;
 pub use chat::ChatTemplate;
 pub use detok::{decode, load_tokenizer, Detokenizer};
 pub use engine::{find_stop, Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};

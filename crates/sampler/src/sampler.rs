@@ -15,15 +15,16 @@ use crate::sampling::SamplingParams;
 pub enum Sampler<'a> {
     /// The CPU engine (continuous batching over a paged cache).
     Cpu(Engine<'a>),
-    /// The GPU engine (batched decode, sampling on the device).
+    /// The GPU engine (continuous batching over a paged cache in device
+    /// memory, sampling on the device).
     Gpu(GpuEngine<'a>),
 }
 
 impl<'a> Sampler<'a> {
     /// The engine for `policy`'s device; `tokenizer` enables text and stop
     /// strings; end-of-sequence ids come from the model config plus
-    /// `extra_eos`. On a GPU only `cfg.max_batch` applies (the GPU engine
-    /// has no paged cache yet).
+    /// `extra_eos`. Both engines take `cfg`; `cfg.kv_dtype` applies on a
+    /// GPU only.
     pub fn new(
         policy: &'a Policy,
         tokenizer: Option<&'a Tokenizer>,
@@ -42,7 +43,7 @@ impl<'a> Sampler<'a> {
     ) -> Result<Sampler<'a>> {
         Ok(match model {
             PolicyModel::Cpu(m) => Sampler::Cpu(Engine::new(m, tokenizer, cfg, extra_eos)?),
-            PolicyModel::Gpu(g) => Sampler::Gpu(GpuEngine::new(g, tokenizer, cfg.max_batch, extra_eos)?),
+            PolicyModel::Gpu(g) => Sampler::Gpu(GpuEngine::new(g, tokenizer, cfg, extra_eos)?),
         })
     }
 

@@ -84,6 +84,7 @@ fn seeded_sampling_does_not_depend_on_the_batch() {
             max_batch: 12,
             block_size: 4,
             kv_blocks: 4096,
+            ..EngineConfig::default()
         },
         &[],
     )
@@ -96,6 +97,7 @@ fn seeded_sampling_does_not_depend_on_the_batch() {
             max_batch: 3,
             block_size: 16,
             kv_blocks: 4096,
+            ..EngineConfig::default()
         },
         &[],
     )
@@ -268,6 +270,7 @@ fn sequences_finishing_at_different_lengths_come_back_intact() {
             max_batch: 8,
             block_size: 8,
             kv_blocks: 64,
+            ..EngineConfig::default()
         },
         &[],
     )
@@ -298,6 +301,7 @@ fn sequences_finishing_at_different_lengths_come_back_intact() {
             max_batch: 4,
             block_size: 8,
             kv_blocks: 64,
+            ..EngineConfig::default()
         },
         &[],
     )
@@ -330,6 +334,7 @@ fn paged_cache_grows_with_live_tokens_and_prompts_are_shared() {
             max_batch: 16,
             block_size: 4,
             kv_blocks: 1024,
+            ..EngineConfig::default()
         },
         &[],
     )
@@ -447,6 +452,7 @@ fn bad_requests_are_errors() {
             max_batch: 4,
             block_size: 4,
             kv_blocks: 2,
+            ..EngineConfig::default()
         },
         &[],
     )

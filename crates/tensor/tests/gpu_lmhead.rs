@@ -119,7 +119,7 @@ fn lm_head_logprob_cuda() {
     );
 }
 
-/// The memory bound, from the plan the launchers allocate by: at
+/// The targeted memory bound, from the plan the launchers allocate by: at
 /// N = 16,384, V = 151,936, C = 2,048 the chunk buffer and row state are
 /// under 1/8 of the naive path's [N, V] logits and their gradient.
 #[test]
@@ -215,7 +215,7 @@ fn lm_head_logprob_bf16_cuda() {
     eprintln!("lm_head_logprob_bf16_cuda: {} shapes agree", CASES.len());
 }
 
-/// The memory bound measured on the device at the shape (N = 16,384,
+/// The memory bound measured on the device at the target shape (N = 16,384,
 /// V = 151,936, C = 2,048, f32): the driver's free memory before the inputs
 /// exist and at the lowest point of a forward + backward (the scratch pool
 /// keeps the chunk buffer and row state allocated, and the driver reports

@@ -422,7 +422,7 @@ mod tests {
 
     #[test]
     fn grpo_scale_fits_one_eighth_of_the_naive_path() {
-        // The shape: N = 16,384, V = 151,936, C = 2,048.
+        // The target shape: N = 16,384, V = 151,936, C = 2,048.
         let p = plan_lm_head(16_384, 2_048, 151_936, 1.0, DEFAULT_BUDGET_BYTES).unwrap();
         assert_eq!((p.rows, p.chunk), (16_384, 4_096));
         let ours = p.workspace_bytes();
