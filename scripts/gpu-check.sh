@@ -23,7 +23,9 @@
 #      small-shape kernel tests, where the tool exists.
 #   5. kernel_bench with few iterations, then the PyTorch peer scripts;
 #      `aha bench train --device cuda --precision bf16` on a Qwen2.5-1.5B and
-#      a reduced Qwen3-MoE config next to scripts/bench_train_torch.py, and
+#      a reduced Qwen3-MoE config next to scripts/bench_train_torch.py,
+#      `aha bench generate --device cuda` at batch 64 and 256 next to
+#      scripts/bench_generate_torch.py, and
 #      `aha demo --quick --device cuda`.
 #   6. a short table.
 #
@@ -234,7 +236,7 @@ fi
 
 # ---- 5b. training: aha bench train on the GPU (bf16) next to PyTorch's
 # step on the same configs, and the quick demo on the GPU next to the CPU.
-step "training benchmarks and the demo on the GPU"
+step "training and rollout benchmarks and the demo on the GPU"
 if [ "$emulated" = 1 ]; then
     note "training: skipped on the emulated GPU (crates/trainer/tests/gpu_demo.rs runs a shortened demo there)"
 elif [ -x "$bin/aha" ]; then
@@ -249,6 +251,21 @@ elif [ -x "$bin/aha" ]; then
             rc=0
             timeout 90 python3 scripts/bench_train_torch.py "$cfgf" "$b" "$t" 3 >"$out/peer-train-$name.json" 2>&1 || rc=$?
             note "torch train $name: $([ "$rc" = 0 ] && tail -1 "$out/peer-train-$name.json" || echo "exit $rc")"
+        fi
+    done
+    # Rollouts: aha's GPU engine (paged bf16 KV cache) at batch 64 and 256,
+    # 512-token prompts, 1,024 new tokens, next to transformers' generate;
+    # aha's line carries the fraction of the memory-bandwidth bound.
+    for b in 64 256; do
+        cfgf=tests/fixtures/bench-configs/qwen2.5-1.5b.json
+        rc=0
+        timeout 120 "$bin/aha" bench generate --config "$cfgf" --device cuda --precision bf16 --batch "$b" \
+            --prompt 512 --new 1024 >"$out/generate-$b.json" 2>"$out/logs/generate-$b.log" || rc=$?
+        note "aha bench generate qwen2.5-1.5b b$b: $([ "$rc" = 0 ] && cat "$out/generate-$b.json" || echo "exit $rc")"
+        if command -v python3 >/dev/null 2>&1; then
+            rc=0
+            timeout 120 python3 scripts/bench_generate_torch.py "$cfgf" "$b" 512 1024 >"$out/peer-generate-$b.json" 2>&1 || rc=$?
+            note "torch generate b$b: $([ "$rc" = 0 ] && tail -1 "$out/peer-generate-$b.json" || echo "exit $rc")"
         fi
     done
     # The CPU's numbers for the same seed are in the trainer README.

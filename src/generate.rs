@@ -358,6 +358,20 @@ pub fn bench(b: &GenerateBench<'_>) -> Result<serde_json::Value> {
     )?;
     let (out, s) = engine.generate(&prompts, 1, &params)?;
     let generated: usize = out.iter().map(|c| c.token_ids.len()).sum();
+    let tokens_per_s = generated as f64 / s.total_s;
+    // The memory-bandwidth bound of a decode step: every weight read once
+    // (in the products' precision) plus each sequence's keys and values at
+    // the mean context (prompt + half the new tokens), over the GPU's
+    // bandwidth; `bound_fraction` is the measured rate over it (prefill and
+    // sampling included, so a lower bound of the decode steps' fraction).
+    let params_n = aha_moe_model::Layout::new(policy.config()).size as f64;
+    let wbytes = params_n * if precision == Precision::Bf16 { 2.0 } else { 4.0 };
+    // bf16 keys and values on the GPU (the engine's default), f32 on the CPU.
+    let kv_bf16 = aha_moe_model::plan::kv_bytes_per_token(policy.config()) as f64;
+    let kv = kv_bf16 * if device == aha_tensor::Device::Cpu { 2.0 } else { 1.0 };
+    let step_bytes = wbytes + batch as f64 * (prompt as f64 + new as f64 / 2.0) * kv;
+    let bandwidth = hbm_bandwidth(device);
+    let bound = bandwidth.map(|bw| batch as f64 * bw / step_bytes);
     Ok(serde_json::json!({
         "bench": "generate",
         "config": config.display().to_string(),
@@ -367,7 +381,11 @@ pub fn bench(b: &GenerateBench<'_>) -> Result<serde_json::Value> {
         "prompt": prompt,
         "new": new,
         "threads": rayon::current_num_threads(),
-        "tokens_per_s": generated as f64 / s.total_s,
+        "tokens_per_s": tokens_per_s,
+        "decode_step_bytes": step_bytes,
+        "hbm_bytes_per_s": bandwidth,
+        "bound_tokens_per_s": bound,
+        "bound_fraction": bound.map(|b| tokens_per_s / b),
         "total_s": s.total_s,
         "forward_s": s.forward_s,
         "sample_s": s.sample_s,
@@ -375,6 +393,20 @@ pub fn bench(b: &GenerateBench<'_>) -> Result<serde_json::Value> {
         "steps": s.steps,
         "peak_kv_blocks": s.peak_blocks,
     }))
+}
+
+/// The memory bandwidth of a known GPU from its name (the data sheets' SXM
+/// numbers: H100 3.35 TB/s, H200 4.8 TB/s, A100 2.04 TB/s), else `None`.
+fn hbm_bandwidth(device: aha_tensor::Device) -> Option<f64> {
+    let aha_tensor::Device::Cuda(i) = device else {
+        return None;
+    };
+    let name = aha_cuda_kernels::Gpu::get(i).ok()?.name().to_ascii_uppercase();
+    ["H100", "H200", "A100"]
+        .iter()
+        .find(|g| name.contains(*g))
+        .and_then(|g| aha_moe_model::plan::gpu_spec(g).ok())
+        .map(|g| g.hbm_bandwidth)
 }
 
 #[cfg(test)]

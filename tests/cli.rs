@@ -700,3 +700,48 @@ fn sft_saves_in_the_input_dtype_unless_told_otherwise() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("fp8"));
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// `aha bench generate`: every sequence decodes all its new tokens, and the
+/// line carries the bytes a decode step reads (weights in the products'
+/// precision, plus keys and values at the mean context) and, on a GPU of
+/// known bandwidth, the bound and the measured fraction of it.
+fn bench_generate(device: &str) -> serde_json::Value {
+    let cfg = fixture("models/qwen2-tiny/config.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args([
+            "bench", "generate", "--batch", "3", "--prompt", "5", "--new", "4", "--device", device, "--config",
+        ])
+        .arg(&cfg)
+        .output()
+        .expect("run aha");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["steps"], 4);
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let c = aha_moe_model::ModelConfig::from_path(&cfg).unwrap();
+    let params = aha_moe_model::Layout::new(&c).size as f64;
+    let kv_bf16 = aha_moe_model::plan::kv_bytes_per_token(&c) as f64;
+    let kv = if device == "cpu" { 2.0 * kv_bf16 } else { kv_bf16 };
+    let want = 4.0 * params + 3.0 * (5.0 + 2.0) * kv;
+    assert_eq!(v["decode_step_bytes"].as_f64().unwrap(), want, "{v}");
+    v
+}
+
+#[test]
+fn bench_generate_reports_the_bytes_of_a_decode_step() {
+    let v = bench_generate("cpu");
+    assert!(v["bound_fraction"].is_null(), "no bandwidth figure for a CPU: {v}");
+}
+
+#[test]
+fn bench_generate_on_the_gpu() {
+    if aha_cuda_kernels::device_count() == 0 {
+        eprintln!("bench_generate_on_the_gpu: skipped: no GPU");
+        return;
+    }
+    let v = bench_generate("cuda");
+    // The emulated GPU has no bandwidth figure; a real H100/H200/A100 does.
+    if let Some(f) = v["bound_fraction"].as_f64() {
+        assert!(f > 0.0 && f < 1.5, "{v}");
+    }
+}
