@@ -991,6 +991,9 @@ impl GpuModel {
             b: None,
             inp: self.config.hidden_size,
             out: self.config.vocab_size,
+
+            lora: None,
+            frozen: true,
         };
         let logits = self.linear(&fwd.hidden, &head, b * t)?;
         self.gpu.download(&logits).map_err(cuda)
@@ -1606,6 +1609,9 @@ impl GpuModel {
             b: None,
             inp: c,
             out: self.config.vocab_size,
+
+            lora: None,
+            frozen: true,
         };
         self.linear(&hidden, &head, n)
     }

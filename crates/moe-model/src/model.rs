@@ -146,11 +146,15 @@ impl Model {
         )
     }
 
-    /// Saves as a whole HF folder: the parameters in `opts.dtype`, the
+    /// Saves as a whole HF folder (a model carrying a LoRA adapter saves
+    /// the adapter alone, in PEFT's format: see [`Model::save_adapter`]): the parameters in `opts.dtype`, the
     /// source's extra layers (multi-token prediction) unless dropped,
     /// `config.json` without `quantization_config`, and every other file of
     /// the source folder (tokenizer, chat template, generation config, ...).
     pub fn save_as(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
+        if self.layout.lora.is_some() {
+            return self.save_adapter(dir);
+        }
         let src = self.source_dir.as_deref();
         let dtype = save_params_as(dir, &self.config, &self.layout, &self.params, src, opts)?;
         if let Some(src) = src {

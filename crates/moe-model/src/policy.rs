@@ -335,12 +335,12 @@ impl Policy {
     pub fn host_model(&self) -> Result<Cow<'_, Model>> {
         match &self.inner {
             Inner::Cpu { model, .. } => Ok(Cow::Borrowed(&**model)),
-            Inner::Gpu(g) => {
-                let mut m = Model::zeros(g.config.clone());
-                m.params = g.params_to_host()?;
-                m.source_dir = self.source_dir.clone();
-                Ok(Cow::Owned(m))
-            }
+            Inner::Gpu(g) => Ok(Cow::Owned(Model {
+                config: g.config.clone(),
+                layout: g.layout().clone(),
+                params: g.params_to_host()?,
+                source_dir: self.source_dir.clone(),
+            })),
         }
     }
 
