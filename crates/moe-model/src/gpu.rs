@@ -333,6 +333,12 @@ impl GpuModel {
         &self.layout
     }
 
+    /// Turns the LoRA adapters on or off (see
+    /// [`Layout::set_adapters_enabled`]); false when there are none.
+    pub fn set_adapters_enabled(&mut self, on: bool) -> bool {
+        self.layout.set_adapters_enabled(on)
+    }
+
     /// The flat f32 parameters (master weights).
     pub fn params(&self) -> &CudaSlice<f32> {
         &self.params
@@ -538,7 +544,7 @@ impl GpuModel {
         if let Some(b) = l.b {
             launch::add_bias_f32(&self.gpu, &mut out, &self.w32(b), n, l.out).map_err(cuda)?;
         }
-        if let Some(lo) = &l.lora {
+        if let Some(lo) = l.lora.as_ref().filter(|lo| lo.enabled) {
             // out += (s x A^T) B^T.
             let xa = self.lora_down(x, l, lo, n)?;
             let sb = MatmulShape {
@@ -1109,7 +1115,7 @@ impl GpuModel {
                 launch::bias_grad_f32(g, &mut grads.slice_mut(b.off..b.off + b.len), dy, n, l.out).map_err(cuda)?;
             }
         }
-        let dxa = match &l.lora {
+        let dxa = match l.lora.as_ref().filter(|lo| lo.enabled) {
             Some(lo) => Some((self.lora_back(grads, dy, x, l, lo, n)?, lo.a, lo.r)),
             None => None,
         };

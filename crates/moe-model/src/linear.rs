@@ -19,7 +19,7 @@ pub(crate) fn linear_fwd(y: &mut [f32], x: &[f32], p: &[f32], l: &Linear, n: usi
             }
         }
     }
-    if let Some(lo) = l.lora {
+    if let Some(lo) = l.lora.filter(|lo| lo.enabled) {
         let xa = lora_down(x, p, l, &lo, n)?;
         cpu::matmul(y, &xa, lo.b.of(p), Gemm::new(n, lo.r, l.out).tb().acc())?;
     }
@@ -49,7 +49,7 @@ pub(crate) fn linear_bwd(
     if let Some(dx) = dx.as_deref_mut() {
         cpu::matmul(dx, dy, l.w.of(p), Gemm::new(n, l.out, l.inp).acc())?;
     }
-    if let Some(lo) = l.lora {
+    if let Some(lo) = l.lora.filter(|lo| lo.enabled) {
         let xa = lora_down(x, p, l, &lo, n)?;
         cpu::matmul(lo.b.of_mut(g), dy, &xa, Gemm::new(l.out, n, lo.r).ta().acc())?;
         let mut dxa = vec![0f32; n * lo.r];

@@ -254,6 +254,28 @@ impl LoraConfig {
     }
 }
 
+/// The base model folder an adapter folder's `adapter_config.json` names
+/// (`base_model_name_or_path`; a relative path is taken from the current
+/// directory, as PEFT does).
+pub fn adapter_base(dir: &Path) -> Result<std::path::PathBuf> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.clone(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    match v.get("base_model_name_or_path").and_then(|b| b.as_str()) {
+        Some(b) if Path::new(b).join("config.json").is_file() => Ok(b.into()),
+        other => Err(Error::Config {
+            path,
+            msg: format!("base_model_name_or_path {other:?} is not a model folder here; load the base and apply the adapter to it"),
+        }),
+    }
+}
+
 /// One adapted linear's `A [r, in]` and `B [out, r]` slots and its scale.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraSlots {
@@ -265,6 +287,9 @@ pub struct LoraSlots {
     pub r: usize,
     /// `alpha / r` (or `alpha / sqrt(r)`).
     pub scale: f32,
+    /// False while the adapter is disabled (the base model alone computes:
+    /// the KL reference of a LoRA run, with no second copy of the weights).
+    pub enabled: bool,
 }
 
 /// PEFT's saved name of a LoRA tensor of `module` (`which` is `A` or `B`).
@@ -411,6 +436,53 @@ pub(crate) fn adapted_linears(layout: &Layout) -> Vec<Linear> {
     }
     out.retain(|l| l.lora.is_some());
     out
+}
+
+impl Layout {
+    /// Turns every LoRA adapter of the layout on or off; off, the forward
+    /// and backward compute the base model alone (PEFT's
+    /// `disable_adapter`). Returns false when the layout has no adapters.
+    pub fn set_adapters_enabled(&mut self, on: bool) -> bool {
+        use crate::params::{AttnSlots, FfnSlots};
+        if self.lora.is_none() {
+            return false;
+        }
+        let mut set = |l: &mut Linear| {
+            if let Some(lo) = &mut l.lora {
+                lo.enabled = on;
+            }
+        };
+        for layer in &mut self.layers {
+            match &mut layer.attn {
+                AttnSlots::Gqa { q, k, v, o, .. } => [q, k, v, o].into_iter().for_each(&mut set),
+                AttnSlots::Mla {
+                    q_lora,
+                    q,
+                    kv_a,
+                    kv_b,
+                    o,
+                    ..
+                } => {
+                    if let Some((qa, _, qb)) = q_lora {
+                        set(qa);
+                        set(qb);
+                    }
+                    if let Some(q) = q {
+                        set(q);
+                    }
+                    [kv_a, kv_b, o].into_iter().for_each(&mut set);
+                }
+            }
+            let mlps = match &mut layer.ffn {
+                FfnSlots::Dense(m) => Some(m),
+                FfnSlots::Moe { shared, .. } => shared.as_mut(),
+            };
+            if let Some(m) = mlps {
+                [&mut m.gate, &mut m.up, &mut m.down].into_iter().for_each(&mut set);
+            }
+        }
+        true
+    }
 }
 
 impl crate::Model {

@@ -107,8 +107,15 @@ impl KvCache {
 }
 
 impl Model {
-    /// Loads `config.json` and the safetensors (single or sharded) of an HF folder.
+    /// Loads `config.json` and the safetensors (single or sharded) of an HF
+    /// folder. A PEFT LoRA folder (`adapter_config.json` and no
+    /// `config.json`) loads the base its `base_model_name_or_path` names
+    /// and the adapter on it, unmerged.
     pub fn load(dir: &Path) -> Result<Model> {
+        if dir.join(crate::lora::ADAPTER_CONFIG).is_file() && !dir.join("config.json").is_file() {
+            let base = crate::lora::adapter_base(dir)?;
+            return Model::load(&base)?.load_adapter(dir);
+        }
         let config = ModelConfig::from_path(dir)?;
         let layout = Layout::new(&config);
         let params = load_params(dir, &config, &layout)?;

@@ -210,7 +210,13 @@ impl Builder {
                 let (r, scale) = (cfg.r, cfg.scale());
                 let a = self.add(lora::peft_name(name, 'A'), vec![r, inp], true);
                 let b = self.add(lora::peft_name(name, 'B'), vec![out, r], true);
-                Some(LoraSlots { a, b, r, scale })
+                Some(LoraSlots {
+                    a,
+                    b,
+                    r,
+                    scale,
+                    enabled: true,
+                })
             }
             _ => None,
         };

@@ -279,6 +279,21 @@ impl Policy {
         }
     }
 
+    /// Turns the LoRA adapters on or off: off, every forward, score and
+    /// backward computes the base model alone (a LoRA run's KL reference,
+    /// with no second copy of the weights). False when there are none.
+    pub fn set_adapters_enabled(&mut self, on: bool) -> bool {
+        match &mut self.inner {
+            Inner::Cpu { model, .. } => model.layout.set_adapters_enabled(on),
+            Inner::Gpu(g) => g.set_adapters_enabled(on),
+        }
+    }
+
+    /// Whether the policy carries LoRA adapters (then only they train).
+    pub fn has_adapters(&self) -> bool {
+        self.layout().lora.is_some()
+    }
+
     /// Number of parameters.
     pub fn num_params(&self) -> usize {
         self.layout().size

@@ -118,6 +118,26 @@ fn cached_decoding_and_merging_agree_with_the_unmerged_forward() {
     let cached = model.greedy(&prompt, 8, true).unwrap();
     assert_eq!(cached, model.greedy(&prompt, 8, false).unwrap());
 
+    // Disabled, the adapters leave the base model alone.
+    let base = Model::load(&dir("qwen2-tiny")).unwrap();
+    let mut off = model.clone();
+    assert!(off.layout.set_adapters_enabled(false));
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 300).collect();
+    let want = base.logits_of(&base.forward(&tokens, 2, 6).unwrap().hidden).unwrap();
+    assert_eq!(
+        off.logits_of(&off.forward(&tokens, 2, 6).unwrap().hidden).unwrap(),
+        want
+    );
+    let mut g = vec![0f32; off.params.len()];
+    off.next_token_loss(&tokens, 2, 6, &mut g).unwrap();
+    assert!(off
+        .layout
+        .entries
+        .iter()
+        .filter(|e| is_adapter(e))
+        .all(|e| e.slot.of(&g).iter().all(|&x| x == 0.0)));
+    assert!(!base.clone().layout.set_adapters_enabled(false));
+
     let merged = model.merge_lora().unwrap();
     assert!(merged.layout.lora.is_none());
     assert!(merged.layout.entries.iter().all(|e| !is_adapter(e)));
@@ -178,6 +198,13 @@ fn save_then_load_of_an_adapter_is_exact() {
     let back = Model::load(&dir("qwen2-tiny")).unwrap().load_adapter(&out).unwrap();
     assert_eq!(back.layout, model.layout);
     assert_eq!(back.params, model.params);
+    // An adapter folder alone loads its base from base_model_name_or_path.
+    let auto = Model::load(&out).unwrap();
+    assert_eq!(auto.params, model.params);
+    let fixture_base = std::fs::read_to_string(dir("qwen2-tiny-lora").join("adapter_config.json")).unwrap();
+    assert!(fixture_base.contains("shared/fixtures/models/qwen2-tiny"));
+    let err = Model::load(&dir("qwen2-tiny-lora")).unwrap_err().to_string();
+    assert!(err.contains("base_model_name_or_path"), "{err}");
     let cfg = back.layout.lora.clone().unwrap();
     assert!(cfg.use_rslora && cfg.r == 3 && cfg.alpha == 5.0);
     assert!((cfg.scale() - 5.0 / 3f32.sqrt()).abs() < 1e-6);
