@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, Model, Policy, Precision};
+use aha_moe_model::{resolve_device, LoraConfig, Model, Policy, Precision};
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
@@ -189,6 +189,12 @@ pub struct SftConfig {
     pub device: String,
     /// `f32` (default) or `bf16` (GPU only).
     pub precision: String,
+    /// LoRA (`[lora]` table: `r`, `alpha`, `target_modules`, `dropout`,
+    /// `use_rslora`, defaults PEFT's `LoraConfig`'s; see
+    /// [`aha_moe_model::LoraConfig`]). Default unset: full fine-tuning.
+    /// Set, only the adapters train and `out` receives the adapter in
+    /// PEFT's format (`adapter_config.json`, `adapter_model.safetensors`).
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for SftConfig {
@@ -204,6 +210,7 @@ impl Default for SftConfig {
             seed: 0,
             device: "auto".into(),
             precision: "f32".into(),
+            lora: None,
         }
     }
 }
@@ -225,6 +232,9 @@ impl SftConfig {
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return bad("learning_rate must be a positive number");
         }
+        if let Some(l) = &self.lora {
+            l.validate_for_training(Path::new("sft config [lora]"))?;
+        }
         Ok(())
     }
 }
@@ -243,6 +253,7 @@ pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
         cfg.learning_rate,
         cfg.seed,
         (&cfg.device, cfg.precision.parse()?),
+        cfg.lora.as_ref(),
     )?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
     let p = cfg.out.join("sft_config.toml");
@@ -255,6 +266,8 @@ pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
 /// A folder with a `config.json` and a tokenizer but no weights starts from a
 /// random initialisation (a student trained from scratch). `device` is a
 /// `--device` value (`cpu`, `cuda`, `cuda:N`, `auto`) with the precision.
+/// With `lora`, adapters are added (seeded by `seed`), only they train and
+/// `out` receives the adapter in PEFT's format.
 #[allow(clippy::too_many_arguments)]
 pub fn run_sft(
     model_dir: &Path,
@@ -266,6 +279,7 @@ pub fn run_sft(
     lr: f64,
     seed: u64,
     (device, precision): (&str, Precision),
+    lora: Option<&LoraConfig>,
 ) -> Result<f64> {
     let has_weights =
         model_dir.join("model.safetensors").is_file() || model_dir.join("model.safetensors.index.json").is_file();
@@ -275,6 +289,10 @@ pub fn run_sft(
         let mut m = Model::random(aha_moe_model::ModelConfig::from_path(model_dir)?, seed, 0.02);
         m.source_dir = Some(model_dir.to_path_buf());
         m
+    };
+    let model = match lora {
+        Some(l) => model.with_lora(l, seed)?,
+        None => model,
     };
     // The device first: a wrong --device fails before any data is read.
     let dev = resolve_device(device, &model.config, precision)?;
@@ -465,6 +483,7 @@ pub fn run_distill(
         lr,
         o.seed,
         device,
+        None,
     )?;
     let score = |dir: &Path| -> Result<MathEval> {
         let m = Model::load(dir)?;
