@@ -76,6 +76,8 @@ pub struct MlpSlots {
 }
 
 /// Attention parameters.
+// One per layer, built once: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttnSlots {
     /// Grouped-query attention.
