@@ -196,6 +196,28 @@ fn grpo_with_lora_saves_adapters_and_resumes() {
         }
     }
     assert!(moved > 0);
+    // The adapter folder alone generates (base from adapter_config.json,
+    // tokenizer copied beside the adapter).
+    let gen = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("generate")
+        .arg("--model")
+        .arg(&fin)
+        .arg("--prompts")
+        .arg(&data)
+        .args([
+            "--n",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--template",
+            "none",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .expect("run aha");
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert_eq!(String::from_utf8_lossy(&gen.stdout).lines().count(), 2);
     std::fs::write(base.join("run/checkpoints/latest"), "step-000002").unwrap();
     let out = run(&["--resume"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -276,6 +276,15 @@ pub fn adapter_base(dir: &Path) -> Result<std::path::PathBuf> {
     }
 }
 
+/// Files of a base folder copied beside a saved adapter.
+const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
 /// One adapted linear's `A [r, in]` and `B [out, r]` slots and its scale.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraSlots {
@@ -537,7 +546,19 @@ impl crate::Model {
             msg: "the model carries no LoRA adapter to save".into(),
         })?;
         let base = self.source_dir.as_ref().map(|d| d.display().to_string());
-        save_adapter(dir, cfg, &self.layout, &self.params, base.as_deref())
+        save_adapter(dir, cfg, &self.layout, &self.params, base.as_deref())?;
+        // The tokenizer files travel with the adapter (as TRL saves them),
+        // so the folder alone can be generated from; `config.json` stays
+        // out, so the folder still reads as an adapter.
+        if let Some(src) = &self.source_dir {
+            for f in TOKENIZER_FILES {
+                let from = src.join(f);
+                if from.is_file() && src.canonicalize().ok() != dir.canonicalize().ok() {
+                    std::fs::copy(&from, dir.join(f)).map_err(|source| Error::Io { path: from, source })?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The base model with the adapter merged into its weights

@@ -194,7 +194,8 @@ fn save_then_load_of_an_adapter_is_exact() {
     let out = tempdir("save");
     model.save(&out, usize::MAX).unwrap();
     assert!(out.join("adapter_config.json").is_file() && out.join("adapter_model.safetensors").is_file());
-    assert!(!out.join("model.safetensors").exists());
+    assert!(!out.join("model.safetensors").exists() && !out.join("config.json").exists());
+    assert!(out.join("tokenizer.json").is_file());
     let back = Model::load(&dir("qwen2-tiny")).unwrap().load_adapter(&out).unwrap();
     assert_eq!(back.layout, model.layout);
     assert_eq!(back.params, model.params);
