@@ -41,6 +41,12 @@ out="${1:-${OUT:-.gpu-check/$(date +%Y%m%d-%H%M%S)}}"
 mkdir -p "$out/logs"
 out="$(cd "$out" && pwd)"
 bin="${AHA_GPU_CHECK_BIN:-$root/.gpu-bundle/bin}"
+# gpu-bundle.sh ships the executables as bin.tar.xz (40 MB become 7, so the
+# bundle and the working tree fit one call's 64 MiB); unpack them once.
+if [ ! -d "$bin" ] && [ -f "$root/.gpu-bundle/bin.tar.xz" ]; then
+    python3 -c 'import sys, tarfile; t = tarfile.open(sys.argv[1]); t.extractall(sys.argv[2], **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))' \
+        "$root/.gpu-bundle/bin.tar.xz" "$root/.gpu-bundle" || echo "gpu-check: unpacking bin.tar.xz failed" >&2
+fi
 emulated=0
 if [ "${AHA_EMULATED_GPU:-0}" = 1 ]; then emulated=1; fi
 iters="${AHA_GPU_CHECK_ITERS:-5}"

@@ -37,7 +37,7 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 AHA_EMULATED_GPU=1 cargo test "$@" \
     -p aha-tensor --test gpu_twins --test gpu_kernels --test gpu_moe --test gpu_flash --test gpu_lmhead \
-    -p aha-sampler --test gpu_sampling --test gpu_engine -p aha-moe-model --test gpu_model -p aha-grpo --test gpu_loss \
+    -p aha-sampler --test gpu_sampling --test gpu_engine -p aha-moe-model --test gpu_model --test reward_model -p aha-grpo --test gpu_loss \
     -p aha-trainer --test gpu_demo \
     -p aha --test cli -- cuda on_the_gpu --nocapture 2>&1 | tee "$log"
 if grep -q "skipped: no GPU" "$log"; then
@@ -55,6 +55,15 @@ for order in reverse random:1; do
         --test gpu_kernels --test gpu_lmhead -p aha-sampler --test gpu_sampling -p aha-grpo --test gpu_loss \
         -- emulated
 done
+
+# The kernel-file emulation tests once more under AddressSanitizer and
+# UndefinedBehaviorSanitizer (AHA_EMU_SANITIZE=1: the driver programs built
+# with -fsanitize=address,undefined, every finding fatal), so that an
+# out-of-bounds access in a kernel fails here and not on a GPU. About 65 s
+# on 2 cores, most of it compiling the four sanitized programs.
+AHA_EMU_SANITIZE=1 cargo test "$@" \
+    -p aha-cuda-kernels --test emulation -p aha-tensor --test emulated_kernels --test gpu_kernels --test gpu_lmhead \
+    -- emulated
 
 # scripts/gpu-check.sh's dry run on the emulated GPU, over a few tests, so
 # that the script a GPU machine runs cannot rot.

@@ -7,7 +7,7 @@ use aha_moe_model::{Model, Policy, Precision};
 use aha_sampler::{load_tokenizer, SamplingParams};
 use aha_tensor::Device;
 use aha_trainer::data::read_math_jsonl;
-use aha_trainer::eval::evaluate_math;
+use aha_trainer::eval::evaluate_math_with_progress;
 use anyhow::{bail, Context, Result};
 
 /// Options of `aha eval`.
@@ -40,7 +40,10 @@ pub fn run(a: &EvalArgs<'_>) -> Result<()> {
     if a.k == 0 {
         bail!("--k must be at least 1");
     }
-    let (ev, per, completions) = evaluate_math(&policy, &tok, &prompts, &golds, a.k, &a.params)?;
+    let mut bar = crate::generate::SamplingBar::new("eval");
+    let (ev, per, completions) =
+        evaluate_math_with_progress(&policy, &tok, &prompts, &golds, a.k, &a.params, &mut |p| bar.update(p))?;
+    bar.finish();
     if let Some(path) = a.out {
         let mut w = std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,

@@ -17,17 +17,27 @@ pub struct PromptLine {
     pub messages: Option<chat::Value>,
 }
 
-/// Prompt lines from a JSONL file: each line an object with a `prompt`
-/// string (or `question` / `problem`) and/or a `messages` array. A bad line
-/// is an error naming the file and line.
+/// Prompt lines from a JSONL file (or a Parquet file, one row a line): each
+/// line an object with a `prompt` string (or `question` / `problem`) and/or a
+/// `messages` array. A bad line is an error naming the file and line.
 pub fn read_prompt_lines(path: &Path) -> Result<Vec<PromptLine>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: read error", path.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
+    let mut lines: Vec<(usize, String)> = Vec::new();
+    if aha_trainer::data::is_parquet(path) {
+        for (n, v) in aha_trainer::data::read_parquet(path)? {
+            lines.push((n, v.to_string()));
         }
+    } else {
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line.with_context(|| format!("{}:{}: read error", path.display(), i + 1))?;
+            if !line.trim().is_empty() {
+                lines.push((i + 1, line));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (n, line) in lines {
+        let i = n - 1;
         let v = chat::json_value(&line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
         let field = |k: &str| v.get_attr(k).ok().filter(|x| !x.is_undefined() && !x.is_none());
         let text = ["prompt", "question", "problem"]
@@ -143,18 +153,9 @@ pub fn run(a: &GenerateArgs<'_>) -> Result<()> {
     }
     let policy = Policy::new(model, device, Precision::F32)?;
     let engine = Sampler::new(&policy, tok.as_ref(), EngineConfig::default(), &gen_eos)?;
-    let tty = std::io::stderr().is_terminal();
-    let mut last_draw = f64::NEG_INFINITY;
-    let (completions, stats) = engine.generate_with_progress(&prompts, a.n, &a.params, &mut |p| {
-        // Redraw at most ten times a second, and always at the end.
-        if tty && (p.elapsed_s - last_draw >= 0.1 || p.finished == p.total) {
-            eprint!("\r{}\x1b[K", progress_bar(p, 30));
-            last_draw = p.elapsed_s;
-        }
-    })?;
-    if tty {
-        eprintln!();
-    }
+    let mut bar = SamplingBar::new("generate");
+    let (completions, stats) = engine.generate_with_progress(&prompts, a.n, &a.params, &mut |p| bar.update(p))?;
+    bar.finish();
     eprintln!(
         "generated {} completions, {} tokens in {:.2} s ({:.0} tokens/s)",
         completions.len(),
@@ -188,6 +189,55 @@ fn write_completions(
     }
     w.flush()?;
     Ok(())
+}
+
+/// Sampling progress on stderr: on a terminal, one bar redrawn in place at
+/// most ten times a second; otherwise (a log file, a pipe) a plain line at
+/// every tenth of the completions, so logs stay short.
+pub(crate) struct SamplingBar {
+    label: &'static str,
+    tty: bool,
+    drawn: bool,
+    last_draw: f64,
+    last_tenth: usize,
+}
+
+impl SamplingBar {
+    /// A bar whose lines start with `label`.
+    pub(crate) fn new(label: &'static str) -> SamplingBar {
+        SamplingBar {
+            label,
+            tty: std::io::stderr().is_terminal(),
+            drawn: false,
+            last_draw: f64::NEG_INFINITY,
+            last_tenth: 0,
+        }
+    }
+
+    /// Reports `p`.
+    pub(crate) fn update(&mut self, p: &aha_sampler::Progress) {
+        if self.tty {
+            if p.elapsed_s - self.last_draw >= 0.1 || p.finished == p.total {
+                eprint!("\r{}: {}\x1b[K", self.label, progress_bar(p, 30));
+                self.last_draw = p.elapsed_s;
+                self.drawn = true;
+            }
+        } else {
+            let tenth = (p.finished * 10).checked_div(p.total).unwrap_or(10);
+            if tenth > self.last_tenth {
+                eprintln!("{}: {}", self.label, progress_bar(p, 30));
+                self.last_tenth = tenth;
+            }
+        }
+    }
+
+    /// Ends the bar's line on a terminal.
+    pub(crate) fn finish(&mut self) {
+        if self.tty && self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+    }
 }
 
 /// One line of progress: a bar of `width` cells, completions done, tokens,

@@ -8,6 +8,7 @@ mod bench;
 mod eval_cmd;
 mod generate;
 mod logprobs;
+mod plan_cmd;
 mod rewards_cmd;
 
 use std::path::PathBuf;
@@ -86,14 +87,19 @@ enum Command {
         #[command(flatten)]
         place: Placement,
     },
-    /// Print the compute devices and whether NVRTC is available, as one JSON line.
+    /// Print the compute devices and whether NVRTC is available, as one JSON
+    /// line; with --model, load that folder's weights and describe it too.
     Info {
         /// Device to resolve: cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// A Hugging Face model folder to load (into host memory, f32).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
-    /// Score a JSONL file of completions with one rule-based reward; each line
-    /// comes back with `reward` and `status` added.
+    /// Score a JSONL file of completions with one reward (a rule, a scorer
+    /// process, an HTTP endpoint or a reward model); each line comes back
+    /// with `reward` and `status` added.
     Rewards(rewards_cmd::RewardsArgs),
     /// Merge a PEFT LoRA adapter into its base model (W += alpha/r B A) and
     /// write a plain Hugging Face folder (each tensor in the base's dtype,
@@ -134,7 +140,7 @@ enum Command {
         /// A Hugging Face model folder.
         #[arg(long)]
         model: PathBuf,
-        /// JSONL prompts (`prompt`, `question` or `problem` field; with
+        /// JSONL or Parquet prompts (`prompt`, `question` or `problem` field; with
         /// `--template chat`, a `messages` array is used when a line has one).
         #[arg(long)]
         prompts: Option<PathBuf>,
@@ -195,10 +201,13 @@ enum Command {
         /// Operand width (1-4).
         #[arg(long, default_value_t = 2)]
         digits: usize,
+        /// Saved models' dtype: same (f32, as trained), f32, bf16 or f16.
+        #[arg(long, default_value = "same")]
+        save_dtype: aha_moe_model::SaveDtype,
         #[command(flatten)]
         place: Placement,
     },
-    /// GRPO on a Hugging Face model and a JSONL math set, from a TOML config
+    /// GRPO on a Hugging Face model and a JSONL or Parquet math set, from a TOML config
     /// (see crates/trainer/README.md); flags override the file.
     Grpo {
         /// The TOML config (unknown keys are errors).
@@ -207,7 +216,7 @@ enum Command {
         /// Policy model folder.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// JSONL prompts with answers.
+        /// JSONL or Parquet prompts with answers.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Run folder.
@@ -243,6 +252,9 @@ enum Command {
         /// Continue from the run folder's latest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Saved model's dtype: same (as the input folder), f32, bf16 or f16.
+        #[arg(long)]
+        save_dtype: Option<aha_moe_model::SaveDtype>,
         #[command(flatten)]
         place: PlacementOverride,
     },
@@ -255,7 +267,7 @@ enum Command {
         /// Model folder (config.json alone: start from random weights).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// JSONL with `prompt` + `completion`, or `messages`.
+        /// JSONL or Parquet with `prompt` + `completion`, or `messages`.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Output folder.
@@ -276,6 +288,9 @@ enum Command {
         /// Seed [default: 0].
         #[arg(long)]
         seed: Option<u64>,
+        /// Saved model's dtype: same (as the input folder), f32, bf16 or f16.
+        #[arg(long)]
+        save_dtype: Option<aha_moe_model::SaveDtype>,
         #[command(flatten)]
         place: PlacementOverride,
     },
@@ -285,7 +300,7 @@ enum Command {
         /// Model folder.
         #[arg(long)]
         model: PathBuf,
-        /// JSONL problems with answers.
+        /// JSONL or Parquet problems with answers.
         #[arg(long)]
         data: PathBuf,
         /// Output JSONL (prompt, completion, answer).
@@ -345,17 +360,20 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Saved student's dtype: same (as the input folder), f32, bf16 or f16.
+        #[arg(long, default_value = "same")]
+        save_dtype: aha_moe_model::SaveDtype,
         /// Where the teacher samples and the student trains.
         #[command(flatten)]
         place: Placement,
     },
-    /// Evaluate on a math set (JSONL: GSM8K, MATH-500, AIME, AMC field names or
+    /// Evaluate on a math set (JSONL or Parquet: GSM8K, MATH-500, AIME, AMC field names or
     /// prompt/answer): pass@1 over k samples, pass@k, cons@k; one JSON line.
     Eval {
         /// A Hugging Face model folder with tokenizer.json.
         #[arg(long)]
         model: PathBuf,
-        /// The JSONL set.
+        /// The JSONL or Parquet set.
         #[arg(long)]
         data: PathBuf,
         /// Samples per problem (pass@1 is their mean; the R1 report uses 4 to 64).
@@ -386,6 +404,10 @@ enum Command {
         #[command(flatten)]
         place: Placement,
     },
+    /// A training run on paper: memory per GPU under data parallel, ZeRO-1,
+    /// expert parallel, optimizer offload and LoRA; bytes and seconds of
+    /// communication per step; the rollout / training split of a GRPO step.
+    Plan(plan_cmd::PlanArgs),
     /// Benchmarks, each printing one JSON line.
     Bench {
         #[command(subcommand)]
@@ -488,7 +510,8 @@ fn main() -> Result<()> {
     aha_tensor::tune_allocator();
     let cli = Cli::parse();
     match cli.command {
-        Command::Info { device } => info(&device),
+        Command::Info { device, model } => info(&device, model.as_deref()),
+        Command::Plan(a) => plan_cmd::run(a),
         Command::Demo {
             quick,
             out,
@@ -579,6 +602,7 @@ fn main() -> Result<()> {
             seed,
             dynamic_sampling,
             resume,
+            save_dtype,
             place,
         } => {
             let mut cfg = match &config {
@@ -600,6 +624,7 @@ fn main() -> Result<()> {
             cfg.save_every = save_every.unwrap_or(cfg.save_every);
             cfg.seed = seed.unwrap_or(cfg.seed);
             cfg.dynamic_sampling |= dynamic_sampling;
+            cfg.save_dtype = save_dtype.unwrap_or(cfg.save_dtype);
             cfg.device = place.device.unwrap_or(cfg.device);
             cfg.precision = place.precision.unwrap_or(cfg.precision);
             let mut p = Progress::new();
@@ -618,6 +643,7 @@ fn main() -> Result<()> {
             batch,
             lr,
             seed,
+            save_dtype,
             place,
         } => {
             let mut cfg = match &config {
@@ -635,9 +661,12 @@ fn main() -> Result<()> {
             cfg.batch = batch.unwrap_or(cfg.batch);
             cfg.learning_rate = lr.unwrap_or(cfg.learning_rate);
             cfg.seed = seed.unwrap_or(cfg.seed);
+            cfg.save_dtype = save_dtype.unwrap_or(cfg.save_dtype);
             cfg.device = place.device.unwrap_or(cfg.device);
             cfg.precision = place.precision.unwrap_or(cfg.precision);
-            let loss = aha_trainer::sft_run::run_sft_config(&cfg)?;
+            let mut p = Progress::new();
+            let loss = aha_trainer::sft_run::run_sft_config(&cfg, &mut |l| p.line(l))?;
+            p.finish();
             println!(
                 "{}",
                 serde_json::json!({"loss": loss, "out": cfg.out.display().to_string()})
@@ -667,7 +696,16 @@ fn main() -> Result<()> {
                 temperature: 1.0,
                 seed,
             };
-            let s = aha_trainer::sft_run::run_rejection_sampling(&model, &data, &template, &o, &out)?;
+            let mut bar = generate::SamplingBar::new("rejection-sample");
+            let s = aha_trainer::sft_run::run_rejection_sampling_with_progress(
+                &model,
+                &data,
+                &template,
+                &o,
+                &out,
+                &mut |p| bar.update(p),
+            )?;
+            bar.finish();
             println!("{}", serde_json::to_string(&s)?);
             Ok(())
         }
@@ -683,6 +721,7 @@ fn main() -> Result<()> {
             steps,
             lr,
             seed,
+            save_dtype,
             place,
         } => {
             // The teacher samples on the device too.
@@ -700,6 +739,7 @@ fn main() -> Result<()> {
                 temperature: 1.0,
                 seed,
             };
+            let mut p = Progress::new();
             let r = aha_trainer::sft_run::run_distill(
                 &teacher,
                 &student,
@@ -712,7 +752,10 @@ fn main() -> Result<()> {
                 4,
                 &out,
                 (&place.device, precision),
+                save_dtype,
+                &mut |l| p.line(l),
             )?;
+            p.finish();
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
@@ -722,9 +765,11 @@ fn main() -> Result<()> {
             seed,
             task,
             digits,
+            save_dtype,
             place,
         } => {
             let mut cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
+            cfg.save_dtype = save_dtype;
             cfg.demo = cfg.demo.with_task(aha_trainer::toy::TaskSpec { task, digits })?;
             let mcfg = aha_moe_model::ModelConfig::from_json_str(
                 &cfg.demo.model_config_json().to_string(),
@@ -868,7 +913,7 @@ fn read_text(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn info(device: &str) -> Result<()> {
+fn info(device: &str, model: Option<&std::path::Path>) -> Result<()> {
     let resolved: aha_tensor::Device = device.parse()?;
     let gpus = aha_cuda_kernels::device_count();
     let gpu_names: Vec<String> = (0..gpus)
@@ -882,8 +927,30 @@ fn info(device: &str) -> Result<()> {
         Ok(nv) => serde_json::json!({"found": true, "version": format!("{}.{}", nv.version.0, nv.version.1)}),
         Err(e) => serde_json::json!({"found": false, "error": e.to_string()}),
     };
+    let model = match model {
+        Some(dir) => {
+            let t0 = std::time::Instant::now();
+            let m = aha_moe_model::Model::load(dir)?;
+            let load_s = t0.elapsed().as_secs_f64();
+            let dtypes: std::collections::BTreeSet<String> = aha_moe_model::params::checkpoint_index(dir)?
+                .values()
+                .map(|l| format!("{:?}", l.dtype))
+                .collect();
+            serde_json::json!({
+                "dir": dir.display().to_string(),
+                "architecture": format!("{:?}", m.config.arch),
+                "parameters": m.params.len(),
+                "layers": m.config.num_layers,
+                "dtypes_on_disk": dtypes,
+                "host_bytes": m.params.len() * 4,
+                "load_s": load_s,
+            })
+        }
+        None => serde_json::Value::Null,
+    };
     let line = serde_json::json!({
         "aha": env!("CARGO_PKG_VERSION"),
+        "model": model,
         "device": resolved.to_string(),
         "cpu_threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "gpus": gpu_names,

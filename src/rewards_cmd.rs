@@ -1,5 +1,6 @@
-//! `aha rewards`: score a JSONL file of completions with one rule-based
-//! reward; writes each line back with `reward` and `status` added.
+//! `aha rewards`: score a JSONL file of completions with one reward (a
+//! rule, a scorer process, an HTTP endpoint or a reward model); writes each
+//! line back with `reward` and `status` added.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use aha_rewards::format::{FormatConfig, FormatReward, FormatStyle, TagCountRewar
 use aha_rewards::language::LanguageReward;
 use aha_rewards::math::{Extraction, MathConfig, MathReward};
 use aha_rewards::{evaluate_batch, metrics, BatchConfig, Example, Item, Reward};
+use aha_trainer::reward_model::{ModelParams, ModelReward};
 
 /// Which reward to compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -36,6 +38,10 @@ pub enum Kind {
     Command,
     /// An HTTP endpoint (`--url`) with OpenRLHF's remote reward protocol.
     Http,
+    /// A scalar reward model (`--model DIR`: an HF `*ForSequenceClassification`
+    /// folder with one label) scoring `prompt` + `completion`, rendered with
+    /// its chat template when it has one; `--batch-size` per forward.
+    Model,
 }
 
 /// `aha rewards` arguments.
@@ -71,6 +77,22 @@ pub struct RewardsArgs {
     /// Command and http: time for the batch's replies (per attempt for http), in ms.
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
+    /// Model: the reward model's folder (config.json, safetensors with `score.weight`, tokenizer.json).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Model: where it runs, cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Model: f32, or bf16 on a GPU.
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Model: completions per forward.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Model: how prompt and completion are joined: auto (the model's chat
+    /// template when it has one, else plain), chat or plain (prompt + completion).
+    #[arg(long, default_value = "auto")]
+    template: String,
 }
 
 fn reward_of(args: &RewardsArgs) -> Result<Arc<dyn Reward>> {
@@ -122,6 +144,21 @@ fn reward_of(args: &RewardsArgs) -> Result<Arc<dyn Reward>> {
                 retries: 2,
             })?)
         }
+        Kind::Model => {
+            let Some(model) = &args.model else {
+                bail!("--kind model needs --model DIR");
+            };
+            Arc::new(ModelReward::load(
+                "model",
+                &ModelParams {
+                    device: args.device.clone(),
+                    precision: args.precision.clone(),
+                    batch_size: args.batch_size,
+                    template: args.template.parse()?,
+                    ..ModelParams::new(model)
+                },
+            )?)
+        }
     })
 }
 
@@ -142,6 +179,10 @@ fn check_fields(kind: Kind, ex: &Example) -> Result<()> {
                 aha_rewards::language::Script::of_language(code)?;
             }
             _ => bail!("field `language` (a string such as \"en\" or \"zh\") is required"),
+        },
+        Kind::Model => match ex.get("prompt") {
+            None | Some(serde_json::Value::String(_)) => {}
+            Some(_) => bail!("field `prompt` must be a string"),
         },
         Kind::Format | Kind::TagCount | Kind::Command | Kind::Http => {}
     }
@@ -182,7 +223,8 @@ pub fn run(args: &RewardsArgs) -> Result<()> {
             .unwrap_or(1);
         batch.item_deadline_s = 60.0 + args.code_timeout * (most_tests as f64 + 1.0);
     }
-    // The scorer process and the HTTP endpoint take the file in one batch.
+    // The scorer process, the HTTP endpoint and the reward model take the
+    // file in one call (the model in forwards of --batch-size).
     let outcomes = match reward.score_many(&items) {
         Some(v) => v,
         None => evaluate_batch(reward, Arc::new(items), &batch)?,

@@ -19,6 +19,28 @@ fn info_prints_one_json_line() {
     if v["gpus"].as_array().is_some_and(|a| a.is_empty()) {
         assert!(v["no_gpu_reason"].is_string());
     }
+    assert!(v["model"].is_null());
+    // With a model folder: its weights are loaded and described.
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["info", "--device", "cpu", "--model"])
+        .arg(fixture("models/deepseek-v3-fp8-tiny"))
+        .output()
+        .expect("run aha");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let m = &v["model"];
+    let want = aha_moe_model::Model::load(&fixture("models/deepseek-v3-fp8-tiny")).unwrap();
+    assert_eq!(m["parameters"], want.params.len());
+    assert_eq!(m["host_bytes"], want.params.len() * 4);
+    assert_eq!(m["architecture"], "DeepseekV3");
+    assert_eq!(m["dtypes_on_disk"], serde_json::json!(["F32", "F8_E4M3"]));
+    // A folder that is not a model is an error naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["info", "--device", "cpu", "--model", "/nonexistent-model"])
+        .output()
+        .expect("run aha");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-model"));
 }
 
 #[test]
@@ -229,6 +251,33 @@ fn generate_writes_one_json_line_per_completion() {
 }
 
 #[test]
+fn generate_reads_prompts_from_parquet() {
+    // Two GSM8K-style rows (`question`, `answer`), as the hub stores sets.
+    let prompts = fixture("datasets/missing_answer.parquet");
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("generate")
+        .arg("--model")
+        .arg(fixture("models/qwen2-tiny"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .args(["--max-new-tokens", "2", "--template", "none", "--device", "cpu"])
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let texts: Vec<String> = String::from_utf8(run.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt_text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(texts, ["What is 2 + 3?", "What is 4 + 4?"]);
+}
+
+#[test]
 fn eval_reports_pass_at_k_on_a_public_set() {
     // GSM8K's field names, with questions short enough for the tiny model's
     // 256 positions (its byte-level tokenizer has only 300 tokens).
@@ -258,6 +307,10 @@ fn eval_reports_pass_at_k_on_a_public_set() {
         .expect("run aha");
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    // Sampling progress on stderr, the last line complete.
+    let err = String::from_utf8_lossy(&run.stderr);
+    let bars: Vec<&str> = err.lines().filter(|l| l.starts_with("eval: [")).collect();
+    assert!(bars.last().is_some_and(|l| l.contains("6/6 completions")), "{err}");
     assert_eq!(v["problems"], 3);
     assert_eq!(v["k"], 2);
     for key in ["pass_at_1", "pass_at_k", "cons_at_k", "no_answer", "mean_length"] {
@@ -470,4 +523,241 @@ fn training_commands_resolve_device_and_precision_once_with_clear_errors() {
         let err = String::from_utf8_lossy(&r.stderr);
         assert!(err.contains(bad), "{flag} {bad}: {err}");
     }
+}
+
+#[test]
+fn plan_prints_every_strategy_and_refuses_unknown_hardware() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_aha"))
+            .args(args)
+            .output()
+            .expect("run aha")
+    };
+    let v3 = fixture("bench-configs/deepseek-v3.json");
+    let v3 = v3.to_str().unwrap();
+    let r = run(&[
+        "plan",
+        "--config",
+        v3,
+        "--gpus",
+        "256",
+        "--interconnect",
+        "ib",
+        "--json",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|r| r["strategy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["DP", "ZeRO-1", "EP + ZeRO-1", "offload", "LoRA r16"]);
+    // 671B parameters, 37B active a token.
+    assert!((rows[0]["params"].as_f64().unwrap() / 1e9 - 671.0).abs() < 0.5);
+    assert!((rows[0]["active_params"].as_f64().unwrap() / 1e9 - 36.6).abs() < 0.5);
+    // Expert parallelism divides the expert weights: the smallest footprint.
+    let gb = |i: usize| rows[i]["device_gb"].as_f64().unwrap();
+    assert!(gb(2) < gb(1) && gb(1) < gb(0));
+    for (flag, bad) in [("--gpu", "v100"), ("--interconnect", "ethernet"), ("--gpus", "0")] {
+        let r = run(&["plan", "--config", v3, flag, bad]);
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(flag), "{flag} {bad}: {err}");
+    }
+}
+
+/// `aha rewards --kind model` input lines (a prompt and completions), and
+/// each line's score by the library on the same tokens, one sequence per
+/// forward: `prompt + completion` through the reward model's tokenizer
+/// (qwen2-rm-tiny has no chat template) and `RewardModel::score_batch`,
+/// whose scores are checked against transformers' in aha-moe-model's
+/// `tests/reward_model.rs`.
+fn reward_model_lines() -> (String, Vec<f64>) {
+    let dir = fixture("models/qwen2-rm-tiny");
+    let tok = aha_sampler::load_tokenizer(&dir).unwrap();
+    let rm = aha_moe_model::RewardModel::load(&dir, aha_tensor::Device::Cpu, aha_moe_model::Precision::F32).unwrap();
+    let pairs = [
+        ("What is 7 + 5?", " <think>7 + 5 = 12</think><answer>12</answer>"),
+        ("What is 7 + 5?", " 13"),
+        (
+            "Name a prime.",
+            "<think>2 is prime.</think> <answer>2</answer><|endoftext|>",
+        ),
+        ("", "Just a completion, no prompt at all."),
+        ("Long?", " yes, yes, yes, yes, yes, yes, yes, yes, yes, yes, yes."),
+    ];
+    let mut lines = String::new();
+    let mut want = Vec::new();
+    for (i, (prompt, completion)) in pairs.iter().enumerate() {
+        let ids = tok
+            .encode(format!("{prompt}{completion}"), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        want.push(rm.score_batch(&[&ids]).unwrap()[0] as f64);
+        lines.push_str(&serde_json::json!({"id": i, "prompt": prompt, "completion": completion}).to_string());
+        lines.push('\n');
+    }
+    // The one ending in the pad token (<|endoftext|>) is scored before it.
+    assert_eq!(
+        rm.score_position(tok.encode("a<|endoftext|>", false).unwrap().get_ids()),
+        0
+    );
+    (lines, want)
+}
+
+fn rewards_model_run(device: &str, input: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["rewards", "--kind", "model", "--model"])
+        .arg(fixture("models/qwen2-rm-tiny"))
+        .args(["--device", device, "--batch-size", "2", "--input"])
+        .arg(input)
+        .output()
+        .expect("run aha")
+}
+
+fn check_rewards_model(device: &str) {
+    let (lines, want) = reward_model_lines();
+    let input = std::env::temp_dir().join(format!("aha-cli-rm-{device}-{}.jsonl", std::process::id()));
+    std::fs::write(&input, lines).unwrap();
+    let out = rewards_model_run(device, &input);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), want.len());
+    for (i, (row, w)) in rows.iter().zip(&want).enumerate() {
+        assert_eq!(row["id"], i);
+        let got = row["reward"].as_f64().unwrap();
+        eprintln!("aha rewards --kind model on {device}: row {i}: {got} (alone on the CPU: {w})");
+        assert!((got - w).abs() <= 1e-4, "row {i}: {got} vs {w} alone on the CPU");
+        assert_eq!(row["status"], if *w > 0.0 { "correct" } else { "wrong" });
+    }
+    let _ = std::fs::remove_file(&input);
+}
+
+#[test]
+fn rewards_kind_model_scores_prompt_and_completion_in_batches() {
+    check_rewards_model("cpu");
+    // Without --model, and with a folder that is not a reward model: clear errors.
+    let input = std::env::temp_dir().join(format!("aha-cli-rm-bad-{}.jsonl", std::process::id()));
+    std::fs::write(&input, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["rewards", "--kind", "model", "--input"])
+        .arg(&input)
+        .output()
+        .expect("run aha");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model"));
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["rewards", "--kind", "model", "--device", "cpu", "--model"])
+        .arg(fixture("models/qwen2-tiny"))
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .expect("run aha");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.json") && err.contains("Qwen2ForCausalLM"), "{err}");
+    let _ = std::fs::remove_file(&input);
+}
+
+#[test]
+fn rewards_kind_model_on_cuda_matches_the_cpu() {
+    if aha_cuda_kernels::device_count() == 0 {
+        eprintln!("rewards_kind_model_on_cuda: skipped: no GPU (checked that --device cuda is refused instead)");
+        let input = std::env::temp_dir().join(format!("aha-cli-rm-nogpu-{}.jsonl", std::process::id()));
+        std::fs::write(&input, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+        let out = rewards_model_run("cuda", &input);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--device") && err.contains("GPU"), "{err}");
+        let _ = std::fs::remove_file(&input);
+        return;
+    }
+    check_rewards_model("cuda");
+}
+
+/// The dtype of every tensor of a saved folder's safetensors files.
+fn saved_dtypes(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+    aha_moe_model::params::checkpoint_index(dir)
+        .unwrap()
+        .values()
+        .map(|l| format!("{:?}", l.dtype))
+        .collect()
+}
+
+#[test]
+fn sft_saves_in_the_input_dtype_unless_told_otherwise() {
+    let base = std::env::temp_dir().join(format!("aha-cli-save-dtype-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    // qwen2-tiny in bf16, as a Hugging Face hub checkpoint usually is.
+    let src = aha_moe_model::Model::load(&fixture("models/qwen2-tiny")).unwrap();
+    let bf16 = base.join("bf16");
+    src.save_as(
+        &bf16,
+        &aha_moe_model::SaveOptions {
+            dtype: aha_moe_model::SaveDtype::Bf16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(saved_dtypes(&bf16), ["BF16".to_string()].into());
+    let data = base.join("sft.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"1+2=\", \"completion\": \"3\"}\n").unwrap();
+    let sft = |out: &str, extra: &[&str]| {
+        let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+            .args([
+                "sft",
+                "--steps",
+                "1",
+                "--batch",
+                "1",
+                "--template",
+                "none",
+                "--device",
+                "cpu",
+            ])
+            .arg("--model")
+            .arg(&bf16)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(base.join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        base.join(out)
+    };
+    let same = sft("same", &[]);
+    assert_eq!(saved_dtypes(&same), ["BF16".to_string()].into());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(same.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "bfloat16");
+    let f32 = sft("f32", &["--save-dtype", "f32"]);
+    assert_eq!(saved_dtypes(&f32), ["F32".to_string()].into());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f32.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "float32");
+    // The f32 save holds exactly the weights the bf16 save rounds.
+    let (a, b) = (
+        aha_moe_model::Model::load(&same).unwrap(),
+        aha_moe_model::Model::load(&f32).unwrap(),
+    );
+    let to_bf16 = |y: f32| {
+        let u = y.to_bits();
+        f32::from_bits((u + 0x7fff + ((u >> 16) & 1)) >> 16 << 16)
+    };
+    assert!(a.params.iter().zip(&b.params).all(|(x, y)| *x == to_bf16(*y)));
+    // An unknown dtype is refused by name.
+    let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["sft", "--save-dtype", "fp8"])
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("fp8"));
+    let _ = std::fs::remove_dir_all(&base);
 }

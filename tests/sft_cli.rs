@@ -10,7 +10,8 @@ use std::process::Command;
 
 use aha_trainer::toy::{self, Rng, TaskSpec};
 
-fn aha(args: &[&str], paths: &[(&str, &Path)]) -> serde_json::Value {
+/// Runs aha; its one JSON line and its stderr (the progress lines).
+fn aha(args: &[&str], paths: &[(&str, &Path)]) -> (serde_json::Value, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_aha"));
     c.args(args);
     for (flag, p) in paths {
@@ -22,7 +23,10 @@ fn aha(args: &[&str], paths: &[(&str, &Path)]) -> serde_json::Value {
         "aha {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("one JSON line")
+    (
+        serde_json::from_slice(&out.stdout).expect("one JSON line"),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -98,7 +102,12 @@ fn sft_rejection_sampling_and_distillation() {
             ("--out", &teacher),
         ],
     );
+    let (r, log) = r;
     assert!(r["loss"].as_f64().unwrap() < 0.2, "{r}");
+    // Progress off a terminal: the plan, then a plain line a step.
+    assert!(log.contains("sft: model on cpu"), "{log}");
+    assert_eq!(log.lines().filter(|l| l.starts_with("step ")).count(), 800, "{log}");
+    assert!(log.contains("step 800/800 sft loss"), "{log}");
     let resolved = std::fs::read_to_string(teacher.join("sft_config.toml")).unwrap();
     assert!(
         resolved.contains("steps = 800") && resolved.contains("seed = 1"),
@@ -132,7 +141,12 @@ fn sft_rejection_sampling_and_distillation() {
             ("--out", &base.join("rs.jsonl")),
         ],
     );
+    let (r, log) = r;
     assert_eq!(r["sampled"], 80);
+    // Sampling progress off a terminal: a line at each tenth, the last full.
+    let bars: Vec<&str> = log.lines().filter(|l| l.starts_with("rejection-sample: [")).collect();
+    assert!((1..=10).contains(&bars.len()), "{log}");
+    assert!(bars.last().unwrap().contains("80/80 completions"), "{log}");
     assert!(r["kept"].as_u64().unwrap() >= 40, "{r}");
     let kept = std::fs::read_to_string(base.join("rs.jsonl")).unwrap();
     assert!(kept.lines().all(|l| l.contains("<think>") && l.contains("</answer>")));
@@ -158,7 +172,12 @@ fn sft_rejection_sampling_and_distillation() {
             ("--out", &base.join("distill")),
         ],
     );
+    let (r, log) = r;
     eprintln!("{r}");
+    assert!(
+        log.contains("distill: kept") && log.contains("step 1500/1500 sft loss"),
+        "{log}"
+    );
     assert!(r["teacher"]["pass_at_1"].as_f64().unwrap() >= 0.5, "{r}");
     assert!(r["student"]["pass_at_1"].as_f64().unwrap() >= 0.3, "{r}");
     assert!(base.join("distill/student/model.safetensors").is_file());

@@ -280,6 +280,17 @@ static void logprob_bwd_job() {
     write(dx);
 }
 
+// The sanitizer's canary: the rmsnorm forward over an input one float short,
+// so its last block reads past the end of the buffer. A sanitized build must
+// die here with a heap-buffer-overflow; a plain build reads one stray float.
+static void canary_job() {
+    const int rows = 2, c = 64;
+    std::vector<float> x((size_t)rows * c - 1, 1.0f), w(c, 1.0f), out((size_t)rows * c), rstd(rows);
+    emu::launch({(unsigned)rows, 1, 1}, 256,
+                [&] { rmsnorm_forward_f32(out.data(), rstd.data(), x.data(), w.data(), rows, c, 1e-6f); });
+    write(out);
+}
+
 int main() {
     std::string job;
     if (!(std::cin >> job)) return 2;
@@ -296,6 +307,7 @@ int main() {
     else if (job == "elementwise") elementwise_job();
     else if (job == "bias") bias_job();
     else if (job == "logprob_bwd") logprob_bwd_job();
+    else if (job == "canary") canary_job();
     else {
         fprintf(stderr, "core: unknown job %s\n", job.c_str());
         return 2;

@@ -47,6 +47,15 @@
 #include <functional>
 #include <vector>
 
+// Built with AddressSanitizer (AHA_EMU_SANITIZE=1), every fiber switch is
+// announced to ASan, and a fiber's stack is unpoisoned before it is reused,
+// so that switching stacks raises no false reports.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define AHA_EMU_ASAN 1
+#endif
+
 using std::isfinite;
 using std::isinf;
 using std::isnan;
@@ -92,6 +101,7 @@ struct Fiber {
     unsigned tid = 0;
     bool done = true;
     std::vector<char> stack;
+    void* fake_stack = nullptr;  // ASan's fake stack while switched out
 };
 struct Barrier {
     int count = 0, gen = 0, n = 0;
@@ -100,6 +110,10 @@ struct Barrier {
 inline ucontext_t g_sched;
 inline void* g_sched_sp = nullptr;
 inline Fiber* g_cur = nullptr;
+// The scheduler's stack, as ASan reports it at the first switch into a fiber.
+inline const void* g_sched_bottom = nullptr;
+inline size_t g_sched_size = 0;
+inline void* g_sched_fake = nullptr;
 inline Dim3 g_block_idx, g_block_dim, g_grid_dim;
 inline Barrier g_block_bar;
 inline Barrier g_warp_bar[MAX_THREADS / 32];
@@ -146,11 +160,19 @@ constexpr bool FAST_SWITCH = false;
 #endif
 
 inline void yield() {
+#if defined(AHA_EMU_ASAN)
+    Fiber* me = g_cur;
+    // A finished fiber is never resumed: its fake stack may go.
+    __sanitizer_start_switch_fiber(me->done ? nullptr : &me->fake_stack, g_sched_bottom, g_sched_size);
+#endif
     if (FAST_SWITCH) {
         aha_emu_switch(&g_cur->sp, g_sched_sp);
     } else {
         swapcontext(&g_cur->ctx, &g_sched);
     }
+#if defined(AHA_EMU_ASAN)
+    __sanitizer_finish_switch_fiber(me->fake_stack, &g_sched_bottom, &g_sched_size);
+#endif
 }
 
 inline void wait(Barrier& b) {
@@ -191,6 +213,9 @@ inline T shfl(T v, unsigned src) {
 }
 
 [[noreturn]] inline void fiber_entry() {
+#if defined(AHA_EMU_ASAN)
+    __sanitizer_finish_switch_fiber(nullptr, &g_sched_bottom, &g_sched_size);
+#endif
     g_body();
     g_cur->done = true;
     for (;;) yield();  // never resumed once done
@@ -198,6 +223,11 @@ inline T shfl(T v, unsigned src) {
 
 // Prepares fiber f to start in fiber_entry on its own stack.
 inline void start(Fiber& f) {
+#if defined(AHA_EMU_ASAN)
+    // The frames of the fiber's previous run were abandoned, not returned
+    // from: clear their redzones.
+    __asan_unpoison_memory_region(f.stack.data(), f.stack.size());
+#endif
     if (FAST_SWITCH) {
         // The stack as aha_emu_switch leaves it: six saved registers, then
         // the return address; after `ret`, rsp % 16 == 8 as after a call.
@@ -220,11 +250,17 @@ inline void start(Fiber& f) {
 
 inline void resume(Fiber& f) {
     g_cur = &f;
+#if defined(AHA_EMU_ASAN)
+    __sanitizer_start_switch_fiber(&g_sched_fake, f.stack.data(), f.stack.size());
+#endif
     if (FAST_SWITCH) {
         aha_emu_switch(&g_sched_sp, f.sp);
     } else {
         swapcontext(&g_sched, &f.ctx);
     }
+#if defined(AHA_EMU_ASAN)
+    __sanitizer_finish_switch_fiber(g_sched_fake, nullptr, nullptr);
+#endif
 }
 
 // The order threads run in between barriers, from AHA_EMU_ORDER.

@@ -97,6 +97,12 @@ impl Emulator {
     /// Compiles `program` (e.g. `"lmhead_grpo"`) with the shim and every
     /// kernel source, or reuses the binary compiled from the same text.
     pub fn build(program: &str) -> Result<Emulator, EmulateError> {
+        Emulator::build_with(program, sanitize_requested())
+    }
+
+    /// [`Emulator::build`], sanitized (ASan + UBSan, every finding fatal)
+    /// or not, whatever `AHA_EMU_SANITIZE` says.
+    pub fn build_with(program: &str, sanitize: bool) -> Result<Emulator, EmulateError> {
         // One build at a time in this process: tests run in threads, and an
         // executable must not be replaced while another thread starts it.
         static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -109,9 +115,14 @@ impl Emulator {
             return Err(EmulateError::NoCompiler(why));
         }
         let dir = source_dir()?;
-        let exe = dir.join(program);
+        let exe = dir.join(if sanitize {
+            format!("{program}-asan")
+        } else {
+            program.to_string()
+        });
         if !exe.exists() {
-            compile(&dir, &file, &exe, None)?;
+            let flags: &[&str] = if sanitize { SANITIZE_FLAGS } else { &[] };
+            compile(&dir, &file, &exe, None, flags)?;
         }
         Ok(Emulator {
             program: program.into(),
@@ -195,12 +206,42 @@ fn kernel_table() -> String {
         .collect()
 }
 
+/// The compiler flags of the sanitized driver programs: AddressSanitizer
+/// (heap, global and stack bounds, use after free) and UndefinedBehavior
+/// Sanitizer (signed overflow, shifts, misaligned or null access, float to
+/// int overflow), every finding fatal. `-O1` keeps the build and the run
+/// affordable; the shim tells ASan about each fiber switch.
+const SANITIZE_FLAGS: &[&str] = &[
+    "-O1",
+    "-g",
+    "-fsanitize=address,undefined,float-cast-overflow",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+];
+
+/// Whether `AHA_EMU_SANITIZE=1` asks for the sanitized driver programs.
+/// Only the standalone programs ([`Emulator`]) are sanitized: the emulated
+/// driver library is loaded into the Rust test process, which would need
+/// the sanitizer runtime preloaded.
+pub fn sanitize_requested() -> bool {
+    std::env::var("AHA_EMU_SANITIZE").is_ok_and(|v| v == "1")
+}
+
 /// Compiles `file` in `dir` into `out` (a shared library with `soname` when
-/// given), through a temporary name renamed into place.
-fn compile(dir: &std::path::Path, file: &str, out: &std::path::Path, soname: Option<&str>) -> Result<(), EmulateError> {
+/// given), through a temporary name renamed into place; `extra` flags come
+/// after the defaults (a later `-O` wins).
+fn compile(
+    dir: &std::path::Path,
+    file: &str,
+    out: &std::path::Path,
+    soname: Option<&str>,
+    extra: &[&str],
+) -> Result<(), EmulateError> {
     let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
     let mut cmd = Command::new(cxx());
-    cmd.args(["-O2", "-std=c++20", "-w", "-fno-strict-aliasing", "-I"])
+    cmd.args(["-O2", "-std=c++20", "-w", "-fno-strict-aliasing"])
+        .args(extra)
+        .arg("-I")
         .arg(dir);
     if let Some(so) = soname {
         cmd.args(["-shared", "-fPIC", &format!("-Wl,-soname,{so}")]);
@@ -242,7 +283,7 @@ fn install() -> Result<(), EmulateError> {
     for (file, lib) in [("fake_driver.cpp", "libcuda.so"), ("fake_cublas.cpp", "libcublas.so")] {
         let out = dir.join(lib);
         if !out.exists() {
-            compile(&dir, file, &out, Some(lib))?;
+            compile(&dir, file, &out, Some(lib), &[])?;
         }
         // SAFETY: the library is ours, with no initialisers beyond C++
         // statics; it stays loaded for the life of the process (kept in a

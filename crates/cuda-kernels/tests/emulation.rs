@@ -34,3 +34,31 @@ fn flash_kernels_match_naive_attention_emulated() {
 fn moe_kernels_match_references_emulated() {
     run_self_checking("moe_kernels_match_references_emulated", "moe", ", 0 failed");
 }
+
+/// The sanitized build (`AHA_EMU_SANITIZE=1`, which scripts/test.sh runs
+/// over the kernel emulation tests) must catch an out-of-bounds read in a
+/// kernel: the canary job runs the rmsnorm kernel over a buffer one float
+/// short. The plain build of the same job runs to the end, so it is the
+/// sanitizer, not the job, that fails.
+#[test]
+fn sanitized_emulator_catches_an_out_of_bounds_read() {
+    use aha_cuda_kernels::emulate::{EmulateError, Emulator};
+    if emulate::unavailable_reason().is_some() && !emulate::required() {
+        eprintln!("sanitized_emulator_catches_an_out_of_bounds_read: skipped: no C++ compiler");
+        return;
+    }
+    let plain = Emulator::build_with("core", false).unwrap();
+    plain
+        .run_raw("canary")
+        .expect("the plain build runs the canary to the end");
+    let sanitized = Emulator::build_with("core", true).unwrap();
+    match sanitized.run_raw("canary") {
+        Err(EmulateError::Run { msg, .. }) => {
+            assert!(
+                msg.contains("heap-buffer-overflow"),
+                "sanitizer report expected:\n{msg}"
+            )
+        }
+        other => panic!("the sanitized canary must fail, got {other:?}"),
+    }
+}

@@ -1826,6 +1826,23 @@ impl GpuModel {
     }
 }
 
+impl GpuModel {
+    /// The final normed hidden states at rows `rows` of a forward (row `r`
+    /// is position `r % T` of sequence `r / T`), gathered on the device and
+    /// copied to the host, `[rows, C]`: what a head other than the lm head
+    /// (a sequence-classification score) reads.
+    pub fn hidden_rows(&self, fwd: &GpuForward, rows: &[u32]) -> Result<Vec<f32>> {
+        let (c, n) = (self.config.hidden_size, rows.len());
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = self.zeros(n * c)?;
+        launch::embedding_forward_f32(&self.gpu, &mut out, &fwd.hidden, TokenIds::Host(rows), n, fwd.rows(), c)
+            .map_err(cuda)?;
+        self.gpu.download(&out).map_err(cuda)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

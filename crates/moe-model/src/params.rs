@@ -517,8 +517,7 @@ fn load_tensor(
     index: &BTreeMap<String, st::TensorLoc>,
     cfg: &ModelConfig,
 ) -> Result<std::result::Result<(), String>> {
-    let bytes = st::read_tensor(loc)?;
-    if st::decode_floats(dst, loc.dtype, &bytes).is_none() {
+    if st::decode_tensor(dst, loc)?.is_none() {
         return Ok(Err(format!(
             "`{name}` has dtype {:?}; supported: F32, BF16, F16, F8_E4M3 (block-quantized)",
             loc.dtype
@@ -550,7 +549,7 @@ fn load_tensor(
         sloc.dtype,
         safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16
     );
-    if !float_scale || st::decode_floats(&mut scale, sloc.dtype, &st::read_tensor(sloc)?).is_none() {
+    if !float_scale || st::decode_tensor(&mut scale, sloc)?.is_none() {
         return Ok(Err(format!(
             "`{sname}` has dtype {:?}; supported: F32, BF16, F16",
             sloc.dtype
@@ -561,11 +560,19 @@ fn load_tensor(
 }
 
 /// Loads every parameter of `layout` from the folder's safetensors into a
-/// new flat buffer, one tensor at a time (only the headers and one
-/// tensor's bytes are held besides the buffer), converting bf16/f16 to f32
-/// and dequantizing FP8 block-quantized weights. Missing, unexpected and
+/// new flat buffer, one tensor at a time and each streamed from disk
+/// straight into its slot (only the headers and one 8 MiB read buffer are
+/// held besides the result), converting bf16/f16 to f32 and dequantizing
+/// FP8 block-quantized weights in place. Missing, unexpected and
 /// mis-shaped tensors are listed in the error.
 pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &Layout) -> Result<Vec<f32>> {
+    load_params_except(dir, cfg, layout, &[])
+}
+
+/// [`load_params`], leaving the tensors named in `others` to the caller (a
+/// sequence-classification model's `score.weight`): they are neither
+/// loaded nor reported as unexpected.
+pub fn load_params_except(dir: &Path, cfg: &ModelConfig, layout: &Layout, others: &[&str]) -> Result<Vec<f32>> {
     let index = checkpoint_index(dir)?;
     let mut data = vec![0f32; layout.size];
     let mut problems = Vec::new();
@@ -589,7 +596,7 @@ pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &Layout) -> Result<Vec
     let unexpected: Vec<&str> = index
         .keys()
         .filter(|name| {
-            if layout.get(name).is_some() || ignorable(cfg, name) {
+            if layout.get(name).is_some() || ignorable(cfg, name) || others.contains(&name.as_str()) {
                 return false;
             }
             // A block scale belongs to the quantized weight beside it.

@@ -364,6 +364,11 @@ impl Policy {
         self.host_model()?.save(dir, max_shard_bytes)
     }
 
+    /// Saves as a whole HF folder with `opts` (as [`Model::save_as`]).
+    pub fn save_as(&self, dir: &Path, opts: &crate::SaveOptions) -> Result<()> {
+        self.host_model()?.save_as(dir, opts)
+    }
+
     /// The training forward over `ids [b, t]`, right-padded (as
     /// [`Model::forward`]).
     pub fn forward(&self, ids: &[u32], b: usize, t: usize) -> Result<Forward> {
@@ -608,6 +613,22 @@ impl Moments {
             (Moments::Gpu { .. }, Inner::Cpu { .. }) => {
                 Err(input_err("optimizer state", "device moments for a policy on the CPU"))
             }
+        }
+    }
+}
+
+impl Policy {
+    /// The final normed hidden states `[rows, C]` at rows `rows` of `fwd`
+    /// (row `r` is position `r % T` of sequence `r / T`), on the host: the
+    /// input of a head other than the lm head (a reward model's score).
+    pub fn hidden_rows(&self, fwd: &Forward, rows: &[u32]) -> Result<Vec<f32>> {
+        match (&self.inner, &fwd.inner) {
+            (Inner::Cpu { model, .. }, FwdInner::Cpu(a)) => {
+                let c = model.config.hidden_size;
+                gather_rows(&a.hidden, rows, a.hidden.len() / c.max(1), c)
+            }
+            (Inner::Gpu(g), FwdInner::Gpu(f)) => g.hidden_rows(f, rows),
+            _ => Err(input_err("hidden_rows", "the forward ran on another device")),
         }
     }
 }

@@ -17,18 +17,54 @@ use crate::params::{checkpoint_files, checkpoint_index, scale_name, Layout};
 use crate::st::{self, TensorLoc};
 
 /// The dtype a save writes the parameters in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// In configs and on the command line: `same`, `f32`, `bf16`, `f16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum SaveDtype {
     /// Each tensor in the dtype it had in the source folder (FP8 weights,
     /// dequantized on load, as bf16); f32 where there is no source.
     #[default]
+    #[serde(rename = "same")]
     Source,
     /// float32.
+    #[serde(rename = "f32")]
     F32,
     /// bfloat16 (round to nearest even).
+    #[serde(rename = "bf16")]
     Bf16,
     /// float16.
+    #[serde(rename = "f16")]
     F16,
+}
+
+impl std::str::FromStr for SaveDtype {
+    type Err = Error;
+
+    /// `same` (the source's dtypes), `f32`, `bf16` or `f16`, as the
+    /// training commands' `--save-dtype` spells them.
+    fn from_str(s: &str) -> Result<SaveDtype> {
+        match s {
+            "same" => Ok(SaveDtype::Source),
+            "f32" | "float32" => Ok(SaveDtype::F32),
+            "bf16" | "bfloat16" => Ok(SaveDtype::Bf16),
+            "f16" | "float16" => Ok(SaveDtype::F16),
+            other => Err(Error::Input {
+                op: "save dtype",
+                msg: format!("unknown save dtype {other:?}; expected same, f32, bf16 or f16"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for SaveDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SaveDtype::Source => "same",
+            SaveDtype::F32 => "f32",
+            SaveDtype::Bf16 => "bf16",
+            SaveDtype::F16 => "f16",
+        })
+    }
 }
 
 /// How [`crate::Model::save_as`] writes a folder.
@@ -145,10 +181,7 @@ fn materialize(item: &Item<'_>, cfg: &ModelConfig, path: &Path) -> Result<Vec<u8
             let want = [rows.div_ceil(blocks.rows), cols.div_ceil(blocks.cols)];
             let mut wv = vec![0f32; rows * cols];
             let mut sv = vec![0f32; want[0] * want[1]];
-            if s.shape != want
-                || st::decode_floats(&mut wv, w.dtype, &st::read_tensor(w)?).is_none()
-                || st::decode_floats(&mut sv, s.dtype, &st::read_tensor(s)?).is_none()
-            {
+            if s.shape != want || st::decode_tensor(&mut wv, w)?.is_none() || st::decode_tensor(&mut sv, s)?.is_none() {
                 return Err(bad(format!("`{}`: cannot dequantize with its scales", item.name)));
             }
             for (r, row) in wv.chunks_exact_mut(cols.max(1)).enumerate() {

@@ -164,6 +164,49 @@ pub fn read_tensor(loc: &TensorLoc) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Bytes a streamed read ([`decode_tensor`]) holds at a time: with it,
+/// loading a model needs the f32 result plus 8 MiB, not plus its largest
+/// tensor's bytes.
+pub const READ_CHUNK_BYTES: usize = 8 << 20;
+
+/// Decodes one floating-point tensor (F32, BF16, F16, F8_E4M3) from disk
+/// straight into `dst`, streaming it in [`READ_CHUNK_BYTES`] pieces;
+/// `Ok(None)` for any other dtype or a length that is not `dst`'s.
+pub fn decode_tensor(dst: &mut [f32], loc: &TensorLoc) -> Result<Option<()>> {
+    decode_tensor_chunked(dst, loc, READ_CHUNK_BYTES)
+}
+
+/// [`decode_tensor`] with `chunk_bytes` read at a time (rounded down to
+/// whole elements, at least one).
+pub fn decode_tensor_chunked(dst: &mut [f32], loc: &TensorLoc, chunk_bytes: usize) -> Result<Option<()>> {
+    use std::os::unix::fs::FileExt;
+    let width = match loc.dtype {
+        Dtype::F32 => 4,
+        Dtype::BF16 | Dtype::F16 => 2,
+        Dtype::F8_E4M3 => 1,
+        _ => return Ok(None),
+    };
+    if Some(loc.len) != dst.len().checked_mul(width) {
+        return Ok(None);
+    }
+    let io = |source| Error::Io {
+        path: loc.file.clone(),
+        source,
+    };
+    let f = std::fs::File::open(&loc.file).map_err(io)?;
+    let per = (chunk_bytes / width).max(1);
+    let mut buf = vec![0u8; per.min(dst.len()) * width];
+    for (i, out) in dst.chunks_mut(per).enumerate() {
+        let bytes = &mut buf[..out.len() * width];
+        f.read_exact_at(bytes, loc.start + (i * per * width) as u64)
+            .map_err(io)?;
+        if decode_floats(out, loc.dtype, bytes).is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(()))
+}
+
 /// The value of an FP8 E4M3 byte (OCP "E4M3FN": bias 7, no infinities,
 /// `S.1111.111` is NaN), as PyTorch's `float8_e4m3fn` reads it.
 pub fn f8_e4m3_to_f32(b: u8) -> f32 {
@@ -245,5 +288,48 @@ mod tests {
         assert_eq!(d, [2.0, -2.0]);
         assert!(decode_floats(&mut d, Dtype::I64, &[0; 16]).is_none());
         assert!(decode_floats(&mut d, Dtype::F32, &[0; 4]).is_none());
+    }
+
+    /// Streaming a tensor in pieces of any size (one element, sizes that
+    /// split elements, more than the tensor) decodes what reading it whole
+    /// does, bit for bit, for every float dtype, at any offset in the file.
+    #[test]
+    fn chunked_reads_decode_as_whole_ones() -> Result<()> {
+        let n = 1001;
+        let raw: Vec<u8> = (0..4 * n).map(|i| ((i * 37 + i / 7) % 251) as u8).collect();
+        let tensors: Vec<(&str, Dtype, usize)> = vec![
+            ("a_f8", Dtype::F8_E4M3, 1),
+            ("b_bf16", Dtype::BF16, 2),
+            ("c_f16", Dtype::F16, 2),
+            ("d_f32", Dtype::F32, 4),
+            ("e_i64", Dtype::I64, 8),
+        ];
+        let views = tensors
+            .iter()
+            .map(|&(name, dtype, w)| {
+                let len = if w == 8 { 8 * 4 } else { n * w };
+                let shape = vec![len / w];
+                safetensors::tensor::TensorView::new(dtype, shape, &raw[..len]).map(|v| (name.to_string(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| ck(Path::new("<test>"), e.to_string()))?;
+        let path = std::env::temp_dir().join(format!("aha-st-chunks-{}.safetensors", std::process::id()));
+        safetensors::serialize_to_file(views, None, &path).map_err(|e| ck(&path, e.to_string()))?;
+        for (name, loc) in read_header(&path)? {
+            let elems = loc.shape[0];
+            let mut whole = vec![0f32; elems];
+            let known = decode_floats(&mut whole, loc.dtype, &read_tensor(&loc)?).is_some();
+            for chunk in [1, 3, 7, 64, 1000, 1 << 20] {
+                let mut got = vec![0f32; elems];
+                let ok = decode_tensor_chunked(&mut got, &loc, chunk)?.is_some();
+                assert_eq!(ok, known, "{name}: chunk {chunk}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&whole), "{name}: chunk {chunk}");
+            }
+            // A destination of the wrong length is refused, not half-filled.
+            assert!(decode_tensor(&mut vec![0f32; elems + 1], &loc)?.is_none());
+        }
+        std::fs::remove_file(&path).map_err(|source| Error::Io { path, source })?;
+        Ok(())
     }
 }

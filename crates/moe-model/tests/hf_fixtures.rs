@@ -2,7 +2,7 @@
 //! float32 (tests/fixtures/models/*: Qwen2, Qwen3-MoE, DeepSeek-V3, Llama
 //! with llama3 RoPE scaling, DeepSeek-V3 with YaRN, DeepSeek-V3 in FP8), with transformers' logits, next-token
 //! log-probs, mean-NLL loss, the gradient of that loss for every parameter,
-//! and a 12-token greedy continuation. Tolerances are the issue's: logits and
+//! and a 12-token greedy continuation. Tolerances: logits and
 //! log-probs within 1e-4 (max abs), loss within 1e-5 (relative), every
 //! gradient within 1e-3 (norm of the difference over the norm), greedy tokens
 //! identical with and without the KV cache.
@@ -192,13 +192,29 @@ fn deepseek_v3_yarn_tiny_matches_transformers() {
 }
 
 /// FP8 e4m3 weights with 128x128 block scales (partial edge blocks),
-/// dequantized at load. The fixture's reference differs from the
-/// dequantized model by e4m3 rounding noise (every gradient ~3-4% off in
-/// relative norm, logits up to 0.23, no shift or scale in common), which is
-/// what a reference computed from the weights before quantization shows:
-/// the greedy tokens are identical and the loss agrees to 1e-5, so those are
-/// held to the usual bounds and the rest to that noise level. The exact
-/// dequantization (partial blocks, bit for bit) is tested in `tests/model.rs`.
+/// dequantized at load.
+///
+/// This fixture's transformers reference was not computed from the weights
+/// its `model.safetensors` holds: it is self-consistent (its logits, loss,
+/// lm-head and final-norm gradients agree with each other to 2.5e-7), but an
+/// independent float64 numpy forward (`scripts/deepseek_v3_numpy.py`, which
+/// matches the unquantized deepseek-v3-tiny and deepseek-v3-yarn-tiny
+/// references, same architecture and RoPE, to 1.5e-5 and 1.8e-5) on the
+/// file's dequantized weights lands exactly where aha does, 0.23 from it.
+/// The gap is not the e4m3 rounding of weights before quantization (moving
+/// every FP8 weight randomly within its rounding interval moves logits by
+/// std 0.40-0.46 and the loss by 1e-2 to 1e-1; the reference is std 0.047
+/// off with the loss 1.6e-5 off), nor dynamic FP8 activation quantization
+/// (3.5 off), bf16 dequantization or bf16/TF32 products (0.23-0.29 off),
+/// a zero correction bias (5.0) or un-scaled RoPE (6.1).
+///
+/// So what is held to the usual 1e-4 is the numpy reference on the
+/// dequantized weights (`dequantized_logits.safetensors`, written by that
+/// script); against transformers' reference the greedy tokens are
+/// identical and the loss within 1e-5, and logits and gradients are held to
+/// the gap measured above (0.23 and 3-7%), so that a regression still shows.
+/// The exact dequantization (partial blocks, bit for bit) is tested in
+/// `tests/model.rs`.
 #[test]
 fn deepseek_v3_fp8_tiny_matches_transformers() {
     let name = "deepseek-v3-fp8-tiny";
@@ -209,8 +225,12 @@ fn deepseek_v3_fp8_tiny_matches_transformers() {
     let tokens = ids(input);
     let acts = model.forward(&tokens, b, t).unwrap();
     let logits = model.logits_of(&acts.hidden).unwrap();
+    let numpy = read_file(&dir(name).join("dequantized_logits.safetensors")).unwrap();
+    let d = max_abs_diff(&logits, &f32s(&numpy[0]));
+    eprintln!("{name}: logits max |diff| from float64 numpy on the dequantized weights = {d:.3e}");
+    assert!(d <= 1e-4, "{name}: logits differ from the dequantized model's by {d:e}");
     let d = max_abs_diff(&logits, &f32s(&r["logits"]));
-    eprintln!("{name}: logits max |diff| = {d:.3e}");
+    eprintln!("{name}: logits max |diff| from the transformers reference = {d:.3e}");
     assert!(d <= 0.3, "{name}: logits differ from transformers by {d:e}");
     let mut grads = vec![0f32; model.params.len()];
     let loss = model.next_token_loss(&tokens, b, t, &mut grads).unwrap();

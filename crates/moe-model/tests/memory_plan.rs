@@ -154,3 +154,97 @@ fn qwen3_30b_a3b_counts_every_expert_and_its_buffers() {
     assert_eq!(plan.activations, per_token * 4096);
     eprintln!("Qwen3-30B-A3B bf16, 4k tokens: {plan}");
 }
+
+/// Qwen2.5-7B (DeepSeek-R1-Distill-Qwen-7B's shape) on one 80 GB GPU, the
+/// three ways `aha plan` prints, against hand arithmetic: full-parameter
+/// training needs 18 bytes a parameter (137 GB) and is refused; with AdamW
+/// and the f32 master weights on the host the GPU keeps 6 bytes a parameter
+/// (bf16 weights, f32 gradients) and 12 go to the host; LoRA r16 on every
+/// projection keeps the base in bf16 and 18 bytes per adapter parameter.
+#[test]
+fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
+    use aha_moe_model::plan::{gpu_spec, param_counts, plan, Interconnect, StepShape, Strategy};
+    let m = qwen25(3584, 18944, 28, 4, 152_064, false);
+    let p = qwen2_params(3584, 18944, 28, 4, 152_064, 28, false);
+    assert_eq!(p, 7_615_616_512, "Qwen2.5-7B has 7.62B parameters");
+    let counts = param_counts(&m);
+    assert_eq!(counts.total, p);
+    assert_eq!(
+        counts.active,
+        p - 152_064 * 3584,
+        "a dense model uses every parameter but the embedding"
+    );
+    // LoRA: (in + out) per rank over q, k, v, o, gate, up, down of 28 layers.
+    let (c, kv, f) = (3584u64, 4 * 128u64, 18944u64);
+    let per_layer = (c + c) + 2 * (c + kv) + (c + c) + 2 * (c + f) + (f + c);
+    assert_eq!(counts.lora_per_rank, 28 * per_layer);
+    let a = 16 * counts.lora_per_rank;
+    assert_eq!(a, 40_370_176, "LoRA r16 adds 40.4M parameters");
+
+    let step = StepShape {
+        completions: 64,
+        prompt_len: 512,
+        completion_len: 4096,
+        micro_batch_tokens: 8192,
+    };
+    let rows = plan(&m, gpu_spec("h100").unwrap(), 1, Interconnect::NvLink, &step, 16).unwrap();
+    let names: Vec<String> = rows.iter().map(|r| r.strategy.name()).collect();
+    assert_eq!(
+        names,
+        ["DP", "offload", "LoRA r16"],
+        "one GPU: no ZeRO-1 row, no expert parallel"
+    );
+    let act = memory_plan(
+        &m,
+        Precision::Bf16,
+        &Workload {
+            tokens: 8192,
+            scored: 8192,
+            kv_tokens: 0,
+            training: true,
+            recompute: true,
+        },
+    );
+    let (full, off, lora) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!(full.device.total(), 18 * p + act.activations + act.workspace);
+    assert!(!full.fits, "137 GB of weights and optimizer state do not fit 80 GB");
+    assert_eq!(off.device.total(), 6 * p + act.activations + act.workspace);
+    assert_eq!(off.host, 12 * p, "f32 master weights and two moments on the host");
+    assert!(off.fits, "{:?}", off.device);
+    assert_eq!(lora.strategy, Strategy::Lora { rank: 16 });
+    assert_eq!(
+        lora.device.weights_bf16 + lora.device.weights + lora.device.grads + lora.device.moments,
+        2 * p + 18 * a
+    );
+    assert!(lora.fits && lora.device.total() < off.device.total());
+    // One GPU sends nothing; offload moves f32 gradients out and bf16
+    // weights back over PCIe every step (6 bytes a parameter at 55 GB/s).
+    assert_eq!(full.comm_bytes, 0.0);
+    assert!((off.comm_seconds - 6.0 * p as f64 / 55e9).abs() < 1e-9);
+}
+
+/// On 8 GPUs, ZeRO-1 divides the f32 master weights and the moments by 8
+/// and sends (4 + 2) x 7/8 bytes a parameter (reduce-scatter of f32
+/// gradients, all-gather of bf16 weights) against plain data parallel's
+/// 2 x 4 x 7/8 (ring all-reduce).
+#[test]
+fn zero1_shards_the_optimizer_and_sends_less_than_an_all_reduce() {
+    use aha_moe_model::plan::{gpu_spec, plan, Interconnect, StepShape};
+    let m = qwen25(3584, 18944, 28, 4, 152_064, false);
+    let p = qwen2_params(3584, 18944, 28, 4, 152_064, 28, false) as f64;
+    let step = StepShape {
+        completions: 512,
+        prompt_len: 512,
+        completion_len: 4096,
+        micro_batch_tokens: 8192,
+    };
+    let rows = plan(&m, gpu_spec("h100").unwrap(), 8, Interconnect::NvLink, &step, 0).unwrap();
+    let (dp, z) = (&rows[0], &rows[1]);
+    assert_eq!(z.device.weights, dp.device.weights.div_ceil(8));
+    assert_eq!(z.device.moments, dp.device.moments.div_ceil(8));
+    assert!(!dp.fits && z.fits);
+    assert!((dp.comm_bytes - 2.0 * 4.0 * p * 7.0 / 8.0).abs() < 1.0);
+    assert!((z.comm_bytes - 6.0 * p * 7.0 / 8.0).abs() < 1.0);
+    // 450 GB/s NVLink at 80%.
+    assert!((z.comm_seconds - z.comm_bytes / 360e9).abs() < 1e-9);
+}

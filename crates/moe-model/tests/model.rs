@@ -214,7 +214,7 @@ fn checkpoint_errors_name_the_tensors() {
 }
 
 #[test]
-fn bf16_checkpoints_load() {
+fn bf16_checkpoints_load_single_and_sharded() {
     let src = Model::load(&fixture("qwen2-tiny")).unwrap();
     let d = tmpdir("bf16");
     std::fs::copy(fixture("qwen2-tiny").join("config.json"), d.join("config.json")).unwrap();
@@ -246,7 +246,28 @@ fn bf16_checkpoints_load() {
     for (a, b) in m.params.iter().zip(&src.params) {
         assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
     }
+    // Sharded as the hub ships big models: every tensor streamed from its
+    // shard into its slot gives the same known values, bit for bit.
+    let sharded = tmpdir("bf16-sharded");
+    m.save_as(
+        &sharded,
+        &aha_moe_model::SaveOptions {
+            dtype: aha_moe_model::SaveDtype::Bf16,
+            max_shard_bytes: 20_000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let shards = aha_moe_model::params::checkpoint_files(&sharded).unwrap();
+    assert!(shards.len() >= 3, "{shards:?}");
+    let back = Model::load(&sharded).unwrap();
+    assert!(back
+        .params
+        .iter()
+        .zip(&src.params)
+        .all(|(a, b)| a.to_bits() == half::bf16::from_f32(*b).to_f32().to_bits()));
     let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(&sharded);
 }
 
 #[test]

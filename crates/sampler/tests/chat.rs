@@ -2,7 +2,10 @@
 //! Chat templates against transformers: every case of
 //! `tests/fixtures/chat_templates/cases.json` (written by `make_fixtures.py`
 //! with transformers' `apply_chat_template`) renders byte for byte; loading
-//! from a model folder in each of its forms; errors name the file.
+//! from a model folder in each of its forms; errors name the file. The real
+//! DeepSeek-V3 / R1 tokenizer folder renders and encodes the conversations of
+//! `deepseek-r1-cases.json` (written by `make_r1_fixtures.py`) exactly as
+//! transformers does.
 
 use std::path::{Path, PathBuf};
 
@@ -251,4 +254,50 @@ fn r1_zero_renders_the_prompt_in_place() {
     assert!(p.ends_with("User: What is 2 + 3?. Assistant:"));
     assert_eq!(R1_ZERO.matches("{prompt}").count(), 1);
     assert!(!p.contains("{prompt}"));
+}
+
+/// The real DeepSeek-V3 / R1 tokenizer folder (`tokenizer.json` with its
+/// 818 added tokens, `tokenizer_config.json` with the Jinja chat template and
+/// AddedToken special tokens): every conversation of
+/// `deepseek-r1-cases.json` (a system prompt, two system prompts joined,
+/// multi-turn, an assistant turn whose `<think>` reasoning the template
+/// drops, tool calls and tool outputs, non-ASCII text and whitespace, with
+/// and without the generation prompt) renders byte for byte as
+/// transformers' `apply_chat_template`, and encodes (no special tokens
+/// added) to the same ids.
+#[test]
+fn deepseek_r1_tokenizer_renders_and_encodes_like_transformers() {
+    let folder = fixtures().join("../tokenizers/deepseek-r1");
+    let t = ChatTemplate::load(&folder).unwrap();
+    assert_eq!(t.special_token("bos_token"), Some("<｜begin▁of▁sentence｜>"));
+    let tok = tokenizers::Tokenizer::from_file(folder.join("tokenizer.json")).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("deepseek-r1-cases.json")).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 7);
+    let mut saw_think = false;
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let messages = json_value(&case["messages"].to_string()).unwrap();
+        let got = t
+            .render(&messages, case["add_generation_prompt"].as_bool().unwrap(), &[])
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(got, case["text"].as_str().unwrap(), "case {name}: text");
+        let ids = tok.encode(got.as_str(), false).unwrap().get_ids().to_vec();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids, want, "case {name}: ids");
+        // The special tokens are single ids, not spelled out byte by byte.
+        assert_eq!(
+            ids[0],
+            tok.token_to_id("<｜begin▁of▁sentence｜>").unwrap(),
+            "case {name}: bos"
+        );
+        saw_think |= case["messages"].to_string().contains("</think>") && !got.contains("</think>");
+    }
+    assert!(saw_think, "a case checks that the template drops the reasoning");
 }

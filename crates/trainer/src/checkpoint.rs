@@ -4,7 +4,7 @@
 //! renamed over the old one). A kill at any moment leaves `latest` naming a
 //! complete checkpoint.
 //!
-//! A checkpoint holds the weights in HF layout (`model/`), the reference
+//! A checkpoint holds the weights in HF layout in f32 (`model/`), the reference
 //! model when there is one (`reference/`), the optimizer moments
 //! (`optimizer.safetensors`) and `state.json`: phase, step, optimizer step,
 //! every RNG stream's state and the metrics cursor (lines of `metrics.jsonl`).
@@ -13,7 +13,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::st::{read_file, write_f32};
-use aha_moe_model::{Model, Policy};
+use aha_moe_model::{Model, Policy, SaveDtype, SaveOptions};
 use aha_tensor::CpuStorage;
 use serde::{Deserialize, Serialize};
 
@@ -84,9 +84,16 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    model.save(&tmp.join("model"), usize::MAX)?;
+    // f32 whatever the source's dtype: resuming needs the master weights
+    // exactly (a run's final save writes the source's dtypes).
+    let f32 = SaveOptions {
+        dtype: SaveDtype::F32,
+        max_shard_bytes: usize::MAX,
+        ..SaveOptions::default()
+    };
+    model.save_as(&tmp.join("model"), &f32)?;
     if let Some(r) = reference {
-        r.save(&tmp.join("reference"), usize::MAX)?;
+        r.save_as(&tmp.join("reference"), &f32)?;
     }
     let (m, v, _, _) = opt.state(model)?;
     let n = m.len();

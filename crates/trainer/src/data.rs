@@ -1,8 +1,10 @@
-//! Evaluation and training data: JSONL, one example a line, with the field
+//! Evaluation and training data: JSONL, one example a line, or Parquet, one
+//! example a row (as the Hugging Face hub stores datasets), with the field
 //! names of the public sets as they are (GSM8K `question`/`answer` with the
 //! final `#### N`; MATH-500, AIME 2024 and AMC 2023 `problem`/`answer`) and
 //! of the user's own sets (`prompt`, `question` or `problem`; `answer` or
-//! `gold`). A bad line is an error naming the file and line.
+//! `gold`). A bad line is an error naming the file and line; in a Parquet
+//! file the "line" is the 1-based row.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -22,9 +24,14 @@ fn bad(path: &Path, line: usize, msg: impl std::fmt::Display) -> Error {
     Error::Other(format!("{}:{line}: {msg}", path.display()))
 }
 
-/// The JSON values of a JSONL file with their 1-based line numbers, blank
-/// lines skipped; a line that is not JSON is an error naming file and line.
+/// The records of a data file as JSON values with their 1-based line
+/// numbers: a `.parquet` file is read as Parquet (see [`read_parquet`]),
+/// anything else as JSONL, blank lines skipped; a line that is not JSON is an
+/// error naming file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    if is_parquet(path) {
+        return read_parquet(path);
+    }
     let f = std::fs::File::open(path).map_err(io_err(path))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
@@ -35,6 +42,43 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
         }
         let v = serde_json::from_str(&line).map_err(|e| bad(path, n, format!("not valid JSON: {e}")))?;
         out.push((n, v));
+    }
+    Ok(out)
+}
+
+/// Whether `path` names a Parquet file (by its `.parquet` extension).
+pub fn is_parquet(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+}
+
+/// The rows of a Parquet file as JSON objects (column name to value; lists
+/// and structs nested; binary columns base64), numbered from 1, over every
+/// row group. Pages may be uncompressed or snappy-compressed, as the Hugging
+/// Face hub writes them; another codec, or a file that is not Parquet, is an
+/// error naming the file (and the row, where one row fails).
+pub fn read_parquet(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    let reader = SerializedFileReader::new(f)
+        .map_err(|e| Error::Other(format!("{}: not a readable Parquet file: {e}", path.display())))?;
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| Error::Other(format!("{}: reading Parquet rows: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (i, row) in rows.enumerate() {
+        let n = i + 1;
+        let row = row.map_err(|e| {
+            let msg = e.to_string();
+            match msg.split("Disabled feature at compile time: ").nth(1) {
+                Some(codec) => bad(
+                    path,
+                    n,
+                    format!("pages compressed with {codec}, which aha does not read (it reads uncompressed and snappy pages; rewrite the file with one of those, e.g. pyarrow's `compression=\"snappy\"`)"),
+                ),
+                None => bad(path, n, format!("Parquet row: {msg}")),
+            }
+        })?;
+        out.push((n, row.to_json_value()));
     }
     Ok(out)
 }

@@ -125,6 +125,20 @@ pub fn evaluate_math<'a>(
     k: usize,
     params: &SamplingParams,
 ) -> Result<(MathEval, Vec<ProblemResult>, Vec<Completion>)> {
+    evaluate_math_with_progress(model, tok, prompts, golds, k, params, &mut |_| {})
+}
+
+/// [`evaluate_math`], reporting the sampling's progress to `progress` as
+/// completions finish (a progress bar's input).
+pub fn evaluate_math_with_progress<'a>(
+    model: impl Into<PolicyModel<'a>>,
+    tok: &'a Tokenizer,
+    prompts: &[Vec<u32>],
+    golds: &[String],
+    k: usize,
+    params: &SamplingParams,
+    progress: &mut dyn FnMut(&aha_sampler::Progress),
+) -> Result<(MathEval, Vec<ProblemResult>, Vec<Completion>)> {
     use aha_rewards::math::{answers_equivalent, extract_answer, verify, Extraction, MathConfig};
     if prompts.len() != golds.len() || prompts.is_empty() || k == 0 {
         return Err(crate::error::Error::Other(
@@ -140,7 +154,7 @@ pub fn evaluate_math<'a>(
         },
         &[],
     )?;
-    let (out, stats) = engine.generate(prompts, k, params)?;
+    let (out, stats) = engine.generate_with_progress(prompts, k, params, progress)?;
     let cfg = MathConfig {
         extraction: Extraction::Any,
         ..MathConfig::default()

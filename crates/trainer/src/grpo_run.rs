@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use aha_grpo::{AdvantageEstimator, ImportanceSampling, KlEstimator, LossConfig, LossType};
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, LoraConfig, Model, ModelConfig, Policy, Precision};
+use aha_moe_model::{resolve_device, LoraConfig, Model, ModelConfig, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::language::Script;
 use aha_rewards::{BatchConfig, Example};
 use aha_sampler::{load_tokenizer, SamplingParams};
@@ -167,6 +167,10 @@ pub struct GrpoConfig {
     pub max_skipped_steps: usize,
     /// Save a checkpoint every N steps (0: only the final model).
     pub save_every: usize,
+    /// The final model's dtype on disk: `same` (default: each tensor as the
+    /// input folder had it; FP8 weights as bf16), `f32`, `bf16` or `f16`.
+    /// Resume checkpoints are unaffected.
+    pub save_dtype: SaveDtype,
     /// Seed of data order and sampling.
     pub seed: u64,
     /// Where the policy and the reference train and score: `cpu`, `cuda`,
@@ -246,6 +250,7 @@ impl Default for GrpoConfig {
             max_grad_norm: 1.0,
             max_skipped_steps: 10,
             save_every: 0,
+            save_dtype: SaveDtype::Source,
             seed: 0,
         }
     }
@@ -638,7 +643,14 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         }
         last = m;
     }
-    policy.save(&out.join("final"), 4 << 30)?;
+    policy.save_as(
+        &out.join("final"),
+        &SaveOptions {
+            dtype: cfg.save_dtype,
+            max_shard_bytes: 4 << 30,
+            ..SaveOptions::default()
+        },
+    )?;
     Ok(last)
 }
 

@@ -4,7 +4,9 @@
 //! Built so far: the optimizer (AdamW with warmup and cosine/constant
 //! schedules, clipping, a non-finite guard), supervised steps on completion
 //! tokens, the GRPO step, the toy task with its tokenizer, held-out
-//! evaluation, PNG plots, and the `aha demo` run (R1-Zero at toy scale).
+//! evaluation, PNG plots, the `aha demo` run (R1-Zero at toy scale), and
+//! the reward layer of `aha grpo` with every reward kind, a scalar reward
+//! model among them ([`reward_model`]).
 
 pub mod checkpoint;
 pub mod data;
@@ -15,6 +17,7 @@ pub mod grpo_run;
 pub mod optim;
 pub mod pipeline;
 pub mod plot;
+pub mod reward_model;
 pub mod rewards;
 pub mod rl;
 pub mod sft_run;

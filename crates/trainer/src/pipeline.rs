@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use aha_moe_model::{Model, ModelConfig, Policy, Precision};
+use aha_moe_model::{Model, ModelConfig, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::BatchConfig;
 use aha_sampler::{SamplingParams, Tokenizer};
 use aha_tensor::Device;
@@ -60,7 +60,9 @@ fn encode_pair(tok: &Tokenizer, prompt: &str, completion: &str) -> Result<(Vec<u
 
 /// SFT over `examples` for `steps` steps of `batch`, drawing batches with
 /// `rng`; examples of similar length are batched together (length buckets:
-/// each batch is drawn from a window of the length-sorted list).
+/// each batch is drawn from a window of the length-sorted list). Each step
+/// is reported to `log` as `step i/steps loss x` (a terminal redraws these
+/// lines in place).
 pub(crate) fn sft(
     model: &mut Policy,
     examples: &[(Vec<u32>, Vec<u32>)],
@@ -68,18 +70,20 @@ pub(crate) fn sft(
     batch: usize,
     lr: f64,
     rng: &mut Rng,
+    log: &mut dyn FnMut(&str),
 ) -> Result<f64> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].0.len() + examples[i].1.len());
     let mut opt = Optimizer::new(optim(lr, steps, Schedule::Cosine));
     let window = (batch * 4).min(order.len()).max(1);
     let mut loss = f64::NAN;
-    for _ in 0..steps {
+    for step in 1..=steps {
         let start = rng.below((order.len() - window + 1) as u64) as usize;
         let b: Vec<(Vec<u32>, Vec<u32>)> = (0..batch)
             .map(|_| examples[order[start + rng.below(window as u64) as usize]].clone())
             .collect();
         loss = sft_step(model, &mut opt, &b, toy::PAD)?.0;
+        log(&format!("step {step}/{steps} sft loss {loss:.4}"));
     }
     Ok(loss)
 }
@@ -187,6 +191,8 @@ pub struct PipelineConfig {
     /// The precision of their products.
     #[serde(skip)]
     pub precision: Precision,
+    /// The dtype each saved model is written in (`same`: f32, as trained).
+    pub save_dtype: SaveDtype,
 }
 
 impl PipelineConfig {
@@ -211,6 +217,7 @@ impl PipelineConfig {
             eval_k: 4,
             device: Device::Cpu,
             precision: Precision::F32,
+            save_dtype: SaveDtype::Source,
         }
     }
 
@@ -246,7 +253,14 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
     let teacher_json = d.model_config_json();
     let save = |name: &str, m: &Policy, json: &serde_json::Value| -> Result<()> {
         let dir = out.join(name);
-        m.save(&dir, usize::MAX)?;
+        m.save_as(
+            &dir,
+            &SaveOptions {
+                dtype: cfg.save_dtype,
+                max_shard_bytes: usize::MAX,
+                ..SaveOptions::default()
+            },
+        )?;
         for (f, text) in [
             ("config.json", serde_json::to_string_pretty(json).unwrap_or_default()),
             ("tokenizer.json", toy::tokenizer_json()),
@@ -300,7 +314,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         })
         .collect::<Result<_>>()?;
     let mut r1 = copy(&base)?;
-    let l = sft(&mut r1, &cold, cfg.sft_steps, 32, 1e-3, &mut rng)?;
+    let l = sft(&mut r1, &cold, cfg.sft_steps, 32, 1e-3, &mut rng, log)?;
     log(&format!("r1: cold-start SFT on {} traces, loss {l:.3}", cold.len()));
     grpo(&mut r1, d, &tok, d.grpo_steps / 2, &mut rng, d.seed ^ 2)?;
     let problems: Vec<Problem> = (0..cfg.rejection_prompts)
@@ -328,7 +342,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         .map(|(p, c)| encode_pair(&tok, p, c))
         .collect::<Result<_>>()?;
     if !data.is_empty() {
-        sft(&mut r1, &data, cfg.sft_steps, 32, 3e-4, &mut rng)?;
+        sft(&mut r1, &data, cfg.sft_steps, 32, 3e-4, &mut rng, log)?;
     }
     save("r1", &r1, &teacher_json)?;
     rows.push(score_row("r1", &r1)?);
@@ -348,7 +362,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         .iter()
         .map(|(p, c)| encode_pair(&tok, p, c))
         .collect::<Result<_>>()?;
-    let l = sft(&mut student, &sdata, cfg.student_steps, 64, 3e-3, &mut rng)?;
+    let l = sft(&mut student, &sdata, cfg.student_steps, 64, 3e-3, &mut rng, log)?;
     log(&format!(
         "student: {} parameters, SFT on {} teacher traces, loss {l:.3}",
         student.num_params(),

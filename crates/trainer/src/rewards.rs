@@ -19,6 +19,12 @@
 //! kind = "command"
 //! command = ["python3", "score.py"]
 //! weight = 0.5
+//!
+//! [[rewards]]
+//! name = "rm"
+//! kind = "model"                # a scalar reward model (crate::reward_model)
+//! model = "path/to/reward-model"
+//! batch_size = 16
 //! ```
 //!
 //! Every kind is built into an `aha_rewards` [`Reward`] and the list into a
@@ -38,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::reward_model::{ModelParams, ModelReward};
 
 /// One reward of the weighted sum.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,10 +83,13 @@ pub enum RewardKind {
     Command(CommandParams),
     /// An HTTP endpoint with OpenRLHF's remote reward protocol.
     Http(HttpParams),
+    /// A scalar reward model (`*ForSequenceClassification`, one label) on
+    /// the CPU or a GPU, scoring prompt + completion in batches.
+    Model(ModelParams),
 }
 
 /// The kinds, as the TOML spells them.
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 11] = [
     "accuracy",
     "format",
     "tag_count",
@@ -90,6 +100,7 @@ pub const KINDS: [&str; 10] = [
     "cosine_length",
     "command",
     "http",
+    "model",
 ];
 
 /// No parameters (`tag_count`, `countdown`).
@@ -273,6 +284,7 @@ impl RewardKind {
             RewardKind::CosineLength(_) => "cosine_length",
             RewardKind::Command(_) => "command",
             RewardKind::Http(_) => "http",
+            RewardKind::Model(_) => "model",
         }
     }
 
@@ -298,6 +310,7 @@ impl RewardKind {
             "cosine_length" => RewardKind::CosineLength(p(params)?),
             "command" => RewardKind::Command(p(params)?),
             "http" => RewardKind::Http(p(params)?),
+            "model" => RewardKind::Model(p(params)?),
             other => return Err(format!("unknown kind {other:?} (one of {})", KINDS.join(", "))),
         })
     }
@@ -313,6 +326,7 @@ impl RewardKind {
             RewardKind::CosineLength(x) => serde_json::to_value(x),
             RewardKind::Command(x) => serde_json::to_value(x),
             RewardKind::Http(x) => serde_json::to_value(x),
+            RewardKind::Model(x) => serde_json::to_value(x),
         }
     }
 }
@@ -561,6 +575,9 @@ pub fn build(specs: &[RewardSpec], ctx: &BuildContext) -> Result<WeightedSum> {
                 })
                 .map_err(ctx_err)?,
             ),
+            RewardKind::Model(p) => {
+                Arc::new(ModelReward::load(&s.name, p).map_err(|e| Error::Other(format!("reward {:?}: {e}", s.name)))?)
+            }
         };
         let named = Named {
             name: s.name.clone(),

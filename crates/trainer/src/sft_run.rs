@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, LoraConfig, Model, Policy, Precision};
+use aha_moe_model::{resolve_device, LoraConfig, Model, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
@@ -189,6 +189,9 @@ pub struct SftConfig {
     pub device: String,
     /// `f32` (default) or `bf16` (GPU only).
     pub precision: String,
+    /// The saved model's dtype: `same` (default: each tensor as the input
+    /// folder had it, f32 without weights), `f32`, `bf16` or `f16`.
+    pub save_dtype: SaveDtype,
     /// LoRA (`[lora]` table: `r`, `alpha`, `target_modules`, `dropout`,
     /// `use_rslora`, defaults PEFT's `LoraConfig`'s; see
     /// [`aha_moe_model::LoraConfig`]). Default unset: full fine-tuning.
@@ -210,6 +213,7 @@ impl Default for SftConfig {
             seed: 0,
             device: "auto".into(),
             precision: "f32".into(),
+            save_dtype: SaveDtype::Source,
             lora: None,
         }
     }
@@ -240,10 +244,11 @@ impl SftConfig {
 }
 
 /// Runs [`run_sft`] from a config and writes the resolved config to
-/// `out/sft_config.toml`; returns the last loss.
-pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
+/// `out/sft_config.toml`; returns the last loss. Progress goes to `log`
+/// (see [`run_sft_logged`]).
+pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64> {
     cfg.validate()?;
-    let loss = run_sft(
+    let loss = run_sft_logged(
         &cfg.model,
         &cfg.data,
         &cfg.out,
@@ -253,6 +258,8 @@ pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
         cfg.learning_rate,
         cfg.seed,
         (&cfg.device, cfg.precision.parse()?),
+        cfg.save_dtype,
+        log,
         cfg.lora.as_ref(),
     )?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
@@ -265,9 +272,8 @@ pub fn run_sft_config(cfg: &SftConfig) -> Result<f64> {
 ///
 /// A folder with a `config.json` and a tokenizer but no weights starts from a
 /// random initialisation (a student trained from scratch). `device` is a
-/// `--device` value (`cpu`, `cuda`, `cuda:N`, `auto`) with the precision.
-/// With `lora`, adapters are added (seeded by `seed`), only they train and
-/// `out` receives the adapter in PEFT's format.
+/// `--device` value (`cpu`, `cuda`, `cuda:N`, `auto`) with the precision;
+/// the result is saved in `save_dtype`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_sft(
     model_dir: &Path,
@@ -278,7 +284,42 @@ pub fn run_sft(
     batch: usize,
     lr: f64,
     seed: u64,
+    device: (&str, Precision),
+    save_dtype: SaveDtype,
+) -> Result<f64> {
+    run_sft_logged(
+        model_dir,
+        data,
+        out,
+        template,
+        steps,
+        batch,
+        lr,
+        seed,
+        device,
+        save_dtype,
+        &mut |_| {},
+        None,
+    )
+}
+
+/// [`run_sft`], reporting to `log`: the device and memory plan first, then
+/// one `step i/n sft loss x` line a step. With `lora`, adapters are added
+/// (seeded by `seed`), only they train and `out` receives the adapter in
+/// PEFT's format.
+#[allow(clippy::too_many_arguments)]
+pub fn run_sft_logged(
+    model_dir: &Path,
+    data: &Path,
+    out: &Path,
+    template: &str,
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    seed: u64,
     (device, precision): (&str, Precision),
+    save_dtype: SaveDtype,
+    log: &mut dyn FnMut(&str),
     lora: Option<&LoraConfig>,
 ) -> Result<f64> {
     let has_weights =
@@ -325,11 +366,18 @@ pub fn run_sft(
             recompute: false,
         },
     );
-    eprintln!("aha sft: model on {dev} ({precision}); memory plan: {plan}");
+    log(&format!("sft: model on {dev} ({precision}); memory plan: {plan}"));
     check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
-    let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng)?;
-    policy.save(out, 4 << 30)?;
+    let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng, log)?;
+    policy.save_as(
+        out,
+        &SaveOptions {
+            dtype: save_dtype,
+            max_shard_bytes: 4 << 30,
+            ..SaveOptions::default()
+        },
+    )?;
     Ok(loss)
 }
 
@@ -377,6 +425,19 @@ pub fn run_rejection_sampling(
     o: &RejectionOptions,
     out: &Path,
 ) -> Result<RejectionStats> {
+    run_rejection_sampling_with_progress(model_dir, data, template, o, out, &mut |_| {})
+}
+
+/// [`run_rejection_sampling`], reporting the sampling's progress to
+/// `progress` as completions finish (a progress bar's input).
+pub fn run_rejection_sampling_with_progress(
+    model_dir: &Path,
+    data: &Path,
+    template: &str,
+    o: &RejectionOptions,
+    out: &Path,
+    progress: &mut dyn FnMut(&aha_sampler::Progress),
+) -> Result<RejectionStats> {
     let policy = Policy::new(Model::load(model_dir)?, o.place.0, o.place.1)?;
     let tok = load_tokenizer(model_dir)?;
     let t = Templater::new(template, model_dir)?;
@@ -404,7 +465,7 @@ pub fn run_rejection_sampling(
         seed: o.seed,
         ..SamplingParams::default()
     };
-    let (completions, _) = engine.generate(&prompts, o.k, &params)?;
+    let (completions, _) = engine.generate_with_progress(&prompts, o.k, &params, progress)?;
     let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io_err(out))?);
     let mut covered = vec![false; ex.len()];
     let mut kept = 0;
@@ -450,6 +511,7 @@ pub struct DistillReport {
 /// Teacher writes (rejection-sampled) traces for `train`; the student (a
 /// model folder, e.g. a smaller dense one) learns them by SFT; both are
 /// evaluated on `test` (pass@1 over `k_eval` samples at temperature 0.6).
+/// The student is saved in `save_dtype`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_distill(
     teacher_dir: &Path,
@@ -463,17 +525,24 @@ pub fn run_distill(
     k_eval: usize,
     out: &Path,
     device: (&str, Precision),
+    save_dtype: SaveDtype,
+    log: &mut dyn FnMut(&str),
 ) -> Result<DistillReport> {
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let traces_path = out.join("teacher_traces.jsonl");
+    log("distill: the teacher samples its traces");
     let stats = run_rejection_sampling(teacher_dir, train, template, o, &traces_path)?;
+    log(&format!(
+        "distill: kept {} of {} traces ({} prompts covered)",
+        stats.kept, stats.sampled, stats.prompts_covered
+    ));
     if stats.kept == 0 {
         return Err(Error::Other(
             "the teacher's traces were all rejected: nothing to distil".into(),
         ));
     }
     let sdir = out.join("student");
-    run_sft(
+    run_sft_logged(
         student_dir,
         &traces_path,
         &sdir,
@@ -483,8 +552,11 @@ pub fn run_distill(
         lr,
         o.seed,
         device,
+        save_dtype,
+        log,
         None,
     )?;
+    log("distill: evaluating the teacher and the student");
     let score = |dir: &Path| -> Result<MathEval> {
         let m = Model::load(dir)?;
         let tok = load_tokenizer(dir).or_else(|_| load_tokenizer(student_dir))?;

@@ -220,6 +220,56 @@ fn the_public_sets_load_with_their_own_field_names() {
     let _ = std::fs::remove_file(&bad);
 }
 
+/// Parquet files as the Hugging Face hub stores datasets read like their
+/// JSONL twins: snappy and uncompressed pages, several row groups, string,
+/// integer and float columns; a null answer is an error naming file and
+/// row; a codec aha does not read, or a file that is not Parquet, is an
+/// error naming the file.
+#[test]
+fn parquet_sets_read_like_their_jsonl_twins() {
+    use aha_trainer::data::{read_jsonl, read_math_jsonl};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/datasets");
+    for f in ["gsm8k_test", "math500_test", "amc23_test"] {
+        let pq = read_math_jsonl(&dir.join(format!("{f}.head5.parquet"))).unwrap();
+        let js = read_math_jsonl(&dir.join(format!("{f}.head5.jsonl"))).unwrap();
+        assert_eq!(pq, js, "{f}");
+        // Every column comes through, not only the two that are used.
+        let rows_pq = read_jsonl(&dir.join(format!("{f}.head5.parquet"))).unwrap();
+        let rows_js = read_jsonl(&dir.join(format!("{f}.head5.jsonl"))).unwrap();
+        assert_eq!(rows_pq.len(), rows_js.len());
+        for ((n_pq, v_pq), (_, v_js)) in rows_pq.iter().zip(&rows_js) {
+            let (a, b) = (v_pq.as_object().unwrap(), v_js.as_object().unwrap());
+            assert_eq!(
+                a.keys().collect::<Vec<_>>(),
+                b.keys().collect::<Vec<_>>(),
+                "{f} row {n_pq}"
+            );
+            for (k, x) in a {
+                let y = &b[k];
+                match (x.as_f64(), y.as_f64()) {
+                    (Some(x), Some(y)) => assert_eq!(x, y, "{f} row {n_pq} {k}"),
+                    _ => assert_eq!(x, y, "{f} row {n_pq} {k}"),
+                }
+            }
+        }
+        assert_eq!(rows_pq.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5], "{f}");
+    }
+    let e = read_math_jsonl(&dir.join("missing_answer.parquet"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing_answer.parquet:2:") && e.contains("answer"), "{e}");
+    let e = read_math_jsonl(&dir.join("zstd.parquet")).unwrap_err().to_string();
+    assert!(
+        e.contains("zstd.parquet:1:") && e.contains("compressed with zstd") && e.contains("snappy"),
+        "{e}"
+    );
+    let not = std::env::temp_dir().join(format!("aha-not-{}.parquet", std::process::id()));
+    std::fs::write(&not, "{\"question\": \"q\", \"answer\": \"1\"}\n").unwrap();
+    let e = read_math_jsonl(&not).unwrap_err().to_string();
+    assert!(e.contains(&*not.display().to_string()) && e.contains("Parquet"), "{e}");
+    let _ = std::fs::remove_file(&not);
+}
+
 /// Gradient accumulation over micro-batches gives the gradient of the
 /// whole minibatch, for every loss aggregation (f32; only summation orders
 /// differ).

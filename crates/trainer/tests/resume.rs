@@ -115,3 +115,60 @@ fn resuming_from_any_checkpoint_is_bit_identical() {
     assert!(e.is_err());
     let _ = std::fs::remove_dir_all(&straight);
 }
+
+/// A model loaded from a bf16 folder trains in f32; its checkpoints keep
+/// those f32 weights exactly (not rounded to the source's bf16), and the
+/// reference beside them too.
+#[test]
+fn checkpoints_of_a_bf16_model_keep_the_f32_weights() {
+    use aha_moe_model::{Policy, Precision, SaveDtype, SaveOptions};
+    use aha_trainer::checkpoint::{self, TrainState};
+    use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
+    let dir = tmp("bf16-source");
+    let cfg = aha_moe_model::ModelConfig::from_json_str(
+        &tiny().model_config_json().to_string(),
+        Path::new("<demo model config>"),
+    )
+    .unwrap();
+    let bf16 = dir.join("bf16");
+    let opts = SaveOptions {
+        dtype: SaveDtype::Bf16,
+        ..SaveOptions::default()
+    };
+    Model::random(cfg, 3, 0.02).save_as(&bf16, &opts).unwrap();
+    std::fs::write(bf16.join("config.json"), tiny().model_config_json().to_string()).unwrap();
+    let mut m = Model::load(&bf16).unwrap();
+    // As after an update: values bf16 cannot hold.
+    for (i, p) in m.params.iter_mut().enumerate() {
+        *p += 1e-4 * ((i % 7) as f32 + 0.5);
+    }
+    let want = m.params.clone();
+    let policy = Policy::new(m.clone(), aha_tensor::Device::Cpu, Precision::F32).unwrap();
+    let reference = Policy::new(m, aha_tensor::Device::Cpu, Precision::F32).unwrap();
+    let opt = Optimizer::new(OptimConfig {
+        lr: 1e-3,
+        warmup_steps: 0,
+        total_steps: 1,
+        schedule: Schedule::Constant,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        max_bad_steps: 1,
+    });
+    let state = TrainState {
+        phase: "grpo".into(),
+        step: 1,
+        rng: 0,
+        opt_step: 1,
+        opt_bad: 0,
+        metrics_lines: 0,
+        extra: serde_json::Value::Null,
+        layout: 0,
+    };
+    let root = dir.join("ck");
+    checkpoint::save(&root, "step-1", &state, &policy, Some(&reference), &opt).unwrap();
+    let back = checkpoint::load_latest(&root).unwrap().unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&back.model.params), bits(&want));
+    assert_eq!(bits(&back.reference.unwrap().params), bits(&want));
+    let _ = std::fs::remove_dir_all(&dir);
+}

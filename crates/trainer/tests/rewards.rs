@@ -1,7 +1,8 @@
 //! The reward layer: every kind parsed from `aha grpo`'s TOML (and unknown
 //! kinds and keys refused by name), NaN rewards kept out of the baseline
 //! and the metrics, a hostile code completion contained inside a GRPO
-//! step, and a scorer process reached through `aha grpo`'s config.
+//! step, a scorer process reached through `aha grpo`'s config, and a
+//! reward model (`kind = "model"`) scoring a GRPO step in batches.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,6 +14,7 @@ use aha_rewards::{BatchConfig, Example, Outcome, Reward, Status, WeightedSum};
 use aha_tensor::Device;
 use aha_trainer::grpo_run::{run_grpo, GrpoConfig};
 use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
+use aha_trainer::reward_model::{ModelParams, ModelReward, RmTemplate};
 use aha_trainer::rewards::{build, BuildContext, RewardKind, KINDS};
 use aha_trainer::rl::{rollout, score_completions, train_on, Scoring};
 use aha_trainer::toy::{self, Problem, TaskSpec};
@@ -77,9 +79,21 @@ url = "http://127.0.0.1:5000/get_reward"
 retries = 0
 "#;
 
+fn rm_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen2-rm-tiny")
+}
+
+/// Every kind, the reward model's folder being the qwen2-rm-tiny fixture.
+fn every_kind() -> String {
+    format!(
+        "{EVERY_KIND}[[rewards]]\nname = \"rm\"\nkind = \"model\"\nmodel = {:?}\ndevice = \"cpu\"\nbatch_size = 4\ntemplate = \"plain\"\n",
+        rm_fixture()
+    )
+}
+
 #[test]
 fn every_kind_parses_from_toml_and_round_trips() {
-    let cfg = GrpoConfig::from_toml(EVERY_KIND, Path::new("grpo.toml")).unwrap();
+    let cfg = GrpoConfig::from_toml(&every_kind(), Path::new("grpo.toml")).unwrap();
     let kinds: Vec<&str> = cfg.rewards.iter().map(|r| r.kind.kind_name()).collect();
     assert_eq!(kinds, KINDS.to_vec());
     let names: Vec<&str> = cfg.rewards.iter().map(|r| r.name.as_str()).collect();
@@ -95,7 +109,8 @@ fn every_kind_parses_from_toml_and_round_trips() {
             "overlong",
             "cosine",
             "judge",
-            "remote"
+            "remote",
+            "rm"
         ]
     );
     assert_eq!(cfg.rewards[0].weight, 1.0, "weight defaults to 1");
@@ -111,6 +126,16 @@ fn every_kind_parses_from_toml_and_round_trips() {
     match &cfg.rewards[7].kind {
         RewardKind::CosineLength(p) => {
             assert_eq!((p.max_len, p.min_value_wrong, p.max_value_correct), (500, -2.0, 1.0));
+        }
+        other => panic!("{other:?}"),
+    }
+    match &cfg.rewards[10].kind {
+        RewardKind::Model(p) => {
+            assert_eq!(
+                (p.device.as_str(), p.precision.as_str(), p.batch_size),
+                ("cpu", "f32", 4)
+            );
+            assert_eq!(p.template, RmTemplate::Plain);
         }
         other => panic!("{other:?}"),
     }
@@ -386,4 +411,210 @@ fn a_scorer_process_is_reached_through_the_grpo_config() {
     let e = run_grpo(&cfg, false, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("train.jsonl:1") && e.contains("answer"), "{e}");
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The reward model's own scores of `prompt + completion`, one sequence
+/// per forward: what the batched reward layer must reproduce.
+fn rm_scores_one_by_one(texts: &[String]) -> Vec<f64> {
+    let dir = rm_fixture();
+    let tok = aha_sampler::load_tokenizer(&dir).unwrap();
+    let rm = aha_moe_model::RewardModel::load(&dir, Device::Cpu, Precision::F32).unwrap();
+    texts
+        .iter()
+        .map(|t| {
+            let ids = tok.encode(t.as_str(), false).unwrap().get_ids().to_vec();
+            rm.score_batch(&[&ids]).unwrap()[0] as f64
+        })
+        .collect()
+}
+
+#[test]
+fn a_reward_model_scores_a_grpo_step_in_batches() {
+    let tok = toy::tokenizer().unwrap();
+    let mut rng = toy::Rng::new(3);
+    let problems: Vec<Problem> = (0..2)
+        .map(|_| toy::problem(&mut rng, TaskSpec::default(), false))
+        .collect();
+    let prompts = toy::encode_prompts(&tok, &problems).unwrap();
+    let examples = toy::examples(&problems);
+    let toml = format!(
+        "[[rewards]]\nname = \"rm\"\nkind = \"model\"\nmodel = {:?}\ndevice = \"cpu\"\nbatch_size = 3\n\
+         [[rewards]]\nname = \"tag_count\"\nweight = 0.5\n",
+        rm_fixture()
+    );
+    let cfg = GrpoConfig::from_toml(&toml, Path::new("rm.toml")).unwrap();
+    let ctx = BuildContext {
+        max_completion_length: 8,
+        language: "en".into(),
+    };
+    let sum = build(&cfg.rewards, &ctx).unwrap();
+    let batch = BatchConfig::default();
+    let scoring = Scoring {
+        rewards: &sum,
+        examples: &examples,
+        batch: &batch,
+    };
+    let mut step = aha_trainer::DemoConfig::quick(0).grpo_step_config();
+    step.num_generations = 4;
+    step.sampling.max_new_tokens = 6;
+    step.loss.beta = 0.0;
+    let mut policy = tiny_policy();
+    let r = rollout(&policy, &tok, &prompts, &scoring, &step).unwrap();
+    // No chat template in the fixture: `auto` renders prompt + completion.
+    let texts: Vec<String> = r
+        .completions
+        .iter()
+        .map(|c| format!("{}{}", problems[c.prompt_index].prompt(), c.text))
+        .collect();
+    let want = rm_scores_one_by_one(&texts);
+    assert_eq!(r.per_fn[0].len(), 8);
+    for (g, w) in r.per_fn[0].iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-5, "batched {g} vs alone {w}");
+    }
+    for (i, t) in r.total.iter().enumerate() {
+        assert!((t - (r.per_fn[0][i] + 0.5 * r.per_fn[1][i])).abs() <= 1e-9);
+    }
+    let mut opt = optimizer();
+    let m = train_on(&mut policy, None, &mut opt, &r, &["rm", "tag_count"], &step).unwrap();
+    assert!(m["loss"].is_finite() && m["update_skipped"] == 0.0, "{m:?}");
+    let mean = r.per_fn[0].iter().sum::<f64>() / 8.0;
+    assert!((m["rewards/rm/mean"] - mean).abs() <= 1e-6, "{m:?}");
+}
+
+#[test]
+fn a_reward_model_runs_from_aha_grpo_toml() {
+    let base = tmp("rm-grpo");
+    let model = base.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let demo = aha_trainer::DemoConfig::quick(0);
+    std::fs::write(model.join("config.json"), demo.model_config_json().to_string()).unwrap();
+    std::fs::write(model.join("tokenizer.json"), toy::tokenizer_json()).unwrap();
+    let json = demo.model_config_json().to_string();
+    Model::random(ModelConfig::from_json_str(&json, &model).unwrap(), 1, 0.02)
+        .save(&model, 1 << 30)
+        .unwrap();
+    std::fs::write(
+        base.join("train.jsonl"),
+        "{\"prompt\": \"07+15=\"}\n{\"prompt\": \"33+48=\"}\n",
+    )
+    .unwrap();
+    let toml = format!(
+        "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 1\nprompts_per_step = 2\nnum_generations = 2\n\
+         max_completion_length = 6\ntemplate = \"none\"\ndevice = \"cpu\"\n\
+         [[rewards]]\nname = \"rm\"\nkind = \"model\"\nmodel = {:?}\nbatch_size = 2\n",
+        model,
+        base.join("train.jsonl"),
+        base.join("run"),
+        rm_fixture()
+    );
+    let cfg = GrpoConfig::from_toml(&toml, &base.join("grpo.toml")).unwrap();
+    let m = run_grpo(&cfg, false, &mut |_| {}).unwrap();
+    assert!(m["rewards/rm/mean"].is_finite() && m["loss"].is_finite(), "{m:?}");
+    let written = std::fs::read_to_string(base.join("run/config.toml")).unwrap();
+    assert!(
+        written.contains("kind = \"model\"") && written.contains("qwen2-rm-tiny"),
+        "{written}"
+    );
+    // A reward model folder that is not one: refused when the rewards are built.
+    let bad = format!("[[rewards]]\nname = \"rm\"\nkind = \"model\"\nmodel = {model:?}\n");
+    let cfg = GrpoConfig::from_toml(&bad, Path::new("bad.toml")).unwrap();
+    let e = build(
+        &cfg.rewards,
+        &BuildContext {
+            max_completion_length: 8,
+            language: "en".into(),
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("reward \"rm\"") && e.contains("config.json"), "{e}");
+    let e = GrpoConfig::from_toml("[[rewards]]\nname = \"rm\"\nkind = \"model\"\n", Path::new("x.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model"), "{e}");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn reward_model_text_is_its_chat_template_when_it_has_one() {
+    // The fixture with a chat template beside it.
+    let dir = tmp("rm-chat");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(rm_fixture().join(f), dir.join(f)).unwrap();
+    }
+    let plain = ModelReward::load("rm", &ModelParams::new(&dir)).unwrap();
+    assert!(!plain.uses_chat_template());
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}",
+    )
+    .unwrap();
+    let mut ex = Example::new();
+    ex.insert("prompt".into(), "1+1=".into());
+    let chat = ModelReward::load("rm", &ModelParams::new(&dir)).unwrap();
+    assert!(chat.uses_chat_template());
+    assert_eq!(
+        chat.render(&ex, "2").unwrap(),
+        "<user>1+1=</user><assistant>2</assistant>"
+    );
+    let forced_plain = ModelReward::load(
+        "rm",
+        &ModelParams {
+            template: RmTemplate::Plain,
+            ..ModelParams::new(&dir)
+        },
+    )
+    .unwrap();
+    assert_eq!(forced_plain.render(&ex, "2").unwrap(), "1+1=2");
+    // The score is of the rendered text, and batching does not change it.
+    let items: Vec<aha_rewards::Item> = ["2", "3", "<think>so</think>2"]
+        .iter()
+        .map(|c| aha_rewards::Item {
+            example: ex.clone(),
+            completion: c.to_string(),
+        })
+        .collect();
+    let batched = chat.score_many(&items).unwrap();
+    let texts: Vec<String> = items.iter().map(|i| chat.render(&ex, &i.completion).unwrap()).collect();
+    for (o, w) in batched.iter().zip(rm_scores_one_by_one(&texts)) {
+        assert!((o.score - w).abs() <= 1e-5, "{} vs {w}", o.score);
+        assert_eq!(o.status, if w > 0.0 { Status::Correct } else { Status::Wrong });
+    }
+    assert_eq!(chat.score(&ex, "3").score, batched[1].score);
+    // `chat` without a template is an error naming the folder.
+    std::fs::remove_file(dir.join("chat_template.jinja")).unwrap();
+    let e = ModelReward::load(
+        "rm",
+        &ModelParams {
+            template: RmTemplate::Chat,
+            ..ModelParams::new(&dir)
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("chat"), "{e}");
+    // Too long for the model: that completion alone is unscorable.
+    let long = "x ".repeat(400);
+    let out = plain
+        .score_many(&[
+            items[0].clone(),
+            aha_rewards::Item {
+                example: ex.clone(),
+                completion: long,
+            },
+        ])
+        .unwrap();
+    assert!(out[0].score.is_finite());
+    assert_eq!(out[1].status, Status::InfraError);
+    assert!(
+        out[1]
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("max_position_embeddings"),
+        "{:?}",
+        out[1]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
