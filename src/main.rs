@@ -102,6 +102,20 @@ enum Command {
     /// process, an HTTP endpoint or a reward model); each line comes back
     /// with `reward` and `status` added.
     Rewards(rewards_cmd::RewardsArgs),
+    /// Merge a PEFT LoRA adapter into its base model (W += alpha/r B A) and
+    /// write a plain Hugging Face folder (each tensor in the base's dtype,
+    /// the base's tokenizer and config files copied); prints one JSON line.
+    MergeLora {
+        /// The base model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// The adapter folder (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Score token sequences: writes logits [B,T,V] and token_logprobs [B,T-1] as safetensors.
     Logprobs {
         /// A Hugging Face model folder (config.json, *.safetensors).
@@ -556,6 +570,20 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Rewards(args) => rewards_cmd::run(&args),
+        Command::MergeLora { model, adapter, out } => {
+            let adapted = aha_moe_model::Model::load(&model)?.load_adapter(&adapter)?;
+            let cfg = adapted.layout.lora.clone();
+            let merged = adapted.merge_lora()?;
+            merged.save(&out, 4 << 30)?;
+            let line = serde_json::json!({
+                "out": out.display().to_string(),
+                "adapted_linears": adapted.layout.entries.iter().filter(|e| aha_moe_model::lora::is_adapter(e)).count() / 2,
+                "r": cfg.as_ref().map(|c| c.r),
+                "scale": cfg.as_ref().map(|c| c.scale()),
+            });
+            println!("{line}");
+            Ok(())
+        }
         Command::Logprobs {
             model,
             input,

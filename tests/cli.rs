@@ -106,6 +106,71 @@ fn logprobs_reproduces_transformers() {
     let _ = std::fs::remove_file(&bad);
 }
 
+/// `aha merge-lora` folds the PEFT fixture's adapter into its base; the
+/// merged folder, scored by `aha logprobs`, gives PEFT's logits.
+#[test]
+fn merge_lora_writes_a_model_that_scores_as_peft() {
+    let dir = std::env::temp_dir().join(format!("aha-cli-merge-lora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let adapter = fixture("models/qwen2-tiny-lora");
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("merge-lora")
+        .arg("--model")
+        .arg(fixture("models/qwen2-tiny"))
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(dir.join("merged"))
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(line["adapted_linears"], 4);
+    assert_eq!(line["scale"], 2.0);
+    assert!(dir.join("merged/config.json").is_file() && dir.join("merged/tokenizer.json").is_file());
+    assert!(!dir.join("merged/adapter_config.json").exists());
+    let out = dir.join("logprobs.safetensors");
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("logprobs")
+        .arg("--model")
+        .arg(dir.join("merged"))
+        .arg("--input")
+        .arg(adapter.join("reference.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--device", "cpu"])
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let got = aha_moe_model::st::read_file(&out).unwrap();
+    let want = aha_moe_model::st::read_file(&adapter.join("reference.safetensors")).unwrap();
+    for name in ["logits", "token_logprobs"] {
+        let g = got.iter().find(|t| t.name == name).unwrap().data.to_f64_vec();
+        let w = want.iter().find(|t| t.name == name).unwrap().data.to_f64_vec();
+        let d = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(d < 1e-4, "{name}: max |diff| {d}");
+    }
+    // An adapter whose targets the base lacks (MLA has no q_proj or v_proj
+    // here) is an error naming the adapter's config.
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("merge-lora")
+        .arg("--model")
+        .arg(fixture("models/deepseek-v3-yarn-tiny"))
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(dir.join("bad"))
+        .output()
+        .expect("run aha");
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("adapter_config.json") && err.contains("match no linear"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bench_train_prints_one_json_line() {
     let run = Command::new(env!("CARGO_BIN_EXE_aha"))

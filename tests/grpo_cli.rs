@@ -122,6 +122,117 @@ fn grpo_runs_from_toml_and_resumes() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// `aha grpo` with a `[lora]` table: the saves are PEFT adapters on the
+/// base (which stays as it was), the KL runs against the base, and a
+/// resume from an adapter checkpoint reproduces the run.
+#[test]
+fn grpo_with_lora_saves_adapters_and_resumes() {
+    let base = std::env::temp_dir().join(format!("aha-grpo-lora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let demo_cfg = aha_trainer::DemoConfig {
+        pretrain_steps: 30,
+        grpo_steps: 1,
+        eval_problems: 4,
+        prompts_per_step: 2,
+        num_generations: 2,
+        ..aha_trainer::DemoConfig::quick(5)
+    };
+    aha_trainer::run_demo(&demo_cfg, &base.join("demo"), &mut |_| {}).unwrap();
+    let data = base.join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"07+15=\", \"answer\": \"22\"}\n{\"prompt\": \"33+48=\", \"answer\": \"81\"}\n",
+    )
+    .unwrap();
+    let toml_path = base.join("grpo.toml");
+    let toml = format!(
+        "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 3\nprompts_per_step = 2\nnum_generations = 4\nlearning_rate = 1e-2\n\
+         beta = 0.04\nmax_completion_length = 20\ntemplate = \"none\"\nsave_every = 2\ndevice = \"cpu\"\n\
+         rewards = [{{ name = \"cosine_length\", weight = 1.0 }}, {{ name = \"format\", weight = 1.0 }}]\n\n\
+         [lora]\nr = 2\nalpha = 4\ntarget_modules = [\"q_proj\", \"o_proj\"]\nuse_rslora = true\n",
+        base.join("demo/checkpoint"),
+        data,
+        base.join("run"),
+    );
+    std::fs::write(&toml_path, &toml).unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_aha"))
+            .arg("grpo")
+            .arg("--config")
+            .arg(&toml_path)
+            .args(extra)
+            .output()
+            .expect("run aha")
+    };
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(base.join("run/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let lines = read();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["kl"].as_f64().is_some_and(|k| k.is_finite())));
+    let fin = base.join("run/final");
+    assert!(fin.join("adapter_config.json").is_file() && !fin.join("model.safetensors").exists());
+    assert!(!base.join("run/checkpoints/step-000002/reference").exists());
+    let policy = aha_moe_model::Model::load(&fin).unwrap();
+    let original = aha_moe_model::Model::load(&base.join("demo/checkpoint")).unwrap();
+    let cfg = policy.layout.lora.clone().unwrap();
+    assert!(cfg.use_rslora && cfg.r == 2);
+    let mut moved = 0;
+    for e in &policy.layout.entries {
+        match original.layout.get(&e.name) {
+            Some(o) => assert_eq!(e.slot.of(&policy.params), o.slot.of(&original.params), "{}", e.name),
+            // B starts at zero: trained, it is not.
+            None if e.name.ends_with("lora_B.weight") => {
+                moved += e.slot.of(&policy.params).iter().any(|&x| x != 0.0) as usize
+            }
+            None => {}
+        }
+    }
+    assert!(moved > 0);
+    // The adapter folder alone generates (base from adapter_config.json,
+    // tokenizer copied beside the adapter).
+    let gen = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .arg("generate")
+        .arg("--model")
+        .arg(&fin)
+        .arg("--prompts")
+        .arg(&data)
+        .args([
+            "--n",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--template",
+            "none",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .expect("run aha");
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert_eq!(String::from_utf8_lossy(&gen.stdout).lines().count(), 2);
+    std::fs::write(base.join("run/checkpoints/latest"), "step-000002").unwrap();
+    let out = run(&["--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        v.as_object_mut().unwrap().retain(|k, _| !k.starts_with("timing/"));
+        v
+    };
+    assert_eq!(
+        read().iter().map(strip).collect::<Vec<_>>(),
+        lines.iter().map(strip).collect::<Vec<_>>()
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 /// A DeepSeek-V3 folder laid out as the real checkpoint is, at tiny size:
 /// the FP8 fixture (e4m3 weights with 128x128 `weight_scale_inv` blocks,
 /// YaRN `rope_parameters`, `num_nextn_predict_layers: 1`) as shard 1 of 2,

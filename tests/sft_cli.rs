@@ -205,3 +205,91 @@ fn sft_rejection_sampling_and_distillation() {
     );
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// `aha sft` with a `[lora]` table: only the adapters train, the output
+/// folder is a PEFT adapter (loadable on its base, which stays as it was),
+/// and bad `[lora]` keys are refused by name.
+#[test]
+fn sft_with_a_lora_table_writes_a_peft_adapter() {
+    use aha_moe_model::lora::is_adapter;
+    let base = std::env::temp_dir().join(format!("aha-sft-lora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let model_dir = base.join("base");
+    let cfg = serde_json::json!({"model_type": "qwen2", "vocab_size": toy::vocab_size(), "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 96, "tie_word_embeddings": true, "eos_token_id": toy::EOS});
+    let mcfg = aha_moe_model::ModelConfig::from_json_str(&cfg.to_string(), Path::new("c")).unwrap();
+    let mut m = aha_moe_model::Model::random(mcfg, 3, 0.05);
+    m.save(&model_dir, usize::MAX).unwrap();
+    std::fs::write(model_dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::write(model_dir.join("tokenizer.json"), toy::tokenizer_json()).unwrap();
+    m = aha_moe_model::Model::load(&model_dir).unwrap();
+    let mut rng = Rng::new(5);
+    let mut traces = String::new();
+    for _ in 0..32 {
+        let p = toy::problem(&mut rng, TaskSpec::default(), false);
+        traces.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": p.prompt(), "completion": p.reasoning()})
+        ));
+    }
+    std::fs::write(base.join("traces.jsonl"), &traces).unwrap();
+    let toml = base.join("lora.toml");
+    std::fs::write(
+        &toml,
+        "template = \"none\"\nsteps = 3\nbatch = 8\nlearning_rate = 1e-2\ndevice = \"cpu\"\n\n[lora]\nr = 4\nalpha = 16\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n",
+    )
+    .unwrap();
+    let out = base.join("out");
+    aha(
+        &["sft"],
+        &[
+            ("--config", &toml),
+            ("--model", &model_dir),
+            ("--data", &base.join("traces.jsonl")),
+            ("--out", &out),
+        ],
+    );
+    assert!(out.join("adapter_config.json").is_file() && out.join("adapter_model.safetensors").is_file());
+    assert!(!out.join("model.safetensors").exists());
+    let resolved = std::fs::read_to_string(out.join("sft_config.toml")).unwrap();
+    assert!(resolved.contains("[lora]") && resolved.contains("r = 4"), "{resolved}");
+    let adapted = aha_moe_model::Model::load(&out).unwrap();
+    assert_eq!(adapted.layout.lora.as_ref().unwrap().scale(), 4.0);
+    for e in &adapted.layout.entries {
+        let v = e.slot.of(&adapted.params);
+        match m.layout.get(&e.name) {
+            Some(b) => assert_eq!(v, b.slot.of(&m.params), "{} moved", e.name),
+            None => {
+                assert!(is_adapter(e), "{}", e.name);
+                // B starts at zero; trained, it is not.
+                assert!(v.iter().any(|&x| x != 0.0), "{} did not train", e.name);
+            }
+        }
+    }
+    for (bad, needle) in [
+        ("[lora]\nrank = 4\n", "rank"),
+        ("[lora]\ndropout = 0.1\n", "dropout"),
+        ("[lora]\ntarget_modules = [\"lm_head\"]\n", "match no linear"),
+    ] {
+        std::fs::write(
+            &toml,
+            format!("template = \"none\"\nsteps = 1\ndevice = \"cpu\"\n{bad}"),
+        )
+        .unwrap();
+        let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+            .args(["sft", "--config"])
+            .arg(&toml)
+            .arg("--model")
+            .arg(&model_dir)
+            .arg("--data")
+            .arg(base.join("traces.jsonl"))
+            .arg("--out")
+            .arg(base.join("bad"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && err.contains(needle), "{bad}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -372,7 +372,10 @@ pub(crate) fn moe_bwd(
         }
     }
     cpu::matmul(dx, &dlogits, router.of(p), Gemm::new(n, e, c).acc())?;
-    cpu::matmul(router.of_mut(gr), &dlogits, x, Gemm::new(e, n, c).ta().acc())?;
+    // A LoRA layout freezes the router with every base tensor.
+    if !experts.iter().any(|m| m.gate.frozen) {
+        cpu::matmul(router.of_mut(gr), &dlogits, x, Gemm::new(e, n, c).ta().acc())?;
+    }
     if let (Some(s), Some(sa)) = (shared, &a.shared) {
         mlp_bwd(p, gr, s, sa, x, dy, n, dx)?;
     }

@@ -46,6 +46,7 @@ use aha_cuda_kernels::Gpu;
 
 use crate::config::{ModelConfig, Router};
 use crate::error::{input_err, Error, Result};
+use crate::lora::LoraSlots;
 use crate::model::{rope_tables, Model};
 use crate::params::{AttnSlots, FfnSlots, LayerSlots, Layout, Linear, MlpSlots, Slot};
 
@@ -82,6 +83,23 @@ pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
                 launch::ATTENTION_MAX_D
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Whether [`GpuModel`] takes this layout's LoRA adapters: any linear but
+/// the shared experts of an MoE layer (the fused MoE kernels read their
+/// weights directly).
+pub fn lora_support(layout: &Layout) -> Result<()> {
+    for (i, l) in layout.layers.iter().enumerate() {
+        if let FfnSlots::Moe { shared: Some(s), .. } = &l.ffn {
+            if [s.gate, s.up, s.down].iter().any(|x| x.lora.is_some()) {
+                return Err(input_err(
+                    "gpu",
+                    format!("layer {i}: LoRA on shared experts runs on the CPU only; target other modules for the GPU"),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -278,6 +296,7 @@ impl GpuModel {
     /// table, with the products in `precision`.
     pub fn upload_with(model: &Model, ordinal: usize, precision: GpuPrecision) -> Result<GpuModel> {
         gpu_support(&model.config)?;
+        lora_support(&model.layout)?;
         let gpu = Gpu::get(ordinal).map_err(cuda)?;
         let params = gpu.upload(&model.params).map_err(cuda)?;
         let params16 = if precision == GpuPrecision::Bf16 {
@@ -315,6 +334,12 @@ impl GpuModel {
     /// The parameter layout (the CPU model's).
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// Turns the LoRA adapters on or off (see
+    /// [`Layout::set_adapters_enabled`]); false when there are none.
+    pub fn set_adapters_enabled(&mut self, on: bool) -> bool {
+        self.layout.set_adapters_enabled(on)
     }
 
     /// The flat f32 parameters (master weights).
@@ -522,7 +547,36 @@ impl GpuModel {
         if let Some(b) = l.b {
             launch::add_bias_f32(&self.gpu, &mut out, &self.w32(b), n, l.out).map_err(cuda)?;
         }
+        if let Some(lo) = l.lora.as_ref().filter(|lo| lo.enabled) {
+            // out += (s x A^T) B^T.
+            let xa = self.lora_down(x, l, lo, n)?;
+            let sb = MatmulShape {
+                m: n,
+                k: lo.r,
+                n: l.out,
+                trans_a: false,
+                trans_b: true,
+                accumulate: true,
+            };
+            self.product(&mut out.slice_mut(..n * l.out), &xa, self.weight(lo.b), sb, None)?;
+        }
         Ok(out)
+    }
+
+    /// A LoRA adapter's scaled low-rank activation `s x A^T` [n, r].
+    fn lora_down(&self, x: &CudaSlice<f32>, l: &Linear, lo: &LoraSlots, n: usize) -> Result<CudaSlice<f32>> {
+        let mut xa = self.zeros(n * lo.r)?;
+        let s = MatmulShape {
+            m: n,
+            k: l.inp,
+            n: lo.r,
+            trans_a: false,
+            trans_b: true,
+            accumulate: false,
+        };
+        self.product(&mut xa.slice_mut(..n * lo.r), x, self.weight(lo.a), s, None)?;
+        launch::scale_f32(&self.gpu, &mut xa, lo.scale, n * lo.r).map_err(cuda)?;
+        Ok(xa)
     }
 
     fn norm_rstd(
@@ -994,6 +1048,9 @@ impl GpuModel {
             b: None,
             inp: self.config.hidden_size,
             out: self.config.vocab_size,
+
+            lora: None,
+            frozen: true,
         };
         let logits = self.linear(&fwd.hidden, &head, b * t)?;
         self.gpu.download(&logits).map_err(cuda)
@@ -1055,34 +1112,107 @@ impl GpuModel {
             accumulate: false,
         };
         let w = l.w;
-        match self.precision {
-            GpuPrecision::F32 => {
-                matmul_f32(g, &mut grads.slice_mut(w.off..w.off + w.len), dy, x, sw).map_err(cuda)?;
-            }
-            GpuPrecision::Bf16 => {
-                let (dy16, x16) = (self.to_bf16(dy, n * l.out)?, self.to_bf16(x, n * l.inp)?);
-                matmul_bf16_f32out(g, &mut grads.slice_mut(w.off..w.off + w.len), &dy16, &x16, sw).map_err(cuda)?;
+        if !l.frozen {
+            self.weight_grad(grads, w, dy, x, sw)?;
+            if let Some(b) = l.b {
+                launch::bias_grad_f32(g, &mut grads.slice_mut(b.off..b.off + b.len), dy, n, l.out).map_err(cuda)?;
             }
         }
-        if let Some(b) = l.b {
-            launch::bias_grad_f32(g, &mut grads.slice_mut(b.off..b.off + b.len), dy, n, l.out).map_err(cuda)?;
-        }
+        let dxa = match l.lora.as_ref().filter(|lo| lo.enabled) {
+            Some(lo) => Some((self.lora_back(grads, dy, x, l, lo, n)?, lo.a, lo.r)),
+            None => None,
+        };
         let dy16 = match self.precision {
             GpuPrecision::Bf16 => Some(self.to_bf16(dy, n * l.out)?),
             GpuPrecision::F32 => None,
         };
-        match dx_acc {
+        let mut owned = None;
+        let dx = match dx_acc {
             Some(acc) => {
                 sx.accumulate = true;
-                self.product(&mut acc.slice_mut(..n * l.inp), dy, self.weight(w), sx, dy16.as_ref())?;
-                Ok(None)
+                acc
             }
-            None => {
-                let mut dx = self.zeros(n * l.inp)?;
-                self.product(&mut dx.slice_mut(..n * l.inp), dy, self.weight(w), sx, dy16.as_ref())?;
-                Ok(Some(dx))
+            None => owned.insert(self.zeros(n * l.inp)?),
+        };
+        self.product(&mut dx.slice_mut(..n * l.inp), dy, self.weight(w), sx, dy16.as_ref())?;
+        if let Some((dxa, a, r)) = dxa {
+            // dx += (s dy B) A.
+            let sa = MatmulShape {
+                m: n,
+                k: r,
+                n: l.inp,
+                trans_a: false,
+                trans_b: false,
+                accumulate: true,
+            };
+            self.product(&mut dx.slice_mut(..n * l.inp), &dxa, self.weight(a), sa, None)?;
+        }
+        Ok(owned)
+    }
+
+    /// `grads[w] (+)= op(a) op(b)` in the model's precision (bf16 operands
+    /// with f32 accumulation, or f32).
+    fn weight_grad(
+        &self,
+        grads: &mut CudaSlice<f32>,
+        w: Slot,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        s: MatmulShape,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let mut out = grads.slice_mut(w.off..w.off + w.len);
+        match self.precision {
+            GpuPrecision::F32 => matmul_f32(g, &mut out, a, b, s).map_err(cuda),
+            GpuPrecision::Bf16 => {
+                let (a16, b16) = (self.to_bf16(a, s.m * s.k)?, self.to_bf16(b, s.k * s.n)?);
+                matmul_bf16_f32out(g, &mut out, &a16, &b16, s).map_err(cuda)
             }
         }
+    }
+
+    /// A LoRA adapter's backward: `dB += dy^T (s x A^T)`, `dA += dxa^T x`
+    /// with `dxa = s dy B` [n, r], which it returns (for `dx += dxa A`).
+    fn lora_back(
+        &self,
+        grads: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        l: &Linear,
+        lo: &LoraSlots,
+        n: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let xa = self.lora_down(x, l, lo, n)?;
+        let sb = MatmulShape {
+            m: l.out,
+            k: n,
+            n: lo.r,
+            trans_a: true,
+            trans_b: false,
+            accumulate: true,
+        };
+        self.weight_grad(grads, lo.b, dy, &xa, sb)?;
+        let mut dxa = self.zeros(n * lo.r)?;
+        let sd = MatmulShape {
+            m: n,
+            k: l.out,
+            n: lo.r,
+            trans_a: false,
+            trans_b: false,
+            accumulate: false,
+        };
+        self.product(&mut dxa.slice_mut(..n * lo.r), dy, self.weight(lo.b), sd, None)?;
+        launch::scale_f32(&self.gpu, &mut dxa, lo.scale, n * lo.r).map_err(cuda)?;
+        let sa = MatmulShape {
+            m: lo.r,
+            k: n,
+            n: l.inp,
+            trans_a: true,
+            trans_b: false,
+            accumulate: true,
+        };
+        self.weight_grad(grads, lo.a, &dxa, x, sa)?;
+        Ok(dxa)
     }
 
     /// RMSNorm backward: `dx` assigned, the weight's gradient accumulated.
@@ -1356,7 +1486,10 @@ impl GpuModel {
                     let mut gr = MoeGrads::zeros(g, &buf.dims).map_err(cuda)?;
                     moe_layer::moe_layer_backward(g, &mut dln2, &mut gr.view_mut(), &dx, &a.ln2, &w, buf, aux.as_ref())
                         .map_err(cuda)?;
-                    self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
+                    // A LoRA layout freezes the router and the experts.
+                    if self.layout.lora.is_none() {
+                        self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
+                    }
                 }
                 _ => return Err(input_err("gpu backward", "activations do not match the layer kind")),
             }
@@ -1514,6 +1647,9 @@ impl GpuModel {
             b: None,
             inp: c,
             out: self.config.vocab_size,
+
+            lora: None,
+            frozen: true,
         };
         self.linear(&hidden, &head, n)
     }

@@ -19,6 +19,7 @@ mod error;
 mod ffn;
 pub mod gpu;
 mod linear;
+pub mod lora;
 pub mod memory;
 mod model;
 #[cfg(test)]
@@ -34,6 +35,7 @@ pub mod st;
 
 pub use config::{Arch, Fp8Blocks, MlaConfig, ModelConfig, MoeConfig, Router};
 pub use error::{Error, Result};
+pub use lora::LoraConfig;
 pub use model::{Activations, KvCache, Model};
 pub use paged::{PagedKvCache, SeqSpan};
 pub use params::{Layout, ParamEntry, Slot};

@@ -107,8 +107,15 @@ impl KvCache {
 }
 
 impl Model {
-    /// Loads `config.json` and the safetensors (single or sharded) of an HF folder.
+    /// Loads `config.json` and the safetensors (single or sharded) of an HF
+    /// folder. A PEFT LoRA folder (`adapter_config.json` and no
+    /// `config.json`) loads the base its `base_model_name_or_path` names
+    /// and the adapter on it, unmerged.
     pub fn load(dir: &Path) -> Result<Model> {
+        if dir.join(crate::lora::ADAPTER_CONFIG).is_file() && !dir.join("config.json").is_file() {
+            let base = crate::lora::adapter_base(dir)?;
+            return Model::load(&base)?.load_adapter(dir);
+        }
         let config = ModelConfig::from_path(dir)?;
         let layout = Layout::new(&config);
         let params = load_params(dir, &config, &layout)?;
@@ -146,11 +153,15 @@ impl Model {
         )
     }
 
-    /// Saves as a whole HF folder: the parameters in `opts.dtype`, the
+    /// Saves as a whole HF folder (a model carrying a LoRA adapter saves
+    /// the adapter alone, in PEFT's format: see [`Model::save_adapter`]): the parameters in `opts.dtype`, the
     /// source's extra layers (multi-token prediction) unless dropped,
     /// `config.json` without `quantization_config`, and every other file of
     /// the source folder (tokenizer, chat template, generation config, ...).
     pub fn save_as(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
+        if self.layout.lora.is_some() {
+            return self.save_adapter(dir);
+        }
         let src = self.source_dir.as_deref();
         let dtype = save_params_as(dir, &self.config, &self.layout, &self.params, src, opts)?;
         if let Some(src) = src {

@@ -44,7 +44,14 @@ fn linear(off: &mut usize, inp: usize, out: usize) -> Linear {
         len: inp * out,
     };
     *off += inp * out;
-    Linear { w, b: None, inp, out }
+    Linear {
+        w,
+        b: None,
+        inp,
+        out,
+        lora: None,
+        frozen: false,
+    }
 }
 
 fn mlp(off: &mut usize, c: usize, f: usize) -> MlpSlots {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Arch, Fp8Blocks, ModelConfig, Router};
 use crate::error::{Error, Result};
+use crate::lora::{self, LoraConfig, LoraSlots};
 use crate::st;
 
 /// A view of `len` elements at `off` in the flat buffer.
@@ -44,8 +45,9 @@ pub struct ParamEntry {
     pub trainable: bool,
 }
 
-/// A linear layer's weight [out, in] and optional bias [out].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A linear layer's weight [out, in], optional bias [out] and optional
+/// LoRA adapter.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Linear {
     /// Weight slot.
     pub w: Slot,
@@ -55,10 +57,15 @@ pub struct Linear {
     pub inp: usize,
     /// Output features.
     pub out: usize,
+    /// The LoRA adapter on this linear, if any.
+    pub lora: Option<LoraSlots>,
+    /// True when the weight and bias are frozen (a LoRA layout freezes
+    /// every base tensor): the backward skips their gradients.
+    pub frozen: bool,
 }
 
 /// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MlpSlots {
     /// gate_proj.
     pub gate: Linear,
@@ -69,7 +76,9 @@ pub struct MlpSlots {
 }
 
 /// Attention parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+// One per layer, built once: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AttnSlots {
     /// Grouped-query attention.
     Gqa {
@@ -102,7 +111,7 @@ pub enum AttnSlots {
 }
 
 /// The MLP of one layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum FfnSlots {
     /// Dense SwiGLU.
     Dense(MlpSlots),
@@ -120,7 +129,7 @@ pub enum FfnSlots {
 }
 
 /// One decoder layer's parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LayerSlots {
     /// input_layernorm.
     pub ln1: Slot,
@@ -150,6 +159,9 @@ pub struct Layout {
     pub norm: Slot,
     /// lm_head [V, C] (the embedding when tied).
     pub lm_head: Slot,
+    /// The LoRA configuration when the layout carries adapters (then the
+    /// adapters are the trainable prefix and every base tensor is frozen).
+    pub lora: Option<LoraConfig>,
     index: HashMap<String, usize>,
 }
 
@@ -161,10 +173,13 @@ struct Builder {
     frozen_base: usize,
     /// Elements of the frozen tensors so far.
     frozen: usize,
+    /// LoRA: which linears get adapters; every base tensor is frozen.
+    lora: Option<LoraConfig>,
 }
 
 impl Builder {
     fn add(&mut self, name: String, shape: Vec<usize>, trainable: bool) -> Slot {
+        let trainable = trainable && (self.lora.is_none() || lora::is_adapter_name(&name));
         let len = shape.iter().product();
         let slot = if trainable {
             let s = Slot { off: self.size, len };
@@ -192,7 +207,29 @@ impl Builder {
     fn linear(&mut self, name: &str, inp: usize, out: usize, bias: bool) -> Linear {
         let w = self.add(format!("{name}.weight"), vec![out, inp], true);
         let b = bias.then(|| self.vec(format!("{name}.bias"), out));
-        Linear { w, b, inp, out }
+        let lora = match &self.lora {
+            Some(cfg) if cfg.targets(name) => {
+                let (r, scale) = (cfg.r, cfg.scale());
+                let a = self.add(lora::peft_name(name, 'A'), vec![r, inp], true);
+                let b = self.add(lora::peft_name(name, 'B'), vec![out, r], true);
+                Some(LoraSlots {
+                    a,
+                    b,
+                    r,
+                    scale,
+                    enabled: true,
+                })
+            }
+            _ => None,
+        };
+        Linear {
+            w,
+            b,
+            inp,
+            out,
+            lora,
+            frozen: self.lora.is_some(),
+        }
     }
     fn mlp(&mut self, p: &str, c: usize, f: usize) -> MlpSlots {
         MlpSlots {
@@ -210,6 +247,8 @@ impl Builder {
             b: None,
             inp,
             out,
+            lora: None,
+            frozen: b.lora.is_some(),
         };
         let gate: Vec<Linear> = (0..n).map(|e| w(self, e, "gate_proj", c, f)).collect();
         let up: Vec<Linear> = (0..n).map(|e| w(self, e, "up_proj", c, f)).collect();
@@ -230,17 +269,38 @@ impl Layout {
     /// projection (see `Builder::experts`).
     pub fn new(cfg: &ModelConfig) -> Layout {
         // The first pass only counts the trainable elements.
-        let trainable = Layout::build(cfg, usize::MAX / 2).trainable;
-        Layout::build(cfg, trainable)
+        let trainable = Layout::build(cfg, usize::MAX / 2, None).trainable;
+        Layout::build(cfg, trainable, None)
     }
 
-    fn build(cfg: &ModelConfig, frozen_base: usize) -> Layout {
+    /// The layout of the base model with LoRA adapters on the linears that
+    /// `lora.target_modules` names: the adapters (`lora_A [r, in]`,
+    /// `lora_B [out, r]`, under PEFT's names) are the trainable prefix and
+    /// every base tensor is frozen. Targets that match no adaptable linear
+    /// at all are an error (as in PEFT).
+    pub fn with_lora(cfg: &ModelConfig, lora: &LoraConfig) -> Result<Layout> {
+        let probe = Layout::build(cfg, usize::MAX / 2, Some(lora.clone()));
+        let layout = Layout::build(cfg, probe.trainable, Some(lora.clone()));
+        if lora::adapted_linears(&layout).is_empty() {
+            return Err(Error::Config {
+                path: PathBuf::from("[lora] target_modules"),
+                msg: format!(
+                    "{:?} match no linear of this {:?} model (adaptable: attention projections, dense MLP and shared-expert gate/up/down_proj)",
+                    lora.target_modules, cfg.arch
+                ),
+            });
+        }
+        Ok(layout)
+    }
+
+    fn build(cfg: &ModelConfig, frozen_base: usize, lora: Option<LoraConfig>) -> Layout {
         let c = cfg.hidden_size;
         let mut b = Builder {
             entries: Vec::new(),
             size: 0,
             frozen_base,
             frozen: 0,
+            lora,
         };
         let embed = b.add("model.embed_tokens.weight".into(), vec![cfg.vocab_size, c], true);
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -338,6 +398,7 @@ impl Layout {
             layers,
             norm,
             lm_head,
+            lora: b.lora,
             index,
         }
     }
@@ -516,7 +577,7 @@ pub fn load_params_except(dir: &Path, cfg: &ModelConfig, layout: &Layout, others
     let mut data = vec![0f32; layout.size];
     let mut problems = Vec::new();
     let mut missing = Vec::new();
-    for e in &layout.entries {
+    for e in layout.entries.iter().filter(|e| !lora::is_adapter(e)) {
         let Some(loc) = index.get(&e.name) else {
             missing.push(e.name.as_str());
             continue;
@@ -578,7 +639,7 @@ pub fn save_params(dir: &Path, layout: &Layout, data: &[f32], max_shard_bytes: u
     })?;
     let mut shards: Vec<Vec<&ParamEntry>> = vec![vec![]];
     let mut bytes = 0usize;
-    for e in &layout.entries {
+    for e in layout.entries.iter().filter(|e| !lora::is_adapter(e)) {
         let sz = e.slot.len * 4;
         if bytes > 0 && bytes + sz > max_shard_bytes {
             shards.push(vec![]);

@@ -279,6 +279,21 @@ impl Policy {
         }
     }
 
+    /// Turns the LoRA adapters on or off: off, every forward, score and
+    /// backward computes the base model alone (a LoRA run's KL reference,
+    /// with no second copy of the weights). False when there are none.
+    pub fn set_adapters_enabled(&mut self, on: bool) -> bool {
+        match &mut self.inner {
+            Inner::Cpu { model, .. } => model.layout.set_adapters_enabled(on),
+            Inner::Gpu(g) => g.set_adapters_enabled(on),
+        }
+    }
+
+    /// Whether the policy carries LoRA adapters (then only they train).
+    pub fn has_adapters(&self) -> bool {
+        self.layout().lora.is_some()
+    }
+
     /// Number of parameters.
     pub fn num_params(&self) -> usize {
         self.layout().size
@@ -335,12 +350,12 @@ impl Policy {
     pub fn host_model(&self) -> Result<Cow<'_, Model>> {
         match &self.inner {
             Inner::Cpu { model, .. } => Ok(Cow::Borrowed(&**model)),
-            Inner::Gpu(g) => {
-                let mut m = Model::zeros(g.config.clone());
-                m.params = g.params_to_host()?;
-                m.source_dir = self.source_dir.clone();
-                Ok(Cow::Owned(m))
-            }
+            Inner::Gpu(g) => Ok(Cow::Owned(Model {
+                config: g.config.clone(),
+                layout: g.layout().clone(),
+                params: g.params_to_host()?,
+                source_dir: self.source_dir.clone(),
+            })),
         }
     }
 

@@ -217,6 +217,7 @@ pub fn save_params_as(
     let mut items: Vec<Item<'_>> = layout
         .entries
         .iter()
+        .filter(|e| !crate::lora::is_adapter(e))
         .map(|e| Item {
             name: e.name.clone(),
             dtype: float_dtype(opts.dtype, src_index.get(&e.name).map(|l| l.dtype)),

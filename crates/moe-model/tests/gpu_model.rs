@@ -235,7 +235,18 @@ fn bf16_training_stays_near_the_f32_reference_cuda() {
     if skip("bf16_training_stays_near_the_f32_reference_cuda") {
         return;
     }
-    let model = fixture("qwen2-tiny");
+    bf16_against_f32("qwen2-tiny", &fixture("qwen2-tiny"), 0.1);
+    // With the PEFT adapter (bf16 adapter products, f32 gradients). This
+    // function is more sensitive to bf16 rounding than the base: the same
+    // adapter merged into the weights, through no adapter code at all,
+    // lands 10% of scale from the f32 gradients, so both get that bound.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen2-tiny-lora");
+    let adapted = fixture("qwen2-tiny").load_adapter(&dir).unwrap();
+    bf16_against_f32("qwen2-tiny-lora merged", &adapted.merge_lora().unwrap(), 0.15);
+    bf16_against_f32("qwen2-tiny + PEFT LoRA", &adapted, 0.15);
+}
+
+fn bf16_against_f32(name: &str, model: &Model, grad_bound: f32) {
     let cpu = Policy::new(model.clone(), Device::Cpu, Precision::F32).unwrap();
     let mut gpu = Policy::new(model.clone(), Device::Cuda(0), Precision::Bf16).unwrap();
     let (bs, t) = (2, 11);
@@ -250,7 +261,7 @@ fn bf16_training_stays_near_the_f32_reference_cuda() {
     let sg = gpu.score(&fg, &rows, &targets, 1.0).unwrap();
     let glp = sg.logp.to_vec::<f32>().unwrap();
     let worst = lp.iter().zip(&glp).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-    eprintln!("qwen2-tiny bf16: worst |logp - f32 logp| = {worst:.4}");
+    eprintln!("{name} bf16: worst |logp - f32 logp| = {worst:.4}");
     assert!(worst < 0.1, "bf16 log-probs moved by {worst} nats");
     // The bf16 backward against the CPU's f32 gradients.
     let n = rows.len();
@@ -270,9 +281,12 @@ fn bf16_training_stays_near_the_f32_reference_cuda() {
     gpu.zero_grad().unwrap();
     gpu.backward(fg, &sg, &Tensor::from_vec(dl, n, Device::Cuda(0)).unwrap(), None, 0.0)
         .unwrap();
-    let (worst, at) = worst_relative(&model, &gpu.grads_to_host().unwrap(), &cpu.grads_to_host().unwrap());
-    eprintln!("qwen2-tiny bf16: gradients: worst relative difference {worst:.3e} ({at})");
-    assert!(worst < 0.1, "bf16 gradient of {at} differs by {worst} of its scale");
+    let (worst, at) = worst_relative(model, &gpu.grads_to_host().unwrap(), &cpu.grads_to_host().unwrap());
+    eprintln!("{name} bf16: gradients: worst relative difference {worst:.3e} ({at})");
+    assert!(
+        worst < grad_bound,
+        "{name}: bf16 gradient of {at} differs by {worst} of its scale"
+    );
 }
 
 /// Per-layer recomputation gives the gradients of the full forward: the
@@ -313,4 +327,92 @@ fn recomputation_gives_the_same_gradients_cuda() {
             "{name}: recomputation changed the gradient of {at} by {worst}"
         );
     }
+}
+
+/// Every adapter tensor set to small deterministic values (B non-zero, so
+/// the adapters change the output and every gradient path is exercised).
+fn with_trained_lora(model: Model, targets: &[&str]) -> Model {
+    let cfg = aha_moe_model::LoraConfig {
+        r: 4,
+        alpha: 16.0,
+        target_modules: targets.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut m = model.with_lora(&cfg, 3).unwrap();
+    let entries: Vec<_> = m.layout.entries.iter().filter(|e| e.trainable).cloned().collect();
+    for (i, e) in entries.iter().enumerate() {
+        for (j, v) in e.slot.of_mut(&mut m.params).iter_mut().enumerate() {
+            *v = (((i * 131 + j * 17) % 23) as f32 - 11.0) * 0.004;
+        }
+    }
+    m
+}
+
+/// LoRA adapters on the GPU: the PEFT fixture's logits and log-probs
+/// (transformers + PEFT), and a training step (gradients of the adapters
+/// only, AdamW over them, base weights unmoved, greedy decoding through the
+/// adapters) equal to the CPU's, on a dense model and on MLA + MoE.
+#[test]
+fn lora_adapters_train_on_the_gpu_as_on_the_cpu_cuda() {
+    if skip("lora_adapters_train_on_the_gpu_as_on_the_cpu_cuda") {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen2-tiny-lora");
+    let adapted = fixture("qwen2-tiny").load_adapter(&dir).unwrap();
+    let reference: std::collections::HashMap<String, Vec<f32>> =
+        aha_moe_model::st::read_file(&dir.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|t| {
+                let v = match t.data {
+                    aha_tensor::CpuStorage::F32(v) => v,
+                    aha_tensor::CpuStorage::I64(v) => v.into_iter().map(|x| x as f32).collect(),
+                    other => panic!("{}: {:?}", t.name, other.dtype()),
+                };
+                (t.name, v)
+            })
+            .collect();
+    let ids: Vec<u32> = reference["input_ids"].iter().map(|&x| x as u32).collect();
+    let (b, t) = (2, ids.len() / 2);
+    let g = GpuModel::upload(&adapted, 0).unwrap();
+    let logits = g.logits(&ids, b, t).unwrap();
+    let d = logits
+        .iter()
+        .zip(&reference["logits"])
+        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    eprintln!("qwen2-tiny-lora on the GPU: logits max |diff| vs PEFT = {d:.3e}");
+    assert!(d <= 1e-4, "GPU logits differ from PEFT by {d}");
+    let mut targets = vec![0u32; b * t];
+    for r in 0..b {
+        for i in 0..t - 1 {
+            targets[r * t + i] = ids[r * t + i + 1];
+        }
+    }
+    let (logp, _) = g.token_logprobs(&ids, b, t, &targets).unwrap();
+    let ours: Vec<f32> = (0..b).flat_map(|r| logp[r * t..r * t + t - 1].to_vec()).collect();
+    let d = ours
+        .iter()
+        .zip(&reference["token_logprobs"])
+        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    eprintln!("qwen2-tiny-lora on the GPU: log-probs max |diff| vs PEFT = {d:.3e}");
+    assert!(d <= 1e-4, "GPU log-probs differ from PEFT by {d}");
+    drop(g);
+
+    compare("qwen2-tiny + PEFT LoRA", &adapted, F32, 0.0);
+    let ds = with_trained_lora(
+        fixture("deepseek-v3-tiny"),
+        &[
+            "q_proj",
+            "q_b_proj",
+            "kv_a_proj_with_mqa",
+            "kv_b_proj",
+            "o_proj",
+            "mlp.gate_proj",
+        ],
+    );
+    compare("deepseek-v3-tiny + LoRA", &ds, F32, 0.0);
+    // Shared experts are adapted on the CPU only.
+    let shared = with_trained_lora(fixture("deepseek-v3-tiny"), &["shared_experts.up_proj"]);
+    let err = GpuModel::upload(&shared, 0).unwrap_err().to_string();
+    assert!(err.contains("shared experts"), "{err}");
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use aha_grpo::{AdvantageEstimator, ImportanceSampling, KlEstimator, LossConfig, LossType};
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, Model, ModelConfig, Policy, Precision, SaveDtype, SaveOptions};
+use aha_moe_model::{resolve_device, LoraConfig, Model, ModelConfig, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::language::Script;
 use aha_rewards::{BatchConfig, Example};
 use aha_sampler::{load_tokenizer, SamplingParams};
@@ -180,6 +180,14 @@ pub struct GrpoConfig {
     /// `f32` (default) or `bf16` (GPU: bf16 products, f32 master weights,
     /// moments and reductions).
     pub precision: String,
+    /// LoRA (`[lora]` table: `r`, `alpha`, `target_modules`, `dropout`,
+    /// `use_rslora`, defaults PEFT's `LoraConfig`'s; see
+    /// [`aha_moe_model::LoraConfig`]). Default unset: full fine-tuning. Set,
+    /// only the adapters train, saves write the adapter in PEFT's format,
+    /// and the KL reference is the base with the adapter disabled (no
+    /// second copy of the weights; `reference_reset_every` then has nothing
+    /// to reset).
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for GrpoConfig {
@@ -220,6 +228,7 @@ impl Default for GrpoConfig {
             chat_template_kwargs: BTreeMap::new(),
             device: "auto".into(),
             precision: "f32".into(),
+            lora: None,
             micro_batch_tokens: 0,
             recompute: false,
             max_prompt_length: 512,
@@ -264,6 +273,9 @@ impl GrpoConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Other(format!("grpo config: {m}")));
+        if let Some(l) = &self.lora {
+            l.validate_for_training(Path::new("grpo config [lora]"))?;
+        }
         if self.steps == 0 || self.prompts_per_step == 0 || self.num_generations < 2 {
             return bad("steps and prompts_per_step must be >= 1 and num_generations >= 2".into());
         }
@@ -485,9 +497,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 .collect();
             std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
             log(&format!("resuming at step {} from {}", l.state.step, l.dir.display()));
-            let reference = match l.reference {
-                Some(r) => place(r)?,
-                None => place(policy.host_model()?.into_owned())?,
+            let reference = match (l.reference, &cfg.lora) {
+                (_, Some(_)) => None,
+                (Some(r), None) => Some(place(r)?),
+                (None, None) => Some(place(policy.host_model()?.into_owned())?),
             };
             let cursor = match l.state.extra.get("data_cursor") {
                 Some(c) => serde_json::from_value(c.clone())
@@ -510,8 +523,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         None => {
             std::fs::write(out.join("config.toml"), &cfg_text).map_err(io_err(out))?;
             std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
-            let policy = place(Model::load(&cfg.model)?)?;
-            let reference = place(Model::load(&cfg.model)?)?;
+            let (policy, reference) = match &cfg.lora {
+                Some(l) => (place(Model::load(&cfg.model)?.with_lora(l, cfg.seed)?)?, None),
+                None => (place(Model::load(&cfg.model)?)?, Some(place(Model::load(&cfg.model)?)?)),
+            };
             let opt = Optimizer::new(optc);
             (policy, reference, opt, Rng::new(cfg.seed), 0, 0, Cursor::default())
         }
@@ -541,7 +556,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         lines += 1;
     }
     for step in start + 1..=cfg.steps {
-        if cfg.reference_reset_every > 0 && step > 1 && (step - 1) % cfg.reference_reset_every == 0 {
+        if let (Some(reference), true) = (
+            reference.as_mut(),
+            cfg.reference_reset_every > 0 && step > 1 && (step - 1) % cfg.reference_reset_every == 0,
+        ) {
             reference.copy_params_from(&policy)?;
             log(&format!("step {step}: reference reset to the current policy"));
         }
@@ -582,7 +600,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             continue;
         };
         let names: Vec<&str> = cfg.rewards.iter().map(|r| r.name.as_str()).collect();
-        let mut m = train_on(&mut policy, Some(&reference), &mut opt, &batch, &names, &sc)?;
+        let mut m = train_on(&mut policy, reference.as_ref(), &mut opt, &batch, &names, &sc)?;
         for note in opt.take_notes() {
             log(&format!("step {step}: {note}"));
         }
@@ -619,7 +637,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 &format!("step-{step:06}"),
                 &st,
                 &policy,
-                Some(&reference),
+                reference.as_ref(),
                 &opt,
             )?;
         }

@@ -312,6 +312,13 @@ pub fn train_on(
     let old = if mu > 1 || nmb > 1 { Some(all(policy)?) } else { None };
     let refs = match (cfg.loss.beta > 0.0, reference) {
         (true, Some(rf)) => Some(all(rf)?),
+        // A LoRA policy's reference is its base: the adapters switched off.
+        (true, None) if policy.has_adapters() => {
+            policy.set_adapters_enabled(false);
+            let r = all(policy);
+            policy.set_adapters_enabled(true);
+            Some(r?)
+        }
         _ => None,
     };
     let mut last = None;

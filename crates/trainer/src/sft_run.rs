@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, Model, Policy, Precision, SaveDtype, SaveOptions};
+use aha_moe_model::{resolve_device, LoraConfig, Model, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
@@ -192,6 +192,12 @@ pub struct SftConfig {
     /// The saved model's dtype: `same` (default: each tensor as the input
     /// folder had it, f32 without weights), `f32`, `bf16` or `f16`.
     pub save_dtype: SaveDtype,
+    /// LoRA (`[lora]` table: `r`, `alpha`, `target_modules`, `dropout`,
+    /// `use_rslora`, defaults PEFT's `LoraConfig`'s; see
+    /// [`aha_moe_model::LoraConfig`]). Default unset: full fine-tuning.
+    /// Set, only the adapters train and `out` receives the adapter in
+    /// PEFT's format (`adapter_config.json`, `adapter_model.safetensors`).
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for SftConfig {
@@ -208,6 +214,7 @@ impl Default for SftConfig {
             device: "auto".into(),
             precision: "f32".into(),
             save_dtype: SaveDtype::Source,
+            lora: None,
         }
     }
 }
@@ -228,6 +235,9 @@ impl SftConfig {
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return bad("learning_rate must be a positive number");
+        }
+        if let Some(l) = &self.lora {
+            l.validate_for_training(Path::new("sft config [lora]"))?;
         }
         Ok(())
     }
@@ -250,6 +260,7 @@ pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64>
         (&cfg.device, cfg.precision.parse()?),
         cfg.save_dtype,
         log,
+        cfg.lora.as_ref(),
     )?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
     let p = cfg.out.join("sft_config.toml");
@@ -288,11 +299,14 @@ pub fn run_sft(
         device,
         save_dtype,
         &mut |_| {},
+        None,
     )
 }
 
 /// [`run_sft`], reporting to `log`: the device and memory plan first, then
-/// one `step i/n sft loss x` line a step.
+/// one `step i/n sft loss x` line a step. With `lora`, adapters are added
+/// (seeded by `seed`), only they train and `out` receives the adapter in
+/// PEFT's format.
 #[allow(clippy::too_many_arguments)]
 pub fn run_sft_logged(
     model_dir: &Path,
@@ -306,6 +320,7 @@ pub fn run_sft_logged(
     (device, precision): (&str, Precision),
     save_dtype: SaveDtype,
     log: &mut dyn FnMut(&str),
+    lora: Option<&LoraConfig>,
 ) -> Result<f64> {
     let has_weights =
         model_dir.join("model.safetensors").is_file() || model_dir.join("model.safetensors.index.json").is_file();
@@ -315,6 +330,10 @@ pub fn run_sft_logged(
         let mut m = Model::random(aha_moe_model::ModelConfig::from_path(model_dir)?, seed, 0.02);
         m.source_dir = Some(model_dir.to_path_buf());
         m
+    };
+    let model = match lora {
+        Some(l) => model.with_lora(l, seed)?,
+        None => model,
     };
     // The device first: a wrong --device fails before any data is read.
     let dev = resolve_device(device, &model.config, precision)?;
@@ -535,6 +554,7 @@ pub fn run_distill(
         device,
         save_dtype,
         log,
+        None,
     )?;
     log("distill: evaluating the teacher and the student");
     let score = |dir: &Path| -> Result<MathEval> {

@@ -174,3 +174,90 @@ fn grpo_updates_on_the_gpu_match_the_cpu_cuda() {
         assert!(rel <= 1e-5, "step {s}: weights differ by {rel} of their scale");
     }
 }
+
+/// LoRA GRPO updates on the GPU against the CPU: the adapters' gradients
+/// and AdamW, the KL against the base (adapters switched off on the
+/// device), and the base weights unmoved on the device.
+#[test]
+fn lora_grpo_updates_on_the_gpu_match_the_cpu_cuda() {
+    use aha_moe_model::lora::{is_adapter, LoraConfig};
+    use aha_moe_model::{Model, ModelConfig, Policy};
+    use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
+    use aha_trainer::rl::{rollout, train_on, Scoring};
+    use aha_trainer::toy;
+    if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
+        eprintln!("lora_grpo_updates_on_the_gpu_match_the_cpu_cuda: skipped: no GPU ({reason})");
+        return;
+    }
+    let demo = DemoConfig::quick(0);
+    let mcfg = ModelConfig::from_json_str(&demo.model_config_json().to_string(), Path::new("demo")).unwrap();
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "mlp.down_proj"]
+            .map(String::from)
+            .to_vec(),
+        ..LoraConfig::default()
+    };
+    let mut model = Model::random(mcfg, 7, 0.05).with_lora(&lora, 2).unwrap();
+    let entries: Vec<_> = model.layout.entries.iter().filter(|e| is_adapter(e)).cloned().collect();
+    for (i, e) in entries.iter().enumerate() {
+        for (j, v) in e.slot.of_mut(&mut model.params).iter_mut().enumerate() {
+            *v += (((i * 13 + j * 7) % 11) as f32 - 5.0) * 0.01;
+        }
+    }
+    let tok = toy::tokenizer().unwrap();
+    let mut rng = toy::Rng::new(3);
+    let problems: Vec<toy::Problem> = (0..2).map(|_| toy::problem(&mut rng, demo.spec(), false)).collect();
+    let prompts = toy::encode_prompts(&tok, &problems).unwrap();
+    let mut step = demo.grpo_step_config();
+    step.num_generations = 4;
+    step.sampling.max_new_tokens = 10;
+    step.sampling.temperature = 0.8;
+    step.loss.beta = 0.04;
+    let sum = aha_rewards::WeightedSum::new().add(LengthMod3, 1.0);
+    let examples = vec![aha_rewards::Example::new(); prompts.len()];
+    let batch = aha_rewards::BatchConfig::default();
+    let rewards = Scoring {
+        rewards: &sum,
+        examples: &examples,
+        batch: &batch,
+    };
+    let cfg = OptimConfig {
+        lr: 1e-3,
+        warmup_steps: 0,
+        total_steps: 10,
+        schedule: Schedule::Constant,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        max_bad_steps: 2,
+    };
+    let place = |d| Policy::new(model.clone(), d, Precision::F32).unwrap();
+    let (mut cpu, mut gpu) = (place(Device::Cpu), place(Device::Cuda(0)));
+    let (mut oc, mut og) = (Optimizer::new(cfg), Optimizer::new(cfg));
+    for s in 0..2 {
+        step.sampling.seed = 5 + s;
+        let r = rollout(&cpu, &tok, &prompts, &rewards, &step).unwrap();
+        let mc = train_on(&mut cpu, None, &mut oc, &r, &["length_mod_3"], &step).unwrap();
+        let mg = train_on(&mut gpu, None, &mut og, &r, &["length_mod_3"], &step).unwrap();
+        for key in ["loss", "kl", "grad_norm"] {
+            let (c, g) = (mc[key], mg[key]);
+            let rel = (c - g).abs() / c.abs().max(1e-9);
+            eprintln!("LoRA step {s}: {key} cpu {c:.6e} gpu {g:.6e} (relative {rel:.1e})");
+            assert!(rel <= 1e-3, "step {s}: {key} {g} on the GPU vs {c} on the CPU");
+        }
+        assert!(mc["kl"] > 0.0);
+        let rel = rel_diff(&gpu.params_to_host().unwrap(), &cpu.params_to_host().unwrap());
+        eprintln!("LoRA step {s}: weights relative difference {rel:.2e}");
+        assert!(rel <= 1e-5, "step {s}: weights differ by {rel} of their scale");
+    }
+    let after = gpu.params_to_host().unwrap();
+    for e in model.layout.entries.iter().filter(|e| !is_adapter(e)) {
+        assert_eq!(
+            e.slot.of(&after),
+            e.slot.of(&model.params),
+            "{} moved on the GPU",
+            e.name
+        );
+    }
+}
