@@ -191,6 +191,8 @@ pub struct GpuScores {
     targets: Vec<u32>,
     temperature: f32,
     hidden: CudaSlice<f32>,
+    /// `hidden` in bf16 (bf16 precision), for the head's backward.
+    hidden16: Option<CudaSlice<u16>>,
 }
 
 impl GpuScores {
@@ -1019,12 +1021,13 @@ impl GpuModel {
         launch::embedding_forward_f32(g, &mut hidden, &fwd.hidden, TokenIds::Host(rows), n, fwd.rows(), c)
             .map_err(cuda)?;
         let (mut logp, mut entropy, mut lse) = (self.zeros(n)?, self.zeros(n)?, self.zeros(n)?);
+        // The rows in bf16 once, for this head and for the backward's.
+        let h16 = match self.precision {
+            GpuPrecision::Bf16 if n > 0 => Some(self.to_bf16(&hidden, n * c)?),
+            _ => None,
+        };
         if n > 0 {
             let plan = lmhead::plan_lm_head(n, c, v, temperature, lmhead::DEFAULT_BUDGET_BYTES).map_err(cuda)?;
-            let h16 = match self.precision {
-                GpuPrecision::Bf16 => Some(self.to_bf16(&hidden, n * c)?),
-                GpuPrecision::F32 => None,
-            };
             let x = self.head_operands(&hidden, &h16)?;
             lmhead::lm_head_logprob_forward_f32(g, &mut logp, &mut entropy, &mut lse, &x, targets, &plan)
                 .map_err(cuda)?;
@@ -1037,6 +1040,7 @@ impl GpuModel {
             targets: targets.to_vec(),
             temperature,
             hidden,
+            hidden16: h16,
         })
     }
 
@@ -1112,8 +1116,13 @@ impl GpuModel {
             accumulate: false,
         };
         let w = l.w;
+        // dy in bf16 once, for the weight gradient and for dx.
+        let dy16 = match self.precision {
+            GpuPrecision::Bf16 => Some(self.to_bf16(dy, n * l.out)?),
+            GpuPrecision::F32 => None,
+        };
         if !l.frozen {
-            self.weight_grad(grads, w, dy, x, sw)?;
+            self.weight_grad(grads, w, dy, x, sw, dy16.as_ref())?;
             if let Some(b) = l.b {
                 launch::bias_grad_f32(g, &mut grads.slice_mut(b.off..b.off + b.len), dy, n, l.out).map_err(cuda)?;
             }
@@ -1121,10 +1130,6 @@ impl GpuModel {
         let dxa = match l.lora.as_ref().filter(|lo| lo.enabled) {
             Some(lo) => Some((self.lora_back(grads, dy, x, l, lo, n)?, lo.a, lo.r)),
             None => None,
-        };
-        let dy16 = match self.precision {
-            GpuPrecision::Bf16 => Some(self.to_bf16(dy, n * l.out)?),
-            GpuPrecision::F32 => None,
         };
         let mut owned = None;
         let dx = match dx_acc {
@@ -1151,7 +1156,8 @@ impl GpuModel {
     }
 
     /// `grads[w] (+)= op(a) op(b)` in the model's precision (bf16 operands
-    /// with f32 accumulation, or f32).
+    /// with f32 accumulation, or f32); `a16`, when given, is `a` already in
+    /// bf16.
     fn weight_grad(
         &self,
         grads: &mut CudaSlice<f32>,
@@ -1159,14 +1165,23 @@ impl GpuModel {
         a: &CudaSlice<f32>,
         b: &CudaSlice<f32>,
         s: MatmulShape,
+        a16: Option<&CudaSlice<u16>>,
     ) -> Result<()> {
         let g = &self.gpu;
         let mut out = grads.slice_mut(w.off..w.off + w.len);
         match self.precision {
             GpuPrecision::F32 => matmul_f32(g, &mut out, a, b, s).map_err(cuda),
             GpuPrecision::Bf16 => {
-                let (a16, b16) = (self.to_bf16(a, s.m * s.k)?, self.to_bf16(b, s.k * s.n)?);
-                matmul_bf16_f32out(g, &mut out, &a16, &b16, s).map_err(cuda)
+                let owned;
+                let a16 = match a16 {
+                    Some(x) => x,
+                    None => {
+                        owned = self.to_bf16(a, s.m * s.k)?;
+                        &owned
+                    }
+                };
+                let b16 = self.to_bf16(b, s.k * s.n)?;
+                matmul_bf16_f32out(g, &mut out, a16, &b16, s).map_err(cuda)
             }
         }
     }
@@ -1191,7 +1206,7 @@ impl GpuModel {
             trans_b: false,
             accumulate: true,
         };
-        self.weight_grad(grads, lo.b, dy, &xa, sb)?;
+        self.weight_grad(grads, lo.b, dy, &xa, sb, None)?;
         let mut dxa = self.zeros(n * lo.r)?;
         let sd = MatmulShape {
             m: n,
@@ -1211,7 +1226,7 @@ impl GpuModel {
             trans_b: false,
             accumulate: true,
         };
-        self.weight_grad(grads, lo.a, &dxa, x, sa)?;
+        self.weight_grad(grads, lo.a, &dxa, x, sa, None)?;
         Ok(dxa)
     }
 
@@ -1429,11 +1444,7 @@ impl GpuModel {
                     &zero
                 }
             };
-            let h16 = match self.precision {
-                GpuPrecision::Bf16 => Some(self.to_bf16(&sc.hidden, nr * c)?),
-                GpuPrecision::F32 => None,
-            };
-            let x = self.head_operands(&sc.hidden, &h16)?;
+            let x = self.head_operands(&sc.hidden, &sc.hidden16)?;
             let head = self.layout.lm_head;
             lmhead::lm_head_logprob_backward_f32(
                 g,
@@ -1623,17 +1634,29 @@ impl GpuModel {
     pub fn update_expert_bias(&mut self, fwd: &GpuForward, speed: f32) -> Result<()> {
         for (s, a) in self.layout.layers.iter().zip(&fwd.layers) {
             if let (FfnSlots::Moe { bias: Some(bias), .. }, Some(counts)) = (&s.ffn, a.counts()) {
+                let range = bias.off..bias.off + bias.len;
                 launch_moe::moe_bias_update_f32(
                     &self.gpu,
-                    &mut self.params.slice_mut(bias.off..bias.off + bias.len),
+                    &mut self.params.slice_mut(range.clone()),
                     counts,
                     bias.len,
                     speed,
                 )
                 .map_err(cuda)?;
+                // The routing reads the bias in f32; its bf16 copy is kept
+                // equal anyway (a few hundred elements, not the whole model).
+                if let Some(p16) = &mut self.params16 {
+                    launch::cast_f32_to_bf16(
+                        &self.gpu,
+                        &mut p16.slice_mut(range.clone()),
+                        &self.params.slice(range),
+                        bias.len,
+                    )
+                    .map_err(cuda)?;
+                }
             }
         }
-        self.refresh_copies()
+        Ok(())
     }
 }
 

@@ -176,7 +176,7 @@ enum ScoresInner {
         temperature: f32,
         hidden: Vec<f32>,
     },
-    Gpu(GpuScores),
+    Gpu(Box<GpuScores>),
 }
 
 /// AdamW's first and second moments, flat, on the policy's device.
@@ -397,7 +397,7 @@ impl Policy {
                 Ok(Scores {
                     logp,
                     entropy,
-                    inner: ScoresInner::Gpu(s),
+                    inner: ScoresInner::Gpu(Box::new(s)),
                 })
             }
             _ => Err(input_err("score", "the forward ran on another device")),

@@ -329,6 +329,59 @@ fn recomputation_gives_the_same_gradients_cuda() {
     }
 }
 
+/// DeepSeek-V3's auxiliary-loss-free balancing on the device: after a
+/// forward, each MoE layer's `e_score_correction_bias` moves by `speed`
+/// against its experts' load exactly as on the CPU (signs of load minus
+/// mean; the same counts), in f32 and in bf16 (the bf16 copy follows), and
+/// no other weight moves.
+#[test]
+fn expert_bias_updates_on_the_gpu_as_on_the_cpu_cuda() {
+    if skip("expert_bias_updates_on_the_gpu_as_on_the_cpu_cuda") {
+        return;
+    }
+    let model = fixture("deepseek-v3-tiny");
+    let (bs, t) = (2, 11);
+    let v = model.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..bs * t)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761) % v)
+        .collect();
+    let after = |device: Device, precision: Precision| {
+        let mut p = Policy::new(model.clone(), device, precision).unwrap();
+        for _ in 0..2 {
+            let f = p.forward(&ids, bs, t).unwrap();
+            p.update_expert_bias(&f, 0.001).unwrap();
+        }
+        p.host_model().unwrap().into_owned()
+    };
+    let cpu = after(Device::Cpu, Precision::F32);
+    let biases: Vec<_> = model
+        .layout
+        .entries
+        .iter()
+        .filter(|e| e.name.ends_with("e_score_correction_bias"))
+        .collect();
+    assert!(!biases.is_empty(), "deepseek-v3-tiny has correction biases");
+    let moved = biases
+        .iter()
+        .any(|e| e.slot.of(&cpu.params) != e.slot.of(&model.params));
+    assert!(moved, "two updates move some bias");
+    for precision in [Precision::F32, Precision::Bf16] {
+        let gpu = after(Device::Cuda(0), precision);
+        for e in &model.layout.entries {
+            let (g, c) = (e.slot.of(&gpu.params), e.slot.of(&cpu.params));
+            if e.name.ends_with("e_score_correction_bias") {
+                // bf16 products may route a near-tie differently; the
+                // update is +-speed per expert, so compare within one step.
+                let worst = g.iter().zip(c).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                let bound = if precision == Precision::F32 { 1e-7 } else { 0.0021 };
+                assert!(worst <= bound, "{precision}: {} differs by {worst}", e.name);
+            } else {
+                assert_eq!(g, e.slot.of(&model.params), "{precision}: {} must not move", e.name);
+            }
+        }
+    }
+}
+
 /// Every adapter tensor set to small deterministic values (B non-zero, so
 /// the adapters change the output and every gradient path is exercised).
 fn with_trained_lora(model: Model, targets: &[&str]) -> Model {

@@ -1,6 +1,6 @@
 //! Launchers of `kernels/embedding.cu`: token embedding lookup and its scatter-add backward.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 use super::{check_lens, mul, plan_1d, to_i32, Plan1d};
 use crate::device::Gpu;
@@ -17,6 +17,24 @@ pub enum TokenIds<'a> {
     /// the kernels write a zero row for an id `>= vocab` in the forward and
     /// skip it in the backward.
     Device(&'a CudaSlice<u32>),
+}
+
+impl<'a> TokenIds<'a> {
+    /// The ids when they are on the host (checked there), else `None`.
+    fn host(&self) -> Option<&'a [u32]> {
+        match *self {
+            TokenIds::Host(h) => Some(h),
+            TokenIds::Device(_) => None,
+        }
+    }
+
+    /// How many ids there are.
+    fn len(&self) -> usize {
+        match self {
+            TokenIds::Host(h) => h.len(),
+            TokenIds::Device(d) => d.len(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,34 +90,23 @@ pub fn embedding_forward_f32(
     let mut out = out.view_mut();
     let table = table.view();
     const OP: &str = "embedding_forward_f32";
-    let (host, ids_len) = match ids {
-        TokenIds::Host(h) => (Some(h), h.len()),
-        TokenIds::Device(d) => (None, d.len()),
-    };
-    let Some(p) = plan_embedding(OP, out.len(), table.len(), host, ids_len, tokens, vocab, c)? else {
+    let Some(p) = plan_embedding(OP, out.len(), table.len(), ids.host(), ids.len(), tokens, vocab, c)? else {
         return Ok(());
     };
-    let uploaded;
-    let dev_ids = match ids {
-        TokenIds::Host(h) => {
-            uploaded = gpu.upload(&h[..tokens])?;
-            &uploaded
-        }
-        TokenIds::Device(d) => d,
-    };
-    let f = gpu.function(KernelId::EmbeddingForwardF32)?;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut out)
-        .arg(&table)
-        .arg(dev_ids)
-        .arg(&p.n.n)
-        .arg(&p.vocab)
-        .arg(&p.c);
-    // SAFETY: (float*, const float*, const unsigned*, unsigned long long,
-    // unsigned, int); out holds tokens * c floats, table vocab * c, ids
-    // `tokens`; the kernel reads a table row only for an id < vocab.
-    unsafe { b.launch(p.n.config()) }.ctx("launch embedding_forward_f32")?;
-    Ok(())
+    // SAFETY (of the launch in `launch_rows`): (float*, const float*, const
+    // unsigned*, unsigned long long, unsigned, int); out holds tokens * c
+    // floats, table vocab * c, ids `tokens`; the kernel reads a table row
+    // only for an id < vocab.
+    launch_rows(
+        gpu,
+        KernelId::EmbeddingForwardF32,
+        OP,
+        &mut out,
+        &table,
+        ids,
+        tokens,
+        &p,
+    )
 }
 
 /// Embedding backward (kernel `embedding_backward_f32`; CPU twin
@@ -119,13 +126,40 @@ pub fn embedding_backward_f32(
     let mut dtable = dtable.view_mut();
     let dout = dout.view();
     const OP: &str = "embedding_backward_f32";
-    let (host, ids_len) = match ids {
-        TokenIds::Host(h) => (Some(h), h.len()),
-        TokenIds::Device(d) => (None, d.len()),
-    };
-    let Some(p) = plan_embedding(OP, dout.len(), dtable.len(), host, ids_len, tokens, vocab, c)? else {
+    let Some(p) = plan_embedding(OP, dout.len(), dtable.len(), ids.host(), ids.len(), tokens, vocab, c)? else {
         return Ok(());
     };
+    // SAFETY (of the launch in `launch_rows`): (float*, const float*, const
+    // unsigned*, unsigned long long, unsigned, int); dout holds tokens * c
+    // floats, dtable vocab * c, ids `tokens`; the kernel writes a dtable row
+    // only for an id < vocab.
+    launch_rows(
+        gpu,
+        KernelId::EmbeddingBackwardF32,
+        OP,
+        &mut dtable,
+        &dout,
+        ids,
+        tokens,
+        &p,
+    )
+}
+
+/// The one launch both embedding kernels share: `(dst, src, ids, n, vocab,
+/// c)` over `p`, the ids uploaded first when they are on the host; `what`
+/// names the launch in errors. The callers' plans checked every length the
+/// kernels read.
+#[allow(clippy::too_many_arguments)]
+fn launch_rows(
+    gpu: &Gpu,
+    kernel: KernelId,
+    what: &'static str,
+    dst: &mut CudaViewMut<'_, f32>,
+    src: &CudaView<'_, f32>,
+    ids: TokenIds<'_>,
+    tokens: usize,
+    p: &EmbeddingPlan,
+) -> Result<()> {
     let uploaded;
     let dev_ids = match ids {
         TokenIds::Host(h) => {
@@ -134,18 +168,12 @@ pub fn embedding_backward_f32(
         }
         TokenIds::Device(d) => d,
     };
-    let f = gpu.function(KernelId::EmbeddingBackwardF32)?;
+    let f = gpu.function(kernel)?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut dtable)
-        .arg(&dout)
-        .arg(dev_ids)
-        .arg(&p.n.n)
-        .arg(&p.vocab)
-        .arg(&p.c);
-    // SAFETY: (float*, const float*, const unsigned*, unsigned long long,
-    // unsigned, int); dout holds tokens * c floats, dtable vocab * c, ids
-    // `tokens`; the kernel writes a dtable row only for an id < vocab.
-    unsafe { b.launch(p.n.config()) }.ctx("launch embedding_backward_f32")?;
+    b.arg(dst).arg(src).arg(dev_ids).arg(&p.n.n).arg(&p.vocab).arg(&p.c);
+    // SAFETY: the argument list matches both kernels' signatures, and the
+    // callers' plans checked the lengths (see their notes).
+    unsafe { b.launch(p.n.config()) }.ctx(what)?;
     Ok(())
 }
 
