@@ -76,6 +76,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
                     "params": counts.total,
                     "active_params": counts.active,
                     "device_gb": gb(d.total()),
+                    "rollout_kv_gb": gb(r.rollout_kv),
+                    "peak_gb": gb(r.peak),
                     "weights_gb": gb(d.weights),
                     "weights_bf16_gb": gb(d.weights_bf16),
                     "grads_gb": gb(d.grads),
@@ -109,14 +111,15 @@ pub fn run(a: PlanArgs) -> Result<()> {
         a.completions, a.prompt_len, a.completion_len, a.micro_batch_tokens
     );
     println!(
-        "{:<12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>9} {:>8} {:>10} {:>8}",
+        "{:<12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>9} {:>8} {:>10} {:>8}",
         "strategy",
-        "GB/GPU",
+        "peak GB",
         "f32 w",
         "bf16 w",
         "grads",
         "AdamW",
         "activ",
+        "KV",
         "host",
         "fits",
         "comm GB",
@@ -127,14 +130,15 @@ pub fn run(a: PlanArgs) -> Result<()> {
     for r in &rows {
         let d = &r.device;
         println!(
-            "{:<12} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>5} {:>9.1} {:>8.2} {:>10.1} {:>8.1}",
+            "{:<12} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>5} {:>9.1} {:>8.2} {:>10.1} {:>8.1}",
             r.strategy.name(),
-            gb(d.total()),
+            gb(r.peak),
             gb(d.weights),
             gb(d.weights_bf16),
             gb(d.grads),
             gb(d.moments),
             gb(d.activations),
+            gb(r.rollout_kv),
             gb(r.host),
             if r.fits { "yes" } else { "NO" },
             r.comm_bytes / 1e9,
@@ -144,7 +148,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         );
     }
     println!(
-        "times: lower bounds at {:.0}% of the link, {:.0}% MFU for products, {:.0}% of HBM bandwidth for decoding (docs/scale-out.md)",
+        "peak: weights and optimizer state plus the larger of the training activations and the rollouts' bf16 KV cache\ntimes: lower bounds at {:.0}% of the link, {:.0}% MFU for products, {:.0}% of HBM bandwidth for decoding (docs/scale-out.md)",
         plan::LINK_EFFICIENCY * 100.0,
         plan::TRAIN_MFU * 100.0,
         plan::DECODE_BANDWIDTH_EFFICIENCY * 100.0

@@ -206,7 +206,14 @@ pub struct PlanRow {
     pub device: MemoryPlan,
     /// Host memory per GPU (offload's master weights and moments).
     pub host: u64,
-    /// Whether `device` fits the GPU.
+    /// The rollouts' KV cache on one GPU (bf16): its sequences at their full
+    /// length. It lives while the training activations do not, so the peak
+    /// is the weights and optimizer state plus the larger of the two.
+    pub rollout_kv: u64,
+    /// Peak device bytes: `device` with the larger of its activations plus
+    /// workspace and `rollout_kv`.
+    pub peak: u64,
+    /// Whether `peak` fits the GPU.
     pub fits: bool,
     /// Bytes one GPU sends per optimizer step (gradient and weight
     /// collectives, and expert all-to-all over the step's tokens).
@@ -352,12 +359,16 @@ fn row(
     // parameter a token each) and a forward, a recomputed forward and a
     // backward (8).
     let train = (2.0 + 2.0 + 8.0) * active * tokens_per_gpu / peak;
-    let fits = device.total() <= gpu.memory;
+    let rollout_kv = (local_seqs * (step.prompt_len + step.completion_len) as f64 * kv_per_token) as u64;
+    let transient = device.activations + device.workspace;
+    let peak_bytes = device.total() - transient + transient.max(rollout_kv);
     PlanRow {
         strategy,
         device,
         host,
-        fits,
+        rollout_kv,
+        peak: peak_bytes,
+        fits: peak_bytes <= gpu.memory,
         comm_bytes,
         comm_seconds,
         rollout_seconds: rollout,

@@ -211,6 +211,14 @@ fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
     assert_eq!(off.device.total(), 6 * p + act.activations + act.workspace);
     assert_eq!(off.host, 12 * p, "f32 master weights and two moments on the host");
     assert!(off.fits, "{:?}", off.device);
+    // The rollouts' bf16 KV cache: 64 sequences of 4,608 positions, 28
+    // layers x 4 heads x (128 + 128) x 2 bytes a position; it replaces the
+    // activations at the peak.
+    let kv = 64 * 4608 * 28 * 4 * 256 * 2;
+    assert_eq!(off.rollout_kv, kv);
+    assert!(kv > act.activations + act.workspace);
+    assert_eq!(off.peak, 6 * p + kv);
+    assert_eq!(full.peak, 18 * p + kv);
     assert_eq!(lora.strategy, Strategy::Lora { rank: 16 });
     assert_eq!(
         lora.device.weights_bf16 + lora.device.weights + lora.device.grads + lora.device.moments,
