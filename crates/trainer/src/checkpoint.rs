@@ -144,14 +144,19 @@ pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
     let name = std::fs::read_to_string(&ptr).map_err(io_err(&ptr))?;
     let dir = root.join(name.trim());
     let sp = dir.join("state.json");
-    let state: TrainState = serde_json::from_str(&std::fs::read_to_string(&sp).map_err(io_err(&sp))?)
-        .map_err(|e| Error::Other(format!("{}: {e}", sp.display())))?;
+    let state: TrainState =
+        serde_json::from_str(&std::fs::read_to_string(&sp).map_err(io_err(&sp))?).map_err(|e| Error::Checkpoint {
+            path: sp.clone(),
+            msg: e.to_string(),
+        })?;
     if state.layout != LAYOUT_VERSION {
-        return Err(Error::Other(format!(
-            "{}: written with parameter order {} (this build uses {LAYOUT_VERSION}): its optimizer state cannot be resumed; start a new run from its model/ folder",
-            sp.display(),
-            state.layout
-        )));
+        return Err(Error::Checkpoint {
+            path: sp,
+            msg: format!(
+                "written with parameter order {} (this build uses {LAYOUT_VERSION}): its optimizer state cannot be resumed; start a new run from its model/ folder",
+                state.layout
+            ),
+        });
     }
     let model = Model::load(&dir.join("model"))?;
     let reference = if dir.join("reference").is_dir() {
@@ -171,10 +176,10 @@ pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
         }
     }
     let (Some(m), Some(v)) = (m, v) else {
-        return Err(Error::Other(format!(
-            "{}: optimizer.safetensors lacks exp_avg / exp_avg_sq",
-            dir.display()
-        )));
+        return Err(Error::Checkpoint {
+            path: dir,
+            msg: "optimizer.safetensors lacks exp_avg / exp_avg_sq".into(),
+        });
     };
     Ok(Some(Loaded {
         dir,

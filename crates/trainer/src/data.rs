@@ -21,7 +21,11 @@ pub struct MathExample {
 }
 
 fn bad(path: &Path, line: usize, msg: impl std::fmt::Display) -> Error {
-    Error::Other(format!("{}:{line}: {msg}", path.display()))
+    Error::Data {
+        path: path.to_path_buf(),
+        line,
+        msg: msg.to_string(),
+    }
 }
 
 /// The records of a data file as JSON values with their 1-based line
@@ -59,11 +63,14 @@ pub fn is_parquet(path: &Path) -> bool {
 pub fn read_parquet(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let f = std::fs::File::open(path).map_err(io_err(path))?;
-    let reader = SerializedFileReader::new(f)
-        .map_err(|e| Error::Other(format!("{}: not a readable Parquet file: {e}", path.display())))?;
-    let rows = reader
-        .get_row_iter(None)
-        .map_err(|e| Error::Other(format!("{}: reading Parquet rows: {e}", path.display())))?;
+    let reader = SerializedFileReader::new(f).map_err(|e| Error::DataFile {
+        path: path.to_path_buf(),
+        msg: format!("not a readable Parquet file: {e}"),
+    })?;
+    let rows = reader.get_row_iter(None).map_err(|e| Error::DataFile {
+        path: path.to_path_buf(),
+        msg: format!("reading Parquet rows: {e}"),
+    })?;
     let mut out = Vec::new();
     for (i, row) in rows.enumerate() {
         let n = i + 1;
@@ -176,7 +183,10 @@ pub fn read_math_jsonl_fields(path: &Path, fields: &Fields) -> Result<Vec<MathEx
         });
     }
     if out.is_empty() {
-        return Err(Error::Other(format!("{}: no examples", path.display())));
+        return Err(Error::DataFile {
+            path: path.to_path_buf(),
+            msg: "no examples".into(),
+        });
     }
     Ok(out)
 }
@@ -224,7 +234,10 @@ pub fn read_rows_jsonl_fields(path: &Path, need_gold: bool, fields: &Fields) -> 
         out.push(Row { prompt, example });
     }
     if out.is_empty() {
-        return Err(Error::Other(format!("{}: no examples", path.display())));
+        return Err(Error::DataFile {
+            path: path.to_path_buf(),
+            msg: "no examples".into(),
+        });
     }
     Ok(out)
 }

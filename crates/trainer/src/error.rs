@@ -28,6 +28,50 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A run config that cannot be used: unparsable TOML, an unknown key, or
+    /// a value out of range. `what` names the file or the config.
+    #[error("{what}: {msg}")]
+    Config {
+        /// The file, or the kind of config (`grpo config`, `sft config`).
+        what: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A data line (or Parquet row) that cannot be used.
+    #[error("{}:{line}: {msg}", path.display())]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// The 1-based line (or row).
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A data file as a whole cannot be used (not readable as its format, or
+    /// no usable example in it).
+    #[error("{}: {msg}", path.display())]
+    DataFile {
+        /// The data file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A reward of the config cannot be built.
+    #[error("reward {name:?}: {msg}")]
+    Reward {
+        /// The reward's name.
+        name: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A checkpoint that cannot be resumed.
+    #[error("{}: {msg}", path.display())]
+    Checkpoint {
+        /// The checkpoint's file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),

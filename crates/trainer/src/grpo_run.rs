@@ -268,11 +268,19 @@ fn default_reward(name: &str, kind: RewardKind) -> RewardSpec {
 impl GrpoConfig {
     /// Parses TOML; unknown keys are errors naming the file.
     pub fn from_toml(text: &str, path: &Path) -> Result<GrpoConfig> {
-        toml::from_str(text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+        toml::from_str(text).map_err(|e| Error::Config {
+            what: path.display().to_string(),
+            msg: e.to_string(),
+        })
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Other(format!("grpo config: {m}")));
+        let bad = |msg: String| {
+            Err(Error::Config {
+                what: "grpo config".into(),
+                msg,
+            })
+        };
         if let Some(l) = &self.lora {
             l.validate_for_training(Path::new("grpo config [lora]"))?;
         }
@@ -383,7 +391,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             language: cfg.language.clone(),
         },
     )
-    .map_err(|e| Error::Other(format!("grpo config: {e}")))?;
+    .map_err(|e| Error::Config {
+        what: "grpo config".into(),
+        msg: e.to_string(),
+    })?;
     let reward_batch = cfg.reward_batch();
     let need_gold = cfg.rewards.iter().any(|r| r.kind.needs_gold());
     let rows = read_rows_jsonl_fields(&cfg.data, need_gold, &cfg.fields())?;
@@ -403,7 +414,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         cfg.max_prompt_length
     ));
     if data.is_empty() {
-        return Err(Error::Other(format!("{}: no usable prompts", cfg.data.display())));
+        return Err(Error::DataFile {
+            path: cfg.data.clone(),
+            msg: "no usable prompts".into(),
+        });
     }
     let eval_set = match &cfg.eval_data {
         Some(p) => {

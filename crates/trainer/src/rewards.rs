@@ -335,8 +335,10 @@ impl RewardSpec {
     /// A reward with the kind's default parameters (`kind` names one of
     /// [`KINDS`]).
     pub fn new(name: &str, kind: &str, weight: f64) -> Result<RewardSpec> {
-        let kind = RewardKind::parse(kind, serde_json::Map::new())
-            .map_err(|e| Error::Other(format!("reward {name:?}: {e}")))?;
+        let kind = RewardKind::parse(kind, serde_json::Map::new()).map_err(|e| Error::Reward {
+            name: name.to_string(),
+            msg: e.to_string(),
+        })?;
         Ok(RewardSpec {
             name: name.into(),
             weight,
@@ -486,9 +488,15 @@ pub fn build(specs: &[RewardSpec], ctx: &BuildContext) -> Result<WeightedSum> {
     let mut sum = WeightedSum::new();
     for (i, s) in specs.iter().enumerate() {
         if specs[..i].iter().any(|o| o.name == s.name) {
-            return Err(Error::Other(format!("two rewards named {:?}", s.name)));
+            return Err(Error::Reward {
+                name: s.name.clone(),
+                msg: "two rewards have this name".into(),
+            });
         }
-        let ctx_err = |e: aha_rewards::Error| Error::Other(format!("reward {:?}: {e}", s.name));
+        let ctx_err = |e: aha_rewards::Error| Error::Reward {
+            name: s.name.clone(),
+            msg: e.to_string(),
+        };
         let mut prep = Prep::None;
         let inner: Arc<dyn Reward> = match &s.kind {
             RewardKind::Accuracy(p) => Arc::new(
@@ -523,7 +531,10 @@ pub fn build(specs: &[RewardSpec], ctx: &BuildContext) -> Result<WeightedSum> {
                 };
                 config.validate().map_err(ctx_err)?;
                 if p.tests_field.is_empty() {
-                    return Err(Error::Other(format!("reward {:?}: empty tests_field", s.name)));
+                    return Err(Error::Reward {
+                        name: s.name.clone(),
+                        msg: "empty tests_field".into(),
+                    });
                 }
                 prep = Prep::Code {
                     tests_field: p.tests_field.clone(),
@@ -575,9 +586,10 @@ pub fn build(specs: &[RewardSpec], ctx: &BuildContext) -> Result<WeightedSum> {
                 })
                 .map_err(ctx_err)?,
             ),
-            RewardKind::Model(p) => {
-                Arc::new(ModelReward::load(&s.name, p).map_err(|e| Error::Other(format!("reward {:?}: {e}", s.name)))?)
-            }
+            RewardKind::Model(p) => Arc::new(ModelReward::load(&s.name, p).map_err(|e| Error::Reward {
+                name: s.name.clone(),
+                msg: e.to_string(),
+            })?),
         };
         let named = Named {
             name: s.name.clone(),

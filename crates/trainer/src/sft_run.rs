@@ -120,7 +120,11 @@ pub fn read_sft_jsonl(
 ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     let mut out = Vec::new();
     for (n, v) in crate::data::read_jsonl(path)? {
-        let bad = |m: &str| Error::Other(format!("{}:{n}: {m}", path.display()));
+        let bad = |m: &str| Error::Data {
+            path: path.to_path_buf(),
+            line: n,
+            msg: m.into(),
+        };
         let (prompt, completion) = if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
             let (last, rest) = msgs.split_last().ok_or_else(|| bad("empty `messages`"))?;
             if last.get("role").and_then(|r| r.as_str()) != Some("assistant") {
@@ -156,7 +160,10 @@ pub fn read_sft_jsonl(
         out.push((p, c));
     }
     if out.is_empty() {
-        return Err(Error::Other(format!("{}: no examples", path.display())));
+        return Err(Error::DataFile {
+            path: path.to_path_buf(),
+            msg: "no examples".into(),
+        });
     }
     Ok(out)
 }
@@ -222,11 +229,19 @@ impl Default for SftConfig {
 impl SftConfig {
     /// Parses a TOML config; `path` names the file in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<SftConfig> {
-        toml::from_str(text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+        toml::from_str(text).map_err(|e| Error::Config {
+            what: path.display().to_string(),
+            msg: e.to_string(),
+        })
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Other(format!("sft config: {m}")));
+        let bad = |m: &str| {
+            Err(Error::Config {
+                what: "sft config".into(),
+                msg: m.into(),
+            })
+        };
         if self.model.as_os_str().is_empty() || self.data.as_os_str().is_empty() || self.out.as_os_str().is_empty() {
             return bad("model, data and out are required");
         }

@@ -254,9 +254,12 @@ fn parquet_sets_read_like_their_jsonl_twins() {
         }
         assert_eq!(rows_pq.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5], "{f}");
     }
-    let e = read_math_jsonl(&dir.join("missing_answer.parquet"))
-        .unwrap_err()
-        .to_string();
+    let e = read_math_jsonl(&dir.join("missing_answer.parquet")).unwrap_err();
+    assert!(
+        matches!(&e, aha_trainer::Error::Data { line: 2, path, .. } if path.ends_with("missing_answer.parquet")),
+        "a typed error naming file and row: {e:?}"
+    );
+    let e = e.to_string();
     assert!(e.contains("missing_answer.parquet:2:") && e.contains("answer"), "{e}");
     let e = read_math_jsonl(&dir.join("zstd.parquet")).unwrap_err().to_string();
     assert!(
@@ -420,4 +423,20 @@ fn lora_grpo_steps_train_the_adapters_against_the_base() {
         let moved = e.slot.of(&after) != e.slot.of(&model.params);
         assert_eq!(moved, is_adapter(e), "{}: moved {moved}", e.name);
     }
+}
+
+/// Bad configs are typed errors naming the file (TOML, unknown keys) or the
+/// config (values out of range), so a caller can tell them from a failed run.
+#[test]
+fn bad_configs_are_typed_errors() {
+    use aha_trainer::grpo_run::GrpoConfig;
+    use aha_trainer::Error;
+    let e = GrpoConfig::from_toml("stepz = 3\n", std::path::Path::new("run.toml")).unwrap_err();
+    assert!(
+        matches!(&e, Error::Config { what, msg } if what == "run.toml" && msg.contains("stepz")),
+        "{e:?}"
+    );
+    let e = aha_trainer::sft_run::SftConfig::from_toml("learning_rate = \"fast\"\n", std::path::Path::new("sft.toml"))
+        .unwrap_err();
+    assert!(matches!(&e, Error::Config { what, .. } if what == "sft.toml"), "{e:?}");
 }

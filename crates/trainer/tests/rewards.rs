@@ -207,11 +207,12 @@ fn unknown_kinds_and_keys_are_refused_by_name() {
         Path::new("x.toml"),
     )
     .unwrap();
-    assert!(build(&cfg.rewards, &ctx)
-        .err()
-        .unwrap()
-        .to_string()
-        .contains("two rewards named"));
+    let e = build(&cfg.rewards, &ctx).err().unwrap();
+    assert!(
+        matches!(&e, aha_trainer::Error::Reward { name, .. } if name == "a"),
+        "a typed error naming the reward: {e:?}"
+    );
+    assert!(e.to_string().contains("two rewards have this name"), "{e}");
 }
 
 fn tiny_policy() -> Policy {
