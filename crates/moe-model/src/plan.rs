@@ -334,9 +334,6 @@ fn row(
             device.weights_bf16 = 2 * (p + a);
             device.grads = 4 * a;
             device.moments = 8 * a;
-            // The routed experts' MoE gradient buffers hold only the
-            // adapters' gradients.
-            device.workspace = full.workspace.min(device.workspace);
             let v = 2.0 * ring * 4.0 * a as f64;
             (v, v / bw)
         }
