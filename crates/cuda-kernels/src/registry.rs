@@ -112,6 +112,11 @@ kernel_ids! {
     CastF32ToBf16 => ("cast.cu", "cast_f32_to_bf16"),
     /// `cast_bf16_to_f32`; CPU twin `half::bf16::to_f32`.
     CastBf16ToF32 => ("cast.cu", "cast_bf16_to_f32"),
+    /// `kv_write_bf16`: packed f32 rows rounded into their paged-cache
+    /// slots; CPU twin `aha_tensor::cpu::kv_write`.
+    KvWriteBf16 => ("cast.cu", "kv_write_bf16"),
+    /// `kv_write_f32`: as `kv_write_bf16`, stored as f32.
+    KvWriteF32 => ("cast.cu", "kv_write_f32"),
     /// `adamw_f32`; CPU twin `aha_tensor::cpu::adamw_step`.
     AdamwF32 => ("optim.cu", "adamw_f32"),
     /// `adamw_copy_bf16_f32`: `adamw_f32` writing the bf16 copy of each

@@ -490,3 +490,75 @@ fn check_flash_decode(dev: Device) -> Result<()> {
 }
 
 twin_tests!(check_flash_decode, flash_decode_cpu, flash_decode_cuda);
+
+/// The paged-cache row scatter (`kv_write_bf16` / `kv_write_f32` against
+/// `cpu::kv_write`): random rows into shuffled distinct slots of a pool
+/// that starts filled with a sentinel, so a row written to the wrong slot,
+/// a column off by one or a slot left untouched shows. Exact on both sides:
+/// the same rounding (nearest even) of the same f32 values.
+fn check_kv_write(dev: Device) -> Result<()> {
+    let on = on(dev)?;
+    let mut rng = StdRng::seed_from_u64(77);
+    // (pool slots, rows, width): one row, a decode batch, a prefill chunk
+    // with a width that is no multiple of anything.
+    for (ci, &(pool_rows, rows, w)) in [(8usize, 1usize, 64usize), (96, 40, 128), (300, 257, 37)]
+        .iter()
+        .enumerate()
+    {
+        let src = to_f32(&rand_vec(9_000 + ci as u64, rows * w, 4.0));
+        let mut all: Vec<u32> = (0..pool_rows as u32).collect();
+        all.shuffle(&mut rng);
+        let slots = &all[..rows];
+        let sentinel = -7.5f32;
+        // The expected pool, built the other way round: per slot, the row
+        // that targets it.
+        let mut want = vec![sentinel; pool_rows * w];
+        for s in 0..pool_rows {
+            if let Some(r) = slots.iter().position(|&x| x as usize == s) {
+                want[s * w..(s + 1) * w].copy_from_slice(&src[r * w..(r + 1) * w]);
+            }
+        }
+        let want16: Vec<u16> = want.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        let (got, got16) = match &on {
+            On::Cpu => {
+                let (mut p, mut p16) = (
+                    vec![sentinel; pool_rows * w],
+                    want16
+                        .iter()
+                        .map(|_| bf16::from_f32(sentinel).to_bits())
+                        .collect::<Vec<u16>>(),
+                );
+                cpu::kv_write(&mut p, &src, slots, w, |x| x)?;
+                cpu::kv_write(&mut p16, &src, slots, w, |x| bf16::from_f32(x).to_bits())?;
+                (p, p16)
+            }
+            On::Gpu(gpu) => {
+                let mut p = gpu.upload(&vec![sentinel; pool_rows * w])?;
+                let mut p16 = gpu.upload(&vec![bf16::from_f32(sentinel).to_bits(); pool_rows * w])?;
+                let s = gpu.upload(&src)?;
+                aha_cuda_kernels::launch::kv_write_f32(gpu, &mut p, &s, slots, w)?;
+                aha_cuda_kernels::launch::kv_write_bf16(gpu, &mut p16, &s, slots, w)?;
+                (gpu.download(&p)?, gpu.download(&p16)?)
+            }
+        };
+        assert_eq!(got, want, "kv_write f32 pool {pool_rows} rows {rows} w {w}");
+        assert_eq!(got16, want16, "kv_write bf16 pool {pool_rows} rows {rows} w {w}");
+    }
+    // Refused: a slot outside the pool, a slot written twice.
+    let src = vec![1.0f32; 2 * 4];
+    let bad = |slots: &[u32]| -> bool {
+        match &on {
+            On::Cpu => cpu::kv_write(&mut [0f32; 12], &src, slots, 4, |x| x).is_err(),
+            On::Gpu(gpu) => {
+                let (Ok(mut p), Ok(s)) = (gpu.upload(&[0f32; 12]), gpu.upload(&src)) else {
+                    return false;
+                };
+                aha_cuda_kernels::launch::kv_write_f32(gpu, &mut p, &s, slots, 4).is_err()
+            }
+        }
+    };
+    assert!(bad(&[0, 3]) && bad(&[1, 1]) && !bad(&[2, 0]));
+    Ok(())
+}
+
+twin_tests!(check_kv_write, kv_write_cpu, kv_write_cuda);

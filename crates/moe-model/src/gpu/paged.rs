@@ -388,6 +388,13 @@ impl GpuModel {
                 Some(r)
             })
             .collect();
+        // Each packed row's cache slot (block * block_size + offset), the
+        // same for every layer: one scatter launch per layer stores the
+        // step's keys (and values) whatever the batch.
+        let slots: Vec<u32> = spans
+            .iter()
+            .flat_map(|s| (s.start..s.start + s.len).map(move |p| s.table[p / bs] * bs as u32 + (p % bs) as u32))
+            .collect();
         // The flash-decoding launch's tables (bf16): padded with block 0,
         // which the kernel never reads past a sequence's context.
         let max_ctx = spans.iter().map(|s| s.start + s.len).max().unwrap_or(0);
@@ -446,10 +453,10 @@ impl GpuModel {
             let v_store = cache.v.get_mut(l);
             match (&mut cache.k[l], v_store, &paged) {
                 (Store::Bf16(kc), vs, Some((tables, ctx, cu))) => {
-                    write_rows(g, kc, &self.to_bf16(&k, n * ahk * adk)?, spans, &row0, bs, ahk * adk)?;
+                    launch::kv_write_bf16(g, kc, &k, &slots, ahk * adk).map_err(cuda)?;
                     let vc = match (vs, &v) {
                         (Some(Store::Bf16(vc)), Some(v)) => {
-                            write_rows(g, vc, &self.to_bf16(v, n * ahk * adv)?, spans, &row0, bs, ahk * adv)?;
+                            launch::kv_write_bf16(g, vc, v, &slots, ahk * adv).map_err(cuda)?;
                             Some(vc)
                         }
                         (None, None) => None,
@@ -463,10 +470,10 @@ impl GpuModel {
                         .map_err(cuda)?;
                 }
                 (Store::F32(kc), vs, None) => {
-                    write_rows(g, kc, &k, spans, &row0, bs, ahk * adk)?;
+                    launch::kv_write_f32(g, kc, &k, &slots, ahk * adk).map_err(cuda)?;
                     let vc = match (vs, &v) {
                         (Some(Store::F32(vc)), Some(v)) => {
-                            write_rows(g, vc, v, spans, &row0, bs, ahk * adv)?;
+                            launch::kv_write_f32(g, vc, v, &slots, ahk * adv).map_err(cuda)?;
                             Some(vc)
                         }
                         (None, None) => None,
@@ -714,33 +721,6 @@ impl GpuModel {
         }
         Ok(out)
     }
-}
-
-/// Writes rows of `src` (the packed batch, `w` elements a row) to their
-/// spans' slots in one layer's pool: one device copy per run of positions
-/// within a block.
-fn write_rows<T: aha_cuda_kernels::cudarc::driver::DeviceRepr>(
-    g: &Gpu,
-    pool: &mut CudaSlice<T>,
-    src: &CudaSlice<T>,
-    spans: &[SeqSpan<'_>],
-    row0: &[usize],
-    bs: usize,
-    w: usize,
-) -> Result<()> {
-    for (s, &r0) in spans.iter().zip(row0) {
-        let mut p = s.start;
-        let end = s.start + s.len;
-        while p < end {
-            let (blk, slot) = (s.table[p / bs] as usize, p % bs);
-            let run = (bs - slot).min(end - p);
-            let r = r0 + p - s.start;
-            g.copy_range(pool, (blk * bs + slot) * w, src, r * w..(r + run) * w)
-                .map_err(cuda)?;
-            p += run;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

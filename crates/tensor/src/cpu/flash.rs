@@ -428,6 +428,41 @@ pub fn flash_decode_paged<F: Real>(
     Ok(())
 }
 
+/// Stores packed rows into a paged KV cache: `pool[slots[r] * w ..][..w] =
+/// cast(src[r * w ..][..w])` for every row `r < slots.len()`, where a slot
+/// is `block * block_size + position % block_size`. The CPU twin of the
+/// `kv_write_bf16` / `kv_write_f32` kernels (`cast` is the store's rounding:
+/// `half::bf16::from_f32` bits, or the identity). Every slot must be inside
+/// the pool and no two rows may share one.
+pub fn kv_write<T: Copy>(pool: &mut [T], src: &[f32], slots: &[u32], w: usize, cast: impl Fn(f32) -> T) -> Result<()> {
+    const OP: &str = "kv_write";
+    check_lens(OP, &[("src", src.len(), slots.len() * w)])?;
+    if w == 0 {
+        return Ok(());
+    }
+    let rows = pool.len() / w;
+    let mut seen = vec![false; rows];
+    for (r, &s) in slots.iter().enumerate() {
+        let s = s as usize;
+        if s >= rows {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!("slot {s} of row {r} is outside the pool's {rows} slots"),
+            });
+        }
+        if std::mem::replace(&mut seen[s], true) {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!("slot {s} is written by two rows (row {r} and an earlier one)"),
+            });
+        }
+        for (d, &x) in pool[s * w..(s + 1) * w].iter_mut().zip(&src[r * w..(r + 1) * w]) {
+            *d = cast(x);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -29,7 +29,8 @@ pub use elementwise::{
 };
 pub use embedding::{embedding_backward, embedding_forward};
 pub use flash::{
-    check_cu_seqlens, flash_backward, flash_decode_paged, flash_forward, flash_forward_tiled, FlashShape, PagedShape,
+    check_cu_seqlens, flash_backward, flash_decode_paged, flash_forward, flash_forward_tiled, kv_write, FlashShape,
+    PagedShape,
 };
 pub use lmhead::{lm_head_logprob_backward, lm_head_logprob_forward, LmHeadShape};
 pub use logprob::{token_logprob_backward, token_logprob_forward};
