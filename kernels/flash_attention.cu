@@ -57,6 +57,9 @@
 //                      key/value head, 4R at a time; writes a partial output
 //                      and lse per split (lse = -inf and 0 output for a row
 //                      that sees no key of the split).
+//                      flash_decode_latent576_bf16 is the one for MLA's
+//                      latent cache (keys = values, widths up to 576): the
+//                      key tile doubles as the value tile.
 //   flash_decode_combine_f32  one warp per (token, head): merges the splits.
 // Memory is linear in sequence length; work is O(T^2 D) per sequence, halved
 // by causality.
@@ -785,7 +788,11 @@ __device__ __forceinline__ void fa_load_paged(float* dst, int stride, const fa_u
     }
 }
 
-template <int DK, int DV, int R>
+// SAME_KV: the values are the keys (MLA's latent cache, where each cached
+// entry [c ; k_rope] serves as both; kc == vc, dv == dk): the key tile in
+// shared memory serves the value products too, which halves the kernel's
+// shared memory (the 576-wide variant needs it to stay under 99 KiB).
+template <int DK, int DV, int R, bool SAME_KV = false>
 __device__ __forceinline__ void fa_decode(float* __restrict__ opart, float* __restrict__ lpart,
                                           const fa_u16* __restrict__ q, const fa_u16* __restrict__ kc,
                                           const fa_u16* __restrict__ vc, const int* __restrict__ tables,
@@ -795,7 +802,8 @@ __device__ __forceinline__ void fa_decode(float* __restrict__ opart, float* __re
     constexpr int BR = FA_WARPS * R;
     float* qs = reinterpret_cast<float*>(fa_smem4);  // [BR][DK]
     float* ks = qs + BR * DK;                          // [BC][DK + 1]
-    float* vs = ks + FA_BC * (DK + 1);                 // [BC][DV]
+    float* vs = ks + FA_BC * (DK + 1);                 // [BC][DV] (unused when SAME_KV)
+    static_assert(!SAME_KV || DK == DV, "shared keys and values have one width");
     const int split = blockIdx.x, kh = blockIdx.y, seq = blockIdx.z;
     const int qstart = qcu[seq];
     const int n = min(qcu[seq + 1], total_q) - qstart;
@@ -831,14 +839,18 @@ __device__ __forceinline__ void fa_decode(float* __restrict__ opart, float* __re
         for (int j0 = k0; j0 < k1; j0 += FA_BC) {
             __syncthreads();
             fa_load_paged<DK>(ks, DK + 1, kc, table, bs, j0, FA_BC, k1, Hk, kh, dk);
-            fa_load_paged<DV>(vs, DV, vc, table, bs, j0, FA_BC, k1, Hk, kh, dv);
+            if (!SAME_KV) fa_load_paged<DV>(vs, DV, vc, table, bs, j0, FA_BC, k1, Hk, kh, dv);
             __syncthreads();
             fa_scores<DK, R>(x, qs + warp * R * DK, ks + lane * (DK + 1));
             const int j = j0 + lane;
 #pragma unroll
             for (int r = 0; r < R; r++) x[r] = (j < k1 && j <= pos[r]) ? x[r] * scale : -FA_INF;
             fa_online<DV, R>(x, m, l, acc);
-            fa_accumulate<DV, R>(acc, x, vs, DV, lane);
+            if (SAME_KV) {
+                fa_accumulate<DV, R>(acc, x, ks, DK + 1, lane);
+            } else {
+                fa_accumulate<DV, R>(acc, x, vs, DV, lane);
+            }
         }
 #pragma unroll
         for (int r = 0; r < R; r++) {
@@ -980,6 +992,17 @@ extern "C" __global__ __launch_bounds__(FA_THREADS, 1) void flash_decode_any_bf1
     int bs, int split_len, float scale) {
     fa_decode<256, 256, 4>(opart, lpart, q, kc, vc, tables, max_blocks, ctx_lens, qcu, total_q, H, Hk, dk, dv,
                               bs, split_len, scale);
+}
+
+// MLA's latent cache at DeepSeek-V3's width (kv_lora_rank 512 + rope 64):
+// keys = values (kc == vc), any width up to 576, 2 rows per warp.
+extern "C" __global__ __launch_bounds__(FA_THREADS, 1) void flash_decode_latent576_bf16(
+    float* __restrict__ opart, float* __restrict__ lpart, const fa_u16* __restrict__ q,
+    const fa_u16* __restrict__ kc, const fa_u16* __restrict__ vc, const int* __restrict__ tables, int max_blocks,
+    const int* __restrict__ ctx_lens, const int* __restrict__ qcu, int total_q, int H, int Hk, int dk, int dv,
+    int bs, int split_len, float scale) {
+    fa_decode<576, 576, 2, true>(opart, lpart, q, kc, vc, tables, max_blocks, ctx_lens, qcu, total_q, H, Hk, dk,
+                                 dv, bs, split_len, scale);
 }
 
 extern "C" __global__ __launch_bounds__(FA_THREADS, 1) void flash_fwd_mma_d64_bf16(

@@ -576,6 +576,7 @@ fn bench_flash(gpu: &Gpu, iters: usize) -> Result<()> {
         dv: d,
         scale: 1.0 / (d as f32).sqrt(),
         splits: 0,
+        shared_kv: false,
     };
     let (q, kc, vc) = (
         bf16(nseq * hq * d)?,

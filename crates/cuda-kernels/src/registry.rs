@@ -212,6 +212,9 @@ kernel_ids! {
     FlashDecodeD192v128Bf16 => ("flash_attention.cu", "flash_decode_d192v128_bf16"),
     /// `flash_decode_any_bf16`: as `flash_decode_d64_bf16` for widths up to 256.
     FlashDecodeAnyBf16 => ("flash_attention.cu", "flash_decode_any_bf16"),
+    /// `flash_decode_latent576_bf16`: MLA's latent cache (keys = values,
+    /// one buffer), widths up to 576 (DeepSeek-V3's 512 + 64).
+    FlashDecodeLatent576Bf16 => ("flash_attention.cu", "flash_decode_latent576_bf16"),
     /// `flash_decode_combine_f32`: merges the decode splits by their lse.
     FlashDecodeCombineF32 => ("flash_attention.cu", "flash_decode_combine_f32"),
     /// `lmhead_chunk_stats_f32`: one vocabulary chunk's max, sums and target

@@ -366,7 +366,7 @@ fn mla_caches_the_latent_and_decodes_as_the_expanded_form_cuda() {
     };
     let m = g.config.mla.unwrap();
     let layers = g.config.num_layers;
-    assert!(g.mla_latent_fits());
+    assert!(g.mla_latent_fits(KvDtype::F32) && g.mla_latent_fits(KvDtype::Bf16));
     // Bytes per cached position: the latent plus the rotary key, per layer.
     for dtype in [KvDtype::F32, KvDtype::Bf16] {
         let c = g.new_paged_cache(16, 4, dtype).unwrap();
@@ -415,6 +415,62 @@ fn mla_caches_the_latent_and_decodes_as_the_expanded_form_cuda() {
     let PolicyModel::Gpu(d) = dense.model() else {
         panic!("not on the GPU")
     };
-    assert!(!d.mla_latent_fits());
+    assert!(!d.mla_latent_fits(KvDtype::F32) && !d.mla_latent_fits(KvDtype::Bf16));
     assert!(d.new_paged_cache_with(16, 4, KvDtype::F32, true).is_err());
+}
+
+#[test]
+fn mla_latent_cache_wider_than_256_decodes_as_the_expanded_form_cuda() {
+    if skip("mla_latent_cache_wider_than_256_decodes_as_the_expanded_form_cuda") {
+        return;
+    }
+    // deepseek-v3-tiny's shape with a latent entry of 280 + 8 = 288, past
+    // the 256 of the ordinary decode kernels: the latent kernel's case
+    // (DeepSeek-V3's own entry is 512 + 64), with seeded random weights.
+    let mut cfg = fixture("deepseek-v3-tiny").config;
+    if let Some(m) = cfg.mla.as_mut() {
+        m.kv_lora_rank = 280;
+    }
+    let policy = Policy::new(Model::random(cfg, 21, 0.05), Device::Cuda(0), Precision::F32).unwrap();
+    let PolicyModel::Gpu(g) = policy.model() else {
+        panic!("not on the GPU")
+    };
+    let m = g.config.mla.unwrap();
+    let layers = g.config.num_layers;
+    assert!(g.mla_latent_fits(KvDtype::Bf16));
+    assert!(!g.mla_latent_fits(KvDtype::F32));
+    let c = g.new_paged_cache(16, 4, KvDtype::Bf16).unwrap();
+    assert!(c.is_latent());
+    assert_eq!(c.bytes_per_token(), (m.kv_lora_rank + m.qk_rope_head_dim) * 2 * layers);
+    assert!(!g.new_paged_cache(16, 4, KvDtype::F32).unwrap().is_latent());
+    // A prefill across a block boundary, then two decode tokens, with the
+    // latent bf16 cache, the expanded bf16 cache and the expanded f32 one.
+    let mut logits = Vec::new();
+    for (latent, dtype) in [(true, KvDtype::Bf16), (false, KvDtype::Bf16), (false, KvDtype::F32)] {
+        let mut cache = g.new_paged_cache_with(4, 8, dtype, latent).unwrap();
+        let table: Vec<u32> = (0..8).map(|_| cache.alloc().unwrap()).collect();
+        let mut out = Vec::new();
+        let prompt = [5u32, 17, 42, 9, 3, 77];
+        let steps: [(&[u32], usize); 3] = [(&prompt, 0), (&[11], 6), (&[250], 7)];
+        for (ids, start) in steps {
+            let span = SeqSpan {
+                table: &table,
+                start,
+                len: ids.len(),
+            };
+            let l = g.forward_paged(ids, &[span], &mut cache).unwrap();
+            out.extend(g.gpu().download(&l).unwrap());
+        }
+        logits.push(out);
+    }
+    let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+    let scale = logits[2].iter().fold(0f32, |w, x| w.max(x.abs()));
+    let (latent, expanded) = (worst(&logits[0], &logits[2]), worst(&logits[1], &logits[2]));
+    eprintln!(
+        "bf16 caches against the f32 expanded one (|logit| <= {scale:.3}): latent {latent:.2e}, expanded {expanded:.2e}"
+    );
+    assert!(
+        latent <= 2.0 * expanded.max(1e-4),
+        "latent {latent}, expanded {expanded}"
+    );
 }

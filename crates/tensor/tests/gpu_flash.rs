@@ -447,6 +447,7 @@ fn check_flash_decode(dev: Device) -> Result<()> {
                 dv,
                 scale: s.scale as f32,
                 splits,
+                shared_kv: false,
             };
             let [o, l] = match &on {
                 On::Cpu => {
@@ -562,3 +563,104 @@ fn check_kv_write(dev: Device) -> Result<()> {
 }
 
 twin_tests!(check_kv_write, kv_write_cpu, kv_write_cuda);
+
+/// Paged decode over one shared key/value buffer (MLA's latent cache: each
+/// cached entry serves as key and value), at DeepSeek-V3's entry width 576
+/// (the `latent576` kernel) and at 320 (the same kernel, a width it pads),
+/// against the twin in f64 with the same buffer passed twice. Scores are
+/// dot products of up to 576 bf16 terms |q k| <= 1 over sqrt(576), so one
+/// f32 score carries up to ~576 ulp of summation error (~4e-5 at |score|
+/// ~1): `atol 1e-4, rtol 2e-4`; a wrong column stride or tile moves values
+/// by 1e-2.
+fn check_flash_decode_latent(dev: Device) -> Result<()> {
+    let on = on(dev)?;
+    let mut rng = StdRng::seed_from_u64(11);
+    for (ci, &(ctxs, news, h, d, bs)) in [
+        (&[70usize, 5][..], &[1usize, 3][..], 8usize, 576usize, 16usize),
+        (&[33, 1, 40][..], &[2, 1, 1][..], 4, 320, 8),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let nseq = ctxs.len();
+        let max_blocks = ctxs.iter().map(|c| c.div_ceil(bs)).max().unwrap_or(1);
+        let num_blocks = nseq * max_blocks + 2;
+        let mut pool: Vec<u32> = (0..num_blocks as u32).collect();
+        pool.shuffle(&mut rng);
+        let tables: Vec<u32> = pool[..nseq * max_blocks].to_vec();
+        let (c16, c) = rand_bf16(30_000 + ci as u64, num_blocks * bs * d, 1.0);
+        let q_cu = cu_of(news);
+        let total_q = q_cu[nseq];
+        let (q16, q) = rand_bf16(31_000 + ci as u64, total_q * h * d, 1.0);
+        let s = FlashShape {
+            h,
+            hk: 1,
+            dk: d,
+            dv: d,
+            scale: 1.0 / (d as f64).sqrt(),
+        };
+        let g = PagedGeometry {
+            total_q,
+            nseq,
+            max_ctx: ctxs.iter().copied().max().unwrap_or(0),
+            block_size: bs,
+            num_blocks,
+            max_blocks,
+            h,
+            hk: 1,
+            dk: d,
+            dv: d,
+            scale: s.scale as f32,
+            splits: 0,
+            shared_kv: true,
+        };
+        let lens = [
+            q.len(),
+            c.len(),
+            c.len(),
+            tables.len(),
+            nseq,
+            nseq + 1,
+            total_q * h * d,
+            h * total_q,
+        ];
+        let plan = flash::plan_flash_decode(&g, lens)?.expect("work to do");
+        let shape = PagedShape {
+            block_size: bs,
+            max_blocks,
+            split_len: plan.split_len,
+        };
+        let (mut want_o, mut want_l) = (vec![0.0f64; total_q * h * d], vec![0.0f64; h * total_q]);
+        cpu::flash_decode_paged(&mut want_o, &mut want_l, &q, &c, &c, &tables, ctxs, &q_cu, shape, s)?;
+        let [o, l] = match &on {
+            On::Cpu => {
+                let (mut o, mut l) = (vec![0f32; want_o.len()], vec![0f32; want_l.len()]);
+                let (qf, cf) = (to_f32(&q), to_f32(&c));
+                cpu::flash_decode_paged(&mut o, &mut l, &qf, &cf, &cf, &tables, ctxs, &q_cu, shape, s)?;
+                [o, l]
+            }
+            On::Gpu(gpu) => {
+                let (qd, cd) = (gpu.upload(&q16)?, gpu.upload(&c16)?);
+                let td = gpu.upload(&tables.iter().map(|&b| b as i32).collect::<Vec<i32>>())?;
+                let (xd, qcd) = (gpu.upload(&i32s(ctxs))?, gpu.upload(&i32s(&q_cu))?);
+                let (mut o, mut l) = (gpu.zeros::<f32>(want_o.len())?, gpu.zeros::<f32>(want_l.len())?);
+                flash::flash_decode_bf16(gpu, &mut o, &mut l, &qd, &cd, &cd, &td, &xd, &qcd, &g)?;
+                // Two buffers with the same contents are refused: the
+                // kernel reads the values from the key tile.
+                let other = gpu.upload(&c16)?;
+                assert!(flash::flash_decode_bf16(gpu, &mut o, &mut l, &qd, &cd, &other, &td, &xd, &qcd, &g).is_err());
+                [gpu.download(&o)?, gpu.download(&l)?]
+            }
+        };
+        let what = format!("latent decode ctx {ctxs:?} new {news:?} h {h} d {d}");
+        assert_close(&format!("{what} out"), &o, &want_o, 1e-4, 2e-4);
+        assert_close(&format!("{what} lse"), &l, &want_l, 1e-4, 2e-4);
+    }
+    Ok(())
+}
+
+twin_tests!(
+    check_flash_decode_latent,
+    flash_decode_latent_cpu,
+    flash_decode_latent_cuda
+);

@@ -39,6 +39,9 @@ use crate::registry::KernelId;
 
 /// Widest query/key and value head the flash kernels take.
 pub const FLASH_MAX_D: usize = 256;
+/// Widest entry of a shared key/value cache (MLA's latent: DeepSeek-V3's
+/// `kv_lora_rank + qk_rope_head_dim = 512 + 64`) the paged decode takes.
+pub const FLASH_LATENT_MAX_D: usize = 576;
 /// Threads per block of every flash kernel (4 warps).
 const THREADS: u32 = 128;
 const WARPS: usize = 4;
@@ -69,6 +72,9 @@ pub enum FlashVariant {
     D192v128,
     /// `_any`: any Dk, Dv in 1..=256 (padded to 256), 4 rows per warp.
     Any,
+    /// `_latent576`: paged decode only, keys = values (one buffer, MLA's
+    /// latent cache), any width in 1..=576, 2 rows per warp.
+    Latent576,
 }
 
 impl FlashVariant {
@@ -90,6 +96,7 @@ impl FlashVariant {
             FlashVariant::D128 => (128, 128, 8),
             FlashVariant::D192v128 => (192, 128, 8),
             FlashVariant::Any => (256, 256, 4),
+            FlashVariant::Latent576 => (FLASH_LATENT_MAX_D, FLASH_LATENT_MAX_D, 2),
         }
     }
 
@@ -98,10 +105,12 @@ impl FlashVariant {
         WARPS * self.caps().2
     }
 
-    /// Forward and decode: Q rows, a padded K tile, a V tile (f32).
+    /// Forward and decode: Q rows, a padded K tile, a V tile (f32; none
+    /// where the K tile serves as the values).
     fn smem_fwd(self) -> usize {
         let (dk, dv, r) = self.caps();
-        4 * (WARPS * r * dk + TILE * (dk + 1) + TILE * dv)
+        let v_tile = if self == FlashVariant::Latent576 { 0 } else { TILE * dv };
+        4 * (WARPS * r * dk + TILE * (dk + 1) + v_tile)
     }
 
     /// dQ: Q and dO rows, padded K and V tiles.
@@ -121,7 +130,7 @@ impl FlashVariant {
             FlashVariant::D64 => Some(KernelId::FlashFwdMmaD64Bf16),
             FlashVariant::D128 => Some(KernelId::FlashFwdMmaD128Bf16),
             FlashVariant::D192v128 => Some(KernelId::FlashFwdMmaD192v128Bf16),
-            FlashVariant::Any => None,
+            FlashVariant::Any | FlashVariant::Latent576 => None,
         }
     }
 
@@ -151,37 +160,32 @@ impl FlashVariant {
             FlashVariant::D64 => Some((FlashBwdDqMmaD64Bf16, FlashBwdDkvMmaD64Bf16)),
             FlashVariant::D128 => Some((FlashBwdDqMmaD128Bf16, FlashBwdDkvMmaD128Bf16)),
             FlashVariant::D192v128 => Some((FlashBwdDqMmaD192v128Bf16, FlashBwdDkvMmaD192v128Bf16)),
-            FlashVariant::Any => None,
+            FlashVariant::Any | FlashVariant::Latent576 => None,
         }
     }
 
-    fn ids(self) -> [KernelId; 4] {
+    /// The CUDA-core varlen forward, dQ and dK/dV kernels (none for the
+    /// decode-only latent variant).
+    fn varlen_ids(self) -> Option<[KernelId; 3]> {
         use KernelId::*;
         match self {
-            FlashVariant::D64 => [
-                FlashFwdD64Bf16,
-                FlashBwdDqD64Bf16,
-                FlashBwdDkvD64Bf16,
-                FlashDecodeD64Bf16,
-            ],
-            FlashVariant::D128 => [
-                FlashFwdD128Bf16,
-                FlashBwdDqD128Bf16,
-                FlashBwdDkvD128Bf16,
-                FlashDecodeD128Bf16,
-            ],
-            FlashVariant::D192v128 => [
-                FlashFwdD192v128Bf16,
-                FlashBwdDqD192v128Bf16,
-                FlashBwdDkvD192v128Bf16,
-                FlashDecodeD192v128Bf16,
-            ],
-            FlashVariant::Any => [
-                FlashFwdAnyBf16,
-                FlashBwdDqAnyBf16,
-                FlashBwdDkvAnyBf16,
-                FlashDecodeAnyBf16,
-            ],
+            FlashVariant::D64 => Some([FlashFwdD64Bf16, FlashBwdDqD64Bf16, FlashBwdDkvD64Bf16]),
+            FlashVariant::D128 => Some([FlashFwdD128Bf16, FlashBwdDqD128Bf16, FlashBwdDkvD128Bf16]),
+            FlashVariant::D192v128 => Some([FlashFwdD192v128Bf16, FlashBwdDqD192v128Bf16, FlashBwdDkvD192v128Bf16]),
+            FlashVariant::Any => Some([FlashFwdAnyBf16, FlashBwdDqAnyBf16, FlashBwdDkvAnyBf16]),
+            FlashVariant::Latent576 => None,
+        }
+    }
+
+    /// The paged decode kernel.
+    fn decode_id(self) -> KernelId {
+        use KernelId::*;
+        match self {
+            FlashVariant::D64 => FlashDecodeD64Bf16,
+            FlashVariant::D128 => FlashDecodeD128Bf16,
+            FlashVariant::D192v128 => FlashDecodeD192v128Bf16,
+            FlashVariant::Any => FlashDecodeAnyBf16,
+            FlashVariant::Latent576 => FlashDecodeLatent576Bf16,
         }
     }
 }
@@ -296,6 +300,9 @@ pub fn plan_flash(g: &FlashGeometry, lens: [usize; 6]) -> Result<Option<FlashPla
         tensor_cores,
     } = *g;
     let variant = check_heads(OP, h, hk, dk, dv)?;
+    let cuda_core = variant
+        .varlen_ids()
+        .ok_or_else(|| bad(OP, format!("no varlen kernels for head widths {dk}, {dv}")))?;
     if !scale.is_finite() {
         return Err(bad(OP, format!("scale {scale} is not finite")));
     }
@@ -330,7 +337,7 @@ pub fn plan_flash(g: &FlashGeometry, lens: [usize; 6]) -> Result<Option<FlashPla
             let t = to_u32(OP, "query tiles", max_seqlen.div_ceil(MMA_ROWS))?;
             (id, variant.smem_mma(), (t, h as u32, nseq as u32))
         }
-        None => (variant.ids()[0], variant.smem_fwd(), (tiles, h as u32, nseq as u32)),
+        None => (cuda_core[0], variant.smem_fwd(), (tiles, h as u32, nseq as u32)),
     };
     let smem = (fwd_smem, variant.smem_dq(), variant.smem_dkv());
     debug_assert!(smem.0.max(smem.1).max(smem.2) <= FLASH_MAX_SMEM);
@@ -415,7 +422,7 @@ pub fn flash_forward_bf16(
     let d = [g.total, g.h, g.hk, g.dk, g.dv].map(|x| x as i32);
     let mut l = gpu.stream().launch_builder(&f);
     l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(cu_seqlens);
-    if p.fwd_kernel == p.variant.ids()[0] {
+    if p.variant.mma_id() != Some(p.fwd_kernel) {
         for x in &d {
             l.arg(x);
         }
@@ -514,7 +521,12 @@ pub fn flash_backward_bf16(
         unsafe { l.launch(cfg(m.grid_kv, m.smem.1)) }.ctx("launch flash_bwd_dkv_mma")?;
         return Ok(());
     }
-    let [_, dq_id, dkv_id, _] = p.variant.ids();
+    let Some([_, dq_id, dkv_id]) = p.variant.varlen_ids() else {
+        return Err(bad(
+            "flash_attention backward",
+            "no varlen kernels for these head widths".into(),
+        ));
+    };
     let f1 = function_with_smem(gpu, dq_id, p.smem.1)?;
     let mut l = gpu.stream().launch_builder(&f1);
     l.arg(dq)
@@ -598,6 +610,10 @@ pub struct PagedGeometry {
     /// Key splits per sequence; 0 chooses: about 264 blocks over the device
     /// (nseq x Hk x splits), at least 256 keys a split.
     pub splits: usize,
+    /// The keys are the values: `k_cache` and `v_cache` are one buffer and
+    /// `dk == dv` (MLA's latent cache). Widths past 256, up to
+    /// [`FLASH_LATENT_MAX_D`], need it.
+    pub shared_kv: bool,
 }
 
 /// What a checked decode call launches.
@@ -636,8 +652,20 @@ pub fn plan_flash_decode(g: &PagedGeometry, lens: [usize; 8]) -> Result<Option<D
         dv,
         scale,
         splits,
+        shared_kv,
     } = *g;
-    let variant = check_heads(OP, h, hk, dk, dv)?;
+    let variant = if shared_kv && (dk > FLASH_MAX_D || dv > FLASH_MAX_D) {
+        check_heads(OP, h, hk, 1, 1)?;
+        if dk != dv || dk > FLASH_LATENT_MAX_D {
+            return Err(bad(
+                OP,
+                format!("a shared key/value cache needs one width in 1..={FLASH_LATENT_MAX_D}, not {dk}, {dv}"),
+            ));
+        }
+        FlashVariant::Latent576
+    } else {
+        check_heads(OP, h, hk, dk, dv)?
+    };
     if !scale.is_finite() {
         return Err(bad(OP, format!("scale {scale} is not finite")));
     }
@@ -745,7 +773,13 @@ pub fn flash_decode_bf16(
     let rows = g.total_q * g.h;
     let mut opart = gpu.scratch_f32(p.splits * rows * g.dv)?;
     let mut lpart = gpu.scratch_f32(p.splits * rows)?;
-    let f = function_with_smem(gpu, p.variant.ids()[3], p.smem)?;
+    if g.shared_kv && !std::ptr::eq(k_cache, v_cache) {
+        return Err(bad(
+            "flash_decode",
+            "shared_kv needs the one cache buffer as keys and values".into(),
+        ));
+    }
+    let f = function_with_smem(gpu, p.variant.decode_id(), p.smem)?;
     let ints = [
         g.max_blocks,
         g.total_q,
@@ -840,8 +874,12 @@ mod tests {
             FlashVariant::D128,
             FlashVariant::D192v128,
             FlashVariant::Any,
+            FlashVariant::Latent576,
         ] {
-            let mut sizes = vec![v.smem_fwd(), v.smem_dq(), v.smem_dkv()];
+            let mut sizes = vec![v.smem_fwd()];
+            if v.varlen_ids().is_some() {
+                sizes.extend([v.smem_dq(), v.smem_dkv()]);
+            }
             if v.mma_id().is_some() {
                 sizes.extend([v.smem_mma(), v.smem_mma_dq(), v.smem_mma_dkv()]);
             }
@@ -937,6 +975,7 @@ mod tests {
             dv: 64,
             scale: 0.125,
             splits: 0,
+            shared_kv: false,
         }
     }
 
@@ -1012,5 +1051,39 @@ mod tests {
             ..g
         };
         assert_eq!(plan_flash_decode(&busy, paged_lens(&busy)).unwrap().unwrap().splits, 1);
+        // MLA's latent cache at DeepSeek-V3's width: one key/value head of
+        // 576, keys = values; refused without the shared buffer, past 576
+        // and with two widths.
+        let v3 = PagedGeometry {
+            h: 128,
+            hk: 1,
+            dk: 576,
+            dv: 576,
+            shared_kv: true,
+            ..g
+        };
+        let p = plan_flash_decode(&v3, paged_lens(&v3)).unwrap().unwrap();
+        assert_eq!(p.variant, FlashVariant::Latent576);
+        assert_eq!(p.smem as usize, 4 * (4 * 2 * 576 + 32 * 577));
+        assert!(plan_flash_decode(&PagedGeometry { shared_kv: false, ..v3 }, paged_lens(&v3)).is_err());
+        let wide = PagedGeometry { dk: 577, dv: 577, ..v3 };
+        assert!(plan_flash_decode(&wide, paged_lens(&wide)).is_err());
+        let two = PagedGeometry { dv: 512, ..v3 };
+        assert!(plan_flash_decode(&two, paged_lens(&two)).is_err());
+        // Narrow shared caches keep the ordinary kernels.
+        let narrow = PagedGeometry {
+            dk: 24,
+            dv: 24,
+            hk: 1,
+            shared_kv: true,
+            ..g
+        };
+        assert_eq!(
+            plan_flash_decode(&narrow, paged_lens(&narrow))
+                .unwrap()
+                .unwrap()
+                .variant,
+            FlashVariant::Any
+        );
     }
 }

@@ -46,7 +46,7 @@ use std::sync::Arc;
 
 use aha_cuda_kernels::blas::MatmulShape;
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
-use aha_cuda_kernels::flash::{self, PagedGeometry, FLASH_MAX_D};
+use aha_cuda_kernels::flash::{self, PagedGeometry, FLASH_LATENT_MAX_D, FLASH_MAX_D};
 use aha_cuda_kernels::launch::{self, AttnGeometry, ColsCopy, TokenIds};
 use aha_cuda_kernels::Gpu;
 use serde::{Deserialize, Serialize};
@@ -271,17 +271,22 @@ impl GpuModel {
     /// ([`GpuModel::mla_latent_fits`]), else the expanded keys and values of
     /// every head.
     pub fn new_paged_cache(&self, block_size: usize, blocks: usize, dtype: KvDtype) -> Result<GpuPagedKvCache> {
-        self.new_paged_cache_with(block_size, blocks, dtype, self.mla_latent_fits())
+        self.new_paged_cache_with(block_size, blocks, dtype, self.mla_latent_fits(dtype))
     }
 
-    /// Whether MLA's latent cache can serve this model: an MLA model whose
-    /// entry `kv_lora_rank + qk_rope_head_dim` fits the attention kernels'
-    /// head width (256; DeepSeek-V3's 576 does not).
-    pub fn mla_latent_fits(&self) -> bool {
+    /// Whether MLA's latent cache can serve this model with keys in
+    /// `dtype`: an MLA model whose entry `kv_lora_rank + qk_rope_head_dim`
+    /// fits the decode kernels: up to 576 in bf16 (the latent kernel, so
+    /// DeepSeek-V3's 512 + 64), up to 256 in f32.
+    pub fn mla_latent_fits(&self, dtype: KvDtype) -> bool {
+        let max = match dtype {
+            KvDtype::Bf16 => FLASH_LATENT_MAX_D,
+            KvDtype::F32 => FLASH_MAX_D.min(launch::ATTENTION_MAX_D),
+        };
         self.config
             .mla
             .as_ref()
-            .is_some_and(|m| m.kv_lora_rank + m.qk_rope_head_dim <= FLASH_MAX_D.min(launch::ATTENTION_MAX_D))
+            .is_some_and(|m| m.kv_lora_rank + m.qk_rope_head_dim <= max)
     }
 
     /// [`GpuModel::new_paged_cache`] choosing the layout: `latent` asks for
@@ -300,10 +305,17 @@ impl GpuModel {
                 format!("{blocks} blocks of {block_size} positions: both must be positive"),
             ));
         }
-        if latent && !self.mla_latent_fits() {
+        if latent && !self.mla_latent_fits(dtype) {
             return Err(input_err(
                 "gpu new_paged_cache",
-                "the latent cache needs an MLA model with kv_lora_rank + qk_rope_head_dim <= 256",
+                format!(
+                    "the latent cache needs an MLA model with kv_lora_rank + qk_rope_head_dim <= {} in {dtype}",
+                    if dtype == KvDtype::Bf16 {
+                        FLASH_LATENT_MAX_D
+                    } else {
+                        FLASH_MAX_D.min(launch::ATTENTION_MAX_D)
+                    }
+                ),
             ));
         }
         let (dk, dv, _, _) = self.config.attn_dims();
@@ -439,6 +451,7 @@ impl GpuModel {
             dv: adv,
             scale: scale as f32,
             splits: 0,
+            shared_kv: cache.latent,
         };
         for (l, s) in self.layout.layers.iter().enumerate() {
             let (ln1, _) = self.norm_rstd(&x, s.ln1, n, c)?;
