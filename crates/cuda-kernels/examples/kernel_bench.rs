@@ -594,6 +594,38 @@ fn bench_flash(gpu: &Gpu, iters: usize) -> Result<()> {
         secs * 1e6,
         bytes / secs / 1e9
     );
+    // DeepSeek-V3's latent cache: 128 query heads over one 576-wide entry a
+    // position (keys = values), the weight-absorbed decode.
+    let (lh, lw, lctx) = (128usize, 576usize, 2048usize);
+    let lmax = lctx / bs;
+    let lg = PagedGeometry {
+        total_q: nseq,
+        nseq,
+        max_ctx: lctx,
+        block_size: bs,
+        num_blocks: nseq * lmax,
+        max_blocks: lmax,
+        h: lh,
+        hk: 1,
+        dk: lw,
+        dv: lw,
+        scale: 1.0 / 192f32.sqrt(),
+        splits: 0,
+        shared_kv: true,
+    };
+    let (lq, lc) = (bf16(nseq * lh * lw)?, bf16(nseq * lmax * bs * lw)?);
+    let ltables = gpu.upload(&(0..(nseq * lmax) as i32).collect::<Vec<i32>>())?;
+    let lctxs = gpu.upload(&vec![lctx as i32; nseq])?;
+    let (mut lo, mut ll) = (zeros(gpu, nseq * lh * lw)?, zeros(gpu, lh * nseq)?);
+    let secs =
+        timed(&mut || flash::flash_decode_bf16(gpu, &mut lo, &mut ll, &lq, &lc, &lc, &ltables, &lctxs, &qcu, &lg))?;
+    let bytes = (nseq * lctx * lw * 2) as f64;
+    println!(
+        "(flash_decode_latent576_bf16, {nseq} seqs x {lctx} cached, H {lh}/1, entry {lw}: {:.1} us, {:.0} GB/s of cache read, {:.1} TFLOP/s)",
+        secs * 1e6,
+        bytes / secs / 1e9,
+        (nseq * lh * lctx * lw * 4) as f64 / secs / 1e12
+    );
     Ok(())
 }
 
