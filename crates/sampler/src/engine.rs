@@ -100,6 +100,11 @@ pub struct GenerateStats {
     /// Sequences preempted (their blocks freed, recomputed on return; the
     /// GPU engine only: the CPU engine reserves the worst case instead).
     pub preemptions: usize,
+    /// Positions recomputed for sequences back from preemption.
+    pub recomputed_tokens: usize,
+    /// Positions of returning sequences' prompts taken from a live sample
+    /// of the same prompt (shared blocks) instead of recomputed.
+    pub reshared_tokens: usize,
 }
 
 struct Seq {

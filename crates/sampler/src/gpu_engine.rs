@@ -35,8 +35,10 @@
 //! - **Prefix sharing**: the G samples of a prompt admitted together share
 //!   every block of its prefill (one prefill, reference counts); a sample
 //!   about to write into a shared partial block copies it first
-//!   (copy-on-write; the last holder writes in place). A sequence
-//!   recomputed after preemption holds its own blocks.
+//!   (copy-on-write; the last holder writes in place). A sequence coming
+//!   back from preemption shares its prompt's full blocks again with a
+//!   live sample of the same prompt, where there is one, and recomputes
+//!   only the positions after them.
 //!
 //! - **MLA**: DeepSeek-V3-style models cache the compressed latent and the
 //!   rotary key (weight-absorbed attention) where the widths fit the
@@ -253,14 +255,29 @@ impl<'a> GpuEngine<'a> {
                 let Some(w) = waiting.pop_front() else { break };
                 match w {
                     Waiting::Resume(mut s) => {
-                        let need = cache.blocks_for(prompts[s.prompt].len() + s.tokens.len());
+                        let plen = prompts[s.prompt].len();
+                        let total = plen + s.tokens.len();
+                        // The prompt's full blocks, from a live sample of
+                        // the same prompt (never written after its prefill).
+                        let full = plen / bs;
+                        let donor: Vec<u32> = live
+                            .iter()
+                            .find(|o| o.prompt == s.prompt && o.table.len() >= full)
+                            .map(|o| o.table[..full].to_vec())
+                            .unwrap_or_default();
+                        let need = cache.blocks_for(total) - donor.len();
                         if need > cache.free_blocks() {
                             waiting.push_front(Waiting::Resume(s));
                             break;
                         }
+                        cache.share(&donor);
+                        s.len = donor.len() * bs;
+                        s.table = donor;
                         for _ in 0..need {
                             s.table.push(cache.alloc()?);
                         }
+                        stats.reshared_tokens += s.len;
+                        stats.recomputed_tokens += total - s.len;
                         resumed.push(*s);
                         slots -= 1;
                     }
@@ -291,8 +308,7 @@ impl<'a> GpuEngine<'a> {
             // recomputations, then the prefills.
             let mut tokens: Vec<u32> = live.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
             for s in &resumed {
-                tokens.extend_from_slice(&prompts[s.prompt]);
-                tokens.extend_from_slice(&s.tokens);
+                tokens.extend(prompts[s.prompt].iter().chain(&s.tokens).skip(s.len));
             }
             for (p, _, _) in &fresh {
                 tokens.extend_from_slice(&prompts[*p]);
@@ -307,8 +323,8 @@ impl<'a> GpuEngine<'a> {
                 .collect();
             spans.extend(resumed.iter().map(|s| SeqSpan {
                 table: &s.table,
-                start: 0,
-                len: prompts[s.prompt].len() + s.tokens.len(),
+                start: s.len,
+                len: prompts[s.prompt].len() + s.tokens.len() - s.len,
             }));
             spans.extend(fresh.iter().map(|(p, _, table)| SeqSpan {
                 table,

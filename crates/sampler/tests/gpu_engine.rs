@@ -300,6 +300,13 @@ fn preemption_gives_the_completions_of_running_alone_cuda() {
     };
     let (got, stats) = small.generate(&ps, 2, &sampled).unwrap();
     assert!(stats.preemptions > 0, "no preemption");
+    eprintln!(
+        "sampled, pool of 8 blocks: {} preemptions, {} positions recomputed, {} re-shared",
+        stats.preemptions, stats.recomputed_tokens, stats.reshared_tokens
+    );
+    // A returning sample takes its prompt's full block from its live
+    // sibling: those positions are shared, not recomputed.
+    assert!(stats.reshared_tokens > 0, "no prompt block re-shared");
     let (want, st) = ample.generate(&ps, 2, &sampled).unwrap();
     assert_eq!(st.preemptions, 0);
     assert_eq!(got, want, "preempted vs never preempted");
