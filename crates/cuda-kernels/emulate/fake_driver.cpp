@@ -160,9 +160,25 @@ void profile_add(const char* name, D d, unsigned long long threads) {
     }
 }
 
+// Driver calls by kind and calling thread, counted always
+// (ahaEmuDriverCounts): kernel launches, allocations, frees, host-to-device,
+// device-to-host and device-to-device copies, memsets. What a step costs in
+// calls is the same on a GPU, where each is host time that a CUDA graph
+// would save. Per thread, so that tests running side by side do not count
+// each other's calls.
+enum Count { LAUNCH, ALLOC, FREE, HTOD, DTOH, DTOD, MEMSET, NCOUNT };
+inline thread_local unsigned long long t_counts[NCOUNT] = {};
+inline void count(Count c) { t_counts[c] += 1; }
+
 }  // namespace fake
 
 extern "C" {
+
+// The calling thread's driver call counts, in the order of fake::Count
+// (n of them at most).
+void ahaEmuDriverCounts(unsigned long long* out, int n) {
+    for (int i = 0; i < n && i < fake::NCOUNT; i++) out[i] = fake::t_counts[i];
+}
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -285,6 +301,7 @@ CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
 CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return cuEventElapsedTime(ms, a, b); }
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    fake::count(fake::ALLOC);
     std::lock_guard<std::mutex> g(fake::g_mu);
     if (fake::g_allocated + bytes > fake::TOTAL_MEMORY) return ERR_OUT_OF_MEMORY;
     void* m = aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
@@ -295,6 +312,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     return OK;
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
+    fake::count(fake::FREE);
     std::lock_guard<std::mutex> g(fake::g_mu);
     auto it = fake::g_allocs.find((uintptr_t)p);
     if (it == fake::g_allocs.end()) return ERR_INVALID_VALUE;
@@ -312,14 +330,17 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return OK;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    fake::count(fake::HTOD);
     if (n) memcpy((void*)(uintptr_t)dst, src, n);
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    fake::count(fake::DTOH);
     if (n) memcpy(dst, (const void*)(uintptr_t)src, n);
     return fake::take_pending();
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    fake::count(fake::DTOD);
     if (n) memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
     return OK;
 }
@@ -327,6 +348,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstre
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoH_v2(dst, src, n); }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoD_v2(dst, src, n); }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    fake::count(fake::MEMSET);
     if (n) memset((void*)(uintptr_t)dst, v, n);
     return OK;
 }
@@ -423,6 +445,7 @@ const char* refusal(const Function* f, unsigned gx, unsigned gy, unsigned gz, un
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned smem, CUstream, void** params, void** extra) {
     if (!f || extra != nullptr) return ERR_INVALID_VALUE;
+    fake::count(fake::LAUNCH);
     int code = OK;
     if (const char* why = fake::refusal(f, gx, gy, gz, bx, by, bz, smem, &code)) {
         const fake::Resources r = fake::resources_of(f->kernel->name);

@@ -313,6 +313,68 @@ fn install() -> Result<(), EmulateError> {
 /// The emulated driver, once loaded.
 static DRIVER: std::sync::OnceLock<libloading::Library> = std::sync::OnceLock::new();
 
+/// Driver calls the calling thread made on the emulated GPU, by kind: the
+/// host-side cost of a piece of work, which is the same on a GPU (each call
+/// is host time there; a CUDA graph replays a captured sequence for one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DriverCounts {
+    /// Kernel launches.
+    pub launches: u64,
+    /// Device allocations (`cuMemAlloc`, `cuMemAllocAsync`).
+    pub allocs: u64,
+    /// Device frees.
+    pub frees: u64,
+    /// Host-to-device copies.
+    pub htod: u64,
+    /// Device-to-host copies.
+    pub dtoh: u64,
+    /// Device-to-device copies.
+    pub dtod: u64,
+    /// Memsets.
+    pub memsets: u64,
+}
+
+impl DriverCounts {
+    /// The calls made between `earlier` and `self`.
+    pub fn since(self, earlier: DriverCounts) -> DriverCounts {
+        DriverCounts {
+            launches: self.launches.saturating_sub(earlier.launches),
+            allocs: self.allocs.saturating_sub(earlier.allocs),
+            frees: self.frees.saturating_sub(earlier.frees),
+            htod: self.htod.saturating_sub(earlier.htod),
+            dtoh: self.dtoh.saturating_sub(earlier.dtoh),
+            dtod: self.dtod.saturating_sub(earlier.dtod),
+            memsets: self.memsets.saturating_sub(earlier.memsets),
+        }
+    }
+
+    /// Every call together.
+    pub fn total(&self) -> u64 {
+        self.launches + self.allocs + self.frees + self.htod + self.dtoh + self.dtod + self.memsets
+    }
+}
+
+/// The calling thread's driver calls so far on the emulated GPU; `None`
+/// when the emulated GPU is not installed (a real driver does not count).
+pub fn driver_counts() -> Option<DriverCounts> {
+    let lib = DRIVER.get()?;
+    // SAFETY: the symbol is ours (fake_driver.cpp), with this signature; it
+    // writes at most `n` values.
+    let f = unsafe { lib.get::<unsafe extern "C" fn(*mut u64, i32)>(b"ahaEmuDriverCounts") }.ok()?;
+    let mut c = [0u64; 7];
+    // SAFETY: `c` holds the 7 values asked for.
+    unsafe { f(c.as_mut_ptr(), 7) };
+    Some(DriverCounts {
+        launches: c[0],
+        allocs: c[1],
+        frees: c[2],
+        htod: c[3],
+        dtoh: c[4],
+        dtod: c[5],
+        memsets: c[6],
+    })
+}
+
 /// Tells the emulated driver a kernel's register count and static shared
 /// memory (bytes), as ptxas reports them, so that its launches are refused
 /// where a GPU would refuse them. Fails when the emulated GPU is not

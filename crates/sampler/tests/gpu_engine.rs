@@ -481,3 +481,70 @@ fn mla_latent_cache_wider_than_256_decodes_as_the_expanded_form_cuda() {
         "latent {latent}, expanded {expanded}"
     );
 }
+
+/// The driver calls (emulated GPU) of one greedy generation: `samples`
+/// samples of a 6-token prompt, `max_new` tokens each, on `policy`.
+fn driver_calls(policy: &Policy, samples: usize, max_new: usize) -> aha_cuda_kernels::emulate::DriverCounts {
+    let engine = Sampler::new(policy, None, cfg_with(8, 4, 64, KvDtype::Bf16), &[]).unwrap();
+    let p = SamplingParams {
+        greedy: true,
+        max_new_tokens: max_new,
+        ..SamplingParams::default()
+    };
+    let before = aha_cuda_kernels::emulate::driver_counts().unwrap();
+    let (got, _) = engine.generate(&[vec![5, 17, 42, 9, 3, 77]], samples, &p).unwrap();
+    let calls = aha_cuda_kernels::emulate::driver_counts().unwrap().since(before);
+    assert!(
+        got.iter().all(|c| c.token_ids.len() == max_new),
+        "a sequence stopped early"
+    );
+    calls
+}
+
+#[test]
+fn a_decode_step_makes_the_same_driver_calls_at_any_batch_size_cuda() {
+    if skip("a_decode_step_makes_the_same_driver_calls_at_any_batch_size_cuda") {
+        return;
+    }
+    if aha_cuda_kernels::emulate::driver_counts().is_none() {
+        eprintln!("driver calls are counted by the emulated driver only: not counted on this GPU");
+        return;
+    }
+    // qwen2-tiny's shape with random weights at 2 and 4 layers, so that
+    // the calls per layer show; no end-of-sequence token, so every
+    // sequence runs to max_new.
+    let policy = |layers: usize| {
+        let mut cfg = fixture("qwen2-tiny").config;
+        cfg.num_layers = layers;
+        cfg.eos_token_ids.clear();
+        Policy::new(Model::random(cfg, 3, 0.05), Device::Cuda(0), Precision::F32).unwrap()
+    };
+    let per_step = |p: &Policy, samples: usize| {
+        let (short, long) = (driver_calls(p, samples, 3), driver_calls(p, samples, 6));
+        let d = long.since(short);
+        [d.launches, d.allocs, d.frees, d.htod, d.dtoh, d.dtod, d.memsets].map(|x| x / 3)
+    };
+    let (two, four) = (policy(2), policy(4));
+    let [one_2, batch_2, batch_4] = [per_step(&two, 1), per_step(&two, 4), per_step(&four, 4)];
+    let per_layer: Vec<u64> = batch_4.iter().zip(&batch_2).map(|(a, b)| (a - b) / 2).collect();
+    let fixed: Vec<u64> = batch_2.iter().zip(&per_layer).map(|(t, l)| t - 2 * l).collect();
+    eprintln!(
+        "driver calls per decode step [launches, allocs, frees, htod, dtoh, dtod, memsets]: per layer {per_layer:?}, \
+         per step outside the layers {fixed:?}"
+    );
+    // The keys and values of every sequence go into the pool in one
+    // scatter per layer: a step of 4 sequences makes the launches and
+    // copies of 1 (allocations may differ by the one-off growth of the
+    // decode's scratch buffer to a longer context).
+    let no_allocs = |c: &[u64; 7]| [c[0], c[3], c[4], c[5], c[6]];
+    assert_eq!(
+        no_allocs(&one_2),
+        no_allocs(&batch_2),
+        "batch 1 vs batch 4: {one_2:?} vs {batch_2:?}"
+    );
+    assert!(
+        one_2[1].abs_diff(batch_2[1]) <= 1,
+        "allocations: {one_2:?} vs {batch_2:?}"
+    );
+    assert!(per_layer[0] > 0);
+}
