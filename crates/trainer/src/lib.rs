@@ -20,6 +20,7 @@ pub mod plot;
 pub mod reward_model;
 pub mod rewards;
 pub mod rl;
+pub mod run_folder;
 pub mod sft_run;
 pub mod tensorboard;
 pub mod toy;
