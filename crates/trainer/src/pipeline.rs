@@ -28,7 +28,8 @@ use crate::eval::{evaluate_math, sample_toy, MathEval};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule, StepInfo};
 use crate::rl::{grpo_step, Scoring};
 use crate::run_folder::{json_value, open_run, write_atomic, LogCursor, RunLog};
-use crate::toy::{self, Problem, Rng};
+use crate::rng::Rng;
+use crate::toy::{self, Problem};
 
 /// One row of the final table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -427,7 +428,7 @@ pub fn run_pipeline_with(
     cfg_json["device"] = cfg.device.to_string().into();
     cfg_json["precision"] = cfg.precision.to_string().into();
     let cfg_text = serde_json::to_string_pretty(&cfg_json).unwrap_or_default();
-    let loaded = open_run(out, "config.json", &cfg_text, &json_value, opts.resume, log)?;
+    let loaded = open_run(out, "config.json", &cfg_text, &json_value, &[], opts.resume, log)?;
     let tok = toy::tokenizer()?;
     let test: Vec<Problem> = toy::test_set(spec, d.eval_problems);
     let teacher_json = d.model_config_json();

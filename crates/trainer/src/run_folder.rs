@@ -19,7 +19,7 @@ use crate::error::{io_err, Error, Result};
 use crate::optim::Optimizer;
 use crate::plot::line_chart;
 use crate::tensorboard::EventWriter;
-use crate::toy::Rng;
+use crate::rng::Rng;
 use aha_moe_model::Policy;
 
 /// How far the logs of a run had got: the lines of `metrics.jsonl` and of
@@ -266,18 +266,20 @@ pub fn first_difference(old: &serde_json::Value, new: &serde_json::Value) -> Opt
     walk("", old, new)
 }
 
-/// Opens a run folder for a run whose resolved config is `config` (written
-/// to `dir/<file>` as `text`): with `resume`, loads the latest checkpoint
+/// Opens a run folder for a run whose resolved config is `text` (written
+/// to `dir/<file>`): with `resume`, loads the latest checkpoint
 /// and refuses a config that differs from the one in the folder, naming the
 /// file and the first differing key; without a checkpoint (or without
 /// `resume`), writes the config, removes the checkpoints of any earlier run
-/// in `dir` and returns `None`. `parse` reads the file's
-/// text back as a JSON value for the comparison.
+/// in `dir` and returns `None`. `parse` reads the file's text back as a
+/// JSON value for the comparison; top-level keys in `moved` (the run
+/// folder's own path) may differ, so a moved folder resumes.
 pub fn open_run(
     dir: &Path,
     file: &str,
     text: &str,
     parse: &dyn Fn(&str) -> Option<serde_json::Value>,
+    moved: &[&str],
     resume: bool,
     log: &mut dyn FnMut(&str),
 ) -> Result<Option<Loaded>> {
@@ -292,7 +294,7 @@ pub fn open_run(
         Some(l) => {
             let old_text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
             let what = path.display().to_string();
-            let (old, new) = match (parse(&old_text), parse(text)) {
+            let (mut old, mut new) = match (parse(&old_text), parse(text)) {
                 (Some(o), Some(n)) => (o, n),
                 _ => {
                     return Err(Error::Config {
@@ -301,6 +303,11 @@ pub fn open_run(
                     })
                 }
             };
+            for v in [&mut old, &mut new] {
+                if let Some(o) = v.as_object_mut() {
+                    o.retain(|k, _| !moved.contains(&k.as_str()));
+                }
+            }
             if let Some((key, was, now)) = first_difference(&old, &new) {
                 return Err(Error::Config {
                     what,

@@ -17,7 +17,6 @@ use aha_moe_model::{resolve_device, LoraConfig, Model, Policy, Precision, SaveDt
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
-use aha_sampler::chat::{self, ChatTemplate};
 use aha_sampler::{load_tokenizer, EngineConfig, SamplingParams, Tokenizer};
 use serde::Serialize;
 
@@ -27,92 +26,9 @@ use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, MathEval};
 use crate::pipeline::{sft_loop, sft_optimizer, step_metrics};
 use crate::run_folder::{json_value, open_run, toml_value, LogCursor, RunLog};
-use crate::toy::{encode, Rng};
-
-/// How prompts are rendered: `none`, `r1-zero` or `chat`.
-pub struct Templater {
-    kind: String,
-    chat: Option<ChatTemplate>,
-    /// Extra variables of the chat template (`enable_thinking`, ...).
-    kwargs: Vec<(String, chat::Value)>,
-}
-
-impl Templater {
-    /// Loads the model folder's chat template when `kind` is `chat`.
-    pub fn new(kind: &str, model_dir: &Path) -> Result<Templater> {
-        if !["none", "r1-zero", "chat"].contains(&kind) {
-            return Err(Error::Other(format!(
-                "unknown template {kind:?}: none, r1-zero or chat"
-            )));
-        }
-        let chat = if kind == "chat" {
-            Some(ChatTemplate::load(model_dir)?)
-        } else {
-            None
-        };
-        Ok(Templater {
-            kind: kind.into(),
-            chat,
-            kwargs: Vec::new(),
-        })
-    }
-
-    /// Passes `kwargs` to the chat template as extra variables, as
-    /// transformers' `apply_chat_template(..., **kwargs)` does (TRL's
-    /// `chat_template_kwargs`, e.g. `enable_thinking = false` for Qwen3).
-    /// Only a `chat` template reads them; for the others they are an error.
-    pub fn with_kwargs(mut self, kwargs: &std::collections::BTreeMap<String, serde_json::Value>) -> Result<Templater> {
-        if kwargs.is_empty() {
-            return Ok(self);
-        }
-        if self.chat.is_none() {
-            return Err(Error::Other(format!(
-                "chat_template_kwargs need template = \"chat\" (template is {:?})",
-                self.kind
-            )));
-        }
-        for (k, v) in kwargs {
-            self.kwargs.push((k.clone(), chat::json_value(&v.to_string())?));
-        }
-        Ok(self)
-    }
-
-    /// The prompt text for a plain question.
-    pub fn prompt(&self, text: &str) -> Result<String> {
-        Ok(match (self.kind.as_str(), &self.chat) {
-            ("r1-zero", _) => chat::render_r1_zero(text),
-            ("chat", Some(t)) if self.kwargs.is_empty() => t.render_user_prompt(text)?,
-            ("chat", Some(t)) => {
-                let message = chat::Value::from_pairs([
-                    ("role", chat::Value::from("user")),
-                    ("content", chat::Value::from(text)),
-                ]);
-                let extra: Vec<(&str, chat::Value)> =
-                    self.kwargs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-                t.render(&chat::Value::from(vec![message]), true, &extra)?
-            }
-            _ => text.to_string(),
-        })
-    }
-
-    /// The prompt rendered and tokenized.
-    pub fn encode(&self, tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-        encode(tok, &self.prompt(text)?)
-    }
-
-    /// The prompt text for a conversation (the last message excluded), with
-    /// the generation prompt.
-    pub fn conversation(&self, messages: &serde_json::Value) -> Result<String> {
-        match &self.chat {
-            Some(t) => {
-                let extra: Vec<(&str, chat::Value)> =
-                    self.kwargs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-                Ok(t.render(&chat::json_value(&messages.to_string())?, true, &extra)?)
-            }
-            None => Err(Error::Other("`messages` lines need --template chat".into())),
-        }
-    }
-}
+use crate::rng::Rng;
+pub use crate::template::Templater;
+use crate::toy::encode;
 
 /// Reads SFT pairs as token ids (prompt, completion + EOS).
 pub fn read_sft_jsonl(
@@ -295,7 +211,7 @@ pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64>
 pub fn run_sft_config_with(cfg: &SftConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Result<f64> {
     cfg.validate()?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
-    let loaded = open_run(&cfg.out, "sft_config.toml", &text, &toml_value, resume, log)?;
+    let loaded = open_run(&cfg.out, "sft_config.toml", &text, &toml_value, &["out"], resume, log)?;
     Ok(sft_in_folder(cfg, &cfg.out, &cfg.out, loaded, log)?.0)
 }
 
@@ -816,7 +732,7 @@ pub fn run_distill_with(
         "save_every": run.save_every, "sample_every": run.sample_every, "sample_prompts": run.sample_prompts,
     });
     let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
-    let loaded = open_run(out, "distill_config.json", &text, &json_value, run.resume, log)?;
+    let loaded = open_run(out, "distill_config.json", &text, &json_value, &[], run.resume, log)?;
     let traces_path = out.join("teacher_traces.jsonl");
     let traces = match &loaded {
         // Written whole before the first checkpoint was taken.
