@@ -232,11 +232,17 @@ fn sft_rejection_sampling_and_distillation() {
     let samples = std::fs::read_to_string(straight.join("samples.jsonl")).unwrap();
     let steps: Vec<u64> = samples
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(steps, [4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12]);
     // Traces carry answers: each sample is scored.
-    assert!(samples.lines().all(|l| l.contains("\"accuracy\"") && l.contains("\"format\"")));
+    assert!(samples
+        .lines()
+        .all(|l| l.contains("\"accuracy\"") && l.contains("\"format\"")));
     let resumed = base.join("distill-resumed");
     copy_dir(&straight, &resumed);
     std::fs::write(resumed.join("checkpoints/latest"), "step-000008").unwrap();
@@ -244,7 +250,10 @@ fn sft_rejection_sampling_and_distillation() {
     let o = short(&resumed, &["--resume"]);
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{log}");
-    assert!(log.contains("resuming sft at step 8") && !log.contains("the teacher samples"), "{log}");
+    assert!(
+        log.contains("resuming sft at step 8") && !log.contains("the teacher samples"),
+        "{log}"
+    );
     assert!(
         std::fs::read(resumed.join("student/model.safetensors")).unwrap()
             == std::fs::read(straight.join("student/model.safetensors")).unwrap(),
@@ -464,12 +473,19 @@ fn sft_writes_a_run_folder_and_resumes_bit_identically() {
         assert!([0.0, 1.0].contains(&s["format"].as_f64().unwrap()), "{s}");
         assert!(s["accuracy"].as_f64().is_some(), "{s}");
     }
-    for f in ["sft_config.toml", "plots/loss.png", "plots/learning_rate.png", "model.safetensors"] {
+    for f in [
+        "sft_config.toml",
+        "plots/loss.png",
+        "plots/learning_rate.png",
+        "model.safetensors",
+    ] {
         assert!(straight.join(f).is_file(), "{f} missing");
     }
-    assert!(std::fs::read_dir(&straight)
+    assert!(std::fs::read_dir(&straight).unwrap().any(|e| e
         .unwrap()
-        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));
+        .file_name()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents.")));
     let mut ck: Vec<String> = std::fs::read_dir(straight.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

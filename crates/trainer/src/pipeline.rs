@@ -27,8 +27,8 @@ use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, sample_toy, MathEval};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule, StepInfo};
 use crate::rl::{grpo_step, Scoring};
-use crate::run_folder::{json_value, open_run, write_atomic, LogCursor, RunLog};
 use crate::rng::Rng;
+use crate::run_folder::{json_value, open_run, write_atomic, LogCursor, RunLog};
 use crate::toy::{self, Problem};
 
 /// One row of the final table.
@@ -475,7 +475,7 @@ pub fn run_pipeline_with(
         opt.restore(m, moments.0, moments.1, st.opt_step, st.opt_bad)
     };
     let every = opts.save_every;
-    let due = |step: usize, total: usize| every > 0 && step % every == 0 && (step < total || step == 0);
+    let due = |step: usize, total: usize| every > 0 && step.is_multiple_of(every) && (step < total || step == 0);
     let missing = |what: &str| Error::Other(format!("pipeline: {what} is missing (damaged checkpoint?)"));
 
     let (mut resume, first, mut rng, mut rows, cursor) = match loaded {

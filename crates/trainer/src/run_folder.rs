@@ -18,8 +18,8 @@ use crate::checkpoint::{self, Loaded, TrainState};
 use crate::error::{io_err, Error, Result};
 use crate::optim::Optimizer;
 use crate::plot::line_chart;
-use crate::tensorboard::EventWriter;
 use crate::rng::Rng;
+use crate::tensorboard::EventWriter;
 use aha_moe_model::Policy;
 
 /// How far the logs of a run had got: the lines of `metrics.jsonl` and of

@@ -25,8 +25,8 @@ use crate::data::read_math_jsonl;
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, MathEval};
 use crate::pipeline::{sft_loop, sft_optimizer, step_metrics};
-use crate::run_folder::{json_value, open_run, toml_value, LogCursor, RunLog};
 use crate::rng::Rng;
+use crate::run_folder::{json_value, open_run, toml_value, LogCursor, RunLog};
 pub use crate::template::Templater;
 use crate::toy::encode;
 
@@ -464,11 +464,11 @@ fn sft_in_folder(
             let mut m = step_metrics(s.loss, &s.info);
             // Examples drawn so far over the set's size (TRL's `epoch`).
             m.insert("epoch".into(), (s.step * batch) as f64 / n as f64);
-            if (cfg.sample_every > 0 && s.step % cfg.sample_every == 0) || s.step == cfg.steps {
+            if (cfg.sample_every > 0 && s.step.is_multiple_of(cfg.sample_every)) || s.step == cfg.steps {
                 samples.write(s.model, &tok, s.step, &mut run, &mut m)?;
             }
             run.metrics(None, s.step, &m)?;
-            if cfg.save_every > 0 && s.step % cfg.save_every == 0 && s.step < cfg.steps {
+            if cfg.save_every > 0 && s.step.is_multiple_of(cfg.save_every) && s.step < cfg.steps {
                 run.checkpoint(
                     &format!("step-{:06}", s.step),
                     "sft",
