@@ -208,6 +208,12 @@ enum Command {
         /// Saved models' dtype: same (f32, as trained), f32, bf16 or f16.
         #[arg(long, default_value = "same")]
         save_dtype: aha_moe_model::SaveDtype,
+        /// Continue from the run folder's latest checkpoint, in the stage and at the step it was taken.
+        #[arg(long)]
+        resume: bool,
+        /// Save a checkpoint every N steps of each stage and at each stage's start (0: none).
+        #[arg(long, default_value_t = 0)]
+        save_every: usize,
         #[command(flatten)]
         place: Placement,
     },
@@ -295,6 +301,15 @@ enum Command {
         /// Saved model's dtype: same (as the input folder), f32, bf16 or f16.
         #[arg(long)]
         save_dtype: Option<aha_moe_model::SaveDtype>,
+        /// Save a checkpoint every N steps [default: 0, none].
+        #[arg(long)]
+        save_every: Option<usize>,
+        /// Sample completions into samples.jsonl every N steps [default: 0, after the last step only].
+        #[arg(long)]
+        sample_every: Option<usize>,
+        /// Continue from the output folder's latest checkpoint (the same config is required).
+        #[arg(long)]
+        resume: bool,
         #[command(flatten)]
         place: PlacementOverride,
     },
@@ -367,6 +382,15 @@ enum Command {
         /// Saved student's dtype: same (as the input folder), f32, bf16 or f16.
         #[arg(long, default_value = "same")]
         save_dtype: aha_moe_model::SaveDtype,
+        /// Save a checkpoint every N steps of the student's SFT (0: none).
+        #[arg(long, default_value_t = 0)]
+        save_every: usize,
+        /// Sample the student into samples.jsonl every N steps (0: after the last step only).
+        #[arg(long, default_value_t = 0)]
+        sample_every: usize,
+        /// Continue from the output folder's latest checkpoint (the same settings are required).
+        #[arg(long)]
+        resume: bool,
         /// Where the teacher samples and the student trains.
         #[command(flatten)]
         place: Placement,
@@ -648,6 +672,9 @@ fn main() -> Result<()> {
             lr,
             seed,
             save_dtype,
+            save_every,
+            sample_every,
+            resume,
             place,
         } => {
             let mut cfg = match &config {
@@ -666,10 +693,12 @@ fn main() -> Result<()> {
             cfg.learning_rate = lr.unwrap_or(cfg.learning_rate);
             cfg.seed = seed.unwrap_or(cfg.seed);
             cfg.save_dtype = save_dtype.unwrap_or(cfg.save_dtype);
+            cfg.save_every = save_every.unwrap_or(cfg.save_every);
+            cfg.sample_every = sample_every.unwrap_or(cfg.sample_every);
             cfg.device = place.device.unwrap_or(cfg.device);
             cfg.precision = place.precision.unwrap_or(cfg.precision);
             let mut p = Progress::new();
-            let loss = aha_trainer::sft_run::run_sft_config(&cfg, &mut |l| p.line(l))?;
+            let loss = aha_trainer::sft_run::run_sft_config_with(&cfg, resume, &mut |l| p.line(l))?;
             p.finish();
             println!(
                 "{}",
@@ -726,6 +755,9 @@ fn main() -> Result<()> {
             lr,
             seed,
             save_dtype,
+            save_every,
+            sample_every,
+            resume,
             place,
         } => {
             // The teacher samples on the device too.
@@ -744,7 +776,7 @@ fn main() -> Result<()> {
                 seed,
             };
             let mut p = Progress::new();
-            let r = aha_trainer::sft_run::run_distill(
+            let r = aha_trainer::sft_run::run_distill_with(
                 &teacher,
                 &student,
                 &train,
@@ -757,6 +789,12 @@ fn main() -> Result<()> {
                 &out,
                 (&place.device, precision),
                 save_dtype,
+                aha_trainer::sft_run::DistillRun {
+                    resume,
+                    save_every,
+                    sample_every,
+                    ..aha_trainer::sft_run::DistillRun::default()
+                },
                 &mut |l| p.line(l),
             )?;
             p.finish();
@@ -770,6 +808,8 @@ fn main() -> Result<()> {
             task,
             digits,
             save_dtype,
+            resume,
+            save_every,
             place,
         } => {
             let mut cfg = aha_trainer::pipeline::PipelineConfig::toy(seed, quick);
@@ -782,7 +822,8 @@ fn main() -> Result<()> {
             (cfg.device, cfg.precision) = place.resolve(&mcfg)?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/pipeline-{seed}")));
             let mut p = Progress::new();
-            let rows = aha_trainer::pipeline::run_pipeline(&cfg, &out, &mut |l| p.line(l))?;
+            let opts = aha_trainer::pipeline::PipelineOptions { resume, save_every };
+            let rows = aha_trainer::pipeline::run_pipeline_with(&cfg, &out, opts, &mut |l| p.line(l))?;
             eprintln!(
                 "{:<10} {:>8} {:>8} {:>8} {:>8}",
                 "model", "params", "pass@1", "cons@k", "length"

@@ -181,6 +181,97 @@ fn sft_rejection_sampling_and_distillation() {
     assert!(r["teacher"]["pass_at_1"].as_f64().unwrap() >= 0.5, "{r}");
     assert!(r["student"]["pass_at_1"].as_f64().unwrap() >= 0.3, "{r}");
     assert!(base.join("distill/student/model.safetensors").is_file());
+    // A short distillation with checkpoints, stopped (rewound to its
+    // step-8 checkpoint) and resumed: the same student, bit for bit, and the
+    // same logs; the teacher's traces are not sampled again.
+    let short = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "--template",
+            "none",
+            "--k",
+            "2",
+            "--max-new-tokens",
+            "40",
+            "--steps",
+            "12",
+            "--lr",
+            "3e-3",
+            "--save-every",
+            "4",
+            "--sample-every",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_aha"));
+        c.args(&args)
+            .arg("--teacher")
+            .arg(&teacher)
+            .arg("--student")
+            .arg(&s0)
+            .arg("--train")
+            .arg(base.join("problems.jsonl"))
+            .arg("--test")
+            .arg(base.join("test.jsonl"))
+            .arg("--out")
+            .arg(out);
+        c.output().unwrap()
+    };
+    let straight = base.join("distill-straight");
+    let o = short(&straight, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "distill_config.json",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "plots/loss.png",
+        "checkpoints/step-000008/state.json",
+    ] {
+        assert!(straight.join(f).is_file(), "{f} missing");
+    }
+    let samples = std::fs::read_to_string(straight.join("samples.jsonl")).unwrap();
+    let steps: Vec<u64> = samples
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12]);
+    // Traces carry answers: each sample is scored.
+    assert!(samples
+        .lines()
+        .all(|l| l.contains("\"accuracy\"") && l.contains("\"format\"")));
+    let resumed = base.join("distill-resumed");
+    copy_dir(&straight, &resumed);
+    std::fs::write(resumed.join("checkpoints/latest"), "step-000008").unwrap();
+    std::fs::remove_dir_all(resumed.join("student")).unwrap();
+    let o = short(&resumed, &["--resume"]);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("resuming sft at step 8") && !log.contains("the teacher samples"),
+        "{log}"
+    );
+    assert!(
+        std::fs::read(resumed.join("student/model.safetensors")).unwrap()
+            == std::fs::read(straight.join("student/model.safetensors")).unwrap(),
+        "the resumed student differs"
+    );
+    for f in ["metrics.jsonl", "samples.jsonl"] {
+        assert_eq!(
+            std::fs::read_to_string(resumed.join(f)).unwrap(),
+            std::fs::read_to_string(straight.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let o = short(&resumed, &["--resume", "--seed", "5"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("distill_config.json") && err.contains("`seed`"),
+        "{err}"
+    );
     // A bad SFT line names file and line.
     std::fs::write(
         base.join("bad.jsonl"),
@@ -291,5 +382,147 @@ fn sft_with_a_lora_table_writes_a_peft_adapter() {
         let err = String::from_utf8_lossy(&r.stderr);
         assert!(!r.status.success() && err.contains(needle), "{bad}: {err}");
     }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// `aha sft` writes a run folder (config, a metrics line a step, TensorBoard
+/// events, samples with their rewards, plots, checkpoints); a run stopped at
+/// a checkpoint (rewound to it) and resumed with `--resume` ends with the
+/// same weights bit for bit and the same logs; a resume with another config
+/// is refused naming the file and the key.
+#[test]
+fn sft_writes_a_run_folder_and_resumes_bit_identically() {
+    let base = std::env::temp_dir().join(format!("aha-sft-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let model_dir = base.join("base");
+    let cfg = serde_json::json!({"model_type": "qwen2", "vocab_size": toy::vocab_size(), "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 96, "tie_word_embeddings": true, "eos_token_id": toy::EOS});
+    let mcfg = aha_moe_model::ModelConfig::from_json_str(&cfg.to_string(), Path::new("c")).unwrap();
+    aha_moe_model::Model::random(mcfg, 3, 0.05)
+        .save(&model_dir, usize::MAX)
+        .unwrap();
+    std::fs::write(model_dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::write(model_dir.join("tokenizer.json"), toy::tokenizer_json()).unwrap();
+    let mut rng = Rng::new(6);
+    let mut traces = String::new();
+    for _ in 0..40 {
+        let p = toy::problem(&mut rng, TaskSpec::default(), false);
+        traces.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": p.prompt(), "completion": p.reasoning(), "answer": p.answer()})
+        ));
+    }
+    std::fs::write(base.join("traces.jsonl"), &traces).unwrap();
+    let toml = base.join("sft.toml");
+    std::fs::write(
+        &toml,
+        "template = \"none\"\nsteps = 12\nbatch = 8\nlearning_rate = 1e-2\ndevice = \"cpu\"\nsave_every = 4\nsample_every = 4\nsample_prompts = 3\nsample_max_tokens = 30\n",
+    )
+    .unwrap();
+    let sft = |out: &Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_aha"))
+            .arg("sft")
+            .args(extra)
+            .arg("--config")
+            .arg(&toml)
+            .arg("--model")
+            .arg(&model_dir)
+            .arg("--data")
+            .arg(base.join("traces.jsonl"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let straight = base.join("straight");
+    let o = sft(&straight, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 12);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i + 1);
+        assert!(l["loss"].as_f64().unwrap().is_finite() && l["learning_rate"].as_f64().unwrap() > 0.0);
+        assert_eq!(l["epoch"].as_f64().unwrap(), (i + 1) as f64 * 8.0 / 40.0);
+        // The sampled completions' mean rewards on sampling steps.
+        assert_eq!(l.get("samples/accuracy").is_some(), (i + 1) % 4 == 0, "{l}");
+    }
+    let samples: Vec<serde_json::Value> = std::fs::read_to_string(straight.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(samples.len(), 9);
+    for s in &samples {
+        assert!(s["prompt"].as_str().unwrap().contains('+'), "{s}");
+        assert!(s["completion"].is_string() && s["answer"].is_string(), "{s}");
+        assert!([0.0, 1.0].contains(&s["format"].as_f64().unwrap()), "{s}");
+        assert!(s["accuracy"].as_f64().is_some(), "{s}");
+    }
+    for f in [
+        "sft_config.toml",
+        "plots/loss.png",
+        "plots/learning_rate.png",
+        "model.safetensors",
+    ] {
+        assert!(straight.join(f).is_file(), "{f} missing");
+    }
+    assert!(std::fs::read_dir(&straight).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents.")));
+    let mut ck: Vec<String> = std::fs::read_dir(straight.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    ck.sort();
+    assert_eq!(ck, ["step-000004", "step-000008"]);
+    for name in ["step-000004", "step-000008"] {
+        let d = base.join(name);
+        copy_dir(&straight, &d);
+        std::fs::write(d.join("checkpoints/latest"), name).unwrap();
+        std::fs::remove_file(d.join("model.safetensors")).unwrap();
+        let o = sft(&d, &["--resume"]);
+        let log = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{log}");
+        let k: usize = name[5..].parse().unwrap();
+        assert!(log.contains(&format!("resuming sft at step {k}")), "{log}");
+        assert_eq!(log.lines().filter(|l| l.starts_with("step ")).count(), 12 - k, "{log}");
+        assert!(
+            std::fs::read(d.join("model.safetensors")).unwrap()
+                == std::fs::read(straight.join("model.safetensors")).unwrap(),
+            "resumed from {name}: the weights differ"
+        );
+        for f in ["metrics.jsonl", "samples.jsonl"] {
+            assert_eq!(
+                std::fs::read_to_string(d.join(f)).unwrap(),
+                std::fs::read_to_string(straight.join(f)).unwrap(),
+                "resumed from {name}: {f}"
+            );
+        }
+    }
+    // Another learning rate: refused, naming the file and the key.
+    let o = sft(&base.join("step-000004"), &["--resume", "--lr", "0.02"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("sft_config.toml") && err.contains("learning_rate"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&base);
 }

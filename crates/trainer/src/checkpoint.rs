@@ -24,7 +24,9 @@ use crate::optim::Optimizer;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainState {
-    /// `pretrain` or `grpo`.
+    /// The run's phase or stage: `pretrain` or `grpo` (the demo, `aha
+    /// grpo`), `sft` (`aha sft`, `aha distill`), or a stage of
+    /// [`crate::pipeline::STAGES`].
     pub phase: String,
     /// Steps of `phase` completed.
     pub step: usize,

@@ -28,7 +28,8 @@ use crate::eval::{evaluate, EvalResult};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
 use crate::plot::line_chart;
 use crate::rl::{grpo_step, GrpoStep, Scoring};
-use crate::toy::{self, Problem, Rng, Task, TaskSpec};
+use crate::rng::Rng;
+use crate::toy::{self, Problem, Task, TaskSpec};
 
 /// Everything a demo run does; written to `config.json` in the run folder.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -75,7 +75,7 @@ pub fn evaluate<'a>(
 }
 
 /// Scores of a math evaluation.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MathEval {
     /// Problems evaluated.
     pub problems: usize,

@@ -22,9 +22,9 @@ use crate::eval::evaluate_math;
 use crate::optim::{OptimConfig, Optimizer, Schedule};
 use crate::rewards::{build, BuildContext, RewardKind, RewardSpec};
 use crate::rl::{rollout, train_on, GrpoStep, Rollouts, Scoring};
-use crate::sft_run::Templater;
+use crate::rng::Rng;
+use crate::template::Templater;
 use crate::tensorboard::EventWriter;
-use crate::toy::Rng;
 
 /// A GRPO run. Defaults follow the DeepSeek-R1 report where it states them
 /// (learning rate 3e-6, KL coefficient 0.001, 16 samples per prompt,

@@ -20,7 +20,10 @@ pub mod plot;
 pub mod reward_model;
 pub mod rewards;
 pub mod rl;
+pub mod rng;
+pub mod run_folder;
 pub mod sft_run;
+pub mod template;
 pub mod tensorboard;
 pub mod toy;
 

@@ -12,25 +12,27 @@
 //! 5. **Evaluation**: pass@1 over k samples (temperature 0.6, top-p 0.95, as
 //!    in the R1 report) and cons@k on the held-out problems, for each model.
 
-use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use aha_moe_model::{Model, ModelConfig, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::BatchConfig;
 use aha_sampler::{SamplingParams, Tokenizer};
 use aha_tensor::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::TrainState;
 use crate::demo::DemoConfig;
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, sample_toy, MathEval};
-use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
+use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule, StepInfo};
 use crate::rl::{grpo_step, Scoring};
-use crate::toy::{self, Problem, Rng};
+use crate::rng::Rng;
+use crate::run_folder::{json_value, open_run, write_atomic, LogCursor, RunLog};
+use crate::toy::{self, Problem};
 
 /// One row of the final table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// Which model.
     pub model: String,
@@ -58,45 +60,107 @@ fn encode_pair(tok: &Tokenizer, prompt: &str, completion: &str) -> Result<(Vec<u
     Ok((toy::encode(tok, prompt)?, c))
 }
 
-/// SFT over `examples` for `steps` steps of `batch`, drawing batches with
-/// `rng`; examples of similar length are batched together (length buckets:
-/// each batch is drawn from a window of the length-sorted list). Each step
-/// is reported to `log` as `step i/steps loss x` (a terminal redraws these
-/// lines in place).
-pub(crate) fn sft(
+/// The optimizer of an SFT stage: linear warmup over a twentieth of the
+/// steps, then cosine decay.
+pub(crate) fn sft_optimizer(lr: f64, steps: usize) -> Optimizer {
+    Optimizer::new(optim(lr, steps, Schedule::Cosine))
+}
+
+/// What [`sft_loop`] hands its caller after each step: the step just done
+/// (1-based), its loss and update, and the state a checkpoint needs.
+pub(crate) struct SftStepDone<'a> {
+    pub step: usize,
+    pub loss: f64,
+    pub info: StepInfo,
+    pub model: &'a Policy,
+    pub opt: &'a Optimizer,
+    pub rng: &'a Rng,
+}
+
+/// SFT over `examples`, steps `start + 1 ..= steps` of `batch`, drawing
+/// batches with `rng`; examples of similar length are batched together
+/// (length buckets: each batch is drawn from a window of the length-sorted
+/// list). The data order is a function of `rng` alone, so a checkpoint of
+/// its state, the weights and the optimizer continues the run exactly.
+/// Each step is reported to `log` as `step i/steps sft loss x` (a terminal
+/// redraws these lines in place) and then to `after`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sft_loop(
     model: &mut Policy,
+    opt: &mut Optimizer,
     examples: &[(Vec<u32>, Vec<u32>)],
+    start: usize,
     steps: usize,
     batch: usize,
-    lr: f64,
     rng: &mut Rng,
     log: &mut dyn FnMut(&str),
+    after: &mut dyn FnMut(SftStepDone<'_>) -> Result<()>,
 ) -> Result<f64> {
+    if examples.is_empty() {
+        return Err(Error::Other("SFT needs at least one example".into()));
+    }
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].0.len() + examples[i].1.len());
-    let mut opt = Optimizer::new(optim(lr, steps, Schedule::Cosine));
     let window = (batch * 4).min(order.len()).max(1);
     let mut loss = f64::NAN;
-    for step in 1..=steps {
-        let start = rng.below((order.len() - window + 1) as u64) as usize;
+    for step in start + 1..=steps {
+        let first = rng.below((order.len() - window + 1) as u64) as usize;
         let b: Vec<(Vec<u32>, Vec<u32>)> = (0..batch)
-            .map(|_| examples[order[start + rng.below(window as u64) as usize]].clone())
+            .map(|_| examples[order[first + rng.below(window as u64) as usize]].clone())
             .collect();
-        loss = sft_step(model, &mut opt, &b, toy::PAD)?.0;
+        let info;
+        (loss, info) = sft_step(model, opt, &b, toy::PAD)?;
+        for note in opt.take_notes() {
+            log(&format!("sft step {step}: {note}"));
+        }
         log(&format!("step {step}/{steps} sft loss {loss:.4}"));
+        after(SftStepDone {
+            step,
+            loss,
+            info,
+            model,
+            opt,
+            rng,
+        })?;
     }
     Ok(loss)
 }
 
-/// GRPO from `model` for `steps` steps (accuracy and format rewards, KL to
-/// the starting weights).
-fn grpo(model: &mut Policy, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng: &mut Rng, seed: u64) -> Result<()> {
-    let reference = Policy::new(model.host_model()?.into_owned(), model.device(), model.precision())?;
-    let mut opt = Optimizer::new(optim(cfg.grpo_lr, steps, Schedule::Constant));
+/// What [`grpo_loop`] hands its caller after each step.
+struct GrpoStepDone<'a> {
+    step: usize,
+    metrics: &'a aha_grpo::Metrics,
+    model: &'a Policy,
+    opt: &'a Optimizer,
+    rng: &'a Rng,
+}
+
+/// The optimizer of a GRPO stage: constant after warmup.
+fn grpo_optimizer(cfg: &DemoConfig, steps: usize) -> Optimizer {
+    Optimizer::new(optim(cfg.grpo_lr, steps, Schedule::Constant))
+}
+
+/// GRPO steps `start + 1 ..= steps` from `model` (accuracy and format
+/// rewards, KL to `reference`, the weights the stage started from); each
+/// step's problems come from `rng`, its sampling seed from `seed` and the
+/// step, so the weights, the optimizer and `rng` continue a stage exactly.
+#[allow(clippy::too_many_arguments)]
+fn grpo_loop(
+    model: &mut Policy,
+    reference: &Policy,
+    opt: &mut Optimizer,
+    cfg: &DemoConfig,
+    tok: &Tokenizer,
+    (start, steps): (usize, usize),
+    rng: &mut Rng,
+    seed: u64,
+    log: &mut dyn FnMut(&str),
+    after: &mut dyn FnMut(GrpoStepDone<'_>) -> Result<()>,
+) -> Result<()> {
     let step_cfg = cfg.grpo_step_config();
     let rewards = toy::rewards();
     let reward_batch = BatchConfig::default();
-    for step in 1..=steps {
+    for step in start + 1..=steps {
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
             .map(|_| toy::problem(rng, cfg.spec(), false))
             .collect();
@@ -109,7 +173,21 @@ fn grpo(model: &mut Policy, cfg: &DemoConfig, tok: &Tokenizer, steps: usize, rng
         };
         let mut sc = step_cfg.clone();
         sc.sampling.seed = seed.wrapping_add(step as u64 * 1_000_003);
-        grpo_step(model, Some(&reference), &mut opt, tok, &prompts, &scoring, &sc)?;
+        let (m, _) = grpo_step(model, Some(reference), opt, tok, &prompts, &scoring, &sc)?;
+        for note in opt.take_notes() {
+            log(&format!("grpo step {step}: {note}"));
+        }
+        log(&format!(
+            "step {step}/{steps} grpo reward {:.3}",
+            m.get("reward").copied().unwrap_or(f64::NAN)
+        ));
+        after(GrpoStepDone {
+            step,
+            metrics: &m,
+            model,
+            opt,
+            rng,
+        })?;
     }
     Ok(())
 }
@@ -139,6 +217,8 @@ fn rejection_sample(
         .collect())
 }
 
+/// The model's row of the table, and its first four evaluation completions
+/// as `samples.jsonl` lines.
 fn score(
     name: &str,
     model: &Policy,
@@ -147,7 +227,7 @@ fn score(
     k: usize,
     seed: u64,
     max_new: usize,
-) -> Result<Row> {
+) -> Result<(Row, Vec<serde_json::Value>)> {
     let prompts = toy::encode_prompts(tok, test)?;
     let golds: Vec<String> = test.iter().map(|p| p.answer().to_string()).collect();
     let params = SamplingParams {
@@ -158,12 +238,31 @@ fn score(
         seed,
         ..SamplingParams::default()
     };
-    let (eval, _, _) = evaluate_math(model, tok, &prompts, &golds, k, &params)?;
-    Ok(Row {
-        model: name.into(),
-        params: model.num_params(),
-        eval,
-    })
+    let (eval, results, completions) = evaluate_math(model, tok, &prompts, &golds, k, &params)?;
+    let samples = completions
+        .iter()
+        .take(4)
+        .map(|c| {
+            let p = &test[c.prompt_index];
+            let correct = results
+                .get(c.prompt_index)
+                .and_then(|r| r.correct.get(c.sample_index))
+                .copied()
+                .unwrap_or(false);
+            serde_json::json!({
+                "phase": name, "prompt": p.prompt(), "completion": c.text,
+                "answer": p.answer(), "correct": correct,
+            })
+        })
+        .collect();
+    Ok((
+        Row {
+            model: name.into(),
+            params: model.num_params(),
+            eval,
+        },
+        samples,
+    ))
 }
 
 /// Sizes of a pipeline run.
@@ -233,14 +332,90 @@ impl PipelineConfig {
     }
 }
 
-/// Runs the recipe into `out`; returns the table (also written as
-/// `table.json`), each model saved under `out/<name>/` in HF layout.
+/// How `aha pipeline` saves and resumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipelineOptions {
+    /// Continue from the run folder's latest checkpoint, in the stage and at
+    /// the step it was taken; finished stages are not redone.
+    pub resume: bool,
+    /// Save a checkpoint every this many steps of each stage and at the
+    /// start of each stage after the first (0: none).
+    pub save_every: usize,
+}
+
+/// The stages a checkpoint can be in, in order: pretraining the base,
+/// R1-Zero's GRPO, R1's cold start, R1's GRPO, R1's SFT on its rejection
+/// samples, the student's SFT.
+pub const STAGES: [&str; 6] = ["pretrain", "r1-zero", "cold-start", "r1-rl", "r1-sft", "student"];
+
+/// Writes (prompt, completion) pairs as `{"prompt", "completion"}` lines,
+/// atomically.
+fn write_pairs(path: &Path, pairs: &[(String, String)]) -> Result<()> {
+    let mut text = String::new();
+    for (p, c) in pairs {
+        text.push_str(&serde_json::json!({"prompt": p, "completion": c}).to_string());
+        text.push('\n');
+    }
+    write_atomic(path, &text)
+}
+
+/// Reads what [`write_pairs`] wrote, as token ids.
+fn read_pairs(path: &Path, tok: &Tokenizer) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            line: i + 1,
+            msg: e.to_string(),
+        })?;
+        match (v["prompt"].as_str(), v["completion"].as_str()) {
+            (Some(p), Some(c)) => out.push(encode_pair(tok, p, c)?),
+            _ => {
+                return Err(Error::Data {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    msg: "no `prompt` and `completion` strings".into(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn step_metrics(loss: f64, info: &StepInfo) -> aha_grpo::Metrics {
+    [
+        ("loss".to_string(), loss),
+        ("grad_norm".to_string(), info.grad_norm),
+        ("learning_rate".to_string(), info.lr),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// Runs the recipe into `out` (fresh, no checkpoints); see
+/// [`run_pipeline_with`].
 pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
+    run_pipeline_with(cfg, out, PipelineOptions::default(), log)
+}
+
+/// Runs the recipe into the run folder `out`; returns the table (also
+/// written as `table.json`), each model saved under `out/<name>/` in HF
+/// layout. The folder also gets `config.json` (checked on resume),
+/// `metrics.jsonl` (a line a step of every stage, `phase` naming the stage,
+/// and a line per evaluated model with `phase` `eval`), TensorBoard events
+/// (tags `<stage>/<metric>`), `samples.jsonl` (four evaluation completions
+/// of each model), `plots/*.png`, the stages' data (`cold_start.jsonl`,
+/// `rejection_sampled.jsonl`, `teacher_traces.jsonl`) and, with
+/// `save_every`, `checkpoints/`.
+pub fn run_pipeline_with(
+    cfg: &PipelineConfig,
+    out: &Path,
+    opts: PipelineOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<Row>> {
     let t0 = Instant::now();
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
     let d = &cfg.demo;
-    let tok = toy::tokenizer()?;
-    let mut rng = Rng::new(d.seed);
     let spec = d.spec();
     spec.validate()?;
     if spec.task == toy::Task::Countdown {
@@ -249,8 +424,29 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
                 .into(),
         ));
     }
+    let mut cfg_json = serde_json::to_value(cfg).map_err(|e| Error::Other(e.to_string()))?;
+    cfg_json["device"] = cfg.device.to_string().into();
+    cfg_json["precision"] = cfg.precision.to_string().into();
+    let cfg_text = serde_json::to_string_pretty(&cfg_json).unwrap_or_default();
+    let loaded = open_run(out, "config.json", &cfg_text, &json_value, &[], opts.resume, log)?;
+    let tok = toy::tokenizer()?;
     let test: Vec<Problem> = toy::test_set(spec, d.eval_problems);
     let teacher_json = d.model_config_json();
+    let sjson = cfg.student_json();
+    // Each model's own files, which its checkpoints carry.
+    let model_files = |name: &str, json: &serde_json::Value| -> Result<PathBuf> {
+        let dir = out.join("model-files").join(name);
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        for (f, text) in [
+            ("config.json", serde_json::to_string_pretty(json).unwrap_or_default()),
+            ("tokenizer.json", toy::tokenizer_json()),
+        ] {
+            std::fs::write(dir.join(f), text).map_err(io_err(&dir))?;
+        }
+        Ok(dir)
+    };
+    let teacher_src = model_files("teacher", &teacher_json)?;
+    let student_src = model_files("student", &sjson)?;
     let save = |name: &str, m: &Policy, json: &serde_json::Value| -> Result<()> {
         let dir = out.join(name);
         m.save_as(
@@ -269,108 +465,410 @@ pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str))
         }
         Ok(())
     };
-    let mut rows = Vec::new();
-    let score_row = |name: &str, m: &Policy| score(name, m, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens);
-    let place = |m: Model| Policy::new(m, cfg.device, cfg.precision);
-    let copy = |m: &Policy| -> Result<Policy> { Ok(place(m.host_model()?.into_owned())?) };
+    let place = |mut m: Model, src: &Path| -> Result<Policy> {
+        m.source_dir = Some(src.to_path_buf());
+        Ok(Policy::new(m, cfg.device, cfg.precision)?)
+    };
+    let copy =
+        |m: &Policy| -> Result<Policy> { Ok(Policy::new(m.host_model()?.into_owned(), cfg.device, cfg.precision)?) };
+    let restore = |opt: &mut Optimizer, m: &Policy, moments: (Vec<f32>, Vec<f32>), st: &TrainState| {
+        opt.restore(m, moments.0, moments.1, st.opt_step, st.opt_bad)
+    };
+    let every = opts.save_every;
+    let due = |step: usize, total: usize| every > 0 && step.is_multiple_of(every) && (step < total || step == 0);
+    let missing = |what: &str| Error::Other(format!("pipeline: {what} is missing (damaged checkpoint?)"));
 
-    // 1. Base.
-    let mcfg = ModelConfig::from_json_str(&teacher_json.to_string(), Path::new("<pipeline config>"))?;
-    let mut base = place(Model::random(mcfg, d.seed, 0.02))?;
-    // Fresh problems every step, as in the demo: mixing both completion
-    // styles in every batch matters here (length-bucketed batches of the base
-    // corpus separate them and the base then fails to learn the reasoning).
-    let mut opt = Optimizer::new(optim(d.pretrain_lr, d.pretrain_steps, Schedule::Cosine));
-    let mut loss = f64::NAN;
-    for _ in 0..d.pretrain_steps {
-        let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..d.pretrain_batch)
-            .map(|_| {
-                let p = toy::problem(&mut rng, spec, false);
-                encode_pair(
-                    &tok,
-                    &p.prompt(),
-                    &toy::base_completion(&mut rng, &p, d.reasoning_share),
-                )
-            })
-            .collect::<Result<_>>()?;
-        loss = sft_step(&mut base, &mut opt, &batch, toy::PAD)?.0;
+    let (mut resume, first, mut rng, mut rows, cursor) = match loaded {
+        Some(l) => {
+            let Some(k) = STAGES.iter().position(|s| *s == l.state.phase) else {
+                return Err(Error::Checkpoint {
+                    path: l.dir.clone(),
+                    msg: format!("unknown pipeline stage {:?} (one of {STAGES:?})", l.state.phase),
+                });
+            };
+            let rows: Vec<Row> = serde_json::from_value(l.state.extra.get("rows").cloned().unwrap_or_default())
+                .map_err(|e| Error::Checkpoint {
+                    path: l.dir.join("state.json"),
+                    msg: format!("extra.rows: {e}"),
+                })?;
+            let (rng, cursor) = (Rng::from_state(l.state.rng), LogCursor::of(&l.state));
+            (Some(l), k, rng, rows, Some(cursor))
+        }
+        None => (None, 0, Rng::new(d.seed), Vec::new(), None),
+    };
+    let mut run = RunLog::open(out, cursor)?;
+    // The checkpoint of stage `k`, when the run resumes in it.
+    let mut take = |k: usize| if k == first { resume.take() } else { None };
+    let checkpoint = |run: &RunLog,
+                      stage: &str,
+                      step: usize,
+                      rng: &Rng,
+                      m: &Policy,
+                      reference: Option<&Policy>,
+                      opt: &Optimizer,
+                      rows: &[Row]|
+     -> Result<()> {
+        let mut extra = serde_json::Map::new();
+        extra.insert(
+            "rows".into(),
+            serde_json::to_value(rows).map_err(|e| Error::Other(e.to_string()))?,
+        );
+        run.checkpoint(
+            &format!("{stage}-{step:06}"),
+            stage,
+            step,
+            rng,
+            m,
+            reference,
+            opt,
+            extra,
+        )
+    };
+    let evaluate = |run: &mut RunLog, rows: &mut Vec<Row>, name: &str, m: &Policy| -> Result<()> {
+        let (row, samples) = score(name, m, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens)?;
+        for s in &samples {
+            run.sample(s)?;
+        }
+        let e = &row.eval;
+        let metrics: aha_grpo::Metrics = [
+            ("pass@1", e.pass_at_1),
+            ("pass@k", e.pass_at_k),
+            ("cons@k", e.cons_at_k),
+            ("no_answer", e.no_answer),
+            ("mean_length", e.mean_length),
+            ("params", row.params as f64),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        run.metrics_labelled(Some("eval"), rows.len(), &[("model", name)], &metrics)?;
+        rows.push(row);
+        Ok(())
+    };
+    let max_len = d.max_new_tokens;
+
+    // 1. Base: fresh problems every step, as in the demo: mixing both
+    // completion styles in every batch matters here (length-bucketed
+    // batches of the base corpus separate them and the base then fails to
+    // learn the reasoning).
+    let mut base: Option<Policy> = None;
+    if first == 0 {
+        let mut opt = Optimizer::new(optim(d.pretrain_lr, d.pretrain_steps, Schedule::Cosine));
+        let (mut m, start) = match take(0) {
+            Some(l) => {
+                let m = place(l.model, &teacher_src)?;
+                restore(&mut opt, &m, l.moments, &l.state)?;
+                (m, l.state.step)
+            }
+            None => {
+                let mcfg = ModelConfig::from_json_str(&teacher_json.to_string(), &teacher_src.join("config.json"))?;
+                (place(Model::random(mcfg, d.seed, 0.02), &teacher_src)?, 0)
+            }
+        };
+        let mut loss = f64::NAN;
+        for step in start + 1..=d.pretrain_steps {
+            let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..d.pretrain_batch)
+                .map(|_| {
+                    let p = toy::problem(&mut rng, spec, false);
+                    encode_pair(
+                        &tok,
+                        &p.prompt(),
+                        &toy::base_completion(&mut rng, &p, d.reasoning_share),
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let info;
+            (loss, info) = sft_step(&mut m, &mut opt, &batch, toy::PAD)?;
+            for note in opt.take_notes() {
+                log(&format!("pretrain step {step}: {note}"));
+            }
+            run.metrics(Some("pretrain"), step, &step_metrics(loss, &info))?;
+            if due(step, d.pretrain_steps) {
+                checkpoint(&run, "pretrain", step, &rng, &m, None, &opt, &rows)?;
+            }
+        }
+        log(&format!("base: pretrained {} steps, loss {loss:.3}", d.pretrain_steps));
+        save("base", &m, &teacher_json)?;
+        evaluate(&mut run, &mut rows, "base", &m)?;
+        base = Some(m);
     }
-    log(&format!("base: pretrained {} steps, loss {loss:.3}", d.pretrain_steps));
-    save("base", &base, &teacher_json)?;
-    rows.push(score_row("base", &base)?);
 
-    // 2. R1-Zero: pure RL from the base.
-    let mut zero = copy(&base)?;
-    grpo(&mut zero, d, &tok, d.grpo_steps, &mut rng, d.seed ^ 1)?;
-    save("r1-zero", &zero, &teacher_json)?;
-    rows.push(score_row("r1-zero", &zero)?);
-    log(&format!("r1-zero: pass@1 {:.3}", rows[1].eval.pass_at_1));
+    // 2. R1-Zero: pure RL from the base (the KL reference is the base).
+    if first <= 1 {
+        let mut opt = grpo_optimizer(d, d.grpo_steps);
+        let (mut zero, reference, start) = match take(1) {
+            Some(l) => {
+                let zero = place(l.model, &teacher_src)?;
+                let reference = place(l.reference.ok_or_else(|| missing("r1-zero's reference"))?, &teacher_src)?;
+                restore(&mut opt, &zero, l.moments, &l.state)?;
+                (zero, reference, l.state.step)
+            }
+            None => {
+                let b = base.take().ok_or_else(|| missing("the base"))?;
+                let zero = copy(&b)?;
+                if due(0, d.grpo_steps) {
+                    checkpoint(&run, "r1-zero", 0, &rng, &zero, Some(&b), &opt, &rows)?;
+                }
+                (zero, b, 0)
+            }
+        };
+        grpo_loop(
+            &mut zero,
+            &reference,
+            &mut opt,
+            d,
+            &tok,
+            (start, d.grpo_steps),
+            &mut rng,
+            d.seed ^ 1,
+            log,
+            &mut |s| {
+                run.metrics(Some("r1-zero"), s.step, s.metrics)?;
+                if due(s.step, d.grpo_steps) {
+                    checkpoint(&run, "r1-zero", s.step, s.rng, s.model, Some(&reference), s.opt, &rows)?;
+                }
+                Ok(())
+            },
+        )?;
+        save("r1-zero", &zero, &teacher_json)?;
+        evaluate(&mut run, &mut rows, "r1-zero", &zero)?;
+        log(&format!("r1-zero: pass@1 {:.3}", rows[rows.len() - 1].eval.pass_at_1));
+        // The reference is the base, which R1 starts from.
+        base = Some(reference);
+    }
 
     // 3. R1: cold start, reasoning RL, rejection sampling + SFT.
-    let cold: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.cold_start_traces)
-        .map(|_| {
-            let p = toy::problem(&mut rng, spec, false);
-            encode_pair(&tok, &p.prompt(), &p.reasoning())
-        })
-        .collect::<Result<_>>()?;
-    let mut r1 = copy(&base)?;
-    let l = sft(&mut r1, &cold, cfg.sft_steps, 32, 1e-3, &mut rng, log)?;
-    log(&format!("r1: cold-start SFT on {} traces, loss {l:.3}", cold.len()));
-    grpo(&mut r1, d, &tok, d.grpo_steps / 2, &mut rng, d.seed ^ 2)?;
-    let problems: Vec<Problem> = (0..cfg.rejection_prompts)
-        .map(|_| toy::problem(&mut rng, spec, false))
-        .collect();
-    let max_len = d.max_new_tokens;
-    let kept = rejection_sample(&r1, &tok, &problems, cfg.rejection_k, max_len, d.seed ^ 3, |text, p| {
-        toy::accuracy_reward(text, p) == 1.0 && toy::format_reward(text) == 1.0 && text.len() <= 4 * max_len
-    })?;
+    let cold_path = out.join("cold_start.jsonl");
+    let mut r1: Option<Policy> = None;
+    if first <= 2 {
+        let mut opt = sft_optimizer(1e-3, cfg.sft_steps);
+        let (mut m, cold, start) = match take(2) {
+            Some(l) => {
+                let m = place(l.model, &teacher_src)?;
+                restore(&mut opt, &m, l.moments, &l.state)?;
+                (m, read_pairs(&cold_path, &tok)?, l.state.step)
+            }
+            None => {
+                let texts: Vec<(String, String)> = (0..cfg.cold_start_traces)
+                    .map(|_| {
+                        let p = toy::problem(&mut rng, spec, false);
+                        (p.prompt(), p.reasoning())
+                    })
+                    .collect();
+                write_pairs(&cold_path, &texts)?;
+                let cold = texts
+                    .iter()
+                    .map(|(p, c)| encode_pair(&tok, p, c))
+                    .collect::<Result<Vec<_>>>()?;
+                let m = copy(base.as_ref().ok_or_else(|| missing("the base"))?)?;
+                if due(0, cfg.sft_steps) {
+                    checkpoint(&run, "cold-start", 0, &rng, &m, None, &opt, &rows)?;
+                }
+                (m, cold, 0)
+            }
+        };
+        base = None;
+        let l = sft_loop(
+            &mut m,
+            &mut opt,
+            &cold,
+            start,
+            cfg.sft_steps,
+            32,
+            &mut rng,
+            log,
+            &mut |s| {
+                run.metrics(Some("cold-start"), s.step, &step_metrics(s.loss, &s.info))?;
+                if due(s.step, cfg.sft_steps) {
+                    checkpoint(&run, "cold-start", s.step, s.rng, s.model, None, s.opt, &rows)?;
+                }
+                Ok(())
+            },
+        )?;
+        log(&format!("r1: cold-start SFT on {} traces, loss {l:.3}", cold.len()));
+        r1 = Some(m);
+    }
+    drop(base);
+    if first <= 3 {
+        let rl_steps = d.grpo_steps / 2;
+        let mut opt = grpo_optimizer(d, rl_steps);
+        let (mut m, reference, start) = match take(3) {
+            Some(l) => {
+                let m = place(l.model, &teacher_src)?;
+                let reference = place(l.reference.ok_or_else(|| missing("r1's reference"))?, &teacher_src)?;
+                restore(&mut opt, &m, l.moments, &l.state)?;
+                (m, reference, l.state.step)
+            }
+            None => {
+                let m = r1.take().ok_or_else(|| missing("r1 after its cold start"))?;
+                let reference = copy(&m)?;
+                if due(0, rl_steps) {
+                    checkpoint(&run, "r1-rl", 0, &rng, &m, Some(&reference), &opt, &rows)?;
+                }
+                (m, reference, 0)
+            }
+        };
+        grpo_loop(
+            &mut m,
+            &reference,
+            &mut opt,
+            d,
+            &tok,
+            (start, rl_steps),
+            &mut rng,
+            d.seed ^ 2,
+            log,
+            &mut |s| {
+                run.metrics(Some("r1-rl"), s.step, s.metrics)?;
+                if due(s.step, rl_steps) {
+                    checkpoint(&run, "r1-rl", s.step, s.rng, s.model, Some(&reference), s.opt, &rows)?;
+                }
+                Ok(())
+            },
+        )?;
+        r1 = Some(m);
+    }
     let sft_path = out.join("rejection_sampled.jsonl");
-    {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(&sft_path).map_err(io_err(&sft_path))?);
-        for (p, c) in &kept {
-            writeln!(w, "{}", serde_json::json!({"prompt": p, "completion": c})).map_err(io_err(&sft_path))?;
+    if first <= 4 {
+        let mut opt = sft_optimizer(3e-4, cfg.sft_steps);
+        let (mut m, data, start) = match take(4) {
+            Some(l) => {
+                let m = place(l.model, &teacher_src)?;
+                restore(&mut opt, &m, l.moments, &l.state)?;
+                (m, read_pairs(&sft_path, &tok)?, l.state.step)
+            }
+            None => {
+                let m = r1.take().ok_or_else(|| missing("r1 after its RL"))?;
+                let problems: Vec<Problem> = (0..cfg.rejection_prompts)
+                    .map(|_| toy::problem(&mut rng, spec, false))
+                    .collect();
+                let kept = rejection_sample(&m, &tok, &problems, cfg.rejection_k, max_len, d.seed ^ 3, |text, p| {
+                    toy::accuracy_reward(text, p) == 1.0 && toy::format_reward(text) == 1.0 && text.len() <= 4 * max_len
+                })?;
+                write_pairs(&sft_path, &kept)?;
+                log(&format!(
+                    "r1: rejection sampling kept {} of {}",
+                    kept.len(),
+                    problems.len() * cfg.rejection_k
+                ));
+                let data = kept
+                    .iter()
+                    .map(|(p, c)| encode_pair(&tok, p, c))
+                    .collect::<Result<Vec<_>>>()?;
+                if due(0, cfg.sft_steps) {
+                    checkpoint(&run, "r1-sft", 0, &rng, &m, None, &opt, &rows)?;
+                }
+                (m, data, 0)
+            }
+        };
+        if !data.is_empty() {
+            sft_loop(
+                &mut m,
+                &mut opt,
+                &data,
+                start,
+                cfg.sft_steps,
+                32,
+                &mut rng,
+                log,
+                &mut |s| {
+                    run.metrics(Some("r1-sft"), s.step, &step_metrics(s.loss, &s.info))?;
+                    if due(s.step, cfg.sft_steps) {
+                        checkpoint(&run, "r1-sft", s.step, s.rng, s.model, None, s.opt, &rows)?;
+                    }
+                    Ok(())
+                },
+            )?;
         }
-        w.flush().map_err(io_err(&sft_path))?;
+        save("r1", &m, &teacher_json)?;
+        evaluate(&mut run, &mut rows, "r1", &m)?;
+        log(&format!("r1: pass@1 {:.3}", rows[rows.len() - 1].eval.pass_at_1));
+        r1 = Some(m);
     }
-    log(&format!(
-        "r1: rejection sampling kept {} of {}",
-        kept.len(),
-        problems.len() * cfg.rejection_k
-    ));
-    let data: Vec<(Vec<u32>, Vec<u32>)> = kept
-        .iter()
-        .map(|(p, c)| encode_pair(&tok, p, c))
-        .collect::<Result<_>>()?;
-    if !data.is_empty() {
-        sft(&mut r1, &data, cfg.sft_steps, 32, 3e-4, &mut rng, log)?;
-    }
-    save("r1", &r1, &teacher_json)?;
-    rows.push(score_row("r1", &r1)?);
-    log(&format!("r1: pass@1 {:.3}", rows[2].eval.pass_at_1));
 
-    // 4. Distillation into a smaller dense student.
-    let teach_problems: Vec<Problem> = (0..cfg.rejection_prompts * 2)
-        .map(|_| toy::problem(&mut rng, spec, false))
-        .collect();
-    let traces = rejection_sample(&r1, &tok, &teach_problems, 2, max_len, d.seed ^ 4, |text, _| {
-        toy::format_reward(text) == 1.0
-    })?;
-    let sjson = cfg.student_json();
-    let scfg = ModelConfig::from_json_str(&sjson.to_string(), Path::new("<student config>"))?;
-    let mut student = place(Model::random(scfg, d.seed ^ 5, 0.02))?;
-    let sdata: Vec<(Vec<u32>, Vec<u32>)> = traces
-        .iter()
-        .map(|(p, c)| encode_pair(&tok, p, c))
-        .collect::<Result<_>>()?;
-    let l = sft(&mut student, &sdata, cfg.student_steps, 64, 3e-3, &mut rng, log)?;
+    // 4. Distillation into a smaller dense student, from R1's traces.
+    let traces_path = out.join("teacher_traces.jsonl");
+    let mut opt = sft_optimizer(3e-3, cfg.student_steps);
+    let (mut student, sdata, start) = match take(5) {
+        Some(l) => {
+            let m = place(l.model, &student_src)?;
+            restore(&mut opt, &m, l.moments, &l.state)?;
+            (m, read_pairs(&traces_path, &tok)?, l.state.step)
+        }
+        None => {
+            let teacher = r1.take().ok_or_else(|| missing("the R1 teacher"))?;
+            let teach_problems: Vec<Problem> = (0..cfg.rejection_prompts * 2)
+                .map(|_| toy::problem(&mut rng, spec, false))
+                .collect();
+            let traces = rejection_sample(&teacher, &tok, &teach_problems, 2, max_len, d.seed ^ 4, |text, _| {
+                toy::format_reward(text) == 1.0
+            })?;
+            drop(teacher);
+            write_pairs(&traces_path, &traces)?;
+            let scfg = ModelConfig::from_json_str(&sjson.to_string(), &student_src.join("config.json"))?;
+            let m = place(Model::random(scfg, d.seed ^ 5, 0.02), &student_src)?;
+            let sdata = traces
+                .iter()
+                .map(|(p, c)| encode_pair(&tok, p, c))
+                .collect::<Result<Vec<_>>>()?;
+            if due(0, cfg.student_steps) {
+                checkpoint(&run, "student", 0, &rng, &m, None, &opt, &rows)?;
+            }
+            (m, sdata, 0)
+        }
+    };
+    let l = sft_loop(
+        &mut student,
+        &mut opt,
+        &sdata,
+        start,
+        cfg.student_steps,
+        64,
+        &mut rng,
+        log,
+        &mut |s| {
+            run.metrics(Some("student"), s.step, &step_metrics(s.loss, &s.info))?;
+            if due(s.step, cfg.student_steps) {
+                checkpoint(&run, "student", s.step, s.rng, s.model, None, s.opt, &rows)?;
+            }
+            Ok(())
+        },
+    )?;
     log(&format!(
         "student: {} parameters, SFT on {} teacher traces, loss {l:.3}",
         student.num_params(),
         sdata.len()
     ));
     save("student", &student, &sjson)?;
-    rows.push(score_row("student", &student)?);
+    evaluate(&mut run, &mut rows, "student", &student)?;
 
+    run.plots(&[
+        (
+            "loss.png",
+            "SFT LOSS",
+            &[
+                ("PRETRAIN", Some("pretrain"), "loss"),
+                ("COLD START", Some("cold-start"), "loss"),
+                ("R1 SFT", Some("r1-sft"), "loss"),
+                ("STUDENT", Some("student"), "loss"),
+            ],
+        ),
+        (
+            "reward.png",
+            "GRPO REWARD",
+            &[("R1-ZERO", Some("r1-zero"), "reward"), ("R1", Some("r1-rl"), "reward")],
+        ),
+        (
+            "kl.png",
+            "KL TO THE STAGE START",
+            &[("R1-ZERO", Some("r1-zero"), "kl"), ("R1", Some("r1-rl"), "kl")],
+        ),
+        (
+            "eval.png",
+            "HELD-OUT: BASE R1-ZERO R1 STUDENT",
+            &[("PASS@1", Some("eval"), "pass@1"), ("CONS@K", Some("eval"), "cons@k")],
+        ),
+    ])?;
     let table = serde_json::json!({"rows": rows, "wall_s": t0.elapsed().as_secs_f64(), "eval_problems": test.len()});
     let tp = out.join("table.json");
     std::fs::write(&tp, serde_json::to_string_pretty(&table).unwrap_or_default()).map_err(io_err(&tp))?;

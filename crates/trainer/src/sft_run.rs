@@ -17,99 +17,18 @@ use aha_moe_model::{resolve_device, LoraConfig, Model, Policy, Precision, SaveDt
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
-use aha_sampler::chat::{self, ChatTemplate};
 use aha_sampler::{load_tokenizer, EngineConfig, SamplingParams, Tokenizer};
 use serde::Serialize;
 
+use crate::checkpoint::Loaded;
 use crate::data::read_math_jsonl;
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, MathEval};
-use crate::toy::{encode, Rng};
-
-/// How prompts are rendered: `none`, `r1-zero` or `chat`.
-pub struct Templater {
-    kind: String,
-    chat: Option<ChatTemplate>,
-    /// Extra variables of the chat template (`enable_thinking`, ...).
-    kwargs: Vec<(String, chat::Value)>,
-}
-
-impl Templater {
-    /// Loads the model folder's chat template when `kind` is `chat`.
-    pub fn new(kind: &str, model_dir: &Path) -> Result<Templater> {
-        if !["none", "r1-zero", "chat"].contains(&kind) {
-            return Err(Error::Other(format!(
-                "unknown template {kind:?}: none, r1-zero or chat"
-            )));
-        }
-        let chat = if kind == "chat" {
-            Some(ChatTemplate::load(model_dir)?)
-        } else {
-            None
-        };
-        Ok(Templater {
-            kind: kind.into(),
-            chat,
-            kwargs: Vec::new(),
-        })
-    }
-
-    /// Passes `kwargs` to the chat template as extra variables, as
-    /// transformers' `apply_chat_template(..., **kwargs)` does (TRL's
-    /// `chat_template_kwargs`, e.g. `enable_thinking = false` for Qwen3).
-    /// Only a `chat` template reads them; for the others they are an error.
-    pub fn with_kwargs(mut self, kwargs: &std::collections::BTreeMap<String, serde_json::Value>) -> Result<Templater> {
-        if kwargs.is_empty() {
-            return Ok(self);
-        }
-        if self.chat.is_none() {
-            return Err(Error::Other(format!(
-                "chat_template_kwargs need template = \"chat\" (template is {:?})",
-                self.kind
-            )));
-        }
-        for (k, v) in kwargs {
-            self.kwargs.push((k.clone(), chat::json_value(&v.to_string())?));
-        }
-        Ok(self)
-    }
-
-    /// The prompt text for a plain question.
-    pub fn prompt(&self, text: &str) -> Result<String> {
-        Ok(match (self.kind.as_str(), &self.chat) {
-            ("r1-zero", _) => chat::render_r1_zero(text),
-            ("chat", Some(t)) if self.kwargs.is_empty() => t.render_user_prompt(text)?,
-            ("chat", Some(t)) => {
-                let message = chat::Value::from_pairs([
-                    ("role", chat::Value::from("user")),
-                    ("content", chat::Value::from(text)),
-                ]);
-                let extra: Vec<(&str, chat::Value)> =
-                    self.kwargs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-                t.render(&chat::Value::from(vec![message]), true, &extra)?
-            }
-            _ => text.to_string(),
-        })
-    }
-
-    /// The prompt rendered and tokenized.
-    pub fn encode(&self, tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-        encode(tok, &self.prompt(text)?)
-    }
-
-    /// The prompt text for a conversation (the last message excluded), with
-    /// the generation prompt.
-    pub fn conversation(&self, messages: &serde_json::Value) -> Result<String> {
-        match &self.chat {
-            Some(t) => {
-                let extra: Vec<(&str, chat::Value)> =
-                    self.kwargs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-                Ok(t.render(&chat::json_value(&messages.to_string())?, true, &extra)?)
-            }
-            None => Err(Error::Other("`messages` lines need --template chat".into())),
-        }
-    }
-}
+use crate::pipeline::{sft_loop, sft_optimizer, step_metrics};
+use crate::rng::Rng;
+use crate::run_folder::{json_value, open_run, toml_value, LogCursor, RunLog};
+pub use crate::template::Templater;
+use crate::toy::encode;
 
 /// Reads SFT pairs as token ids (prompt, completion + EOS).
 pub fn read_sft_jsonl(
@@ -205,6 +124,19 @@ pub struct SftConfig {
     /// Set, only the adapters train and `out` receives the adapter in
     /// PEFT's format (`adapter_config.json`, `adapter_model.safetensors`).
     pub lora: Option<LoraConfig>,
+    /// Save a checkpoint (`out/checkpoints/`) every N steps for `--resume`
+    /// (default 0: none; TRL's `save_steps`).
+    pub save_every: usize,
+    /// Sample completions every N steps into `out/samples.jsonl` (default
+    /// 0: only after the last step).
+    pub sample_every: usize,
+    /// Prompts sampled each time: the first N examples of `data`, one
+    /// completion each at temperature 0.6, top-p 0.95 (the R1 report's
+    /// evaluation setting); default 4, 0 = no samples.
+    pub sample_prompts: usize,
+    /// Token limit of each sample (default 256; never past the model's
+    /// `max_position_embeddings`).
+    pub sample_max_tokens: usize,
 }
 
 impl Default for SftConfig {
@@ -222,6 +154,10 @@ impl Default for SftConfig {
             precision: "f32".into(),
             save_dtype: SaveDtype::Source,
             lora: None,
+            save_every: 0,
+            sample_every: 0,
+            sample_prompts: 4,
+            sample_max_tokens: 256,
         }
     }
 }
@@ -258,29 +194,25 @@ impl SftConfig {
     }
 }
 
-/// Runs [`run_sft`] from a config and writes the resolved config to
-/// `out/sft_config.toml`; returns the last loss. Progress goes to `log`
-/// (see [`run_sft_logged`]).
+/// Runs [`run_sft`] from a config into the run folder `out` (see
+/// [`run_sft_config_with`]); returns the last loss.
 pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64> {
+    run_sft_config_with(cfg, false, log)
+}
+
+/// Runs SFT from a config; `out` is both the fine-tuned model (HF layout)
+/// and the run folder: `sft_config.toml` (the resolved config; a resume
+/// with another one is refused naming the first key that differs),
+/// `metrics.jsonl` (`step`, `loss`, `grad_norm`, `learning_rate`, `epoch`
+/// a step), TensorBoard events beside it, `samples.jsonl`, `plots/*.png`
+/// and, with `save_every`, `checkpoints/`. With `resume`, continues from
+/// the latest checkpoint bit for bit (weights, optimizer moments, the data
+/// RNG, the step). Progress goes to `log` (see [`run_sft_logged`]).
+pub fn run_sft_config_with(cfg: &SftConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Result<f64> {
     cfg.validate()?;
-    let loss = run_sft_logged(
-        &cfg.model,
-        &cfg.data,
-        &cfg.out,
-        &cfg.template,
-        cfg.steps,
-        cfg.batch,
-        cfg.learning_rate,
-        cfg.seed,
-        (&cfg.device, cfg.precision.parse()?),
-        cfg.save_dtype,
-        log,
-        cfg.lora.as_ref(),
-    )?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
-    let p = cfg.out.join("sft_config.toml");
-    std::fs::write(&p, text).map_err(io_err(&p))?;
-    Ok(loss)
+    let loaded = open_run(&cfg.out, "sft_config.toml", &text, &toml_value, &["out"], resume, log)?;
+    Ok(sft_in_folder(cfg, &cfg.out, &cfg.out, loaded, log)?.0)
 }
 
 /// Fine-tunes `model_dir` on `data` and saves to `out`; returns the last loss.
@@ -321,7 +253,8 @@ pub fn run_sft(
 /// [`run_sft`], reporting to `log`: the device and memory plan first, then
 /// one `step i/n sft loss x` line a step. With `lora`, adapters are added
 /// (seeded by `seed`), only they train and `out` receives the adapter in
-/// PEFT's format.
+/// PEFT's format. `out` also gets the run folder's logs (metrics, events,
+/// samples, plots; no checkpoints).
 #[allow(clippy::too_many_arguments)]
 pub fn run_sft_logged(
     model_dir: &Path,
@@ -337,23 +270,139 @@ pub fn run_sft_logged(
     log: &mut dyn FnMut(&str),
     lora: Option<&LoraConfig>,
 ) -> Result<f64> {
-    let has_weights =
-        model_dir.join("model.safetensors").is_file() || model_dir.join("model.safetensors.index.json").is_file();
-    let model = if has_weights {
-        Model::load(model_dir)?
-    } else {
-        let mut m = Model::random(aha_moe_model::ModelConfig::from_path(model_dir)?, seed, 0.02);
-        m.source_dir = Some(model_dir.to_path_buf());
-        m
+    let cfg = SftConfig {
+        model: model_dir.to_path_buf(),
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        template: template.into(),
+        steps,
+        batch,
+        learning_rate: lr,
+        seed,
+        device: device.into(),
+        precision: precision.to_string(),
+        save_dtype,
+        lora: lora.cloned(),
+        ..SftConfig::default()
     };
-    let model = match lora {
-        Some(l) => model.with_lora(l, seed)?,
-        None => model,
+    Ok(sft_in_folder(&cfg, out, out, None, log)?.0)
+}
+
+/// The reference answer of each SFT line that has one (`answer` or `gold`,
+/// a string or a number), in the order [`read_sft_jsonl`] returns them.
+fn sft_golds(path: &Path, n: usize) -> Result<Vec<Option<String>>> {
+    Ok(crate::data::read_jsonl(path)?
+        .into_iter()
+        .take(n)
+        .map(|(_, v)| {
+            ["answer", "gold"].iter().find_map(|k| match v.get(*k)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Number(x) => Some(x.to_string()),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+/// What an SFT run samples: the first examples' prompts, their reference
+/// answers where the data has them, and the token limit.
+struct SamplePlan {
+    prompts: Vec<Vec<u32>>,
+    golds: Vec<Option<String>>,
+    max_new: usize,
+    seed: u64,
+}
+
+impl SamplePlan {
+    /// One completion per prompt from `policy`, written to `run`'s
+    /// `samples.jsonl` with `step`; where a reference answer exists, each
+    /// line gets the R1 rule rewards `accuracy` (math verification) and
+    /// `format` (`<think>...</think> <answer>...</answer>`), whose means go
+    /// into `m` as `samples/accuracy` and `samples/format`.
+    fn write(
+        &self,
+        policy: &Policy,
+        tok: &Tokenizer,
+        step: usize,
+        run: &mut RunLog,
+        m: &mut aha_grpo::Metrics,
+    ) -> Result<()> {
+        if self.prompts.is_empty() || self.max_new == 0 {
+            return Ok(());
+        }
+        let engine = aha_sampler::Sampler::new(policy, Some(tok), EngineConfig::default(), &[])?;
+        let params = SamplingParams {
+            temperature: 0.6,
+            top_p: 0.95,
+            max_new_tokens: self.max_new,
+            seed: self.seed,
+            ..SamplingParams::default()
+        };
+        let (completions, _) = engine.generate(&self.prompts, 1, &params)?;
+        let (mut acc, mut fmt, mut scored) = (0.0, 0.0, 0usize);
+        for c in &completions {
+            let prompt = aha_sampler::decode(tok, &self.prompts[c.prompt_index])?;
+            let mut line = serde_json::json!({
+                "step": step, "prompt": prompt, "completion": c.text,
+                "tokens": c.token_ids.len(),
+            });
+            if let Some(Some(gold)) = self.golds.get(c.prompt_index) {
+                let a = verify(gold, &c.text, &MathConfig::default()).score;
+                let f = f64::from(u8::from(check_format(&c.text, &FormatConfig::default()).is_ok()));
+                line["answer"] = gold.as_str().into();
+                line["accuracy"] = a.into();
+                line["format"] = f.into();
+                (acc, fmt, scored) = (acc + a, fmt + f, scored + 1);
+            }
+            run.sample(&line)?;
+        }
+        if scored > 0 {
+            m.insert("samples/accuracy".into(), acc / scored as f64);
+            m.insert("samples/format".into(), fmt / scored as f64);
+        }
+        Ok(())
+    }
+}
+
+/// SFT as `cfg` says, saving the model to `model_out` and the logs and
+/// checkpoints to the run folder `dir`; continues from `loaded` when given.
+/// Returns the last loss and the open logs.
+fn sft_in_folder(
+    cfg: &SftConfig,
+    model_out: &Path,
+    dir: &Path,
+    loaded: Option<Loaded>,
+    log: &mut dyn FnMut(&str),
+) -> Result<(f64, RunLog)> {
+    let precision: Precision = cfg.precision.parse()?;
+    let (model_dir, data, seed, batch) = (&cfg.model, &cfg.data, cfg.seed, cfg.batch);
+    let (model, resumed) = match loaded {
+        Some(l) => {
+            let mut m = l.model;
+            m.source_dir = Some(model_dir.clone());
+            (m, Some((l.state, l.moments)))
+        }
+        None => {
+            let has_weights = model_dir.join("model.safetensors").is_file()
+                || model_dir.join("model.safetensors.index.json").is_file();
+            let model = if has_weights {
+                Model::load(model_dir)?
+            } else {
+                let mut m = Model::random(aha_moe_model::ModelConfig::from_path(model_dir)?, seed, 0.02);
+                m.source_dir = Some(model_dir.to_path_buf());
+                m
+            };
+            let model = match &cfg.lora {
+                Some(l) => model.with_lora(l, seed)?,
+                None => model,
+            };
+            (model, None)
+        }
     };
     // The device first: a wrong --device fails before any data is read.
-    let dev = resolve_device(device, &model.config, precision)?;
+    let dev = resolve_device(&cfg.device, &model.config, precision)?;
     let tok = load_tokenizer(model_dir)?;
-    let t = Templater::new(template, model_dir)?;
+    let t = Templater::new(&cfg.template, model_dir)?;
     let examples = read_sft_jsonl(data, &tok, &t, model.config.eos_token_ids.first().copied())?;
     let max_pos = model.config.max_position_embeddings;
     if let Some((i, e)) = examples
@@ -368,7 +417,15 @@ pub fn run_sft_logged(
             e.0.len() + e.1.len()
         )));
     }
-    let mut rng = Rng::new(seed);
+    let n_samples = cfg.sample_prompts.min(examples.len());
+    let prompts: Vec<Vec<u32>> = examples[..n_samples].iter().map(|e| e.0.clone()).collect();
+    let longest_prompt = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let samples = SamplePlan {
+        golds: sft_golds(data, n_samples)?,
+        prompts,
+        max_new: cfg.sample_max_tokens.min(max_pos.saturating_sub(longest_prompt)),
+        seed,
+    };
     let longest = examples.iter().map(|e| e.0.len() + e.1.len()).max().unwrap_or(0);
     let plan = memory_plan(
         &model.config,
@@ -384,16 +441,70 @@ pub fn run_sft_logged(
     log(&format!("sft: model on {dev} ({precision}); memory plan: {plan}"));
     check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
-    let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng, log)?;
+    let mut opt = sft_optimizer(cfg.learning_rate, cfg.steps);
+    let (mut rng, start, cursor) = match resumed {
+        Some((st, moments)) => {
+            opt.restore(&policy, moments.0, moments.1, st.opt_step, st.opt_bad)?;
+            (Rng::from_state(st.rng), st.step, Some(LogCursor::of(&st)))
+        }
+        None => (Rng::new(seed), 0, None),
+    };
+    let mut run = RunLog::open(dir, cursor)?;
+    let n = examples.len();
+    let loss = sft_loop(
+        &mut policy,
+        &mut opt,
+        &examples,
+        start,
+        cfg.steps,
+        batch,
+        &mut rng,
+        log,
+        &mut |s| {
+            let mut m = step_metrics(s.loss, &s.info);
+            // Examples drawn so far over the set's size (TRL's `epoch`).
+            m.insert("epoch".into(), (s.step * batch) as f64 / n as f64);
+            if (cfg.sample_every > 0 && s.step.is_multiple_of(cfg.sample_every)) || s.step == cfg.steps {
+                samples.write(s.model, &tok, s.step, &mut run, &mut m)?;
+            }
+            run.metrics(None, s.step, &m)?;
+            if cfg.save_every > 0 && s.step.is_multiple_of(cfg.save_every) && s.step < cfg.steps {
+                run.checkpoint(
+                    &format!("step-{:06}", s.step),
+                    "sft",
+                    s.step,
+                    s.rng,
+                    s.model,
+                    None,
+                    s.opt,
+                    serde_json::Map::new(),
+                )?;
+            }
+            Ok(())
+        },
+    )?;
+    run.plots(&[
+        ("loss.png", "SFT LOSS", &[("LOSS", None, "loss")]),
+        ("grad_norm.png", "GRADIENT NORM", &[("GRAD NORM", None, "grad_norm")]),
+        ("learning_rate.png", "LEARNING RATE", &[("LR", None, "learning_rate")]),
+        (
+            "samples.png",
+            "SAMPLED COMPLETIONS",
+            &[
+                ("ACCURACY", None, "samples/accuracy"),
+                ("FORMAT", None, "samples/format"),
+            ],
+        ),
+    ])?;
     policy.save_as(
-        out,
+        model_out,
         &SaveOptions {
-            dtype: save_dtype,
+            dtype: cfg.save_dtype,
             max_shard_bytes: 4 << 30,
             ..SaveOptions::default()
         },
     )?;
-    Ok(loss)
+    Ok((loss, run))
 }
 
 /// Options of rejection sampling.
@@ -523,10 +634,36 @@ pub struct DistillReport {
     pub student_dir: PathBuf,
 }
 
+/// How `aha distill` saves, resumes and samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DistillRun {
+    /// Continue from `out/checkpoints/latest` (the student's SFT step); the
+    /// teacher's traces of the interrupted run are kept, not sampled again.
+    pub resume: bool,
+    /// Save a checkpoint every N steps of the student's SFT (0: none).
+    pub save_every: usize,
+    /// Sample the student every N steps into `samples.jsonl` (0: only after
+    /// the last step).
+    pub sample_every: usize,
+    /// Prompts sampled each time (the first traces' prompts; 0: none).
+    pub sample_prompts: usize,
+}
+
+impl Default for DistillRun {
+    fn default() -> DistillRun {
+        DistillRun {
+            resume: false,
+            save_every: 0,
+            sample_every: 0,
+            sample_prompts: 4,
+        }
+    }
+}
+
 /// Teacher writes (rejection-sampled) traces for `train`; the student (a
 /// model folder, e.g. a smaller dense one) learns them by SFT; both are
 /// evaluated on `test` (pass@1 over `k_eval` samples at temperature 0.6).
-/// The student is saved in `save_dtype`.
+/// The student is saved in `save_dtype`. See [`run_distill_with`].
 #[allow(clippy::too_many_arguments)]
 pub fn run_distill(
     teacher_dir: &Path,
@@ -543,34 +680,106 @@ pub fn run_distill(
     save_dtype: SaveDtype,
     log: &mut dyn FnMut(&str),
 ) -> Result<DistillReport> {
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    run_distill_with(
+        teacher_dir,
+        student_dir,
+        train,
+        test,
+        template,
+        o,
+        steps,
+        lr,
+        k_eval,
+        out,
+        device,
+        save_dtype,
+        DistillRun::default(),
+        log,
+    )
+}
+
+/// [`run_distill`] into the run folder `out`: `distill_config.json` (every
+/// setting; a resume with another is refused naming the first key that
+/// differs), `teacher_traces.jsonl`, the student's SFT logs as `aha sft`
+/// writes them (`metrics.jsonl`, TensorBoard events, `samples.jsonl` with
+/// the R1 rule rewards of each sample against the trace's answer,
+/// `plots/`), a `phase` `eval` line per model in `metrics.jsonl`,
+/// `student/` and, with `run.save_every`, `checkpoints/`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_distill_with(
+    teacher_dir: &Path,
+    student_dir: &Path,
+    train: &Path,
+    test: &Path,
+    template: &str,
+    o: &RejectionOptions,
+    steps: usize,
+    lr: f64,
+    k_eval: usize,
+    out: &Path,
+    device: (&str, Precision),
+    save_dtype: SaveDtype,
+    run: DistillRun,
+    log: &mut dyn FnMut(&str),
+) -> Result<DistillReport> {
+    let settings = serde_json::json!({
+        "teacher": teacher_dir, "student": student_dir, "train": train, "test": test,
+        "template": template, "k": o.k, "max_new_tokens": o.max_new_tokens,
+        "min_chars": o.min_chars, "max_chars": o.max_chars, "language": o.language,
+        "min_language_share": o.min_language_share, "temperature": o.temperature, "seed": o.seed,
+        "steps": steps, "batch": 32, "lr": lr, "k_eval": k_eval,
+        "device": device.0, "precision": device.1.to_string(), "save_dtype": save_dtype,
+        "save_every": run.save_every, "sample_every": run.sample_every, "sample_prompts": run.sample_prompts,
+    });
+    let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
+    let loaded = open_run(out, "distill_config.json", &text, &json_value, &[], run.resume, log)?;
     let traces_path = out.join("teacher_traces.jsonl");
-    log("distill: the teacher samples its traces");
-    let stats = run_rejection_sampling(teacher_dir, train, template, o, &traces_path)?;
-    log(&format!(
-        "distill: kept {} of {} traces ({} prompts covered)",
-        stats.kept, stats.sampled, stats.prompts_covered
-    ));
-    if stats.kept == 0 {
+    let traces = match &loaded {
+        // Written whole before the first checkpoint was taken.
+        Some(_) => {
+            let n = std::fs::read_to_string(&traces_path)
+                .map_err(io_err(&traces_path))?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .count();
+            log(&format!("distill: {n} teacher traces from {}", traces_path.display()));
+            n
+        }
+        None => {
+            log("distill: the teacher samples its traces");
+            let stats = run_rejection_sampling(teacher_dir, train, template, o, &traces_path)?;
+            log(&format!(
+                "distill: kept {} of {} traces ({} prompts covered)",
+                stats.kept, stats.sampled, stats.prompts_covered
+            ));
+            stats.kept
+        }
+    };
+    if traces == 0 {
         return Err(Error::Other(
             "the teacher's traces were all rejected: nothing to distil".into(),
         ));
     }
     let sdir = out.join("student");
-    run_sft_logged(
-        student_dir,
-        &traces_path,
-        &sdir,
-        template,
+    let cfg = SftConfig {
+        model: student_dir.to_path_buf(),
+        data: traces_path.clone(),
+        out: sdir.clone(),
+        template: template.into(),
         steps,
-        32,
-        lr,
-        o.seed,
-        device,
+        batch: 32,
+        learning_rate: lr,
+        seed: o.seed,
+        device: device.0.into(),
+        precision: device.1.to_string(),
         save_dtype,
-        log,
-        None,
-    )?;
+        lora: None,
+        save_every: run.save_every,
+        sample_every: run.sample_every,
+        sample_prompts: run.sample_prompts,
+        ..SftConfig::default()
+    };
+    let (_, mut logs) = sft_in_folder(&cfg, &sdir, out, loaded, log)?;
     log("distill: evaluating the teacher and the student");
     let score = |dir: &Path| -> Result<MathEval> {
         let m = Model::load(dir)?;
@@ -591,10 +800,27 @@ pub fn run_distill(
         };
         Ok(evaluate_math(&m, &tok, &prompts, &golds, k_eval, &params)?.0)
     };
-    Ok(DistillReport {
-        traces: stats.kept,
+    let report = DistillReport {
+        traces,
         teacher: score(teacher_dir)?,
         student: score(&sdir)?,
         student_dir: sdir,
-    })
+    };
+    for (i, (name, e)) in [("teacher", &report.teacher), ("student", &report.student)]
+        .into_iter()
+        .enumerate()
+    {
+        let m: aha_grpo::Metrics = [
+            ("pass@1", e.pass_at_1),
+            ("pass@k", e.pass_at_k),
+            ("cons@k", e.cons_at_k),
+            ("no_answer", e.no_answer),
+            ("mean_length", e.mean_length),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        logs.metrics_labelled(Some("eval"), i, &[("model", name)], &m)?;
+    }
+    Ok(report)
 }

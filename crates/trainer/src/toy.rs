@@ -27,11 +27,11 @@ use std::str::FromStr;
 
 use aha_rewards::format::{check_format, FormatConfig, FormatReward, FormatStyle};
 use aha_rewards::{Example, Outcome, Reward, Status, WeightedSum};
-use aha_tensor::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+pub use crate::rng::Rng;
 
 /// Special tokens, in id order.
 pub const SPECIALS: [&str; 6] = ["<pad>", "<eos>", "<think>", "</think>", "<answer>", "</answer>"];
@@ -321,37 +321,6 @@ impl Problem {
         (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503) ^ z.wrapping_mul(97_531)).wrapping_mul(2_246_822_519)
             % 10
             == 0
-    }
-}
-
-/// The task's data generator: splitmix64 with a seed of its own.
-#[derive(Debug, Clone)]
-pub struct Rng(SplitMix64);
-
-impl Rng {
-    /// Seeded stream.
-    pub fn new(seed: u64) -> Rng {
-        Rng(SplitMix64(seed ^ 0x51_7cc1_b727_220a))
-    }
-    /// The generator's state, for checkpoints.
-    pub fn state(&self) -> u64 {
-        self.0 .0
-    }
-    /// A generator continuing from a saved [`Rng::state`].
-    pub fn from_state(state: u64) -> Rng {
-        Rng(SplitMix64(state))
-    }
-    /// Next 64 bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0.next_u64()
-    }
-    /// Uniform below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.0.below(n)
-    }
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        self.0.unit()
     }
 }
 
