@@ -9,11 +9,24 @@
 //! | xe, ye | [M = N*K, C], token rows grouped by expert (`offsets[e]..offsets[e+1]`) |
 
 use aha_tensor::cpu::{self, Gemm};
+use aha_tensor::profile::{self, Phase};
 
 use crate::config::{MoeConfig, Router};
 use crate::error::Result;
 use crate::linear::{linear_bwd, linear_fwd};
 use crate::params::{MlpSlots, Slot};
+
+/// `a = silu(g) * u`, profiled as an activation.
+fn swiglu(a: &mut [f32], g: &[f32], u: &[f32]) -> Result<()> {
+    let _prof = profile::scope(Phase::Activation);
+    Ok(cpu::swiglu(a, g, u)?)
+}
+
+/// Backward of [`swiglu`], profiled as an activation.
+fn swiglu_backward(dg: &mut [f32], du: &mut [f32], da: &[f32], g: &[f32], u: &[f32]) -> Result<()> {
+    let _prof = profile::scope(Phase::Activation);
+    Ok(cpu::swiglu_backward(dg, du, da, g, u)?)
+}
 
 /// Saved by a SwiGLU MLP's forward.
 pub(crate) struct MlpActs {
@@ -24,13 +37,14 @@ pub(crate) struct MlpActs {
 
 /// SwiGLU MLP over `n` rows: `down(silu(gate x) * up x)`.
 pub(crate) fn mlp_fwd(p: &[f32], s: &MlpSlots, x: &[f32], n: usize) -> Result<(Vec<f32>, MlpActs)> {
+    let _prof = profile::scope(Phase::Mlp);
     let f = s.gate.out;
     let mut g = vec![0f32; n * f];
     let mut u = vec![0f32; n * f];
     linear_fwd(&mut g, x, p, &s.gate, n)?;
     linear_fwd(&mut u, x, p, &s.up, n)?;
     let mut a = vec![0f32; n * f];
-    cpu::swiglu(&mut a, &g, &u)?;
+    swiglu(&mut a, &g, &u)?;
     let mut y = vec![0f32; n * s.down.out];
     linear_fwd(&mut y, &a, p, &s.down, n)?;
     Ok((y, MlpActs { g, u, a }))
@@ -47,11 +61,12 @@ pub(crate) fn mlp_bwd(
     n: usize,
     dx: &mut [f32],
 ) -> Result<()> {
+    let _prof = profile::scope(Phase::Mlp);
     let f = s.gate.out;
     let mut da = vec![0f32; n * f];
     linear_bwd(Some(&mut da), gr, dy, &acts.a, p, &s.down, n)?;
     let (mut dg, mut du) = (vec![0f32; n * f], vec![0f32; n * f]);
-    cpu::swiglu_backward(&mut dg, &mut du, &da, &acts.g, &acts.u)?;
+    swiglu_backward(&mut dg, &mut du, &da, &acts.g, &acts.u)?;
     linear_bwd(Some(&mut *dx), gr, &dg, x, p, &s.gate, n)?;
     linear_bwd(Some(dx), gr, &du, x, p, &s.up, n)?;
     Ok(())
@@ -178,6 +193,7 @@ pub(crate) fn moe_fwd(
     n: usize,
     c: usize,
 ) -> Result<(Vec<f32>, MoeActs)> {
+    let _prof = profile::scope(Phase::Routing);
     let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_dim);
     let mut logits = vec![0f32; n * e];
     cpu::matmul(&mut logits, x, router.of(p), Gemm::new(n, c, e).tb())?;
@@ -205,6 +221,7 @@ pub(crate) fn moe_fwd(
     for (row, &tok) in perm.iter().enumerate() {
         xe[row * c..(row + 1) * c].copy_from_slice(&x[tok as usize * c..(tok as usize + 1) * c]);
     }
+    let experts_prof = profile::scope(Phase::Experts);
     let (mut ge, mut ue, mut ae, mut ye) = (
         vec![0f32; m * f],
         vec![0f32; m * f],
@@ -220,9 +237,10 @@ pub(crate) fn moe_fwd(
         let xr = &xe[r0 * c..r1 * c];
         linear_fwd(&mut ge[r0 * f..r1 * f], xr, p, &s.gate, rows)?;
         linear_fwd(&mut ue[r0 * f..r1 * f], xr, p, &s.up, rows)?;
-        cpu::swiglu(&mut ae[r0 * f..r1 * f], &ge[r0 * f..r1 * f], &ue[r0 * f..r1 * f])?;
+        swiglu(&mut ae[r0 * f..r1 * f], &ge[r0 * f..r1 * f], &ue[r0 * f..r1 * f])?;
         linear_fwd(&mut ye[r0 * c..r1 * c], &ae[r0 * f..r1 * f], p, &s.down, rows)?;
     }
+    drop(experts_prof);
     let mut y = vec![0f32; n * c];
     for (row, (&tok, &sl)) in perm.iter().zip(&slot).enumerate() {
         let wt = w[tok as usize * k + sl as usize];
@@ -278,6 +296,7 @@ pub(crate) fn moe_bwd(
     c: usize,
     dx: &mut [f32],
 ) -> Result<()> {
+    let _prof = profile::scope(Phase::Routing);
     let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_dim);
     let m = n * k;
     // d routing weight of each (token, slot) = dy[token] . ye[row]; dye = w dy[token].
@@ -293,6 +312,7 @@ pub(crate) fn moe_bwd(
             *d = wt * gv;
         }
     }
+    let experts_prof = profile::scope(Phase::Experts);
     let mut dxe = vec![0f32; m * c];
     for (j, s) in experts.iter().enumerate() {
         let (r0, r1) = (a.offsets[j], a.offsets[j + 1]);
@@ -311,11 +331,12 @@ pub(crate) fn moe_bwd(
             rows,
         )?;
         let (mut dg, mut du) = (vec![0f32; rows * f], vec![0f32; rows * f]);
-        cpu::swiglu_backward(&mut dg, &mut du, &da, &a.ge[r0 * f..r1 * f], &a.ue[r0 * f..r1 * f])?;
+        swiglu_backward(&mut dg, &mut du, &da, &a.ge[r0 * f..r1 * f], &a.ue[r0 * f..r1 * f])?;
         let xr = &a.xe[r0 * c..r1 * c];
         linear_bwd(Some(&mut dxe[r0 * c..r1 * c]), gr, &dg, xr, p, &s.gate, rows)?;
         linear_bwd(Some(&mut dxe[r0 * c..r1 * c]), gr, &du, xr, p, &s.up, rows)?;
     }
+    drop(experts_prof);
     for (row, &tok) in a.perm.iter().enumerate() {
         for (d, &v) in dx[tok as usize * c..(tok as usize + 1) * c]
             .iter_mut()

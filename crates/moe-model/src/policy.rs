@@ -23,6 +23,7 @@ use std::str::FromStr;
 
 use aha_cuda_kernels::launch::AdamwScalars;
 use aha_tensor::cpu::{self, AdamW, LmHeadShape};
+use aha_tensor::profile::{self, Phase};
 use aha_tensor::{Device, Tensor};
 
 use crate::config::ModelConfig;
@@ -561,6 +562,7 @@ impl Policy {
     pub fn optimizer_step(&mut self, moments: &mut Moments, h: &AdamW, t: u64, max_grad_norm: f64) -> Result<f64> {
         match (&mut self.inner, moments) {
             (Inner::Cpu { model, grads }, Moments::Cpu { m, v }) => {
+                let _prof = profile::scope(Phase::Optimizer);
                 let tr = model.layout.trainable;
                 if grads.len() != model.params.len() {
                     return Err(input_err("optimizer_step", "no gradients: run a backward first"));
@@ -647,6 +649,7 @@ fn gather_rows(hidden: &[f32], rows: &[u32], n: usize, c: usize) -> Result<Vec<f
 }
 
 fn cpu_score(model: &Model, a: &Activations, rows: &[u32], targets: &[u32], temperature: f32) -> Result<Scores> {
+    let _prof = profile::scope(Phase::LmHead);
     let (c, v) = (model.config.hidden_size, model.config.vocab_size);
     let n = rows.len();
     if targets.len() != n {
@@ -715,6 +718,7 @@ fn cpu_backward(
             format!("gradients for {} rows, {nr} scored", dlogp.len()),
         ));
     }
+    let prof = profile::scope(Phase::LmHead);
     let total = a.hidden.len() / c.max(1);
     let mut dh_rows = vec![0f32; nr * c];
     if nr > 0 {
@@ -754,5 +758,6 @@ fn cpu_backward(
             *d += x;
         }
     }
+    drop(prof);
     model.backward_from_hidden(a, &dh, aux_coef, grads)
 }

@@ -75,6 +75,7 @@ pub fn matmul_batched<F: Real>(out: &mut [F], a: &[F], b: &[F], batch: usize, g:
     }
     let Gemm { m, k, n, .. } = g;
     let flops = m * n * k;
+    crate::profile::add_flops(2 * (flops * batch) as u64);
     let threads = rayon::current_num_threads();
     if batch > 1 && flops < PARALLEL_MIN_FLOPS * 4 && threads > 1 {
         // Many small products: one per task, each single-threaded.
