@@ -10,6 +10,7 @@
 
 use aha_tensor::cpu::{self, Gemm};
 use aha_tensor::profile::{self, Phase};
+use rayon::prelude::*;
 
 use crate::config::{MoeConfig, Router};
 use crate::error::Result;
@@ -228,18 +229,32 @@ pub(crate) fn moe_fwd(
         vec![0f32; m * f],
         vec![0f32; m * c],
     );
-    for (j, s) in experts.iter().enumerate() {
-        let (r0, r1) = (offsets[j], offsets[j + 1]);
-        if r0 == r1 {
-            continue;
-        }
-        let rows = r1 - r0;
-        let xr = &xe[r0 * c..r1 * c];
-        linear_fwd(&mut ge[r0 * f..r1 * f], xr, p, &s.gate, rows)?;
-        linear_fwd(&mut ue[r0 * f..r1 * f], xr, p, &s.up, rows)?;
-        swiglu(&mut ae[r0 * f..r1 * f], &ge[r0 * f..r1 * f], &ue[r0 * f..r1 * f])?;
-        linear_fwd(&mut ye[r0 * c..r1 * c], &ae[r0 * f..r1 * f], p, &s.down, rows)?;
-    }
+    // One task per expert, each product on one thread: the experts' small
+    // products ([~N K / E, C] x [C, F]) run side by side instead of each
+    // being split across the cores.
+    let tasks: Vec<_> = experts
+        .iter()
+        .zip(split_rows(&mut ge, &offsets, f))
+        .zip(split_rows(&mut ue, &offsets, f))
+        .zip(split_rows(&mut ae, &offsets, f))
+        .zip(split_rows(&mut ye, &offsets, c))
+        .enumerate()
+        .filter(|(j, _)| offsets[j + 1] > offsets[*j])
+        .collect();
+    // Products on pool threads count nowhere by themselves: 3 of [M, C] x [C, F].
+    profile::add_flops(6 * (m * c * f) as u64);
+    tasks
+        .into_par_iter()
+        .map(|(j, ((((s, g), u), a), y))| {
+            let (r0, r1) = (offsets[j], offsets[j + 1]);
+            let rows = r1 - r0;
+            let xr = &xe[r0 * c..r1 * c];
+            linear_fwd(g, xr, p, &s.gate, rows)?;
+            linear_fwd(u, xr, p, &s.up, rows)?;
+            cpu::swiglu(a, g, u)?;
+            linear_fwd(y, a, p, &s.down, rows)
+        })
+        .collect::<Result<Vec<()>>>()?;
     drop(experts_prof);
     let mut y = vec![0f32; n * c];
     for (row, (&tok, &sl)) in perm.iter().zip(&slot).enumerate() {
@@ -280,6 +295,77 @@ pub(crate) fn moe_fwd(
     ))
 }
 
+/// `buf` cut into one slice per expert: rows `offsets[j]..offsets[j + 1]`
+/// of `width` elements.
+fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
+    for w in offsets.windows(2) {
+        let (a, b) = std::mem::take(&mut buf).split_at_mut((w[1] - w[0]) * width);
+        out.push(a);
+        buf = b;
+    }
+    out
+}
+
+/// The routed experts' backward without adapters or biases, one task per expert
+/// with single-threaded products: `dxe` (assigned per expert's rows) and
+/// each expert's weight gradients, computed into task-local buffers and
+/// then added into `gr` (the tasks cannot share `gr`).
+#[allow(clippy::too_many_arguments)]
+fn experts_bwd_parallel(
+    p: &[f32],
+    gr: &mut [f32],
+    experts: &[MlpSlots],
+    a: &MoeActs,
+    dye: &[f32],
+    dxe: &mut [f32],
+    c: usize,
+    f: usize,
+) -> Result<()> {
+    let off = &a.offsets;
+    // dA, dX (two) and the three weight gradients: 6 of [M, C] x [C, F].
+    profile::add_flops(12 * (off.last().copied().unwrap_or(0) * c * f) as u64);
+    let tasks: Vec<_> = experts
+        .iter()
+        .zip(split_rows(dxe, off, c))
+        .enumerate()
+        .filter(|(j, _)| off[j + 1] > off[*j])
+        .collect();
+    type Wgrads = (usize, Vec<f32>, Vec<f32>, Vec<f32>);
+    let grads: Vec<Wgrads> = tasks
+        .into_par_iter()
+        .map(|(j, (s, dx))| {
+            let (r0, r1) = (off[j], off[j + 1]);
+            let rows = r1 - r0;
+            let (dy, xr) = (&dye[r0 * c..r1 * c], &a.xe[r0 * c..r1 * c]);
+            let (g, u, act) = (&a.ge[r0 * f..r1 * f], &a.ue[r0 * f..r1 * f], &a.ae[r0 * f..r1 * f]);
+            let mut da = vec![0f32; rows * f];
+            cpu::matmul(&mut da, dy, s.down.w.of(p), Gemm::new(rows, c, f))?;
+            let (mut dg, mut du) = (vec![0f32; rows * f], vec![0f32; rows * f]);
+            cpu::swiglu_backward(&mut dg, &mut du, &da, g, u)?;
+            cpu::matmul(dx, &dg, s.gate.w.of(p), Gemm::new(rows, f, c))?;
+            cpu::matmul(dx, &du, s.up.w.of(p), Gemm::new(rows, f, c).acc())?;
+            let (mut dw_down, mut dw_gate, mut dw_up) = (vec![0f32; c * f], vec![0f32; f * c], vec![0f32; f * c]);
+            cpu::matmul(&mut dw_down, dy, act, Gemm::new(c, rows, f).ta())?;
+            cpu::matmul(&mut dw_gate, &dg, xr, Gemm::new(f, rows, c).ta())?;
+            cpu::matmul(&mut dw_up, &du, xr, Gemm::new(f, rows, c).ta())?;
+            Ok((j, dw_down, dw_gate, dw_up))
+        })
+        .collect::<Result<_>>()?;
+    for (j, dw_down, dw_gate, dw_up) in grads {
+        let s = &experts[j];
+        for (l, dw) in [(&s.down, dw_down), (&s.gate, dw_gate), (&s.up, dw_up)] {
+            if l.frozen {
+                continue;
+            }
+            for (d, v) in l.w.of_mut(gr).iter_mut().zip(dw) {
+                *d += v;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// MoE backward: accumulates into `dx [N, C]` and the parameter gradients.
 pub(crate) fn moe_bwd(
     cfg: &MoeConfig,
@@ -314,7 +400,16 @@ pub(crate) fn moe_bwd(
     }
     let experts_prof = profile::scope(Phase::Experts);
     let mut dxe = vec![0f32; m * c];
-    for (j, s) in experts.iter().enumerate() {
+    // Adapters and biases take the per-expert path through `linear_bwd`.
+    let adapted = experts.iter().any(|s| {
+        [&s.gate, &s.up, &s.down]
+            .iter()
+            .any(|l| l.b.is_some() || l.lora.is_some_and(|lo| lo.enabled))
+    });
+    if !adapted {
+        experts_bwd_parallel(p, gr, experts, a, &dye, &mut dxe, c, f)?;
+    }
+    for (j, s) in experts.iter().enumerate().filter(|_| adapted) {
         let (r0, r1) = (a.offsets[j], a.offsets[j + 1]);
         if r0 == r1 {
             continue;
