@@ -148,7 +148,11 @@ fn profile_report(rows: Vec<profile::Row>, total: f64, steps: usize) -> serde_js
     eprintln!("| phase | pass | ms/step | share | GFLOP/step | GFLOP/s |");
     eprintln!("| --- | --- | ---: | ---: | ---: | ---: |");
     let mut line = |name: &str, pass: &str, secs: f64, flops: f64| {
-        let gf = if flops > 0.0 { format!("{:.0}", flops / secs / 1e9) } else { "-".into() };
+        let gf = if flops > 0.0 {
+            format!("{:.0}", flops / secs / 1e9)
+        } else {
+            "-".into()
+        };
         eprintln!(
             "| {name} | {pass} | {:.1} | {:.1}% | {:.3} | {gf} |",
             secs * 1e3,
