@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use aha_moe_model::{Model, ModelConfig, Policy, Precision};
 use aha_tensor::cpu::AdamW;
+use aha_tensor::profile::{self, Pass};
 use aha_tensor::{Device, Tensor};
 use anyhow::{Context, Result};
 
@@ -19,6 +20,8 @@ pub struct TrainBench<'a> {
     pub steps: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// Per-phase timing of the step (see `aha_tensor::profile`).
+    pub profile: bool,
 }
 
 /// Dense peak of the device for MFU, FLOP/s: an H100 SXM's bf16 tensor-core
@@ -78,15 +81,22 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
     let (mut t_fwd, mut t_bwd, mut t_opt) = (0f64, 0f64, 0f64);
     let mut losses = Vec::new();
     for step in 0..o.warmup + o.steps {
+        if o.profile && step == o.warmup {
+            profile::take(); // drop the warm-up's counts
+            profile::enable(true);
+        }
+        profile::set_pass(Pass::Forward);
         let t0 = Instant::now();
         policy.zero_grad()?;
         let fwd = policy.forward(&ids, o.batch, o.seq)?;
         let scores = policy.score(&fwd, &rows, &targets, 1.0)?;
         let logp = scores.logp.to_vec::<f32>()?;
         let t1 = Instant::now();
+        profile::set_pass(Pass::Backward);
         policy.backward(fwd, &scores, &dlogp, None, 0.0)?;
         policy.synchronize()?;
         let t2 = Instant::now();
+        profile::set_pass(Pass::Update);
         policy.optimizer_step(&mut moments, &opt, (step + 1) as u64, 1.0)?;
         let t3 = Instant::now();
         losses.push(-logp.iter().map(|&l| l as f64).sum::<f64>() / count as f64);
@@ -96,7 +106,9 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
             t_opt += (t3 - t2).as_secs_f64();
         }
     }
+    profile::enable(false);
     let total = t_fwd + t_bwd + t_opt;
+    let phases = o.profile.then(|| profile_report(profile::take(), total, o.steps));
     let tokens = (n * o.steps) as f64;
     let flops = 3.0 * flops_per_token * tokens;
     let ms = |s: f64| s * 1e3 / o.steps as f64;
@@ -121,5 +133,45 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
         "optimizer_ms": ms(t_opt),
         "loss_first": losses.first(),
         "loss_last": losses.last(),
+        "profile": phases,
     }))
+}
+
+/// Prints the per-phase table to stderr and returns its rows as JSON:
+/// per step, each phase's exclusive time, share of the step, flops and
+/// achieved GFLOP/s; time in no phase is `other` (allocation, zeroing,
+/// thread hand-offs, the driver).
+fn profile_report(rows: Vec<profile::Row>, total: f64, steps: usize) -> serde_json::Value {
+    let per = |s: f64| s / steps as f64;
+    let step = per(total);
+    let mut out = Vec::new();
+    eprintln!("| phase | pass | ms/step | share | GFLOP/step | GFLOP/s |");
+    eprintln!("| --- | --- | ---: | ---: | ---: | ---: |");
+    let mut line = |name: &str, pass: &str, secs: f64, flops: f64| {
+        let gf = if flops > 0.0 {
+            format!("{:.0}", flops / secs / 1e9)
+        } else {
+            "-".into()
+        };
+        eprintln!(
+            "| {name} | {pass} | {:.1} | {:.1}% | {:.3} | {gf} |",
+            secs * 1e3,
+            100.0 * secs / step,
+            flops / 1e9
+        );
+        out.push(serde_json::json!({
+            "phase": name, "pass": pass, "ms": secs * 1e3, "share": secs / step, "gflop": flops / 1e9,
+        }));
+    };
+    let mut covered = 0.0;
+    let mut all_flops = 0.0;
+    for r in &rows {
+        let (s, f) = (per(r.secs), r.flops as f64 / steps as f64);
+        covered += s;
+        all_flops += f;
+        line(r.phase.name(), r.pass.name(), s, f);
+    }
+    line("other", "all", (step - covered).max(0.0), 0.0);
+    line("step", "all", step, all_flops);
+    serde_json::Value::Array(out)
 }

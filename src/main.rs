@@ -489,6 +489,10 @@ enum BenchCommand {
         /// Seed of the random weights and tokens.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Time each phase of the step (CPU): a table on stderr and a
+        /// `profile` field in the JSON line.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         place: Placement,
     },
@@ -937,6 +941,7 @@ fn main() -> Result<()> {
                     steps,
                     warmup,
                     seed,
+                    profile,
                     place,
                 },
         } => {
@@ -948,6 +953,7 @@ fn main() -> Result<()> {
                 steps,
                 warmup,
                 seed,
+                profile,
             })?;
             println!("{line}");
             Ok(())

@@ -189,6 +189,44 @@ fn bench_train_prints_one_json_line() {
 }
 
 #[test]
+fn bench_train_profile_rows_add_up_to_the_step() {
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args([
+            "bench",
+            "train",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--profile",
+            "--config",
+        ])
+        .arg(fixture("models/deepseek-v3-tiny/config.json"))
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    let rows = v["profile"].as_array().expect("profile rows");
+    let ms = |r: &serde_json::Value| r["ms"].as_f64().unwrap();
+    let (parts, step) = rows.split_at(rows.len() - 1);
+    assert_eq!(step[0]["phase"], "step");
+    let sum: f64 = parts.iter().map(ms).sum();
+    assert!(
+        (sum - ms(&step[0])).abs() <= 1e-6 * ms(&step[0]).max(1.0),
+        "{sum} vs {}",
+        ms(&step[0])
+    );
+    assert!(parts
+        .iter()
+        .any(|r| r["phase"] == "expert products" && r["gflop"].as_f64().unwrap() > 0.0));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("| lm head + log-softmax |"));
+}
+
+#[test]
 fn generate_writes_one_json_line_per_completion() {
     let model = fixture("models/qwen2-tiny");
     let prompts = std::env::temp_dir().join(format!("aha-cli-prompts-{}.jsonl", std::process::id()));

@@ -11,6 +11,7 @@
 //! | out | [N, H * Dv], before o_proj |
 
 use aha_tensor::cpu::{self, AttnShape, RopeLayout, RopeShape};
+use aha_tensor::profile::{self, Phase};
 use aha_tensor::Real;
 
 use crate::config::ModelConfig;
@@ -86,12 +87,14 @@ fn rope_shape(cfg: &ModelConfig, heads: usize) -> RopeShape {
 }
 
 fn rope(x: &[f32], r: &Rope<'_>, s: RopeShape) -> Result<Vec<f32>> {
+    let _prof = profile::scope(Phase::Rope);
     let mut y = vec![0f32; x.len()];
     cpu::rope_forward(&mut y, x, r.cos, r.sin, r.pos, s)?;
     Ok(y)
 }
 
 fn rope_back(dy: &[f32], r: &Rope<'_>, s: RopeShape) -> Result<Vec<f32>> {
+    let _prof = profile::scope(Phase::Rope);
     let mut dx = vec![0f32; dy.len()];
     cpu::rope_backward(&mut dx, dy, r.cos, r.sin, r.pos, s)?;
     Ok(dx)
@@ -210,6 +213,15 @@ fn attention_paged(
     out
 }
 
+/// Flops of `products` causal products of the attention (the forward runs
+/// two: scores and weighted values; the backward five: the scores again,
+/// dV, dP, dQ and dK), counting the unmasked half: `2 B H T (T + 1) / 2 D`
+/// each, with D the mean of Dk and Dv.
+fn attn_flops(b: usize, t: usize, s: AttnShape, products: u64) -> u64 {
+    let pairs = (b * s.h * t * (t + 1) / 2) as u64;
+    products * pairs * (s.dk + s.dv) as u64
+}
+
 /// Runs the attention proper: batched causal (training) or through the paged cache.
 fn attend(
     q: &[f32],
@@ -232,6 +244,8 @@ fn attend(
             Ok((out, vec![]))
         }
         AttnMode::Train => {
+            let _prof = profile::scope(Phase::AttnCore);
+            profile::add_flops(attn_flops(b, t, s, 2));
             let mut out = vec![0f32; b * t * s.h * s.dv];
             let mut lse = vec![0f32; b * s.h * t];
             cpu::attention_forward(&mut out, &mut lse, q, k, v, AttnShape { b, t, ..s })?;
@@ -251,6 +265,7 @@ pub(crate) fn attn_fwd(
     rope_t: &Rope<'_>,
     mode: &mut AttnMode<'_, '_>,
 ) -> Result<(Vec<f32>, AttnActs)> {
+    let _prof = profile::scope(Phase::AttnProj);
     let n = b * t;
     let h = cfg.num_heads;
     let (dk, dv, _, scale) = cfg.attn_dims();
@@ -399,6 +414,7 @@ pub(crate) fn attn_bwd(
     t: usize,
     rope_t: &Rope<'_>,
 ) -> Result<Vec<f32>> {
+    let _prof = profile::scope(Phase::AttnProj);
     let n = b * t;
     let h = cfg.num_heads;
     let (dk, dv, _, scale) = cfg.attn_dims();
@@ -432,7 +448,11 @@ pub(crate) fn attn_bwd(
                 dv,
                 scale,
             };
-            cpu::attention_backward(&mut dq, &mut dkk, &mut dvv, &dout, qr, kr, vv, out, lse, s)?;
+            {
+                let _prof = profile::scope(Phase::AttnCore);
+                profile::add_flops(attn_flops(b, t, s, 5));
+                cpu::attention_backward(&mut dq, &mut dkk, &mut dvv, &dout, qr, kr, vv, out, lse, s)?;
+            }
             let dqn = rope_back(&dq, rope_t, rope_shape(cfg, h))?;
             let dkn = rope_back(&dkk, rope_t, rope_shape(cfg, hk))?;
             let (dq_lin, dk_lin) = match qk_norm {
@@ -486,7 +506,11 @@ pub(crate) fn attn_bwd(
                 dv,
                 scale,
             };
-            cpu::attention_backward(&mut dq, &mut dkk, &mut dvv, &dout, qr, kk, vv, out, lse, s)?;
+            {
+                let _prof = profile::scope(Phase::AttnCore);
+                profile::add_flops(attn_flops(b, t, s, 5));
+                cpu::attention_backward(&mut dq, &mut dkk, &mut dvv, &dout, qr, kk, vv, out, lse, s)?;
+            }
             // Keys and values back to kv_b's output and the shared rotary key.
             let mut dkvb = vec![0f32; n * kv_b.out];
             let mut dkpe_r = vec![0f32; n * dr];

@@ -9,11 +9,25 @@
 //! | xe, ye | [M = N*K, C], token rows grouped by expert (`offsets[e]..offsets[e+1]`) |
 
 use aha_tensor::cpu::{self, Gemm};
+use aha_tensor::profile::{self, Phase};
+use rayon::prelude::*;
 
 use crate::config::{MoeConfig, Router};
 use crate::error::Result;
 use crate::linear::{linear_bwd, linear_fwd};
 use crate::params::{MlpSlots, Slot};
+
+/// `a = silu(g) * u`, profiled as an activation.
+fn swiglu(a: &mut [f32], g: &[f32], u: &[f32]) -> Result<()> {
+    let _prof = profile::scope(Phase::Activation);
+    Ok(cpu::swiglu(a, g, u)?)
+}
+
+/// Backward of [`swiglu`], profiled as an activation.
+fn swiglu_backward(dg: &mut [f32], du: &mut [f32], da: &[f32], g: &[f32], u: &[f32]) -> Result<()> {
+    let _prof = profile::scope(Phase::Activation);
+    Ok(cpu::swiglu_backward(dg, du, da, g, u)?)
+}
 
 /// Saved by a SwiGLU MLP's forward.
 pub(crate) struct MlpActs {
@@ -24,13 +38,14 @@ pub(crate) struct MlpActs {
 
 /// SwiGLU MLP over `n` rows: `down(silu(gate x) * up x)`.
 pub(crate) fn mlp_fwd(p: &[f32], s: &MlpSlots, x: &[f32], n: usize) -> Result<(Vec<f32>, MlpActs)> {
+    let _prof = profile::scope(Phase::Mlp);
     let f = s.gate.out;
     let mut g = vec![0f32; n * f];
     let mut u = vec![0f32; n * f];
     linear_fwd(&mut g, x, p, &s.gate, n)?;
     linear_fwd(&mut u, x, p, &s.up, n)?;
     let mut a = vec![0f32; n * f];
-    cpu::swiglu(&mut a, &g, &u)?;
+    swiglu(&mut a, &g, &u)?;
     let mut y = vec![0f32; n * s.down.out];
     linear_fwd(&mut y, &a, p, &s.down, n)?;
     Ok((y, MlpActs { g, u, a }))
@@ -47,11 +62,12 @@ pub(crate) fn mlp_bwd(
     n: usize,
     dx: &mut [f32],
 ) -> Result<()> {
+    let _prof = profile::scope(Phase::Mlp);
     let f = s.gate.out;
     let mut da = vec![0f32; n * f];
     linear_bwd(Some(&mut da), gr, dy, &acts.a, p, &s.down, n)?;
     let (mut dg, mut du) = (vec![0f32; n * f], vec![0f32; n * f]);
-    cpu::swiglu_backward(&mut dg, &mut du, &da, &acts.g, &acts.u)?;
+    swiglu_backward(&mut dg, &mut du, &da, &acts.g, &acts.u)?;
     linear_bwd(Some(&mut *dx), gr, &dg, x, p, &s.gate, n)?;
     linear_bwd(Some(dx), gr, &du, x, p, &s.up, n)?;
     Ok(())
@@ -178,6 +194,7 @@ pub(crate) fn moe_fwd(
     n: usize,
     c: usize,
 ) -> Result<(Vec<f32>, MoeActs)> {
+    let _prof = profile::scope(Phase::Routing);
     let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_dim);
     let mut logits = vec![0f32; n * e];
     cpu::matmul(&mut logits, x, router.of(p), Gemm::new(n, c, e).tb())?;
@@ -205,24 +222,40 @@ pub(crate) fn moe_fwd(
     for (row, &tok) in perm.iter().enumerate() {
         xe[row * c..(row + 1) * c].copy_from_slice(&x[tok as usize * c..(tok as usize + 1) * c]);
     }
+    let experts_prof = profile::scope(Phase::Experts);
     let (mut ge, mut ue, mut ae, mut ye) = (
         vec![0f32; m * f],
         vec![0f32; m * f],
         vec![0f32; m * f],
         vec![0f32; m * c],
     );
-    for (j, s) in experts.iter().enumerate() {
-        let (r0, r1) = (offsets[j], offsets[j + 1]);
-        if r0 == r1 {
-            continue;
-        }
-        let rows = r1 - r0;
-        let xr = &xe[r0 * c..r1 * c];
-        linear_fwd(&mut ge[r0 * f..r1 * f], xr, p, &s.gate, rows)?;
-        linear_fwd(&mut ue[r0 * f..r1 * f], xr, p, &s.up, rows)?;
-        cpu::swiglu(&mut ae[r0 * f..r1 * f], &ge[r0 * f..r1 * f], &ue[r0 * f..r1 * f])?;
-        linear_fwd(&mut ye[r0 * c..r1 * c], &ae[r0 * f..r1 * f], p, &s.down, rows)?;
-    }
+    // One task per expert, each product on one thread: the experts' small
+    // products ([~N K / E, C] x [C, F]) run side by side instead of each
+    // being split across the cores.
+    let tasks: Vec<_> = experts
+        .iter()
+        .zip(split_rows(&mut ge, &offsets, f))
+        .zip(split_rows(&mut ue, &offsets, f))
+        .zip(split_rows(&mut ae, &offsets, f))
+        .zip(split_rows(&mut ye, &offsets, c))
+        .enumerate()
+        .filter(|(j, _)| offsets[j + 1] > offsets[*j])
+        .collect();
+    // Products on pool threads count nowhere by themselves: 3 of [M, C] x [C, F].
+    profile::add_flops(6 * (m * c * f) as u64);
+    tasks
+        .into_par_iter()
+        .map(|(j, ((((s, g), u), a), y))| {
+            let (r0, r1) = (offsets[j], offsets[j + 1]);
+            let rows = r1 - r0;
+            let xr = &xe[r0 * c..r1 * c];
+            linear_fwd(g, xr, p, &s.gate, rows)?;
+            linear_fwd(u, xr, p, &s.up, rows)?;
+            cpu::swiglu(a, g, u)?;
+            linear_fwd(y, a, p, &s.down, rows)
+        })
+        .collect::<Result<Vec<()>>>()?;
+    drop(experts_prof);
     let mut y = vec![0f32; n * c];
     for (row, (&tok, &sl)) in perm.iter().zip(&slot).enumerate() {
         let wt = w[tok as usize * k + sl as usize];
@@ -262,6 +295,77 @@ pub(crate) fn moe_fwd(
     ))
 }
 
+/// `buf` cut into one slice per expert: rows `offsets[j]..offsets[j + 1]`
+/// of `width` elements.
+fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
+    for w in offsets.windows(2) {
+        let (a, b) = std::mem::take(&mut buf).split_at_mut((w[1] - w[0]) * width);
+        out.push(a);
+        buf = b;
+    }
+    out
+}
+
+/// The routed experts' backward without adapters or biases, one task per expert
+/// with single-threaded products: `dxe` (assigned per expert's rows) and
+/// each expert's weight gradients, computed into task-local buffers and
+/// then added into `gr` (the tasks cannot share `gr`).
+#[allow(clippy::too_many_arguments)]
+fn experts_bwd_parallel(
+    p: &[f32],
+    gr: &mut [f32],
+    experts: &[MlpSlots],
+    a: &MoeActs,
+    dye: &[f32],
+    dxe: &mut [f32],
+    c: usize,
+    f: usize,
+) -> Result<()> {
+    let off = &a.offsets;
+    // dA, dX (two) and the three weight gradients: 6 of [M, C] x [C, F].
+    profile::add_flops(12 * (off.last().copied().unwrap_or(0) * c * f) as u64);
+    let tasks: Vec<_> = experts
+        .iter()
+        .zip(split_rows(dxe, off, c))
+        .enumerate()
+        .filter(|(j, _)| off[j + 1] > off[*j])
+        .collect();
+    type Wgrads = (usize, Vec<f32>, Vec<f32>, Vec<f32>);
+    let grads: Vec<Wgrads> = tasks
+        .into_par_iter()
+        .map(|(j, (s, dx))| {
+            let (r0, r1) = (off[j], off[j + 1]);
+            let rows = r1 - r0;
+            let (dy, xr) = (&dye[r0 * c..r1 * c], &a.xe[r0 * c..r1 * c]);
+            let (g, u, act) = (&a.ge[r0 * f..r1 * f], &a.ue[r0 * f..r1 * f], &a.ae[r0 * f..r1 * f]);
+            let mut da = vec![0f32; rows * f];
+            cpu::matmul(&mut da, dy, s.down.w.of(p), Gemm::new(rows, c, f))?;
+            let (mut dg, mut du) = (vec![0f32; rows * f], vec![0f32; rows * f]);
+            cpu::swiglu_backward(&mut dg, &mut du, &da, g, u)?;
+            cpu::matmul(dx, &dg, s.gate.w.of(p), Gemm::new(rows, f, c))?;
+            cpu::matmul(dx, &du, s.up.w.of(p), Gemm::new(rows, f, c).acc())?;
+            let (mut dw_down, mut dw_gate, mut dw_up) = (vec![0f32; c * f], vec![0f32; f * c], vec![0f32; f * c]);
+            cpu::matmul(&mut dw_down, dy, act, Gemm::new(c, rows, f).ta())?;
+            cpu::matmul(&mut dw_gate, &dg, xr, Gemm::new(f, rows, c).ta())?;
+            cpu::matmul(&mut dw_up, &du, xr, Gemm::new(f, rows, c).ta())?;
+            Ok((j, dw_down, dw_gate, dw_up))
+        })
+        .collect::<Result<_>>()?;
+    for (j, dw_down, dw_gate, dw_up) in grads {
+        let s = &experts[j];
+        for (l, dw) in [(&s.down, dw_down), (&s.gate, dw_gate), (&s.up, dw_up)] {
+            if l.frozen {
+                continue;
+            }
+            for (d, v) in l.w.of_mut(gr).iter_mut().zip(dw) {
+                *d += v;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// MoE backward: accumulates into `dx [N, C]` and the parameter gradients.
 pub(crate) fn moe_bwd(
     cfg: &MoeConfig,
@@ -278,6 +382,7 @@ pub(crate) fn moe_bwd(
     c: usize,
     dx: &mut [f32],
 ) -> Result<()> {
+    let _prof = profile::scope(Phase::Routing);
     let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_dim);
     let m = n * k;
     // d routing weight of each (token, slot) = dy[token] . ye[row]; dye = w dy[token].
@@ -293,8 +398,18 @@ pub(crate) fn moe_bwd(
             *d = wt * gv;
         }
     }
+    let experts_prof = profile::scope(Phase::Experts);
     let mut dxe = vec![0f32; m * c];
-    for (j, s) in experts.iter().enumerate() {
+    // Adapters and biases take the per-expert path through `linear_bwd`.
+    let adapted = experts.iter().any(|s| {
+        [&s.gate, &s.up, &s.down]
+            .iter()
+            .any(|l| l.b.is_some() || l.lora.is_some_and(|lo| lo.enabled))
+    });
+    if !adapted {
+        experts_bwd_parallel(p, gr, experts, a, &dye, &mut dxe, c, f)?;
+    }
+    for (j, s) in experts.iter().enumerate().filter(|_| adapted) {
         let (r0, r1) = (a.offsets[j], a.offsets[j + 1]);
         if r0 == r1 {
             continue;
@@ -311,11 +426,12 @@ pub(crate) fn moe_bwd(
             rows,
         )?;
         let (mut dg, mut du) = (vec![0f32; rows * f], vec![0f32; rows * f]);
-        cpu::swiglu_backward(&mut dg, &mut du, &da, &a.ge[r0 * f..r1 * f], &a.ue[r0 * f..r1 * f])?;
+        swiglu_backward(&mut dg, &mut du, &da, &a.ge[r0 * f..r1 * f], &a.ue[r0 * f..r1 * f])?;
         let xr = &a.xe[r0 * c..r1 * c];
         linear_bwd(Some(&mut dxe[r0 * c..r1 * c]), gr, &dg, xr, p, &s.gate, rows)?;
         linear_bwd(Some(&mut dxe[r0 * c..r1 * c]), gr, &du, xr, p, &s.up, rows)?;
     }
+    drop(experts_prof);
     for (row, &tok) in a.perm.iter().enumerate() {
         for (d, &v) in dx[tok as usize * c..(tok as usize + 1) * c]
             .iter_mut()

@@ -3,6 +3,7 @@
 //! `y[N, out] = x[N, in] W^T + b` with `W [out, in]` (PyTorch's layout).
 
 use aha_tensor::cpu::{self, Gemm};
+use aha_tensor::profile::{self, Phase};
 
 use crate::error::Result;
 use crate::lora::LoraSlots;
@@ -77,6 +78,7 @@ pub(crate) fn linear_bwd(
 
 /// RMSNorm forward over rows of `c` with weight slot `w`; returns (out, rstd).
 pub(crate) fn norm_fwd(x: &[f32], p: &[f32], w: Slot, c: usize, eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+    let _prof = profile::scope(Phase::Norm);
     let rows = x.len() / c.max(1);
     let mut out = vec![0f32; x.len()];
     let mut rstd = vec![0f32; rows];
@@ -94,6 +96,7 @@ pub(crate) fn norm_bwd(
     w: Slot,
     c: usize,
 ) -> Result<Vec<f32>> {
+    let _prof = profile::scope(Phase::Norm);
     let rows = x.len() / c.max(1);
     let mut dx = vec![0f32; x.len()];
     cpu::rmsnorm_backward(&mut dx, w.of_mut(g), dy, x, w.of(p), rstd, rows, c)?;

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use aha_tensor::cpu::{self, Gemm};
+use aha_tensor::profile::{self, Phase};
 use rayon::prelude::*;
 
 use crate::attn::{attn_bwd, attn_fwd, AttnActs, AttnMode, Rope};
@@ -19,6 +20,12 @@ use crate::save::{copy_folder, save_params_as, SaveOptions};
 /// Rows of logits computed at a time by the chunked log-prob path: the full
 /// [N, V] matrix never exists at once.
 const LOGIT_CHUNK: usize = 256;
+
+/// `x += y`, profiled as a residual add.
+fn residual(x: &mut [f32], y: &[f32]) -> Result<()> {
+    let _prof = profile::scope(Phase::Residual);
+    Ok(cpu::add_inplace(x, y)?)
+}
 
 /// The RoPE tables `cos, sin [max_pos, rot / 2]` of a config, with its
 /// RoPE scaling and attention factor applied (the CPU and the GPU model use
@@ -201,7 +208,7 @@ impl Model {
         let (ln1, ln1_rstd) = norm_fwd(&x, p, s.ln1, c, eps)?;
         let (ao, attn) = attn_fwd(cfg, &s.attn, p, &ln1, b, t, rope, mode)?;
         let mut x2 = x.clone();
-        cpu::add_inplace(&mut x2, &ao)?;
+        residual(&mut x2, &ao)?;
         let (ln2, ln2_rstd) = norm_fwd(&x2, p, s.ln2, c, eps)?;
         let (fo, ffn) = match (&s.ffn, &cfg.moe) {
             (FfnSlots::Dense(m), _) => {
@@ -222,8 +229,11 @@ impl Model {
             }
             (FfnSlots::Moe { .. }, None) => return Err(input_err("layer_fwd", "MoE layer without MoE config")),
         };
-        let mut x3 = x2.clone();
-        cpu::add_inplace(&mut x3, &fo)?;
+        let mut x3 = {
+            let _prof = profile::scope(Phase::Residual);
+            x2.clone()
+        };
+        residual(&mut x3, &fo)?;
         Ok((
             x3,
             LayerActs {
@@ -240,6 +250,7 @@ impl Model {
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let _prof = profile::scope(Phase::Embedding);
         let c = self.config.hidden_size;
         let mut x = vec![0f32; ids.len() * c];
         cpu::embedding_forward(
@@ -495,12 +506,13 @@ impl Model {
                 _ => return Err(input_err("backward", "activations do not match the layer kind")),
             }
             let dx2_part = norm_bwd(&dln2, &a.x2, &a.ln2_rstd, p, grads, s.ln2, c)?;
-            cpu::add_inplace(&mut dx, &dx2_part)?;
+            residual(&mut dx, &dx2_part)?;
             // x2 = x + attn(ln1(x)).
             let dln1 = attn_bwd(cfg, &s.attn, p, grads, &a.attn, &a.ln1, &dx, b, t, &rope)?;
             let dx_part = norm_bwd(&dln1, &a.x, &a.ln1_rstd, p, grads, s.ln1, c)?;
-            cpu::add_inplace(&mut dx, &dx_part)?;
+            residual(&mut dx, &dx_part)?;
         }
+        let _prof = profile::scope(Phase::Embedding);
         cpu::embedding_backward(self.layout.embed.of_mut(grads), &dx, &acts.ids, v, c)?;
         Ok(())
     }

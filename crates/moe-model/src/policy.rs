@@ -23,6 +23,7 @@ use std::str::FromStr;
 
 use aha_cuda_kernels::launch::AdamwScalars;
 use aha_tensor::cpu::{self, AdamW, LmHeadShape};
+use aha_tensor::profile::{self, Phase};
 use aha_tensor::{Device, Tensor};
 
 use crate::config::ModelConfig;
@@ -34,6 +35,12 @@ use crate::params::Layout;
 /// Vocabulary rows per chunk of the CPU lm head (full-vocabulary logits
 /// exist for at most this many rows x chunk at a time).
 const CPU_HEAD_CHUNK: usize = 4096;
+
+/// Scored logits (`rows x V`) up to which the CPU keeps the forward's
+/// tempered logits for the backward instead of recomputing them (64 Mi
+/// values, 256 MiB): 2,040 x 4,096 for the bench configs; a 150k
+/// vocabulary recomputes past ~440 rows.
+const CPU_KEEP_LOGITS: usize = 1 << 26;
 
 /// The precision a policy computes in (`--precision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -175,6 +182,8 @@ enum ScoresInner {
         targets: Vec<u32>,
         temperature: f32,
         hidden: Vec<f32>,
+        /// The tempered logits, chunk after chunk (empty past `CPU_KEEP_LOGITS`).
+        kept: Vec<f32>,
     },
     Gpu(Box<GpuScores>),
 }
@@ -561,6 +570,7 @@ impl Policy {
     pub fn optimizer_step(&mut self, moments: &mut Moments, h: &AdamW, t: u64, max_grad_norm: f64) -> Result<f64> {
         match (&mut self.inner, moments) {
             (Inner::Cpu { model, grads }, Moments::Cpu { m, v }) => {
+                let _prof = profile::scope(Phase::Optimizer);
                 let tr = model.layout.trainable;
                 if grads.len() != model.params.len() {
                     return Err(input_err("optimizer_step", "no gradients: run a backward first"));
@@ -647,6 +657,7 @@ fn gather_rows(hidden: &[f32], rows: &[u32], n: usize, c: usize) -> Result<Vec<f
 }
 
 fn cpu_score(model: &Model, a: &Activations, rows: &[u32], targets: &[u32], temperature: f32) -> Result<Scores> {
+    let _prof = profile::scope(Phase::LmHead);
     let (c, v) = (model.config.hidden_size, model.config.vocab_size);
     let n = rows.len();
     if targets.len() != n {
@@ -654,6 +665,11 @@ fn cpu_score(model: &Model, a: &Activations, rows: &[u32], targets: &[u32], temp
     }
     let hidden = gather_rows(&a.hidden, rows, a.hidden.len() / c.max(1), c)?;
     let (mut lp, mut ent, mut lse) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let mut kept = if n * v <= CPU_KEEP_LOGITS {
+        vec![0f32; n * v]
+    } else {
+        vec![]
+    };
     if n > 0 {
         let s = LmHeadShape {
             n,
@@ -662,15 +678,12 @@ fn cpu_score(model: &Model, a: &Activations, rows: &[u32], targets: &[u32], temp
             chunk: CPU_HEAD_CHUNK.min(v.max(1)),
             temperature,
         };
-        cpu::lm_head_logprob_forward(
-            &mut lp,
-            &mut ent,
-            &mut lse,
-            &hidden,
-            model.layout.lm_head.of(&model.params),
-            targets,
-            s,
-        )
+        let w = model.layout.lm_head.of(&model.params);
+        if kept.is_empty() {
+            cpu::lm_head_logprob_forward(&mut lp, &mut ent, &mut lse, &hidden, w, targets, s)
+        } else {
+            cpu::lm_head_logprob_forward_keep(&mut lp, &mut ent, &mut lse, &mut kept, &hidden, w, targets, s)
+        }
         .map_err(tensor_err)?;
     }
     Ok(Scores {
@@ -683,6 +696,7 @@ fn cpu_score(model: &Model, a: &Activations, rows: &[u32], targets: &[u32], temp
             targets: targets.to_vec(),
             temperature,
             hidden,
+            kept,
         },
     })
 }
@@ -703,6 +717,7 @@ fn cpu_backward(
         targets,
         temperature,
         hidden,
+        kept,
     } = sc
     else {
         return Err(input_err("backward", "scores from another device"));
@@ -715,6 +730,7 @@ fn cpu_backward(
             format!("gradients for {} rows, {nr} scored", dlogp.len()),
         ));
     }
+    let prof = profile::scope(Phase::LmHead);
     let total = a.hidden.len() / c.max(1);
     let mut dh_rows = vec![0f32; nr * c];
     if nr > 0 {
@@ -733,18 +749,15 @@ fn cpu_backward(
             chunk: CPU_HEAD_CHUNK.min(v.max(1)),
             temperature: *temperature,
         };
-        cpu::lm_head_logprob_backward(
-            &mut dh_rows,
-            model.layout.lm_head.of_mut(grads),
-            hidden,
+        let (w, dw) = (
             model.layout.lm_head.of(&model.params),
-            targets,
-            lse,
-            ent,
-            dlogp,
-            de,
-            s,
-        )
+            model.layout.lm_head.of_mut(grads),
+        );
+        if kept.is_empty() {
+            cpu::lm_head_logprob_backward(&mut dh_rows, dw, hidden, w, targets, lse, ent, dlogp, de, s)
+        } else {
+            cpu::lm_head_logprob_backward_kept(&mut dh_rows, dw, hidden, w, kept, targets, lse, ent, dlogp, de, s)
+        }
         .map_err(tensor_err)?;
     }
     let mut dh = vec![0f32; total * c];
@@ -754,5 +767,6 @@ fn cpu_backward(
             *d += x;
         }
     }
+    drop(prof);
     model.backward_from_hidden(a, &dh, aux_coef, grads)
 }

@@ -23,6 +23,7 @@ mod device;
 mod dtype;
 mod error;
 pub mod ops;
+pub mod profile;
 mod real;
 pub mod rng;
 mod shape;

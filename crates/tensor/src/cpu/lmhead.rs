@@ -87,6 +87,34 @@ fn chunk_logits<F: Real>(
     )
 }
 
+/// One row of one chunk, tempered in place: its max, `Σ exp(x - m)` and
+/// `Σ exp(x - m) x`, summed in eight f64 lanes (a left fold of 150k f32
+/// terms loses ~3 digits; the lanes keep the loop vectorized).
+#[inline]
+fn row_stats<F: Real>(x: &mut [F], inv_t: F) -> (F, F, F) {
+    for xj in x.iter_mut() {
+        *xj *= inv_t;
+    }
+    let mc = super::row_max(x);
+    let (mut sa, mut sb) = ([0f64; 8], [0f64; 8]);
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for i in 0..8 {
+            let e = (ch[i] - mc).exp_fast();
+            sa[i] += e.to_f64();
+            sb[i] += (e * ch[i]).to_f64();
+        }
+    }
+    let (mut a, mut b) = (sa.iter().sum::<f64>(), sb.iter().sum::<f64>());
+    for &xj in rest {
+        let e = (xj - mc).exp_fast();
+        a += e.to_f64();
+        b += (e * xj).to_f64();
+    }
+    (mc, F::from_f64(a), F::from_f64(b))
+}
+
 /// Log-probs of `targets`, entropies and log-sum-exps of the tempered
 /// softmax over `hidden weightᵀ`, chunk by chunk.
 #[allow(clippy::too_many_arguments)]
@@ -94,6 +122,39 @@ pub fn lm_head_logprob_forward<F: Real>(
     logp: &mut [F],
     entropy: &mut [F],
     lse: &mut [F],
+    hidden: &[F],
+    weight: &[F],
+    targets: &[u32],
+    s: LmHeadShape,
+) -> Result<()> {
+    forward_impl(logp, entropy, lse, None, hidden, weight, targets, s)
+}
+
+/// [`lm_head_logprob_forward`] that also keeps the tempered logits in
+/// `kept [V * N]`, chunk after chunk (chunk `(v0, vc)` is the `[N, vc]`
+/// block at `N * v0`), for [`lm_head_logprob_backward_kept`]: the backward
+/// then reads them instead of recomputing the product.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_logprob_forward_keep<F: Real>(
+    logp: &mut [F],
+    entropy: &mut [F],
+    lse: &mut [F],
+    kept: &mut [F],
+    hidden: &[F],
+    weight: &[F],
+    targets: &[u32],
+    s: LmHeadShape,
+) -> Result<()> {
+    check_lens("lm_head_logprob_forward_keep", &[("kept", kept.len(), s.n * s.v)])?;
+    forward_impl(logp, entropy, lse, Some(kept), hidden, weight, targets, s)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_impl<F: Real>(
+    logp: &mut [F],
+    entropy: &mut [F],
+    lse: &mut [F],
+    mut kept: Option<&mut [F]>,
     hidden: &[F],
     weight: &[F],
     targets: &[u32],
@@ -116,25 +177,21 @@ pub fn lm_head_logprob_forward<F: Real>(
     super::check_indices(OP, &targets[..n], s.v)?;
     let inv_t = F::from_f64(1.0 / s.temperature as f64);
     let mut state = vec![(F::zero(), F::zero(), F::zero(), F::zero()); n];
-    let mut buf = vec![F::zero(); n * s.chunk.min(s.v)];
+    let mut own = if kept.is_some() {
+        vec![]
+    } else {
+        vec![F::zero(); n * s.chunk.min(s.v)]
+    };
     for (ci, (v0, vc)) in s.chunks().enumerate() {
-        chunk_logits(&mut buf, hidden, weight, &s, v0, vc)?;
+        let buf = match kept.as_deref_mut() {
+            Some(k) => &mut k[n * v0..n * (v0 + vc)],
+            None => &mut own[..n * vc],
+        };
+        chunk_logits(buf, hidden, weight, &s, v0, vc)?;
         let first = ci == 0;
-        let rows = buf[..n * vc].par_chunks_mut(vc).zip(state.par_iter_mut()).enumerate();
+        let rows = buf.par_chunks_mut(vc).zip(state.par_iter_mut()).enumerate();
         rows.with_min_len(rows_per_task(vc)).for_each(|(r, (x, st))| {
-            for xj in x.iter_mut() {
-                *xj *= inv_t;
-            }
-            let mc = super::row_max(x);
-            // The chunk's two sums accumulate in f64 (a left fold of 150k
-            // f32 terms loses ~3 digits; the GPU sums in a tree).
-            let (mut sa, mut sb) = (0f64, 0f64);
-            for &xj in x.iter() {
-                let e = (xj - mc).exp_fast();
-                sa += e.to_f64();
-                sb += (e * xj).to_f64();
-            }
-            let (sa, sb) = (F::from_f64(sa), F::from_f64(sb));
+            let (mc, sa, sb) = row_stats(x, inv_t);
             let t = targets[r] as usize;
             let has_t = (v0..v0 + vc).contains(&t);
             let xt = if has_t { x[t - v0] } else { F::zero() };
@@ -177,6 +234,57 @@ pub fn lm_head_logprob_backward<F: Real>(
     dentropy: &[F],
     s: LmHeadShape,
 ) -> Result<()> {
+    backward_impl(
+        dhidden, dweight, hidden, weight, None, targets, lse, entropy, dlogp, dentropy, s,
+    )
+}
+
+/// [`lm_head_logprob_backward`] over the tempered logits that
+/// [`lm_head_logprob_forward_keep`] kept: no product recomputes them.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_logprob_backward_kept<F: Real>(
+    dhidden: &mut [F],
+    dweight: &mut [F],
+    hidden: &[F],
+    weight: &[F],
+    kept: &[F],
+    targets: &[u32],
+    lse: &[F],
+    entropy: &[F],
+    dlogp: &[F],
+    dentropy: &[F],
+    s: LmHeadShape,
+) -> Result<()> {
+    check_lens("lm_head_logprob_backward_kept", &[("kept", kept.len(), s.n * s.v)])?;
+    backward_impl(
+        dhidden,
+        dweight,
+        hidden,
+        weight,
+        Some(kept),
+        targets,
+        lse,
+        entropy,
+        dlogp,
+        dentropy,
+        s,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl<F: Real>(
+    dhidden: &mut [F],
+    dweight: &mut [F],
+    hidden: &[F],
+    weight: &[F],
+    kept: Option<&[F]>,
+    targets: &[u32],
+    lse: &[F],
+    entropy: &[F],
+    dlogp: &[F],
+    dentropy: &[F],
+    s: LmHeadShape,
+) -> Result<()> {
     const OP: &str = "lm_head_logprob_backward";
     s.check(OP)?;
     let (n, c) = (s.n, s.c);
@@ -197,20 +305,25 @@ pub fn lm_head_logprob_backward<F: Real>(
     super::check_indices(OP, &targets[..n], s.v)?;
     let inv_t = F::from_f64(1.0 / s.temperature as f64);
     let mut buf = vec![F::zero(); n * s.chunk.min(s.v)];
+    // Kept logits are tempered already; recomputed ones are not.
+    let pre = if kept.is_some() { F::one() } else { inv_t };
     for (v0, vc) in s.chunks() {
-        chunk_logits(&mut buf, hidden, weight, &s, v0, vc)?;
+        match kept {
+            Some(k) => buf[..n * vc].copy_from_slice(&k[n * v0..n * (v0 + vc)]),
+            None => chunk_logits(&mut buf, hidden, weight, &s, v0, vc)?,
+        }
         let rows = buf[..n * vc].par_chunks_mut(vc).enumerate();
         rows.with_min_len(rows_per_task(vc)).for_each(|(r, g)| {
             let (l, dl, de) = (lse[r], dlogp[r], dentropy[r]);
             let mean = l - entropy[r];
-            for (j, gj) in g.iter_mut().enumerate() {
-                let x = *gj * inv_t;
+            for gj in g.iter_mut() {
+                let x = *gj * pre;
                 let p = (x - l).exp_fast();
-                let mut d = -dl * p - de * p * (x - mean);
-                if v0 + j == targets[r] as usize {
-                    d += dl;
-                }
-                *gj = d * inv_t;
+                *gj = (-dl * p - de * p * (x - mean)) * inv_t;
+            }
+            let t = targets[r] as usize;
+            if (v0..v0 + vc).contains(&t) {
+                g[t - v0] += dl * inv_t;
             }
         });
         let g = &buf[..n * vc];
@@ -339,6 +452,31 @@ mod tests {
             close(&ent, &rent, 1e-12, "entropy");
             close(&dh, &rdh, 1e-12, "dhidden");
             close(&dw, &rdw, 1e-12, "dweight");
+
+            // Keeping the logits gives the same results without the recompute.
+            let (mut lpk, mut entk, mut lsek, mut kept) =
+                (vec![0.0f64; n], vec![0.0f64; n], vec![0.0f64; n], vec![0.0f64; n * v]);
+            lm_head_logprob_forward_keep(&mut lpk, &mut entk, &mut lsek, &mut kept, &h, &w, &t, s).unwrap();
+            let (mut dhk, mut dwk) = (vec![0.0f64; n * c], vec![0.0f64; v * c]);
+            lm_head_logprob_backward_kept(&mut dhk, &mut dwk, &h, &w, &kept, &t, &lsek, &entk, &dl, &de, s).unwrap();
+            close(&lpk, &lp, 1e-14, "logp kept");
+            close(&entk, &ent, 1e-14, "entropy kept");
+            close(&dhk, &dh, 1e-12, "dhidden kept");
+            close(&dwk, &dw, 1e-12, "dweight kept");
+            assert!(lm_head_logprob_backward_kept(
+                &mut dhk,
+                &mut dwk,
+                &h,
+                &w,
+                &kept[1..],
+                &t,
+                &lsek,
+                &entk,
+                &dl,
+                &de,
+                s
+            )
+            .is_err());
 
             let f = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
             let (mut lp32, mut ent32, mut lse32) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);

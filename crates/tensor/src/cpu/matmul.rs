@@ -75,7 +75,13 @@ pub fn matmul_batched<F: Real>(out: &mut [F], a: &[F], b: &[F], batch: usize, g:
     }
     let Gemm { m, k, n, .. } = g;
     let flops = m * n * k;
-    let threads = rayon::current_num_threads();
+    crate::profile::add_flops(2 * (flops * batch) as u64);
+    // Inside a pool task the caller already spreads work over the cores:
+    // the product runs on this thread.
+    let threads = match rayon::current_thread_index() {
+        Some(_) => 1,
+        None => rayon::current_num_threads(),
+    };
     if batch > 1 && flops < PARALLEL_MIN_FLOPS * 4 && threads > 1 {
         // Many small products: one per task, each single-threaded.
         use rayon::prelude::*;

@@ -32,7 +32,10 @@ pub use flash::{
     check_cu_seqlens, flash_backward, flash_decode_paged, flash_forward, flash_forward_tiled, kv_write, FlashShape,
     PagedShape,
 };
-pub use lmhead::{lm_head_logprob_backward, lm_head_logprob_forward, LmHeadShape};
+pub use lmhead::{
+    lm_head_logprob_backward, lm_head_logprob_backward_kept, lm_head_logprob_forward, lm_head_logprob_forward_keep,
+    LmHeadShape,
+};
 pub use logprob::{token_logprob_backward, token_logprob_forward};
 pub use matmul::{matmul, matmul_batched, Gemm};
 pub use moe::{
