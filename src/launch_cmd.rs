@@ -147,7 +147,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         let _ = p.join();
     }
     match failed {
-        Some((rank, how)) => bail!("launch: rank {rank} of {world} {how}; the other ranks were stopped"),
+        Some((rank, how)) => bail!("launch: rank {rank} of {world} {how}; the other ranks ended or were stopped"),
         None => Ok(()),
     }
 }
@@ -215,7 +215,11 @@ pub fn nccl_check(a: NcclCheckArgs) -> Result<()> {
     };
     let gpu = aha_cuda_kernels::Gpu::get(ordinal)?;
     let nccl = Nccl::get()?;
-    let mine = if rank == 0 { nccl.unique_id()?.0.to_vec() } else { Vec::new() };
+    let mine = if rank == 0 {
+        nccl.unique_id()?.0.to_vec()
+    } else {
+        Vec::new()
+    };
     let got = group.broadcast_bytes(&mine)?;
     let mut id = UniqueId([0; 128]);
     if got.len() != 128 {
@@ -231,22 +235,37 @@ pub fn nccl_check(a: NcclCheckArgs) -> Result<()> {
         );
     }
     for &n in &sizes {
-        let inputs: Vec<Vec<f32>> = (0..world).map(|r| (0..n * world).map(|i| value(r, n, i)).collect()).collect();
+        let inputs: Vec<Vec<f32>> = (0..world)
+            .map(|r| (0..n * world).map(|i| value(r, n, i)).collect())
+            .collect();
         let mut sum = inputs[0].clone();
         for x in &inputs[1..] {
             for (s, v) in sum.iter_mut().zip(x) {
                 *s += v;
             }
         }
-        let abs: Vec<f32> = (0..n * world).map(|i| inputs.iter().map(|x| x[i].abs()).sum()).collect();
+        let abs: Vec<f32> = (0..n * world)
+            .map(|i| inputs.iter().map(|x| x[i].abs()).sum())
+            .collect();
         // Rank order on the emulated NCCL (exact); a ring's order elsewhere.
         let exact = nccl.is_emulated();
-        let tol32 = |i: usize| if exact { 0.0 } else { 1e-6 * world as f32 * (1.0 + abs[i]) };
+        let tol32 = |i: usize| {
+            if exact {
+                0.0
+            } else {
+                1e-6 * world as f32 * (1.0 + abs[i])
+            }
+        };
         let mine = &inputs[rank];
         // all-reduce f32, timed.
         let mut buf = gpu.upload(mine)?;
         comm.all_reduce_sum(&mut buf, 0..n * world)?;
-        compare(&format!("rank {rank}: all-reduce f32 of {}", n * world), &gpu.download(&buf)?, &sum, tol32)?;
+        compare(
+            &format!("rank {rank}: all-reduce f32 of {}", n * world),
+            &gpu.download(&buf)?,
+            &sum,
+            tol32,
+        )?;
         let t = Instant::now();
         for _ in 0..a.iters {
             comm.all_reduce_sum(&mut buf, 0..n * world)?;
@@ -257,22 +276,39 @@ pub fn nccl_check(a: NcclCheckArgs) -> Result<()> {
         let mut part = gpu.zeros::<f32>(n)?;
         comm.reduce_scatter_sum(&send, &mut part)?;
         let lo = rank * n;
-        compare(&format!("rank {rank}: reduce-scatter of {n}"), &gpu.download(&part)?, &sum[lo..lo + n], |i| {
-            tol32(lo + i)
-        })?;
+        compare(
+            &format!("rank {rank}: reduce-scatter of {n}"),
+            &gpu.download(&part)?,
+            &sum[lo..lo + n],
+            |i| tol32(lo + i),
+        )?;
         let first = gpu.upload(&mine[..n])?;
         let mut all = gpu.zeros::<f32>(n * world)?;
         comm.all_gather(&first, &mut all)?;
         let want: Vec<f32> = inputs.iter().flat_map(|x| x[..n].to_vec()).collect();
-        compare(&format!("rank {rank}: all-gather of {n}"), &gpu.download(&all)?, &want, |_| 0.0)?;
+        compare(
+            &format!("rank {rank}: all-gather of {n}"),
+            &gpu.download(&all)?,
+            &want,
+            |_| 0.0,
+        )?;
         let mut b = gpu.upload(&mine[..n])?;
         comm.broadcast(&mut b, world - 1)?;
-        compare(&format!("rank {rank}: broadcast of {n}"), &gpu.download(&b)?, &inputs[world - 1][..n], |_| 0.0)?;
+        compare(
+            &format!("rank {rank}: broadcast of {n}"),
+            &gpu.download(&b)?,
+            &inputs[world - 1][..n],
+            |_| 0.0,
+        )?;
         // all-reduce bf16: within a bf16 rounding per rank of the f32 sum.
         let bits: Vec<u16> = mine[..n].iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
         let mut h = gpu.upload(&bits)?;
         comm.all_reduce_sum(&mut h, 0..n)?;
-        let got: Vec<f32> = gpu.download(&h)?.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect();
+        let got: Vec<f32> = gpu
+            .download(&h)?
+            .into_iter()
+            .map(|b| half::bf16::from_bits(b).to_f32())
+            .collect();
         let want: Vec<f32> = (0..n)
             .map(|i| inputs.iter().map(|x| half::bf16::from_f32(x[i]).to_f32()).sum())
             .collect();

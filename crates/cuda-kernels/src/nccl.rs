@@ -95,8 +95,7 @@ struct Fns {
     get_error_string: unsafe extern "C" fn(Res) -> *const c_char,
     get_last_error: Option<unsafe extern "C" fn(RawComm) -> *const c_char>,
     all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
-    reduce_scatter:
-        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
+    reduce_scatter: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
     all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, RawComm, *mut c_void) -> Res,
     broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
 }
@@ -159,7 +158,11 @@ pub fn library_candidates() -> Vec<PathBuf> {
         let mut pys: Vec<PathBuf> = dir
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .filter(|d| d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("python3")))
+            .filter(|d| {
+                d.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("python3"))
+            })
             .collect();
         pys.sort();
         for py in pys {
@@ -198,7 +201,11 @@ pub fn find_library() -> Result<PathBuf> {
         format!(
             "libnccl.so.2 not found (searched: {}); install NCCL (`pip install nvidia-nccl-cu12` or the CUDA \
              repository's libnccl2) or set AHA_NCCL_LIB to the file",
-            cands.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
+            cands
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     ))
 }
@@ -494,7 +501,15 @@ impl Comm {
         // of the buffer from `range.start`, inside it (checked above), on
         // the buffer's own stream; ncclSum is 0.
         let r = unsafe {
-            (self.nccl.fns.all_reduce)(p, p, n, T::TYPE as c_int, 0, self.raw, stream.cu_stream() as *mut c_void)
+            (self.nccl.fns.all_reduce)(
+                p,
+                p,
+                n,
+                T::TYPE as c_int,
+                0,
+                self.raw,
+                stream.cu_stream() as *mut c_void,
+            )
         };
         drop(guard);
         self.after(r, "ncclAllReduce", n)
@@ -564,7 +579,10 @@ impl Comm {
     pub fn broadcast<T: NcclElem>(&mut self, buf: &mut CudaSlice<T>, root: usize) -> Result<()> {
         let n = buf.len();
         if root >= self.world {
-            return Err(nccl_err("ncclBroadcast", format!("root {root} of {} ranks", self.world)));
+            return Err(nccl_err(
+                "ncclBroadcast",
+                format!("root {root} of {} ranks", self.world),
+            ));
         }
         let stream = self.gpu.stream().clone();
         let (p, g) = buf.device_ptr_mut(&stream);
@@ -588,7 +606,10 @@ impl Comm {
 
 fn check_range(op: &str, end: usize, len: usize) -> Result<()> {
     if end > len {
-        return Err(nccl_err(op, format!("range ends at {end}, the buffer has {len} elements")));
+        return Err(nccl_err(
+            op,
+            format!("range ends at {end}, the buffer has {len} elements"),
+        ));
     }
     Ok(())
 }

@@ -90,7 +90,11 @@ fn collectives_match_the_cpu_on_random_sizes_cuda() {
         let close = |got: &[f32], want: &[f32], what: &str| {
             assert_eq!(got.len(), want.len(), "{what}");
             for (i, (g, w)) in got.iter().zip(want).enumerate() {
-                let ok = if exact { g == w } else { (g - w).abs() <= 1e-6 + 1e-6 * w.abs() };
+                let ok = if exact {
+                    g == w
+                } else {
+                    (g - w).abs() <= 1e-6 + 1e-6 * w.abs()
+                };
                 assert!(ok, "{what}: element {i}: {g} vs {w} (world {world}, n {n})");
             }
         };
@@ -119,10 +123,14 @@ fn collectives_match_the_cpu_on_random_sizes_cuda() {
             comm.broadcast(&mut b, world - 1).unwrap();
             let bc = g.download(&b).unwrap();
             // bf16 all-reduce and f64 all-reduce.
-            let mut h = g.upload(&mine[..n].iter().map(|&x| bf16(x)).collect::<Vec<u16>>()).unwrap();
+            let mut h = g
+                .upload(&mine[..n].iter().map(|&x| bf16(x)).collect::<Vec<u16>>())
+                .unwrap();
             comm.all_reduce_sum(&mut h, 0..n).unwrap();
             let hb = g.download(&h).unwrap();
-            let mut d = g.upload(&mine[..n].iter().map(|&x| f64::from(x)).collect::<Vec<f64>>()).unwrap();
+            let mut d = g
+                .upload(&mine[..n].iter().map(|&x| f64::from(x)).collect::<Vec<f64>>())
+                .unwrap();
             comm.all_reduce_sum(&mut d, 0..n).unwrap();
             let dd = g.download(&d).unwrap();
             (ar, rs, ag, bc, hb, dd)
@@ -165,7 +173,11 @@ fn wrong_arguments_are_errors_naming_the_call_cuda() {
         vec![a, b, c]
     });
     let e = &errs[0];
-    assert!(e[0].contains("ncclAllReduce") && e[0].contains("range ends at 9"), "{}", e[0]);
+    assert!(
+        e[0].contains("ncclAllReduce") && e[0].contains("range ends at 9"),
+        "{}",
+        e[0]
+    );
     assert!(e[1].contains("ncclReduceScatter"), "{}", e[1]);
     assert!(e[2].contains("ncclBroadcast") && e[2].contains("root 1"), "{}", e[2]);
 }
@@ -191,7 +203,10 @@ fn a_rank_that_never_joins_is_named_after_the_timeout(nccl: &Arc<Nccl>, gpu: &Ar
             std::thread::spawn(move || Comm::init(nccl, gpu, &id, 3, rank).map(|_| ()))
         })
         .collect();
-    let errs: Vec<String> = hs.into_iter().map(|h| h.join().unwrap().unwrap_err().to_string()).collect();
+    let errs: Vec<String> = hs
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap_err().to_string())
+        .collect();
     let secs = t.elapsed().as_secs_f64();
     assert!(errs[0].contains("rank(s) 1 did not connect"), "{}", errs[0]);
     assert!(errs[0].contains("rank 0 of 3"), "{}", errs[0]);

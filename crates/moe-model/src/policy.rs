@@ -451,8 +451,12 @@ impl Policy {
     /// without a copy to the host; `None` on the CPU.
     pub fn gpu_grads_mut(
         &mut self,
-    ) -> Result<Option<(std::sync::Arc<aha_cuda_kernels::Gpu>, &mut aha_cuda_kernels::cudarc::driver::CudaSlice<f32>)>>
-    {
+    ) -> Result<
+        Option<(
+            std::sync::Arc<aha_cuda_kernels::Gpu>,
+            &mut aha_cuda_kernels::cudarc::driver::CudaSlice<f32>,
+        )>,
+    > {
         match &mut self.inner {
             Inner::Cpu { .. } => Ok(None),
             Inner::Gpu(g) => g.grads_mut().map(Some),

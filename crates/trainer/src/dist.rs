@@ -137,7 +137,10 @@ fn recv_msg(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
 fn io_why(e: &std::io::Error, timeout: Duration) -> String {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            format!("no answer within {:.0} s (AHA_RENDEZVOUS_TIMEOUT_S)", timeout.as_secs_f64())
+            format!(
+                "no answer within {:.0} s (AHA_RENDEZVOUS_TIMEOUT_S)",
+                timeout.as_secs_f64()
+            )
         }
         std::io::ErrorKind::UnexpectedEof => "closed the connection (did it exit?)".into(),
         _ => format!("{e} (did it exit?)"),
@@ -385,9 +388,10 @@ impl Group {
                 n.copy_from_slice(&packed[at..at + 8]);
                 let n = u64::from_le_bytes(n) as usize;
                 at += 8;
-                let end = at.checked_add(n).filter(|&e| e <= packed.len()).ok_or_else(|| {
-                    err(format!("rank {rank}: a malformed message from rank 0"))
-                })?;
+                let end = at
+                    .checked_add(n)
+                    .filter(|&e| e <= packed.len())
+                    .ok_or_else(|| err(format!("rank {rank}: a malformed message from rank 0")))?;
                 all.push(packed[at..end].to_vec());
                 at = end;
             }
@@ -440,7 +444,11 @@ impl Group {
         let all = self.all_gather_f64(xs)?;
         for (r, v) in all.iter().enumerate() {
             if v.len() != xs.len() {
-                return Err(err(format!("sum over ranks: rank {r} sent {} values, this rank {}", v.len(), xs.len())));
+                return Err(err(format!(
+                    "sum over ranks: rank {r} sent {} values, this rank {}",
+                    v.len(),
+                    xs.len()
+                )));
             }
         }
         for (i, x) in xs.iter_mut().enumerate() {
@@ -456,7 +464,11 @@ impl Group {
         let all = self.all_gather_bytes(&bytes)?;
         for (r, b) in all.iter().enumerate() {
             if b.len() != bytes.len() {
-                return Err(err(format!("sum over ranks: rank {r} sent {} bytes, this rank {}", b.len(), bytes.len())));
+                return Err(err(format!(
+                    "sum over ranks: rank {r} sent {} bytes, this rank {}",
+                    b.len(),
+                    bytes.len()
+                )));
             }
         }
         for (i, x) in xs.iter_mut().enumerate() {
@@ -505,8 +517,13 @@ mod tests {
         let e = DistEnv::from_vars(vars(&[("WORLD_SIZE", "4"), ("RANK", "2"), ("MASTER_PORT", "1234")]))
             .unwrap()
             .unwrap();
-        assert_eq!((e.rank, e.world, e.local_rank, e.master()), (2, 4, 2, "127.0.0.1:1234".to_string()));
-        let bad = DistEnv::from_vars(vars(&[("WORLD_SIZE", "2")])).unwrap_err().to_string();
+        assert_eq!(
+            (e.rank, e.world, e.local_rank, e.master()),
+            (2, 4, 2, "127.0.0.1:1234".to_string())
+        );
+        let bad = DistEnv::from_vars(vars(&[("WORLD_SIZE", "2")]))
+            .unwrap_err()
+            .to_string();
         assert!(bad.contains("RANK is not set"), "{bad}");
         let bad = DistEnv::from_vars(vars(&[("WORLD_SIZE", "2"), ("RANK", "2")]))
             .unwrap_err()

@@ -107,7 +107,7 @@ impl DataParallel {
     /// each, so `n` must divide by the number of ranks.
     pub fn shard(&self, n: usize, what: &str) -> Result<Range<usize>> {
         let w = self.env.world;
-        if n % w != 0 {
+        if !n.is_multiple_of(w) {
             return Err(err(format!(
                 "{what} = {n} does not divide by WORLD_SIZE = {w}: each rank takes an equal share of whole groups"
             )));
@@ -124,7 +124,9 @@ impl DataParallel {
     pub fn check_grpo(&self, cfg: &crate::grpo_run::GrpoConfig) -> Result<()> {
         let w = self.env.world;
         if cfg.dynamic_sampling {
-            return Err(err(format!("dynamic_sampling is not supported with WORLD_SIZE = {w} yet")));
+            return Err(err(format!(
+                "dynamic_sampling is not supported with WORLD_SIZE = {w} yet"
+            )));
         }
         if cfg.scale_rewards == aha_grpo::AdvantageEstimator::Batch {
             return Err(err(format!(
@@ -133,7 +135,7 @@ impl DataParallel {
         }
         self.shard(cfg.prompts_per_step, "prompts_per_step")?;
         let rows = cfg.prompts_per_step / w * cfg.num_generations;
-        if cfg.minibatches > 1 && rows % cfg.minibatches != 0 {
+        if cfg.minibatches > 1 && !rows.is_multiple_of(cfg.minibatches) {
             return Err(err(format!(
                 "minibatches = {} must divide each rank's {rows} completions (prompts_per_step / WORLD_SIZE x \
                  num_generations) so that every rank makes the same updates",
@@ -146,6 +148,16 @@ impl DataParallel {
     /// The rendezvous group (host-side messages).
     pub fn group(&mut self) -> &mut Group {
         &mut self.group
+    }
+
+    /// `data parallel: N ranks, gradients summed by NCCL 2.x.y (path)`, or
+    /// `... through rank 0 over TCP` on the CPU.
+    pub fn describe(&self) -> String {
+        let how = match &self.comm {
+            Some(c) => format!("by NCCL {} ({})", c.nccl().version_string(), c.nccl().path().display()),
+            None => "through rank 0 over TCP".into(),
+        };
+        format!("data parallel: {} ranks, gradients summed {how}", self.env.world)
     }
 
     /// Seconds spent summing gradients since the last call.
@@ -183,8 +195,8 @@ impl DataParallel {
                 None => return Err(err("rank 0 sent an empty NCCL id")),
             };
             let nccl = Nccl::get().map_err(|e| err(format!("rank {}: {e}", self.env.rank)))?;
-            let comm = Comm::init(nccl, gpu.clone(), &id, self.env.world, self.env.rank)
-                .map_err(|e| err(e.to_string()))?;
+            let comm =
+                Comm::init(nccl, gpu.clone(), &id, self.env.world, self.env.rank).map_err(|e| err(e.to_string()))?;
             self.comm = Some(comm);
         }
         self.comm.as_mut().ok_or_else(|| err("no NCCL communicator"))

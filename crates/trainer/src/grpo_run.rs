@@ -462,7 +462,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     let metrics_path = out.join("metrics.jsonl");
     let precision: Precision = cfg.precision.parse()?;
     let mcfg = ModelConfig::from_path(&cfg.model)?;
-    let device_spec = dp.as_ref().map_or_else(|| cfg.device.clone(), |d| d.device_spec(&cfg.device));
+    let device_spec = dp
+        .as_ref()
+        .map_or_else(|| cfg.device.clone(), |d| d.device_spec(&cfg.device));
     let device = resolve_device(&device_spec, &mcfg, precision)?;
     // The device memory of the policy (trained) and the reference (scored),
     // refused before anything is allocated when it cannot fit.
@@ -645,6 +647,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         let mut m = train_on_synced(&mut policy, reference.as_ref(), &mut opt, &batch, &names, &sc, sync)?;
         if let Some(d) = dp.as_mut() {
             m.insert("timing/allreduce_s".into(), d.take_allreduce_s());
+            if step == start + 1 {
+                log(&d.describe());
+            }
         }
         for note in opt.take_notes() {
             log(&format!("step {step}: {note}"));

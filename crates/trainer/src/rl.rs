@@ -441,7 +441,9 @@ pub fn train_on_synced(
                 continue;
             };
             let info = match bad {
-                Some(l) if l.is_nan() && loss.is_finite() => opt.skip(&describe(), "a non-finite loss on another rank")?,
+                Some(l) if l.is_nan() && loss.is_finite() => {
+                    opt.skip(&describe(), "a non-finite loss on another rank")?
+                }
                 Some(l) => opt.skip(&describe(), &format!("loss {l}"))?,
                 None => opt.update_batch(policy, &describe)?,
             };
