@@ -111,7 +111,7 @@ fn grpo_config(dir: &Path, device: &str, out: &str) -> PathBuf {
 }
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(dir.join("final/model.safetensors")).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();
@@ -196,7 +196,7 @@ fn two_ranks_match_one(device: &str, name: &str) {
     };
     assert!(se.contains(&format!("[rank 0] {how}")), "{se}");
     assert!(!se.contains("[rank 1] step"), "{se}");
-    let (a, b) = (weights(&tmp.0.join("one")), weights(&tmp.0.join("two")));
+    let (a, b) = (weights(&tmp.0.join("one/final")), weights(&tmp.0.join("two/final")));
     assert_eq!(a.len(), b.len());
     let mut moved = 0f32;
     let start = initial_weights();
@@ -351,4 +351,95 @@ fn launch_refuses_bad_arguments_and_reports_a_failing_rank() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nproc-per-node 0"));
+}
+
+/// SFT on 2 ranks (a global batch of 4, 2 rows a rank) ends 5 steps with the
+/// weights of 1 process.
+fn sft_two_ranks_match_one(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let data = tmp.0.join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"07+15=\", \"completion\": \"22\"}\n{\"prompt\": \"33+48=\", \"completion\": \"81\"}\n\
+         {\"prompt\": \"12+30=\", \"completion\": \"42\"}\n{\"prompt\": \"50+21=\", \"completion\": \"71\"}\n",
+    )
+    .unwrap();
+    let args = |out: &str| -> Vec<String> {
+        [
+            "sft",
+            "--steps",
+            "5",
+            "--batch",
+            "4",
+            "--lr",
+            "1e-3",
+            "--template",
+            "none",
+            "--save-dtype",
+            "f32",
+            "--device",
+            device,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--model".into(), fixture("models/qwen2-tiny").display().to_string()])
+        .chain(["--data".into(), data.display().to_string()])
+        .chain(["--out".into(), tmp.0.join(out).display().to_string()])
+        .collect()
+    };
+    let r1 = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(args("one"))
+        .output()
+        .unwrap();
+    assert!(r1.status.success(), "{}", String::from_utf8_lossy(&r1.stderr));
+    let r2 = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .arg("--")
+        .args(args("two"))
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&r2.stderr);
+    assert!(r2.status.success(), "{se}");
+    assert!(se.contains("[rank 0] step 5/5 sft loss"), "{se}");
+    assert!(!se.contains("[rank 1] step"), "{se}");
+    assert!(se.contains("[rank 0] data parallel: 2 ranks"), "{se}");
+    // The same final loss (the global one) on stdout.
+    let loss = |o: &std::process::Output, prefix: &str| -> f64 {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let line = text.lines().find_map(|l| l.strip_prefix(prefix)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let (l1, l2) = (loss(&r1, ""), loss(&r2, "[rank 0] "));
+    assert!(
+        (l1 - l2).abs() <= 1e-5 * (1.0 + l1.abs()),
+        "loss: 1 rank {l1}, 2 ranks {l2}"
+    );
+    let (a, b) = (weights(&tmp.0.join("one")), weights(&tmp.0.join("two")));
+    let start = initial_weights();
+    let mut moved = 0f32;
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        for (i, (x, y)) in va.iter().zip(vb).enumerate() {
+            assert!((x - y).abs() <= 1e-5, "{na}[{i}]: 1 rank {x}, 2 ranks {y}");
+        }
+        if let Some((_, v0)) = start.iter().find(|(n, _)| n == na) {
+            moved = va.iter().zip(v0).fold(moved, |m, (x, y)| m.max((x - y).abs()));
+        }
+    }
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+}
+
+#[test]
+fn sft_on_two_ranks_matches_one_rank_on_the_cpu() {
+    sft_two_ranks_match_one("cpu", "sft-cpu");
+}
+
+#[test]
+fn sft_on_two_ranks_matches_one_rank_on_the_gpu() {
+    if no_gpu("sft_on_two_ranks_matches_one_rank_on_the_gpu") {
+        return;
+    }
+    sft_two_ranks_match_one("cuda", "sft-gpu");
 }

@@ -72,6 +72,25 @@ pub(crate) fn sft(
     rng: &mut Rng,
     log: &mut dyn FnMut(&str),
 ) -> Result<f64> {
+    sft_synced(model, examples, steps, batch, lr, rng, log, None)
+}
+
+/// [`sft`] on one rank of a data-parallel run: every rank draws the same
+/// global batch from the same `rng` and trains on its share of it.
+pub(crate) fn sft_synced(
+    model: &mut Policy,
+    examples: &[(Vec<u32>, Vec<u32>)],
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    rng: &mut Rng,
+    log: &mut dyn FnMut(&str),
+    mut dp: Option<&mut crate::dp::DataParallel>,
+) -> Result<f64> {
+    let share = match dp.as_deref() {
+        Some(d) => d.shard(batch, "batch")?,
+        None => 0..batch,
+    };
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].0.len() + examples[i].1.len());
     let mut opt = Optimizer::new(optim(lr, steps, Schedule::Cosine));
@@ -82,7 +101,8 @@ pub(crate) fn sft(
         let b: Vec<(Vec<u32>, Vec<u32>)> = (0..batch)
             .map(|_| examples[order[start + rng.below(window as u64) as usize]].clone())
             .collect();
-        loss = sft_step(model, &mut opt, &b, toy::PAD)?.0;
+        let sync = dp.as_deref_mut().map(|d| d as &mut dyn crate::rl::StepSync);
+        loss = crate::optim::sft_step_synced(model, &mut opt, &b[share.clone()], toy::PAD, sync)?.0;
         log(&format!("step {step}/{steps} sft loss {loss:.4}"));
     }
     Ok(loss)

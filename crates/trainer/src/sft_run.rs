@@ -279,7 +279,10 @@ pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64>
     )?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
     let p = cfg.out.join("sft_config.toml");
-    std::fs::write(&p, text).map_err(io_err(&p))?;
+    // Rank 0 alone writes in a data-parallel run.
+    if crate::dist::DistEnv::from_env()?.is_none_or(|e| e.rank == 0) {
+        std::fs::write(&p, text).map_err(io_err(&p))?;
+    }
     Ok(loss)
 }
 
@@ -350,8 +353,17 @@ pub fn run_sft_logged(
         Some(l) => model.with_lora(l, seed)?,
         None => model,
     };
+    // Data parallel when launched as one of several ranks (crate::dp): only
+    // rank 0 logs and saves.
+    let mut dp = crate::dp::DataParallel::from_env()?;
+    let writer = dp.as_ref().is_none_or(|d| d.is_writer());
+    let mut quiet = |_: &str| {};
+    let log: &mut dyn FnMut(&str) = if writer { log } else { &mut quiet };
+    let device = dp
+        .as_ref()
+        .map_or_else(|| device.to_string(), |d| d.device_spec(device));
     // The device first: a wrong --device fails before any data is read.
-    let dev = resolve_device(device, &model.config, precision)?;
+    let dev = resolve_device(&device, &model.config, precision)?;
     let tok = load_tokenizer(model_dir)?;
     let t = Templater::new(template, model_dir)?;
     let examples = read_sft_jsonl(data, &tok, &t, model.config.eos_token_ids.first().copied())?;
@@ -384,7 +396,13 @@ pub fn run_sft_logged(
     log(&format!("sft: model on {dev} ({precision}); memory plan: {plan}"));
     check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
-    let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng, log)?;
+    let loss = crate::pipeline::sft_synced(&mut policy, &examples, steps, batch, lr, &mut rng, log, dp.as_mut())?;
+    if let Some(d) = &dp {
+        log(&d.describe());
+        if !writer {
+            return Ok(loss);
+        }
+    }
     policy.save_as(
         out,
         &SaveOptions {
