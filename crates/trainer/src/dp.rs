@@ -122,27 +122,7 @@ impl DataParallel {
     /// number of prompts per step (or minibatches) that does not split
     /// evenly.
     pub fn check_grpo(&self, cfg: &crate::grpo_run::GrpoConfig) -> Result<()> {
-        let w = self.env.world;
-        if cfg.dynamic_sampling {
-            return Err(err(format!(
-                "dynamic_sampling is not supported with WORLD_SIZE = {w} yet"
-            )));
-        }
-        if cfg.scale_rewards == aha_grpo::AdvantageEstimator::Batch {
-            return Err(err(format!(
-                "scale_rewards = \"batch\" needs batch-wide statistics; not supported with WORLD_SIZE = {w} yet"
-            )));
-        }
-        self.shard(cfg.prompts_per_step, "prompts_per_step")?;
-        let rows = cfg.prompts_per_step / w * cfg.num_generations;
-        if cfg.minibatches > 1 && !rows.is_multiple_of(cfg.minibatches) {
-            return Err(err(format!(
-                "minibatches = {} must divide each rank's {rows} completions (prompts_per_step / WORLD_SIZE x \
-                 num_generations) so that every rank makes the same updates",
-                cfg.minibatches
-            )));
-        }
-        Ok(())
+        check_grpo(cfg, self.env.world)
     }
 
     /// The rendezvous group (host-side messages).
@@ -203,6 +183,39 @@ impl DataParallel {
     }
 }
 
+/// Refuses GRPO settings that data parallelism over `world` ranks does not
+/// support yet: dynamic sampling (ranks would refill at different rates),
+/// batch-wide reward scaling (advantages stay local to a rank's groups), and
+/// a number of prompts per step (or minibatches) that does not split evenly.
+pub fn check_grpo(cfg: &crate::grpo_run::GrpoConfig, world: usize) -> Result<()> {
+    let w = world;
+    if cfg.dynamic_sampling {
+        return Err(err(format!(
+            "dynamic_sampling is not supported with WORLD_SIZE = {w} yet"
+        )));
+    }
+    if cfg.scale_rewards == aha_grpo::AdvantageEstimator::Batch {
+        return Err(err(format!(
+            "scale_rewards = \"batch\" needs batch-wide statistics; not supported with WORLD_SIZE = {w} yet"
+        )));
+    }
+    if !cfg.prompts_per_step.is_multiple_of(w) {
+        return Err(err(format!(
+            "prompts_per_step = {} does not divide by WORLD_SIZE = {w}: each rank takes an equal share of whole groups",
+            cfg.prompts_per_step
+        )));
+    }
+    let rows = cfg.prompts_per_step / w * cfg.num_generations;
+    if cfg.minibatches > 1 && !rows.is_multiple_of(cfg.minibatches) {
+        return Err(err(format!(
+            "minibatches = {} must divide each rank's {rows} completions (prompts_per_step / WORLD_SIZE x \
+             num_generations) so that every rank makes the same updates",
+            cfg.minibatches
+        )));
+    }
+    Ok(())
+}
+
 impl StepSync for DataParallel {
     fn world(&self) -> usize {
         self.env.world
@@ -238,5 +251,45 @@ impl StepSync for DataParallel {
         }
         self.allreduce_s += t.elapsed().as_secs_f64();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpo_run::GrpoConfig;
+
+    #[test]
+    fn unsupported_grpo_settings_are_refused_by_name() {
+        let ok = GrpoConfig {
+            prompts_per_step: 4,
+            num_generations: 4,
+            dynamic_sampling: false,
+            ..GrpoConfig::default()
+        };
+        check_grpo(&ok, 2).unwrap();
+        check_grpo(&ok, 4).unwrap();
+        let e = check_grpo(&ok, 3).unwrap_err().to_string();
+        assert!(
+            e.contains("prompts_per_step = 4") && e.contains("WORLD_SIZE = 3"),
+            "{e}"
+        );
+        let ds = GrpoConfig {
+            dynamic_sampling: true,
+            ..ok.clone()
+        };
+        assert!(check_grpo(&ds, 2).unwrap_err().to_string().contains("dynamic_sampling"));
+        let batch = GrpoConfig {
+            scale_rewards: aha_grpo::AdvantageEstimator::Batch,
+            ..ok.clone()
+        };
+        assert!(check_grpo(&batch, 2).unwrap_err().to_string().contains("scale_rewards"));
+        // 2 prompts x 4 completions a rank do not split into 3 minibatches.
+        let mb = GrpoConfig {
+            minibatches: 3,
+            ..ok.clone()
+        };
+        assert!(check_grpo(&mb, 2).unwrap_err().to_string().contains("minibatches = 3"));
+        check_grpo(&GrpoConfig { minibatches: 4, ..ok }, 2).unwrap();
     }
 }

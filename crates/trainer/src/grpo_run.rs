@@ -382,10 +382,11 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     cfg.validate()?;
     // Data parallel when launched as one of several ranks (crate::dp): only
     // rank 0 logs and writes files.
-    let mut dp = crate::dp::DataParallel::from_env()?;
-    if let Some(d) = &dp {
-        d.check_grpo(cfg)?;
+    let dist_env = crate::dist::DistEnv::from_env()?;
+    if let Some(e) = &dist_env {
+        crate::dp::check_grpo(cfg, e.world)?;
     }
+    let mut dp = dist_env.map(crate::dp::DataParallel::join).transpose()?;
     let writer = dp.as_ref().is_none_or(|d| d.is_writer());
     let mut quiet = |_: &str| {};
     let log: &mut dyn FnMut(&str) = if writer { log } else { &mut quiet };
