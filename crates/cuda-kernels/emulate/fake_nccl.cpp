@@ -24,7 +24,7 @@
 // AHA_NCCL_TIMEOUT_S seconds (default 120) with ncclRemoteError; a peer
 // that exits closes its socket, which is reported at once. The message,
 // naming the rank, the operation and its sequence number, is kept for
-// ncclGetLastError, printed on stderr, and the communicator's asynchronous
+// ncclGetLastError (per thread, as NCCL keeps it), printed on stderr, and the communicator's asynchronous
 // error becomes sticky (ncclCommGetAsyncError), as a real communicator's
 // does after a failure.
 
@@ -107,13 +107,10 @@ struct Header {
     uint64_t seq;
 };
 
-std::mutex g_last_mu;
-std::string g_last_error;
+// The last error of the calling thread, as NCCL keeps it (ncclGetLastError).
+thread_local std::string g_last_error;
 
-void set_last(const std::string& msg) {
-    std::lock_guard<std::mutex> lock(g_last_mu);
-    g_last_error = msg;
-}
+void set_last(const std::string& msg) { g_last_error = msg; }
 
 double timeout_s() {
     const char* v = std::getenv("AHA_NCCL_TIMEOUT_S");
@@ -524,12 +521,7 @@ const char* ncclGetErrorString(ncclResult_t r) {
     }
 }
 
-const char* ncclGetLastError(ncclComm_t) {
-    static thread_local std::string copy;
-    std::lock_guard<std::mutex> lock(g_last_mu);
-    copy = g_last_error;
-    return copy.c_str();
-}
+const char* ncclGetLastError(ncclComm_t) { return g_last_error.c_str(); }
 
 ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
     if (id == nullptr) return ncclInvalidArgument;
