@@ -512,7 +512,7 @@ const char* ncclGetErrorString(ncclResult_t r) {
         case ncclSuccess: return "no error";
         case ncclUnhandledCudaError: return "unhandled cuda error (run with NCCL_DEBUG=INFO for details)";
         case ncclSystemError: return "unhandled system error (run with NCCL_DEBUG=INFO for details)";
-        case ncclInternalError: return "internal error - please report this issue to the NCCL developers";
+        case ncclInternalError: return "internal error (run with NCCL_DEBUG=WARN for details)";
         case ncclInvalidArgument: return "invalid argument (run with NCCL_DEBUG=WARN for details)";
         case ncclInvalidUsage: return "invalid usage (run with NCCL_DEBUG=WARN for details)";
         case ncclRemoteError: return "remote process exited or there was a network error";
