@@ -31,15 +31,16 @@ cargo test --workspace "$@"
 # The GPU tests again, on the emulated GPU (AHA_EMULATED_GPU=1: a CUDA
 # driver and cuBLAS built from crates/cuda-kernels/emulate/ that run the
 # kernel files on the CPU), so that the Rust launchers, the GPU model, the
-# MoE layer and the CLI's --device cuda paths run on every machine. None of
-# them may skip here.
+# MoE layer and the CLI's --device cuda paths run on every machine; with it,
+# the emulated NCCL (emulate/fake_nccl.cpp) for the collectives and the
+# data-parallel runs over several processes. None of them may skip here.
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 AHA_EMULATED_GPU=1 cargo test "$@" \
     -p aha-tensor --test gpu_twins --test gpu_kernels --test gpu_moe --test gpu_flash --test gpu_lmhead \
     -p aha-sampler --test gpu_sampling --test gpu_engine -p aha-moe-model --test gpu_model --test reward_model -p aha-grpo --test gpu_loss \
-    -p aha-trainer --test gpu_demo \
-    -p aha --test cli -- cuda on_the_gpu --nocapture 2>&1 | tee "$log"
+    -p aha-trainer --test gpu_demo -p aha-cuda-kernels --test nccl \
+    -p aha --test cli --test dist -- cuda on_the_gpu --nocapture 2>&1 | tee "$log"
 if grep -q "skipped: no GPU" "$log"; then
     echo "scripts/test.sh: a GPU test skipped on the emulated GPU" >&2
     exit 1

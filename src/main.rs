@@ -2,12 +2,13 @@
 //!
 //! Each command is a thin layer over a library crate: `demo` and `pipeline`
 //! (the R1 pipeline at toy scale), `grpo`, `sft`, `rejection-sample`,
-//! `distill`, `eval`, `generate`, `logprobs`, `rewards`, `plan`, `bench`
-//! and `info`.
+//! `distill`, `eval`, `generate`, `logprobs`, `rewards`, `plan`, `bench`,
+//! `launch` (several ranks on one node), `nccl-check` and `info`.
 
 mod bench;
 mod eval_cmd;
 mod generate;
+mod launch_cmd;
 mod logprobs;
 mod plan_cmd;
 mod rewards_cmd;
@@ -436,6 +437,13 @@ enum Command {
     /// expert parallel, optimizer offload and LoRA; bytes and seconds of
     /// communication per step; the rollout / training split of a GRPO step.
     Plan(plan_cmd::PlanArgs),
+    /// Runs N copies of an aha command on this node as the ranks of one
+    /// job (data parallel on N GPUs), torchrun's way:
+    /// `aha launch --nproc-per-node 8 -- grpo --config run.toml`.
+    Launch(launch_cmd::LaunchArgs),
+    /// Checks every NCCL collective against the CPU on every rank and
+    /// times the all-reduce (under `aha launch`, torchrun or srun).
+    NcclCheck(launch_cmd::NcclCheckArgs),
     /// Benchmarks, each printing one JSON line.
     Bench {
         #[command(subcommand)]
@@ -544,6 +552,8 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Info { device, model } => info(&device, model.as_deref()),
         Command::Plan(a) => plan_cmd::run(a),
+        Command::Launch(a) => launch_cmd::run(a),
+        Command::NcclCheck(a) => launch_cmd::nccl_check(a),
         Command::Demo {
             quick,
             out,

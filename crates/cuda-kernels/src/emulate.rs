@@ -310,6 +310,30 @@ fn install() -> Result<(), EmulateError> {
     Ok(())
 }
 
+/// The emulated NCCL's source (kept out of [`FILES`] so that a change to it
+/// does not rebuild the emulated GPU).
+const NCCL_SOURCE: &str = include_str!("../emulate/fake_nccl.cpp");
+
+/// The emulated NCCL (`emulate/fake_nccl.cpp`: collectives between
+/// processes of one machine over Unix sockets, reduced in rank order)
+/// compiled as `libnccl.so.2` into a cache folder named by its source's
+/// hash; returns the library's path for [`crate::nccl::Nccl::load`].
+pub fn emulated_nccl_path() -> Result<PathBuf, EmulateError> {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(why) = unavailable_reason() {
+        return Err(EmulateError::NoCompiler(why));
+    }
+    let dir = std::env::temp_dir().join(format!("aha-emulate-nccl-{:016x}", fnv1a(&[NCCL_SOURCE])));
+    let out = dir.join("libnccl.so.2");
+    if !out.exists() {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("fake_nccl.cpp"), NCCL_SOURCE)?;
+        compile(&dir, "fake_nccl.cpp", &out, Some("libnccl.so.2"), &[])?;
+    }
+    Ok(out)
+}
+
 /// The emulated driver, once loaded.
 static DRIVER: std::sync::OnceLock<libloading::Library> = std::sync::OnceLock::new();
 

@@ -61,6 +61,15 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// NCCL could not be loaded or a collective failed (the message names
+    /// the rank and the operation; a dead peer shows up here).
+    #[error("NCCL: {op}: {msg}")]
+    Nccl {
+        /// The call, with its rank.
+        op: String,
+        /// NCCL's message.
+        msg: String,
+    },
 }
 
 /// Result with this crate's [`Error`].

@@ -25,6 +25,9 @@
 //!   shim and run on the CPU, as written, for tests without a GPU.
 //! - [`view`]: the buffers launchers take, owned slices or views into a
 //!   flat allocation.
+//! - [`nccl`]: NCCL loaded at run time (the real library found on the
+//!   machine, or the emulated one built from `emulate/fake_nccl.cpp`), and
+//!   the collectives data parallelism uses.
 //! - [`blas`]: row-major matrix products through cuBLAS (f32, and bf16 with
 //!   f32 accumulation).
 //!
@@ -43,6 +46,7 @@ pub mod emulate;
 pub mod error;
 pub mod launch;
 pub mod moe_layer;
+pub mod nccl;
 pub mod nvrtc;
 pub mod pool;
 pub mod registry;

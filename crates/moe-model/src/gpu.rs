@@ -396,6 +396,18 @@ impl GpuModel {
         Ok(())
     }
 
+    /// The GPU and the flat gradient buffer (allocated, zeroed, the first
+    /// time), for collectives over it (the data-parallel all-reduce).
+    pub fn grads_mut(&mut self) -> Result<(Arc<Gpu>, &mut CudaSlice<f32>)> {
+        if self.grads.is_none() {
+            self.grads = Some(self.zeros(self.layout.size)?);
+        }
+        match &mut self.grads {
+            Some(g) => Ok((self.gpu.clone(), g)),
+            None => Err(input_err("gpu grads_mut", "the gradient buffer could not be allocated")),
+        }
+    }
+
     /// Zeroes the gradient buffer (one memset), allocating it the first time.
     pub fn zero_grad(&mut self) -> Result<()> {
         match &mut self.grads {

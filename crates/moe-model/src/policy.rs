@@ -455,6 +455,23 @@ impl Policy {
         }
     }
 
+    /// On a GPU, the device and the flat gradient buffer itself (in the
+    /// CPU layout; allocated the first time), for collectives over it
+    /// without a copy to the host; `None` on the CPU.
+    pub fn gpu_grads_mut(
+        &mut self,
+    ) -> Result<
+        Option<(
+            std::sync::Arc<aha_cuda_kernels::Gpu>,
+            &mut aha_cuda_kernels::cudarc::driver::CudaSlice<f32>,
+        )>,
+    > {
+        match &mut self.inner {
+            Inner::Cpu { .. } => Ok(None),
+            Inner::Gpu(g) => g.grads_mut().map(Some),
+        }
+    }
+
     /// Replaces the gradient buffer with `host` (CPU layout): gradients
     /// computed elsewhere, or a test's.
     pub fn set_grads(&mut self, host: &[f32]) -> Result<()> {

@@ -302,7 +302,7 @@ impl<'a> Engine<'a> {
                         pending: 0,
                         tokens: Vec::new(),
                         logprobs: Vec::new(),
-                        rng: SeqRng::for_sequence(params.seed, pi as u64, si as u64),
+                        rng: SeqRng::for_sequence(params.seed, params.prompt_offset.wrapping_add(pi as u64), si as u64),
                         detok: Detokenizer::default(),
                         text: String::new(),
                         reserved: per_sample,

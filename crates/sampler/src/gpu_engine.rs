@@ -355,7 +355,7 @@ impl<'a> GpuEngine<'a> {
                         len: prompts[p].len(),
                         tokens: Vec::new(),
                         logprobs: Vec::new(),
-                        rng: SeqRng::for_sequence(params.seed, p as u64, si as u64),
+                        rng: SeqRng::for_sequence(params.seed, params.prompt_offset.wrapping_add(p as u64), si as u64),
                         detok: Detokenizer::default(),
                         text: String::new(),
                     });

@@ -45,6 +45,11 @@ pub struct SamplingParams {
     pub stop_strings: Vec<String>,
     /// Base seed; a completion's stream is derived from (seed, prompt, sample).
     pub seed: u64,
+    /// Added to each prompt's index in the call before its stream is
+    /// derived (default 0): a data-parallel rank generating prompts
+    /// `offset..` of a global batch draws the completions one process
+    /// generating the whole batch would.
+    pub prompt_offset: u64,
 }
 
 impl Default for SamplingParams {
@@ -60,6 +65,7 @@ impl Default for SamplingParams {
             stop_token_ids: vec![],
             stop_strings: vec![],
             seed: 0,
+            prompt_offset: 0,
         }
     }
 }

@@ -126,6 +126,25 @@ fn seeded_sampling_does_not_depend_on_the_batch() {
     }
     // Different samples of a prompt differ.
     assert_ne!(together[0].token_ids, together[1].token_ids);
+    // A slice of the prompts generated with `prompt_offset` set to its
+    // first index (a data-parallel rank's share) draws the same
+    // completions as the whole list; without the offset it does not.
+    let offset = SamplingParams {
+        prompt_offset: 2,
+        ..params.clone()
+    };
+    let (share, _) = small.generate(&all[2..], 3, &offset).unwrap();
+    let (unshifted, _) = small.generate(&all[2..], 3, &params).unwrap();
+    let mut differs = false;
+    for (c, u) in share.iter().zip(&unshifted) {
+        let t = together
+            .iter()
+            .find(|t| t.prompt_index == c.prompt_index + 2 && t.sample_index == c.sample_index)
+            .unwrap();
+        assert_eq!(c.token_ids, t.token_ids, "prompt {} with offset 2", c.prompt_index + 2);
+        differs |= u.token_ids != t.token_ids;
+    }
+    assert!(differs, "the offset changed nothing: the check would prove nothing");
 }
 
 #[test]

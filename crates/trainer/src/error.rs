@@ -72,6 +72,10 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// A data-parallel run could not start or lost a rank (the message
+    /// names the rank).
+    #[error("data parallel: {0}")]
+    Dist(String),
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),

@@ -21,7 +21,7 @@ use crate::error::{io_err, Error, Result};
 use crate::eval::evaluate_math;
 use crate::optim::{OptimConfig, Optimizer, Schedule};
 use crate::rewards::{build, BuildContext, RewardKind, RewardSpec};
-use crate::rl::{rollout, train_on, GrpoStep, Rollouts, Scoring};
+use crate::rl::{rollout, train_on_synced, GrpoStep, Rollouts, Scoring};
 use crate::rng::Rng;
 use crate::template::Templater;
 use crate::tensorboard::EventWriter;
@@ -380,6 +380,16 @@ impl GrpoConfig {
 /// checkpoint. Returns the final step's metrics.
 pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Result<aha_grpo::Metrics> {
     cfg.validate()?;
+    // Data parallel when launched as one of several ranks (crate::dp): only
+    // rank 0 logs and writes files.
+    let dist_env = crate::dist::DistEnv::from_env()?;
+    if let Some(e) = &dist_env {
+        crate::dp::check_grpo(cfg, e.world)?;
+    }
+    let mut dp = dist_env.map(crate::dp::DataParallel::join).transpose()?;
+    let writer = dp.as_ref().is_none_or(|d| d.is_writer());
+    let mut quiet = |_: &str| {};
+    let log: &mut dyn FnMut(&str) = if writer { log } else { &mut quiet };
     let out = &cfg.out;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let tok = load_tokenizer(&cfg.model)?;
@@ -453,7 +463,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     let metrics_path = out.join("metrics.jsonl");
     let precision: Precision = cfg.precision.parse()?;
     let mcfg = ModelConfig::from_path(&cfg.model)?;
-    let device = resolve_device(&cfg.device, &mcfg, precision)?;
+    let device_spec = dp
+        .as_ref()
+        .map_or_else(|| cfg.device.clone(), |d| d.device_spec(&cfg.device));
+    let device = resolve_device(&device_spec, &mcfg, precision)?;
     // The device memory of the policy (trained) and the reference (scored),
     // refused before anything is allocated when it cannot fit.
     let rows = (cfg.prompts_per_step * cfg.num_generations).div_ceil(cfg.minibatches.max(1));
@@ -509,7 +522,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 .take(l.state.metrics_lines)
                 .map(|x| format!("{x}\n"))
                 .collect();
-            std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
+            if writer {
+                std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
+            }
             log(&format!("resuming at step {} from {}", l.state.step, l.dir.display()));
             let reference = match (l.reference, &cfg.lora) {
                 (_, Some(_)) => None,
@@ -535,8 +550,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             )
         }
         None => {
-            std::fs::write(out.join("config.toml"), &cfg_text).map_err(io_err(out))?;
-            std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
+            if writer {
+                std::fs::write(out.join("config.toml"), &cfg_text).map_err(io_err(out))?;
+                std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
+            }
             let (policy, reference) = match &cfg.lora {
                 Some(l) => (place(Model::load(&cfg.model)?.with_lora(l, cfg.seed)?)?, None),
                 None => (place(Model::load(&cfg.model)?)?, Some(place(Model::load(&cfg.model)?)?)),
@@ -545,12 +562,16 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             (policy, reference, opt, Rng::new(cfg.seed), 0, 0, Cursor::default())
         }
     };
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .map_err(io_err(&metrics_path))?;
-    // TensorBoard events beside metrics.jsonl: every scalar of every line.
-    let mut tb = EventWriter::create(out)?;
+    let mut sink = if writer {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .map_err(io_err(&metrics_path))?;
+        // TensorBoard events beside metrics.jsonl: every scalar of every line.
+        Some((file, EventWriter::create(out)?))
+    } else {
+        None
+    };
     let step_cfg = GrpoStep {
         num_generations: cfg.num_generations,
         loss: cfg.loss_config(),
@@ -563,10 +584,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     };
     let g = cfg.num_generations;
     let mut last = aha_grpo::Metrics::new();
-    if let (Some(set), true, 0) = (&eval_set, cfg.eval_before_training, start) {
+    if let (Some(set), true, 0, Some((metrics_file, tb))) = (&eval_set, cfg.eval_before_training, start, &mut sink) {
         let e = evaluate(&policy, &tok, set, cfg)?;
         log(&format!("step 0: eval pass@1 {:.3}", e["eval/pass@1"]));
-        write_line(&mut metrics_file, &metrics_path, &mut tb, 0, &e)?;
+        write_line(metrics_file, &metrics_path, tb, 0, &e)?;
         lines += 1;
     }
     for step in start + 1..=cfg.steps {
@@ -586,6 +607,15 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 break;
             }
             let picks = cursor.take(data.len(), cfg.prompts_per_step - have, cfg.seed);
+            // A rank's share: whole groups, sampled from their global index.
+            let (picks, first) = match &dp {
+                Some(d) => {
+                    let r = d.shard(picks.len(), "prompts_per_step")?;
+                    (picks[r.clone()].to_vec(), r.start)
+                }
+                None => (picks, 0),
+            };
+            sc.sampling.prompt_offset = first as u64;
             let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| data[i].0.clone()).collect();
             let examples: Vec<Example> = picks.iter().map(|&i| data[i].1.clone()).collect();
             sc.sampling.seed = cfg.seed.wrapping_add((step * 1_000_003 + round * 7919) as u64);
@@ -614,18 +644,27 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             continue;
         };
         let names: Vec<&str> = cfg.rewards.iter().map(|r| r.name.as_str()).collect();
-        let mut m = train_on(&mut policy, reference.as_ref(), &mut opt, &batch, &names, &sc)?;
+        let sync = dp.as_mut().map(|d| d as &mut dyn crate::rl::StepSync);
+        let mut m = train_on_synced(&mut policy, reference.as_ref(), &mut opt, &batch, &names, &sc, sync)?;
+        if let Some(d) = dp.as_mut() {
+            m.insert("timing/allreduce_s".into(), d.take_allreduce_s());
+            if step == start + 1 {
+                log(&d.describe());
+            }
+        }
         for note in opt.take_notes() {
             log(&format!("step {step}: {note}"));
         }
         m.insert("dynamic_sampling/dropped_groups".into(), dropped as f64);
         m.insert("epoch".into(), cursor.fraction(data.len()));
-        if let (Some(set), true) = (&eval_set, cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+        if let (Some(set), true) = (&eval_set, writer && cfg.eval_every > 0 && step % cfg.eval_every == 0) {
             let e = evaluate(&policy, &tok, set, cfg)?;
             log(&format!("step {step}: eval pass@1 {:.3}", e["eval/pass@1"]));
             m.extend(e);
         }
-        write_line(&mut metrics_file, &metrics_path, &mut tb, step, &m)?;
+        if let Some((metrics_file, tb)) = &mut sink {
+            write_line(metrics_file, &metrics_path, tb, step, &m)?;
+        }
         lines += 1;
         log(&format!(
             "step {step}/{}  reward {:.3}  kl {:.4}  length {:.1}",
@@ -634,7 +673,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             m.get("kl").copied().unwrap_or(0.0),
             m.get("completions/mean_length").copied().unwrap_or(0.0)
         ));
-        if cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
+        if writer && cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
             let (s, bad) = (opt.step, opt.bad_in_a_row());
             let st = TrainState {
                 phase: "grpo".into(),
@@ -656,6 +695,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             )?;
         }
         last = m;
+    }
+    if !writer {
+        return Ok(last);
     }
     policy.save_as(
         &out.join("final"),

@@ -11,6 +11,8 @@
 pub mod checkpoint;
 pub mod data;
 pub mod demo;
+pub mod dist;
+pub mod dp;
 mod error;
 pub mod eval;
 pub mod grpo_run;

@@ -193,6 +193,20 @@ pub fn sft_step(
     batch: &[(Vec<u32>, Vec<u32>)],
     pad: u32,
 ) -> Result<(f64, StepInfo)> {
+    sft_step_synced(policy, opt, batch, pad, None)
+}
+
+/// [`sft_step`] for one rank of a data-parallel run: `batch` is this rank's
+/// share; the loss is divided by the target tokens of every rank, the
+/// gradients summed over the ranks before the update, and the returned
+/// loss is the global one (non-finite anywhere: every rank skips).
+pub fn sft_step_synced(
+    policy: &mut Policy,
+    opt: &mut Optimizer,
+    batch: &[(Vec<u32>, Vec<u32>)],
+    pad: u32,
+    mut sync: Option<&mut dyn crate::rl::StepSync>,
+) -> Result<(f64, StepInfo)> {
     let t = batch.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
     let b = batch.len();
     if b == 0 || t < 2 {
@@ -213,19 +227,39 @@ pub fn sft_step(
         }
     }
     let count = rows.len();
+    // The target tokens of the whole (global) batch.
+    let total = match sync.as_deref_mut() {
+        Some(s) => {
+            let mut c = [count as f64];
+            s.sum(&mut c)?;
+            c[0]
+        }
+        None => count as f64,
+    };
     let describe = || format!("{b} sequences, {count} target tokens");
     let fwd = policy.forward(&ids, b, t)?;
     let scores = policy.score(&fwd, &rows, &targets, 1.0)?;
     let logp = scores.logp.to_vec::<f32>()?;
-    let loss = -logp.iter().map(|&l| l as f64).sum::<f64>() / count.max(1) as f64;
+    let loss = -logp.iter().map(|&l| l as f64).sum::<f64>() / total.max(1.0);
+    let loss = match sync.as_deref_mut() {
+        Some(s) => {
+            let mut l = [loss];
+            s.sum(&mut l)?;
+            l[0]
+        }
+        None => loss,
+    };
     if !loss.is_finite() {
         let info = opt.skip(&describe(), &format!("loss {loss}"))?;
         return Ok((loss, info));
     }
-    let scale = -1.0 / count.max(1) as f32;
+    let scale = -1.0 / total.max(1.0) as f32;
     let dlogp = Tensor::from_vec(vec![scale; count], count, policy.device())?;
     policy.zero_grad()?;
     policy.backward(fwd, &scores, &dlogp, None, 0.0)?;
+    if let Some(s) = sync {
+        s.reduce_grads(policy)?;
+    }
     let info = opt.update_batch(policy, &describe)?;
     Ok((loss, info))
 }

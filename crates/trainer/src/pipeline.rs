@@ -96,6 +96,29 @@ pub(crate) fn sft_loop(
     log: &mut dyn FnMut(&str),
     after: &mut dyn FnMut(SftStepDone<'_>) -> Result<()>,
 ) -> Result<f64> {
+    sft_loop_synced(model, opt, examples, start, steps, batch, rng, log, after, None)
+}
+
+/// [`sft_loop`] on one rank of a data-parallel run: every rank draws the
+/// same global batch from the same `rng` and trains on its share of it
+/// (`DataParallel::shard`), the gradients summed over the ranks.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sft_loop_synced(
+    model: &mut Policy,
+    opt: &mut Optimizer,
+    examples: &[(Vec<u32>, Vec<u32>)],
+    start: usize,
+    steps: usize,
+    batch: usize,
+    rng: &mut Rng,
+    log: &mut dyn FnMut(&str),
+    after: &mut dyn FnMut(SftStepDone<'_>) -> Result<()>,
+    mut dp: Option<&mut crate::dp::DataParallel>,
+) -> Result<f64> {
+    let share = match dp.as_deref() {
+        Some(d) => d.shard(batch, "batch")?,
+        None => 0..batch,
+    };
     if examples.is_empty() {
         return Err(Error::Other("SFT needs at least one example".into()));
     }
@@ -109,7 +132,8 @@ pub(crate) fn sft_loop(
             .map(|_| examples[order[first + rng.below(window as u64) as usize]].clone())
             .collect();
         let info;
-        (loss, info) = sft_step(model, opt, &b, toy::PAD)?;
+        let sync = dp.as_deref_mut().map(|d| d as &mut dyn crate::rl::StepSync);
+        (loss, info) = crate::optim::sft_step_synced(model, opt, &b[share.clone()], toy::PAD, sync)?;
         for note in opt.take_notes() {
             log(&format!("sft step {step}: {note}"));
         }

@@ -221,6 +221,42 @@ pub fn train_on(
     names: &[&str],
     cfg: &GrpoStep,
 ) -> Result<Metrics> {
+    train_on_synced(policy, reference, opt, r, names, cfg, None)
+}
+
+/// What [`train_on_synced`] needs from the other ranks of a data-parallel
+/// run ([`crate::dp::DataParallel`]): sums of batch statistics, gathers of
+/// per-completion values, and the gradient all-reduce. Every rank makes the
+/// same calls in the same order.
+pub trait StepSync {
+    /// The number of ranks.
+    fn world(&self) -> usize;
+    /// Sums `xs` over the ranks, in place (the same on every rank).
+    fn sum(&mut self, xs: &mut [f64]) -> Result<()>;
+    /// Every rank's `xs`, concatenated in rank order.
+    fn gather(&mut self, xs: &[f64]) -> Result<Vec<f64>>;
+    /// Sums the policy's gradient buffer over the ranks, in place.
+    fn reduce_grads(&mut self, policy: &mut Policy) -> Result<()>;
+}
+
+/// [`train_on`] for one rank of a data-parallel run: `r` holds this rank's
+/// whole groups. Each rank scales its loss by its share of the global
+/// minibatch (rows, or tokens for bnpo; dapo and cispo divide by the global
+/// token count), so that summing the gradients over the ranks gives the
+/// gradient one process would compute on the global batch; a non-finite
+/// loss on any rank skips the update on every rank. Reward and completion
+/// metrics are computed on the gathered global batch (exactly one process's
+/// values); the loss family's metrics, weighted by each rank's share, are
+/// summed over the ranks.
+pub fn train_on_synced(
+    policy: &mut Policy,
+    reference: Option<&Policy>,
+    opt: &mut Optimizer,
+    r: &Rollouts,
+    names: &[&str],
+    cfg: &GrpoStep,
+    mut sync: Option<&mut dyn StepSync>,
+) -> Result<Metrics> {
     let g = cfg.num_generations;
     let prompts = &r.prompts;
     let completions = &r.completions;
@@ -246,6 +282,14 @@ pub fn train_on(
         .filter(|c| train_mask(c))
         .map(|c| c.token_ids.len())
         .sum::<usize>() as f64;
+    let total_tokens = match sync.as_deref_mut() {
+        Some(s) => {
+            let mut t = [total_tokens];
+            s.sum(&mut t)?;
+            t[0]
+        }
+        None => total_tokens,
+    };
     // Minibatches of whole completions (one optimizer update each), each
     // split into micro-batches that fit the token budget (one forward and
     // backward each, gradients accumulated).
@@ -336,6 +380,15 @@ pub fn train_on(
             };
             let rows_mb = (r1 - r0) as f64;
             let tokens_mb: f64 = ds.iter().map(|d| d.mask.iter().filter(|&&x| x).count() as f64).sum();
+            // Over every rank: the shares below are of the global minibatch.
+            let (rows_mb, tokens_mb) = match sync.as_deref_mut() {
+                Some(s) => {
+                    let mut t = [rows_mb, tokens_mb];
+                    s.sum(&mut t)?;
+                    (t[0], t[1])
+                }
+                None => (rows_mb, tokens_mb),
+            };
             let mut acc: Option<(f64, Metrics)> = None;
             let mut bad = None;
             policy.zero_grad()?;
@@ -372,10 +425,25 @@ pub fn train_on(
                 policy.backward(fwd, &scores, &out.dlogp, out.dentropy.as_ref(), 0.0)?;
                 acc = Some(merge_metrics(acc, out.loss, out.metrics, m.idx.len() as f64 / rows_mb));
             }
+            if let Some(s) = sync.as_deref_mut() {
+                // Every rank skips when one has a non-finite loss, and
+                // otherwise sums the gradients before the update.
+                let mut any = [if bad.is_some() { 1.0 } else { 0.0 }];
+                s.sum(&mut any)?;
+                if any[0] > 0.0 && bad.is_none() {
+                    bad = Some(f64::NAN);
+                }
+                if bad.is_none() && acc.is_some() {
+                    s.reduce_grads(policy)?;
+                }
+            }
             let Some((loss, metrics)) = acc else {
                 continue;
             };
             let info = match bad {
+                Some(l) if l.is_nan() && loss.is_finite() => {
+                    opt.skip(&describe(), "a non-finite loss on another rank")?
+                }
                 Some(l) => opt.skip(&describe(), &format!("loss {l}"))?,
                 None => opt.update_batch(policy, &describe)?,
             };
@@ -387,14 +455,61 @@ pub fn train_on(
     };
 
     let mut m = metrics;
-    let named: Vec<(&str, &[f64])> = names.iter().zip(&r.per_fn).map(|(nm, v)| (*nm, &v[..])).collect();
-    m.extend(metrics::reward_metrics(&adv, &named));
+    let mut loss = loss;
     let lens: Vec<usize> = completions.iter().map(|c| c.token_ids.len()).collect();
     let truncated: Vec<bool> = completions
         .iter()
         .map(|c| c.finish_reason == FinishReason::Length)
         .collect();
-    m.extend(metrics::completion_metrics(&lens, &truncated));
+    match sync {
+        None => {
+            let named: Vec<(&str, &[f64])> = names.iter().zip(&r.per_fn).map(|(nm, v)| (*nm, &v[..])).collect();
+            m.extend(metrics::reward_metrics(&adv, &named));
+            m.extend(metrics::completion_metrics(&lens, &truncated));
+        }
+        Some(s) => {
+            // The loss family: each rank weighted its micro-batches by their
+            // share of the global minibatch, so the ranks' values add up to
+            // one process's (minima and maxima taken as such).
+            let keys: Vec<String> = m.keys().cloned().collect();
+            let mut vals: Vec<f64> = m.values().copied().collect();
+            vals.push(loss);
+            let all = s.gather(&vals)?;
+            let world = s.world();
+            if all.len() != vals.len() * world {
+                return Err(Error::Other(format!(
+                    "data parallel: the ranks logged different metrics ({} values for {world} ranks of {})",
+                    all.len(),
+                    vals.len()
+                )));
+            }
+            let per = vals.len();
+            let all = &all;
+            let col = |i: usize| (0..world).map(move |w| all[w * per + i]);
+            for (i, k) in keys.iter().enumerate() {
+                let v = if k.ends_with("_min") {
+                    col(i).fold(f64::INFINITY, f64::min)
+                } else if k.ends_with("_max") {
+                    col(i).fold(f64::NEG_INFINITY, f64::max)
+                } else {
+                    col(i).sum::<f64>()
+                };
+                m.insert(k.clone(), v);
+            }
+            loss = col(per - 1).sum::<f64>();
+            // Rewards and completions: the global batch, gathered.
+            let total = s.gather(&r.total)?;
+            let per_fn: Vec<Vec<f64>> = r.per_fn.iter().map(|v| s.gather(v)).collect::<Result<_>>()?;
+            let glens = s.gather(&lens.iter().map(|&x| x as f64).collect::<Vec<_>>())?;
+            let gtrunc = s.gather(&truncated.iter().map(|&x| f64::from(u8::from(x))).collect::<Vec<_>>())?;
+            let gadv = compute_advantages(&total, g, cfg.advantages)?;
+            let named: Vec<(&str, &[f64])> = names.iter().zip(&per_fn).map(|(nm, v)| (*nm, &v[..])).collect();
+            m.extend(metrics::reward_metrics(&gadv, &named));
+            let glens: Vec<usize> = glens.iter().map(|&x| x as usize).collect();
+            let gtrunc: Vec<bool> = gtrunc.iter().map(|&x| x > 0.5).collect();
+            m.extend(metrics::completion_metrics(&glens, &gtrunc));
+        }
+    }
     m.insert("loss".into(), loss);
     m.insert("grad_norm".into(), info.grad_norm);
     m.insert("learning_rate".into(), info.lr);

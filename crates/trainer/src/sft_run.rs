@@ -24,7 +24,7 @@ use crate::checkpoint::Loaded;
 use crate::data::read_math_jsonl;
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, MathEval};
-use crate::pipeline::{sft_loop, sft_optimizer, step_metrics};
+use crate::pipeline::{sft_loop_synced, sft_optimizer, step_metrics};
 use crate::rng::Rng;
 use crate::run_folder::{json_value, open_run, toml_value, LogCursor, RunLog};
 pub use crate::template::Templater;
@@ -211,8 +211,18 @@ pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64>
 pub fn run_sft_config_with(cfg: &SftConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Result<f64> {
     cfg.validate()?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
-    let loaded = open_run(&cfg.out, "sft_config.toml", &text, &toml_value, &["out"], resume, log)?;
-    Ok(sft_in_folder(cfg, &cfg.out, &cfg.out, loaded, log)?.0)
+    // Data parallel when launched as one of several ranks (crate::dp):
+    // rank 0 alone writes the run folder; the others read its checkpoint
+    // on resume (a folder every rank sees).
+    let mut dp = crate::dp::DataParallel::from_env()?;
+    let loaded = if dp.as_ref().is_none_or(|d| d.is_writer()) {
+        open_run(&cfg.out, "sft_config.toml", &text, &toml_value, &["out"], resume, log)?
+    } else if resume {
+        crate::checkpoint::load_latest(&cfg.out.join("checkpoints"))?
+    } else {
+        None
+    };
+    Ok(sft_in_folder(cfg, &cfg.out, &cfg.out, loaded, log, dp.as_mut())?.0)
 }
 
 /// Fine-tunes `model_dir` on `data` and saves to `out`; returns the last loss.
@@ -285,7 +295,7 @@ pub fn run_sft_logged(
         lora: lora.cloned(),
         ..SftConfig::default()
     };
-    Ok(sft_in_folder(&cfg, out, out, None, log)?.0)
+    Ok(sft_in_folder(&cfg, out, out, None, log, None)?.0)
 }
 
 /// The reference answer of each SFT line that has one (`answer` or `gold`,
@@ -366,14 +376,23 @@ impl SamplePlan {
 
 /// SFT as `cfg` says, saving the model to `model_out` and the logs and
 /// checkpoints to the run folder `dir`; continues from `loaded` when given.
-/// Returns the last loss and the open logs.
+/// With `dp`, one rank of a data-parallel run: only rank 0 logs, samples,
+/// checkpoints and saves. Returns the last loss and the open logs (`None`
+/// on the other ranks).
 fn sft_in_folder(
     cfg: &SftConfig,
     model_out: &Path,
     dir: &Path,
     loaded: Option<Loaded>,
     log: &mut dyn FnMut(&str),
-) -> Result<(f64, RunLog)> {
+    mut dp: Option<&mut crate::dp::DataParallel>,
+) -> Result<(f64, Option<RunLog>)> {
+    let writer = dp.as_ref().is_none_or(|d| d.is_writer());
+    let mut quiet = |_: &str| {};
+    let log: &mut dyn FnMut(&str) = if writer { log } else { &mut quiet };
+    let device = dp
+        .as_ref()
+        .map_or_else(|| cfg.device.clone(), |d| d.device_spec(&cfg.device));
     let precision: Precision = cfg.precision.parse()?;
     let (model_dir, data, seed, batch) = (&cfg.model, &cfg.data, cfg.seed, cfg.batch);
     let (model, resumed) = match loaded {
@@ -400,7 +419,7 @@ fn sft_in_folder(
         }
     };
     // The device first: a wrong --device fails before any data is read.
-    let dev = resolve_device(&cfg.device, &model.config, precision)?;
+    let dev = resolve_device(&device, &model.config, precision)?;
     let tok = load_tokenizer(model_dir)?;
     let t = Templater::new(&cfg.template, model_dir)?;
     let examples = read_sft_jsonl(data, &tok, &t, model.config.eos_token_ids.first().copied())?;
@@ -449,9 +468,9 @@ fn sft_in_folder(
         }
         None => (Rng::new(seed), 0, None),
     };
-    let mut run = RunLog::open(dir, cursor)?;
+    let mut run = if writer { Some(RunLog::open(dir, cursor)?) } else { None };
     let n = examples.len();
-    let loss = sft_loop(
+    let loss = sft_loop_synced(
         &mut policy,
         &mut opt,
         &examples,
@@ -461,11 +480,14 @@ fn sft_in_folder(
         &mut rng,
         log,
         &mut |s| {
+            let Some(run) = run.as_mut() else {
+                return Ok(());
+            };
             let mut m = step_metrics(s.loss, &s.info);
             // Examples drawn so far over the set's size (TRL's `epoch`).
             m.insert("epoch".into(), (s.step * batch) as f64 / n as f64);
             if (cfg.sample_every > 0 && s.step.is_multiple_of(cfg.sample_every)) || s.step == cfg.steps {
-                samples.write(s.model, &tok, s.step, &mut run, &mut m)?;
+                samples.write(s.model, &tok, s.step, run, &mut m)?;
             }
             run.metrics(None, s.step, &m)?;
             if cfg.save_every > 0 && s.step.is_multiple_of(cfg.save_every) && s.step < cfg.steps {
@@ -482,7 +504,14 @@ fn sft_in_folder(
             }
             Ok(())
         },
+        dp.as_deref_mut(),
     )?;
+    if let Some(d) = &dp {
+        log(&d.describe());
+    }
+    let Some(run) = run else {
+        return Ok((loss, None));
+    };
     run.plots(&[
         ("loss.png", "SFT LOSS", &[("LOSS", None, "loss")]),
         ("grad_norm.png", "GRADIENT NORM", &[("GRAD NORM", None, "grad_norm")]),
@@ -504,7 +533,7 @@ fn sft_in_folder(
             ..SaveOptions::default()
         },
     )?;
-    Ok((loss, run))
+    Ok((loss, Some(run)))
 }
 
 /// Options of rejection sampling.
@@ -779,7 +808,8 @@ pub fn run_distill_with(
         sample_prompts: run.sample_prompts,
         ..SftConfig::default()
     };
-    let (_, mut logs) = sft_in_folder(&cfg, &sdir, out, loaded, log)?;
+    let (_, logs) = sft_in_folder(&cfg, &sdir, out, loaded, log, None)?;
+    let mut logs = logs.ok_or_else(|| Error::Other("distill: the student's SFT kept no logs".into()))?;
     log("distill: evaluating the teacher and the student");
     let score = |dir: &Path| -> Result<MathEval> {
         let m = Model::load(dir)?;

@@ -1,0 +1,629 @@
+//! NCCL, loaded at run time: the collectives aha's data parallelism uses
+//! (all-reduce, reduce-scatter, all-gather, broadcast) on flat device
+//! buffers, with errors that name the rank and the operation, and a
+//! watchdog so that a dead peer gives an error instead of a hang.
+//!
+//! The library is bound here with `libloading` rather than through cudarc's
+//! `nccl` feature: cudarc 0.19.10 looks NCCL up only by names
+//! (`libnccl.so`, `libnccl.so.13`, `.12`, ... `.1`) and never
+//! `libnccl.so.2`, the name every NCCL 2 release and the pip wheel
+//! (`nvidia/nccl/lib/libnccl.so.2`) ship under, and it has no way to be
+//! given a path. [`find_library`] searches, in order: `AHA_NCCL_LIB` (a
+//! file), the emulated NCCL when `AHA_EMULATED_GPU=1`
+//! ([`crate::emulate::emulated_nccl_path`]), the loader's own search
+//! (`LD_LIBRARY_PATH`, the ldconfig cache), the CUDA installs
+//! (`$CUDA_HOME`, `$CUDA_PATH`, `/usr/local/cuda`, `$AHA_CUDA_ROOT`) and
+//! Python environments' `nvidia/nccl/lib` (`$VIRTUAL_ENV`, `$CONDA_PREFIX`,
+//! `~/.local`, `/usr/local/lib`, `/usr/lib`). Nothing is loaded until a
+//! communicator is wanted, so the binary builds and runs without NCCL.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+use crate::{Error, Gpu, Result};
+
+/// NCCL's opaque rendezvous token (`ncclUniqueId`, 128 bytes): rank 0
+/// creates it and every rank passes the same bytes to [`Comm::init`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct UniqueId(pub [u8; 128]);
+
+impl std::fmt::Debug for UniqueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UniqueId(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "..)")
+    }
+}
+
+/// NCCL's data types, as its header numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    /// `ncclFloat32`.
+    F32 = 7,
+    /// `ncclFloat64`.
+    F64 = 8,
+    /// `ncclBfloat16` (aha keeps bf16 bits in `u16` buffers).
+    Bf16 = 9,
+}
+
+impl DataType {
+    fn size(self) -> usize {
+        match self {
+            DataType::F32 => 4,
+            DataType::F64 => 8,
+            DataType::Bf16 => 2,
+        }
+    }
+}
+
+/// Element types a collective can move: the buffer's Rust type and its
+/// NCCL type.
+pub trait NcclElem: cudarc::driver::DeviceRepr {
+    /// The NCCL type of the elements.
+    const TYPE: DataType;
+}
+impl NcclElem for f32 {
+    const TYPE: DataType = DataType::F32;
+}
+impl NcclElem for f64 {
+    const TYPE: DataType = DataType::F64;
+}
+/// `u16` buffers hold bf16 bits (as `GpuModel`'s bf16 weights do).
+impl NcclElem for u16 {
+    const TYPE: DataType = DataType::Bf16;
+}
+
+type Res = c_int;
+type RawComm = *mut c_void;
+
+/// The NCCL entry points aha calls.
+struct Fns {
+    get_version: unsafe extern "C" fn(*mut c_int) -> Res,
+    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> Res,
+    comm_init_rank: unsafe extern "C" fn(*mut RawComm, c_int, UniqueId, c_int) -> Res,
+    comm_destroy: unsafe extern "C" fn(RawComm) -> Res,
+    comm_abort: unsafe extern "C" fn(RawComm) -> Res,
+    comm_get_async_error: unsafe extern "C" fn(RawComm, *mut Res) -> Res,
+    get_error_string: unsafe extern "C" fn(Res) -> *const c_char,
+    get_last_error: Option<unsafe extern "C" fn(RawComm) -> *const c_char>,
+    all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
+    reduce_scatter: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
+    all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, RawComm, *mut c_void) -> Res,
+    broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
+}
+
+/// A loaded NCCL library.
+pub struct Nccl {
+    fns: Fns,
+    path: PathBuf,
+    version: i32,
+    emulated: bool,
+    _lib: libloading::Library,
+}
+
+impl std::fmt::Debug for Nccl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Nccl({}, {})", self.version_string(), self.path.display())
+    }
+}
+
+fn nccl_err(op: &str, msg: impl Into<String>) -> Error {
+    Error::Nccl {
+        op: op.to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// Where [`find_library`] looks, in order (files that may not exist; the
+/// bare name `libnccl.so.2` stands for the loader's own search).
+pub fn library_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = std::env::var_os("AHA_NCCL_LIB") {
+        out.push(PathBuf::from(p));
+    }
+    out.push(PathBuf::from("libnccl.so.2"));
+    let mut roots: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH", "AHA_CUDA_ROOT"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .collect();
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    for r in roots {
+        out.push(r.join("lib64/libnccl.so.2"));
+        out.push(r.join("lib/libnccl.so.2"));
+    }
+    out.push(PathBuf::from("/usr/lib/x86_64-linux-gnu/libnccl.so.2"));
+    // Python environments: <prefix>/lib/python3.*/{site,dist}-packages/nvidia/nccl/lib.
+    let mut prefixes: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .collect();
+    if let Some(h) = std::env::var_os("HOME") {
+        prefixes.push(PathBuf::from(h).join(".local"));
+    }
+    prefixes.extend(["/usr/local", "/usr"].map(PathBuf::from));
+    for p in prefixes {
+        let Ok(dir) = std::fs::read_dir(p.join("lib")) else {
+            continue;
+        };
+        let mut pys: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|d| {
+                d.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("python3"))
+            })
+            .collect();
+        pys.sort();
+        for py in pys {
+            for sp in ["site-packages", "dist-packages"] {
+                out.push(py.join(sp).join("nvidia/nccl/lib/libnccl.so.2"));
+            }
+        }
+    }
+    out
+}
+
+/// The NCCL library this process should load: the emulated one when
+/// `AHA_EMULATED_GPU=1` (unless `AHA_NCCL_LIB` names a file), else the first
+/// of [`library_candidates`] that exists or that the loader finds.
+pub fn find_library() -> Result<PathBuf> {
+    if std::env::var_os("AHA_NCCL_LIB").is_none() && crate::emulate::emulated_gpu_requested() {
+        return crate::emulate::emulated_nccl_path()
+            .map_err(|e| nccl_err("emulated NCCL", format!("could not be built: {e}")));
+    }
+    let cands = library_candidates();
+    for c in &cands {
+        if c.is_absolute() {
+            if c.is_file() {
+                return Ok(c.clone());
+            }
+        } else {
+            // SAFETY: only asks the loader whether it can open the name;
+            // NCCL's initialisers run nothing beyond library setup.
+            if unsafe { libloading::Library::new(c) }.is_ok() {
+                return Ok(c.clone());
+            }
+        }
+    }
+    Err(nccl_err(
+        "loading NCCL",
+        format!(
+            "libnccl.so.2 not found (searched: {}); install NCCL (`pip install nvidia-nccl-cu12` or the CUDA \
+             repository's libnccl2) or set AHA_NCCL_LIB to the file",
+            cands
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
+impl Nccl {
+    /// The process's NCCL ([`find_library`]), loaded once.
+    pub fn get() -> Result<Arc<Nccl>> {
+        static LIB: OnceLock<std::result::Result<Arc<Nccl>, String>> = OnceLock::new();
+        LIB.get_or_init(|| {
+            find_library()
+                .and_then(|p| Nccl::load(&p))
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|msg| nccl_err("loading NCCL", msg))
+    }
+
+    /// Loads the NCCL library at `path` (a file, or a bare name for the
+    /// loader to find) and resolves every entry point aha calls.
+    pub fn load(path: &Path) -> Result<Nccl> {
+        let at = |e: String| nccl_err("loading NCCL", format!("{}: {e}", path.display()));
+        // SAFETY: loading runs the library's initialisers, which for NCCL
+        // (and the emulated library) only set up internal state.
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| at(e.to_string()))?;
+        macro_rules! sym {
+            ($name:literal) => {
+                // SAFETY: the symbol's type is NCCL's C signature from
+                // nccl.h (ncclResult_t and enums are C ints, ncclComm_t and
+                // cudaStream_t pointers, ncclUniqueId 128 bytes by value);
+                // the pointer stays valid while `lib`, kept in the struct,
+                // is loaded.
+                *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
+                    .map_err(|e| at(format!("missing {}: {e}", $name)))?
+            };
+        }
+        let fns = Fns {
+            get_version: sym!("ncclGetVersion"),
+            get_unique_id: sym!("ncclGetUniqueId"),
+            comm_init_rank: sym!("ncclCommInitRank"),
+            comm_destroy: sym!("ncclCommDestroy"),
+            comm_abort: sym!("ncclCommAbort"),
+            comm_get_async_error: sym!("ncclCommGetAsyncError"),
+            get_error_string: sym!("ncclGetErrorString"),
+            // SAFETY: as above; absent before NCCL 2.13, hence optional.
+            get_last_error: unsafe { lib.get(b"ncclGetLastError\0") }.ok().map(|s| *s),
+            all_reduce: sym!("ncclAllReduce"),
+            reduce_scatter: sym!("ncclReduceScatter"),
+            all_gather: sym!("ncclAllGather"),
+            broadcast: sym!("ncclBroadcast"),
+        };
+        // SAFETY: `aha_fake_nccl` exists only in the emulated library; its
+        // presence is all that is read.
+        let emulated = unsafe { lib.get::<unsafe extern "C" fn() -> c_int>(b"aha_fake_nccl\0") }.is_ok();
+        let mut version: c_int = 0;
+        // SAFETY: ncclGetVersion(int*) writes one int.
+        let r = unsafe { (fns.get_version)(&mut version) };
+        if r != 0 {
+            return Err(at(format!("ncclGetVersion returned {r}")));
+        }
+        Ok(Nccl {
+            fns,
+            path: path.to_path_buf(),
+            version,
+            emulated,
+            _lib: lib,
+        })
+    }
+
+    /// The file (or name) it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// NCCL's version code (`major * 10000 + minor * 100 + patch`).
+    pub fn version(&self) -> i32 {
+        self.version
+    }
+
+    /// `2.28.5`, with ` (emulated)` for the emulated library.
+    pub fn version_string(&self) -> String {
+        let v = self.version;
+        format!(
+            "{}.{}.{}{}",
+            v / 10000,
+            (v / 100) % 100,
+            v % 100,
+            if self.emulated { " (emulated)" } else { "" }
+        )
+    }
+
+    /// Whether this is aha's emulated NCCL (`emulate/fake_nccl.cpp`).
+    pub fn is_emulated(&self) -> bool {
+        self.emulated
+    }
+
+    /// A fresh unique id (rank 0 makes it and sends it to the others).
+    pub fn unique_id(&self) -> Result<UniqueId> {
+        let mut id = UniqueId([0; 128]);
+        // SAFETY: ncclGetUniqueId(ncclUniqueId*) fills the 128 bytes.
+        let r = unsafe { (self.fns.get_unique_id)(&mut id) };
+        self.check(r, std::ptr::null_mut(), "ncclGetUniqueId")?;
+        Ok(id)
+    }
+
+    fn describe(&self, r: Res, comm: RawComm) -> String {
+        // SAFETY: ncclGetErrorString returns a static NUL-terminated string.
+        let s = unsafe { CStr::from_ptr((self.fns.get_error_string)(r)) }
+            .to_string_lossy()
+            .into_owned();
+        let last = match self.fns.get_last_error {
+            // SAFETY: ncclGetLastError(comm) returns a NUL-terminated string
+            // owned by the library (a null comm is allowed).
+            Some(f) => unsafe {
+                let p = f(comm);
+                if p.is_null() {
+                    String::new()
+                } else {
+                    CStr::from_ptr(p).to_string_lossy().into_owned()
+                }
+            },
+            None => String::new(),
+        };
+        if last.is_empty() {
+            format!("{s} (code {r})")
+        } else {
+            format!("{s} (code {r}): {last}")
+        }
+    }
+
+    fn check(&self, r: Res, comm: RawComm, op: &str) -> Result<()> {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(nccl_err(op, self.describe(r, comm)))
+        }
+    }
+}
+
+/// How long a collective may wait for its peers before the communicator is
+/// aborted and an error returned: `AHA_NCCL_TIMEOUT_S` seconds (default
+/// 600, torch.distributed's default for NCCL).
+pub fn collective_timeout() -> Duration {
+    let s = std::env::var("AHA_NCCL_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(600.0);
+    Duration::from_secs_f64(s)
+}
+
+/// One rank's communicator over the GPU it was created on; collectives go
+/// on that GPU's stream and are waited for (under [`collective_timeout`])
+/// before returning.
+pub struct Comm {
+    nccl: Arc<Nccl>,
+    gpu: Arc<Gpu>,
+    raw: RawComm,
+    rank: usize,
+    world: usize,
+    failed: bool,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls
+// on it are not concurrent; `Comm` takes `&mut self` for every collective.
+unsafe impl Send for Comm {}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Comm(rank {} of {}, {:?})", self.rank, self.world, self.nccl)
+    }
+}
+
+impl Comm {
+    /// Joins the communicator `id` as `rank` of `world` on `gpu` (blocks
+    /// until every rank has joined; NCCL's own timeout applies, and the
+    /// emulated NCCL's `AHA_NCCL_TIMEOUT_S`).
+    pub fn init(nccl: Arc<Nccl>, gpu: Arc<Gpu>, id: &UniqueId, world: usize, rank: usize) -> Result<Comm> {
+        if world == 0 || rank >= world {
+            return Err(nccl_err("ncclCommInitRank", format!("rank {rank} of {world}")));
+        }
+        let (w, r) = (
+            c_int::try_from(world).map_err(|_| nccl_err("ncclCommInitRank", "world too large"))?,
+            c_int::try_from(rank).map_err(|_| nccl_err("ncclCommInitRank", "rank too large"))?,
+        );
+        gpu.stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl_err("ncclCommInitRank", format!("binding device {}: {e:?}", gpu.ordinal())))?;
+        let mut raw: RawComm = std::ptr::null_mut();
+        // SAFETY: ncclCommInitRank(ncclComm_t*, int, ncclUniqueId, int)
+        // writes the communicator; the id is passed by value.
+        let res = unsafe { (nccl.fns.comm_init_rank)(&mut raw, w, *id, r) };
+        if res != 0 || raw.is_null() {
+            return Err(nccl_err(
+                "ncclCommInitRank",
+                format!("rank {rank} of {world}: {}", nccl.describe(res, raw)),
+            ));
+        }
+        Ok(Comm {
+            nccl,
+            gpu,
+            raw,
+            rank,
+            world,
+            failed: false,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The library behind it.
+    pub fn nccl(&self) -> &Arc<Nccl> {
+        &self.nccl
+    }
+
+    /// The GPU it runs on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn after(&mut self, r: Res, op: &str, count: usize) -> Result<()> {
+        let what = format!("{op} of {count} elements on rank {} of {}", self.rank, self.world);
+        if r != 0 {
+            self.failed = true;
+            return Err(nccl_err(&what, self.nccl.describe(r, self.raw)));
+        }
+        self.wait(&what)
+    }
+
+    /// Waits for the stream (the collective just queued), polling the
+    /// communicator's asynchronous error; past [`collective_timeout`] the
+    /// communicator is aborted.
+    fn wait(&mut self, what: &str) -> Result<()> {
+        if self.nccl.is_emulated() || self.gpu.is_emulated() {
+            // The emulated library and driver finish every call before
+            // returning; a failure was returned by the call itself.
+            return Ok(());
+        }
+        let start = Instant::now();
+        let limit = collective_timeout();
+        let stream = self.gpu.stream().cu_stream();
+        loop {
+            // SAFETY: cuStreamQuery(CUstream) on the GPU's live stream.
+            let q = unsafe { cudarc::driver::sys::cuStreamQuery(stream) };
+            match q {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => {
+                    self.failed = true;
+                    return Err(nccl_err(what, format!("the stream failed: {other:?}")));
+                }
+            }
+            let mut async_err: Res = 0;
+            // SAFETY: ncclCommGetAsyncError(ncclComm_t, ncclResult_t*) on our communicator.
+            let r = unsafe { (self.nccl.fns.comm_get_async_error)(self.raw, &mut async_err) };
+            if r != 0 || async_err != 0 {
+                self.failed = true;
+                let code = if r != 0 { r } else { async_err };
+                return Err(nccl_err(what, self.nccl.describe(code, self.raw)));
+            }
+            if start.elapsed() > limit {
+                self.failed = true;
+                return Err(nccl_err(
+                    what,
+                    format!(
+                        "no progress after {:.0} s (AHA_NCCL_TIMEOUT_S): a peer is gone or stuck",
+                        limit.as_secs_f64()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Sums `buf[range]` over every rank, in place.
+    pub fn all_reduce_sum<T: NcclElem>(&mut self, buf: &mut CudaSlice<T>, range: Range<usize>) -> Result<()> {
+        let n = range.len();
+        check_range("ncclAllReduce", range.end, buf.len())?;
+        let stream = self.gpu.stream().clone();
+        let (ptr, guard) = buf.device_ptr_mut(&stream);
+        let p = (ptr + (range.start * T::TYPE.size()) as u64) as *mut c_void;
+        // SAFETY: ncclAllReduce(const void*, void*, size_t, ncclDataType_t,
+        // ncclRedOp_t, ncclComm_t, cudaStream_t): in place on `n` elements
+        // of the buffer from `range.start`, inside it (checked above), on
+        // the buffer's own stream; ncclSum is 0.
+        let r = unsafe {
+            (self.nccl.fns.all_reduce)(
+                p,
+                p,
+                n,
+                T::TYPE as c_int,
+                0,
+                self.raw,
+                stream.cu_stream() as *mut c_void,
+            )
+        };
+        drop(guard);
+        self.after(r, "ncclAllReduce", n)
+    }
+
+    /// Sums `send` (world x `recv.len()` elements) over every rank and
+    /// leaves this rank's block (`rank * recv.len()..`) in `recv`.
+    pub fn reduce_scatter_sum<T: NcclElem>(&mut self, send: &CudaSlice<T>, recv: &mut CudaSlice<T>) -> Result<()> {
+        let n = recv.len();
+        if send.len() != n * self.world {
+            return Err(nccl_err(
+                "ncclReduceScatter",
+                format!("send has {} elements, want {} x {n}", send.len(), self.world),
+            ));
+        }
+        let stream = self.gpu.stream().clone();
+        let (sp, g1) = send.device_ptr(&stream);
+        let (rp, g2) = recv.device_ptr_mut(&stream);
+        // SAFETY: ncclReduceScatter(const void*, void*, size_t recvcount,
+        // type, op, comm, stream): send holds world x n elements, recv n
+        // (checked above).
+        let r = unsafe {
+            (self.nccl.fns.reduce_scatter)(
+                sp as *const c_void,
+                rp as *mut c_void,
+                n,
+                T::TYPE as c_int,
+                0,
+                self.raw,
+                stream.cu_stream() as *mut c_void,
+            )
+        };
+        drop((g1, g2));
+        self.after(r, "ncclReduceScatter", n)
+    }
+
+    /// Concatenates every rank's `send` in rank order into `recv` (world x
+    /// `send.len()` elements).
+    pub fn all_gather<T: NcclElem>(&mut self, send: &CudaSlice<T>, recv: &mut CudaSlice<T>) -> Result<()> {
+        let n = send.len();
+        if recv.len() != n * self.world {
+            return Err(nccl_err(
+                "ncclAllGather",
+                format!("recv has {} elements, want {} x {n}", recv.len(), self.world),
+            ));
+        }
+        let stream = self.gpu.stream().clone();
+        let (sp, g1) = send.device_ptr(&stream);
+        let (rp, g2) = recv.device_ptr_mut(&stream);
+        // SAFETY: ncclAllGather(const void*, void*, size_t sendcount, type,
+        // comm, stream): send holds n elements, recv world x n (checked).
+        let r = unsafe {
+            (self.nccl.fns.all_gather)(
+                sp as *const c_void,
+                rp as *mut c_void,
+                n,
+                T::TYPE as c_int,
+                self.raw,
+                stream.cu_stream() as *mut c_void,
+            )
+        };
+        drop((g1, g2));
+        self.after(r, "ncclAllGather", n)
+    }
+
+    /// Copies `root`'s `buf` into every rank's `buf`, in place.
+    pub fn broadcast<T: NcclElem>(&mut self, buf: &mut CudaSlice<T>, root: usize) -> Result<()> {
+        let n = buf.len();
+        if root >= self.world {
+            return Err(nccl_err(
+                "ncclBroadcast",
+                format!("root {root} of {} ranks", self.world),
+            ));
+        }
+        let stream = self.gpu.stream().clone();
+        let (p, g) = buf.device_ptr_mut(&stream);
+        // SAFETY: ncclBroadcast(const void*, void*, size_t, type, int root,
+        // comm, stream), in place on the whole buffer; root < world.
+        let r = unsafe {
+            (self.nccl.fns.broadcast)(
+                p as *const c_void,
+                p as *mut c_void,
+                n,
+                T::TYPE as c_int,
+                root as c_int,
+                self.raw,
+                stream.cu_stream() as *mut c_void,
+            )
+        };
+        drop(g);
+        self.after(r, "ncclBroadcast", n)
+    }
+}
+
+fn check_range(op: &str, end: usize, len: usize) -> Result<()> {
+    if end > len {
+        return Err(nccl_err(
+            op,
+            format!("range ends at {end}, the buffer has {len} elements"),
+        ));
+    }
+    Ok(())
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        // SAFETY: the communicator is ours and used by no one else; after a
+        // failure it is aborted (destroy would wait for the dead peers).
+        unsafe {
+            if self.failed {
+                (self.nccl.fns.comm_abort)(self.raw);
+            } else {
+                (self.nccl.fns.comm_destroy)(self.raw);
+            }
+        }
+    }
+}

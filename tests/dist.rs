@@ -1,0 +1,445 @@
+//! Several ranks in several processes: `aha launch` with `aha nccl-check`
+//! (every collective against the CPU, 3 ranks), data-parallel `aha grpo`
+//! on 2 ranks against 1 rank on the same global batch (on the CPU through
+//! the rendezvous sockets, and on the GPU through NCCL), and a rank killed
+//! mid-run. The GPU tests run on the emulated GPU and NCCL in CI
+//! (`AHA_EMULATED_GPU=1`); without a GPU they print "skipped: no GPU".
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn no_gpu(test: &str) -> bool {
+    if aha_cuda_kernels::device_count() == 0 {
+        let reason = aha_cuda_kernels::no_gpu_reason().unwrap_or_default();
+        eprintln!("{test}: skipped: no GPU ({reason})");
+        return true;
+    }
+    false
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("aha-dist-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn nccl_check_passes_on_three_ranks_on_the_gpu() {
+    if no_gpu("nccl_check_passes_on_three_ranks_on_the_gpu") {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "3", "--master-port"])
+        .arg(free_port().to_string())
+        .args(["--", "nccl-check", "--sizes", "1,4097,100000", "--iters", "1"])
+        .output()
+        .unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{so}\n{se}");
+    for r in 0..3 {
+        assert!(
+            se.contains(&format!("[rank {r}] rank {r}: nccl-check ok (3 sizes)")),
+            "{se}"
+        );
+    }
+    // Rank 0 reports each size; the others print nothing on stdout.
+    assert_eq!(
+        so.lines()
+            .filter(|l| l.starts_with("[rank 0] {\"all_reduce_f32_ms\""))
+            .count(),
+        3,
+        "{so}"
+    );
+    assert!(!so.contains("[rank 1]"), "{so}");
+}
+
+/// A GRPO config on the tiny Qwen2 fixture: 2 prompts a step (one group a
+/// rank on 2 ranks), 4 completions each, 3 steps, a reward that differs
+/// between completions (the share of Latin script), a learning rate large
+/// enough to move the weights.
+fn grpo_config(dir: &Path, device: &str, out: &str) -> PathBuf {
+    let data = dir.join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"07+15=\", \"answer\": \"22\"}\n{\"prompt\": \"33+48=\", \"answer\": \"81\"}\n\
+         {\"prompt\": \"12+30=\", \"answer\": \"42\"}\n{\"prompt\": \"50+21=\", \"answer\": \"71\"}\n",
+    )
+    .unwrap();
+    let path = dir.join(format!("{out}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 3\nprompts_per_step = 2\nnum_generations = 4\n\
+             learning_rate = 1e-3\nmax_completion_length = 8\ntemplate = \"none\"\nseed = 11\ndevice = {device:?}\n\
+             reward_workers = 1\nsave_dtype = \"f32\"\nrewards = [{{ name = \"language\", weight = 1.0 }}]\nlanguage = \"en\"\n",
+            fixture("models/qwen2-tiny"),
+            data,
+            dir.join(out),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = st.tensor(&n).unwrap();
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{n}");
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (n, v)
+        })
+        .collect()
+}
+
+fn initial_weights() -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(fixture("models/qwen2-tiny/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = st.tensor(&n).unwrap();
+            let v = match t.dtype() {
+                safetensors::Dtype::F32 => t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                safetensors::Dtype::BF16 => t
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                d => panic!("{n}: {d:?}"),
+            };
+            (n, v)
+        })
+        .collect()
+}
+
+/// 2 ranks under `aha launch` and 1 process on the same global batch end
+/// with the same weights (1e-5), which moved away from the start.
+fn two_ranks_match_one(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let one = grpo_config(&tmp.0, device, "one");
+    let two = grpo_config(&tmp.0, device, "two");
+    let t = Instant::now();
+    let r1 = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["grpo", "--config"])
+        .arg(&one)
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    assert!(r1.status.success(), "{}", String::from_utf8_lossy(&r1.stderr));
+    let t1 = t.elapsed();
+    let t = Instant::now();
+    let r2 = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .args(["--", "grpo", "--config"])
+        .arg(&two)
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&r2.stderr);
+    assert!(r2.status.success(), "{se}");
+    eprintln!(
+        "{name}: 1 rank {:.1} s, 2 ranks {:.1} s",
+        t1.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    // Only rank 0 logs and writes; the GPU's gradients go through NCCL.
+    assert!(se.contains("[rank 0] step 3/3"), "{se}");
+    let how = if device == "cpu" {
+        "data parallel: 2 ranks, gradients summed through rank 0 over TCP"
+    } else {
+        "data parallel: 2 ranks, gradients summed by NCCL"
+    };
+    assert!(se.contains(&format!("[rank 0] {how}")), "{se}");
+    assert!(!se.contains("[rank 1] step"), "{se}");
+    let (a, b) = (weights(&tmp.0.join("one/final")), weights(&tmp.0.join("two/final")));
+    assert_eq!(a.len(), b.len());
+    let mut moved = 0f32;
+    let start = initial_weights();
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        for (i, (x, y)) in va.iter().zip(vb).enumerate() {
+            assert!((x - y).abs() <= 1e-5, "{na}[{i}]: 1 rank {x}, 2 ranks {y}");
+        }
+        if let Some((_, v0)) = start.iter().find(|(n, _)| n == na) {
+            moved = va.iter().zip(v0).fold(moved, |m, (x, y)| m.max((x - y).abs()));
+        }
+    }
+    assert!(
+        moved > 1e-4,
+        "the weights did not move ({moved}): the comparison would prove nothing"
+    );
+    // The logged metrics are those of the global batch.
+    let line = |run: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(tmp.0.join(run).join("metrics.jsonl")).unwrap();
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let (m1, m2) = (line("one"), line("two"));
+    for key in ["reward", "reward_std", "completions/mean_length", "loss"] {
+        let (x, y) = (m1[key].as_f64().unwrap(), m2[key].as_f64().unwrap());
+        assert!(
+            (x - y).abs() <= 1e-6 * (1.0 + x.abs()),
+            "{key}: 1 rank {x}, 2 ranks {y}"
+        );
+    }
+    assert!(m2["timing/allreduce_s"].as_f64().is_some());
+    assert!(!tmp.0.join("two/final-rank1").exists());
+}
+
+#[test]
+fn grpo_on_two_ranks_matches_one_rank_on_the_cpu() {
+    two_ranks_match_one("cpu", "grpo-cpu");
+}
+
+#[test]
+fn grpo_on_two_ranks_matches_one_rank_on_the_gpu() {
+    if no_gpu("grpo_on_two_ranks_matches_one_rank_on_the_gpu") {
+        return;
+    }
+    two_ranks_match_one("cuda", "grpo-gpu");
+}
+
+/// Kills rank 1 of a `launch`ed run once training is under way: rank 0
+/// reports that rank 1 went away (within the short timeout, not after a
+/// hang), and `aha launch` exits non-zero naming rank 1.
+fn killed_rank(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let cfg = grpo_config(&tmp.0, device, "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 1000");
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "2", "--grace-s", "20", "--master-port"])
+        .arg(free_port().to_string())
+        .args(["--", "grpo", "--config"])
+        .arg(&cfg)
+        .env("AHA_RENDEZVOUS_TIMEOUT_S", "10")
+        .env("AHA_NCCL_TIMEOUT_S", "10")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let mut pid1 = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Wait for the pid of rank 1 and for rank 0's first step.
+    while Instant::now() < deadline {
+        let Ok(l) = rx.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        if let Some(p) = l.strip_prefix("[launch] rank 1: pid ") {
+            pid1 = p.trim().parse::<i32>().ok();
+        }
+        let started = l.contains("[rank 0] step 1/1000");
+        lines.push(l);
+        if started {
+            break;
+        }
+    }
+    let pid1 = pid1.expect("launch printed rank 1's pid");
+    assert!(lines.iter().any(|l| l.contains("step 1/1000")), "{lines:#?}");
+    let killed = Instant::now();
+    // rank 1 is a child of the `aha launch` this test started.
+    let st = Command::new("kill").args(["-9", &pid1.to_string()]).status().unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    let secs = killed.elapsed().as_secs_f64();
+    lines.extend(rx.try_iter());
+    let all = lines.join("\n");
+    assert!(!status.success(), "{all}");
+    assert!(all.contains("launch: rank 1 of 2 was killed by signal 9"), "{all}");
+    // Rank 0 ended by itself, with an error naming rank 1, before the grace
+    // period (20 s) ran out.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("[rank 0] Error") && l.contains("rank 1")),
+        "{all}"
+    );
+    assert!(!all.contains("[launch] stopping rank 0"), "{all}");
+    assert!(secs < 20.0, "took {secs} s");
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_with_an_error_on_the_cpu() {
+    killed_rank("cpu", "kill-cpu");
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_with_an_error_on_the_gpu() {
+    if no_gpu("a_killed_rank_stops_the_others_with_an_error_on_the_gpu") {
+        return;
+    }
+    killed_rank("cuda", "kill-gpu");
+}
+
+#[test]
+fn launch_refuses_bad_arguments_and_reports_a_failing_rank() {
+    // Every rank fails at once (no such config): launch names a rank and
+    // exits non-zero.
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .args(["--", "grpo", "--config", "/nonexistent/run.toml"])
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        se.contains("launch: rank ") && se.contains("of 2 exited with code 1"),
+        "{se}"
+    );
+    assert!(se.contains("[rank 0] ") && se.contains("/nonexistent/run.toml"), "{se}");
+    let out = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "0", "--", "info"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nproc-per-node 0"));
+}
+
+/// SFT on 2 ranks (a global batch of 4, 2 rows a rank) ends 5 steps with the
+/// weights of 1 process.
+fn sft_two_ranks_match_one(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let data = tmp.0.join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"07+15=\", \"completion\": \"22\"}\n{\"prompt\": \"33+48=\", \"completion\": \"81\"}\n\
+         {\"prompt\": \"12+30=\", \"completion\": \"42\"}\n{\"prompt\": \"50+21=\", \"completion\": \"71\"}\n",
+    )
+    .unwrap();
+    let args = |out: &str| -> Vec<String> {
+        [
+            "sft",
+            "--steps",
+            "5",
+            "--batch",
+            "4",
+            "--lr",
+            "1e-3",
+            "--template",
+            "none",
+            "--save-dtype",
+            "f32",
+            "--device",
+            device,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--model".into(), fixture("models/qwen2-tiny").display().to_string()])
+        .chain(["--data".into(), data.display().to_string()])
+        .chain(["--out".into(), tmp.0.join(out).display().to_string()])
+        .collect()
+    };
+    let r1 = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(args("one"))
+        .output()
+        .unwrap();
+    assert!(r1.status.success(), "{}", String::from_utf8_lossy(&r1.stderr));
+    let r2 = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .arg("--")
+        .args(args("two"))
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&r2.stderr);
+    assert!(r2.status.success(), "{se}");
+    assert!(se.contains("[rank 0] step 5/5 sft loss"), "{se}");
+    assert!(!se.contains("[rank 1] step"), "{se}");
+    assert!(se.contains("[rank 0] data parallel: 2 ranks"), "{se}");
+    // The same final loss (the global one) on stdout.
+    let loss = |o: &std::process::Output, prefix: &str| -> f64 {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let line = text.lines().find_map(|l| l.strip_prefix(prefix)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let (l1, l2) = (loss(&r1, ""), loss(&r2, "[rank 0] "));
+    assert!(
+        (l1 - l2).abs() <= 1e-5 * (1.0 + l1.abs()),
+        "loss: 1 rank {l1}, 2 ranks {l2}"
+    );
+    let (a, b) = (weights(&tmp.0.join("one")), weights(&tmp.0.join("two")));
+    let start = initial_weights();
+    let mut moved = 0f32;
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        for (i, (x, y)) in va.iter().zip(vb).enumerate() {
+            assert!((x - y).abs() <= 1e-5, "{na}[{i}]: 1 rank {x}, 2 ranks {y}");
+        }
+        if let Some((_, v0)) = start.iter().find(|(n, _)| n == na) {
+            moved = va.iter().zip(v0).fold(moved, |m, (x, y)| m.max((x - y).abs()));
+        }
+    }
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+}
+
+#[test]
+fn sft_on_two_ranks_matches_one_rank_on_the_cpu() {
+    sft_two_ranks_match_one("cpu", "sft-cpu");
+}
+
+#[test]
+fn sft_on_two_ranks_matches_one_rank_on_the_gpu() {
+    if no_gpu("sft_on_two_ranks_matches_one_rank_on_the_gpu") {
+        return;
+    }
+    sft_two_ranks_match_one("cuda", "sft-gpu");
+}
