@@ -133,6 +133,10 @@ pub struct GpuModel {
     /// Keep only each layer's input in the forward and recompute the rest
     /// in the backward.
     recompute: bool,
+    /// Bumped whenever `params` is replaced from outside the optimizer
+    /// (`set_params`, `copy_params_from`), so that an offloaded optimizer's
+    /// host master copy knows to read the weights again.
+    params_version: u64,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
 }
@@ -318,6 +322,7 @@ impl GpuModel {
             params16,
             grads: None,
             recompute: false,
+            params_version: 0,
         };
         m.refresh_copies()?;
         Ok(m)
@@ -364,6 +369,7 @@ impl GpuModel {
             ));
         }
         self.params = self.gpu.upload(host).map_err(cuda)?;
+        self.params_version += 1;
         self.refresh_copies()
     }
 
@@ -373,6 +379,7 @@ impl GpuModel {
             return Err(input_err("gpu copy_params_from", "the layouts differ"));
         }
         self.params = self.gpu.clone_dtod(&other.params).map_err(cuda)?;
+        self.params_version += 1;
         self.refresh_copies()
     }
 
@@ -409,6 +416,28 @@ impl GpuModel {
                 Ok(())
             }
         }
+    }
+
+    /// How many times the parameters were replaced from outside the
+    /// optimizer (see [`crate::offload`]).
+    pub(crate) fn params_version(&self) -> u64 {
+        self.params_version
+    }
+
+    /// The gradient buffer (read) and the f32 parameters (written) together,
+    /// for the offloaded optimizer's copies.
+    pub(crate) fn grads_and_params_mut(&mut self) -> Result<(&CudaSlice<f32>, &mut CudaSlice<f32>)> {
+        let grads = self
+            .grads
+            .as_ref()
+            .ok_or_else(|| input_err("offloaded adamw", "no gradients: run a backward first"))?;
+        Ok((grads, &mut self.params))
+    }
+
+    /// Refreshes the bf16 copy of the parameters (a no-op in f32), after the
+    /// offloaded optimizer wrote new f32 weights.
+    pub(crate) fn refresh_bf16(&mut self) -> Result<()> {
+        self.refresh_copies()
     }
 
     /// The bf16 copy, from `params`.
