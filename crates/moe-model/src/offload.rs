@@ -3,23 +3,30 @@
 //! live in page-locked host memory, the GPU keeps the weights its products
 //! read and the gradients.
 //!
+//! [`GpuModel::set_offload`] moves the f32 master copy of every parameter
+//! to page-locked host memory. In bf16 precision the device then keeps the
+//! bf16 weights the products read and only the tensors its kernels read in
+//! f32 (norms, biases, routers, the embedding: [`GpuModel::f32_resident`]),
+//! packed; in f32 precision the products read the f32 weights, which stay.
+//! The moments and the staging buffers live in [`HostOptimizer`].
+//!
 //! One step ([`HostOptimizer::step`]):
 //!
 //! ```text
 //! device:      grad norm (one f64 read back) -> clip coefficient s
-//! copy stream: grads[bucket 0] -> host   grads[bucket 1] -> host   weights[0] -> device   grads[2] -> host ...
-//! host:                                  AdamW(bucket 0, g * s)    AdamW(bucket 1, g * s) ...
+//! copy stream: grads[0] -> host   grads[1] -> host   weights[0] -> device   grads[2] -> host ...
+//! host:                           AdamW(0, g * s)    AdamW(1, g * s) ...
 //! ```
 //!
 //! The flat trainable prefix is cut into buckets of `bucket_elems`
 //! elements. The copy of bucket `b + 1`'s gradients is queued before the
 //! host updates bucket `b` (rayon, eight-lane groups:
 //! [`aha_tensor::cpu::adamw_step_f32`]), so the transfer overlaps the
-//! arithmetic; each updated bucket of master weights is queued back to the
-//! device's f32 weights as soon as it is done, and in bf16 precision the
-//! bf16 copy the products read is refreshed from them on the device at the
-//! end. Gradient staging is double-buffered (two bucket-sized page-locked
-//! buffers).
+//! arithmetic; each updated bucket goes back as soon as it is done: bf16
+//! bits (rounded to nearest even, as the device kernels round) into the
+//! bf16 weights and the packed f32 tensors it contains, or f32 into the f32
+//! weights. Staging is double-buffered (two bucket-sized page-locked
+//! buffers each way, a third for a shorter last bucket).
 //!
 //! Semantics are the device optimizer's exactly: the same global norm
 //! (computed on the device over the trainable prefix), the same clipping
@@ -28,22 +35,20 @@
 //! same f32 constants of the bias correction and decoupled weight decay
 //! ([`aha_tensor::cpu::AdamwConsts`] derives them as the kernel's launcher
 //! does), and the same skip on a non-finite norm.
-//!
-//! The device still holds the f32 weights (the norms, the router, biases
-//! and the embedding read f32 from the flat buffer, and in f32 precision
-//! every product does); what leaves the device is the optimizer state,
-//! 8 bytes a trainable parameter (see [`crate::memory::MemoryPlan::with_offload`]).
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
 use aha_cuda_kernels::cudarc::driver::sys::CUevent_flags;
-use aha_cuda_kernels::cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
+use aha_cuda_kernels::cudarc::driver::{
+    CudaEvent, CudaStream, CudaViewMut, DevicePtrMut, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 use aha_tensor::cpu::{self, AdamW, AdamwConsts};
+use rayon::prelude::*;
 
 use crate::error::{input_err, Error, Result};
-use crate::gpu::GpuModel;
+use crate::gpu::{GpuModel, GpuPrecision};
 
 /// Settings of the offloaded optimizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,20 +97,20 @@ impl OffloadTiming {
     }
 }
 
-/// The host side of an offloaded AdamW: per-bucket page-locked master
-/// weights and moments, two gradient staging buffers and a copy stream.
+/// The host side of an offloaded AdamW: per-bucket page-locked moments,
+/// gradient (and in bf16, weight) staging buffers and a copy stream. The
+/// master weights are the model's ([`GpuModel::set_offload`]).
 pub struct HostOptimizer {
     buckets: Vec<Range<usize>>,
-    master: Vec<PinnedHostSlice<f32>>,
     m: Vec<PinnedHostSlice<f32>>,
     v: Vec<PinnedHostSlice<f32>>,
     /// Two bucket-sized gradient staging buffers, and a third of the last
     /// bucket's length when that is shorter (a copy fills its whole
     /// destination).
     stage: Vec<PinnedHostSlice<f32>>,
+    /// The same for the bf16 weights going back (bf16 precision only).
+    stage16: Vec<PinnedHostSlice<u16>>,
     copy: Arc<CudaStream>,
-    /// `GpuModel::params_version` the master copy was read at.
-    version: u64,
     /// Elements of the trainable prefix.
     trainable: usize,
     /// Elements of the whole parameter buffer (the host copies of the
@@ -140,34 +145,69 @@ fn read_pinned(p: &PinnedHostSlice<f32>) -> Result<&[f32]> {
     p.as_slice().map_err(|e| driver("reading page-locked host memory", e))
 }
 
-/// `len` f32 of page-locked host memory, filled with `fill`.
-fn pinned(gpu: &GpuModel, len: usize, fill: Option<&[f32]>) -> Result<PinnedHostSlice<f32>> {
+/// `len` elements of page-locked host memory, filled with `fill` or zeros.
+fn pinned<T: DeviceRepr + ValidAsZeroBits + Copy + Default>(
+    gpu: &GpuModel,
+    len: usize,
+    fill: Option<&[T]>,
+) -> Result<PinnedHostSlice<T>> {
     let ctx = gpu.gpu().context();
-    // SAFETY: cuMemHostAlloc of len * 4 bytes (flags 0: cached, since the
+    let bytes = len * std::mem::size_of::<T>();
+    // SAFETY: cuMemHostAlloc of len elements (flags 0: cached, since the
     // host reads these buffers); the memory is uninitialised until the
     // writes just below, and nothing reads it before them.
-    let mut p = unsafe { ctx.alloc_pinned_with_flags::<f32>(len.max(1), 0) }
-        .map_err(|e| driver(&format!("page-locked host allocation of {} bytes", 4 * len), e))?;
-    let s = p
-        .as_mut_slice()
-        .map_err(|e| driver("page-locked host memory", e))?;
+    let mut p = unsafe { ctx.alloc_pinned_with_flags::<T>(len.max(1), 0) }
+        .map_err(|e| driver(&format!("page-locked host allocation of {bytes} bytes"), e))?;
+    let s = p.as_mut_slice().map_err(|e| driver("page-locked host memory", e))?;
     match fill {
         Some(x) => {
             s[..len].copy_from_slice(x);
-            s[len..].fill(0.0);
+            s[len..].fill(T::default());
         }
-        None => s.fill(0.0),
+        None => s.fill(T::default()),
     }
     Ok(p)
 }
 
+/// Two staging buffers of `first` elements, and a third for a shorter
+/// last bucket.
+fn stages<T: DeviceRepr + ValidAsZeroBits + Copy + Default>(
+    gpu: &GpuModel,
+    buckets: &[Range<usize>],
+) -> Result<Vec<PinnedHostSlice<T>>> {
+    let first = buckets.first().map_or(1, |b| b.len());
+    let mut s = vec![pinned(gpu, first, None)?, pinned(gpu, first, None)?];
+    if let Some(last) = buckets.last().filter(|r| r.len() != first) {
+        s.push(pinned(gpu, last.len(), None)?);
+    }
+    Ok(s)
+}
+
+/// The page-locked host bytes an offloaded optimizer holds for a model of
+/// `size` parameters with `trainable` trainable ones: the f32 master copy
+/// of every parameter, the two moments of the trainable ones, and the
+/// staging buffers of the gradients (f32) and, in bf16, the weights going
+/// back (`bf16`). What [`GpuModel::set_offload`] and
+/// [`HostOptimizer::new`] allocate.
+pub fn host_bytes(size: usize, trainable: usize, bucket_elems: usize, bf16: bool) -> u64 {
+    let b = buckets(trainable, bucket_elems);
+    let first = b.first().map_or(1, |r| r.len()) as u64;
+    let ragged = b.last().filter(|r| r.len() as u64 != first).map_or(0, |r| r.len() as u64);
+    let stage = 2 * first + ragged;
+    4 * size as u64 + 8 * trainable as u64 + 4 * stage + if bf16 { 2 * stage } else { 0 }
+}
+
 impl HostOptimizer {
-    /// Host state for `gpu`'s trainable prefix: the master weights read
-    /// from the device, the moments from `moments` (host copies covering
-    /// at least the trainable prefix, as a checkpoint holds them) or zeros.
+    /// Host state for `gpu`'s trainable prefix (the model must be
+    /// offloaded: [`GpuModel::set_offload`]), the moments from `moments`
+    /// (host copies covering at least the trainable prefix, as a checkpoint
+    /// holds them) or zeros.
     pub fn new(gpu: &GpuModel, cfg: OffloadConfig, moments: Option<(&[f32], &[f32])>) -> Result<HostOptimizer> {
         if cfg.bucket_elems == 0 {
             return Err(input_err("offload bucket_elems", "must be at least 1"));
+        }
+        if gpu.host_master().is_none() {
+            return Err(input_err("offloaded adamw", "the model's weights are not offloaded"));
         }
         let layout = gpu.layout();
         let (trainable, size) = (layout.trainable, layout.size);
@@ -184,49 +224,33 @@ impl HostOptimizer {
             }
         }
         let buckets = buckets(trainable, cfg.bucket_elems);
-        let stage_len = buckets.first().map_or(1, |b| b.len());
         let copy = gpu
             .gpu()
             .context()
             .new_stream()
             .map_err(|e| driver("creating the copy stream", e))?;
-        let (mut master, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ms, mut vs) = (Vec::new(), Vec::new());
         for r in &buckets {
-            master.push(pinned(gpu, r.len(), None)?);
             ms.push(pinned(gpu, r.len(), moments.map(|(m, _)| &m[r.clone()]))?);
             vs.push(pinned(gpu, r.len(), moments.map(|(_, v)| &v[r.clone()]))?);
         }
-        let mut stage = vec![pinned(gpu, stage_len, None)?, pinned(gpu, stage_len, None)?];
-        if let Some(last) = buckets.last().filter(|r| r.len() != stage_len) {
-            stage.push(pinned(gpu, last.len(), None)?);
-        }
-        let mut h = HostOptimizer {
+        let stage = stages(gpu, &buckets)?;
+        let stage16 = if gpu.precision() == GpuPrecision::Bf16 {
+            stages(gpu, &buckets)?
+        } else {
+            Vec::new()
+        };
+        Ok(HostOptimizer {
             buckets,
-            master,
             m: ms,
             v: vs,
             stage,
+            stage16,
             copy,
-            version: gpu.params_version(),
             trainable,
             size,
             timing: OffloadTiming::default(),
-        };
-        h.read_master(gpu)?;
-        Ok(h)
-    }
-
-    /// Reads the master copy from the device's f32 weights.
-    fn read_master(&mut self, gpu: &GpuModel) -> Result<()> {
-        let main = gpu.gpu().stream();
-        for (r, host) in self.buckets.iter().zip(&mut self.master) {
-            main.memcpy_dtoh(&gpu.params().slice(r.clone()), host)
-                .map_err(|e| driver("reading the master weights", e))?;
-        }
-        main.synchronize()
-            .map_err(|e| driver("reading the master weights", e))?;
-        self.version = gpu.params_version();
-        Ok(())
+        })
     }
 
     /// The timings summed since the last [`HostOptimizer::take_timing`].
@@ -253,9 +277,6 @@ impl HostOptimizer {
             return Err(input_err("offloaded adamw", "the optimizer state belongs to another model"));
         }
         let c = AdamwConsts::new(h, t).map_err(Error::Tensor)?;
-        if gpu.params_version() != self.version {
-            self.read_master(gpu)?;
-        }
         let t0 = Instant::now();
         let norm = gpu.grad_norm()?;
         let t_norm = t0.elapsed().as_secs_f64();
@@ -276,7 +297,12 @@ impl HostOptimizer {
                 .map_err(|e| driver("recording a copy event", e))
         };
         {
-            let (grads, params) = gpu.grads_and_params_mut()?;
+            let (grads, params, mut p16, master, resident) = gpu.offload_parts()?;
+            // The master copy's one event covers the whole buffer; the
+            // copies below read disjoint ranges of it through raw pointers
+            // and the step ends with both streams synchronised, so the
+            // host's writes of the next step cannot race them.
+            let master = master.as_mut_slice().map_err(|e| driver("master weights", e))?;
             let nb = self.buckets.len();
             let buckets = &self.buckets;
             let fetch = |b: usize, stage: &mut PinnedHostSlice<f32>, ev: &mut Vec<(CudaEvent, CudaEvent)>| -> Result<f64> {
@@ -303,27 +329,54 @@ impl HostOptimizer {
                     .as_slice()
                     .map_err(|e| driver("waiting for a gradient bucket", e))?;
                 let ta = Instant::now();
-                let p = self.master[b]
-                    .as_mut_slice()
-                    .map_err(|e| driver("master weights", e))?;
                 let m = self.m[b].as_mut_slice().map_err(|e| driver("first moment", e))?;
                 let v = self.v[b].as_mut_slice().map_err(|e| driver("second moment", e))?;
                 let n = r.len();
-                cpu::adamw_step_f32(&mut p[..n], &g[..n], &mut m[..n], &mut v[..n], &c, scale)
-                    .map_err(Error::Tensor)?;
+                let p = &mut master[r.clone()];
+                cpu::adamw_step_f32(p, &g[..n], &mut m[..n], &mut v[..n], &c, scale).map_err(Error::Tensor)?;
+                // bf16: the bits the products read, rounded as the device
+                // kernels round (nearest even).
+                let bits = match (&mut p16, self.stage16.get_mut(slot(b))) {
+                    (Some(_), Some(st)) => {
+                        let out = st.as_mut_slice().map_err(|e| driver("bf16 staging", e))?;
+                        out[..n]
+                            .par_chunks_mut(1 << 15)
+                            .zip(p.par_chunks(1 << 15))
+                            .for_each(|(o, x)| {
+                                for (o, &x) in o.iter_mut().zip(x) {
+                                    *o = half::bf16::from_f32(x).to_bits();
+                                }
+                            });
+                        Some(st)
+                    }
+                    _ => None,
+                };
                 adamw_s += ta.elapsed().as_secs_f64();
                 let ti = Instant::now();
                 let a = timed(&copy)?;
-                copy.memcpy_htod(&self.master[b], &mut params.slice_mut(r))
-                    .map_err(|e| driver("copying weights to the device", e))?;
+                match (bits, p16.as_deref_mut(), resident) {
+                    (Some(st), Some(p16), Some(res)) => {
+                        copy.memcpy_htod(&*st, &mut p16.slice_mut(r.clone()))
+                            .map_err(|e| driver("copying bf16 weights to the device", e))?;
+                        // The packed f32 tensors inside this bucket.
+                        for &(off, len, at) in res {
+                            let (lo, hi) = (off.max(r.start), (off + len).min(r.end));
+                            if lo < hi {
+                                let dst = at + lo - off..at + hi - off;
+                                htod_raw(&copy, &master[lo..hi], &mut params.slice_mut(dst))?;
+                            }
+                        }
+                    }
+                    _ => htod_raw(&copy, &master[r.clone()], &mut params.slice_mut(r))?,
+                }
                 events.push((a, timed(&copy)?));
                 issue_s += ti.elapsed().as_secs_f64();
             }
         }
-        // Later work on the main stream (the bf16 refresh, the next
-        // forward, the next zero_grad) waits for the copies.
+        // Later work on the main stream (the next forward, the next
+        // zero_grad) waits for the copies; the host waits for both.
         main.join(&copy).map_err(|e| driver("joining the copy stream", e))?;
-        gpu.refresh_bf16()?;
+        copy.synchronize().map_err(|e| driver("finishing the copies", e))?;
         main.synchronize().map_err(|e| driver("finishing the step", e))?;
         let total = t0.elapsed().as_secs_f64();
         let mut device_copy = 0f64;
@@ -339,4 +392,21 @@ impl HostOptimizer {
         tm.exposed_s += (total - t_norm - adamw_s).max(0.0);
         Ok(norm)
     }
+}
+
+/// Queues `src` (page-locked host memory) into `dst` on `stream`.
+fn htod_raw(stream: &Arc<CudaStream>, src: &[f32], dst: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    if dst.len() != src.len() {
+        return Err(input_err(
+            "offloaded adamw",
+            format!("copying {} values into {}", src.len(), dst.len()),
+        ));
+    }
+    let (ptr, _record) = dst.device_ptr_mut(stream);
+    // SAFETY: cuMemcpyHtoDAsync of src.len() f32 into a device range of the
+    // same length; src is page-locked memory owned by the model's host
+    // master copy, which is neither written nor freed before the stream is
+    // synchronised at the end of the step.
+    unsafe { aha_cuda_kernels::cudarc::driver::result::memcpy_htod_async(ptr, src, stream.cu_stream()) }
+        .map_err(|e| driver("copying weights to the device", e))
 }

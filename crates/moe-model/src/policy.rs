@@ -534,11 +534,18 @@ impl Policy {
     }
 
     /// Offloads AdamW to the host (`Some`) or keeps it on the device
-    /// (`None`, the default) for the moments created from now on by
-    /// [`Policy::new_moments`] and [`Policy::moments_from_host`]. On the
+    /// (`None`, the default): the f32 master weights move to page-locked
+    /// host memory (in bf16 precision the device keeps the bf16 weights and
+    /// only the few tensors read in f32), and the moments created from now
+    /// on by [`Policy::new_moments`] and [`Policy::moments_from_host`] live
+    /// there too. Moments created before belong to the old setting. On the
     /// CPU the optimizer is on the host already and this changes nothing.
-    pub fn set_offload_optimizer(&mut self, cfg: Option<OffloadConfig>) {
+    pub fn set_offload_optimizer(&mut self, cfg: Option<OffloadConfig>) -> Result<()> {
+        if let Inner::Gpu(g) = &mut self.inner {
+            g.set_offload(cfg.is_some())?;
+        }
         self.offload = cfg;
+        Ok(())
     }
 
     /// The offload setting (see [`Policy::set_offload_optimizer`]); `None`

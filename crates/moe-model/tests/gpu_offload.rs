@@ -2,7 +2,9 @@
 //! `aha_moe_model::offload`) against AdamW on the device: the same weights
 //! and moments after three clipped steps of real backward passes, in small
 //! ragged buckets so that the double-buffered pipeline runs over many of
-//! them; the bf16 copy the products read refreshed after a host update; and
+//! them; in bf16, the device keeping only the bf16 weights and the tensors
+//! read in f32, and the bf16 copy the products read written from the host's
+//! update as the device kernel writes it; and
 //! a resume from host copies of the moments (a checkpoint) continuing as an
 //! uninterrupted run. Without a GPU each test prints "skipped: no GPU"; CI
 //! runs them on the emulated GPU.
@@ -11,7 +13,7 @@
 
 use std::path::Path;
 
-use aha_moe_model::{Model, Moments, OffloadConfig, Policy, Precision};
+use aha_moe_model::{Model, Moments, OffloadConfig, Policy, PolicyModel, Precision};
 use aha_tensor::cpu::AdamW;
 use aha_tensor::{Device, Tensor};
 
@@ -92,7 +94,8 @@ fn run(p: &mut Policy, m: &mut Moments, step0: u64, steps: u64) -> Vec<f64> {
 
 fn offloaded(model: Model, precision: Precision) -> Policy {
     let mut p = Policy::new(model, Device::Cuda(0), precision).unwrap();
-    p.set_offload_optimizer(Some(OffloadConfig { bucket_elems: BUCKET }));
+    p.set_offload_optimizer(Some(OffloadConfig { bucket_elems: BUCKET }))
+        .unwrap();
     p
 }
 
@@ -140,21 +143,36 @@ fn offloaded_adamw_refreshes_the_bf16_weights_cuda() {
     if skip("offloaded_adamw_refreshes_the_bf16_weights_cuda") {
         return;
     }
-    let model = fixture("qwen2-tiny");
-    let mut dev = Policy::new(model.clone(), Device::Cuda(0), Precision::Bf16).unwrap();
-    let mut off = offloaded(model, Precision::Bf16);
-    let (mut md, mut mo) = (dev.new_moments().unwrap(), off.new_moments().unwrap());
-    run(&mut dev, &mut md, 0, 2);
-    run(&mut off, &mut mo, 0, 2);
-    let r = relative(&off.params_to_host().unwrap(), &dev.params_to_host().unwrap());
-    assert!(r <= 1e-6, "bf16 master weights differ by {r:e}");
-    // The products read the bf16 copy: equal log-probs mean it was
-    // refreshed from the host's update exactly as the device kernel does.
-    let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 100).collect();
-    let rows: Vec<u32> = (0..11).collect();
-    let lp = |p: &Policy| p.logprobs(&ids, 1, 12, &rows, &ids[1..], 1.0).unwrap();
-    let (a, b) = (lp(&dev), lp(&off));
-    assert_eq!(a, b, "log-probs after the host update differ from the device update");
+    for name in ["qwen2-tiny", "qwen3-moe-tiny"] {
+        let model = fixture(name);
+        let mut dev = Policy::new(model.clone(), Device::Cuda(0), Precision::Bf16).unwrap();
+        let mut off = offloaded(model.clone(), Precision::Bf16);
+        // The device keeps the bf16 weights and only the tensors read in
+        // f32 (norms, biases, routers, the embedding).
+        let PolicyModel::Gpu(g) = off.model() else {
+            panic!("{name}: not on the GPU")
+        };
+        assert!(g.is_offloaded());
+        let kept: usize = g.f32_resident().iter().map(|r| r.1).sum();
+        assert_eq!(g.params().len(), kept, "{name}: packed f32 tensors");
+        assert!(kept < model.layout.size / 2, "{name}: {kept} of {} kept in f32", model.layout.size);
+        let (mut md, mut mo) = (dev.new_moments().unwrap(), off.new_moments().unwrap());
+        run(&mut dev, &mut md, 0, 2);
+        run(&mut off, &mut mo, 0, 2);
+        let r = relative(&off.params_to_host().unwrap(), &dev.params_to_host().unwrap());
+        assert!(r <= 1e-6, "{name}: bf16 master weights differ by {r:e}");
+        // The products read the bf16 copy: equal log-probs mean it was
+        // written from the host's update exactly as the device kernel does.
+        let v = model.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % v).collect();
+        let rows: Vec<u32> = (0..11).collect();
+        let lp = |p: &Policy| p.logprobs(&ids, 1, 12, &rows, &ids[1..], 1.0).unwrap();
+        assert_eq!(lp(&dev), lp(&off), "{name}: log-probs after the host update");
+        // Back on the device: the same weights.
+        off.set_offload_optimizer(None).unwrap();
+        assert_eq!(off.params_to_host().unwrap().len(), model.layout.size);
+        assert_eq!(lp(&dev), lp(&off), "{name}: log-probs after leaving offload");
+    }
 }
 
 #[test]
