@@ -104,6 +104,36 @@ pub fn lora_support(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
+/// The tensors a bf16 [`GpuModel`] reads in f32, as `(offset, length,
+/// packed offset)` sorted by offset: every 1-D tensor (norms, biases,
+/// `e_score_correction_bias`), the embedding table and the MoE routers.
+/// With the optimizer offloaded these are the only f32 weights on the
+/// device.
+pub fn f32_resident(layout: &Layout) -> Vec<(usize, usize, usize)> {
+    let mut offs: Vec<(usize, usize)> = layout
+        .entries
+        .iter()
+        .filter(|e| e.shape.len() == 1)
+        .map(|e| (e.slot.off, e.slot.len))
+        .collect();
+    offs.push((layout.embed.off, layout.embed.len));
+    for l in &layout.layers {
+        if let FfnSlots::Moe { router, .. } = &l.ffn {
+            offs.push((router.off, router.len));
+        }
+    }
+    offs.sort_unstable();
+    offs.dedup();
+    let mut at = 0;
+    offs.into_iter()
+        .map(|(off, len)| {
+            let r = (off, len, at);
+            at += len;
+            r
+        })
+        .collect()
+}
+
 /// How the GPU model multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuPrecision {
@@ -504,33 +534,9 @@ impl GpuModel {
         self.host_master.is_some()
     }
 
-    /// The tensors read in f32 by the bf16 model, as `(offset, length,
-    /// packed offset)`: every 1-D tensor (norms, biases,
-    /// `e_score_correction_bias`), the embedding table and the MoE routers.
+    /// The tensors read in f32 by the bf16 model (see [`f32_resident`]).
     pub fn f32_resident(&self) -> Vec<(usize, usize, usize)> {
-        let mut offs: Vec<(usize, usize)> = self
-            .layout
-            .entries
-            .iter()
-            .filter(|e| e.shape.len() == 1)
-            .map(|e| (e.slot.off, e.slot.len))
-            .collect();
-        offs.push((self.layout.embed.off, self.layout.embed.len));
-        for l in &self.layout.layers {
-            if let FfnSlots::Moe { router, .. } = &l.ffn {
-                offs.push((router.off, router.len));
-            }
-        }
-        offs.sort_unstable();
-        offs.dedup();
-        let mut at = 0;
-        offs.into_iter()
-            .map(|(off, len)| {
-                let r = (off, len, at);
-                at += len;
-                r
-            })
-            .collect()
+        f32_resident(&self.layout)
     }
 
     /// Where slot `s` lives in `params`: its own range, or its place in the
