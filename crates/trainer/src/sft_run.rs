@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, LoraConfig, Model, Policy, Precision, SaveDtype, SaveOptions};
+use aha_moe_model::{resolve_device, LoraConfig, Model, OffloadConfig, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
@@ -205,6 +205,10 @@ pub struct SftConfig {
     /// Set, only the adapters train and `out` receives the adapter in
     /// PEFT's format (`adapter_config.json`, `adapter_model.safetensors`).
     pub lora: Option<LoraConfig>,
+    /// AdamW offloaded to the host (GPU only): f32 master weights and
+    /// moments in page-locked host memory, gradients and weights streamed
+    /// in buckets (default false; see `aha_moe_model::offload`).
+    pub offload_optimizer: bool,
 }
 
 impl Default for SftConfig {
@@ -222,6 +226,7 @@ impl Default for SftConfig {
             precision: "f32".into(),
             save_dtype: SaveDtype::Source,
             lora: None,
+            offload_optimizer: false,
         }
     }
 }
@@ -263,7 +268,7 @@ impl SftConfig {
 /// (see [`run_sft_logged`]).
 pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64> {
     cfg.validate()?;
-    let loss = run_sft_logged(
+    let loss = run_sft_with(
         &cfg.model,
         &cfg.data,
         &cfg.out,
@@ -276,6 +281,7 @@ pub fn run_sft_config(cfg: &SftConfig, log: &mut dyn FnMut(&str)) -> Result<f64>
         cfg.save_dtype,
         log,
         cfg.lora.as_ref(),
+        cfg.offload_optimizer,
     )?;
     let text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
     let p = cfg.out.join("sft_config.toml");
@@ -337,6 +343,41 @@ pub fn run_sft_logged(
     log: &mut dyn FnMut(&str),
     lora: Option<&LoraConfig>,
 ) -> Result<f64> {
+    run_sft_with(
+        model_dir,
+        data,
+        out,
+        template,
+        steps,
+        batch,
+        lr,
+        seed,
+        (device, precision),
+        save_dtype,
+        log,
+        lora,
+        false,
+    )
+}
+
+/// [`run_sft_logged`] with the optimizer offloaded to the host when
+/// `offload` (`offload_optimizer`; GPU only).
+#[allow(clippy::too_many_arguments)]
+fn run_sft_with(
+    model_dir: &Path,
+    data: &Path,
+    out: &Path,
+    template: &str,
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    seed: u64,
+    (device, precision): (&str, Precision),
+    save_dtype: SaveDtype,
+    log: &mut dyn FnMut(&str),
+    lora: Option<&LoraConfig>,
+    offload: bool,
+) -> Result<f64> {
     let has_weights =
         model_dir.join("model.safetensors").is_file() || model_dir.join("model.safetensors.index.json").is_file();
     let model = if has_weights {
@@ -381,9 +422,15 @@ pub fn run_sft_logged(
             recompute: false,
         },
     );
+    let plan = if offload {
+        plan.with_offload(&model.layout, precision, OffloadConfig::default().bucket_elems)
+    } else {
+        plan
+    };
     log(&format!("sft: model on {dev} ({precision}); memory plan: {plan}"));
     check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
+    policy.set_offload_optimizer(offload.then(OffloadConfig::default))?;
     let loss = crate::pipeline::sft(&mut policy, &examples, steps, batch, lr, &mut rng, log)?;
     policy.save_as(
         out,
