@@ -397,7 +397,8 @@ impl GpuModel {
             (Some(res), Some(master)) => {
                 let mut host = master
                     .as_slice()
-                    .map_err(|e| input_err("gpu params_to_host", format!("host master weights: {e:?}")))?[..self.layout.size]
+                    .map_err(|e| input_err("gpu params_to_host", format!("host master weights: {e:?}")))?
+                    [..self.layout.size]
                     .to_vec();
                 let packed = self.gpu.download(&self.params).map_err(cuda)?;
                 for &(off, len, at) in res {
@@ -508,8 +509,12 @@ impl GpuModel {
         let n = self.layout.size;
         // SAFETY: cuMemHostAlloc of n * 4 bytes (flags 0: cached, the host
         // reads it); every element is written just below before any read.
-        let mut master = unsafe { ctx.alloc_pinned_with_flags::<f32>(n.max(1), 0) }
-            .map_err(|e| input_err("optimizer offload", format!("page-locked host allocation of {} bytes: {e:?}", 4 * n)))?;
+        let mut master = unsafe { ctx.alloc_pinned_with_flags::<f32>(n.max(1), 0) }.map_err(|e| {
+            input_err(
+                "optimizer offload",
+                format!("page-locked host allocation of {} bytes: {e:?}", 4 * n),
+            )
+        })?;
         let m = master
             .as_mut_slice()
             .map_err(|e| input_err("optimizer offload", format!("page-locked host memory: {e:?}")))?;
@@ -580,7 +585,11 @@ impl GpuModel {
             .host_master
             .as_mut()
             .ok_or_else(|| input_err("offloaded adamw", "the weights are not offloaded"))?;
-        let p16 = if self.resident.is_some() { self.params16.as_mut() } else { None };
+        let p16 = if self.resident.is_some() {
+            self.params16.as_mut()
+        } else {
+            None
+        };
         Ok((grads, &mut self.params, p16, master, self.resident.as_deref()))
     }
 

@@ -137,7 +137,9 @@ fn driver(what: &str, e: aha_cuda_kernels::cudarc::driver::DriverError) -> Error
 /// The buckets of `0..n`, `size` elements each (the last one shorter).
 pub fn buckets(n: usize, size: usize) -> Vec<Range<usize>> {
     let size = size.max(1);
-    (0..n.div_ceil(size)).map(|b| b * size..((b + 1) * size).min(n)).collect()
+    (0..n.div_ceil(size))
+        .map(|b| b * size..((b + 1) * size).min(n))
+        .collect()
 }
 
 /// The host view of a page-locked buffer, after its pending copies.
@@ -192,7 +194,10 @@ fn stages<T: DeviceRepr + ValidAsZeroBits + Copy + Default>(
 pub fn host_bytes(size: usize, trainable: usize, bucket_elems: usize, bf16: bool) -> u64 {
     let b = buckets(trainable, bucket_elems);
     let first = b.first().map_or(1, |r| r.len()) as u64;
-    let ragged = b.last().filter(|r| r.len() as u64 != first).map_or(0, |r| r.len() as u64);
+    let ragged = b
+        .last()
+        .filter(|r| r.len() as u64 != first)
+        .map_or(0, |r| r.len() as u64);
     let stage = 2 * first + ragged;
     4 * size as u64 + 8 * trainable as u64 + 4 * stage + if bf16 { 2 * stage } else { 0 }
 }
@@ -215,11 +220,7 @@ impl HostOptimizer {
             if m.len() < trainable || v.len() < trainable {
                 return Err(input_err(
                     "optimizer state",
-                    format!(
-                        "{} / {} moments for {trainable} trainable parameters",
-                        m.len(),
-                        v.len()
-                    ),
+                    format!("{} / {} moments for {trainable} trainable parameters", m.len(), v.len()),
                 ));
             }
         }
@@ -274,7 +275,10 @@ impl HostOptimizer {
     /// gradient norm before clipping; a non-finite norm changes nothing.
     pub fn step(&mut self, gpu: &mut GpuModel, h: &AdamW, t: u64, max_norm: f64) -> Result<f64> {
         if gpu.layout().trainable != self.trainable || gpu.layout().size != self.size {
-            return Err(input_err("offloaded adamw", "the optimizer state belongs to another model"));
+            return Err(input_err(
+                "offloaded adamw",
+                "the optimizer state belongs to another model",
+            ));
         }
         let c = AdamwConsts::new(h, t).map_err(Error::Tensor)?;
         let t0 = Instant::now();
@@ -305,14 +309,15 @@ impl HostOptimizer {
             let master = master.as_mut_slice().map_err(|e| driver("master weights", e))?;
             let nb = self.buckets.len();
             let buckets = &self.buckets;
-            let fetch = |b: usize, stage: &mut PinnedHostSlice<f32>, ev: &mut Vec<(CudaEvent, CudaEvent)>| -> Result<f64> {
-                let ti = Instant::now();
-                let a = timed(&copy)?;
-                copy.memcpy_dtoh(&grads.slice(buckets[b].clone()), stage)
-                    .map_err(|e| driver("copying gradients to the host", e))?;
-                ev.push((a, timed(&copy)?));
-                Ok(ti.elapsed().as_secs_f64())
-            };
+            let fetch =
+                |b: usize, stage: &mut PinnedHostSlice<f32>, ev: &mut Vec<(CudaEvent, CudaEvent)>| -> Result<f64> {
+                    let ti = Instant::now();
+                    let a = timed(&copy)?;
+                    copy.memcpy_dtoh(&grads.slice(buckets[b].clone()), stage)
+                        .map_err(|e| driver("copying gradients to the host", e))?;
+                    ev.push((a, timed(&copy)?));
+                    Ok(ti.elapsed().as_secs_f64())
+                };
             // The staging buffer of bucket b: alternating, the ragged last
             // bucket in its own.
             let ragged = self.stage.len() == 3;

@@ -322,7 +322,11 @@ fn row(
         Strategy::Offload => {
             // What `offload_optimizer = true` allocates (crate::offload).
             let layout = Layout::new(cfg);
-            device = full.with_offload(&layout, Precision::Bf16, crate::offload::OffloadConfig::default().bucket_elems);
+            device = full.with_offload(
+                &layout,
+                Precision::Bf16,
+                crate::offload::OffloadConfig::default().bucket_elems,
+            );
             host = device.host_pinned;
             // Data parallel over the GPUs as well: gradients all-reduced;
             // then each GPU sends f32 gradients to the host and takes bf16

@@ -106,7 +106,10 @@ fn offloaded_adamw_matches_device_adamw_over_three_clipped_steps_cuda() {
     }
     for name in ["qwen2-tiny", "deepseek-v3-tiny"] {
         let model = fixture(name);
-        assert!(model.layout.trainable > 4 * BUCKET, "{name}: too few parameters for several buckets");
+        assert!(
+            model.layout.trainable > 4 * BUCKET,
+            "{name}: too few parameters for several buckets"
+        );
         let mut dev = Policy::new(model.clone(), Device::Cuda(0), Precision::F32).unwrap();
         let mut off = offloaded(model.clone(), Precision::F32);
         let (mut md, mut mo) = (dev.new_moments().unwrap(), off.new_moments().unwrap());
@@ -124,7 +127,12 @@ fn offloaded_adamw_matches_device_adamw_over_three_clipped_steps_cuda() {
             let r = relative(e.slot.of(&po), e.slot.of(&pd));
             assert!(r <= 1e-6, "{name}: {} differs by {r:e} of its scale", e.name);
             if !e.trainable {
-                assert_eq!(e.slot.of(&po), e.slot.of(&model.params), "{name}: frozen {} moved", e.name);
+                assert_eq!(
+                    e.slot.of(&po),
+                    e.slot.of(&model.params),
+                    "{name}: frozen {} moved",
+                    e.name
+                );
             }
         }
         let ((m1, v1), (m2, v2)) = (md.to_host(&dev).unwrap(), mo.to_host(&off).unwrap());
@@ -155,7 +163,11 @@ fn offloaded_adamw_refreshes_the_bf16_weights_cuda() {
         assert!(g.is_offloaded());
         let kept: usize = g.f32_resident().iter().map(|r| r.1).sum();
         assert_eq!(g.params().len(), kept, "{name}: packed f32 tensors");
-        assert!(kept < model.layout.size / 2, "{name}: {kept} of {} kept in f32", model.layout.size);
+        assert!(
+            kept < model.layout.size / 2,
+            "{name}: {kept} of {} kept in f32",
+            model.layout.size
+        );
         let (mut md, mut mo) = (dev.new_moments().unwrap(), off.new_moments().unwrap());
         run(&mut dev, &mut md, 0, 2);
         run(&mut off, &mut mo, 0, 2);
@@ -193,7 +205,10 @@ fn offloaded_adamw_resumes_from_host_moments_cuda() {
     let (params, (m, v)) = (first.params_to_host().unwrap(), mf.to_host(&first).unwrap());
     assert_eq!(m.len(), model.layout.size);
     assert!(m[model.layout.trainable..].iter().all(|&x| x == 0.0), "frozen moments");
-    assert!(v[..model.layout.trainable].iter().any(|&x| x > 0.0), "empty second moment");
+    assert!(
+        v[..model.layout.trainable].iter().any(|&x| x > 0.0),
+        "empty second moment"
+    );
     let mut resumed = offloaded(model.clone(), Precision::F32);
     resumed.set_params(&params).unwrap();
     let mut mr = resumed.moments_from_host(m, v).unwrap();
@@ -204,15 +219,23 @@ fn offloaded_adamw_resumes_from_host_moments_cuda() {
         whole.params_to_host().unwrap(),
         "the resumed run's weights"
     );
-    assert_eq!(mr.to_host(&resumed).unwrap(), mw.to_host(&whole).unwrap(), "the resumed run's moments");
+    assert_eq!(
+        mr.to_host(&resumed).unwrap(),
+        mw.to_host(&whole).unwrap(),
+        "the resumed run's moments"
+    );
     // Weights replaced after the moments exist (a reference reset, a
     // restore) are what the next host update starts from.
     let mut late = offloaded(model.clone(), Precision::F32);
-    let mut ml = late.moments_from_host(mr.to_host(&resumed).unwrap().0, mr.to_host(&resumed).unwrap().1).unwrap();
+    let mut ml = late
+        .moments_from_host(mr.to_host(&resumed).unwrap().0, mr.to_host(&resumed).unwrap().1)
+        .unwrap();
     late.set_params(&params).unwrap();
     let mut again = offloaded(model, Precision::F32);
     again.set_params(&params).unwrap();
-    let mut ma = again.moments_from_host(mr.to_host(&resumed).unwrap().0, mr.to_host(&resumed).unwrap().1).unwrap();
+    let mut ma = again
+        .moments_from_host(mr.to_host(&resumed).unwrap().0, mr.to_host(&resumed).unwrap().1)
+        .unwrap();
     run(&mut late, &mut ml, 2, 1);
     run(&mut again, &mut ma, 2, 1);
     assert_eq!(late.params_to_host().unwrap(), again.params_to_host().unwrap());

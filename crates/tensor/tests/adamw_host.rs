@@ -41,7 +41,10 @@ fn check(n: usize, seed: u64, t: u64, scale: f32, wd: f64) {
     adamw_step(&mut pr, &gs, &mut mr, &mut vr, &h, t).unwrap();
     for (name, got, want) in [("params", &p, &pr), ("m", &m, &mr), ("v", &v, &vr)] {
         if let Some(i) = (0..n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-            panic!("n {n}, step {t}: {name}[{i}] = {} but the reference gives {}", got[i], want[i]);
+            panic!(
+                "n {n}, step {t}: {name}[{i}] = {} but the reference gives {}",
+                got[i], want[i]
+            );
         }
     }
 }

@@ -557,7 +557,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
             let (policy, reference) = match &cfg.lora {
                 Some(l) => (place_policy(Model::load(&cfg.model)?.with_lora(l, cfg.seed)?)?, None),
-                None => (place_policy(Model::load(&cfg.model)?)?, Some(place(Model::load(&cfg.model)?)?)),
+                None => (
+                    place_policy(Model::load(&cfg.model)?)?,
+                    Some(place(Model::load(&cfg.model)?)?),
+                ),
             };
             let opt = Optimizer::new(optc);
             (policy, reference, opt, Rng::new(cfg.seed), 0, 0, Cursor::default())

@@ -174,15 +174,11 @@ pub fn adamw_step_f32(
         let mut mc = m.chunks_exact_mut(LANES);
         let mut vc = v.chunks_exact_mut(LANES);
         for (((p, g), m), v) in (&mut pc).zip(&mut gc).zip(&mut mc).zip(&mut vc) {
-            let (p, g, m, v): (&mut [f32; LANES], &[f32; LANES], &mut [f32; LANES], &mut [f32; LANES]) = match (
-                p.try_into(),
-                g.try_into(),
-                m.try_into(),
-                v.try_into(),
-            ) {
-                (Ok(p), Ok(g), Ok(m), Ok(v)) => (p, g, m, v),
-                _ => continue,
-            };
+            let (p, g, m, v): (&mut [f32; LANES], &[f32; LANES], &mut [f32; LANES], &mut [f32; LANES]) =
+                match (p.try_into(), g.try_into(), m.try_into(), v.try_into()) {
+                    (Ok(p), Ok(g), Ok(m), Ok(v)) => (p, g, m, v),
+                    _ => continue,
+                };
             for i in 0..LANES {
                 one(&mut p[i], g[i], &mut m[i], &mut v[i]);
             }
