@@ -839,13 +839,22 @@ fn bench_train_offloads_the_optimizer_and_trains_lora_on_the_gpu() {
         assert!(o[k].as_f64().is_some_and(|x| x >= 0.0), "{k}: {off}");
     }
     assert!(o["cpu_adamw_ms"].as_f64().is_some_and(|x| x > 0.0), "{off}");
-    assert!(o["overlap_fraction"].as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)), "{off}");
+    assert!(
+        o["overlap_fraction"].as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)),
+        "{off}"
+    );
     // The host AdamW is the device's: the same losses step after step.
     let (a, b) = (dev["loss_last"].as_f64().unwrap(), off["loss_last"].as_f64().unwrap());
-    assert!((a - b).abs() <= 1e-6 * a.abs(), "loss {a} on the device optimizer, {b} offloaded");
+    assert!(
+        (a - b).abs() <= 1e-6 * a.abs(),
+        "loss {a} on the device optimizer, {b} offloaded"
+    );
     assert!(off["tokens_per_s"].as_f64().is_some_and(|x| x > 0.0));
     let lora = bench_train_cuda(&["--lora", "--lora-rank", "4"]);
-    let (t, p) = (lora["trainable_params"].as_u64().unwrap(), lora["params"].as_u64().unwrap());
+    let (t, p) = (
+        lora["trainable_params"].as_u64().unwrap(),
+        lora["params"].as_u64().unwrap(),
+    );
     assert!(t > 0 && t * 10 < p, "LoRA trains {t} of {p} parameters");
     assert_eq!(lora["lora_rank"].as_u64(), Some(4));
 }
