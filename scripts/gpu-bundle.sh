@@ -41,6 +41,7 @@ tests=(
     aha-sampler:gpu_sampling
     aha-sampler:gpu_engine
     aha-moe-model:gpu_model
+    aha-moe-model:gpu_offload
     aha-grpo:gpu_loss
     aha:cli
 )

@@ -22,7 +22,8 @@
 #   4. compute-sanitizer memcheck, racecheck and synccheck over the
 #      small-shape kernel tests, where the tool exists.
 #   5. kernel_bench with few iterations, then the PyTorch peer scripts;
-#      `aha bench train --device cuda --precision bf16` on a Qwen2.5-1.5B and
+#      `aha bench train --device cuda --precision bf16` (plain, with
+#      --offload-optimizer and with --lora) on a Qwen2.5-1.5B and
 #      a reduced Qwen3-MoE config next to scripts/bench_train_torch.py,
 #      `aha bench generate --device cuda` at batch 64 and 256 next to
 #      scripts/bench_generate_torch.py, and
@@ -152,7 +153,7 @@ record() { # name status seconds
     printf '%-70s %-5s %6ss\n' "$1" "$2" "$3"
 }
 # binary[:filter]: the CLI tests need only their CUDA ones.
-tests="${AHA_GPU_CHECK_TESTS:-aha-cuda-kernels-emulated_driver aha-tensor-gpu_twins aha-tensor-gpu_kernels aha-tensor-gpu_moe aha-tensor-gpu_flash aha-tensor-gpu_lmhead aha-sampler-gpu_sampling aha-sampler-gpu_engine aha-moe-model-gpu_model aha-grpo-gpu_loss aha-cli:cuda}"
+tests="${AHA_GPU_CHECK_TESTS:-aha-cuda-kernels-emulated_driver aha-tensor-gpu_twins aha-tensor-gpu_kernels aha-tensor-gpu_moe aha-tensor-gpu_flash aha-tensor-gpu_lmhead aha-sampler-gpu_sampling aha-sampler-gpu_engine aha-moe-model-gpu_model aha-moe-model-gpu_offload aha-grpo-gpu_loss aha-cli:cuda}"
 for entry in $tests; do
     exe="$bin/${entry%%:*}"
     filter=""
@@ -252,6 +253,17 @@ elif [ -x "$bin/aha" ]; then
             timeout 90 python3 scripts/bench_train_torch.py "$cfgf" "$b" "$t" 3 >"$out/peer-train-$name.json" 2>&1 || rc=$?
             note "torch train $name: $([ "$rc" = 0 ] && tail -1 "$out/peer-train-$name.json" || echo "exit $rc")"
         fi
+    done
+    # Optimizer offload and LoRA on the 1.5B config: tokens/s, and for
+    # offload the optimizer step's split (copies, host AdamW, exposed,
+    # overlap fraction) in the line's "offload" object.
+    for mode in offload:--offload-optimizer lora:--lora; do
+        IFS=: read -r name flag <<<"$mode"
+        cfgf=tests/fixtures/bench-configs/qwen2.5-1.5b.json
+        rc=0
+        timeout 120 "$bin/aha" bench train --config "$cfgf" --device cuda --precision bf16 --batch 8 --seq 1024 \
+            --steps 3 "$flag" >"$out/train-qwen2.5-1.5b-$name.json" 2>"$out/logs/train-$name.log" || rc=$?
+        note "aha bench train qwen2.5-1.5b bf16 $flag: $([ "$rc" = 0 ] && cat "$out/train-qwen2.5-1.5b-$name.json" || echo "exit $rc")"
     done
     # Rollouts: aha's GPU engine (paged bf16 KV cache) at batch 64 and 256,
     # 512-token prompts, 1,024 new tokens, next to transformers' generate;

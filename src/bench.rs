@@ -1,11 +1,14 @@
 //! `aha bench train`: full training steps (forward, the lm head's log-probs
 //! of every next token, backward, clipping, AdamW) on a randomly
-//! initialised model, on the CPU or a GPU, reported as one JSON line.
+//! initialised model, on the CPU or a GPU, reported as one JSON line; with
+//! `--offload-optimizer` AdamW runs on the host and the line splits its
+//! time (copies, host AdamW, exposed, overlap); with `--lora` only LoRA
+//! adapters train.
 
 use std::path::Path;
 use std::time::Instant;
 
-use aha_moe_model::{Model, ModelConfig, Policy, Precision};
+use aha_moe_model::{LoraConfig, Model, ModelConfig, OffloadConfig, Policy, Precision};
 use aha_tensor::cpu::AdamW;
 use aha_tensor::profile::{self, Pass};
 use aha_tensor::{Device, Tensor};
@@ -22,6 +25,10 @@ pub struct TrainBench<'a> {
     pub seed: u64,
     /// Per-phase timing of the step (see `aha_tensor::profile`).
     pub profile: bool,
+    /// Offload AdamW to the host with buckets of this many elements.
+    pub offload: Option<usize>,
+    /// Train LoRA adapters of this rank only.
+    pub lora: Option<usize>,
 }
 
 /// Dense peak of the device for MFU, FLOP/s: an H100 SXM's bf16 tensor-core
@@ -53,7 +60,19 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
     let model = Model::random(cfg, o.seed, 0.02);
     let flops_per_token = model.forward_flops_per_token(o.seq);
     let v = model.config.vocab_size as u64;
+    let model = match o.lora {
+        Some(r) => model.with_lora(
+            &LoraConfig {
+                r,
+                ..LoraConfig::default()
+            },
+            o.seed,
+        )?,
+        None => model,
+    };
+    let trainable = model.layout.trainable;
     let mut policy = Policy::new(model, device, precision)?;
+    policy.set_offload_optimizer(o.offload.map(|bucket_elems| OffloadConfig { bucket_elems }))?;
     let n = o.batch * o.seq;
     let mut state = o.seed ^ 0x5eed;
     let ids: Vec<u32> = (0..n)
@@ -99,6 +118,9 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
         profile::set_pass(Pass::Update);
         policy.optimizer_step(&mut moments, &opt, (step + 1) as u64, 1.0)?;
         let t3 = Instant::now();
+        if step + 1 == o.warmup {
+            moments.take_offload_timing();
+        }
         losses.push(-logp.iter().map(|&l| l as f64).sum::<f64>() / count as f64);
         if step >= o.warmup {
             t_fwd += (t1 - t0).as_secs_f64();
@@ -109,6 +131,19 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
     profile::enable(false);
     let total = t_fwd + t_bwd + t_opt;
     let phases = o.profile.then(|| profile_report(profile::take(), total, o.steps));
+    // Offload: the split of the optimizer step over the timed steps (the
+    // warmup's are taken and dropped at its end).
+    let offload = moments.take_offload_timing().map(|t| {
+        serde_json::json!({
+            "bucket_elems": o.offload,
+            "step_ms": t.total_s * 1e3 / t.steps.max(1) as f64,
+            "grad_norm_ms": t.norm_s * 1e3 / t.steps.max(1) as f64,
+            "copy_ms": t.copy_s * 1e3 / t.steps.max(1) as f64,
+            "cpu_adamw_ms": t.adamw_s * 1e3 / t.steps.max(1) as f64,
+            "exposed_ms": t.exposed_s * 1e3 / t.steps.max(1) as f64,
+            "overlap_fraction": t.overlap_fraction(),
+        })
+    });
     let tokens = (n * o.steps) as f64;
     let flops = 3.0 * flops_per_token * tokens;
     let ms = |s: f64| s * 1e3 / o.steps as f64;
@@ -120,6 +155,9 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
         "device": device.to_string(),
         "precision": precision.to_string(),
         "params": policy.num_params(),
+        "trainable_params": trainable,
+        "lora_rank": o.lora,
+        "offload": offload,
         "batch": o.batch,
         "seq": o.seq,
         "steps": o.steps,

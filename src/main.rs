@@ -501,6 +501,21 @@ enum BenchCommand {
         /// `profile` field in the JSON line.
         #[arg(long)]
         profile: bool,
+        /// AdamW on the host (GPU): master weights and moments in
+        /// page-locked host memory; reports the time split of the copies
+        /// and the host update.
+        #[arg(long)]
+        offload_optimizer: bool,
+        /// Elements per transfer bucket of --offload-optimizer.
+        #[arg(long, default_value_t = 1 << 24)]
+        offload_bucket: usize,
+        /// Train LoRA adapters (PEFT's default targets) instead of every
+        /// parameter.
+        #[arg(long)]
+        lora: bool,
+        /// The adapters' rank with --lora.
+        #[arg(long, default_value_t = 16)]
+        lora_rank: usize,
         #[command(flatten)]
         place: Placement,
     },
@@ -952,6 +967,10 @@ fn main() -> Result<()> {
                     warmup,
                     seed,
                     profile,
+                    offload_optimizer,
+                    offload_bucket,
+                    lora,
+                    lora_rank,
                     place,
                 },
         } => {
@@ -964,6 +983,8 @@ fn main() -> Result<()> {
                 warmup,
                 seed,
                 profile,
+                offload: offload_optimizer.then_some(offload_bucket),
+                lora: lora.then_some(lora_rank),
             })?;
             println!("{line}");
             Ok(())

@@ -848,3 +848,51 @@ fn bench_generate_on_the_gpu() {
         assert!(f > 0.0 && f < 1.5, "{v}");
     }
 }
+
+fn bench_train_cuda(extra: &[&str]) -> serde_json::Value {
+    let run = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args([
+            "bench", "train", "--device", "cuda", "--batch", "2", "--seq", "8", "--steps", "2", "--warmup", "0",
+        ])
+        .args(extra)
+        .arg("--config")
+        .arg(fixture("models/qwen2-tiny/config.json"))
+        .output()
+        .expect("run aha");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    serde_json::from_slice(&run.stdout).expect("one JSON line")
+}
+
+#[test]
+fn bench_train_offloads_the_optimizer_and_trains_lora_on_the_gpu() {
+    if aha_cuda_kernels::device_count() == 0 {
+        eprintln!("bench_train_offloads_the_optimizer_and_trains_lora_on_the_gpu: skipped: no GPU");
+        return;
+    }
+    let dev = bench_train_cuda(&[]);
+    let off = bench_train_cuda(&["--offload-optimizer", "--offload-bucket", "4096"]);
+    assert!(dev["offload"].is_null(), "{dev}");
+    let o = &off["offload"];
+    for k in ["copy_ms", "cpu_adamw_ms", "exposed_ms", "grad_norm_ms", "step_ms"] {
+        assert!(o[k].as_f64().is_some_and(|x| x >= 0.0), "{k}: {off}");
+    }
+    assert!(o["cpu_adamw_ms"].as_f64().is_some_and(|x| x > 0.0), "{off}");
+    assert!(
+        o["overlap_fraction"].as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)),
+        "{off}"
+    );
+    // The host AdamW is the device's: the same losses step after step.
+    let (a, b) = (dev["loss_last"].as_f64().unwrap(), off["loss_last"].as_f64().unwrap());
+    assert!(
+        (a - b).abs() <= 1e-6 * a.abs(),
+        "loss {a} on the device optimizer, {b} offloaded"
+    );
+    assert!(off["tokens_per_s"].as_f64().is_some_and(|x| x > 0.0));
+    let lora = bench_train_cuda(&["--lora", "--lora-rank", "4"]);
+    let (t, p) = (
+        lora["trainable_params"].as_u64().unwrap(),
+        lora["params"].as_u64().unwrap(),
+    );
+    assert!(t > 0 && t * 10 < p, "LoRA trains {t} of {p} parameters");
+    assert_eq!(lora["lora_rank"].as_u64(), Some(4));
+}

@@ -526,3 +526,68 @@ fn sft_writes_a_run_folder_and_resumes_bit_identically() {
     );
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// `offload_optimizer = true` in an `aha sft` TOML: the run's memory plan
+/// reports the page-locked host memory and the saved weights equal those of
+/// the same run with AdamW on the device.
+#[test]
+fn sft_with_an_offloaded_optimizer_on_the_gpu_matches_the_device_optimizer() {
+    if aha_cuda_kernels::device_count() == 0 {
+        eprintln!("sft_with_an_offloaded_optimizer_on_the_gpu_matches_the_device_optimizer: skipped: no GPU");
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("aha-sft-offload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let model_dir = base.join("base");
+    let cfg = serde_json::json!({"model_type": "qwen2", "vocab_size": toy::vocab_size(), "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 96, "tie_word_embeddings": true, "eos_token_id": toy::EOS});
+    let mcfg = aha_moe_model::ModelConfig::from_json_str(&cfg.to_string(), Path::new("c")).unwrap();
+    let m = aha_moe_model::Model::random(mcfg, 3, 0.05);
+    m.save(&model_dir, usize::MAX).unwrap();
+    std::fs::write(model_dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::write(model_dir.join("tokenizer.json"), toy::tokenizer_json()).unwrap();
+    let mut rng = Rng::new(5);
+    let mut traces = String::new();
+    for _ in 0..8 {
+        let p = toy::problem(&mut rng, TaskSpec::default(), false);
+        traces.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": p.prompt(), "completion": p.reasoning()})
+        ));
+    }
+    std::fs::write(base.join("traces.jsonl"), &traces).unwrap();
+    let run = |name: &str, offload: bool| {
+        let toml = base.join(format!("{name}.toml"));
+        std::fs::write(
+            &toml,
+            format!(
+                "template = \"none\"\nsteps = 2\nbatch = 4\nlearning_rate = 1e-2\ndevice = \"cuda\"\nsave_dtype = \"f32\"\noffload_optimizer = {offload}\n"
+            ),
+        )
+        .unwrap();
+        let out = base.join(name);
+        let (_, log) = aha(
+            &["sft"],
+            &[
+                ("--config", &toml),
+                ("--model", &model_dir),
+                ("--data", &base.join("traces.jsonl")),
+                ("--out", &out),
+            ],
+        );
+        (aha_moe_model::Model::load(&out).unwrap().params, log)
+    };
+    let (dev, dev_log) = run("device", false);
+    let (off, off_log) = run("offload", true);
+    assert!(!dev_log.contains("page-locked"), "{dev_log}");
+    assert!(off_log.contains("page-locked host memory"), "{off_log}");
+    assert_ne!(dev, m.params, "the weights did not move");
+    let scale = dev.iter().fold(0f32, |a, &x| a.max(x.abs()));
+    let diff = dev.iter().zip(&off).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    assert!(
+        diff <= 1e-6 * scale,
+        "offloaded weights differ by {diff} (scale {scale})"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}

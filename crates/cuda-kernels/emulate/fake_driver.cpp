@@ -329,6 +329,20 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     *total = fake::TOTAL_MEMORY;
     return OK;
 }
+// Page-locked host memory (cuMemHostAlloc and friends): plain aligned host
+// memory here, since the "device" is the same address space. Not counted
+// against the device's memory.
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    void* m = aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
+    if (!m) return ERR_OUT_OF_MEMORY;
+    *p = m;
+    return OK;
+}
+CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
+CUresult cuMemFreeHost(void* p) {
+    free(p);
+    return OK;
+}
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     fake::count(fake::HTOD);
     if (n) memcpy((void*)(uintptr_t)dst, src, n);

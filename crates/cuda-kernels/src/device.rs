@@ -121,6 +121,12 @@ impl Gpu {
         cudarc::driver::result::mem_get_info().ctx("cuMemGetInfo")
     }
 
+    /// The device's context (for a second stream, events or page-locked
+    /// host memory).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     /// The stream every launch of ours is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

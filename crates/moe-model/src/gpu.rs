@@ -36,7 +36,7 @@
 use std::sync::Arc;
 
 use aha_cuda_kernels::blas::{matmul_bf16_f32out, matmul_f32, MatmulShape};
-use aha_cuda_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use aha_cuda_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PinnedHostSlice};
 use aha_cuda_kernels::flash::{self, FlashGeometry};
 use aha_cuda_kernels::launch::{self, AdamwScalars, AttnGeometry, ColsCopy, RopeGeometry, TokenIds};
 use aha_cuda_kernels::launch_moe::{self, MoeGating, MoeMath, MoeStorage};
@@ -104,6 +104,36 @@ pub fn lora_support(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
+/// The tensors a bf16 [`GpuModel`] reads in f32, as `(offset, length,
+/// packed offset)` sorted by offset: every 1-D tensor (norms, biases,
+/// `e_score_correction_bias`), the embedding table and the MoE routers.
+/// With the optimizer offloaded these are the only f32 weights on the
+/// device.
+pub fn f32_resident(layout: &Layout) -> Vec<(usize, usize, usize)> {
+    let mut offs: Vec<(usize, usize)> = layout
+        .entries
+        .iter()
+        .filter(|e| e.shape.len() == 1)
+        .map(|e| (e.slot.off, e.slot.len))
+        .collect();
+    offs.push((layout.embed.off, layout.embed.len));
+    for l in &layout.layers {
+        if let FfnSlots::Moe { router, .. } = &l.ffn {
+            offs.push((router.off, router.len));
+        }
+    }
+    offs.sort_unstable();
+    offs.dedup();
+    let mut at = 0;
+    offs.into_iter()
+        .map(|(off, len)| {
+            let r = (off, len, at);
+            at += len;
+            r
+        })
+        .collect()
+}
+
 /// How the GPU model multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuPrecision {
@@ -133,6 +163,13 @@ pub struct GpuModel {
     /// Keep only each layer's input in the forward and recompute the rest
     /// in the backward.
     recompute: bool,
+    /// The f32 master copy of every parameter in page-locked host memory
+    /// while the optimizer is offloaded ([`GpuModel::set_offload`]).
+    host_master: Option<PinnedHostSlice<f32>>,
+    /// Offloaded with bf16 products: `params` holds only the tensors read
+    /// in f32 (norms, biases, routers, the embedding), packed, as
+    /// `(offset in the layout, length, offset in params)` sorted by offset.
+    resident: Option<Vec<(usize, usize, usize)>>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
 }
@@ -318,6 +355,8 @@ impl GpuModel {
             params16,
             grads: None,
             recompute: false,
+            host_master: None,
+            resident: None,
         };
         m.refresh_copies()?;
         Ok(m)
@@ -344,14 +383,31 @@ impl GpuModel {
         self.layout.set_adapters_enabled(on)
     }
 
-    /// The flat f32 parameters (master weights).
+    /// The flat f32 parameters (master weights; offloaded in bf16, only the
+    /// packed tensors of [`GpuModel::f32_resident`]).
     pub fn params(&self) -> &CudaSlice<f32> {
         &self.params
     }
 
-    /// The flat parameters copied to the host.
+    /// The flat parameters copied to the host (offloaded in bf16: the host
+    /// master copy, with the tensors the device updates itself, such as
+    /// `e_score_correction_bias`, read from the device).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
-        self.gpu.download(&self.params).map_err(cuda)
+        match (&self.resident, &self.host_master) {
+            (Some(res), Some(master)) => {
+                let mut host = master
+                    .as_slice()
+                    .map_err(|e| input_err("gpu params_to_host", format!("host master weights: {e:?}")))?
+                    [..self.layout.size]
+                    .to_vec();
+                let packed = self.gpu.download(&self.params).map_err(cuda)?;
+                for &(off, len, at) in res {
+                    host[off..off + len].copy_from_slice(&packed[at..at + len]);
+                }
+                Ok(host)
+            }
+            _ => self.gpu.download(&self.params).map_err(cuda),
+        }
     }
 
     /// Replaces every parameter with `host` (the CPU layout), refreshing
@@ -363,6 +419,23 @@ impl GpuModel {
                 format!("{} values for {} parameters", host.len(), self.layout.size),
             ));
         }
+        if let Some(master) = &mut self.host_master {
+            master
+                .as_mut_slice()
+                .map_err(|e| input_err("gpu set_params", format!("host master weights: {e:?}")))?[..host.len()]
+                .copy_from_slice(host);
+        }
+        if let Some(res) = &self.resident {
+            // Offloaded, bf16: the packed f32 tensors and the bf16 copy.
+            let mut packed = vec![0f32; self.params.len()];
+            for &(off, len, at) in res {
+                packed[at..at + len].copy_from_slice(&host[off..off + len]);
+            }
+            self.params = self.gpu.upload(&packed).map_err(cuda)?;
+            let bits: Vec<u16> = host.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+            self.params16 = Some(self.gpu.upload(&bits).map_err(cuda)?);
+            return Ok(());
+        }
         self.params = self.gpu.upload(host).map_err(cuda)?;
         self.refresh_copies()
     }
@@ -371,6 +444,9 @@ impl GpuModel {
     pub fn copy_params_from(&mut self, other: &GpuModel) -> Result<()> {
         if other.layout.size != self.layout.size {
             return Err(input_err("gpu copy_params_from", "the layouts differ"));
+        }
+        if self.host_master.is_some() || other.resident.is_some() {
+            return self.set_params(&other.params_to_host()?);
         }
         self.params = self.gpu.clone_dtod(&other.params).map_err(cuda)?;
         self.refresh_copies()
@@ -423,8 +499,123 @@ impl GpuModel {
         }
     }
 
-    /// The bf16 copy, from `params`.
+    /// Moves the f32 master weights to page-locked host memory (`on`) for
+    /// an offloaded optimizer, or back. In bf16 precision the device then
+    /// keeps only the f32 tensors its kernels read in f32 (norms, biases,
+    /// routers, the embedding: see [`GpuModel::f32_resident`]) besides the
+    /// bf16 copy; in f32 precision the products read the f32 weights, which
+    /// stay.
+    pub fn set_offload(&mut self, on: bool) -> Result<()> {
+        if on == self.host_master.is_some() {
+            return Ok(());
+        }
+        if !on {
+            let host = self.params_to_host()?;
+            self.host_master = None;
+            self.resident = None;
+            self.params = self.gpu.upload(&host).map_err(cuda)?;
+            return self.refresh_copies();
+        }
+        let host = self.gpu.download(&self.params).map_err(cuda)?;
+        let ctx = self.gpu.context();
+        let n = self.layout.size;
+        // SAFETY: cuMemHostAlloc of n * 4 bytes (flags 0: cached, the host
+        // reads it); every element is written just below before any read.
+        let mut master = unsafe { ctx.alloc_pinned_with_flags::<f32>(n.max(1), 0) }.map_err(|e| {
+            input_err(
+                "optimizer offload",
+                format!("page-locked host allocation of {} bytes: {e:?}", 4 * n),
+            )
+        })?;
+        let m = master
+            .as_mut_slice()
+            .map_err(|e| input_err("optimizer offload", format!("page-locked host memory: {e:?}")))?;
+        m[..n].copy_from_slice(&host);
+        m[n..].fill(0.0);
+        self.host_master = Some(master);
+        if self.precision == GpuPrecision::Bf16 {
+            let res = self.f32_resident();
+            let len: usize = res.iter().map(|r| r.1).sum();
+            let mut packed = vec![0f32; len.max(1)];
+            for &(off, l, at) in &res {
+                packed[at..at + l].copy_from_slice(&host[off..off + l]);
+            }
+            self.params = self.gpu.upload(&packed).map_err(cuda)?;
+            self.resident = Some(res);
+        }
+        Ok(())
+    }
+
+    /// Whether the optimizer is offloaded ([`GpuModel::set_offload`]).
+    pub fn is_offloaded(&self) -> bool {
+        self.host_master.is_some()
+    }
+
+    /// The tensors read in f32 by the bf16 model (see [`f32_resident`]).
+    pub fn f32_resident(&self) -> Vec<(usize, usize, usize)> {
+        f32_resident(&self.layout)
+    }
+
+    /// Where slot `s` lives in `params`: its own range, or its place in the
+    /// packed f32 tensors when offloaded in bf16.
+    fn f32_range(&self, s: Slot) -> Result<std::ops::Range<usize>> {
+        let Some(res) = &self.resident else {
+            return Ok(s.off..s.off + s.len);
+        };
+        let i = res.partition_point(|r| r.0 <= s.off);
+        match i.checked_sub(1).map(|i| res[i]) {
+            Some((off, len, at)) if s.off + s.len <= off + len => Ok(at + s.off - off..at + s.off - off + s.len),
+            _ => Err(input_err(
+                "gpu",
+                format!(
+                    "parameters {}..{} are not kept in f32 on the device (optimizer offloaded, bf16)",
+                    s.off,
+                    s.off + s.len
+                ),
+            )),
+        }
+    }
+
+    /// What the offloaded optimizer's copies touch: the gradients (read),
+    /// the f32 weights on the device (whole, or the packed f32 tensors),
+    /// the bf16 copy (bf16), the host master and the packed ranges.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn offload_parts(
+        &mut self,
+    ) -> Result<(
+        &CudaSlice<f32>,
+        &mut CudaSlice<f32>,
+        Option<&mut CudaSlice<u16>>,
+        &mut PinnedHostSlice<f32>,
+        Option<&[(usize, usize, usize)]>,
+    )> {
+        let grads = self
+            .grads
+            .as_ref()
+            .ok_or_else(|| input_err("offloaded adamw", "no gradients: run a backward first"))?;
+        let master = self
+            .host_master
+            .as_mut()
+            .ok_or_else(|| input_err("offloaded adamw", "the weights are not offloaded"))?;
+        let p16 = if self.resident.is_some() {
+            self.params16.as_mut()
+        } else {
+            None
+        };
+        Ok((grads, &mut self.params, p16, master, self.resident.as_deref()))
+    }
+
+    /// The host master copy (offloaded only).
+    pub(crate) fn host_master(&self) -> Option<&PinnedHostSlice<f32>> {
+        self.host_master.as_ref()
+    }
+
+    /// The bf16 copy, from `params` (not while offloaded in bf16: the
+    /// optimizer writes it then).
     fn refresh_copies(&mut self) -> Result<()> {
+        if self.resident.is_some() {
+            return Ok(());
+        }
         if let Some(p16) = &mut self.params16 {
             launch::cast_f32_to_bf16(&self.gpu, p16, &self.params, self.layout.size).map_err(cuda)?;
         }
@@ -489,8 +680,8 @@ impl GpuModel {
         };
         Ok((
             MoeWeights {
-                router: self.w32(*router),
-                bias: bias.map(|b| self.w32(b)),
+                router: self.w32(*router)?,
+                bias: bias.map(|b| self.w32(b)).transpose()?,
                 experts,
             },
             storage,
@@ -501,15 +692,15 @@ impl GpuModel {
         self.gpu.zeros::<f32>(n.max(1)).map_err(cuda)
     }
 
-    fn w32(&self, s: Slot) -> CudaView<'_, f32> {
-        self.params.slice(s.off..s.off + s.len)
+    fn w32(&self, s: Slot) -> Result<CudaView<'_, f32>> {
+        Ok(self.params.slice(self.f32_range(s)?))
     }
 
     /// The weight a product reads in the model's precision.
     fn weight(&self, s: Slot) -> W<'_> {
         match (&self.params16, self.precision) {
             (Some(p16), GpuPrecision::Bf16) => W::Bf16(p16.slice(s.off..s.off + s.len)),
-            _ => W::F32(self.w32(s)),
+            _ => W::F32(self.params.slice(s.off..s.off + s.len)),
         }
     }
 
@@ -559,7 +750,7 @@ impl GpuModel {
         };
         self.product(&mut out.slice_mut(..n * l.out), x, self.weight(l.w), s, None)?;
         if let Some(b) = l.b {
-            launch::add_bias_f32(&self.gpu, &mut out, &self.w32(b), n, l.out).map_err(cuda)?;
+            launch::add_bias_f32(&self.gpu, &mut out, &self.w32(b)?, n, l.out).map_err(cuda)?;
         }
         if let Some(lo) = l.lora.as_ref().filter(|lo| lo.enabled) {
             // out += (s x A^T) B^T.
@@ -603,7 +794,7 @@ impl GpuModel {
         let mut out = self.zeros(rows * c)?;
         let mut rstd = self.zeros(rows)?;
         let eps = self.config.rms_norm_eps;
-        launch::rmsnorm_forward_f32(&self.gpu, &mut out, &mut rstd, x, &self.w32(w), rows, c, eps).map_err(cuda)?;
+        launch::rmsnorm_forward_f32(&self.gpu, &mut out, &mut rstd, x, &self.w32(w)?, rows, c, eps).map_err(cuda)?;
         Ok((out, rstd))
     }
 
@@ -710,7 +901,7 @@ impl GpuModel {
     fn embed(&self, ids: &[u32]) -> Result<CudaSlice<f32>> {
         let (c, n) = (self.config.hidden_size, ids.len());
         let mut x = self.zeros(n * c)?;
-        let table = self.w32(self.layout.embed);
+        let table = self.w32(self.layout.embed)?;
         launch::embedding_forward_f32(
             &self.gpu,
             &mut x,
@@ -1005,7 +1196,7 @@ impl GpuModel {
             (GpuPrecision::Bf16, _, _) => return Err(input_err("gpu", "bf16 lm head without bf16 operands")),
             _ => LmHeadOperands::F32 {
                 hidden: h.as_view(),
-                weight: self.w32(head),
+                weight: self.w32(head)?,
             },
         })
     }
@@ -1260,7 +1451,7 @@ impl GpuModel {
             &mut grads.slice_mut(w.off..w.off + w.len),
             dy,
             x,
-            &self.w32(w),
+            &self.w32(w)?,
             rstd,
             rows,
             c,
@@ -1633,6 +1824,9 @@ impl GpuModel {
             .grads
             .as_ref()
             .ok_or_else(|| input_err("gpu adamw", "no gradients: run a backward first"))?;
+        if self.host_master.is_some() {
+            return Err(input_err("gpu adamw", "the optimizer is offloaded to the host"));
+        }
         match &mut self.params16 {
             Some(p16) => launch::adamw_copy_bf16_f32(g, &mut self.params, m, v, p16, grads, n, h).map_err(cuda)?,
             None => launch::adamw_f32(g, &mut self.params, m, v, grads, n, h).map_err(cuda)?,
@@ -1647,9 +1841,10 @@ impl GpuModel {
         for (s, a) in self.layout.layers.iter().zip(&fwd.layers) {
             if let (FfnSlots::Moe { bias: Some(bias), .. }, Some(counts)) = (&s.ffn, a.counts()) {
                 let range = bias.off..bias.off + bias.len;
+                let packed = self.f32_range(*bias)?;
                 launch_moe::moe_bias_update_f32(
                     &self.gpu,
-                    &mut self.params.slice_mut(range.clone()),
+                    &mut self.params.slice_mut(packed.clone()),
                     counts,
                     bias.len,
                     speed,
@@ -1660,8 +1855,8 @@ impl GpuModel {
                 if let Some(p16) = &mut self.params16 {
                     launch::cast_f32_to_bf16(
                         &self.gpu,
-                        &mut p16.slice_mut(range.clone()),
-                        &self.params.slice(range),
+                        &mut p16.slice_mut(range),
+                        &self.params.slice(packed),
                         bias.len,
                     )
                     .map_err(cuda)?;

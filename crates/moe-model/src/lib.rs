@@ -24,6 +24,7 @@ pub mod memory;
 mod model;
 #[cfg(test)]
 mod moe_twin_tests;
+pub mod offload;
 pub mod paged;
 pub mod params;
 pub mod plan;
@@ -37,6 +38,7 @@ pub use config::{Arch, Fp8Blocks, MlaConfig, ModelConfig, MoeConfig, Router};
 pub use error::{Error, Result};
 pub use lora::LoraConfig;
 pub use model::{Activations, KvCache, Model};
+pub use offload::{OffloadConfig, OffloadTiming};
 pub use paged::{PagedKvCache, SeqSpan};
 pub use params::{Layout, ParamEntry, Slot};
 pub use policy::{resolve_device, Forward, Moments, Policy, PolicyModel, Precision, Scores};

@@ -48,10 +48,34 @@ pub struct MemoryPlan {
     pub kv_cache: u64,
     /// The lm head's chunked logits and one MoE layer's gradient buffers.
     pub workspace: u64,
+    /// Page-locked host memory (not device memory): an offloaded
+    /// optimizer's master weights, moments and staging buffers
+    /// ([`MemoryPlan::with_offload`]); 0 otherwise.
+    pub host_pinned: u64,
 }
 
 impl MemoryPlan {
-    /// Everything together.
+    /// The plan with AdamW offloaded to the host (`offload_optimizer`,
+    /// [`crate::offload`]): no moments on the device and, in bf16, no f32
+    /// weights but the tensors read in f32 ([`crate::gpu::f32_resident`]);
+    /// the master copy of every parameter, the trainable parameters'
+    /// moments and the staging buffers of `bucket_elems` elements in
+    /// page-locked host memory ([`crate::offload::host_bytes`]). `layout`
+    /// is the trained model's (a LoRA layout trains its adapters only).
+    pub fn with_offload(mut self, layout: &Layout, precision: Precision, bucket_elems: usize) -> MemoryPlan {
+        let bf16 = precision == Precision::Bf16;
+        if self.moments > 0 {
+            self.moments = 0;
+            if bf16 {
+                let kept: usize = crate::gpu::f32_resident(layout).iter().map(|r| r.1).sum();
+                self.weights = 4 * kept as u64;
+            }
+            self.host_pinned = crate::offload::host_bytes(layout.size, layout.trainable, bucket_elems, bf16);
+        }
+        self
+    }
+
+    /// Everything together (device memory; `host_pinned` is not counted).
     pub fn total(&self) -> u64 {
         self.weights + self.weights_bf16 + self.grads + self.moments + self.activations + self.kv_cache + self.workspace
     }
@@ -81,7 +105,7 @@ impl std::fmt::Display for MemoryPlan {
         write!(
             f,
             "{:.3}B parameters; weights {:.2} GB, bf16 copy {:.2} GB, gradients {:.2} GB, AdamW moments {:.2} GB, \
-             activations {:.2} GB, KV cache {:.2} GB, workspace {:.2} GB; total {:.2} GB",
+             activations {:.2} GB, KV cache {:.2} GB, workspace {:.2} GB; total {:.2} GB{}",
             self.params as f64 / 1e9,
             gb(self.weights),
             gb(self.weights_bf16),
@@ -90,7 +114,12 @@ impl std::fmt::Display for MemoryPlan {
             gb(self.activations),
             gb(self.kv_cache),
             gb(self.workspace),
-            gb(self.total())
+            gb(self.total()),
+            if self.host_pinned > 0 {
+                format!(" (and {:.2} GB of page-locked host memory)", gb(self.host_pinned))
+            } else {
+                String::new()
+            }
         )
     }
 }
@@ -186,6 +215,7 @@ pub fn memory_plan(cfg: &ModelConfig, precision: Precision, w: &Workload) -> Mem
         activations: kept * w.tokens as u64,
         kv_cache: w.kv_tokens as u64 * cfg.num_layers as u64 * hk * (dk + dv) as u64 * 4,
         workspace: head + if w.training { moe_grads } else { 0 },
+        host_pinned: 0,
     }
 }
 

@@ -115,8 +115,10 @@ pub enum Strategy {
     /// all-to-all in the forward and the backward.
     ExpertParallel,
     /// AdamW and the f32 master weights in host memory (ZeRO-Offload's
-    /// split): the GPU keeps the bf16 weights and the gradients; gradients
-    /// go to the host and updated bf16 weights come back every step.
+    /// split, `offload_optimizer = true`): the GPU keeps the bf16 weights,
+    /// the few tensors read in f32 (norms, biases, routers, the embedding)
+    /// and the gradients; gradients go to the host and updated bf16 weights
+    /// come back every step.
     Offload,
     /// LoRA adapters of rank `rank` on every linear of the decoder layers;
     /// the base weights stay frozen in bf16, only the adapters train.
@@ -204,7 +206,8 @@ pub struct PlanRow {
     pub strategy: Strategy,
     /// Device memory of one GPU by part.
     pub device: MemoryPlan,
-    /// Host memory per GPU (offload's master weights and moments).
+    /// Page-locked host memory per GPU (offload's master weights, moments
+    /// and staging buffers).
     pub host: u64,
     /// The rollouts' KV cache on one GPU (bf16): its sequences at their full
     /// length. It lives while the training activations do not, so the peak
@@ -317,9 +320,14 @@ fn row(
             (v, v / bw)
         }
         Strategy::Offload => {
-            host = full.weights + full.moments;
-            device.weights = 0;
-            device.moments = 0;
+            // What `offload_optimizer = true` allocates (crate::offload).
+            let layout = Layout::new(cfg);
+            device = full.with_offload(
+                &layout,
+                Precision::Bf16,
+                crate::offload::OffloadConfig::default().bucket_elems,
+            );
+            host = device.host_pinned;
             // Data parallel over the GPUs as well: gradients all-reduced;
             // then each GPU sends f32 gradients to the host and takes bf16
             // weights back over PCIe.

@@ -11,7 +11,8 @@
 //! - [`Policy::backward`] from d loss / d log-prob (and d loss / d entropy),
 //!   accumulating into the policy's own flat gradient buffer;
 //! - [`Policy::optimizer_step`]: global-norm clipping and one AdamW update
-//!   over the trainable prefix;
+//!   over the trainable prefix, on the device or, with
+//!   [`Policy::set_offload_optimizer`], on the host ([`crate::offload`]);
 //! - parameter access, save, and a host copy for the CPU sampler.
 //!
 //! `--device` is resolved once, by [`resolve_device`]; nothing above this
@@ -30,6 +31,7 @@ use crate::config::ModelConfig;
 use crate::error::{input_err, Error, Result};
 use crate::gpu::{gpu_support, GpuForward, GpuModel, GpuPrecision, GpuScores};
 use crate::model::{Activations, Model};
+use crate::offload::{HostOptimizer, OffloadConfig, OffloadTiming};
 use crate::params::Layout;
 
 /// Vocabulary rows per chunk of the CPU lm head (full-vocabulary logits
@@ -146,6 +148,8 @@ pub struct Policy {
     inner: Inner,
     /// Where `save` copies the config and tokenizer files from.
     source_dir: Option<std::path::PathBuf>,
+    /// AdamW on the host for a policy on a GPU (`offload_optimizer`).
+    offload: Option<OffloadConfig>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -204,6 +208,9 @@ pub enum Moments {
         /// Second moment.
         v: aha_cuda_kernels::cudarc::driver::CudaSlice<f32>,
     },
+    /// A GPU policy's optimizer offloaded to the host: page-locked master
+    /// weights and moments (see [`crate::offload`]).
+    Offload(Box<HostOptimizer>),
 }
 
 impl std::fmt::Debug for Moments {
@@ -211,6 +218,7 @@ impl std::fmt::Debug for Moments {
         match self {
             Moments::Cpu { m, .. } => write!(f, "Moments(cpu, {})", m.len()),
             Moments::Gpu { m, .. } => write!(f, "Moments(cuda, {})", m.len()),
+            Moments::Offload(h) => write!(f, "Moments(offloaded, {h:?})"),
         }
     }
 }
@@ -245,7 +253,11 @@ impl Policy {
                 Inner::Gpu(Box::new(GpuModel::upload_with(&model, i, p)?))
             }
         };
-        Ok(Policy { inner, source_dir })
+        Ok(Policy {
+            inner,
+            source_dir,
+            offload: None,
+        })
     }
 
     /// Loads an HF folder onto `device`.
@@ -547,8 +559,36 @@ impl Policy {
         }
     }
 
-    /// Zeroed AdamW moments for this policy, on its device.
+    /// Offloads AdamW to the host (`Some`) or keeps it on the device
+    /// (`None`, the default): the f32 master weights move to page-locked
+    /// host memory (in bf16 precision the device keeps the bf16 weights and
+    /// only the few tensors read in f32), and the moments created from now
+    /// on by [`Policy::new_moments`] and [`Policy::moments_from_host`] live
+    /// there too. Moments created before belong to the old setting. On the
+    /// CPU the optimizer is on the host already and this changes nothing.
+    pub fn set_offload_optimizer(&mut self, cfg: Option<OffloadConfig>) -> Result<()> {
+        if let Inner::Gpu(g) = &mut self.inner {
+            g.set_offload(cfg.is_some())?;
+        }
+        self.offload = cfg;
+        Ok(())
+    }
+
+    /// The offload setting (see [`Policy::set_offload_optimizer`]); `None`
+    /// on the CPU.
+    pub fn offload_optimizer(&self) -> Option<OffloadConfig> {
+        match self.inner {
+            Inner::Cpu { .. } => None,
+            Inner::Gpu(_) => self.offload,
+        }
+    }
+
+    /// Zeroed AdamW moments for this policy, on its device (on the host
+    /// when the optimizer is offloaded).
     pub fn new_moments(&self) -> Result<Moments> {
+        if let (Inner::Gpu(g), Some(cfg)) = (&self.inner, self.offload) {
+            return Ok(Moments::Offload(Box::new(HostOptimizer::new(g, cfg, None)?)));
+        }
         Ok(match &self.inner {
             Inner::Cpu { model, .. } => Moments::Cpu {
                 m: vec![0.0; model.params.len()],
@@ -569,6 +609,9 @@ impl Policy {
                 "optimizer state",
                 format!("{} / {} moments for {n} parameters", m.len(), v.len()),
             ));
+        }
+        if let (Inner::Gpu(g), Some(cfg)) = (&self.inner, self.offload) {
+            return Ok(Moments::Offload(Box::new(HostOptimizer::new(g, cfg, Some((&m, &v)))?)));
         }
         Ok(match &self.inner {
             Inner::Cpu { .. } => Moments::Cpu { m, v },
@@ -614,6 +657,7 @@ impl Policy {
                 g.adamw(m, v, &sc)?;
                 Ok(norm)
             }
+            (Inner::Gpu(g), Moments::Offload(host)) => host.step(g, h, t, max_grad_norm),
             _ => Err(input_err("optimizer_step", "the moments live on another device")),
         }
     }
@@ -637,9 +681,19 @@ impl Moments {
             (Moments::Gpu { m, v }, Inner::Gpu(g)) => {
                 Ok((g.gpu().download(m).map_err(cuda)?, g.gpu().download(v).map_err(cuda)?))
             }
+            (Moments::Offload(h), _) => h.moments_to_host(),
             (Moments::Gpu { .. }, Inner::Cpu { .. }) => {
                 Err(input_err("optimizer state", "device moments for a policy on the CPU"))
             }
+        }
+    }
+
+    /// The offloaded optimizer's timings since the last call (`None` for
+    /// moments on the device or the CPU).
+    pub fn take_offload_timing(&mut self) -> Option<OffloadTiming> {
+        match self {
+            Moments::Offload(h) => Some(h.take_timing()),
+            _ => None,
         }
     }
 }

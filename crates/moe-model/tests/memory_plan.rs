@@ -159,7 +159,8 @@ fn qwen3_30b_a3b_counts_every_expert_and_its_buffers() {
 /// three ways `aha plan` prints, against hand arithmetic: full-parameter
 /// training needs 18 bytes a parameter (137 GB) and is refused; with AdamW
 /// and the f32 master weights on the host the GPU keeps 6 bytes a parameter
-/// (bf16 weights, f32 gradients) and 12 go to the host; LoRA r16 on every
+/// (bf16 weights, f32 gradients) plus the tensors read in f32 and 12 go to
+/// the host; LoRA r16 on every
 /// projection keeps the base in bf16 and 18 bytes per adapter parameter.
 #[test]
 fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
@@ -208,8 +209,23 @@ fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
     let (full, off, lora) = (&rows[0], &rows[1], &rows[2]);
     assert_eq!(full.device.total(), 18 * p + act.activations + act.workspace);
     assert!(!full.fits, "137 GB of weights and optimizer state do not fit 80 GB");
-    assert_eq!(off.device.total(), 6 * p + act.activations + act.workspace);
-    assert_eq!(off.host, 12 * p, "f32 master weights and two moments on the host");
+    // Offload: the device keeps bf16 weights (2), f32 gradients (4) and in
+    // f32 only what its kernels read in f32: the embedding table and the
+    // 1-D tensors (two norms, q/k/v biases per layer, the final norm).
+    let r = 152_064 * 3584 + 28 * (2 * 3584 + 3584 + 2 * 512) + 3584;
+    assert_eq!(r, 545_330_688, "545M parameters stay in f32 on the device");
+    assert_eq!(off.device.weights, 4 * r);
+    assert_eq!(off.device.moments, 0);
+    assert_eq!(off.device.total(), 6 * p + 4 * r + act.activations + act.workspace);
+    // The host: the f32 master copy (4) and two moments (8) of every
+    // parameter, page-locked, and the staging buffers of 2^24-element
+    // buckets: two f32 and two bf16 of a bucket and one of each for the
+    // ragged last bucket (P = 453 x 2^24 + 15,537,664).
+    let bucket = 1u64 << 24;
+    let last = p - 453 * bucket;
+    assert_eq!(last, 15_537_664);
+    assert_eq!(off.host, 12 * p + (4 + 2) * (2 * bucket + last));
+    assert_eq!(off.device.host_pinned, off.host);
     assert!(off.fits, "{:?}", off.device);
     // The rollouts' bf16 KV cache: 64 sequences of 4,608 positions, 28
     // layers x 4 heads x (128 + 128) x 2 bytes a position; it replaces the
@@ -217,7 +233,8 @@ fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
     let kv = 64 * 4608 * 28 * 4 * 256 * 2;
     assert_eq!(off.rollout_kv, kv);
     assert!(kv > act.activations + act.workspace);
-    assert_eq!(off.peak, 6 * p + kv);
+    assert_eq!(off.peak, 6 * p + 4 * r + kv);
+    assert_eq!(off.peak, 64_786_455_552, "64.8 GB of the 80");
     assert_eq!(full.peak, 18 * p + kv);
     assert_eq!(lora.strategy, Strategy::Lora { rank: 16 });
     assert_eq!(

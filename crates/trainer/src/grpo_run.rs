@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 
 use aha_grpo::{AdvantageEstimator, ImportanceSampling, KlEstimator, LossConfig, LossType};
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, LoraConfig, Model, ModelConfig, Policy, Precision, SaveDtype, SaveOptions};
+use aha_moe_model::{
+    resolve_device, Layout, LoraConfig, Model, ModelConfig, OffloadConfig, Policy, Precision, SaveDtype, SaveOptions,
+};
 use aha_rewards::language::Script;
 use aha_rewards::{BatchConfig, Example};
 use aha_sampler::{load_tokenizer, SamplingParams};
@@ -139,6 +141,11 @@ pub struct GrpoConfig {
     /// layer's input only and the backward runs the layer again (default
     /// false; TRL's `gradient_checkpointing`).
     pub recompute: bool,
+    /// AdamW offloaded to the host (ZeRO-Offload style, GPU only): f32
+    /// master weights and moments in page-locked host memory, gradients
+    /// streamed out and updated weights streamed back in buckets (default
+    /// false; see `aha_moe_model::offload`). No effect on the CPU.
+    pub offload_optimizer: bool,
     /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
     /// more prompts until the step has `prompts_per_step` groups.
     pub dynamic_sampling: bool,
@@ -231,6 +238,7 @@ impl Default for GrpoConfig {
             lora: None,
             micro_batch_tokens: 0,
             recompute: false,
+            offload_optimizer: false,
             max_prompt_length: 512,
             max_completion_length: 1024,
             mask_truncated_completions: false,
@@ -495,11 +503,21 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         plan.weights += r.weights;
         plan.weights_bf16 += r.weights_bf16;
     }
+    if cfg.offload_optimizer {
+        plan = plan.with_offload(&Layout::new(&mcfg), precision, OffloadConfig::default().bucket_elems);
+    }
     log(&format!("policy on {device} ({precision}); memory plan: {plan}"));
     check_device(&plan, device)?;
     let place = |m: Model| -> Result<Policy> {
         let mut p = Policy::new(m, device, precision)?;
         p.set_recompute(cfg.recompute);
+        Ok(p)
+    };
+    // The trained policy: with its optimizer offloaded when asked, before
+    // any moments exist (a resume restores them onto the host).
+    let place_policy = |m: Model| -> Result<Policy> {
+        let mut p = place(m)?;
+        p.set_offload_optimizer(cfg.offload_optimizer.then(OffloadConfig::default))?;
         Ok(p)
     };
     let (mut policy, mut reference, mut opt, rng, start, mut lines, mut cursor) = match loaded {
@@ -513,7 +531,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             }
             let mut m = l.model;
             m.source_dir = Some(cfg.model.clone());
-            let policy = place(m)?;
+            let policy = place_policy(m)?;
             let mut opt = Optimizer::new(optc);
             opt.restore(&policy, l.moments.0, l.moments.1, l.state.opt_step, l.state.opt_bad)?;
             let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
@@ -555,8 +573,11 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
             }
             let (policy, reference) = match &cfg.lora {
-                Some(l) => (place(Model::load(&cfg.model)?.with_lora(l, cfg.seed)?)?, None),
-                None => (place(Model::load(&cfg.model)?)?, Some(place(Model::load(&cfg.model)?)?)),
+                Some(l) => (place_policy(Model::load(&cfg.model)?.with_lora(l, cfg.seed)?)?, None),
+                None => (
+                    place_policy(Model::load(&cfg.model)?)?,
+                    Some(place(Model::load(&cfg.model)?)?),
+                ),
             };
             let opt = Optimizer::new(optc);
             (policy, reference, opt, Rng::new(cfg.seed), 0, 0, Cursor::default())

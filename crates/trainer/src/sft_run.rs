@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, LoraConfig, Model, Policy, Precision, SaveDtype, SaveOptions};
+use aha_moe_model::{resolve_device, LoraConfig, Model, OffloadConfig, Policy, Precision, SaveDtype, SaveOptions};
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
@@ -137,6 +137,10 @@ pub struct SftConfig {
     /// Token limit of each sample (default 256; never past the model's
     /// `max_position_embeddings`).
     pub sample_max_tokens: usize,
+    /// AdamW offloaded to the host (GPU only): f32 master weights and
+    /// moments in page-locked host memory, gradients and weights streamed
+    /// in buckets (default false; see `aha_moe_model::offload`).
+    pub offload_optimizer: bool,
 }
 
 impl Default for SftConfig {
@@ -158,6 +162,7 @@ impl Default for SftConfig {
             sample_every: 0,
             sample_prompts: 4,
             sample_max_tokens: 256,
+            offload_optimizer: false,
         }
     }
 }
@@ -457,9 +462,15 @@ fn sft_in_folder(
             recompute: false,
         },
     );
+    let plan = if cfg.offload_optimizer {
+        plan.with_offload(&model.layout, precision, OffloadConfig::default().bucket_elems)
+    } else {
+        plan
+    };
     log(&format!("sft: model on {dev} ({precision}); memory plan: {plan}"));
     check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
+    policy.set_offload_optimizer(cfg.offload_optimizer.then(OffloadConfig::default))?;
     let mut opt = sft_optimizer(cfg.learning_rate, cfg.steps);
     let (mut rng, start, cursor) = match resumed {
         Some((st, moments)) => {

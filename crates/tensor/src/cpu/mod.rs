@@ -44,7 +44,7 @@ pub use moe::{
     moe_swiglu_backward, MoeGating, MoeMath, MoeStorage, Store, MOE_TILE_ROWS,
 };
 pub use moe_layer::{moe_layer_backward, moe_layer_forward, MoeDims, MoeLayerGrads, MoeLayerSaved, MoeLayerWeights};
-pub use optim::{adamw_step, clip_grad_norm, global_norm, AdamW};
+pub use optim::{adamw_step, adamw_step_f32, clip_grad_norm, global_norm, AdamW, AdamwConsts};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward, rope_table, RopeLayout, RopeShape};
 pub use softmax::{log_softmax_backward, log_softmax_forward, softmax_backward, softmax_forward};

@@ -1,0 +1,242 @@
+//! AdamW offloaded to the host (`Policy::set_offload_optimizer`,
+//! `aha_moe_model::offload`) against AdamW on the device: the same weights
+//! and moments after three clipped steps of real backward passes, in small
+//! ragged buckets so that the double-buffered pipeline runs over many of
+//! them; in bf16, the device keeping only the bf16 weights and the tensors
+//! read in f32, and the bf16 copy the products read written from the host's
+//! update as the device kernel writes it; and
+//! a resume from host copies of the moments (a checkpoint) continuing as an
+//! uninterrupted run. Without a GPU each test prints "skipped: no GPU"; CI
+//! runs them on the emulated GPU.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use aha_moe_model::{Model, Moments, OffloadConfig, Policy, PolicyModel, Precision};
+use aha_tensor::cpu::AdamW;
+use aha_tensor::{Device, Tensor};
+
+fn fixture(name: &str) -> Model {
+    Model::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn skip(test: &str) -> bool {
+    match aha_cuda_kernels::no_gpu_reason() {
+        Some(reason) => {
+            eprintln!("{test}: skipped: no GPU ({reason})");
+            true
+        }
+        None => false,
+    }
+}
+
+/// A small bucket that does not divide the parameter count, so the last
+/// bucket is ragged and the two staging buffers alternate many times.
+const BUCKET: usize = 1_777;
+
+const H: AdamW = AdamW {
+    lr: 3e-3,
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    weight_decay: 0.05,
+};
+
+/// Clipping threshold far below the fixtures' gradient norms, so every
+/// step clips.
+const MAX_NORM: f64 = 0.05;
+
+/// One forward, score and backward of a fixed batch (the gradients depend
+/// on the weights, so three steps compound any difference).
+fn backward(p: &mut Policy, step: usize) {
+    let v = p.config().vocab_size as u32;
+    let (b, t) = (2, 9);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| ((i + 3 * step) as u32).wrapping_mul(2_654_435_761) % v)
+        .collect();
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
+    for r in 0..b {
+        for i in 0..t - 1 {
+            rows.push((r * t + i) as u32);
+            targets.push(ids[r * t + i + 1]);
+        }
+    }
+    let n = rows.len();
+    let fwd = p.forward(&ids, b, t).unwrap();
+    let sc = p.score(&fwd, &rows, &targets, 1.0).unwrap();
+    let dl = Tensor::from_vec(vec![-1.0 / n as f32; n], n, p.device()).unwrap();
+    p.zero_grad().unwrap();
+    p.backward(fwd, &sc, &dl, None, 0.0).unwrap();
+}
+
+/// Largest |got - want| over the largest |want|.
+fn relative(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |a, &x| a.max(x.abs())).max(1e-30);
+    got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / scale
+}
+
+/// Runs `steps` steps from `step0 + 1` and returns the gradient norms.
+fn run(p: &mut Policy, m: &mut Moments, step0: u64, steps: u64) -> Vec<f64> {
+    (step0..step0 + steps)
+        .map(|s| {
+            backward(p, s as usize);
+            p.optimizer_step(m, &H, s + 1, MAX_NORM).unwrap()
+        })
+        .collect()
+}
+
+fn offloaded(model: Model, precision: Precision) -> Policy {
+    let mut p = Policy::new(model, Device::Cuda(0), precision).unwrap();
+    p.set_offload_optimizer(Some(OffloadConfig { bucket_elems: BUCKET }))
+        .unwrap();
+    p
+}
+
+#[test]
+fn offloaded_adamw_matches_device_adamw_over_three_clipped_steps_cuda() {
+    if skip("offloaded_adamw_matches_device_adamw_over_three_clipped_steps_cuda") {
+        return;
+    }
+    for name in ["qwen2-tiny", "deepseek-v3-tiny"] {
+        let model = fixture(name);
+        assert!(
+            model.layout.trainable > 4 * BUCKET,
+            "{name}: too few parameters for several buckets"
+        );
+        let mut dev = Policy::new(model.clone(), Device::Cuda(0), Precision::F32).unwrap();
+        let mut off = offloaded(model.clone(), Precision::F32);
+        let (mut md, mut mo) = (dev.new_moments().unwrap(), off.new_moments().unwrap());
+        assert!(matches!(mo, Moments::Offload(_)), "{name}: {mo:?}");
+        let nd = run(&mut dev, &mut md, 0, 3);
+        let no = run(&mut off, &mut mo, 0, 3);
+        for (a, b) in nd.iter().zip(&no) {
+            assert!(*a > 4.0 * MAX_NORM, "{name}: norm {a} does not clip");
+            assert!((a - b).abs() <= 1e-6 * a, "{name}: gradient norms {nd:?} vs {no:?}");
+        }
+        let (pd, po) = (dev.params_to_host().unwrap(), off.params_to_host().unwrap());
+        let moved = relative(&pd, &model.params);
+        assert!(moved > 1e-4, "{name}: the weights hardly moved ({moved})");
+        for e in &model.layout.entries {
+            let r = relative(e.slot.of(&po), e.slot.of(&pd));
+            assert!(r <= 1e-6, "{name}: {} differs by {r:e} of its scale", e.name);
+            if !e.trainable {
+                assert_eq!(
+                    e.slot.of(&po),
+                    e.slot.of(&model.params),
+                    "{name}: frozen {} moved",
+                    e.name
+                );
+            }
+        }
+        let ((m1, v1), (m2, v2)) = (md.to_host(&dev).unwrap(), mo.to_host(&off).unwrap());
+        let (rm, rv) = (relative(&m2, &m1), relative(&v2, &v1));
+        eprintln!("{name}: offloaded vs device after 3 steps: moments {rm:.1e} / {rv:.1e} of their scale");
+        assert!(rm <= 1e-6 && rv <= 1e-6, "{name}: moments differ ({rm:e}, {rv:e})");
+        let t = mo.take_offload_timing().unwrap();
+        assert_eq!(t.steps, 3);
+        assert!(t.adamw_s > 0.0 && t.total_s >= t.adamw_s + t.norm_s, "{t:?}");
+        assert!(md.take_offload_timing().is_none());
+    }
+}
+
+#[test]
+fn offloaded_adamw_refreshes_the_bf16_weights_cuda() {
+    if skip("offloaded_adamw_refreshes_the_bf16_weights_cuda") {
+        return;
+    }
+    for name in ["qwen2-tiny", "qwen3-moe-tiny"] {
+        let model = fixture(name);
+        let mut dev = Policy::new(model.clone(), Device::Cuda(0), Precision::Bf16).unwrap();
+        let mut off = offloaded(model.clone(), Precision::Bf16);
+        // The device keeps the bf16 weights and only the tensors read in
+        // f32 (norms, biases, routers, the embedding).
+        let PolicyModel::Gpu(g) = off.model() else {
+            panic!("{name}: not on the GPU")
+        };
+        assert!(g.is_offloaded());
+        let kept: usize = g.f32_resident().iter().map(|r| r.1).sum();
+        assert_eq!(g.params().len(), kept, "{name}: packed f32 tensors");
+        assert!(
+            kept < model.layout.size / 2,
+            "{name}: {kept} of {} kept in f32",
+            model.layout.size
+        );
+        let (mut md, mut mo) = (dev.new_moments().unwrap(), off.new_moments().unwrap());
+        run(&mut dev, &mut md, 0, 2);
+        run(&mut off, &mut mo, 0, 2);
+        let r = relative(&off.params_to_host().unwrap(), &dev.params_to_host().unwrap());
+        assert!(r <= 1e-6, "{name}: bf16 master weights differ by {r:e}");
+        // The products read the bf16 copy: equal log-probs mean it was
+        // written from the host's update exactly as the device kernel does.
+        let v = model.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % v).collect();
+        let rows: Vec<u32> = (0..11).collect();
+        let lp = |p: &Policy| p.logprobs(&ids, 1, 12, &rows, &ids[1..], 1.0).unwrap();
+        assert_eq!(lp(&dev), lp(&off), "{name}: log-probs after the host update");
+        // Back on the device: the same weights.
+        off.set_offload_optimizer(None).unwrap();
+        assert_eq!(off.params_to_host().unwrap().len(), model.layout.size);
+        assert_eq!(lp(&dev), lp(&off), "{name}: log-probs after leaving offload");
+    }
+}
+
+#[test]
+fn offloaded_adamw_resumes_from_host_moments_cuda() {
+    if skip("offloaded_adamw_resumes_from_host_moments_cuda") {
+        return;
+    }
+    let model = fixture("deepseek-v3-tiny");
+    // Uninterrupted: three steps.
+    let mut whole = offloaded(model.clone(), Precision::F32);
+    let mut mw = whole.new_moments().unwrap();
+    run(&mut whole, &mut mw, 0, 3);
+    // Two steps, a checkpoint (weights and host copies of the moments),
+    // then a fresh policy resumed from it for the third.
+    let mut first = offloaded(model.clone(), Precision::F32);
+    let mut mf = first.new_moments().unwrap();
+    run(&mut first, &mut mf, 0, 2);
+    let (params, (m, v)) = (first.params_to_host().unwrap(), mf.to_host(&first).unwrap());
+    assert_eq!(m.len(), model.layout.size);
+    assert!(m[model.layout.trainable..].iter().all(|&x| x == 0.0), "frozen moments");
+    assert!(
+        v[..model.layout.trainable].iter().any(|&x| x > 0.0),
+        "empty second moment"
+    );
+    let mut resumed = offloaded(model.clone(), Precision::F32);
+    resumed.set_params(&params).unwrap();
+    let mut mr = resumed.moments_from_host(m, v).unwrap();
+    assert!(matches!(mr, Moments::Offload(_)));
+    run(&mut resumed, &mut mr, 2, 1);
+    assert_eq!(
+        resumed.params_to_host().unwrap(),
+        whole.params_to_host().unwrap(),
+        "the resumed run's weights"
+    );
+    assert_eq!(
+        mr.to_host(&resumed).unwrap(),
+        mw.to_host(&whole).unwrap(),
+        "the resumed run's moments"
+    );
+    // Weights replaced after the moments exist (a reference reset, a
+    // restore) are what the next host update starts from.
+    let mut late = offloaded(model.clone(), Precision::F32);
+    let mut ml = late
+        .moments_from_host(mr.to_host(&resumed).unwrap().0, mr.to_host(&resumed).unwrap().1)
+        .unwrap();
+    late.set_params(&params).unwrap();
+    let mut again = offloaded(model, Precision::F32);
+    again.set_params(&params).unwrap();
+    let mut ma = again
+        .moments_from_host(mr.to_host(&resumed).unwrap().0, mr.to_host(&resumed).unwrap().1)
+        .unwrap();
+    run(&mut late, &mut ml, 2, 1);
+    run(&mut again, &mut ma, 2, 1);
+    assert_eq!(late.params_to_host().unwrap(), again.params_to_host().unwrap());
+}
