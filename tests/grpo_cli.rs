@@ -85,6 +85,26 @@ fn grpo_runs_from_toml_and_resumes() {
         assert!(lines[4].get(key).is_some_and(|v| v.is_number()), "{key} missing");
     }
     assert!(base.join("run/final/config.json").is_file());
+    // samples.jsonl: the first group's 4 completions every step, with the
+    // weighted reward and each function's score; plots of the metrics.
+    let samples_text = std::fs::read_to_string(base.join("run/samples.jsonl")).unwrap();
+    let samples: Vec<serde_json::Value> = samples_text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(samples.len(), 4 * 4);
+    for (i, s) in samples.iter().enumerate() {
+        assert_eq!(s["step"], (i / 4 + 1) as u64, "sample {i}");
+        assert!(s["prompt"].as_str().is_some_and(|p| p.ends_with('=')), "{s}");
+        assert!(s["completion"].is_string() && s["tokens"].as_u64().is_some(), "{s}");
+        let (acc, fmt, lang) = (
+            s["rewards"]["accuracy"].as_f64().unwrap(),
+            s["rewards"]["format"].as_f64().unwrap(),
+            s["rewards"]["language"].as_f64().unwrap(),
+        );
+        let total = s["reward"].as_f64().unwrap();
+        assert!((total - (acc + 0.5 * fmt + 0.1 * lang)).abs() < 1e-9, "{s}");
+    }
+    for plot in ["reward.png", "kl.png", "length.png", "eval.png"] {
+        assert!(base.join("run/plots").join(plot).is_file(), "{plot}");
+    }
     // TensorBoard events beside metrics.jsonl.
     let events: Vec<_> = std::fs::read_dir(base.join("run"))
         .unwrap()
@@ -112,6 +132,11 @@ fn grpo_runs_from_toml_and_resumes() {
     assert_eq!(
         again.iter().map(strip).collect::<Vec<_>>(),
         lines.iter().map(strip).collect::<Vec<_>>()
+    );
+    // The samples of steps 3 and 4 come back the same too.
+    assert_eq!(
+        std::fs::read_to_string(base.join("run/samples.jsonl")).unwrap(),
+        samples_text
     );
     // An unknown key is an error naming the file.
     std::fs::write(&toml_path, format!("{toml}learning_rat = 1.0\n")).unwrap();

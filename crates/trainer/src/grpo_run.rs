@@ -174,6 +174,10 @@ pub struct GrpoConfig {
     pub max_skipped_steps: usize,
     /// Save a checkpoint every N steps (0: only the final model).
     pub save_every: usize,
+    /// Write the completions of the step's first prompt group (all
+    /// `num_generations` of them, with their rewards) to `samples.jsonl`
+    /// every N steps (default 1; 0: never; TRL's `log_completions`).
+    pub samples_every: usize,
     /// The final model's dtype on disk: `same` (default: each tensor as the
     /// input folder had it; FP8 weights as bf16), `f32`, `bf16` or `f16`.
     /// Resume checkpoints are unaffected.
@@ -258,6 +262,7 @@ impl Default for GrpoConfig {
             max_grad_norm: 1.0,
             max_skipped_steps: 10,
             save_every: 0,
+            samples_every: 1,
             save_dtype: SaveDtype::Source,
             seed: 0,
         }
@@ -469,6 +474,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         max_bad_steps: cfg.max_skipped_steps,
     };
     let metrics_path = out.join("metrics.jsonl");
+    let samples_path = out.join("samples.jsonl");
     let precision: Precision = cfg.precision.parse()?;
     let mcfg = ModelConfig::from_path(&cfg.model)?;
     let device_spec = dp
@@ -542,6 +548,13 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 .collect();
             if writer {
                 std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
+                // samples.jsonl back to the checkpoint's line count (all of
+                // it for a checkpoint from before it had one).
+                if let Some(n) = l.state.extra.get("samples_lines").and_then(|v| v.as_u64()) {
+                    let text = std::fs::read_to_string(&samples_path).unwrap_or_default();
+                    let kept: String = text.lines().take(n as usize).map(|x| format!("{x}\n")).collect();
+                    std::fs::write(&samples_path, kept).map_err(io_err(&samples_path))?;
+                }
             }
             log(&format!("resuming at step {} from {}", l.state.step, l.dir.display()));
             let reference = match (l.reference, &cfg.lora) {
@@ -571,6 +584,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             if writer {
                 std::fs::write(out.join("config.toml"), &cfg_text).map_err(io_err(out))?;
                 std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
+                std::fs::write(&samples_path, "").map_err(io_err(&samples_path))?;
             }
             let (policy, reference) = match &cfg.lora {
                 Some(l) => (place_policy(Model::load(&cfg.model)?.with_lora(l, cfg.seed)?)?, None),
@@ -593,6 +607,20 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     } else {
         None
     };
+    let mut samples_file = if writer {
+        Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&samples_path)
+                .map_err(io_err(&samples_path))?,
+        )
+    } else {
+        None
+    };
+    let mut samples_lines = std::fs::read_to_string(&samples_path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0);
     let step_cfg = GrpoStep {
         num_generations: cfg.num_generations,
         loss: cfg.loss_config(),
@@ -687,6 +715,12 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             write_line(metrics_file, &metrics_path, tb, step, &m)?;
         }
         lines += 1;
+        if let (Some(f), true) = (
+            &mut samples_file,
+            cfg.samples_every > 0 && step % cfg.samples_every == 0,
+        ) {
+            samples_lines += write_samples(f, &samples_path, &tok, step, &batch, &names)?;
+        }
         log(&format!(
             "step {step}/{}  reward {:.3}  kl {:.4}  length {:.1}",
             cfg.steps,
@@ -703,7 +737,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 opt_step: s,
                 opt_bad: bad,
                 metrics_lines: lines,
-                extra: serde_json::json!({ "data_cursor": cursor }),
+                extra: serde_json::json!({ "data_cursor": cursor, "samples_lines": samples_lines }),
                 layout: checkpoint::LAYOUT_VERSION,
             };
             checkpoint::save(
@@ -720,6 +754,26 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     if !writer {
         return Ok(last);
     }
+    let metric_lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)
+        .map_err(io_err(&metrics_path))?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    crate::run_folder::draw_plots(
+        out,
+        &metric_lines,
+        &[
+            ("reward.png", "REWARD", &[("REWARD", None, "reward")]),
+            ("kl.png", "KL TO THE REFERENCE", &[("KL", None, "kl")]),
+            ("loss.png", "GRPO LOSS", &[("LOSS", None, "loss")]),
+            (
+                "length.png",
+                "COMPLETION LENGTH",
+                &[("MEAN TOKENS", None, "completions/mean_length")],
+            ),
+            ("eval.png", "EVALUATION", &[("PASS@1", None, "eval/pass@1")]),
+        ],
+    )?;
     policy.save_as(
         &out.join("final"),
         &SaveOptions {
@@ -766,6 +820,55 @@ fn evaluate(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect())
+}
+
+/// Appends the completions of `batch`'s first prompt group to
+/// `samples.jsonl`, a line each: `step`, `prompt`, `completion`, `tokens`,
+/// `finish_reason`, the weighted `reward` and each reward function's score
+/// under `rewards`. Returns the lines written.
+fn write_samples(
+    file: &mut std::fs::File,
+    path: &Path,
+    tok: &aha_sampler::Tokenizer,
+    step: usize,
+    batch: &Rollouts,
+    names: &[&str],
+) -> Result<usize> {
+    let Some(first) = batch.prompts.first() else {
+        return Ok(0);
+    };
+    let prompt = aha_sampler::decode(tok, first)?;
+    let mut n = 0;
+    for (i, c) in batch
+        .completions
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.prompt_index == 0)
+    {
+        let rewards: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .zip(&batch.per_fn)
+            .map(|(name, v)| {
+                (
+                    (*name).to_string(),
+                    serde_json::json!(v.get(i).copied().unwrap_or(f64::NAN)),
+                )
+            })
+            .collect();
+        let line = serde_json::json!({
+            "step": step,
+            "prompt": prompt,
+            "completion": c.text,
+            "tokens": c.token_ids.len(),
+            "finish_reason": format!("{:?}", c.finish_reason).to_lowercase(),
+            "reward": batch.total.get(i).copied().unwrap_or(f64::NAN),
+            "rewards": rewards,
+        });
+        writeln!(file, "{line}").map_err(io_err(path))?;
+        n += 1;
+    }
+    file.flush().map_err(io_err(path))?;
+    Ok(n)
 }
 
 /// Appends one line `{"step": step, ...metrics}` to `metrics.jsonl`, and

@@ -179,27 +179,7 @@ impl RunLog {
     /// every line of `metrics.jsonl` as (step, value). Charts whose series
     /// are all empty are not drawn.
     pub fn plots(&self, charts: &[Chart<'_>]) -> Result<()> {
-        let lines = self.read_metrics()?;
-        let dir = self.dir.join("plots");
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        for (file, title, series) in charts {
-            let data: Vec<(&str, Vec<(f64, f64)>)> = series
-                .iter()
-                .map(|(label, phase, key)| {
-                    let pts = lines
-                        .iter()
-                        .filter(|l| l.get("phase").and_then(|p| p.as_str()) == *phase)
-                        .filter_map(|l| Some((l.get("step")?.as_f64()?, l.get(*key)?.as_f64()?)))
-                        .collect();
-                    (*label, pts)
-                })
-                .collect();
-            if data.iter().all(|(_, p)| p.is_empty()) {
-                continue;
-            }
-            line_chart(&dir.join(file), title, &data)?;
-        }
-        Ok(())
+        draw_plots(&self.dir, &self.read_metrics()?, charts)
     }
 
     /// Saves a checkpoint `dir/checkpoints/<name>` holding `phase`, `step`,
@@ -229,6 +209,33 @@ impl RunLog {
         };
         checkpoint::save(&self.dir.join("checkpoints"), name, &state, model, reference, opt).map(|_| ())
     }
+}
+
+/// Draws `dir/plots/<file>` for each chart from the metric `lines` (see
+/// [`RunLog::plots`]): each series (label, phase or `None` for lines
+/// without one, key) as (step, value); charts whose series are all empty
+/// are not drawn.
+pub fn draw_plots(dir: &Path, lines: &[serde_json::Value], charts: &[Chart<'_>]) -> Result<()> {
+    let dir = dir.join("plots");
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    for (file, title, series) in charts {
+        let data: Vec<(&str, Vec<(f64, f64)>)> = series
+            .iter()
+            .map(|(label, phase, key)| {
+                let pts = lines
+                    .iter()
+                    .filter(|l| l.get("phase").and_then(|p| p.as_str()) == *phase)
+                    .filter_map(|l| Some((l.get("step")?.as_f64()?, l.get(*key)?.as_f64()?)))
+                    .collect();
+                (*label, pts)
+            })
+            .collect();
+        if data.iter().all(|(_, p)| p.is_empty()) {
+            continue;
+        }
+        line_chart(&dir.join(file), title, &data)?;
+    }
+    Ok(())
 }
 
 /// One plot: file name, title, and its series (label, phase, metric key).
