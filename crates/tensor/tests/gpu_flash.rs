@@ -537,8 +537,9 @@ fn check_kv_write(dev: Device) -> Result<()> {
                 let mut p = gpu.upload(&vec![sentinel; pool_rows * w])?;
                 let mut p16 = gpu.upload(&vec![bf16::from_f32(sentinel).to_bits(); pool_rows * w])?;
                 let s = gpu.upload(&src)?;
-                aha_cuda_kernels::launch::kv_write_f32(gpu, &mut p, &s, slots, w)?;
-                aha_cuda_kernels::launch::kv_write_bf16(gpu, &mut p16, &s, slots, w)?;
+                let ks = aha_cuda_kernels::launch::KvSlots::new(gpu, slots)?;
+                aha_cuda_kernels::launch::kv_write_f32(gpu, &mut p, &s, &ks, w)?;
+                aha_cuda_kernels::launch::kv_write_bf16(gpu, &mut p16, &s, &ks, w)?;
                 (gpu.download(&p)?, gpu.download(&p16)?)
             }
         };
@@ -554,7 +555,9 @@ fn check_kv_write(dev: Device) -> Result<()> {
                 let (Ok(mut p), Ok(s)) = (gpu.upload(&[0f32; 12]), gpu.upload(&src)) else {
                     return false;
                 };
-                aha_cuda_kernels::launch::kv_write_f32(gpu, &mut p, &s, slots, 4).is_err()
+                aha_cuda_kernels::launch::KvSlots::new(gpu, slots)
+                    .and_then(|ks| aha_cuda_kernels::launch::kv_write_f32(gpu, &mut p, &s, &ks, 4))
+                    .is_err()
             }
         }
     };

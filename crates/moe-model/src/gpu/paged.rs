@@ -401,12 +401,14 @@ impl GpuModel {
             })
             .collect();
         // Each packed row's cache slot (block * block_size + offset), the
-        // same for every layer: one scatter launch per layer stores the
-        // step's keys (and values) whatever the batch.
+        // same for every layer: checked and copied to the device once, then
+        // one scatter launch per layer stores the step's keys (and values)
+        // whatever the batch.
         let slots: Vec<u32> = spans
             .iter()
             .flat_map(|s| (s.start..s.start + s.len).map(move |p| s.table[p / bs] * bs as u32 + (p % bs) as u32))
             .collect();
+        let kv_slots = launch::KvSlots::new(g, &slots).map_err(cuda)?;
         // The flash-decoding launch's tables (bf16): padded with block 0,
         // which the kernel never reads past a sequence's context.
         let max_ctx = spans.iter().map(|s| s.start + s.len).max().unwrap_or(0);
@@ -466,10 +468,10 @@ impl GpuModel {
             let v_store = cache.v.get_mut(l);
             match (&mut cache.k[l], v_store, &paged) {
                 (Store::Bf16(kc), vs, Some((tables, ctx, cu))) => {
-                    launch::kv_write_bf16(g, kc, &k, &slots, ahk * adk).map_err(cuda)?;
+                    launch::kv_write_bf16(g, kc, &k, &kv_slots, ahk * adk).map_err(cuda)?;
                     let vc = match (vs, &v) {
                         (Some(Store::Bf16(vc)), Some(v)) => {
-                            launch::kv_write_bf16(g, vc, v, &slots, ahk * adv).map_err(cuda)?;
+                            launch::kv_write_bf16(g, vc, v, &kv_slots, ahk * adv).map_err(cuda)?;
                             Some(vc)
                         }
                         (None, None) => None,
@@ -483,10 +485,10 @@ impl GpuModel {
                         .map_err(cuda)?;
                 }
                 (Store::F32(kc), vs, None) => {
-                    launch::kv_write_f32(g, kc, &k, &slots, ahk * adk).map_err(cuda)?;
+                    launch::kv_write_f32(g, kc, &k, &kv_slots, ahk * adk).map_err(cuda)?;
                     let vc = match (vs, &v) {
                         (Some(Store::F32(vc)), Some(v)) => {
-                            launch::kv_write_f32(g, vc, v, &slots, ahk * adv).map_err(cuda)?;
+                            launch::kv_write_f32(g, vc, v, &kv_slots, ahk * adv).map_err(cuda)?;
                             Some(vc)
                         }
                         (None, None) => None,
