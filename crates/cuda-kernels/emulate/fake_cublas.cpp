@@ -91,9 +91,45 @@ static cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, con
     return CUBLAS_OK;
 }
 
+// The emulated driver's capture hook (set by aha_cuda_kernels::emulate
+// after loading both libraries): while a thread captures a stream, a
+// product becomes a node of the graph, run at each replay, as cuBLAS's
+// kernels are captured on a GPU.
+typedef int (*CaptureHook)(int (*)(void*), void*, void (*)(void*));
+static CaptureHook g_capture_hook = nullptr;
+void ahaEmuSetCaptureHook(CaptureHook h) { g_capture_hook = h; }
+
+// A product's arguments, with alpha and beta read at the call (as cuBLAS
+// reads host scalars when the call is captured).
+struct Gemm {
+    int ta, tb, m, n, k;
+    float alpha;
+    const void* a;
+    int at, lda;
+    const void* b;
+    int bt, ldb;
+    float beta;
+    void* c;
+    int ct, ldc;
+};
+
+static int run_gemm(void* p) {
+    const Gemm& g = *static_cast<Gemm*>(p);
+    return gemm(g.ta, g.tb, g.m, g.n, g.k, g.alpha, g.a, g.at, g.lda, g.b, g.bt, g.ldb, g.beta, g.c, g.ct, g.ldc);
+}
+
+static cublasStatus_t call(const Gemm& g) {
+    if (g_capture_hook != nullptr) {
+        Gemm* p = new Gemm(g);
+        if (g_capture_hook(run_gemm, p, [](void* q) { delete static_cast<Gemm*>(q); })) return CUBLAS_OK;
+        delete p;
+    }
+    return run_gemm(const_cast<Gemm*>(&g));
+}
+
 cublasStatus_t cublasSgemm_v2(cublasHandle_t, int ta, int tb, int m, int n, int k, const float* alpha, const float* a,
                               int lda, const float* b, int ldb, const float* beta, float* c, int ldc) {
-    return gemm(ta, tb, m, n, k, *alpha, a, R_32F, lda, b, R_32F, ldb, *beta, c, R_32F, ldc);
+    return call(Gemm{ta, tb, m, n, k, *alpha, a, R_32F, lda, b, R_32F, ldb, *beta, c, R_32F, ldc});
 }
 
 cublasStatus_t cublasGemmEx(cublasHandle_t, int ta, int tb, int m, int n, int k, const void* alpha, const void* a,
@@ -101,8 +137,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t, int ta, int tb, int m, int n, int k,
                             int compute, int) {
     // aha asks for CUBLAS_COMPUTE_32F (68), so alpha and beta are floats.
     if (compute != 68) return CUBLAS_NOT_SUPPORTED;
-    return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), a, at, lda, b, bt, ldb,
-                *static_cast<const float*>(beta), c, ct, ldc);
+    return call(Gemm{ta, tb, m, n, k, *static_cast<const float*>(alpha), a, at, lda, b, bt, ldb,
+                     *static_cast<const float*>(beta), c, ct, ldc});
 }
 
 }  // extern "C"

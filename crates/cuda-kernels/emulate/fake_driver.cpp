@@ -39,6 +39,7 @@
 #include <chrono>
 #include <cstddef>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -71,13 +72,20 @@ template <class... A>
 void invoke(void (*k)(A...), void** p) {
     invoke_impl(k, p, std::index_sequence_for<A...>{});
 }
+// The sizes of kernel k's parameters (a captured launch copies them).
+template <class... A>
+void param_sizes(void (*)(A...), std::vector<size_t>& out) {
+    out = {sizeof(std::remove_cv_t<std::remove_reference_t<A>>)...};
+}
 
 struct Kernel {
     const char* name;
     void (*call)(void**);
+    void (*sizes)(std::vector<size_t>&);
 };
 
-#define AHA_KERNEL(name) Kernel{#name, [](void** p) { invoke(&name, p); }},
+#define AHA_KERNEL(name) \
+    Kernel{#name, [](void** p) { invoke(&name, p); }, [](std::vector<size_t>& s) { param_sizes(&name, s); }},
 const Kernel TABLE[] = {
 #include "kernel_table.inc"
 };
@@ -166,9 +174,83 @@ void profile_add(const char* name, D d, unsigned long long threads) {
 // calls is the same on a GPU, where each is host time that a CUDA graph
 // would save. Per thread, so that tests running side by side do not count
 // each other's calls.
-enum Count { LAUNCH, ALLOC, FREE, HTOD, DTOH, DTOD, MEMSET, NCOUNT };
+enum Count { LAUNCH, ALLOC, FREE, HTOD, DTOH, DTOD, MEMSET, GRAPH_LAUNCH, NCOUNT };
 inline thread_local unsigned long long t_counts[NCOUNT] = {};
 inline void count(Count c) { t_counts[c] += 1; }
+
+// Stream capture and graphs (cuStreamBeginCapture .. cuGraphLaunch), with
+// the real driver's rules where aha could break them: while a thread
+// captures, the work it issues on the captured stream is recorded, not run
+// (launches with a copy of their parameters, memsets, device copies, copies
+// from page-locked host memory, and the emulated cuBLAS's products through
+// ahaEmuCaptureHook); a stream-ordered allocation made during the capture
+// belongs to the graph (its address stays valid for every replay, as a
+// graph's memory node keeps its address) and its free is part of the graph.
+// Refused during a capture, as on a GPU, and the capture invalidated
+// (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, then
+// CUDA_ERROR_STREAM_CAPTURE_INVALIDATED from cuStreamEndCapture):
+// synchronising calls, copies to the host, copies from pageable host memory
+// (the copy would read it at replay, after the caller has moved on),
+// synchronous allocations and frees, and freeing, inside the graph, memory
+// allocated outside it (a second replay would free it twice).
+struct Node {
+    enum Kind { KERNEL, MEMSET, COPY, HOST } kind;
+    const Function* f = nullptr;
+    unsigned grid[3] = {0, 0, 0}, block[3] = {0, 0, 0}, smem = 0;
+    std::vector<std::vector<char>> params;
+    uintptr_t dst = 0, src = 0;
+    size_t n = 0;
+    unsigned char value = 0;
+    int (*run)(void*) = nullptr;
+    std::shared_ptr<void> ctx;
+};
+struct Graph {
+    std::vector<Node> nodes;
+    std::vector<void*> owned;  // memory allocated during the capture
+    ~Graph();
+};
+struct Capture {
+    void* stream = nullptr;
+    std::shared_ptr<Graph> graph;
+    bool invalid = false;
+};
+inline thread_local Capture* t_capture = nullptr;
+// Page-locked host allocations (start -> bytes), for the pageable check.
+std::map<uintptr_t, size_t> g_pinned;
+// Device memory owned by a graph: freed when the graph goes, not before.
+std::map<uintptr_t, size_t> g_graph_owned;
+
+// The capture the calling thread's work on `stream` goes to, if any.
+inline Capture* capturing(void* stream) {
+    Capture* c = t_capture;
+    return c != nullptr && c->stream == stream ? c : nullptr;
+}
+// A call that a capture forbids: invalidates it (with the reason on
+// stderr). Returns the code to give the caller (0: not capturing).
+inline int forbid(const char* what) {
+    Capture* c = t_capture;
+    if (c == nullptr) return 0;
+    if (!c->invalid) fprintf(stderr, "stream capture: %s is not allowed while capturing; capture invalidated\n", what);
+    c->invalid = true;
+    return 900;  // CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+}
+// Runs `f` (a synchronous twin) as if no capture were on.
+template <class F>
+int uncaptured(F f) {
+    Capture* saved = t_capture;
+    t_capture = nullptr;
+    const int r = f();
+    t_capture = saved;
+    return r;
+}
+inline void record(Capture* c, Node n) { c->graph->nodes.push_back(std::move(n)); }
+inline bool is_pinned(const void* p, size_t n) {
+    std::lock_guard<std::mutex> g(g_mu);
+    auto it = g_pinned.upper_bound((uintptr_t)p);
+    if (it == g_pinned.begin()) return false;
+    --it;
+    return (uintptr_t)p + n <= it->first + it->second;
+}
 
 }  // namespace fake
 
@@ -240,7 +322,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
         case 75: *v = 9; break;                // compute capability major
         case 76: *v = 0; break;                // minor
         case 97: *v = 227 * 1024; break;       // shared memory per block, opt-in
-        case 115: *v = 0; break;               // memory pools: no
+        case 115: *v = 1; break;               // memory pools: yes (stream-ordered allocations)
         default: *v = 0;
     }
     return OK;
@@ -260,7 +342,10 @@ CUresult cuCtxGetCurrent(CUcontext* c) {
     *c = &fake::g_context;
     return OK;
 }
-CUresult cuCtxSynchronize() { return fake::take_pending(); }
+CUresult cuCtxSynchronize() {
+    if (int e = fake::forbid("cuCtxSynchronize")) return e;
+    return fake::take_pending();
+}
 CUresult cuCtxSetFlags(unsigned) { return OK; }
 CUresult cuCtxGetStreamPriorityRange(int* lo, int* hi) {
     *lo = 0;
@@ -277,10 +362,14 @@ CUresult cuStreamDestroy_v2(CUstream s) {
     delete static_cast<fake::Object*>(s);
     return OK;
 }
-CUresult cuStreamSynchronize(CUstream) { return fake::take_pending(); }
+CUresult cuStreamSynchronize(CUstream) {
+    if (int e = fake::forbid("cuStreamSynchronize")) return e;
+    return fake::take_pending();
+}
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return OK; }
-CUresult cuStreamIsCapturing(CUstream, int* status) {
-    *status = 0;
+CUresult cuStreamIsCapturing(CUstream s, int* status) {
+    const fake::Capture* c = fake::capturing(s);
+    *status = c == nullptr ? 0 : c->invalid ? 2 : 1;  // none, active, invalidated
     return OK;
 }
 CUresult cuEventCreate(CUevent* e, unsigned) {
@@ -292,7 +381,10 @@ CUresult cuEventDestroy_v2(CUevent e) {
     return OK;
 }
 CUresult cuEventRecord(CUevent, CUstream) { return OK; }
-CUresult cuEventSynchronize(CUevent) { return fake::take_pending(); }
+CUresult cuEventSynchronize(CUevent) {
+    if (int e = fake::forbid("cuEventSynchronize")) return e;
+    return fake::take_pending();
+}
 CUresult cuEventQuery(CUevent) { return OK; }
 CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
     *ms = 0.0f;
@@ -302,6 +394,7 @@ CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return cuEvent
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     fake::count(fake::ALLOC);
+    if (int e = fake::forbid("a synchronous allocation (cuMemAlloc)")) return e;
     std::lock_guard<std::mutex> g(fake::g_mu);
     if (fake::g_allocated + bytes > fake::TOTAL_MEMORY) return ERR_OUT_OF_MEMORY;
     void* m = aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
@@ -313,7 +406,10 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
     fake::count(fake::FREE);
+    if (int e = fake::forbid("a synchronous free (cuMemFree)")) return e;
     std::lock_guard<std::mutex> g(fake::g_mu);
+    // A graph's memory lives as long as the graph.
+    if (fake::g_graph_owned.count((uintptr_t)p)) return OK;
     auto it = fake::g_allocs.find((uintptr_t)p);
     if (it == fake::g_allocs.end()) return ERR_INVALID_VALUE;
     fake::g_allocated -= it->second;
@@ -321,8 +417,35 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     free((void*)(uintptr_t)p);
     return OK;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return cuMemAlloc_v2(p, bytes); }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree_v2(p); }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
+    fake::Capture* c = fake::capturing(s);
+    fake::Capture* saved = fake::t_capture;
+    fake::t_capture = nullptr;
+    const CUresult r = cuMemAlloc_v2(p, bytes);
+    fake::t_capture = saved;
+    if (r == OK && c != nullptr) {
+        std::lock_guard<std::mutex> g(fake::g_mu);
+        fake::g_graph_owned[(uintptr_t)*p] = bytes;
+        c->graph->owned.push_back((void*)(uintptr_t)*p);
+    }
+    return r;
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    if (fake::capturing(s) != nullptr) {
+        fake::count(fake::FREE);
+        bool owned;
+        {
+            std::lock_guard<std::mutex> g(fake::g_mu);
+            owned = fake::g_graph_owned.count((uintptr_t)p) != 0;
+        }
+        return owned ? OK : fake::forbid("freeing, inside a graph, memory allocated outside it");
+    }
+    fake::Capture* saved = fake::t_capture;
+    fake::t_capture = nullptr;
+    const CUresult r = cuMemFree_v2(p);
+    fake::t_capture = saved;
+    return r;
+}
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::mutex> g(fake::g_mu);
     *free_bytes = fake::TOTAL_MEMORY - fake::g_allocated;
@@ -336,37 +459,81 @@ CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     void* m = aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
     if (!m) return ERR_OUT_OF_MEMORY;
     *p = m;
+    std::lock_guard<std::mutex> g(fake::g_mu);
+    fake::g_pinned[(uintptr_t)m] = bytes;
     return OK;
 }
 CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
 CUresult cuMemFreeHost(void* p) {
+    {
+        std::lock_guard<std::mutex> g(fake::g_mu);
+        fake::g_pinned.erase((uintptr_t)p);
+    }
     free(p);
     return OK;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     fake::count(fake::HTOD);
+    if (int e = fake::forbid("a synchronous copy (cuMemcpyHtoD)")) return e;
     if (n) memcpy((void*)(uintptr_t)dst, src, n);
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     fake::count(fake::DTOH);
+    if (int e = fake::forbid("a copy to the host")) return e;
     if (n) memcpy(dst, (const void*)(uintptr_t)src, n);
     return fake::take_pending();
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     fake::count(fake::DTOD);
+    if (int e = fake::forbid("a synchronous copy (cuMemcpyDtoD)")) return e;
     if (n) memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
     return OK;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) { return cuMemcpyHtoD_v2(dst, src, n); }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
+    if (fake::Capture* c = fake::capturing(s)) {
+        fake::count(fake::HTOD);
+        if (!fake::is_pinned(src, n)) return fake::forbid("a copy from pageable host memory");
+        fake::Node node{fake::Node::COPY};
+        node.dst = dst;
+        node.src = (uintptr_t)src;
+        node.n = n;
+        fake::record(c, std::move(node));
+        return OK;
+    }
+    return fake::uncaptured([&] { return cuMemcpyHtoD_v2(dst, src, n); });
+}
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoH_v2(dst, src, n); }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoD_v2(dst, src, n); }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    if (fake::Capture* c = fake::capturing(s)) {
+        fake::count(fake::DTOD);
+        fake::Node node{fake::Node::COPY};
+        node.dst = dst;
+        node.src = src;
+        node.n = n;
+        fake::record(c, std::move(node));
+        return OK;
+    }
+    return fake::uncaptured([&] { return cuMemcpyDtoD_v2(dst, src, n); });
+}
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
     fake::count(fake::MEMSET);
+    if (int e = fake::forbid("a synchronous memset")) return e;
     if (n) memset((void*)(uintptr_t)dst, v, n);
     return OK;
 }
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) { return cuMemsetD8_v2(dst, v, n); }
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+    if (fake::Capture* c = fake::capturing(s)) {
+        fake::count(fake::MEMSET);
+        fake::Node node{fake::Node::MEMSET};
+        node.dst = dst;
+        node.value = v;
+        node.n = n;
+        fake::record(c, std::move(node));
+        return OK;
+    }
+    return fake::uncaptured([&] { return cuMemsetD8_v2(dst, v, n); });
+}
 
 CUresult cuModuleLoadData(CUmodule* m, const void*) {
     *m = new fake::Object{4};
@@ -456,8 +623,12 @@ const char* refusal(const Function* f, unsigned gx, unsigned gy, unsigned gz, un
 }
 }  // namespace fake
 
+namespace fake {
+int run_kernel(const Function* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, void** params);
+}
+
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned smem, CUstream, void** params, void** extra) {
+                        unsigned smem, CUstream stream, void** params, void** extra) {
     if (!f || extra != nullptr) return ERR_INVALID_VALUE;
     fake::count(fake::LAUNCH);
     int code = OK;
@@ -467,6 +638,29 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
                 f->kernel->name, gx, gy, gz, bx, by, bz, smem, r.regs, why);
         return code;
     }
+    if (fake::Capture* c = fake::capturing(stream)) {
+        // The parameters are copied now, as the driver copies them into
+        // the kernel node: later changes to the caller's variables do not
+        // reach the replay.
+        std::vector<size_t> sizes;
+        f->kernel->sizes(sizes);
+        fake::Node node{fake::Node::KERNEL};
+        node.f = f;
+        node.grid[0] = gx, node.grid[1] = gy, node.grid[2] = gz;
+        node.block[0] = bx, node.block[1] = by, node.block[2] = bz;
+        node.smem = smem;
+        for (size_t i = 0; i < sizes.size(); i++) {
+            const char* a = static_cast<const char*>(params[i]);
+            node.params.emplace_back(a, a + sizes[i]);
+        }
+        fake::record(c, std::move(node));
+        return OK;
+    }
+    return fake::run_kernel(f, gx, gy, gz, bx, smem, params);
+}
+
+namespace fake {
+int run_kernel(const Function* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, void** params) {
     // One launch at a time: the emulation's fibers, barriers and __shared__
     // statics are process-wide (test threads launch concurrently).
     static std::mutex launch_mu;
@@ -480,6 +674,101 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         return OK;
     }
     return rc;
+}
+
+Graph::~Graph() {
+    std::lock_guard<std::mutex> g(g_mu);
+    for (void* p : owned) {
+        auto it = g_allocs.find((uintptr_t)p);
+        if (it != g_allocs.end()) {
+            g_allocated -= it->second;
+            g_allocs.erase(it);
+        }
+        g_graph_owned.erase((uintptr_t)p);
+        free(p);
+    }
+}
+
+// A graph's executable: the recorded nodes, run in order.
+struct Exec {
+    std::shared_ptr<Graph> graph;
+};
+}  // namespace fake
+
+// Records `run(ctx)` as a node of the calling thread's capture and returns
+// 1 (the graph then owns ctx and releases it with `release`), or returns 0
+// when no capture is on (the caller runs it now). The emulated cuBLAS
+// records its products through it.
+int ahaEmuCaptureHook(int (*run)(void*), void* ctx, void (*release)(void*)) {
+    fake::Capture* c = fake::t_capture;
+    if (c == nullptr) return 0;
+    fake::Node node{fake::Node::HOST};
+    node.run = run;
+    node.ctx = std::shared_ptr<void>(ctx, release);
+    fake::record(c, std::move(node));
+    return 1;
+}
+
+typedef void* CUgraph;
+typedef void* CUgraphExec;
+
+CUresult cuStreamBeginCapture_v2(CUstream s, int) {
+    if (fake::t_capture != nullptr) return ERR_INVALID_VALUE;
+    fake::t_capture = new fake::Capture{s, std::make_shared<fake::Graph>(), false};
+    return OK;
+}
+CUresult cuStreamEndCapture(CUstream s, CUgraph* out) {
+    fake::Capture* c = fake::t_capture;
+    *out = nullptr;
+    if (c == nullptr || c->stream != s) return ERR_INVALID_VALUE;
+    fake::t_capture = nullptr;
+    if (c->invalid) {
+        delete c;
+        return 901;  // CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+    }
+    *out = new std::shared_ptr<fake::Graph>(c->graph);
+    delete c;
+    return OK;
+}
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long) {
+    if (graph == nullptr) return ERR_INVALID_VALUE;
+    *exec = new fake::Exec{*static_cast<std::shared_ptr<fake::Graph>*>(graph)};
+    return OK;
+}
+CUresult cuGraphUpload(CUgraphExec, CUstream) { return OK; }
+CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    delete static_cast<fake::Exec*>(exec);
+    return OK;
+}
+CUresult cuGraphDestroy(CUgraph graph) {
+    delete static_cast<std::shared_ptr<fake::Graph>*>(graph);
+    return OK;
+}
+CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
+    if (exec == nullptr) return ERR_INVALID_VALUE;
+    if (fake::capturing(s) != nullptr) return fake::forbid("launching a graph into a capture");
+    fake::count(fake::GRAPH_LAUNCH);
+    for (const fake::Node& n : static_cast<fake::Exec*>(exec)->graph->nodes) {
+        switch (n.kind) {
+            case fake::Node::KERNEL: {
+                std::vector<void*> p;
+                for (const auto& a : n.params) p.push_back(const_cast<char*>(a.data()));
+                const int rc = fake::run_kernel(n.f, n.grid[0], n.grid[1], n.grid[2], n.block[0], n.smem, p.data());
+                if (rc != OK) return rc;
+                break;
+            }
+            case fake::Node::MEMSET:
+                if (n.n) memset((void*)n.dst, n.value, n.n);
+                break;
+            case fake::Node::COPY:
+                if (n.n) memmove((void*)n.dst, (const void*)n.src, n.n);
+                break;
+            case fake::Node::HOST:
+                if (const int rc = n.run(n.ctx.get())) return rc;
+                break;
+        }
+    }
+    return OK;
 }
 
 CUresult cuGetErrorName(CUresult e, const char** s) {

@@ -95,7 +95,17 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).ctx("CudaContext::new")?;
         let (major, minor) = ctx.compute_capability().ctx("compute_capability")?;
         let name = ctx.name().ctx("device name")?;
-        let stream = ctx.default_stream();
+        // All work goes on one created stream: the legacy default stream
+        // cannot be captured into a CUDA graph (crate::graph). aha orders
+        // its few other streams explicitly (the optimizer offload's copy
+        // stream joins this one and is joined back), so cudarc's
+        // per-buffer events are off: they would cost two events an
+        // allocation, and a capture cannot wait on events recorded before
+        // it.
+        // SAFETY: before any buffer of this context exists; see above for
+        // how the streams are ordered.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().ctx("creating the work stream")?;
         let gpu = Arc::new(Gpu {
             ctx,
             stream,
@@ -247,12 +257,28 @@ impl Gpu {
         self.stream.alloc_zeros(len).ctx("alloc_zeros")
     }
 
+    /// A new buffer for a scratch pool; refused while the calling thread
+    /// captures a graph (crate::graph), whose allocations must not outlive
+    /// it in the pool.
+    fn pool_alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        if crate::graph::capturing() {
+            return Err(Error::InvalidArgument {
+                op: "scratch",
+                msg: format!(
+                    "scratch was allocated during the capture ({len} elements; run the same work once before \
+                     capturing it)"
+                ),
+            });
+        }
+        self.zeros(len)
+    }
+
     /// A zeroed f32 scratch buffer of `len` elements from the device's
     /// caching pool; it goes back to the pool when dropped.
     pub fn scratch_f32(&self, len: usize) -> Result<Pooled<'_, CudaSlice<f32>>> {
         self.pool_f32.take(
             len,
-            |n| self.zeros(n),
+            |n| self.pool_alloc(n),
             |b| self.stream.memset_zeros(b).ctx("memset_zeros"),
         )
     }
@@ -261,7 +287,7 @@ impl Gpu {
     pub fn scratch_f64(&self, len: usize) -> Result<Pooled<'_, CudaSlice<f64>>> {
         self.pool_f64.take(
             len,
-            |n| self.zeros(n),
+            |n| self.pool_alloc(n),
             |b| self.stream.memset_zeros(b).ctx("memset_zeros"),
         )
     }

@@ -296,6 +296,7 @@ fn install() -> Result<(), EmulateError> {
         if lib == "libcuda.so" {
             let _ = DRIVER.set(handle);
         } else {
+            wire_capture(&handle)?;
             std::mem::forget(handle);
         }
     }
@@ -306,6 +307,36 @@ fn install() -> Result<(), EmulateError> {
             }
         }
         Err(why) => eprintln!("emulated GPU: register limits not checked (no ptxas report): {why}"),
+    }
+    Ok(())
+}
+
+/// Gives the emulated cuBLAS the emulated driver's capture hook, so that
+/// its products are recorded into a CUDA graph while a stream captures.
+fn wire_capture(cublas: &libloading::Library) -> Result<(), EmulateError> {
+    type Hook = unsafe extern "C" fn(
+        unsafe extern "C" fn(*mut std::ffi::c_void) -> i32,
+        *mut std::ffi::c_void,
+        unsafe extern "C" fn(*mut std::ffi::c_void),
+    ) -> i32;
+    let err = |msg: String| EmulateError::Run {
+        program: "libcublas.so".into(),
+        msg,
+    };
+    let driver = DRIVER
+        .get()
+        .ok_or_else(|| err("the emulated driver is not loaded".into()))?;
+    // SAFETY: both symbols are ours (fake_driver.cpp, fake_cublas.cpp) with
+    // these signatures; the driver stays loaded for the process (DRIVER),
+    // so the hook stays valid.
+    unsafe {
+        let hook = driver
+            .get::<Hook>(b"ahaEmuCaptureHook\0")
+            .map_err(|e| err(e.to_string()))?;
+        let set = cublas
+            .get::<unsafe extern "C" fn(Hook)>(b"ahaEmuSetCaptureHook\0")
+            .map_err(|e| err(e.to_string()))?;
+        set(*hook);
     }
     Ok(())
 }
@@ -356,6 +387,9 @@ pub struct DriverCounts {
     pub dtod: u64,
     /// Memsets.
     pub memsets: u64,
+    /// CUDA graph launches (`cuGraphLaunch`: one call replays a captured
+    /// step).
+    pub graph_launches: u64,
 }
 
 impl DriverCounts {
@@ -369,12 +403,20 @@ impl DriverCounts {
             dtoh: self.dtoh.saturating_sub(earlier.dtoh),
             dtod: self.dtod.saturating_sub(earlier.dtod),
             memsets: self.memsets.saturating_sub(earlier.memsets),
+            graph_launches: self.graph_launches.saturating_sub(earlier.graph_launches),
         }
     }
 
     /// Every call together.
     pub fn total(&self) -> u64 {
-        self.launches + self.allocs + self.frees + self.htod + self.dtoh + self.dtod + self.memsets
+        self.launches
+            + self.allocs
+            + self.frees
+            + self.htod
+            + self.dtoh
+            + self.dtod
+            + self.memsets
+            + self.graph_launches
     }
 }
 
@@ -385,9 +427,9 @@ pub fn driver_counts() -> Option<DriverCounts> {
     // SAFETY: the symbol is ours (fake_driver.cpp), with this signature; it
     // writes at most `n` values.
     let f = unsafe { lib.get::<unsafe extern "C" fn(*mut u64, i32)>(b"ahaEmuDriverCounts") }.ok()?;
-    let mut c = [0u64; 7];
-    // SAFETY: `c` holds the 7 values asked for.
-    unsafe { f(c.as_mut_ptr(), 7) };
+    let mut c = [0u64; 8];
+    // SAFETY: `c` holds the 8 values asked for.
+    unsafe { f(c.as_mut_ptr(), 8) };
     Some(DriverCounts {
         launches: c[0],
         allocs: c[1],
@@ -396,6 +438,7 @@ pub fn driver_counts() -> Option<DriverCounts> {
         dtoh: c[4],
         dtod: c[5],
         memsets: c[6],
+        graph_launches: c[7],
     })
 }
 

@@ -28,6 +28,8 @@
 //! - [`nccl`]: NCCL loaded at run time (the real library found on the
 //!   machine, or the emulated one built from `emulate/fake_nccl.cpp`), and
 //!   the collectives data parallelism uses.
+//! - [`graph`]: CUDA graphs (capture a stream's work once, replay it with
+//!   one call) and page-locked staging for a replay's inputs.
 //! - [`blas`]: row-major matrix products through cuBLAS (f32, and bf16 with
 //!   f32 accumulation).
 //!
@@ -44,6 +46,7 @@ pub mod cache;
 pub mod device;
 pub mod emulate;
 pub mod error;
+pub mod graph;
 pub mod launch;
 pub mod moe_layer;
 pub mod nccl;

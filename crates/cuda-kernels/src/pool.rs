@@ -111,6 +111,9 @@ impl<B> CachingPool<B> {
             }
             None => match alloc(len) {
                 Ok(b) => b,
+                // A refusal, not a lack of memory: emptying the cache
+                // would not help.
+                Err(e @ crate::Error::InvalidArgument { .. }) => return Err(e),
                 Err(_) => {
                     self.empty_cache();
                     self.lock().stats.oom_retries += 1;
