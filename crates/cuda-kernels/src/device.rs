@@ -59,7 +59,12 @@ pub struct Gpu {
     pool_f32: CachingPool<CudaSlice<f32>>,
     pool_f64: CachingPool<CudaSlice<f64>>,
     blas: OnceLock<std::result::Result<Arc<cudarc::cublas::CudaBlas>, String>>,
+    /// Small constant buffers by value ([`Gpu::constant_u32`]).
+    constants: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<u32>>>>,
 }
+
+/// Constant buffers kept at most; past it the cache starts over.
+const MAX_CONSTANTS: usize = 4096;
 
 /// Bytes of scratch each of a device's pools keeps cached.
 const POOL_CACHE_BYTES: usize = 1 << 30;
@@ -115,6 +120,7 @@ impl Gpu {
             pool_f32: CachingPool::new(4, POOL_CACHE_BYTES),
             pool_f64: CachingPool::new(8, POOL_CACHE_BYTES),
             blas: OnceLock::new(),
+            constants: Mutex::new(HashMap::new()),
         });
         map.insert(ordinal, gpu.clone());
         Ok(gpu)
@@ -255,6 +261,25 @@ impl Gpu {
     /// A zeroed device buffer of `len` elements.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros(len).ctx("alloc_zeros")
+    }
+
+    /// A device buffer holding `values`, uploaded once and shared by every
+    /// caller asking for the same values (small index constants such as a
+    /// single segment's offsets). Taken from the cache, it needs no upload,
+    /// so work that runs once eagerly can then be captured into a CUDA
+    /// graph (crate::graph); a value first asked for during a capture is
+    /// refused (an upload from pageable memory).
+    pub fn constant_u32(&self, values: &[u32]) -> Result<Arc<CudaSlice<u32>>> {
+        let mut map = self.constants.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get(values) {
+            return Ok(Arc::clone(b));
+        }
+        if map.len() >= MAX_CONSTANTS && !crate::graph::capturing() {
+            map.clear();
+        }
+        let b = Arc::new(self.upload(values)?);
+        map.insert(values.to_vec(), Arc::clone(&b));
+        Ok(b)
     }
 
     /// A new buffer for a scratch pool; refused while the calling thread

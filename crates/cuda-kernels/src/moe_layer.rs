@@ -31,6 +31,8 @@
 //! `moe_layer_backward` (with `Store::Bf16` or `Store::F32`); its reference is
 //! `aha_moe_model`'s CPU MoE layer.
 
+use std::sync::Arc;
+
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::blas::{matmul_f32, MatmulShape};
@@ -322,10 +324,10 @@ pub struct MoeBuffers {
 /// The shared expert's saved activations and scratch (one segment: all N tokens).
 #[derive(Debug)]
 pub struct SharedBuffers {
-    /// Offsets `[0, N]` of the single segment.
-    pub offsets: CudaSlice<u32>,
-    /// Tile list `[0, ceil(N / 64)]`.
-    pub tile_off: CudaSlice<u32>,
+    /// Offsets `[0, N]` of the single segment (a device constant, shared).
+    pub offsets: Arc<CudaSlice<u32>>,
+    /// Tile list `[0, ceil(N / 64)]` (a device constant, shared).
+    pub tile_off: Arc<CudaSlice<u32>>,
     /// Gate and up projections [N, Fs].
     pub g: CudaSlice<f32>,
     /// See `g`.
@@ -350,8 +352,8 @@ impl MoeBuffers {
                 msg: format!("{n} tokens exceed u32"),
             })?;
             Some(SharedBuffers {
-                offsets: gpu.upload(&[0u32, nu])?,
-                tile_off: gpu.upload(&[0u32, n.div_ceil(MOE_TILE_ROWS) as u32])?,
+                offsets: gpu.constant_u32(&[0u32, nu])?,
+                tile_off: gpu.constant_u32(&[0u32, n.div_ceil(MOE_TILE_ROWS) as u32])?,
                 g: zeros1(gpu, n * fs)?,
                 u: zeros1(gpu, n * fs)?,
                 dact: zeros1(gpu, n * fs)?,
@@ -708,7 +710,7 @@ fn forward<T: Elem>(
         let fs = d.f_shared;
         let ss = T::stored(&mut sb.stored).ok_or_else(|| mismatch("shared buffers"))?;
         T::store(gpu, &mut ss.xe, x, n * c)?;
-        let seg = (&sb.offsets, &sb.tile_off);
+        let seg = (&*sb.offsets, &*sb.tile_off);
         let gu = (&mut sb.g, &mut sb.u);
         T::gate_up(gpu, gu, &mut ss.act, &ss.xe, (sg, su), seg, [n, 1, c, fs], d.math)?;
         T::gemm(gpu, y, &ss.act, sd, seg, [n, 1, fs, c], (true, true), d.math)?;
@@ -856,7 +858,7 @@ fn backward<T: Elem>(
         let fs = d.f_shared;
         let ss = T::stored(&mut sb.stored).ok_or_else(|| mismatch("shared buffers"))?;
         T::store(gpu, &mut ss.dye, dy, n * c)?;
-        let seg = (&sb.offsets, &sb.tile_off);
+        let seg = (&*sb.offsets, &*sb.tile_off);
         let o = &sb.offsets;
         T::gemm(
             gpu,

@@ -50,7 +50,9 @@ use crate::lora::LoraSlots;
 use crate::model::{rope_tables, Model};
 use crate::params::{AttnSlots, FfnSlots, LayerSlots, Layout, Linear, MlpSlots, Slot};
 
+mod decode_graph;
 mod paged;
+pub use decode_graph::DecodeGraph;
 pub use paged::{GpuPagedKvCache, KvDtype};
 
 fn cuda(e: aha_cuda_kernels::Error) -> Error {

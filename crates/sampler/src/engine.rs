@@ -36,6 +36,10 @@ pub struct EngineConfig {
     /// Element type of the cached keys and values on a GPU (bf16 unless
     /// asked; see `gpu_engine`). The CPU engine's cache is always f32.
     pub kv_dtype: KvDtype,
+    /// GPU engine: replay steps where every sequence decodes one token as
+    /// CUDA graphs (one per batch and table-width bucket, bf16 caches
+    /// only; see `gpu_engine`). The CPU engine ignores it.
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +49,7 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_blocks: 16_384,
             kv_dtype: KvDtype::Bf16,
+            cuda_graphs: true,
         }
     }
 }
@@ -105,6 +110,11 @@ pub struct GenerateStats {
     /// Positions of returning sequences' prompts taken from a live sample
     /// of the same prompt (shared blocks) instead of recomputed.
     pub reshared_tokens: usize,
+    /// GPU engine: steps replayed as CUDA graphs (every sequence decoding
+    /// one token), and the graphs captured for them.
+    pub graph_steps: usize,
+    /// GPU engine: decode graphs captured (one per bucket used).
+    pub graphs_captured: usize,
 }
 
 struct Seq {

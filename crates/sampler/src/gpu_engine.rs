@@ -53,8 +53,11 @@ use std::ops::Range;
 use std::time::Instant;
 
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
-use aha_cuda_kernels::launch::{embedding_forward_f32, sample_f32, SampleParams, TokenIds};
-use aha_moe_model::gpu::GpuModel;
+use std::collections::HashMap;
+
+use aha_cuda_kernels::graph;
+use aha_cuda_kernels::launch::{embedding_forward_f32, sample_f32, SampleParams, SampledToken, TokenIds};
+use aha_moe_model::gpu::{DecodeGraph, GpuModel, GpuPagedKvCache, KvDtype};
 use aha_moe_model::SeqSpan;
 use tokenizers::Tokenizer;
 
@@ -164,21 +167,29 @@ impl<'a> GpuEngine<'a> {
         )?;
         let blocks = self.pool_blocks(prompts, n, params.max_new_tokens);
         let (bs, dtype) = (self.cfg.block_size, self.cfg.kv_dtype);
-        let mut cache = self.model.new_paged_cache(bs, blocks, dtype).map_err(|e| {
+        // Decode graphs pad a batch to its bucket (a power of two) with
+        // rows over blocks of their own, outside the request's.
+        let mut graphs_on = self.cfg.cuda_graphs && dtype == KvDtype::Bf16 && graph::graphs_allowed();
+        let max_rows = self.cfg.max_batch.next_power_of_two();
+        let pad_n = if graphs_on { max_rows.div_ceil(bs) } else { 0 };
+        let mut cache = self.model.new_paged_cache(bs, blocks + pad_n, dtype).map_err(|e| {
             Error::Invalid(format!(
                 "the KV-cache pool of {blocks} blocks of {bs} positions ({dtype:?}): {e} (lower kv_blocks)"
             ))
         })?;
+        let mut pad = Vec::with_capacity(pad_n);
+        for _ in 0..pad_n {
+            pad.push(cache.alloc()?);
+        }
         // One sequence alone must fit the pool, so that the oldest live
         // sequence can always grow.
         for (i, p) in prompts.iter().enumerate() {
             let need = cache.blocks_for(p.len() + params.max_new_tokens);
-            if need > cache.num_blocks() {
+            if need > blocks {
                 return Err(Error::Invalid(format!(
-                    "prompt {i} needs {need} cache blocks for {} + {} tokens, the pool has {} (kv_blocks)",
+                    "prompt {i} needs {need} cache blocks for {} + {} tokens, the pool has {blocks} (kv_blocks)",
                     p.len(),
                     params.max_new_tokens,
-                    cache.num_blocks()
                 )));
             }
         }
@@ -191,8 +202,6 @@ impl<'a> GpuEngine<'a> {
             top_p: params.top_p,
             min_p: params.min_p,
         };
-        let v = cfg.vocab_size;
-        let gpu = self.model.gpu();
         let t_all = Instant::now();
         let mut stats = GenerateStats::default();
         let mut waiting: VecDeque<Waiting> = (0..prompts.len())
@@ -203,10 +212,10 @@ impl<'a> GpuEngine<'a> {
             .collect();
         let mut live: Vec<Seq> = Vec::new();
         let mut done: Vec<Completion> = Vec::with_capacity(prompts.len() * n);
+        let mut graphs: HashMap<(usize, usize), DecodeGraph> = HashMap::new();
 
         while !waiting.is_empty() || !live.is_empty() {
             stats.steps += 1;
-            let t0 = Instant::now();
             // Room for each live sequence's next position: a new block, or
             // a private copy of a shared last block; when the pool is full
             // the newest sequence is preempted (perhaps the one asking).
@@ -304,84 +313,66 @@ impl<'a> GpuEngine<'a> {
                 }
             }
 
-            // One ragged batch: a token of every live sequence, then the
-            // recomputations, then the prefills.
-            let mut tokens: Vec<u32> = live.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
-            for s in &resumed {
-                tokens.extend(prompts[s.prompt].iter().chain(&s.tokens).skip(s.len));
-            }
-            for (p, _, _) in &fresh {
-                tokens.extend_from_slice(&prompts[*p]);
-            }
-            let mut spans: Vec<SeqSpan<'_>> = live
-                .iter()
-                .map(|s| SeqSpan {
-                    table: &s.table,
-                    start: s.len,
-                    len: 1,
-                })
-                .collect();
-            spans.extend(resumed.iter().map(|s| SeqSpan {
-                table: &s.table,
-                start: s.len,
-                len: prompts[s.prompt].len() + s.tokens.len() - s.len,
-            }));
-            spans.extend(fresh.iter().map(|(p, _, table)| SeqSpan {
-                table,
-                start: 0,
-                len: prompts[*p].len(),
-            }));
-            let logits = self.model.forward_paged(&tokens, &spans, &mut cache)?;
-            drop(spans);
-            for s in live.iter_mut() {
-                s.len += 1;
-            }
-            for s in resumed.iter_mut() {
-                s.len = prompts[s.prompt].len() + s.tokens.len();
-            }
-            // The samples of a prefilled prompt share its blocks; the
-            // prompt's own reference goes.
-            let mut rows: Vec<u32> = (0..(live.len() + resumed.len()) as u32).collect();
-            let mut started: Vec<Seq> = Vec::new();
-            for (j, (p, samples, table)) in fresh.into_iter().enumerate() {
-                let row = (live.len() + resumed.len() + j) as u32;
-                for si in samples {
-                    cache.share(&table);
-                    rows.push(row);
-                    started.push(Seq {
-                        prompt: p,
-                        sample: si,
-                        table: table.clone(),
-                        len: prompts[p].len(),
-                        tokens: Vec::new(),
-                        logprobs: Vec::new(),
-                        rng: SeqRng::for_sequence(params.seed, params.prompt_offset.wrapping_add(p as u64), si as u64),
-                        detok: Detokenizer::default(),
-                        text: String::new(),
-                    });
+            // A step where every sequence decodes one token replays its
+            // bucket's graph (captured on first use); any other step, or a
+            // bucket whose capture failed, runs eagerly.
+            let mut drawn = None;
+            if graphs_on && resumed.is_empty() && fresh.is_empty() && !live.is_empty() {
+                let rows = live.len().next_power_of_two();
+                let width = live
+                    .iter()
+                    .map(|s| cache.blocks_for(s.len + 1))
+                    .max()
+                    .unwrap_or(1)
+                    .next_power_of_two();
+                let key = (rows, width);
+                if let std::collections::hash_map::Entry::Vacant(e) = graphs.entry(key) {
+                    match self.model.capture_decode(&mut cache, rows, width, &sp, &pad) {
+                        Ok(g) => {
+                            e.insert(g);
+                            stats.graphs_captured += 1;
+                        }
+                        Err(err) => {
+                            eprintln!("aha: decode steps run without CUDA graphs: {err}");
+                            graphs_on = false;
+                        }
+                    }
                 }
-                cache.release(&table);
+                if let Some(g) = graphs.get_mut(&key) {
+                    let t0 = Instant::now();
+                    let tokens: Vec<u32> = live.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
+                    let u: Vec<f64> = live
+                        .iter_mut()
+                        .map(|s| if greedy { 0.0 } else { s.rng.uniform() })
+                        .collect();
+                    let spans: Vec<SeqSpan<'_>> = live
+                        .iter()
+                        .map(|s| SeqSpan {
+                            table: &s.table,
+                            start: s.len,
+                            len: 1,
+                        })
+                        .collect();
+                    drawn = Some(g.run(self.model, &tokens, &spans, &u, &cache, &pad)?);
+                    drop(spans);
+                    for s in live.iter_mut() {
+                        s.len += 1;
+                    }
+                    stats.graph_steps += 1;
+                    stats.forward_s += t0.elapsed().as_secs_f64();
+                }
             }
-            live.append(&mut resumed);
-            live.append(&mut started);
-            let logits = self.rows(logits, &rows)?;
-            gpu.synchronize().map_err(device)?;
-            stats.forward_s += t0.elapsed().as_secs_f64();
-            stats.peak_blocks = cache.peak_blocks();
-
-            // One uniform per row from the sequence's own stream (greedy
-            // draws none, as on the CPU), then one launch for every row.
-            let t1 = Instant::now();
-            let u: Vec<f64> = live
-                .iter_mut()
-                .map(|s| if greedy { 0.0 } else { s.rng.uniform() })
-                .collect();
-            let drawn = sample_f32(gpu, &logits, live.len(), v, &u, &sp).map_err(device)?;
+            let drawn = match drawn {
+                Some(d) => d,
+                None => self.eager_step(
+                    prompts, params, greedy, &sp, &mut cache, &mut live, resumed, fresh, &mut stats,
+                )?,
+            };
+            stats.peak_blocks = cache.peak_blocks() - pad_n;
             for (s, d) in live.iter_mut().zip(&drawn) {
                 s.tokens.push(d.token);
                 s.logprobs.push(d.logprob);
             }
-            stats.sample_s += t1.elapsed().as_secs_f64();
             stats.generated_tokens += live.len();
 
             // Stop rules; finished sequences leave and free their blocks.
@@ -417,6 +408,101 @@ impl<'a> GpuEngine<'a> {
         done.sort_by_key(|c| (c.prompt_index, c.sample_index));
         stats.total_s = t_all.elapsed().as_secs_f64();
         Ok((done, stats))
+    }
+
+    /// One eager step: a ragged batch of every live sequence's next token,
+    /// the recomputations of `resumed` and the prefills of `fresh` (whose
+    /// samples join `live`), then one sampled token per live sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn eager_step(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        greedy: bool,
+        sp: &SampleParams,
+        cache: &mut GpuPagedKvCache,
+        live: &mut Vec<Seq>,
+        mut resumed: Vec<Seq>,
+        fresh: Vec<(usize, Range<usize>, Vec<u32>)>,
+        stats: &mut GenerateStats,
+    ) -> Result<Vec<SampledToken>> {
+        let t0 = Instant::now();
+        let v = self.model.config.vocab_size;
+        let gpu = self.model.gpu();
+        // One ragged batch: a token of every live sequence, then the
+        // recomputations, then the prefills.
+        let mut tokens: Vec<u32> = live.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
+        for s in &resumed {
+            tokens.extend(prompts[s.prompt].iter().chain(&s.tokens).skip(s.len));
+        }
+        for (p, _, _) in &fresh {
+            tokens.extend_from_slice(&prompts[*p]);
+        }
+        let mut spans: Vec<SeqSpan<'_>> = live
+            .iter()
+            .map(|s| SeqSpan {
+                table: &s.table,
+                start: s.len,
+                len: 1,
+            })
+            .collect();
+        spans.extend(resumed.iter().map(|s| SeqSpan {
+            table: &s.table,
+            start: s.len,
+            len: prompts[s.prompt].len() + s.tokens.len() - s.len,
+        }));
+        spans.extend(fresh.iter().map(|(p, _, table)| SeqSpan {
+            table,
+            start: 0,
+            len: prompts[*p].len(),
+        }));
+        let logits = self.model.forward_paged(&tokens, &spans, cache)?;
+        drop(spans);
+        for s in live.iter_mut() {
+            s.len += 1;
+        }
+        for s in resumed.iter_mut() {
+            s.len = prompts[s.prompt].len() + s.tokens.len();
+        }
+        // The samples of a prefilled prompt share its blocks; the
+        // prompt's own reference goes.
+        let mut rows: Vec<u32> = (0..(live.len() + resumed.len()) as u32).collect();
+        let mut started: Vec<Seq> = Vec::new();
+        for (j, (p, samples, table)) in fresh.into_iter().enumerate() {
+            let row = (live.len() + resumed.len() + j) as u32;
+            for si in samples {
+                cache.share(&table);
+                rows.push(row);
+                started.push(Seq {
+                    prompt: p,
+                    sample: si,
+                    table: table.clone(),
+                    len: prompts[p].len(),
+                    tokens: Vec::new(),
+                    logprobs: Vec::new(),
+                    rng: SeqRng::for_sequence(params.seed, params.prompt_offset.wrapping_add(p as u64), si as u64),
+                    detok: Detokenizer::default(),
+                    text: String::new(),
+                });
+            }
+            cache.release(&table);
+        }
+        live.append(&mut resumed);
+        live.append(&mut started);
+        let logits = self.rows(logits, &rows)?;
+        gpu.synchronize().map_err(device)?;
+        stats.forward_s += t0.elapsed().as_secs_f64();
+
+        // One uniform per row from the sequence's own stream (greedy
+        // draws none, as on the CPU), then one launch for every row.
+        let t1 = Instant::now();
+        let u: Vec<f64> = live
+            .iter_mut()
+            .map(|s| if greedy { 0.0 } else { s.rng.uniform() })
+            .collect();
+        let drawn = sample_f32(gpu, &logits, live.len(), v, &u, sp).map_err(device)?;
+        stats.sample_s += t1.elapsed().as_secs_f64();
+        Ok(drawn)
     }
 
     /// Rows `rows` of `logits [*, V]` as a new `[rows, V]` buffer (one row

@@ -48,6 +48,7 @@ fn cfg_with(max_batch: usize, block_size: usize, kv_blocks: usize, kv_dtype: KvD
         block_size,
         kv_blocks,
         kv_dtype,
+        cuda_graphs: true,
     }
 }
 
@@ -484,8 +485,13 @@ fn mla_latent_cache_wider_than_256_decodes_as_the_expanded_form_cuda() {
 
 /// The driver calls (emulated GPU) of one greedy generation: `samples`
 /// samples of a 6-token prompt, `max_new` tokens each, on `policy`.
-fn driver_calls(policy: &Policy, samples: usize, max_new: usize) -> aha_cuda_kernels::emulate::DriverCounts {
-    let engine = Sampler::new(policy, None, cfg_with(8, 4, 64, KvDtype::Bf16), &[]).unwrap();
+fn driver_calls(
+    policy: &Policy,
+    samples: usize,
+    max_new: usize,
+    cfg: EngineConfig,
+) -> aha_cuda_kernels::emulate::DriverCounts {
+    let engine = Sampler::new(policy, None, cfg, &[]).unwrap();
     let p = SamplingParams {
         greedy: true,
         max_new_tokens: max_new,
@@ -519,8 +525,13 @@ fn a_decode_step_makes_the_same_driver_calls_at_any_batch_size_cuda() {
         cfg.eos_token_ids.clear();
         Policy::new(Model::random(cfg, 3, 0.05), Device::Cuda(0), Precision::F32).unwrap()
     };
+    // Eager steps (no CUDA graphs).
+    let eager = EngineConfig {
+        cuda_graphs: false,
+        ..cfg_with(8, 4, 64, KvDtype::Bf16)
+    };
     let per_step = |p: &Policy, samples: usize| {
-        let (short, long) = (driver_calls(p, samples, 3), driver_calls(p, samples, 6));
+        let (short, long) = (driver_calls(p, samples, 3, eager), driver_calls(p, samples, 6, eager));
         let d = long.since(short);
         [d.launches, d.allocs, d.frees, d.htod, d.dtoh, d.dtod, d.memsets].map(|x| x / 3)
     };
@@ -547,4 +558,117 @@ fn a_decode_step_makes_the_same_driver_calls_at_any_batch_size_cuda() {
         "allocations: {one_2:?} vs {batch_2:?}"
     );
     assert!(per_layer[0] > 0);
+}
+
+#[test]
+fn a_decode_step_replayed_as_a_graph_makes_one_launch_and_reads_the_samples_back_cuda() {
+    if skip("a_decode_step_replayed_as_a_graph_makes_one_launch_and_reads_the_samples_back_cuda") {
+        return;
+    }
+    if aha_cuda_kernels::emulate::driver_counts().is_none() {
+        eprintln!("driver calls are counted by the emulated driver only: not counted on this GPU");
+        return;
+    }
+    let policy = |layers: usize| {
+        let mut cfg = fixture("qwen2-tiny").config;
+        cfg.num_layers = layers;
+        cfg.eos_token_ids.clear();
+        Policy::new(Model::random(cfg, 3, 0.05), Device::Cuda(0), Precision::F32).unwrap()
+    };
+    // Blocks of 16: every decode step of a 6-token prompt and up to 6 new
+    // tokens is in the same bucket, captured once in both runs; the longer
+    // run replays it 3 times more.
+    let graphs = cfg_with(8, 16, 64, KvDtype::Bf16);
+    let per_step = |p: &Policy, samples: usize| {
+        let short = driver_calls(p, samples, 3, graphs);
+        let d = driver_calls(p, samples, 6, graphs).since(short);
+        [
+            d.graph_launches,
+            d.launches,
+            d.allocs,
+            d.frees,
+            d.htod,
+            d.dtoh,
+            d.dtod,
+            d.memsets,
+        ]
+        .map(|x| x / 3)
+    };
+    let (two, four) = (policy(2), policy(4));
+    let want = [1, 0, 0, 0, 0, 3, 0, 0];
+    for (what, got) in [
+        ("1 sequence, 2 layers", per_step(&two, 1)),
+        ("4 sequences, 2 layers", per_step(&two, 4)),
+        ("4 sequences, 4 layers", per_step(&four, 4)),
+    ] {
+        assert_eq!(
+            got, want,
+            "{what}: [graph launches, launches, allocs, frees, htod, dtoh, dtod, memsets] per step"
+        );
+    }
+}
+
+#[test]
+fn decode_graphs_give_the_eager_completions_cuda() {
+    if skip("decode_graphs_give_the_eager_completions_cuda") {
+        return;
+    }
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![5, 17, 42, 9],
+        vec![101, 7, 250, 33, 64, 2],
+        vec![11, 3],
+        vec![77, 78, 79, 80, 81, 82, 83, 84, 85],
+        vec![200],
+    ];
+    let greedy = SamplingParams {
+        greedy: true,
+        max_new_tokens: 10,
+        ..SamplingParams::default()
+    };
+    let sampled = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: 7,
+        max_new_tokens: 10,
+        ..SamplingParams::default()
+    };
+    // Dense GQA and MoE with MLA's latent cache; a batch larger than the
+    // requests and one that admits in turns, with a pool small enough to
+    // preempt (decode steps then alternate with recomputations).
+    for name in ["qwen2-tiny", "deepseek-v3-tiny"] {
+        let policy = Policy::new(fixture(name), Device::Cuda(0), Precision::F32).unwrap();
+        for p in [&greedy, &sampled] {
+            for (max_batch, kv_blocks) in [(16, 4096), (3, 9)] {
+                let run = |cuda_graphs: bool| {
+                    let cfg = EngineConfig {
+                        cuda_graphs,
+                        ..cfg_with(max_batch, 4, kv_blocks, KvDtype::Bf16)
+                    };
+                    Sampler::new(&policy, None, cfg, &[])
+                        .unwrap()
+                        .generate(&prompts, 2, p)
+                        .unwrap()
+                };
+                let ((eager, se), (graphed, sg)) = (run(false), run(true));
+                let what = format!("{name}, greedy {}, batch {max_batch}, {kv_blocks} blocks", p.greedy);
+                assert_eq!((se.graph_steps, se.graphs_captured), (0, 0), "{what}");
+                assert!(sg.graph_steps > 0 && sg.graphs_captured >= 2, "{what}: {sg:?}");
+                if kv_blocks < 100 {
+                    assert!(sg.preemptions > 0, "{what}: no preemption");
+                }
+                assert_eq!(eager.len(), graphed.len(), "{what}");
+                for (e, g) in eager.iter().zip(&graphed) {
+                    assert_eq!(
+                        (e.prompt_index, e.sample_index, &e.token_ids, e.finish_reason),
+                        (g.prompt_index, g.sample_index, &g.token_ids, g.finish_reason),
+                        "{what}"
+                    );
+                    // The padded batch may split the keys differently.
+                    for (a, b) in e.logprobs.iter().zip(&g.logprobs) {
+                        assert!((a - b).abs() < 1e-4, "{what}: log-prob {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
 }

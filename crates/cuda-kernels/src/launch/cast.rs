@@ -46,30 +46,55 @@ pub fn cast_bf16_to_f32(gpu: &Gpu, out: &mut impl DevOut<f32>, inp: &impl DevIn<
 /// (the scatter's writes would race) and copied to the device once, for
 /// every layer's [`kv_write_bf16`] / [`kv_write_f32`].
 #[derive(Debug)]
-pub struct KvSlots {
-    dev: CudaSlice<u32>,
+pub struct KvSlots<'a> {
+    dev: SlotBuf<'a>,
     /// The largest slot (each write checks it against its pool).
     max: Option<u32>,
 }
 
-impl KvSlots {
+#[derive(Debug)]
+enum SlotBuf<'a> {
+    Owned(CudaSlice<u32>),
+    Borrowed(&'a CudaSlice<u32>),
+}
+
+impl KvSlots<'static> {
     /// Checks `slots` and copies them to `gpu`.
-    pub fn new(gpu: &Gpu, slots: &[u32]) -> Result<KvSlots> {
+    pub fn new(gpu: &Gpu, slots: &[u32]) -> Result<KvSlots<'static>> {
         let max = check_kv_slots("kv_write", slots)?;
         Ok(KvSlots {
-            dev: gpu.upload(slots)?,
+            dev: SlotBuf::Owned(gpu.upload(slots)?),
             max,
         })
+    }
+}
+
+impl<'a> KvSlots<'a> {
+    /// Slots already on the device (a CUDA graph's staged inputs, rewritten
+    /// before each replay): `dev` holds one distinct slot a row, each at
+    /// most `max`, which the caller checks on the host for every step.
+    pub fn on_device(dev: &'a CudaSlice<u32>, max: u32) -> KvSlots<'a> {
+        KvSlots {
+            dev: SlotBuf::Borrowed(dev),
+            max: Some(max),
+        }
+    }
+
+    fn dev(&self) -> &CudaSlice<u32> {
+        match &self.dev {
+            SlotBuf::Owned(d) => d,
+            SlotBuf::Borrowed(d) => d,
+        }
     }
 
     /// Rows (slots) of the step.
     pub fn len(&self) -> usize {
-        self.dev.len()
+        self.dev().len()
     }
 
     /// True when the step has no rows.
     pub fn is_empty(&self) -> bool {
-        self.dev.len() == 0
+        self.len() == 0
     }
 }
 
@@ -132,7 +157,7 @@ fn launch_kv_write<T: DeviceRepr>(
     let w = w as u64;
     let f = gpu.function(kernel)?;
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(&mut pool).arg(&src).arg(&slots.dev).arg(&p.n).arg(&w);
+    l.arg(&mut pool).arg(&src).arg(slots.dev()).arg(&p.n).arg(&w);
     // SAFETY: (T*, const float*, const unsigned*, unsigned long long,
     // unsigned long long) with T the pool's element (unsigned short for
     // bf16, float); src holds rows * w floats, every slot is below

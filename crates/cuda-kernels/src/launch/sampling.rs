@@ -71,11 +71,93 @@ pub fn sample_f32(
     if !plan_sample(logits.len(), rows, v, u, p)? {
         return Ok(Vec::new());
     }
-    let mut w = gpu.scratch_f32(rows * v)?;
     let du = gpu.upload(u)?;
-    let mut token = gpu.zeros::<i32>(rows)?;
-    let mut lp = gpu.zeros::<f32>(rows)?;
-    let mut tl = gpu.zeros::<f32>(rows)?;
+    let mut out = Sampled::new(gpu, rows)?;
+    sample_f32_into(gpu, &mut out, logits, v, &du, p)?;
+    out.read(gpu)
+}
+
+/// The sampling kernel's outputs on the device, one per row: token ids,
+/// their log-probs and the truncated mass.
+#[derive(Debug)]
+pub struct Sampled {
+    token: CudaSlice<i32>,
+    lp: CudaSlice<f32>,
+    tl: CudaSlice<f32>,
+}
+
+impl Sampled {
+    /// Zeroed outputs for `rows` rows.
+    pub fn new(gpu: &Gpu, rows: usize) -> Result<Sampled> {
+        Ok(Sampled {
+            token: gpu.zeros(rows)?,
+            lp: gpu.zeros(rows)?,
+            tl: gpu.zeros(rows)?,
+        })
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.token.len()
+    }
+
+    /// Reads the first `rows` results back (synchronises); a row whose
+    /// logits held a NaN or no finite value is an error naming it.
+    pub fn read_rows(&self, gpu: &Gpu, rows: usize) -> Result<Vec<SampledToken>> {
+        let (t, lp, tl) = (
+            gpu.download(&self.token)?,
+            gpu.download(&self.lp)?,
+            gpu.download(&self.tl)?,
+        );
+        t.iter()
+            .zip(lp.iter().zip(&tl))
+            .take(rows)
+            .enumerate()
+            .map(|(row, (&t, (&lp, &tl)))| {
+                u32::try_from(t)
+                    .map(|token| SampledToken {
+                        token,
+                        logprob: lp,
+                        truncated_mass_log: tl,
+                    })
+                    .map_err(|_| Error::InvalidArgument {
+                        op: "sample_f32",
+                        msg: format!("row {row}: the logits hold a NaN or no finite value"),
+                    })
+            })
+            .collect()
+    }
+
+    /// Reads every row back ([`Sampled::read_rows`]).
+    pub fn read(&self, gpu: &Gpu) -> Result<Vec<SampledToken>> {
+        self.read_rows(gpu, self.rows())
+    }
+}
+
+/// The launch of [`sample_f32`] alone, with the uniforms already on the
+/// device and the results left there (no synchronisation: capturable into
+/// a CUDA graph). `logits` holds `out.rows() * v` values and `u` one
+/// uniform in [0, 1) per row; the uniforms' range is the caller's to check
+/// (on the host, before they are uploaded).
+pub fn sample_f32_into(
+    gpu: &Gpu,
+    out: &mut Sampled,
+    logits: &CudaSlice<f32>,
+    v: usize,
+    u: &CudaSlice<f64>,
+    p: &SampleParams,
+) -> Result<()> {
+    let rows = out.rows();
+    if u.len() != rows {
+        return Err(Error::InvalidArgument {
+            op: "sample_f32",
+            msg: format!("{} uniforms on the device for {rows} rows", u.len()),
+        });
+    }
+    if !plan_sample(logits.len(), rows, v, &vec![0.0; rows], p)? {
+        return Ok(());
+    }
+    let mut w = gpu.scratch_f32(rows * v)?;
     let f = gpu.function(KernelId::SampleF32)?;
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
@@ -84,12 +166,12 @@ pub fn sample_f32(
     };
     let (vv, k) = (v as u64, p.top_k as i32);
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(&mut token)
-        .arg(&mut lp)
-        .arg(&mut tl)
+    l.arg(&mut out.token)
+        .arg(&mut out.lp)
+        .arg(&mut out.tl)
         .arg(&mut *w)
         .arg(logits)
-        .arg(&du)
+        .arg(u)
         .arg(&vv)
         .arg(&p.temperature)
         .arg(&k)
@@ -100,23 +182,7 @@ pub fn sample_f32(
     // logits and w hold rows * v floats, u and the outputs one per row; one
     // block per row.
     unsafe { l.launch(cfg) }.ctx("launch sample_f32")?;
-    let (t, lp, tl) = (gpu.download(&token)?, gpu.download(&lp)?, gpu.download(&tl)?);
-    t.iter()
-        .zip(lp.iter().zip(&tl))
-        .enumerate()
-        .map(|(row, (&t, (&lp, &tl)))| {
-            u32::try_from(t)
-                .map(|token| SampledToken {
-                    token,
-                    logprob: lp,
-                    truncated_mass_log: tl,
-                })
-                .map_err(|_| Error::InvalidArgument {
-                    op: "sample_f32",
-                    msg: format!("row {row}: the logits hold a NaN or no finite value"),
-                })
-        })
-        .collect()
+    Ok(())
 }
 
 #[cfg(test)]

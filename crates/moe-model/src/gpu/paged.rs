@@ -108,11 +108,29 @@ enum Store {
     F32(CudaSlice<f32>),
 }
 
+/// One paged step's inputs on the device, however they got there
+/// (uploaded for an eager step, staged for a graph's replay).
+pub(super) struct StepIn<'a> {
+    pub(super) ids: &'a CudaSlice<u32>,
+    pub(super) pos: &'a CudaSlice<u32>,
+    pub(super) slots: &'a launch::KvSlots<'a>,
+    /// bf16 caches: the block tables `[nseq, max_blocks]`, context lengths
+    /// and cumulative query rows of the flash-decoding launch.
+    pub(super) paged: Option<(&'a CudaSlice<i32>, &'a CudaSlice<i32>, &'a CudaSlice<i32>)>,
+    /// f32 caches: the spans and each one's first row (gathered per
+    /// sequence by their host tables).
+    pub(super) spans: &'a [SeqSpan<'a>],
+    pub(super) row0: &'a [usize],
+    pub(super) geo: PagedGeometry,
+}
+
 /// The block pool of all layers on one GPU (see the module docs).
 pub struct GpuPagedKvCache {
     gpu: Arc<Gpu>,
-    dtype: KvDtype,
-    block_size: usize,
+    /// Tells caches apart (a decode graph replays against its own).
+    pub(super) id: u64,
+    pub(super) dtype: KvDtype,
+    pub(super) block_size: usize,
     /// Per-position widths: Hk * Dk and Hk * Dv.
     kw: usize,
     vw: usize,
@@ -349,8 +367,10 @@ impl GpuModel {
                 v.push(store(vw)?);
             }
         }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(GpuPagedKvCache {
             gpu: Arc::clone(g),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             dtype,
             block_size,
             kw,
@@ -381,11 +401,8 @@ impl GpuModel {
         let cfg = &self.config;
         let n = tokens.len();
         let c = cfg.hidden_size;
-        let (dk, dv, _, scale) = cfg.attn_dims();
-        let (h, hk) = (cfg.num_heads, self.kv_heads());
         let bs = cache.block_size;
         let g = &self.gpu;
-        let mut x = self.embed(tokens)?;
         let mut pos = Vec::with_capacity(n);
         for s in spans {
             pos.extend((s.start..s.start + s.len).map(|p| p as u32));
@@ -433,31 +450,81 @@ impl GpuModel {
             }
             KvDtype::F32 => None,
         };
-        // The attention's shape: per head, or MLA's latent form (one
-        // key/value head of `[c ; k_rope]` entries, values = the entries).
+        let ids = g.upload(tokens).map_err(cuda)?;
+        let inp = StepIn {
+            ids: &ids,
+            pos: &pos,
+            slots: &kv_slots,
+            paged: paged.as_ref().map(|(t, x, u)| (t, x, u)),
+            spans,
+            row0: &row0,
+            geo: self.paged_geometry(cache, n, spans.len(), max_ctx, max_blocks),
+        };
+        let x = self.layers_paged(&inp, cache)?;
+        // Each span's last row (a row gather), then the head.
+        let last: Vec<u32> = row0.iter().zip(spans).map(|(r, s)| (r + s.len - 1) as u32).collect();
+        let mut xl = self.zeros(spans.len() * c)?;
+        launch::embedding_forward_f32(g, &mut xl, &x, TokenIds::Host(&last), spans.len(), n, c).map_err(cuda)?;
+        self.head_logits(&xl, spans.len())
+    }
+
+    /// The flash-decoding geometry of a step of `n` query rows in `nseq`
+    /// sequences against `cache`: per head, or MLA's latent form (one
+    /// key/value head of `[c ; k_rope]` entries, values = the entries).
+    pub(super) fn paged_geometry(
+        &self,
+        cache: &GpuPagedKvCache,
+        n: usize,
+        nseq: usize,
+        max_ctx: usize,
+        max_blocks: usize,
+    ) -> PagedGeometry {
+        let (dk, dv, _, scale) = self.config.attn_dims();
         let (ahk, adk, adv) = if cache.latent {
             (1, cache.kw, cache.kw)
         } else {
-            (hk, dk, dv)
+            (self.kv_heads(), dk, dv)
         };
-        let geo = PagedGeometry {
+        PagedGeometry {
             total_q: n,
-            nseq: spans.len(),
+            nseq,
             max_ctx,
-            block_size: bs,
+            block_size: cache.block_size,
             num_blocks: cache.num_blocks(),
             max_blocks,
-            h,
+            h: self.config.num_heads,
             hk: ahk,
             dk: adk,
             dv: adv,
             scale: scale as f32,
             splits: 0,
             shared_kv: cache.latent,
-        };
+        }
+    }
+
+    /// The layers of a paged step over its inputs on the device: the
+    /// embeddings of `inp.ids`, then per layer the keys and values stored
+    /// at the step's slots and attention over each sequence's blocks.
+    /// Returns the residual stream `[n, C]` before the final norm. Only
+    /// launches and products (capturable) for bf16 caches; f32 caches
+    /// gather each sequence's blocks by its host table.
+    pub(super) fn layers_paged(&self, inp: &StepIn<'_>, cache: &mut GpuPagedKvCache) -> Result<CudaSlice<f32>> {
+        let cfg = &self.config;
+        let geo = &inp.geo;
+        let n = geo.total_q;
+        let c = cfg.hidden_size;
+        let (_, _, _, scale) = cfg.attn_dims();
+        let h = cfg.num_heads;
+        let (ahk, adk, adv) = (geo.hk, geo.dk, geo.dv);
+        let bs = cache.block_size;
+        let g = &self.gpu;
+        let mut x = self.zeros(n * c)?;
+        let table = self.w32(self.layout.embed)?;
+        launch::embedding_forward_f32(g, &mut x, &table, TokenIds::Device(inp.ids), n, cfg.vocab_size, c)
+            .map_err(cuda)?;
         for (l, s) in self.layout.layers.iter().enumerate() {
             let (ln1, _) = self.norm_rstd(&x, s.ln1, n, c)?;
-            let qkv = self.qkv(&ln1, s, &pos, n)?;
+            let qkv = self.qkv(&ln1, s, inp.pos, n)?;
             let (q, k, v) = if cache.latent {
                 let (q, entry) = self.mla_absorb(&qkv, s, n, cache.kw)?;
                 (q, entry, None)
@@ -466,12 +533,12 @@ impl GpuModel {
             };
             let mut out = self.zeros(n * h * adv)?;
             let v_store = cache.v.get_mut(l);
-            match (&mut cache.k[l], v_store, &paged) {
+            match (&mut cache.k[l], v_store, inp.paged) {
                 (Store::Bf16(kc), vs, Some((tables, ctx, cu))) => {
-                    launch::kv_write_bf16(g, kc, &k, &kv_slots, ahk * adk).map_err(cuda)?;
+                    launch::kv_write_bf16(g, kc, &k, inp.slots, ahk * adk).map_err(cuda)?;
                     let vc = match (vs, &v) {
                         (Some(Store::Bf16(vc)), Some(v)) => {
-                            launch::kv_write_bf16(g, vc, v, &kv_slots, ahk * adv).map_err(cuda)?;
+                            launch::kv_write_bf16(g, vc, v, inp.slots, ahk * adv).map_err(cuda)?;
                             Some(vc)
                         }
                         (None, None) => None,
@@ -481,14 +548,14 @@ impl GpuModel {
                     let mut lse = self.zeros(h * n)?;
                     let kc: &CudaSlice<u16> = kc;
                     let vc: &CudaSlice<u16> = vc.map_or(kc, |v| v);
-                    flash::flash_decode_bf16(g, &mut out, &mut lse, &q16, kc, vc, tables, ctx, cu, &geo)
+                    flash::flash_decode_bf16(g, &mut out, &mut lse, &q16, kc, vc, tables, ctx, cu, geo)
                         .map_err(cuda)?;
                 }
                 (Store::F32(kc), vs, None) => {
-                    launch::kv_write_f32(g, kc, &k, &kv_slots, ahk * adk).map_err(cuda)?;
+                    launch::kv_write_f32(g, kc, &k, inp.slots, ahk * adk).map_err(cuda)?;
                     let vc = match (vs, &v) {
                         (Some(Store::F32(vc)), Some(v)) => {
-                            launch::kv_write_f32(g, vc, v, &kv_slots, ahk * adv).map_err(cuda)?;
+                            launch::kv_write_f32(g, vc, v, inp.slots, ahk * adv).map_err(cuda)?;
                             Some(vc)
                         }
                         (None, None) => None,
@@ -496,11 +563,11 @@ impl GpuModel {
                     };
                     let kc: &CudaSlice<f32> = kc;
                     let vc: &CudaSlice<f32> = vc.map_or(kc, |v| v);
-                    for (sp, &r) in spans.iter().zip(&row0) {
+                    for (sp, &r) in inp.spans.iter().zip(inp.row0) {
                         let end = sp.start + sp.len;
                         let nb = end.div_ceil(bs);
-                        let kg = self.gather_blocks(kc, &sp.table[..nb], bs * ahk * adk, &geo)?;
-                        let vg = self.gather_blocks(vc, &sp.table[..nb], bs * ahk * adv, &geo)?;
+                        let kg = self.gather_blocks(kc, &sp.table[..nb], bs * ahk * adk, geo)?;
+                        let vg = self.gather_blocks(vc, &sp.table[..nb], bs * ahk * adv, geo)?;
                         let qi = g.clone_range(&q, r * h * adk..(r + sp.len) * h * adk).map_err(cuda)?;
                         let mut oi = self.zeros(sp.len * h * adv)?;
                         let ageo = AttnGeometry {
@@ -535,11 +602,7 @@ impl GpuModel {
             let (down, _) = self.mlp(&ln2, s, n)?;
             launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
         }
-        // Each span's last row (a row gather), then the head.
-        let last: Vec<u32> = row0.iter().zip(spans).map(|(r, s)| (r + s.len - 1) as u32).collect();
-        let mut xl = self.zeros(spans.len() * c)?;
-        launch::embedding_forward_f32(g, &mut xl, &x, TokenIds::Host(&last), spans.len(), n, c).map_err(cuda)?;
-        self.head_logits(&xl, spans.len())
+        Ok(x)
     }
 
     /// MLA's weight-absorbed queries and latent entries of `n` tokens:
@@ -658,13 +721,20 @@ impl GpuModel {
     /// A ragged batch's spans against the pool: they cover the tokens, each
     /// table covers its positions with blocks of the pool, positions stay
     /// within `max_position_embeddings`, and no span writes a shared block.
-    fn check_paged(&self, tokens: &[u32], spans: &[SeqSpan<'_>], cache: &GpuPagedKvCache) -> Result<()> {
+    pub(super) fn check_paged(&self, tokens: &[u32], spans: &[SeqSpan<'_>], cache: &GpuPagedKvCache) -> Result<()> {
         const OP: &str = "gpu forward_paged";
         let total: usize = spans.iter().map(|s| s.len).sum();
         if total != tokens.len() || spans.is_empty() {
             return Err(input_err(
                 OP,
                 format!("{} spans cover {total} tokens, {} given", spans.len(), tokens.len()),
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+            return Err(input_err(
+                OP,
+                format!("token {i} is id {t}, outside the vocabulary of {vocab}"),
             ));
         }
         let max_pos = self.config.max_position_embeddings;
