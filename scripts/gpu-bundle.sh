@@ -33,6 +33,7 @@ pwd > "$out/root"
 # kernel-emulation tests are not here: they need no GPU, and CI runs them).
 tests=(
     aha-cuda-kernels:emulated_driver
+    aha-cuda-kernels:graph
     aha-tensor:gpu_twins
     aha-tensor:gpu_kernels
     aha-tensor:gpu_moe

@@ -153,7 +153,7 @@ record() { # name status seconds
     printf '%-70s %-5s %6ss\n' "$1" "$2" "$3"
 }
 # binary[:filter]: the CLI tests need only their CUDA ones.
-tests="${AHA_GPU_CHECK_TESTS:-aha-cuda-kernels-emulated_driver aha-tensor-gpu_twins aha-tensor-gpu_kernels aha-tensor-gpu_moe aha-tensor-gpu_flash aha-tensor-gpu_lmhead aha-sampler-gpu_sampling aha-sampler-gpu_engine aha-moe-model-gpu_model aha-moe-model-gpu_offload aha-grpo-gpu_loss aha-cli:cuda}"
+tests="${AHA_GPU_CHECK_TESTS:-aha-cuda-kernels-emulated_driver aha-cuda-kernels-graph aha-tensor-gpu_twins aha-tensor-gpu_kernels aha-tensor-gpu_moe aha-tensor-gpu_flash aha-tensor-gpu_lmhead aha-sampler-gpu_sampling aha-sampler-gpu_engine aha-moe-model-gpu_model aha-moe-model-gpu_offload aha-grpo-gpu_loss aha-cli:cuda}"
 for entry in $tests; do
     exe="$bin/${entry%%:*}"
     filter=""

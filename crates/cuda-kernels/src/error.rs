@@ -100,7 +100,10 @@ pub fn with_context<T>(
     sync: bool,
 ) -> Result<T> {
     let value = result.map_err(|source| Error::Driver { op, source })?;
-    if sync {
+    // A launch being captured into a CUDA graph has not run, and a capture
+    // forbids synchronising: its faults show at the replay's next
+    // synchronise instead.
+    if sync && !crate::graph::capturing() {
         cudarc::driver::result::ctx::synchronize().map_err(|source| Error::KernelFault { op, source })?;
     }
     Ok(value)

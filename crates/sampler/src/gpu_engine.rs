@@ -55,7 +55,6 @@ use std::time::Instant;
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
 use std::collections::HashMap;
 
-use aha_cuda_kernels::graph;
 use aha_cuda_kernels::launch::{embedding_forward_f32, sample_f32, SampleParams, SampledToken, TokenIds};
 use aha_moe_model::gpu::{DecodeGraph, GpuModel, GpuPagedKvCache, KvDtype};
 use aha_moe_model::SeqSpan;
@@ -169,7 +168,7 @@ impl<'a> GpuEngine<'a> {
         let (bs, dtype) = (self.cfg.block_size, self.cfg.kv_dtype);
         // Decode graphs pad a batch to its bucket (a power of two) with
         // rows over blocks of their own, outside the request's.
-        let mut graphs_on = self.cfg.cuda_graphs && dtype == KvDtype::Bf16 && graph::graphs_allowed();
+        let mut graphs_on = self.cfg.cuda_graphs && dtype == KvDtype::Bf16;
         let max_rows = self.cfg.max_batch.next_power_of_two();
         let pad_n = if graphs_on { max_rows.div_ceil(bs) } else { 0 };
         let mut cache = self.model.new_paged_cache(bs, blocks + pad_n, dtype).map_err(|e| {
