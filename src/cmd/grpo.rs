@@ -81,3 +81,71 @@ pub fn run(a: &GrpoArgs) -> Result<()> {
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::GrpoArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        grpo: GrpoArgs,
+    }
+
+    fn config(toml: &str, flags: &[&str]) -> anyhow::Result<aha_trainer::grpo_run::GrpoConfig> {
+        let path = {
+            // One file per call: the tests run in parallel.
+            static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::env::temp_dir().join(format!("aha-grpo-flags-{}-{call}.toml", std::process::id()))
+        };
+        std::fs::write(&path, toml).unwrap();
+        let mut argv = vec!["grpo".to_string(), "--config".into(), path.display().to_string()];
+        argv.extend(flags.iter().map(|f| f.to_string()));
+        let cfg = Cli::try_parse_from(argv)?.grpo.config();
+        std::fs::remove_file(&path).unwrap();
+        cfg
+    }
+
+    const TOML: &str = "model = \"m\"\ndata = \"d.jsonl\"\nsteps = 7\nlearning_rate = 2e-6\ndevice = \"cpu\"\n";
+
+    #[test]
+    fn a_flag_overrides_its_toml_key_and_the_others_stay() {
+        let file = config(TOML, &[]).unwrap();
+        assert_eq!((file.steps, file.learning_rate, file.device.as_str()), (7, 2e-6, "cpu"));
+        let cfg = config(
+            TOML,
+            &[
+                "--steps",
+                "3",
+                "--learning-rate",
+                "1e-3",
+                "--precision",
+                "bf16",
+                "--dynamic-sampling",
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.steps, 3);
+        assert_eq!(cfg.learning_rate, 1e-3);
+        assert_eq!(cfg.precision, "bf16");
+        assert!(cfg.dynamic_sampling);
+        // Keys without a flag keep the file's value.
+        assert_eq!(cfg.device, "cpu");
+        assert_eq!(cfg.model, std::path::Path::new("m"));
+        assert_eq!(cfg.num_generations, file.num_generations);
+        assert!(!file.dynamic_sampling);
+    }
+
+    #[test]
+    fn a_run_without_a_model_is_a_clear_error() {
+        let err = config("data = \"d.jsonl\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("no model") && err.contains("--model"), "{err}");
+        let cfg = config("data = \"d.jsonl\"\n", &["--model", "m2"]).unwrap();
+        assert_eq!(cfg.model, std::path::Path::new("m2"));
+    }
+}

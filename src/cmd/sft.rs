@@ -73,3 +73,49 @@ pub fn run(a: &SftArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::SftArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sft: SftArgs,
+    }
+
+    fn config(toml: &str, flags: &[&str]) -> aha_trainer::sft_run::SftConfig {
+        let path = {
+            // One file per call: the tests run in parallel.
+            static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::env::temp_dir().join(format!("aha-sft-flags-{}-{call}.toml", std::process::id()))
+        };
+        std::fs::write(&path, toml).unwrap();
+        let mut argv = vec!["sft".to_string(), "--config".into(), path.display().to_string()];
+        argv.extend(flags.iter().map(|f| f.to_string()));
+        let cfg = Cli::try_parse_from(argv).unwrap().sft.config().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        cfg
+    }
+
+    const TOML: &str =
+        "model = \"m\"\ndata = \"d.jsonl\"\nout = \"o\"\nlearning_rate = 2e-4\nbatch = 3\nsave_every = 5\n";
+
+    #[test]
+    fn a_flag_overrides_its_toml_key_and_the_others_stay() {
+        let file = config(TOML, &[]);
+        assert_eq!((file.learning_rate, file.batch, file.save_every), (2e-4, 3, 5));
+        // --lr is the flag of the `learning_rate` key.
+        let cfg = config(TOML, &["--lr", "0.5", "--out", "o2", "--device", "cpu"]);
+        assert_eq!(cfg.learning_rate, 0.5);
+        assert_eq!(cfg.out, std::path::Path::new("o2"));
+        assert_eq!(cfg.device, "cpu");
+        assert_eq!((cfg.batch, cfg.save_every, cfg.steps), (3, 5, file.steps));
+        assert_eq!(cfg.model, std::path::Path::new("m"));
+    }
+}
