@@ -12,7 +12,10 @@ mod cmd;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cmd::*;
+use cmd::{
+    bench, demo, distill, eval, generate, grpo, info, launch, logprobs, merge_lora, nccl_check, pipeline, plan,
+    rejection_sample, rewards, sft,
+};
 
 /// DeepSeek-R1 training in one binary: MoE transformer, rollouts, rule-based
 /// rewards, GRPO.

@@ -12,7 +12,9 @@ use anyhow::{bail, Context, Result};
 use super::options::Placement;
 use super::progress::SamplingBar;
 
-/// The arguments of `aha eval`.
+/// The arguments of `aha eval`. Its sampling flags are its own, not
+/// `aha generate`'s group: their defaults are the R1 report's evaluation
+/// settings, not the sampler's.
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
     /// A Hugging Face model folder with tokenizer.json.
