@@ -7,7 +7,8 @@
 //! named otherwise: it sets `learning_rate`). The flag-to-key lists are the
 //! [`override_keys!`] calls: [`PlacementOverride`] and [`TrainOverrides`]
 //! below, the command's own flags in `grpo.rs` and `sft.rs`. A new key that
-//! gets a flag gets one line there.
+//! gets a flag gets one line there. The one switch, `aha grpo
+//! --dynamic-sampling`, can only turn its key on, so it is set beside them.
 
 use std::path::{Path, PathBuf};
 
