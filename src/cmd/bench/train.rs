@@ -5,7 +5,7 @@
 //! time (copies, host AdamW, exposed, overlap); with `--lora` only LoRA
 //! adapters train.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use aha_moe_model::{LoraConfig, Model, ModelConfig, OffloadConfig, Policy, Precision};
@@ -14,21 +14,50 @@ use aha_tensor::profile::{self, Pass};
 use aha_tensor::{Device, Tensor};
 use anyhow::{Context, Result};
 
-/// Options of one training benchmark.
-pub struct TrainBench<'a> {
-    pub place: &'a crate::Placement,
-    pub config: &'a Path,
-    pub batch: usize,
-    pub seq: usize,
-    pub steps: usize,
-    pub warmup: usize,
-    pub seed: u64,
-    /// Per-phase timing of the step (see `aha_tensor::profile`).
-    pub profile: bool,
-    /// Offload AdamW to the host with buckets of this many elements.
-    pub offload: Option<usize>,
-    /// Train LoRA adapters of this rank only.
-    pub lora: Option<usize>,
+use crate::cmd::options::Placement;
+
+/// The arguments of `aha bench train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// A Hugging Face config.json (e.g. ../shared/bench-configs/qwen3-moe-bench.json).
+    #[arg(long)]
+    config: PathBuf,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Seed of the random weights and tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Time each phase of the step (CPU): a table on stderr and a
+    /// `profile` field in the JSON line.
+    #[arg(long)]
+    profile: bool,
+    /// AdamW on the host (GPU): master weights and moments in
+    /// page-locked host memory; reports the time split of the copies
+    /// and the host update.
+    #[arg(long)]
+    offload_optimizer: bool,
+    /// Elements per transfer bucket of --offload-optimizer.
+    #[arg(long, default_value_t = 1 << 24, requires = "offload_optimizer")]
+    offload_bucket: usize,
+    /// Train LoRA adapters (PEFT's default targets) instead of every
+    /// parameter.
+    #[arg(long)]
+    lora: bool,
+    /// The adapters' rank with --lora.
+    #[arg(long, default_value_t = 16, requires = "lora")]
+    lora_rank: usize,
+    #[command(flatten)]
+    place: Placement,
 }
 
 /// Dense peak of the device for MFU, FLOP/s: an H100 SXM's bf16 tensor-core
@@ -49,18 +78,21 @@ fn peak_flops(device: Device, precision: Precision) -> Option<f64> {
 }
 
 /// Runs the benchmark and returns its JSON line.
-pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
+pub fn train(o: &TrainArgs) -> Result<serde_json::Value> {
+    // Offload AdamW with buckets of this many elements; train LoRA adapters of this rank only.
+    let offload = o.offload_optimizer.then_some(o.offload_bucket);
+    let lora = o.lora.then_some(o.lora_rank);
     anyhow::ensure!(
         o.batch > 0 && o.seq > 1 && o.steps > 0,
         "need --batch >= 1, --seq >= 2, --steps >= 1"
     );
-    let cfg = ModelConfig::from_path(o.config).with_context(|| format!("reading {}", o.config.display()))?;
+    let cfg = ModelConfig::from_path(&o.config).with_context(|| format!("reading {}", o.config.display()))?;
     let (device, precision) = o.place.resolve(&cfg)?;
     let model_type = format!("{:?}", cfg.arch);
     let model = Model::random(cfg, o.seed, 0.02);
     let flops_per_token = model.forward_flops_per_token(o.seq);
     let v = model.config.vocab_size as u64;
-    let model = match o.lora {
+    let model = match lora {
         Some(r) => model.with_lora(
             &LoraConfig {
                 r,
@@ -72,7 +104,7 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
     };
     let trainable = model.layout.trainable;
     let mut policy = Policy::new(model, device, precision)?;
-    policy.set_offload_optimizer(o.offload.map(|bucket_elems| OffloadConfig { bucket_elems }))?;
+    policy.set_offload_optimizer(offload.map(|bucket_elems| OffloadConfig { bucket_elems }))?;
     let n = o.batch * o.seq;
     let mut state = o.seed ^ 0x5eed;
     let ids: Vec<u32> = (0..n)
@@ -135,7 +167,7 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
     // warmup's are taken and dropped at its end).
     let offload = moments.take_offload_timing().map(|t| {
         serde_json::json!({
-            "bucket_elems": o.offload,
+            "bucket_elems": offload,
             "step_ms": t.total_s * 1e3 / t.steps.max(1) as f64,
             "grad_norm_ms": t.norm_s * 1e3 / t.steps.max(1) as f64,
             "copy_ms": t.copy_s * 1e3 / t.steps.max(1) as f64,
@@ -156,7 +188,7 @@ pub fn train(o: &TrainBench<'_>) -> Result<serde_json::Value> {
         "precision": precision.to_string(),
         "params": policy.num_params(),
         "trainable_params": trainable,
-        "lora_rank": o.lora,
+        "lora_rank": lora,
         "offload": offload,
         "batch": o.batch,
         "seq": o.seq,

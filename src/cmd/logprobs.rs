@@ -1,12 +1,38 @@
 //! `aha logprobs`: score token sequences with a model folder and write the
 //! logits and next-token log-probs as safetensors.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aha_moe_model::st::{read_file, write_f32};
 use aha_moe_model::Model;
 use aha_tensor::{CpuStorage, Device};
 use anyhow::{bail, Context, Result};
+
+use super::options::Placement;
+
+/// The arguments of `aha logprobs`.
+#[derive(clap::Args, Debug)]
+#[command(mut_arg("precision", |a| a.help(
+    "On the GPU: f32 (matches the CPU to 1e-4) or bf16 (bf16 weight products, flash attention and lm head; within ~0.1 nats)"
+)))]
+pub struct LogprobsArgs {
+    /// A Hugging Face model folder (config.json, *.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// `input_ids` in a .safetensors file (int64 [B,T]) or a JSON list of token-id lists.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output .safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    place: Placement,
+}
+
+/// Runs `aha logprobs`.
+pub fn run(a: &LogprobsArgs) -> Result<()> {
+    score(&a.model, &a.input, &a.out, &a.place.device, &a.place.precision)
+}
 
 /// Reads `[B, T]` token ids from a safetensors file (`input_ids`, int64 or
 /// int32) or from a JSON list of equally long lists.
@@ -61,7 +87,7 @@ pub fn read_ids(path: &Path) -> Result<(Vec<u32>, usize, usize)> {
 /// On `cuda:N` the grouped-query models (Qwen2, Qwen3, Qwen3-MoE) run on the
 /// GPU (`aha_moe_model::gpu`); MLA models are refused with the reason.
 /// `auto` takes GPU 0 when there is one and the model runs there, else the CPU.
-pub fn run(model_dir: &Path, input: &Path, out: &Path, device: &str, precision: &str) -> Result<()> {
+pub fn score(model_dir: &Path, input: &Path, out: &Path, device: &str, precision: &str) -> Result<()> {
     let precision = match precision {
         "f32" => aha_moe_model::gpu::GpuPrecision::F32,
         "bf16" => aha_moe_model::gpu::GpuPrecision::Bf16,
