@@ -280,6 +280,12 @@ elif [ -x "$bin/aha" ]; then
             note "torch generate b$b: $([ "$rc" = 0 ] && tail -1 "$out/peer-generate-$b.json" || echo "exit $rc")"
         fi
     done
+    # What the decode graphs save: batch 64 again with every step eager.
+    rc=0
+    timeout 120 "$bin/aha" bench generate --config tests/fixtures/bench-configs/qwen2.5-1.5b.json --device cuda \
+        --precision bf16 --batch 64 --prompt 512 --new 1024 --no-cuda-graphs >"$out/generate-64-eager.json" \
+        2>"$out/logs/generate-64-eager.log" || rc=$?
+    note "aha bench generate qwen2.5-1.5b b64 --no-cuda-graphs: $([ "$rc" = 0 ] && cat "$out/generate-64-eager.json" || echo "exit $rc")"
     # The CPU's numbers for the same seed are in the trainer README.
     rc=0
     timeout 120 "$bin/aha" demo --quick --device cuda --out "$out/demo-cuda" >"$out/demo-cuda.json" \

@@ -130,6 +130,10 @@ pub struct GenerateArgs {
     /// Cached keys and values on a GPU: bf16 or f32 (exact, slower).
     #[arg(long, default_value = "bf16")]
     kv_dtype: String,
+    /// On a GPU, run every step eagerly instead of replaying decode steps
+    /// as CUDA graphs.
+    #[arg(long)]
+    no_cuda_graphs: bool,
     /// Output JSONL (stdout when absent).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -221,6 +225,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     let policy = Policy::new(model, device, Precision::F32)?;
     let cfg = EngineConfig {
         kv_dtype,
+        cuda_graphs: !a.no_cuda_graphs,
         ..EngineConfig::default()
     };
     let engine = Sampler::new(&policy, tok.as_ref(), cfg, &gen_eos)?;

@@ -34,6 +34,10 @@ pub struct GenerateArgs {
     /// Seed of weights, prompts and sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// GPU engine: run every step eagerly instead of replaying decode
+    /// steps as CUDA graphs (to measure what the graphs save).
+    #[arg(long)]
+    no_cuda_graphs: bool,
     #[command(flatten)]
     place: Placement,
 }
@@ -71,6 +75,7 @@ pub fn bench(b: &GenerateArgs) -> Result<serde_json::Value> {
         None,
         EngineConfig {
             max_batch: batch.max(1),
+            cuda_graphs: !b.no_cuda_graphs,
             ..EngineConfig::default()
         },
         &[],
@@ -127,6 +132,9 @@ pub fn bench(b: &GenerateArgs) -> Result<serde_json::Value> {
         "bookkeeping_s": s.total_s - s.forward_s - s.sample_s,
         "steps": s.steps,
         "peak_kv_blocks": s.peak_blocks,
+        "cuda_graphs": !b.no_cuda_graphs && device != aha_tensor::Device::Cpu,
+        "graph_steps": s.graph_steps,
+        "graphs_captured": s.graphs_captured,
     }))
 }
 
