@@ -212,6 +212,7 @@ impl<'a> GpuEngine<'a> {
         let mut live: Vec<Seq> = Vec::new();
         let mut done: Vec<Completion> = Vec::with_capacity(prompts.len() * n);
         let mut graphs: HashMap<(usize, usize), DecodeGraph> = HashMap::new();
+        let mut seen_buckets: HashMap<(usize, usize), usize> = HashMap::new();
 
         while !waiting.is_empty() || !live.is_empty() {
             stats.steps += 1;
@@ -325,10 +326,14 @@ impl<'a> GpuEngine<'a> {
                     .unwrap_or(1)
                     .next_power_of_two();
                 let key = (rows, width);
-                if let std::collections::hash_map::Entry::Vacant(e) = graphs.entry(key) {
+                // A bucket's first step runs eagerly: only a bucket seen
+                // again is captured (a capture costs about an eager step).
+                let seen = seen_buckets.entry(key).or_insert(0);
+                *seen += 1;
+                if *seen >= 2 && !graphs.contains_key(&key) {
                     match self.model.capture_decode(&mut cache, rows, width, &sp, &pad) {
                         Ok(g) => {
-                            e.insert(g);
+                            graphs.insert(key, g);
                             stats.graphs_captured += 1;
                         }
                         Err(err) => {
