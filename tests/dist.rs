@@ -443,3 +443,143 @@ fn sft_on_two_ranks_matches_one_rank_on_the_gpu() {
     }
     sft_two_ranks_match_one("cuda", "sft-gpu");
 }
+
+/// Final weights of two runs, tensor by tensor, within `rel` relative
+/// (`|x - y| <= rel * (|x| + 1e-3)`); returns how far the weights moved
+/// from the fixture's.
+fn assert_same_weights(a: &Path, b: &Path, rel: f32) -> f32 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(a.len(), b.len());
+    let start = initial_weights();
+    let mut moved = 0f32;
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        for (i, (x, y)) in va.iter().zip(vb).enumerate() {
+            assert!((x - y).abs() <= rel * (x.abs() + 1e-3), "{na}[{i}]: {x} vs {y}");
+        }
+        if let Some((_, v0)) = start.iter().find(|(n, _)| n == na) {
+            moved = va.iter().zip(v0).fold(moved, |m, (x, y)| m.max((x - y).abs()));
+        }
+    }
+    moved
+}
+
+fn launch2(args: &[&str], cfg: &Path, extra: &[String]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .arg("--")
+        .args(args)
+        .arg(cfg)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// GRPO on 2 ranks, 3 steps: ZeRO-1 (`zero_stage = 1`) ends with plain data
+/// parallel's weights and metrics (1e-6 relative: the gradient norm is
+/// summed shard by shard, in another order than over the whole buffer,
+/// which moves the clipping coefficient in its last bits).
+fn grpo_zero1_matches_plain(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let plain = grpo_config(&tmp.0, device, "plain");
+    let zero = grpo_config(&tmp.0, device, "zero");
+    let text = std::fs::read_to_string(&zero).unwrap() + "zero_stage = 1\n";
+    std::fs::write(&zero, text).unwrap();
+    let t = Instant::now();
+    let r0 = launch2(&["grpo", "--config"], &plain, &[]);
+    assert!(r0.status.success(), "{}", String::from_utf8_lossy(&r0.stderr));
+    let r1 = launch2(&["grpo", "--config"], &zero, &[]);
+    let se = String::from_utf8_lossy(&r1.stderr);
+    assert!(r1.status.success(), "{se}");
+    eprintln!("{name}: both runs {:.1} s", t.elapsed().as_secs_f64());
+    assert!(se.contains("optimizer state sharded over the ranks (ZeRO-1)"), "{se}");
+    let moved = assert_same_weights(&tmp.0.join("plain/final"), &tmp.0.join("zero/final"), 1e-6);
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+    let line = |run: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(tmp.0.join(run).join("metrics.jsonl")).unwrap();
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let (m0, m1) = (line("plain"), line("zero"));
+    for key in ["reward", "loss", "grad_norm", "completions/mean_length"] {
+        let (x, y) = (m0[key].as_f64().unwrap(), m1[key].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{key}: plain {x}, ZeRO-1 {y}");
+    }
+}
+
+#[test]
+fn grpo_zero1_matches_plain_data_parallel_on_the_gpu() {
+    if no_gpu("grpo_zero1_matches_plain_data_parallel_on_the_gpu") {
+        return;
+    }
+    grpo_zero1_matches_plain("cuda", "zero-grpo-gpu");
+}
+
+#[test]
+fn grpo_zero1_matches_plain_data_parallel_on_the_cpu() {
+    grpo_zero1_matches_plain("cpu", "zero-grpo-cpu");
+}
+
+/// An SFT config on the tiny fixture (a global batch of 4, 2 rows a rank).
+fn sft_config(dir: &Path, device: &str, out: &str, extra: &str) -> PathBuf {
+    let data = dir.join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"07+15=\", \"completion\": \"22\"}\n{\"prompt\": \"33+48=\", \"completion\": \"81\"}\n\
+         {\"prompt\": \"12+30=\", \"completion\": \"42\"}\n{\"prompt\": \"50+21=\", \"completion\": \"71\"}\n",
+    )
+    .unwrap();
+    let path = dir.join(format!("{out}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 3\nbatch = 4\nlearning_rate = 1e-3\ntemplate = \"none\"\n\
+             save_dtype = \"f32\"\nsample_prompts = 0\ndevice = {device:?}\n{extra}",
+            fixture("models/qwen2-tiny"),
+            data,
+            dir.join(out),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// SFT on 2 ranks, 3 steps: ZeRO-1 ends with plain data parallel's weights
+/// and loss (1e-6 relative, as for GRPO).
+fn sft_zero1_matches_plain(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let plain = sft_config(&tmp.0, device, "plain", "");
+    let zero = sft_config(&tmp.0, device, "zero", "zero_stage = 1\n");
+    let r0 = launch2(&["sft", "--config"], &plain, &[]);
+    assert!(r0.status.success(), "{}", String::from_utf8_lossy(&r0.stderr));
+    let r1 = launch2(&["sft", "--config"], &zero, &[]);
+    let se = String::from_utf8_lossy(&r1.stderr);
+    assert!(r1.status.success(), "{se}");
+    assert!(se.contains("optimizer state sharded over the ranks (ZeRO-1)"), "{se}");
+    let moved = assert_same_weights(&tmp.0.join("plain"), &tmp.0.join("zero"), 1e-6);
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+    let loss = |o: &std::process::Output| -> f64 {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let line = text.lines().find_map(|l| l.strip_prefix("[rank 0] ")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let (l0, l1) = (loss(&r0), loss(&r1));
+    assert!(
+        (l0 - l1).abs() <= 1e-6 * (1.0 + l0.abs()),
+        "loss: plain {l0}, ZeRO-1 {l1}"
+    );
+}
+
+#[test]
+fn sft_zero1_matches_plain_data_parallel_on_the_gpu() {
+    if no_gpu("sft_zero1_matches_plain_data_parallel_on_the_gpu") {
+        return;
+    }
+    sft_zero1_matches_plain("cuda", "zero-sft-gpu");
+}
+
+#[test]
+fn sft_zero1_matches_plain_data_parallel_on_the_cpu() {
+    sft_zero1_matches_plain("cpu", "zero-sft-cpu");
+}

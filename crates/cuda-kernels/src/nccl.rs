@@ -642,7 +642,15 @@ impl Comm {
             // is this rank's block of it (NCCL's in-place form,
             // recvbuff == sendbuff + rank * recvcount); ncclSum is 0.
             let r = unsafe {
-                (self.nccl.fns.reduce_scatter)(send, recv, q, T::TYPE as c_int, 0, self.raw, stream.cu_stream() as *mut c_void)
+                (self.nccl.fns.reduce_scatter)(
+                    send,
+                    recv,
+                    q,
+                    T::TYPE as c_int,
+                    0,
+                    self.raw,
+                    stream.cu_stream() as *mut c_void,
+                )
             };
             drop(guard);
             self.after(r, "ncclReduceScatter", q)?;
@@ -671,7 +679,14 @@ impl Comm {
             // world x q elements (n <= len checked above), send this rank's
             // block of it (sendbuff == recvbuff + rank * sendcount).
             let r = unsafe {
-                (self.nccl.fns.all_gather)(send, recv, q, T::TYPE as c_int, self.raw, stream.cu_stream() as *mut c_void)
+                (self.nccl.fns.all_gather)(
+                    send,
+                    recv,
+                    q,
+                    T::TYPE as c_int,
+                    self.raw,
+                    stream.cu_stream() as *mut c_void,
+                )
             };
             drop(guard);
             self.after(r, "ncclAllGather", q)?;

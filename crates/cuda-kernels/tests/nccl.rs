@@ -167,7 +167,10 @@ fn sharded_collectives_cover_sizes_not_divisible_by_the_world_cuda() {
         return;
     };
     let exact = nccl.is_emulated();
-    for (case, (world, n)) in [(2usize, 1001usize), (3, 1000), (3, 2), (2, 64)].into_iter().enumerate() {
+    for (case, (world, n)) in [(2usize, 1001usize), (3, 1000), (3, 2), (2, 64)]
+        .into_iter()
+        .enumerate()
+    {
         // The shards partition 0..n in rank order.
         let ranges: Vec<_> = (0..world).map(|r| shard_range(n, world, r)).collect();
         assert_eq!(ranges[0].start, 0);
@@ -204,13 +207,24 @@ fn sharded_collectives_cover_sizes_not_divisible_by_the_world_cuda() {
             assert_eq!(own, ranges[rank]);
             for i in own {
                 let (g, w) = (rs[i], sum[i]);
-                let ok = if exact { g == w } else { (g - w).abs() <= 1e-6 + 1e-6 * w.abs() };
-                assert!(ok, "reduce-scatter, rank {rank}, element {i}: {g} vs {w} (world {world}, n {n})");
+                let ok = if exact {
+                    g == w
+                } else {
+                    (g - w).abs() <= 1e-6 + 1e-6 * w.abs()
+                };
+                assert!(
+                    ok,
+                    "reduce-scatter, rank {rank}, element {i}: {g} vs {w} (world {world}, n {n})"
+                );
             }
             assert_eq!(&rs[n..], &inputs[rank][n..], "reduce-scatter past n");
             for (r, range) in ranges.iter().enumerate() {
                 for i in range.clone() {
-                    assert_eq!(ag[i], r as f32 + 0.5, "all-gather on rank {rank}: element {i} is rank {r}'s");
+                    assert_eq!(
+                        ag[i],
+                        r as f32 + 0.5,
+                        "all-gather on rank {rank}: element {i} is rank {r}'s"
+                    );
                 }
             }
             assert_eq!(&ag[n..], &inputs[rank][n..], "all-gather past n");

@@ -146,6 +146,13 @@ pub struct GrpoConfig {
     /// streamed out and updated weights streamed back in buckets (default
     /// false; see `aha_moe_model::offload`). No effect on the CPU.
     pub offload_optimizer: bool,
+    /// ZeRO stage of a data-parallel run (`aha launch`): 0 (default) keeps
+    /// AdamW's moments for every parameter on every rank; 1 shards them
+    /// (each rank updates its contiguous slice of the trainable parameters
+    /// and the weights are all-gathered), dividing the optimizer's memory
+    /// by the number of ranks with the same updates (docs/scale-out.md).
+    /// No effect on one process; not combined with `offload_optimizer`.
+    pub zero_stage: u8,
     /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
     /// more prompts until the step has `prompts_per_step` groups.
     pub dynamic_sampling: bool,
@@ -243,6 +250,7 @@ impl Default for GrpoConfig {
             micro_batch_tokens: 0,
             recompute: false,
             offload_optimizer: false,
+            zero_stage: 0,
             max_prompt_length: 512,
             max_completion_length: 1024,
             mask_truncated_completions: false,
@@ -324,6 +332,9 @@ impl GrpoConfig {
         if let Err(e) = self.sampling().validate() {
             return bad(e.to_string());
         }
+        if let Err(e) = crate::dp::check_zero_stage(self.zero_stage, self.offload_optimizer) {
+            return bad(e.to_string());
+        }
         Ok(())
     }
 
@@ -400,6 +411,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         crate::dp::check_grpo(cfg, e.world)?;
     }
     let mut dp = dist_env.map(crate::dp::DataParallel::join).transpose()?;
+    if let Some(d) = dp.as_mut() {
+        d.set_zero_stage(cfg.zero_stage)?;
+    }
     let writer = dp.as_ref().is_none_or(|d| d.is_writer());
     let mut quiet = |_: &str| {};
     let log: &mut dyn FnMut(&str) = if writer { log } else { &mut quiet };

@@ -235,8 +235,24 @@ pub trait StepSync {
     fn sum(&mut self, xs: &mut [f64]) -> Result<()>;
     /// Every rank's `xs`, concatenated in rank order.
     fn gather(&mut self, xs: &[f64]) -> Result<Vec<f64>>;
-    /// Sums the policy's gradient buffer over the ranks, in place.
+    /// Sums the policy's gradient buffer over the ranks, in place (with a
+    /// sharded optimizer, at least this rank's shard of it).
     fn reduce_grads(&mut self, policy: &mut Policy) -> Result<()>;
+    /// With the optimizer state sharded over the ranks (ZeRO-1): clips by
+    /// the global gradient norm, runs AdamW step `t` (1-based) on this
+    /// rank's shard and gives every rank the updated weights; returns the
+    /// norm before clipping (non-finite: nothing updated on any rank).
+    /// `None` when the optimizer is not sharded, and the caller runs its
+    /// own update.
+    fn sharded_update(
+        &mut self,
+        _policy: &mut Policy,
+        _h: &aha_tensor::cpu::AdamW,
+        _t: u64,
+        _max_grad_norm: f64,
+    ) -> Result<Option<f64>> {
+        Ok(None)
+    }
 }
 
 /// [`train_on`] for one rank of a data-parallel run: `r` holds this rank's
@@ -445,7 +461,7 @@ pub fn train_on_synced(
                     opt.skip(&describe(), "a non-finite loss on another rank")?
                 }
                 Some(l) => opt.skip(&describe(), &format!("loss {l}"))?,
-                None => opt.update_batch(policy, &describe)?,
+                None => opt.update_synced(policy, &describe, sync.as_deref_mut())?,
             };
             last = Some((loss, metrics, info));
         }

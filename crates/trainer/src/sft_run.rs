@@ -141,6 +141,13 @@ pub struct SftConfig {
     /// moments in page-locked host memory, gradients and weights streamed
     /// in buckets (default false; see `aha_moe_model::offload`).
     pub offload_optimizer: bool,
+    /// ZeRO stage of a data-parallel run (`aha launch`): 0 (default) keeps
+    /// AdamW's moments for every parameter on every rank; 1 shards them
+    /// (each rank updates its contiguous slice of the trainable parameters
+    /// and the weights are all-gathered), dividing the optimizer's memory
+    /// by the number of ranks with the same updates (docs/scale-out.md).
+    /// No effect on one process; not combined with `offload_optimizer`.
+    pub zero_stage: u8,
 }
 
 impl Default for SftConfig {
@@ -163,6 +170,7 @@ impl Default for SftConfig {
             sample_prompts: 4,
             sample_max_tokens: 256,
             offload_optimizer: false,
+            zero_stage: 0,
         }
     }
 }
@@ -195,6 +203,9 @@ impl SftConfig {
         if let Some(l) = &self.lora {
             l.validate_for_training(Path::new("sft config [lora]"))?;
         }
+        if let Err(e) = crate::dp::check_zero_stage(self.zero_stage, self.offload_optimizer) {
+            return bad(&e.to_string());
+        }
         Ok(())
     }
 }
@@ -220,6 +231,9 @@ pub fn run_sft_config_with(cfg: &SftConfig, resume: bool, log: &mut dyn FnMut(&s
     // rank 0 alone writes the run folder; the others read its checkpoint
     // on resume (a folder every rank sees).
     let mut dp = crate::dp::DataParallel::from_env()?;
+    if let Some(d) = dp.as_mut() {
+        d.set_zero_stage(cfg.zero_stage)?;
+    }
     let loaded = if dp.as_ref().is_none_or(|d| d.is_writer()) {
         open_run(&cfg.out, "sft_config.toml", &text, &toml_value, &["out"], resume, log)?
     } else if resume {
