@@ -583,3 +583,124 @@ fn sft_zero1_matches_plain_data_parallel_on_the_gpu() {
 fn sft_zero1_matches_plain_data_parallel_on_the_cpu() {
     sft_zero1_matches_plain("cpu", "zero-sft-cpu");
 }
+
+/// Metrics lines without their timings (which differ from run to run).
+fn metric_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().retain(|k, _| !k.starts_with("timing/"));
+            v
+        })
+        .collect()
+}
+
+/// A run on 2 ranks, 4 steps with a checkpoint at step 2, then `--resume`
+/// of the same folder on 2 ranks (steps 3 and 4 again from the
+/// checkpoint): the same final weights, bit for bit, and the same metrics.
+/// Then resuming on 1 process is refused naming both sizes, and the
+/// checkpoint's `model/` starts a new 1-process run (weights only).
+/// `cmd` is `grpo` or `sft`; `final_dir` where the run leaves its weights.
+fn resume_on_two_ranks_is_exact(cmd: &str, cfg: &Path, out: &Path, final_dir: &Path, zero: bool) {
+    let args = [cmd, "--config"];
+    let r = launch2(&args, cfg, &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let straight = weights(final_dir);
+    let straight_metrics = metric_lines(&out.join("metrics.jsonl"));
+    assert_eq!(straight_metrics.len(), 4);
+    let ck = out.join("checkpoints/step-000002");
+    let ranks: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("ranks.json")).unwrap()).unwrap();
+    assert_eq!(ranks["world_size"], 2);
+    for r in 0..2 {
+        assert_eq!(ck.join(format!("optimizer-rank-{r:05}.safetensors")).is_file(), zero);
+    }
+    assert_eq!(ck.join("optimizer.safetensors").is_file(), !zero);
+    assert!(!out.join("checkpoints/.tmp-step-000002").exists());
+    let r = launch2(&args, cfg, &["--resume".to_string()]);
+    let se = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{se}");
+    assert!(se.contains("resuming") || se.contains("resum"), "{se}");
+    let resumed = weights(final_dir);
+    assert_eq!(straight.len(), resumed.len());
+    for ((n, a), (_, b)) in straight.iter().zip(&resumed) {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(x.to_bits(), y.to_bits(), "{n}[{i}]: straight {x}, resumed {y}");
+        }
+    }
+    assert_eq!(metric_lines(&out.join("metrics.jsonl")), straight_metrics);
+    // The optimizer state of 2 ranks does not resume on 1.
+    let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(args)
+        .arg(cfg)
+        .arg("--resume")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(
+        se.contains("saved by 2 rank(s)") && se.contains("this run has 1 rank(s)") && se.contains("step-000002/model"),
+        "{se}"
+    );
+    // The weights alone start a new run on 1 process.
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let model_line = text.lines().find(|l| l.starts_with("model = ")).unwrap();
+    let out_line = text.lines().find(|l| l.starts_with("out = ")).unwrap();
+    let fresh = text
+        .replace(model_line, &format!("model = {:?}", ck.join("model")))
+        .replace(out_line, &format!("out = {:?}", out.with_extension("weights-only")))
+        .replace("zero_stage = 1\n", "");
+    let fresh_cfg = cfg.with_extension("weights-only.toml");
+    std::fs::write(&fresh_cfg, fresh).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(args)
+        .arg(&fresh_cfg)
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+#[test]
+fn grpo_zero1_resumes_exactly_on_two_ranks_on_the_gpu() {
+    if no_gpu("grpo_zero1_resumes_exactly_on_two_ranks_on_the_gpu") {
+        return;
+    }
+    let tmp = TempDir::new("zero-resume-grpo-gpu");
+    let cfg = grpo_config(&tmp.0, "cuda", "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 4\nsave_every = 2")
+        + "zero_stage = 1\n";
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.0.join("run");
+    resume_on_two_ranks_is_exact("grpo", &cfg, &out, &out.join("final"), true);
+}
+
+#[test]
+fn grpo_plain_data_parallel_resumes_exactly_on_two_ranks_on_the_cpu() {
+    let tmp = TempDir::new("dp-resume-grpo-cpu");
+    let cfg = grpo_config(&tmp.0, "cpu", "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 4\nsave_every = 2");
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.0.join("run");
+    resume_on_two_ranks_is_exact("grpo", &cfg, &out, &out.join("final"), false);
+}
+
+#[test]
+fn sft_zero1_resumes_exactly_on_two_ranks_on_the_gpu() {
+    if no_gpu("sft_zero1_resumes_exactly_on_two_ranks_on_the_gpu") {
+        return;
+    }
+    let tmp = TempDir::new("zero-resume-sft-gpu");
+    let cfg = sft_config(&tmp.0, "cuda", "run", "save_every = 2\nzero_stage = 1\n");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("steps = 3", "steps = 4");
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.0.join("run");
+    resume_on_two_ranks_is_exact("sft", &cfg, &out, &out, true);
+}

@@ -14,6 +14,7 @@
 //! statistics and metrics always go through the rendezvous sockets.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
@@ -34,7 +35,8 @@ fn err(msg: impl Into<String>) -> Error {
 #[derive(Debug)]
 pub struct DataParallel {
     env: DistEnv,
-    group: Group,
+    /// Shared with [`RankCheckpoint`] handles (used between steps only).
+    group: Arc<Mutex<Group>>,
     comm: Option<Comm>,
     bucket_elems: usize,
     /// Seconds spent in gradient all-reduces since the last
@@ -43,8 +45,13 @@ pub struct DataParallel {
     /// ZeRO stage: 0 (every rank runs AdamW on the whole buffer) or 1
     /// (optimizer state sharded, [`DataParallel::set_zero_stage`]).
     zero_stage: u8,
-    /// This rank's ZeRO-1 moments (created by the first update or a resume).
-    shard: Option<ShardState>,
+    /// This rank's ZeRO-1 moments (created by the first update or a
+    /// resume), shared with [`RankCheckpoint`] handles.
+    shard: Arc<Mutex<Option<ShardState>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock().map_err(|_| err("a data-parallel lock was poisoned by a panic"))
 }
 
 /// AdamW's moments for this rank's shard of the trainable prefix (ZeRO-1).
@@ -53,7 +60,11 @@ enum ShardMoments {
     /// On the host (a policy on the CPU).
     Host { m: Vec<f32>, v: Vec<f32> },
     /// On this rank's GPU.
-    Gpu { m: CudaSlice<f32>, v: CudaSlice<f32> },
+    Gpu {
+        gpu: Arc<aha_cuda_kernels::Gpu>,
+        m: CudaSlice<f32>,
+        v: CudaSlice<f32>,
+    },
 }
 
 /// One rank's ZeRO-1 optimizer state.
@@ -90,6 +101,76 @@ fn bucket_elems() -> usize {
     ((mb * 1024.0 * 1024.0 / 4.0) as usize).max(1)
 }
 
+/// One rank's part in a checkpoint written by every rank
+/// ([`DataParallel::checkpointer`]).
+#[derive(Debug, Clone)]
+pub struct RankCheckpoint {
+    rank: usize,
+    world: usize,
+    zero_stage: u8,
+    group: Arc<Mutex<Group>>,
+    shard: Arc<Mutex<Option<ShardState>>>,
+}
+
+impl RankCheckpoint {
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The ZeRO stage of the run (see [`DataParallel::set_zero_stage`]).
+    pub fn zero_stage(&self) -> u8 {
+        self.zero_stage
+    }
+
+    /// Waits until every rank gets here.
+    pub fn barrier(&self) -> Result<()> {
+        lock(&self.group)?.barrier()
+    }
+
+    /// Every rank's `flag` (true when it succeeded at something), so that
+    /// all ranks fail together when one did.
+    pub fn all_ok(&self, ok: bool) -> Result<Vec<bool>> {
+        let all = lock(&self.group)?.all_gather_bytes(&[u8::from(ok)])?;
+        Ok(all.iter().map(|b| b.first() == Some(&1)).collect())
+    }
+
+    /// This rank's ZeRO-1 optimizer shard on the host (zero moments before
+    /// the first update); `None` at stage 0.
+    pub fn optimizer_shard(&self, policy: &Policy) -> Result<Option<OptimizerShard>> {
+        if self.zero_stage == 0 {
+            return Ok(None);
+        }
+        let n = policy.layout().trainable;
+        let range = shard_range(n, self.world, self.rank);
+        let len = range.len();
+        let (mut m, mut v) = match &*lock(&self.shard)? {
+            None => (vec![0.0; len], vec![0.0; len]),
+            Some(s) => match &s.moments {
+                ShardMoments::Host { m, v } => (m.clone(), v.clone()),
+                ShardMoments::Gpu { gpu, m, v } => (
+                    gpu.download(m).map_err(|e| err(e.to_string()))?,
+                    gpu.download(v).map_err(|e| err(e.to_string()))?,
+                ),
+            },
+        };
+        // Device buffers of an empty shard hold one unused element.
+        m.truncate(len);
+        v.truncate(len);
+        Ok(Some(OptimizerShard {
+            trainable: n,
+            range,
+            m,
+            v,
+        }))
+    }
+}
+
 impl DataParallel {
     /// Joins the other ranks when the launch variables say there are any
     /// ([`DistEnv::from_env`]); `None` for a single process.
@@ -105,12 +186,12 @@ impl DataParallel {
         let group = Group::join(&env, rendezvous_timeout())?;
         Ok(DataParallel {
             env,
-            group,
+            group: Arc::new(Mutex::new(group)),
             comm: None,
             bucket_elems: bucket_elems(),
             allreduce_s: 0.0,
             zero_stage: 0,
-            shard: None,
+            shard: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -132,36 +213,18 @@ impl DataParallel {
         self.zero_stage
     }
 
-    /// This rank's ZeRO-1 optimizer shard on the host (zero moments before
-    /// the first update), for a checkpoint; `None` at stage 0.
-    pub fn optimizer_shard(&self, policy: &Policy) -> Result<Option<OptimizerShard>> {
-        if self.zero_stage == 0 {
-            return Ok(None);
+    /// A handle for checkpoints written by every rank
+    /// ([`crate::checkpoint::save_ranks`]): this rank's place, barriers
+    /// over the rendezvous group and this rank's ZeRO-1 optimizer shard.
+    /// It shares the group with this `DataParallel`: use it between steps.
+    pub fn checkpointer(&self) -> RankCheckpoint {
+        RankCheckpoint {
+            rank: self.env.rank,
+            world: self.env.world,
+            zero_stage: self.zero_stage,
+            group: self.group.clone(),
+            shard: self.shard.clone(),
         }
-        let n = policy.layout().trainable;
-        let range = shard_range(n, self.env.world, self.env.rank);
-        let (m, v) = match &self.shard {
-            None => (vec![0.0; range.len()], vec![0.0; range.len()]),
-            Some(s) => match &s.moments {
-                ShardMoments::Host { m, v } => (m.clone(), v.clone()),
-                ShardMoments::Gpu { m, v } => {
-                    let c = self
-                        .comm
-                        .as_ref()
-                        .ok_or_else(|| err("ZeRO-1 moments on a GPU without a communicator"))?;
-                    (
-                        c.gpu().download(m).map_err(|e| err(e.to_string()))?,
-                        c.gpu().download(v).map_err(|e| err(e.to_string()))?,
-                    )
-                }
-            },
-        };
-        Ok(Some(OptimizerShard {
-            trainable: n,
-            range,
-            m,
-            v,
-        }))
     }
 
     /// Restores this rank's ZeRO-1 moments from a checkpoint's shard (it
@@ -181,16 +244,22 @@ impl DataParallel {
         }
         let moments = match policy.gpu_grads_mut()? {
             Some((gpu, _)) => {
-                // The communicator first, so that its GPU holds the moments.
-                self.comm(&gpu)?;
+                let up = |x: &[f32]| -> Result<CudaSlice<f32>> {
+                    if x.is_empty() {
+                        gpu.zeros::<f32>(1).map_err(|e| err(e.to_string()))
+                    } else {
+                        gpu.upload(x).map_err(|e| err(e.to_string()))
+                    }
+                };
                 ShardMoments::Gpu {
-                    m: gpu.upload(&shard.m).map_err(|e| err(e.to_string()))?,
-                    v: gpu.upload(&shard.v).map_err(|e| err(e.to_string()))?,
+                    m: up(&shard.m)?,
+                    v: up(&shard.v)?,
+                    gpu,
                 }
             }
             None => ShardMoments::Host { m: shard.m, v: shard.v },
         };
-        self.shard = Some(ShardState { n, own, moments });
+        *lock(&self.shard)? = Some(ShardState { n, own, moments });
         Ok(())
     }
 
@@ -249,8 +318,8 @@ impl DataParallel {
     }
 
     /// The rendezvous group (host-side messages).
-    pub fn group(&mut self) -> &mut Group {
-        &mut self.group
+    pub fn group(&self) -> Result<MutexGuard<'_, Group>> {
+        lock(&self.group)
     }
 
     /// `data parallel: N ranks, gradients summed by NCCL 2.x.y (path)`, or
@@ -287,7 +356,7 @@ impl DataParallel {
             } else {
                 Vec::new()
             };
-            let got = self.group.broadcast_bytes(&mine)?;
+            let got = self.group()?.broadcast_bytes(&mine)?;
             let id = match got.split_first() {
                 Some((1, rest)) if rest.len() == 128 => {
                     let mut id = UniqueId([0; 128]);
@@ -366,11 +435,11 @@ impl StepSync for DataParallel {
     }
 
     fn sum(&mut self, xs: &mut [f64]) -> Result<()> {
-        self.group.sum_f64(xs)
+        self.group()?.sum_f64(xs)
     }
 
     fn gather(&mut self, xs: &[f64]) -> Result<Vec<f64>> {
-        Ok(self.group.all_gather_f64(xs)?.concat())
+        Ok(self.group()?.all_gather_f64(xs)?.concat())
     }
 
     fn reduce_grads(&mut self, policy: &mut Policy) -> Result<()> {
@@ -397,7 +466,7 @@ impl StepSync for DataParallel {
             }
             None => {
                 let mut g = policy.grads_to_host()?;
-                self.group.sum_f32(&mut g)?;
+                self.group()?.sum_f32(&mut g)?;
                 policy.set_grads(&g)?;
             }
         }
@@ -419,7 +488,9 @@ fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, m
     let n = policy.layout().trainable;
     let (rank, world) = (dp.env.rank, dp.env.world);
     let own = shard_range(n, world, rank);
-    if let Some(s) = &dp.shard {
+    let shard = dp.shard.clone();
+    let mut shard = lock(&shard)?;
+    if let Some(s) = &*shard {
         if s.n != n || s.own != own {
             return Err(err(format!(
                 "rank {rank}: ZeRO-1 moments for {:?} of {}, the policy's shard is {own:?} of {n}",
@@ -438,7 +509,7 @@ fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, m
                 launch::grad_norm_f32(&gpu, &grads.slice(own.clone()), len).map_err(dev)?
             };
             let mut sq = [local * local];
-            dp.group.sum_f64(&mut sq)?;
+            dp.group()?.sum_f64(&mut sq)?;
             let norm = sq[0].sqrt();
             if !norm.is_finite() {
                 return Ok(norm);
@@ -447,20 +518,21 @@ fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, m
             if coef < 1.0 {
                 launch::scale_f32(&gpu, &mut grads.slice_mut(own.clone()), coef as f32, len).map_err(dev)?;
             }
-            if dp.shard.is_none() {
-                dp.shard = Some(ShardState {
+            if shard.is_none() {
+                *shard = Some(ShardState {
                     n,
                     own: own.clone(),
                     moments: ShardMoments::Gpu {
                         m: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
                         v: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
+                        gpu: gpu.clone(),
                     },
                 });
             }
             let Some(ShardState {
-                moments: ShardMoments::Gpu { m, v },
+                moments: ShardMoments::Gpu { m, v, .. },
                 ..
-            }) = dp.shard.as_mut()
+            }) = shard.as_mut()
             else {
                 return Err(err(format!(
                     "rank {rank}: ZeRO-1 moments on the host for a policy on a GPU"
@@ -491,7 +563,7 @@ fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, m
             let mut p = policy.params_to_host()?;
             let gs = &mut g[own.clone()];
             let mut sq = [gs.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()];
-            dp.group.sum_f64(&mut sq)?;
+            dp.group()?.sum_f64(&mut sq)?;
             let norm = sq[0].sqrt();
             if !norm.is_finite() {
                 return Ok(norm);
@@ -501,7 +573,7 @@ fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, m
                 let c = coef as f32;
                 gs.iter_mut().for_each(|x| *x *= c);
             }
-            let ShardState { moments, .. } = dp.shard.get_or_insert_with(|| ShardState {
+            let ShardState { moments, .. } = shard.get_or_insert_with(|| ShardState {
                 n,
                 own: own.clone(),
                 moments: ShardMoments::Host {
@@ -516,7 +588,7 @@ fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, m
             };
             aha_tensor::cpu::adamw_step(&mut p[own.clone()], gs, m, v, h, t).map_err(|e| err(e.to_string()))?;
             let mine: Vec<u8> = p[own.clone()].iter().flat_map(|x| x.to_le_bytes()).collect();
-            let all = dp.group.all_gather_bytes(&mine)?;
+            let all = dp.group()?.all_gather_bytes(&mine)?;
             for (r, bytes) in all.iter().enumerate() {
                 let range = shard_range(n, world, r);
                 if bytes.len() != 4 * range.len() {

@@ -551,9 +551,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             }
             let mut m = l.model;
             m.source_dir = Some(cfg.model.clone());
-            let policy = place_policy(m)?;
+            let mut policy = place_policy(m)?;
             let mut opt = Optimizer::new(optc);
-            opt.restore(&policy, l.moments.0, l.moments.1, l.state.opt_step, l.state.opt_bad)?;
+            checkpoint::restore_optimizer(&l.dir, l.moments, &l.state, &mut policy, &mut opt, dp.as_mut())?;
             let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
             let kept: String = text
                 .lines()
@@ -742,7 +742,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             m.get("kl").copied().unwrap_or(0.0),
             m.get("completions/mean_length").copied().unwrap_or(0.0)
         ));
-        if writer && cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
+        if cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
             let (s, bad) = (opt.step, opt.bad_in_a_row());
             let st = TrainState {
                 phase: "grpo".into(),
@@ -754,13 +754,15 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 extra: serde_json::json!({ "data_cursor": cursor, "samples_lines": samples_lines }),
                 layout: checkpoint::LAYOUT_VERSION,
             };
-            checkpoint::save(
+            // Every rank takes part (crate::checkpoint::save_ranks).
+            checkpoint::save_ranks(
                 &ckroot,
                 &format!("step-{step:06}"),
                 &st,
                 &policy,
                 reference.as_ref(),
                 &opt,
+                dp.as_ref().map(|d| d.checkpointer()).as_ref(),
             )?;
         }
         last = m;

@@ -95,6 +95,12 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Restores the step count and the guard alone (the moments live
+    /// elsewhere: a ZeRO-1 shard, [`crate::dp::DataParallel`]).
+    pub fn restore_counters(&mut self, step: u64, bad_in_a_row: usize) {
+        (self.step, self.bad_in_a_row) = (step, bad_in_a_row);
+    }
+
     /// Consecutive skipped updates so far.
     pub fn bad_in_a_row(&self) -> usize {
         self.bad_in_a_row

@@ -418,7 +418,7 @@ fn sft_in_folder(
         Some(l) => {
             let mut m = l.model;
             m.source_dir = Some(model_dir.clone());
-            (m, Some((l.state, l.moments)))
+            (m, Some((l.state, l.moments, l.dir)))
         }
         None => {
             let has_weights = model_dir.join("model.safetensors").is_file()
@@ -487,14 +487,16 @@ fn sft_in_folder(
     policy.set_offload_optimizer(cfg.offload_optimizer.then(OffloadConfig::default))?;
     let mut opt = sft_optimizer(cfg.learning_rate, cfg.steps);
     let (mut rng, start, cursor) = match resumed {
-        Some((st, moments)) => {
-            opt.restore(&policy, moments.0, moments.1, st.opt_step, st.opt_bad)?;
+        Some((st, moments, ckdir)) => {
+            crate::checkpoint::restore_optimizer(&ckdir, moments, &st, &mut policy, &mut opt, dp.as_deref_mut())?;
             (Rng::from_state(st.rng), st.step, Some(LogCursor::of(&st)))
         }
         None => (Rng::new(seed), 0, None),
     };
     let mut run = if writer { Some(RunLog::open(dir, cursor)?) } else { None };
     let n = examples.len();
+    // Every rank takes part in a checkpoint (crate::checkpoint::save_ranks).
+    let ranks = dp.as_ref().map(|d| d.checkpointer());
     let loss = sft_loop_synced(
         &mut policy,
         &mut opt,
@@ -505,7 +507,24 @@ fn sft_in_folder(
         &mut rng,
         log,
         &mut |s| {
+            let save = cfg.save_every > 0 && s.step.is_multiple_of(cfg.save_every) && s.step < cfg.steps;
             let Some(run) = run.as_mut() else {
+                if let (true, Some(rc)) = (save, ranks.as_ref()) {
+                    // This rank's part of rank 0's checkpoint.
+                    let st = crate::checkpoint::TrainState {
+                        phase: "sft".into(),
+                        step: s.step,
+                        rng: s.rng.state(),
+                        opt_step: s.opt.step,
+                        opt_bad: s.opt.bad_in_a_row(),
+                        metrics_lines: 0,
+                        extra: serde_json::Value::Null,
+                        layout: crate::checkpoint::LAYOUT_VERSION,
+                    };
+                    let root = dir.join("checkpoints");
+                    let name = format!("step-{:06}", s.step);
+                    crate::checkpoint::save_ranks(&root, &name, &st, s.model, None, s.opt, Some(rc))?;
+                }
                 return Ok(());
             };
             let mut m = step_metrics(s.loss, &s.info);
@@ -515,8 +534,8 @@ fn sft_in_folder(
                 samples.write(s.model, &tok, s.step, run, &mut m)?;
             }
             run.metrics(None, s.step, &m)?;
-            if cfg.save_every > 0 && s.step.is_multiple_of(cfg.save_every) && s.step < cfg.steps {
-                run.checkpoint(
+            if save {
+                run.checkpoint_ranks(
                     &format!("step-{:06}", s.step),
                     "sft",
                     s.step,
@@ -525,6 +544,7 @@ fn sft_in_folder(
                     None,
                     s.opt,
                     serde_json::Map::new(),
+                    ranks.as_ref(),
                 )?;
             }
             Ok(())
