@@ -138,7 +138,11 @@ pub fn save_ranks(
     let tmp = root.join(format!(".tmp-{name}"));
     let leader = rc.rank() == 0;
     // Rank 0 makes a fresh temporary folder; the others wait for it.
-    let made = if leader { fresh_tmp(root, name).map(|_| ()) } else { Ok(()) };
+    let made = if leader {
+        fresh_tmp(root, name).map(|_| ())
+    } else {
+        Ok(())
+    };
     together(rc, made, "preparing", &tmp)?;
     let mine = (|| -> Result<()> {
         if leader {

@@ -51,7 +51,8 @@ pub struct DataParallel {
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
-    m.lock().map_err(|_| err("a data-parallel lock was poisoned by a panic"))
+    m.lock()
+        .map_err(|_| err("a data-parallel lock was poisoned by a panic"))
 }
 
 /// AdamW's moments for this rank's shard of the trainable prefix (ZeRO-1).

@@ -225,7 +225,16 @@ impl RunLog {
             extra: serde_json::Value::Object(extra),
             layout: checkpoint::LAYOUT_VERSION,
         };
-        checkpoint::save_ranks(&self.dir.join("checkpoints"), name, &state, model, reference, opt, ranks).map(|_| ())
+        checkpoint::save_ranks(
+            &self.dir.join("checkpoints"),
+            name,
+            &state,
+            model,
+            reference,
+            opt,
+            ranks,
+        )
+        .map(|_| ())
     }
 }
 
