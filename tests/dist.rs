@@ -160,9 +160,18 @@ fn initial_weights() -> Vec<(String, Vec<f32>)> {
 /// 2 ranks under `aha launch` and 1 process on the same global batch end
 /// with the same weights (1e-5), which moved away from the start.
 fn two_ranks_match_one(device: &str, name: &str) {
+    two_ranks_match_one_with(device, name, "");
+}
+
+/// [`two_ranks_match_one`] with `extra` lines in both configs.
+fn two_ranks_match_one_with(device: &str, name: &str, extra: &str) {
     let tmp = TempDir::new(name);
     let one = grpo_config(&tmp.0, device, "one");
     let two = grpo_config(&tmp.0, device, "two");
+    for cfg in [&one, &two] {
+        let text = std::fs::read_to_string(cfg).unwrap() + extra;
+        std::fs::write(cfg, text).unwrap();
+    }
     let t = Instant::now();
     let r1 = Command::new(env!("CARGO_BIN_EXE_aha"))
         .args(["grpo", "--config"])
@@ -241,6 +250,21 @@ fn grpo_on_two_ranks_matches_one_rank_on_the_gpu() {
         return;
     }
     two_ranks_match_one("cuda", "grpo-gpu");
+}
+
+/// `scale_rewards = "batch"` on 2 ranks: the advantages are scaled by the
+/// reward std of the global batch (both ranks' groups), as on 1 process.
+#[test]
+fn grpo_batch_reward_scaling_on_two_ranks_matches_one_rank_on_the_cpu() {
+    two_ranks_match_one_with("cpu", "batch-cpu", "scale_rewards = \"batch\"\n");
+}
+
+#[test]
+fn grpo_batch_reward_scaling_on_two_ranks_matches_one_rank_on_the_gpu() {
+    if no_gpu("grpo_batch_reward_scaling_on_two_ranks_matches_one_rank_on_the_gpu") {
+        return;
+    }
+    two_ranks_match_one_with("cuda", "batch-gpu", "scale_rewards = \"batch\"\n");
 }
 
 /// Kills rank 1 of a `launch`ed run once training is under way: rank 0

@@ -309,11 +309,8 @@ impl DataParallel {
         Ok(self.env.rank * k..(self.env.rank + 1) * k)
     }
 
-    /// Refuses GRPO settings that data parallelism does not support yet:
-    /// dynamic sampling (ranks would refill at different rates), batch-wide
-    /// reward scaling (advantages stay local to a rank's groups), and a
-    /// number of prompts per step (or minibatches) that does not split
-    /// evenly.
+    /// Refuses GRPO settings that data parallelism does not support yet
+    /// (see [`check_grpo`]).
     pub fn check_grpo(&self, cfg: &crate::grpo_run::GrpoConfig) -> Result<()> {
         check_grpo(cfg, self.env.world)
     }
@@ -399,18 +396,14 @@ pub fn check_zero_stage(stage: u8, offload_optimizer: bool) -> Result<()> {
 
 /// Refuses GRPO settings that data parallelism over `world` ranks does not
 /// support yet: dynamic sampling (ranks would refill at different rates),
-/// batch-wide reward scaling (advantages stay local to a rank's groups), and
-/// a number of prompts per step (or minibatches) that does not split evenly.
+/// and a number of prompts per step (or minibatches) that does not split
+/// evenly. Batch-wide reward scaling works: the advantages are computed on
+/// the gathered global batch (`rl::train_on_synced`).
 pub fn check_grpo(cfg: &crate::grpo_run::GrpoConfig, world: usize) -> Result<()> {
     let w = world;
     if cfg.dynamic_sampling {
         return Err(err(format!(
             "dynamic_sampling is not supported with WORLD_SIZE = {w} yet"
-        )));
-    }
-    if cfg.scale_rewards == aha_grpo::AdvantageEstimator::Batch {
-        return Err(err(format!(
-            "scale_rewards = \"batch\" needs batch-wide statistics; not supported with WORLD_SIZE = {w} yet"
         )));
     }
     if !cfg.prompts_per_step.is_multiple_of(w) {
@@ -433,6 +426,10 @@ pub fn check_grpo(cfg: &crate::grpo_run::GrpoConfig, world: usize) -> Result<()>
 impl StepSync for DataParallel {
     fn world(&self) -> usize {
         self.env.world
+    }
+
+    fn rank(&self) -> usize {
+        self.env.rank
     }
 
     fn sum(&mut self, xs: &mut [f64]) -> Result<()> {
@@ -636,11 +633,12 @@ mod tests {
             ..ok.clone()
         };
         assert!(check_grpo(&ds, 2).unwrap_err().to_string().contains("dynamic_sampling"));
+        // Batch-wide reward scaling gathers every rank's rewards.
         let batch = GrpoConfig {
             scale_rewards: aha_grpo::AdvantageEstimator::Batch,
             ..ok.clone()
         };
-        assert!(check_grpo(&batch, 2).unwrap_err().to_string().contains("scale_rewards"));
+        check_grpo(&batch, 2).unwrap();
         // 2 prompts x 4 completions a rank do not split into 3 minibatches.
         let mb = GrpoConfig {
             minibatches: 3,

@@ -231,6 +231,10 @@ pub fn train_on(
 pub trait StepSync {
     /// The number of ranks.
     fn world(&self) -> usize;
+    /// This rank (0 for one process).
+    fn rank(&self) -> usize {
+        0
+    }
     /// Sums `xs` over the ranks, in place (the same on every rank).
     fn sum(&mut self, xs: &mut [f64]) -> Result<()>;
     /// Every rank's `xs`, concatenated in rank order.
@@ -277,7 +281,22 @@ pub fn train_on_synced(
     let prompts = &r.prompts;
     let completions = &r.completions;
     let n = completions.len();
-    let adv = compute_advantages(&r.total, g, cfg.advantages)?;
+    let mut adv = compute_advantages(&r.total, g, cfg.advantages)?;
+    if let Some(s) = sync.as_deref_mut() {
+        // The advantages of the global batch, this rank's slice of them:
+        // batch-wide scaling (`scale_rewards = "batch"`, REINFORCE++'s
+        // baseline) needs every rank's rewards; group-wise ones come out
+        // the same as from this rank's groups alone.
+        let all = s.gather(&r.total)?;
+        let counts = s.gather(&[n as f64])?;
+        let at = counts.iter().take(s.rank()).map(|&c| c as usize).sum::<usize>();
+        let global = compute_advantages(&all, g, cfg.advantages)?;
+        adv.values = global
+            .values
+            .get(at..at + n)
+            .ok_or_else(|| Error::Other(format!("rank {}: no advantages at {at}..{}", s.rank(), at + n)))?
+            .to_vec();
+    }
     let temperature = if cfg.sampling.temperature > 0.0 {
         cfg.sampling.temperature
     } else {
