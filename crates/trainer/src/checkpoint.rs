@@ -467,3 +467,100 @@ pub fn restore_optimizer(
         _ => opt.restore(policy, moments.0, moments.1, state.opt_step, state.opt_bad),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::dist::DistEnv;
+    use crate::dp::DataParallel;
+    use crate::optim::{OptimConfig, Schedule};
+    use aha_moe_model::Precision;
+    use aha_tensor::Device;
+
+    fn state(step: usize) -> TrainState {
+        TrainState {
+            phase: "sft".into(),
+            step,
+            rng: 7,
+            opt_step: step as u64,
+            opt_bad: 0,
+            metrics_lines: step,
+            extra: serde_json::Value::Null,
+            layout: LAYOUT_VERSION,
+        }
+    }
+
+    /// Two ranks (threads) of a ZeRO-1 run save together; then rank 1 is
+    /// gone when the next save starts: rank 0's save fails, and `latest`
+    /// still names the complete first checkpoint, with both shards.
+    #[test]
+    fn a_rank_lost_mid_save_leaves_the_previous_checkpoint_the_latest() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let root = std::env::temp_dir().join(format!("aha-ranks-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen2-tiny");
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let (root, fixture) = (root.clone(), fixture.clone());
+                std::thread::spawn(move || -> Option<String> {
+                    let env = DistEnv {
+                        rank,
+                        world: 2,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let mut dp = DataParallel::join(env).unwrap();
+                    dp.set_zero_stage(1).unwrap();
+                    let policy = Policy::new(Model::load(&fixture).unwrap(), Device::Cpu, Precision::F32).unwrap();
+                    let opt = Optimizer::new(OptimConfig {
+                        lr: 1e-3,
+                        warmup_steps: 0,
+                        total_steps: 4,
+                        schedule: Schedule::Constant,
+                        weight_decay: 0.0,
+                        max_grad_norm: 1.0,
+                        max_bad_steps: 0,
+                    });
+                    let ck = dp.checkpointer();
+                    save_ranks(&root, "step-000002", &state(2), &policy, None, &opt, Some(&ck)).unwrap();
+                    if rank == 1 {
+                        // Gone before the next save: its sockets close.
+                        return None;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    let e = save_ranks(&root, "step-000004", &state(4), &policy, None, &opt, Some(&ck));
+                    Some(e.unwrap_err().to_string())
+                })
+            })
+            .collect();
+        let outs: Vec<Option<String>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let e = outs[0].clone().unwrap();
+        assert!(e.contains("rank"), "{e}");
+        assert_eq!(std::fs::read_to_string(root.join("latest")).unwrap(), "step-000002");
+        assert!(!root.join("step-000004").exists());
+        let l = load_latest(&root).unwrap().unwrap();
+        assert_eq!(l.state.step, 2);
+        let info = read_ranks(&l.dir).unwrap().unwrap();
+        assert_eq!((info.world_size, info.zero_stage), (2, 1));
+        let a = load_optimizer_shard(&l.dir, 0, 2).unwrap();
+        let b = load_optimizer_shard(&l.dir, 1, 2).unwrap();
+        assert_eq!(a.range.end, b.range.start);
+        assert_eq!(b.range.end, info.trainable);
+        assert_eq!(a.m.len() + b.m.len(), info.trainable);
+        // The optimizer state of 2 ranks resumes on 2 only.
+        check_ranks(&l.dir, 2, 1).unwrap();
+        let e = check_ranks(&l.dir, 4, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("saved by 2 rank(s)") && e.contains("this run has 4 rank(s)"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
