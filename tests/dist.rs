@@ -160,9 +160,18 @@ fn initial_weights() -> Vec<(String, Vec<f32>)> {
 /// 2 ranks under `aha launch` and 1 process on the same global batch end
 /// with the same weights (1e-5), which moved away from the start.
 fn two_ranks_match_one(device: &str, name: &str) {
+    two_ranks_match_one_with(device, name, "");
+}
+
+/// [`two_ranks_match_one`] with `extra` lines in both configs.
+fn two_ranks_match_one_with(device: &str, name: &str, extra: &str) {
     let tmp = TempDir::new(name);
     let one = grpo_config(&tmp.0, device, "one");
     let two = grpo_config(&tmp.0, device, "two");
+    for cfg in [&one, &two] {
+        let text = std::fs::read_to_string(cfg).unwrap() + extra;
+        std::fs::write(cfg, text).unwrap();
+    }
     let t = Instant::now();
     let r1 = Command::new(env!("CARGO_BIN_EXE_aha"))
         .args(["grpo", "--config"])
@@ -241,6 +250,21 @@ fn grpo_on_two_ranks_matches_one_rank_on_the_gpu() {
         return;
     }
     two_ranks_match_one("cuda", "grpo-gpu");
+}
+
+/// `scale_rewards = "batch"` on 2 ranks: the advantages are scaled by the
+/// reward std of the global batch (both ranks' groups), as on 1 process.
+#[test]
+fn grpo_batch_reward_scaling_on_two_ranks_matches_one_rank_on_the_cpu() {
+    two_ranks_match_one_with("cpu", "batch-cpu", "scale_rewards = \"batch\"\n");
+}
+
+#[test]
+fn grpo_batch_reward_scaling_on_two_ranks_matches_one_rank_on_the_gpu() {
+    if no_gpu("grpo_batch_reward_scaling_on_two_ranks_matches_one_rank_on_the_gpu") {
+        return;
+    }
+    two_ranks_match_one_with("cuda", "batch-gpu", "scale_rewards = \"batch\"\n");
 }
 
 /// Kills rank 1 of a `launch`ed run once training is under way: rank 0
@@ -442,4 +466,265 @@ fn sft_on_two_ranks_matches_one_rank_on_the_gpu() {
         return;
     }
     sft_two_ranks_match_one("cuda", "sft-gpu");
+}
+
+/// Final weights of two runs, tensor by tensor, within `rel` relative
+/// (`|x - y| <= rel * (|x| + 1e-3)`); returns how far the weights moved
+/// from the fixture's.
+fn assert_same_weights(a: &Path, b: &Path, rel: f32) -> f32 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(a.len(), b.len());
+    let start = initial_weights();
+    let mut moved = 0f32;
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        for (i, (x, y)) in va.iter().zip(vb).enumerate() {
+            assert!((x - y).abs() <= rel * (x.abs() + 1e-3), "{na}[{i}]: {x} vs {y}");
+        }
+        if let Some((_, v0)) = start.iter().find(|(n, _)| n == na) {
+            moved = va.iter().zip(v0).fold(moved, |m, (x, y)| m.max((x - y).abs()));
+        }
+    }
+    moved
+}
+
+fn launch2(args: &[&str], cfg: &Path, extra: &[String]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .arg("--")
+        .args(args)
+        .arg(cfg)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// GRPO on 2 ranks, 3 steps: ZeRO-1 (`zero_stage = 1`) ends with plain data
+/// parallel's weights and metrics (1e-6 relative: the gradient norm is
+/// summed shard by shard, in another order than over the whole buffer,
+/// which moves the clipping coefficient in its last bits).
+fn grpo_zero1_matches_plain(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let plain = grpo_config(&tmp.0, device, "plain");
+    let zero = grpo_config(&tmp.0, device, "zero");
+    let text = std::fs::read_to_string(&zero).unwrap() + "zero_stage = 1\n";
+    std::fs::write(&zero, text).unwrap();
+    let t = Instant::now();
+    let r0 = launch2(&["grpo", "--config"], &plain, &[]);
+    assert!(r0.status.success(), "{}", String::from_utf8_lossy(&r0.stderr));
+    let r1 = launch2(&["grpo", "--config"], &zero, &[]);
+    let se = String::from_utf8_lossy(&r1.stderr);
+    assert!(r1.status.success(), "{se}");
+    eprintln!("{name}: both runs {:.1} s", t.elapsed().as_secs_f64());
+    assert!(se.contains("optimizer state sharded over the ranks (ZeRO-1)"), "{se}");
+    let moved = assert_same_weights(&tmp.0.join("plain/final"), &tmp.0.join("zero/final"), 1e-6);
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+    let line = |run: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(tmp.0.join(run).join("metrics.jsonl")).unwrap();
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let (m0, m1) = (line("plain"), line("zero"));
+    for key in ["reward", "loss", "grad_norm", "completions/mean_length"] {
+        let (x, y) = (m0[key].as_f64().unwrap(), m1[key].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{key}: plain {x}, ZeRO-1 {y}");
+    }
+}
+
+#[test]
+fn grpo_zero1_matches_plain_data_parallel_on_the_gpu() {
+    if no_gpu("grpo_zero1_matches_plain_data_parallel_on_the_gpu") {
+        return;
+    }
+    grpo_zero1_matches_plain("cuda", "zero-grpo-gpu");
+}
+
+#[test]
+fn grpo_zero1_matches_plain_data_parallel_on_the_cpu() {
+    grpo_zero1_matches_plain("cpu", "zero-grpo-cpu");
+}
+
+/// An SFT config on the tiny fixture (a global batch of 4, 2 rows a rank).
+fn sft_config(dir: &Path, device: &str, out: &str, extra: &str) -> PathBuf {
+    let data = dir.join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"07+15=\", \"completion\": \"22\"}\n{\"prompt\": \"33+48=\", \"completion\": \"81\"}\n\
+         {\"prompt\": \"12+30=\", \"completion\": \"42\"}\n{\"prompt\": \"50+21=\", \"completion\": \"71\"}\n",
+    )
+    .unwrap();
+    let path = dir.join(format!("{out}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 3\nbatch = 4\nlearning_rate = 1e-3\ntemplate = \"none\"\n\
+             save_dtype = \"f32\"\nsample_prompts = 0\ndevice = {device:?}\n{extra}",
+            fixture("models/qwen2-tiny"),
+            data,
+            dir.join(out),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// SFT on 2 ranks, 3 steps: ZeRO-1 ends with plain data parallel's weights
+/// and loss (1e-6 relative, as for GRPO).
+fn sft_zero1_matches_plain(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let plain = sft_config(&tmp.0, device, "plain", "");
+    let zero = sft_config(&tmp.0, device, "zero", "zero_stage = 1\n");
+    let r0 = launch2(&["sft", "--config"], &plain, &[]);
+    assert!(r0.status.success(), "{}", String::from_utf8_lossy(&r0.stderr));
+    let r1 = launch2(&["sft", "--config"], &zero, &[]);
+    let se = String::from_utf8_lossy(&r1.stderr);
+    assert!(r1.status.success(), "{se}");
+    assert!(se.contains("optimizer state sharded over the ranks (ZeRO-1)"), "{se}");
+    let moved = assert_same_weights(&tmp.0.join("plain"), &tmp.0.join("zero"), 1e-6);
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+    let loss = |o: &std::process::Output| -> f64 {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let line = text.lines().find_map(|l| l.strip_prefix("[rank 0] ")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let (l0, l1) = (loss(&r0), loss(&r1));
+    assert!(
+        (l0 - l1).abs() <= 1e-6 * (1.0 + l0.abs()),
+        "loss: plain {l0}, ZeRO-1 {l1}"
+    );
+}
+
+#[test]
+fn sft_zero1_matches_plain_data_parallel_on_the_gpu() {
+    if no_gpu("sft_zero1_matches_plain_data_parallel_on_the_gpu") {
+        return;
+    }
+    sft_zero1_matches_plain("cuda", "zero-sft-gpu");
+}
+
+#[test]
+fn sft_zero1_matches_plain_data_parallel_on_the_cpu() {
+    sft_zero1_matches_plain("cpu", "zero-sft-cpu");
+}
+
+/// Metrics lines without their timings (which differ from run to run).
+fn metric_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().retain(|k, _| !k.starts_with("timing/"));
+            v
+        })
+        .collect()
+}
+
+/// A run on 2 ranks, 4 steps with a checkpoint at step 2, then `--resume`
+/// of the same folder on 2 ranks (steps 3 and 4 again from the
+/// checkpoint): the same final weights, bit for bit, and the same metrics.
+/// Then resuming on 1 process is refused naming both sizes, and the
+/// checkpoint's `model/` starts a new 1-process run (weights only).
+/// `cmd` is `grpo` or `sft`; `final_dir` where the run leaves its weights.
+fn resume_on_two_ranks_is_exact(cmd: &str, cfg: &Path, out: &Path, final_dir: &Path, zero: bool) {
+    let args = [cmd, "--config"];
+    let r = launch2(&args, cfg, &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let straight = weights(final_dir);
+    let straight_metrics = metric_lines(&out.join("metrics.jsonl"));
+    assert_eq!(straight_metrics.len(), 4);
+    let ck = out.join("checkpoints/step-000002");
+    let ranks: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("ranks.json")).unwrap()).unwrap();
+    assert_eq!(ranks["world_size"], 2);
+    for r in 0..2 {
+        assert_eq!(ck.join(format!("optimizer-rank-{r:05}.safetensors")).is_file(), zero);
+    }
+    assert_eq!(ck.join("optimizer.safetensors").is_file(), !zero);
+    assert!(!out.join("checkpoints/.tmp-step-000002").exists());
+    let r = launch2(&args, cfg, &["--resume".to_string()]);
+    let se = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{se}");
+    assert!(se.contains("resuming") || se.contains("resum"), "{se}");
+    let resumed = weights(final_dir);
+    assert_eq!(straight.len(), resumed.len());
+    for ((n, a), (_, b)) in straight.iter().zip(&resumed) {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(x.to_bits(), y.to_bits(), "{n}[{i}]: straight {x}, resumed {y}");
+        }
+    }
+    assert_eq!(metric_lines(&out.join("metrics.jsonl")), straight_metrics);
+    // The optimizer state of 2 ranks does not resume on 1.
+    let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(args)
+        .arg(cfg)
+        .arg("--resume")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(
+        se.contains("saved by 2 rank(s)") && se.contains("this run has 1 rank(s)") && se.contains("step-000002/model"),
+        "{se}"
+    );
+    // The weights alone start a new run on 1 process.
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let model_line = text.lines().find(|l| l.starts_with("model = ")).unwrap();
+    let out_line = text.lines().find(|l| l.starts_with("out = ")).unwrap();
+    let fresh = text
+        .replace(model_line, &format!("model = {:?}", ck.join("model")))
+        .replace(out_line, &format!("out = {:?}", out.with_extension("weights-only")))
+        .replace("zero_stage = 1\n", "");
+    let fresh_cfg = cfg.with_extension("weights-only.toml");
+    std::fs::write(&fresh_cfg, fresh).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(args)
+        .arg(&fresh_cfg)
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+#[test]
+fn grpo_zero1_resumes_exactly_on_two_ranks_on_the_gpu() {
+    if no_gpu("grpo_zero1_resumes_exactly_on_two_ranks_on_the_gpu") {
+        return;
+    }
+    let tmp = TempDir::new("zero-resume-grpo-gpu");
+    let cfg = grpo_config(&tmp.0, "cuda", "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 4\nsave_every = 2")
+        + "zero_stage = 1\n";
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.0.join("run");
+    resume_on_two_ranks_is_exact("grpo", &cfg, &out, &out.join("final"), true);
+}
+
+#[test]
+fn grpo_plain_data_parallel_resumes_exactly_on_two_ranks_on_the_cpu() {
+    let tmp = TempDir::new("dp-resume-grpo-cpu");
+    let cfg = grpo_config(&tmp.0, "cpu", "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 4\nsave_every = 2");
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.0.join("run");
+    resume_on_two_ranks_is_exact("grpo", &cfg, &out, &out.join("final"), false);
+}
+
+#[test]
+fn sft_zero1_resumes_exactly_on_two_ranks_on_the_gpu() {
+    if no_gpu("sft_zero1_resumes_exactly_on_two_ranks_on_the_gpu") {
+        return;
+    }
+    let tmp = TempDir::new("zero-resume-sft-gpu");
+    let cfg = sft_config(&tmp.0, "cuda", "run", "save_every = 2\nzero_stage = 1\n");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("steps = 3", "steps = 4");
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.0.join("run");
+    resume_on_two_ranks_is_exact("sft", &cfg, &out, &out, true);
 }

@@ -604,6 +604,118 @@ impl Comm {
     }
 }
 
+/// Rank `rank`'s contiguous shard of a flat buffer of `n` elements split
+/// over `world` ranks, as [`Comm::reduce_scatter_sum_shards`] and
+/// [`Comm::all_gather_shards`] split it: rank r holds
+/// `r * q .. (r + 1) * q` with `q = n / world` (rounded down), and the last
+/// rank also the remainder (fewer than `world` elements), so the shards
+/// cover `0..n` in rank order with no padding.
+pub fn shard_range(n: usize, world: usize, rank: usize) -> Range<usize> {
+    let w = world.max(1);
+    let q = n / w;
+    let end = if rank + 1 >= w { n } else { (rank + 1) * q };
+    (rank * q).min(n)..end
+}
+
+impl Comm {
+    /// Sums `buf[..n]` over every rank and leaves this rank's shard
+    /// ([`shard_range`]) summed in place; returns that range. The first
+    /// `world x (n / world)` elements go through one in-place
+    /// ncclReduceScatter (rank r's block is its shard); the remainder, fewer
+    /// than `world` elements that the last rank owns, through an
+    /// ncclAllReduce. The rest of `buf` is left in an unspecified state
+    /// (other ranks' blocks are not summed). No staging buffer: a size that
+    /// does not divide by the world costs a second, tiny collective instead
+    /// of a padded copy of the buffer.
+    pub fn reduce_scatter_sum_shards<T: NcclElem>(&mut self, buf: &mut CudaSlice<T>, n: usize) -> Result<Range<usize>> {
+        check_range("ncclReduceScatter", n, buf.len())?;
+        let w = self.world;
+        let q = n / w;
+        if q > 0 {
+            let stream = self.gpu.stream().clone();
+            let (ptr, guard) = buf.device_ptr_mut(&stream);
+            let send = ptr as *const c_void;
+            let recv = (ptr + (self.rank * q * T::TYPE.size()) as u64) as *mut c_void;
+            // SAFETY: ncclReduceScatter(const void*, void*, size_t recvcount,
+            // type, op, comm, stream) in place: send is the buffer's first
+            // world x q elements (inside it, n <= len checked above), recv
+            // is this rank's block of it (NCCL's in-place form,
+            // recvbuff == sendbuff + rank * recvcount); ncclSum is 0.
+            let r = unsafe {
+                (self.nccl.fns.reduce_scatter)(
+                    send,
+                    recv,
+                    q,
+                    T::TYPE as c_int,
+                    0,
+                    self.raw,
+                    stream.cu_stream() as *mut c_void,
+                )
+            };
+            drop(guard);
+            self.after(r, "ncclReduceScatter", q)?;
+        }
+        if n > w * q {
+            self.all_reduce_sum(buf, w * q..n)?;
+        }
+        Ok(shard_range(n, w, self.rank))
+    }
+
+    /// Gives every rank every rank's shard of `buf[..n]` ([`shard_range`]),
+    /// in place: one in-place ncclAllGather of the first `world x (n /
+    /// world)` elements, then an ncclBroadcast of the remainder from the
+    /// last rank, which owns it.
+    pub fn all_gather_shards<T: NcclElem>(&mut self, buf: &mut CudaSlice<T>, n: usize) -> Result<()> {
+        check_range("ncclAllGather", n, buf.len())?;
+        let w = self.world;
+        let q = n / w;
+        let stream = self.gpu.stream().clone();
+        if q > 0 {
+            let (ptr, guard) = buf.device_ptr_mut(&stream);
+            let recv = ptr as *mut c_void;
+            let send = (ptr + (self.rank * q * T::TYPE.size()) as u64) as *const c_void;
+            // SAFETY: ncclAllGather(const void*, void*, size_t sendcount,
+            // type, comm, stream) in place: recv is the buffer's first
+            // world x q elements (n <= len checked above), send this rank's
+            // block of it (sendbuff == recvbuff + rank * sendcount).
+            let r = unsafe {
+                (self.nccl.fns.all_gather)(
+                    send,
+                    recv,
+                    q,
+                    T::TYPE as c_int,
+                    self.raw,
+                    stream.cu_stream() as *mut c_void,
+                )
+            };
+            drop(guard);
+            self.after(r, "ncclAllGather", q)?;
+        }
+        let tail = n - w * q;
+        if tail > 0 {
+            let (ptr, guard) = buf.device_ptr_mut(&stream);
+            let p = (ptr + (w * q * T::TYPE.size()) as u64) as *mut c_void;
+            // SAFETY: ncclBroadcast(const void*, void*, size_t, type, int
+            // root, comm, stream) in place on the `tail` elements from
+            // w x q, inside the buffer (n <= len); root w - 1 < world.
+            let r = unsafe {
+                (self.nccl.fns.broadcast)(
+                    p as *const c_void,
+                    p,
+                    tail,
+                    T::TYPE as c_int,
+                    (w - 1) as c_int,
+                    self.raw,
+                    stream.cu_stream() as *mut c_void,
+                )
+            };
+            drop(guard);
+            self.after(r, "ncclBroadcast", tail)?;
+        }
+        Ok(())
+    }
+}
+
 fn check_range(op: &str, end: usize, len: usize) -> Result<()> {
     if end > len {
         return Err(nccl_err(

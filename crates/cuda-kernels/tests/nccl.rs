@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use aha_cuda_kernels::nccl::{Comm, Nccl, UniqueId};
+use aha_cuda_kernels::nccl::{shard_range, Comm, Nccl, UniqueId};
 use aha_cuda_kernels::Gpu;
 
 fn setup(test: &str) -> Option<(Arc<Nccl>, Arc<Gpu>)> {
@@ -156,6 +156,80 @@ fn collectives_match_the_cpu_on_random_sizes_cuda() {
         }
     }
     a_rank_that_never_joins_is_named_after_the_timeout(&nccl, &gpu);
+}
+
+/// ZeRO-1's collectives: the in-place reduce-scatter and all-gather over
+/// contiguous shards, on sizes that do not divide by the world (the last
+/// rank owns the remainder) and one smaller than the world.
+#[test]
+fn sharded_collectives_cover_sizes_not_divisible_by_the_world_cuda() {
+    let Some((nccl, gpu)) = setup("sharded_collectives_cover_sizes_not_divisible_by_the_world_cuda") else {
+        return;
+    };
+    let exact = nccl.is_emulated();
+    for (case, (world, n)) in [(2usize, 1001usize), (3, 1000), (3, 2), (2, 64)]
+        .into_iter()
+        .enumerate()
+    {
+        // The shards partition 0..n in rank order.
+        let ranges: Vec<_> = (0..world).map(|r| shard_range(n, world, r)).collect();
+        assert_eq!(ranges[0].start, 0);
+        assert_eq!(ranges[world - 1].end, n);
+        for w in ranges.windows(2) {
+            assert_eq!(w[0].end, w[1].start, "world {world}, n {n}");
+        }
+        assert!(ranges[world - 1].len() - ranges[0].len() < world);
+        let seed = 0xabc + case as u64;
+        // Two spare elements past n, which neither collective may touch.
+        let inputs: Vec<Vec<f32>> = (0..world).map(|r| data(seed, r, n + 2)).collect();
+        let mut sum = inputs[0].clone();
+        for x in &inputs[1..] {
+            for (s, v) in sum.iter_mut().zip(x) {
+                *s += v;
+            }
+        }
+        let gpu2 = gpu.clone();
+        let ins = inputs.clone();
+        let outs = on_ranks(&nccl, &gpu, world, move |rank, comm| {
+            let mut buf = gpu2.upload(&ins[rank]).unwrap();
+            let own = comm.reduce_scatter_sum_shards(&mut buf, n).unwrap();
+            let rs = gpu2.download(&buf).unwrap();
+            // Each rank writes its own marker into its shard, then gathers.
+            let mut mine = ins[rank].clone();
+            for x in &mut mine[own.clone()] {
+                *x = rank as f32 + 0.5;
+            }
+            let mut b = gpu2.upload(&mine).unwrap();
+            comm.all_gather_shards(&mut b, n).unwrap();
+            (own, rs, gpu2.download(&b).unwrap())
+        });
+        for (rank, (own, rs, ag)) in outs.into_iter().enumerate() {
+            assert_eq!(own, ranges[rank]);
+            for i in own {
+                let (g, w) = (rs[i], sum[i]);
+                let ok = if exact {
+                    g == w
+                } else {
+                    (g - w).abs() <= 1e-6 + 1e-6 * w.abs()
+                };
+                assert!(
+                    ok,
+                    "reduce-scatter, rank {rank}, element {i}: {g} vs {w} (world {world}, n {n})"
+                );
+            }
+            assert_eq!(&rs[n..], &inputs[rank][n..], "reduce-scatter past n");
+            for (r, range) in ranges.iter().enumerate() {
+                for i in range.clone() {
+                    assert_eq!(
+                        ag[i],
+                        r as f32 + 0.5,
+                        "all-gather on rank {rank}: element {i} is rank {r}'s"
+                    );
+                }
+            }
+            assert_eq!(&ag[n..], &inputs[rank][n..], "all-gather past n");
+        }
+    }
 }
 
 #[test]

@@ -486,6 +486,38 @@ impl GpuModel {
         }
     }
 
+    /// The GPU, the flat f32 parameters and the flat gradient buffer
+    /// (allocated, zeroed, the first time), for an optimizer that updates
+    /// a part of the parameters itself (data parallel ZeRO-1); call
+    /// [`GpuModel::refresh_param_copies`] after writing the parameters. An
+    /// error when the optimizer is offloaded (the master weights are on the
+    /// host).
+    pub fn params_and_grads_mut(&mut self) -> Result<(Arc<Gpu>, &mut CudaSlice<f32>, &mut CudaSlice<f32>)> {
+        if self.host_master.is_some() {
+            return Err(input_err(
+                "gpu params_and_grads_mut",
+                "the optimizer is offloaded to the host",
+            ));
+        }
+        if self.grads.is_none() {
+            self.grads = Some(self.zeros(self.layout.size)?);
+        }
+        match &mut self.grads {
+            Some(g) => Ok((self.gpu.clone(), &mut self.params, g)),
+            None => Err(input_err(
+                "gpu params_and_grads_mut",
+                "the gradient buffer could not be allocated",
+            )),
+        }
+    }
+
+    /// Refreshes the bf16 copy of the weights from the f32 parameters
+    /// after they were written through [`GpuModel::params_and_grads_mut`]
+    /// (nothing to do in f32 precision).
+    pub fn refresh_param_copies(&mut self) -> Result<()> {
+        self.refresh_copies()
+    }
+
     /// Zeroes the gradient buffer (one memset), allocating it the first time.
     pub fn zero_grad(&mut self) -> Result<()> {
         match &mut self.grads {

@@ -106,9 +106,13 @@ pub const DECODE_BANDWIDTH_EFFICIENCY: f64 = 0.6;
 pub enum Strategy {
     /// Every GPU holds everything; gradients are all-reduced.
     DataParallel,
-    /// Data parallel with AdamW's moments and the f32 master weights sharded
-    /// across the GPUs: gradients are reduce-scattered, each GPU updates its
-    /// shard, and the bf16 weights are all-gathered.
+    /// Data parallel with AdamW's moments sharded across the GPUs, as
+    /// `zero_stage = 1` runs it (`aha_trainer::dp`): gradients are
+    /// reduce-scattered, each GPU updates its contiguous shard of the f32
+    /// weights (the last GPU's is longer by fewer than N elements), and
+    /// the f32 weights are all-gathered. Every GPU keeps the whole f32
+    /// master, which the bf16 kernels read for the norms, routers and
+    /// embedding; sharding it too is not built.
     Zero1,
     /// The routed experts sharded over all GPUs (one expert-parallel group of
     /// every GPU), the rest as ZeRO-1; tokens reach their experts by
@@ -293,9 +297,11 @@ fn row(
             (v, v / bw)
         }
         Strategy::Zero1 => {
-            device.weights = full.weights.div_ceil(n);
-            device.moments = full.moments.div_ceil(n);
-            let v = ring * (4.0 + 2.0) * p as f64;
+            // The largest shard, the last GPU's: P / N + P mod N moments.
+            let shard = full.moments / 8 / n + (full.moments / 8) % n;
+            device.moments = 8 * shard;
+            // Reduce-scatter of f32 gradients, all-gather of f32 weights.
+            let v = ring * (4.0 + 4.0) * p as f64;
             (v, v / bw)
         }
         Strategy::ExpertParallel => {

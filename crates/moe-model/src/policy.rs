@@ -484,6 +484,38 @@ impl Policy {
         }
     }
 
+    /// On a GPU with the optimizer on the device, the device, the flat f32
+    /// parameters and the flat gradients (CPU layout), for an optimizer
+    /// that updates a part of the parameters itself (data parallel
+    /// ZeRO-1); call [`Policy::params_updated`] after writing the
+    /// parameters. `None` on the CPU; an error when the optimizer is
+    /// offloaded.
+    #[allow(clippy::type_complexity)]
+    pub fn gpu_params_and_grads_mut(
+        &mut self,
+    ) -> Result<
+        Option<(
+            std::sync::Arc<aha_cuda_kernels::Gpu>,
+            &mut aha_cuda_kernels::cudarc::driver::CudaSlice<f32>,
+            &mut aha_cuda_kernels::cudarc::driver::CudaSlice<f32>,
+        )>,
+    > {
+        match &mut self.inner {
+            Inner::Cpu { .. } => Ok(None),
+            Inner::Gpu(g) => g.params_and_grads_mut().map(Some),
+        }
+    }
+
+    /// After the f32 parameters were written through
+    /// [`Policy::gpu_params_and_grads_mut`]: refreshes the copies the
+    /// kernels read (the bf16 weights in bf16 precision).
+    pub fn params_updated(&mut self) -> Result<()> {
+        match &mut self.inner {
+            Inner::Cpu { .. } => Ok(()),
+            Inner::Gpu(g) => g.refresh_param_copies(),
+        }
+    }
+
     /// Replaces the gradient buffer with `host` (CPU layout): gradients
     /// computed elsewhere, or a test's.
     pub fn set_grads(&mut self, host: &[f32]) -> Result<()> {

@@ -14,10 +14,14 @@
 //! statistics and metrics always go through the rendezvous sockets.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use aha_cuda_kernels::nccl::{Comm, Nccl, UniqueId};
+use aha_cuda_kernels::cudarc::driver::CudaSlice;
+use aha_cuda_kernels::launch::{self, AdamwScalars};
+use aha_cuda_kernels::nccl::{shard_range, Comm, Nccl, UniqueId};
 use aha_moe_model::Policy;
+use aha_tensor::cpu::AdamW;
 
 use crate::dist::{rendezvous_timeout, DistEnv, Group};
 use crate::error::{Error, Result};
@@ -31,12 +35,61 @@ fn err(msg: impl Into<String>) -> Error {
 #[derive(Debug)]
 pub struct DataParallel {
     env: DistEnv,
-    group: Group,
+    /// Shared with [`RankCheckpoint`] handles (used between steps only).
+    group: Arc<Mutex<Group>>,
     comm: Option<Comm>,
     bucket_elems: usize,
     /// Seconds spent in gradient all-reduces since the last
     /// [`DataParallel::take_allreduce_s`].
     allreduce_s: f64,
+    /// ZeRO stage: 0 (every rank runs AdamW on the whole buffer) or 1
+    /// (optimizer state sharded, [`DataParallel::set_zero_stage`]).
+    zero_stage: u8,
+    /// This rank's ZeRO-1 moments (created by the first update or a
+    /// resume), shared with [`RankCheckpoint`] handles.
+    shard: Arc<Mutex<Option<ShardState>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| err("a data-parallel lock was poisoned by a panic"))
+}
+
+/// AdamW's moments for this rank's shard of the trainable prefix (ZeRO-1).
+#[derive(Debug)]
+enum ShardMoments {
+    /// On the host (a policy on the CPU).
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// On this rank's GPU.
+    Gpu {
+        gpu: Arc<aha_cuda_kernels::Gpu>,
+        m: CudaSlice<f32>,
+        v: CudaSlice<f32>,
+    },
+}
+
+/// One rank's ZeRO-1 optimizer state.
+#[derive(Debug)]
+struct ShardState {
+    /// The trainable prefix's length the shard was cut from.
+    n: usize,
+    /// This rank's shard of `0..n` ([`shard_range`]).
+    own: std::ops::Range<usize>,
+    moments: ShardMoments,
+}
+
+/// A ZeRO-1 optimizer shard on the host, for a checkpoint: this rank's
+/// range of the trainable prefix and AdamW's moments over it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerShard {
+    /// Elements of the trainable prefix the shards split.
+    pub trainable: usize,
+    /// This rank's range of it.
+    pub range: std::ops::Range<usize>,
+    /// First moment over `range`.
+    pub m: Vec<f32>,
+    /// Second moment over `range`.
+    pub v: Vec<f32>,
 }
 
 /// Gradient bucket size in f32 elements: `AHA_DP_BUCKET_MB` (default 25).
@@ -47,6 +100,76 @@ fn bucket_elems() -> usize {
         .filter(|v| *v > 0.0)
         .unwrap_or(25.0);
     ((mb * 1024.0 * 1024.0 / 4.0) as usize).max(1)
+}
+
+/// One rank's part in a checkpoint written by every rank
+/// ([`DataParallel::checkpointer`]).
+#[derive(Debug, Clone)]
+pub struct RankCheckpoint {
+    rank: usize,
+    world: usize,
+    zero_stage: u8,
+    group: Arc<Mutex<Group>>,
+    shard: Arc<Mutex<Option<ShardState>>>,
+}
+
+impl RankCheckpoint {
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The ZeRO stage of the run (see [`DataParallel::set_zero_stage`]).
+    pub fn zero_stage(&self) -> u8 {
+        self.zero_stage
+    }
+
+    /// Waits until every rank gets here.
+    pub fn barrier(&self) -> Result<()> {
+        lock(&self.group)?.barrier()
+    }
+
+    /// Every rank's `flag` (true when it succeeded at something), so that
+    /// all ranks fail together when one did.
+    pub fn all_ok(&self, ok: bool) -> Result<Vec<bool>> {
+        let all = lock(&self.group)?.all_gather_bytes(&[u8::from(ok)])?;
+        Ok(all.iter().map(|b| b.first() == Some(&1)).collect())
+    }
+
+    /// This rank's ZeRO-1 optimizer shard on the host (zero moments before
+    /// the first update); `None` at stage 0.
+    pub fn optimizer_shard(&self, policy: &Policy) -> Result<Option<OptimizerShard>> {
+        if self.zero_stage == 0 {
+            return Ok(None);
+        }
+        let n = policy.layout().trainable;
+        let range = shard_range(n, self.world, self.rank);
+        let len = range.len();
+        let (mut m, mut v) = match &*lock(&self.shard)? {
+            None => (vec![0.0; len], vec![0.0; len]),
+            Some(s) => match &s.moments {
+                ShardMoments::Host { m, v } => (m.clone(), v.clone()),
+                ShardMoments::Gpu { gpu, m, v } => (
+                    gpu.download(m).map_err(|e| err(e.to_string()))?,
+                    gpu.download(v).map_err(|e| err(e.to_string()))?,
+                ),
+            },
+        };
+        // Device buffers of an empty shard hold one unused element.
+        m.truncate(len);
+        v.truncate(len);
+        Ok(Some(OptimizerShard {
+            trainable: n,
+            range,
+            m,
+            v,
+        }))
+    }
 }
 
 impl DataParallel {
@@ -64,11 +187,81 @@ impl DataParallel {
         let group = Group::join(&env, rendezvous_timeout())?;
         Ok(DataParallel {
             env,
-            group,
+            group: Arc::new(Mutex::new(group)),
             comm: None,
             bucket_elems: bucket_elems(),
             allreduce_s: 0.0,
+            zero_stage: 0,
+            shard: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Sets the ZeRO stage (the `zero_stage` config key): 0, every rank
+    /// keeps AdamW's moments for the whole buffer and runs the same update;
+    /// 1, gradients are reduce-scattered so that each rank holds the sum
+    /// over its contiguous shard of the trainable prefix
+    /// ([`aha_cuda_kernels::nccl::shard_range`]), keeps the moments for that
+    /// shard only, clips by the global norm, updates its shard, and the
+    /// weights are all-gathered into every rank's parameter buffer.
+    pub fn set_zero_stage(&mut self, stage: u8) -> Result<()> {
+        check_zero_stage(stage, false)?;
+        self.zero_stage = stage;
+        Ok(())
+    }
+
+    /// The ZeRO stage ([`DataParallel::set_zero_stage`]).
+    pub fn zero_stage(&self) -> u8 {
+        self.zero_stage
+    }
+
+    /// A handle for checkpoints written by every rank
+    /// ([`crate::checkpoint::save_ranks`]): this rank's place, barriers
+    /// over the rendezvous group and this rank's ZeRO-1 optimizer shard.
+    /// It shares the group with this `DataParallel`: use it between steps.
+    pub fn checkpointer(&self) -> RankCheckpoint {
+        RankCheckpoint {
+            rank: self.env.rank,
+            world: self.env.world,
+            zero_stage: self.zero_stage,
+            group: self.group.clone(),
+            shard: self.shard.clone(),
+        }
+    }
+
+    /// Restores this rank's ZeRO-1 moments from a checkpoint's shard (it
+    /// must be this rank's shard of the same trainable prefix).
+    pub fn restore_optimizer_shard(&mut self, policy: &mut Policy, shard: OptimizerShard) -> Result<()> {
+        let n = policy.layout().trainable;
+        let own = shard_range(n, self.env.world, self.env.rank);
+        if shard.trainable != n || shard.range != own || shard.m.len() != own.len() || shard.v.len() != own.len() {
+            return Err(err(format!(
+                "rank {}: the optimizer shard covers {:?} of {} trainable elements ({} / {} moments); this rank's shard is {own:?} of {n}",
+                self.env.rank,
+                shard.range,
+                shard.trainable,
+                shard.m.len(),
+                shard.v.len()
+            )));
+        }
+        let moments = match policy.gpu_grads_mut()? {
+            Some((gpu, _)) => {
+                let up = |x: &[f32]| -> Result<CudaSlice<f32>> {
+                    if x.is_empty() {
+                        gpu.zeros::<f32>(1).map_err(|e| err(e.to_string()))
+                    } else {
+                        gpu.upload(x).map_err(|e| err(e.to_string()))
+                    }
+                };
+                ShardMoments::Gpu {
+                    m: up(&shard.m)?,
+                    v: up(&shard.v)?,
+                    gpu,
+                }
+            }
+            None => ShardMoments::Host { m: shard.m, v: shard.v },
+        };
+        *lock(&self.shard)? = Some(ShardState { n, own, moments });
+        Ok(())
     }
 
     /// This rank.
@@ -116,28 +309,31 @@ impl DataParallel {
         Ok(self.env.rank * k..(self.env.rank + 1) * k)
     }
 
-    /// Refuses GRPO settings that data parallelism does not support yet:
-    /// dynamic sampling (ranks would refill at different rates), batch-wide
-    /// reward scaling (advantages stay local to a rank's groups), and a
-    /// number of prompts per step (or minibatches) that does not split
-    /// evenly.
+    /// Refuses GRPO settings that data parallelism does not support yet
+    /// (see [`check_grpo`]).
     pub fn check_grpo(&self, cfg: &crate::grpo_run::GrpoConfig) -> Result<()> {
         check_grpo(cfg, self.env.world)
     }
 
     /// The rendezvous group (host-side messages).
-    pub fn group(&mut self) -> &mut Group {
-        &mut self.group
+    pub fn group(&self) -> Result<MutexGuard<'_, Group>> {
+        lock(&self.group)
     }
 
     /// `data parallel: N ranks, gradients summed by NCCL 2.x.y (path)`, or
-    /// `... through rank 0 over TCP` on the CPU.
+    /// `... through rank 0 over TCP` on the CPU, and `, optimizer state
+    /// sharded over the ranks (ZeRO-1)` at ZeRO stage 1.
     pub fn describe(&self) -> String {
         let how = match &self.comm {
             Some(c) => format!("by NCCL {} ({})", c.nccl().version_string(), c.nccl().path().display()),
             None => "through rank 0 over TCP".into(),
         };
-        format!("data parallel: {} ranks, gradients summed {how}", self.env.world)
+        let zero = if self.zero_stage == 1 {
+            ", optimizer state sharded over the ranks (ZeRO-1)"
+        } else {
+            ""
+        };
+        format!("data parallel: {} ranks, gradients summed {how}{zero}", self.env.world)
     }
 
     /// Seconds spent summing gradients since the last call.
@@ -158,7 +354,7 @@ impl DataParallel {
             } else {
                 Vec::new()
             };
-            let got = self.group.broadcast_bytes(&mine)?;
+            let got = self.group()?.broadcast_bytes(&mine)?;
             let id = match got.split_first() {
                 Some((1, rest)) if rest.len() == 128 => {
                     let mut id = UniqueId([0; 128]);
@@ -183,20 +379,31 @@ impl DataParallel {
     }
 }
 
+/// Checks the `zero_stage` config key: 0 or 1, and 1 not with
+/// `offload_optimizer` (the offloaded optimizer keeps the whole state on
+/// the host).
+pub fn check_zero_stage(stage: u8, offload_optimizer: bool) -> Result<()> {
+    if stage > 1 {
+        return Err(err(format!("zero_stage = {stage}: only 0 and 1 are supported")));
+    }
+    if stage == 1 && offload_optimizer {
+        return Err(err(
+            "zero_stage = 1 and offload_optimizer = true cannot be combined: the offloaded optimizer keeps the whole state on the host",
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses GRPO settings that data parallelism over `world` ranks does not
 /// support yet: dynamic sampling (ranks would refill at different rates),
-/// batch-wide reward scaling (advantages stay local to a rank's groups), and
-/// a number of prompts per step (or minibatches) that does not split evenly.
+/// and a number of prompts per step (or minibatches) that does not split
+/// evenly. Batch-wide reward scaling works: the advantages are computed on
+/// the gathered global batch (`rl::train_on_synced`).
 pub fn check_grpo(cfg: &crate::grpo_run::GrpoConfig, world: usize) -> Result<()> {
     let w = world;
     if cfg.dynamic_sampling {
         return Err(err(format!(
             "dynamic_sampling is not supported with WORLD_SIZE = {w} yet"
-        )));
-    }
-    if cfg.scale_rewards == aha_grpo::AdvantageEstimator::Batch {
-        return Err(err(format!(
-            "scale_rewards = \"batch\" needs batch-wide statistics; not supported with WORLD_SIZE = {w} yet"
         )));
     }
     if !cfg.prompts_per_step.is_multiple_of(w) {
@@ -221,18 +428,30 @@ impl StepSync for DataParallel {
         self.env.world
     }
 
+    fn rank(&self) -> usize {
+        self.env.rank
+    }
+
     fn sum(&mut self, xs: &mut [f64]) -> Result<()> {
-        self.group.sum_f64(xs)
+        self.group()?.sum_f64(xs)
     }
 
     fn gather(&mut self, xs: &[f64]) -> Result<Vec<f64>> {
-        Ok(self.group.all_gather_f64(xs)?.concat())
+        Ok(self.group()?.all_gather_f64(xs)?.concat())
     }
 
     fn reduce_grads(&mut self, policy: &mut Policy) -> Result<()> {
         let t = Instant::now();
         let bucket = self.bucket_elems;
+        let trainable = policy.layout().trainable;
+        let zero = self.zero_stage;
         match policy.gpu_grads_mut()? {
+            Some((gpu, grads)) if zero == 1 => {
+                // ZeRO-1: each rank needs the sum over its shard only.
+                let comm = self.comm(&gpu)?;
+                comm.reduce_scatter_sum_shards(grads, trainable)
+                    .map_err(|e| err(e.to_string()))?;
+            }
             Some((gpu, grads)) => {
                 let n = grads.len();
                 let comm = self.comm(&gpu)?;
@@ -245,13 +464,148 @@ impl StepSync for DataParallel {
             }
             None => {
                 let mut g = policy.grads_to_host()?;
-                self.group.sum_f32(&mut g)?;
+                self.group()?.sum_f32(&mut g)?;
                 policy.set_grads(&g)?;
             }
         }
         self.allreduce_s += t.elapsed().as_secs_f64();
         Ok(())
     }
+
+    fn sharded_update(&mut self, policy: &mut Policy, h: &AdamW, t: u64, max_grad_norm: f64) -> Result<Option<f64>> {
+        if self.zero_stage == 0 {
+            return Ok(None);
+        }
+        zero1_update(self, policy, h, t, max_grad_norm).map(Some)
+    }
+}
+
+/// ZeRO-1's update on one rank (see [`DataParallel::set_zero_stage`]);
+/// the gradients' shard was summed by [`StepSync::reduce_grads`].
+fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, max_grad_norm: f64) -> Result<f64> {
+    let n = policy.layout().trainable;
+    let (rank, world) = (dp.env.rank, dp.env.world);
+    let own = shard_range(n, world, rank);
+    let shard = dp.shard.clone();
+    let mut shard = lock(&shard)?;
+    if let Some(s) = &*shard {
+        if s.n != n || s.own != own {
+            return Err(err(format!(
+                "rank {rank}: ZeRO-1 moments for {:?} of {}, the policy's shard is {own:?} of {n}",
+                s.own, s.n
+            )));
+        }
+    }
+    let dev = |e: aha_cuda_kernels::Error| err(format!("rank {rank}: ZeRO-1 update: {e}"));
+    let norm = match policy.gpu_params_and_grads_mut()? {
+        Some((gpu, params, grads)) => {
+            let len = own.len();
+            // The global norm: this shard's sum of squares, summed over the ranks.
+            let local = if len == 0 {
+                0.0
+            } else {
+                launch::grad_norm_f32(&gpu, &grads.slice(own.clone()), len).map_err(dev)?
+            };
+            let mut sq = [local * local];
+            dp.group()?.sum_f64(&mut sq)?;
+            let norm = sq[0].sqrt();
+            if !norm.is_finite() {
+                return Ok(norm);
+            }
+            let coef = max_grad_norm / (norm + 1e-6);
+            if coef < 1.0 {
+                launch::scale_f32(&gpu, &mut grads.slice_mut(own.clone()), coef as f32, len).map_err(dev)?;
+            }
+            if shard.is_none() {
+                *shard = Some(ShardState {
+                    n,
+                    own: own.clone(),
+                    moments: ShardMoments::Gpu {
+                        m: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
+                        v: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
+                        gpu: gpu.clone(),
+                    },
+                });
+            }
+            let Some(ShardState {
+                moments: ShardMoments::Gpu { m, v, .. },
+                ..
+            }) = shard.as_mut()
+            else {
+                return Err(err(format!(
+                    "rank {rank}: ZeRO-1 moments on the host for a policy on a GPU"
+                )));
+            };
+            let sc = AdamwScalars::new(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, t).map_err(dev)?;
+            if len > 0 {
+                launch::adamw_f32(
+                    &gpu,
+                    &mut params.slice_mut(own.clone()),
+                    m,
+                    v,
+                    &grads.slice(own.clone()),
+                    len,
+                    &sc,
+                )
+                .map_err(dev)?;
+            }
+            let started = Instant::now();
+            dp.comm(&gpu)?.all_gather_shards(params, n).map_err(dev)?;
+            dp.allreduce_s += started.elapsed().as_secs_f64();
+            norm
+        }
+        None => {
+            // The CPU: the gradients were all-reduced through rank 0; each
+            // rank updates its shard and the shards go round the group.
+            let mut g = policy.grads_to_host()?;
+            let mut p = policy.params_to_host()?;
+            let gs = &mut g[own.clone()];
+            let mut sq = [gs.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()];
+            dp.group()?.sum_f64(&mut sq)?;
+            let norm = sq[0].sqrt();
+            if !norm.is_finite() {
+                return Ok(norm);
+            }
+            let coef = max_grad_norm / (norm + 1e-6);
+            if coef < 1.0 {
+                let c = coef as f32;
+                gs.iter_mut().for_each(|x| *x *= c);
+            }
+            let ShardState { moments, .. } = shard.get_or_insert_with(|| ShardState {
+                n,
+                own: own.clone(),
+                moments: ShardMoments::Host {
+                    m: vec![0.0; own.len()],
+                    v: vec![0.0; own.len()],
+                },
+            });
+            let ShardMoments::Host { m, v } = moments else {
+                return Err(err(format!(
+                    "rank {rank}: ZeRO-1 moments on a GPU for a policy on the CPU"
+                )));
+            };
+            aha_tensor::cpu::adamw_step(&mut p[own.clone()], gs, m, v, h, t).map_err(|e| err(e.to_string()))?;
+            let mine: Vec<u8> = p[own.clone()].iter().flat_map(|x| x.to_le_bytes()).collect();
+            let all = dp.group()?.all_gather_bytes(&mine)?;
+            for (r, bytes) in all.iter().enumerate() {
+                let range = shard_range(n, world, r);
+                if bytes.len() != 4 * range.len() {
+                    return Err(err(format!(
+                        "ZeRO-1 all-gather: rank {r} sent {} bytes for its {} weights",
+                        bytes.len(),
+                        range.len()
+                    )));
+                }
+                for (x, c) in p[range].iter_mut().zip(bytes.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            policy.set_params(&p)?;
+            norm
+        }
+    };
+    policy.params_updated()?;
+    Ok(norm)
 }
 
 #[cfg(test)]
@@ -279,11 +633,12 @@ mod tests {
             ..ok.clone()
         };
         assert!(check_grpo(&ds, 2).unwrap_err().to_string().contains("dynamic_sampling"));
+        // Batch-wide reward scaling gathers every rank's rewards.
         let batch = GrpoConfig {
             scale_rewards: aha_grpo::AdvantageEstimator::Batch,
             ..ok.clone()
         };
-        assert!(check_grpo(&batch, 2).unwrap_err().to_string().contains("scale_rewards"));
+        check_grpo(&batch, 2).unwrap();
         // 2 prompts x 4 completions a rank do not split into 3 minibatches.
         let mb = GrpoConfig {
             minibatches: 3,

@@ -146,6 +146,13 @@ pub struct GrpoConfig {
     /// streamed out and updated weights streamed back in buckets (default
     /// false; see `aha_moe_model::offload`). No effect on the CPU.
     pub offload_optimizer: bool,
+    /// ZeRO stage of a data-parallel run (`aha launch`): 0 (default) keeps
+    /// AdamW's moments for every parameter on every rank; 1 shards them
+    /// (each rank updates its contiguous slice of the trainable parameters
+    /// and the weights are all-gathered), dividing the optimizer's memory
+    /// by the number of ranks with the same updates (docs/scale-out.md).
+    /// No effect on one process; not combined with `offload_optimizer`.
+    pub zero_stage: u8,
     /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
     /// more prompts until the step has `prompts_per_step` groups.
     pub dynamic_sampling: bool,
@@ -243,6 +250,7 @@ impl Default for GrpoConfig {
             micro_batch_tokens: 0,
             recompute: false,
             offload_optimizer: false,
+            zero_stage: 0,
             max_prompt_length: 512,
             max_completion_length: 1024,
             mask_truncated_completions: false,
@@ -324,6 +332,9 @@ impl GrpoConfig {
         if let Err(e) = self.sampling().validate() {
             return bad(e.to_string());
         }
+        if let Err(e) = crate::dp::check_zero_stage(self.zero_stage, self.offload_optimizer) {
+            return bad(e.to_string());
+        }
         Ok(())
     }
 
@@ -400,6 +411,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         crate::dp::check_grpo(cfg, e.world)?;
     }
     let mut dp = dist_env.map(crate::dp::DataParallel::join).transpose()?;
+    if let Some(d) = dp.as_mut() {
+        d.set_zero_stage(cfg.zero_stage)?;
+    }
     let writer = dp.as_ref().is_none_or(|d| d.is_writer());
     let mut quiet = |_: &str| {};
     let log: &mut dyn FnMut(&str) = if writer { log } else { &mut quiet };
@@ -537,9 +551,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             }
             let mut m = l.model;
             m.source_dir = Some(cfg.model.clone());
-            let policy = place_policy(m)?;
+            let mut policy = place_policy(m)?;
             let mut opt = Optimizer::new(optc);
-            opt.restore(&policy, l.moments.0, l.moments.1, l.state.opt_step, l.state.opt_bad)?;
+            checkpoint::restore_optimizer(&l.dir, l.moments, &l.state, &mut policy, &mut opt, dp.as_mut())?;
             let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
             let kept: String = text
                 .lines()
@@ -728,7 +742,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             m.get("kl").copied().unwrap_or(0.0),
             m.get("completions/mean_length").copied().unwrap_or(0.0)
         ));
-        if writer && cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
+        if cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
             let (s, bad) = (opt.step, opt.bad_in_a_row());
             let st = TrainState {
                 phase: "grpo".into(),
@@ -740,13 +754,15 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 extra: serde_json::json!({ "data_cursor": cursor, "samples_lines": samples_lines }),
                 layout: checkpoint::LAYOUT_VERSION,
             };
-            checkpoint::save(
+            // Every rank takes part (crate::checkpoint::save_ranks).
+            checkpoint::save_ranks(
                 &ckroot,
                 &format!("step-{step:06}"),
                 &st,
                 &policy,
                 reference.as_ref(),
                 &opt,
+                dp.as_ref().map(|d| d.checkpointer()).as_ref(),
             )?;
         }
         last = m;

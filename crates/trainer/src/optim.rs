@@ -95,6 +95,12 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Restores the step count and the guard alone (the moments live
+    /// elsewhere: a ZeRO-1 shard, [`crate::dp::DataParallel`]).
+    pub fn restore_counters(&mut self, step: u64, bad_in_a_row: usize) {
+        (self.step, self.bad_in_a_row) = (step, bad_in_a_row);
+    }
+
     /// Consecutive skipped updates so far.
     pub fn bad_in_a_row(&self) -> usize {
         self.bad_in_a_row
@@ -157,6 +163,20 @@ impl Optimizer {
     /// [`Optimizer::update`] naming the batch in the note a skipped update
     /// leaves; `batch` describes it and is only called for a skip.
     pub fn update_batch(&mut self, policy: &mut Policy, batch: &dyn Fn() -> String) -> Result<StepInfo> {
+        self.update_synced(policy, batch, None)
+    }
+
+    /// [`Optimizer::update_batch`] for one rank of a data-parallel run:
+    /// when `sync` shards the optimizer state (ZeRO-1,
+    /// [`crate::rl::StepSync::sharded_update`]) the update runs there, on
+    /// this rank's shard, and this optimizer keeps only the schedule, the
+    /// step count and the guard; otherwise on the whole buffer here.
+    pub fn update_synced<'s>(
+        &mut self,
+        policy: &mut Policy,
+        batch: &dyn Fn() -> String,
+        sync: Option<&mut (dyn crate::rl::StepSync + 's)>,
+    ) -> Result<StepInfo> {
         let lr = self.lr_at(self.step);
         let h = AdamW {
             lr,
@@ -165,11 +185,20 @@ impl Optimizer {
             eps: 1e-8,
             weight_decay: self.cfg.weight_decay,
         };
-        let moments = match &mut self.moments {
-            Some(m) => m,
-            None => self.moments.insert(policy.new_moments()?),
+        let sharded = match sync {
+            Some(s) => s.sharded_update(policy, &h, self.step + 1, self.cfg.max_grad_norm)?,
+            None => None,
         };
-        let grad_norm = policy.optimizer_step(moments, &h, self.step + 1, self.cfg.max_grad_norm)?;
+        let grad_norm = match sharded {
+            Some(norm) => norm,
+            None => {
+                let moments = match &mut self.moments {
+                    Some(m) => m,
+                    None => self.moments.insert(policy.new_moments()?),
+                };
+                policy.optimizer_step(moments, &h, self.step + 1, self.cfg.max_grad_norm)?
+            }
+        };
         if !grad_norm.is_finite() {
             let info = self.skip(&batch(), &format!("gradient norm {grad_norm}"))?;
             return Ok(StepInfo { grad_norm, ..info });
@@ -257,9 +286,9 @@ pub fn sft_step_synced(
     let dlogp = Tensor::from_vec(vec![scale; count], count, policy.device())?;
     policy.zero_grad()?;
     policy.backward(fwd, &scores, &dlogp, None, 0.0)?;
-    if let Some(s) = sync {
+    if let Some(s) = sync.as_deref_mut() {
         s.reduce_grads(policy)?;
     }
-    let info = opt.update_batch(policy, &describe)?;
+    let info = opt.update_synced(policy, &describe, sync)?;
     Ok((loss, info))
 }

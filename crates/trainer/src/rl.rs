@@ -231,12 +231,32 @@ pub fn train_on(
 pub trait StepSync {
     /// The number of ranks.
     fn world(&self) -> usize;
+    /// This rank (0 for one process).
+    fn rank(&self) -> usize {
+        0
+    }
     /// Sums `xs` over the ranks, in place (the same on every rank).
     fn sum(&mut self, xs: &mut [f64]) -> Result<()>;
     /// Every rank's `xs`, concatenated in rank order.
     fn gather(&mut self, xs: &[f64]) -> Result<Vec<f64>>;
-    /// Sums the policy's gradient buffer over the ranks, in place.
+    /// Sums the policy's gradient buffer over the ranks, in place (with a
+    /// sharded optimizer, at least this rank's shard of it).
     fn reduce_grads(&mut self, policy: &mut Policy) -> Result<()>;
+    /// With the optimizer state sharded over the ranks (ZeRO-1): clips by
+    /// the global gradient norm, runs AdamW step `t` (1-based) on this
+    /// rank's shard and gives every rank the updated weights; returns the
+    /// norm before clipping (non-finite: nothing updated on any rank).
+    /// `None` when the optimizer is not sharded, and the caller runs its
+    /// own update.
+    fn sharded_update(
+        &mut self,
+        _policy: &mut Policy,
+        _h: &aha_tensor::cpu::AdamW,
+        _t: u64,
+        _max_grad_norm: f64,
+    ) -> Result<Option<f64>> {
+        Ok(None)
+    }
 }
 
 /// [`train_on`] for one rank of a data-parallel run: `r` holds this rank's
@@ -261,7 +281,22 @@ pub fn train_on_synced(
     let prompts = &r.prompts;
     let completions = &r.completions;
     let n = completions.len();
-    let adv = compute_advantages(&r.total, g, cfg.advantages)?;
+    let mut adv = compute_advantages(&r.total, g, cfg.advantages)?;
+    if let Some(s) = sync.as_deref_mut() {
+        // The advantages of the global batch, this rank's slice of them:
+        // batch-wide scaling (`scale_rewards = "batch"`, REINFORCE++'s
+        // baseline) needs every rank's rewards; group-wise ones come out
+        // the same as from this rank's groups alone.
+        let all = s.gather(&r.total)?;
+        let counts = s.gather(&[n as f64])?;
+        let at = counts.iter().take(s.rank()).map(|&c| c as usize).sum::<usize>();
+        let global = compute_advantages(&all, g, cfg.advantages)?;
+        adv.values = global
+            .values
+            .get(at..at + n)
+            .ok_or_else(|| Error::Other(format!("rank {}: no advantages at {at}..{}", s.rank(), at + n)))?
+            .to_vec();
+    }
     let temperature = if cfg.sampling.temperature > 0.0 {
         cfg.sampling.temperature
     } else {
@@ -445,7 +480,7 @@ pub fn train_on_synced(
                     opt.skip(&describe(), "a non-finite loss on another rank")?
                 }
                 Some(l) => opt.skip(&describe(), &format!("loss {l}"))?,
-                None => opt.update_batch(policy, &describe)?,
+                None => opt.update_synced(policy, &describe, sync.as_deref_mut())?,
             };
             last = Some((loss, metrics, info));
         }

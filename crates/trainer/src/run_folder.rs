@@ -194,7 +194,25 @@ impl RunLog {
         model: &Policy,
         reference: Option<&Policy>,
         opt: &Optimizer,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<()> {
+        self.checkpoint_ranks(name, phase, step, rng, model, reference, opt, extra, None)
+    }
+
+    /// [`RunLog::checkpoint`] on rank 0 of a data-parallel run: every rank
+    /// takes part ([`checkpoint::save_ranks`]; the others call it directly).
+    #[allow(clippy::too_many_arguments)]
+    pub fn checkpoint_ranks(
+        &self,
+        name: &str,
+        phase: &str,
+        step: usize,
+        rng: &Rng,
+        model: &Policy,
+        reference: Option<&Policy>,
+        opt: &Optimizer,
         mut extra: serde_json::Map<String, serde_json::Value>,
+        ranks: Option<&crate::dp::RankCheckpoint>,
     ) -> Result<()> {
         extra.insert("samples_lines".into(), self.cursor.samples_lines.into());
         let state = TrainState {
@@ -207,7 +225,16 @@ impl RunLog {
             extra: serde_json::Value::Object(extra),
             layout: checkpoint::LAYOUT_VERSION,
         };
-        checkpoint::save(&self.dir.join("checkpoints"), name, &state, model, reference, opt).map(|_| ())
+        checkpoint::save_ranks(
+            &self.dir.join("checkpoints"),
+            name,
+            &state,
+            model,
+            reference,
+            opt,
+            ranks,
+        )
+        .map(|_| ())
     }
 }
 

@@ -141,6 +141,13 @@ pub struct SftConfig {
     /// moments in page-locked host memory, gradients and weights streamed
     /// in buckets (default false; see `aha_moe_model::offload`).
     pub offload_optimizer: bool,
+    /// ZeRO stage of a data-parallel run (`aha launch`): 0 (default) keeps
+    /// AdamW's moments for every parameter on every rank; 1 shards them
+    /// (each rank updates its contiguous slice of the trainable parameters
+    /// and the weights are all-gathered), dividing the optimizer's memory
+    /// by the number of ranks with the same updates (docs/scale-out.md).
+    /// No effect on one process; not combined with `offload_optimizer`.
+    pub zero_stage: u8,
 }
 
 impl Default for SftConfig {
@@ -163,6 +170,7 @@ impl Default for SftConfig {
             sample_prompts: 4,
             sample_max_tokens: 256,
             offload_optimizer: false,
+            zero_stage: 0,
         }
     }
 }
@@ -195,6 +203,9 @@ impl SftConfig {
         if let Some(l) = &self.lora {
             l.validate_for_training(Path::new("sft config [lora]"))?;
         }
+        if let Err(e) = crate::dp::check_zero_stage(self.zero_stage, self.offload_optimizer) {
+            return bad(&e.to_string());
+        }
         Ok(())
     }
 }
@@ -220,6 +231,9 @@ pub fn run_sft_config_with(cfg: &SftConfig, resume: bool, log: &mut dyn FnMut(&s
     // rank 0 alone writes the run folder; the others read its checkpoint
     // on resume (a folder every rank sees).
     let mut dp = crate::dp::DataParallel::from_env()?;
+    if let Some(d) = dp.as_mut() {
+        d.set_zero_stage(cfg.zero_stage)?;
+    }
     let loaded = if dp.as_ref().is_none_or(|d| d.is_writer()) {
         open_run(&cfg.out, "sft_config.toml", &text, &toml_value, &["out"], resume, log)?
     } else if resume {
@@ -404,7 +418,7 @@ fn sft_in_folder(
         Some(l) => {
             let mut m = l.model;
             m.source_dir = Some(model_dir.clone());
-            (m, Some((l.state, l.moments)))
+            (m, Some((l.state, l.moments, l.dir)))
         }
         None => {
             let has_weights = model_dir.join("model.safetensors").is_file()
@@ -473,14 +487,16 @@ fn sft_in_folder(
     policy.set_offload_optimizer(cfg.offload_optimizer.then(OffloadConfig::default))?;
     let mut opt = sft_optimizer(cfg.learning_rate, cfg.steps);
     let (mut rng, start, cursor) = match resumed {
-        Some((st, moments)) => {
-            opt.restore(&policy, moments.0, moments.1, st.opt_step, st.opt_bad)?;
+        Some((st, moments, ckdir)) => {
+            crate::checkpoint::restore_optimizer(&ckdir, moments, &st, &mut policy, &mut opt, dp.as_deref_mut())?;
             (Rng::from_state(st.rng), st.step, Some(LogCursor::of(&st)))
         }
         None => (Rng::new(seed), 0, None),
     };
     let mut run = if writer { Some(RunLog::open(dir, cursor)?) } else { None };
     let n = examples.len();
+    // Every rank takes part in a checkpoint (crate::checkpoint::save_ranks).
+    let ranks = dp.as_ref().map(|d| d.checkpointer());
     let loss = sft_loop_synced(
         &mut policy,
         &mut opt,
@@ -491,7 +507,24 @@ fn sft_in_folder(
         &mut rng,
         log,
         &mut |s| {
+            let save = cfg.save_every > 0 && s.step.is_multiple_of(cfg.save_every) && s.step < cfg.steps;
             let Some(run) = run.as_mut() else {
+                if let (true, Some(rc)) = (save, ranks.as_ref()) {
+                    // This rank's part of rank 0's checkpoint.
+                    let st = crate::checkpoint::TrainState {
+                        phase: "sft".into(),
+                        step: s.step,
+                        rng: s.rng.state(),
+                        opt_step: s.opt.step,
+                        opt_bad: s.opt.bad_in_a_row(),
+                        metrics_lines: 0,
+                        extra: serde_json::Value::Null,
+                        layout: crate::checkpoint::LAYOUT_VERSION,
+                    };
+                    let root = dir.join("checkpoints");
+                    let name = format!("step-{:06}", s.step);
+                    crate::checkpoint::save_ranks(&root, &name, &st, s.model, None, s.opt, Some(rc))?;
+                }
                 return Ok(());
             };
             let mut m = step_metrics(s.loss, &s.info);
@@ -501,8 +534,8 @@ fn sft_in_folder(
                 samples.write(s.model, &tok, s.step, run, &mut m)?;
             }
             run.metrics(None, s.step, &m)?;
-            if cfg.save_every > 0 && s.step.is_multiple_of(cfg.save_every) && s.step < cfg.steps {
-                run.checkpoint(
+            if save {
+                run.checkpoint_ranks(
                     &format!("step-{:06}", s.step),
                     "sft",
                     s.step,
@@ -511,6 +544,7 @@ fn sft_in_folder(
                     None,
                     s.opt,
                     serde_json::Map::new(),
+                    ranks.as_ref(),
                 )?;
             }
             Ok(())

@@ -1,6 +1,6 @@
 //! Launchers of `kernels/optim.cu`: AdamW and the global gradient norm.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{plan_1d, BLOCK};
 use crate::device::Gpu;
@@ -63,13 +63,14 @@ impl AdamwScalars {
 /// `grads`, `n` elements each.
 pub fn adamw_f32(
     gpu: &Gpu,
-    params: &mut CudaSlice<f32>,
-    m: &mut CudaSlice<f32>,
-    v: &mut CudaSlice<f32>,
-    grads: &CudaSlice<f32>,
+    params: &mut impl DevOut<f32>,
+    m: &mut impl DevOut<f32>,
+    v: &mut impl DevOut<f32>,
+    grads: &impl DevIn<f32>,
     n: usize,
     h: &AdamwScalars,
 ) -> Result<()> {
+    let (mut params, mut m, mut v, grads) = (params.view_mut(), m.view_mut(), v.view_mut(), grads.view());
     let lens = [
         ("params", params.len()),
         ("m", m.len()),
@@ -81,10 +82,10 @@ pub fn adamw_f32(
     };
     let f = gpu.function(KernelId::AdamwF32)?;
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(params)
-        .arg(m)
-        .arg(v)
-        .arg(grads)
+    l.arg(&mut params)
+        .arg(&mut m)
+        .arg(&mut v)
+        .arg(&grads)
         .arg(&p.n)
         .arg(&h.b1)
         .arg(&h.b2)
