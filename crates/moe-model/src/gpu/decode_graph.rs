@@ -246,7 +246,7 @@ impl GpuModel {
             let logits = self.head_logits(&x, rows)?;
             launch::sample_f32_into(&gpu, out, &logits, v, inputs.u.dev(), params).map_err(cuda)
         };
-        let mut try_capture = |inputs: &mut Inputs, out: &mut Sampled, cache: &mut GpuPagedKvCache| {
+        let try_capture = |inputs: &mut Inputs, out: &mut Sampled, cache: &mut GpuPagedKvCache| {
             capture(&gpu, || {
                 step(inputs, out, cache).map_err(|e| aha_cuda_kernels::Error::InvalidArgument {
                     op: "capture_decode",
