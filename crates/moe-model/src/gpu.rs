@@ -134,6 +134,71 @@ pub fn f32_resident(layout: &Layout) -> Vec<(usize, usize, usize)> {
         .collect()
 }
 
+/// The f32 tensors a bf16 [`GpuModel`] keeps on the device when it does
+/// not keep every parameter in f32, packed as [`f32_resident`] packs them:
+/// with the optimizer offloaded (`offloaded`), the tensors read in f32
+/// only; with LoRA adapters, the trainable prefix (the adapters' master
+/// weights, at packed offset 0, so the device AdamW runs over the prefix
+/// of the packed buffer) and then the frozen base's tensors read in f32.
+/// `None` when every parameter stays in f32 (f32 precision, or bf16
+/// full-parameter training on the device).
+pub fn f32_packed(layout: &Layout, precision: GpuPrecision, offloaded: bool) -> Option<Vec<(usize, usize, usize)>> {
+    if precision != GpuPrecision::Bf16 {
+        return None;
+    }
+    if offloaded {
+        return Some(f32_resident(layout));
+    }
+    layout.lora.as_ref()?;
+    let n = layout.trainable;
+    let mut out = vec![(0, n, 0)];
+    let mut at = n;
+    for (off, len, _) in f32_resident(layout) {
+        // A LoRA layout's adapters are 2-D: every 1-D tensor, the embedding
+        // and the routers are frozen, after the prefix.
+        if off >= n {
+            out.push((off, len, at));
+            at += len;
+        }
+    }
+    Some(out)
+}
+
+/// The tensors `res` names of the flat `host`, packed.
+fn pack(host: &[f32], res: &[(usize, usize, usize)]) -> Vec<f32> {
+    let len: usize = res.iter().map(|r| r.1).sum();
+    let mut packed = vec![0f32; len.max(1)];
+    for &(off, l, at) in res {
+        packed[at..at + l].copy_from_slice(&host[off..off + l]);
+    }
+    packed
+}
+
+/// bf16 bits of `host`, rounded to nearest even (as the device casts).
+fn bf16_bits(host: &[f32]) -> Vec<u16> {
+    let mut bits: Vec<u16> = host.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+    if bits.is_empty() {
+        bits.push(0);
+    }
+    bits
+}
+
+/// Device bytes a [`GpuModel`] and its device AdamW moments hold for the
+/// parameters (activations and workspace excluded), counted from the
+/// buffers' lengths: what [`crate::memory::MemoryPlan`] plans as
+/// `weights`, `weights_bf16`, `grads` and `moments`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ParamBytes {
+    /// f32 weights (all of them, or the packed ones of [`f32_packed`]).
+    pub weights: u64,
+    /// The bf16 copy.
+    pub weights_bf16: u64,
+    /// The gradient buffer (the trainable prefix).
+    pub grads: u64,
+    /// Both AdamW moments (the trainable prefix each).
+    pub moments: u64,
+}
+
 /// How the GPU model multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuPrecision {
@@ -158,7 +223,8 @@ pub struct GpuModel {
     params: CudaSlice<f32>,
     /// The bf16 bits of every parameter (bf16 precision).
     params16: Option<CudaSlice<u16>>,
-    /// Gradients in the same layout (allocated by the first backward).
+    /// Gradients of the trainable prefix `0..layout.trainable` (allocated
+    /// by the first backward): frozen tensors have none.
     grads: Option<CudaSlice<f32>>,
     /// Keep only each layer's input in the forward and recompute the rest
     /// in the backward.
@@ -166,9 +232,11 @@ pub struct GpuModel {
     /// The f32 master copy of every parameter in page-locked host memory
     /// while the optimizer is offloaded ([`GpuModel::set_offload`]).
     host_master: Option<PinnedHostSlice<f32>>,
-    /// Offloaded with bf16 products: `params` holds only the tensors read
-    /// in f32 (norms, biases, routers, the embedding), packed, as
-    /// `(offset in the layout, length, offset in params)` sorted by offset.
+    /// bf16 products with the optimizer offloaded or LoRA adapters:
+    /// `params` holds only the tensors of [`f32_packed`] (read in f32:
+    /// norms, biases, routers, the embedding; with LoRA and no offload the
+    /// adapters first), packed, as `(offset in the layout, length, offset
+    /// in params)` sorted by offset.
     resident: Option<Vec<(usize, usize, usize)>>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
@@ -337,11 +405,28 @@ impl GpuModel {
         gpu_support(&model.config)?;
         lora_support(&model.layout)?;
         let gpu = Gpu::get(ordinal).map_err(cuda)?;
-        let params = gpu.upload(&model.params).map_err(cuda)?;
-        let params16 = if precision == GpuPrecision::Bf16 {
-            Some(gpu.zeros::<u16>(model.params.len().max(1)).map_err(cuda)?)
-        } else {
-            None
+        if model.params.len() != model.layout.size {
+            return Err(input_err(
+                "gpu upload",
+                format!("{} values for {} parameters", model.params.len(), model.layout.size),
+            ));
+        }
+        let packed = f32_packed(&model.layout, precision, false);
+        // A bf16 LoRA model never holds the frozen base's f32 weights on
+        // the device: only the packed tensors and the bf16 copy.
+        let (params, params16) = match &packed {
+            Some(res) => (
+                gpu.upload(&pack(&model.params, res)).map_err(cuda)?,
+                Some(gpu.upload(&bf16_bits(&model.params)).map_err(cuda)?),
+            ),
+            None => (
+                gpu.upload(&model.params).map_err(cuda)?,
+                if precision == GpuPrecision::Bf16 {
+                    Some(gpu.zeros::<u16>(model.params.len().max(1)).map_err(cuda)?)
+                } else {
+                    None
+                },
+            ),
         };
         let (cos, sin) = rope_tables(&model.config, model.config.max_position_embeddings);
         let mut m = GpuModel {
@@ -356,7 +441,7 @@ impl GpuModel {
             grads: None,
             recompute: false,
             host_master: None,
-            resident: None,
+            resident: packed,
         };
         m.refresh_copies()?;
         Ok(m)
@@ -383,17 +468,35 @@ impl GpuModel {
         self.layout.set_adapters_enabled(on)
     }
 
-    /// The flat f32 parameters (master weights; offloaded in bf16, only the
-    /// packed tensors of [`GpuModel::f32_resident`]).
+    /// The flat f32 parameters (master weights; offloaded or with LoRA in
+    /// bf16, only the packed tensors of [`f32_packed`]).
     pub fn params(&self) -> &CudaSlice<f32> {
         &self.params
     }
 
     /// The flat parameters copied to the host (offloaded in bf16: the host
     /// master copy, with the tensors the device updates itself, such as
-    /// `e_score_correction_bias`, read from the device).
+    /// `e_score_correction_bias`, read from the device; LoRA in bf16: the
+    /// packed f32 tensors, and the frozen base's other weights from their
+    /// bf16 copy, exact for a bf16 checkpoint).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
         match (&self.resident, &self.host_master) {
+            (Some(res), None) => {
+                let p16 = self
+                    .params16
+                    .as_ref()
+                    .ok_or_else(|| input_err("gpu params_to_host", "packed f32 weights without a bf16 copy"))?;
+                let bits = self.gpu.download(p16).map_err(cuda)?;
+                let mut host: Vec<f32> = bits[..self.layout.size]
+                    .iter()
+                    .map(|&b| half::bf16::from_bits(b).to_f32())
+                    .collect();
+                let packed = self.gpu.download(&self.params).map_err(cuda)?;
+                for &(off, len, at) in res {
+                    host[off..off + len].copy_from_slice(&packed[at..at + len]);
+                }
+                Ok(host)
+            }
             (Some(res), Some(master)) => {
                 let mut host = master
                     .as_slice()
@@ -426,14 +529,9 @@ impl GpuModel {
                 .copy_from_slice(host);
         }
         if let Some(res) = &self.resident {
-            // Offloaded, bf16: the packed f32 tensors and the bf16 copy.
-            let mut packed = vec![0f32; self.params.len()];
-            for &(off, len, at) in res {
-                packed[at..at + len].copy_from_slice(&host[off..off + len]);
-            }
-            self.params = self.gpu.upload(&packed).map_err(cuda)?;
-            let bits: Vec<u16> = host.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
-            self.params16 = Some(self.gpu.upload(&bits).map_err(cuda)?);
+            // Offloaded or LoRA, bf16: the packed f32 tensors and the bf16 copy.
+            self.params = self.gpu.upload(&pack(host, res)).map_err(cuda)?;
+            self.params16 = Some(self.gpu.upload(&bf16_bits(host)).map_err(cuda)?);
             return Ok(());
         }
         self.params = self.gpu.upload(host).map_err(cuda)?;
@@ -445,22 +543,28 @@ impl GpuModel {
         if other.layout.size != self.layout.size {
             return Err(input_err("gpu copy_params_from", "the layouts differ"));
         }
-        if self.host_master.is_some() || other.resident.is_some() {
+        if self.host_master.is_some() || self.resident.is_some() || other.resident.is_some() {
             return self.set_params(&other.params_to_host()?);
         }
         self.params = self.gpu.clone_dtod(&other.params).map_err(cuda)?;
         self.refresh_copies()
     }
 
-    /// The gradient buffer copied to the host (zeros before any backward).
+    /// The gradient buffer copied to the host in the CPU layout: the
+    /// trainable prefix, then zeros for the frozen tensors (zeros before
+    /// any backward).
     pub fn grads_to_host(&self) -> Result<Vec<f32>> {
-        match &self.grads {
-            Some(g) => self.gpu.download(g).map_err(cuda),
-            None => Ok(vec![0f32; self.layout.size]),
-        }
+        let mut host = match &self.grads {
+            Some(g) => self.gpu.download(g).map_err(cuda)?,
+            None => Vec::new(),
+        };
+        host.truncate(self.layout.trainable);
+        host.resize(self.layout.size, 0.0);
+        Ok(host)
     }
 
-    /// Replaces the gradient buffer with `host` (the CPU layout).
+    /// Replaces the gradient buffer with `host` (the CPU layout); only the
+    /// trainable prefix is kept (frozen tensors have no gradient).
     pub fn set_grads(&mut self, host: &[f32]) -> Result<()> {
         if host.len() != self.layout.size {
             return Err(input_err(
@@ -468,15 +572,21 @@ impl GpuModel {
                 format!("{} values for {} parameters", host.len(), self.layout.size),
             ));
         }
-        self.grads = Some(self.gpu.upload(host).map_err(cuda)?);
+        let n = self.layout.trainable;
+        self.grads = Some(if n == 0 {
+            self.zeros(0)?
+        } else {
+            self.gpu.upload(&host[..n]).map_err(cuda)?
+        });
         Ok(())
     }
 
-    /// The GPU and the flat gradient buffer (allocated, zeroed, the first
-    /// time), for collectives over it (the data-parallel all-reduce).
+    /// The GPU and the flat gradient buffer of the trainable prefix
+    /// (allocated, zeroed, the first time), for collectives over it (the
+    /// data-parallel all-reduce).
     pub fn grads_mut(&mut self) -> Result<(Arc<Gpu>, &mut CudaSlice<f32>)> {
         if self.grads.is_none() {
-            self.grads = Some(self.zeros(self.layout.size)?);
+            self.grads = Some(self.zeros(self.layout.trainable)?);
         }
         match &mut self.grads {
             Some(g) => Ok((self.gpu.clone(), g)),
@@ -493,7 +603,7 @@ impl GpuModel {
                 .memset_zeros(g)
                 .map_err(|e| input_err("gpu zero_grad", format!("memset of the gradient buffer: {e:?}"))),
             None => {
-                self.grads = Some(self.zeros(self.layout.size)?);
+                self.grads = Some(self.zeros(self.layout.trainable)?);
                 Ok(())
             }
         }
@@ -512,11 +622,14 @@ impl GpuModel {
         if !on {
             let host = self.params_to_host()?;
             self.host_master = None;
-            self.resident = None;
+            self.resident = f32_packed(&self.layout, self.precision, false);
+            if self.resident.is_some() {
+                return self.set_params(&host);
+            }
             self.params = self.gpu.upload(&host).map_err(cuda)?;
             return self.refresh_copies();
         }
-        let host = self.gpu.download(&self.params).map_err(cuda)?;
+        let host = self.params_to_host()?;
         let ctx = self.gpu.context();
         let n = self.layout.size;
         // SAFETY: cuMemHostAlloc of n * 4 bytes (flags 0: cached, the host
@@ -533,14 +646,8 @@ impl GpuModel {
         m[..n].copy_from_slice(&host);
         m[n..].fill(0.0);
         self.host_master = Some(master);
-        if self.precision == GpuPrecision::Bf16 {
-            let res = self.f32_resident();
-            let len: usize = res.iter().map(|r| r.1).sum();
-            let mut packed = vec![0f32; len.max(1)];
-            for &(off, l, at) in &res {
-                packed[at..at + l].copy_from_slice(&host[off..off + l]);
-            }
-            self.params = self.gpu.upload(&packed).map_err(cuda)?;
+        if let Some(res) = f32_packed(&self.layout, self.precision, true) {
+            self.params = self.gpu.upload(&pack(&host, &res)).map_err(cuda)?;
             self.resident = Some(res);
         }
         Ok(())
@@ -1324,9 +1431,9 @@ impl GpuModel {
             GpuPrecision::Bf16 => Some(self.to_bf16(dy, n * l.out)?),
             GpuPrecision::F32 => None,
         };
-        if !l.frozen {
+        if !l.frozen && self.trains(w) {
             self.weight_grad(grads, w, dy, x, sw, dy16.as_ref())?;
-            if let Some(b) = l.b {
+            if let Some(b) = l.b.filter(|b| self.trains(*b)) {
                 launch::bias_grad_f32(g, &mut grads.slice_mut(b.off..b.off + b.len), dy, n, l.out).map_err(cuda)?;
             }
         }
@@ -1433,7 +1540,14 @@ impl GpuModel {
         Ok(dxa)
     }
 
-    /// RMSNorm backward: `dx` assigned, the weight's gradient accumulated.
+    /// Whether slot `s` is in the trainable prefix, the part of the layout
+    /// the gradient buffer covers.
+    fn trains(&self, s: Slot) -> bool {
+        s.off + s.len <= self.layout.trainable
+    }
+
+    /// RMSNorm backward: `dx` assigned, the weight's gradient accumulated
+    /// (into a scratch buffer for a frozen weight).
     fn norm_back(
         &self,
         grads: &mut CudaSlice<f32>,
@@ -1445,18 +1559,14 @@ impl GpuModel {
         c: usize,
     ) -> Result<CudaSlice<f32>> {
         let mut dx = self.zeros(rows * c)?;
-        launch::rmsnorm_backward_f32(
-            &self.gpu,
-            &mut dx,
-            &mut grads.slice_mut(w.off..w.off + w.len),
-            dy,
-            x,
-            &self.w32(w)?,
-            rstd,
-            rows,
-            c,
-        )
-        .map_err(cuda)?;
+        let mut scratch;
+        let mut dw = if self.trains(w) {
+            grads.slice_mut(w.off..w.off + w.len)
+        } else {
+            scratch = self.zeros(w.len)?;
+            scratch.slice_mut(..w.len)
+        };
+        launch::rmsnorm_backward_f32(&self.gpu, &mut dx, &mut dw, dy, x, &self.w32(w)?, rstd, rows, c).map_err(cuda)?;
         Ok(dx)
     }
 
@@ -1649,19 +1759,34 @@ impl GpuModel {
             };
             let x = self.head_operands(&sc.hidden, &sc.hidden16)?;
             let head = self.layout.lm_head;
-            lmhead::lm_head_logprob_backward_f32(
-                g,
-                &mut dh_rows,
-                &mut grads.slice_mut(head.off..head.off + head.len),
-                &x,
-                &sc.targets,
-                &sc.lse,
-                &sc.entropy,
-                dlogp,
-                de,
-                &plan,
-            )
-            .map_err(cuda)?;
+            if self.trains(head) {
+                lmhead::lm_head_logprob_backward_f32(
+                    g,
+                    &mut dh_rows,
+                    &mut grads.slice_mut(head.off..head.off + head.len),
+                    &x,
+                    &sc.targets,
+                    &sc.lse,
+                    &sc.entropy,
+                    dlogp,
+                    de,
+                    &plan,
+                )
+                .map_err(cuda)?;
+            } else {
+                lmhead::lm_head_logprob_backward_dhidden_f32(
+                    g,
+                    &mut dh_rows,
+                    &x,
+                    &sc.targets,
+                    &sc.lse,
+                    &sc.entropy,
+                    dlogp,
+                    de,
+                    &plan,
+                )
+                .map_err(cuda)?;
+            }
         }
         let mut dhidden = self.zeros(n * c)?;
         launch::embedding_backward_f32(g, &mut dhidden, &dh_rows, TokenIds::Host(&sc.rows), nr, n, c).map_err(cuda)?;
@@ -1701,7 +1826,7 @@ impl GpuModel {
                     moe_layer::moe_layer_backward(g, &mut dln2, &mut gr.view_mut(), &dx, &a.ln2, &w, buf, aux.as_ref())
                         .map_err(cuda)?;
                     // A LoRA layout freezes the router and the experts.
-                    if self.layout.lora.is_none() {
+                    if self.trains(*router) {
                         self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
                     }
                 }
@@ -1716,16 +1841,18 @@ impl GpuModel {
             launch::add_inplace_f32(g, &mut dx, &din, n * c).map_err(cuda)?;
         }
         let e = self.layout.embed;
-        launch::embedding_backward_f32(
-            g,
-            &mut grads.slice_mut(e.off..e.off + e.len),
-            &dx,
-            TokenIds::Host(&ids),
-            n,
-            v,
-            c,
-        )
-        .map_err(cuda)?;
+        if self.trains(e) {
+            launch::embedding_backward_f32(
+                g,
+                &mut grads.slice_mut(e.off..e.off + e.len),
+                &dx,
+                TokenIds::Host(&ids),
+                n,
+                v,
+                c,
+            )
+            .map_err(cuda)?;
+        }
         Ok(())
     }
 
@@ -1793,9 +1920,23 @@ impl GpuModel {
 
 /// The optimizer's device side.
 impl GpuModel {
-    /// Zeroed AdamW moments for this model (two flat f32 buffers).
+    /// Zeroed AdamW moments for this model (two flat f32 buffers over the
+    /// trainable prefix).
     pub fn new_moments(&self) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-        Ok((self.zeros(self.layout.size)?, self.zeros(self.layout.size)?))
+        let n = self.layout.trainable;
+        Ok((self.zeros(n)?, self.zeros(n)?))
+    }
+
+    /// The device bytes the parameters, the bf16 copy and the gradient
+    /// buffer hold now, counted from the buffers' lengths (`moments` 0:
+    /// [`crate::Policy::param_bytes`] adds those of its moments).
+    pub fn param_bytes(&self) -> ParamBytes {
+        ParamBytes {
+            weights: 4 * self.params.len() as u64,
+            weights_bf16: 2 * self.params16.as_ref().map_or(0, |p| p.len()) as u64,
+            grads: 4 * self.grads.as_ref().map_or(0, |g| g.len()) as u64,
+            moments: 0,
+        }
     }
 
     /// The global L2 norm of the trainable gradients (one f64 read back).

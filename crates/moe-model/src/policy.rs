@@ -443,6 +443,19 @@ impl Policy {
             .map_err(tensor_err)
     }
 
+    /// The device bytes the parameters, their bf16 copy, the gradients and
+    /// `moments` hold, counted from the buffers (zeros on the CPU): what
+    /// [`crate::memory::MemoryPlan`] plans for them.
+    pub fn param_bytes(&self, moments: &Moments) -> crate::gpu::ParamBytes {
+        match &self.inner {
+            Inner::Cpu { .. } => crate::gpu::ParamBytes::default(),
+            Inner::Gpu(g) => crate::gpu::ParamBytes {
+                moments: moments.device_bytes(),
+                ..g.param_bytes()
+            },
+        }
+    }
+
     /// Zeroes the gradient buffer.
     pub fn zero_grad(&mut self) -> Result<()> {
         match &mut self.inner {
@@ -455,13 +468,18 @@ impl Policy {
         }
     }
 
-    /// The gradients on the host (a copy on a GPU).
+    /// The gradients on the host (a copy on a GPU), in the CPU layout:
+    /// the trainable prefix, zeros for the frozen tensors (which have no
+    /// gradient: a GPU keeps none, and the CPU's are discarded).
     pub fn grads_to_host(&self) -> Result<Vec<f32>> {
         match &self.inner {
             Inner::Cpu { model, grads } => Ok(if grads.is_empty() {
                 vec![0.0; model.params.len()]
             } else {
-                grads.clone()
+                let mut g = grads.clone();
+                let tr = model.layout.trainable.min(g.len());
+                g[tr..].fill(0.0);
+                g
             }),
             Inner::Gpu(g) => g.grads_to_host(),
         }
@@ -583,16 +601,18 @@ impl Policy {
         }
     }
 
-    /// Zeroed AdamW moments for this policy, on its device (on the host
-    /// when the optimizer is offloaded).
+    /// Zeroed AdamW moments for this policy's trainable prefix
+    /// ([`Layout::trainable`]: a LoRA policy's adapters), on its device (on
+    /// the host when the optimizer is offloaded).
     pub fn new_moments(&self) -> Result<Moments> {
         if let (Inner::Gpu(g), Some(cfg)) = (&self.inner, self.offload) {
             return Ok(Moments::Offload(Box::new(HostOptimizer::new(g, cfg, None)?)));
         }
+        let n = self.layout().trainable;
         Ok(match &self.inner {
-            Inner::Cpu { model, .. } => Moments::Cpu {
-                m: vec![0.0; model.params.len()],
-                v: vec![0.0; model.params.len()],
+            Inner::Cpu { .. } => Moments::Cpu {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
             },
             Inner::Gpu(g) => {
                 let (m, v) = g.new_moments()?;
@@ -601,15 +621,25 @@ impl Policy {
         })
     }
 
-    /// Moments from host copies (a checkpoint), on this policy's device.
-    pub fn moments_from_host(&self, m: Vec<f32>, v: Vec<f32>) -> Result<Moments> {
-        let n = self.num_params();
-        if m.len() != n || v.len() != n {
+    /// Moments from host copies (a checkpoint), on this policy's device:
+    /// the trainable prefix's ([`Moments::to_host`]), or the whole
+    /// buffer's (checkpoints that stored zeros for the frozen tensors),
+    /// of which the prefix is kept.
+    pub fn moments_from_host(&self, mut m: Vec<f32>, mut v: Vec<f32>) -> Result<Moments> {
+        let (n, tr) = (self.num_params(), self.layout().trainable);
+        let fits = |x: usize| x == tr || x == n;
+        if !fits(m.len()) || m.len() != v.len() {
             return Err(input_err(
                 "optimizer state",
-                format!("{} / {} moments for {n} parameters", m.len(), v.len()),
+                format!(
+                    "{} / {} moments for {tr} trainable parameters (of {n})",
+                    m.len(),
+                    v.len()
+                ),
             ));
         }
+        m.truncate(tr);
+        v.truncate(tr);
         if let (Inner::Gpu(g), Some(cfg)) = (&self.inner, self.offload) {
             return Ok(Moments::Offload(Box::new(HostOptimizer::new(g, cfg, Some((&m, &v)))?)));
         }
@@ -634,6 +664,12 @@ impl Policy {
                 let tr = model.layout.trainable;
                 if grads.len() != model.params.len() {
                     return Err(input_err("optimizer_step", "no gradients: run a backward first"));
+                }
+                if m.len() < tr || v.len() < tr {
+                    return Err(input_err(
+                        "optimizer_step",
+                        format!("{} / {} moments for {tr} trainable parameters", m.len(), v.len()),
+                    ));
                 }
                 grads[tr..].fill(0.0);
                 let norm = cpu::clip_grad_norm(&mut grads[..tr], max_grad_norm);
@@ -674,7 +710,7 @@ impl Policy {
 }
 
 impl Moments {
-    /// Host copies `(m, v)` (for a checkpoint).
+    /// Host copies `(m, v)` of the trainable prefix (for a checkpoint).
     pub fn to_host(&self, gpu_of: &Policy) -> Result<(Vec<f32>, Vec<f32>)> {
         match (self, &gpu_of.inner) {
             (Moments::Cpu { m, v }, _) => Ok((m.clone(), v.clone())),
@@ -685,6 +721,14 @@ impl Moments {
             (Moments::Gpu { .. }, Inner::Cpu { .. }) => {
                 Err(input_err("optimizer state", "device moments for a policy on the CPU"))
             }
+        }
+    }
+
+    /// Device bytes of the two moments (0 on the CPU and offloaded).
+    pub fn device_bytes(&self) -> u64 {
+        match self {
+            Moments::Gpu { m, v } => 4 * (m.len() + v.len()) as u64,
+            Moments::Cpu { .. } | Moments::Offload(_) => 0,
         }
     }
 
