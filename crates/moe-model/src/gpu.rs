@@ -468,6 +468,12 @@ impl GpuModel {
         self.layout.set_adapters_enabled(on)
     }
 
+    /// LoRA dropout for the training forwards to come (see
+    /// [`Layout::set_lora_dropout`]); whether it is now on.
+    pub fn set_lora_dropout(&mut self, seed: Option<u64>) -> bool {
+        self.layout.set_lora_dropout(seed)
+    }
+
     /// The flat f32 parameters (master weights; offloaded or with LoRA in
     /// bf16, only the packed tensors of [`f32_packed`]).
     pub fn params(&self) -> &CudaSlice<f32> {
@@ -860,8 +866,10 @@ impl GpuModel {
             launch::add_bias_f32(&self.gpu, &mut out, &self.w32(b)?, n, l.out).map_err(cuda)?;
         }
         if let Some(lo) = l.lora.as_ref().filter(|lo| lo.enabled) {
-            // out += (s x A^T) B^T.
-            let xa = self.lora_down(x, l, lo, n)?;
+            // out += (s d(x) A^T) B^T, d the training forward's dropout.
+            let mask = self.dropout_mask(lo, n, l.inp)?;
+            let xd = self.dropped(x, mask.as_ref(), n * l.inp)?;
+            let xa = self.lora_down(xd.as_ref().unwrap_or(x), l, lo, n)?;
             let sb = MatmulShape {
                 m: n,
                 k: lo.r,
@@ -873,6 +881,30 @@ impl GpuModel {
             self.product(&mut out.slice_mut(..n * l.out), &xa, self.weight(lo.b), sb, None)?;
         }
         Ok(out)
+    }
+
+    /// The adapter's scaled dropout mask `[n, inp]` in a training forward
+    /// (drawn on the host by [`crate::lora::dropout_mask`], the CPU's), or
+    /// `None`.
+    fn dropout_mask(&self, lo: &LoraSlots, n: usize, inp: usize) -> Result<Option<CudaSlice<f32>>> {
+        match lo.dropout {
+            Some(d) => Ok(Some(
+                self.gpu
+                    .upload(&crate::lora::dropout_mask(d, lo.a.off, n, inp))
+                    .map_err(cuda)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// `x * mask` (a copy), or `None` without a mask.
+    fn dropped(&self, x: &CudaSlice<f32>, mask: Option<&CudaSlice<f32>>, len: usize) -> Result<Option<CudaSlice<f32>>> {
+        let Some(m) = mask else {
+            return Ok(None);
+        };
+        let mut xd = self.gpu.clone_dtod(x).map_err(cuda)?;
+        launch::mul_inplace_f32(&self.gpu, &mut xd, m, len).map_err(cuda)?;
+        Ok(Some(xd))
     }
 
     /// A LoRA adapter's scaled low-rank activation `s x A^T` [n, r].
@@ -1438,7 +1470,10 @@ impl GpuModel {
             }
         }
         let dxa = match l.lora.as_ref().filter(|lo| lo.enabled) {
-            Some(lo) => Some((self.lora_back(grads, dy, x, l, lo, n)?, lo.a, lo.r)),
+            Some(lo) => {
+                let (dxa, mask) = self.lora_back(grads, dy, x, l, lo, n)?;
+                Some((dxa, mask, lo.a, lo.r))
+            }
             None => None,
         };
         let mut owned = None;
@@ -1450,9 +1485,9 @@ impl GpuModel {
             None => owned.insert(self.zeros(n * l.inp)?),
         };
         self.product(&mut dx.slice_mut(..n * l.inp), dy, self.weight(w), sx, dy16.as_ref())?;
-        if let Some((dxa, a, r)) = dxa {
-            // dx += (s dy B) A.
-            let sa = MatmulShape {
+        if let Some((dxa, mask, a, r)) = dxa {
+            // dx += (s dy B) A, times the dropout mask when there is one.
+            let mut sa = MatmulShape {
                 m: n,
                 k: r,
                 n: l.inp,
@@ -1460,7 +1495,16 @@ impl GpuModel {
                 trans_b: false,
                 accumulate: true,
             };
-            self.product(&mut dx.slice_mut(..n * l.inp), &dxa, self.weight(a), sa, None)?;
+            match mask {
+                None => self.product(&mut dx.slice_mut(..n * l.inp), &dxa, self.weight(a), sa, None)?,
+                Some(m) => {
+                    sa.accumulate = false;
+                    let mut dxd = self.zeros(n * l.inp)?;
+                    self.product(&mut dxd.slice_mut(..n * l.inp), &dxa, self.weight(a), sa, None)?;
+                    launch::mul_inplace_f32(g, &mut dxd, &m, n * l.inp).map_err(cuda)?;
+                    launch::add_inplace_f32(g, dx, &dxd, n * l.inp).map_err(cuda)?;
+                }
+            }
         }
         Ok(owned)
     }
@@ -1496,8 +1540,10 @@ impl GpuModel {
         }
     }
 
-    /// A LoRA adapter's backward: `dB += dy^T (s x A^T)`, `dA += dxa^T x`
-    /// with `dxa = s dy B` [n, r], which it returns (for `dx += dxa A`).
+    /// A LoRA adapter's backward: `dB += dy^T (s xd A^T)`, `dA += dxa^T
+    /// xd` with `dxa = s dy B` [n, r] and `xd` the input after the
+    /// forward's dropout; returns `dxa` and the dropout mask (for `dx +=
+    /// mask * (dxa A)`).
     fn lora_back(
         &self,
         grads: &mut CudaSlice<f32>,
@@ -1506,7 +1552,10 @@ impl GpuModel {
         l: &Linear,
         lo: &LoraSlots,
         n: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+        let mask = self.dropout_mask(lo, n, l.inp)?;
+        let xd = self.dropped(x, mask.as_ref(), n * l.inp)?;
+        let x = xd.as_ref().unwrap_or(x);
         let xa = self.lora_down(x, l, lo, n)?;
         let sb = MatmulShape {
             m: l.out,
@@ -1537,7 +1586,7 @@ impl GpuModel {
             accumulate: true,
         };
         self.weight_grad(grads, lo.a, &dxa, x, sa, None)?;
-        Ok(dxa)
+        Ok((dxa, mask))
     }
 
     /// Whether slot `s` is in the trainable prefix, the part of the layout

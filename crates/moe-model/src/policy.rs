@@ -161,6 +161,8 @@ impl std::fmt::Debug for Policy {
 /// What a forward keeps for the backward, on the policy's device.
 pub struct Forward {
     inner: FwdInner,
+    /// The LoRA dropout the forward ran with (its backward uses the same).
+    dropout: Option<crate::lora::LoraDropout>,
 }
 
 enum FwdInner {
@@ -310,6 +312,20 @@ impl Policy {
         }
     }
 
+    /// LoRA dropout (`lora_dropout` of the adapters' config) for the
+    /// training forwards to come: `Some(seed)` draws each adapted linear's
+    /// mask from `seed` (the same on the CPU and a GPU), `None` turns it
+    /// off (rollouts, scoring the old policy or the reference,
+    /// evaluation). A backward uses its forward's mask whatever the
+    /// setting is by then. Returns whether dropout is now on (false
+    /// without adapters or with dropout 0).
+    pub fn set_lora_dropout(&mut self, seed: Option<u64>) -> bool {
+        match &mut self.inner {
+            Inner::Cpu { model, .. } => model.layout.set_lora_dropout(seed),
+            Inner::Gpu(g) => g.set_lora_dropout(seed),
+        }
+    }
+
     /// Whether the policy carries LoRA adapters (then only they train).
     pub fn has_adapters(&self) -> bool {
         self.layout().lora.is_some()
@@ -394,6 +410,7 @@ impl Policy {
     /// [`Model::forward`]).
     pub fn forward(&self, ids: &[u32], b: usize, t: usize) -> Result<Forward> {
         Ok(Forward {
+            dropout: self.layout().lora_dropout(),
             inner: match &self.inner {
                 Inner::Cpu { model, .. } => FwdInner::Cpu(model.forward(ids, b, t)?),
                 Inner::Gpu(g) => FwdInner::Gpu(g.forward(ids, b, t)?),
@@ -533,7 +550,27 @@ impl Policy {
         dentropy: Option<&Tensor>,
         aux_coef: f32,
     ) -> Result<()> {
-        match (&mut self.inner, fwd.inner, &scores.inner) {
+        // The backward draws the dropout masks its forward drew.
+        let now = self.layout().lora_dropout();
+        if now != fwd.dropout {
+            self.set_lora_dropout(fwd.dropout.map(|d| d.seed));
+        }
+        let r = self.backward_inner(fwd.inner, scores, dlogp, dentropy, aux_coef);
+        if now != fwd.dropout {
+            self.set_lora_dropout(now.map(|d| d.seed));
+        }
+        r
+    }
+
+    fn backward_inner(
+        &mut self,
+        fwd: FwdInner,
+        scores: &Scores,
+        dlogp: &Tensor,
+        dentropy: Option<&Tensor>,
+        aux_coef: f32,
+    ) -> Result<()> {
+        match (&mut self.inner, fwd, &scores.inner) {
             (Inner::Cpu { model, grads }, FwdInner::Cpu(a), ScoresInner::Cpu { .. }) => {
                 if grads.len() != model.params.len() {
                     grads.clear();
