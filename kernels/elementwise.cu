@@ -6,11 +6,13 @@
 //   add_inplace_f32: acc += x
 //   scale_f32:       x *= s   (in place: clipping scales the gradient buffer
 //                             by max_norm / (norm + 1e-6))
+//   mul_inplace_f32: x *= m   (element-wise: LoRA dropout's scaled mask)
 // Shapes: every buffer [n].
 // Launch: one thread per element, block = 256, grid = ceil(n / 256) capped at
 //   65536 with a grid-stride loop (64-bit indices).
 // CPU twins: aha_tensor::cpu::add, add_inplace, scale (with out = a; the
-//   multiply of aha_tensor::cpu::clip_grad_norm).
+//   multiply of aha_tensor::cpu::clip_grad_norm); mul_inplace_f32's is the
+//   element-wise product of aha_moe_model::lora::apply_dropout.
 
 #include "common.cuh"
 
@@ -32,6 +34,16 @@ extern "C" __global__ void add_inplace_f32(
 {
     AHA_GRID_STRIDE(i, n) {
         acc[i] += x[i];
+    }
+}
+
+extern "C" __global__ void mul_inplace_f32(
+    float* __restrict__ x,
+    const float* __restrict__ m,
+    unsigned long long n)
+{
+    AHA_GRID_STRIDE(i, n) {
+        x[i] *= m[i];
     }
 }
 

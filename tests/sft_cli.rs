@@ -360,7 +360,7 @@ fn sft_with_a_lora_table_writes_a_peft_adapter() {
     }
     for (bad, needle) in [
         ("[lora]\nrank = 4\n", "rank"),
-        ("[lora]\ndropout = 0.1\n", "dropout"),
+        ("[lora]\ndropout = 1.0\n", "dropout"),
         ("[lora]\ntarget_modules = [\"lm_head\"]\n", "match no linear"),
     ] {
         std::fs::write(

@@ -103,6 +103,9 @@ kernel_ids! {
     AddF32 => ("elementwise.cu", "add_f32"),
     /// `add_inplace_f32`; CPU twin `aha_tensor::cpu::add_inplace`.
     AddInplaceF32 => ("elementwise.cu", "add_inplace_f32"),
+    /// `mul_inplace_f32` (element-wise, in place); CPU twin the product
+    /// of `aha_moe_model::lora::apply_dropout`.
+    MulInplaceF32 => ("elementwise.cu", "mul_inplace_f32"),
     /// `scale_f32` (in place); CPU twin `aha_tensor::cpu::scale`.
     ScaleF32 => ("elementwise.cu", "scale_f32"),
     /// `copy_cols_f32`: strided column blocks with broadcast or group sums;

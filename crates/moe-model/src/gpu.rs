@@ -136,6 +136,71 @@ pub fn f32_resident(layout: &Layout) -> Vec<(usize, usize, usize)> {
         .collect()
 }
 
+/// The f32 tensors a bf16 [`GpuModel`] keeps on the device when it does
+/// not keep every parameter in f32, packed as [`f32_resident`] packs them:
+/// with the optimizer offloaded (`offloaded`), the tensors read in f32
+/// only; with LoRA adapters, the trainable prefix (the adapters' master
+/// weights, at packed offset 0, so the device AdamW runs over the prefix
+/// of the packed buffer) and then the frozen base's tensors read in f32.
+/// `None` when every parameter stays in f32 (f32 precision, or bf16
+/// full-parameter training on the device).
+pub fn f32_packed(layout: &Layout, precision: GpuPrecision, offloaded: bool) -> Option<Vec<(usize, usize, usize)>> {
+    if precision != GpuPrecision::Bf16 {
+        return None;
+    }
+    if offloaded {
+        return Some(f32_resident(layout));
+    }
+    layout.lora.as_ref()?;
+    let n = layout.trainable;
+    let mut out = vec![(0, n, 0)];
+    let mut at = n;
+    for (off, len, _) in f32_resident(layout) {
+        // A LoRA layout's adapters are 2-D: every 1-D tensor, the embedding
+        // and the routers are frozen, after the prefix.
+        if off >= n {
+            out.push((off, len, at));
+            at += len;
+        }
+    }
+    Some(out)
+}
+
+/// The tensors `res` names of the flat `host`, packed.
+fn pack(host: &[f32], res: &[(usize, usize, usize)]) -> Vec<f32> {
+    let len: usize = res.iter().map(|r| r.1).sum();
+    let mut packed = vec![0f32; len.max(1)];
+    for &(off, l, at) in res {
+        packed[at..at + l].copy_from_slice(&host[off..off + l]);
+    }
+    packed
+}
+
+/// bf16 bits of `host`, rounded to nearest even (as the device casts).
+fn bf16_bits(host: &[f32]) -> Vec<u16> {
+    let mut bits: Vec<u16> = host.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+    if bits.is_empty() {
+        bits.push(0);
+    }
+    bits
+}
+
+/// Device bytes a [`GpuModel`] and its device AdamW moments hold for the
+/// parameters (activations and workspace excluded), counted from the
+/// buffers' lengths: what [`crate::memory::MemoryPlan`] plans as
+/// `weights`, `weights_bf16`, `grads` and `moments`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ParamBytes {
+    /// f32 weights (all of them, or the packed ones of [`f32_packed`]).
+    pub weights: u64,
+    /// The bf16 copy.
+    pub weights_bf16: u64,
+    /// The gradient buffer (the trainable prefix).
+    pub grads: u64,
+    /// Both AdamW moments (the trainable prefix each).
+    pub moments: u64,
+}
+
 /// How the GPU model multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuPrecision {
@@ -160,7 +225,8 @@ pub struct GpuModel {
     params: CudaSlice<f32>,
     /// The bf16 bits of every parameter (bf16 precision).
     params16: Option<CudaSlice<u16>>,
-    /// Gradients in the same layout (allocated by the first backward).
+    /// Gradients of the trainable prefix `0..layout.trainable` (allocated
+    /// by the first backward): frozen tensors have none.
     grads: Option<CudaSlice<f32>>,
     /// Keep only each layer's input in the forward and recompute the rest
     /// in the backward.
@@ -168,9 +234,11 @@ pub struct GpuModel {
     /// The f32 master copy of every parameter in page-locked host memory
     /// while the optimizer is offloaded ([`GpuModel::set_offload`]).
     host_master: Option<PinnedHostSlice<f32>>,
-    /// Offloaded with bf16 products: `params` holds only the tensors read
-    /// in f32 (norms, biases, routers, the embedding), packed, as
-    /// `(offset in the layout, length, offset in params)` sorted by offset.
+    /// bf16 products with the optimizer offloaded or LoRA adapters:
+    /// `params` holds only the tensors of [`f32_packed`] (read in f32:
+    /// norms, biases, routers, the embedding; with LoRA and no offload the
+    /// adapters first), packed, as `(offset in the layout, length, offset
+    /// in params)` sorted by offset.
     resident: Option<Vec<(usize, usize, usize)>>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
@@ -339,11 +407,28 @@ impl GpuModel {
         gpu_support(&model.config)?;
         lora_support(&model.layout)?;
         let gpu = Gpu::get(ordinal).map_err(cuda)?;
-        let params = gpu.upload(&model.params).map_err(cuda)?;
-        let params16 = if precision == GpuPrecision::Bf16 {
-            Some(gpu.zeros::<u16>(model.params.len().max(1)).map_err(cuda)?)
-        } else {
-            None
+        if model.params.len() != model.layout.size {
+            return Err(input_err(
+                "gpu upload",
+                format!("{} values for {} parameters", model.params.len(), model.layout.size),
+            ));
+        }
+        let packed = f32_packed(&model.layout, precision, false);
+        // A bf16 LoRA model never holds the frozen base's f32 weights on
+        // the device: only the packed tensors and the bf16 copy.
+        let (params, params16) = match &packed {
+            Some(res) => (
+                gpu.upload(&pack(&model.params, res)).map_err(cuda)?,
+                Some(gpu.upload(&bf16_bits(&model.params)).map_err(cuda)?),
+            ),
+            None => (
+                gpu.upload(&model.params).map_err(cuda)?,
+                if precision == GpuPrecision::Bf16 {
+                    Some(gpu.zeros::<u16>(model.params.len().max(1)).map_err(cuda)?)
+                } else {
+                    None
+                },
+            ),
         };
         let (cos, sin) = rope_tables(&model.config, model.config.max_position_embeddings);
         let mut m = GpuModel {
@@ -358,7 +443,7 @@ impl GpuModel {
             grads: None,
             recompute: false,
             host_master: None,
-            resident: None,
+            resident: packed,
         };
         m.refresh_copies()?;
         Ok(m)
@@ -385,17 +470,41 @@ impl GpuModel {
         self.layout.set_adapters_enabled(on)
     }
 
-    /// The flat f32 parameters (master weights; offloaded in bf16, only the
-    /// packed tensors of [`GpuModel::f32_resident`]).
+    /// LoRA dropout for the training forwards to come (see
+    /// [`Layout::set_lora_dropout`]); whether it is now on.
+    pub fn set_lora_dropout(&mut self, seed: Option<u64>) -> bool {
+        self.layout.set_lora_dropout(seed)
+    }
+
+    /// The flat f32 parameters (master weights; offloaded or with LoRA in
+    /// bf16, only the packed tensors of [`f32_packed`]).
     pub fn params(&self) -> &CudaSlice<f32> {
         &self.params
     }
 
     /// The flat parameters copied to the host (offloaded in bf16: the host
     /// master copy, with the tensors the device updates itself, such as
-    /// `e_score_correction_bias`, read from the device).
+    /// `e_score_correction_bias`, read from the device; LoRA in bf16: the
+    /// packed f32 tensors, and the frozen base's other weights from their
+    /// bf16 copy, exact for a bf16 checkpoint).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
         match (&self.resident, &self.host_master) {
+            (Some(res), None) => {
+                let p16 = self
+                    .params16
+                    .as_ref()
+                    .ok_or_else(|| input_err("gpu params_to_host", "packed f32 weights without a bf16 copy"))?;
+                let bits = self.gpu.download(p16).map_err(cuda)?;
+                let mut host: Vec<f32> = bits[..self.layout.size]
+                    .iter()
+                    .map(|&b| half::bf16::from_bits(b).to_f32())
+                    .collect();
+                let packed = self.gpu.download(&self.params).map_err(cuda)?;
+                for &(off, len, at) in res {
+                    host[off..off + len].copy_from_slice(&packed[at..at + len]);
+                }
+                Ok(host)
+            }
             (Some(res), Some(master)) => {
                 let mut host = master
                     .as_slice()
@@ -428,14 +537,9 @@ impl GpuModel {
                 .copy_from_slice(host);
         }
         if let Some(res) = &self.resident {
-            // Offloaded, bf16: the packed f32 tensors and the bf16 copy.
-            let mut packed = vec![0f32; self.params.len()];
-            for &(off, len, at) in res {
-                packed[at..at + len].copy_from_slice(&host[off..off + len]);
-            }
-            self.params = self.gpu.upload(&packed).map_err(cuda)?;
-            let bits: Vec<u16> = host.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
-            self.params16 = Some(self.gpu.upload(&bits).map_err(cuda)?);
+            // Offloaded or LoRA, bf16: the packed f32 tensors and the bf16 copy.
+            self.params = self.gpu.upload(&pack(host, res)).map_err(cuda)?;
+            self.params16 = Some(self.gpu.upload(&bf16_bits(host)).map_err(cuda)?);
             return Ok(());
         }
         self.params = self.gpu.upload(host).map_err(cuda)?;
@@ -447,22 +551,28 @@ impl GpuModel {
         if other.layout.size != self.layout.size {
             return Err(input_err("gpu copy_params_from", "the layouts differ"));
         }
-        if self.host_master.is_some() || other.resident.is_some() {
+        if self.host_master.is_some() || self.resident.is_some() || other.resident.is_some() {
             return self.set_params(&other.params_to_host()?);
         }
         self.params = self.gpu.clone_dtod(&other.params).map_err(cuda)?;
         self.refresh_copies()
     }
 
-    /// The gradient buffer copied to the host (zeros before any backward).
+    /// The gradient buffer copied to the host in the CPU layout: the
+    /// trainable prefix, then zeros for the frozen tensors (zeros before
+    /// any backward).
     pub fn grads_to_host(&self) -> Result<Vec<f32>> {
-        match &self.grads {
-            Some(g) => self.gpu.download(g).map_err(cuda),
-            None => Ok(vec![0f32; self.layout.size]),
-        }
+        let mut host = match &self.grads {
+            Some(g) => self.gpu.download(g).map_err(cuda)?,
+            None => Vec::new(),
+        };
+        host.truncate(self.layout.trainable);
+        host.resize(self.layout.size, 0.0);
+        Ok(host)
     }
 
-    /// Replaces the gradient buffer with `host` (the CPU layout).
+    /// Replaces the gradient buffer with `host` (the CPU layout); only the
+    /// trainable prefix is kept (frozen tensors have no gradient).
     pub fn set_grads(&mut self, host: &[f32]) -> Result<()> {
         if host.len() != self.layout.size {
             return Err(input_err(
@@ -470,15 +580,21 @@ impl GpuModel {
                 format!("{} values for {} parameters", host.len(), self.layout.size),
             ));
         }
-        self.grads = Some(self.gpu.upload(host).map_err(cuda)?);
+        let n = self.layout.trainable;
+        self.grads = Some(if n == 0 {
+            self.zeros(0)?
+        } else {
+            self.gpu.upload(&host[..n]).map_err(cuda)?
+        });
         Ok(())
     }
 
-    /// The GPU and the flat gradient buffer (allocated, zeroed, the first
-    /// time), for collectives over it (the data-parallel all-reduce).
+    /// The GPU and the flat gradient buffer of the trainable prefix
+    /// (allocated, zeroed, the first time), for collectives over it (the
+    /// data-parallel all-reduce).
     pub fn grads_mut(&mut self) -> Result<(Arc<Gpu>, &mut CudaSlice<f32>)> {
         if self.grads.is_none() {
-            self.grads = Some(self.zeros(self.layout.size)?);
+            self.grads = Some(self.zeros(self.layout.trainable)?);
         }
         match &mut self.grads {
             Some(g) => Ok((self.gpu.clone(), g)),
@@ -527,7 +643,7 @@ impl GpuModel {
                 .memset_zeros(g)
                 .map_err(|e| input_err("gpu zero_grad", format!("memset of the gradient buffer: {e:?}"))),
             None => {
-                self.grads = Some(self.zeros(self.layout.size)?);
+                self.grads = Some(self.zeros(self.layout.trainable)?);
                 Ok(())
             }
         }
@@ -546,11 +662,14 @@ impl GpuModel {
         if !on {
             let host = self.params_to_host()?;
             self.host_master = None;
-            self.resident = None;
+            self.resident = f32_packed(&self.layout, self.precision, false);
+            if self.resident.is_some() {
+                return self.set_params(&host);
+            }
             self.params = self.gpu.upload(&host).map_err(cuda)?;
             return self.refresh_copies();
         }
-        let host = self.gpu.download(&self.params).map_err(cuda)?;
+        let host = self.params_to_host()?;
         let ctx = self.gpu.context();
         let n = self.layout.size;
         // SAFETY: cuMemHostAlloc of n * 4 bytes (flags 0: cached, the host
@@ -567,14 +686,8 @@ impl GpuModel {
         m[..n].copy_from_slice(&host);
         m[n..].fill(0.0);
         self.host_master = Some(master);
-        if self.precision == GpuPrecision::Bf16 {
-            let res = self.f32_resident();
-            let len: usize = res.iter().map(|r| r.1).sum();
-            let mut packed = vec![0f32; len.max(1)];
-            for &(off, l, at) in &res {
-                packed[at..at + l].copy_from_slice(&host[off..off + l]);
-            }
-            self.params = self.gpu.upload(&packed).map_err(cuda)?;
+        if let Some(res) = f32_packed(&self.layout, self.precision, true) {
+            self.params = self.gpu.upload(&pack(&host, &res)).map_err(cuda)?;
             self.resident = Some(res);
         }
         Ok(())
@@ -787,8 +900,10 @@ impl GpuModel {
             launch::add_bias_f32(&self.gpu, &mut out, &self.w32(b)?, n, l.out).map_err(cuda)?;
         }
         if let Some(lo) = l.lora.as_ref().filter(|lo| lo.enabled) {
-            // out += (s x A^T) B^T.
-            let xa = self.lora_down(x, l, lo, n)?;
+            // out += (s d(x) A^T) B^T, d the training forward's dropout.
+            let mask = self.dropout_mask(lo, n, l.inp)?;
+            let xd = self.dropped(x, mask.as_ref(), n * l.inp)?;
+            let xa = self.lora_down(xd.as_ref().unwrap_or(x), l, lo, n)?;
             let sb = MatmulShape {
                 m: n,
                 k: lo.r,
@@ -800,6 +915,30 @@ impl GpuModel {
             self.product(&mut out.slice_mut(..n * l.out), &xa, self.weight(lo.b), sb, None)?;
         }
         Ok(out)
+    }
+
+    /// The adapter's scaled dropout mask `[n, inp]` in a training forward
+    /// (drawn on the host by [`crate::lora::dropout_mask`], the CPU's), or
+    /// `None`.
+    fn dropout_mask(&self, lo: &LoraSlots, n: usize, inp: usize) -> Result<Option<CudaSlice<f32>>> {
+        match lo.dropout {
+            Some(d) => Ok(Some(
+                self.gpu
+                    .upload(&crate::lora::dropout_mask(d, lo.a.off, n, inp))
+                    .map_err(cuda)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// `x * mask` (a copy), or `None` without a mask.
+    fn dropped(&self, x: &CudaSlice<f32>, mask: Option<&CudaSlice<f32>>, len: usize) -> Result<Option<CudaSlice<f32>>> {
+        let Some(m) = mask else {
+            return Ok(None);
+        };
+        let mut xd = self.gpu.clone_dtod(x).map_err(cuda)?;
+        launch::mul_inplace_f32(&self.gpu, &mut xd, m, len).map_err(cuda)?;
+        Ok(Some(xd))
     }
 
     /// A LoRA adapter's scaled low-rank activation `s x A^T` [n, r].
@@ -1358,14 +1497,17 @@ impl GpuModel {
             GpuPrecision::Bf16 => Some(self.to_bf16(dy, n * l.out)?),
             GpuPrecision::F32 => None,
         };
-        if !l.frozen {
+        if !l.frozen && self.trains(w) {
             self.weight_grad(grads, w, dy, x, sw, dy16.as_ref())?;
-            if let Some(b) = l.b {
+            if let Some(b) = l.b.filter(|b| self.trains(*b)) {
                 launch::bias_grad_f32(g, &mut grads.slice_mut(b.off..b.off + b.len), dy, n, l.out).map_err(cuda)?;
             }
         }
         let dxa = match l.lora.as_ref().filter(|lo| lo.enabled) {
-            Some(lo) => Some((self.lora_back(grads, dy, x, l, lo, n)?, lo.a, lo.r)),
+            Some(lo) => {
+                let (dxa, mask) = self.lora_back(grads, dy, x, l, lo, n)?;
+                Some((dxa, mask, lo.a, lo.r))
+            }
             None => None,
         };
         let mut owned = None;
@@ -1377,9 +1519,9 @@ impl GpuModel {
             None => owned.insert(self.zeros(n * l.inp)?),
         };
         self.product(&mut dx.slice_mut(..n * l.inp), dy, self.weight(w), sx, dy16.as_ref())?;
-        if let Some((dxa, a, r)) = dxa {
-            // dx += (s dy B) A.
-            let sa = MatmulShape {
+        if let Some((dxa, mask, a, r)) = dxa {
+            // dx += (s dy B) A, times the dropout mask when there is one.
+            let mut sa = MatmulShape {
                 m: n,
                 k: r,
                 n: l.inp,
@@ -1387,7 +1529,16 @@ impl GpuModel {
                 trans_b: false,
                 accumulate: true,
             };
-            self.product(&mut dx.slice_mut(..n * l.inp), &dxa, self.weight(a), sa, None)?;
+            match mask {
+                None => self.product(&mut dx.slice_mut(..n * l.inp), &dxa, self.weight(a), sa, None)?,
+                Some(m) => {
+                    sa.accumulate = false;
+                    let mut dxd = self.zeros(n * l.inp)?;
+                    self.product(&mut dxd.slice_mut(..n * l.inp), &dxa, self.weight(a), sa, None)?;
+                    launch::mul_inplace_f32(g, &mut dxd, &m, n * l.inp).map_err(cuda)?;
+                    launch::add_inplace_f32(g, dx, &dxd, n * l.inp).map_err(cuda)?;
+                }
+            }
         }
         Ok(owned)
     }
@@ -1423,8 +1574,10 @@ impl GpuModel {
         }
     }
 
-    /// A LoRA adapter's backward: `dB += dy^T (s x A^T)`, `dA += dxa^T x`
-    /// with `dxa = s dy B` [n, r], which it returns (for `dx += dxa A`).
+    /// A LoRA adapter's backward: `dB += dy^T (s xd A^T)`, `dA += dxa^T
+    /// xd` with `dxa = s dy B` [n, r] and `xd` the input after the
+    /// forward's dropout; returns `dxa` and the dropout mask (for `dx +=
+    /// mask * (dxa A)`).
     fn lora_back(
         &self,
         grads: &mut CudaSlice<f32>,
@@ -1433,7 +1586,10 @@ impl GpuModel {
         l: &Linear,
         lo: &LoraSlots,
         n: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+        let mask = self.dropout_mask(lo, n, l.inp)?;
+        let xd = self.dropped(x, mask.as_ref(), n * l.inp)?;
+        let x = xd.as_ref().unwrap_or(x);
         let xa = self.lora_down(x, l, lo, n)?;
         let sb = MatmulShape {
             m: l.out,
@@ -1464,10 +1620,17 @@ impl GpuModel {
             accumulate: true,
         };
         self.weight_grad(grads, lo.a, &dxa, x, sa, None)?;
-        Ok(dxa)
+        Ok((dxa, mask))
     }
 
-    /// RMSNorm backward: `dx` assigned, the weight's gradient accumulated.
+    /// Whether slot `s` is in the trainable prefix, the part of the layout
+    /// the gradient buffer covers.
+    fn trains(&self, s: Slot) -> bool {
+        s.off + s.len <= self.layout.trainable
+    }
+
+    /// RMSNorm backward: `dx` assigned, the weight's gradient accumulated
+    /// (into a scratch buffer for a frozen weight).
     fn norm_back(
         &self,
         grads: &mut CudaSlice<f32>,
@@ -1479,18 +1642,14 @@ impl GpuModel {
         c: usize,
     ) -> Result<CudaSlice<f32>> {
         let mut dx = self.zeros(rows * c)?;
-        launch::rmsnorm_backward_f32(
-            &self.gpu,
-            &mut dx,
-            &mut grads.slice_mut(w.off..w.off + w.len),
-            dy,
-            x,
-            &self.w32(w)?,
-            rstd,
-            rows,
-            c,
-        )
-        .map_err(cuda)?;
+        let mut scratch;
+        let mut dw = if self.trains(w) {
+            grads.slice_mut(w.off..w.off + w.len)
+        } else {
+            scratch = self.zeros(w.len)?;
+            scratch.slice_mut(..w.len)
+        };
+        launch::rmsnorm_backward_f32(&self.gpu, &mut dx, &mut dw, dy, x, &self.w32(w)?, rstd, rows, c).map_err(cuda)?;
         Ok(dx)
     }
 
@@ -1683,19 +1842,34 @@ impl GpuModel {
             };
             let x = self.head_operands(&sc.hidden, &sc.hidden16)?;
             let head = self.layout.lm_head;
-            lmhead::lm_head_logprob_backward_f32(
-                g,
-                &mut dh_rows,
-                &mut grads.slice_mut(head.off..head.off + head.len),
-                &x,
-                &sc.targets,
-                &sc.lse,
-                &sc.entropy,
-                dlogp,
-                de,
-                &plan,
-            )
-            .map_err(cuda)?;
+            if self.trains(head) {
+                lmhead::lm_head_logprob_backward_f32(
+                    g,
+                    &mut dh_rows,
+                    &mut grads.slice_mut(head.off..head.off + head.len),
+                    &x,
+                    &sc.targets,
+                    &sc.lse,
+                    &sc.entropy,
+                    dlogp,
+                    de,
+                    &plan,
+                )
+                .map_err(cuda)?;
+            } else {
+                lmhead::lm_head_logprob_backward_dhidden_f32(
+                    g,
+                    &mut dh_rows,
+                    &x,
+                    &sc.targets,
+                    &sc.lse,
+                    &sc.entropy,
+                    dlogp,
+                    de,
+                    &plan,
+                )
+                .map_err(cuda)?;
+            }
         }
         let mut dhidden = self.zeros(n * c)?;
         launch::embedding_backward_f32(g, &mut dhidden, &dh_rows, TokenIds::Host(&sc.rows), nr, n, c).map_err(cuda)?;
@@ -1735,7 +1909,7 @@ impl GpuModel {
                     moe_layer::moe_layer_backward(g, &mut dln2, &mut gr.view_mut(), &dx, &a.ln2, &w, buf, aux.as_ref())
                         .map_err(cuda)?;
                     // A LoRA layout freezes the router and the experts.
-                    if self.layout.lora.is_none() {
+                    if self.trains(*router) {
                         self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
                     }
                 }
@@ -1750,16 +1924,18 @@ impl GpuModel {
             launch::add_inplace_f32(g, &mut dx, &din, n * c).map_err(cuda)?;
         }
         let e = self.layout.embed;
-        launch::embedding_backward_f32(
-            g,
-            &mut grads.slice_mut(e.off..e.off + e.len),
-            &dx,
-            TokenIds::Host(&ids),
-            n,
-            v,
-            c,
-        )
-        .map_err(cuda)?;
+        if self.trains(e) {
+            launch::embedding_backward_f32(
+                g,
+                &mut grads.slice_mut(e.off..e.off + e.len),
+                &dx,
+                TokenIds::Host(&ids),
+                n,
+                v,
+                c,
+            )
+            .map_err(cuda)?;
+        }
         Ok(())
     }
 
@@ -1827,9 +2003,23 @@ impl GpuModel {
 
 /// The optimizer's device side.
 impl GpuModel {
-    /// Zeroed AdamW moments for this model (two flat f32 buffers).
+    /// Zeroed AdamW moments for this model (two flat f32 buffers over the
+    /// trainable prefix).
     pub fn new_moments(&self) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-        Ok((self.zeros(self.layout.size)?, self.zeros(self.layout.size)?))
+        let n = self.layout.trainable;
+        Ok((self.zeros(n)?, self.zeros(n)?))
+    }
+
+    /// The device bytes the parameters, the bf16 copy and the gradient
+    /// buffer hold now, counted from the buffers' lengths (`moments` 0:
+    /// [`crate::Policy::param_bytes`] adds those of its moments).
+    pub fn param_bytes(&self) -> ParamBytes {
+        ParamBytes {
+            weights: 4 * self.params.len() as u64,
+            weights_bf16: 2 * self.params16.as_ref().map_or(0, |p| p.len()) as u64,
+            grads: 4 * self.grads.as_ref().map_or(0, |g| g.len()) as u64,
+            moments: 0,
+        }
     }
 
     /// The global L2 norm of the trainable gradients (one f64 read back).

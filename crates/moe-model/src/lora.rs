@@ -43,9 +43,10 @@ pub struct LoraConfig {
     /// either).
     #[serde(default = "default_targets")]
     pub target_modules: Vec<String>,
-    /// Dropout on the adapter's input (`lora_dropout`; PEFT's default 0).
-    /// Only 0 can be trained: dropout is not implemented (an adapter trained
-    /// with dropout loads, since dropout is the identity at inference).
+    /// Dropout on the adapter's input in training forwards (`lora_dropout`;
+    /// PEFT's default 0): `s B (A dropout(x))` with inverted scaling, a
+    /// fresh mask each step ([`Layout::set_lora_dropout`]); rollouts,
+    /// scoring and evaluation apply none.
     #[serde(default)]
     pub dropout: f32,
     /// `s = alpha / sqrt(r)` instead of `alpha / r` (`use_rslora`; PEFT's
@@ -111,20 +112,10 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// As [`LoraConfig::validate`], and refuses what training cannot do
-    /// (dropout above 0).
+    /// As [`LoraConfig::validate`], for a training config (every valid
+    /// value trains, dropout included).
     pub fn validate_for_training(&self, what: &Path) -> Result<()> {
-        self.validate(what)?;
-        if self.dropout > 0.0 {
-            return Err(Error::Config {
-                path: what.to_path_buf(),
-                msg: format!(
-                    "lora dropout {} is not implemented; set it to 0 (dropout only regularises, the update is the same)",
-                    self.dropout
-                ),
-            });
-        }
-        Ok(())
+        self.validate(what)
     }
 
     /// Whether the module `name` (e.g. `model.layers.0.self_attn.q_proj`)
@@ -299,6 +290,69 @@ pub struct LoraSlots {
     /// False while the adapter is disabled (the base model alone computes:
     /// the KL reference of a LoRA run, with no second copy of the weights).
     pub enabled: bool,
+    /// Dropout on the adapter's input in training forwards
+    /// ([`Layout::set_lora_dropout`]); `None` otherwise.
+    pub dropout: Option<LoraDropout>,
+}
+
+/// LoRA dropout of one training forward: PEFT's placement, `s B (A
+/// dropout(x))`, inverted scaling (kept inputs times `1 / (1 - p)`), the
+/// mask drawn from `seed` by a counter-based hash so that the CPU and the
+/// GPU (and a backward, or a recomputed forward) draw the same one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraDropout {
+    /// Probability of dropping an input (`lora_dropout`), in `(0, 1)`.
+    pub p: f32,
+    /// The step's seed.
+    pub seed: u64,
+}
+
+/// SplitMix64's finaliser.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A training forward's dropout seed from its token ids and `salt` (the
+/// caller's counters: iteration, minibatch, micro-batch): a fresh mask for
+/// every batch, the same on a rerun or a resume, and different on
+/// data-parallel ranks (different data).
+pub fn dropout_seed(ids: &[u32], salt: u64) -> u64 {
+    ids.iter().fold(mix64(salt), |h, &x| mix64(h ^ u64::from(x)))
+}
+
+/// The scaled dropout mask `[n, inp]` of the adapter whose `lora_A` sits
+/// at element `a_off` of the layout (the linear's identity), for rows of
+/// `inp` inputs: element `i` is `1 / (1 - p)` when `u_i >= p` and 0
+/// otherwise, with `u_i` the top 24 bits of `mix64(mix64(seed ^
+/// mix64(a_off)) + i)` over 2^24 (exact in f32).
+pub fn dropout_mask(d: LoraDropout, a_off: usize, n: usize, inp: usize) -> Vec<f32> {
+    let key = mix64(d.seed ^ mix64(a_off as u64));
+    let keep = 1.0 / (1.0 - d.p);
+    (0..(n * inp) as u64)
+        .map(|i| {
+            let u = (mix64(key.wrapping_add(i)) >> 40) as f32 / (1u32 << 24) as f32;
+            if u >= d.p {
+                keep
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// `x` times the adapter's dropout mask when it has one (the CPU twin of
+/// the GPU's `mul_inplace_f32` with the same mask).
+pub(crate) fn apply_dropout<'a>(x: &'a [f32], lo: &LoraSlots, n: usize, inp: usize) -> std::borrow::Cow<'a, [f32]> {
+    match lo.dropout {
+        Some(d) => {
+            let m = dropout_mask(d, lo.a.off, n, inp);
+            std::borrow::Cow::Owned(x.iter().zip(&m).map(|(a, b)| a * b).collect())
+        }
+        None => std::borrow::Cow::Borrowed(x),
+    }
 }
 
 /// PEFT's saved name of a LoRA tensor of `module` (`which` is `A` or `B`).
@@ -452,13 +506,36 @@ impl Layout {
     /// and backward compute the base model alone (PEFT's
     /// `disable_adapter`). Returns false when the layout has no adapters.
     pub fn set_adapters_enabled(&mut self, on: bool) -> bool {
+        self.for_each_adapter(|lo| lo.enabled = on)
+    }
+
+    /// Dropout on the adapters' inputs for the training forwards to come
+    /// (`Some(seed)`: each adapted linear draws its mask from `seed`, see
+    /// [`dropout_mask`]), or none (`None`: rollouts, scoring, evaluation).
+    /// A no-op without adapters or with `dropout` 0, whose forward is
+    /// exactly the one without dropout. Returns whether dropout is now on.
+    pub fn set_lora_dropout(&mut self, seed: Option<u64>) -> bool {
+        let p = self.lora.as_ref().map_or(0.0, |l| l.dropout);
+        let d = seed.filter(|_| p > 0.0).map(|seed| LoraDropout { p, seed });
+        self.for_each_adapter(|lo| lo.dropout = d) && d.is_some()
+    }
+
+    /// The dropout the adapters apply now (see [`Layout::set_lora_dropout`]).
+    pub fn lora_dropout(&self) -> Option<LoraDropout> {
+        adapted_linears(self)
+            .iter()
+            .find_map(|l| l.lora.and_then(|lo| lo.dropout))
+    }
+
+    /// Calls `f` on every adapter; false when the layout has none.
+    fn for_each_adapter(&mut self, mut f: impl FnMut(&mut LoraSlots)) -> bool {
         use crate::params::{AttnSlots, FfnSlots};
         if self.lora.is_none() {
             return false;
         }
         let mut set = |l: &mut Linear| {
             if let Some(lo) = &mut l.lora {
-                lo.enabled = on;
+                f(lo);
             }
         };
         for layer in &mut self.layers {

@@ -38,9 +38,9 @@ pub struct MemoryPlan {
     pub weights: u64,
     /// The bf16 copy the products read (bf16 precision): 2 bytes a parameter.
     pub weights_bf16: u64,
-    /// f32 gradients: 4 bytes a parameter (training).
+    /// f32 gradients: 4 bytes a trainable parameter (training).
     pub grads: u64,
-    /// AdamW's two f32 moments: 8 bytes a parameter (training).
+    /// AdamW's two f32 moments: 8 bytes a trainable parameter (training).
     pub moments: u64,
     /// What the forward keeps for the backward, for `Workload::tokens`.
     pub activations: u64,
@@ -71,6 +71,33 @@ impl MemoryPlan {
                 self.weights = 4 * kept as u64;
             }
             self.host_pinned = crate::offload::host_bytes(layout.size, layout.trainable, bucket_elems, bf16);
+        }
+        self
+    }
+
+    /// The plan for the layout a run trains: unchanged for a full model;
+    /// for a LoRA layout ([`Layout::with_lora`]) what
+    /// [`crate::gpu::GpuModel`] allocates then: the bf16 copy of every
+    /// parameter (base and adapters), in f32 only the adapters and the
+    /// frozen base's tensors read in f32 ([`crate::gpu::f32_packed`]; in
+    /// f32 precision every parameter), and gradients and moments of the
+    /// adapters alone. Apply before [`MemoryPlan::with_offload`].
+    pub fn with_lora(mut self, layout: &Layout, precision: Precision) -> MemoryPlan {
+        if layout.lora.is_none() {
+            return self;
+        }
+        let (p, a) = (layout.size as u64, layout.trainable as u64);
+        let gp = match precision {
+            Precision::F32 => crate::gpu::GpuPrecision::F32,
+            Precision::Bf16 => crate::gpu::GpuPrecision::Bf16,
+        };
+        self.params = layout.size;
+        self.weights =
+            4 * crate::gpu::f32_packed(layout, gp, false).map_or(p, |res| res.iter().map(|r| r.1 as u64).sum());
+        self.weights_bf16 = if precision == Precision::Bf16 { 2 * p } else { 0 };
+        if self.grads > 0 {
+            self.grads = 4 * a;
+            self.moments = 8 * a;
         }
         self
     }
@@ -209,8 +236,9 @@ pub fn memory_plan(cfg: &ModelConfig, precision: Precision, w: &Workload) -> Mem
         params: layout.size,
         weights: 4 * p,
         weights_bf16: if precision == Precision::Bf16 { 2 * p } else { 0 },
-        grads: if w.training { 4 * p } else { 0 },
-        moments: if w.training { 8 * p } else { 0 },
+        // The trainable prefix only (frozen tensors have no gradient).
+        grads: if w.training { 4 * layout.trainable as u64 } else { 0 },
+        moments: if w.training { 8 * layout.trainable as u64 } else { 0 },
         // (Scoring keeps what the training forward keeps.)
         activations: kept * w.tokens as u64,
         kv_cache: w.kv_tokens as u64 * cfg.num_layers as u64 * hk * (dk + dv) as u64 * 4,

@@ -513,7 +513,11 @@ impl Model {
             residual(&mut dx, &dx_part)?;
         }
         let _prof = profile::scope(Phase::Embedding);
-        cpu::embedding_backward(self.layout.embed.of_mut(grads), &dx, &acts.ids, v, c)?;
+        let e = self.layout.embed;
+        // A frozen embedding (a LoRA layout) needs no gradient.
+        if e.off + e.len <= self.layout.trainable {
+            cpu::embedding_backward(e.of_mut(grads), &dx, &acts.ids, v, c)?;
+        }
         Ok(())
     }
 

@@ -113,8 +113,7 @@ pub struct HostOptimizer {
     copy: Arc<CudaStream>,
     /// Elements of the trainable prefix.
     trainable: usize,
-    /// Elements of the whole parameter buffer (the host copies of the
-    /// moments cover it, zeros past the trainable prefix).
+    /// Elements of the whole parameter buffer (to check the model).
     size: usize,
     timing: OffloadTiming,
 }
@@ -259,10 +258,10 @@ impl HostOptimizer {
         std::mem::take(&mut self.timing)
     }
 
-    /// Host copies `(m, v)` over the whole parameter buffer (zeros past the
-    /// trainable prefix, as the device optimizer's moments are).
+    /// Host copies `(m, v)` of the trainable prefix (as the device
+    /// optimizer's moments cover it).
     pub fn moments_to_host(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut m, mut v) = (vec![0f32; self.size], vec![0f32; self.size]);
+        let (mut m, mut v) = (vec![0f32; self.trainable], vec![0f32; self.trainable]);
         for (i, r) in self.buckets.iter().enumerate() {
             m[r.clone()].copy_from_slice(&read_pinned(&self.m[i])?[..r.len()]);
             v[r.clone()].copy_from_slice(&read_pinned(&self.v[i])?[..r.len()]);

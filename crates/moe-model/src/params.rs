@@ -218,6 +218,7 @@ impl Builder {
                     r,
                     scale,
                     enabled: true,
+                    dropout: None,
                 })
             }
             _ => None,

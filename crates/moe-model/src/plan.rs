@@ -14,6 +14,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{input_err, Result};
+use crate::lora::LoraConfig;
 use crate::memory::{memory_plan, MemoryPlan, Workload};
 use crate::params::Layout;
 use crate::policy::Precision;
@@ -124,8 +125,9 @@ pub enum Strategy {
     /// and the gradients; gradients go to the host and updated bf16 weights
     /// come back every step.
     Offload,
-    /// LoRA adapters of rank `rank` on every linear of the decoder layers;
-    /// the base weights stay frozen in bf16, only the adapters train.
+    /// LoRA adapters of rank `rank` on the linears the GPU model adapts
+    /// ([`plan_lora_config`]); the base weights stay frozen in bf16, only
+    /// the adapters train.
     Lora {
         /// The adapters' rank.
         rank: usize,
@@ -168,9 +170,36 @@ pub struct ParamCounts {
     /// Parameters one token's forward touches (the routed experts of its
     /// top-k only; the embedding row is not a product and is left out).
     pub active: u64,
-    /// LoRA parameters per unit of rank on every linear of the decoder
-    /// layers (in + out features summed; routed experts included).
+    /// LoRA parameters per unit of rank on the linears of
+    /// [`plan_lora_config`] (in + out features summed).
     pub lora_per_rank: u64,
+}
+
+/// The adapters the LoRA row plans, at rank `rank` (alpha = rank): every
+/// attention projection (GQA's q, k, v, o; MLA's q_a, q_b or q, kv_a,
+/// kv_b, o) and every dense MLP's gate, up and down. Routed experts and
+/// routers are never adapted, and the GPU model does not adapt shared
+/// experts ([`crate::gpu::lora_support`]).
+pub fn plan_lora_config(rank: usize) -> LoraConfig {
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+    LoraConfig {
+        r: rank,
+        alpha: rank as f32,
+        target_modules: targets.iter().map(|t| t.to_string()).collect(),
+        ..LoraConfig::default()
+    }
 }
 
 /// The parameter counts of `cfg`.
@@ -178,18 +207,13 @@ pub fn param_counts(cfg: &ModelConfig) -> ParamCounts {
     let layout = Layout::new(cfg);
     let total = layout.size as u64;
     let mut routed = 0u64;
-    let mut lora = 0u64;
     for e in &layout.entries {
         let n: u64 = e.shape.iter().map(|&d| d as u64).product();
         if e.name.contains(".experts.") {
             routed += n;
         }
-        // The decoder layers' projections ([out, in]; not the router).
-        let linear = e.name.starts_with("model.layers.") && e.name.contains("_proj") && e.name.ends_with(".weight");
-        if linear && e.shape.len() == 2 {
-            lora += (e.shape[0] + e.shape[1]) as u64;
-        }
     }
+    let lora = Layout::with_lora(cfg, &plan_lora_config(1)).map_or(0, |l| l.trainable as u64);
     let embed = (cfg.vocab_size * cfg.hidden_size) as u64;
     let active = match &cfg.moe {
         Some(m) if m.n_experts > 0 => total - embed - routed + routed * m.top_k as u64 / m.n_experts as u64,
@@ -248,6 +272,10 @@ pub fn plan(
         return Err(input_err("--gpus", "must be at least 1"));
     }
     let counts = param_counts(cfg);
+    let lora = match lora_rank {
+        0 => None,
+        r => Some(Layout::with_lora(cfg, &plan_lora_config(r))?),
+    };
     let mut strategies = vec![Strategy::DataParallel];
     if gpus > 1 {
         strategies.push(Strategy::Zero1);
@@ -261,13 +289,15 @@ pub fn plan(
     }
     Ok(strategies
         .into_iter()
-        .map(|s| row(cfg, &counts, gpu, gpus, link, step, s))
+        .map(|s| row(cfg, &counts, lora.as_ref(), gpu, gpus, link, step, s))
         .collect())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn row(
     cfg: &ModelConfig,
     counts: &ParamCounts,
+    lora: Option<&Layout>,
     gpu: GpuSpec,
     gpus: usize,
     link: Interconnect,
@@ -342,12 +372,14 @@ fn row(
             (v, v / bw + pcie)
         }
         Strategy::Lora { rank } => {
-            let a = counts.lora_per_rank * *rank as u64;
-            device.params = (p + a) as usize;
-            device.weights = 4 * a;
-            device.weights_bf16 = 2 * (p + a);
-            device.grads = 4 * a;
-            device.moments = 8 * a;
+            // What a LoRA GpuModel allocates (MemoryPlan::with_lora).
+            let a = match lora {
+                Some(l) => {
+                    device = full.with_lora(l, Precision::Bf16);
+                    l.trainable as u64
+                }
+                None => counts.lora_per_rank * *rank as u64,
+            };
             let v = 2.0 * ring * 4.0 * a as f64;
             (v, v / bw)
         }

@@ -161,6 +161,8 @@ impl std::fmt::Debug for Policy {
 /// What a forward keeps for the backward, on the policy's device.
 pub struct Forward {
     inner: FwdInner,
+    /// The LoRA dropout the forward ran with (its backward uses the same).
+    dropout: Option<crate::lora::LoraDropout>,
 }
 
 enum FwdInner {
@@ -310,6 +312,20 @@ impl Policy {
         }
     }
 
+    /// LoRA dropout (`lora_dropout` of the adapters' config) for the
+    /// training forwards to come: `Some(seed)` draws each adapted linear's
+    /// mask from `seed` (the same on the CPU and a GPU), `None` turns it
+    /// off (rollouts, scoring the old policy or the reference,
+    /// evaluation). A backward uses its forward's mask whatever the
+    /// setting is by then. Returns whether dropout is now on (false
+    /// without adapters or with dropout 0).
+    pub fn set_lora_dropout(&mut self, seed: Option<u64>) -> bool {
+        match &mut self.inner {
+            Inner::Cpu { model, .. } => model.layout.set_lora_dropout(seed),
+            Inner::Gpu(g) => g.set_lora_dropout(seed),
+        }
+    }
+
     /// Whether the policy carries LoRA adapters (then only they train).
     pub fn has_adapters(&self) -> bool {
         self.layout().lora.is_some()
@@ -394,6 +410,7 @@ impl Policy {
     /// [`Model::forward`]).
     pub fn forward(&self, ids: &[u32], b: usize, t: usize) -> Result<Forward> {
         Ok(Forward {
+            dropout: self.layout().lora_dropout(),
             inner: match &self.inner {
                 Inner::Cpu { model, .. } => FwdInner::Cpu(model.forward(ids, b, t)?),
                 Inner::Gpu(g) => FwdInner::Gpu(g.forward(ids, b, t)?),
@@ -443,6 +460,19 @@ impl Policy {
             .map_err(tensor_err)
     }
 
+    /// The device bytes the parameters, their bf16 copy, the gradients and
+    /// `moments` hold, counted from the buffers (zeros on the CPU): what
+    /// [`crate::memory::MemoryPlan`] plans for them.
+    pub fn param_bytes(&self, moments: &Moments) -> crate::gpu::ParamBytes {
+        match &self.inner {
+            Inner::Cpu { .. } => crate::gpu::ParamBytes::default(),
+            Inner::Gpu(g) => crate::gpu::ParamBytes {
+                moments: moments.device_bytes(),
+                ..g.param_bytes()
+            },
+        }
+    }
+
     /// Zeroes the gradient buffer.
     pub fn zero_grad(&mut self) -> Result<()> {
         match &mut self.inner {
@@ -455,13 +485,18 @@ impl Policy {
         }
     }
 
-    /// The gradients on the host (a copy on a GPU).
+    /// The gradients on the host (a copy on a GPU), in the CPU layout:
+    /// the trainable prefix, zeros for the frozen tensors (which have no
+    /// gradient: a GPU keeps none, and the CPU's are discarded).
     pub fn grads_to_host(&self) -> Result<Vec<f32>> {
         match &self.inner {
             Inner::Cpu { model, grads } => Ok(if grads.is_empty() {
                 vec![0.0; model.params.len()]
             } else {
-                grads.clone()
+                let mut g = grads.clone();
+                let tr = model.layout.trainable.min(g.len());
+                g[tr..].fill(0.0);
+                g
             }),
             Inner::Gpu(g) => g.grads_to_host(),
         }
@@ -547,7 +582,27 @@ impl Policy {
         dentropy: Option<&Tensor>,
         aux_coef: f32,
     ) -> Result<()> {
-        match (&mut self.inner, fwd.inner, &scores.inner) {
+        // The backward draws the dropout masks its forward drew.
+        let now = self.layout().lora_dropout();
+        if now != fwd.dropout {
+            self.set_lora_dropout(fwd.dropout.map(|d| d.seed));
+        }
+        let r = self.backward_inner(fwd.inner, scores, dlogp, dentropy, aux_coef);
+        if now != fwd.dropout {
+            self.set_lora_dropout(now.map(|d| d.seed));
+        }
+        r
+    }
+
+    fn backward_inner(
+        &mut self,
+        fwd: FwdInner,
+        scores: &Scores,
+        dlogp: &Tensor,
+        dentropy: Option<&Tensor>,
+        aux_coef: f32,
+    ) -> Result<()> {
+        match (&mut self.inner, fwd, &scores.inner) {
             (Inner::Cpu { model, grads }, FwdInner::Cpu(a), ScoresInner::Cpu { .. }) => {
                 if grads.len() != model.params.len() {
                     grads.clear();
@@ -615,16 +670,18 @@ impl Policy {
         }
     }
 
-    /// Zeroed AdamW moments for this policy, on its device (on the host
-    /// when the optimizer is offloaded).
+    /// Zeroed AdamW moments for this policy's trainable prefix
+    /// ([`Layout::trainable`]: a LoRA policy's adapters), on its device (on
+    /// the host when the optimizer is offloaded).
     pub fn new_moments(&self) -> Result<Moments> {
         if let (Inner::Gpu(g), Some(cfg)) = (&self.inner, self.offload) {
             return Ok(Moments::Offload(Box::new(HostOptimizer::new(g, cfg, None)?)));
         }
+        let n = self.layout().trainable;
         Ok(match &self.inner {
-            Inner::Cpu { model, .. } => Moments::Cpu {
-                m: vec![0.0; model.params.len()],
-                v: vec![0.0; model.params.len()],
+            Inner::Cpu { .. } => Moments::Cpu {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
             },
             Inner::Gpu(g) => {
                 let (m, v) = g.new_moments()?;
@@ -633,15 +690,25 @@ impl Policy {
         })
     }
 
-    /// Moments from host copies (a checkpoint), on this policy's device.
-    pub fn moments_from_host(&self, m: Vec<f32>, v: Vec<f32>) -> Result<Moments> {
-        let n = self.num_params();
-        if m.len() != n || v.len() != n {
+    /// Moments from host copies (a checkpoint), on this policy's device:
+    /// the trainable prefix's ([`Moments::to_host`]), or the whole
+    /// buffer's (checkpoints that stored zeros for the frozen tensors),
+    /// of which the prefix is kept.
+    pub fn moments_from_host(&self, mut m: Vec<f32>, mut v: Vec<f32>) -> Result<Moments> {
+        let (n, tr) = (self.num_params(), self.layout().trainable);
+        let fits = |x: usize| x == tr || x == n;
+        if !fits(m.len()) || m.len() != v.len() {
             return Err(input_err(
                 "optimizer state",
-                format!("{} / {} moments for {n} parameters", m.len(), v.len()),
+                format!(
+                    "{} / {} moments for {tr} trainable parameters (of {n})",
+                    m.len(),
+                    v.len()
+                ),
             ));
         }
+        m.truncate(tr);
+        v.truncate(tr);
         if let (Inner::Gpu(g), Some(cfg)) = (&self.inner, self.offload) {
             return Ok(Moments::Offload(Box::new(HostOptimizer::new(g, cfg, Some((&m, &v)))?)));
         }
@@ -666,6 +733,12 @@ impl Policy {
                 let tr = model.layout.trainable;
                 if grads.len() != model.params.len() {
                     return Err(input_err("optimizer_step", "no gradients: run a backward first"));
+                }
+                if m.len() < tr || v.len() < tr {
+                    return Err(input_err(
+                        "optimizer_step",
+                        format!("{} / {} moments for {tr} trainable parameters", m.len(), v.len()),
+                    ));
                 }
                 grads[tr..].fill(0.0);
                 let norm = cpu::clip_grad_norm(&mut grads[..tr], max_grad_norm);
@@ -706,7 +779,7 @@ impl Policy {
 }
 
 impl Moments {
-    /// Host copies `(m, v)` (for a checkpoint).
+    /// Host copies `(m, v)` of the trainable prefix (for a checkpoint).
     pub fn to_host(&self, gpu_of: &Policy) -> Result<(Vec<f32>, Vec<f32>)> {
         match (self, &gpu_of.inner) {
             (Moments::Cpu { m, v }, _) => Ok((m.clone(), v.clone())),
@@ -717,6 +790,14 @@ impl Moments {
             (Moments::Gpu { .. }, Inner::Cpu { .. }) => {
                 Err(input_err("optimizer state", "device moments for a policy on the CPU"))
             }
+        }
+    }
+
+    /// Device bytes of the two moments (0 on the CPU and offloaded).
+    pub fn device_bytes(&self) -> u64 {
+        match self {
+            Moments::Gpu { m, v } => 4 * (m.len() + v.len()) as u64,
+            Moments::Cpu { .. } | Moments::Offload(_) => 0,
         }
     }
 

@@ -469,3 +469,200 @@ fn lora_adapters_train_on_the_gpu_as_on_the_cpu_cuda() {
     let err = GpuModel::upload(&shared, 0).unwrap_err().to_string();
     assert!(err.contains("shared experts"), "{err}");
 }
+
+/// One scored forward, backward and clipped AdamW step; returns the moments.
+fn train_step(p: &mut Policy, ids: &[u32], b: usize, t: usize) -> aha_moe_model::Moments {
+    let v = p.config().vocab_size as u32;
+    let rows: Vec<u32> = (0..(b * t) as u32).collect();
+    let targets: Vec<u32> = ids.iter().map(|&x| (x + 1) % v).collect();
+    let f = p.forward(ids, b, t).unwrap();
+    let s = p.score(&f, &rows, &targets, 1.0).unwrap();
+    let dl: Vec<f32> = (0..rows.len()).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
+    p.zero_grad().unwrap();
+    let dl = Tensor::from_vec(dl, rows.len(), p.device()).unwrap();
+    p.backward(f, &s, &dl, None, 0.0).unwrap();
+    let mut m = p.new_moments().unwrap();
+    let h = AdamW {
+        lr: 1e-3,
+        ..AdamW::default()
+    };
+    p.optimizer_step(&mut m, &h, 1, 1.0).unwrap();
+    m
+}
+
+/// LoRA saves the memory it plans: after a training step the device
+/// buffers of the weights, the bf16 copy, the gradients and the moments
+/// (counted from their lengths) equal `MemoryPlan::with_lora` for the
+/// layout, in f32 and bf16, and a full-parameter run's equal
+/// `memory_plan`'s; the difference is the frozen base's gradients and
+/// moments (12 bytes a base parameter) and, in bf16, its f32 master weights
+/// but for the tensors read in f32. The gradients of frozen tensors are
+/// zero (none is kept), and the base weights do not move.
+#[test]
+fn lora_holds_only_the_planned_device_memory_cuda() {
+    if skip("lora_holds_only_the_planned_device_memory_cuda") {
+        return;
+    }
+    use aha_moe_model::memory::{memory_plan, Workload};
+    let base = fixture("qwen2-tiny");
+    let lora = with_trained_lora(base.clone(), &["q_proj", "v_proj", "o_proj", "mlp.down_proj"]);
+    let (b, t) = (2, 9);
+    let v = base.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..b * t).map(|i| (i as u32).wrapping_mul(2_654_435_761) % v).collect();
+    let w = Workload {
+        tokens: b * t,
+        scored: b * t,
+        kv_tokens: 0,
+        training: true,
+        recompute: false,
+    };
+    let (p, a) = (base.layout.size as u64, lora.layout.trainable as u64);
+    // The frozen base's tensors read in f32: the embedding (tied head),
+    // q/k/v biases and the norms.
+    let r: u64 = aha_moe_model::gpu::f32_resident(&lora.layout)
+        .iter()
+        .map(|x| x.1 as u64)
+        .sum();
+    let c = base.config.hidden_size as u64;
+    let kvw = (base.config.num_kv_heads * base.config.head_dim) as u64;
+    let layers = base.config.num_layers as u64;
+    assert_eq!(r, v as u64 * c + layers * (2 * c + c + 2 * kvw) + c);
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut full = Policy::new(base.clone(), Device::Cuda(0), precision).unwrap();
+        let mf = train_step(&mut full, &ids, b, t);
+        let got_full = full.param_bytes(&mf);
+        let plan_full = memory_plan(&base.config, precision, &w);
+        let mut ad = Policy::new(lora.clone(), Device::Cuda(0), precision).unwrap();
+        let ml = train_step(&mut ad, &ids, b, t);
+        let got = ad.param_bytes(&ml);
+        let plan = memory_plan(&lora.config, precision, &w).with_lora(&lora.layout, precision);
+        eprintln!(
+            "{precision}: full {got_full:?}, LoRA {got:?} ({a} of {} parameters trained)",
+            p + a
+        );
+        let parts = |x: &aha_moe_model::memory::MemoryPlan| (x.weights, x.weights_bf16, x.grads, x.moments);
+        let held = |x: &aha_moe_model::gpu::ParamBytes| (x.weights, x.weights_bf16, x.grads, x.moments);
+        assert_eq!(
+            held(&got_full),
+            parts(&plan_full),
+            "{precision}: full-parameter run vs its plan"
+        );
+        assert_eq!(held(&got), parts(&plan), "{precision}: LoRA run vs its plan");
+        let sum = |x: &aha_moe_model::gpu::ParamBytes| x.weights + x.weights_bf16 + x.grads + x.moments;
+        let saved = sum(&got_full) as i64 - sum(&got) as i64;
+        let expected = match precision {
+            // Full: 4 + 4 + 8 bytes a base parameter; LoRA: every f32
+            // weight, and 4 + 8 more an adapter parameter.
+            Precision::F32 => 16 * p as i64 - (4 * (p + a) + 12 * a) as i64,
+            // Full: 4 + 2 + 4 + 8; LoRA: the bf16 copy of all, f32 of the
+            // adapters and the f32-read base tensors, 4 + 8 an adapter.
+            Precision::Bf16 => 18 * p as i64 - (2 * (p + a) + 4 * (a + r) + 12 * a) as i64,
+        };
+        eprintln!("{precision}: LoRA holds {saved} bytes fewer than the full-parameter run");
+        assert_eq!(saved, expected, "{precision}");
+        assert!(saved > 0);
+        // No gradient past the adapters, and the base does not move.
+        let g = ad.grads_to_host().unwrap();
+        let tr = lora.layout.trainable;
+        assert!(g[tr..].iter().all(|&x| x == 0.0));
+        assert!(g[..tr].iter().any(|&x| x != 0.0));
+        let after = ad.params_to_host().unwrap();
+        let round = |x: f32| match precision {
+            Precision::F32 => x,
+            Precision::Bf16 => half::bf16::from_f32(x).to_f32(),
+        };
+        for e in lora.layout.entries.iter().filter(|e| !e.trainable) {
+            let want: Vec<f32> = e.slot.of(&lora.params).iter().map(|&x| round(x)).collect();
+            let kept_f32 = aha_moe_model::gpu::f32_resident(&lora.layout)
+                .iter()
+                .any(|&(off, len, _)| e.slot.off >= off && e.slot.off + e.slot.len <= off + len);
+            let want = if kept_f32 {
+                e.slot.of(&lora.params).to_vec()
+            } else {
+                want
+            };
+            assert_eq!(e.slot.of(&after), &want[..], "{precision}: {} moved", e.name);
+        }
+        assert_ne!(
+            &after[..tr],
+            &lora.params[..tr],
+            "{precision}: the adapters did not move"
+        );
+        // Into offload and back: the same weights, and the same buffers
+        // as before once back.
+        ad.set_offload_optimizer(Some(aha_moe_model::OffloadConfig::default()))
+            .unwrap();
+        assert_eq!(ad.params_to_host().unwrap(), after, "{precision}: offloaded");
+        ad.set_offload_optimizer(None).unwrap();
+        assert_eq!(ad.params_to_host().unwrap(), after, "{precision}: back on the device");
+        assert_eq!(
+            held(&ad.param_bytes(&ml)),
+            parts(&plan),
+            "{precision}: back on the device"
+        );
+    }
+}
+
+/// LoRA dropout on the GPU draws the CPU's masks: with the same seed the
+/// log-probs and the adapters' gradients agree within 1e-4 (f32), with and
+/// without per-layer recomputation, and the backward uses its forward's
+/// masks even after dropout is turned off (as the trainer does before
+/// scoring anything else); off, the GPU computes as without dropout.
+#[test]
+fn lora_dropout_on_the_gpu_matches_the_cpu_cuda() {
+    if skip("lora_dropout_on_the_gpu_matches_the_cpu_cuda") {
+        return;
+    }
+    let base = fixture("qwen2-tiny");
+    let cfg = aha_moe_model::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: ["q_proj", "v_proj", "o_proj", "down_proj"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        dropout: 0.25,
+        ..Default::default()
+    };
+    let mut model = base.with_lora(&cfg, 5).unwrap();
+    let tr = model.layout.trainable;
+    for (i, v) in model.params[..tr].iter_mut().enumerate() {
+        *v = ((i * 131 % 23) as f32 - 11.0) * 0.01;
+    }
+    let (b, t) = (2, 9);
+    let v = model.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..b * t).map(|i| (i as u32).wrapping_mul(2_654_435_761) % v).collect();
+    let rows: Vec<u32> = (0..(b * t) as u32).collect();
+    let targets: Vec<u32> = ids.iter().map(|&x| (x + 1) % v).collect();
+    let dl: Vec<f32> = (0..rows.len()).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
+    let run = |p: &mut Policy, seed: Option<u64>| {
+        p.set_lora_dropout(seed);
+        let f = p.forward(&ids, b, t).unwrap();
+        p.set_lora_dropout(None);
+        let s = p.score(&f, &rows, &targets, 1.0).unwrap();
+        let lp = s.logp.to_vec::<f32>().unwrap();
+        p.zero_grad().unwrap();
+        let d = Tensor::from_vec(dl.clone(), rows.len(), p.device()).unwrap();
+        p.backward(f, &s, &d, None, 0.0).unwrap();
+        (lp, p.grads_to_host().unwrap())
+    };
+    let mut cpu = Policy::new(model.clone(), Device::Cpu, Precision::F32).unwrap();
+    let mut gpu = Policy::new(model.clone(), Device::Cuda(0), Precision::F32).unwrap();
+    let mut gpu_re = Policy::new(model.clone(), Device::Cuda(0), Precision::F32).unwrap();
+    gpu_re.set_recompute(true);
+    let (lc, gc) = run(&mut cpu, Some(21));
+    let (plain, _) = run(&mut cpu, None);
+    assert!(lc.iter().zip(&plain).any(|(a, b)| a != b), "dropout changed nothing");
+    for (what, p) in [("GPU", &mut gpu), ("GPU, recomputed", &mut gpu_re)] {
+        let (lg, gg) = run(p, Some(21));
+        let worst = lc.iter().zip(&lg).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        eprintln!("LoRA dropout 0.25, {what}: worst |logp - CPU| = {worst:.3e}");
+        assert!(worst <= 1e-4, "{what}: log-probs differ by {worst}");
+        let (worst, at) = worst_relative(&model, &gg, &gc);
+        eprintln!("LoRA dropout 0.25, {what}: gradients: worst |GPU - CPU| / max |CPU| = {worst:.3e} ({at})");
+        assert!(worst <= 1e-4, "{what}: gradient of {at} differs by {worst}");
+        let (lo, _) = run(p, None);
+        let worst = plain.iter().zip(&lo).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(worst <= 1e-4, "{what}: without dropout, log-probs differ by {worst}");
+    }
+}

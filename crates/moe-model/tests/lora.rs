@@ -343,12 +343,105 @@ fn refusals_name_the_file_and_the_key() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("4 missing") && err.contains("k_proj.lora_A"), "{err}");
-    // Dropout loads (identity at inference) but cannot be trained.
+    // Dropout in [0, 1) loads and trains; 1 is refused naming the file.
     let c = LoraConfig {
         dropout: 0.05,
         ..LoraConfig::default()
     };
     assert!(c.validate(Path::new("x.toml")).is_ok());
+    assert!(c.validate_for_training(Path::new("x.toml")).is_ok());
+    let c = LoraConfig { dropout: 1.0, ..c };
     let err = c.validate_for_training(Path::new("x.toml")).unwrap_err().to_string();
     assert!(err.contains("dropout") && err.contains("x.toml"), "{err}");
+}
+
+/// qwen2-tiny with adapters on q, v, o and down_proj (dropout `p`), every
+/// adapter value small and non-zero (so every gradient path is exercised).
+fn adapted_with_dropout(p: f32) -> Model {
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: ["q_proj", "v_proj", "o_proj", "down_proj"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        dropout: p,
+        ..LoraConfig::default()
+    };
+    let mut m = Model::load(&dir("qwen2-tiny")).unwrap().with_lora(&cfg, 5).unwrap();
+    let tr = m.layout.trainable;
+    for (i, v) in m.params[..tr].iter_mut().enumerate() {
+        *v = ((i * 131 % 23) as f32 - 11.0) * 0.01;
+    }
+    m
+}
+
+/// LoRA dropout: 0 is the path without dropout exactly; above 0 a training
+/// forward draws its masks from the seed (the same seed twice gives the
+/// same loss, another seed another), and with dropout off again (rollouts,
+/// scoring, evaluation) the model computes as if it had none.
+#[test]
+fn lora_dropout_is_seeded_in_training_and_absent_otherwise() {
+    let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % 200).collect();
+    let (b, t) = (2, 12);
+    let loss = |m: &Model| {
+        let mut g = vec![0f32; m.params.len()];
+        let l = m.next_token_loss(&ids, b, t, &mut g).unwrap();
+        (l, g)
+    };
+    let mut zero = adapted_with_dropout(0.0);
+    let plain = loss(&zero);
+    assert!(!zero.layout.set_lora_dropout(Some(3)), "dropout 0 turns nothing on");
+    assert_eq!(loss(&zero), plain, "dropout 0 changes nothing");
+    let mut m = adapted_with_dropout(0.3);
+    assert_eq!(m.params, zero.params);
+    assert_eq!(loss(&m), plain, "no dropout outside training forwards");
+    assert!(m.layout.set_lora_dropout(Some(3)));
+    let a = loss(&m);
+    assert_ne!(a.0, plain.0, "dropout 0.3 changed nothing");
+    assert_eq!(loss(&m), a, "the same seed draws the same masks");
+    m.layout.set_lora_dropout(Some(4));
+    assert_ne!(loss(&m).0, a.0, "another seed, the same masks");
+    assert!(!m.layout.set_lora_dropout(None));
+    assert_eq!(loss(&m), plain, "dropout off again: evaluation is unaffected");
+}
+
+/// With a seed fixed, the masks are fixed and the loss is a smooth function
+/// of the adapters: its gradient (through the masked inputs) matches
+/// central finite differences.
+#[test]
+fn lora_dropout_gradients_match_finite_differences() {
+    let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % 200).collect();
+    let (b, t) = (2, 12);
+    let mut m = adapted_with_dropout(0.3);
+    assert!(m.layout.set_lora_dropout(Some(17)));
+    let mut g = vec![0f32; m.params.len()];
+    m.next_token_loss(&ids, b, t, &mut g).unwrap();
+    let tr = m.layout.trainable;
+    // The 12 largest adapter gradients, A and B alike.
+    let mut order: Vec<usize> = (0..tr).collect();
+    order.sort_by(|&i, &j| g[j].abs().total_cmp(&g[i].abs()));
+    let eps = 1e-2f32;
+    let mut scratch = vec![0f32; m.params.len()];
+    for &i in &order[..12] {
+        let x0 = m.params[i];
+        m.params[i] = x0 + eps;
+        let up = m.next_token_loss(&ids, b, t, &mut scratch).unwrap() as f64;
+        m.params[i] = x0 - eps;
+        let down = m.next_token_loss(&ids, b, t, &mut scratch).unwrap() as f64;
+        m.params[i] = x0;
+        let fd = (up - down) / (2.0 * eps as f64);
+        let name = &m
+            .layout
+            .entries
+            .iter()
+            .find(|e| e.slot.off <= i && i < e.slot.off + e.slot.len)
+            .unwrap()
+            .name;
+        assert!(
+            (fd - g[i] as f64).abs() <= 2e-2 * (g[i] as f64).abs() + 1e-4,
+            "{name}[{i}]: gradient {} vs finite difference {fd}",
+            g[i]
+        );
+    }
 }

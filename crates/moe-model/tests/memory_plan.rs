@@ -161,7 +161,8 @@ fn qwen3_30b_a3b_counts_every_expert_and_its_buffers() {
 /// and the f32 master weights on the host the GPU keeps 6 bytes a parameter
 /// (bf16 weights, f32 gradients) plus the tensors read in f32 and 12 go to
 /// the host; LoRA r16 on every
-/// projection keeps the base in bf16 and 18 bytes per adapter parameter.
+/// projection keeps the base in bf16 (plus the tensors read in f32) and 18
+/// bytes per adapter parameter.
 #[test]
 fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
     use aha_moe_model::plan::{gpu_spec, param_counts, plan, Interconnect, StepShape, Strategy};
@@ -237,10 +238,19 @@ fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
     assert_eq!(off.peak, 64_786_455_552, "64.8 GB of the 80");
     assert_eq!(full.peak, 18 * p + kv);
     assert_eq!(lora.strategy, Strategy::Lora { rank: 16 });
+    // LoRA: the bf16 copy of base and adapters (2), the adapters' f32
+    // master weights, gradients and moments (4 + 4 + 8) and, in f32, the
+    // frozen base's tensors read in f32 (the same r as offload keeps): no
+    // f32 master of the base, no gradient or moment of it.
+    assert_eq!(lora.device.weights_bf16, 2 * (p + a));
+    assert_eq!(lora.device.weights, 4 * (a + r));
+    assert_eq!((lora.device.grads, lora.device.moments), (4 * a, 8 * a));
     assert_eq!(
         lora.device.weights_bf16 + lora.device.weights + lora.device.grads + lora.device.moments,
-        2 * p + 18 * a
+        2 * p + 18 * a + 4 * r
     );
+    assert_eq!(lora.peak, 2 * p + 18 * a + 4 * r + kv);
+    eprintln!("Qwen2.5-7B LoRA r16 peak: {} bytes", lora.peak);
     assert!(lora.fits && lora.device.total() < off.device.total());
     // One GPU sends nothing; offload moves f32 gradients out and bf16
     // weights back over PCIe every step (6 bytes a parameter at 55 GB/s).

@@ -510,8 +510,14 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         training: true,
         recompute: cfg.recompute,
     };
-    let mut plan = memory_plan(&mcfg, precision, &work);
-    if cfg.beta > 0.0 {
+    // A LoRA run trains the adapters only and its reference is the same
+    // weights with the adapters off.
+    let layout = match &cfg.lora {
+        Some(l) => Layout::with_lora(&mcfg, l)?,
+        None => Layout::new(&mcfg),
+    };
+    let mut plan = memory_plan(&mcfg, precision, &work).with_lora(&layout, precision);
+    if cfg.beta > 0.0 && cfg.lora.is_none() {
         let r = memory_plan(
             &mcfg,
             precision,
@@ -524,7 +530,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         plan.weights_bf16 += r.weights_bf16;
     }
     if cfg.offload_optimizer {
-        plan = plan.with_offload(&Layout::new(&mcfg), precision, OffloadConfig::default().bucket_elems);
+        plan = plan.with_offload(&layout, precision, OffloadConfig::default().bucket_elems);
     }
     log(&format!("policy on {device} ({precision}); memory plan: {plan}"));
     check_device(&plan, device)?;

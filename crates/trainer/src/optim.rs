@@ -266,7 +266,12 @@ pub fn sft_step_synced(
         None => count as f64,
     };
     let describe = || format!("{b} sequences, {count} target tokens");
-    let fwd = policy.forward(&ids, b, t)?;
+    // LoRA dropout in the training forward only (the backward draws the
+    // same masks).
+    policy.set_lora_dropout(Some(aha_moe_model::lora::dropout_seed(&ids, 0)));
+    let fwd = policy.forward(&ids, b, t);
+    policy.set_lora_dropout(None);
+    let fwd = fwd?;
     let scores = policy.score(&fwd, &rows, &targets, 1.0)?;
     let logp = scores.logp.to_vec::<f32>()?;
     let loss = -logp.iter().map(|&l| l as f64).sum::<f64>() / total.max(1.0);

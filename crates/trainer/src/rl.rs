@@ -428,7 +428,13 @@ pub fn train_on_synced(
             let mut bad = None;
             policy.zero_grad()?;
             for (u, (m, d)) in mb.iter().zip(ds).enumerate() {
-                let fwd = policy.forward(&d.ids, m.idx.len(), m.t)?;
+                // LoRA dropout in this training forward only (its backward
+                // draws the same masks; scoring runs without).
+                let salt = ((it as u64) << 40) ^ ((b as u64) << 20) ^ u as u64;
+                policy.set_lora_dropout(Some(aha_moe_model::lora::dropout_seed(&d.ids, salt)));
+                let fwd = policy.forward(&d.ids, m.idx.len(), m.t);
+                policy.set_lora_dropout(None);
+                let fwd = fwd?;
                 let scores = policy.score(&fwd, &d.rows, &d.targets, temperature)?;
                 let mut out = grpo_loss_on(
                     &TensorLossInputs {

@@ -476,6 +476,7 @@ fn sft_in_folder(
             recompute: false,
         },
     );
+    let plan = plan.with_lora(&model.layout, precision);
     let plan = if cfg.offload_optimizer {
         plan.with_offload(&model.layout, precision, OffloadConfig::default().bucket_elems)
     } else {

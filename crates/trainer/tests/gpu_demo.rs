@@ -180,13 +180,24 @@ fn grpo_updates_on_the_gpu_match_the_cpu_cuda() {
 /// device), and the base weights unmoved on the device.
 #[test]
 fn lora_grpo_updates_on_the_gpu_match_the_cpu_cuda() {
+    lora_grpo_on_both("lora_grpo_updates_on_the_gpu_match_the_cpu_cuda", 0.0);
+}
+
+/// The same with LoRA dropout 0.1: the training forwards draw the same
+/// masks on both devices, the scoring forwards none.
+#[test]
+fn lora_dropout_grpo_updates_on_the_gpu_match_the_cpu_cuda() {
+    lora_grpo_on_both("lora_dropout_grpo_updates_on_the_gpu_match_the_cpu_cuda", 0.1);
+}
+
+fn lora_grpo_on_both(name: &str, dropout: f32) {
     use aha_moe_model::lora::{is_adapter, LoraConfig};
     use aha_moe_model::{Model, ModelConfig, Policy};
     use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
     use aha_trainer::rl::{rollout, train_on, Scoring};
     use aha_trainer::toy;
     if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
-        eprintln!("lora_grpo_updates_on_the_gpu_match_the_cpu_cuda: skipped: no GPU ({reason})");
+        eprintln!("{name}: skipped: no GPU ({reason})");
         return;
     }
     let demo = DemoConfig::quick(0);
@@ -197,6 +208,7 @@ fn lora_grpo_updates_on_the_gpu_match_the_cpu_cuda() {
         target_modules: ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "mlp.down_proj"]
             .map(String::from)
             .to_vec(),
+        dropout,
         ..LoraConfig::default()
     };
     let mut model = Model::random(mcfg, 7, 0.05).with_lora(&lora, 2).unwrap();

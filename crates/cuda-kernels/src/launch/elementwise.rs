@@ -48,6 +48,23 @@ pub fn add_inplace_f32(gpu: &Gpu, acc: &mut impl DevOut<f32>, x: &impl DevIn<f32
     Ok(())
 }
 
+/// In-place element-wise product (kernel `mul_inplace_f32`; CPU twin the
+/// product of `aha_moe_model::lora::apply_dropout`): `x *= m`, `n`
+/// elements.
+pub fn mul_inplace_f32(gpu: &Gpu, x: &mut impl DevOut<f32>, m: &impl DevIn<f32>, n: usize) -> Result<()> {
+    let mut x = x.view_mut();
+    let m = m.view();
+    let Some(p) = plan_1d("mul_inplace_f32", n, &[("x", x.len()), ("m", m.len())])? else {
+        return Ok(());
+    };
+    let f = gpu.function(KernelId::MulInplaceF32)?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(&mut x).arg(&m).arg(&p.n);
+    // SAFETY: (float*, const float*, unsigned long long); both hold >= n.
+    unsafe { l.launch(p.config()) }.ctx("launch mul_inplace_f32")?;
+    Ok(())
+}
+
 /// In-place scale (kernel `scale_f32`; CPU twin `aha_tensor::cpu::scale` with
 /// `out = a`, as gradient clipping uses it): `x *= s`, `n` elements.
 pub fn scale_f32(gpu: &Gpu, x: &mut impl DevOut<f32>, s: f32, n: usize) -> Result<()> {

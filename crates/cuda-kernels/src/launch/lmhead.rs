@@ -286,15 +286,60 @@ pub fn lm_head_logprob_backward_f32(
     dentropy: &CudaSlice<f32>,
     p: &LmHeadPlan,
 ) -> Result<()> {
+    let mut dw = dweight.view_mut();
+    lm_head_backward(
+        gpu,
+        dhidden,
+        Some(&mut dw),
+        x,
+        targets,
+        lse,
+        entropy,
+        dlogp,
+        dentropy,
+        p,
+    )
+}
+
+/// [`lm_head_logprob_backward_f32`] without the weight's gradient (a frozen
+/// head): only `dhidden +=`, one cuBLAS product per chunk fewer.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_logprob_backward_dhidden_f32(
+    gpu: &Gpu,
+    dhidden: &mut impl DevOut<f32>,
+    x: &LmHeadOperands<'_>,
+    targets: &[u32],
+    lse: &CudaSlice<f32>,
+    entropy: &CudaSlice<f32>,
+    dlogp: &CudaSlice<f32>,
+    dentropy: &CudaSlice<f32>,
+    p: &LmHeadPlan,
+) -> Result<()> {
+    lm_head_backward(gpu, dhidden, None, x, targets, lse, entropy, dlogp, dentropy, p)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lm_head_backward(
+    gpu: &Gpu,
+    dhidden: &mut impl DevOut<f32>,
+    mut dweight: Option<&mut CudaViewMut<'_, f32>>,
+    x: &LmHeadOperands<'_>,
+    targets: &[u32],
+    lse: &CudaSlice<f32>,
+    entropy: &CudaSlice<f32>,
+    dlogp: &CudaSlice<f32>,
+    dentropy: &CudaSlice<f32>,
+    p: &LmHeadPlan,
+) -> Result<()> {
     const OP: &str = "lm_head_logprob_backward_f32";
-    let (mut dhidden, mut dweight) = (dhidden.view_mut(), dweight.view_mut());
+    let mut dhidden = dhidden.view_mut();
     let (n, c, v) = (p.n, p.c, p.v);
     let (hidden_len, weight_len) = x.lens();
     check_lens(
         OP,
         &[
             ("dhidden", dhidden.len(), n * c),
-            ("dweight", dweight.len(), v * c),
+            ("dweight", dweight.as_ref().map_or(v * c, |d| d.len()), v * c),
             ("hidden", hidden_len, n * c),
             ("weight", weight_len, v * c),
             ("targets", targets.len(), n),
@@ -350,7 +395,7 @@ pub fn lm_head_logprob_backward_f32(
             chunk_grad_products(
                 gpu,
                 &mut dhidden,
-                &mut dweight,
+                dweight.as_deref_mut(),
                 &buf,
                 buf16.as_mut(),
                 x,
@@ -363,14 +408,14 @@ pub fn lm_head_logprob_backward_f32(
     Ok(())
 }
 
-/// `dhidden[r0..] += g · W_chunk` and `dW_chunk += gᵀ · hidden[r0..]` for
-/// one chunk's gradient `g [rows, vc]` (rounded to bf16 first on the bf16
+/// `dhidden[r0..] += g · W_chunk` and (with `dweight`) `dW_chunk += gᵀ ·
+/// hidden[r0..]` for one chunk's gradient `g [rows, vc]` (rounded to bf16 first on the bf16
 /// path).
 #[allow(clippy::too_many_arguments)]
 fn chunk_grad_products(
     gpu: &Gpu,
     dhidden: &mut CudaViewMut<'_, f32>,
-    dweight: &mut CudaViewMut<'_, f32>,
+    dweight: Option<&mut CudaViewMut<'_, f32>>,
     buf: &CudaSlice<f32>,
     buf16: Option<&mut CudaSlice<u16>>,
     x: &LmHeadOperands<'_>,
@@ -401,13 +446,19 @@ fn chunk_grad_products(
         (LmHeadOperands::F32 { hidden, weight }, _) => {
             let g = buf.slice(..rows * vc);
             matmul_f32(gpu, &mut dh, &g, &weight.slice(wr.clone()), sh)?;
-            matmul_f32(gpu, &mut dweight.slice_mut(wr), &g, &hidden.slice(hr), sw)
+            match dweight {
+                Some(dw) => matmul_f32(gpu, &mut dw.slice_mut(wr), &g, &hidden.slice(hr), sw),
+                None => Ok(()),
+            }
         }
         (LmHeadOperands::Bf16 { hidden, weight }, Some(g16)) => {
             cast_f32_to_bf16(gpu, g16, buf, rows * vc)?;
             let g = g16.slice(..rows * vc);
             matmul_bf16_f32out(gpu, &mut dh, &g, &weight.slice(wr.clone()), sh)?;
-            matmul_bf16_f32out(gpu, &mut dweight.slice_mut(wr), &g, &hidden.slice(hr), sw)
+            match dweight {
+                Some(dw) => matmul_bf16_f32out(gpu, &mut dw.slice_mut(wr), &g, &hidden.slice(hr), sw),
+                None => Ok(()),
+            }
         }
         (LmHeadOperands::Bf16 { .. }, None) => Err(Error::InvalidArgument {
             op: "lm_head_logprob_backward_f32",
