@@ -11,8 +11,9 @@
 // Launch: one thread per element, block = 256, grid = ceil(n / 256) capped at
 //   65536 with a grid-stride loop (64-bit indices).
 // CPU twins: aha_tensor::cpu::add, add_inplace, scale (with out = a; the
-//   multiply of aha_tensor::cpu::clip_grad_norm); mul_inplace_f32's is the
-//   element-wise product of aha_moe_model::lora::apply_dropout.
+//   multiply of aha_tensor::cpu::clip_grad_norm), and for mul_inplace_f32
+//   aha_tensor::cpu::mul with out = x (what aha_moe_model::lora's dropout
+//   computes on the CPU); aha-tensor's tests/gpu_kernels.rs compares them.
 
 #include "common.cuh"
 

@@ -348,14 +348,17 @@ fn check_add_scale(dev: Device) -> Result<()> {
         cpu::add_inplace(&mut want_acc, &b)?;
         let mut want_scale = vec![0.0; n];
         cpu::scale(&mut want_scale, &a, k as f64)?;
+        let mut want_mul = vec![0.0; n];
+        cpu::mul(&mut want_mul, &a, &b)?;
         let (af, bf) = (to_f32(&a), to_f32(&b));
-        let (sum, acc, scaled) = match &on {
+        let (sum, acc, scaled, prod) = match &on {
             On::Cpu => {
-                let (mut o, mut acc, mut sc) = (vec![0f32; n], af.clone(), vec![0f32; n]);
+                let (mut o, mut acc, mut sc, mut pr) = (vec![0f32; n], af.clone(), vec![0f32; n], vec![0f32; n]);
                 cpu::add(&mut o, &af, &bf)?;
                 cpu::add_inplace(&mut acc, &bf)?;
                 cpu::scale(&mut sc, &af, k)?;
-                (o, acc, sc)
+                cpu::mul(&mut pr, &af, &bf)?;
+                (o, acc, sc, pr)
             }
             On::Gpu(g) => {
                 let (ad, bd) = (up(g, &af)?, up(g, &bf)?);
@@ -365,7 +368,9 @@ fn check_add_scale(dev: Device) -> Result<()> {
                 launch::add_inplace_f32(g, &mut acc, &bd, n)?;
                 let mut sc = up(g, &af)?;
                 launch::scale_f32(g, &mut sc, k, n)?;
-                (down(g, &o)?, down(g, &acc)?, down(g, &sc)?)
+                let mut pr = up(g, &af)?;
+                launch::mul_inplace_f32(g, &mut pr, &bd, n)?;
+                (down(g, &o)?, down(g, &acc)?, down(g, &sc)?, down(g, &pr)?)
             }
         };
         // One f32 rounding of an exact f64 result: <= 2^-24 relative.
@@ -373,6 +378,7 @@ fn check_add_scale(dev: Device) -> Result<()> {
         assert_close(&format!("add n={n} on {dev}"), &sum, &want_add, 0.0, rtol);
         assert_close(&format!("add_inplace n={n} on {dev}"), &acc, &want_acc, 0.0, rtol);
         assert_close(&format!("scale n={n} on {dev}"), &scaled, &want_scale, 0.0, rtol);
+        assert_close(&format!("mul_inplace n={n} on {dev}"), &prod, &want_mul, 0.0, rtol);
     }
     Ok(())
 }
