@@ -13,6 +13,7 @@ pub mod data;
 pub mod demo;
 pub mod dist;
 pub mod dp;
+pub mod driver;
 mod error;
 pub mod eval;
 pub mod grpo_run;
