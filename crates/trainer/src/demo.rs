@@ -341,22 +341,57 @@ impl Stage for ToyPretrain<'_> {
     }
 }
 
-/// The demo's GRPO phase as a [`Stage`]: each step's problems from the
-/// run's RNG, accuracy and format rewards, held-out evaluation every
-/// `eval_every` steps and at the last.
-struct DemoGrpo<'a> {
-    cfg: &'a DemoConfig,
-    tok: &'a aha_sampler::Tokenizer,
+/// The demo's held-out evaluation during GRPO.
+pub(crate) struct ToyEval<'a> {
     test: &'a [Problem],
-    step_cfg: GrpoStep,
-    rewards: aha_rewards::WeightedSum,
-    reward_batch: BatchConfig,
-    base: EvalResult,
+    /// The latest evaluation (the base model's until the first).
     last: EvalResult,
 }
 
-impl Stage for DemoGrpo<'_> {
-    fn step(&mut self, step: usize, st: &mut State, _log: &mut dyn FnMut(&str)) -> Result<Option<aha_grpo::Metrics>> {
+/// GRPO on the toy task as a [`Stage`] (the demo's RL phase and the
+/// pipeline's GRPO stages): each step's problems from the run's RNG,
+/// accuracy and format rewards, the sampling seed from `seed` and the
+/// step, so the weights, the optimizer and the RNG continue a run exactly.
+/// With `eval` (the demo), held-out accuracy every `eval_every` steps and
+/// at the last; without (the pipeline), a progress line a step.
+pub(crate) struct ToyGrpo<'a> {
+    cfg: &'a DemoConfig,
+    tok: &'a aha_sampler::Tokenizer,
+    seed: u64,
+    steps: usize,
+    step_cfg: GrpoStep,
+    rewards: aha_rewards::WeightedSum,
+    reward_batch: BatchConfig,
+    eval: Option<ToyEval<'a>>,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl<'a> ToyGrpo<'a> {
+    /// `steps` GRPO steps of `cfg`'s recipe, sampling seeds from `seed`;
+    /// checkpoints carry `extra`.
+    pub(crate) fn new(
+        cfg: &'a DemoConfig,
+        tok: &'a aha_sampler::Tokenizer,
+        seed: u64,
+        steps: usize,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> ToyGrpo<'a> {
+        ToyGrpo {
+            cfg,
+            tok,
+            seed,
+            steps,
+            step_cfg: cfg.grpo_step_config(),
+            rewards: toy::rewards(),
+            reward_batch: BatchConfig::default(),
+            eval: None,
+            extra,
+        }
+    }
+}
+
+impl Stage for ToyGrpo<'_> {
+    fn step(&mut self, step: usize, st: &mut State, log: &mut dyn FnMut(&str)) -> Result<Option<aha_grpo::Metrics>> {
         let cfg = self.cfg;
         let problems: Vec<Problem> = (0..cfg.prompts_per_step)
             .map(|_| toy::problem(&mut st.rng, cfg.spec(), false))
@@ -369,7 +404,7 @@ impl Stage for DemoGrpo<'_> {
             batch: &self.reward_batch,
         };
         let mut sc = self.step_cfg.clone();
-        sc.sampling.seed = cfg.seed.wrapping_add(step as u64 * 1_000_003);
+        sc.sampling.seed = self.seed.wrapping_add(step as u64 * 1_000_003);
         let (m, _) = grpo_step(
             &mut st.policy,
             st.reference.as_ref(),
@@ -379,6 +414,10 @@ impl Stage for DemoGrpo<'_> {
             &scoring,
             &sc,
         )?;
+        if self.eval.is_none() {
+            let reward = m.get("reward").copied().unwrap_or(f64::NAN);
+            log(&format!("step {step}/{} grpo reward {reward:.3}", self.steps));
+        }
         Ok(Some(m))
     }
 
@@ -391,14 +430,17 @@ impl Stage for DemoGrpo<'_> {
         log: &mut dyn FnMut(&str),
     ) -> Result<()> {
         let cfg = self.cfg;
-        if step % cfg.eval_every == 0 || step == cfg.grpo_steps {
-            let (e, samples) = evaluate(&st.policy, self.tok, self.test, cfg.max_new_tokens)?;
+        let Some(ev) = &mut self.eval else {
+            return Ok(());
+        };
+        if step % cfg.eval_every == 0 || step == self.steps {
+            let (e, samples) = evaluate(&st.policy, self.tok, ev.test, cfg.max_new_tokens)?;
             m.extend(eval_metrics(&e));
-            write_samples(run, "grpo", step, self.test, &samples)?;
-            self.last = e;
+            write_samples(run, "grpo", step, ev.test, &samples)?;
+            ev.last = e;
             log(&format!(
                 "grpo {step:>4}/{}  reward {:.3}  accuracy(eval) {:.1}%  format(eval) {:.1}%  length {:.1}  kl {:.4}",
-                cfg.grpo_steps,
+                self.steps,
                 m.get("reward").copied().unwrap_or(f64::NAN),
                 e.accuracy * 100.0,
                 e.format * 100.0,
@@ -410,9 +452,7 @@ impl Stage for DemoGrpo<'_> {
     }
 
     fn extra(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
-        let mut extra = serde_json::Map::new();
-        extra.insert("base".into(), eval_json("base", 0, &self.base));
-        Ok(extra)
+        Ok(self.extra.clone())
     }
 }
 
@@ -570,16 +610,13 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
     let grpo_start = if phase == "grpo" { start_step } else { 0 };
 
     // 2. GRPO with accuracy and format rewards.
-    let mut stage = DemoGrpo {
-        cfg,
-        tok: &tok,
+    let mut extra = serde_json::Map::new();
+    extra.insert("base".into(), eval_json("base", 0, &base));
+    let mut stage = ToyGrpo::new(cfg, &tok, cfg.seed, cfg.grpo_steps, extra);
+    stage.eval = Some(ToyEval {
         test: &test,
-        step_cfg: cfg.grpo_step_config(),
-        rewards: toy::rewards(),
-        reward_batch: BatchConfig::default(),
-        base,
         last: base,
-    };
+    });
     let steps = Steps {
         start: grpo_start,
         total: cfg.grpo_steps,
@@ -587,7 +624,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         ..Steps::new("grpo")
     };
     run.run(&steps, &mut st, &mut stage, log)?;
-    let mut last = stage.last;
+    let mut last = stage.eval.map_or(base, |e| e.last);
     if last == base {
         // Resumed after the last evaluation: evaluate the final weights.
         last = evaluate(&st.policy, &tok, &test, cfg.max_new_tokens)?.0;

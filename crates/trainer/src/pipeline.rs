@@ -16,20 +16,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use aha_moe_model::{Model, ModelConfig, Policy, Precision, SaveDtype, SaveOptions};
-use aha_rewards::BatchConfig;
 use aha_sampler::{SamplingParams, Tokenizer};
 use aha_tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::TrainState;
 use crate::demo::DemoConfig;
-use crate::demo::{PretrainLog, ToyPretrain};
+use crate::demo::{PretrainLog, ToyGrpo, ToyPretrain};
 pub(crate) use crate::driver::step_metrics;
-use crate::driver::{Driver, RunSpec, Stage, State, Steps};
+use crate::driver::{Driver, RunSpec, State, Steps};
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, sample_toy, MathEval};
 use crate::optim::{OptimConfig, Optimizer, Schedule, StepInfo};
-use crate::rl::{grpo_step, GrpoStep, Scoring};
 use crate::rng::Rng;
 use crate::run_folder::{json_value, write_atomic};
 use crate::toy::{self, Problem};
@@ -158,61 +156,10 @@ fn grpo_optimizer(cfg: &DemoConfig, steps: usize) -> Optimizer {
     Optimizer::new(optim(cfg.grpo_lr, steps, Schedule::Constant))
 }
 
-/// A GRPO stage of the pipeline as a [`Stage`]: accuracy and format
-/// rewards, KL to the reference (the weights the stage started from); each
-/// step's problems come from the run's RNG, its sampling seed from `seed`
-/// and the step, so the weights, the optimizer and the RNG continue a
-/// stage exactly. Checkpoints carry the evaluation rows so far.
-struct PipelineGrpo<'a> {
-    cfg: &'a DemoConfig,
-    tok: &'a Tokenizer,
-    seed: u64,
-    steps: usize,
-    rows: &'a [Row],
-    step_cfg: GrpoStep,
-    rewards: aha_rewards::WeightedSum,
-    reward_batch: BatchConfig,
-}
-
-impl Stage for PipelineGrpo<'_> {
-    fn step(&mut self, step: usize, st: &mut State, log: &mut dyn FnMut(&str)) -> Result<Option<aha_grpo::Metrics>> {
-        let problems: Vec<Problem> = (0..self.cfg.prompts_per_step)
-            .map(|_| toy::problem(&mut st.rng, self.cfg.spec(), false))
-            .collect();
-        let prompts = toy::encode_prompts(self.tok, &problems)?;
-        let examples = toy::examples(&problems);
-        let scoring = Scoring {
-            rewards: &self.rewards,
-            examples: &examples,
-            batch: &self.reward_batch,
-        };
-        let mut sc = self.step_cfg.clone();
-        sc.sampling.seed = self.seed.wrapping_add(step as u64 * 1_000_003);
-        let (m, _) = grpo_step(
-            &mut st.policy,
-            st.reference.as_ref(),
-            &mut st.opt,
-            self.tok,
-            &prompts,
-            &scoring,
-            &sc,
-        )?;
-        log(&format!(
-            "step {step}/{} grpo reward {:.3}",
-            self.steps,
-            m.get("reward").copied().unwrap_or(f64::NAN)
-        ));
-        Ok(Some(m))
-    }
-
-    fn extra(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
-        rows_extra(self.rows)
-    }
-}
-
 /// Runs GRPO steps `start + 1 ..= steps` of pipeline stage `stage` on
-/// `st` (see [`PipelineGrpo`]), a checkpoint every `save_every` steps but
-/// the last.
+/// `st` ([`ToyGrpo`]: accuracy and format rewards, KL to the reference,
+/// the weights the stage started from), a checkpoint every `save_every`
+/// steps but the last.
 #[allow(clippy::too_many_arguments)]
 fn grpo_stage(
     run: &mut Driver,
@@ -224,16 +171,7 @@ fn grpo_stage(
     seed: u64,
     log: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    let mut g = PipelineGrpo {
-        cfg,
-        tok,
-        seed,
-        steps,
-        rows,
-        step_cfg: cfg.grpo_step_config(),
-        rewards: toy::rewards(),
-        reward_batch: BatchConfig::default(),
-    };
+    let mut g = ToyGrpo::new(cfg, tok, seed, steps, rows_extra(rows)?);
     let loop_ = Steps {
         start,
         total: steps,
