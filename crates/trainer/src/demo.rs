@@ -331,7 +331,7 @@ impl Stage for ToyPretrain<'_> {
 
     fn logged_as(&self, step: usize, total: usize) -> Option<usize> {
         match self.log {
-            PretrainLog::Demo => ((step - 1) % 50 == 0 || step == total).then_some(step - 1),
+            PretrainLog::Demo => ((step - 1).is_multiple_of(50) || step == total).then_some(step - 1),
             PretrainLog::EveryStep => Some(step),
         }
     }
@@ -433,7 +433,7 @@ impl Stage for ToyGrpo<'_> {
         let Some(ev) = &mut self.eval else {
             return Ok(());
         };
-        if step % cfg.eval_every == 0 || step == self.steps {
+        if step.is_multiple_of(cfg.eval_every) || step == self.steps {
             let (e, samples) = evaluate(&st.policy, self.tok, ev.test, cfg.max_new_tokens)?;
             m.extend(eval_metrics(&e));
             write_samples(run, "grpo", step, ev.test, &samples)?;

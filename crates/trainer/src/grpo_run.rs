@@ -754,13 +754,16 @@ impl Stage for GrpoStage<'_> {
         let cfg = self.cfg;
         if let (Some(set), true) = (
             self.eval_set,
-            self.writer && cfg.eval_every > 0 && step % cfg.eval_every == 0,
+            self.writer && cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every),
         ) {
             let e = evaluate(&st.policy, self.tok, set, cfg)?;
             log(&format!("step {step}: eval pass@1 {:.3}", e["eval/pass@1"]));
             m.extend(e);
         }
-        if let (Some(batch), true) = (&self.batch, cfg.samples_every > 0 && step % cfg.samples_every == 0) {
+        if let (Some(batch), true) = (
+            &self.batch,
+            cfg.samples_every > 0 && step.is_multiple_of(cfg.samples_every),
+        ) {
             write_samples(run, self.tok, step, batch, &self.names)?;
         }
         log(&format!(
@@ -778,7 +781,7 @@ impl Stage for GrpoStage<'_> {
         let mut extra = serde_json::Map::new();
         extra.insert(
             "data_cursor".into(),
-            serde_json::to_value(&self.cursor).map_err(|e| Error::Other(format!("data cursor: {e}")))?,
+            serde_json::to_value(self.cursor).map_err(|e| Error::Other(format!("data cursor: {e}")))?,
         );
         Ok(extra)
     }
