@@ -11,7 +11,6 @@
 //!    folder: `config.json`, `metrics.jsonl`, `samples.jsonl`, `plots/*.png`,
 //!    `checkpoint/` (HF layout with tokenizer).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,13 +21,14 @@ use aha_sampler::SamplingParams;
 use aha_tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint;
+use crate::driver::{step_metrics, Driver, RunSpec, Stage, State, Steps};
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate, EvalResult};
 use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule};
 use crate::plot::line_chart;
 use crate::rl::{grpo_step, GrpoStep, Scoring};
 use crate::rng::Rng;
+use crate::run_folder::json_value;
 use crate::toy::{self, Problem, Task, TaskSpec};
 
 /// Everything a demo run does; written to `config.json` in the run folder.
@@ -242,33 +242,30 @@ pub struct RunOptions {
     pub precision: Precision,
 }
 
-struct RunLog {
-    metrics: std::io::BufWriter<std::fs::File>,
-    samples: std::io::BufWriter<std::fs::File>,
-    path: PathBuf,
-    lines: usize,
-}
-
-impl RunLog {
-    fn line(&mut self, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.metrics, "{v}")
-            .and_then(|_| self.metrics.flush())
-            .map_err(io_err(&self.path))?;
-        self.lines += 1;
-        Ok(())
-    }
-}
-
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(io_err(path))
 }
 
+fn eval_metrics(e: &EvalResult) -> aha_grpo::Metrics {
+    [
+        ("eval/accuracy", e.accuracy),
+        ("eval/accuracy_strict", e.accuracy_strict),
+        ("eval/format", e.format),
+        ("eval/mean_length", e.mean_length),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 fn eval_json(phase: &str, step: usize, e: &EvalResult) -> serde_json::Value {
-    serde_json::json!({
-        "phase": phase, "step": step,
-        "eval/accuracy": e.accuracy, "eval/accuracy_strict": e.accuracy_strict,
-        "eval/format": e.format, "eval/mean_length": e.mean_length,
-    })
+    let mut line = serde_json::Map::new();
+    line.insert("phase".into(), phase.into());
+    line.insert("step".into(), step.into());
+    for (k, v) in eval_metrics(e) {
+        line.insert(k, serde_json::json!(v));
+    }
+    serde_json::Value::Object(line)
 }
 
 fn eval_from_json(v: &serde_json::Value) -> Option<EvalResult> {
@@ -280,11 +277,183 @@ fn eval_from_json(v: &serde_json::Value) -> Option<EvalResult> {
     })
 }
 
-/// Keeps the first `n` lines of a file (the metrics cursor of a checkpoint).
-fn truncate_lines(path: &Path, n: usize) -> Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let kept: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
-    write(path, &kept)
+/// Which pretraining steps write a metrics line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PretrainLog {
+    /// The demo's: every 50th step and the last, numbered from 0, with a
+    /// progress line.
+    Demo,
+    /// The pipeline's: every step, numbered from 1.
+    EveryStep,
+}
+
+/// Pretraining on the toy base corpus as a [`Stage`]: each step draws
+/// fresh problems and base completions from the run's RNG (mixing both
+/// completion styles in every batch matters: length-bucketed batches of the
+/// base corpus separate them and the base then fails to learn the
+/// reasoning).
+pub(crate) struct ToyPretrain<'a> {
+    /// The sizes (task, batch, reasoning share).
+    pub cfg: &'a DemoConfig,
+    /// The toy tokenizer.
+    pub tok: &'a aha_sampler::Tokenizer,
+    /// Which steps are logged.
+    pub log: PretrainLog,
+    /// The last step's loss.
+    pub loss: f64,
+    /// What its checkpoints carry besides the driver's state.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Stage for ToyPretrain<'_> {
+    fn step(&mut self, step: usize, st: &mut State, log: &mut dyn FnMut(&str)) -> Result<Option<aha_grpo::Metrics>> {
+        let cfg = self.cfg;
+        let rng = &mut st.rng;
+        let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.pretrain_batch)
+            .map(|_| {
+                let p = toy::problem(rng, cfg.spec(), false);
+                let mut c = toy::encode(self.tok, &toy::base_completion(rng, &p, cfg.reasoning_share))?;
+                c.push(toy::EOS);
+                Ok((toy::encode(self.tok, &p.prompt())?, c))
+            })
+            .collect::<Result<_>>()?;
+        let (loss, info) = sft_step(&mut st.policy, &mut st.opt, &batch, toy::PAD)?;
+        self.loss = loss;
+        if self.log == PretrainLog::Demo && self.logged_as(step, cfg.pretrain_steps).is_some() {
+            log(&format!(
+                "pretrain {:>5}/{}  loss {loss:.4}",
+                step - 1,
+                cfg.pretrain_steps
+            ));
+        }
+        Ok(Some(step_metrics(loss, &info)))
+    }
+
+    fn logged_as(&self, step: usize, total: usize) -> Option<usize> {
+        match self.log {
+            PretrainLog::Demo => ((step - 1).is_multiple_of(50) || step == total).then_some(step - 1),
+            PretrainLog::EveryStep => Some(step),
+        }
+    }
+
+    fn extra(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        Ok(self.extra.clone())
+    }
+}
+
+/// The demo's held-out evaluation during GRPO.
+pub(crate) struct ToyEval<'a> {
+    test: &'a [Problem],
+    /// The latest evaluation (the base model's until the first).
+    last: EvalResult,
+}
+
+/// GRPO on the toy task as a [`Stage`] (the demo's RL phase and the
+/// pipeline's GRPO stages): each step's problems from the run's RNG,
+/// accuracy and format rewards, the sampling seed from `seed` and the
+/// step, so the weights, the optimizer and the RNG continue a run exactly.
+/// With `eval` (the demo), held-out accuracy every `eval_every` steps and
+/// at the last; without (the pipeline), a progress line a step.
+pub(crate) struct ToyGrpo<'a> {
+    cfg: &'a DemoConfig,
+    tok: &'a aha_sampler::Tokenizer,
+    seed: u64,
+    steps: usize,
+    step_cfg: GrpoStep,
+    rewards: aha_rewards::WeightedSum,
+    reward_batch: BatchConfig,
+    eval: Option<ToyEval<'a>>,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl<'a> ToyGrpo<'a> {
+    /// `steps` GRPO steps of `cfg`'s recipe, sampling seeds from `seed`;
+    /// checkpoints carry `extra`.
+    pub(crate) fn new(
+        cfg: &'a DemoConfig,
+        tok: &'a aha_sampler::Tokenizer,
+        seed: u64,
+        steps: usize,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> ToyGrpo<'a> {
+        ToyGrpo {
+            cfg,
+            tok,
+            seed,
+            steps,
+            step_cfg: cfg.grpo_step_config(),
+            rewards: toy::rewards(),
+            reward_batch: BatchConfig::default(),
+            eval: None,
+            extra,
+        }
+    }
+}
+
+impl Stage for ToyGrpo<'_> {
+    fn step(&mut self, step: usize, st: &mut State, log: &mut dyn FnMut(&str)) -> Result<Option<aha_grpo::Metrics>> {
+        let cfg = self.cfg;
+        let problems: Vec<Problem> = (0..cfg.prompts_per_step)
+            .map(|_| toy::problem(&mut st.rng, cfg.spec(), false))
+            .collect();
+        let prompts = toy::encode_prompts(self.tok, &problems)?;
+        let examples = toy::examples(&problems);
+        let scoring = Scoring {
+            rewards: &self.rewards,
+            examples: &examples,
+            batch: &self.reward_batch,
+        };
+        let mut sc = self.step_cfg.clone();
+        sc.sampling.seed = self.seed.wrapping_add(step as u64 * 1_000_003);
+        let (m, _) = grpo_step(
+            &mut st.policy,
+            st.reference.as_ref(),
+            &mut st.opt,
+            self.tok,
+            &prompts,
+            &scoring,
+            &sc,
+        )?;
+        if self.eval.is_none() {
+            let reward = m.get("reward").copied().unwrap_or(f64::NAN);
+            log(&format!("step {step}/{} grpo reward {reward:.3}", self.steps));
+        }
+        Ok(Some(m))
+    }
+
+    fn after(
+        &mut self,
+        step: usize,
+        st: &State,
+        m: &mut aha_grpo::Metrics,
+        run: &mut Driver,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let Some(ev) = &mut self.eval else {
+            return Ok(());
+        };
+        if step.is_multiple_of(cfg.eval_every) || step == self.steps {
+            let (e, samples) = evaluate(&st.policy, self.tok, ev.test, cfg.max_new_tokens)?;
+            m.extend(eval_metrics(&e));
+            write_samples(run, "grpo", step, ev.test, &samples)?;
+            ev.last = e;
+            log(&format!(
+                "grpo {step:>4}/{}  reward {:.3}  accuracy(eval) {:.1}%  format(eval) {:.1}%  length {:.1}  kl {:.4}",
+                self.steps,
+                m.get("reward").copied().unwrap_or(f64::NAN),
+                e.accuracy * 100.0,
+                e.format * 100.0,
+                e.mean_length,
+                m.get("kl").copied().unwrap_or(0.0)
+            ));
+        }
+        Ok(())
+    }
+
+    fn extra(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        Ok(self.extra.clone())
+    }
 }
 
 /// Runs the demo into `out` (fresh), reporting progress through `log`.
@@ -295,26 +464,34 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Resu
 /// Runs the demo with checkpointing and optional resume.
 pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut dyn FnMut(&str)) -> Result<DemoSummary> {
     let t0 = Instant::now();
-    std::fs::create_dir_all(out.join("plots")).map_err(io_err(out))?;
-    let cfg_text = serde_json::to_string_pretty(cfg).unwrap_or_default();
-    let ckroot = out.join("checkpoints");
-    let resumed = if opts.resume {
-        checkpoint::load_latest(&ckroot)?
-    } else {
-        None
-    };
-    if resumed.is_some() {
-        let old = std::fs::read_to_string(out.join("config.json")).unwrap_or_default();
-        if old != cfg_text {
-            return Err(Error::Other(format!(
-                "{}: the run was made with another config; resume with the same one",
-                out.join("config.json").display()
-            )));
-        }
-    } else if opts.resume {
-        log("no checkpoint to resume from: starting fresh");
+    if cfg.grpo_steps == 0 {
+        return Err(Error::Config {
+            what: "demo config".into(),
+            msg: "grpo_steps must be at least 1".into(),
+        });
     }
-    write(&out.join("config.json"), &cfg_text)?;
+    if cfg.eval_every == 0 {
+        return Err(Error::Config {
+            what: "demo config".into(),
+            msg: "eval_every must be at least 1".into(),
+        });
+    }
+    cfg.spec().validate()?;
+    let cfg_text = serde_json::to_string_pretty(cfg).unwrap_or_default();
+    let (mut run, resumed) = Driver::open(
+        &RunSpec {
+            dir: out,
+            config_file: "config.json",
+            config_text: &cfg_text,
+            parse: &json_value,
+            moved: &[],
+            resume: opts.resume,
+            tensorboard: false,
+            writer: true,
+        },
+        log,
+    )?;
+    std::fs::create_dir_all(out.join("plots")).map_err(io_err(out))?;
     // The model's own files, copied into every checkpoint it writes.
     let src = out.join("model-files");
     std::fs::create_dir_all(&src).map_err(io_err(&src))?;
@@ -329,34 +506,7 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         &serde_json::json!({"eos_token_id": toy::EOS, "pad_token_id": toy::PAD, "temperature": 0.6, "top_p": 0.95})
             .to_string(),
     )?;
-    let metrics_path = out.join("metrics.jsonl");
-    let samples_path = out.join("samples.jsonl");
-    let start_lines = match &resumed {
-        Some(r) => {
-            truncate_lines(&metrics_path, r.state.metrics_lines)?;
-            r.state.metrics_lines
-        }
-        None => {
-            write(&metrics_path, "")?;
-            write(&samples_path, "")?;
-            0
-        }
-    };
-    let open_append = |p: &Path| {
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(p)
-            .map_err(io_err(p))
-    };
-    let mut run = RunLog {
-        metrics: std::io::BufWriter::new(open_append(&metrics_path)?),
-        samples: std::io::BufWriter::new(open_append(&samples_path)?),
-        path: metrics_path.clone(),
-        lines: start_lines,
-    };
     let tok = toy::tokenizer()?;
-    cfg.spec().validate()?;
     let test: Vec<Problem> = toy::test_set(cfg.spec(), cfg.eval_problems);
     let pre_cfg = OptimConfig {
         lr: cfg.pretrain_lr,
@@ -375,212 +525,116 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         ..pre_cfg
     };
     let place = |m: Model| Policy::new(m, opts.device, opts.precision);
-    let (mut model, mut reference, mut rng, mut opt, phase, start_step, mut base) = match resumed {
+    let (mut st, phase, start_step, base) = match resumed {
         Some(r) => {
             let mut m = r.model;
             m.source_dir = Some(src.clone());
-            let model = place(m)?;
+            let policy = place(m)?;
             let grpo = r.state.phase == "grpo";
             let mut opt = Optimizer::new(if grpo { rl_cfg } else { pre_cfg });
-            opt.restore(&model, r.moments.0, r.moments.1, r.state.opt_step, r.state.opt_bad)?;
+            opt.restore(&policy, r.moments.0, r.moments.1, r.state.opt_step, r.state.opt_bad)?;
             let base = r.state.extra.get("base").and_then(eval_from_json);
-            log(&format!(
-                "resuming {} at step {} from {}",
-                r.state.phase,
-                r.state.step,
-                r.dir.display()
-            ));
-            (
-                model,
-                r.reference.map(place).transpose()?,
-                Rng::from_state(r.state.rng),
+            let st = State {
+                policy,
+                reference: r.reference.map(place).transpose()?,
                 opt,
-                r.state.phase,
-                r.state.step,
-                base,
-            )
+                rng: Rng::from_state(r.state.rng),
+            };
+            (st, r.state.phase, r.state.step, base)
         }
         None => {
             let mcfg = ModelConfig::from_json_str(&model_json.to_string(), &src.join("config.json"))?;
             let mut m = Model::random(mcfg, cfg.seed, 0.02);
             m.source_dir = Some(src.clone());
-            let opt = Optimizer::new(pre_cfg);
-            (
-                place(m)?,
-                None,
-                Rng::new(cfg.seed),
-                opt,
-                "pretrain".to_string(),
-                0,
-                None,
-            )
+            let st = State {
+                policy: place(m)?,
+                reference: None,
+                opt: Optimizer::new(pre_cfg),
+                rng: Rng::new(cfg.seed),
+            };
+            (st, "pretrain".to_string(), 0, None)
         }
     };
     log(&format!(
         "model: DeepSeek-V3-style MoE, {} parameters on {} ({}); {} held-out problems",
-        model.num_params(),
-        model.device(),
-        model.precision(),
+        st.policy.num_params(),
+        st.policy.device(),
+        st.policy.precision(),
         test.len()
     ));
-    let extra = |base: &Option<EvalResult>| match base {
-        Some(b) => serde_json::json!({"base": eval_json("base", 0, b)}),
-        None => serde_json::json!({}),
-    };
-    let save_ck = |name: String,
-                   phase: &str,
-                   step: usize,
-                   rng: &Rng,
-                   model: &Policy,
-                   reference: Option<&Policy>,
-                   opt: &Optimizer,
-                   lines: usize,
-                   base: &Option<EvalResult>|
-     -> Result<()> {
-        let (s, bad) = (opt.step, opt.bad_in_a_row());
-        let state = checkpoint::TrainState {
-            phase: phase.into(),
-            step,
-            rng: rng.state(),
-            opt_step: s,
-            opt_bad: bad,
-            metrics_lines: lines,
-            extra: extra(base),
-            layout: checkpoint::LAYOUT_VERSION,
-        };
-        checkpoint::save(&ckroot, &name, &state, model, reference, opt).map(|_| ())
-    };
 
     // 1. Pretraining on the base corpus.
-    if phase == "pretrain" {
-        for step in start_step..cfg.pretrain_steps {
-            let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.pretrain_batch)
-                .map(|_| {
-                    let p = toy::problem(&mut rng, cfg.spec(), false);
-                    let mut c = toy::encode(&tok, &toy::base_completion(&mut rng, &p, cfg.reasoning_share))?;
-                    c.push(toy::EOS);
-                    Ok((toy::encode(&tok, &p.prompt())?, c))
-                })
-                .collect::<Result<_>>()?;
-            let (loss, info) = sft_step(&mut model, &mut opt, &batch, toy::PAD)?;
-            for note in opt.take_notes() {
-                log(&format!("pretrain {step}: {note}"));
-            }
-            if step % 50 == 0 || step + 1 == cfg.pretrain_steps {
-                run.line(&serde_json::json!({"phase": "pretrain", "step": step, "loss": loss, "grad_norm": info.grad_norm, "learning_rate": info.lr}))?;
-                log(&format!("pretrain {step:>5}/{}  loss {loss:.4}", cfg.pretrain_steps));
-            }
-            if opts.save_every > 0 && (step + 1) % opts.save_every == 0 && step + 1 < cfg.pretrain_steps {
-                save_ck(
-                    format!("pretrain-{:06}", step + 1),
-                    "pretrain",
-                    step + 1,
-                    &rng,
-                    &model,
-                    None,
-                    &opt,
-                    run.lines,
-                    &base,
-                )?;
-            }
-        }
-        let (b, base_samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
+    if phase != "pretrain" && phase != "grpo" {
+        return Err(Error::Checkpoint {
+            path: out.join("checkpoints"),
+            msg: format!("phase {phase:?} is not a demo phase (pretrain or grpo)"),
+        });
+    }
+    let base = if phase == "pretrain" {
+        let steps = Steps {
+            start: start_step,
+            total: cfg.pretrain_steps,
+            save_every: opts.save_every,
+            ..Steps::new("pretrain")
+        };
+        let mut stage = ToyPretrain {
+            cfg,
+            tok: &tok,
+            log: PretrainLog::Demo,
+            loss: f64::NAN,
+            extra: serde_json::Map::new(),
+        };
+        run.run(&steps, &mut st, &mut stage, log)?;
+        let (b, base_samples) = evaluate(&st.policy, &tok, &test, cfg.max_new_tokens)?;
         run.line(&eval_json("base", 0, &b))?;
         write_samples(&mut run, "base", 0, &test, &base_samples)?;
-        base = Some(b);
-        reference = Some(place(model.host_model()?.into_owned())?);
-        opt = Optimizer::new(rl_cfg);
-    }
-    let base = base.ok_or_else(|| Error::Other("the checkpoint lacks the base model's evaluation".into()))?;
+        st.reference = Some(place(st.policy.host_model()?.into_owned())?);
+        st.opt = Optimizer::new(rl_cfg);
+        b
+    } else {
+        let damaged = |what: &str| Error::Checkpoint {
+            path: out.join("checkpoints"),
+            msg: format!("the latest checkpoint of phase {phase:?} lacks {what}"),
+        };
+        if st.reference.is_none() {
+            return Err(damaged("the reference model"));
+        }
+        base.ok_or_else(|| damaged("the base model's evaluation (extra.base)"))?
+    };
     log(&format!(
         "base model: accuracy {:.1}%, format {:.1}%, length {:.1} tokens",
         base.accuracy * 100.0,
         base.format * 100.0,
         base.mean_length
     ));
-    let reference = reference.ok_or_else(|| Error::Other("no reference model".into()))?;
     let grpo_start = if phase == "grpo" { start_step } else { 0 };
 
     // 2. GRPO with accuracy and format rewards.
-    let step_cfg = cfg.grpo_step_config();
-    let rewards = toy::rewards();
-    let reward_batch = BatchConfig::default();
-    let mut last = base;
-    for step in grpo_start + 1..=cfg.grpo_steps {
-        let problems: Vec<Problem> = (0..cfg.prompts_per_step)
-            .map(|_| toy::problem(&mut rng, cfg.spec(), false))
-            .collect();
-        let prompts = toy::encode_prompts(&tok, &problems)?;
-        let examples = toy::examples(&problems);
-        let scoring = Scoring {
-            rewards: &rewards,
-            examples: &examples,
-            batch: &reward_batch,
-        };
-        let mut sc = step_cfg.clone();
-        sc.sampling.seed = cfg.seed.wrapping_add(step as u64 * 1_000_003);
-        let (mut m, _) = grpo_step(&mut model, Some(&reference), &mut opt, &tok, &prompts, &scoring, &sc)?;
-        for note in opt.take_notes() {
-            log(&format!("grpo {step}: {note}"));
-        }
-        if step % cfg.eval_every == 0 || step == cfg.grpo_steps {
-            let (e, samples) = evaluate(&model, &tok, &test, cfg.max_new_tokens)?;
-            m.insert("eval/accuracy".into(), e.accuracy);
-            m.insert("eval/accuracy_strict".into(), e.accuracy_strict);
-            m.insert("eval/format".into(), e.format);
-            m.insert("eval/mean_length".into(), e.mean_length);
-            write_samples(&mut run, "grpo", step, &test, &samples)?;
-            last = e;
-            log(&format!(
-                "grpo {step:>4}/{}  reward {:.3}  accuracy(eval) {:.1}%  format(eval) {:.1}%  length {:.1}  kl {:.4}",
-                cfg.grpo_steps,
-                m.get("reward").copied().unwrap_or(f64::NAN),
-                e.accuracy * 100.0,
-                e.format * 100.0,
-                e.mean_length,
-                m.get("kl").copied().unwrap_or(0.0)
-            ));
-        }
-        let mut line = serde_json::Map::new();
-        line.insert("phase".into(), "grpo".into());
-        line.insert("step".into(), step.into());
-        for (k, v) in &m {
-            line.insert(k.clone(), serde_json::json!(v));
-        }
-        run.line(&serde_json::Value::Object(line))?;
-        if opts.save_every > 0 && step % opts.save_every == 0 && step < cfg.grpo_steps {
-            save_ck(
-                format!("grpo-{step:06}"),
-                "grpo",
-                step,
-                &rng,
-                &model,
-                Some(&reference),
-                &opt,
-                run.lines,
-                &Some(base),
-            )?;
-        }
-    }
-    if cfg.grpo_steps == 0 {
-        return Err(Error::Other("grpo_steps must be at least 1".into()));
-    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("base".into(), eval_json("base", 0, &base));
+    let mut stage = ToyGrpo::new(cfg, &tok, cfg.seed, cfg.grpo_steps, extra);
+    stage.eval = Some(ToyEval {
+        test: &test,
+        last: base,
+    });
+    let steps = Steps {
+        start: grpo_start,
+        total: cfg.grpo_steps,
+        save_every: opts.save_every,
+        ..Steps::new("grpo")
+    };
+    run.run(&steps, &mut st, &mut stage, log)?;
+    let mut last = stage.eval.map_or(base, |e| e.last);
     if last == base {
         // Resumed after the last evaluation: evaluate the final weights.
-        last = evaluate(&model, &tok, &test, cfg.max_new_tokens)?.0;
+        last = evaluate(&st.policy, &tok, &test, cfg.max_new_tokens)?.0;
     }
 
     // 3. Plots (from the whole metrics file, so resumed runs plot every step),
     // final checkpoint, summary.
-    run.metrics.flush().map_err(io_err(out))?;
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)
-        .map_err(io_err(&metrics_path))?
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    plots(&out.join("plots"), &lines)?;
+    plots(&out.join("plots"), &run.read_metrics()?)?;
     let ck = out.join("checkpoint");
-    model.save(&ck, 2 << 30)?;
+    st.policy.save(&ck, 2 << 30)?;
     let summary = DemoSummary {
         base_accuracy: base.accuracy,
         final_accuracy: last.accuracy,
@@ -592,12 +646,11 @@ pub fn run_demo_with(cfg: &DemoConfig, out: &Path, opts: RunOptions, log: &mut d
         run_dir: out.to_path_buf(),
     };
     run.line(&serde_json::json!({"phase": "summary", "summary": summary}))?;
-    run.samples.flush().map_err(io_err(out))?;
     Ok(summary)
 }
 
 fn write_samples(
-    run: &mut RunLog,
+    run: &mut Driver,
     phase: &str,
     step: usize,
     test: &[Problem],
@@ -605,13 +658,12 @@ fn write_samples(
 ) -> Result<()> {
     for c in out.iter().take(4) {
         let p = &test[c.prompt_index];
-        let line = serde_json::json!({
+        run.sample(&serde_json::json!({
             "phase": phase, "step": step, "prompt": p.prompt(), "completion": c.text,
             "answer": p.answer(), "correct": toy::is_correct(&c.text, p, true),
-        });
-        writeln!(run.samples, "{line}").map_err(io_err(&run.path))?;
+        }))?;
     }
-    run.samples.flush().map_err(io_err(&run.path))
+    Ok(())
 }
 
 fn plots(dir: &Path, lines: &[serde_json::Value]) -> Result<()> {

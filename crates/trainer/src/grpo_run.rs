@@ -2,7 +2,6 @@
 //! config (unknown keys rejected; command-line flags override it), with
 //! checkpoints and exact resume, dynamic sampling and reference resets.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use std::collections::BTreeMap;
@@ -17,16 +16,16 @@ use aha_rewards::{BatchConfig, Example};
 use aha_sampler::{load_tokenizer, SamplingParams};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, TrainState};
 use crate::data::{read_math_jsonl_fields, read_rows_jsonl_fields, Cursor, Fields};
+use crate::driver::{Driver, RunSpec, Stage, State, Steps};
 use crate::error::{io_err, Error, Result};
 use crate::eval::evaluate_math;
 use crate::optim::{OptimConfig, Optimizer, Schedule};
 use crate::rewards::{build, BuildContext, RewardKind, RewardSpec};
 use crate::rl::{rollout, train_on_synced, GrpoStep, Rollouts, Scoring};
 use crate::rng::Rng;
+use crate::run_folder::toml_value;
 use crate::template::Templater;
-use crate::tensorboard::EventWriter;
 
 /// A GRPO run. Defaults follow the DeepSeek-R1 report where it states them
 /// (learning rate 3e-6, KL coefficient 0.001, 16 samples per prompt,
@@ -471,13 +470,26 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         }
         None => None,
     };
-    let cfg_text = toml::to_string(cfg).map_err(|e| Error::Other(e.to_string()))?;
-    let ckroot = out.join("checkpoints");
-    let loaded = if resume {
-        checkpoint::load_latest(&ckroot)?
-    } else {
-        None
-    };
+    let cfg_text = toml::to_string(cfg).map_err(|e| Error::Config {
+        what: "grpo config".into(),
+        msg: format!("cannot be written as TOML: {e}"),
+    })?;
+    let (mut run, loaded) = Driver::open(
+        &RunSpec {
+            dir: out,
+            config_file: "config.toml",
+            config_text: &cfg_text,
+            parse: &toml_value,
+            moved: &["out"],
+            resume,
+            tensorboard: true,
+            writer,
+        },
+        log,
+    )?;
+    // Every rank takes part in a data-parallel checkpoint (its optimizer
+    // shard under ZeRO-1; crate::checkpoint::save_ranks).
+    run.set_ranks(dp.as_ref().map(|d| d.checkpointer()));
     let optc = OptimConfig {
         lr: cfg.learning_rate,
         warmup_steps: cfg.warmup_steps,
@@ -487,8 +499,6 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         max_grad_norm: cfg.max_grad_norm,
         max_bad_steps: cfg.max_skipped_steps,
     };
-    let metrics_path = out.join("metrics.jsonl");
-    let samples_path = out.join("samples.jsonl");
     let precision: Precision = cfg.precision.parse()?;
     let mcfg = ModelConfig::from_path(&cfg.model)?;
     let device_spec = dp
@@ -546,66 +556,37 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         p.set_offload_optimizer(cfg.offload_optimizer.then(OffloadConfig::default))?;
         Ok(p)
     };
-    let (mut policy, mut reference, mut opt, rng, start, mut lines, mut cursor) = match loaded {
+    let (st, start, cursor) = match loaded {
         Some(l) => {
-            let old = std::fs::read_to_string(out.join("config.toml")).unwrap_or_default();
-            if old != cfg_text {
-                return Err(Error::Other(format!(
-                    "{}: resume needs the same config",
-                    out.join("config.toml").display()
-                )));
-            }
             let mut m = l.model;
             m.source_dir = Some(cfg.model.clone());
             let mut policy = place_policy(m)?;
             let mut opt = Optimizer::new(optc);
-            checkpoint::restore_optimizer(&l.dir, l.moments, &l.state, &mut policy, &mut opt, dp.as_mut())?;
-            let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
-            let kept: String = text
-                .lines()
-                .take(l.state.metrics_lines)
-                .map(|x| format!("{x}\n"))
-                .collect();
-            if writer {
-                std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
-                // samples.jsonl back to the checkpoint's line count (all of
-                // it for a checkpoint from before it had one).
-                if let Some(n) = l.state.extra.get("samples_lines").and_then(|v| v.as_u64()) {
-                    let text = std::fs::read_to_string(&samples_path).unwrap_or_default();
-                    let kept: String = text.lines().take(n as usize).map(|x| format!("{x}\n")).collect();
-                    std::fs::write(&samples_path, kept).map_err(io_err(&samples_path))?;
-                }
-            }
-            log(&format!("resuming at step {} from {}", l.state.step, l.dir.display()));
+            crate::checkpoint::restore_optimizer(&l.dir, l.moments, &l.state, &mut policy, &mut opt, dp.as_mut())?;
             let reference = match (l.reference, &cfg.lora) {
                 (_, Some(_)) => None,
                 (Some(r), None) => Some(place(r)?),
                 (None, None) => Some(place(policy.host_model()?.into_owned())?),
             };
             let cursor = match l.state.extra.get("data_cursor") {
-                Some(c) => serde_json::from_value(c.clone())
-                    .map_err(|e| Error::Other(format!("{}: data_cursor: {e}", l.dir.display())))?,
+                Some(c) => serde_json::from_value(c.clone()).map_err(|e| Error::Checkpoint {
+                    path: l.dir.join("state.json"),
+                    msg: format!("extra.data_cursor: {e}"),
+                })?,
                 None => {
                     log("checkpoint without a data cursor: the data order restarts");
                     Cursor::default()
                 }
             };
-            (
+            let st = State {
                 policy,
                 reference,
                 opt,
-                Rng::from_state(l.state.rng),
-                l.state.step,
-                l.state.metrics_lines,
-                cursor,
-            )
+                rng: Rng::from_state(l.state.rng),
+            };
+            (st, l.state.step, cursor)
         }
         None => {
-            if writer {
-                std::fs::write(out.join("config.toml"), &cfg_text).map_err(io_err(out))?;
-                std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
-                std::fs::write(&samples_path, "").map_err(io_err(&samples_path))?;
-            }
             let (policy, reference) = match &cfg.lora {
                 Some(l) => (place_policy(Model::load(&cfg.model)?.with_lora(l, cfg.seed)?)?, None),
                 None => (
@@ -613,61 +594,112 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                     Some(place(Model::load(&cfg.model)?)?),
                 ),
             };
-            let opt = Optimizer::new(optc);
-            (policy, reference, opt, Rng::new(cfg.seed), 0, 0, Cursor::default())
+            let st = State {
+                policy,
+                reference,
+                opt: Optimizer::new(optc),
+                rng: Rng::new(cfg.seed),
+            };
+            (st, 0, Cursor::default())
         }
     };
-    let mut sink = if writer {
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&metrics_path)
-            .map_err(io_err(&metrics_path))?;
-        // TensorBoard events beside metrics.jsonl: every scalar of every line.
-        Some((file, EventWriter::create(out)?))
-    } else {
-        None
-    };
-    let mut samples_file = if writer {
-        Some(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&samples_path)
-                .map_err(io_err(&samples_path))?,
-        )
-    } else {
-        None
-    };
-    let mut samples_lines = std::fs::read_to_string(&samples_path)
-        .map(|t| t.lines().count())
-        .unwrap_or(0);
-    let step_cfg = GrpoStep {
-        num_generations: cfg.num_generations,
-        loss: cfg.loss_config(),
-        advantages: cfg.scale_rewards,
-        sampling: cfg.sampling(),
-        mask_truncated: cfg.mask_truncated_completions,
-        num_iterations: cfg.num_iterations,
-        minibatches: cfg.minibatches,
-        micro_batch_tokens: cfg.micro_batch_tokens,
-    };
-    let g = cfg.num_generations;
-    let mut last = aha_grpo::Metrics::new();
-    if let (Some(set), true, 0, Some((metrics_file, tb))) = (&eval_set, cfg.eval_before_training, start, &mut sink) {
-        let e = evaluate(&policy, &tok, set, cfg)?;
+    let mut st = st;
+    if let (Some(set), true, 0, true) = (&eval_set, cfg.eval_before_training, start, writer) {
+        let e = evaluate(&st.policy, &tok, set, cfg)?;
         log(&format!("step 0: eval pass@1 {:.3}", e["eval/pass@1"]));
-        write_line(metrics_file, &metrics_path, tb, 0, &e)?;
-        lines += 1;
+        run.metrics(None, 0, &e)?;
     }
-    for step in start + 1..=cfg.steps {
-        if let (Some(reference), true) = (
-            reference.as_mut(),
-            cfg.reference_reset_every > 0 && step > 1 && (step - 1) % cfg.reference_reset_every == 0,
-        ) {
-            reference.copy_params_from(&policy)?;
-            log(&format!("step {step}: reference reset to the current policy"));
-        }
-        let mut sc = step_cfg.clone();
+    let mut stage = GrpoStage {
+        cfg,
+        tok: &tok,
+        data: &data,
+        eval_set: eval_set.as_ref(),
+        reward_sum: &reward_sum,
+        reward_batch: &reward_batch,
+        step_cfg: GrpoStep {
+            num_generations: cfg.num_generations,
+            loss: cfg.loss_config(),
+            advantages: cfg.scale_rewards,
+            sampling: cfg.sampling(),
+            mask_truncated: cfg.mask_truncated_completions,
+            num_iterations: cfg.num_iterations,
+            minibatches: cfg.minibatches,
+            micro_batch_tokens: cfg.micro_batch_tokens,
+        },
+        names: cfg.rewards.iter().map(|r| r.name.as_str()).collect(),
+        cursor,
+        dp: dp.as_mut(),
+        first: start + 1,
+        writer,
+        batch: None,
+        last: aha_grpo::Metrics::new(),
+    };
+    let steps = Steps {
+        start,
+        total: cfg.steps,
+        save_every: cfg.save_every,
+        reference_reset_every: cfg.reference_reset_every,
+        log_phase: None,
+        checkpoint_prefix: "step",
+        label: "step",
+        ..Steps::new("grpo")
+    };
+    run.run(&steps, &mut st, &mut stage, log)?;
+    let last = stage.last;
+    if !writer {
+        return Ok(last);
+    }
+    run.plots(&[
+        ("reward.png", "REWARD", &[("REWARD", None, "reward")]),
+        ("kl.png", "KL TO THE REFERENCE", &[("KL", None, "kl")]),
+        ("loss.png", "GRPO LOSS", &[("LOSS", None, "loss")]),
+        (
+            "length.png",
+            "COMPLETION LENGTH",
+            &[("MEAN TOKENS", None, "completions/mean_length")],
+        ),
+        ("eval.png", "EVALUATION", &[("PASS@1", None, "eval/pass@1")]),
+    ])?;
+    st.policy.save_as(
+        &out.join("final"),
+        &SaveOptions {
+            dtype: cfg.save_dtype,
+            max_shard_bytes: 4 << 30,
+            ..SaveOptions::default()
+        },
+    )?;
+    Ok(last)
+}
+
+/// `aha grpo`'s steps as a [`Stage`]: prompts drawn by the data cursor
+/// (epochs without replacement), DAPO's dynamic sampling, a rank's share
+/// of each step's groups, evaluation every `eval_every` steps and the
+/// first group's completions in `samples.jsonl`.
+struct GrpoStage<'a> {
+    cfg: &'a GrpoConfig,
+    tok: &'a aha_sampler::Tokenizer,
+    data: &'a [(Vec<u32>, Example)],
+    eval_set: Option<&'a EvalSet>,
+    reward_sum: &'a aha_rewards::WeightedSum,
+    reward_batch: &'a BatchConfig,
+    step_cfg: GrpoStep,
+    names: Vec<&'a str>,
+    cursor: Cursor,
+    dp: Option<&'a mut crate::dp::DataParallel>,
+    /// The first step this process runs (where the data-parallel layout is logged).
+    first: usize,
+    writer: bool,
+    /// The last step's rollouts (for `samples.jsonl`).
+    batch: Option<Rollouts>,
+    /// The last step's metrics.
+    last: aha_grpo::Metrics,
+}
+
+impl Stage for GrpoStage<'_> {
+    fn step(&mut self, step: usize, st: &mut State, log: &mut dyn FnMut(&str)) -> Result<Option<aha_grpo::Metrics>> {
+        let cfg = self.cfg;
+        let g = cfg.num_generations;
+        let mut sc = self.step_cfg.clone();
         let mut batch: Option<Rollouts> = None;
         let mut dropped = 0usize;
         for round in 0..=cfg.dynamic_sampling_max_rounds {
@@ -675,9 +707,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             if have >= cfg.prompts_per_step || (round > 0 && !cfg.dynamic_sampling) {
                 break;
             }
-            let picks = cursor.take(data.len(), cfg.prompts_per_step - have, cfg.seed);
+            let picks = self.cursor.take(self.data.len(), cfg.prompts_per_step - have, cfg.seed);
             // A rank's share: whole groups, sampled from their global index.
-            let (picks, first) = match &dp {
+            let (picks, first) = match &self.dp {
                 Some(d) => {
                     let r = d.shard(picks.len(), "prompts_per_step")?;
                     (picks[r.clone()].to_vec(), r.start)
@@ -685,15 +717,15 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
                 None => (picks, 0),
             };
             sc.sampling.prompt_offset = first as u64;
-            let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| data[i].0.clone()).collect();
-            let examples: Vec<Example> = picks.iter().map(|&i| data[i].1.clone()).collect();
+            let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| self.data[i].0.clone()).collect();
+            let examples: Vec<Example> = picks.iter().map(|&i| self.data[i].1.clone()).collect();
             sc.sampling.seed = cfg.seed.wrapping_add((step * 1_000_003 + round * 7919) as u64);
             let scoring = Scoring {
-                rewards: &reward_sum,
+                rewards: self.reward_sum,
                 examples: &examples,
-                batch: &reward_batch,
+                batch: self.reward_batch,
             };
-            let r = rollout(&policy, &tok, &prompts, &scoring, &sc)?;
+            let r = rollout(&st.policy, self.tok, &prompts, &scoring, &sc)?;
             let keep: Vec<usize> = if cfg.dynamic_sampling && round < cfg.dynamic_sampling_max_rounds {
                 (0..prompts.len()).filter(|&k| !r.group_is_flat(k, g)).collect()
             } else {
@@ -710,36 +742,52 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             log(&format!(
                 "step {step}: every sampled group had equal rewards; no update"
             ));
-            continue;
+            return Ok(None);
         };
-        let names: Vec<&str> = cfg.rewards.iter().map(|r| r.name.as_str()).collect();
-        let sync = dp.as_mut().map(|d| d as &mut dyn crate::rl::StepSync);
-        let mut m = train_on_synced(&mut policy, reference.as_ref(), &mut opt, &batch, &names, &sc, sync)?;
-        if let Some(d) = dp.as_mut() {
+        let sync = self.dp.as_deref_mut().map(|d| d as &mut dyn crate::rl::StepSync);
+        let mut m = train_on_synced(
+            &mut st.policy,
+            st.reference.as_ref(),
+            &mut st.opt,
+            &batch,
+            &self.names,
+            &sc,
+            sync,
+        )?;
+        if let Some(d) = self.dp.as_deref_mut() {
             m.insert("timing/allreduce_s".into(), d.take_allreduce_s());
-            if step == start + 1 {
+            if step == self.first {
                 log(&d.describe());
             }
         }
-        for note in opt.take_notes() {
-            log(&format!("step {step}: {note}"));
-        }
         m.insert("dynamic_sampling/dropped_groups".into(), dropped as f64);
-        m.insert("epoch".into(), cursor.fraction(data.len()));
-        if let (Some(set), true) = (&eval_set, writer && cfg.eval_every > 0 && step % cfg.eval_every == 0) {
-            let e = evaluate(&policy, &tok, set, cfg)?;
+        m.insert("epoch".into(), self.cursor.fraction(self.data.len()));
+        self.batch = Some(batch);
+        Ok(Some(m))
+    }
+
+    fn after(
+        &mut self,
+        step: usize,
+        st: &State,
+        m: &mut aha_grpo::Metrics,
+        run: &mut Driver,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        if let (Some(set), true) = (
+            self.eval_set,
+            self.writer && cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every),
+        ) {
+            let e = evaluate(&st.policy, self.tok, set, cfg)?;
             log(&format!("step {step}: eval pass@1 {:.3}", e["eval/pass@1"]));
             m.extend(e);
         }
-        if let Some((metrics_file, tb)) = &mut sink {
-            write_line(metrics_file, &metrics_path, tb, step, &m)?;
-        }
-        lines += 1;
-        if let (Some(f), true) = (
-            &mut samples_file,
-            cfg.samples_every > 0 && step % cfg.samples_every == 0,
+        if let (Some(batch), true) = (
+            &self.batch,
+            cfg.samples_every > 0 && step.is_multiple_of(cfg.samples_every),
         ) {
-            samples_lines += write_samples(f, &samples_path, &tok, step, &batch, &names)?;
+            write_samples(run, self.tok, step, batch, &self.names)?;
         }
         log(&format!(
             "step {step}/{}  reward {:.3}  kl {:.4}  length {:.1}",
@@ -748,63 +796,18 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
             m.get("kl").copied().unwrap_or(0.0),
             m.get("completions/mean_length").copied().unwrap_or(0.0)
         ));
-        if cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
-            let (s, bad) = (opt.step, opt.bad_in_a_row());
-            let st = TrainState {
-                phase: "grpo".into(),
-                step,
-                rng: rng.state(),
-                opt_step: s,
-                opt_bad: bad,
-                metrics_lines: lines,
-                extra: serde_json::json!({ "data_cursor": cursor, "samples_lines": samples_lines }),
-                layout: checkpoint::LAYOUT_VERSION,
-            };
-            // Every rank takes part (crate::checkpoint::save_ranks).
-            checkpoint::save_ranks(
-                &ckroot,
-                &format!("step-{step:06}"),
-                &st,
-                &policy,
-                reference.as_ref(),
-                &opt,
-                dp.as_ref().map(|d| d.checkpointer()).as_ref(),
-            )?;
-        }
-        last = m;
+        self.last = m.clone();
+        Ok(())
     }
-    if !writer {
-        return Ok(last);
+
+    fn extra(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let mut extra = serde_json::Map::new();
+        extra.insert(
+            "data_cursor".into(),
+            serde_json::to_value(self.cursor).map_err(|e| Error::Other(format!("data cursor: {e}")))?,
+        );
+        Ok(extra)
     }
-    let metric_lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)
-        .map_err(io_err(&metrics_path))?
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    crate::run_folder::draw_plots(
-        out,
-        &metric_lines,
-        &[
-            ("reward.png", "REWARD", &[("REWARD", None, "reward")]),
-            ("kl.png", "KL TO THE REFERENCE", &[("KL", None, "kl")]),
-            ("loss.png", "GRPO LOSS", &[("LOSS", None, "loss")]),
-            (
-                "length.png",
-                "COMPLETION LENGTH",
-                &[("MEAN TOKENS", None, "completions/mean_length")],
-            ),
-            ("eval.png", "EVALUATION", &[("PASS@1", None, "eval/pass@1")]),
-        ],
-    )?;
-    policy.save_as(
-        &out.join("final"),
-        &SaveOptions {
-            dtype: cfg.save_dtype,
-            max_shard_bytes: 4 << 30,
-            ..SaveOptions::default()
-        },
-    )?;
-    Ok(last)
 }
 
 /// Evaluation problems, rendered and tokenized, with their answers.
@@ -847,20 +850,18 @@ fn evaluate(
 /// Appends the completions of `batch`'s first prompt group to
 /// `samples.jsonl`, a line each: `step`, `prompt`, `completion`, `tokens`,
 /// `finish_reason`, the weighted `reward` and each reward function's score
-/// under `rewards`. Returns the lines written.
+/// under `rewards`.
 fn write_samples(
-    file: &mut std::fs::File,
-    path: &Path,
+    run: &mut Driver,
     tok: &aha_sampler::Tokenizer,
     step: usize,
     batch: &Rollouts,
     names: &[&str],
-) -> Result<usize> {
+) -> Result<()> {
     let Some(first) = batch.prompts.first() else {
-        return Ok(0);
+        return Ok(());
     };
     let prompt = aha_sampler::decode(tok, first)?;
-    let mut n = 0;
     for (i, c) in batch
         .completions
         .iter()
@@ -877,7 +878,7 @@ fn write_samples(
                 )
             })
             .collect();
-        let line = serde_json::json!({
+        run.sample(&serde_json::json!({
             "step": step,
             "prompt": prompt,
             "completion": c.text,
@@ -885,31 +886,9 @@ fn write_samples(
             "finish_reason": format!("{:?}", c.finish_reason).to_lowercase(),
             "reward": batch.total.get(i).copied().unwrap_or(f64::NAN),
             "rewards": rewards,
-        });
-        writeln!(file, "{line}").map_err(io_err(path))?;
-        n += 1;
+        }))?;
     }
-    file.flush().map_err(io_err(path))?;
-    Ok(n)
-}
-
-/// Appends one line `{"step": step, ...metrics}` to `metrics.jsonl`, and
-/// the same scalars to the TensorBoard event file.
-fn write_line(
-    file: &mut std::fs::File,
-    path: &Path,
-    tb: &mut EventWriter,
-    step: usize,
-    m: &aha_grpo::Metrics,
-) -> Result<()> {
-    tb.scalars(step, m.iter().map(|(k, v)| (k.as_str(), *v)))?;
-    let mut line = serde_json::Map::new();
-    line.insert("step".into(), step.into());
-    for (k, v) in m {
-        line.insert(k.clone(), serde_json::json!(v));
-    }
-    writeln!(file, "{}", serde_json::Value::Object(line)).map_err(io_err(path))?;
-    file.flush().map_err(io_err(path))
+    Ok(())
 }
 
 #[cfg(test)]

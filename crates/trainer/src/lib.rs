@@ -4,7 +4,10 @@
 //! Built so far: the optimizer (AdamW with warmup and cosine/constant
 //! schedules, clipping, a non-finite guard), supervised steps on completion
 //! tokens, the GRPO step, the toy task with its tokenizer, held-out
-//! evaluation, PNG plots, the `aha demo` run (R1-Zero at toy scale), and
+//! evaluation, PNG plots, one run driver (`driver`: run folder,
+//! checkpoints and exact resume, reference reset, non-finite guard) under
+//! `aha demo`, `aha grpo` and the pipeline, the `aha demo` run (R1-Zero at
+//! toy scale), and
 //! the reward layer of `aha grpo` with every reward kind, a scalar reward
 //! model among them ([`reward_model`]).
 
@@ -13,6 +16,7 @@ pub mod data;
 pub mod demo;
 pub mod dist;
 pub mod dp;
+pub mod driver;
 mod error;
 pub mod eval;
 pub mod grpo_run;

@@ -16,19 +16,20 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use aha_moe_model::{Model, ModelConfig, Policy, Precision, SaveDtype, SaveOptions};
-use aha_rewards::BatchConfig;
 use aha_sampler::{SamplingParams, Tokenizer};
 use aha_tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::TrainState;
 use crate::demo::DemoConfig;
+use crate::demo::{PretrainLog, ToyGrpo, ToyPretrain};
+pub(crate) use crate::driver::step_metrics;
+use crate::driver::{Driver, RunSpec, State, Steps};
 use crate::error::{io_err, Error, Result};
 use crate::eval::{evaluate_math, sample_toy, MathEval};
-use crate::optim::{sft_step, OptimConfig, Optimizer, Schedule, StepInfo};
-use crate::rl::{grpo_step, Scoring};
+use crate::optim::{OptimConfig, Optimizer, Schedule, StepInfo};
 use crate::rng::Rng;
-use crate::run_folder::{json_value, open_run, write_atomic, LogCursor, RunLog};
+use crate::run_folder::{json_value, write_atomic};
 use crate::toy::{self, Problem};
 
 /// One row of the final table.
@@ -150,70 +151,96 @@ pub(crate) fn sft_loop_synced(
     Ok(loss)
 }
 
-/// What [`grpo_loop`] hands its caller after each step.
-struct GrpoStepDone<'a> {
-    step: usize,
-    metrics: &'a aha_grpo::Metrics,
-    model: &'a Policy,
-    opt: &'a Optimizer,
-    rng: &'a Rng,
-}
-
 /// The optimizer of a GRPO stage: constant after warmup.
 fn grpo_optimizer(cfg: &DemoConfig, steps: usize) -> Optimizer {
     Optimizer::new(optim(cfg.grpo_lr, steps, Schedule::Constant))
 }
 
-/// GRPO steps `start + 1 ..= steps` from `model` (accuracy and format
-/// rewards, KL to `reference`, the weights the stage started from); each
-/// step's problems come from `rng`, its sampling seed from `seed` and the
-/// step, so the weights, the optimizer and `rng` continue a stage exactly.
+/// Runs GRPO steps `start + 1 ..= steps` of pipeline stage `stage` on
+/// `st` ([`ToyGrpo`]: accuracy and format rewards, KL to the reference,
+/// the weights the stage started from), a checkpoint every `save_every`
+/// steps but the last.
 #[allow(clippy::too_many_arguments)]
-fn grpo_loop(
-    model: &mut Policy,
-    reference: &Policy,
-    opt: &mut Optimizer,
-    cfg: &DemoConfig,
-    tok: &Tokenizer,
-    (start, steps): (usize, usize),
-    rng: &mut Rng,
+fn grpo_stage(
+    run: &mut Driver,
+    st: &mut State,
+    rows: &[Row],
+    (cfg, tok): (&DemoConfig, &Tokenizer),
+    stage: &str,
+    (start, steps, save_every): (usize, usize, usize),
     seed: u64,
     log: &mut dyn FnMut(&str),
-    after: &mut dyn FnMut(GrpoStepDone<'_>) -> Result<()>,
 ) -> Result<()> {
-    let step_cfg = cfg.grpo_step_config();
-    let rewards = toy::rewards();
-    let reward_batch = BatchConfig::default();
-    for step in start + 1..=steps {
-        let problems: Vec<Problem> = (0..cfg.prompts_per_step)
-            .map(|_| toy::problem(rng, cfg.spec(), false))
-            .collect();
-        let prompts = toy::encode_prompts(tok, &problems)?;
-        let examples = toy::examples(&problems);
-        let scoring = Scoring {
-            rewards: &rewards,
-            examples: &examples,
-            batch: &reward_batch,
-        };
-        let mut sc = step_cfg.clone();
-        sc.sampling.seed = seed.wrapping_add(step as u64 * 1_000_003);
-        let (m, _) = grpo_step(model, Some(reference), opt, tok, &prompts, &scoring, &sc)?;
-        for note in opt.take_notes() {
-            log(&format!("grpo step {step}: {note}"));
+    let mut g = ToyGrpo::new(cfg, tok, seed, steps, rows_extra(rows)?);
+    let loop_ = Steps {
+        start,
+        total: steps,
+        save_every,
+        label: "grpo step",
+        ..Steps::new(stage)
+    };
+    run.run(&loop_, st, &mut g, log)
+}
+
+/// A checkpoint's `extra` in the pipeline: the evaluation rows so far.
+fn rows_extra(rows: &[Row]) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut extra = serde_json::Map::new();
+    let v = serde_json::to_value(rows).map_err(|e| Error::Other(format!("evaluation rows: {e}")))?;
+    extra.insert("rows".into(), v);
+    Ok(extra)
+}
+
+/// Saves the checkpoint `<stage>-<step>` of a pipeline stage.
+#[allow(clippy::too_many_arguments)]
+fn checkpoint(
+    run: &Driver,
+    stage: &str,
+    step: usize,
+    rng: &Rng,
+    m: &Policy,
+    reference: Option<&Policy>,
+    opt: &Optimizer,
+    rows: &[Row],
+) -> Result<()> {
+    run.checkpoint(
+        &format!("{stage}-{step:06}"),
+        stage,
+        step,
+        rng,
+        m,
+        reference,
+        opt,
+        rows_extra(rows)?,
+    )
+}
+
+/// One SFT stage of the pipeline: steps `start + 1 ..= steps` of `batch`
+/// examples from `data` (see [`sft_loop`]), a metrics line under `stage`
+/// every step and a checkpoint every `save_every` steps but the last.
+/// Returns the last loss.
+#[allow(clippy::too_many_arguments)]
+fn sft_stage(
+    run: &mut Driver,
+    rows: &[Row],
+    stage: &str,
+    (m, opt, rng): (&mut Policy, &mut Optimizer, &mut Rng),
+    data: &[(Vec<u32>, Vec<u32>)],
+    (start, steps, batch): (usize, usize, usize),
+    save_every: usize,
+    log: &mut dyn FnMut(&str),
+) -> Result<f64> {
+    let due = Steps {
+        total: steps,
+        save_every,
+        ..Steps::new(stage)
+    };
+    sft_loop(m, opt, data, start, steps, batch, rng, log, &mut |s| {
+        run.metrics(Some(stage), s.step, &step_metrics(s.loss, &s.info))?;
+        if due.saves_after(s.step) {
+            checkpoint(run, stage, s.step, s.rng, s.model, None, s.opt, rows)?;
         }
-        log(&format!(
-            "step {step}/{steps} grpo reward {:.3}",
-            m.get("reward").copied().unwrap_or(f64::NAN)
-        ));
-        after(GrpoStepDone {
-            step,
-            metrics: &m,
-            model,
-            opt,
-            rng,
-        })?;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `k` samples for each problem; returns (prompt, completion text) pairs
@@ -407,16 +434,6 @@ fn read_pairs(path: &Path, tok: &Tokenizer) -> Result<Vec<(Vec<u32>, Vec<u32>)>>
     Ok(out)
 }
 
-pub(crate) fn step_metrics(loss: f64, info: &StepInfo) -> aha_grpo::Metrics {
-    [
-        ("loss".to_string(), loss),
-        ("grad_norm".to_string(), info.grad_norm),
-        ("learning_rate".to_string(), info.lr),
-    ]
-    .into_iter()
-    .collect()
-}
-
 /// Runs the recipe into `out` (fresh, no checkpoints); see
 /// [`run_pipeline_with`].
 pub fn run_pipeline(cfg: &PipelineConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
@@ -443,16 +460,29 @@ pub fn run_pipeline_with(
     let spec = d.spec();
     spec.validate()?;
     if spec.task == toy::Task::Countdown {
-        return Err(Error::Other(
-            "the pipeline scores numeric answers (math verification, cons@k over numbers): use addition or multiplication"
+        return Err(Error::Config {
+            what: "pipeline config".into(),
+            msg: "task countdown: the pipeline scores numeric answers (math verification, cons@k over numbers): use addition or multiplication"
                 .into(),
-        ));
+        });
     }
     let mut cfg_json = serde_json::to_value(cfg).map_err(|e| Error::Other(e.to_string()))?;
     cfg_json["device"] = cfg.device.to_string().into();
     cfg_json["precision"] = cfg.precision.to_string().into();
     let cfg_text = serde_json::to_string_pretty(&cfg_json).unwrap_or_default();
-    let loaded = open_run(out, "config.json", &cfg_text, &json_value, &[], opts.resume, log)?;
+    let (mut run, loaded) = Driver::open(
+        &RunSpec {
+            dir: out,
+            config_file: "config.json",
+            config_text: &cfg_text,
+            parse: &json_value,
+            moved: &[],
+            resume: opts.resume,
+            tensorboard: true,
+            writer: true,
+        },
+        log,
+    )?;
     let tok = toy::tokenizer()?;
     let test: Vec<Problem> = toy::test_set(spec, d.eval_problems);
     let teacher_json = d.model_config_json();
@@ -500,9 +530,12 @@ pub fn run_pipeline_with(
     };
     let every = opts.save_every;
     let due = |step: usize, total: usize| every > 0 && step.is_multiple_of(every) && (step < total || step == 0);
-    let missing = |what: &str| Error::Other(format!("pipeline: {what} is missing (damaged checkpoint?)"));
+    let missing = |what: &str| Error::Checkpoint {
+        path: out.join("checkpoints"),
+        msg: format!("the pipeline's latest checkpoint lacks {what} (damaged checkpoint?)"),
+    };
 
-    let (mut resume, first, mut rng, mut rows, cursor) = match loaded {
+    let (mut resume, first, mut rng, mut rows) = match loaded {
         Some(l) => {
             let Some(k) = STAGES.iter().position(|s| *s == l.state.phase) else {
                 return Err(Error::Checkpoint {
@@ -515,40 +548,14 @@ pub fn run_pipeline_with(
                     path: l.dir.join("state.json"),
                     msg: format!("extra.rows: {e}"),
                 })?;
-            let (rng, cursor) = (Rng::from_state(l.state.rng), LogCursor::of(&l.state));
-            (Some(l), k, rng, rows, Some(cursor))
+            let rng = Rng::from_state(l.state.rng);
+            (Some(l), k, rng, rows)
         }
-        None => (None, 0, Rng::new(d.seed), Vec::new(), None),
+        None => (None, 0, Rng::new(d.seed), Vec::new()),
     };
-    let mut run = RunLog::open(out, cursor)?;
     // The checkpoint of stage `k`, when the run resumes in it.
     let mut take = |k: usize| if k == first { resume.take() } else { None };
-    let checkpoint = |run: &RunLog,
-                      stage: &str,
-                      step: usize,
-                      rng: &Rng,
-                      m: &Policy,
-                      reference: Option<&Policy>,
-                      opt: &Optimizer,
-                      rows: &[Row]|
-     -> Result<()> {
-        let mut extra = serde_json::Map::new();
-        extra.insert(
-            "rows".into(),
-            serde_json::to_value(rows).map_err(|e| Error::Other(e.to_string()))?,
-        );
-        run.checkpoint(
-            &format!("{stage}-{step:06}"),
-            stage,
-            step,
-            rng,
-            m,
-            reference,
-            opt,
-            extra,
-        )
-    };
-    let evaluate = |run: &mut RunLog, rows: &mut Vec<Row>, name: &str, m: &Policy| -> Result<()> {
+    let evaluate = |run: &mut Driver, rows: &mut Vec<Row>, name: &str, m: &Policy| -> Result<()> {
         let (row, samples) = score(name, m, &tok, &test, cfg.eval_k, d.seed, d.max_new_tokens)?;
         for s in &samples {
             run.sample(s)?;
@@ -571,14 +578,11 @@ pub fn run_pipeline_with(
     };
     let max_len = d.max_new_tokens;
 
-    // 1. Base: fresh problems every step, as in the demo: mixing both
-    // completion styles in every batch matters here (length-bucketed
-    // batches of the base corpus separate them and the base then fails to
-    // learn the reasoning).
+    // 1. Base: fresh problems every step, as in the demo.
     let mut base: Option<Policy> = None;
     if first == 0 {
         let mut opt = Optimizer::new(optim(d.pretrain_lr, d.pretrain_steps, Schedule::Cosine));
-        let (mut m, start) = match take(0) {
+        let (m, start) = match take(0) {
             Some(l) => {
                 let m = place(l.model, &teacher_src)?;
                 restore(&mut opt, &m, l.moments, &l.state)?;
@@ -589,38 +593,41 @@ pub fn run_pipeline_with(
                 (place(Model::random(mcfg, d.seed, 0.02), &teacher_src)?, 0)
             }
         };
-        let mut loss = f64::NAN;
-        for step in start + 1..=d.pretrain_steps {
-            let batch: Vec<(Vec<u32>, Vec<u32>)> = (0..d.pretrain_batch)
-                .map(|_| {
-                    let p = toy::problem(&mut rng, spec, false);
-                    encode_pair(
-                        &tok,
-                        &p.prompt(),
-                        &toy::base_completion(&mut rng, &p, d.reasoning_share),
-                    )
-                })
-                .collect::<Result<_>>()?;
-            let info;
-            (loss, info) = sft_step(&mut m, &mut opt, &batch, toy::PAD)?;
-            for note in opt.take_notes() {
-                log(&format!("pretrain step {step}: {note}"));
-            }
-            run.metrics(Some("pretrain"), step, &step_metrics(loss, &info))?;
-            if due(step, d.pretrain_steps) {
-                checkpoint(&run, "pretrain", step, &rng, &m, None, &opt, &rows)?;
-            }
-        }
-        log(&format!("base: pretrained {} steps, loss {loss:.3}", d.pretrain_steps));
-        save("base", &m, &teacher_json)?;
-        evaluate(&mut run, &mut rows, "base", &m)?;
-        base = Some(m);
+        let mut st = State {
+            policy: m,
+            reference: None,
+            opt,
+            rng,
+        };
+        let mut stage = ToyPretrain {
+            cfg: d,
+            tok: &tok,
+            log: PretrainLog::EveryStep,
+            loss: f64::NAN,
+            extra: rows_extra(&rows)?,
+        };
+        let steps = Steps {
+            start,
+            total: d.pretrain_steps,
+            save_every: every,
+            label: "pretrain step",
+            ..Steps::new("pretrain")
+        };
+        run.run(&steps, &mut st, &mut stage, log)?;
+        rng = st.rng;
+        log(&format!(
+            "base: pretrained {} steps, loss {:.3}",
+            d.pretrain_steps, stage.loss
+        ));
+        save("base", &st.policy, &teacher_json)?;
+        evaluate(&mut run, &mut rows, "base", &st.policy)?;
+        base = Some(st.policy);
     }
 
     // 2. R1-Zero: pure RL from the base (the KL reference is the base).
     if first <= 1 {
         let mut opt = grpo_optimizer(d, d.grpo_steps);
-        let (mut zero, reference, start) = match take(1) {
+        let (zero, reference, start) = match take(1) {
             Some(l) => {
                 let zero = place(l.model, &teacher_src)?;
                 let reference = place(l.reference.ok_or_else(|| missing("r1-zero's reference"))?, &teacher_src)?;
@@ -636,24 +643,30 @@ pub fn run_pipeline_with(
                 (zero, b, 0)
             }
         };
-        grpo_loop(
-            &mut zero,
-            &reference,
-            &mut opt,
-            d,
-            &tok,
-            (start, d.grpo_steps),
-            &mut rng,
+        let mut st = State {
+            policy: zero,
+            reference: Some(reference),
+            opt,
+            rng,
+        };
+        grpo_stage(
+            &mut run,
+            &mut st,
+            &rows,
+            (d, &tok),
+            "r1-zero",
+            (start, d.grpo_steps, every),
             d.seed ^ 1,
             log,
-            &mut |s| {
-                run.metrics(Some("r1-zero"), s.step, s.metrics)?;
-                if due(s.step, d.grpo_steps) {
-                    checkpoint(&run, "r1-zero", s.step, s.rng, s.model, Some(&reference), s.opt, &rows)?;
-                }
-                Ok(())
-            },
         )?;
+        let State {
+            policy: zero,
+            reference,
+            rng: r,
+            ..
+        } = st;
+        rng = r;
+        let reference = reference.ok_or_else(|| missing("r1-zero's reference"))?;
         save("r1-zero", &zero, &teacher_json)?;
         evaluate(&mut run, &mut rows, "r1-zero", &zero)?;
         log(&format!("r1-zero: pass@1 {:.3}", rows[rows.len() - 1].eval.pass_at_1));
@@ -692,22 +705,15 @@ pub fn run_pipeline_with(
             }
         };
         base = None;
-        let l = sft_loop(
-            &mut m,
-            &mut opt,
+        let l = sft_stage(
+            &mut run,
+            &rows,
+            "cold-start",
+            (&mut m, &mut opt, &mut rng),
             &cold,
-            start,
-            cfg.sft_steps,
-            32,
-            &mut rng,
+            (start, cfg.sft_steps, 32),
+            every,
             log,
-            &mut |s| {
-                run.metrics(Some("cold-start"), s.step, &step_metrics(s.loss, &s.info))?;
-                if due(s.step, cfg.sft_steps) {
-                    checkpoint(&run, "cold-start", s.step, s.rng, s.model, None, s.opt, &rows)?;
-                }
-                Ok(())
-            },
         )?;
         log(&format!("r1: cold-start SFT on {} traces, loss {l:.3}", cold.len()));
         r1 = Some(m);
@@ -716,7 +722,7 @@ pub fn run_pipeline_with(
     if first <= 3 {
         let rl_steps = d.grpo_steps / 2;
         let mut opt = grpo_optimizer(d, rl_steps);
-        let (mut m, reference, start) = match take(3) {
+        let (m, reference, start) = match take(3) {
             Some(l) => {
                 let m = place(l.model, &teacher_src)?;
                 let reference = place(l.reference.ok_or_else(|| missing("r1's reference"))?, &teacher_src)?;
@@ -732,24 +738,24 @@ pub fn run_pipeline_with(
                 (m, reference, 0)
             }
         };
-        grpo_loop(
-            &mut m,
-            &reference,
-            &mut opt,
-            d,
-            &tok,
-            (start, rl_steps),
-            &mut rng,
+        let mut st = State {
+            policy: m,
+            reference: Some(reference),
+            opt,
+            rng,
+        };
+        grpo_stage(
+            &mut run,
+            &mut st,
+            &rows,
+            (d, &tok),
+            "r1-rl",
+            (start, rl_steps, every),
             d.seed ^ 2,
             log,
-            &mut |s| {
-                run.metrics(Some("r1-rl"), s.step, s.metrics)?;
-                if due(s.step, rl_steps) {
-                    checkpoint(&run, "r1-rl", s.step, s.rng, s.model, Some(&reference), s.opt, &rows)?;
-                }
-                Ok(())
-            },
         )?;
+        rng = st.rng;
+        let m = st.policy;
         r1 = Some(m);
     }
     let sft_path = out.join("rejection_sampled.jsonl");
@@ -786,22 +792,15 @@ pub fn run_pipeline_with(
             }
         };
         if !data.is_empty() {
-            sft_loop(
-                &mut m,
-                &mut opt,
+            sft_stage(
+                &mut run,
+                &rows,
+                "r1-sft",
+                (&mut m, &mut opt, &mut rng),
                 &data,
-                start,
-                cfg.sft_steps,
-                32,
-                &mut rng,
+                (start, cfg.sft_steps, 32),
+                every,
                 log,
-                &mut |s| {
-                    run.metrics(Some("r1-sft"), s.step, &step_metrics(s.loss, &s.info))?;
-                    if due(s.step, cfg.sft_steps) {
-                        checkpoint(&run, "r1-sft", s.step, s.rng, s.model, None, s.opt, &rows)?;
-                    }
-                    Ok(())
-                },
             )?;
         }
         save("r1", &m, &teacher_json)?;
@@ -841,22 +840,15 @@ pub fn run_pipeline_with(
             (m, sdata, 0)
         }
     };
-    let l = sft_loop(
-        &mut student,
-        &mut opt,
+    let l = sft_stage(
+        &mut run,
+        &rows,
+        "student",
+        (&mut student, &mut opt, &mut rng),
         &sdata,
-        start,
-        cfg.student_steps,
-        64,
-        &mut rng,
+        (start, cfg.student_steps, 64),
+        every,
         log,
-        &mut |s| {
-            run.metrics(Some("student"), s.step, &step_metrics(s.loss, &s.info))?;
-            if due(s.step, cfg.student_steps) {
-                checkpoint(&run, "student", s.step, s.rng, s.model, None, s.opt, &rows)?;
-            }
-            Ok(())
-        },
     )?;
     log(&format!(
         "student: {} parameters, SFT on {} teacher traces, loss {l:.3}",

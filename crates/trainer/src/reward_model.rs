@@ -58,9 +58,10 @@ impl FromStr for RmTemplate {
             "auto" => Ok(RmTemplate::Auto),
             "chat" => Ok(RmTemplate::Chat),
             "plain" => Ok(RmTemplate::Plain),
-            other => Err(Error::Other(format!(
-                "reward model template {other:?}: auto, chat or plain"
-            ))),
+            other => Err(Error::Config {
+                what: "reward model template".into(),
+                msg: format!("{other:?}: auto, chat or plain"),
+            }),
         }
     }
 }
@@ -152,7 +153,10 @@ impl ModelReward {
     /// `chat`, chat template.
     pub fn load(name: &str, p: &ModelParams) -> Result<ModelReward> {
         if p.batch_size == 0 {
-            return Err(Error::Other("batch_size must be >= 1".into()));
+            return Err(Error::Reward {
+                name: name.into(),
+                msg: "batch_size must be >= 1".into(),
+            });
         }
         let precision: Precision = p.precision.parse()?;
         let (cfg, _) = aha_moe_model::reward_model::read_config(&p.model)?;

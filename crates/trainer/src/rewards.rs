@@ -483,7 +483,10 @@ impl Reward for Named {
 /// weighted sum; each reward is named in metrics by its spec's `name`.
 pub fn build(specs: &[RewardSpec], ctx: &BuildContext) -> Result<WeightedSum> {
     if specs.is_empty() {
-        return Err(Error::Other("no rewards".into()));
+        return Err(Error::Config {
+            what: "rewards".into(),
+            msg: "no rewards".into(),
+        });
     }
     let mut sum = WeightedSum::new();
     for (i, s) in specs.iter().enumerate() {

@@ -518,8 +518,8 @@ pub fn train_on_synced(
             let all = s.gather(&vals)?;
             let world = s.world();
             if all.len() != vals.len() * world {
-                return Err(Error::Other(format!(
-                    "data parallel: the ranks logged different metrics ({} values for {world} ranks of {})",
+                return Err(Error::Dist(format!(
+                    "the ranks logged different metrics ({} values for {world} ranks of {})",
                     all.len(),
                     vals.len()
                 )));

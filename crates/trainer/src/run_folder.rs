@@ -55,7 +55,7 @@ pub struct RunLog {
     metrics: std::fs::File,
     samples_path: PathBuf,
     samples: std::fs::File,
-    tb: EventWriter,
+    tb: Option<EventWriter>,
     cursor: LogCursor,
 }
 
@@ -82,12 +82,34 @@ impl RunLog {
     /// the checkpoint's cursor otherwise. A new TensorBoard event file is
     /// created either way (TensorBoard reads every file of the folder).
     pub fn open(dir: &Path, resume: Option<LogCursor>) -> Result<RunLog> {
+        RunLog::open_at(dir, resume.map(|c| (c.metrics_lines, Some(c.samples_lines))), true)
+    }
+
+    /// [`RunLog::open`] with the resumed cursor as (metrics lines, samples
+    /// lines or `None` to keep every line of `samples.jsonl`, as for a
+    /// checkpoint that did not record them), and TensorBoard events only
+    /// when `tensorboard`.
+    pub fn open_at(dir: &Path, resume: Option<(usize, Option<usize>)>, tensorboard: bool) -> Result<RunLog> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let metrics_path = dir.join("metrics.jsonl");
         let samples_path = dir.join("samples.jsonl");
-        let cursor = resume.unwrap_or_default();
-        truncate_lines(&metrics_path, cursor.metrics_lines)?;
-        truncate_lines(&samples_path, cursor.samples_lines)?;
+        let (metrics_lines, samples) = resume.unwrap_or((0, Some(0)));
+        truncate_lines(&metrics_path, metrics_lines)?;
+        let samples_lines = match samples {
+            Some(n) => {
+                truncate_lines(&samples_path, n)?;
+                n
+            }
+            None => match std::fs::read_to_string(&samples_path) {
+                Ok(t) => t.lines().count(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(io_err(&samples_path)(e)),
+            },
+        };
+        let cursor = LogCursor {
+            metrics_lines,
+            samples_lines,
+        };
         let append = |p: &Path| {
             std::fs::OpenOptions::new()
                 .append(true)
@@ -101,7 +123,11 @@ impl RunLog {
             metrics_path,
             samples: append(&samples_path)?,
             samples_path,
-            tb: EventWriter::create(dir)?,
+            tb: if tensorboard {
+                Some(EventWriter::create(dir)?)
+            } else {
+                None
+            },
             cursor,
         })
     }
@@ -131,12 +157,13 @@ impl RunLog {
         labels: &[(&str, &str)],
         m: &aha_grpo::Metrics,
     ) -> Result<()> {
-        match phase {
-            Some(p) => {
+        match (phase, &mut self.tb) {
+            (_, None) => {}
+            (Some(p), Some(tb)) => {
                 let tags: Vec<(String, f64)> = m.iter().map(|(k, v)| (format!("{p}/{k}"), *v)).collect();
-                self.tb.scalars(step, tags.iter().map(|(k, v)| (k.as_str(), *v)))?;
+                tb.scalars(step, tags.iter().map(|(k, v)| (k.as_str(), *v)))?;
             }
-            None => self.tb.scalars(step, m.iter().map(|(k, v)| (k.as_str(), *v)))?,
+            (None, Some(tb)) => tb.scalars(step, m.iter().map(|(k, v)| (k.as_str(), *v)))?,
         }
         let mut line = serde_json::Map::new();
         if let Some(p) = phase {
@@ -149,7 +176,13 @@ impl RunLog {
         for (k, v) in m {
             line.insert(k.clone(), serde_json::json!(v));
         }
-        writeln!(self.metrics, "{}", serde_json::Value::Object(line))
+        self.line(&serde_json::Value::Object(line))
+    }
+
+    /// Appends one line as it is to `metrics.jsonl` (no TensorBoard event):
+    /// for lines that are not scalars, such as a run's closing summary.
+    pub fn line(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.metrics, "{v}")
             .and_then(|_| self.metrics.flush())
             .map_err(io_err(&self.metrics_path))?;
         self.cursor.metrics_lines += 1;

@@ -21,9 +21,10 @@ impl Templater {
     /// Loads the model folder's chat template when `kind` is `chat`.
     pub fn new(kind: &str, model_dir: &Path) -> Result<Templater> {
         if !["none", "r1-zero", "chat"].contains(&kind) {
-            return Err(Error::Other(format!(
-                "unknown template {kind:?}: none, r1-zero or chat"
-            )));
+            return Err(Error::Config {
+                what: "template".into(),
+                msg: format!("unknown template {kind:?}: none, r1-zero or chat"),
+            });
         }
         let chat = if kind == "chat" {
             Some(ChatTemplate::load(model_dir)?)
@@ -46,10 +47,10 @@ impl Templater {
             return Ok(self);
         }
         if self.chat.is_none() {
-            return Err(Error::Other(format!(
-                "chat_template_kwargs need template = \"chat\" (template is {:?})",
-                self.kind
-            )));
+            return Err(Error::Config {
+                what: "chat_template_kwargs".into(),
+                msg: format!("need template = \"chat\" (template is {:?})", self.kind),
+            });
         }
         for (k, v) in kwargs {
             self.kwargs.push((k.clone(), chat::json_value(&v.to_string())?));
@@ -89,7 +90,10 @@ impl Templater {
                     self.kwargs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
                 Ok(t.render(&chat::json_value(&messages.to_string())?, true, &extra)?)
             }
-            None => Err(Error::Other("`messages` lines need --template chat".into())),
+            None => Err(Error::Config {
+                what: "template".into(),
+                msg: "`messages` lines need --template chat".into(),
+            }),
         }
     }
 }

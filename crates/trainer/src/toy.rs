@@ -140,11 +140,13 @@ impl Task {
 impl FromStr for Task {
     type Err = Error;
     fn from_str(s: &str) -> Result<Task> {
-        Task::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
-            Error::Other(format!(
-                "unknown toy task {s:?}: expected addition, multiplication or countdown"
-            ))
-        })
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| Error::Config {
+                what: "toy task".into(),
+                msg: format!("unknown toy task {s:?}: expected addition, multiplication or countdown"),
+            })
     }
 }
 
@@ -347,10 +349,10 @@ impl TaskSpec {
     /// Checks the operand width.
     pub fn validate(&self) -> Result<()> {
         if !(1..=MAX_DIGITS).contains(&self.digits) {
-            return Err(Error::Other(format!(
-                "toy task digits must be 1..={MAX_DIGITS}, got {}",
-                self.digits
-            )));
+            return Err(Error::Config {
+                what: "toy task".into(),
+                msg: format!("digits must be 1..={MAX_DIGITS}, got {}", self.digits),
+            });
         }
         Ok(())
     }
