@@ -111,9 +111,11 @@ impl<B> CachingPool<B> {
             }
             None => match alloc(len) {
                 Ok(b) => b,
-                // A refusal, not a lack of memory: emptying the cache
-                // would not help.
-                Err(e @ crate::Error::InvalidArgument { .. }) => return Err(e),
+                // The scratch pools' refusal during a CUDA graph capture
+                // (Gpu::scratch_f32), not a lack of memory: emptying the
+                // cache would not help, and its frees would break the
+                // capture.
+                Err(e @ crate::Error::InvalidArgument { op: "scratch", .. }) => return Err(e),
                 Err(_) => {
                     self.empty_cache();
                     self.lock().stats.oom_retries += 1;

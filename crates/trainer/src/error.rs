@@ -76,6 +76,16 @@ pub enum Error {
     /// names the rank).
     #[error("data parallel: {0}")]
     Dist(String),
+    /// Training stopped: more updates in a row than `max_skipped_steps`
+    /// had non-finite losses or gradients (each was skipped, leaving the
+    /// weights as they were).
+    #[error("{skipped} consecutive updates skipped for non-finite values (last: {last}): aborting")]
+    Diverged {
+        /// Updates skipped in a row.
+        skipped: usize,
+        /// The last skipped update and why.
+        last: String,
+    },
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),

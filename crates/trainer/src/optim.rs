@@ -148,10 +148,10 @@ impl Optimizer {
         };
         self.notes.push(format!("skipped {at}: {why}"));
         if self.bad_in_a_row > self.cfg.max_bad_steps {
-            return Err(Error::Other(format!(
-                "{} consecutive updates skipped for non-finite values (last: {at}: {why}): aborting",
-                self.bad_in_a_row
-            )));
+            return Err(Error::Diverged {
+                skipped: self.bad_in_a_row,
+                last: format!("{at}: {why}"),
+            });
         }
         Ok(StepInfo {
             grad_norm: f64::NAN,

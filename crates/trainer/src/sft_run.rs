@@ -448,12 +448,14 @@ fn sft_in_folder(
         .enumerate()
         .find(|(_, e)| e.0.len() + e.1.len() > max_pos)
     {
-        return Err(Error::Other(format!(
-            "{}: example {} has {} tokens, more than max_position_embeddings {max_pos}",
-            data.display(),
-            i + 1,
-            e.0.len() + e.1.len()
-        )));
+        return Err(Error::DataFile {
+            path: data.to_path_buf(),
+            msg: format!(
+                "example {} has {} tokens, more than max_position_embeddings {max_pos}",
+                i + 1,
+                e.0.len() + e.1.len()
+            ),
+        });
     }
     let n_samples = cfg.sample_prompts.min(examples.len());
     let prompts: Vec<Vec<u32>> = examples[..n_samples].iter().map(|e| e.0.clone()).collect();
@@ -648,7 +650,10 @@ pub fn run_rejection_sampling_with_progress(
         .map(|e| encode(&tok, &t.prompt(&e.prompt)?))
         .collect::<Result<_>>()?;
     let script = match &o.language {
-        Some(l) => Some(Script::of_language(l).map_err(|e| Error::Other(e.to_string()))?),
+        Some(l) => Some(Script::of_language(l).map_err(|e| Error::Config {
+            what: "rejection sampling".into(),
+            msg: format!("language {l:?}: {e}"),
+        })?),
         None => None,
     };
     let engine = aha_sampler::Sampler::new(
