@@ -198,6 +198,25 @@ pub fn save_ranks(
     Ok(root.join(name))
 }
 
+/// The part of a data-parallel save `root/name` ([`save_ranks`]) made by a
+/// rank that does not write the run folder (every rank but 0): its ZeRO-1
+/// optimizer shard, and its share in the agreement on each phase. Rank 0
+/// writes the state, the weights and the reference.
+pub fn save_rank_part(root: &Path, name: &str, model: &Policy, opt: &Optimizer, rc: &RankCheckpoint) -> Result<()> {
+    // Only rank 0 writes `state.json`.
+    let unread = TrainState {
+        phase: String::new(),
+        step: 0,
+        rng: 0,
+        opt_step: 0,
+        opt_bad: 0,
+        metrics_lines: 0,
+        extra: serde_json::Value::Null,
+        layout: LAYOUT_VERSION,
+    };
+    save_ranks(root, name, &unread, model, None, opt, Some(rc)).map(|_| ())
+}
+
 /// Every rank's outcome of one phase of [`save_ranks`]: this rank's error,
 /// or an error naming the ranks that failed.
 fn together(rc: &RankCheckpoint, r: Result<()>, what: &str, tmp: &Path) -> Result<()> {

@@ -340,28 +340,7 @@ impl Driver {
             }
             // A rank that does not write still saves its part (its ZeRO-1
             // shard) and takes part in the save's agreement.
-            (None, Some(r)) => {
-                let state = TrainState {
-                    phase: phase.into(),
-                    step,
-                    rng: rng.state(),
-                    opt_step: opt.step,
-                    opt_bad: opt.bad_in_a_row(),
-                    metrics_lines: 0,
-                    extra: serde_json::Value::Object(extra),
-                    layout: crate::checkpoint::LAYOUT_VERSION,
-                };
-                crate::checkpoint::save_ranks(
-                    &self.dir.join("checkpoints"),
-                    name,
-                    &state,
-                    policy,
-                    reference,
-                    opt,
-                    Some(r),
-                )
-                .map(|_| ())
-            }
+            (None, Some(r)) => crate::checkpoint::save_rank_part(&self.dir.join("checkpoints"), name, policy, opt, r),
             (None, None) => Ok(()),
         }
     }

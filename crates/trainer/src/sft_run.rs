@@ -514,19 +514,8 @@ fn sft_in_folder(
             let Some(run) = run.as_mut() else {
                 if let (true, Some(rc)) = (save, ranks.as_ref()) {
                     // This rank's part of rank 0's checkpoint.
-                    let st = crate::checkpoint::TrainState {
-                        phase: "sft".into(),
-                        step: s.step,
-                        rng: s.rng.state(),
-                        opt_step: s.opt.step,
-                        opt_bad: s.opt.bad_in_a_row(),
-                        metrics_lines: 0,
-                        extra: serde_json::Value::Null,
-                        layout: crate::checkpoint::LAYOUT_VERSION,
-                    };
-                    let root = dir.join("checkpoints");
                     let name = format!("step-{:06}", s.step);
-                    crate::checkpoint::save_ranks(&root, &name, &st, s.model, None, s.opt, Some(rc))?;
+                    crate::checkpoint::save_rank_part(&dir.join("checkpoints"), &name, s.model, s.opt, rc)?;
                 }
                 return Ok(());
             };

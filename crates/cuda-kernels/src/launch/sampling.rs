@@ -34,15 +34,27 @@ pub struct SampledToken {
 /// Checks the sampling call: `logits` holds `rows * v`, one uniform per row
 /// in [0, 1), parameters in range, `v` addressable by an i32 token id.
 pub fn plan_sample(logits_len: usize, rows: usize, v: usize, u: &[f64], p: &SampleParams) -> Result<bool> {
+    check_uniforms(u, rows)?;
+    plan_sample_shape(logits_len, rows, v, p)
+}
+
+/// Checks one uniform in [0, 1) for each of `rows` rows.
+pub fn check_uniforms(u: &[f64], rows: usize) -> Result<()> {
     let bad = |msg: String| Error::InvalidArgument { op: "sample_f32", msg };
-    if rows.checked_mul(v) != Some(logits_len) {
-        return Err(bad(format!("logits hold {logits_len}, not rows {rows} x v {v}")));
-    }
     if u.len() != rows {
         return Err(bad(format!("{} uniforms for {rows} rows", u.len())));
     }
     if let Some(x) = u.iter().find(|x| !(0.0..1.0).contains(*x)) {
         return Err(bad(format!("uniform {x} outside [0, 1)")));
+    }
+    Ok(())
+}
+
+/// [`plan_sample`] without the uniforms: the lengths and the parameters.
+fn plan_sample_shape(logits_len: usize, rows: usize, v: usize, p: &SampleParams) -> Result<bool> {
+    let bad = |msg: String| Error::InvalidArgument { op: "sample_f32", msg };
+    if rows.checked_mul(v) != Some(logits_len) {
+        return Err(bad(format!("logits hold {logits_len}, not rows {rows} x v {v}")));
     }
     if v > i32::MAX as usize || p.top_k > i32::MAX as usize {
         return Err(bad(format!("vocabulary {v} or top_k {} exceeds i32", p.top_k)));
@@ -154,7 +166,7 @@ pub fn sample_f32_into(
             msg: format!("{} uniforms on the device for {rows} rows", u.len()),
         });
     }
-    if !plan_sample(logits.len(), rows, v, &vec![0.0; rows], p)? {
+    if !plan_sample_shape(logits.len(), rows, v, p)? {
         return Ok(());
     }
     let mut w = gpu.scratch_f32(rows * v)?;

@@ -140,20 +140,13 @@ impl DecodeGraph {
         if cache.id != self.cache_id {
             return Err(input_err(OP, "replayed against another cache than it was captured for"));
         }
-        if spans.is_empty() || spans.len() > self.rows || u.len() != spans.len() {
+        if spans.is_empty() || spans.len() > self.rows {
             return Err(input_err(
                 OP,
-                format!(
-                    "{} sequences and {} uniforms for a bucket of {} rows",
-                    spans.len(),
-                    u.len(),
-                    self.rows
-                ),
+                format!("{} sequences for a bucket of {} rows", spans.len(), self.rows),
             ));
         }
-        if let Some(x) = u.iter().find(|x| !(0.0..1.0).contains(*x)) {
-            return Err(input_err(OP, format!("uniform {x} outside [0, 1)")));
-        }
+        launch::check_uniforms(u, spans.len()).map_err(cuda)?;
         model.check_paged(tokens, spans, cache)?;
         for (i, s) in spans.iter().enumerate() {
             if s.len != 1 || cache.blocks_for(s.start + 1) > self.width {
