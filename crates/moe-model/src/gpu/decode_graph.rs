@@ -193,10 +193,9 @@ impl GpuModel {
     /// `width` entries against `cache` (bf16 keys and values), sampling
     /// with `params`; `pad` are blocks of the pool that no sequence will
     /// use (the padding's; `ceil(rows / block_size)` of them avoid shared
-    /// pad slots). When the scratch pool lacks what the step takes, the
-    /// capture fails and the step runs once eagerly over pad rows (which
-    /// write only the pad blocks, and fill the pool) before it is captured
-    /// again.
+    /// pad slots). Runs the step once eagerly over pad rows first (which
+    /// write only the pad blocks, and leave in the scratch pool what the
+    /// step takes), then captures it.
     pub fn capture_decode(
         &self,
         cache: &mut GpuPagedKvCache,
@@ -239,25 +238,19 @@ impl GpuModel {
             let logits = self.head_logits(&x, rows)?;
             launch::sample_f32_into(&gpu, out, &logits, v, inputs.u.dev(), params).map_err(cuda)
         };
-        let try_capture = |inputs: &mut Inputs, out: &mut Sampled, cache: &mut GpuPagedKvCache| {
-            capture(&gpu, || {
-                step(inputs, out, cache).map_err(|e| aha_cuda_kernels::Error::InvalidArgument {
-                    op: "capture_decode",
-                    msg: e.to_string(),
-                })
+        // Once eagerly first (so the scratch pool holds what the step
+        // takes: a capture may not allocate it), then captured. Always
+        // both, so that a capture's driver calls do not depend on what
+        // other threads left in the shared pool.
+        step(&mut inputs, &mut out, cache)?;
+        gpu.synchronize().map_err(cuda)?;
+        let (graph, ()) = capture(&gpu, || {
+            step(&mut inputs, &mut out, cache).map_err(|e| aha_cuda_kernels::Error::InvalidArgument {
+                op: "capture_decode",
+                msg: e.to_string(),
             })
-            .map_err(cuda)
-        };
-        // Captured directly when the scratch pool already holds what the
-        // step takes; else once eagerly first (which fills it), then again.
-        let graph = match try_capture(&mut inputs, &mut out, cache) {
-            Ok((g, ())) => g,
-            Err(_) => {
-                step(&mut inputs, &mut out, cache)?;
-                gpu.synchronize().map_err(cuda)?;
-                try_capture(&mut inputs, &mut out, cache)?.0
-            }
-        };
+        })
+        .map_err(cuda)?;
         Ok(DecodeGraph {
             graph,
             inputs,
