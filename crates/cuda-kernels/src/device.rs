@@ -282,37 +282,32 @@ impl Gpu {
         Ok(b)
     }
 
-    /// A new buffer for a scratch pool; refused while the calling thread
-    /// captures a graph (crate::graph), whose allocations must not outlive
-    /// it in the pool.
-    fn pool_alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        if crate::graph::capturing() {
-            return Err(Error::InvalidArgument {
-                op: "scratch",
-                msg: format!(
-                    "scratch was allocated during the capture ({len} elements; run the same work once before \
-                     capturing it)"
-                ),
-            });
-        }
-        self.zeros(len)
-    }
-
     /// A zeroed f32 scratch buffer of `len` elements from the device's
-    /// caching pool; it goes back to the pool when dropped.
+    /// caching pool; it goes back to the pool when dropped. While the
+    /// calling thread captures a CUDA graph (crate::graph) the buffer is
+    /// a new stream-ordered allocation that the graph owns, freed inside
+    /// the capture when dropped: a pooled buffer would return to the cache
+    /// and could be freed or handed to other work while the graph still
+    /// replays over it.
     pub fn scratch_f32(&self, len: usize) -> Result<Pooled<'_, CudaSlice<f32>>> {
+        if crate::graph::capturing() {
+            return self.pool_f32.take_uncached(len, |n| self.zeros(n));
+        }
         self.pool_f32.take(
             len,
-            |n| self.pool_alloc(n),
+            |n| self.zeros(n),
             |b| self.stream.memset_zeros(b).ctx("memset_zeros"),
         )
     }
 
     /// [`Gpu::scratch_f32`] for f64.
     pub fn scratch_f64(&self, len: usize) -> Result<Pooled<'_, CudaSlice<f64>>> {
+        if crate::graph::capturing() {
+            return self.pool_f64.take_uncached(len, |n| self.zeros(n));
+        }
         self.pool_f64.take(
             len,
-            |n| self.pool_alloc(n),
+            |n| self.zeros(n),
             |b| self.stream.memset_zeros(b).ctx("memset_zeros"),
         )
     }
@@ -333,6 +328,13 @@ impl Gpu {
                 op: "cublasCreate",
                 msg,
             })
+    }
+
+    /// Frees the scratch the pools keep cached (buffers on loan stay
+    /// valid and are cached again when given back).
+    pub fn empty_scratch_cache(&self) {
+        self.pool_f32.empty_cache();
+        self.pool_f64.empty_cache();
     }
 
     /// The f32 and f64 scratch pools' counters.

@@ -18,11 +18,12 @@
 //! outlive it (weights, the KV cache, the step's inputs and outputs) must
 //! stay at the same address for as long as the graph is replayed.
 //!
-//! Caching-pool scratch ([`Gpu::scratch_f32`]) taken during a capture must
-//! come from the pool's cache (run the same work once eagerly first): a
-//! buffer allocated inside the capture would belong to the graph and must
-//! not go back to the pool, so the pool refuses to allocate while the
-//! calling thread captures, and the capture fails.
+//! Caching-pool scratch ([`Gpu::scratch_f32`]) taken during a capture is
+//! not the pool's: it is a stream-ordered allocation the graph owns, freed
+//! inside the graph when the closure drops it, so the graph's scratch
+//! stays its own for as long as it lives (a pooled buffer would go back to
+//! the cache, where other work could take it or an emptied cache free it
+//! under the graph). Scratch must therefore not outlive the closure.
 //!
 //! The emulated GPU implements capture and replay with the same rules (it
 //! refuses what a GPU refuses), so the paths that use graphs are tested on
@@ -64,8 +65,8 @@ thread_local! {
     static CAPTURING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Whether the calling thread is capturing (the scratch pool then refuses
-/// to allocate).
+/// Whether the calling thread is capturing (scratch is then the graph's,
+/// not the pool's).
 pub(crate) fn capturing() -> bool {
     CAPTURING.with(|c| c.get())
 }

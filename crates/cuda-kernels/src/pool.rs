@@ -9,6 +9,10 @@
 //! exactly, and a loop's shapes repeat exactly. Cached bytes are capped;
 //! past the cap a returned buffer is freed. When an allocation fails the
 //! cache is emptied and the allocation tried once more.
+//!
+//! A buffer that must not come back to the cache (scratch taken while a
+//! CUDA graph is captured, which the graph owns) is taken with
+//! [`CachingPool::take_uncached`] and freed when its guard drops.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -111,11 +115,6 @@ impl<B> CachingPool<B> {
             }
             None => match alloc(len) {
                 Ok(b) => b,
-                // The scratch pools' refusal during a CUDA graph capture
-                // (Gpu::scratch_f32), not a lack of memory: emptying the
-                // cache would not help, and its frees would break the
-                // capture.
-                Err(e @ crate::Error::InvalidArgument { op: "scratch", .. }) => return Err(e),
                 Err(_) => {
                     self.empty_cache();
                     self.lock().stats.oom_retries += 1;
@@ -123,21 +122,36 @@ impl<B> CachingPool<B> {
                 }
             },
         };
-        let mut g = self.lock();
-        g.stats.live_bytes += bytes;
-        g.stats.peak_live_bytes = g.stats.peak_live_bytes.max(g.stats.live_bytes);
-        Ok(Pooled {
-            buf: Some(buf),
-            len,
-            pool: self,
-        })
+        Ok(self.lend(buf, len, true))
     }
 
-    fn give_back(&self, len: usize, buf: B) {
+    /// A new buffer of `len` elements from `alloc` that neither comes from
+    /// the cache nor goes back to it: it is freed when the guard drops. No
+    /// retry after emptying the cache (whose frees may be what the caller
+    /// cannot issue, as during a CUDA graph capture).
+    pub fn take_uncached(&self, len: usize, alloc: impl FnOnce(usize) -> Result<B>) -> Result<Pooled<'_, B>> {
+        let buf = alloc(len)?;
+        self.lock().stats.misses += 1;
+        Ok(self.lend(buf, len, false))
+    }
+
+    fn lend(&self, buf: B, len: usize, cache: bool) -> Pooled<'_, B> {
+        let mut g = self.lock();
+        g.stats.live_bytes += len * self.elem_bytes;
+        g.stats.peak_live_bytes = g.stats.peak_live_bytes.max(g.stats.live_bytes);
+        Pooled {
+            buf: Some(buf),
+            len,
+            cache,
+            pool: self,
+        }
+    }
+
+    fn give_back(&self, len: usize, buf: B, cache: bool) {
         let bytes = len * self.elem_bytes;
         let mut g = self.lock();
         g.stats.live_bytes -= bytes;
-        if g.stats.cached_bytes + bytes <= self.max_cached_bytes {
+        if cache && g.stats.cached_bytes + bytes <= self.max_cached_bytes {
             g.stats.cached_bytes += bytes;
             g.free.entry(len).or_default().push(buf);
         } else {
@@ -151,6 +165,8 @@ impl<B> CachingPool<B> {
 pub struct Pooled<'a, B> {
     buf: Option<B>,
     len: usize,
+    /// Whether the buffer returns to the cache (false: freed on drop).
+    cache: bool,
     pool: &'a CachingPool<B>,
 }
 
@@ -187,7 +203,7 @@ impl<B> std::ops::DerefMut for Pooled<'_, B> {
 impl<B> Drop for Pooled<'_, B> {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
-            self.pool.give_back(self.len, b);
+            self.pool.give_back(self.len, b, self.cache);
         }
     }
 }
@@ -236,6 +252,27 @@ mod tests {
         assert_eq!(pool.stats().cached_bytes, 0);
         let _d = pool.take(100, alloc, |_| Ok(())).unwrap();
         assert_eq!(allocs.get(), 4, "emptied: allocates again");
+    }
+
+    #[test]
+    fn uncached_buffers_are_freed_and_leave_the_cache_alone() {
+        let pool: CachingPool<Vec<u8>> = CachingPool::new(1, 1 << 20);
+        drop(pool.take(64, |n| Ok(vec![1u8; n]), |_| Ok(())).unwrap());
+        let allocs = Cell::new(0);
+        let u = pool
+            .take_uncached(64, |n| {
+                allocs.set(allocs.get() + 1);
+                Ok(vec![0u8; n])
+            })
+            .unwrap();
+        assert_eq!(allocs.get(), 1, "allocates even with a cached buffer of its length");
+        assert_eq!(u[0], 0, "not the cached buffer");
+        assert_eq!((pool.stats().live_bytes, pool.stats().cached_bytes), (64, 64));
+        drop(u);
+        let s = pool.stats();
+        assert_eq!((s.live_bytes, s.cached_bytes), (0, 64), "freed, not cached");
+        assert!(pool.take_uncached(8, |_| Err(fail())).is_err());
+        assert_eq!(pool.stats().cached_bytes, 64, "a failure does not empty the cache");
     }
 
     #[test]

@@ -194,8 +194,8 @@ impl GpuModel {
     /// with `params`; `pad` are blocks of the pool that no sequence will
     /// use (the padding's; `ceil(rows / block_size)` of them avoid shared
     /// pad slots). Runs the step once eagerly over pad rows first (which
-    /// write only the pad blocks, and leave in the scratch pool what the
-    /// step takes), then captures it.
+    /// write only the pad blocks, and upload the step's index constants,
+    /// which a capture may not upload), then captures it.
     pub fn capture_decode(
         &self,
         cache: &mut GpuPagedKvCache,
@@ -238,10 +238,10 @@ impl GpuModel {
             let logits = self.head_logits(&x, rows)?;
             launch::sample_f32_into(&gpu, out, &logits, v, inputs.u.dev(), params).map_err(cuda)
         };
-        // Once eagerly first (so the scratch pool holds what the step
-        // takes: a capture may not allocate it), then captured. Always
-        // both, so that a capture's driver calls do not depend on what
-        // other threads left in the shared pool.
+        // Once eagerly first (the index constants are uploaded then: a
+        // capture may not copy from pageable memory), then captured. The
+        // captured step's scratch is the graph's own (Gpu::scratch_f32),
+        // so what other threads do with the shared pool cannot change it.
         step(&mut inputs, &mut out, cache)?;
         gpu.synchronize().map_err(cuda)?;
         let (graph, ()) = capture(&gpu, || {
