@@ -1,6 +1,6 @@
 //! `aha generate`: sampled completions as JSON lines.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::{Model, Policy, Precision};
@@ -23,24 +23,10 @@ pub struct PromptLine {
 /// line an object with a `prompt` string (or `question` / `problem`) and/or a
 /// `messages` array. A bad line is an error naming the file and line.
 pub fn read_prompt_lines(path: &Path) -> Result<Vec<PromptLine>> {
-    let mut lines: Vec<(usize, String)> = Vec::new();
-    if aha_trainer::data::is_parquet(path) {
-        for (n, v) in aha_trainer::data::read_parquet(path)? {
-            lines.push((n, v.to_string()));
-        }
-    } else {
-        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-            let line = line.with_context(|| format!("{}:{}: read error", path.display(), i + 1))?;
-            if !line.trim().is_empty() {
-                lines.push((i + 1, line));
-            }
-        }
-    }
+    let lines = aha_trainer::data::read_record_lines(path)?;
     let mut out = Vec::new();
     for (n, line) in lines {
-        let i = n - 1;
-        let v = chat::json_value(&line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
+        let v = chat::json_value(&line).with_context(|| format!("{}:{n}: not valid JSON", path.display()))?;
         let field = |k: &str| v.get_attr(k).ok().filter(|x| !x.is_undefined() && !x.is_none());
         let text = ["prompt", "question", "problem"]
             .iter()
@@ -48,14 +34,13 @@ pub fn read_prompt_lines(path: &Path) -> Result<Vec<PromptLine>> {
         let messages = field("messages");
         if let Some(m) = &messages {
             if m.kind() != chat::ValueKind::Seq {
-                bail!("{}:{}: `messages` must be an array", path.display(), i + 1);
+                bail!("{}:{n}: `messages` must be an array", path.display());
             }
         }
         if text.is_none() && messages.is_none() {
             bail!(
-                "{}:{}: no string field `prompt`, `question` or `problem` and no `messages`",
-                path.display(),
-                i + 1
+                "{}:{n}: no string field `prompt`, `question` or `problem` and no `messages`",
+                path.display()
             );
         }
         out.push(PromptLine { text, messages });
@@ -279,5 +264,55 @@ fn generation_eos(dir: &Path) -> Vec<u32> {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
         _ => vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("aha-prompt-lines-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn prompt_lines_take_any_prompt_field_or_messages_and_skip_blank_lines() {
+        let p = file(
+            "ok.jsonl",
+            "{\"question\": \"q1\"}\n\n{\"problem\": \"q2\", \"answer\": 1}\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+        );
+        let lines = read_prompt_lines(&p).unwrap();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].text.as_deref(), Some("q1"));
+        assert_eq!(lines[1].text.as_deref(), Some("q2"));
+        assert!(lines[2].text.is_none() && lines[2].messages.is_some());
+    }
+
+    #[test]
+    fn a_bad_prompt_line_names_the_file_and_its_line() {
+        for (name, text, want) in [
+            ("json.jsonl", "{\"prompt\": \"a\"}\n\n{oops\n", ":3: not valid JSON"),
+            (
+                "field.jsonl",
+                "{\"prompt\": \"a\"}\n{\"answer\": 2}\n",
+                ":2: no string field",
+            ),
+            (
+                "msgs.jsonl",
+                "{\"messages\": \"hi\"}\n",
+                ":1: `messages` must be an array",
+            ),
+            ("empty.jsonl", "\n\n", ": no prompts"),
+        ] {
+            let p = file(name, text);
+            let e = format!("{:#}", read_prompt_lines(&p).err().unwrap());
+            assert!(e.contains(&format!("{}{want}", p.display())), "{name}: {e}");
+        }
     }
 }

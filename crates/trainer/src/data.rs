@@ -36,16 +36,34 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
     if is_parquet(path) {
         return read_parquet(path);
     }
+    read_record_lines(path)?
+        .into_iter()
+        .map(|(n, line)| {
+            serde_json::from_str(&line)
+                .map(|v| (n, v))
+                .map_err(|e| bad(path, n, format!("not valid JSON: {e}")))
+        })
+        .collect()
+}
+
+/// The records of a data file as their JSON text with 1-based line
+/// numbers, for readers that parse the JSON themselves (to keep the
+/// written order of object keys, for example): a JSONL file's non-blank
+/// lines as written, a `.parquet` file's rows as JSON objects.
+pub fn read_record_lines(path: &Path) -> Result<Vec<(usize, String)>> {
+    if is_parquet(path) {
+        return Ok(read_parquet(path)?
+            .into_iter()
+            .map(|(n, v)| (n, v.to_string()))
+            .collect());
+    }
     let f = std::fs::File::open(path).map_err(io_err(path))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let n = i + 1;
-        let line = line.map_err(io_err(path))?;
-        if line.trim().is_empty() {
-            continue;
+        let line = line.map_err(|e| bad(path, i + 1, format!("read error: {e}")))?;
+        if !line.trim().is_empty() {
+            out.push((i + 1, line));
         }
-        let v = serde_json::from_str(&line).map_err(|e| bad(path, n, format!("not valid JSON: {e}")))?;
-        out.push((n, v));
     }
     Ok(out)
 }
