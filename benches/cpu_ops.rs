@@ -79,6 +79,30 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same products with bf16 operands and f32 sums (`--precision bf16`;
+/// AVX512-BF16 where the CPU has it). Target: 2x the f32 rate on the
+/// model's shapes, the instruction's rate over the f32 FMA's.
+fn matmul_bf16(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu/matmul/bf16");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    cpu::set_product_precision(cpu::ProductPrecision::Bf16);
+    for &(label, m, k, n, ta, tb) in MATMUL_SHAPES {
+        let (a, b) = (data(m * k, 1), data(k * n, 2));
+        let mut out = vec![0f32; m * n];
+        g.throughput(Throughput::Elements(2 * (m * k * n) as u64));
+        let mut gm = Gemm::new(m, k, n);
+        gm.trans_a = ta;
+        gm.trans_b = tb;
+        g.bench_function(BenchmarkId::new("packed", label), |bch| {
+            bch.iter(|| cpu::matmul(black_box(&mut out), black_box(&a), black_box(&b), gm))
+        });
+    }
+    cpu::set_product_precision(cpu::ProductPrecision::F32);
+    g.finish();
+}
+
 fn attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu/attention/f32");
     g.sample_size(10)
@@ -200,5 +224,5 @@ fn lm_head(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, attention, rmsnorm, copy, lm_head);
+criterion_group!(benches, matmul, matmul_bf16, attention, rmsnorm, copy, lm_head);
 criterion_main!(benches);

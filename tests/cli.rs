@@ -461,11 +461,11 @@ fn logprobs_on_cuda_runs_every_architecture() {
 }
 
 #[test]
-fn bf16_precision_is_refused_on_the_cpu_and_unknown_precisions_named() {
+fn bf16_precision_runs_on_the_cpu_and_unknown_precisions_are_named() {
     let m = fixture("models/qwen2-tiny");
     let out = std::env::temp_dir().join(format!("aha-cli-precision-{}.safetensors", std::process::id()));
-    for (precision, why) in [("bf16", "GPU only"), ("fp8", "expected f32 or bf16")] {
-        let r = Command::new(env!("CARGO_BIN_EXE_aha"))
+    let logprobs = |precision: &str| {
+        Command::new(env!("CARGO_BIN_EXE_aha"))
             .args(["logprobs", "--device", "cpu", "--precision", precision, "--model"])
             .arg(&m)
             .arg("--input")
@@ -473,11 +473,42 @@ fn bf16_precision_is_refused_on_the_cpu_and_unknown_precisions_named() {
             .arg("--out")
             .arg(&out)
             .output()
-            .expect("run aha");
-        assert!(!r.status.success());
-        let err = String::from_utf8_lossy(&r.stderr);
-        assert!(err.contains(why), "{precision}: {err}");
-    }
+            .expect("run aha")
+    };
+    let r = logprobs("fp8");
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("expected f32 or bf16"), "fp8: {err}");
+    // bf16 products on the CPU: near transformers' f32 log-probs, and not
+    // equal to aha's f32 ones (the products really ran in bf16).
+    let token_logprobs = || {
+        aha_moe_model::st::read_file(&out)
+            .unwrap()
+            .into_iter()
+            .find(|t| t.name == "token_logprobs")
+            .unwrap()
+            .data
+            .to_f64_vec()
+    };
+    let r = logprobs("f32");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let f32_lp = token_logprobs();
+    let r = logprobs("bf16");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let bf16_lp = token_logprobs();
+    let want = aha_moe_model::st::read_file(&m.join("reference.safetensors")).unwrap();
+    let w = want
+        .iter()
+        .find(|t| t.name == "token_logprobs")
+        .unwrap()
+        .data
+        .to_f64_vec();
+    let worst = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let (to_ref, to_f32) = (worst(&bf16_lp, &w), worst(&bf16_lp, &f32_lp));
+    eprintln!("logprobs --device cpu --precision bf16: max |diff| to transformers {to_ref:.4}, to f32 {to_f32:.4}");
+    assert!(to_ref < 0.25, "bf16 on the CPU: {to_ref} nats from transformers");
+    assert!(to_f32 > 1e-6, "bf16 on the CPU gave the f32 log-probs");
+    let _ = std::fs::remove_file(&out);
 }
 
 #[test]
@@ -553,11 +584,6 @@ fn training_commands_resolve_device_and_precision_once_with_clear_errors() {
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("cuda:7"), "{err}");
-    // bf16 is a GPU precision.
-    let r = run(&["demo", "--quick", "--device", "cpu", "--precision", "bf16"]);
-    assert!(!r.status.success());
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("bf16 runs on a GPU only"), "{err}");
     // Unknown values are refused by name.
     for (flag, bad) in [("--device", "tpu"), ("--precision", "fp8")] {
         let r = run(&["eval", "--model", m, "--data", "x.jsonl", flag, bad]);

@@ -13,7 +13,7 @@ use super::options::Placement;
 /// The arguments of `aha logprobs`.
 #[derive(clap::Args, Debug)]
 #[command(mut_arg("precision", |a| a.help(
-    "On the GPU: f32 (matches the CPU to 1e-4) or bf16 (bf16 weight products, flash attention and lm head; within ~0.1 nats)"
+    "f32 (the GPU matches the CPU to 1e-4) or bf16 (bf16 products with f32 sums: on the GPU also flash attention and the lm head; within ~0.1 nats)"
 )))]
 pub struct LogprobsArgs {
     /// A Hugging Face model folder (config.json, *.safetensors).
@@ -120,8 +120,8 @@ pub fn score(model_dir: &Path, input: &Path, out: &Path, device: &str, precision
             (logits, gpu.token_logprobs(&ids, b, t, &targets)?.0)
         }
         Device::Cpu => {
-            if precision != aha_moe_model::gpu::GpuPrecision::F32 {
-                anyhow::bail!("--precision bf16 runs on the GPU only; use --device cuda or --precision f32");
+            if precision == aha_moe_model::gpu::GpuPrecision::Bf16 {
+                aha_tensor::cpu::set_product_precision(aha_tensor::cpu::ProductPrecision::Bf16);
             }
             let acts = model.forward(&ids, b, t)?;
             let logits = model.logits_of(&acts.hidden)?;

@@ -47,11 +47,14 @@ const CPU_KEEP_LOGITS: usize = 1 << 26;
 /// The precision a policy computes in (`--precision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// f32 everywhere (the CPU's only precision).
+    /// f32 everywhere.
     #[default]
     F32,
     /// bf16 products with f32 accumulation, f32 master weights, gradients,
-    /// moments and reductions (GPU only).
+    /// moments and reductions. On the CPU the switch is process-wide
+    /// ([`aha_tensor::cpu::set_product_precision`]): the f32 weights stay,
+    /// and every f32 product of the process rounds its operands to bf16
+    /// (fast on CPUs with AVX512-BF16, see [`aha_tensor::cpu::bf16_hardware`]).
     Bf16,
 }
 
@@ -83,9 +86,10 @@ impl std::fmt::Display for Precision {
 /// Resolves a `--device` value (`cpu`, `cuda`, `cuda:N` or `auto`) for a
 /// model once: `auto` is the first GPU when one is present and takes the
 /// model ([`gpu_support`]), else the CPU; an explicit `cuda` without a GPU,
-/// or for a model the GPU path refuses, is an error with the reason; bf16
-/// needs a GPU.
-pub fn resolve_device(spec: &str, cfg: &ModelConfig, precision: Precision) -> Result<Device> {
+/// or for a model the GPU path refuses, is an error with the reason. Both
+/// precisions run on both devices (the precision is taken for callers
+/// that resolve the two together).
+pub fn resolve_device(spec: &str, cfg: &ModelConfig, _precision: Precision) -> Result<Device> {
     let asked = Device::from_str(if spec == "auto" { "cpu" } else { spec })
         .map_err(|e| input_err("--device", e.to_string()))?;
     let gpus = aha_cuda_kernels::device_count();
@@ -107,12 +111,6 @@ pub fn resolve_device(spec: &str, cfg: &ModelConfig, precision: Precision) -> Re
         }
         (_, d) => d,
     };
-    if precision == Precision::Bf16 && device == Device::Cpu {
-        return Err(input_err(
-            "--precision",
-            "bf16 runs on a GPU only (use --device cuda, or --precision f32)",
-        ));
-    }
     Ok(device)
 }
 
@@ -239,8 +237,12 @@ impl Policy {
         let source_dir = model.source_dir.clone();
         let inner = match device {
             Device::Cpu => {
-                if precision != Precision::F32 {
-                    return Err(input_err("--precision", "the CPU computes in f32 only"));
+                // Process-wide (see Precision::Bf16): a bf16 CPU policy
+                // turns bf16 products on; an f32 one leaves the setting
+                // as it is, so a second policy (a reference, a reward
+                // model) does not turn the first one's off.
+                if precision == Precision::Bf16 {
+                    aha_tensor::cpu::set_product_precision(aha_tensor::cpu::ProductPrecision::Bf16);
                 }
                 Inner::Cpu {
                     model: Box::new(model),
@@ -275,10 +277,14 @@ impl Policy {
         }
     }
 
-    /// The precision of its products.
+    /// The precision of its products (on the CPU, the process's product
+    /// precision).
     pub fn precision(&self) -> Precision {
         match &self.inner {
-            Inner::Cpu { .. } => Precision::F32,
+            Inner::Cpu { .. } => match aha_tensor::cpu::product_precision() {
+                aha_tensor::cpu::ProductPrecision::F32 => Precision::F32,
+                aha_tensor::cpu::ProductPrecision::Bf16 => Precision::Bf16,
+            },
             Inner::Gpu(g) => match g.precision() {
                 GpuPrecision::F32 => Precision::F32,
                 GpuPrecision::Bf16 => Precision::Bf16,

@@ -22,6 +22,9 @@ pub trait Real:
     /// the compiler can vectorize (relative error below 3e-7 for x > -87;
     /// 0 below, +inf above 88.7); for f64 the exact libm `exp`.
     fn exp_fast(self) -> Self;
+    /// The three buffers of a product as f32 slices when `Self` is f32
+    /// (the CPU's bf16 products apply to f32 products only).
+    fn as_f32<'a>(out: &'a mut [Self], a: &'a [Self], b: &'a [Self]) -> Option<(&'a mut [f32], &'a [f32], &'a [f32])>;
 }
 
 impl Real for f32 {
@@ -37,6 +40,10 @@ impl Real for f32 {
     fn exp_fast(self) -> Self {
         exp_f32(self)
     }
+    #[inline]
+    fn as_f32<'a>(out: &'a mut [f32], a: &'a [f32], b: &'a [f32]) -> Option<(&'a mut [f32], &'a [f32], &'a [f32])> {
+        Some((out, a, b))
+    }
 }
 
 impl Real for f64 {
@@ -51,6 +58,10 @@ impl Real for f64 {
     #[inline(always)]
     fn exp_fast(self) -> Self {
         self.exp()
+    }
+    #[inline]
+    fn as_f32<'a>(_: &'a mut [f64], _: &'a [f64], _: &'a [f64]) -> Option<(&'a mut [f32], &'a [f32], &'a [f32])> {
+        None
     }
 }
 

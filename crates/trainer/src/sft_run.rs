@@ -113,7 +113,7 @@ pub struct SftConfig {
     /// `cpu`, `cuda`, `cuda:N` or `auto` (default: the GPU when one is
     /// present and takes the model).
     pub device: String,
-    /// `f32` (default) or `bf16` (GPU only).
+    /// `f32` (default) or `bf16` (bf16 products with f32 sums).
     pub precision: String,
     /// The saved model's dtype: `same` (default: each tensor as the input
     /// folder had it, f32 without weights), `f32`, `bf16` or `f16`.

@@ -16,7 +16,7 @@ use crate::cmd::options::Placement;
     mut_arg("device", |a| a
         .default_value("cpu")
         .help("cpu (the CPU engine), cuda or cuda:N (the GPU engine), or auto")),
-    mut_arg("precision", |a| a.help("f32, or bf16 on a GPU")),
+    mut_arg("precision", |a| a.help("f32 or bf16 (bf16 products with f32 sums)")),
 )]
 pub struct GenerateArgs {
     /// A Hugging Face config.json.

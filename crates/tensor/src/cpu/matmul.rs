@@ -339,11 +339,33 @@ fn skinny_abt<F: Real>(out: &mut [F], a: &[F], b: &[F], g: Gemm, parallel: bool)
 
 /// One product; the caller checked every length.
 fn gemm_one<F: Real>(out: &mut [F], a: &[F], b: &[F], g: Gemm, par: gemm::Parallelism) {
-    let Gemm { m, k, n, .. } = g;
+    let Gemm { m, .. } = g;
     if m <= SKINNY_M && g.trans_b && !g.trans_a {
         skinny_abt(out, a, b, g, matches!(par, gemm::Parallelism::Rayon(_)));
         return;
     }
+    if super::bf16::product_precision() == super::bf16::ProductPrecision::Bf16 {
+        if let Some((o, a, b)) = F::as_f32(out, a, b) {
+            super::bf16::gemm_bf16(o, a, b, g, matches!(par, gemm::Parallelism::Rayon(_)));
+            return;
+        }
+    }
+    gemm_crate(out, a, b, g, par);
+}
+
+/// An f32 product through the `gemm` crate whatever the product precision
+/// (the bf16 twin's second half, and the tests' f32 side).
+pub(crate) fn gemm_f32_only(out: &mut [f32], a: &[f32], b: &[f32], g: Gemm, parallel: bool) {
+    let par = match (parallel, rayon::current_num_threads()) {
+        (true, t) if t > 1 => gemm::Parallelism::Rayon(t),
+        _ => gemm::Parallelism::None,
+    };
+    gemm_crate(out, a, b, g, par);
+}
+
+/// The product through the `gemm` crate; the caller checked every length.
+fn gemm_crate<F: Real>(out: &mut [F], a: &[F], b: &[F], g: Gemm, par: gemm::Parallelism) {
+    let Gemm { m, k, n, .. } = g;
     debug_assert!(out.len() == m * n && a.len() == m * k && b.len() == k * n);
     let (m_i, k_i, n_i) = (m as isize, k as isize, n as isize);
     // Element (i, p) of op(a) is at i * rs + p * cs.

@@ -8,6 +8,7 @@
 //! `F` MLP width, `K` top-k.
 
 mod attention;
+mod bf16;
 mod elementwise;
 mod embedding;
 mod flash;
@@ -23,6 +24,7 @@ mod softmax;
 mod topk;
 
 pub use attention::{attention_backward, attention_forward, AttnShape};
+pub use bf16::{bf16_hardware, product_precision, round_bf16, set_product_precision, ProductPrecision};
 pub use elementwise::{
     add, add_backward, add_inplace, copy_cols, mul, mul_backward, scale, scale_backward, silu, silu_backward, swiglu,
     swiglu_backward,
