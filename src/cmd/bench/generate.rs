@@ -100,12 +100,14 @@ pub fn bench(b: &GenerateArgs) -> Result<serde_json::Value> {
     let generated: usize = out.iter().map(|c| c.token_ids.len()).sum();
     let tokens_per_s = generated as f64 / s.total_s;
     // The memory-bandwidth bound of a decode step: every weight read once
-    // (in the products' precision) plus each sequence's keys and values at
+    // (bf16 weights on a GPU in bf16; the CPU keeps f32 weights whatever
+    // its products' precision) plus each sequence's keys and values at
     // the mean context (prompt + half the new tokens), over the GPU's
     // bandwidth; `bound_fraction` is the measured rate over it (prefill and
     // sampling included, so a lower bound of the decode steps' fraction).
     let params_n = aha_moe_model::Layout::new(policy.config()).size as f64;
-    let wbytes = params_n * if precision == Precision::Bf16 { 2.0 } else { 4.0 };
+    let gpu_bf16 = precision == Precision::Bf16 && device != aha_tensor::Device::Cpu;
+    let wbytes = params_n * if gpu_bf16 { 2.0 } else { 4.0 };
     // bf16 keys and values on the GPU (the engine's default), f32 on the CPU.
     let kv_bf16 = aha_moe_model::plan::kv_bytes_per_token(policy.config()) as f64;
     let kv = kv_bf16 * if device == aha_tensor::Device::Cpu { 2.0 } else { 1.0 };
