@@ -518,6 +518,16 @@ fn grpo_zero1_matches_plain(device: &str, name: &str) {
     assert!(r1.status.success(), "{se}");
     eprintln!("{name}: both runs {:.1} s", t.elapsed().as_secs_f64());
     assert!(se.contains("optimizer state sharded over the ranks (ZeRO-1)"), "{se}");
+    // In f32 the weights the kernels read are the master: every rank holds
+    // all of it, and the moments of its shard only.
+    let held = held_bytes(&r1);
+    let &[[rank, shard, trainable, master, moments]] = &held[..] else {
+        panic!("one line of rank 0: {held:?}")
+    };
+    assert_eq!((rank, shard), (0, trainable / 2), "{held:?}");
+    // The CPU counts no device bytes for its weights.
+    assert!(device == "cpu" || master >= 4 * trainable, "{held:?}");
+    assert_eq!(moments, 8 * shard);
     let moved = assert_same_weights(&tmp.0.join("plain/final"), &tmp.0.join("zero/final"), 1e-6);
     assert!(moved > 1e-4, "the weights did not move ({moved})");
     let line = |run: &str| -> serde_json::Value {
@@ -529,6 +539,137 @@ fn grpo_zero1_matches_plain(device: &str, name: &str) {
         let (x, y) = (m0[key].as_f64().unwrap(), m1[key].as_f64().unwrap());
         assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{key}: plain {x}, ZeRO-1 {y}");
     }
+}
+
+/// Each rank's `(rank, shard, trainable, master bytes, moments bytes)`
+/// from the ZeRO-1 line the run logs after its first step.
+fn held_bytes(out: &std::process::Output) -> Vec<[u64; 5]> {
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let mut held: Vec<[u64; 5]> = text
+        .lines()
+        .filter_map(|l| {
+            let at = l.find("(ZeRO-1): rank ")?;
+            let nums: Vec<u64> = l[at + 15..]
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|w| !w.is_empty())
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            // rank, f32 (the word), shard, trainable, master, moments.
+            match nums[..] {
+                [rank, _f32, shard, trainable, master, moments, ..] => Some([rank, shard, trainable, master, moments]),
+                _ => None,
+            }
+        })
+        .collect();
+    held.sort_unstable();
+    held.dedup();
+    held
+}
+
+/// GRPO on 2 ranks in bf16 precision, 3 steps: ZeRO-1, which keeps only
+/// its shard of the f32 master on each rank and all-gathers bf16 weights,
+/// against plain data parallel (every rank the whole f32 master).
+///
+/// Weights: plain data parallel saves its f32 master; ZeRO-1 saves the
+/// all-gathered bf16 weights, except the tensors the kernels read in f32
+/// (norms, biases, the embedding, routers), kept in f32. Both models
+/// compute with the same bf16 weights, so each saved value is plain data
+/// parallel's value or its bf16 rounding (half a bf16 step away: at most
+/// 2^-8 relative). The tolerance is one bf16 step (2^-7 relative) because
+/// the global norm is summed shard by shard, which moves the clipping
+/// coefficient and so the master in its last bits, and a master value next
+/// to a rounding boundary can then round to the neighbouring bf16 value.
+/// At least 99% of the values must be exactly the f32 value or its bf16
+/// rounding.
+///
+/// Memory, from the policy's own accounting: each rank holds the f32
+/// master and moments (4 + 8 bytes a parameter) of its shard only, the
+/// two shards covering the trainable parameters: half of plain data
+/// parallel's 12 bytes a parameter, plus fewer than 2 parameters.
+fn grpo_zero1_bf16_master_is_sharded(name: &str) {
+    let tmp = TempDir::new(name);
+    let cfg = |out: &str, extra: &str| {
+        let p = grpo_config(&tmp.0, "cuda", out);
+        let text = std::fs::read_to_string(&p).unwrap() + "precision = \"bf16\"\n" + extra;
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (plain, zero) = (cfg("plain", ""), cfg("zero", "zero_stage = 1\n"));
+    let r0 = launch2(&["grpo", "--config"], &plain, &[]);
+    assert!(r0.status.success(), "{}", String::from_utf8_lossy(&r0.stderr));
+    let r1 = launch2(&["grpo", "--config"], &zero, &[]);
+    assert!(r1.status.success(), "{}", String::from_utf8_lossy(&r1.stderr));
+    let (a, b) = (weights(&tmp.0.join("plain/final")), weights(&tmp.0.join("zero/final")));
+    assert_eq!(a.len(), b.len());
+    let start = initial_weights();
+    let (mut total, mut exact, mut moved, mut worst) = (0usize, 0usize, 0f32, 0f32);
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert_eq!(va.len(), vb.len(), "{na}");
+        for (i, (&x, &y)) in va.iter().zip(vb).enumerate() {
+            let rounded = half::bf16::from_f32(x).to_f32();
+            total += 1;
+            exact += usize::from(y == x || y == rounded);
+            let d = (x - y).abs();
+            worst = worst.max(d / (x.abs() + 1e-6));
+            assert!(d <= x.abs() / 128.0 + 1e-6, "{na}[{i}]: plain {x}, ZeRO-1 {y}");
+        }
+        if let Some((_, v0)) = start.iter().find(|(n, _)| n == na) {
+            moved = va.iter().zip(v0).fold(moved, |m, (x, y)| m.max((x - y).abs()));
+        }
+    }
+    eprintln!(
+        "{name}: {exact} of {total} values exactly plain's or its bf16 rounding; largest relative difference {worst:.2e}"
+    );
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+    assert!(exact as f64 >= 0.99 * total as f64, "{exact} of {total}");
+    // Rank 0 logs: its shard is the first half (rounded down).
+    let held = held_bytes(&r1);
+    let &[[rank, shard, trainable, master, moments]] = &held[..] else {
+        panic!("one line of rank 0: {held:?}")
+    };
+    assert_eq!((rank, shard), (0, trainable / 2), "{held:?}");
+    assert_eq!(master, 4 * shard, "an f32 master of its shard only");
+    assert_eq!(moments, 8 * shard);
+    assert!(2 * (master + moments) <= 12 * (trainable + 2), "{held:?}");
+}
+
+#[test]
+fn grpo_zero1_shards_the_bf16_master_and_matches_plain_data_parallel_on_the_gpu() {
+    if no_gpu("grpo_zero1_shards_the_bf16_master_and_matches_plain_data_parallel_on_the_gpu") {
+        return;
+    }
+    grpo_zero1_bf16_master_is_sharded("zero-bf16-gpu");
+}
+
+#[test]
+fn grpo_zero1_bf16_resumes_exactly_on_two_ranks_on_the_gpu() {
+    if no_gpu("grpo_zero1_bf16_resumes_exactly_on_two_ranks_on_the_gpu") {
+        return;
+    }
+    let tmp = TempDir::new("zero-resume-bf16-gpu");
+    let cfg = grpo_config(&tmp.0, "cuda", "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 4\nsave_every = 2")
+        + "zero_stage = 1\nprecision = \"bf16\"\n";
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.0.join("run");
+    resume_on_two_ranks_is_exact("grpo", &cfg, &out, &out.join("final"), true);
+    // Each rank's shard file holds its f32 master: the two cover the
+    // trainable parameters.
+    let ck = out.join("checkpoints/step-000002");
+    let ranks: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("ranks.json")).unwrap()).unwrap();
+    let mut covered = 0;
+    for r in 0..2 {
+        let bytes = std::fs::read(ck.join(format!("optimizer-rank-{r:05}.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let master = st.tensor("master").unwrap();
+        assert_eq!(master.shape(), st.tensor("exp_avg").unwrap().shape(), "rank {r}");
+        covered += master.shape()[0];
+    }
+    assert_eq!(covered as u64, ranks["trainable"].as_u64().unwrap());
 }
 
 #[test]
