@@ -258,14 +258,17 @@ fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
     assert!((off.comm_seconds - 6.0 * p as f64 / 55e9).abs() < 1e-9);
 }
 
-/// On 8 GPUs, ZeRO-1 as `zero_stage = 1` runs it divides the moments by 8
-/// (the last GPU's shard holds the remainder), keeps the whole f32 master
-/// on every GPU, and sends (4 + 4) x 7/8 bytes a parameter (reduce-scatter
-/// of f32 gradients, all-gather of f32 weights), as much as plain data
-/// parallel's 2 x 4 x 7/8 (ring all-reduce).
+/// On 8 GPUs, ZeRO-1 as `zero_stage = 1` runs it in bf16 divides the
+/// moments and the f32 master by 8 (the last GPU's shard holds the
+/// remainder), keeps in f32 on every GPU only the tensors the kernels read
+/// in f32 (the embedding and the 1-D tensors: 545,330,688 parameters for
+/// Qwen2.5-7B), and sends 4 x 7/8 bytes a parameter for the
+/// reduce-scatter of f32 gradients, 2 x 7/8 for the all-gather of bf16
+/// weights and 4 bytes per f32-resident parameter for their broadcasts:
+/// less than plain data parallel's 2 x 4 x 7/8 (ring all-reduce).
 #[test]
-fn zero1_shards_the_optimizer_moments_as_the_trainer_allocates_them() {
-    use aha_moe_model::plan::{gpu_spec, plan, Interconnect, StepShape};
+fn zero1_shards_the_optimizer_moments_and_master_as_the_trainer_allocates_them() {
+    use aha_moe_model::plan::{gpu_spec, plan, zero1_f32_resident, Interconnect, StepShape};
     let m = qwen25(3584, 18944, 28, 4, 152_064, false);
     let p = qwen2_params(3584, 18944, 28, 4, 152_064, 28, false) as f64;
     let step = StepShape {
@@ -277,12 +280,25 @@ fn zero1_shards_the_optimizer_moments_as_the_trainer_allocates_them() {
     let rows = plan(&m, gpu_spec("h100").unwrap(), 8, Interconnect::NvLink, &step, 0).unwrap();
     let (dp, z) = (&rows[0], &rows[1]);
     let pi = p as u64;
+    let r = 152_064 * 3584 + 28 * (2 * 3584 + 3584 + 2 * 512) + 3584;
+    assert_eq!(zero1_f32_resident(&m), r);
     assert_eq!(dp.device.moments, 8 * pi);
-    assert_eq!(z.device.weights, dp.device.weights);
-    assert_eq!(z.device.moments, 8 * (pi / 8 + pi % 8));
-    assert!(z.device.total() < dp.device.total());
+    assert_eq!(dp.device.weights, 4 * pi);
+    // P = 7,615,616,512 = 8 x 951,952,064: no remainder.
+    let shard = pi / 8 + pi % 8;
+    assert_eq!(shard, 951_952_064);
+    assert_eq!(z.device.moments, 8 * shard);
+    assert_eq!(z.device.weights, 4 * (shard + r));
+    assert_eq!(z.device.weights_bf16, dp.device.weights_bf16);
+    assert_eq!(z.device.grads, dp.device.grads);
+    // Per GPU: 2 (bf16) + 4 (gradients) bytes a parameter, 12 a shard
+    // parameter, 4 a parameter read in f32.
+    assert_eq!(
+        z.device.total() - z.device.activations - z.device.workspace,
+        6 * pi + 12 * shard + 4 * r
+    );
     assert!((dp.comm_bytes - 2.0 * 4.0 * p * 7.0 / 8.0).abs() < 1.0);
-    assert!((z.comm_bytes - 8.0 * p * 7.0 / 8.0).abs() < 1.0);
+    assert!((z.comm_bytes - (6.0 * p * 7.0 / 8.0 + 4.0 * r as f64)).abs() < 1.0);
     // 450 GB/s NVLink at 80%.
     assert!((z.comm_seconds - z.comm_bytes / 360e9).abs() < 1e-9);
 }
