@@ -605,7 +605,12 @@ impl Comm {
 
     /// Copies `root`'s `buf[range]` into every rank's `buf[range]`, in
     /// place (every rank passes the same range).
-    pub fn broadcast_range<T: NcclElem>(&mut self, buf: &mut CudaSlice<T>, range: Range<usize>, root: usize) -> Result<()> {
+    pub fn broadcast_range<T: NcclElem>(
+        &mut self,
+        buf: &mut CudaSlice<T>,
+        range: Range<usize>,
+        root: usize,
+    ) -> Result<()> {
         let n = range.len();
         check_range("ncclBroadcast", range.end, buf.len())?;
         if root >= self.world {

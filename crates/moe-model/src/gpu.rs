@@ -776,7 +776,10 @@ impl GpuModel {
         if range.start > range.end || range.end > self.layout.trainable {
             return Err(input_err(
                 "shard_master",
-                format!("range {range:?} outside the {} trainable parameters", self.layout.trainable),
+                format!(
+                    "range {range:?} outside the {} trainable parameters",
+                    self.layout.trainable
+                ),
             ));
         }
         let host = self.params_to_host()?;
@@ -828,8 +831,7 @@ impl GpuModel {
         sh.master = self.gpu.upload(host).map_err(cuda)?;
         if let Some(p16) = &mut self.params16 {
             let n = sh.range.len();
-            launch::cast_f32_to_bf16(&self.gpu, &mut p16.slice_mut(sh.range.clone()), &sh.master, n)
-                .map_err(cuda)?;
+            launch::cast_f32_to_bf16(&self.gpu, &mut p16.slice_mut(sh.range.clone()), &sh.master, n).map_err(cuda)?;
         }
         Ok(())
     }
