@@ -267,6 +267,92 @@ fn grpo_batch_reward_scaling_on_two_ranks_matches_one_rank_on_the_gpu() {
     two_ranks_match_one_with("cuda", "batch-gpu", "scale_rewards = \"batch\"\n");
 }
 
+/// GRPO with dynamic sampling on 2 ranks, 2 steps, on `device`: with an
+/// accuracy reward the tiny random model never earns, every group is flat,
+/// so each rank drops its group in rounds 0 and 1 and keeps what it draws
+/// in the last round (`dynamic_sampling_max_rounds = 2`). Every step trains
+/// on the full global batch (2 groups, one a rank: the run stops with an
+/// error if a rank's share is short), the dropped groups are summed over
+/// the ranks (2 rounds x 2 ranks), and both ranks drew the same prompts
+/// from the shared data cursor: 3 rounds x 2 prompts a step, 12 of the 4
+/// examples after 2 steps (epoch 3.0).
+fn dynamic_sampling_on_two_ranks(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let cfg = grpo_config(&tmp.0, device, "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 2")
+        .replace("name = \"language\"", "name = \"accuracy\"")
+        + "dynamic_sampling = true\ndynamic_sampling_max_rounds = 2\n";
+    std::fs::write(&cfg, text).unwrap();
+    let r = launch2(&["grpo", "--config"], &cfg, &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let lines = metric_lines(&tmp.0.join("run/metrics.jsonl"));
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (i, m) in lines.iter().enumerate() {
+        assert_eq!(m["dynamic_sampling/groups"].as_f64(), Some(2.0), "step {}: {m}", i + 1);
+        assert_eq!(
+            m["dynamic_sampling/dropped_groups"].as_f64(),
+            Some(4.0),
+            "step {}: {m}",
+            i + 1
+        );
+        assert_eq!(m["reward"].as_f64(), Some(0.0), "step {}: {m}", i + 1);
+    }
+    assert_eq!(lines[1]["epoch"].as_f64(), Some(3.0), "{:?}", lines[1]);
+}
+
+#[test]
+fn dynamic_sampling_fills_every_ranks_share_on_two_ranks_on_the_cpu() {
+    dynamic_sampling_on_two_ranks("cpu", "dynamic-cpu");
+}
+
+/// Dynamic sampling on 2 CPU ranks where the ranks drop different numbers
+/// of groups: one-token completions scored by the share of Latin script
+/// make a group flat when its 4 tokens agree, which happens to some
+/// groups only. 4 steps with up to 3 refill rounds: every step trains on
+/// both ranks' full share (2 groups); some step drops an odd number of
+/// groups over the ranks (so one rank refilled while the other did not);
+/// and every dropped group was refilled from the shared data cursor, each
+/// rank taking its part of the prompts drawn: 2 + dropped prompts a step,
+/// the epoch fraction (prompts drawn / 4 examples) says so.
+#[test]
+fn dynamic_sampling_refills_ranks_unevenly_on_two_ranks_on_the_cpu() {
+    let tmp = TempDir::new("dynamic-uneven-cpu");
+    let cfg = grpo_config(&tmp.0, "cpu", "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 4")
+        .replace("max_completion_length = 8", "max_completion_length = 1")
+        + "dynamic_sampling = true\ndynamic_sampling_max_rounds = 3\n";
+    std::fs::write(&cfg, text).unwrap();
+    let r = launch2(&["grpo", "--config"], &cfg, &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let lines = metric_lines(&tmp.0.join("run/metrics.jsonl"));
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let mut drawn = 0.0;
+    let mut uneven = false;
+    for (i, m) in lines.iter().enumerate() {
+        assert_eq!(m["dynamic_sampling/groups"].as_f64(), Some(2.0), "step {}: {m}", i + 1);
+        let dropped = m["dynamic_sampling/dropped_groups"].as_f64().unwrap();
+        uneven |= dropped % 2.0 == 1.0;
+        drawn += 2.0 + dropped;
+        assert_eq!(m["epoch"].as_f64(), Some(drawn / 4.0), "step {}: {m}", i + 1);
+    }
+    assert!(
+        uneven,
+        "no step where the ranks dropped different numbers of groups: {lines:?}"
+    );
+}
+
+#[test]
+fn dynamic_sampling_fills_every_ranks_share_on_two_ranks_on_the_gpu() {
+    if no_gpu("dynamic_sampling_fills_every_ranks_share_on_two_ranks_on_the_gpu") {
+        return;
+    }
+    dynamic_sampling_on_two_ranks("cuda", "dynamic-gpu");
+}
+
 /// Kills rank 1 of a `launch`ed run once training is under way: rank 0
 /// reports that rank 1 went away (within the short timeout, not after a
 /// hang), and `aha launch` exits non-zero naming rank 1.

@@ -455,17 +455,14 @@ pub fn check_zero_stage(stage: u8, offload_optimizer: bool) -> Result<()> {
 }
 
 /// Refuses GRPO settings that data parallelism over `world` ranks does not
-/// support yet: dynamic sampling (ranks would refill at different rates),
-/// and a number of prompts per step (or minibatches) that does not split
-/// evenly. Batch-wide reward scaling works: the advantages are computed on
-/// the gathered global batch (`rl::train_on_synced`).
+/// support: a number of prompts per step (or minibatches) that does not
+/// split evenly. Batch-wide reward scaling works: the advantages are
+/// computed on the gathered global batch (`rl::train_on_synced`); so does
+/// dynamic sampling: each rank refills its own share of whole groups, the
+/// ranks summing what each still needs so that every rank draws the same
+/// prompts from the data cursor (`grpo_run`).
 pub fn check_grpo(cfg: &crate::grpo_run::GrpoConfig, world: usize) -> Result<()> {
     let w = world;
-    if cfg.dynamic_sampling {
-        return Err(err(format!(
-            "dynamic_sampling is not supported with WORLD_SIZE = {w} yet"
-        )));
-    }
     if !cfg.prompts_per_step.is_multiple_of(w) {
         return Err(err(format!(
             "prompts_per_step = {} does not divide by WORLD_SIZE = {w}: each rank takes an equal share of whole groups",
@@ -851,11 +848,12 @@ mod tests {
             e.contains("prompts_per_step = 4") && e.contains("WORLD_SIZE = 3"),
             "{e}"
         );
+        // Dynamic sampling: each rank refills its own share.
         let ds = GrpoConfig {
             dynamic_sampling: true,
             ..ok.clone()
         };
-        assert!(check_grpo(&ds, 2).unwrap_err().to_string().contains("dynamic_sampling"));
+        check_grpo(&ds, 2).unwrap();
         // Batch-wide reward scaling gathers every rank's rewards.
         let batch = GrpoConfig {
             scale_rewards: aha_grpo::AdvantageEstimator::Batch,
