@@ -814,7 +814,9 @@ impl GpuModel {
     }
 
     /// Replaces the sharded f32 master with `host` (this rank's range,
-    /// e.g. from a checkpoint) and writes its bf16 weights.
+    /// e.g. from a checkpoint) and writes its bf16 weights; the packed
+    /// tensors read in f32 are left as they are (a checkpoint's weights
+    /// hold them exactly).
     pub fn set_master_shard(&mut self, host: &[f32]) -> Result<()> {
         let Some(sh) = &mut self.master_shard else {
             return Err(input_err("set_master_shard", "the f32 master is not sharded"));
