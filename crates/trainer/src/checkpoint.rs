@@ -103,7 +103,9 @@ pub struct RanksInfo {
     /// Ranks that saved.
     pub world_size: usize,
     /// 0: rank 0's `optimizer.safetensors` holds the whole state; 1: each
-    /// rank's `optimizer-rank-NNNNN.safetensors` holds its shard.
+    /// rank's `optimizer-rank-NNNNN.safetensors` holds its shard (the
+    /// moments, and `master`, the f32 master of the shard, when the
+    /// policy keeps only its shard of it).
     pub zero_stage: u8,
     /// Elements of the trainable prefix.
     pub trainable: usize,

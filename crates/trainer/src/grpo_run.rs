@@ -153,7 +153,8 @@ pub struct GrpoConfig {
     /// No effect on one process; not combined with `offload_optimizer`.
     pub zero_stage: u8,
     /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
-    /// more prompts until the step has `prompts_per_step` groups.
+    /// more prompts until the step has `prompts_per_step` groups (with
+    /// several ranks, each rank refills its own share).
     pub dynamic_sampling: bool,
     /// At most this many extra rollout rounds per step for dynamic sampling.
     pub dynamic_sampling_max_rounds: usize,
