@@ -330,10 +330,8 @@ fn row(
         Strategy::Zero1 => {
             // The largest shard, the last GPU's: P / N + P mod N moments
             // and f32 master weights; the tensors read in f32 stay whole.
-            let shard = full.moments / 8 / n + (full.moments / 8) % n;
             let kept = zero1_f32_resident(cfg);
-            device.moments = 8 * shard;
-            device.weights = 4 * (shard + kept);
+            device = full.with_zero1(&Layout::new(cfg), Precision::Bf16, gpus);
             // Reduce-scatter of f32 gradients, all-gather of bf16 weights,
             // and the tensors read in f32 broadcast (every GPU's part from
             // it: the whole of them once).

@@ -302,3 +302,44 @@ fn zero1_shards_the_optimizer_moments_and_master_as_the_trainer_allocates_them()
     // 450 GB/s NVLink at 80%.
     assert!((z.comm_seconds - z.comm_bytes / 360e9).abs() < 1e-9);
 }
+
+/// The trainer's own preflight plan under ZeRO-1 (`MemoryPlan::with_zero1`,
+/// applied by `aha grpo` and `aha sft` at `zero_stage = 1`) is the plan
+/// row's: in bf16 the moments and the f32 master of the largest shard
+/// (P = 7,615,616,512 over 3 ranks: 2,538,538,837 + a remainder of 1) and
+/// the tensors read in f32; in f32 the f32 weights stay whole; a LoRA
+/// layout keeps its adapters' master whole; one rank changes nothing.
+#[test]
+fn the_trainers_zero1_plan_shards_the_master_in_bf16_only() {
+    use aha_moe_model::plan::zero1_f32_resident;
+    use aha_moe_model::Layout;
+    let m = qwen25(3584, 18944, 28, 4, 152_064, false);
+    let p = qwen2_params(3584, 18944, 28, 4, 152_064, 28, false);
+    let layout = Layout::new(&m);
+    let w = Workload {
+        tokens: 8192,
+        scored: 8192,
+        kv_tokens: 0,
+        training: true,
+        recompute: true,
+    };
+    let bf16 = memory_plan(&m, Precision::Bf16, &w);
+    let shard = p / 3 + p % 3;
+    assert_eq!(shard, 2_538_538_838);
+    let z = bf16.with_zero1(&layout, Precision::Bf16, 3);
+    assert_eq!(z.moments, 8 * shard);
+    assert_eq!(z.weights, 4 * (shard + zero1_f32_resident(&m)));
+    assert_eq!((z.weights_bf16, z.grads), (bf16.weights_bf16, bf16.grads));
+    assert_eq!(bf16.with_zero1(&layout, Precision::Bf16, 1), bf16);
+    let f32 = memory_plan(&m, Precision::F32, &w);
+    let zf = f32.with_zero1(&layout, Precision::F32, 3);
+    assert_eq!((zf.weights, zf.moments), (4 * p, 8 * shard));
+    let lora = Layout::with_lora(&m, &aha_moe_model::plan::plan_lora_config(16)).unwrap();
+    let a = lora.trainable as u64;
+    let l = bf16.with_lora(&lora, Precision::Bf16);
+    let zl = l.with_zero1(&lora, Precision::Bf16, 2);
+    assert_eq!((zl.weights, zl.moments), (l.weights, 8 * (a / 2 + a % 2)));
+    // Inference plans have no optimizer state to shard.
+    let inf = memory_plan(&m, Precision::Bf16, &Workload { training: false, ..w });
+    assert_eq!(inf.with_zero1(&layout, Precision::Bf16, 8), inf);
+}

@@ -390,6 +390,12 @@ impl DataParallel {
         format!("data parallel: {} ranks, gradients summed {how}{zero}", self.env.world)
     }
 
+    /// `(rank, world)` when this run shards the optimizer state (ZeRO
+    /// stage 1 on several ranks): what [`shard_master`] takes.
+    pub fn zero1_place(&self) -> Option<(usize, usize)> {
+        (self.zero_stage == 1 && self.env.world > 1).then_some((self.env.rank, self.env.world))
+    }
+
     /// ZeRO-1: the optimizer state this rank held after its last update
     /// (`None` at stage 0 or before the first update).
     pub fn held_bytes(&self) -> Option<HeldBytes> {
@@ -437,6 +443,16 @@ impl DataParallel {
         }
         self.comm.as_mut().ok_or_else(|| err("no NCCL communicator"))
     }
+}
+
+/// ZeRO-1 on rank `rank` of `world`: makes `policy` keep only its shard
+/// of the f32 master ([`Policy::shard_master`]; bf16 full-parameter
+/// training on a GPU, nothing otherwise). The runs call it right after
+/// placing the policy, so that a rank never holds the whole f32 master
+/// and the gradients at once (the first update would shard it too).
+pub fn shard_master(policy: &mut Policy, rank: usize, world: usize) -> Result<bool> {
+    let n = policy.layout().trainable;
+    Ok(policy.shard_master(shard_range(n, world, rank))?)
 }
 
 /// Checks the `zero_stage` config key: 0 or 1, and 1 not with

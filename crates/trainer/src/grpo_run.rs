@@ -527,7 +527,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         Some(l) => Layout::with_lora(&mcfg, l)?,
         None => Layout::new(&mcfg),
     };
-    let mut plan = memory_plan(&mcfg, precision, &work).with_lora(&layout, precision);
+    let zero1 = dp.as_ref().and_then(|d| d.zero1_place());
+    let mut plan = memory_plan(&mcfg, precision, &work)
+        .with_lora(&layout, precision)
+        .with_zero1(&layout, precision, zero1.map_or(1, |z| z.1));
     if cfg.beta > 0.0 && cfg.lora.is_none() {
         let r = memory_plan(
             &mcfg,
@@ -555,6 +558,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     let place_policy = |m: Model| -> Result<Policy> {
         let mut p = place(m)?;
         p.set_offload_optimizer(cfg.offload_optimizer.then(OffloadConfig::default))?;
+        if let Some((rank, world)) = zero1 {
+            crate::dp::shard_master(&mut p, rank, world)?;
+        }
         Ok(p)
     };
     let (st, start, cursor) = match loaded {
