@@ -241,8 +241,9 @@ impl DataParallel {
     /// shard only, clips by the global norm, updates its shard, and the
     /// weights are all-gathered into every rank's parameter buffer. A
     /// policy in bf16 on a GPU (full-parameter training) keeps the f32
-    /// master of its shard only ([`Policy::shard_master`], from the first
-    /// update or a resume): the rank updates its shard of the master,
+    /// master of its shard only ([`Policy::shard_master`], from
+    /// [`shard_master`] when the run places the policy, else from the
+    /// first update): the rank updates its shard of the master,
     /// writes its bf16 weights, and the ranks all-gather the bf16 weights
     /// (half the bytes of f32) and broadcast the few tensors the bf16
     /// kernels read in f32 (norms, biases, routers, the embedding). In f32
