@@ -267,6 +267,92 @@ fn grpo_batch_reward_scaling_on_two_ranks_matches_one_rank_on_the_gpu() {
     two_ranks_match_one_with("cuda", "batch-gpu", "scale_rewards = \"batch\"\n");
 }
 
+/// GRPO with dynamic sampling on 2 ranks, 2 steps, on `device`: with an
+/// accuracy reward the tiny random model never earns, every group is flat,
+/// so each rank drops its group in rounds 0 and 1 and keeps what it draws
+/// in the last round (`dynamic_sampling_max_rounds = 2`). Every step trains
+/// on the full global batch (2 groups, one a rank: the run stops with an
+/// error if a rank's share is short), the dropped groups are summed over
+/// the ranks (2 rounds x 2 ranks), and both ranks drew the same prompts
+/// from the shared data cursor: 3 rounds x 2 prompts a step, 12 of the 4
+/// examples after 2 steps (epoch 3.0).
+fn dynamic_sampling_on_two_ranks(device: &str, name: &str) {
+    let tmp = TempDir::new(name);
+    let cfg = grpo_config(&tmp.0, device, "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 2")
+        .replace("name = \"language\"", "name = \"accuracy\"")
+        + "dynamic_sampling = true\ndynamic_sampling_max_rounds = 2\n";
+    std::fs::write(&cfg, text).unwrap();
+    let r = launch2(&["grpo", "--config"], &cfg, &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let lines = metric_lines(&tmp.0.join("run/metrics.jsonl"));
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (i, m) in lines.iter().enumerate() {
+        assert_eq!(m["dynamic_sampling/groups"].as_f64(), Some(2.0), "step {}: {m}", i + 1);
+        assert_eq!(
+            m["dynamic_sampling/dropped_groups"].as_f64(),
+            Some(4.0),
+            "step {}: {m}",
+            i + 1
+        );
+        assert_eq!(m["reward"].as_f64(), Some(0.0), "step {}: {m}", i + 1);
+    }
+    assert_eq!(lines[1]["epoch"].as_f64(), Some(3.0), "{:?}", lines[1]);
+}
+
+#[test]
+fn dynamic_sampling_fills_every_ranks_share_on_two_ranks_on_the_cpu() {
+    dynamic_sampling_on_two_ranks("cpu", "dynamic-cpu");
+}
+
+/// Dynamic sampling on 2 CPU ranks where the ranks drop different numbers
+/// of groups: one-token completions scored by the share of Latin script
+/// make a group flat when its 4 tokens agree, which happens to some
+/// groups only. 4 steps with up to 3 refill rounds: every step trains on
+/// both ranks' full share (2 groups); some step drops an odd number of
+/// groups over the ranks (so one rank refilled while the other did not);
+/// and every dropped group was refilled from the shared data cursor, each
+/// rank taking its part of the prompts drawn: 2 + dropped prompts a step,
+/// the epoch fraction (prompts drawn / 4 examples) says so.
+#[test]
+fn dynamic_sampling_refills_ranks_unevenly_on_two_ranks_on_the_cpu() {
+    let tmp = TempDir::new("dynamic-uneven-cpu");
+    let cfg = grpo_config(&tmp.0, "cpu", "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 4")
+        .replace("max_completion_length = 8", "max_completion_length = 1")
+        + "dynamic_sampling = true\ndynamic_sampling_max_rounds = 3\n";
+    std::fs::write(&cfg, text).unwrap();
+    let r = launch2(&["grpo", "--config"], &cfg, &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let lines = metric_lines(&tmp.0.join("run/metrics.jsonl"));
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let mut drawn = 0.0;
+    let mut uneven = false;
+    for (i, m) in lines.iter().enumerate() {
+        assert_eq!(m["dynamic_sampling/groups"].as_f64(), Some(2.0), "step {}: {m}", i + 1);
+        let dropped = m["dynamic_sampling/dropped_groups"].as_f64().unwrap();
+        uneven |= dropped % 2.0 == 1.0;
+        drawn += 2.0 + dropped;
+        assert_eq!(m["epoch"].as_f64(), Some(drawn / 4.0), "step {}: {m}", i + 1);
+    }
+    assert!(
+        uneven,
+        "no step where the ranks dropped different numbers of groups: {lines:?}"
+    );
+}
+
+#[test]
+fn dynamic_sampling_fills_every_ranks_share_on_two_ranks_on_the_gpu() {
+    if no_gpu("dynamic_sampling_fills_every_ranks_share_on_two_ranks_on_the_gpu") {
+        return;
+    }
+    dynamic_sampling_on_two_ranks("cuda", "dynamic-gpu");
+}
+
 /// Kills rank 1 of a `launch`ed run once training is under way: rank 0
 /// reports that rank 1 went away (within the short timeout, not after a
 /// hang), and `aha launch` exits non-zero naming rank 1.
@@ -518,6 +604,16 @@ fn grpo_zero1_matches_plain(device: &str, name: &str) {
     assert!(r1.status.success(), "{se}");
     eprintln!("{name}: both runs {:.1} s", t.elapsed().as_secs_f64());
     assert!(se.contains("optimizer state sharded over the ranks (ZeRO-1)"), "{se}");
+    // In f32 the weights the kernels read are the master: every rank holds
+    // all of it, and the moments of its shard only.
+    let held = held_bytes(&r1);
+    let &[[rank, shard, trainable, master, moments]] = &held[..] else {
+        panic!("one line of rank 0: {held:?}")
+    };
+    assert_eq!((rank, shard), (0, trainable / 2), "{held:?}");
+    // The CPU counts no device bytes for its weights.
+    assert!(device == "cpu" || master >= 4 * trainable, "{held:?}");
+    assert_eq!(moments, 8 * shard);
     let moved = assert_same_weights(&tmp.0.join("plain/final"), &tmp.0.join("zero/final"), 1e-6);
     assert!(moved > 1e-4, "the weights did not move ({moved})");
     let line = |run: &str| -> serde_json::Value {
@@ -529,6 +625,137 @@ fn grpo_zero1_matches_plain(device: &str, name: &str) {
         let (x, y) = (m0[key].as_f64().unwrap(), m1[key].as_f64().unwrap());
         assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{key}: plain {x}, ZeRO-1 {y}");
     }
+}
+
+/// Each rank's `(rank, shard, trainable, master bytes, moments bytes)`
+/// from the ZeRO-1 line the run logs after its first step.
+fn held_bytes(out: &std::process::Output) -> Vec<[u64; 5]> {
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let mut held: Vec<[u64; 5]> = text
+        .lines()
+        .filter_map(|l| {
+            let at = l.find("(ZeRO-1): rank ")?;
+            let nums: Vec<u64> = l[at + 15..]
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|w| !w.is_empty())
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            // rank, f32 (the word), shard, trainable, master, moments.
+            match nums[..] {
+                [rank, _f32, shard, trainable, master, moments, ..] => Some([rank, shard, trainable, master, moments]),
+                _ => None,
+            }
+        })
+        .collect();
+    held.sort_unstable();
+    held.dedup();
+    held
+}
+
+/// GRPO on 2 ranks in bf16 precision, 3 steps: ZeRO-1, which keeps only
+/// its shard of the f32 master on each rank and all-gathers bf16 weights,
+/// against plain data parallel (every rank the whole f32 master).
+///
+/// Weights: plain data parallel saves its f32 master; ZeRO-1 saves the
+/// all-gathered bf16 weights, except the tensors the kernels read in f32
+/// (norms, biases, the embedding, routers), kept in f32. Both models
+/// compute with the same bf16 weights, so each saved value is plain data
+/// parallel's value or its bf16 rounding (half a bf16 step away: at most
+/// 2^-8 relative). The tolerance is one bf16 step (2^-7 relative) because
+/// the global norm is summed shard by shard, which moves the clipping
+/// coefficient and so the master in its last bits, and a master value next
+/// to a rounding boundary can then round to the neighbouring bf16 value.
+/// At least 99% of the values must be exactly the f32 value or its bf16
+/// rounding.
+///
+/// Memory, from the policy's own accounting: each rank holds the f32
+/// master and moments (4 + 8 bytes a parameter) of its shard only, the
+/// two shards covering the trainable parameters: half of plain data
+/// parallel's 12 bytes a parameter, plus fewer than 2 parameters.
+fn grpo_zero1_bf16_master_is_sharded(name: &str) {
+    let tmp = TempDir::new(name);
+    let cfg = |out: &str, extra: &str| {
+        let p = grpo_config(&tmp.0, "cuda", out);
+        let text = std::fs::read_to_string(&p).unwrap() + "precision = \"bf16\"\n" + extra;
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (plain, zero) = (cfg("plain", ""), cfg("zero", "zero_stage = 1\n"));
+    let r0 = launch2(&["grpo", "--config"], &plain, &[]);
+    assert!(r0.status.success(), "{}", String::from_utf8_lossy(&r0.stderr));
+    let r1 = launch2(&["grpo", "--config"], &zero, &[]);
+    assert!(r1.status.success(), "{}", String::from_utf8_lossy(&r1.stderr));
+    let (a, b) = (weights(&tmp.0.join("plain/final")), weights(&tmp.0.join("zero/final")));
+    assert_eq!(a.len(), b.len());
+    let start = initial_weights();
+    let (mut total, mut exact, mut moved, mut worst) = (0usize, 0usize, 0f32, 0f32);
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert_eq!(va.len(), vb.len(), "{na}");
+        for (i, (&x, &y)) in va.iter().zip(vb).enumerate() {
+            let rounded = half::bf16::from_f32(x).to_f32();
+            total += 1;
+            exact += usize::from(y == x || y == rounded);
+            let d = (x - y).abs();
+            worst = worst.max(d / (x.abs() + 1e-6));
+            assert!(d <= x.abs() / 128.0 + 1e-6, "{na}[{i}]: plain {x}, ZeRO-1 {y}");
+        }
+        if let Some((_, v0)) = start.iter().find(|(n, _)| n == na) {
+            moved = va.iter().zip(v0).fold(moved, |m, (x, y)| m.max((x - y).abs()));
+        }
+    }
+    eprintln!(
+        "{name}: {exact} of {total} values exactly plain's or its bf16 rounding; largest relative difference {worst:.2e}"
+    );
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+    assert!(exact as f64 >= 0.99 * total as f64, "{exact} of {total}");
+    // Rank 0 logs: its shard is the first half (rounded down).
+    let held = held_bytes(&r1);
+    let &[[rank, shard, trainable, master, moments]] = &held[..] else {
+        panic!("one line of rank 0: {held:?}")
+    };
+    assert_eq!((rank, shard), (0, trainable / 2), "{held:?}");
+    assert_eq!(master, 4 * shard, "an f32 master of its shard only");
+    assert_eq!(moments, 8 * shard);
+    assert!(2 * (master + moments) <= 12 * (trainable + 2), "{held:?}");
+}
+
+#[test]
+fn grpo_zero1_shards_the_bf16_master_and_matches_plain_data_parallel_on_the_gpu() {
+    if no_gpu("grpo_zero1_shards_the_bf16_master_and_matches_plain_data_parallel_on_the_gpu") {
+        return;
+    }
+    grpo_zero1_bf16_master_is_sharded("zero-bf16-gpu");
+}
+
+#[test]
+fn grpo_zero1_bf16_resumes_exactly_on_two_ranks_on_the_gpu() {
+    if no_gpu("grpo_zero1_bf16_resumes_exactly_on_two_ranks_on_the_gpu") {
+        return;
+    }
+    let tmp = TempDir::new("zero-resume-bf16-gpu");
+    let cfg = grpo_config(&tmp.0, "cuda", "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 3", "steps = 4\nsave_every = 2")
+        + "zero_stage = 1\nprecision = \"bf16\"\n";
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.0.join("run");
+    resume_on_two_ranks_is_exact("grpo", &cfg, &out, &out.join("final"), true);
+    // Each rank's shard file holds its f32 master: the two cover the
+    // trainable parameters.
+    let ck = out.join("checkpoints/step-000002");
+    let ranks: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("ranks.json")).unwrap()).unwrap();
+    let mut covered = 0;
+    for r in 0..2 {
+        let bytes = std::fs::read(ck.join(format!("optimizer-rank-{r:05}.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let master = st.tensor("master").unwrap();
+        assert_eq!(master.shape(), st.tensor("exp_avg").unwrap().shape(), "rank {r}");
+        covered += master.shape()[0];
+    }
+    assert_eq!(covered as u64, ranks["trainable"].as_u64().unwrap());
 }
 
 #[test]

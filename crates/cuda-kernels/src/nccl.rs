@@ -602,6 +602,43 @@ impl Comm {
         drop(g);
         self.after(r, "ncclBroadcast", n)
     }
+
+    /// Copies `root`'s `buf[range]` into every rank's `buf[range]`, in
+    /// place (every rank passes the same range).
+    pub fn broadcast_range<T: NcclElem>(
+        &mut self,
+        buf: &mut CudaSlice<T>,
+        range: Range<usize>,
+        root: usize,
+    ) -> Result<()> {
+        let n = range.len();
+        check_range("ncclBroadcast", range.end, buf.len())?;
+        if root >= self.world {
+            return Err(nccl_err(
+                "ncclBroadcast",
+                format!("root {root} of {} ranks", self.world),
+            ));
+        }
+        let stream = self.gpu.stream().clone();
+        let (ptr, guard) = buf.device_ptr_mut(&stream);
+        let p = (ptr + (range.start * T::TYPE.size()) as u64) as *mut c_void;
+        // SAFETY: ncclBroadcast(const void*, void*, size_t, type, int root,
+        // comm, stream), in place on `n` elements of the buffer from
+        // `range.start`, inside it (checked above); root < world.
+        let r = unsafe {
+            (self.nccl.fns.broadcast)(
+                p as *const c_void,
+                p,
+                n,
+                T::TYPE as c_int,
+                root as c_int,
+                self.raw,
+                stream.cu_stream() as *mut c_void,
+            )
+        };
+        drop(guard);
+        self.after(r, "ncclBroadcast", n)
+    }
 }
 
 /// Rank `rank`'s contiguous shard of a flat buffer of `n` elements split

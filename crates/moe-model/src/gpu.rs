@@ -199,6 +199,38 @@ pub struct ParamBytes {
     pub grads: u64,
     /// Both AdamW moments (the trainable prefix each).
     pub moments: u64,
+    /// A sharded f32 master ([`GpuModel::shard_master`]): this rank's
+    /// range of the trainable prefix in f32 (0 when the master is not
+    /// sharded: `weights` holds it then).
+    pub master: u64,
+}
+
+/// ZeRO-1's sharded f32 master ([`GpuModel::shard_master`]).
+struct MasterShard {
+    /// This rank's range of the trainable prefix.
+    range: std::ops::Range<usize>,
+    /// The f32 master weights of `range` (one unused element when empty).
+    master: CudaSlice<f32>,
+}
+
+/// What ZeRO-1's update with a sharded f32 master touches on one rank
+/// ([`GpuModel::zero1_parts`]).
+pub struct Zero1Parts<'a> {
+    /// The device.
+    pub gpu: Arc<Gpu>,
+    /// This rank's range of the trainable prefix.
+    pub range: std::ops::Range<usize>,
+    /// The f32 master weights of `range` (one unused element when empty).
+    pub master: &'a mut CudaSlice<f32>,
+    /// The bf16 weights of every parameter (the CPU layout).
+    pub weights_bf16: &'a mut CudaSlice<u16>,
+    /// The packed f32 tensors the kernels read in f32 ([`f32_resident`]).
+    pub packed: &'a mut CudaSlice<f32>,
+    /// Where the packed tensors come from: `(offset, length, packed
+    /// offset)` sorted by offset.
+    pub resident: &'a [(usize, usize, usize)],
+    /// The gradients of the trainable prefix.
+    pub grads: &'a mut CudaSlice<f32>,
 }
 
 /// How the GPU model multiplies.
@@ -240,6 +272,10 @@ pub struct GpuModel {
     /// adapters first), packed, as `(offset in the layout, length, offset
     /// in params)` sorted by offset.
     resident: Option<Vec<(usize, usize, usize)>>,
+    /// ZeRO-1 with the f32 master sharded ([`GpuModel::shard_master`]):
+    /// `params` holds the packed tensors of [`f32_resident`], `params16`
+    /// every weight, and this the master of this rank's shard.
+    master_shard: Option<MasterShard>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
 }
@@ -444,6 +480,7 @@ impl GpuModel {
             recompute: false,
             host_master: None,
             resident: packed,
+            master_shard: None,
         };
         m.refresh_copies()?;
         Ok(m)
@@ -536,8 +573,14 @@ impl GpuModel {
                 .map_err(|e| input_err("gpu set_params", format!("host master weights: {e:?}")))?[..host.len()]
                 .copy_from_slice(host);
         }
+        if let Some(sh) = &mut self.master_shard {
+            if !sh.range.is_empty() {
+                sh.master = self.gpu.upload(&host[sh.range.clone()]).map_err(cuda)?;
+            }
+        }
         if let Some(res) = &self.resident {
-            // Offloaded or LoRA, bf16: the packed f32 tensors and the bf16 copy.
+            // Offloaded, LoRA or a sharded master, bf16: the packed f32
+            // tensors and the bf16 copy.
             self.params = self.gpu.upload(&pack(host, res)).map_err(cuda)?;
             self.params16 = Some(self.gpu.upload(&bf16_bits(host)).map_err(cuda)?);
             return Ok(());
@@ -615,6 +658,12 @@ impl GpuModel {
                 "the optimizer is offloaded to the host",
             ));
         }
+        if self.master_shard.is_some() {
+            return Err(input_err(
+                "gpu params_and_grads_mut",
+                "the f32 master is sharded (use zero1_parts)",
+            ));
+        }
         if self.grads.is_none() {
             self.grads = Some(self.zeros(self.layout.size)?);
         }
@@ -659,6 +708,12 @@ impl GpuModel {
         if on == self.host_master.is_some() {
             return Ok(());
         }
+        if self.master_shard.is_some() {
+            return Err(input_err(
+                "optimizer offload",
+                "the f32 master is sharded over the ranks (ZeRO-1)",
+            ));
+        }
         if !on {
             let host = self.params_to_host()?;
             self.host_master = None;
@@ -691,6 +746,122 @@ impl GpuModel {
             self.resident = Some(res);
         }
         Ok(())
+    }
+
+    /// ZeRO-1 with the f32 master sharded over the ranks: this rank keeps
+    /// the f32 master of `range` of the trainable prefix only (from the
+    /// current weights), and of the f32 weights only the packed tensors the
+    /// bf16 kernels read in f32 ([`f32_resident`]); every weight stays in
+    /// the bf16 copy. Full-parameter training in bf16 precision only (in
+    /// f32 the weights the kernels read are the master; a LoRA model's
+    /// master is its small adapters): `Ok(false)`, nothing changed,
+    /// otherwise. Calling it again with the same range does nothing;
+    /// another range, or with the optimizer offloaded, is an error.
+    pub fn shard_master(&mut self, range: std::ops::Range<usize>) -> Result<bool> {
+        if let Some(sh) = &self.master_shard {
+            if sh.range == range {
+                return Ok(true);
+            }
+            return Err(input_err(
+                "shard_master",
+                format!("the master is sharded as {:?}, not {range:?}", sh.range),
+            ));
+        }
+        if self.precision != GpuPrecision::Bf16 || self.layout.lora.is_some() || self.resident.is_some() {
+            return Ok(false);
+        }
+        if self.host_master.is_some() {
+            return Err(input_err("shard_master", "the optimizer is offloaded to the host"));
+        }
+        if range.start > range.end || range.end > self.layout.trainable {
+            return Err(input_err(
+                "shard_master",
+                format!(
+                    "range {range:?} outside the {} trainable parameters",
+                    self.layout.trainable
+                ),
+            ));
+        }
+        let host = self.params_to_host()?;
+        let master = if range.is_empty() {
+            self.zeros(1)?
+        } else {
+            self.gpu.upload(&host[range.clone()]).map_err(cuda)?
+        };
+        let res = f32_resident(&self.layout);
+        self.params = self.gpu.upload(&pack(&host, &res)).map_err(cuda)?;
+        self.resident = Some(res);
+        self.master_shard = Some(MasterShard { range, master });
+        Ok(true)
+    }
+
+    /// This rank's range and the f32 master of it, copied to the host
+    /// (`None` when the master is not sharded).
+    pub fn master_shard_to_host(&self) -> Result<Option<(std::ops::Range<usize>, Vec<f32>)>> {
+        match &self.master_shard {
+            None => Ok(None),
+            Some(sh) => {
+                let mut m = self.gpu.download(&sh.master).map_err(cuda)?;
+                m.truncate(sh.range.len());
+                Ok(Some((sh.range.clone(), m)))
+            }
+        }
+    }
+
+    /// This rank's range of a sharded master (`None` when not sharded).
+    pub fn master_shard_range(&self) -> Option<std::ops::Range<usize>> {
+        self.master_shard.as_ref().map(|s| s.range.clone())
+    }
+
+    /// Replaces the sharded f32 master with `host` (this rank's range,
+    /// e.g. from a checkpoint) and writes its bf16 weights; the packed
+    /// tensors read in f32 are left as they are (a checkpoint's weights
+    /// hold them exactly).
+    pub fn set_master_shard(&mut self, host: &[f32]) -> Result<()> {
+        let Some(sh) = &mut self.master_shard else {
+            return Err(input_err("set_master_shard", "the f32 master is not sharded"));
+        };
+        if host.len() != sh.range.len() {
+            return Err(input_err(
+                "set_master_shard",
+                format!("{} values for the shard {:?}", host.len(), sh.range),
+            ));
+        }
+        if host.is_empty() {
+            return Ok(());
+        }
+        sh.master = self.gpu.upload(host).map_err(cuda)?;
+        if let Some(p16) = &mut self.params16 {
+            let n = sh.range.len();
+            launch::cast_f32_to_bf16(&self.gpu, &mut p16.slice_mut(sh.range.clone()), &sh.master, n).map_err(cuda)?;
+        }
+        Ok(())
+    }
+
+    /// The buffers ZeRO-1's update with a sharded master touches (the
+    /// gradients allocated, zeroed, the first time); an error when the
+    /// master is not sharded ([`GpuModel::shard_master`]).
+    pub fn zero1_parts(&mut self) -> Result<Zero1Parts<'_>> {
+        if self.grads.is_none() {
+            self.grads = Some(self.zeros(self.layout.trainable)?);
+        }
+        match (
+            &mut self.master_shard,
+            &mut self.params16,
+            &self.resident,
+            &mut self.grads,
+        ) {
+            (Some(sh), Some(p16), Some(res), Some(grads)) => Ok(Zero1Parts {
+                gpu: self.gpu.clone(),
+                range: sh.range.clone(),
+                master: &mut sh.master,
+                weights_bf16: p16,
+                packed: &mut self.params,
+                resident: res,
+                grads,
+            }),
+            _ => Err(input_err("zero1_parts", "the f32 master is not sharded")),
+        }
     }
 
     /// Whether the optimizer is offloaded ([`GpuModel::set_offload`]).
@@ -2019,6 +2190,7 @@ impl GpuModel {
             weights_bf16: 2 * self.params16.as_ref().map_or(0, |p| p.len()) as u64,
             grads: 4 * self.grads.as_ref().map_or(0, |g| g.len()) as u64,
             moments: 0,
+            master: self.master_shard.as_ref().map_or(0, |s| 4 * s.range.len() as u64),
         }
     }
 
@@ -2050,6 +2222,12 @@ impl GpuModel {
             .ok_or_else(|| input_err("gpu adamw", "no gradients: run a backward first"))?;
         if self.host_master.is_some() {
             return Err(input_err("gpu adamw", "the optimizer is offloaded to the host"));
+        }
+        if self.master_shard.is_some() {
+            return Err(input_err(
+                "gpu adamw",
+                "the f32 master is sharded over the ranks (ZeRO-1 updates it)",
+            ));
         }
         match &mut self.params16 {
             Some(p16) => launch::adamw_copy_bf16_f32(g, &mut self.params, m, v, p16, grads, n, h).map_err(cuda)?,

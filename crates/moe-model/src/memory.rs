@@ -75,6 +75,30 @@ impl MemoryPlan {
         self
     }
 
+    /// The plan of one rank of `world` under ZeRO-1 (`zero_stage = 1`), as
+    /// the trainer allocates it: AdamW's moments for the largest shard of
+    /// the trainable prefix (the last rank's, `n / world + n mod world`
+    /// elements) and, in bf16 full-parameter training, f32 weights for
+    /// that shard's master and the tensors read in f32
+    /// ([`crate::gpu::f32_resident`]) only: the master is sharded
+    /// ([`crate::Policy::shard_master`]). In f32, or for a LoRA layout,
+    /// the f32 weights stay whole. One rank, or no training: unchanged.
+    /// Apply after [`MemoryPlan::with_lora`].
+    pub fn with_zero1(mut self, layout: &Layout, precision: Precision, world: usize) -> MemoryPlan {
+        if world <= 1 || self.moments == 0 {
+            return self;
+        }
+        let n = layout.trainable as u64;
+        let w = world as u64;
+        let shard = n / w + n % w;
+        self.moments = 8 * shard;
+        if precision == Precision::Bf16 && layout.lora.is_none() {
+            let kept: usize = crate::gpu::f32_resident(layout).iter().map(|r| r.1).sum();
+            self.weights = 4 * (shard + kept as u64);
+        }
+        self
+    }
+
     /// The plan for the layout a run trains: unchanged for a full model;
     /// for a LoRA layout ([`Layout::with_lora`]) what
     /// [`crate::gpu::GpuModel`] allocates then: the bf16 copy of every

@@ -107,13 +107,14 @@ pub const DECODE_BANDWIDTH_EFFICIENCY: f64 = 0.6;
 pub enum Strategy {
     /// Every GPU holds everything; gradients are all-reduced.
     DataParallel,
-    /// Data parallel with AdamW's moments sharded across the GPUs, as
-    /// `zero_stage = 1` runs it (`aha_trainer::dp`): gradients are
-    /// reduce-scattered, each GPU updates its contiguous shard of the f32
-    /// weights (the last GPU's is longer by fewer than N elements), and
-    /// the f32 weights are all-gathered. Every GPU keeps the whole f32
-    /// master, which the bf16 kernels read for the norms, routers and
-    /// embedding; sharding it too is not built.
+    /// Data parallel with AdamW's moments and the f32 master weights
+    /// sharded across the GPUs, as `zero_stage = 1` runs it in bf16
+    /// (`aha_trainer::dp`): gradients are reduce-scattered, each GPU
+    /// updates the f32 master of its contiguous shard (the last GPU's is
+    /// longer by fewer than N elements) and writes its bf16 weights, the
+    /// bf16 weights are all-gathered, and each GPU broadcasts its part of
+    /// the few tensors the bf16 kernels read in f32 (norms, biases,
+    /// routers, the embedding), which every GPU keeps whole in f32.
     Zero1,
     /// The routed experts sharded over all GPUs (one expert-parallel group of
     /// every GPU), the rest as ZeRO-1; tokens reach their experts by
@@ -327,11 +328,14 @@ fn row(
             (v, v / bw)
         }
         Strategy::Zero1 => {
-            // The largest shard, the last GPU's: P / N + P mod N moments.
-            let shard = full.moments / 8 / n + (full.moments / 8) % n;
-            device.moments = 8 * shard;
-            // Reduce-scatter of f32 gradients, all-gather of f32 weights.
-            let v = ring * (4.0 + 4.0) * p as f64;
+            // The largest shard, the last GPU's: P / N + P mod N moments
+            // and f32 master weights; the tensors read in f32 stay whole.
+            let kept = zero1_f32_resident(cfg);
+            device = full.with_zero1(&Layout::new(cfg), Precision::Bf16, gpus);
+            // Reduce-scatter of f32 gradients, all-gather of bf16 weights,
+            // and the tensors read in f32 broadcast (every GPU's part from
+            // it: the whole of them once).
+            let v = ring * (4.0 + 2.0) * p as f64 + 4.0 * kept as f64;
             (v, v / bw)
         }
         Strategy::ExpertParallel => {
@@ -417,6 +421,14 @@ fn row(
         rollout_seconds: rollout,
         train_seconds: train,
     }
+}
+
+/// Parameters a bf16 model keeps in f32 besides a sharded master: the
+/// tensors its kernels read in f32 ([`crate::gpu::f32_resident`]: every
+/// 1-D tensor, the embedding table and the MoE routers).
+pub fn zero1_f32_resident(cfg: &ModelConfig) -> u64 {
+    let layout = Layout::new(cfg);
+    crate::gpu::f32_resident(&layout).iter().map(|r| r.1 as u64).sum()
 }
 
 /// Bytes of KV cache per token in bf16 over all layers: the compressed

@@ -547,6 +547,45 @@ impl Policy {
         }
     }
 
+    /// ZeRO-1 with the f32 master sharded: on a GPU in bf16 precision
+    /// (full-parameter training, optimizer on the device) this rank keeps
+    /// the f32 master of `range` of the trainable prefix only; see
+    /// [`crate::gpu::GpuModel::shard_master`]. `Ok(false)` where the
+    /// weights the kernels read are the master (the CPU, f32 precision, a
+    /// LoRA model's adapters): nothing changes then.
+    pub fn shard_master(&mut self, range: std::ops::Range<usize>) -> Result<bool> {
+        match &mut self.inner {
+            Inner::Cpu { .. } => Ok(false),
+            Inner::Gpu(g) => g.shard_master(range),
+        }
+    }
+
+    /// This rank's range and its sharded f32 master on the host (`None`
+    /// when the master is not sharded: [`Policy::params_to_host`] holds it).
+    pub fn master_shard_to_host(&self) -> Result<Option<(std::ops::Range<usize>, Vec<f32>)>> {
+        match &self.inner {
+            Inner::Cpu { .. } => Ok(None),
+            Inner::Gpu(g) => g.master_shard_to_host(),
+        }
+    }
+
+    /// Replaces the sharded f32 master with `host` (a checkpoint's shard).
+    pub fn set_master_shard(&mut self, host: &[f32]) -> Result<()> {
+        match &mut self.inner {
+            Inner::Cpu { .. } => Err(input_err("set_master_shard", "the f32 master is not sharded")),
+            Inner::Gpu(g) => g.set_master_shard(host),
+        }
+    }
+
+    /// On a GPU with a sharded f32 master, the buffers ZeRO-1's update
+    /// touches ([`crate::gpu::Zero1Parts`]); `None` otherwise.
+    pub fn gpu_zero1_parts(&mut self) -> Result<Option<crate::gpu::Zero1Parts<'_>>> {
+        match &mut self.inner {
+            Inner::Gpu(g) if g.master_shard_range().is_some() => g.zero1_parts().map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// After the f32 parameters were written through
     /// [`Policy::gpu_params_and_grads_mut`]: refreshes the copies the
     /// kernels read (the bf16 weights in bf16 precision).

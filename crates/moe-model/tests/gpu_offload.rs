@@ -6,7 +6,8 @@
 //! read in f32, and the bf16 copy the products read written from the host's
 //! update as the device kernel writes it; and
 //! a resume from host copies of the moments (a checkpoint) continuing as an
-//! uninterrupted run. Without a GPU each test prints "skipped: no GPU"; CI
+//! uninterrupted run; and ZeRO-1's sharded f32 master (the other way of
+//! not keeping the whole master on the device). Without a GPU each test prints "skipped: no GPU"; CI
 //! runs them on the emulated GPU.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -250,4 +251,80 @@ fn offloaded_adamw_resumes_from_host_moments_cuda() {
     run(&mut late, &mut ml, 2, 1);
     run(&mut again, &mut ma, 2, 1);
     assert_eq!(late.params_to_host().unwrap(), again.params_to_host().unwrap());
+}
+
+/// ZeRO-1's sharded f32 master (`Policy::shard_master`) on a bf16 policy:
+/// the f32 master of one range only (bit for bit the weights it started
+/// from), of the f32 weights only the tensors the kernels read in f32, every
+/// weight in bf16; the bytes `param_bytes` counts are those; the weights
+/// read back are the bf16 ones with the f32-resident tensors exact;
+/// `set_params` and `set_master_shard` write the shard; offload and the
+/// whole-buffer AdamW are refused; an f32 policy (whose weights are the
+/// master) is left as it is.
+#[test]
+fn a_sharded_master_keeps_one_shard_in_f32_and_every_weight_in_bf16_cuda() {
+    if skip("a_sharded_master_keeps_one_shard_in_f32_and_every_weight_in_bf16_cuda") {
+        return;
+    }
+    let model = fixture("deepseek-v3-tiny");
+    let host = model.params.clone();
+    let mut p = Policy::new(model, Device::Cuda(0), Precision::Bf16).unwrap();
+    let (n, size) = (p.layout().trainable, p.num_params());
+    let none = || Moments::Cpu {
+        m: Vec::new(),
+        v: Vec::new(),
+    };
+    let before = p.param_bytes(&none());
+    assert_eq!((before.weights, before.master), (4 * size as u64, 0));
+    let range = n / 3..2 * n / 3;
+    assert!(p.shard_master(range.clone()).unwrap());
+    assert!(
+        p.shard_master(range.clone()).unwrap(),
+        "the same range again changes nothing"
+    );
+    assert!(p.shard_master(0..n / 2).is_err());
+    let (r, m) = p.master_shard_to_host().unwrap().unwrap();
+    assert_eq!(r, range);
+    assert!(m
+        .iter()
+        .zip(&host[range.clone()])
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    let resident = aha_moe_model::gpu::f32_resident(p.layout());
+    let kept: usize = resident.iter().map(|r| r.1).sum();
+    assert!(kept > 0 && kept < size / 2, "{kept} of {size}");
+    let after = p.param_bytes(&none());
+    assert_eq!(after.weights, 4 * kept as u64);
+    assert_eq!(after.master, 4 * range.len() as u64);
+    assert_eq!(after.weights_bf16, 2 * size as u64);
+    let in_f32 = |i: usize| resident.iter().any(|&(off, len, _)| (off..off + len).contains(&i));
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
+    let back = p.params_to_host().unwrap();
+    for (i, (&got, &x)) in back.iter().zip(&host).enumerate() {
+        let want = if in_f32(i) { x } else { bf16(x) };
+        assert_eq!(got.to_bits(), want.to_bits(), "parameter {i}");
+    }
+    // Offload and the whole-buffer AdamW are refused.
+    assert!(p
+        .set_offload_optimizer(Some(OffloadConfig { bucket_elems: BUCKET }))
+        .is_err());
+    let mut mom = p.new_moments().unwrap();
+    backward(&mut p, 0);
+    assert!(p.optimizer_step(&mut mom, &H, 1, MAX_NORM).is_err());
+    // set_params writes the master shard too.
+    let shifted: Vec<f32> = host.iter().map(|x| x + 0.25).collect();
+    p.set_params(&shifted).unwrap();
+    let (_, m) = p.master_shard_to_host().unwrap().unwrap();
+    assert_eq!(m, shifted[range.clone()]);
+    // set_master_shard writes the shard's bf16 weights.
+    let new: Vec<f32> = (0..range.len()).map(|i| (i % 97) as f32 * 1.37e-3).collect();
+    p.set_master_shard(&new).unwrap();
+    assert!(p.set_master_shard(&new[1..]).is_err());
+    let back = p.params_to_host().unwrap();
+    for (k, i) in range.clone().enumerate().filter(|&(_, i)| !in_f32(i)) {
+        assert_eq!(back[i], bf16(new[k]), "parameter {i}");
+    }
+    // f32: the weights the kernels read are the master.
+    let mut f = Policy::new(fixture("deepseek-v3-tiny"), Device::Cuda(0), Precision::F32).unwrap();
+    assert!(!f.shard_master(0..1).unwrap());
+    assert_eq!(f.param_bytes(&none()).master, 0);
 }

@@ -258,14 +258,17 @@ fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
     assert!((off.comm_seconds - 6.0 * p as f64 / 55e9).abs() < 1e-9);
 }
 
-/// On 8 GPUs, ZeRO-1 as `zero_stage = 1` runs it divides the moments by 8
-/// (the last GPU's shard holds the remainder), keeps the whole f32 master
-/// on every GPU, and sends (4 + 4) x 7/8 bytes a parameter (reduce-scatter
-/// of f32 gradients, all-gather of f32 weights), as much as plain data
-/// parallel's 2 x 4 x 7/8 (ring all-reduce).
+/// On 8 GPUs, ZeRO-1 as `zero_stage = 1` runs it in bf16 divides the
+/// moments and the f32 master by 8 (the last GPU's shard holds the
+/// remainder), keeps in f32 on every GPU only the tensors the kernels read
+/// in f32 (the embedding and the 1-D tensors: 545,330,688 parameters for
+/// Qwen2.5-7B), and sends 4 x 7/8 bytes a parameter for the
+/// reduce-scatter of f32 gradients, 2 x 7/8 for the all-gather of bf16
+/// weights and 4 bytes per f32-resident parameter for their broadcasts:
+/// less than plain data parallel's 2 x 4 x 7/8 (ring all-reduce).
 #[test]
-fn zero1_shards_the_optimizer_moments_as_the_trainer_allocates_them() {
-    use aha_moe_model::plan::{gpu_spec, plan, Interconnect, StepShape};
+fn zero1_shards_the_optimizer_moments_and_master_as_the_trainer_allocates_them() {
+    use aha_moe_model::plan::{gpu_spec, plan, zero1_f32_resident, Interconnect, StepShape};
     let m = qwen25(3584, 18944, 28, 4, 152_064, false);
     let p = qwen2_params(3584, 18944, 28, 4, 152_064, 28, false) as f64;
     let step = StepShape {
@@ -277,12 +280,66 @@ fn zero1_shards_the_optimizer_moments_as_the_trainer_allocates_them() {
     let rows = plan(&m, gpu_spec("h100").unwrap(), 8, Interconnect::NvLink, &step, 0).unwrap();
     let (dp, z) = (&rows[0], &rows[1]);
     let pi = p as u64;
+    let r = 152_064 * 3584 + 28 * (2 * 3584 + 3584 + 2 * 512) + 3584;
+    assert_eq!(zero1_f32_resident(&m), r);
     assert_eq!(dp.device.moments, 8 * pi);
-    assert_eq!(z.device.weights, dp.device.weights);
-    assert_eq!(z.device.moments, 8 * (pi / 8 + pi % 8));
-    assert!(z.device.total() < dp.device.total());
+    assert_eq!(dp.device.weights, 4 * pi);
+    // P = 7,615,616,512 = 8 x 951,952,064: no remainder.
+    let shard = pi / 8 + pi % 8;
+    assert_eq!(shard, 951_952_064);
+    assert_eq!(z.device.moments, 8 * shard);
+    assert_eq!(z.device.weights, 4 * (shard + r));
+    assert_eq!(z.device.weights_bf16, dp.device.weights_bf16);
+    assert_eq!(z.device.grads, dp.device.grads);
+    // Per GPU: 2 (bf16) + 4 (gradients) bytes a parameter, 12 a shard
+    // parameter, 4 a parameter read in f32.
+    assert_eq!(
+        z.device.total() - z.device.activations - z.device.workspace,
+        6 * pi + 12 * shard + 4 * r
+    );
     assert!((dp.comm_bytes - 2.0 * 4.0 * p * 7.0 / 8.0).abs() < 1.0);
-    assert!((z.comm_bytes - 8.0 * p * 7.0 / 8.0).abs() < 1.0);
+    assert!((z.comm_bytes - (6.0 * p * 7.0 / 8.0 + 4.0 * r as f64)).abs() < 1.0);
     // 450 GB/s NVLink at 80%.
     assert!((z.comm_seconds - z.comm_bytes / 360e9).abs() < 1e-9);
+}
+
+/// The trainer's own preflight plan under ZeRO-1 (`MemoryPlan::with_zero1`,
+/// applied by `aha grpo` and `aha sft` at `zero_stage = 1`) is the plan
+/// row's: in bf16 the moments and the f32 master of the largest shard
+/// (P = 7,615,616,512 over 3 ranks: 2,538,538,837 + a remainder of 1) and
+/// the tensors read in f32; in f32 the f32 weights stay whole; a LoRA
+/// layout keeps its adapters' master whole; one rank changes nothing.
+#[test]
+fn the_trainers_zero1_plan_shards_the_master_in_bf16_only() {
+    use aha_moe_model::plan::zero1_f32_resident;
+    use aha_moe_model::Layout;
+    let m = qwen25(3584, 18944, 28, 4, 152_064, false);
+    let p = qwen2_params(3584, 18944, 28, 4, 152_064, 28, false);
+    let layout = Layout::new(&m);
+    let w = Workload {
+        tokens: 8192,
+        scored: 8192,
+        kv_tokens: 0,
+        training: true,
+        recompute: true,
+    };
+    let bf16 = memory_plan(&m, Precision::Bf16, &w);
+    let shard = p / 3 + p % 3;
+    assert_eq!(shard, 2_538_538_838);
+    let z = bf16.with_zero1(&layout, Precision::Bf16, 3);
+    assert_eq!(z.moments, 8 * shard);
+    assert_eq!(z.weights, 4 * (shard + zero1_f32_resident(&m)));
+    assert_eq!((z.weights_bf16, z.grads), (bf16.weights_bf16, bf16.grads));
+    assert_eq!(bf16.with_zero1(&layout, Precision::Bf16, 1), bf16);
+    let f32 = memory_plan(&m, Precision::F32, &w);
+    let zf = f32.with_zero1(&layout, Precision::F32, 3);
+    assert_eq!((zf.weights, zf.moments), (4 * p, 8 * shard));
+    let lora = Layout::with_lora(&m, &aha_moe_model::plan::plan_lora_config(16)).unwrap();
+    let a = lora.trainable as u64;
+    let l = bf16.with_lora(&lora, Precision::Bf16);
+    let zl = l.with_zero1(&lora, Precision::Bf16, 2);
+    assert_eq!((zl.weights, zl.moments), (l.weights, 8 * (a / 2 + a % 2)));
+    // Inference plans have no optimizer state to shard.
+    let inf = memory_plan(&m, Precision::Bf16, &Workload { training: false, ..w });
+    assert_eq!(inf.with_zero1(&layout, Precision::Bf16, 8), inf);
 }

@@ -103,7 +103,9 @@ pub struct RanksInfo {
     /// Ranks that saved.
     pub world_size: usize,
     /// 0: rank 0's `optimizer.safetensors` holds the whole state; 1: each
-    /// rank's `optimizer-rank-NNNNN.safetensors` holds its shard.
+    /// rank's `optimizer-rank-NNNNN.safetensors` holds its shard (the
+    /// moments, and `master`, the f32 master of the shard, when the
+    /// policy keeps only its shard of it).
     pub zero_stage: u8,
     /// Elements of the trainable prefix.
     pub trainable: usize,
@@ -152,13 +154,16 @@ pub fn save_ranks(
             Some(sh) => {
                 let path = tmp.join(shard_file(rc.rank()));
                 let n = sh.m.len();
-                write_f32(
-                    &path,
-                    &[
-                        ("exp_avg".into(), vec![n], &sh.m[..]),
-                        ("exp_avg_sq".into(), vec![n], &sh.v[..]),
-                    ],
-                )?;
+                let mut tensors = vec![
+                    ("exp_avg".into(), vec![n], &sh.m[..]),
+                    ("exp_avg_sq".into(), vec![n], &sh.v[..]),
+                ];
+                // A sharded f32 master: the weights rank 0 writes are the
+                // bf16 ones; the exact master is in the shards.
+                if let Some(master) = &sh.master {
+                    tensors.push(("master".into(), vec![master.len()], &master[..]));
+                }
+                write_f32(&path, &tensors)?;
                 sync_file(&path)?;
             }
             None if leader => write_full_optimizer(&tmp, model, opt)?,
@@ -438,12 +443,13 @@ pub fn load_optimizer_shard(dir: &Path, rank: usize, world: usize) -> Result<Opt
         .filter(|_| info.world_size == world)
         .ok_or_else(|| bad(format!("no optimizer shard for rank {rank} of {world}")))?;
     let path = dir.join(shard_file(rank));
-    let (mut m, mut v) = (None, None);
+    let (mut m, mut v, mut master) = (None, None, None);
     for t in read_file(&path)? {
         if let CpuStorage::F32(x) = t.data {
             match t.name.as_str() {
                 "exp_avg" => m = Some(x),
                 "exp_avg_sq" => v = Some(x),
+                "master" => master = Some(x),
                 _ => {}
             }
         }
@@ -459,6 +465,7 @@ pub fn load_optimizer_shard(dir: &Path, rank: usize, world: usize) -> Result<Opt
         range: range[0]..range[1],
         m,
         v,
+        master,
     })
 }
 

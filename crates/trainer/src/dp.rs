@@ -48,6 +48,26 @@ pub struct DataParallel {
     /// This rank's ZeRO-1 moments (created by the first update or a
     /// resume), shared with [`RankCheckpoint`] handles.
     shard: Arc<Mutex<Option<ShardState>>>,
+    /// ZeRO-1: the device bytes of f32 master and moments this rank held
+    /// after its last update ([`DataParallel::held_bytes`]).
+    held: Option<HeldBytes>,
+}
+
+/// The optimizer state one ZeRO-1 rank holds on its GPU, from the
+/// policy's own accounting ([`aha_moe_model::Policy::param_bytes`]) and
+/// the shard's moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldBytes {
+    /// Elements of the trainable prefix.
+    pub trainable: usize,
+    /// This rank's share of them.
+    pub shard: usize,
+    /// Bytes of f32 master weights this rank updates: its shard when the
+    /// master is sharded (bf16 precision), else the whole f32 weights
+    /// (the weights the f32 kernels read are the master).
+    pub master: u64,
+    /// Bytes of AdamW's two moments (the shard's).
+    pub moments: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
@@ -90,6 +110,11 @@ pub struct OptimizerShard {
     pub m: Vec<f32>,
     /// Second moment over `range`.
     pub v: Vec<f32>,
+    /// The f32 master weights over `range` when the policy keeps only its
+    /// shard of them (bf16 precision on a GPU,
+    /// [`aha_moe_model::Policy::shard_master`]); `None` when the saved
+    /// weights are the master.
+    pub master: Option<Vec<f32>>,
 }
 
 /// Gradient bucket size in f32 elements: `AHA_DP_BUCKET_MB` (default 25).
@@ -163,11 +188,22 @@ impl RankCheckpoint {
         // Device buffers of an empty shard hold one unused element.
         m.truncate(len);
         v.truncate(len);
+        let master = match policy.master_shard_to_host()? {
+            Some((r, x)) if r == range => Some(x),
+            Some((r, _)) => {
+                return Err(err(format!(
+                    "rank {}: the f32 master is sharded as {r:?}, the optimizer shard is {range:?}",
+                    self.rank
+                )))
+            }
+            None => None,
+        };
         Ok(Some(OptimizerShard {
             trainable: n,
             range,
             m,
             v,
+            master,
         }))
     }
 }
@@ -193,6 +229,7 @@ impl DataParallel {
             allreduce_s: 0.0,
             zero_stage: 0,
             shard: Arc::new(Mutex::new(None)),
+            held: None,
         })
     }
 
@@ -202,7 +239,16 @@ impl DataParallel {
     /// over its contiguous shard of the trainable prefix
     /// ([`aha_cuda_kernels::nccl::shard_range`]), keeps the moments for that
     /// shard only, clips by the global norm, updates its shard, and the
-    /// weights are all-gathered into every rank's parameter buffer.
+    /// weights are all-gathered into every rank's parameter buffer. A
+    /// policy in bf16 on a GPU (full-parameter training) keeps the f32
+    /// master of its shard only ([`Policy::shard_master`], from
+    /// [`shard_master`] when the run places the policy, else from the
+    /// first update): the rank updates its shard of the master,
+    /// writes its bf16 weights, and the ranks all-gather the bf16 weights
+    /// (half the bytes of f32) and broadcast the few tensors the bf16
+    /// kernels read in f32 (norms, biases, routers, the embedding). In f32
+    /// the weights the kernels read are the master and the all-gather
+    /// stays f32.
     pub fn set_zero_stage(&mut self, stage: u8) -> Result<()> {
         check_zero_stage(stage, false)?;
         self.zero_stage = stage;
@@ -242,6 +288,11 @@ impl DataParallel {
                 shard.m.len(),
                 shard.v.len()
             )));
+        }
+        if policy.shard_master(own.clone())? {
+            if let Some(master) = &shard.master {
+                policy.set_master_shard(master)?;
+            }
         }
         let moments = match policy.gpu_grads_mut()? {
             Some((gpu, _)) => {
@@ -328,12 +379,28 @@ impl DataParallel {
             Some(c) => format!("by NCCL {} ({})", c.nccl().version_string(), c.nccl().path().display()),
             None => "through rank 0 over TCP".into(),
         };
-        let zero = if self.zero_stage == 1 {
-            ", optimizer state sharded over the ranks (ZeRO-1)"
-        } else {
-            ""
+        let zero = match (self.zero_stage, self.held) {
+            (1, Some(h)) => format!(
+                ", optimizer state sharded over the ranks (ZeRO-1): rank {} holds the f32 master and moments of \
+                 {} of {} trainable parameters, master {} bytes, moments {} bytes",
+                self.env.rank, h.shard, h.trainable, h.master, h.moments
+            ),
+            (1, None) => ", optimizer state sharded over the ranks (ZeRO-1)".into(),
+            _ => String::new(),
         };
         format!("data parallel: {} ranks, gradients summed {how}{zero}", self.env.world)
+    }
+
+    /// `(rank, world)` when this run shards the optimizer state (ZeRO
+    /// stage 1 on several ranks): what [`shard_master`] takes.
+    pub fn zero1_place(&self) -> Option<(usize, usize)> {
+        (self.zero_stage == 1 && self.env.world > 1).then_some((self.env.rank, self.env.world))
+    }
+
+    /// ZeRO-1: the optimizer state this rank held after its last update
+    /// (`None` at stage 0 or before the first update).
+    pub fn held_bytes(&self) -> Option<HeldBytes> {
+        self.held
     }
 
     /// Seconds spent summing gradients since the last call.
@@ -379,6 +446,16 @@ impl DataParallel {
     }
 }
 
+/// ZeRO-1 on rank `rank` of `world`: makes `policy` keep only its shard
+/// of the f32 master ([`Policy::shard_master`]; bf16 full-parameter
+/// training on a GPU, nothing otherwise). The runs call it right after
+/// placing the policy, so that a rank never holds the whole f32 master
+/// and the gradients at once (the first update would shard it too).
+pub fn shard_master(policy: &mut Policy, rank: usize, world: usize) -> Result<bool> {
+    let n = policy.layout().trainable;
+    Ok(policy.shard_master(shard_range(n, world, rank))?)
+}
+
 /// Checks the `zero_stage` config key: 0 or 1, and 1 not with
 /// `offload_optimizer` (the offloaded optimizer keeps the whole state on
 /// the host).
@@ -395,17 +472,14 @@ pub fn check_zero_stage(stage: u8, offload_optimizer: bool) -> Result<()> {
 }
 
 /// Refuses GRPO settings that data parallelism over `world` ranks does not
-/// support yet: dynamic sampling (ranks would refill at different rates),
-/// and a number of prompts per step (or minibatches) that does not split
-/// evenly. Batch-wide reward scaling works: the advantages are computed on
-/// the gathered global batch (`rl::train_on_synced`).
+/// support: a number of prompts per step (or minibatches) that does not
+/// split evenly. Batch-wide reward scaling works: the advantages are
+/// computed on the gathered global batch (`rl::train_on_synced`); so does
+/// dynamic sampling: each rank refills its own share of whole groups, the
+/// ranks summing what each still needs so that every rank draws the same
+/// prompts from the data cursor (`grpo_run`).
 pub fn check_grpo(cfg: &crate::grpo_run::GrpoConfig, world: usize) -> Result<()> {
     let w = world;
-    if cfg.dynamic_sampling {
-        return Err(err(format!(
-            "dynamic_sampling is not supported with WORLD_SIZE = {w} yet"
-        )));
-    }
     if !cfg.prompts_per_step.is_multiple_of(w) {
         return Err(err(format!(
             "prompts_per_step = {} does not divide by WORLD_SIZE = {w}: each rank takes an equal share of whole groups",
@@ -497,6 +571,14 @@ fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, m
         }
     }
     let dev = |e: aha_cuda_kernels::Error| err(format!("rank {rank}: ZeRO-1 update: {e}"));
+    if policy.shard_master(own.clone())? {
+        let norm = sharded_master_update(dp, policy, &mut shard, h, t, max_grad_norm)?;
+        if norm.is_finite() {
+            policy.params_updated()?;
+        }
+        dp.held = Some(held_bytes(policy, &shard, n, own.len()));
+        return Ok(norm);
+    }
     let norm = match policy.gpu_params_and_grads_mut()? {
         Some((gpu, params, grads)) => {
             let len = own.len();
@@ -605,6 +687,161 @@ fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, m
         }
     };
     policy.params_updated()?;
+    dp.held = Some(held_bytes(policy, &shard, n, own.len()));
+    Ok(norm)
+}
+
+/// The optimizer state this rank holds now (see [`HeldBytes`]).
+fn held_bytes(policy: &Policy, shard: &Option<ShardState>, trainable: usize, len: usize) -> HeldBytes {
+    let empty = aha_moe_model::Moments::Cpu {
+        m: Vec::new(),
+        v: Vec::new(),
+    };
+    let b = policy.param_bytes(&empty);
+    let moments = match shard {
+        Some(ShardState {
+            moments: ShardMoments::Gpu { m, v, .. },
+            ..
+        }) => 4 * (m.len() + v.len()) as u64,
+        Some(ShardState {
+            moments: ShardMoments::Host { m, v },
+            ..
+        }) => 4 * (m.len() + v.len()) as u64,
+        None => 0,
+    };
+    HeldBytes {
+        trainable,
+        shard: len,
+        master: if b.master > 0 { b.master } else { b.weights },
+        moments,
+    }
+}
+
+/// The range of the packed f32 tensors (`resident`: `(offset, length,
+/// packed offset)` sorted by offset, packed in that order) that holds the
+/// elements of `range` of the flat layout: one contiguous span.
+fn packed_span(resident: &[(usize, usize, usize)], range: &Range<usize>) -> Range<usize> {
+    let mut span: Option<Range<usize>> = None;
+    for &(off, len, at) in resident {
+        let (a, b) = (off.max(range.start), (off + len).min(range.end));
+        if a < b {
+            let (lo, hi) = (at + a - off, at + b - off);
+            span = Some(span.map_or(lo..hi, |s| s.start..hi));
+        }
+    }
+    span.unwrap_or(0..0)
+}
+
+/// ZeRO-1's update on a GPU with the f32 master sharded
+/// ([`Policy::shard_master`]): the global norm over the shards, clipping,
+/// AdamW on this rank's master shard writing its bf16 weights in the same
+/// launch, its part of the packed f32 tensors refreshed from the master,
+/// then the bf16 weights all-gathered and each rank's part of the packed
+/// f32 tensors broadcast. Returns the norm (a non-finite norm changes
+/// nothing).
+fn sharded_master_update(
+    dp: &mut DataParallel,
+    policy: &mut Policy,
+    shard: &mut Option<ShardState>,
+    h: &AdamW,
+    t: u64,
+    max_grad_norm: f64,
+) -> Result<f64> {
+    let (rank, world) = (dp.env.rank, dp.env.world);
+    let n = policy.layout().trainable;
+    let dev = |e: aha_cuda_kernels::Error| err(format!("rank {rank}: ZeRO-1 update: {e}"));
+    let Some(parts) = policy.gpu_zero1_parts()? else {
+        return Err(err(format!("rank {rank}: ZeRO-1: the f32 master is not sharded")));
+    };
+    let aha_moe_model::gpu::Zero1Parts {
+        gpu,
+        range: own,
+        master,
+        weights_bf16,
+        packed,
+        resident,
+        grads,
+    } = parts;
+    if own != shard_range(n, world, rank) {
+        return Err(err(format!(
+            "rank {rank}: the f32 master is sharded as {own:?}, this rank's shard is {:?} of {n}",
+            shard_range(n, world, rank)
+        )));
+    }
+    let len = own.len();
+    let local = if len == 0 {
+        0.0
+    } else {
+        launch::grad_norm_f32(&gpu, &grads.slice(own.clone()), len).map_err(dev)?
+    };
+    let mut sq = [local * local];
+    dp.group()?.sum_f64(&mut sq)?;
+    let norm = sq[0].sqrt();
+    if !norm.is_finite() {
+        return Ok(norm);
+    }
+    let coef = max_grad_norm / (norm + 1e-6);
+    if coef < 1.0 && len > 0 {
+        launch::scale_f32(&gpu, &mut grads.slice_mut(own.clone()), coef as f32, len).map_err(dev)?;
+    }
+    if shard.is_none() {
+        *shard = Some(ShardState {
+            n,
+            own: own.clone(),
+            moments: ShardMoments::Gpu {
+                m: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
+                v: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
+                gpu: gpu.clone(),
+            },
+        });
+    }
+    let Some(ShardState {
+        moments: ShardMoments::Gpu { m, v, .. },
+        ..
+    }) = shard.as_mut()
+    else {
+        return Err(err(format!(
+            "rank {rank}: ZeRO-1 moments on the host for a policy on a GPU"
+        )));
+    };
+    let sc = AdamwScalars::new(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, t).map_err(dev)?;
+    if len > 0 {
+        // The kernel plain data parallel runs over the whole buffer: the
+        // same master and bf16 weights element by element.
+        launch::adamw_copy_bf16_f32(
+            &gpu,
+            master,
+            m,
+            v,
+            &mut weights_bf16.slice_mut(own.clone()),
+            &grads.slice(own.clone()),
+            len,
+            &sc,
+        )
+        .map_err(dev)?;
+        // This rank's part of the tensors the kernels read in f32.
+        for &(off, l, at) in resident {
+            let (a, b) = (off.max(own.start), (off + l).min(own.end));
+            if a < b {
+                gpu.stream()
+                    .memcpy_dtod(
+                        &master.slice(a - own.start..b - own.start),
+                        &mut packed.slice_mut(at + a - off..at + b - off),
+                    )
+                    .map_err(|e| err(format!("rank {rank}: ZeRO-1 update: device copy: {e:?}")))?;
+            }
+        }
+    }
+    let started = Instant::now();
+    let comm = dp.comm(&gpu)?;
+    comm.all_gather_shards(weights_bf16, n).map_err(dev)?;
+    for r in 0..world {
+        let span = packed_span(resident, &shard_range(n, world, r));
+        if !span.is_empty() {
+            comm.broadcast_range(packed, span, r).map_err(dev)?;
+        }
+    }
+    dp.allreduce_s += started.elapsed().as_secs_f64();
     Ok(norm)
 }
 
@@ -628,11 +865,12 @@ mod tests {
             e.contains("prompts_per_step = 4") && e.contains("WORLD_SIZE = 3"),
             "{e}"
         );
+        // Dynamic sampling: each rank refills its own share.
         let ds = GrpoConfig {
             dynamic_sampling: true,
             ..ok.clone()
         };
-        assert!(check_grpo(&ds, 2).unwrap_err().to_string().contains("dynamic_sampling"));
+        check_grpo(&ds, 2).unwrap();
         // Batch-wide reward scaling gathers every rank's rewards.
         let batch = GrpoConfig {
             scale_rewards: aha_grpo::AdvantageEstimator::Batch,

@@ -153,7 +153,8 @@ pub struct GrpoConfig {
     /// No effect on one process; not combined with `offload_optimizer`.
     pub zero_stage: u8,
     /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
-    /// more prompts until the step has `prompts_per_step` groups.
+    /// more prompts until the step has `prompts_per_step` groups (with
+    /// several ranks, each rank refills its own share).
     pub dynamic_sampling: bool,
     /// At most this many extra rollout rounds per step for dynamic sampling.
     pub dynamic_sampling_max_rounds: usize,
@@ -526,7 +527,10 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         Some(l) => Layout::with_lora(&mcfg, l)?,
         None => Layout::new(&mcfg),
     };
-    let mut plan = memory_plan(&mcfg, precision, &work).with_lora(&layout, precision);
+    let zero1 = dp.as_ref().and_then(|d| d.zero1_place());
+    let mut plan = memory_plan(&mcfg, precision, &work)
+        .with_lora(&layout, precision)
+        .with_zero1(&layout, precision, zero1.map_or(1, |z| z.1));
     if cfg.beta > 0.0 && cfg.lora.is_none() {
         let r = memory_plan(
             &mcfg,
@@ -554,6 +558,9 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     let place_policy = |m: Model| -> Result<Policy> {
         let mut p = place(m)?;
         p.set_offload_optimizer(cfg.offload_optimizer.then(OffloadConfig::default))?;
+        if let Some((rank, world)) = zero1 {
+            crate::dp::shard_master(&mut p, rank, world)?;
+        }
         Ok(p)
     };
     let (st, start, cursor) = match loaded {
@@ -702,20 +709,50 @@ impl Stage for GrpoStage<'_> {
         let mut sc = self.step_cfg.clone();
         let mut batch: Option<Rollouts> = None;
         let mut dropped = 0usize;
+        // Data parallel: this rank's share of the step's groups.
+        let share = match &self.dp {
+            Some(d) => d.shard(cfg.prompts_per_step, "prompts_per_step")?.len(),
+            None => cfg.prompts_per_step,
+        };
         for round in 0..=cfg.dynamic_sampling_max_rounds {
-            let have = batch.as_ref().map_or(0, |b| b.prompts.len());
-            if have >= cfg.prompts_per_step || (round > 0 && !cfg.dynamic_sampling) {
+            if round > 0 && !cfg.dynamic_sampling {
                 break;
             }
-            let picks = self.cursor.take(self.data.len(), cfg.prompts_per_step - have, cfg.seed);
-            // A rank's share: whole groups, sampled from their global index.
-            let (picks, first) = match &self.dp {
+            let have = batch.as_ref().map_or(0, |b| b.prompts.len());
+            let need = share.saturating_sub(have);
+            // How many prompts every rank draws from the (shared) cursor,
+            // and where this rank's `need` of them start: the first round
+            // splits the step's prompts evenly; a refill round sums what
+            // each rank still needs (its dynamic sampling dropped groups
+            // of its own), so the cursors stay the same on every rank and
+            // each rank fills its share with whole groups.
+            let (total, before) = match &self.dp {
+                Some(d) if round == 0 => (cfg.prompts_per_step, d.rank() * share),
                 Some(d) => {
-                    let r = d.shard(picks.len(), "prompts_per_step")?;
-                    (picks[r.clone()].to_vec(), r.start)
+                    let needs = d.group()?.all_gather_f64(&[need as f64])?.concat();
+                    let total = needs.iter().map(|&x| x as usize).sum::<usize>();
+                    (total, needs.iter().take(d.rank()).map(|&x| x as usize).sum())
                 }
-                None => (picks, 0),
+                None => (need, 0),
             };
+            if total == 0 {
+                break;
+            }
+            let picks = self.cursor.take(self.data.len(), total, cfg.seed);
+            // A rank's share: whole groups, sampled from their global index.
+            let (picks, first) = match picks.get(before..before + need) {
+                Some(p) if self.dp.is_some() => (p.to_vec(), before),
+                _ if self.dp.is_some() => {
+                    return Err(Error::Other(format!(
+                        "step {step}: {total} prompts drawn, this rank's {need} from {before} are not among them"
+                    )))
+                }
+                _ => (picks, 0),
+            };
+            if picks.is_empty() {
+                // This rank is full; the others refill.
+                continue;
+            }
             sc.sampling.prompt_offset = first as u64;
             let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| self.data[i].0.clone()).collect();
             let examples: Vec<Example> = picks.iter().map(|&i| self.data[i].1.clone()).collect();
@@ -744,6 +781,22 @@ impl Stage for GrpoStage<'_> {
             ));
             return Ok(None);
         };
+        // Dynamic sampling on several ranks: the step's groups and dropped
+        // groups over every rank; each rank must hold its full share (the
+        // last round keeps every group it samples).
+        let mut groups = None;
+        if let Some(d) = self.dp.as_deref_mut().filter(|_| cfg.dynamic_sampling) {
+            let all = d.group()?.all_gather_f64(&[batch.prompts.len() as f64])?.concat();
+            if all.iter().any(|&x| x as usize != share) {
+                return Err(Error::Other(format!(
+                    "step {step}: dynamic sampling left the ranks with {all:?} groups, not {share} each"
+                )));
+            }
+            let mut x = [dropped as f64];
+            d.group()?.sum_f64(&mut x)?;
+            dropped = x[0] as usize;
+            groups = Some(all.iter().sum::<f64>());
+        }
         let sync = self.dp.as_deref_mut().map(|d| d as &mut dyn crate::rl::StepSync);
         let mut m = train_on_synced(
             &mut st.policy,
@@ -759,6 +812,9 @@ impl Stage for GrpoStage<'_> {
             if step == self.first {
                 log(&d.describe());
             }
+        }
+        if let Some(groups) = groups {
+            m.insert("dynamic_sampling/groups".into(), groups);
         }
         m.insert("dynamic_sampling/dropped_groups".into(), dropped as f64);
         m.insert("epoch".into(), self.cursor.fraction(self.data.len()));

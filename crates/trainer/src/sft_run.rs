@@ -478,7 +478,10 @@ fn sft_in_folder(
             recompute: false,
         },
     );
-    let plan = plan.with_lora(&model.layout, precision);
+    let zero1 = dp.as_ref().and_then(|d| d.zero1_place());
+    let plan = plan
+        .with_lora(&model.layout, precision)
+        .with_zero1(&model.layout, precision, zero1.map_or(1, |z| z.1));
     let plan = if cfg.offload_optimizer {
         plan.with_offload(&model.layout, precision, OffloadConfig::default().bucket_elems)
     } else {
@@ -488,6 +491,9 @@ fn sft_in_folder(
     check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
     policy.set_offload_optimizer(cfg.offload_optimizer.then(OffloadConfig::default))?;
+    if let Some((rank, world)) = zero1 {
+        crate::dp::shard_master(&mut policy, rank, world)?;
+    }
     let mut opt = sft_optimizer(cfg.learning_rate, cfg.steps);
     let (mut rng, start, cursor) = match resumed {
         Some((st, moments, ckdir)) => {
