@@ -29,7 +29,7 @@ use aha_tensor::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{input_err, Error, Result};
-use crate::gpu::{gpu_support, GpuForward, GpuModel, GpuPrecision, GpuScores};
+use crate::gpu::{gpu_support, GpuForward, GpuModel, GpuPrecision, GpuScores, GradHook};
 use crate::model::{Activations, Model};
 use crate::offload::{HostOptimizer, OffloadConfig, OffloadTiming};
 use crate::params::Layout;
@@ -587,11 +587,51 @@ impl Policy {
         if now != fwd.dropout {
             self.set_lora_dropout(fwd.dropout.map(|d| d.seed));
         }
-        let r = self.backward_inner(fwd.inner, scores, dlogp, dentropy, aux_coef);
+        let r = self.backward_inner(fwd.inner, scores, dlogp, dentropy, aux_coef, None);
         if now != fwd.dropout {
             self.set_lora_dropout(now.map(|d| d.seed));
         }
         r
+    }
+
+    /// [`Policy::backward`] that reports each part of the gradient buffer
+    /// as soon as the backward has completed it (on a GPU: `hook` gets the
+    /// device, the flat buffer and the part's ranges, in the order of
+    /// [`Policy::grad_ready_parts`]), so that the caller can start moving
+    /// it (a data-parallel all-reduce, a copy to the host) while earlier
+    /// layers are still being differentiated. Returns whether the hook was
+    /// called; on the CPU it is not (the caller then handles the whole
+    /// buffer after the backward).
+    ///
+    /// The backward accumulates (`+=`): with gradients summed over several
+    /// micro-batches, a part is final only in the last one's backward, so
+    /// pass the hook to that one only.
+    pub fn backward_with_hook(
+        &mut self,
+        fwd: Forward,
+        scores: &Scores,
+        dlogp: &Tensor,
+        dentropy: Option<&Tensor>,
+        aux_coef: f32,
+        hook: &mut GradHook<'_>,
+    ) -> Result<bool> {
+        let now = self.layout().lora_dropout();
+        if now != fwd.dropout {
+            self.set_lora_dropout(fwd.dropout.map(|d| d.seed));
+        }
+        let on_gpu = matches!(self.inner, Inner::Gpu(_));
+        let r = self.backward_inner(fwd.inner, scores, dlogp, dentropy, aux_coef, Some(hook));
+        if now != fwd.dropout {
+            self.set_lora_dropout(now.map(|d| d.seed));
+        }
+        r.map(|()| on_gpu)
+    }
+
+    /// The parts of the flat gradient buffer in the order a backward
+    /// completes them ([`Layout::grad_ready_parts`]: head, last layer to
+    /// first, embedding), each as ranges of the trainable prefix.
+    pub fn grad_ready_parts(&self) -> Vec<Vec<std::ops::Range<usize>>> {
+        self.layout().grad_ready_parts()
     }
 
     fn backward_inner(
@@ -601,6 +641,7 @@ impl Policy {
         dlogp: &Tensor,
         dentropy: Option<&Tensor>,
         aux_coef: f32,
+        hook: Option<&mut GradHook<'_>>,
     ) -> Result<()> {
         match (&mut self.inner, fwd, &scores.inner) {
             (Inner::Cpu { model, grads }, FwdInner::Cpu(a), ScoresInner::Cpu { .. }) => {
@@ -621,7 +662,7 @@ impl Policy {
                     Some(d) => Some(d.cuda_f32().map_err(tensor_err)?),
                     None => None,
                 };
-                g.backward(f, s, dl, de, aux_coef)
+                g.backward_hooked(f, s, dl, de, aux_coef, hook)
             }
             _ => Err(input_err("backward", "the forward or the scores ran on another device")),
         }

@@ -290,9 +290,13 @@ pub fn sft_step_synced(
     let scale = -1.0 / total.max(1.0) as f32;
     let dlogp = Tensor::from_vec(vec![scale; count], count, policy.device())?;
     policy.zero_grad()?;
-    policy.backward(fwd, &scores, &dlogp, None, 0.0)?;
-    if let Some(s) = sync.as_deref_mut() {
-        s.reduce_grads(policy)?;
+    match sync.as_deref_mut() {
+        Some(s) => {
+            // The sum over the ranks may start during the backward.
+            crate::rl::backward_synced(policy, fwd, &scores, &dlogp, None, s)?;
+            s.reduce_grads(policy)?;
+        }
+        None => policy.backward(fwd, &scores, &dlogp, None, 0.0)?,
     }
     let info = opt.update_synced(policy, &describe, sync)?;
     Ok((loss, info))
