@@ -421,15 +421,16 @@ impl Layout {
         // 0: head, 1..=nl: layers nl-1 down to 0, nl + 1: embedding.
         let mut parts: Vec<Vec<std::ops::Range<usize>>> = vec![Vec::new(); nl + 2];
         for e in self.entries.iter().filter(|e| e.trainable && e.slot.len > 0) {
-            let layer = e
-                .name
+            // LoRA adapters carry PEFT's `base_model.model.` prefix.
+            let name = e.name.strip_prefix("base_model.model.").unwrap_or(&e.name);
+            let layer = name
                 .strip_prefix("model.layers.")
                 .and_then(|rest| rest.split('.').next())
                 .and_then(|l| l.parse::<usize>().ok())
                 .filter(|&l| l < nl);
             let part = match layer {
                 Some(l) => nl - l,
-                None if e.name.starts_with("model.embed_tokens.") => nl + 1,
+                None if name.starts_with("model.embed_tokens.") => nl + 1,
                 None => 0,
             };
             parts[part].push(e.slot.off..e.slot.off + e.slot.len);

@@ -818,6 +818,30 @@ mod tests {
     use super::*;
     use crate::grpo_run::GrpoConfig;
 
+    /// The buckets follow the completion order (the head's range first,
+    /// the embedding's last), cover the buffer exactly once, hold at most
+    /// a bucket's elements each and merge adjacent parts that fit.
+    #[test]
+    fn overlap_buckets_follow_the_backward_and_cover_the_buffer() {
+        // Embedding 0..10, layers 10..30 and 30..50, head 50..56.
+        let parts = vec![vec![50..56], vec![30..50], vec![10..30], vec![0..10]];
+        let b = overlap_buckets(&parts, 56, 16);
+        assert_eq!(b, vec![50..56, 34..50, 30..34, 14..30, 0..14]);
+        let b = overlap_buckets(&parts, 56, 100);
+        assert_eq!(b, vec![0..56]);
+        // A part in two pieces, an element no part names (56..60).
+        let parts = vec![vec![50..52, 54..56], vec![0..50], vec![52..54]];
+        let b = overlap_buckets(&parts, 60, 30);
+        assert_eq!(b, vec![54..56, 50..52, 20..50, 0..20, 52..54, 56..60]);
+        for (parts, n, size) in [(vec![vec![0..7]], 7, 3), (vec![], 5, 2)] {
+            let b = overlap_buckets(&parts, n, size);
+            let mut c: Vec<_> = b.iter().flat_map(|r| r.clone()).collect();
+            c.sort_unstable();
+            assert_eq!(c, (0..n).collect::<Vec<_>>());
+            assert!(b.iter().all(|r| !r.is_empty() && r.len() <= size));
+        }
+    }
+
     #[test]
     fn unsupported_grpo_settings_are_refused_by_name() {
         let ok = GrpoConfig {
