@@ -245,6 +245,9 @@ pub struct GpuModel {
     /// Gradients of the trainable prefix `0..layout.trainable` (allocated
     /// by the first backward): frozen tensors have none.
     grads: Option<CudaSlice<f32>>,
+    /// Counts the changes of the gradient buffer (a backward, a zeroing,
+    /// a write from outside), so that a host copy can tell it is current.
+    grad_version: u64,
     /// Keep only each layer's input in the forward and recompute the rest
     /// in the backward.
     recompute: bool,
@@ -458,6 +461,7 @@ impl GpuModel {
             params,
             params16,
             grads: None,
+            grad_version: 0,
             recompute: false,
             host_master: None,
             resident: packed,
@@ -591,6 +595,7 @@ impl GpuModel {
     /// Replaces the gradient buffer with `host` (the CPU layout); only the
     /// trainable prefix is kept (frozen tensors have no gradient).
     pub fn set_grads(&mut self, host: &[f32]) -> Result<()> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         if host.len() != self.layout.size {
             return Err(input_err(
                 "gpu set_grads",
@@ -610,6 +615,7 @@ impl GpuModel {
     /// (allocated, zeroed, the first time), for collectives over it (the
     /// data-parallel all-reduce).
     pub fn grads_mut(&mut self) -> Result<(Arc<Gpu>, &mut CudaSlice<f32>)> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         if self.grads.is_none() {
             self.grads = Some(self.zeros(self.layout.trainable)?);
         }
@@ -626,6 +632,7 @@ impl GpuModel {
     /// error when the optimizer is offloaded (the master weights are on the
     /// host).
     pub fn params_and_grads_mut(&mut self) -> Result<(Arc<Gpu>, &mut CudaSlice<f32>, &mut CudaSlice<f32>)> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         if self.host_master.is_some() {
             return Err(input_err(
                 "gpu params_and_grads_mut",
@@ -653,6 +660,7 @@ impl GpuModel {
 
     /// Zeroes the gradient buffer (one memset), allocating it the first time.
     pub fn zero_grad(&mut self) -> Result<()> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         match &mut self.grads {
             Some(g) => self
                 .gpu
@@ -1840,7 +1848,14 @@ impl GpuModel {
             .ok_or_else(|| input_err("gpu backward", "no gradient buffer"))?;
         let r = self.backward_into(&mut grads, fwd, scores, dlogp, dentropy, aux_coef, hook);
         self.grads = Some(grads);
+        self.grad_version = self.grad_version.wrapping_add(1);
         r
+    }
+
+    /// The gradient buffer's version: it changes with every backward,
+    /// zeroing, scaling or write from outside ([`GpuModel::grads_mut`]).
+    pub fn grad_version(&self) -> u64 {
+        self.grad_version
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2093,6 +2108,7 @@ impl GpuModel {
 
     /// Scales the gradients by `s` (clipping), on the trainable prefix.
     pub fn scale_grads(&mut self, s: f32) -> Result<()> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         if let Some(gr) = &mut self.grads {
             launch::scale_f32(&self.gpu, gr, s, self.layout.trainable).map_err(cuda)?;
         }

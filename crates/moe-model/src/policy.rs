@@ -627,6 +627,56 @@ impl Policy {
         r.map(|()| on_gpu)
     }
 
+    /// [`Policy::backward`] that, with the optimizer offloaded to the host
+    /// (`moments` from [`Policy::new_moments`] after
+    /// [`Policy::set_offload_optimizer`]), copies each part of the gradients
+    /// to page-locked host memory as soon as the backward has completed it,
+    /// so that the copies overlap the rest of the backward and the next
+    /// [`Policy::optimizer_step`] only waits for the last ones (see
+    /// `aha_moe_model::offload`). Use it for the last micro-batch of a step
+    /// (the parts are final only then); any later change of the gradients
+    /// (another backward, a data-parallel sum, a zeroing) makes the step
+    /// copy them again instead. Returns whether the gradients were
+    /// streamed; otherwise (moments on the device, the CPU) it is a plain
+    /// backward.
+    pub fn backward_offload_streamed(
+        &mut self,
+        fwd: Forward,
+        scores: &Scores,
+        dlogp: &Tensor,
+        dentropy: Option<&Tensor>,
+        aux_coef: f32,
+        moments: &mut Moments,
+    ) -> Result<bool> {
+        let host = match (&self.inner, moments) {
+            (Inner::Gpu(g), Moments::Offload(h)) => {
+                h.begin_stream(g)?;
+                h
+            }
+            _ => {
+                self.backward(fwd, scores, dlogp, dentropy, aux_coef)?;
+                return Ok(false);
+            }
+        };
+        let mut failed = None;
+        let mut hook = |r: crate::gpu::GradReady<'_>| {
+            host.grads_ready(r).map_err(|e| {
+                let msg = e.to_string();
+                failed = Some(e);
+                msg
+            })
+        };
+        let r = self.backward_with_hook(fwd, scores, dlogp, dentropy, aux_coef, &mut hook);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        r?;
+        if let Inner::Gpu(g) = &self.inner {
+            host.end_stream(g.grad_version());
+        }
+        Ok(true)
+    }
+
     /// The parts of the flat gradient buffer in the order a backward
     /// completes them ([`Layout::grad_ready_parts`]: head, last layer to
     /// first, embedding), each as ranges of the trainable prefix.
