@@ -813,7 +813,10 @@ fn sft_overlapped_all_reduce_matches_after_backward_on_the_gpu() {
         let p = sft_config(dir, "cuda", out, "");
         // SFT writes its final weights into `out` itself.
         let text = std::fs::read_to_string(&p).unwrap();
-        let text = text.replace(&format!("{:?}", dir.join(out)), &format!("{:?}", dir.join(out).join("final")));
+        let text = text.replace(
+            &format!("{:?}", dir.join(out)),
+            &format!("{:?}", dir.join(out).join("final")),
+        );
         std::fs::write(&p, text).unwrap();
         p
     };

@@ -36,12 +36,12 @@ pub mod st;
 
 pub use config::{Arch, Fp8Blocks, MlaConfig, ModelConfig, MoeConfig, Router};
 pub use error::{Error, Result};
+pub use gpu::{GradHook, GradReady};
 pub use lora::LoraConfig;
 pub use model::{Activations, KvCache, Model};
 pub use offload::{OffloadConfig, OffloadTiming};
 pub use paged::{PagedKvCache, SeqSpan};
 pub use params::{Layout, ParamEntry, Slot};
-pub use gpu::{GradHook, GradReady};
 pub use policy::{resolve_device, Forward, Moments, Policy, PolicyModel, Precision, Scores};
 pub use reward_model::RewardModel;
 pub use rope::RopeScaling;

@@ -307,7 +307,10 @@ impl HostOptimizer {
     /// the page-locked copy the first time and forgets the last one.
     pub fn begin_stream(&mut self, gpu: &GpuModel) -> Result<()> {
         if gpu.layout().trainable != self.trainable {
-            return Err(input_err("offloaded adamw", "the optimizer state belongs to another model"));
+            return Err(input_err(
+                "offloaded adamw",
+                "the optimizer state belongs to another model",
+            ));
         }
         match &mut self.streamed {
             Some(s) => {
@@ -362,11 +365,7 @@ impl HostOptimizer {
             // the backward writes this range no more, and the host reads
             // the copy only after synchronising the copy stream.
             unsafe {
-                aha_cuda_kernels::cudarc::driver::result::memcpy_dtoh_async(
-                    &mut host[r.clone()],
-                    ptr,
-                    copy.cu_stream(),
-                )
+                aha_cuda_kernels::cudarc::driver::result::memcpy_dtoh_async(&mut host[r.clone()], ptr, copy.cu_stream())
             }
             .map_err(|e| driver("copying gradients to the host", e))?;
             let b = copy

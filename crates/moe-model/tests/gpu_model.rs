@@ -688,7 +688,9 @@ fn gradient_parts_are_final_when_reported_cuda() {
     ] {
         let (bs, t) = (2, 7);
         let v = model.config.vocab_size as u32;
-        let ids: Vec<u32> = (0..bs * t).map(|i| (i as u32).wrapping_mul(2_654_435_761) % v).collect();
+        let ids: Vec<u32> = (0..bs * t)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761) % v)
+            .collect();
         let rows: Vec<u32> = (0..(bs * t) as u32).collect();
         let targets: Vec<u32> = ids.iter().map(|&x| (x + 5) % v).collect();
         let n = rows.len();
@@ -729,7 +731,10 @@ fn gradient_parts_are_final_when_reported_cuda() {
             assert!(now == *vals, "{name}: part {ranges:?} changed after it was reported");
             nonzero += vals.iter().filter(|x| **x != 0.0).count();
         }
-        assert!(nonzero > at / 10, "{name}: only {nonzero} of {at} gradients are nonzero");
+        assert!(
+            nonzero > at / 10,
+            "{name}: only {nonzero} of {at} gradients are nonzero"
+        );
         eprintln!("{name}: {} parts, each final when reported", seen.len());
     }
 }

@@ -351,7 +351,10 @@ fn streamed_gradients_give_the_offloaded_and_the_device_adamw_cuda() {
         off2.optimizer_step(&mut mo2, &H, 1, MAX_NORM).unwrap();
         assert!(backward_streamed(&mut st2, &mut ms2, 0, true));
         st2.optimizer_step(&mut ms2, &H, 1, MAX_NORM).unwrap();
-        assert!(st2.params_to_host().unwrap() == off2.params_to_host().unwrap(), "{name}: stale copy used");
+        assert!(
+            st2.params_to_host().unwrap() == off2.params_to_host().unwrap(),
+            "{name}: stale copy used"
+        );
         assert_eq!(ms2.take_offload_timing().unwrap().streamed_steps, 0, "{name}");
     }
 }

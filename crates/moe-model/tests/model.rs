@@ -477,9 +477,15 @@ fn gradient_parts_follow_the_backward_order() {
         let nl = lay.layers.len();
         assert_eq!(parts.len(), nl + 2, "{name}");
         let inside = |part: &[std::ops::Range<usize>], off: usize| part.iter().any(|r| r.contains(&off));
-        assert!(inside(&parts[0], lay.norm.off), "{name}: the final norm is in the head part");
+        assert!(
+            inside(&parts[0], lay.norm.off),
+            "{name}: the final norm is in the head part"
+        );
         assert!(inside(&parts[nl + 1], lay.embed.off), "{name}: the embedding is last");
-        assert!(inside(&parts[if m.config.tie_word_embeddings { nl + 1 } else { 0 }], lay.lm_head.off));
+        assert!(inside(
+            &parts[if m.config.tie_word_embeddings { nl + 1 } else { 0 }],
+            lay.lm_head.off
+        ));
         for (l, s) in lay.layers.iter().enumerate() {
             assert!(inside(&parts[nl - l], s.ln1.off), "{name}: layer {l}");
             assert!(inside(&parts[nl - l], s.ln2.off), "{name}: layer {l}");

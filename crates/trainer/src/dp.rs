@@ -85,7 +85,9 @@ struct Overlap {
 /// but `0`, `false`, `off` or `no`; default on).
 fn overlap_enabled() -> bool {
     !matches!(
-        std::env::var("AHA_DP_OVERLAP").map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        std::env::var("AHA_DP_OVERLAP")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref(),
         Ok("0" | "false" | "off" | "no")
     )
 }
@@ -431,11 +433,14 @@ impl DataParallel {
         let when = match self.last_buckets {
             (_, 0) => String::new(),
             (0, all) => format!(", {all} gradient buckets all-reduced after the backward"),
-            (early, all) => format!(
-                ", {early} of {all} gradient buckets all-reduced before the backward reached the embedding"
-            ),
+            (early, all) => {
+                format!(", {early} of {all} gradient buckets all-reduced before the backward reached the embedding")
+            }
         };
-        format!("data parallel: {} ranks, gradients summed {how}{zero}{when}", self.env.world)
+        format!(
+            "data parallel: {} ranks, gradients summed {how}{zero}{when}",
+            self.env.world
+        )
     }
 
     /// The gradient buckets of the last step: how many were queued while

@@ -542,6 +542,7 @@ pub fn train_on_synced(
                             backward_synced(policy, fwd, &scores, &dlogp, dentropy.as_ref(), s)?;
                         }
                     }
+                    None if u == last_u => opt.backward_last(policy, fwd, &scores, &dlogp, dentropy.as_ref())?,
                     _ => policy.backward(fwd, &scores, &dlogp, dentropy.as_ref(), 0.0)?,
                 }
             }
