@@ -785,6 +785,7 @@ fn overlap_matches_after_backward(cmd: &str, cfg_of: &dyn Fn(&Path, &str) -> Pat
     // At least the head's and the last layer's buckets went out before the
     // backward reached the embedding, whose buckets are left.
     assert!(d1 >= 2 && d1 < n1, "{d1} of {n1} buckets before the embedding: {se1}");
+    eprintln!("{name}: {d1} of {n1} buckets queued before the backward reached the embedding (after: {n0} buckets)");
     let moved = assert_same_weights(&tmp.0.join("after/final"), &tmp.0.join("over/final"), 0.0);
     assert!(moved > 1e-4, "the weights did not move ({moved})");
 }
