@@ -265,6 +265,24 @@ elif [ -x "$bin/aha" ]; then
             --steps 3 "$flag" >"$out/train-qwen2.5-1.5b-$name.json" 2>"$out/logs/train-$name.log" || rc=$?
         note "aha bench train qwen2.5-1.5b bf16 $flag: $([ "$rc" = 0 ] && cat "$out/train-qwen2.5-1.5b-$name.json" || echo "exit $rc")"
     done
+    # Step time without and with the optimizer offload on a small config
+    # (qwen2-dense-bench, batch 4 x 512): device AdamW, offload with the
+    # gradients copied after the backward, offload with each layer's
+    # gradients streamed to the host during the backward. The "offload"
+    # object splits the step: copy_during_backward_ms (hidden behind the
+    # backward), copy_wait_after_backward_ms (exposed), cpu_adamw_ms,
+    # upload_ms.
+    for mode in device: offload-after:--no-stream-grads offload-streamed:; do
+        IFS=: read -r name extra <<<"$mode"
+        flags=()
+        [ "$name" != device ] && flags+=(--offload-optimizer)
+        [ -n "$extra" ] && flags+=("$extra")
+        cfgf=tests/fixtures/bench-configs/qwen2-dense-bench.json
+        rc=0
+        timeout 120 "$bin/aha" bench train --config "$cfgf" --device cuda --precision bf16 --batch 4 --seq 512 \
+            --steps 3 ${flags[@]+"${flags[@]}"} >"$out/train-small-$name.json" 2>"$out/logs/train-small-$name.log" || rc=$?
+        note "aha bench train qwen2-dense-bench bf16 $name: $([ "$rc" = 0 ] && cat "$out/train-small-$name.json" || echo "exit $rc")"
+    done
     # Rollouts: aha's GPU engine (paged bf16 KV cache) at batch 64 and 256,
     # 512-token prompts, 1,024 new tokens, next to transformers' generate;
     # aha's line carries the fraction of the memory-bandwidth bound.

@@ -914,6 +914,24 @@ fn bench_train_offloads_the_optimizer_and_trains_lora_on_the_gpu() {
         "loss {a} on the device optimizer, {b} offloaded"
     );
     assert!(off["tokens_per_s"].as_f64().is_some_and(|x| x > 0.0));
+    // The gradients go to the host during the backward by default; copied
+    // after it, the same losses, and the split has no streamed copies.
+    assert_eq!(o["streamed_grads"].as_bool(), Some(true), "{off}");
+    for k in ["copy_during_backward_ms", "copy_wait_after_backward_ms", "upload_ms"] {
+        assert!(o[k].as_f64().is_some_and(|x| x >= 0.0), "{k}: {off}");
+    }
+    assert!(o["copy_during_backward_ms"].as_f64().is_some_and(|x| x > 0.0), "{off}");
+    let after = bench_train_cuda(&["--offload-optimizer", "--offload-bucket", "4096", "--no-stream-grads"]);
+    assert_eq!(after["offload"]["streamed_grads"].as_bool(), Some(false), "{after}");
+    assert_eq!(
+        after["offload"]["copy_during_backward_ms"].as_f64(),
+        Some(0.0),
+        "{after}"
+    );
+    assert_eq!(
+        after["loss_last"], off["loss_last"],
+        "streamed vs copied after the backward"
+    );
     let lora = bench_train_cuda(&["--lora", "--lora-rank", "4"]);
     let (t, p) = (
         lora["trainable_params"].as_u64().unwrap(),

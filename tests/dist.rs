@@ -955,3 +955,98 @@ fn sft_zero1_resumes_exactly_on_two_ranks_on_the_gpu() {
     let out = tmp.0.join("run");
     resume_on_two_ranks_is_exact("sft", &cfg, &out, &out, true);
 }
+
+/// `launch2` with `env` set for every rank.
+fn launch2_env(args: &[&str], cfg: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_aha"))
+        .args(["launch", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .arg("--")
+        .args(args)
+        .arg(cfg)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// `[rank 0] data parallel: ...` buckets: (queued before the backward reached the embedding, all)
+/// from the run's description line.
+fn buckets_line(stderr: &str) -> (usize, usize) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("[rank 0] data parallel:"))
+        .unwrap_or_else(|| panic!("no data-parallel line in {stderr}"));
+    let words: Vec<&str> = line.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+    let at = words.iter().position(|w| *w == "gradient").unwrap();
+    if words[at + 3] == "after" {
+        assert_eq!(words[at + 5], "backward", "{line}");
+        (0, words[at - 1].parse().unwrap())
+    } else {
+        // "N of M gradient buckets all-reduced before the backward reached
+        // the embedding"
+        assert_eq!(words[at - 2], "of", "{line}");
+        (words[at - 3].parse().unwrap(), words[at - 1].parse().unwrap())
+    }
+}
+
+/// 2 ranks, 3 steps, small all-reduce buckets (several per layer): the
+/// all-reduce overlapped with the backward (the default) ends with exactly
+/// the weights of the all-reduce after the backward (`AHA_DP_OVERLAP=0`),
+/// and its buckets were queued while the backward was still going through
+/// the layers (all but those of the embedding, which it completes last; the
+/// tied head's gradient is in it).
+fn overlap_matches_after_backward(cmd: &str, cfg_of: &dyn Fn(&Path, &str) -> PathBuf, name: &str) {
+    let tmp = TempDir::new(name);
+    let (after, over) = (cfg_of(&tmp.0, "after"), cfg_of(&tmp.0, "over"));
+    let small = ("AHA_DP_BUCKET_MB", "0.05");
+    let r0 = launch2_env(&[cmd, "--config"], &after, &[small, ("AHA_DP_OVERLAP", "0")]);
+    let se0 = String::from_utf8_lossy(&r0.stderr);
+    assert!(r0.status.success(), "{se0}");
+    let r1 = launch2_env(&[cmd, "--config"], &over, &[small]);
+    let se1 = String::from_utf8_lossy(&r1.stderr);
+    assert!(r1.status.success(), "{se1}");
+    let (d0, n0) = buckets_line(&se0);
+    let (d1, n1) = buckets_line(&se1);
+    assert_eq!(d0, 0, "{se0}");
+    assert!(n0 > 3, "{se0}");
+    // At least the head's and the last layer's buckets went out before the
+    // backward reached the embedding, whose buckets are left.
+    assert!(d1 >= 2 && d1 < n1, "{d1} of {n1} buckets before the embedding: {se1}");
+    eprintln!("{name}: {d1} of {n1} buckets queued before the backward reached the embedding (after: {n0} buckets)");
+    let moved = assert_same_weights(&tmp.0.join("after/final"), &tmp.0.join("over/final"), 0.0);
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+}
+
+#[test]
+fn grpo_overlapped_all_reduce_matches_after_backward_on_the_gpu() {
+    if no_gpu("grpo_overlapped_all_reduce_matches_after_backward_on_the_gpu") {
+        return;
+    }
+    // Two micro-batches a rank: the all-reduce overlaps the last one only.
+    let cfg = |dir: &Path, out: &str| {
+        let p = grpo_config(dir, "cuda", out);
+        let text = std::fs::read_to_string(&p).unwrap() + "micro_batch_tokens = 32\n";
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    overlap_matches_after_backward("grpo", &cfg, "overlap-grpo-gpu");
+}
+
+#[test]
+fn sft_overlapped_all_reduce_matches_after_backward_on_the_gpu() {
+    if no_gpu("sft_overlapped_all_reduce_matches_after_backward_on_the_gpu") {
+        return;
+    }
+    let cfg = |dir: &Path, out: &str| {
+        let p = sft_config(dir, "cuda", out, "");
+        // SFT writes its final weights into `out` itself.
+        let text = std::fs::read_to_string(&p).unwrap();
+        let text = text.replace(
+            &format!("{:?}", dir.join(out)),
+            &format!("{:?}", dir.join(out).join("final")),
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    overlap_matches_after_backward("sft", &cfg, "overlap-sft-gpu");
+}

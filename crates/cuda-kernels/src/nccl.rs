@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::{Error, Gpu, Result};
 
@@ -448,6 +448,20 @@ impl Comm {
     /// communicator's asynchronous error; past [`collective_timeout`] the
     /// communicator is aborted.
     fn wait(&mut self, what: &str) -> Result<()> {
+        let stream = self.gpu.stream().clone();
+        self.wait_for(&stream, what)
+    }
+
+    /// Waits for `stream` (collectives queued there by
+    /// [`Comm::all_reduce_sum_queued`]) as [`Comm`]'s own collectives wait
+    /// for the GPU's stream: polling the communicator's asynchronous error,
+    /// aborting past [`collective_timeout`].
+    pub fn wait_stream(&mut self, stream: &Arc<CudaStream>, what: &str) -> Result<()> {
+        let what = format!("{what} on rank {} of {}", self.rank, self.world);
+        self.wait_for(stream, &what)
+    }
+
+    fn wait_for(&mut self, stream: &Arc<CudaStream>, what: &str) -> Result<()> {
         if self.nccl.is_emulated() || self.gpu.is_emulated() {
             // The emulated library and driver finish every call before
             // returning; a failure was returned by the call itself.
@@ -455,7 +469,7 @@ impl Comm {
         }
         let start = Instant::now();
         let limit = collective_timeout();
-        let stream = self.gpu.stream().cu_stream();
+        let stream = stream.cu_stream();
         loop {
             // SAFETY: cuStreamQuery(CUstream) on the GPU's live stream.
             let q = unsafe { cudarc::driver::sys::cuStreamQuery(stream) };
@@ -513,6 +527,45 @@ impl Comm {
         };
         drop(guard);
         self.after(r, "ncclAllReduce", n)
+    }
+
+    /// Queues the in-place sum of `buf[range]` over every rank on `stream`
+    /// (another stream of this communicator's GPU, such as a communication
+    /// stream beside the work stream) and returns without waiting: the
+    /// caller orders `stream` after the writes of `range` (an event) and
+    /// waits for it with [`Comm::wait_stream`] before reading the sums.
+    pub fn all_reduce_sum_queued<T: NcclElem>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        buf: &mut CudaSlice<T>,
+        range: Range<usize>,
+    ) -> Result<()> {
+        let n = range.len();
+        check_range("ncclAllReduce", range.end, buf.len())?;
+        let (ptr, guard) = buf.device_ptr_mut(stream);
+        let p = (ptr + (range.start * T::TYPE.size()) as u64) as *mut c_void;
+        // SAFETY: ncclAllReduce(const void*, void*, size_t, ncclDataType_t,
+        // ncclRedOp_t, ncclComm_t, cudaStream_t): in place on `n` elements
+        // of the buffer from `range.start`, inside it (checked above), on a
+        // live stream of the same context; ncclSum is 0.
+        let r = unsafe {
+            (self.nccl.fns.all_reduce)(
+                p,
+                p,
+                n,
+                T::TYPE as c_int,
+                0,
+                self.raw,
+                stream.cu_stream() as *mut c_void,
+            )
+        };
+        drop(guard);
+        if r != 0 {
+            self.failed = true;
+            let what = format!("ncclAllReduce of {n} elements on rank {} of {}", self.rank, self.world);
+            return Err(nccl_err(&what, self.nccl.describe(r, self.raw)));
+        }
+        Ok(())
     }
 
     /// Sums `send` (world x `recv.len()` elements) over every rank and

@@ -59,6 +59,23 @@ fn cuda(e: aha_cuda_kernels::Error) -> Error {
     Error::Tensor(aha_tensor::Error::from(e))
 }
 
+/// A part of the flat gradient buffer that a backward has just completed
+/// ([`GpuModel::backward_hooked`]): its kernels are queued on `gpu`'s
+/// stream, and the backward writes these ranges no more.
+pub struct GradReady<'a> {
+    /// The GPU whose stream the part's kernels were queued on.
+    pub gpu: &'a Arc<Gpu>,
+    /// The whole flat gradient buffer (the trainable prefix, CPU layout).
+    pub grads: &'a mut CudaSlice<f32>,
+    /// The ranges of `grads` that are complete (one part of
+    /// [`Layout::grad_ready_parts`]).
+    pub ranges: &'a [std::ops::Range<usize>],
+}
+
+/// The caller's side of [`GpuModel::backward_hooked`]: called once per
+/// completed part; an error (its message) stops the backward.
+pub type GradHook<'h> = dyn FnMut(GradReady<'_>) -> std::result::Result<(), String> + 'h;
+
 /// Whether [`GpuModel`] takes this model: attention head widths and MoE
 /// routings within the kernels' limits.
 pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
@@ -260,6 +277,9 @@ pub struct GpuModel {
     /// Gradients of the trainable prefix `0..layout.trainable` (allocated
     /// by the first backward): frozen tensors have none.
     grads: Option<CudaSlice<f32>>,
+    /// Counts the changes of the gradient buffer (a backward, a zeroing,
+    /// a write from outside), so that a host copy can tell it is current.
+    grad_version: u64,
     /// Keep only each layer's input in the forward and recompute the rest
     /// in the backward.
     recompute: bool,
@@ -477,6 +497,7 @@ impl GpuModel {
             params,
             params16,
             grads: None,
+            grad_version: 0,
             recompute: false,
             host_master: None,
             resident: packed,
@@ -617,6 +638,7 @@ impl GpuModel {
     /// Replaces the gradient buffer with `host` (the CPU layout); only the
     /// trainable prefix is kept (frozen tensors have no gradient).
     pub fn set_grads(&mut self, host: &[f32]) -> Result<()> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         if host.len() != self.layout.size {
             return Err(input_err(
                 "gpu set_grads",
@@ -636,6 +658,7 @@ impl GpuModel {
     /// (allocated, zeroed, the first time), for collectives over it (the
     /// data-parallel all-reduce).
     pub fn grads_mut(&mut self) -> Result<(Arc<Gpu>, &mut CudaSlice<f32>)> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         if self.grads.is_none() {
             self.grads = Some(self.zeros(self.layout.trainable)?);
         }
@@ -652,6 +675,7 @@ impl GpuModel {
     /// error when the optimizer is offloaded (the master weights are on the
     /// host).
     pub fn params_and_grads_mut(&mut self) -> Result<(Arc<Gpu>, &mut CudaSlice<f32>, &mut CudaSlice<f32>)> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         if self.host_master.is_some() {
             return Err(input_err(
                 "gpu params_and_grads_mut",
@@ -685,6 +709,7 @@ impl GpuModel {
 
     /// Zeroes the gradient buffer (one memset), allocating it the first time.
     pub fn zero_grad(&mut self) -> Result<()> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         match &mut self.grads {
             Some(g) => self
                 .gpu
@@ -1965,6 +1990,26 @@ impl GpuModel {
         dentropy: Option<&CudaSlice<f32>>,
         aux_coef: f32,
     ) -> Result<()> {
+        self.backward_hooked(fwd, scores, dlogp, dentropy, aux_coef, None)
+    }
+
+    /// [`GpuModel::backward`], calling `hook` (when given) each time a part
+    /// of the gradient buffer is complete ([`Layout::grad_ready_parts`]:
+    /// the head after the final norm, each layer after its input norm,
+    /// from the last layer to the first, the embedding at the end). The
+    /// hook runs on the host while the part's kernels may still be queued:
+    /// work on another stream must wait for the GPU's stream (an event)
+    /// before reading the part. The backward writes no part again after
+    /// reporting it.
+    pub fn backward_hooked(
+        &mut self,
+        fwd: GpuForward,
+        scores: &GpuScores,
+        dlogp: &CudaSlice<f32>,
+        dentropy: Option<&CudaSlice<f32>>,
+        aux_coef: f32,
+        hook: Option<&mut GradHook<'_>>,
+    ) -> Result<()> {
         if self.grads.is_none() {
             self.zero_grad()?;
         }
@@ -1972,11 +2017,19 @@ impl GpuModel {
             .grads
             .take()
             .ok_or_else(|| input_err("gpu backward", "no gradient buffer"))?;
-        let r = self.backward_into(&mut grads, fwd, scores, dlogp, dentropy, aux_coef);
+        let r = self.backward_into(&mut grads, fwd, scores, dlogp, dentropy, aux_coef, hook);
         self.grads = Some(grads);
+        self.grad_version = self.grad_version.wrapping_add(1);
         r
     }
 
+    /// The gradient buffer's version: it changes with every backward,
+    /// zeroing, scaling or write from outside ([`GpuModel::grads_mut`]).
+    pub fn grad_version(&self) -> u64 {
+        self.grad_version
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn backward_into(
         &self,
         grads: &mut CudaSlice<f32>,
@@ -1985,7 +2038,26 @@ impl GpuModel {
         dlogp: &CudaSlice<f32>,
         dentropy: Option<&CudaSlice<f32>>,
         aux_coef: f32,
+        mut hook: Option<&mut GradHook<'_>>,
     ) -> Result<()> {
+        // The parts in the order they complete (head, last layer .. first,
+        // embedding); only computed when someone listens.
+        let parts = if hook.is_some() {
+            self.layout.grad_ready_parts()
+        } else {
+            Vec::new()
+        };
+        let mut ready = |part: usize, grads: &mut CudaSlice<f32>| -> Result<()> {
+            match (hook.as_deref_mut(), parts.get(part)) {
+                (Some(h), Some(ranges)) if !ranges.is_empty() => h(GradReady {
+                    gpu: &self.gpu,
+                    grads,
+                    ranges,
+                })
+                .map_err(|msg| input_err("gradient hook", msg)),
+                _ => Ok(()),
+            }
+        };
         let cfg = &self.config;
         let g = &self.gpu;
         let (b, t) = (fwd.b, fwd.t);
@@ -2046,9 +2118,11 @@ impl GpuModel {
         launch::embedding_backward_f32(g, &mut dhidden, &dh_rows, TokenIds::Host(&sc.rows), nr, n, c).map_err(cuda)?;
         let mut dx = self.norm_back(grads, &dhidden, &fwd.x_last, &fwd.rstd, self.layout.norm, n, c)?;
         drop(dhidden);
+        ready(0, grads)?;
+        let nl = self.layout.layers.len();
         let aux = self.aux_grad(&fwd, aux_coef)?;
         let GpuForward { ids, pos, layers, .. } = fwd;
-        for (s, saved) in self.layout.layers.iter().zip(layers).rev() {
+        for (l, (s, saved)) in self.layout.layers.iter().zip(layers).enumerate().rev() {
             let mut a = match saved {
                 Saved::Full(a) => *a,
                 Saved::Input { mut x, .. } => self.layer_forward(&mut x, s, &pos, b, t)?,
@@ -2093,6 +2167,7 @@ impl GpuModel {
             let dln1 = self.attn_back(grads, &a, s, &datt, &pos, b, t)?;
             let din = self.norm_back(grads, &dln1, &a.x_in, &a.ln1_rstd, s.ln1, n, c)?;
             launch::add_inplace_f32(g, &mut dx, &din, n * c).map_err(cuda)?;
+            ready(nl - l, grads)?;
         }
         let e = self.layout.embed;
         if self.trains(e) {
@@ -2107,6 +2182,7 @@ impl GpuModel {
             )
             .map_err(cuda)?;
         }
+        ready(nl + 1, grads)?;
         Ok(())
     }
 
@@ -2204,6 +2280,7 @@ impl GpuModel {
 
     /// Scales the gradients by `s` (clipping), on the trainable prefix.
     pub fn scale_grads(&mut self, s: f32) -> Result<()> {
+        self.grad_version = self.grad_version.wrapping_add(1);
         if let Some(gr) = &mut self.grads {
             launch::scale_f32(&self.gpu, gr, s, self.layout.trainable).map_err(cuda)?;
         }

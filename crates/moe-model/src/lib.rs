@@ -36,6 +36,7 @@ pub mod st;
 
 pub use config::{Arch, Fp8Blocks, MlaConfig, ModelConfig, MoeConfig, Router};
 pub use error::{Error, Result};
+pub use gpu::{GradHook, GradReady};
 pub use lora::LoraConfig;
 pub use model::{Activations, KvCache, Model};
 pub use offload::{OffloadConfig, OffloadTiming};

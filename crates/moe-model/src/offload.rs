@@ -28,6 +28,29 @@
 //! weights. Staging is double-buffered (two bucket-sized page-locked
 //! buffers each way, a third for a shorter last bucket).
 //!
+//! Streamed gradients ([`crate::Policy::backward_offload_streamed`], the
+//! backward of a step's last micro-batch): the backward reports each part
+//! of the gradient buffer as soon as it is complete (head, last layer to
+//! first, embedding: [`crate::Layout::grad_ready_parts`]), and the part is
+//! queued to a page-locked host copy of the whole trainable gradient on
+//! the copy stream (after an event on the work stream), so the copies run
+//! while the backward differentiates the earlier layers:
+//!
+//! ```text
+//! work stream: head + layer L-1 bwd   layer L-2 bwd   ...   embedding bwd   grad norm
+//! copy stream:                  grads[head, L-1]   grads[L-2]   ...   grads[embed]
+//! host:                                                                wait, AdamW(0), AdamW(1) ...
+//! ```
+//!
+//! The step then only waits for the copies still in flight, computes the
+//! same norm on the device, runs the same host AdamW over the host copy
+//! bucket by bucket and streams the weights back as above. The host copy
+//! is used only when it is of the current gradients (the buffer's version,
+//! [`GpuModel::grad_version`], has not changed since the backward that
+//! streamed it); otherwise the step copies bucket by bucket. The copy
+//! holds `4 x trainable` more bytes of page-locked memory (allocated by
+//! the first streamed backward).
+//!
 //! Semantics are the device optimizer's exactly: the same global norm
 //! (computed on the device over the trainable prefix), the same clipping
 //! coefficient `max_norm / (norm + 1e-6)` applied in f32 when below 1 (here
@@ -42,13 +65,13 @@ use std::time::Instant;
 
 use aha_cuda_kernels::cudarc::driver::sys::CUevent_flags;
 use aha_cuda_kernels::cudarc::driver::{
-    CudaEvent, CudaStream, CudaViewMut, DevicePtrMut, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    CudaEvent, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
 };
 use aha_tensor::cpu::{self, AdamW, AdamwConsts};
 use rayon::prelude::*;
 
 use crate::error::{input_err, Error, Result};
-use crate::gpu::{GpuModel, GpuPrecision};
+use crate::gpu::{GpuModel, GpuPrecision, GradReady};
 
 /// Settings of the offloaded optimizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +107,17 @@ pub struct OffloadTiming {
     /// bucket, issuing copies, the final wait and the bf16 refresh. The
     /// part of the copies that did not overlap the host's arithmetic.
     pub exposed_s: f64,
+    /// Steps whose gradients were streamed to the host during the backward.
+    pub streamed_steps: u64,
+    /// The copies queued during those backwards (device event timings, or
+    /// the host time issuing them on a driver that reports none): time
+    /// overlapped with the backward.
+    pub copy_overlapped_s: f64,
+    /// Host time the optimizer step waited for streamed copies still in
+    /// flight after the backward: the copy time the backward did not hide.
+    pub copy_wait_s: f64,
+    /// Host time issuing the updated weights' copies back to the device.
+    pub upload_s: f64,
 }
 
 impl OffloadTiming {
@@ -111,6 +145,8 @@ pub struct HostOptimizer {
     /// The same for the bf16 weights going back (bf16 precision only).
     stage16: Vec<PinnedHostSlice<u16>>,
     copy: Arc<CudaStream>,
+    /// The gradients streamed to the host by the last streamed backward.
+    streamed: Option<Streamed>,
     /// Elements of the trainable prefix.
     trainable: usize,
     /// Elements of the whole parameter buffer (to check the model).
@@ -127,6 +163,19 @@ impl std::fmt::Debug for HostOptimizer {
             self.buckets.len()
         )
     }
+}
+
+/// A page-locked host copy of the whole trainable gradient, filled part by
+/// part during a backward ([`HostOptimizer::grads_ready`]).
+struct Streamed {
+    host: PinnedHostSlice<f32>,
+    /// Elements queued since [`HostOptimizer::begin_stream`].
+    queued: usize,
+    /// The gradient version the copy holds, once complete.
+    version: Option<u64>,
+    /// Copy events (start, end) of the parts, and the host time issuing them.
+    events: Vec<(CudaEvent, CudaEvent)>,
+    issue_s: f64,
 }
 
 fn driver(what: &str, e: aha_cuda_kernels::cudarc::driver::DriverError) -> Error {
@@ -247,10 +296,95 @@ impl HostOptimizer {
             stage,
             stage16,
             copy,
+            streamed: None,
             trainable,
             size,
             timing: OffloadTiming::default(),
         })
+    }
+
+    /// Before a backward that streams its gradients to the host: allocates
+    /// the page-locked copy the first time and forgets the last one.
+    pub fn begin_stream(&mut self, gpu: &GpuModel) -> Result<()> {
+        if gpu.layout().trainable != self.trainable {
+            return Err(input_err(
+                "offloaded adamw",
+                "the optimizer state belongs to another model",
+            ));
+        }
+        match &mut self.streamed {
+            Some(s) => {
+                s.queued = 0;
+                s.version = None;
+                s.events.clear();
+                s.issue_s = 0.0;
+            }
+            None => {
+                self.streamed = Some(Streamed {
+                    host: pinned(gpu, self.trainable, None)?,
+                    queued: 0,
+                    version: None,
+                    events: Vec::new(),
+                    issue_s: 0.0,
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// A part of the gradients the backward has completed: queued to the
+    /// host copy on the copy stream, after the work queued so far on the
+    /// GPU's stream (the part's kernels).
+    pub fn grads_ready(&mut self, ready: GradReady<'_>) -> Result<()> {
+        let Some(st) = self.streamed.as_mut() else {
+            return Err(input_err("offloaded adamw", "gradients streamed without begin_stream"));
+        };
+        let ti = Instant::now();
+        let copy = &self.copy;
+        copy.join(ready.gpu.stream())
+            .map_err(|e| driver("ordering the copy stream after the backward", e))?;
+        let host = st
+            .host
+            .as_mut_slice()
+            .map_err(|e| driver("the streamed gradients", e))?;
+        for r in ready.ranges {
+            if r.end > self.trainable || r.end > ready.grads.len() {
+                return Err(input_err(
+                    "offloaded adamw",
+                    format!("gradient part {r:?} outside the {} trainable elements", self.trainable),
+                ));
+            }
+            let a = copy
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver("recording a copy event", e))?;
+            let src = ready.grads.slice(r.clone());
+            let (ptr, _record) = src.device_ptr(copy);
+            // SAFETY: cuMemcpyDtoHAsync of r.len() f32 from the gradient
+            // buffer's range r (inside it: checked above) into the same
+            // range of the page-locked host copy (trainable elements long);
+            // the backward writes this range no more, and the host reads
+            // the copy only after synchronising the copy stream.
+            unsafe {
+                aha_cuda_kernels::cudarc::driver::result::memcpy_dtoh_async(&mut host[r.clone()], ptr, copy.cu_stream())
+            }
+            .map_err(|e| driver("copying gradients to the host", e))?;
+            let b = copy
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver("recording a copy event", e))?;
+            st.events.push((a, b));
+            st.queued += r.len();
+        }
+        st.issue_s += ti.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// After the streaming backward: the host copy holds gradient version
+    /// `version` ([`GpuModel::grad_version`]) when every trainable element
+    /// was queued.
+    pub fn end_stream(&mut self, version: u64) {
+        if let Some(st) = self.streamed.as_mut() {
+            st.version = (st.queued == self.trainable).then_some(version);
+        }
     }
 
     /// The timings summed since the last [`HostOptimizer::take_timing`].
@@ -293,8 +427,20 @@ impl HostOptimizer {
         // The copy stream starts after everything queued so far (the
         // backward that wrote the gradients).
         copy.join(&main).map_err(|e| driver("ordering the copy stream", e))?;
-        let (mut adamw_s, mut issue_s) = (0f64, 0f64);
+        let (mut adamw_s, mut issue_s, mut upload_s) = (0f64, 0f64, 0f64);
         let mut events: Vec<(CudaEvent, CudaEvent)> = Vec::new();
+        // The gradients streamed during the backward, when they are the
+        // current ones: wait for the copies still in flight.
+        let version = gpu.grad_version();
+        let mut streamed = self.streamed.take();
+        let use_streamed = streamed.as_ref().is_some_and(|s| s.version == Some(version));
+        let mut copy_wait_s = 0f64;
+        if use_streamed {
+            let tw = Instant::now();
+            copy.synchronize()
+                .map_err(|e| driver("finishing the streamed gradient copies", e))?;
+            copy_wait_s = tw.elapsed().as_secs_f64();
+        }
         let timed = |s: &Arc<CudaStream>| {
             s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(|e| driver("recording a copy event", e))
@@ -321,17 +467,24 @@ impl HostOptimizer {
             // bucket in its own.
             let ragged = self.stage.len() == 3;
             let slot = |b: usize| if b + 1 == nb && ragged { 2 } else { b % 2 };
-            if nb > 0 {
+            let host_grads = match streamed.as_ref().filter(|_| use_streamed) {
+                Some(st) => Some(st.host.as_slice().map_err(|e| driver("the streamed gradients", e))?),
+                None => None,
+            };
+            if nb > 0 && host_grads.is_none() {
                 issue_s += fetch(0, &mut self.stage[slot(0)], &mut events)?;
             }
             for b in 0..nb {
-                if b + 1 < nb {
+                if b + 1 < nb && host_grads.is_none() {
                     issue_s += fetch(b + 1, &mut self.stage[slot(b + 1)], &mut events)?;
                 }
                 let r = self.buckets[b].clone();
-                let g = self.stage[slot(b)]
-                    .as_slice()
-                    .map_err(|e| driver("waiting for a gradient bucket", e))?;
+                let g = match host_grads {
+                    Some(h) => &h[r.clone()],
+                    None => self.stage[slot(b)]
+                        .as_slice()
+                        .map_err(|e| driver("waiting for a gradient bucket", e))?,
+                };
                 let ta = Instant::now();
                 let m = self.m[b].as_mut_slice().map_err(|e| driver("first moment", e))?;
                 let v = self.v[b].as_mut_slice().map_err(|e| driver("second moment", e))?;
@@ -375,6 +528,7 @@ impl HostOptimizer {
                 }
                 events.push((a, timed(&copy)?));
                 issue_s += ti.elapsed().as_secs_f64();
+                upload_s += ti.elapsed().as_secs_f64();
             }
         }
         // Later work on the main stream (the next forward, the next
@@ -388,6 +542,19 @@ impl HostOptimizer {
             device_copy += f64::from(a.elapsed_ms(b).map_err(|e| driver("reading copy timings", e))?) / 1e3;
         }
         let tm = &mut self.timing;
+        if let Some(st) = streamed.as_mut().filter(|_| use_streamed) {
+            let mut overlapped = 0f64;
+            for (a, b) in &st.events {
+                overlapped += f64::from(a.elapsed_ms(b).map_err(|e| driver("reading copy timings", e))?) / 1e3;
+            }
+            tm.streamed_steps += 1;
+            tm.copy_overlapped_s += if overlapped > 0.0 { overlapped } else { st.issue_s };
+            tm.copy_wait_s += copy_wait_s;
+            // The copy is spent: the next step streams or fetches anew.
+            st.version = None;
+        }
+        self.streamed = streamed;
+        tm.upload_s += upload_s;
         tm.steps += 1;
         tm.total_s += total;
         tm.norm_s += t_norm;

@@ -408,6 +408,46 @@ impl Layout {
     pub fn get(&self, name: &str) -> Option<&ParamEntry> {
         self.index.get(name).map(|&i| &self.entries[i])
     }
+
+    /// The trainable prefix cut into the parts a backward finishes one at
+    /// a time, in the order it finishes them: the head (`model.norm` and an
+    /// untied `lm_head`), then each decoder layer from the last to the
+    /// first, then the embedding (which also holds a tied head's
+    /// gradient). Each part is its tensors' slots, adjacent ones merged;
+    /// parts without a trainable tensor (a LoRA layout's head) are empty.
+    /// Together the parts cover `0..trainable` exactly once.
+    pub fn grad_ready_parts(&self) -> Vec<Vec<std::ops::Range<usize>>> {
+        let nl = self.layers.len();
+        // 0: head, 1..=nl: layers nl-1 down to 0, nl + 1: embedding.
+        let mut parts: Vec<Vec<std::ops::Range<usize>>> = vec![Vec::new(); nl + 2];
+        for e in self.entries.iter().filter(|e| e.trainable && e.slot.len > 0) {
+            // LoRA adapters carry PEFT's `base_model.model.` prefix.
+            let name = e.name.strip_prefix("base_model.model.").unwrap_or(&e.name);
+            let layer = name
+                .strip_prefix("model.layers.")
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|&l| l < nl);
+            let part = match layer {
+                Some(l) => nl - l,
+                None if name.starts_with("model.embed_tokens.") => nl + 1,
+                None => 0,
+            };
+            parts[part].push(e.slot.off..e.slot.off + e.slot.len);
+        }
+        for p in &mut parts {
+            p.sort_by_key(|r| r.start);
+            let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(p.len());
+            for r in p.drain(..) {
+                match merged.last_mut() {
+                    Some(last) if last.end == r.start => last.end = r.end,
+                    _ => merged.push(r),
+                }
+            }
+            *p = merged;
+        }
+        parts
+    }
 }
 
 /// Tensors a checkpoint may carry that the model does not use.

@@ -29,7 +29,7 @@ use aha_tensor::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{input_err, Error, Result};
-use crate::gpu::{gpu_support, GpuForward, GpuModel, GpuPrecision, GpuScores};
+use crate::gpu::{gpu_support, GpuForward, GpuModel, GpuPrecision, GpuScores, GradHook};
 use crate::model::{Activations, Model};
 use crate::offload::{HostOptimizer, OffloadConfig, OffloadTiming};
 use crate::params::Layout;
@@ -632,11 +632,101 @@ impl Policy {
         if now != fwd.dropout {
             self.set_lora_dropout(fwd.dropout.map(|d| d.seed));
         }
-        let r = self.backward_inner(fwd.inner, scores, dlogp, dentropy, aux_coef);
+        let r = self.backward_inner(fwd.inner, scores, dlogp, dentropy, aux_coef, None);
         if now != fwd.dropout {
             self.set_lora_dropout(now.map(|d| d.seed));
         }
         r
+    }
+
+    /// [`Policy::backward`] that reports each part of the gradient buffer
+    /// as soon as the backward has completed it (on a GPU: `hook` gets the
+    /// device, the flat buffer and the part's ranges, in the order of
+    /// [`Policy::grad_ready_parts`]), so that the caller can start moving
+    /// it (a data-parallel all-reduce, a copy to the host) while earlier
+    /// layers are still being differentiated. Returns whether the hook was
+    /// called; on the CPU it is not (the caller then handles the whole
+    /// buffer after the backward).
+    ///
+    /// The backward accumulates (`+=`): with gradients summed over several
+    /// micro-batches, a part is final only in the last one's backward, so
+    /// pass the hook to that one only.
+    pub fn backward_with_hook(
+        &mut self,
+        fwd: Forward,
+        scores: &Scores,
+        dlogp: &Tensor,
+        dentropy: Option<&Tensor>,
+        aux_coef: f32,
+        hook: &mut GradHook<'_>,
+    ) -> Result<bool> {
+        let now = self.layout().lora_dropout();
+        if now != fwd.dropout {
+            self.set_lora_dropout(fwd.dropout.map(|d| d.seed));
+        }
+        let on_gpu = matches!(self.inner, Inner::Gpu(_));
+        let r = self.backward_inner(fwd.inner, scores, dlogp, dentropy, aux_coef, Some(hook));
+        if now != fwd.dropout {
+            self.set_lora_dropout(now.map(|d| d.seed));
+        }
+        r.map(|()| on_gpu)
+    }
+
+    /// [`Policy::backward`] that, with the optimizer offloaded to the host
+    /// (`moments` from [`Policy::new_moments`] after
+    /// [`Policy::set_offload_optimizer`]), copies each part of the gradients
+    /// to page-locked host memory as soon as the backward has completed it,
+    /// so that the copies overlap the rest of the backward and the next
+    /// [`Policy::optimizer_step`] only waits for the last ones (see
+    /// `aha_moe_model::offload`). Use it for the last micro-batch of a step
+    /// (the parts are final only then); any later change of the gradients
+    /// (another backward, a data-parallel sum, a zeroing) makes the step
+    /// copy them again instead. Returns whether the gradients were
+    /// streamed; otherwise (moments on the device, the CPU) it is a plain
+    /// backward.
+    pub fn backward_offload_streamed(
+        &mut self,
+        fwd: Forward,
+        scores: &Scores,
+        dlogp: &Tensor,
+        dentropy: Option<&Tensor>,
+        aux_coef: f32,
+        moments: &mut Moments,
+    ) -> Result<bool> {
+        let host = match (&self.inner, moments) {
+            (Inner::Gpu(g), Moments::Offload(h)) => {
+                h.begin_stream(g)?;
+                h
+            }
+            _ => {
+                self.backward(fwd, scores, dlogp, dentropy, aux_coef)?;
+                return Ok(false);
+            }
+        };
+        let mut failed = None;
+        let mut hook = |r: crate::gpu::GradReady<'_>| {
+            host.grads_ready(r).map_err(|e| {
+                let msg = e.to_string();
+                failed = Some(e);
+                msg
+            })
+        };
+        let r = self.backward_with_hook(fwd, scores, dlogp, dentropy, aux_coef, &mut hook);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        r?;
+        if let Inner::Gpu(g) = &self.inner {
+            host.end_stream(g.grad_version());
+        }
+        Ok(true)
+    }
+
+    /// The parts of the flat gradient buffer in the order a backward
+    /// completes them ([`Layout::grad_ready_parts`]: head, last layer to
+    /// first, embedding), each as ranges of the trainable prefix.
+    pub fn grad_ready_parts(&self) -> Vec<Vec<std::ops::Range<usize>>> {
+        self.layout().grad_ready_parts()
     }
 
     fn backward_inner(
@@ -646,6 +736,7 @@ impl Policy {
         dlogp: &Tensor,
         dentropy: Option<&Tensor>,
         aux_coef: f32,
+        hook: Option<&mut GradHook<'_>>,
     ) -> Result<()> {
         match (&mut self.inner, fwd, &scores.inner) {
             (Inner::Cpu { model, grads }, FwdInner::Cpu(a), ScoresInner::Cpu { .. }) => {
@@ -666,7 +757,7 @@ impl Policy {
                     Some(d) => Some(d.cuda_f32().map_err(tensor_err)?),
                     None => None,
                 };
-                g.backward(f, s, dl, de, aux_coef)
+                g.backward_hooked(f, s, dl, de, aux_coef, hook)
             }
             _ => Err(input_err("backward", "the forward or the scores ran on another device")),
         }

@@ -666,3 +666,75 @@ fn lora_dropout_on_the_gpu_matches_the_cpu_cuda() {
         assert!(worst <= 1e-4, "{what}: without dropout, log-probs differ by {worst}");
     }
 }
+
+/// The gradient-ready hook (`Policy::backward_with_hook`) on the second of
+/// two accumulated micro-batches: the parts come in the order of
+/// `Policy::grad_ready_parts` (head, last layer to first, embedding), each
+/// once, together covering the trainable prefix, and every value a part
+/// holds when it is reported is its final value (the backward writes it no
+/// more). Tied (qwen2-tiny) and untied heads, dense, MoE and MLA layers, a
+/// frozen tensor (DeepSeek-V3's expert bias) and LoRA adapters.
+#[test]
+fn gradient_parts_are_final_when_reported_cuda() {
+    if skip("gradient_parts_are_final_when_reported_cuda") {
+        return;
+    }
+    let lora = with_trained_lora(fixture("qwen2-tiny"), &["q_proj", "v_proj", "down_proj"]);
+    for (name, model) in [
+        ("qwen2-tiny", fixture("qwen2-tiny")),
+        ("qwen3-moe-tiny", fixture("qwen3-moe-tiny")),
+        ("deepseek-v3-tiny", fixture("deepseek-v3-tiny")),
+        ("qwen2-tiny + LoRA", lora),
+    ] {
+        let (bs, t) = (2, 7);
+        let v = model.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..bs * t)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761) % v)
+            .collect();
+        let rows: Vec<u32> = (0..(bs * t) as u32).collect();
+        let targets: Vec<u32> = ids.iter().map(|&x| (x + 5) % v).collect();
+        let n = rows.len();
+        let dl: Vec<f32> = (0..n).map(|i| ((i * 17) % 13) as f32 / 13.0 - 0.5).collect();
+        let mut p = Policy::new(model.clone(), Device::Cuda(0), Precision::F32).unwrap();
+        let parts = p.grad_ready_parts();
+        p.zero_grad().unwrap();
+        let d = Tensor::from_vec(dl.clone(), n, Device::Cuda(0)).unwrap();
+        let f = p.forward(&ids, bs, t).unwrap();
+        let s = p.score(&f, &rows, &targets, 1.0).unwrap();
+        p.backward(f, &s, &d, None, 0.01).unwrap();
+        let f = p.forward(&ids, bs, t).unwrap();
+        let s = p.score(&f, &rows, &targets, 1.0).unwrap();
+        let mut seen: Vec<(Vec<std::ops::Range<usize>>, Vec<f32>)> = Vec::new();
+        let mut hook = |r: aha_moe_model::GradReady<'_>| -> Result<(), String> {
+            r.gpu.synchronize().map_err(|e| e.to_string())?;
+            let all = r.gpu.download(r.grads).map_err(|e| e.to_string())?;
+            let vals = r.ranges.iter().flat_map(|x| all[x.clone()].to_vec()).collect();
+            seen.push((r.ranges.to_vec(), vals));
+            Ok(())
+        };
+        assert!(p.backward_with_hook(f, &s, &d, None, 0.01, &mut hook).unwrap());
+        let fin = p.grads_to_host().unwrap();
+        let want: Vec<_> = parts.iter().filter(|x| !x.is_empty()).cloned().collect();
+        let got: Vec<_> = seen.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(got, want, "{name}: parts out of order");
+        let mut cover: Vec<std::ops::Range<usize>> = want.iter().flatten().cloned().collect();
+        cover.sort_by_key(|r| r.start);
+        let mut at = 0;
+        for r in &cover {
+            assert_eq!(r.start, at, "{name}: a gap or an overlap at {at}");
+            at = r.end;
+        }
+        assert_eq!(at, p.layout().trainable, "{name}");
+        let mut nonzero = 0;
+        for (ranges, vals) in &seen {
+            let now: Vec<f32> = ranges.iter().flat_map(|x| fin[x.clone()].to_vec()).collect();
+            assert!(now == *vals, "{name}: part {ranges:?} changed after it was reported");
+            nonzero += vals.iter().filter(|x| **x != 0.0).count();
+        }
+        assert!(
+            nonzero > at / 10,
+            "{name}: only {nonzero} of {at} gradients are nonzero"
+        );
+        eprintln!("{name}: {} parts, each final when reported", seen.len());
+    }
+}

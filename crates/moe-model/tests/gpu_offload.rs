@@ -328,3 +328,110 @@ fn a_sharded_master_keeps_one_shard_in_f32_and_every_weight_in_bf16_cuda() {
     assert!(!f.shard_master(0..1).unwrap());
     assert_eq!(f.param_bytes(&none()).master, 0);
 }
+
+/// `backward` with the gradients streamed to the host part by part during
+/// the backward (`Policy::backward_offload_streamed`); `again` adds a
+/// second, plain backward of the same batch afterwards (accumulating), which
+/// leaves the streamed copy stale.
+fn backward_streamed(p: &mut Policy, m: &mut Moments, step: usize, again: bool) -> bool {
+    let v = p.config().vocab_size as u32;
+    let (b, t) = (2, 9);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| ((i + 3 * step) as u32).wrapping_mul(2_654_435_761) % v)
+        .collect();
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
+    for r in 0..b {
+        for i in 0..t - 1 {
+            rows.push((r * t + i) as u32);
+            targets.push(ids[r * t + i + 1]);
+        }
+    }
+    let n = rows.len();
+    let dl = Tensor::from_vec(vec![-1.0 / n as f32; n], n, p.device()).unwrap();
+    p.zero_grad().unwrap();
+    let fwd = p.forward(&ids, b, t).unwrap();
+    let sc = p.score(&fwd, &rows, &targets, 1.0).unwrap();
+    let streamed = p.backward_offload_streamed(fwd, &sc, &dl, None, 0.0, m).unwrap();
+    if again {
+        let fwd = p.forward(&ids, b, t).unwrap();
+        let sc = p.score(&fwd, &rows, &targets, 1.0).unwrap();
+        p.backward(fwd, &sc, &dl, None, 0.0).unwrap();
+    }
+    streamed
+}
+
+/// Gradients streamed to the host during the backward: after three clipped
+/// steps the weights and moments are exactly those of the offload that
+/// copies the gradients after the backward, and those of AdamW on the
+/// device within 1e-6 (f32); the timings count the streamed steps and the
+/// copies queued during the backward. A gradient changed after the
+/// streaming backward (a second backward accumulating into it) is copied
+/// again by the step: the result is again exactly the plain offload's.
+#[test]
+fn streamed_gradients_give_the_offloaded_and_the_device_adamw_cuda() {
+    if skip("streamed_gradients_give_the_offloaded_and_the_device_adamw_cuda") {
+        return;
+    }
+    for name in ["qwen2-tiny", "deepseek-v3-tiny"] {
+        let model = fixture(name);
+        let mut dev = Policy::new(model.clone(), Device::Cuda(0), Precision::F32).unwrap();
+        let mut off = offloaded(model.clone(), Precision::F32);
+        let mut st = offloaded(model.clone(), Precision::F32);
+        let (mut md, mut mo, mut ms) = (
+            dev.new_moments().unwrap(),
+            off.new_moments().unwrap(),
+            st.new_moments().unwrap(),
+        );
+        run(&mut dev, &mut md, 0, 3);
+        run(&mut off, &mut mo, 0, 3);
+        for s in 0..3u64 {
+            assert!(backward_streamed(&mut st, &mut ms, s as usize, false), "{name}");
+            st.optimizer_step(&mut ms, &H, s + 1, MAX_NORM).unwrap();
+        }
+        let (pd, po, ps) = (
+            dev.params_to_host().unwrap(),
+            off.params_to_host().unwrap(),
+            st.params_to_host().unwrap(),
+        );
+        assert!(relative(&pd, &model.params) > 1e-4, "{name}: the weights hardly moved");
+        assert!(ps == po, "{name}: streamed and copied-after offload differ");
+        assert_eq!(ms.to_host(&st).unwrap(), mo.to_host(&off).unwrap(), "{name}: moments");
+        let r = relative(&ps, &pd);
+        assert!(r <= 1e-6, "{name}: streamed offload vs device AdamW: {r:e}");
+        let t = ms.take_offload_timing().unwrap();
+        assert_eq!((t.steps, t.streamed_steps), (3, 3), "{name}: {t:?}");
+        assert!(t.copy_overlapped_s > 0.0 && t.adamw_s > 0.0, "{name}: {t:?}");
+        assert_eq!(mo.take_offload_timing().unwrap().streamed_steps, 0);
+        eprintln!("{name}: streamed offload equals the copied-after offload; {r:.1e} from device AdamW; {t:?}");
+
+        // A stale copy is not used.
+        let mut off2 = offloaded(model.clone(), Precision::F32);
+        let mut st2 = offloaded(model.clone(), Precision::F32);
+        let (mut mo2, mut ms2) = (off2.new_moments().unwrap(), st2.new_moments().unwrap());
+        backward(&mut off2, 0);
+        {
+            // The plain offload's second backward of the same batch.
+            let v = off2.config().vocab_size as u32;
+            let ids: Vec<u32> = (0..18).map(|i| (i as u32).wrapping_mul(2_654_435_761) % v).collect();
+            let (mut rows, mut targets) = (Vec::new(), Vec::new());
+            for r in 0..2 {
+                for i in 0..8 {
+                    rows.push((r * 9 + i) as u32);
+                    targets.push(ids[r * 9 + i + 1]);
+                }
+            }
+            let dl = Tensor::from_vec(vec![-1.0 / 16.0; 16], 16, off2.device()).unwrap();
+            let fwd = off2.forward(&ids, 2, 9).unwrap();
+            let sc = off2.score(&fwd, &rows, &targets, 1.0).unwrap();
+            off2.backward(fwd, &sc, &dl, None, 0.0).unwrap();
+        }
+        off2.optimizer_step(&mut mo2, &H, 1, MAX_NORM).unwrap();
+        assert!(backward_streamed(&mut st2, &mut ms2, 0, true));
+        st2.optimizer_step(&mut ms2, &H, 1, MAX_NORM).unwrap();
+        assert!(
+            st2.params_to_host().unwrap() == off2.params_to_host().unwrap(),
+            "{name}: stale copy used"
+        );
+        assert_eq!(ms2.take_offload_timing().unwrap().streamed_steps, 0, "{name}");
+    }
+}

@@ -462,3 +462,67 @@ fn fp8_block_quantized_weights_dequantize_exactly() {
     assert!(e.contains("model.layers.1.mlp.up_proj.weight_scale_inv"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `Layout::grad_ready_parts` names the parts a backward completes in its
+/// order: the head (final norm, untied lm head), each layer from the last
+/// to the first (its norms, attention, MLP or experts, router; a LoRA
+/// layout's adapters), the embedding (with a tied head); each part's
+/// ranges are its tensors' slots, and the parts tile the trainable prefix.
+#[test]
+fn gradient_parts_follow_the_backward_order() {
+    for name in ["qwen2-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        let m = Model::load(&fixture(name)).unwrap();
+        let lay = &m.layout;
+        let parts = lay.grad_ready_parts();
+        let nl = lay.layers.len();
+        assert_eq!(parts.len(), nl + 2, "{name}");
+        let inside = |part: &[std::ops::Range<usize>], off: usize| part.iter().any(|r| r.contains(&off));
+        assert!(
+            inside(&parts[0], lay.norm.off),
+            "{name}: the final norm is in the head part"
+        );
+        assert!(inside(&parts[nl + 1], lay.embed.off), "{name}: the embedding is last");
+        assert!(inside(
+            &parts[if m.config.tie_word_embeddings { nl + 1 } else { 0 }],
+            lay.lm_head.off
+        ));
+        for (l, s) in lay.layers.iter().enumerate() {
+            assert!(inside(&parts[nl - l], s.ln1.off), "{name}: layer {l}");
+            assert!(inside(&parts[nl - l], s.ln2.off), "{name}: layer {l}");
+        }
+        let mut all: Vec<_> = parts.iter().flatten().cloned().collect();
+        all.sort_by_key(|r| r.start);
+        let mut at = 0;
+        for r in all {
+            assert_eq!(r.start, at, "{name}");
+            at = r.end;
+        }
+        assert_eq!(at, lay.trainable, "{name}");
+        // The frozen expert bias (DeepSeek-V3) is in no part.
+        for e in lay.entries.iter().filter(|e| !e.trainable) {
+            assert!(parts.iter().all(|p| !inside(p, e.slot.off)), "{name}: {}", e.name);
+        }
+    }
+    // LoRA: the adapters (PEFT names) belong to their layers; head and
+    // embedding are frozen.
+    let m = Model::load(&fixture("qwen2-tiny")).unwrap();
+    let cfg = aha_moe_model::LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        target_modules: vec!["q_proj".into(), "down_proj".into()],
+        ..Default::default()
+    };
+    let lay = aha_moe_model::Layout::with_lora(&m.config, &cfg).unwrap();
+    let parts = lay.grad_ready_parts();
+    assert!(parts[0].is_empty() && parts[3].is_empty());
+    for (l, part) in [(1, &parts[1]), (0, &parts[2])] {
+        let names: Vec<&str> = lay
+            .entries
+            .iter()
+            .filter(|e| part.iter().any(|r| r.contains(&e.slot.off)) && e.trainable)
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        assert!(names.iter().all(|n| n.contains(&format!("layers.{l}."))), "{names:?}");
+    }
+}

@@ -5,10 +5,18 @@
 //!
 //! On GPUs the gradients are summed by NCCL ([`aha_cuda_kernels::nccl`])
 //! in place in the policy's flat gradient buffer, in buckets of
-//! `AHA_DP_BUCKET_MB` megabytes (default 25, PyTorch DDP's), after the
-//! backward: the backward is one call over all layers
-//! (`Policy::backward`), so there is no per-layer hook to start a bucket's
-//! all-reduce while earlier layers are still being differentiated. On the
+//! `AHA_DP_BUCKET_MB` megabytes (default 25, PyTorch DDP's), overlapped
+//! with the backward as in PyTorch DDP: the buckets follow the order in
+//! which the backward completes the gradients (head, last layer to first,
+//! embedding: `Policy::grad_ready_parts`), the backward of a step's last
+//! micro-batch reports each completed part (`Policy::backward_with_hook`),
+//! and a bucket's all-reduce is queued on a communication stream (after an
+//! event on the work stream) as soon as all of its elements are complete.
+//! [`StepSync::reduce_grads`] queues what is left, and the work stream
+//! (the optimizer step) waits for the communication stream. Each element is
+//! summed by the same NCCL all-reduce as after the backward, so the sums
+//! are bit-identical; `AHA_DP_OVERLAP=0` all-reduces the whole buffer
+//! after the backward instead. On the
 //! CPU they go through rank 0 over the rendezvous sockets ([`Group`]),
 //! which is correct but slow, for tests and small models. Batch
 //! statistics and metrics always go through the rendezvous sockets.
@@ -17,10 +25,10 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use aha_cuda_kernels::cudarc::driver::CudaSlice;
+use aha_cuda_kernels::cudarc::driver::{CudaSlice, CudaStream};
 use aha_cuda_kernels::launch::{self, AdamwScalars};
 use aha_cuda_kernels::nccl::{shard_range, Comm, Nccl, UniqueId};
-use aha_moe_model::Policy;
+use aha_moe_model::{GradReady, Policy};
 use aha_tensor::cpu::AdamW;
 
 use crate::dist::{rendezvous_timeout, DistEnv, Group};
@@ -51,6 +59,91 @@ pub struct DataParallel {
     /// ZeRO-1: the device bytes of f32 master and moments this rank held
     /// after its last update ([`DataParallel::held_bytes`]).
     held: Option<HeldBytes>,
+    /// Whether the all-reduce overlaps the backward (`AHA_DP_OVERLAP`,
+    /// default on).
+    overlap: bool,
+    /// The overlapped all-reduce of the backward in flight.
+    pending: Option<Overlap>,
+    /// The communication stream (created by the first overlapped step).
+    comm_stream: Option<Arc<CudaStream>>,
+    /// The buckets of the last step: queued before its backward reached
+    /// the embedding, in all.
+    last_buckets: (usize, usize),
+}
+
+/// The overlapped all-reduce of one backward: its buckets in the order the
+/// backward completes them, the elements each still waits for, and the
+/// next one to queue (every rank queues them in the same order).
+#[derive(Debug)]
+struct Overlap {
+    buckets: Vec<Range<usize>>,
+    left: Vec<usize>,
+    next: usize,
+    /// Buckets queued before the backward reported its last part (the
+    /// embedding): sums that ran while layers were being differentiated.
+    early: usize,
+}
+
+/// Whether `AHA_DP_OVERLAP` leaves the overlapped all-reduce on (anything
+/// but `0`, `false`, `off` or `no`; default on).
+fn overlap_enabled() -> bool {
+    !matches!(
+        std::env::var("AHA_DP_OVERLAP")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref(),
+        Ok("0" | "false" | "off" | "no")
+    )
+}
+
+/// The all-reduce buckets of a gradient buffer of `n` elements whose parts
+/// complete in the order of `parts` ([`Policy::grad_ready_parts`]): each
+/// part's ranges cut into pieces of at most `bucket` elements, adjacent
+/// pieces merged while they fit in one bucket, in completion order (as
+/// DDP's buckets follow the reverse order of the parameters); elements no
+/// part names (none for a policy's own parts) follow, in buckets from 0.
+pub fn overlap_buckets(parts: &[Vec<Range<usize>>], n: usize, bucket: usize) -> Vec<Range<usize>> {
+    let bucket = bucket.max(1);
+    let mut out: Vec<Range<usize>> = Vec::new();
+    let mut cur: Option<Range<usize>> = None;
+    let mut covered: Vec<Range<usize>> = Vec::new();
+    for r in parts.iter().flat_map(|p| p.iter().rev()) {
+        let r = r.start.min(n)..r.end.min(n);
+        // From the top down, as the layers complete.
+        let mut end = r.end;
+        while end > r.start {
+            let piece = end.saturating_sub(bucket).max(r.start)..end;
+            end = piece.start;
+            covered.push(piece.clone());
+            cur = match cur.take() {
+                Some(c) if piece.end == c.start && c.len() + piece.len() <= bucket => Some(piece.start..c.end),
+                Some(c) if piece.start == c.end && c.len() + piece.len() <= bucket => Some(c.start..piece.end),
+                Some(c) => {
+                    out.push(c);
+                    Some(piece)
+                }
+                None => Some(piece),
+            };
+        }
+    }
+    out.extend(cur);
+    covered.sort_by_key(|r| r.start);
+    let mut gaps = Vec::new();
+    let mut at = 0;
+    for r in covered.iter().chain(std::iter::once(&(n..n))) {
+        if r.start > at {
+            gaps.push(at..r.start);
+        }
+        at = at.max(r.end);
+    }
+    for g in gaps {
+        let mut s = g.start;
+        while s < g.end {
+            let e = (s + bucket).min(g.end);
+            out.push(s..e);
+            s = e;
+        }
+    }
+    out
 }
 
 /// The optimizer state one ZeRO-1 rank holds on its GPU, from the
@@ -230,6 +323,10 @@ impl DataParallel {
             zero_stage: 0,
             shard: Arc::new(Mutex::new(None)),
             held: None,
+            overlap: overlap_enabled(),
+            pending: None,
+            comm_stream: None,
+            last_buckets: (0, 0),
         })
     }
 
@@ -388,7 +485,24 @@ impl DataParallel {
             (1, None) => ", optimizer state sharded over the ranks (ZeRO-1)".into(),
             _ => String::new(),
         };
-        format!("data parallel: {} ranks, gradients summed {how}{zero}", self.env.world)
+        let when = match self.last_buckets {
+            (_, 0) => String::new(),
+            (0, all) => format!(", {all} gradient buckets all-reduced after the backward"),
+            (early, all) => {
+                format!(", {early} of {all} gradient buckets all-reduced before the backward reached the embedding")
+            }
+        };
+        format!(
+            "data parallel: {} ranks, gradients summed {how}{zero}{when}",
+            self.env.world
+        )
+    }
+
+    /// The gradient buckets of the last step: how many were queued while
+    /// its backward was still differentiating layers (before it reported
+    /// its last part, the embedding), and how many there were.
+    pub fn last_buckets(&self) -> (usize, usize) {
+        self.last_buckets
     }
 
     /// `(rank, world)` when this run shards the optimizer state (ZeRO
@@ -514,12 +628,65 @@ impl StepSync for DataParallel {
         Ok(self.group()?.all_gather_f64(xs)?.concat())
     }
 
+    fn overlap_backward(&mut self, policy: &Policy) -> Result<bool> {
+        self.pending = None;
+        if !self.overlap || self.zero_stage != 0 || self.env.world < 2 {
+            return Ok(false);
+        }
+        let n = policy.layout().trainable;
+        let buckets = overlap_buckets(&policy.grad_ready_parts(), n, self.bucket_elems);
+        let left = buckets.iter().map(|b| b.len()).collect();
+        self.pending = Some(Overlap {
+            buckets,
+            left,
+            next: 0,
+            early: 0,
+        });
+        Ok(true)
+    }
+
+    fn grads_ready(&mut self, ready: GradReady<'_>) -> Result<()> {
+        let Some(mut ov) = self.pending.take() else {
+            return Ok(());
+        };
+        for r in ready.ranges {
+            for (b, left) in ov.buckets.iter().zip(ov.left.iter_mut()) {
+                let (lo, hi) = (r.start.max(b.start), r.end.min(b.end));
+                if lo < hi {
+                    *left = left.saturating_sub(hi - lo);
+                }
+            }
+        }
+        // Queued by the reports before this one: after the last report
+        // (the embedding), the buckets sent while layers were left.
+        ov.early = ov.next;
+        let r = self.queue_ready(&mut ov, ready.gpu, ready.grads, false);
+        self.pending = Some(ov);
+        r
+    }
+
     fn reduce_grads(&mut self, policy: &mut Policy) -> Result<()> {
         let t = Instant::now();
         let bucket = self.bucket_elems;
         let trainable = policy.layout().trainable;
         let zero = self.zero_stage;
+        let pending = self.pending.take();
         match policy.gpu_grads_mut()? {
+            Some((gpu, grads)) if pending.is_some() => {
+                if let Some(mut ov) = pending {
+                    // What the backward did not report, then the work
+                    // stream (the optimizer) waits for the sums.
+                    self.queue_ready(&mut ov, &gpu, grads, true)?;
+                    let stream = self.comm_stream(&gpu)?;
+                    gpu.stream()
+                        .join(&stream)
+                        .map_err(|e| err(format!("ordering the work stream after the all-reduce: {e:?}")))?;
+                    self.comm(&gpu)?
+                        .wait_stream(&stream, "the overlapped gradient all-reduce")
+                        .map_err(|e| err(e.to_string()))?;
+                    self.last_buckets = (ov.early, ov.buckets.len());
+                }
+            }
             Some((gpu, grads)) if zero == 1 => {
                 // ZeRO-1: each rank needs the sum over its shard only.
                 let comm = self.comm(&gpu)?;
@@ -535,6 +702,7 @@ impl StepSync for DataParallel {
                     comm.all_reduce_sum(grads, at..end).map_err(|e| err(e.to_string()))?;
                     at = end;
                 }
+                self.last_buckets = (0, n.div_ceil(bucket));
             }
             None => {
                 let mut g = policy.grads_to_host()?;
@@ -551,6 +719,48 @@ impl StepSync for DataParallel {
             return Ok(None);
         }
         zero1_update(self, policy, h, t, max_grad_norm).map(Some)
+    }
+}
+
+impl DataParallel {
+    /// The communication stream on `gpu`, created on first use.
+    fn comm_stream(&mut self, gpu: &Arc<aha_cuda_kernels::Gpu>) -> Result<Arc<CudaStream>> {
+        if let Some(s) = &self.comm_stream {
+            return Ok(s.clone());
+        }
+        let s = gpu
+            .context()
+            .new_stream()
+            .map_err(|e| err(format!("creating the communication stream: {e:?}")))?;
+        self.comm_stream = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Queues, in order, the buckets of `ov` whose elements are all
+    /// complete (every remaining one when `all`), on the communication
+    /// stream after the work queued so far on `gpu`'s stream.
+    fn queue_ready(
+        &mut self,
+        ov: &mut Overlap,
+        gpu: &Arc<aha_cuda_kernels::Gpu>,
+        grads: &mut CudaSlice<f32>,
+        all: bool,
+    ) -> Result<()> {
+        let ready = |ov: &Overlap| ov.next < ov.buckets.len() && (all || ov.left[ov.next] == 0);
+        if !ready(ov) {
+            return Ok(());
+        }
+        let stream = self.comm_stream(gpu)?;
+        stream
+            .join(gpu.stream())
+            .map_err(|e| err(format!("ordering the communication stream after the backward: {e:?}")))?;
+        let comm = self.comm(gpu)?;
+        while ready(ov) {
+            comm.all_reduce_sum_queued(&stream, grads, ov.buckets[ov.next].clone())
+                .map_err(|e| err(e.to_string()))?;
+            ov.next += 1;
+        }
+        Ok(())
     }
 }
 
@@ -849,6 +1059,30 @@ fn sharded_master_update(
 mod tests {
     use super::*;
     use crate::grpo_run::GrpoConfig;
+
+    /// The buckets follow the completion order (the head's range first,
+    /// the embedding's last), cover the buffer exactly once, hold at most
+    /// a bucket's elements each and merge adjacent parts that fit.
+    #[test]
+    fn overlap_buckets_follow_the_backward_and_cover_the_buffer() {
+        // Embedding 0..10, layers 10..30 and 30..50, head 50..56.
+        let parts = vec![vec![50..56], vec![30..50], vec![10..30], vec![0..10]];
+        let b = overlap_buckets(&parts, 56, 16);
+        assert_eq!(b, vec![50..56, 34..50, 30..34, 14..30, 0..14]);
+        let b = overlap_buckets(&parts, 56, 100);
+        assert_eq!(b, vec![0..56]);
+        // A part in two pieces, an element no part names (56..60).
+        let parts = vec![vec![50..52, 54..56], vec![0..50], vec![52..54]];
+        let b = overlap_buckets(&parts, 60, 30);
+        assert_eq!(b, vec![54..56, 50..52, 20..50, 0..20, 52..54, 56..60]);
+        for (parts, n, size) in [(vec![vec![0..7]], 7, 3), (vec![], 5, 2)] {
+            let b = overlap_buckets(&parts, n, size);
+            let mut c: Vec<_> = b.iter().flat_map(|r| r.clone()).collect();
+            c.sort_unstable();
+            assert_eq!(c, (0..n).collect::<Vec<_>>());
+            assert!(b.iter().all(|r| !r.is_empty() && r.len() <= size));
+        }
+    }
 
     #[test]
     fn unsupported_grpo_settings_are_refused_by_name() {

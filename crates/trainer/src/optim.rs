@@ -66,6 +66,30 @@ pub struct StepInfo {
 }
 
 impl Optimizer {
+    /// The backward of a step's last micro-batch in one process: with the
+    /// optimizer offloaded to the host, each layer's gradients are copied
+    /// there as soon as the backward completes them
+    /// (`Policy::backward_offload_streamed`), overlapping the rest of the
+    /// backward; otherwise a plain backward.
+    pub fn backward_last(
+        &mut self,
+        policy: &mut Policy,
+        fwd: aha_moe_model::Forward,
+        scores: &aha_moe_model::Scores,
+        dlogp: &Tensor,
+        dentropy: Option<&Tensor>,
+    ) -> Result<()> {
+        if policy.offload_optimizer().is_none() {
+            return Ok(policy.backward(fwd, scores, dlogp, dentropy, 0.0)?);
+        }
+        let moments = match &mut self.moments {
+            Some(m) => m,
+            None => self.moments.insert(policy.new_moments()?),
+        };
+        policy.backward_offload_streamed(fwd, scores, dlogp, dentropy, 0.0, moments)?;
+        Ok(())
+    }
+
     /// A fresh optimizer (zero moments, created on the policy's device by
     /// the first update).
     pub fn new(cfg: OptimConfig) -> Optimizer {
@@ -290,9 +314,13 @@ pub fn sft_step_synced(
     let scale = -1.0 / total.max(1.0) as f32;
     let dlogp = Tensor::from_vec(vec![scale; count], count, policy.device())?;
     policy.zero_grad()?;
-    policy.backward(fwd, &scores, &dlogp, None, 0.0)?;
-    if let Some(s) = sync.as_deref_mut() {
-        s.reduce_grads(policy)?;
+    match sync.as_deref_mut() {
+        Some(s) => {
+            // The sum over the ranks may start during the backward.
+            crate::rl::backward_synced(policy, fwd, &scores, &dlogp, None, s)?;
+            s.reduce_grads(policy)?;
+        }
+        None => opt.backward_last(policy, fwd, &scores, &dlogp, None)?,
     }
     let info = opt.update_synced(policy, &describe, sync)?;
     Ok((loss, info))

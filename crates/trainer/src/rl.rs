@@ -242,6 +242,19 @@ pub trait StepSync {
     /// Sums the policy's gradient buffer over the ranks, in place (with a
     /// sharded optimizer, at least this rank's shard of it).
     fn reduce_grads(&mut self, policy: &mut Policy) -> Result<()>;
+    /// Called before the backward of a step's last micro-batch (when every
+    /// rank will call [`StepSync::reduce_grads`] after it): whether
+    /// [`StepSync::grads_ready`] should hear of the parts that backward
+    /// completes (`Policy::backward_with_hook`), so that the sum starts
+    /// during the backward. `false` by default.
+    fn overlap_backward(&mut self, _policy: &Policy) -> Result<bool> {
+        Ok(false)
+    }
+    /// A part of the gradient buffer the last micro-batch's backward has
+    /// completed (see [`StepSync::overlap_backward`]).
+    fn grads_ready(&mut self, _ready: aha_moe_model::GradReady<'_>) -> Result<()> {
+        Ok(())
+    }
     /// With the optimizer state sharded over the ranks (ZeRO-1): clips by
     /// the global gradient norm, runs AdamW step `t` (1-based) on this
     /// rank's shard and gives every rank the updated weights; returns the
@@ -256,6 +269,46 @@ pub trait StepSync {
         _max_grad_norm: f64,
     ) -> Result<Option<f64>> {
         Ok(None)
+    }
+}
+
+/// Sums over the ranks whether one had a non-finite loss (`bad`); when
+/// another rank had, `bad` becomes NaN here too, so every rank skips.
+fn agree_finite(s: &mut dyn StepSync, bad: &mut Option<f64>) -> Result<()> {
+    let mut any = [if bad.is_some() { 1.0 } else { 0.0 }];
+    s.sum(&mut any)?;
+    if any[0] > 0.0 && bad.is_none() {
+        *bad = Some(f64::NAN);
+    }
+    Ok(())
+}
+
+/// The backward of a step's last micro-batch on a data-parallel rank:
+/// with the gradients' sum overlapping it ([`StepSync::overlap_backward`]),
+/// each part it completes goes to [`StepSync::grads_ready`].
+pub(crate) fn backward_synced(
+    policy: &mut Policy,
+    fwd: aha_moe_model::Forward,
+    scores: &aha_moe_model::Scores,
+    dlogp: &Tensor,
+    dentropy: Option<&Tensor>,
+    s: &mut dyn StepSync,
+) -> Result<()> {
+    if !s.overlap_backward(policy)? {
+        return Ok(policy.backward(fwd, scores, dlogp, dentropy, 0.0)?);
+    }
+    let mut failed = None;
+    let mut hook = |r: aha_moe_model::GradReady<'_>| {
+        s.grads_ready(r).map_err(|e| {
+            let msg = e.to_string();
+            failed = Some(e);
+            msg
+        })
+    };
+    let r = policy.backward_with_hook(fwd, scores, dlogp, dentropy, 0.0, &mut hook);
+    match (r, failed) {
+        (_, Some(e)) => Err(e),
+        (r, None) => r.map(|_| ()).map_err(Into::into),
     }
 }
 
@@ -427,7 +480,19 @@ pub fn train_on_synced(
             let mut acc: Option<(f64, Metrics)> = None;
             let mut bad = None;
             policy.zero_grad()?;
+            // The ranks agree that every loss is finite before the last
+            // micro-batch's backward, whose all-reduce may start during it.
+            let last_u = mb.len().saturating_sub(1);
+            let mut agreed = false;
             for (u, (m, d)) in mb.iter().zip(ds).enumerate() {
+                if bad.is_some() {
+                    // A non-finite loss skips the rest of the minibatch.
+                    if let (true, Some(s)) = (u == last_u, sync.as_deref_mut()) {
+                        agree_finite(s, &mut bad)?;
+                        agreed = true;
+                    }
+                    continue;
+                }
                 // LoRA dropout in this training forward only (its backward
                 // draws the same masks; scoring runs without).
                 let salt = ((it as u64) << 40) ^ ((b as u64) << 20) ^ u as u64;
@@ -453,7 +518,11 @@ pub fn train_on_synced(
                 if !out.loss.is_finite() {
                     bad = Some(out.loss);
                     acc = Some((out.loss, out.metrics));
-                    break;
+                    if let (true, Some(s)) = (u == last_u, sync.as_deref_mut()) {
+                        agree_finite(s, &mut bad)?;
+                        agreed = true;
+                    }
+                    continue;
                 }
                 // This micro-batch's share of the minibatch's loss.
                 let share = match cfg.loss.loss_type {
@@ -463,16 +532,25 @@ pub fn train_on_synced(
                     LossType::Dapo | LossType::Cispo => 1.0,
                 };
                 out.scale(share)?;
-                policy.backward(fwd, &scores, &out.dlogp, out.dentropy.as_ref(), 0.0)?;
+                let (dlogp, dentropy) = (out.dlogp, out.dentropy);
                 acc = Some(merge_metrics(acc, out.loss, out.metrics, m.idx.len() as f64 / rows_mb));
+                match sync.as_deref_mut() {
+                    Some(s) if u == last_u => {
+                        agree_finite(s, &mut bad)?;
+                        agreed = true;
+                        if bad.is_none() {
+                            backward_synced(policy, fwd, &scores, &dlogp, dentropy.as_ref(), s)?;
+                        }
+                    }
+                    None if u == last_u => opt.backward_last(policy, fwd, &scores, &dlogp, dentropy.as_ref())?,
+                    _ => policy.backward(fwd, &scores, &dlogp, dentropy.as_ref(), 0.0)?,
+                }
             }
             if let Some(s) = sync.as_deref_mut() {
                 // Every rank skips when one has a non-finite loss, and
                 // otherwise sums the gradients before the update.
-                let mut any = [if bad.is_some() { 1.0 } else { 0.0 }];
-                s.sum(&mut any)?;
-                if any[0] > 0.0 && bad.is_none() {
-                    bad = Some(f64::NAN);
+                if !agreed {
+                    agree_finite(s, &mut bad)?;
                 }
                 if bad.is_none() && acc.is_some() {
                     s.reduce_grads(policy)?;

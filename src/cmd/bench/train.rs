@@ -2,8 +2,9 @@
 //! of every next token, backward, clipping, AdamW) on a randomly
 //! initialised model, on the CPU or a GPU, reported as one JSON line; with
 //! `--offload-optimizer` AdamW runs on the host and the line splits its
-//! time (copies, host AdamW, exposed, overlap); with `--lora` only LoRA
-//! adapters train.
+//! time (copies, host AdamW, exposed, overlap; the gradient copies
+//! streamed during the backward and the wait for them after it, unless
+//! `--no-stream-grads`); with `--lora` only LoRA adapters train.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,6 +50,10 @@ pub struct TrainArgs {
     /// Elements per transfer bucket of --offload-optimizer.
     #[arg(long, default_value_t = 1 << 24, requires = "offload_optimizer")]
     offload_bucket: usize,
+    /// With --offload-optimizer, copy the gradients to the host after the
+    /// backward instead of layer by layer during it.
+    #[arg(long, requires = "offload_optimizer")]
+    no_stream_grads: bool,
     /// Train LoRA adapters (PEFT's default targets) instead of every
     /// parameter.
     #[arg(long)]
@@ -144,7 +149,14 @@ pub fn train(o: &TrainArgs) -> Result<serde_json::Value> {
         let logp = scores.logp.to_vec::<f32>()?;
         let t1 = Instant::now();
         profile::set_pass(Pass::Backward);
-        policy.backward(fwd, &scores, &dlogp, None, 0.0)?;
+        if o.offload_optimizer && !o.no_stream_grads {
+            // Each layer's gradients go to the host as soon as they are
+            // complete; the timer stops at the end of the work stream's
+            // backward, the copy stream may still be busy.
+            policy.backward_offload_streamed(fwd, &scores, &dlogp, None, 0.0, &mut moments)?;
+        } else {
+            policy.backward(fwd, &scores, &dlogp, None, 0.0)?;
+        }
         policy.synchronize()?;
         let t2 = Instant::now();
         profile::set_pass(Pass::Update);
@@ -174,6 +186,10 @@ pub fn train(o: &TrainArgs) -> Result<serde_json::Value> {
             "cpu_adamw_ms": t.adamw_s * 1e3 / t.steps.max(1) as f64,
             "exposed_ms": t.exposed_s * 1e3 / t.steps.max(1) as f64,
             "overlap_fraction": t.overlap_fraction(),
+            "streamed_grads": t.streamed_steps > 0,
+            "copy_during_backward_ms": t.copy_overlapped_s * 1e3 / t.steps.max(1) as f64,
+            "copy_wait_after_backward_ms": t.copy_wait_s * 1e3 / t.steps.max(1) as f64,
+            "upload_ms": t.upload_s * 1e3 / t.steps.max(1) as f64,
         })
     });
     let tokens = (n * o.steps) as f64;
