@@ -613,6 +613,18 @@ impl Comm {
     }
 }
 
+/// One block of a point-to-point exchange ([`Comm::exchange_blocks`]):
+/// `count` elements at `offset` of the buffer, to or from rank `peer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// The other rank.
+    pub peer: usize,
+    /// First element in this rank's buffer.
+    pub offset: usize,
+    /// Elements.
+    pub count: usize,
+}
+
 /// Rank `rank`'s contiguous shard of a flat buffer of `n` elements split
 /// over `world` ranks, as [`Comm::reduce_scatter_sum_shards`] and
 /// [`Comm::all_gather_shards`] split it: rank r holds
@@ -775,9 +787,51 @@ impl Comm {
                 return Err(nccl_err(OP, format!("{} {name} for {w} ranks", v.len())));
             }
         }
-        for p in 0..w {
-            check_range(OP, send_offsets[p] + send_counts[p], send.len())?;
-            check_range(OP, recv_offsets[p] + recv_counts[p], recv.len())?;
+        let block = |p: usize, o: &[usize], c: &[usize]| Block {
+            peer: p,
+            offset: o[p],
+            count: c[p],
+        };
+        let sends: Vec<Block> = (0..w).map(|p| block(p, send_offsets, send_counts)).collect();
+        let recvs: Vec<Block> = (0..w).map(|p| block(p, recv_offsets, recv_counts)).collect();
+        self.exchange_blocks(send, &sends, recv, &recvs)
+    }
+
+    /// Point-to-point exchange of blocks in one ncclGroupStart/End: an
+    /// ncclSend of `send[b.offset..][..b.count]` to `b.peer` for each of
+    /// `sends`, and an ncclRecv from `r.peer` into `recv[r.offset..][..r.count]`
+    /// for each of `recvs` (offsets and counts in elements). Several blocks
+    /// between the same two ranks are matched in the order they are listed
+    /// on each side, with equal counts. Every rank of the communicator must
+    /// call it (with empty lists if it has nothing to move: a rank with
+    /// nothing queues an empty send and receive to itself, so that the
+    /// group still names the communicator).
+    pub fn exchange_blocks<T: NcclElem>(
+        &mut self,
+        send: &CudaSlice<T>,
+        sends: &[Block],
+        recv: &mut CudaSlice<T>,
+        recvs: &[Block],
+    ) -> Result<()> {
+        const OP: &str = "all-to-all (ncclSend/ncclRecv)";
+        let w = self.world;
+        let nothing = [Block {
+            peer: self.rank,
+            offset: 0,
+            count: 0,
+        }];
+        let (sends, recvs) = if sends.is_empty() && recvs.is_empty() {
+            (&nothing[..], &nothing[..])
+        } else {
+            (sends, recvs)
+        };
+        for (what, list, len) in [("send", sends, send.len()), ("receive", recvs, recv.len())] {
+            for b in list {
+                if b.peer >= w {
+                    return Err(nccl_err(OP, format!("{what} block for rank {} of {w}", b.peer)));
+                }
+                check_range(OP, b.offset + b.count, len)?;
+            }
         }
         let es = T::TYPE.size() as u64;
         let dt = T::TYPE as c_int;
@@ -793,40 +847,46 @@ impl Comm {
             return self.after(r, "ncclGroupStart", 0);
         }
         let mut first = 0;
-        for p in 0..w {
-            let peer = p as c_int;
+        for b in sends {
             // SAFETY: ncclSend(const void*, size_t, type, int peer, comm,
-            // stream) and ncclRecv(void*, size_t, type, int peer, comm,
-            // stream) on blocks inside the buffers (checked above); the
-            // buffers stay borrowed until the group has ended.
-            let (a, b) = unsafe {
-                (
-                    (self.nccl.fns.send)(
-                        (sp + send_offsets[p] as u64 * es) as *const c_void,
-                        send_counts[p],
-                        dt,
-                        peer,
-                        self.raw,
-                        cu,
-                    ),
-                    (self.nccl.fns.recv)(
-                        (rp + recv_offsets[p] as u64 * es) as *mut c_void,
-                        recv_counts[p],
-                        dt,
-                        peer,
-                        self.raw,
-                        cu,
-                    ),
+            // stream) on a block inside the buffer (checked above); the
+            // buffer stays borrowed until the group has ended.
+            let r = unsafe {
+                (self.nccl.fns.send)(
+                    (sp + b.offset as u64 * es) as *const c_void,
+                    b.count,
+                    dt,
+                    b.peer as c_int,
+                    self.raw,
+                    cu,
                 )
             };
             if first == 0 {
-                first = if a != 0 { a } else { b };
+                first = r;
+            }
+        }
+        for b in recvs {
+            // SAFETY: ncclRecv(void*, size_t, type, int peer, comm, stream)
+            // into a block inside the buffer (checked above), borrowed
+            // until the group has ended.
+            let r = unsafe {
+                (self.nccl.fns.recv)(
+                    (rp + b.offset as u64 * es) as *mut c_void,
+                    b.count,
+                    dt,
+                    b.peer as c_int,
+                    self.raw,
+                    cu,
+                )
+            };
+            if first == 0 {
+                first = r;
             }
         }
         // SAFETY: ncclGroupEnd(void) runs the calls queued above.
         let end = unsafe { (self.nccl.fns.group_end)() };
         drop((g1, g2));
-        let total: usize = send_counts.iter().sum();
+        let total: usize = sends.iter().map(|b| b.count).sum();
         self.after(if first != 0 { first } else { end }, OP, total)
     }
 
