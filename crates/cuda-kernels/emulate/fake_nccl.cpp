@@ -17,8 +17,17 @@
 //
 // Everything runs synchronously at the call (the stream argument is
 // ignored, as the emulated driver runs every launch at the call).
-// ncclGroupStart/End are accepted and do nothing; ncclSend/ncclRecv are not
-// provided (aha does not use them).
+//
+// Point-to-point (ncclSend/ncclRecv, for aha's all-to-all): inside
+// ncclGroupStart/ncclGroupEnd each call is queued (per thread, as NCCL keeps
+// its group state); ncclGroupEnd runs the queue, per communicator, as one
+// round through rank 0: every rank sends the list of its sends (peer, bytes,
+// data) and receives (peer, bytes), rank 0 matches rank p's n-th receive
+// from q with q's n-th send to p (the byte counts must agree), and sends
+// each rank what it receives, in the order of its receive calls. A send or
+// receive outside a group is a group of one. Unlike NCCL's, this round is
+// communicator-wide: every rank must end a group on the communicator (with
+// zero-count calls if it has nothing to move), which aha's all-to-all does.
 //
 // Failures: every wait (connect, accept, read, write) gives up after
 // AHA_NCCL_TIMEOUT_S seconds (default 120) with ncclRemoteError; a peer
@@ -86,7 +95,7 @@ namespace {
 const char kPrefix[] = "aha-fake-nccl:";
 const uint32_t kMagic = 0x4e43434cu;  // "NCCL"
 
-enum Op : uint32_t { kAllReduce = 1, kBroadcast = 2, kAllGather = 3, kReduceScatter = 4 };
+enum Op : uint32_t { kAllReduce = 1, kBroadcast = 2, kAllGather = 3, kReduceScatter = 4, kSendRecv = 5 };
 
 const char* op_name(uint32_t op) {
     switch (op) {
@@ -94,6 +103,7 @@ const char* op_name(uint32_t op) {
         case kBroadcast: return "Broadcast";
         case kAllGather: return "AllGather";
         case kReduceScatter: return "ReduceScatter";
+        case kSendRecv: return "Send/Recv group";
         default: return "unknown operation";
     }
 }
@@ -488,6 +498,196 @@ ncclResult_t collective(ncclComm* c, uint32_t op, const void* send, void* recv, 
     return ncclSuccess;
 }
 
+
+// One queued ncclSend (send = true) or ncclRecv.
+struct P2p {
+    ncclComm* comm;
+    bool send;
+    void* buf;
+    uint64_t bytes;
+    int32_t peer;
+};
+
+// What a rank tells rank 0 about one of its calls.
+struct P2pEntry {
+    uint32_t send;
+    int32_t peer;
+    uint64_t bytes;
+};
+
+thread_local int g_group_depth = 0;
+thread_local std::vector<P2p> g_queue;
+
+// Runs one communicator's queued sends and receives (see the file comment).
+ncclResult_t run_p2p(ncclComm* c, const std::vector<P2p>& ops) {
+    ncclResult_t bad;
+    if (!check_comm(c, &bad)) return bad;
+    const int n = c->nranks;
+    for (const P2p& o : ops)
+        if (o.peer < 0 || o.peer >= n)
+            return fail(c, ncclInvalidArgument,
+                        std::string(o.send ? "ncclSend" : "ncclRecv") + ": peer " + std::to_string(o.peer) +
+                            " out of range");
+    const uint64_t seq = ++c->seq;
+    const std::string what = std::string(op_name(kSendRecv)) + " #" + std::to_string(seq);
+    std::string why;
+    std::vector<P2pEntry> mine;
+    for (const P2p& o : ops) mine.push_back({o.send ? 1u : 0u, o.peer, o.bytes});
+    // rank -> its entries and the data of its sends, concatenated.
+    std::vector<std::vector<P2pEntry>> entries(n);
+    std::vector<std::vector<char>> sent(n);
+    auto pack_own = [&](std::vector<char>& out) {
+        for (const P2p& o : ops)
+            if (o.send && o.bytes > 0) {
+                const char* b = static_cast<const char*>(o.buf);
+                out.insert(out.end(), b, b + o.bytes);
+            }
+    };
+    if (c->rank != 0) {
+        int fd = c->fds[0];
+        Header h{kMagic, kSendRecv, static_cast<uint64_t>(mine.size()), 0, 0, seq};
+        std::vector<char> data;
+        pack_own(data);
+        if (!io_all(fd, &h, sizeof h, true, c->timeout, why) ||
+            (!mine.empty() && !io_all(fd, mine.data(), mine.size() * sizeof(P2pEntry), true, c->timeout, why)) ||
+            (!data.empty() && !io_all(fd, data.data(), data.size(), true, c->timeout, why)))
+            return fail(c, ncclRemoteError, what + ": sending to rank 0: rank 0 " + why);
+        uint64_t status = 0;
+        if (!io_all(fd, &status, sizeof status, false, c->timeout, why))
+            return fail(c, ncclRemoteError, what + ": waiting for rank 0: rank 0 " + why);
+        if (status != 0)
+            return fail(c, ncclInvalidUsage,
+                        what + ": rank 0 found sends and receives that do not match (its error names them)");
+        for (const P2p& o : ops)
+            if (!o.send && o.bytes > 0 && !io_all(fd, o.buf, o.bytes, false, c->timeout, why))
+                return fail(c, ncclRemoteError, what + ": waiting for rank 0: rank 0 " + why);
+        return ncclSuccess;
+    }
+    entries[0] = mine;
+    pack_own(sent[0]);
+    for (int r = 1; r < n; r++) {
+        Header h{};
+        if (!io_all(c->fds[r], &h, sizeof h, false, c->timeout, why))
+            return fail(c, ncclRemoteError, what + ": waiting for rank " + std::to_string(r) + ": rank " +
+                                                std::to_string(r) + " " + why);
+        if (h.magic != kMagic || h.op != kSendRecv || h.seq != seq)
+            return fail(c, ncclInvalidUsage,
+                        what + ": rank " + std::to_string(r) + " called " + op_name(h.op) + " #" +
+                            std::to_string(h.seq) + "; rank 0 ended a send/receive group");
+        entries[r].resize(h.count);
+        uint64_t total = 0;
+        if (h.count > 0 &&
+            !io_all(c->fds[r], entries[r].data(), h.count * sizeof(P2pEntry), false, c->timeout, why))
+            return fail(c, ncclRemoteError, what + ": receiving from rank " + std::to_string(r) + ": rank " +
+                                                std::to_string(r) + " " + why);
+        for (const P2pEntry& e : entries[r])
+            if (e.send) total += e.bytes;
+        sent[r].resize(total);
+        if (total > 0 && !io_all(c->fds[r], sent[r].data(), total, false, c->timeout, why))
+            return fail(c, ncclRemoteError, what + ": receiving from rank " + std::to_string(r) + ": rank " +
+                                                std::to_string(r) + " " + why);
+    }
+    // Where each (from, to) send sits in `from`'s data, in call order.
+    struct Slot {
+        uint64_t offset, bytes;
+    };
+    std::vector<std::vector<std::vector<Slot>>> sends(n, std::vector<std::vector<Slot>>(n));
+    for (int r = 0; r < n; r++) {
+        uint64_t off = 0;
+        for (const P2pEntry& e : entries[r])
+            if (e.send) {
+                if (e.peer < 0 || e.peer >= n)
+                    return fail(c, ncclInvalidArgument,
+                                what + ": rank " + std::to_string(r) + " sends to peer " + std::to_string(e.peer));
+                sends[r][e.peer].push_back({off, e.bytes});
+                off += e.bytes;
+            }
+    }
+    // Each rank's receives, matched in order.
+    std::string mismatch;
+    std::vector<std::vector<char>> out(n);
+    std::vector<std::vector<size_t>> used(n, std::vector<size_t>(n, 0));
+    for (int to = 0; to < n && mismatch.empty(); to++)
+        for (const P2pEntry& e : entries[to]) {
+            if (e.send) continue;
+            int from = e.peer;
+            if (from < 0 || from >= n) {
+                mismatch = "rank " + std::to_string(to) + " receives from peer " + std::to_string(from);
+                break;
+            }
+            size_t k = used[from][to]++;
+            if (k >= sends[from][to].size()) {
+                mismatch = "rank " + std::to_string(to) + "'s receive #" + std::to_string(k + 1) + " from rank " +
+                           std::to_string(from) + " has no matching send";
+                break;
+            }
+            const Slot& s = sends[from][to][k];
+            if (s.bytes != e.bytes) {
+                mismatch = "rank " + std::to_string(from) + " sends " + std::to_string(s.bytes) + " bytes to rank " +
+                           std::to_string(to) + ", which receives " + std::to_string(e.bytes);
+                break;
+            }
+            const char* b = sent[from].data() + s.offset;
+            out[to].insert(out[to].end(), b, b + s.bytes);
+        }
+    for (int from = 0; from < n && mismatch.empty(); from++)
+        for (int to = 0; to < n; to++)
+            if (used[from][to] != sends[from][to].size()) {
+                mismatch = "rank " + std::to_string(from) + " sends " + std::to_string(sends[from][to].size()) +
+                           " message(s) to rank " + std::to_string(to) + ", which receives " +
+                           std::to_string(used[from][to]);
+                break;
+            }
+    uint64_t status = mismatch.empty() ? 0 : 1;
+    for (int r = 1; r < n; r++) {
+        bool ok = io_all(c->fds[r], &status, sizeof status, true, c->timeout, why) &&
+                  (status != 0 || out[r].empty() || io_all(c->fds[r], out[r].data(), out[r].size(), true, c->timeout, why));
+        if (!ok)
+            return fail(c, ncclRemoteError, what + ": sending to rank " + std::to_string(r) + ": rank " +
+                                                std::to_string(r) + " " + why);
+    }
+    if (!mismatch.empty()) return fail(c, ncclInvalidUsage, what + ": " + mismatch);
+    uint64_t off = 0;
+    for (const P2p& o : ops)
+        if (!o.send && o.bytes > 0) {
+            std::memcpy(o.buf, out[0].data() + off, o.bytes);
+            off += o.bytes;
+        }
+    return ncclSuccess;
+}
+
+// Runs every queued call, one round per communicator in the order each
+// first appears; the queue is emptied whatever happens.
+ncclResult_t flush_queue() {
+    std::vector<P2p> q;
+    q.swap(g_queue);
+    std::vector<ncclComm*> comms;
+    for (const P2p& o : q) {
+        bool seen = false;
+        for (ncclComm* c : comms) seen = seen || c == o.comm;
+        if (!seen) comms.push_back(o.comm);
+    }
+    ncclResult_t first = ncclSuccess;
+    for (ncclComm* c : comms) {
+        std::vector<P2p> mine;
+        for (const P2p& o : q)
+            if (o.comm == c) mine.push_back(o);
+        ncclResult_t r = run_p2p(c, mine);
+        if (first == ncclSuccess) first = r;
+    }
+    return first;
+}
+
+ncclResult_t queue_p2p(bool send, void* buf, size_t count, ncclDataType_t dt, int peer, ncclComm_t comm) {
+    const char* name = send ? "ncclSend" : "ncclRecv";
+    if (comm == nullptr) return fail(nullptr, ncclInvalidArgument, std::string(name) + ": null communicator");
+    size_t es = type_size(dt);
+    if (es == 0) return fail(comm, ncclInvalidArgument, std::string(name) + ": unknown data type " + std::to_string(dt));
+    if (count > 0 && buf == nullptr) return fail(comm, ncclInvalidArgument, std::string(name) + ": null buffer");
+    g_queue.push_back({comm, send, buf, static_cast<uint64_t>(count * es), peer});
+    return g_group_depth > 0 ? ncclSuccess : flush_queue();
+}
+
 void close_all(ncclComm* c) {
     for (int f : c->fds)
         if (f >= 0) close(f);
@@ -603,7 +803,23 @@ ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t recvcount, n
     return collective(comm, kReduceScatter, send, recv, recvcount, dt, op, 0);
 }
 
-ncclResult_t ncclGroupStart() { return ncclSuccess; }
-ncclResult_t ncclGroupEnd() { return ncclSuccess; }
+ncclResult_t ncclSend(const void* send, size_t count, ncclDataType_t dt, int peer, ncclComm_t comm, cudaStream_t) {
+    return queue_p2p(true, const_cast<void*>(send), count, dt, peer, comm);
+}
+
+ncclResult_t ncclRecv(void* recv, size_t count, ncclDataType_t dt, int peer, ncclComm_t comm, cudaStream_t) {
+    return queue_p2p(false, recv, count, dt, peer, comm);
+}
+
+ncclResult_t ncclGroupStart() {
+    g_group_depth++;
+    return ncclSuccess;
+}
+
+ncclResult_t ncclGroupEnd() {
+    if (g_group_depth <= 0) return fail(nullptr, ncclInvalidUsage, "ncclGroupEnd without ncclGroupStart");
+    if (--g_group_depth > 0) return ncclSuccess;
+    return flush_queue();
+}
 
 }  // extern "C"

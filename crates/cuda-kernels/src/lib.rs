@@ -48,6 +48,7 @@ pub mod emulate;
 pub mod error;
 pub mod graph;
 pub mod launch;
+pub mod moe_ep;
 pub mod moe_layer;
 pub mod nccl;
 pub mod nvrtc;

@@ -168,7 +168,7 @@ impl MoeWeightsBf16 {
 
 /// A zeroed buffer of `len` elements, at least one (the driver refuses
 /// empty allocations; every launcher accepts longer buffers).
-fn zeros1<T: DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, len: usize) -> Result<CudaSlice<T>> {
+pub(crate) fn zeros1<T: DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, len: usize) -> Result<CudaSlice<T>> {
     gpu.zeros(len.max(1))
 }
 
@@ -253,7 +253,7 @@ pub struct StoredBuffers<T> {
 }
 
 impl<T: DeviceRepr + ValidAsZeroBits> StoredBuffers<T> {
-    fn new(gpu: &Gpu, rows: usize, c: usize, f: usize) -> Result<StoredBuffers<T>> {
+    pub(crate) fn new(gpu: &Gpu, rows: usize, c: usize, f: usize) -> Result<StoredBuffers<T>> {
         Ok(StoredBuffers {
             xe: zeros1(gpu, rows * c)?,
             act: zeros1(gpu, rows * f)?,
@@ -274,7 +274,7 @@ pub enum Stored {
 }
 
 impl Stored {
-    fn new(gpu: &Gpu, storage: MoeStorage, rows: usize, c: usize, f: usize) -> Result<Stored> {
+    pub(crate) fn new(gpu: &Gpu, storage: MoeStorage, rows: usize, c: usize, f: usize) -> Result<Stored> {
         Ok(match storage {
             MoeStorage::Bf16 => Stored::Bf16(StoredBuffers::new(gpu, rows, c, f)?),
             MoeStorage::F32 => Stored::F32(StoredBuffers::new(gpu, rows, c, f)?),
@@ -433,10 +433,10 @@ pub fn plan_moe_layer(d: &MoeDims, lens: [usize; 4], has_shared: (bool, bool), s
 }
 
 /// The segment offsets and tile list of a grouped product.
-type Seg<'s> = (&'s CudaSlice<u32>, &'s CudaSlice<u32>);
+pub(crate) type Seg<'s> = (&'s CudaSlice<u32>, &'s CudaSlice<u32>);
 
 /// The launchers of one storage type, so the layer's flow is written once.
-trait Elem: DeviceRepr + ValidAsZeroBits + Sized {
+pub(crate) trait Elem: DeviceRepr + ValidAsZeroBits + Sized {
     fn experts<'s, 'a>(x: &'s MoeExperts<'a>) -> Option<&'s MoeExpertViews<'a, Self>>;
     fn stored(s: &mut Stored) -> Option<&mut StoredBuffers<Self>>;
     /// `dst[..len] = store(src[..len])`.
@@ -500,7 +500,7 @@ trait Elem: DeviceRepr + ValidAsZeroBits + Sized {
 }
 
 /// The saved gate and up projections.
-type Seg2<'s> = (&'s CudaSlice<f32>, &'s CudaSlice<f32>);
+pub(crate) type Seg2<'s> = (&'s CudaSlice<f32>, &'s CudaSlice<f32>);
 
 macro_rules! elem_impl {
     ($t:ty, $variant:ident, $gather:ident, $gate_up:ident, $gemm:ident, $wgrad:ident, $swiglu:ident, $combine:ident,
@@ -612,7 +612,7 @@ fn copy_f32(gpu: &Gpu, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, len: usiz
         .ctx("moe_layer copy")
 }
 
-fn mismatch(what: &str) -> Error {
+pub(crate) fn mismatch(what: &str) -> Error {
     Error::InvalidArgument {
         op: "moe_layer",
         msg: format!("the {what} disagree with the layer's storage precision"),
@@ -657,29 +657,7 @@ fn forward<T: Elem>(
     if n == 0 {
         return Ok(());
     }
-    let s = MatmulShape {
-        m: n,
-        k: c,
-        n: e,
-        trans_a: false,
-        trans_b: true,
-        accumulate: false,
-    };
-    matmul_f32(gpu, &mut b.logits, &x.slice(0..n * c), &wt.router.slice(0..e * c), s)?;
-    moe_route_f32(
-        gpu,
-        &mut b.probs,
-        &mut b.ids,
-        &mut b.w,
-        &mut b.denom,
-        &b.logits,
-        wt.bias.as_ref(),
-        n,
-        e,
-        k,
-        d.gating,
-    )?;
-    moe_permute(gpu, &mut b.perm, &b.ids, n, k, e)?;
+    route_and_permute(gpu, x, wt, b)?;
     let st = T::stored(&mut b.stored).ok_or_else(|| mismatch("buffers"))?;
     T::gather(gpu, &mut st.xe, x, &b.perm.tok, [m, n, c])?;
     let p = &b.perm;
@@ -706,6 +684,49 @@ fn forward<T: Elem>(
         d.math,
     )?;
     moe_combine_f32(gpu, y, &b.ye, Some(&b.w), &p.inv, n, c, k, false)?;
+    shared_forward::<T>(gpu, y, x, ex, b)
+}
+
+/// Router logits, routing and the permutation of the forward into `b`
+/// (`b.dims.n > 0`).
+pub(crate) fn route_and_permute(gpu: &Gpu, x: &CudaSlice<f32>, wt: &MoeWeights<'_>, b: &mut MoeBuffers) -> Result<()> {
+    let d = b.dims;
+    let (n, c, e, k) = (d.n, d.c, d.e, d.k);
+    let s = MatmulShape {
+        m: n,
+        k: c,
+        n: e,
+        trans_a: false,
+        trans_b: true,
+        accumulate: false,
+    };
+    matmul_f32(gpu, &mut b.logits, &x.slice(0..n * c), &wt.router.slice(0..e * c), s)?;
+    moe_route_f32(
+        gpu,
+        &mut b.probs,
+        &mut b.ids,
+        &mut b.w,
+        &mut b.denom,
+        &b.logits,
+        wt.bias.as_ref(),
+        n,
+        e,
+        k,
+        d.gating,
+    )?;
+    moe_permute(gpu, &mut b.perm, &b.ids, n, k, e)
+}
+
+/// `y +=` the shared expert of `x`, if the layer has one.
+pub(crate) fn shared_forward<T: Elem>(
+    gpu: &Gpu,
+    y: &mut CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    ex: &MoeExpertViews<'_, T>,
+    b: &mut MoeBuffers,
+) -> Result<()> {
+    let d = b.dims;
+    let (n, c) = (d.n, d.c);
     if let (Some([sg, su, sd]), Some(sb)) = (&ex.shared, &mut b.shared) {
         let fs = d.f_shared;
         let ss = T::stored(&mut sb.stored).ok_or_else(|| mismatch("shared buffers"))?;
@@ -810,6 +831,26 @@ fn backward<T: Elem>(
     T::wgrad(gpu, &mut gr.w_gate, &st.dg, &st.xe, &p.offsets, [m, e, f, c], d.math)?;
     T::wgrad(gpu, &mut gr.w_up, &st.du, &st.xe, &p.offsets, [m, e, f, c], d.math)?;
     moe_combine_f32(gpu, dx, &b.dxe, None, &p.inv, n, c, k, true)?;
+    router_and_shared_backward::<T>(gpu, dx, gr, dy, x, wt, ex, b, aux)
+}
+
+/// The backward's routing, router and shared-expert part: `dx +=` and the
+/// router and shared gradients `+=`, from `b.dw` (set by the combine's
+/// backward).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn router_and_shared_backward<T: Elem>(
+    gpu: &Gpu,
+    dx: &mut CudaSlice<f32>,
+    gr: &mut MoeGradsMut<'_>,
+    dy: &CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    wt: &MoeWeights<'_>,
+    ex: &MoeExpertViews<'_, T>,
+    b: &mut MoeBuffers,
+    aux: Option<&CudaSlice<f32>>,
+) -> Result<()> {
+    let d = b.dims;
+    let (n, c, e, k) = (d.n, d.c, d.e, d.k);
     moe_route_backward_f32(
         gpu,
         &mut b.dlogits,

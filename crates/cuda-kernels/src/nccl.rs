@@ -1,5 +1,6 @@
 //! NCCL, loaded at run time: the collectives aha's data parallelism uses
-//! (all-reduce, reduce-scatter, all-gather, broadcast) on flat device
+//! (all-reduce, reduce-scatter, all-gather, broadcast) and the all-to-all
+//! of expert parallelism (grouped ncclSend/ncclRecv) on flat device
 //! buffers, with errors that name the rank and the operation, and a
 //! watchdog so that a dead peer gives an error instead of a hang.
 //!
@@ -98,6 +99,10 @@ struct Fns {
     reduce_scatter: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
     all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, RawComm, *mut c_void) -> Res,
     broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
+    send: unsafe extern "C" fn(*const c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
+    recv: unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> Res,
+    group_start: unsafe extern "C" fn() -> Res,
+    group_end: unsafe extern "C" fn() -> Res,
 }
 
 /// A loaded NCCL library.
@@ -256,6 +261,10 @@ impl Nccl {
             reduce_scatter: sym!("ncclReduceScatter"),
             all_gather: sym!("ncclAllGather"),
             broadcast: sym!("ncclBroadcast"),
+            send: sym!("ncclSend"),
+            recv: sym!("ncclRecv"),
+            group_start: sym!("ncclGroupStart"),
+            group_end: sym!("ncclGroupEnd"),
         };
         // SAFETY: `aha_fake_nccl` exists only in the emulated library; its
         // presence is all that is read.
@@ -694,6 +703,18 @@ impl Comm {
     }
 }
 
+/// One block of a point-to-point exchange ([`Comm::exchange_blocks`]):
+/// `count` elements at `offset` of the buffer, to or from rank `peer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// The other rank.
+    pub peer: usize,
+    /// First element in this rank's buffer.
+    pub offset: usize,
+    /// Elements.
+    pub count: usize,
+}
+
 /// Rank `rank`'s contiguous shard of a flat buffer of `n` elements split
 /// over `world` ranks, as [`Comm::reduce_scatter_sum_shards`] and
 /// [`Comm::all_gather_shards`] split it: rank r holds
@@ -803,6 +824,186 @@ impl Comm {
             self.after(r, "ncclBroadcast", tail)?;
         }
         Ok(())
+    }
+}
+
+impl Comm {
+    /// How many elements this rank receives from each rank, given how many
+    /// it sends to each (`send_counts[p]` to rank p): one all-gather of
+    /// every rank's send counts (as f64, exact below 2^53), of which this
+    /// rank keeps column `rank`.
+    pub fn exchange_counts(&mut self, send_counts: &[usize]) -> Result<Vec<usize>> {
+        let w = self.world;
+        if send_counts.len() != w {
+            return Err(nccl_err(
+                "all-to-all counts",
+                format!("{} send counts for {w} ranks", send_counts.len()),
+            ));
+        }
+        let mine: Vec<f64> = send_counts.iter().map(|&c| c as f64).collect();
+        let send = self.gpu.upload(&mine)?;
+        let mut all = self.gpu.zeros::<f64>(w * w)?;
+        self.all_gather(&send, &mut all)?;
+        let all = self.gpu.download(&all)?;
+        Ok((0..w).map(|from| all[from * w + self.rank] as usize).collect())
+    }
+
+    /// All-to-all with per-rank counts: sends `send[send_offsets[p]..][..send_counts[p]]`
+    /// to every rank p and receives rank p's block for this rank into
+    /// `recv[recv_offsets[p]..][..recv_counts[p]]` (counts and offsets in
+    /// elements, one per rank; zero counts allowed). `recv_counts[p]` must
+    /// equal what rank p sends here ([`Comm::exchange_counts`] gives it).
+    /// One ncclGroupStart/ncclGroupEnd of an ncclSend and an ncclRecv per
+    /// rank (itself included); every rank of the communicator must call it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn all_to_all_v<T: NcclElem>(
+        &mut self,
+        send: &CudaSlice<T>,
+        send_counts: &[usize],
+        send_offsets: &[usize],
+        recv: &mut CudaSlice<T>,
+        recv_counts: &[usize],
+        recv_offsets: &[usize],
+    ) -> Result<()> {
+        const OP: &str = "all-to-all (ncclSend/ncclRecv)";
+        let w = self.world;
+        for (name, v) in [
+            ("send counts", send_counts),
+            ("send offsets", send_offsets),
+            ("receive counts", recv_counts),
+            ("receive offsets", recv_offsets),
+        ] {
+            if v.len() != w {
+                return Err(nccl_err(OP, format!("{} {name} for {w} ranks", v.len())));
+            }
+        }
+        let block = |p: usize, o: &[usize], c: &[usize]| Block {
+            peer: p,
+            offset: o[p],
+            count: c[p],
+        };
+        let sends: Vec<Block> = (0..w).map(|p| block(p, send_offsets, send_counts)).collect();
+        let recvs: Vec<Block> = (0..w).map(|p| block(p, recv_offsets, recv_counts)).collect();
+        self.exchange_blocks(send, &sends, recv, &recvs)
+    }
+
+    /// Point-to-point exchange of blocks in one ncclGroupStart/End: an
+    /// ncclSend of `send[b.offset..][..b.count]` to `b.peer` for each of
+    /// `sends`, and an ncclRecv from `r.peer` into `recv[r.offset..][..r.count]`
+    /// for each of `recvs` (offsets and counts in elements). Several blocks
+    /// between the same two ranks are matched in the order they are listed
+    /// on each side, with equal counts. Every rank of the communicator must
+    /// call it (with empty lists if it has nothing to move: a rank with
+    /// nothing queues an empty send and receive to itself, so that the
+    /// group still names the communicator).
+    pub fn exchange_blocks<T: NcclElem>(
+        &mut self,
+        send: &CudaSlice<T>,
+        sends: &[Block],
+        recv: &mut CudaSlice<T>,
+        recvs: &[Block],
+    ) -> Result<()> {
+        const OP: &str = "all-to-all (ncclSend/ncclRecv)";
+        let w = self.world;
+        let nothing = [Block {
+            peer: self.rank,
+            offset: 0,
+            count: 0,
+        }];
+        let (sends, recvs) = if sends.is_empty() && recvs.is_empty() {
+            (&nothing[..], &nothing[..])
+        } else {
+            (sends, recvs)
+        };
+        for (what, list, len) in [("send", sends, send.len()), ("receive", recvs, recv.len())] {
+            for b in list {
+                if b.peer >= w {
+                    return Err(nccl_err(OP, format!("{what} block for rank {} of {w}", b.peer)));
+                }
+                check_range(OP, b.offset + b.count, len)?;
+            }
+        }
+        let es = T::TYPE.size() as u64;
+        let dt = T::TYPE as c_int;
+        let stream = self.gpu.stream().clone();
+        let cu = stream.cu_stream() as *mut c_void;
+        let (sp, g1) = send.device_ptr(&stream);
+        let (rp, g2) = recv.device_ptr_mut(&stream);
+        // SAFETY: ncclGroupStart(void); every call queued after it is run by
+        // the ncclGroupEnd below, which is reached on every path.
+        let r = unsafe { (self.nccl.fns.group_start)() };
+        if r != 0 {
+            drop((g1, g2));
+            return self.after(r, "ncclGroupStart", 0);
+        }
+        let mut first = 0;
+        for b in sends {
+            // SAFETY: ncclSend(const void*, size_t, type, int peer, comm,
+            // stream) on a block inside the buffer (checked above); the
+            // buffer stays borrowed until the group has ended.
+            let r = unsafe {
+                (self.nccl.fns.send)(
+                    (sp + b.offset as u64 * es) as *const c_void,
+                    b.count,
+                    dt,
+                    b.peer as c_int,
+                    self.raw,
+                    cu,
+                )
+            };
+            if first == 0 {
+                first = r;
+            }
+        }
+        for b in recvs {
+            // SAFETY: ncclRecv(void*, size_t, type, int peer, comm, stream)
+            // into a block inside the buffer (checked above), borrowed
+            // until the group has ended.
+            let r = unsafe {
+                (self.nccl.fns.recv)(
+                    (rp + b.offset as u64 * es) as *mut c_void,
+                    b.count,
+                    dt,
+                    b.peer as c_int,
+                    self.raw,
+                    cu,
+                )
+            };
+            if first == 0 {
+                first = r;
+            }
+        }
+        // SAFETY: ncclGroupEnd(void) runs the calls queued above.
+        let end = unsafe { (self.nccl.fns.group_end)() };
+        drop((g1, g2));
+        let total: usize = sends.iter().map(|b| b.count).sum();
+        self.after(if first != 0 { first } else { end }, OP, total)
+    }
+
+    /// All-to-all of packed blocks: `send` holds, in rank order, the
+    /// `send_counts[p]` elements for each rank p; returns what every rank
+    /// sent here, packed in rank order, and how many came from each rank
+    /// (exchanged first with [`Comm::exchange_counts`]).
+    pub fn all_to_all_packed<T: NcclElem + cudarc::driver::ValidAsZeroBits>(
+        &mut self,
+        send: &CudaSlice<T>,
+        send_counts: &[usize],
+    ) -> Result<(CudaSlice<T>, Vec<usize>)> {
+        let recv_counts = self.exchange_counts(send_counts)?;
+        let offsets = |c: &[usize]| {
+            c.iter()
+                .scan(0usize, |acc, &n| {
+                    let o = *acc;
+                    *acc += n;
+                    Some(o)
+                })
+                .collect::<Vec<usize>>()
+        };
+        let (so, ro) = (offsets(send_counts), offsets(&recv_counts));
+        let total: usize = recv_counts.iter().sum();
+        let mut recv = self.gpu.zeros::<T>(total.max(1))?;
+        self.all_to_all_v(send, send_counts, &so, &mut recv, &recv_counts, &ro)?;
+        Ok((recv, recv_counts))
     }
 }
 

@@ -287,3 +287,108 @@ fn a_rank_that_never_joins_is_named_after_the_timeout(nccl: &Arc<Nccl>, gpu: &Ar
     assert!(errs[1].contains("rank 2 of 3"), "{}", errs[1]);
     assert!(secs < 10.0, "took {secs} s");
 }
+
+/// The block rank `from` sends to rank `to` in the all-to-all test:
+/// `counts[from][to]` values that name both ends and the position
+/// (`from * 1000 + to * 100 + i`), so a block landing in the wrong place or
+/// order shows.
+fn a2a_block(from: usize, to: usize, n: usize) -> Vec<f32> {
+    (0..n).map(|i| (from * 1000 + to * 100 + i) as f32).collect()
+}
+
+/// Expert parallelism's all-to-all: uneven per-rank counts, zeros among
+/// them (a rank that sends nothing to anyone, a rank that receives nothing
+/// from one peer), on 2 and 3 ranks, checked against the exchange written
+/// out by hand; the packed form exchanges the counts first, the explicit
+/// form places blocks at given offsets and leaves the gaps alone.
+#[test]
+fn all_to_all_moves_uneven_blocks_between_ranks_cuda() {
+    let Some((nccl, gpu)) = setup("all_to_all_moves_uneven_blocks_between_ranks_cuda") else {
+        return;
+    };
+    // counts[from][to], elements.
+    let cases: Vec<Vec<Vec<usize>>> = vec![
+        vec![vec![3, 5], vec![0, 2]],
+        vec![vec![1, 0, 4], vec![0, 0, 0], vec![2, 7, 0]],
+        vec![vec![0, 6, 1], vec![3, 2, 0], vec![5, 0, 9]],
+    ];
+    for counts in cases {
+        let world = counts.len();
+        let c2 = counts.clone();
+        let gpu2 = gpu.clone();
+        let outs = on_ranks(&nccl, &gpu, world, move |rank, comm| {
+            let g = &gpu2;
+            let send_counts = c2[rank].clone();
+            let send: Vec<f32> = (0..world).flat_map(|to| a2a_block(rank, to, send_counts[to])).collect();
+            let dev = g.upload(&send).unwrap();
+            let (recv, recv_counts) = comm.all_to_all_packed(&dev, &send_counts).unwrap();
+            let packed = g.download(&recv).unwrap();
+            // Explicit offsets, in reverse rank order with a gap of 2
+            // between blocks; bf16 this time.
+            let mut offs = vec![0usize; world];
+            let mut at = 0;
+            for p in (0..world).rev() {
+                offs[p] = at;
+                at += recv_counts[p] + 2;
+            }
+            let mut sent_offs = vec![0usize; world];
+            for p in 1..world {
+                sent_offs[p] = sent_offs[p - 1] + send_counts[p - 1];
+            }
+            let send16: Vec<u16> = send.iter().map(|&x| bf16(x)).collect();
+            let dev16 = g.upload(&send16).unwrap();
+            let mut recv16 = g.upload(&vec![bf16(-1.0); at]).unwrap();
+            comm.all_to_all_v(&dev16, &send_counts, &sent_offs, &mut recv16, &recv_counts, &offs)
+                .unwrap();
+            let spread = g.download(&recv16).unwrap();
+            (recv_counts, packed, offs, spread)
+        });
+        for (rank, (recv_counts, packed, offs, spread)) in outs.into_iter().enumerate() {
+            let want_counts: Vec<usize> = (0..world).map(|from| counts[from][rank]).collect();
+            assert_eq!(recv_counts, want_counts, "rank {rank} counts, case {counts:?}");
+            let want: Vec<f32> = (0..world)
+                .flat_map(|from| a2a_block(from, rank, counts[from][rank]))
+                .collect();
+            if want.is_empty() {
+                assert_eq!(packed, vec![0.0], "rank {rank}: nothing received");
+            } else {
+                assert_eq!(packed, want, "rank {rank}, case {counts:?}");
+            }
+            let mut filled = vec![false; spread.len()];
+            for from in 0..world {
+                let block = a2a_block(from, rank, counts[from][rank]);
+                for (i, v) in block.iter().enumerate() {
+                    assert_eq!(
+                        from_bf16(spread[offs[from] + i]),
+                        from_bf16(bf16(*v)),
+                        "rank {rank}: element {i} from rank {from}"
+                    );
+                    filled[offs[from] + i] = true;
+                }
+            }
+            for (i, f) in filled.iter().enumerate() {
+                if !f {
+                    assert_eq!(from_bf16(spread[i]), -1.0, "rank {rank}: gap element {i} was written");
+                }
+            }
+        }
+    }
+    // Wrong shapes are refused before anything is sent.
+    let gpu2 = gpu.clone();
+    let errs = on_ranks(&nccl, &gpu, 1, move |_, comm| {
+        let send = gpu2.zeros::<f32>(4).unwrap();
+        let mut recv = gpu2.zeros::<f32>(4).unwrap();
+        let a = comm
+            .all_to_all_v(&send, &[5], &[0], &mut recv, &[4], &[0])
+            .unwrap_err()
+            .to_string();
+        let b = comm.exchange_counts(&[1, 2]).unwrap_err().to_string();
+        vec![a, b]
+    });
+    assert!(
+        errs[0][0].contains("all-to-all") && errs[0][0].contains("range ends at 5"),
+        "{}",
+        errs[0][0]
+    );
+    assert!(errs[0][1].contains("2 send counts for 1 ranks"), "{}", errs[0][1]);
+}

@@ -41,7 +41,9 @@ use aha_cuda_kernels::flash::{self, FlashGeometry};
 use aha_cuda_kernels::launch::{self, AdamwScalars, AttnGeometry, ColsCopy, RopeGeometry, TokenIds};
 use aha_cuda_kernels::launch_moe::{self, MoeGating, MoeMath, MoeStorage};
 use aha_cuda_kernels::lmhead::{self, LmHeadOperands};
+use aha_cuda_kernels::moe_ep::{self, MoeEpBuffers};
 use aha_cuda_kernels::moe_layer::{self, MoeBuffers, MoeDims, MoeExpertViews, MoeExperts, MoeGrads, MoeWeights};
+use aha_cuda_kernels::nccl::Comm;
 use aha_cuda_kernels::Gpu;
 
 use crate::config::{ModelConfig, Router};
@@ -298,6 +300,17 @@ pub struct GpuModel {
     master_shard: Option<MasterShard>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
+    /// Expert parallelism of the training forward and backward
+    /// ([`GpuModel::set_expert_parallel`]).
+    ep: Option<ExpertParallel>,
+}
+
+/// The communicator the MoE layers exchange token rows over, and this
+/// rank's place in it.
+struct ExpertParallel {
+    comm: std::sync::Mutex<Comm>,
+    rank: usize,
+    world: usize,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -385,7 +398,7 @@ impl Saved {
     fn counts(&self) -> Option<&CudaSlice<u32>> {
         match self {
             Saved::Full(a) => match &a.ffn {
-                FfnActs::Moe { buf } => Some(&buf.perm.counts),
+                FfnActs::Moe { buf, .. } => Some(&buf.perm.counts),
                 FfnActs::Dense { .. } => None,
             },
             Saved::Input { counts, .. } => counts.as_ref(),
@@ -428,6 +441,8 @@ enum FfnActs {
     },
     Moe {
         buf: Box<MoeBuffers>,
+        /// The exchange plan and local rows under expert parallelism.
+        ep: Option<Box<MoeEpBuffers>>,
     },
 }
 
@@ -502,6 +517,7 @@ impl GpuModel {
             host_master: None,
             resident: packed,
             master_shard: None,
+            ep: None,
         };
         m.refresh_copies()?;
         Ok(m)
@@ -988,7 +1004,12 @@ impl GpuModel {
             }
         }
         let e = experts.len();
-        let span = |s: Slot| s.off..s.off + s.len * e;
+        // Under expert parallelism only this rank's experts.
+        let shard = match &self.ep {
+            Some(ep) => moe_ep::expert_shard(e, ep.world, ep.rank),
+            None => 0..e,
+        };
+        let span = |s: Slot| s.off + s.len * shard.start..s.off + s.len * shard.end;
         let one = |s: Slot| s.off..s.off + s.len;
         let (experts, storage) = match (&self.params16, self.precision) {
             (Some(p16), GpuPrecision::Bf16) => (
@@ -1446,8 +1467,23 @@ impl GpuModel {
                 };
                 let mut buf = Box::new(MoeBuffers::new(&self.gpu, dims).map_err(cuda)?);
                 let mut down = self.zeros(n * c)?;
-                moe_layer::moe_layer_forward(&self.gpu, &mut down, ln2, &w, &mut buf).map_err(cuda)?;
-                Ok((down, FfnActs::Moe { buf }))
+                let ep = match &self.ep {
+                    Some(ep) => {
+                        let mut comm = ep
+                            .comm
+                            .lock()
+                            .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?;
+                        let mut eb = Box::new(MoeEpBuffers::new(&self.gpu, &buf, ep.world, ep.rank).map_err(cuda)?);
+                        moe_ep::moe_layer_forward_ep(&self.gpu, &mut comm, &mut down, ln2, &w, &mut buf, &mut eb)
+                            .map_err(cuda)?;
+                        Some(eb)
+                    }
+                    None => {
+                        moe_layer::moe_layer_forward(&self.gpu, &mut down, ln2, &w, &mut buf).map_err(cuda)?;
+                        None
+                    }
+                };
+                Ok((down, FfnActs::Moe { buf, ep }))
             }
         }
     }
@@ -1486,7 +1522,7 @@ impl GpuModel {
                 let x_in = g.clone_dtod(&x).map_err(cuda)?;
                 let a = self.layer_forward(&mut x, s, &pos, b, t)?;
                 let counts = match &a.ffn {
-                    FfnActs::Moe { buf } => Some(g.clone_dtod(&buf.perm.counts).map_err(cuda)?),
+                    FfnActs::Moe { buf, .. } => Some(g.clone_dtod(&buf.perm.counts).map_err(cuda)?),
                     FfnActs::Dense { .. } => None,
                 };
                 Saved::Input { x: x_in, counts }
@@ -1548,6 +1584,54 @@ impl GpuModel {
     /// activations alive at a time, at the cost of a second forward).
     pub fn set_recompute(&mut self, on: bool) {
         self.recompute = on;
+    }
+
+    /// Expert parallelism over `comm` (`None`: off), returning the
+    /// communicator set before. With EP degree W = `comm.world()`, rank r
+    /// runs the routed experts `moe_ep::expert_shard(E, W, r)` of every MoE
+    /// layer for every rank's tokens routed to them
+    /// (`aha_cuda_kernels::moe_ep`); the router and shared experts run
+    /// locally. The parameters stay whole on every rank: the backward
+    /// leaves the other ranks' experts' gradients at zero, so the
+    /// data-parallel all-reduce of the flat gradient gives every expert
+    /// its owner's gradient and every rank the same update (and a full
+    /// checkpoint). While set, every [`GpuModel::forward`] and
+    /// [`GpuModel::backward`] (and [`GpuModel::logits`] and
+    /// [`GpuModel::token_logprobs`], which run a forward) is a collective
+    /// over `comm`: every rank must call them together, on batches of any
+    /// sizes. W must divide the number of routed experts.
+    pub fn set_expert_parallel(&mut self, comm: Option<Comm>) -> Result<Option<Comm>> {
+        if let Some(c) = &comm {
+            let e = self.config.moe.as_ref().map_or(0, |m| m.n_experts);
+            if e == 0 || !e.is_multiple_of(c.world()) {
+                return Err(input_err(
+                    "expert_parallel",
+                    format!(
+                        "expert_parallel = {} must divide the number of routed experts ({e})",
+                        c.world()
+                    ),
+                ));
+            }
+        }
+        let old = self.ep.take();
+        self.ep = comm.map(|c| ExpertParallel {
+            rank: c.rank(),
+            world: c.world(),
+            comm: std::sync::Mutex::new(c),
+        });
+        match old {
+            Some(ep) => {
+                Ok(Some(ep.comm.into_inner().map_err(|_| {
+                    input_err("gpu", "expert-parallel communicator poisoned")
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// `(rank, world)` of expert parallelism, if set.
+    pub fn expert_parallel(&self) -> Option<(usize, usize)> {
+        self.ep.as_ref().map(|e| (e.rank, e.world))
     }
 
     /// The lm head's operands for hidden rows `h [n, C]`.
@@ -2145,14 +2229,60 @@ impl GpuModel {
                         shared,
                         ..
                     },
-                    FfnActs::Moe { buf },
+                    FfnActs::Moe { buf, ep: ep_buf },
                 ) => {
                     let (w, _) = self.moe_weights(&s.ffn)?;
                     // The layer's gradients into zeroed stacked buffers,
                     // then added to the flat buffer's views.
                     let mut gr = MoeGrads::zeros(g, &buf.dims).map_err(cuda)?;
-                    moe_layer::moe_layer_backward(g, &mut dln2, &mut gr.view_mut(), &dx, &a.ln2, &w, buf, aux.as_ref())
-                        .map_err(cuda)?;
+                    match (&self.ep, ep_buf) {
+                        (Some(ep), Some(eb)) => {
+                            // Only this rank's experts get gradients (the
+                            // sum over every rank's tokens); the others stay
+                            // zero here, so an all-reduce of the flat
+                            // gradient leaves each expert its owner's.
+                            let mut comm = ep
+                                .comm
+                                .lock()
+                                .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?;
+                            let sh = moe_ep::expert_shard(buf.dims.e, ep.world, ep.rank);
+                            let (fc, cf) = (buf.dims.f * c, c * buf.dims.f);
+                            let mut grv = moe_layer::MoeGradsMut {
+                                router: gr.router.as_view_mut(),
+                                w_gate: gr.w_gate.slice_mut(sh.start * fc..sh.end * fc),
+                                w_up: gr.w_up.slice_mut(sh.start * fc..sh.end * fc),
+                                w_down: gr.w_down.slice_mut(sh.start * cf..sh.end * cf),
+                                shared: gr
+                                    .shared
+                                    .as_mut()
+                                    .map(|[x, y, z]| [x.as_view_mut(), y.as_view_mut(), z.as_view_mut()]),
+                            };
+                            moe_ep::moe_layer_backward_ep(
+                                g,
+                                &mut comm,
+                                &mut dln2,
+                                &mut grv,
+                                &dx,
+                                &a.ln2,
+                                &w,
+                                buf,
+                                eb,
+                                aux.as_ref(),
+                            )
+                            .map_err(cuda)?;
+                        }
+                        _ => moe_layer::moe_layer_backward(
+                            g,
+                            &mut dln2,
+                            &mut gr.view_mut(),
+                            &dx,
+                            &a.ln2,
+                            &w,
+                            buf,
+                            aux.as_ref(),
+                        )
+                        .map_err(cuda)?,
+                    }
                     // A LoRA layout freezes the router and the experts.
                     if self.trains(*router) {
                         self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
@@ -2202,10 +2332,16 @@ impl GpuModel {
         let (mut counts, mut tokens) = (vec![0u64; e], 0usize);
         for l in &fwd.layers {
             if let Some(layer_counts) = l.counts() {
-                for (c, x) in counts.iter_mut().zip(self.gpu.download(layer_counts).map_err(cuda)?) {
+                let layer = self.gpu.download(layer_counts).map_err(cuda)?;
+                for (c, &x) in counts.iter_mut().zip(&layer) {
                     *c += u64::from(x);
                 }
-                tokens += fwd.rows();
+                tokens += match self.ep {
+                    // The loads are every rank's: so is the token count
+                    // (each token is routed to top_k experts).
+                    Some(_) => (layer[..e].iter().map(|&x| x as usize).sum::<usize>()) / m.top_k.max(1),
+                    None => fwd.rows(),
+                };
             }
         }
         if tokens == 0 {
