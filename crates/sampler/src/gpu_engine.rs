@@ -109,7 +109,7 @@ pub struct GpuEngine<'a> {
 }
 
 enum CacheSlot<'a> {
-    Owned(EngineCache),
+    Owned(Box<EngineCache>),
     Borrowed(&'a mut EngineCache),
 }
 
@@ -226,7 +226,7 @@ impl<'a> GpuEngine<'a> {
             tokenizer,
             cfg,
             eos,
-            cache: RefCell::new(CacheSlot::Owned(EngineCache::new())),
+            cache: RefCell::new(CacheSlot::Owned(Box::default())),
         })
     }
 

@@ -818,13 +818,12 @@ fn a_changed_configuration_rebuilds_what_depends_on_it_cuda() {
     let more: Vec<Vec<u32>> = ps.iter().chain(&ps).chain(&ps).cloned().collect();
     let s = call(cfg_with(8, 8, 64, KvDtype::Bf16), &cold, &more);
     assert_eq!(s.pools_allocated, 1, "larger request: {s:?}");
-    drop(call);
-    let (blocks, bytes) = (cache.blocks(), cache.bytes());
-    assert!(
-        blocks > s.peak_blocks && bytes > 0,
-        "{blocks} blocks for a peak of {}",
-        s.peak_blocks
-    );
+    // The request's worst case: each of the 6 prompts (4 or 6 tokens)
+    // takes 1 prompt block and 2 samples x 2 blocks to 6 new tokens, 30 in
+    // all; a pool replacing a smaller one takes a quarter more, plus the
+    // pad block of a batch of 8.
+    assert_eq!(cache.blocks(), 30 + 30 / 4 + 1);
+    assert!(cache.bytes() > 0);
     // Released: the memory goes, and the next call allocates again.
     cache.release();
     assert_eq!((cache.blocks(), cache.bytes(), cache.graphs()), (0, 0, 0));
