@@ -30,8 +30,9 @@ pub struct EngineConfig {
     /// Positions per cache block.
     pub block_size: usize,
     /// Cache blocks in the pool at most. The CPU engine reserves memory as
-    /// blocks are first used; the GPU engine allocates, per `generate`
-    /// call, the fewer of this and the request's worst case.
+    /// blocks are first used; the GPU engine allocates the fewer of this
+    /// and the request's worst case, and keeps the pool for the next call
+    /// (see `gpu_engine`).
     pub kv_blocks: usize,
     /// Element type of the cached keys and values on a GPU (bf16 unless
     /// asked; see `gpu_engine`). The CPU engine's cache is always f32.
