@@ -54,7 +54,7 @@ use crate::params::{AttnSlots, FfnSlots, LayerSlots, Layout, Linear, MlpSlots, S
 
 mod decode_graph;
 mod paged;
-pub use decode_graph::DecodeGraph;
+pub use decode_graph::{DecodeGraph, ModelIdentity};
 pub use paged::{GpuPagedKvCache, KvDtype};
 
 fn cuda(e: aha_cuda_kernels::Error) -> Error {

@@ -17,9 +17,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::detok::{decode, Detokenizer};
 use crate::error::{Error, Result};
 use crate::sampling::{sample_in_context, SamplingParams, SeqRng};
+use crate::stop::{check_config, engine_eos, Output, StopRules};
 
 /// Engine sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,8 +30,9 @@ pub struct EngineConfig {
     /// Positions per cache block.
     pub block_size: usize,
     /// Cache blocks in the pool at most. The CPU engine reserves memory as
-    /// blocks are first used; the GPU engine allocates, per `generate`
-    /// call, the fewer of this and the request's worst case.
+    /// blocks are first used; the GPU engine allocates the fewer of this
+    /// and the request's worst case, and keeps the pool for the next call
+    /// (see `gpu_engine`).
     pub kv_blocks: usize,
     /// Element type of the cached keys and values on a GPU (bf16 unless
     /// asked; see `gpu_engine`). The CPU engine's cache is always f32.
@@ -113,23 +114,22 @@ pub struct GenerateStats {
     /// GPU engine: steps replayed as CUDA graphs (every sequence decoding
     /// one token), and the graphs captured for them.
     pub graph_steps: usize,
-    /// GPU engine: decode graphs captured (one per bucket used).
+    /// GPU engine: decode graphs captured (one per bucket used; none for
+    /// a bucket whose graph was kept from an earlier call).
     pub graphs_captured: usize,
+    /// GPU engine: device KV pools allocated by the call (0 when the pool
+    /// kept from an earlier call was reused; see `gpu_engine`).
+    pub pools_allocated: usize,
 }
 
 struct Seq {
-    prompt: usize,
-    sample: usize,
     table: Vec<u32>,
     /// Positions in the cache.
     len: usize,
     /// The token to feed next (the last one sampled).
     pending: u32,
-    tokens: Vec<u32>,
-    logprobs: Vec<f32>,
+    out: Output,
     rng: SeqRng,
-    detok: Detokenizer,
-    text: String,
     reserved: usize,
 }
 
@@ -166,15 +166,8 @@ impl<'a> Engine<'a> {
         cfg: EngineConfig,
         extra_eos: &[u32],
     ) -> Result<Engine<'a>> {
-        if cfg.max_batch == 0 || cfg.block_size == 0 || cfg.kv_blocks == 0 {
-            return Err(Error::Invalid(
-                "max_batch, block_size and kv_blocks must be positive".into(),
-            ));
-        }
-        let mut eos = model.config.eos_token_ids.clone();
-        eos.extend_from_slice(extra_eos);
-        eos.sort_unstable();
-        eos.dedup();
+        check_config(&cfg)?;
+        let eos = engine_eos(&model.config.eos_token_ids, extra_eos);
         Ok(Engine {
             model,
             tokenizer,
@@ -210,8 +203,7 @@ impl<'a> Engine<'a> {
             self.tokenizer.is_some(),
             self.model.config.max_position_embeddings,
         )?;
-        let mut eos = self.eos.clone();
-        eos.extend_from_slice(&params.stop_token_ids);
+        let rules = StopRules::new(self.tokenizer, &self.eos, params);
         let t_all = Instant::now();
         let mut stats = GenerateStats::default();
         let mut cache: PagedKvCache = self.model.new_paged_cache(self.cfg.block_size, self.cfg.kv_blocks);
@@ -305,16 +297,11 @@ impl<'a> Engine<'a> {
                         t.push(cache.copy_block(table[full])?);
                     }
                     fresh.push(Seq {
-                        prompt: pi,
-                        sample: si,
                         table: t,
                         len: plen,
                         pending: 0,
-                        tokens: Vec::new(),
-                        logprobs: Vec::new(),
+                        out: Output::new(pi, si),
                         rng: SeqRng::for_sequence(params.seed, params.prompt_offset.wrapping_add(pi as u64), si as u64),
-                        detok: Detokenizer::default(),
-                        text: String::new(),
                         reserved: per_sample,
                     });
                 }
@@ -343,10 +330,9 @@ impl<'a> Engine<'a> {
                     &logits[*row * v..(*row + 1) * v],
                     params,
                     &mut s.rng,
-                    &[&prompts[s.prompt], &s.tokens],
+                    &[&prompts[s.out.prompt], &s.out.tokens],
                 )?;
-                s.tokens.push(out.token);
-                s.logprobs.push(out.logprob);
+                s.out.push(out.token, out.logprob);
                 s.pending = out.token;
                 Ok(())
             })?;
@@ -357,34 +343,22 @@ impl<'a> Engine<'a> {
 
             // Stop rules; finished sequences leave and free their blocks.
             let t2 = Instant::now();
-            let mut keep = Vec::with_capacity(live.len());
-            for mut s in live.drain(..) {
-                let reason = stop_rule(self.tokenizer, &eos, params, &s.tokens, &mut s.detok, &mut s.text)?;
-                match reason {
-                    Some(r) => {
-                        cache.release(&s.table);
-                        reserved -= s.reserved;
-                        if let Some(e) = sharing.get_mut(&s.prompt) {
-                            e.0 -= 1;
-                            if e.0 == 0 {
-                                reserved -= e.1;
-                                sharing.remove(&s.prompt);
-                            }
+            rules.retire(
+                &mut live,
+                &mut done,
+                |s| &mut s.out,
+                |s| {
+                    cache.release(&s.table);
+                    reserved -= s.reserved;
+                    if let Some(e) = sharing.get_mut(&s.out.prompt) {
+                        e.0 -= 1;
+                        if e.0 == 0 {
+                            reserved -= e.1;
+                            sharing.remove(&s.out.prompt);
                         }
-                        let text = completion_text(self.tokenizer, r, &s.tokens, s.text)?;
-                        done.push(Completion {
-                            prompt_index: s.prompt,
-                            sample_index: s.sample,
-                            token_ids: s.tokens,
-                            text,
-                            logprobs: s.logprobs,
-                            finish_reason: r,
-                        });
                     }
-                    None => keep.push(s),
-                }
-            }
-            live = keep;
+                },
+            )?;
             stats.detok_s += t2.elapsed().as_secs_f64();
             progress(&Progress {
                 finished: done.len(),
@@ -434,79 +408,4 @@ pub(crate) fn check_request(
         }
     }
     Ok(())
-}
-
-/// The stop rules after a sequence's newest token (the last of `tokens`):
-/// with a tokenizer, the text grows by the token's delta and a stop string
-/// in it ends the sequence (the text cut before it); then an end-of-sequence
-/// id (`eos`), then `max_new_tokens`.
-pub(crate) fn stop_rule(
-    tokenizer: Option<&Tokenizer>,
-    eos: &[u32],
-    params: &SamplingParams,
-    tokens: &[u32],
-    detok: &mut Detokenizer,
-    text: &mut String,
-) -> Result<Option<FinishReason>> {
-    let Some(&last) = tokens.last() else {
-        return Ok(None);
-    };
-    if let Some(tok) = tokenizer {
-        if !eos.contains(&last) {
-            let delta = detok.step(tok, tokens)?;
-            text.push_str(&delta);
-            if let Some(cut) = find_stop(text, &params.stop_strings, delta.len()) {
-                text.truncate(cut);
-                return Ok(Some(FinishReason::Stop));
-            }
-        }
-    }
-    if eos.contains(&last) {
-        return Ok(Some(FinishReason::Eos));
-    }
-    if tokens.len() >= params.max_new_tokens {
-        return Ok(Some(FinishReason::Length));
-    }
-    Ok(None)
-}
-
-/// A finished completion's text: the incremental text when a stop string
-/// cut it, else the tokens decoded (an ending EOS left out); empty without
-/// a tokenizer.
-pub(crate) fn completion_text(
-    tokenizer: Option<&Tokenizer>,
-    reason: FinishReason,
-    tokens: &[u32],
-    text: String,
-) -> Result<String> {
-    match (tokenizer, reason) {
-        (Some(_), FinishReason::Stop) => Ok(text),
-        (Some(tok), _) => {
-            let body = if reason == FinishReason::Eos {
-                &tokens[..tokens.len().saturating_sub(1)]
-            } else {
-                tokens
-            };
-            decode(tok, body)
-        }
-        (None, _) => Ok(String::new()),
-    }
-}
-
-/// The byte offset where the first stop string starts, searching only where
-/// the last `delta` bytes of `text` could have completed one (`delta` =
-/// the length of the text added since the last search).
-pub fn find_stop(text: &str, stops: &[String], delta: usize) -> Option<usize> {
-    let mut best: Option<usize> = None;
-    for s in stops {
-        let mut from = text.len().saturating_sub(delta + s.len());
-        while !text.is_char_boundary(from) {
-            from -= 1;
-        }
-        if let Some(i) = text[from..].find(s.as_str()) {
-            let at = from + i;
-            best = Some(best.map_or(at, |b| b.min(at)));
-        }
-    }
-    best
 }

@@ -14,13 +14,26 @@
 //! row from the sequence's own stream), so only the sampled ids and their
 //! log-probs come back to the host.
 //!
-//! - **Pool**: allocated per call, `min(EngineConfig::kv_blocks, the
-//!   request's worst case)` blocks of `EngineConfig::block_size` positions
-//!   (the worst case: every prompt's blocks once plus each sample's private
-//!   tail to `max_new_tokens`, so a pool of that size never preempts).
-//!   Keys and values in `EngineConfig::kv_dtype`: bf16 (default; attention
-//!   by the paged flash-decoding kernels) or f32 (exact; the f32 decode
-//!   kernel over gathered blocks).
+//! - **Pool**: `min(EngineConfig::kv_blocks, the request's worst case)`
+//!   blocks of `EngineConfig::block_size` positions (the worst case: every
+//!   prompt's blocks once plus each sample's private tail to
+//!   `max_new_tokens`, so a pool of that size never preempts). Keys and
+//!   values in `EngineConfig::kv_dtype`: bf16 (default; attention by the
+//!   paged flash-decoding kernels) or f32 (exact; the f32 decode kernel
+//!   over gathered blocks).
+//! - **Kept across calls** ([`EngineCache`]): the pool and the decode
+//!   graphs captured against it stay from one `generate` call to the next.
+//!   Each call starts with every block free. The pool is kept while the
+//!   model's device and config, the block size and the dtype are the same
+//!   and it is large enough (a larger one replaces it, with a quarter more
+//!   than asked, so that requests of varying size settle on one pool). The
+//!   graphs are kept while the pool is, the sampling parameters baked into
+//!   them (temperature, top-k, top-p, min-p) are the same, and the model's
+//!   weights are at the addresses they were captured over
+//!   ([`GpuModel::identity`](aha_moe_model::gpu::GpuModel::identity)):
+//!   weights the optimizer updates in place are what the next replay
+//!   reads; weights reallocated (`set_params`) make the graphs captured
+//!   again. [`EngineCache::release`] frees it all.
 //! - **Admission by free blocks**: a prompt joins when batch slots allow
 //!   and the pool has free blocks for its prompt (its samples then grow
 //!   block by block); nothing is reserved for the future.
@@ -45,39 +58,36 @@
 //!   kernels, else the expanded keys and values (see
 //!   [`GpuPagedKvCache`](aha_moe_model::gpu::GpuPagedKvCache)).
 //!
-//! Not yet: CUDA graphs; the key/value writes into the pool are one device
-//! copy per run of positions within a block.
+//! - **CUDA graphs**: a step where every live sequence decodes one token
+//!   replays the graph of its (batch, table width) bucket, captured the
+//!   second time the bucket is seen (`EngineConfig::cuda_graphs`; bf16
+//!   caches only).
 
-use std::collections::VecDeque;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::time::Instant;
 
 use aha_cuda_kernels::cudarc::driver::CudaSlice;
-use std::collections::HashMap;
 
 use aha_cuda_kernels::launch::{embedding_forward_f32, sample_f32, SampleParams, SampledToken, TokenIds};
 use aha_moe_model::gpu::{DecodeGraph, GpuModel, GpuPagedKvCache, KvDtype};
-use aha_moe_model::SeqSpan;
+use aha_moe_model::{ModelConfig, SeqSpan};
 use tokenizers::Tokenizer;
 
-use crate::detok::Detokenizer;
-use crate::engine::{check_request, completion_text, stop_rule, EngineConfig};
+use crate::engine::{check_request, EngineConfig};
 use crate::error::{Error, Result};
 use crate::sampling::{SamplingParams, SeqRng};
+use crate::stop::{check_config, engine_eos, Output, StopRules};
 use crate::{Completion, GenerateStats, Progress};
 
 struct Seq {
-    prompt: usize,
-    sample: usize,
     /// Block table (empty while preempted).
     table: Vec<u32>,
     /// Positions in the cache.
     len: usize,
-    tokens: Vec<u32>,
-    logprobs: Vec<f32>,
+    out: Output,
     rng: SeqRng,
-    detok: Detokenizer,
-    text: String,
 }
 
 /// A queue entry: samples of a prompt not started yet, or a preempted
@@ -93,6 +103,106 @@ pub struct GpuEngine<'a> {
     tokenizer: Option<&'a Tokenizer>,
     cfg: EngineConfig,
     eos: Vec<u32>,
+    /// The pool and the decode graphs kept between calls: the engine's
+    /// own, or a caller's that outlives the engine.
+    cache: RefCell<CacheSlot<'a>>,
+}
+
+enum CacheSlot<'a> {
+    Owned(Box<EngineCache>),
+    Borrowed(&'a mut EngineCache),
+}
+
+impl CacheSlot<'_> {
+    fn get(&mut self) -> &mut EngineCache {
+        match self {
+            CacheSlot::Owned(c) => c,
+            CacheSlot::Borrowed(c) => c,
+        }
+    }
+}
+
+/// What the GPU engine keeps from one `generate` call to the next: the
+/// device KV pool and the decode graphs captured against it (by bucket),
+/// with the buckets seen so far. Owned by a [`GpuEngine`], or by a caller
+/// that makes an engine per call over a model it updates in between (the
+/// trainer: [`GpuEngine::with_cache`], [`crate::Sampler::with_cache`]).
+/// Holds no borrow of the model: what it was built for is checked at every
+/// call, and what no longer fits is dropped and built again (see the
+/// module docs). The CPU engine keeps nothing.
+#[derive(Default)]
+pub struct EngineCache {
+    kept: Option<Kept>,
+}
+
+impl std::fmt::Debug for EngineCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kept {
+            Some(k) => write!(f, "EngineCache({:?}, {} graphs)", k.cache, k.graphs.len()),
+            None => f.write_str("EngineCache(empty)"),
+        }
+    }
+}
+
+impl EngineCache {
+    /// An empty cache (the first call allocates).
+    pub fn new() -> EngineCache {
+        EngineCache::default()
+    }
+
+    /// Frees the pool's device memory and the graphs (their scratch and
+    /// staging); the next call allocates and captures again.
+    pub fn release(&mut self) {
+        self.kept = None;
+    }
+
+    /// Device bytes of the kept pool (0 when none is kept).
+    pub fn bytes(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| k.cache.bytes())
+    }
+
+    /// Blocks of the kept pool, pad blocks included (0 when none is kept).
+    pub fn blocks(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| k.cache.num_blocks())
+    }
+
+    /// Decode graphs kept.
+    pub fn graphs(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| k.graphs.len())
+    }
+}
+
+/// The kept pool, and the graphs over it.
+struct Kept {
+    /// What the pool was shaped for: the model's device and config, the
+    /// block size and dtype.
+    ordinal: usize,
+    config: ModelConfig,
+    block_size: usize,
+    dtype: KvDtype,
+    cache: GpuPagedKvCache,
+    /// Captured decode graphs by (rows, table width) bucket; all for
+    /// `params` and the model's weights at their addresses then.
+    graphs: HashMap<(usize, usize), DecodeGraph>,
+    /// Decode steps seen per bucket (a bucket is captured when seen again).
+    seen: HashMap<(usize, usize), usize>,
+    params: Option<SampleParams>,
+    /// A capture failed: decode steps run eagerly until the pool is rebuilt.
+    no_graphs: bool,
+}
+
+impl Kept {
+    /// Drops the graphs and bucket counts unless they replay `model` with
+    /// `sp` against this pool.
+    fn keep_graphs_for(&mut self, model: &GpuModel, sp: &SampleParams) {
+        let cache = &self.cache;
+        let valid = self.params == Some(*sp) && self.graphs.values().all(|g| g.replays(model, cache, sp));
+        if !valid {
+            self.graphs.clear();
+            self.seen.clear();
+            self.params = Some(*sp);
+        }
+    }
 }
 
 fn device(e: aha_cuda_kernels::Error) -> Error {
@@ -109,21 +219,42 @@ impl<'a> GpuEngine<'a> {
         cfg: EngineConfig,
         extra_eos: &[u32],
     ) -> Result<GpuEngine<'a>> {
-        if cfg.max_batch == 0 || cfg.block_size == 0 || cfg.kv_blocks == 0 {
-            return Err(Error::Invalid(
-                "max_batch, block_size and kv_blocks must be positive".into(),
-            ));
-        }
-        let mut eos = model.config.eos_token_ids.clone();
-        eos.extend_from_slice(extra_eos);
-        eos.sort_unstable();
-        eos.dedup();
+        check_config(&cfg)?;
+        let eos = engine_eos(&model.config.eos_token_ids, extra_eos);
         Ok(GpuEngine {
             model,
             tokenizer,
             cfg,
             eos,
+            cache: RefCell::new(CacheSlot::Owned(Box::default())),
         })
+    }
+
+    /// [`GpuEngine::new`] keeping its pool and graphs in `cache`, which
+    /// outlives the engine: an engine made for each call over a model
+    /// updated in between reuses what the previous one left (the trainer
+    /// makes one per rollout).
+    pub fn with_cache(
+        model: &'a GpuModel,
+        tokenizer: Option<&'a Tokenizer>,
+        cfg: EngineConfig,
+        extra_eos: &[u32],
+        cache: &'a mut EngineCache,
+    ) -> Result<GpuEngine<'a>> {
+        let mut e = GpuEngine::new(model, tokenizer, cfg, extra_eos)?;
+        e.cache = RefCell::new(CacheSlot::Borrowed(cache));
+        Ok(e)
+    }
+
+    /// Frees the kept pool and graphs now (see [`EngineCache::release`]),
+    /// e.g. before a training step that needs the memory.
+    pub fn release_cache(&self) {
+        self.cache.borrow_mut().get().release();
+    }
+
+    /// Device bytes of the kept pool (see [`EngineCache::bytes`]).
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.borrow_mut().get().bytes()
     }
 
     /// `n` completions of every prompt; returned ordered by (prompt, sample).
@@ -147,6 +278,67 @@ impl<'a> GpuEngine<'a> {
         worst.clamp(1, self.cfg.kv_blocks)
     }
 
+    /// The kept pool for a call that needs `need` blocks besides `pad_n`
+    /// pad blocks, emptied, with its graphs if they still replay with
+    /// `sp` over the model's weights. A pool is kept while the model's
+    /// device and config, the block size and dtype are the same and it
+    /// holds `need + pad_n` blocks within `kv_blocks + pad_n`; otherwise a
+    /// new one is allocated (`stats.pools_allocated`), of `need` blocks,
+    /// or of `need` and a quarter (within `kv_blocks`) when it replaces a
+    /// kept pool that was too small, so that requests varying in size do
+    /// not reallocate at every call.
+    fn kept_pool<'c>(
+        &self,
+        slot: &'c mut EngineCache,
+        need: usize,
+        pad_n: usize,
+        sp: &SampleParams,
+        stats: &mut GenerateStats,
+    ) -> Result<&'c mut Kept> {
+        let (bs, dtype) = (self.cfg.block_size, self.cfg.kv_dtype);
+        let ordinal = self.model.gpu().ordinal();
+        let same_shape =
+            |k: &Kept| k.ordinal == ordinal && k.config == self.model.config && k.block_size == bs && k.dtype == dtype;
+        let mut blocks = need;
+        if let Some(k) = &slot.kept {
+            let total = k.cache.num_blocks();
+            if same_shape(k) && total >= need + pad_n && total <= self.cfg.kv_blocks + pad_n {
+                // Reused below.
+            } else {
+                if same_shape(k) && total < need + pad_n {
+                    blocks = (need + need / 4).min(self.cfg.kv_blocks);
+                }
+                // Frees the old pool before the new one is allocated.
+                slot.kept = None;
+            }
+        }
+        let kept = match &mut slot.kept {
+            Some(k) => k,
+            empty => {
+                let cache = self.model.new_paged_cache(bs, blocks + pad_n, dtype).map_err(|e| {
+                    Error::Invalid(format!(
+                        "the KV-cache pool of {blocks} blocks of {bs} positions ({dtype:?}): {e} (lower kv_blocks)"
+                    ))
+                })?;
+                stats.pools_allocated += 1;
+                empty.insert(Kept {
+                    ordinal,
+                    config: self.model.config.clone(),
+                    block_size: bs,
+                    dtype,
+                    cache,
+                    graphs: HashMap::new(),
+                    seen: HashMap::new(),
+                    params: None,
+                    no_graphs: false,
+                })
+            }
+        };
+        kept.cache.reset();
+        kept.keep_graphs_for(self.model, sp);
+        Ok(kept)
+    }
+
     /// [`GpuEngine::generate`], calling `progress` after every step.
     pub fn generate_with_progress(
         &self,
@@ -164,18 +356,33 @@ impl<'a> GpuEngine<'a> {
             self.tokenizer.is_some(),
             cfg.max_position_embeddings,
         )?;
-        let blocks = self.pool_blocks(prompts, n, params.max_new_tokens);
+        let need = self.pool_blocks(prompts, n, params.max_new_tokens);
         let (bs, dtype) = (self.cfg.block_size, self.cfg.kv_dtype);
         // Decode graphs pad a batch to its bucket (a power of two) with
         // rows over blocks of their own, outside the request's.
-        let mut graphs_on = self.cfg.cuda_graphs && dtype == KvDtype::Bf16;
+        let graphs_wanted = self.cfg.cuda_graphs && dtype == KvDtype::Bf16;
         let max_rows = self.cfg.max_batch.next_power_of_two();
-        let pad_n = if graphs_on { max_rows.div_ceil(bs) } else { 0 };
-        let mut cache = self.model.new_paged_cache(bs, blocks + pad_n, dtype).map_err(|e| {
-            Error::Invalid(format!(
-                "the KV-cache pool of {blocks} blocks of {bs} positions ({dtype:?}): {e} (lower kv_blocks)"
-            ))
-        })?;
+        let pad_n = if graphs_wanted { max_rows.div_ceil(bs) } else { 0 };
+        let rules = StopRules::new(self.tokenizer, &self.eos, params);
+        let greedy = params.greedy || params.temperature == 0.0;
+        let sp = SampleParams {
+            temperature: if greedy { 0.0 } else { params.temperature },
+            top_k: params.top_k,
+            top_p: params.top_p,
+            min_p: params.min_p,
+        };
+        let mut stats = GenerateStats::default();
+        let mut slot = self.cache.borrow_mut();
+        let kept = self.kept_pool(slot.get(), need, pad_n, &sp, &mut stats)?;
+        let Kept {
+            cache,
+            graphs,
+            seen: seen_buckets,
+            no_graphs,
+            ..
+        } = kept;
+        let mut graphs_on = graphs_wanted && !*no_graphs;
+        let blocks = cache.num_blocks() - pad_n;
         let mut pad = Vec::with_capacity(pad_n);
         for _ in 0..pad_n {
             pad.push(cache.alloc()?);
@@ -192,17 +399,7 @@ impl<'a> GpuEngine<'a> {
                 )));
             }
         }
-        let mut eos = self.eos.clone();
-        eos.extend_from_slice(&params.stop_token_ids);
-        let greedy = params.greedy || params.temperature == 0.0;
-        let sp = SampleParams {
-            temperature: if greedy { 0.0 } else { params.temperature },
-            top_k: params.top_k,
-            top_p: params.top_p,
-            min_p: params.min_p,
-        };
         let t_all = Instant::now();
-        let mut stats = GenerateStats::default();
         let mut waiting: VecDeque<Waiting> = (0..prompts.len())
             .map(|p| Waiting::Fresh {
                 prompt: p,
@@ -211,8 +408,6 @@ impl<'a> GpuEngine<'a> {
             .collect();
         let mut live: Vec<Seq> = Vec::new();
         let mut done: Vec<Completion> = Vec::with_capacity(prompts.len() * n);
-        let mut graphs: HashMap<(usize, usize), DecodeGraph> = HashMap::new();
-        let mut seen_buckets: HashMap<(usize, usize), usize> = HashMap::new();
 
         while !waiting.is_empty() || !live.is_empty() {
             stats.steps += 1;
@@ -264,14 +459,14 @@ impl<'a> GpuEngine<'a> {
                 let Some(w) = waiting.pop_front() else { break };
                 match w {
                     Waiting::Resume(mut s) => {
-                        let plen = prompts[s.prompt].len();
-                        let total = plen + s.tokens.len();
+                        let plen = prompts[s.out.prompt].len();
+                        let total = plen + s.out.tokens.len();
                         // The prompt's full blocks, from a live sample of
                         // the same prompt (never written after its prefill).
                         let full = plen / bs;
                         let donor: Vec<u32> = live
                             .iter()
-                            .find(|o| o.prompt == s.prompt && o.table.len() >= full)
+                            .find(|o| o.out.prompt == s.out.prompt && o.table.len() >= full)
                             .map(|o| o.table[..full].to_vec())
                             .unwrap_or_default();
                         let need = cache.blocks_for(total) - donor.len();
@@ -331,7 +526,7 @@ impl<'a> GpuEngine<'a> {
                 let seen = seen_buckets.entry(key).or_insert(0);
                 *seen += 1;
                 if *seen >= 2 && !graphs.contains_key(&key) {
-                    match self.model.capture_decode(&mut cache, rows, width, &sp, &pad) {
+                    match self.model.capture_decode(cache, rows, width, &sp, &pad) {
                         Ok(g) => {
                             graphs.insert(key, g);
                             stats.graphs_captured += 1;
@@ -339,12 +534,13 @@ impl<'a> GpuEngine<'a> {
                         Err(err) => {
                             eprintln!("aha: decode steps run without CUDA graphs: {err}");
                             graphs_on = false;
+                            *no_graphs = true;
                         }
                     }
                 }
                 if let Some(g) = graphs.get_mut(&key) {
                     let t0 = Instant::now();
-                    let tokens: Vec<u32> = live.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
+                    let tokens: Vec<u32> = live.iter().map(|s| s.out.tokens.last().copied().unwrap_or(0)).collect();
                     let u: Vec<f64> = live
                         .iter_mut()
                         .map(|s| if greedy { 0.0 } else { s.rng.uniform() })
@@ -357,7 +553,7 @@ impl<'a> GpuEngine<'a> {
                             len: 1,
                         })
                         .collect();
-                    drawn = Some(g.run(self.model, &tokens, &spans, &u, &cache, &pad)?);
+                    drawn = Some(g.run(self.model, &tokens, &spans, &u, cache, &pad)?);
                     drop(spans);
                     for s in live.iter_mut() {
                         s.len += 1;
@@ -369,37 +565,18 @@ impl<'a> GpuEngine<'a> {
             let drawn = match drawn {
                 Some(d) => d,
                 None => self.eager_step(
-                    prompts, params, greedy, &sp, &mut cache, &mut live, resumed, fresh, &mut stats,
+                    prompts, params, greedy, &sp, cache, &mut live, resumed, fresh, &mut stats,
                 )?,
             };
             stats.peak_blocks = cache.peak_blocks() - pad_n;
             for (s, d) in live.iter_mut().zip(&drawn) {
-                s.tokens.push(d.token);
-                s.logprobs.push(d.logprob);
+                s.out.push(d.token, d.logprob);
             }
             stats.generated_tokens += live.len();
 
             // Stop rules; finished sequences leave and free their blocks.
             let t2 = Instant::now();
-            let mut keep = Vec::with_capacity(live.len());
-            for mut s in live.drain(..) {
-                match stop_rule(self.tokenizer, &eos, params, &s.tokens, &mut s.detok, &mut s.text)? {
-                    Some(r) => {
-                        cache.release(&s.table);
-                        let text = completion_text(self.tokenizer, r, &s.tokens, s.text)?;
-                        done.push(Completion {
-                            prompt_index: s.prompt,
-                            sample_index: s.sample,
-                            token_ids: s.tokens,
-                            text,
-                            logprobs: s.logprobs,
-                            finish_reason: r,
-                        });
-                    }
-                    None => keep.push(s),
-                }
-            }
-            live = keep;
+            rules.retire(&mut live, &mut done, |s| &mut s.out, |s| cache.release(&s.table))?;
             stats.detok_s += t2.elapsed().as_secs_f64();
             progress(&Progress {
                 finished: done.len(),
@@ -435,9 +612,9 @@ impl<'a> GpuEngine<'a> {
         let gpu = self.model.gpu();
         // One ragged batch: a token of every live sequence, then the
         // recomputations, then the prefills.
-        let mut tokens: Vec<u32> = live.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
+        let mut tokens: Vec<u32> = live.iter().map(|s| s.out.tokens.last().copied().unwrap_or(0)).collect();
         for s in &resumed {
-            tokens.extend(prompts[s.prompt].iter().chain(&s.tokens).skip(s.len));
+            tokens.extend(prompts[s.out.prompt].iter().chain(&s.out.tokens).skip(s.len));
         }
         for (p, _, _) in &fresh {
             tokens.extend_from_slice(&prompts[*p]);
@@ -453,7 +630,7 @@ impl<'a> GpuEngine<'a> {
         spans.extend(resumed.iter().map(|s| SeqSpan {
             table: &s.table,
             start: s.len,
-            len: prompts[s.prompt].len() + s.tokens.len() - s.len,
+            len: prompts[s.out.prompt].len() + s.out.tokens.len() - s.len,
         }));
         spans.extend(fresh.iter().map(|(p, _, table)| SeqSpan {
             table,
@@ -466,7 +643,7 @@ impl<'a> GpuEngine<'a> {
             s.len += 1;
         }
         for s in resumed.iter_mut() {
-            s.len = prompts[s.prompt].len() + s.tokens.len();
+            s.len = prompts[s.out.prompt].len() + s.out.tokens.len();
         }
         // The samples of a prefilled prompt share its blocks; the
         // prompt's own reference goes.
@@ -478,15 +655,10 @@ impl<'a> GpuEngine<'a> {
                 cache.share(&table);
                 rows.push(row);
                 started.push(Seq {
-                    prompt: p,
-                    sample: si,
                     table: table.clone(),
                     len: prompts[p].len(),
-                    tokens: Vec::new(),
-                    logprobs: Vec::new(),
+                    out: Output::new(p, si),
                     rng: SeqRng::for_sequence(params.seed, params.prompt_offset.wrapping_add(p as u64), si as u64),
-                    detok: Detokenizer::default(),
-                    text: String::new(),
                 });
             }
             cache.release(&table);

@@ -26,17 +26,19 @@ mod error;
 mod gpu_engine;
 mod sampler;
 pub mod sampling;
+mod stop;
 
 pub use aha_moe_model::gpu::KvDtype;
 pub use chat::ChatTemplate;
 pub use detok::{decode, load_tokenizer, Detokenizer};
-pub use engine::{find_stop, Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};
+pub use engine::{Completion, Engine, EngineConfig, FinishReason, GenerateStats, Progress};
 pub use error::{Error, Result};
-pub use gpu_engine::GpuEngine;
+pub use gpu_engine::{EngineCache, GpuEngine};
 pub use sampler::Sampler;
 pub use sampling::{
     apply_repetition_penalty, sample, sample_in_context, sample_with_uniform, Sampled, SamplingParams, SeqRng,
 };
+pub use stop::find_stop;
 
 /// The tokenizer type the engine decodes with (from the `tokenizers` crate).
 pub use tokenizers::Tokenizer;

@@ -8,7 +8,7 @@ use tokenizers::Tokenizer;
 
 use crate::engine::{Completion, Engine, EngineConfig, GenerateStats, Progress};
 use crate::error::Result;
-use crate::gpu_engine::GpuEngine;
+use crate::gpu_engine::{EngineCache, GpuEngine};
 use crate::sampling::SamplingParams;
 
 /// The engine for a policy's device (see the module docs).
@@ -45,6 +45,30 @@ impl<'a> Sampler<'a> {
             PolicyModel::Cpu(m) => Sampler::Cpu(Engine::new(m, tokenizer, cfg, extra_eos)?),
             PolicyModel::Gpu(g) => Sampler::Gpu(GpuEngine::new(g, tokenizer, cfg, extra_eos)?),
         })
+    }
+
+    /// [`Sampler::new`] keeping the GPU engine's KV pool and decode graphs
+    /// in `cache`, which outlives the sampler: the next sampler over the
+    /// same policy (after an optimizer step, say) reuses them (see
+    /// [`EngineCache`]). The CPU engine keeps nothing in it.
+    pub fn with_cache(
+        policy: &'a Policy,
+        tokenizer: Option<&'a Tokenizer>,
+        cfg: EngineConfig,
+        extra_eos: &[u32],
+        cache: &'a mut EngineCache,
+    ) -> Result<Sampler<'a>> {
+        Ok(match policy.model() {
+            PolicyModel::Cpu(m) => Sampler::Cpu(Engine::new(m, tokenizer, cfg, extra_eos)?),
+            PolicyModel::Gpu(g) => Sampler::Gpu(GpuEngine::with_cache(g, tokenizer, cfg, extra_eos, cache)?),
+        })
+    }
+
+    /// Frees the GPU engine's kept pool and graphs (nothing on the CPU).
+    pub fn release_cache(&self) {
+        if let Sampler::Gpu(e) = self {
+            e.release_cache();
+        }
     }
 
     /// `n` completions of every prompt; returned ordered by (prompt, sample).

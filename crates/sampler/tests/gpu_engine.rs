@@ -20,7 +20,7 @@
 use std::path::Path;
 
 use aha_moe_model::{Model, Policy, PolicyModel, Precision, SeqSpan};
-use aha_sampler::{Completion, EngineConfig, KvDtype, Sampler, SamplingParams};
+use aha_sampler::{Completion, EngineCache, EngineConfig, KvDtype, Sampler, SamplingParams};
 use aha_tensor::Device;
 
 fn fixture(name: &str) -> Model {
@@ -672,4 +672,221 @@ fn decode_graphs_give_the_eager_completions_cuda() {
             }
         }
     }
+}
+
+/// qwen2-tiny's shape with random weights (`seed`) and no end-of-sequence
+/// token, so that every sequence runs to its `max_new_tokens`.
+fn random_qwen(seed: u64) -> Model {
+    let mut cfg = fixture("qwen2-tiny").config;
+    cfg.eos_token_ids.clear();
+    Model::random(cfg, seed, 0.05)
+}
+
+fn same_completions(got: &[Completion], want: &[Completion], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(
+            (g.prompt_index, g.sample_index, &g.token_ids, g.finish_reason),
+            (w.prompt_index, w.sample_index, &w.token_ids, w.finish_reason),
+            "{what}"
+        );
+        // An eager step and a replayed one may split the keys differently.
+        for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+            assert!((a - b).abs() < 1e-4, "{what}: log-prob {a} vs {b}");
+        }
+    }
+}
+
+/// A fresh engine's completions (nothing kept from an earlier call).
+fn fresh(policy: &Policy, cfg: EngineConfig, prompts: &[Vec<u32>], n: usize, p: &SamplingParams) -> Vec<Completion> {
+    Sampler::new(policy, None, cfg, &[])
+        .unwrap()
+        .generate(prompts, n, p)
+        .unwrap()
+        .0
+}
+
+#[test]
+fn a_second_call_reuses_the_pool_and_replays_the_kept_graphs_cuda() {
+    if skip("a_second_call_reuses_the_pool_and_replays_the_kept_graphs_cuda") {
+        return;
+    }
+    let policy = Policy::new(random_qwen(3), Device::Cuda(0), Precision::F32).unwrap();
+    let cfg = cfg_with(4, 16, 64, KvDtype::Bf16);
+    let p = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: 5,
+        max_new_tokens: 6,
+        ..SamplingParams::default()
+    };
+    let ps = prompts();
+    let engine = Sampler::new(&policy, None, cfg, &[]).unwrap();
+    let counted = |f: &mut dyn FnMut() -> (Vec<Completion>, aha_sampler::GenerateStats)| {
+        let before = aha_cuda_kernels::emulate::driver_counts();
+        let out = f();
+        let calls = aha_cuda_kernels::emulate::driver_counts()
+            .zip(before)
+            .map(|(a, b)| a.since(b));
+        (out, calls)
+    };
+    let ((first, s1), c1) = counted(&mut || engine.generate(&ps, 2, &p).unwrap());
+    let ((second, s2), c2) = counted(&mut || engine.generate(&ps, 2, &p).unwrap());
+    eprintln!("first call: {s1:?}\n  {c1:?}\nsecond call: {s2:?}\n  {c2:?}");
+    assert_eq!((s1.pools_allocated, s2.pools_allocated), (1, 0));
+    assert!(s1.graphs_captured >= 1, "{s1:?}");
+    assert_eq!(s2.graphs_captured, 0, "a kept bucket was captured again");
+    // Every decode step of the second call replays (the first call ran a
+    // bucket eagerly the first time it saw it).
+    assert!(s2.graph_steps > s1.graph_steps, "{s1:?} vs {s2:?}");
+    assert_eq!(s1.peak_blocks, s2.peak_blocks, "the pool starts each call empty");
+    if let (Some(c1), Some(c2)) = (c1, c2) {
+        assert_eq!(c2.graph_launches as usize, s2.graph_steps);
+        // The pool (a buffer per layer for keys and one for values) and
+        // the captures' buffers are not allocated again.
+        assert!(
+            c2.allocs + 2 * policy.config().num_layers as u64 <= c1.allocs,
+            "allocations: {} then {}",
+            c1.allocs,
+            c2.allocs
+        );
+    }
+    same_completions(&second, &first, "second call vs first");
+    same_completions(
+        &second,
+        &fresh(&policy, cfg, &ps, 2, &p),
+        "second call vs a fresh engine",
+    );
+    // A smaller request fits the kept pool (its batch of 1 is a new
+    // bucket, captured once); its completions are those of a fresh engine.
+    let (small, s3) = engine.generate(&ps[..1], 1, &p).unwrap();
+    assert_eq!((s3.pools_allocated, s3.graphs_captured), (0, 1), "{s3:?}");
+    same_completions(&small, &fresh(&policy, cfg, &ps[..1], 1, &p), "smaller request");
+    let (again, s4) = engine.generate(&ps, 2, &p).unwrap();
+    assert_eq!((s4.pools_allocated, s4.graphs_captured), (0, 0), "{s4:?}");
+    same_completions(&again, &first, "after the smaller request");
+}
+
+#[test]
+fn a_changed_configuration_rebuilds_what_depends_on_it_cuda() {
+    if skip("a_changed_configuration_rebuilds_what_depends_on_it_cuda") {
+        return;
+    }
+    let policy = Policy::new(random_qwen(4), Device::Cuda(0), Precision::F32).unwrap();
+    let ps = prompts();
+    let bf16 = cfg_with(4, 16, 64, KvDtype::Bf16);
+    let hot = SamplingParams {
+        temperature: 0.9,
+        seed: 9,
+        max_new_tokens: 6,
+        ..SamplingParams::default()
+    };
+    let cold = SamplingParams {
+        temperature: 0.5,
+        ..hot.clone()
+    };
+    let mut cache = EngineCache::new();
+    // An engine per call over one cache, as the trainer makes them.
+    let mut call = |cfg: EngineConfig, p: &SamplingParams, ps: &[Vec<u32>]| {
+        let out = Sampler::with_cache(&policy, None, cfg, &[], &mut cache)
+            .unwrap()
+            .generate(ps, 2, p)
+            .unwrap();
+        same_completions(&out.0, &fresh(&policy, cfg, ps, 2, p), "against a fresh engine");
+        out.1
+    };
+    let s = call(bf16, &hot, &ps);
+    assert_eq!(s.pools_allocated, 1);
+    assert!(s.graphs_captured >= 1);
+    let s = call(bf16, &hot, &ps);
+    assert_eq!(
+        (s.pools_allocated, s.graphs_captured),
+        (0, 0),
+        "same configuration: {s:?}"
+    );
+    // Another temperature is baked into new graphs; the pool stays.
+    let s = call(bf16, &cold, &ps);
+    assert_eq!(s.pools_allocated, 0, "{s:?}");
+    assert!(s.graphs_captured >= 1, "graphs of another temperature replayed: {s:?}");
+    // Another dtype or block size: a new pool (and no graph in f32).
+    let s = call(cfg_with(4, 16, 64, KvDtype::F32), &cold, &ps);
+    assert_eq!((s.pools_allocated, s.graph_steps), (1, 0), "f32: {s:?}");
+    let s = call(cfg_with(4, 8, 64, KvDtype::Bf16), &cold, &ps);
+    assert_eq!(s.pools_allocated, 1, "blocks of 8: {s:?}");
+    assert!(s.graphs_captured >= 1, "{s:?}");
+    // A larger request outgrows the pool: a new one, with room to spare.
+    let more: Vec<Vec<u32>> = ps.iter().chain(&ps).chain(&ps).cloned().collect();
+    let s = call(cfg_with(8, 8, 64, KvDtype::Bf16), &cold, &more);
+    assert_eq!(s.pools_allocated, 1, "larger request: {s:?}");
+    // The request's worst case: each of the 6 prompts (4 or 6 tokens)
+    // takes 1 prompt block and 2 samples x 2 blocks to 6 new tokens, 30 in
+    // all; a pool replacing a smaller one takes a quarter more, plus the
+    // pad block of a batch of 8.
+    assert_eq!(cache.blocks(), 30 + 30 / 4 + 1);
+    assert!(cache.bytes() > 0);
+    // Released: the memory goes, and the next call allocates again.
+    cache.release();
+    assert_eq!((cache.blocks(), cache.bytes(), cache.graphs()), (0, 0, 0));
+    let s = Sampler::with_cache(&policy, None, bf16, &[], &mut cache)
+        .unwrap()
+        .generate(&ps, 2, &hot)
+        .unwrap()
+        .1;
+    assert_eq!(s.pools_allocated, 1);
+}
+
+#[test]
+fn weights_updated_in_place_are_read_by_graphs_kept_from_the_previous_call_cuda() {
+    if skip("weights_updated_in_place_are_read_by_graphs_kept_from_the_previous_call_cuda") {
+        return;
+    }
+    let mut policy = Policy::new(random_qwen(5), Device::Cuda(0), Precision::F32).unwrap();
+    let identity = |policy: &Policy| match policy.model() {
+        PolicyModel::Gpu(g) => g.identity(),
+        PolicyModel::Cpu(_) => panic!("not on the GPU"),
+    };
+    let cfg = cfg_with(4, 16, 64, KvDtype::Bf16);
+    let p = SamplingParams {
+        greedy: true,
+        max_new_tokens: 6,
+        ..SamplingParams::default()
+    };
+    let ps = prompts();
+    let mut cache = EngineCache::new();
+    let mut call = |policy: &Policy| {
+        Sampler::with_cache(policy, None, cfg, &[], &mut cache)
+            .unwrap()
+            .generate(&ps, 1, &p)
+            .unwrap()
+    };
+    let (before, s) = call(&policy);
+    assert!(s.graphs_captured >= 1, "{s:?}");
+    // New weights written into the weight buffer in place, as the
+    // optimizer does: same addresses.
+    let id = identity(&policy);
+    let new = random_qwen(6).params;
+    {
+        let (gpu, params, _) = policy.gpu_params_and_grads_mut().unwrap().unwrap();
+        let up = gpu.upload(&new).unwrap();
+        gpu.copy_into(params, 0, &up).unwrap();
+    }
+    policy.params_updated().unwrap();
+    assert_eq!(identity(&policy), id, "an in-place update moved the weights");
+    let (after, s) = call(&policy);
+    assert_eq!((s.pools_allocated, s.graphs_captured), (0, 0), "{s:?}");
+    assert!(s.graph_steps > 0, "{s:?}");
+    assert_ne!(
+        before.iter().map(|c| &c.token_ids).collect::<Vec<_>>(),
+        after.iter().map(|c| &c.token_ids).collect::<Vec<_>>(),
+        "the new weights changed nothing"
+    );
+    same_completions(&after, &fresh(&policy, cfg, &ps, 1, &p), "in place, replayed graphs");
+    // Reallocated weights (set_params uploads a new buffer): the kept
+    // graphs would read the old buffer, so they are captured again.
+    policy.set_params(&random_qwen(7).params).unwrap();
+    assert_ne!(identity(&policy), id, "set_params kept the buffer");
+    let (moved, s) = call(&policy);
+    assert_eq!(s.pools_allocated, 0, "{s:?}");
+    assert!(s.graphs_captured >= 1, "graphs over the old buffer replayed: {s:?}");
+    same_completions(&moved, &fresh(&policy, cfg, &ps, 1, &p), "reallocated weights");
 }

@@ -22,7 +22,7 @@ use crate::error::{io_err, Error, Result};
 use crate::eval::evaluate_math;
 use crate::optim::{OptimConfig, Optimizer, Schedule};
 use crate::rewards::{build, BuildContext, RewardKind, RewardSpec};
-use crate::rl::{rollout, train_on_synced, GrpoStep, Rollouts, Scoring};
+use crate::rl::{rollout_kept, train_on_synced, GrpoStep, Rollouts, Scoring};
 use crate::rng::Rng;
 use crate::run_folder::toml_value;
 use crate::template::Templater;
@@ -548,6 +548,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     }
     log(&format!("policy on {device} ({precision}); memory plan: {plan}"));
     check_device(&plan, device)?;
+    let rollout_spare = crate::rl::spare_device_memory(&plan, device)?;
     let place = |m: Model| -> Result<Policy> {
         let mut p = Policy::new(m, device, precision)?;
         p.set_recompute(cfg.recompute);
@@ -640,6 +641,8 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         writer,
         batch: None,
         last: aha_grpo::Metrics::new(),
+        rollout_cache: aha_sampler::EngineCache::new(),
+        rollout_spare,
     };
     let steps = Steps {
         start,
@@ -700,6 +703,13 @@ struct GrpoStage<'a> {
     batch: Option<Rollouts>,
     /// The last step's metrics.
     last: aha_grpo::Metrics,
+    /// The GPU rollout engine's KV pool and decode graphs, kept from one
+    /// step's rollout to the next.
+    rollout_cache: aha_sampler::EngineCache,
+    /// Device bytes the memory plan leaves beside training (`None` on the
+    /// CPU): a kept pool larger than this is released before the training
+    /// step.
+    rollout_spare: Option<u64>,
 }
 
 impl Stage for GrpoStage<'_> {
@@ -762,7 +772,7 @@ impl Stage for GrpoStage<'_> {
                 examples: &examples,
                 batch: self.reward_batch,
             };
-            let r = rollout(&st.policy, self.tok, &prompts, &scoring, &sc)?;
+            let r = rollout_kept(&st.policy, self.tok, &prompts, &scoring, &sc, &mut self.rollout_cache)?;
             let keep: Vec<usize> = if cfg.dynamic_sampling && round < cfg.dynamic_sampling_max_rounds {
                 (0..prompts.len()).filter(|&k| !r.group_is_flat(k, g)).collect()
             } else {
@@ -796,6 +806,16 @@ impl Stage for GrpoStage<'_> {
             d.group()?.sum_f64(&mut x)?;
             dropped = x[0] as usize;
             groups = Some(all.iter().sum::<f64>());
+        }
+        let kv = self.rollout_cache.bytes() as u64;
+        if self.rollout_spare.is_some_and(|spare| kv > spare) {
+            if step == self.first {
+                log(&format!(
+                    "the rollout KV pool ({:.2} GB) does not fit beside training: released after each rollout",
+                    kv as f64 / 1e9
+                ));
+            }
+            self.rollout_cache.release();
         }
         let sync = self.dp.as_deref_mut().map(|d| d as &mut dyn crate::rl::StepSync);
         let mut m = train_on_synced(

@@ -11,7 +11,7 @@ use aha_grpo::{
 use aha_moe_model::Policy;
 use aha_rewards::length::LENGTH_FIELD;
 use aha_rewards::{evaluate_weighted, BatchConfig, Example, Item, WeightedSum};
-use aha_sampler::{Completion, EngineConfig, FinishReason, Sampler, SamplingParams};
+use aha_sampler::{Completion, EngineCache, EngineConfig, FinishReason, Sampler, SamplingParams};
 use aha_tensor::Tensor;
 use tokenizers::Tokenizer;
 
@@ -106,6 +106,33 @@ pub struct Rollouts {
     pub total: Vec<f64>,
     /// Seconds spent generating.
     pub generate_s: f64,
+    /// What the rollout engine did: KV pools allocated (0 when a kept one
+    /// was reused), decode graphs captured and decode steps replayed from
+    /// them (see [`rollout_kept`]).
+    pub engine: EngineWork,
+}
+
+/// The rollout engine's allocations, captures and replays over one or
+/// more `generate` calls (from `aha_sampler::GenerateStats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineWork {
+    /// KV pools allocated.
+    pub pools_allocated: usize,
+    /// Decode graphs captured.
+    pub graphs_captured: usize,
+    /// Decode steps replayed as graphs.
+    pub graph_steps: usize,
+    /// Engine steps.
+    pub steps: usize,
+}
+
+impl EngineWork {
+    fn add(&mut self, o: EngineWork) {
+        self.pools_allocated += o.pools_allocated;
+        self.graphs_captured += o.graphs_captured;
+        self.graph_steps += o.graph_steps;
+        self.steps += o.steps;
+    }
 }
 
 impl Rollouts {
@@ -127,6 +154,7 @@ impl Rollouts {
             per_fn: vec![Vec::new(); self.per_fn.len()],
             total: Vec::new(),
             generate_s: self.generate_s,
+            engine: self.engine,
         };
         for (new, &g) in keep.iter().enumerate() {
             out.prompts.push(self.prompts[g].clone());
@@ -156,7 +184,25 @@ impl Rollouts {
             f.extend(v);
         }
         self.generate_s += other.generate_s;
+        self.engine.add(other.engine);
     }
+}
+
+/// Device bytes that a memory `plan` leaves free on `device` now (`None`
+/// on the CPU): how large a rollout's kept KV pool may be and still stay
+/// through the training step (`aha grpo` releases a larger one after each
+/// rollout; see [`rollout_kept`]).
+pub fn spare_device_memory(
+    plan: &aha_moe_model::memory::MemoryPlan,
+    device: aha_tensor::Device,
+) -> Result<Option<u64>> {
+    let aha_tensor::Device::Cuda(i) = device else {
+        return Ok(None);
+    };
+    let device_err = |e: aha_cuda_kernels::Error| Error::Other(format!("cuda:{i}: {e}"));
+    let gpu = aha_cuda_kernels::Gpu::get(i).map_err(device_err)?;
+    let (free, _) = gpu.mem_info().map_err(device_err)?;
+    Ok(Some((free as u64).saturating_sub(plan.total())))
 }
 
 /// Samples G completions per prompt with the policy and scores them. The
@@ -169,8 +215,24 @@ pub fn rollout(
     scoring: &Scoring<'_>,
     cfg: &GrpoStep,
 ) -> Result<Rollouts> {
+    rollout_kept(policy, tok, prompts, scoring, cfg, &mut EngineCache::new())
+}
+
+/// [`rollout`] keeping the GPU engine's KV pool and decode graphs in
+/// `cache` for the next rollout (`aha grpo` keeps one for the run): the
+/// next step's rollout reuses the pool and replays the graphs, which read
+/// the weights the optimizer updated in place (see
+/// [`aha_sampler::EngineCache`]).
+pub fn rollout_kept(
+    policy: &Policy,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    scoring: &Scoring<'_>,
+    cfg: &GrpoStep,
+    cache: &mut EngineCache,
+) -> Result<Rollouts> {
     let g = cfg.num_generations;
-    let engine = Sampler::new(
+    let engine = Sampler::with_cache(
         policy,
         Some(tok),
         EngineConfig {
@@ -178,6 +240,7 @@ pub fn rollout(
             ..EngineConfig::default()
         },
         &[],
+        cache,
     )?;
     let (completions, stats) = engine.generate(prompts, g, &cfg.sampling)?;
     let (per_fn, total) = score_completions(&completions, scoring)?;
@@ -187,6 +250,12 @@ pub fn rollout(
         per_fn,
         total,
         generate_s: stats.total_s,
+        engine: EngineWork {
+            pools_allocated: stats.pools_allocated,
+            graphs_captured: stats.graphs_captured,
+            graph_steps: stats.graph_steps,
+            steps: stats.steps,
+        },
     })
 }
 
@@ -634,6 +703,9 @@ pub fn train_on_synced(
     m.insert("learning_rate".into(), info.lr);
     m.insert("update_skipped".into(), if info.skipped { 1.0 } else { 0.0 });
     m.insert("timing/generate_s".into(), r.generate_s);
+    m.insert("timing/rollout_kv_pools".into(), r.engine.pools_allocated as f64);
+    m.insert("timing/rollout_graphs_captured".into(), r.engine.graphs_captured as f64);
+    m.insert("timing/rollout_graph_steps".into(), r.engine.graph_steps as f64);
     Ok(m)
 }
 

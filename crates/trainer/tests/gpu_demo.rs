@@ -273,3 +273,94 @@ fn lora_grpo_on_both(name: &str, dropout: f32) {
         );
     }
 }
+
+/// Three GRPO steps on the GPU, each sampling its rollouts twice from the
+/// same weights: with a fresh engine (`rl::rollout`: a new KV pool and
+/// new decode graphs every step) and with the engine state kept across
+/// steps (`rl::rollout_kept`, as `aha grpo` runs). The kept state gives
+/// the fresh engine's completions after every optimizer step (the graphs
+/// replay over the weights updated in place), allocates one pool for the
+/// run and captures fewer graphs; the driver calls of both are printed.
+#[test]
+fn grpo_steps_reuse_the_rollout_pool_and_graphs_cuda() {
+    use aha_moe_model::{Model, ModelConfig, Policy, PolicyModel};
+    use aha_trainer::optim::{OptimConfig, Optimizer, Schedule};
+    use aha_trainer::rl::{rollout, rollout_kept, train_on, Rollouts, Scoring};
+    use aha_trainer::toy;
+    if let Some(reason) = aha_cuda_kernels::no_gpu_reason() {
+        eprintln!("grpo_steps_reuse_the_rollout_pool_and_graphs_cuda: skipped: no GPU ({reason})");
+        return;
+    }
+    let demo = DemoConfig::quick(0);
+    let mcfg = ModelConfig::from_json_str(&demo.model_config_json().to_string(), Path::new("demo")).unwrap();
+    let tok = toy::tokenizer().unwrap();
+    let mut rng = toy::Rng::new(3);
+    let problems: Vec<toy::Problem> = (0..2).map(|_| toy::problem(&mut rng, demo.spec(), false)).collect();
+    let prompts = toy::encode_prompts(&tok, &problems).unwrap();
+    let mut step = demo.grpo_step_config();
+    step.num_generations = 4;
+    step.sampling.max_new_tokens = 10;
+    step.sampling.temperature = 0.8;
+    step.loss.beta = 0.0;
+    let sum = aha_rewards::WeightedSum::new().add(LengthMod3, 1.0);
+    let examples = vec![aha_rewards::Example::new(); prompts.len()];
+    let batch = aha_rewards::BatchConfig::default();
+    let rewards = Scoring {
+        rewards: &sum,
+        examples: &examples,
+        batch: &batch,
+    };
+    let mut opt = Optimizer::new(OptimConfig {
+        lr: 1e-3,
+        warmup_steps: 0,
+        total_steps: 10,
+        schedule: Schedule::Constant,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        max_bad_steps: 2,
+    });
+    let mut policy = Policy::new(Model::random(mcfg, 7, 0.05), Device::Cuda(0), Precision::F32).unwrap();
+    let identity = |p: &Policy| match p.model() {
+        PolicyModel::Gpu(g) => g.identity(),
+        PolicyModel::Cpu(_) => panic!("not on the GPU"),
+    };
+    let mut cache = aha_sampler::EngineCache::new();
+    let counted = |f: &mut dyn FnMut() -> Rollouts| {
+        let before = aha_cuda_kernels::emulate::driver_counts();
+        let r = f();
+        let calls = aha_cuda_kernels::emulate::driver_counts()
+            .zip(before)
+            .map(|(a, b)| a.since(b));
+        (r, calls)
+    };
+    let (mut fresh_work, mut kept_work) = (Vec::new(), Vec::new());
+    for s in 0..3u64 {
+        step.sampling.seed = 11 + s;
+        let (fresh, cf) = counted(&mut || rollout(&policy, &tok, &prompts, &rewards, &step).unwrap());
+        let (kept, ck) = counted(&mut || rollout_kept(&policy, &tok, &prompts, &rewards, &step, &mut cache).unwrap());
+        eprintln!("step {}: fresh engine {:?}\n  {cf:?}", s + 1, fresh.engine);
+        eprintln!("step {}: kept engine {:?}\n  {ck:?}", s + 1, kept.engine);
+        assert_eq!(fresh.completions.len(), kept.completions.len());
+        for (f, k) in fresh.completions.iter().zip(&kept.completions) {
+            assert_eq!(f.token_ids, k.token_ids, "step {}", s + 1);
+            for (a, b) in f.logprobs.iter().zip(&k.logprobs) {
+                assert!((a - b).abs() < 1e-4, "step {}: log-prob {a} vs {b}", s + 1);
+            }
+        }
+        fresh_work.push(fresh.engine);
+        kept_work.push(kept.engine);
+        let id = identity(&policy);
+        let m = train_on(&mut policy, None, &mut opt, &kept, &["length_mod_3"], &step).unwrap();
+        assert!(m["grad_norm"] > 0.0, "step {}: nothing learned", s + 1);
+        assert_eq!(identity(&policy), id, "the optimizer step moved the weights");
+    }
+    let pools = |w: &[aha_trainer::rl::EngineWork]| w.iter().map(|e| e.pools_allocated).collect::<Vec<_>>();
+    assert_eq!(pools(&fresh_work), [1, 1, 1]);
+    assert_eq!(pools(&kept_work), [1, 0, 0]);
+    let captured = |w: &[aha_trainer::rl::EngineWork]| w[1..].iter().map(|e| e.graphs_captured).sum::<usize>();
+    assert!(
+        captured(&kept_work) < captured(&fresh_work),
+        "graphs captured in steps 2 and 3: kept {kept_work:?}, fresh {fresh_work:?}"
+    );
+    assert!(kept_work[1].graph_steps >= fresh_work[1].graph_steps);
+}

@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 
+use aha_cuda_kernels::cudarc::driver::{CudaSlice, DevicePtr};
 use aha_cuda_kernels::graph::{capture, Graph, Staging};
 use aha_cuda_kernels::launch::{self, SampleParams, Sampled, SampledToken};
 use aha_cuda_kernels::Gpu;
@@ -104,6 +105,20 @@ pub struct DecodeGraph {
     width: usize,
     cache_id: u64,
     params: SampleParams,
+    model: ModelIdentity,
+}
+
+/// What a decode graph (and a KV pool shaped for a model) depends on in a
+/// model: its config, its device and the device addresses of the buffers a
+/// replay reads (the f32 and bf16 weights, the rotary tables). Weights
+/// updated in place (the optimizer's step) keep it; weights reallocated
+/// (`GpuModel::set_params` uploads a new buffer) change it, and a graph
+/// captured before must be captured again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelIdentity {
+    ordinal: usize,
+    addresses: [u64; 4],
+    config: crate::config::ModelConfig,
 }
 
 impl std::fmt::Debug for DecodeGraph {
@@ -140,6 +155,12 @@ impl DecodeGraph {
         if cache.id != self.cache_id {
             return Err(input_err(OP, "replayed against another cache than it was captured for"));
         }
+        if model.identity() != self.model {
+            return Err(input_err(
+                OP,
+                "the model's weights moved (reallocated) or it is another model since the capture: capture again",
+            ));
+        }
         if spans.is_empty() || spans.len() > self.rows {
             return Err(input_err(
                 OP,
@@ -168,6 +189,13 @@ impl DecodeGraph {
     /// The sampling parameters the graph was captured with.
     pub fn params(&self) -> SampleParams {
         self.params
+    }
+
+    /// Whether the graph replays `model` against `cache` with `params`:
+    /// captured for that pool, with those sampling parameters, over the
+    /// weights at their current addresses ([`GpuModel::identity`]).
+    pub fn replays(&self, model: &GpuModel, cache: &GpuPagedKvCache, params: &SampleParams) -> bool {
+        self.cache_id == cache.id && self.params == *params && self.model == model.identity()
     }
 }
 
@@ -259,6 +287,21 @@ impl GpuModel {
             width,
             cache_id: cache.id,
             params: *params,
+            model: self.identity(),
         })
+    }
+
+    /// What a decode graph captured over this model depends on (see
+    /// [`ModelIdentity`]): equal before and after an in-place update of the
+    /// weights, different after a reallocation.
+    pub fn identity(&self) -> ModelIdentity {
+        let stream = self.gpu.stream();
+        let addr = |s: &CudaSlice<f32>| s.device_ptr(stream).0;
+        let p16 = self.params16.as_ref().map_or(0, |p| p.device_ptr(stream).0);
+        ModelIdentity {
+            ordinal: self.gpu.ordinal(),
+            addresses: [addr(&self.params), p16, addr(&self.cos), addr(&self.sin)],
+            config: self.config.clone(),
+        }
     }
 }

@@ -212,6 +212,19 @@ impl GpuPagedKvCache {
         self.bytes_per_token() * self.block_size * self.refs.len()
     }
 
+    /// Frees every block at once (reference counts to zero, the free list
+    /// in a new pool's order, the high-water mark back to zero), keeping
+    /// the device memory, its addresses and the pool's identity: a pool
+    /// kept across generations starts each one empty, and decode graphs
+    /// captured against it stay valid. No device work.
+    pub fn reset(&mut self) {
+        let n = self.refs.len();
+        self.refs.iter_mut().for_each(|r| *r = 0);
+        self.free.clear();
+        self.free.extend((0..n as u32).rev());
+        self.peak = 0;
+    }
+
     /// Takes a free block (reference count 1).
     pub fn alloc(&mut self) -> Result<u32> {
         let b = self
