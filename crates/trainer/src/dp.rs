@@ -792,41 +792,9 @@ fn zero1_update(dp: &mut DataParallel, policy: &mut Policy, h: &AdamW, t: u64, m
     let norm = match policy.gpu_params_and_grads_mut()? {
         Some((gpu, params, grads)) => {
             let len = own.len();
-            // The global norm: this shard's sum of squares, summed over the ranks.
-            let local = if len == 0 {
-                0.0
-            } else {
-                launch::grad_norm_f32(&gpu, &grads.slice(own.clone()), len).map_err(dev)?
-            };
-            let mut sq = [local * local];
-            dp.group()?.sum_f64(&mut sq)?;
-            let norm = sq[0].sqrt();
-            if !norm.is_finite() {
+            let (norm, moments) = clip_shard(dp, &gpu, grads, &own, n, &mut shard, max_grad_norm)?;
+            let Some((m, v)) = moments else {
                 return Ok(norm);
-            }
-            let coef = max_grad_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                launch::scale_f32(&gpu, &mut grads.slice_mut(own.clone()), coef as f32, len).map_err(dev)?;
-            }
-            if shard.is_none() {
-                *shard = Some(ShardState {
-                    n,
-                    own: own.clone(),
-                    moments: ShardMoments::Gpu {
-                        m: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
-                        v: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
-                        gpu: gpu.clone(),
-                    },
-                });
-            }
-            let Some(ShardState {
-                moments: ShardMoments::Gpu { m, v, .. },
-                ..
-            }) = shard.as_mut()
-            else {
-                return Err(err(format!(
-                    "rank {rank}: ZeRO-1 moments on the host for a policy on a GPU"
-                )));
             };
             let sc = AdamwScalars::new(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, t).map_err(dev)?;
             if len > 0 {
@@ -942,6 +910,64 @@ fn packed_span(resident: &[(usize, usize, usize)], range: &Range<usize>) -> Rang
     span.unwrap_or(0..0)
 }
 
+/// AdamW's two moments of a shard on a GPU.
+type Moments2<'s> = (&'s mut CudaSlice<f32>, &'s mut CudaSlice<f32>);
+
+/// ZeRO-1 on a GPU, before the update of this rank's shard `own` of the
+/// trainable prefix (`n` elements): the global gradient norm (each
+/// shard's sum of squares, summed over the ranks), the shard's gradients
+/// clipped to `max_grad_norm`, and this rank's moments (zeros at the first
+/// update). Returns the norm, and the moments unless the norm is not
+/// finite (then nothing was changed).
+fn clip_shard<'s>(
+    dp: &mut DataParallel,
+    gpu: &Arc<aha_cuda_kernels::Gpu>,
+    grads: &mut CudaSlice<f32>,
+    own: &Range<usize>,
+    n: usize,
+    shard: &'s mut Option<ShardState>,
+    max_grad_norm: f64,
+) -> Result<(f64, Option<Moments2<'s>>)> {
+    let rank = dp.env.rank;
+    let dev = |e: aha_cuda_kernels::Error| err(format!("rank {rank}: ZeRO-1 update: {e}"));
+    let len = own.len();
+    let local = if len == 0 {
+        0.0
+    } else {
+        launch::grad_norm_f32(gpu, &grads.slice(own.clone()), len).map_err(dev)?
+    };
+    let mut sq = [local * local];
+    dp.group()?.sum_f64(&mut sq)?;
+    let norm = sq[0].sqrt();
+    if !norm.is_finite() {
+        return Ok((norm, None));
+    }
+    let coef = max_grad_norm / (norm + 1e-6);
+    if coef < 1.0 && len > 0 {
+        launch::scale_f32(gpu, &mut grads.slice_mut(own.clone()), coef as f32, len).map_err(dev)?;
+    }
+    if shard.is_none() {
+        *shard = Some(ShardState {
+            n,
+            own: own.clone(),
+            moments: ShardMoments::Gpu {
+                m: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
+                v: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
+                gpu: gpu.clone(),
+            },
+        });
+    }
+    match shard.as_mut() {
+        Some(ShardState {
+            moments: ShardMoments::Gpu { m, v, .. },
+            ..
+        }) => Ok((norm, Some((m, v)))),
+        _ => Err(err(format!(
+            "rank {rank}: ZeRO-1 moments on the host for a policy on a GPU"
+        ))),
+    }
+}
+
 /// ZeRO-1's update on a GPU with the f32 master sharded
 /// ([`Policy::shard_master`]): the global norm over the shards, clipping,
 /// AdamW on this rank's master shard writing its bf16 weights in the same
@@ -979,40 +1005,9 @@ fn sharded_master_update(
         )));
     }
     let len = own.len();
-    let local = if len == 0 {
-        0.0
-    } else {
-        launch::grad_norm_f32(&gpu, &grads.slice(own.clone()), len).map_err(dev)?
-    };
-    let mut sq = [local * local];
-    dp.group()?.sum_f64(&mut sq)?;
-    let norm = sq[0].sqrt();
-    if !norm.is_finite() {
+    let (norm, moments) = clip_shard(dp, &gpu, grads, &own, n, shard, max_grad_norm)?;
+    let Some((m, v)) = moments else {
         return Ok(norm);
-    }
-    let coef = max_grad_norm / (norm + 1e-6);
-    if coef < 1.0 && len > 0 {
-        launch::scale_f32(&gpu, &mut grads.slice_mut(own.clone()), coef as f32, len).map_err(dev)?;
-    }
-    if shard.is_none() {
-        *shard = Some(ShardState {
-            n,
-            own: own.clone(),
-            moments: ShardMoments::Gpu {
-                m: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
-                v: gpu.zeros::<f32>(len.max(1)).map_err(dev)?,
-                gpu: gpu.clone(),
-            },
-        });
-    }
-    let Some(ShardState {
-        moments: ShardMoments::Gpu { m, v, .. },
-        ..
-    }) = shard.as_mut()
-    else {
-        return Err(err(format!(
-            "rank {rank}: ZeRO-1 moments on the host for a policy on a GPU"
-        )));
     };
     let sc = AdamwScalars::new(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, t).map_err(dev)?;
     if len > 0 {
