@@ -515,27 +515,10 @@ impl Comm {
     /// Sums `buf[range]` over every rank, in place.
     pub fn all_reduce_sum<T: NcclElem>(&mut self, buf: &mut CudaSlice<T>, range: Range<usize>) -> Result<()> {
         let n = range.len();
-        check_range("ncclAllReduce", range.end, buf.len())?;
         let stream = self.gpu.stream().clone();
-        let (ptr, guard) = buf.device_ptr_mut(&stream);
-        let p = (ptr + (range.start * T::TYPE.size()) as u64) as *mut c_void;
-        // SAFETY: ncclAllReduce(const void*, void*, size_t, ncclDataType_t,
-        // ncclRedOp_t, ncclComm_t, cudaStream_t): in place on `n` elements
-        // of the buffer from `range.start`, inside it (checked above), on
-        // the buffer's own stream; ncclSum is 0.
-        let r = unsafe {
-            (self.nccl.fns.all_reduce)(
-                p,
-                p,
-                n,
-                T::TYPE as c_int,
-                0,
-                self.raw,
-                stream.cu_stream() as *mut c_void,
-            )
-        };
-        drop(guard);
-        self.after(r, "ncclAllReduce", n)
+        self.all_reduce_sum_queued(&stream, buf, range)?;
+        let what = format!("ncclAllReduce of {n} elements on rank {} of {}", self.rank, self.world);
+        self.wait(&what)
     }
 
     /// Queues the in-place sum of `buf[range]` over every rank on `stream`
