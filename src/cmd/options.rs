@@ -86,7 +86,7 @@ impl Placement {
     /// The device and precision for a model of config `cfg`.
     pub fn resolve(&self, cfg: &aha_moe_model::ModelConfig) -> Result<(aha_tensor::Device, aha_moe_model::Precision)> {
         let precision: aha_moe_model::Precision = self.precision.parse()?;
-        Ok((aha_moe_model::resolve_device(&self.device, cfg, precision)?, precision))
+        Ok((aha_moe_model::resolve_device(&self.device, cfg)?, precision))
     }
 
     /// The device and precision for the model folder (or config.json) `model`.

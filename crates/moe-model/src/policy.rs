@@ -87,9 +87,8 @@ impl std::fmt::Display for Precision {
 /// model once: `auto` is the first GPU when one is present and takes the
 /// model ([`gpu_support`]), else the CPU; an explicit `cuda` without a GPU,
 /// or for a model the GPU path refuses, is an error with the reason. Both
-/// precisions run on both devices (the precision is taken for callers
-/// that resolve the two together).
-pub fn resolve_device(spec: &str, cfg: &ModelConfig, _precision: Precision) -> Result<Device> {
+/// precisions run on both devices, so the precision plays no part.
+pub fn resolve_device(spec: &str, cfg: &ModelConfig) -> Result<Device> {
     let asked = Device::from_str(if spec == "auto" { "cpu" } else { spec })
         .map_err(|e| input_err("--device", e.to_string()))?;
     let gpus = aha_cuda_kernels::device_count();

@@ -505,7 +505,7 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
     let device_spec = dp
         .as_ref()
         .map_or_else(|| cfg.device.clone(), |d| d.device_spec(&cfg.device));
-    let device = resolve_device(&device_spec, &mcfg, precision)?;
+    let device = resolve_device(&device_spec, &mcfg)?;
     // The device memory of the policy (trained) and the reference (scored),
     // refused before anything is allocated when it cannot fit.
     let rows = (cfg.prompts_per_step * cfg.num_generations).div_ceil(cfg.minibatches.max(1));

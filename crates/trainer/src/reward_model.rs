@@ -160,7 +160,7 @@ impl ModelReward {
         }
         let precision: Precision = p.precision.parse()?;
         let (cfg, _) = aha_moe_model::reward_model::read_config(&p.model)?;
-        let device = resolve_device(&p.device, &cfg, precision)?;
+        let device = resolve_device(&p.device, &cfg)?;
         let chat = match p.template {
             RmTemplate::Plain => None,
             RmTemplate::Auto if !has_chat_template(&p.model) => None,

@@ -438,7 +438,7 @@ fn sft_in_folder(
         }
     };
     // The device first: a wrong --device fails before any data is read.
-    let dev = resolve_device(&device, &model.config, precision)?;
+    let dev = resolve_device(&device, &model.config)?;
     let tok = load_tokenizer(model_dir)?;
     let t = Templater::new(&cfg.template, model_dir)?;
     let examples = read_sft_jsonl(data, &tok, &t, model.config.eos_token_ids.first().copied())?;
