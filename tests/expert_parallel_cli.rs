@@ -216,7 +216,7 @@ fn grpo_expert_parallel_matches_data_parallel_and_one_rank_on_the_gpu() {
     let se = ok(&ep, "2 ranks, expert_parallel = 2");
     eprintln!("grpo: three runs {:.1} s", t.elapsed().as_secs_f64());
     assert!(
-        se.contains(&format!("[rank 0] data parallel: 2 ranks")) && se.contains(EP_LINE),
+        se.contains("[rank 0] data parallel: 2 ranks") && se.contains(EP_LINE),
         "{se}"
     );
     assert!(se.contains("[rank 0] step 2/2"), "{se}");
