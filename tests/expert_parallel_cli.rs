@@ -10,7 +10,8 @@
 //! to run them in lockstep (without it the ranks stop on a mismatched
 //! collective), and takes
 //! 2 updates a step (the old policy's log-probs are scored expert-parallel
-//! too). Bad values are refused naming the key (on the CPU). The GPU
+//! too). The SFT run also with ZeRO-1 (`zero_stage = 1`). Bad values are
+//! refused naming the key (on the CPU). The GPU
 //! tests run on the emulated GPU and NCCL in CI (`AHA_EMULATED_GPU=1`);
 //! without a GPU they print "skipped: no GPU".
 
@@ -259,11 +260,25 @@ fn sft_expert_parallel_matches_data_parallel_and_one_rank_on_the_gpu() {
         &sft_config(&tmp.0, "cuda", "ep", "expert_parallel = 2\n"),
     );
     let se = ok(&ep, "2 ranks, expert_parallel = 2");
-    eprintln!("sft: three runs {:.1} s", t.elapsed().as_secs_f64());
     assert!(se.contains(EP_LINE), "{se}");
+    // With the optimizer state sharded as well (ZeRO-1).
+    let zero = launch(
+        2,
+        &["sft", "--config"],
+        &sft_config(&tmp.0, "cuda", "zero", "expert_parallel = 2\nzero_stage = 1\n"),
+    );
+    let se = ok(&zero, "2 ranks, expert_parallel = 2, zero_stage = 1");
+    assert!(se.contains(EP_LINE) && se.contains("(ZeRO-1)"), "{se}");
+    eprintln!("sft: four runs {:.1} s", t.elapsed().as_secs_f64());
     let dir = |run: &str| tmp.0.join(run);
     let (experts, all) = assert_same_weights(&dir("ep"), &dir("dp"), 1e-5, "expert parallel vs data parallel");
     assert_same_weights(&dir("ep"), &dir("one"), 1e-5, "expert parallel vs 1 process");
+    assert_same_weights(
+        &dir("zero"),
+        &dir("dp"),
+        1e-5,
+        "expert parallel with ZeRO-1 vs data parallel",
+    );
     assert!(
         experts > 1e-4 && all > 1e-4,
         "the routed experts did not move ({experts}, {all})"
@@ -285,17 +300,14 @@ fn sft_expert_parallel_matches_data_parallel_and_one_rank_on_the_gpu() {
         let text = std::fs::read_to_string(tmp.0.join(run).join("metrics.jsonl")).unwrap();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     };
-    for other in ["one", "dp"] {
-        let (a, b) = (steps(other), steps("ep"));
+    for (other, run) in [("one", "ep"), ("dp", "ep"), ("dp", "zero")] {
+        let (a, b) = (steps(other), steps(run));
         assert_eq!(a.len(), 3, "{a:?}");
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
             for key in ["loss", "grad_norm"] {
                 let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
-                assert!(
-                    (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
-                    "{key}: {other} {x}, expert parallel {y}"
-                );
+                assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{key}: {other} {x}, {run} {y}");
             }
         }
     }
