@@ -40,7 +40,7 @@ AHA_EMULATED_GPU=1 cargo test "$@" \
     -p aha-tensor --test gpu_twins --test gpu_kernels --test gpu_moe --test gpu_flash --test gpu_lmhead \
     -p aha-sampler --test gpu_sampling --test gpu_engine -p aha-moe-model --test gpu_model --test gpu_offload --test reward_model --test expert_parallel -p aha-grpo --test gpu_loss \
     -p aha-trainer --test gpu_demo -p aha-cuda-kernels --test nccl --test moe_ep --test graph \
-    -p aha --test cli --test dist --test sft_cli -- cuda on_the_gpu --nocapture 2>&1 | tee "$log"
+    -p aha --test cli --test dist --test sft_cli --test expert_parallel_cli -- cuda on_the_gpu --nocapture 2>&1 | tee "$log"
 if grep -q "skipped: no GPU" "$log"; then
     echo "scripts/test.sh: a GPU test skipped on the emulated GPU" >&2
     exit 1

@@ -762,6 +762,44 @@ impl Policy {
         }
     }
 
+    /// Expert parallelism of a policy on a GPU over `comm` (see
+    /// [`crate::gpu::GpuModel::set_expert_parallel`]): every MoE layer of
+    /// the training forward and backward runs only this rank's routed
+    /// experts for every rank's tokens, so each [`Policy::forward`] and
+    /// [`Policy::backward`] is a collective over `comm`. `None` turns it
+    /// off; returns the communicator that was set. The CPU has none: an
+    /// error naming `expert_parallel`.
+    pub fn set_expert_parallel(
+        &mut self,
+        comm: Option<aha_cuda_kernels::nccl::Comm>,
+    ) -> Result<Option<aha_cuda_kernels::nccl::Comm>> {
+        match &mut self.inner {
+            Inner::Gpu(g) => g.set_expert_parallel(comm),
+            Inner::Cpu { .. } if comm.is_none() => Ok(None),
+            Inner::Cpu { .. } => Err(input_err(
+                "expert_parallel",
+                "expert parallelism runs on GPUs only (the policy is on the CPU)",
+            )),
+        }
+    }
+
+    /// `(rank, world)` of expert parallelism, if set
+    /// ([`Policy::set_expert_parallel`]).
+    pub fn expert_parallel(&self) -> Option<(usize, usize)> {
+        match &self.inner {
+            Inner::Gpu(g) => g.expert_parallel(),
+            Inner::Cpu { .. } => None,
+        }
+    }
+
+    /// The GPU the policy lives on (`None` on the CPU).
+    pub fn gpu(&self) -> Option<std::sync::Arc<aha_cuda_kernels::Gpu>> {
+        match &self.inner {
+            Inner::Gpu(g) => Some(g.gpu().clone()),
+            Inner::Cpu { .. } => None,
+        }
+    }
+
     /// Per-layer activation recomputation on a GPU (`recompute = true`):
     /// the forward keeps only each layer's input and the backward runs the
     /// layer again, so one layer's activations are alive at a time. The CPU

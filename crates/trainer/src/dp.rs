@@ -69,6 +69,9 @@ pub struct DataParallel {
     /// The buckets of the last step: queued before its backward reached
     /// the embedding, in all.
     last_buckets: (usize, usize),
+    /// Expert-parallel degree of the policy (1: off;
+    /// [`DataParallel::set_expert_parallel`]).
+    expert_parallel: usize,
 }
 
 /// The overlapped all-reduce of one backward: its buckets in the order the
@@ -327,6 +330,7 @@ impl DataParallel {
             pending: None,
             comm_stream: None,
             last_buckets: (0, 0),
+            expert_parallel: 1,
         })
     }
 
@@ -492,8 +496,12 @@ impl DataParallel {
                 format!(", {early} of {all} gradient buckets all-reduced before the backward reached the embedding")
             }
         };
+        let ep = match self.expert_parallel {
+            1 => String::new(),
+            n => format!(", routed experts split over {n} ranks (expert_parallel = {n})"),
+        };
         format!(
-            "data parallel: {} ranks, gradients summed {how}{zero}{when}",
+            "data parallel: {} ranks, gradients summed {how}{zero}{when}{ep}",
             self.env.world
         )
     }
@@ -527,6 +535,18 @@ impl DataParallel {
     /// for not having one, so that every rank fails with it).
     fn comm(&mut self, gpu: &std::sync::Arc<aha_cuda_kernels::Gpu>) -> Result<&mut Comm> {
         if self.comm.is_none() {
+            let comm = self.new_comm(gpu)?;
+            self.comm = Some(comm);
+        }
+        self.comm.as_mut().ok_or_else(|| err("no NCCL communicator"))
+    }
+
+    /// A new NCCL communicator over every rank on `gpu`: rank 0 makes the
+    /// unique id and sends it over the rendezvous group (or its reason for
+    /// not having one, so that every rank fails with it). Every rank must
+    /// call it at the same point.
+    fn new_comm(&mut self, gpu: &std::sync::Arc<aha_cuda_kernels::Gpu>) -> Result<Comm> {
+        {
             let mine = if self.env.rank == 0 {
                 match Nccl::get().and_then(|n| n.unique_id()) {
                     Ok(id) => [&[1u8][..], &id.0[..]].concat(),
@@ -552,12 +572,93 @@ impl DataParallel {
                 None => return Err(err("rank 0 sent an empty NCCL id")),
             };
             let nccl = Nccl::get().map_err(|e| err(format!("rank {}: {e}", self.env.rank)))?;
-            let comm =
-                Comm::init(nccl, gpu.clone(), &id, self.env.world, self.env.rank).map_err(|e| err(e.to_string()))?;
-            self.comm = Some(comm);
+            Comm::init(nccl, gpu.clone(), &id, self.env.world, self.env.rank).map_err(|e| err(e.to_string()))
         }
-        self.comm.as_mut().ok_or_else(|| err("no NCCL communicator"))
     }
+
+    /// Expert parallelism of degree `degree` (the `expert_parallel` config
+    /// key; 1 leaves it off): the policy gets a second NCCL communicator
+    /// over every rank (the first one sums the gradients), through which
+    /// every MoE layer of its training forward and backward sends each
+    /// token row to the rank that owns its expert
+    /// ([`Policy::set_expert_parallel`]). The degree must be the number of
+    /// ranks ([`check_expert_parallel`]); every rank must call this at the
+    /// same point, with the policy on its GPU. From then on every forward
+    /// and backward of the policy is a collective: the training step runs
+    /// them in lockstep ([`StepSync::lockstep`]) and the gradients' sum no
+    /// longer overlaps the backward (two communicators' kernels at once on
+    /// a GPU can block each other). Rollouts and evaluation go through the
+    /// sampler engine, which runs the whole model on each rank.
+    pub fn set_expert_parallel(&mut self, policy: &mut Policy, degree: usize) -> Result<()> {
+        if degree <= 1 {
+            return Ok(());
+        }
+        if degree != self.env.world {
+            return Err(err(format!(
+                "expert_parallel = {degree} must equal WORLD_SIZE = {}",
+                self.env.world
+            )));
+        }
+        let gpu = policy
+            .gpu()
+            .ok_or_else(|| err("expert_parallel needs the policy on a GPU (device = \"cuda\")"))?;
+        let comm = self.new_comm(&gpu)?;
+        policy.set_expert_parallel(Some(comm))?;
+        self.expert_parallel = degree;
+        Ok(())
+    }
+
+    /// The expert-parallel degree (1: off).
+    pub fn expert_parallel(&self) -> usize {
+        self.expert_parallel
+    }
+}
+
+/// Checks the `expert_parallel` config key of a run on `world` ranks: 1
+/// (off) or the number of ranks (each rank computes `E / world` routed
+/// experts for every rank's tokens), which must divide the model's
+/// `routed_experts` (0: not an MoE model); a GPU run (`on_gpu`); neither
+/// `offload_optimizer` nor LoRA. The error names the key and says what is
+/// wrong.
+pub fn check_expert_parallel(
+    degree: usize,
+    world: usize,
+    routed_experts: usize,
+    on_gpu: bool,
+    offload_optimizer: bool,
+    lora: bool,
+) -> std::result::Result<(), String> {
+    let bad = |msg: String| Err(format!("expert_parallel = {degree}: {msg}"));
+    if degree == 0 {
+        return bad("must be at least 1 (1: off)".into());
+    }
+    if degree == 1 {
+        return Ok(());
+    }
+    if degree != world {
+        return bad(format!(
+            "must equal WORLD_SIZE, the number of ranks (this run has {world}; start it with \
+             `aha launch --nproc-per-node {degree} -- ...`)"
+        ));
+    }
+    if routed_experts == 0 {
+        return bad("needs an MoE model with routed experts (this model has none)".into());
+    }
+    if !routed_experts.is_multiple_of(degree) {
+        return bad(format!(
+            "must divide the number of routed experts ({routed_experts}): each rank computes an equal share"
+        ));
+    }
+    if !on_gpu {
+        return bad("runs on GPUs only: set device = \"cuda\"".into());
+    }
+    if offload_optimizer {
+        return bad("cannot be combined with offload_optimizer = true".into());
+    }
+    if lora {
+        return bad("cannot be combined with [lora] (the routed experts take no adapters)".into());
+    }
+    Ok(())
 }
 
 /// ZeRO-1 on rank `rank` of `world`: makes `policy` keep only its shard
@@ -628,9 +729,13 @@ impl StepSync for DataParallel {
         Ok(self.group()?.all_gather_f64(xs)?.concat())
     }
 
+    fn lockstep(&self) -> bool {
+        self.expert_parallel > 1
+    }
+
     fn overlap_backward(&mut self, policy: &Policy) -> Result<bool> {
         self.pending = None;
-        if !self.overlap || self.zero_stage != 0 || self.env.world < 2 {
+        if !self.overlap || self.zero_stage != 0 || self.env.world < 2 || self.expert_parallel > 1 {
             return Ok(false);
         }
         let n = policy.layout().trainable;
@@ -1054,6 +1159,33 @@ fn sharded_master_update(
 mod tests {
     use super::*;
     use crate::grpo_run::GrpoConfig;
+
+    /// `expert_parallel`: 1 is off whatever else; N > 1 needs N ranks, an
+    /// MoE model whose routed experts divide by N, a GPU, and neither the
+    /// offloaded optimizer nor LoRA; each refusal names the key and why.
+    #[test]
+    fn expert_parallel_checks_name_the_key_and_the_reason() {
+        assert_eq!(check_expert_parallel(1, 3, 0, false, true, true), Ok(()));
+        assert_eq!(check_expert_parallel(2, 2, 8, true, false, false), Ok(()));
+        assert_eq!(check_expert_parallel(4, 4, 8, true, false, false), Ok(()));
+        for (args, why) in [
+            ((0, 2, 8, true, false, false), "at least 1"),
+            ((2, 1, 8, true, false, false), "must equal WORLD_SIZE"),
+            ((2, 4, 8, true, false, false), "must equal WORLD_SIZE"),
+            ((2, 2, 0, true, false, false), "needs an MoE model"),
+            ((3, 3, 8, true, false, false), "divide the number of routed experts (8)"),
+            ((2, 2, 8, false, false, false), "GPUs only"),
+            ((2, 2, 8, true, true, false), "offload_optimizer"),
+            ((2, 2, 8, true, false, true), "[lora]"),
+        ] {
+            let (d, w, e, g, o, l) = args;
+            let msg = check_expert_parallel(d, w, e, g, o, l).unwrap_err();
+            assert!(
+                msg.starts_with(&format!("expert_parallel = {d}: ")) && msg.contains(why),
+                "{args:?}: {msg}"
+            );
+        }
+    }
 
     /// The buckets follow the completion order (the head's range first,
     /// the embedding's last), cover the buffer exactly once, hold at most

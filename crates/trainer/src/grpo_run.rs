@@ -152,6 +152,13 @@ pub struct GrpoConfig {
     /// by the number of ranks with the same updates (docs/scale-out.md).
     /// No effect on one process; not combined with `offload_optimizer`.
     pub zero_stage: u8,
+    /// Expert parallelism of a data-parallel run on GPUs (`aha launch`): 1
+    /// (default) is off; N, which must equal the number of ranks and
+    /// divide the model's routed experts, makes every rank compute E / N
+    /// routed experts for every rank's tokens in the training forwards and
+    /// backwards (weights stay whole on every rank; docs/scale-out.md).
+    /// Not combined with `offload_optimizer` or `[lora]`.
+    pub expert_parallel: usize,
     /// DAPO's dynamic sampling: drop groups whose rewards all agree and sample
     /// more prompts until the step has `prompts_per_step` groups (with
     /// several ranks, each rank refills its own share).
@@ -251,6 +258,7 @@ impl Default for GrpoConfig {
             recompute: false,
             offload_optimizer: false,
             zero_stage: 0,
+            expert_parallel: 1,
             max_prompt_length: 512,
             max_completion_length: 1024,
             mask_truncated_completions: false,
@@ -334,6 +342,9 @@ impl GrpoConfig {
         }
         if let Err(e) = crate::dp::check_zero_stage(self.zero_stage, self.offload_optimizer) {
             return bad(e.to_string());
+        }
+        if self.expert_parallel == 0 {
+            return bad("expert_parallel = 0: must be at least 1 (1: off)".into());
         }
         Ok(())
     }
@@ -506,6 +517,18 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         .as_ref()
         .map_or_else(|| cfg.device.clone(), |d| d.device_spec(&cfg.device));
     let device = resolve_device(&device_spec, &mcfg)?;
+    crate::dp::check_expert_parallel(
+        cfg.expert_parallel,
+        dp.as_ref().map_or(1, |d| d.world()),
+        mcfg.moe.as_ref().map_or(0, |m| m.n_experts),
+        matches!(device, aha_tensor::Device::Cuda(_)),
+        cfg.offload_optimizer,
+        cfg.lora.is_some(),
+    )
+    .map_err(|msg| Error::Config {
+        what: "grpo config".into(),
+        msg,
+    })?;
     // The device memory of the policy (trained) and the reference (scored),
     // refused before anything is allocated when it cannot fit.
     let rows = (cfg.prompts_per_step * cfg.num_generations).div_ceil(cfg.minibatches.max(1));
@@ -612,6 +635,12 @@ pub fn run_grpo(cfg: &GrpoConfig, resume: bool, log: &mut dyn FnMut(&str)) -> Re
         }
     };
     let mut st = st;
+    // Expert parallel: the policy's training forwards and backwards (the
+    // reference is another model, scored whole on each rank; rollouts
+    // and evaluation run in the sampler engine, whole as well).
+    if let Some(d) = dp.as_mut() {
+        d.set_expert_parallel(&mut st.policy, cfg.expert_parallel)?;
+    }
     if let (Some(set), true, 0, true) = (&eval_set, cfg.eval_before_training, start, writer) {
         let e = evaluate(&st.policy, &tok, set, cfg)?;
         log(&format!("step 0: eval pass@1 {:.3}", e["eval/pass@1"]));

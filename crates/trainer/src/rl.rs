@@ -311,6 +311,14 @@ pub trait StepSync {
     /// Sums the policy's gradient buffer over the ranks, in place (with a
     /// sharded optimizer, at least this rank's shard of it).
     fn reduce_grads(&mut self, policy: &mut Policy) -> Result<()>;
+    /// Whether every forward and backward of the policy is a collective
+    /// over the ranks (expert parallelism): the step then gives every rank
+    /// the same number of micro-batches and agrees on a non-finite loss
+    /// before each backward, so that all ranks run them together. `false`
+    /// by default.
+    fn lockstep(&self) -> bool {
+        false
+    }
     /// Called before the backward of a step's last micro-batch (when every
     /// rank will call [`StepSync::reduce_grads`] after it): whether
     /// [`StepSync::grads_ready`] should hear of the parts that backward
@@ -453,10 +461,31 @@ pub fn train_on_synced(
     let mu = cfg.num_iterations.max(1);
     let nmb = cfg.minibatches.clamp(1, n.max(1));
     let rows_per = n.div_ceil(nmb).max(1);
-    let minibatches: Vec<Vec<Micro>> = (0..n)
+    let mut minibatches: Vec<Vec<Micro>> = (0..n)
         .step_by(rows_per)
         .map(|r0| micro_batches(r0..(r0 + rows_per).min(n), &lens, &clens, cfg.micro_batch_tokens))
         .collect();
+    let lockstep = sync.as_deref().is_some_and(|s| s.lockstep());
+    if let Some(s) = sync.as_deref_mut().filter(|_| lockstep) {
+        // Every forward and backward is a collective: each rank runs as
+        // many micro-batches as the rank with the most (the budget may
+        // cut ranks' completions into different numbers of them).
+        let counts: Vec<f64> = minibatches.iter().map(|mb| mb.len() as f64).collect();
+        let all = s.gather(&counts)?;
+        if all.len() != counts.len() * s.world() {
+            return Err(Error::Dist(format!(
+                "rank {}: the ranks have different numbers of minibatches ({} counts for {} ranks of {})",
+                s.rank(),
+                all.len(),
+                s.world(),
+                counts.len()
+            )));
+        }
+        for (b, mb) in minibatches.iter_mut().enumerate() {
+            let want = all.iter().skip(b).step_by(counts.len()).fold(0.0f64, |m, &x| m.max(x)) as usize;
+            split_micro_batches(mb, want, &lens, &clens).map_err(|e| Error::Dist(format!("rank {}: {e}", s.rank())))?;
+        }
+    }
     // One micro-batch's training rows: prompt + completion right-padded to
     // its longest, the scored rows (token j of completion k is predicted at
     // row k * t + len(prompt) - 1 + j; padding slots point at the
@@ -587,9 +616,9 @@ pub fn train_on_synced(
                 if !out.loss.is_finite() {
                     bad = Some(out.loss);
                     acc = Some((out.loss, out.metrics));
-                    if let (true, Some(s)) = (u == last_u, sync.as_deref_mut()) {
+                    if let (true, Some(s)) = (u == last_u || lockstep, sync.as_deref_mut()) {
                         agree_finite(s, &mut bad)?;
-                        agreed = true;
+                        agreed = u == last_u;
                     }
                     continue;
                 }
@@ -609,6 +638,14 @@ pub fn train_on_synced(
                         agreed = true;
                         if bad.is_none() {
                             backward_synced(policy, fwd, &scores, &dlogp, dentropy.as_ref(), s)?;
+                        }
+                    }
+                    // In lockstep every rank agrees before each backward,
+                    // so that all of them run it or none does.
+                    Some(s) if lockstep => {
+                        agree_finite(s, &mut bad)?;
+                        if bad.is_none() {
+                            policy.backward(fwd, &scores, &dlogp, dentropy.as_ref(), 0.0)?;
                         }
                     }
                     None if u == last_u => opt.backward_last(policy, fwd, &scores, &dlogp, dentropy.as_ref())?,
@@ -719,6 +756,36 @@ struct Micro {
     tc: usize,
 }
 
+/// Splits the micro-batches `mb` of one minibatch until there are `want`
+/// (ranks in lockstep run the same number): the one with the most
+/// completions is cut in two halves (in its order: by length), each
+/// padded to its own longest. The gradient they accumulate is the same.
+fn split_micro_batches(mb: &mut Vec<Micro>, want: usize, lens: &[usize], clens: &[usize]) -> Result<()> {
+    while mb.len() < want {
+        let Some((at, _)) = mb
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.idx.len() > 1)
+            .max_by_key(|(i, m)| (m.idx.len(), usize::MAX - i))
+        else {
+            return Err(Error::Other(format!(
+                "{} completions cannot make {want} micro-batches",
+                mb.iter().map(|m| m.idx.len()).sum::<usize>()
+            )));
+        };
+        let mut idx = std::mem::take(&mut mb[at].idx);
+        let tail = idx.split_off(idx.len() / 2);
+        let micro = |idx: Vec<usize>| {
+            let t = idx.iter().map(|&i| lens[i]).max().unwrap_or(1).max(1);
+            let tc = idx.iter().map(|&i| clens[i]).max().unwrap_or(1).max(1);
+            Micro { idx, t, tc }
+        };
+        mb[at] = micro(idx);
+        mb.insert(at + 1, micro(tail));
+    }
+    Ok(())
+}
+
 /// A micro-batch's tensors on the host.
 struct MicroData {
     ids: Vec<u32>,
@@ -795,5 +862,33 @@ fn merge_metrics(acc: Option<(f64, Metrics)>, loss: f64, m: Metrics, w: f64) -> 
             }
             (l + loss, a)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splitting micro-batches to a count keeps every completion once, in
+    /// the same order, each part padded to its own longest; a minibatch
+    /// with fewer completions than the count is an error.
+    #[test]
+    fn micro_batches_split_to_the_count_of_the_busiest_rank() {
+        let lens = [5, 9, 7, 12, 6];
+        let clens = [2, 6, 4, 8, 3];
+        let mut mb = micro_batches(0..5, &lens, &clens, 0);
+        assert_eq!(mb.len(), 1);
+        split_micro_batches(&mut mb, 3, &lens, &clens).unwrap();
+        let idx: Vec<Vec<usize>> = mb.iter().map(|m| m.idx.clone()).collect();
+        assert_eq!(idx, vec![vec![0, 1], vec![2], vec![3, 4]]);
+        let t: Vec<(usize, usize)> = mb.iter().map(|m| (m.t, m.tc)).collect();
+        assert_eq!(t, vec![(9, 6), (7, 4), (12, 8)]);
+        // Already there: unchanged.
+        split_micro_batches(&mut mb, 2, &lens, &clens).unwrap();
+        assert_eq!(mb.len(), 3);
+        split_micro_batches(&mut mb, 5, &lens, &clens).unwrap();
+        assert!(mb.iter().all(|m| m.idx.len() == 1));
+        let e = split_micro_batches(&mut mb, 6, &lens, &clens).unwrap_err().to_string();
+        assert!(e.contains("5 completions cannot make 6 micro-batches"), "{e}");
     }
 }

@@ -148,6 +148,13 @@ pub struct SftConfig {
     /// by the number of ranks with the same updates (docs/scale-out.md).
     /// No effect on one process; not combined with `offload_optimizer`.
     pub zero_stage: u8,
+    /// Expert parallelism of a data-parallel run on GPUs (`aha launch`): 1
+    /// (default) is off; N, which must equal the number of ranks and
+    /// divide the model's routed experts, makes every rank compute E / N
+    /// routed experts for every rank's tokens in the training forward and
+    /// backward (weights stay whole on every rank; docs/scale-out.md).
+    /// Not combined with `offload_optimizer` or `[lora]`.
+    pub expert_parallel: usize,
 }
 
 impl Default for SftConfig {
@@ -171,6 +178,7 @@ impl Default for SftConfig {
             sample_max_tokens: 256,
             offload_optimizer: false,
             zero_stage: 0,
+            expert_parallel: 1,
         }
     }
 }
@@ -205,6 +213,9 @@ impl SftConfig {
         }
         if let Err(e) = crate::dp::check_zero_stage(self.zero_stage, self.offload_optimizer) {
             return bad(&e.to_string());
+        }
+        if self.expert_parallel == 0 {
+            return bad("expert_parallel = 0: must be at least 1 (1: off)");
         }
         Ok(())
     }
@@ -439,6 +450,18 @@ fn sft_in_folder(
     };
     // The device first: a wrong --device fails before any data is read.
     let dev = resolve_device(&device, &model.config)?;
+    crate::dp::check_expert_parallel(
+        cfg.expert_parallel,
+        dp.as_ref().map_or(1, |d| d.world()),
+        model.config.moe.as_ref().map_or(0, |m| m.n_experts),
+        matches!(dev, aha_tensor::Device::Cuda(_)),
+        cfg.offload_optimizer,
+        cfg.lora.is_some(),
+    )
+    .map_err(|msg| Error::Config {
+        what: "sft config".into(),
+        msg,
+    })?;
     let tok = load_tokenizer(model_dir)?;
     let t = Templater::new(&cfg.template, model_dir)?;
     let examples = read_sft_jsonl(data, &tok, &t, model.config.eos_token_ids.first().copied())?;
@@ -493,6 +516,11 @@ fn sft_in_folder(
     policy.set_offload_optimizer(cfg.offload_optimizer.then(OffloadConfig::default))?;
     if let Some((rank, world)) = zero1 {
         crate::dp::shard_master(&mut policy, rank, world)?;
+    }
+    // Expert parallel: the training forward and backward (samples run in
+    // the sampler engine, the whole model on rank 0).
+    if let Some(d) = dp.as_deref_mut() {
+        d.set_expert_parallel(&mut policy, cfg.expert_parallel)?;
     }
     let mut opt = sft_optimizer(cfg.learning_rate, cfg.steps);
     let (mut rng, start, cursor) = match resumed {
