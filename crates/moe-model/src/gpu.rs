@@ -2569,11 +2569,43 @@ impl GpuModel {
     }
 
     /// The global L2 norm of the trainable gradients (one f64 read back).
+    ///
+    /// With the experts sharded ([`GpuModel::shard_experts`]) the norm is
+    /// the whole model's and a collective over the expert-parallel
+    /// communicator: the squares of the replicated ranges (summed over the
+    /// ranks already, the same on every rank) plus every rank's squares of
+    /// its local experts, summed over the ranks.
     pub fn grad_norm(&self) -> Result<f64> {
-        match &self.grads {
-            Some(gr) => launch::grad_norm_f32(&self.gpu, gr, self.layout.trainable).map_err(cuda),
-            None => Ok(0.0),
+        let Some(gr) = &self.grads else {
+            return Ok(0.0);
+        };
+        if self.layout.expert_shard.is_none() {
+            return launch::grad_norm_f32(&self.gpu, gr, self.layout.trainable).map_err(cuda);
         }
+        let ep = self
+            .ep
+            .as_ref()
+            .ok_or_else(|| input_err("grad_norm", "sharded experts without expert parallelism"))?;
+        let sq = |ranges: Vec<std::ops::Range<usize>>| -> Result<f64> {
+            let mut acc = 0.0;
+            for r in ranges {
+                let n = launch::grad_norm_f32(&self.gpu, &gr.slice(r.clone()), r.len()).map_err(cuda)?;
+                acc += n * n;
+            }
+            Ok(acc)
+        };
+        let replicated = sq(self.layout.replicated_ranges())?;
+        let mut local = self
+            .gpu
+            .upload(&[sq(self.layout.local_expert_ranges())?])
+            .map_err(cuda)?;
+        ep.comm
+            .lock()
+            .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?
+            .all_reduce_sum(&mut local, 0..1)
+            .map_err(cuda)?;
+        let local = self.gpu.download(&local).map_err(cuda)?;
+        Ok((replicated + local.first().copied().unwrap_or(0.0)).sqrt())
     }
 
     /// Scales the gradients by `s` (clipping), on the trainable prefix.

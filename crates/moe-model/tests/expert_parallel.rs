@@ -223,6 +223,8 @@ struct Sharded {
     /// Device bytes (weights, gradients, moments) with every expert and
     /// with the experts sharded.
     bytes: [[u64; 3]; 2],
+    /// The whole model's gradient norm after the all-reduce.
+    norm: f64,
 }
 
 /// One rank's run with the experts sharded: expert parallelism over `ep`,
@@ -277,6 +279,7 @@ fn run_sharded(
         }
     }
     let grads = g.grads_to_host().unwrap();
+    let norm = g.grad_norm().unwrap();
     let (mut m, mut v) = g.new_moments().unwrap();
     let h = AdamwScalars::new(1e-4, 0.9, 0.999, 1e-6, 0.01, 1).unwrap();
     g.adamw(&mut m, &mut v, &h).unwrap();
@@ -290,6 +293,7 @@ fn run_sharded(
         weights,
         gathered: [before, after.params],
         bytes: [whole, sharded],
+        norm,
     }
 }
 
@@ -406,6 +410,21 @@ fn check_sharded(name: &str, precision: GpuPrecision, aux: f32) {
             );
             worst[1] = worst[1].max(dg);
             worst[2] = worst[2].max(dw);
+        }
+        // The gradient norm is the whole model's (clipping scales every
+        // rank alike).
+        let want: f64 = one_grad[..model.layout.trainable]
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (s.norm - want).abs() <= 1e-5 * want,
+            "{name}: rank {rank}: gradient norm {} vs {want}",
+            s.norm
+        );
+        if rank == 0 {
+            eprintln!("{name} ({precision:?}): gradient norm {} (one rank {want})", s.norm);
         }
         // Gathered for a save: the loaded model bit for bit before the
         // step, the whole-expert run's weights after it.
