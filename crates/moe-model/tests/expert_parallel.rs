@@ -21,7 +21,8 @@ use aha_cuda_kernels::launch::AdamwScalars;
 use aha_cuda_kernels::nccl::{Comm, Nccl};
 use aha_cuda_kernels::Gpu;
 use aha_moe_model::gpu::{GpuModel, GpuPrecision};
-use aha_moe_model::Model;
+use aha_moe_model::memory::{memory_plan, MemoryPlan, Workload};
+use aha_moe_model::{Model, Precision};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -444,6 +445,24 @@ fn check_sharded(name: &str, precision: GpuPrecision, aux: f32) {
         assert_eq!(whole[0] - sharded[0], (per * expert_elems / 2) as u64);
         assert_eq!(whole[1] - sharded[1], (4 * expert_elems / 2) as u64);
         assert_eq!(whole[2] - sharded[2], (8 * expert_elems / 2) as u64);
+        // ... and are what the memory plan of the sharded layout says.
+        let w = Workload {
+            tokens: n,
+            scored: n,
+            kv_tokens: 0,
+            training: true,
+            recompute: false,
+        };
+        let p = match precision {
+            GpuPrecision::F32 => Precision::F32,
+            GpuPrecision::Bf16 => Precision::Bf16,
+        };
+        let whole_plan = memory_plan(&model.config, p, &w);
+        let plan = whole_plan.with_expert_shard(&s.layout, p);
+        let parts = |x: &MemoryPlan| [x.weights + x.weights_bf16, x.grads, x.moments];
+        assert_eq!(parts(&whole_plan), whole, "{name}: the whole model's plan");
+        assert_eq!(parts(&plan), sharded, "{name}: the sharded plan");
+        assert_eq!(whole_plan.with_expert_shard(&model.layout, p), whole_plan);
         if rank == 0 {
             eprintln!(
                 "{name} ({precision:?}): experts {} of {} parameters; device bytes per rank, whole -> sharded: weights {} -> {}, grads {} -> {}, moments {} -> {}",
