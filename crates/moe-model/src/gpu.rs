@@ -749,6 +749,13 @@ impl GpuModel {
         if on == self.host_master.is_some() {
             return Ok(());
         }
+        if self.layout.expert_shard.is_some() {
+            // The host optimizer's clipping norm would be this rank's.
+            return Err(input_err(
+                "optimizer offload",
+                "the experts are sharded over the expert-parallel ranks",
+            ));
+        }
         if self.master_shard.is_some() {
             return Err(input_err(
                 "optimizer offload",
@@ -806,6 +813,12 @@ impl GpuModel {
             return Err(input_err(
                 "shard_master",
                 format!("the master is sharded as {:?}, not {range:?}", sh.range),
+            ));
+        }
+        if self.layout.expert_shard.is_some() {
+            return Err(input_err(
+                "shard_master",
+                "the experts are sharded over the expert-parallel ranks",
             ));
         }
         if self.precision != GpuPrecision::Bf16 || self.layout.lora.is_some() || self.resident.is_some() {
@@ -1671,8 +1684,9 @@ impl GpuModel {
     /// [`GpuModel::gather_params_to_host`] gathers the whole model. The
     /// gradients are dropped. Calling it again does nothing. An error
     /// without expert parallelism, for a LoRA layout, or with the
-    /// optimizer offloaded or the master sharded (shard the experts
-    /// first).
+    /// optimizer offloaded or the master sharded; afterwards
+    /// [`GpuModel::set_offload`] and [`GpuModel::shard_master`] refuse
+    /// (their updates would clip by this rank's norm).
     pub fn shard_experts(&mut self) -> Result<()> {
         let Some(ep) = &self.ep else {
             return Err(input_err("shard_experts", "expert parallelism is off"));
@@ -1690,7 +1704,7 @@ impl GpuModel {
         {
             return Err(input_err(
                 "shard_experts",
-                "only the plain f32 or bf16 weights of full-parameter training can be sharded (shard the experts before offloading or sharding the master)",
+                "only the plain f32 or bf16 weights of full-parameter training can be sharded (not with LoRA, the optimizer offloaded or the master sharded)",
             ));
         }
         let host = self.params_to_host()?;

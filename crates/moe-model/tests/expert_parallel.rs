@@ -256,6 +256,10 @@ fn run_sharded(
     g.shard_experts().unwrap();
     g.shard_experts().unwrap();
     let sharded = bytes(&mut g);
+    // The offloaded and the ZeRO-1 updates would clip by this rank's norm.
+    let err = g.set_offload(true).unwrap_err().to_string();
+    assert!(err.contains("experts are sharded"), "{err}");
+    assert!(g.shard_master(0..1).is_err());
     let before = g.gather_params_to_host().unwrap();
     let b = ids.len() / t;
     // With expert parallelism off the sharded model refuses to run (and
