@@ -1613,11 +1613,13 @@ impl GpuModel {
     /// runs the routed experts `moe_ep::expert_shard(E, W, r)` of every MoE
     /// layer for every rank's tokens routed to them
     /// (`aha_cuda_kernels::moe_ep`); the router and shared experts run
-    /// locally. The parameters stay whole on every rank: the backward
-    /// leaves the other ranks' experts' gradients at zero, so the
+    /// locally. The parameters stay whole on every rank (unless
+    /// [`GpuModel::shard_experts`] drops the other ranks' experts): the
+    /// backward leaves the other ranks' experts' gradients at zero, so the
     /// data-parallel all-reduce of the flat gradient gives every expert
     /// its owner's gradient and every rank the same update (and a full
-    /// checkpoint). While set, every [`GpuModel::forward`] and
+    /// checkpoint). With the experts sharded only the same rank and
+    /// degree (or `None`) are taken. While set, every [`GpuModel::forward`] and
     /// [`GpuModel::backward`] (and [`GpuModel::logits`] and
     /// [`GpuModel::token_logprobs`], which run a forward) is a collective
     /// over `comm`: every rank must call them together, on batches of any
