@@ -749,6 +749,13 @@ impl GpuModel {
         if on == self.host_master.is_some() {
             return Ok(());
         }
+        if self.layout.expert_shard.is_some() {
+            // The host optimizer's clipping norm would be this rank's.
+            return Err(input_err(
+                "optimizer offload",
+                "the experts are sharded over the expert-parallel ranks",
+            ));
+        }
         if self.master_shard.is_some() {
             return Err(input_err(
                 "optimizer offload",
@@ -806,6 +813,12 @@ impl GpuModel {
             return Err(input_err(
                 "shard_master",
                 format!("the master is sharded as {:?}, not {range:?}", sh.range),
+            ));
+        }
+        if self.layout.expert_shard.is_some() {
+            return Err(input_err(
+                "shard_master",
+                "the experts are sharded over the expert-parallel ranks",
             ));
         }
         if self.precision != GpuPrecision::Bf16 || self.layout.lora.is_some() || self.resident.is_some() {
@@ -1004,10 +1017,11 @@ impl GpuModel {
             }
         }
         let e = experts.len();
-        // Under expert parallelism only this rank's experts.
+        // Under expert parallelism only this rank's experts (all the
+        // layout holds when it holds only those).
         let shard = match &self.ep {
-            Some(ep) => moe_ep::expert_shard(e, ep.world, ep.rank),
-            None => 0..e,
+            Some(ep) if self.layout.expert_shard.is_none() => moe_ep::expert_shard(e, ep.world, ep.rank),
+            _ => 0..e,
         };
         let span = |s: Slot| s.off + s.len * shard.start..s.off + s.len * shard.end;
         let one = |s: Slot| s.off..s.off + s.len;
@@ -1430,17 +1444,25 @@ impl GpuModel {
                 let down = self.linear(&act, &mlp.down, n)?;
                 Ok((down, FfnActs::Dense { gate, up, act }))
             }
-            FfnSlots::Moe { shared, experts, .. } => {
+            FfnSlots::Moe { shared, .. } => {
                 let m = self
                     .config
                     .moe
                     .as_ref()
                     .ok_or_else(|| input_err("gpu", "an MoE layer without an MoE config"))?;
                 let (w, storage) = self.moe_weights(&s.ffn)?;
+                if self.layout.expert_shard.is_some() && self.ep.is_none() {
+                    return Err(input_err(
+                        "gpu",
+                        "the model holds only some experts but expert parallelism is off",
+                    ));
+                }
                 let dims = MoeDims {
                     n,
                     c,
-                    e: experts.len(),
+                    // Every routed expert (the router's outputs), also when
+                    // the layout holds only this rank's.
+                    e: m.n_experts,
                     k: m.top_k,
                     f: m.expert_dim,
                     f_shared: shared.as_ref().map_or(0, |s| s.gate.out),
@@ -1591,16 +1613,33 @@ impl GpuModel {
     /// runs the routed experts `moe_ep::expert_shard(E, W, r)` of every MoE
     /// layer for every rank's tokens routed to them
     /// (`aha_cuda_kernels::moe_ep`); the router and shared experts run
-    /// locally. The parameters stay whole on every rank: the backward
-    /// leaves the other ranks' experts' gradients at zero, so the
+    /// locally. The parameters stay whole on every rank (unless
+    /// [`GpuModel::shard_experts`] drops the other ranks' experts): the
+    /// backward leaves the other ranks' experts' gradients at zero, so the
     /// data-parallel all-reduce of the flat gradient gives every expert
     /// its owner's gradient and every rank the same update (and a full
-    /// checkpoint). While set, every [`GpuModel::forward`] and
+    /// checkpoint). With the experts sharded only the same rank and
+    /// degree (or `None`) are taken. While set, every [`GpuModel::forward`] and
     /// [`GpuModel::backward`] (and [`GpuModel::logits`] and
     /// [`GpuModel::token_logprobs`], which run a forward) is a collective
     /// over `comm`: every rank must call them together, on batches of any
     /// sizes. W must divide the number of routed experts.
     pub fn set_expert_parallel(&mut self, comm: Option<Comm>) -> Result<Option<Comm>> {
+        if let Some(shard) = &self.layout.expert_shard {
+            let e = self.config.moe.as_ref().map_or(0, |m| m.n_experts);
+            // Off is allowed (the forward refuses until it is back on).
+            let other = comm
+                .as_ref()
+                .is_some_and(|c| moe_ep::expert_shard(e, c.world(), c.rank()) != *shard);
+            if other {
+                return Err(input_err(
+                    "expert_parallel",
+                    format!(
+                        "the model holds only the experts {shard:?}: expert parallelism needs the same rank and degree"
+                    ),
+                ));
+            }
+        }
         if let Some(c) = &comm {
             let e = self.config.moe.as_ref().map_or(0, |m| m.n_experts);
             if e == 0 || !e.is_multiple_of(c.world()) {
@@ -1632,6 +1671,132 @@ impl GpuModel {
     /// `(rank, world)` of expert parallelism, if set.
     pub fn expert_parallel(&self) -> Option<(usize, usize)> {
         self.ep.as_ref().map(|e| (e.rank, e.world))
+    }
+
+    /// Shards the experts' memory under expert parallelism (set first with
+    /// [`GpuModel::set_expert_parallel`]): the flat buffers are rebuilt
+    /// with [`Layout::with_expert_shard`], keeping of every MoE layer's
+    /// routed experts only this rank's `moe_ep::expert_shard(E, W, r)`, so
+    /// the weights (f32 and the bf16 copy), the gradient buffer and the
+    /// AdamW moments of [`GpuModel::new_moments`] hold 1/W of the routed
+    /// experts. [`GpuModel::layout`] is then the sharded layout:
+    /// [`Layout::local_expert_ranges`] are the rank-local parameters (the
+    /// data-parallel all-reduce must skip them:
+    /// [`Layout::replicated_ranges`] is what it sums), and
+    /// [`GpuModel::gather_params_to_host`] gathers the whole model. The
+    /// gradients are dropped. Calling it again does nothing. An error
+    /// without expert parallelism, for a LoRA layout, or with the
+    /// optimizer offloaded or the master sharded; afterwards
+    /// [`GpuModel::set_offload`] and [`GpuModel::shard_master`] refuse
+    /// (their updates would clip by this rank's norm).
+    pub fn shard_experts(&mut self) -> Result<()> {
+        let Some(ep) = &self.ep else {
+            return Err(input_err("shard_experts", "expert parallelism is off"));
+        };
+        let e = self.config.moe.as_ref().map_or(0, |m| m.n_experts);
+        let shard = moe_ep::expert_shard(e, ep.world, ep.rank);
+        if self.layout.expert_shard.is_some() {
+            // set_expert_parallel keeps the same rank and degree.
+            return Ok(());
+        }
+        if self.layout.lora.is_some()
+            || self.resident.is_some()
+            || self.host_master.is_some()
+            || self.master_shard.is_some()
+        {
+            return Err(input_err(
+                "shard_experts",
+                "only the plain f32 or bf16 weights of full-parameter training can be sharded (not with LoRA, the optimizer offloaded or the master sharded)",
+            ));
+        }
+        let host = self.params_to_host()?;
+        let local = Layout::with_expert_shard(&self.config, shard)?;
+        let mut params = vec![0f32; local.size];
+        for en in &local.entries {
+            let from = self
+                .layout
+                .get(&en.name)
+                .ok_or_else(|| input_err("shard_experts", format!("`{}` is not in the model", en.name)))?;
+            en.slot.of_mut(&mut params).copy_from_slice(from.slot.of(&host));
+        }
+        self.params = self.gpu.upload(&params).map_err(cuda)?;
+        if self.params16.is_some() {
+            self.params16 = Some(self.gpu.zeros::<u16>(local.size.max(1)).map_err(cuda)?);
+        }
+        self.layout = local;
+        self.grads = None;
+        self.grad_version = self.grad_version.wrapping_add(1);
+        self.refresh_copies()
+    }
+
+    /// Every parameter of the whole model, in the layout of
+    /// [`Layout::new`], on the host of every rank: with the experts
+    /// sharded ([`GpuModel::shard_experts`]) a collective over the
+    /// expert-parallel communicator (every rank calls it together), each
+    /// projection of each MoE layer's experts broadcast from its owner in
+    /// turn (one such block of device memory at a time), the other tensors
+    /// this rank's (every rank holds them alike); otherwise
+    /// [`GpuModel::params_to_host`].
+    pub fn gather_params_to_host(&self) -> Result<Vec<f32>> {
+        let local_host = self.params_to_host()?;
+        if self.layout.expert_shard.is_none() {
+            return Ok(local_host);
+        }
+        let ep = self
+            .ep
+            .as_ref()
+            .ok_or_else(|| input_err("gather_params_to_host", "sharded experts without expert parallelism"))?;
+        let e = self.config.moe.as_ref().map_or(0, |m| m.n_experts);
+        let full = Layout::new(&self.config);
+        let mut host = vec![0f32; full.size];
+        for en in &self.layout.entries {
+            let to = full
+                .get(&en.name)
+                .ok_or_else(|| input_err("gather_params_to_host", format!("`{}` is not in the model", en.name)))?;
+            to.slot.of_mut(&mut host).copy_from_slice(en.slot.of(&local_host));
+        }
+        let mut comm = ep
+            .comm
+            .lock()
+            .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?;
+        for (ll, fl) in self.layout.layers.iter().zip(&full.layers) {
+            let (FfnSlots::Moe { experts: le, .. }, FfnSlots::Moe { experts: fe, .. }) = (&ll.ffn, &fl.ffn) else {
+                continue;
+            };
+            let (Some(l0), Some(f0)) = (le.first(), fe.first()) else {
+                continue;
+            };
+            for (ls, fs) in [(l0.gate.w, f0.gate.w), (l0.up.w, f0.up.w), (l0.down.w, f0.down.w)] {
+                for r in 0..ep.world {
+                    let sh = moe_ep::expert_shard(e, ep.world, r);
+                    let n = ls.len * sh.len();
+                    let mut buf = if r == ep.rank {
+                        self.gpu.upload(&local_host[ls.off..ls.off + n]).map_err(cuda)?
+                    } else {
+                        self.zeros(n)?
+                    };
+                    comm.broadcast(&mut buf, r).map_err(cuda)?;
+                    if r != ep.rank {
+                        let got = self.gpu.download(&buf).map_err(cuda)?;
+                        let at = fs.off + sh.start * fs.len;
+                        host[at..at + n].copy_from_slice(&got[..n]);
+                    }
+                }
+            }
+        }
+        Ok(host)
+    }
+
+    /// The whole model on the host of every rank, for a save
+    /// ([`GpuModel::gather_params_to_host`]: a collective when the experts
+    /// are sharded).
+    pub fn gather_model(&self) -> Result<Model> {
+        Ok(Model {
+            config: self.config.clone(),
+            layout: Layout::new(&self.config),
+            params: self.gather_params_to_host()?,
+            source_dir: None,
+        })
     }
 
     /// The lm head's operands for hidden rows `h [n, C]`.
@@ -2233,8 +2398,17 @@ impl GpuModel {
                 ) => {
                     let (w, _) = self.moe_weights(&s.ffn)?;
                     // The layer's gradients into zeroed stacked buffers,
-                    // then added to the flat buffer's views.
-                    let mut gr = MoeGrads::zeros(g, &buf.dims).map_err(cuda)?;
+                    // then added to the flat buffer's views; with the
+                    // experts sharded only the local experts' (the layout's).
+                    let mut gr = match self.layout.expert_shard {
+                        Some(_) => {
+                            let d = buf.dims;
+                            let mut x = MoeGrads::zeros(g, &MoeDims { e: experts.len(), ..d }).map_err(cuda)?;
+                            x.router = g.zeros::<f32>((d.e * d.c).max(1)).map_err(cuda)?;
+                            x
+                        }
+                        None => MoeGrads::zeros(g, &buf.dims).map_err(cuda)?,
+                    };
                     match (&self.ep, ep_buf) {
                         (Some(ep), Some(eb)) => {
                             // Only this rank's experts get gradients (the
@@ -2245,7 +2419,11 @@ impl GpuModel {
                                 .comm
                                 .lock()
                                 .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?;
-                            let sh = moe_ep::expert_shard(buf.dims.e, ep.world, ep.rank);
+                            let sh = match self.layout.expert_shard {
+                                // The buffers hold only the local experts.
+                                Some(_) => 0..experts.len(),
+                                None => moe_ep::expert_shard(buf.dims.e, ep.world, ep.rank),
+                            };
                             let (fc, cf) = (buf.dims.f * c, c * buf.dims.f);
                             let mut grv = moe_layer::MoeGradsMut {
                                 router: gr.router.as_view_mut(),
@@ -2407,11 +2585,43 @@ impl GpuModel {
     }
 
     /// The global L2 norm of the trainable gradients (one f64 read back).
+    ///
+    /// With the experts sharded ([`GpuModel::shard_experts`]) the norm is
+    /// the whole model's and a collective over the expert-parallel
+    /// communicator: the squares of the replicated ranges (summed over the
+    /// ranks already, the same on every rank) plus every rank's squares of
+    /// its local experts, summed over the ranks.
     pub fn grad_norm(&self) -> Result<f64> {
-        match &self.grads {
-            Some(gr) => launch::grad_norm_f32(&self.gpu, gr, self.layout.trainable).map_err(cuda),
-            None => Ok(0.0),
+        let Some(gr) = &self.grads else {
+            return Ok(0.0);
+        };
+        if self.layout.expert_shard.is_none() {
+            return launch::grad_norm_f32(&self.gpu, gr, self.layout.trainable).map_err(cuda);
         }
+        let ep = self
+            .ep
+            .as_ref()
+            .ok_or_else(|| input_err("grad_norm", "sharded experts without expert parallelism"))?;
+        let sq = |ranges: Vec<std::ops::Range<usize>>| -> Result<f64> {
+            let mut acc = 0.0;
+            for r in ranges {
+                let n = launch::grad_norm_f32(&self.gpu, &gr.slice(r.clone()), r.len()).map_err(cuda)?;
+                acc += n * n;
+            }
+            Ok(acc)
+        };
+        let replicated = sq(self.layout.replicated_ranges())?;
+        let mut local = self
+            .gpu
+            .upload(&[sq(self.layout.local_expert_ranges())?])
+            .map_err(cuda)?;
+        ep.comm
+            .lock()
+            .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?
+            .all_reduce_sum(&mut local, 0..1)
+            .map_err(cuda)?;
+        let local = self.gpu.download(&local).map_err(cuda)?;
+        Ok((replicated + local.first().copied().unwrap_or(0.0)).sqrt())
     }
 
     /// Scales the gradients by `s` (clipping), on the trainable prefix.

@@ -126,6 +126,29 @@ impl MemoryPlan {
         self
     }
 
+    /// The plan of one expert-parallel rank holding only its routed
+    /// experts (`layout` from [`Layout::with_expert_shard`], as
+    /// [`crate::gpu::GpuModel::shard_experts`] allocates it): weights, the
+    /// bf16 copy, gradients and moments of the sharded layout. Activations
+    /// and workspace are left as planned (the backward's per-layer
+    /// gradient buffers shrink too, so the workspace is an upper bound).
+    /// A whole layout: unchanged. Apply before [`MemoryPlan::with_zero1`]
+    /// and [`MemoryPlan::with_offload`].
+    pub fn with_expert_shard(mut self, layout: &Layout, precision: Precision) -> MemoryPlan {
+        if layout.expert_shard.is_none() {
+            return self;
+        }
+        let (p, t) = (layout.size as u64, layout.trainable as u64);
+        self.params = layout.size;
+        self.weights = 4 * p;
+        self.weights_bf16 = if precision == Precision::Bf16 { 2 * p } else { 0 };
+        if self.grads > 0 {
+            self.grads = 4 * t;
+            self.moments = 8 * t;
+        }
+        self
+    }
+
     /// Everything together (device memory; `host_pinned` is not counted).
     pub fn total(&self) -> u64 {
         self.weights + self.weights_bf16 + self.grads + self.moments + self.activations + self.kv_cache + self.workspace

@@ -162,6 +162,10 @@ pub struct Layout {
     /// The LoRA configuration when the layout carries adapters (then the
     /// adapters are the trainable prefix and every base tensor is frozen).
     pub lora: Option<LoraConfig>,
+    /// The routed experts this layout holds of every MoE layer when it
+    /// holds only some (an expert-parallel rank's: see
+    /// [`Layout::with_expert_shard`]); `None`: all of them.
+    pub expert_shard: Option<std::ops::Range<usize>>,
     index: HashMap<String, usize>,
 }
 
@@ -239,10 +243,11 @@ impl Builder {
             down: self.linear(&format!("{p}.down_proj"), f, c, false),
         }
     }
-    /// `n` experts' MLPs, stacked: every gate_proj, then every up_proj, then
-    /// every down_proj, so each projection of all experts is one contiguous
-    /// `[E, out, in]` block (what the grouped expert kernels read).
-    fn experts(&mut self, p: &str, n: usize, c: usize, f: usize) -> Vec<MlpSlots> {
+    /// The MLPs of the experts `ids` (named by their index in the whole
+    /// layer), stacked: every gate_proj, then every up_proj, then every
+    /// down_proj, so each projection of these experts is one contiguous
+    /// `[n, out, in]` block (what the grouped expert kernels read).
+    fn experts(&mut self, p: &str, ids: std::ops::Range<usize>, c: usize, f: usize) -> Vec<MlpSlots> {
         let w = |b: &mut Builder, e: usize, proj: &str, inp: usize, out: usize| Linear {
             w: b.add(format!("{p}.{e}.{proj}.weight"), vec![out, inp], true),
             b: None,
@@ -251,9 +256,9 @@ impl Builder {
             lora: None,
             frozen: b.lora.is_some(),
         };
-        let gate: Vec<Linear> = (0..n).map(|e| w(self, e, "gate_proj", c, f)).collect();
-        let up: Vec<Linear> = (0..n).map(|e| w(self, e, "up_proj", c, f)).collect();
-        let down: Vec<Linear> = (0..n).map(|e| w(self, e, "down_proj", f, c)).collect();
+        let gate: Vec<Linear> = ids.clone().map(|e| w(self, e, "gate_proj", c, f)).collect();
+        let up: Vec<Linear> = ids.clone().map(|e| w(self, e, "up_proj", c, f)).collect();
+        let down: Vec<Linear> = ids.map(|e| w(self, e, "down_proj", f, c)).collect();
         gate.into_iter()
             .zip(up)
             .zip(down)
@@ -270,8 +275,68 @@ impl Layout {
     /// projection (see `Builder::experts`).
     pub fn new(cfg: &ModelConfig) -> Layout {
         // The first pass only counts the trainable elements.
-        let trainable = Layout::build(cfg, usize::MAX / 2, None).trainable;
-        Layout::build(cfg, trainable, None)
+        let trainable = Layout::build(cfg, usize::MAX / 2, None, None).trainable;
+        Layout::build(cfg, trainable, None, None)
+    }
+
+    /// The layout of [`Layout::new`] holding of every MoE layer's routed
+    /// experts only those of `shard` (an expert-parallel rank's,
+    /// `moe_ep::expert_shard(E, W, r)`), under their names in the whole
+    /// model: every other tensor (router, correction bias, shared experts,
+    /// attention, dense layers) is whole, in the same order. An error when
+    /// the config has no MoE layer or `shard` is empty or not within its
+    /// experts.
+    pub fn with_expert_shard(cfg: &ModelConfig, shard: std::ops::Range<usize>) -> Result<Layout> {
+        let e = cfg.moe.as_ref().map_or(0, |m| m.n_experts);
+        if e == 0 || shard.is_empty() || shard.end > e {
+            return Err(Error::Config {
+                path: PathBuf::from("config.json"),
+                msg: format!("expert shard {shard:?} is not a non-empty part of the {e} routed experts"),
+            });
+        }
+        let trainable = Layout::build(cfg, usize::MAX / 2, None, Some(shard.clone())).trainable;
+        Ok(Layout::build(cfg, trainable, None, Some(shard)))
+    }
+
+    /// The ranges of the trainable prefix that hold routed experts of an
+    /// expert shard ([`Layout::with_expert_shard`]), sorted, adjacent ones
+    /// merged: the rank-local parameters, which no other rank holds
+    /// (empty for a whole layout).
+    pub fn local_expert_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        if self.expert_shard.is_none() {
+            return Vec::new();
+        }
+        let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+        for l in &self.layers {
+            let FfnSlots::Moe { experts, .. } = &l.ffn else {
+                continue;
+            };
+            let (Some(first), n) = (experts.first(), experts.len()) else {
+                continue;
+            };
+            for s in [first.gate.w, first.up.w, first.down.w] {
+                out.push(s.off..s.off + s.len * n);
+            }
+        }
+        merge_ranges(out)
+    }
+
+    /// The trainable prefix less [`Layout::local_expert_ranges`]: what
+    /// every rank holds alike (all of `0..trainable` for a whole layout),
+    /// sorted and merged; what a data-parallel gradient all-reduce sums.
+    pub fn replicated_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for r in self.local_expert_ranges() {
+            if r.start > at {
+                out.push(at..r.start);
+            }
+            at = r.end;
+        }
+        if self.trainable > at {
+            out.push(at..self.trainable);
+        }
+        out
     }
 
     /// The layout of the base model with LoRA adapters on the linears that
@@ -280,8 +345,8 @@ impl Layout {
     /// every base tensor is frozen. Targets that match no adaptable linear
     /// at all are an error (as in PEFT).
     pub fn with_lora(cfg: &ModelConfig, lora: &LoraConfig) -> Result<Layout> {
-        let probe = Layout::build(cfg, usize::MAX / 2, Some(lora.clone()));
-        let layout = Layout::build(cfg, probe.trainable, Some(lora.clone()));
+        let probe = Layout::build(cfg, usize::MAX / 2, Some(lora.clone()), None);
+        let layout = Layout::build(cfg, probe.trainable, Some(lora.clone()), None);
         if lora::adapted_linears(&layout).is_empty() {
             return Err(Error::Config {
                 path: PathBuf::from("[lora] target_modules"),
@@ -294,7 +359,12 @@ impl Layout {
         Ok(layout)
     }
 
-    fn build(cfg: &ModelConfig, frozen_base: usize, lora: Option<LoraConfig>) -> Layout {
+    fn build(
+        cfg: &ModelConfig,
+        frozen_base: usize,
+        lora: Option<LoraConfig>,
+        expert_shard: Option<std::ops::Range<usize>>,
+    ) -> Layout {
         let c = cfg.hidden_size;
         let mut b = Builder {
             entries: Vec::new(),
@@ -370,7 +440,8 @@ impl Layout {
                             false,
                         )
                     });
-                    let experts = b.experts(&format!("{p}.mlp.experts"), moe.n_experts, c, moe.expert_dim);
+                    let ids = expert_shard.clone().unwrap_or(0..moe.n_experts);
+                    let experts = b.experts(&format!("{p}.mlp.experts"), ids, c, moe.expert_dim);
                     let shared = (moe.n_shared > 0)
                         .then(|| b.mlp(&format!("{p}.mlp.shared_experts"), c, moe.expert_dim * moe.n_shared));
                     FfnSlots::Moe {
@@ -400,6 +471,7 @@ impl Layout {
             norm,
             lm_head,
             lora: b.lora,
+            expert_shard,
             index,
         }
     }
@@ -436,18 +508,23 @@ impl Layout {
             parts[part].push(e.slot.off..e.slot.off + e.slot.len);
         }
         for p in &mut parts {
-            p.sort_by_key(|r| r.start);
-            let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(p.len());
-            for r in p.drain(..) {
-                match merged.last_mut() {
-                    Some(last) if last.end == r.start => last.end = r.end,
-                    _ => merged.push(r),
-                }
-            }
-            *p = merged;
+            *p = merge_ranges(std::mem::take(p));
         }
         parts
     }
+}
+
+/// `ranges` sorted by start, adjacent ones merged.
+fn merge_ranges(mut ranges: Vec<std::ops::Range<usize>>) -> Vec<std::ops::Range<usize>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => merged.push(r),
+        }
+    }
+    merged
 }
 
 /// Tensors a checkpoint may carry that the model does not use.

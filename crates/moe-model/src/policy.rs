@@ -388,16 +388,47 @@ impl Policy {
     }
 
     /// The model on the host: borrowed on the CPU, a copy of the weights on
-    /// a GPU (what the CPU sampler runs on).
+    /// a GPU (what the CPU sampler runs on). An error when the experts are
+    /// sharded ([`Policy::gather_host_model`] gathers them).
     pub fn host_model(&self) -> Result<Cow<'_, Model>> {
         match &self.inner {
             Inner::Cpu { model, .. } => Ok(Cow::Borrowed(&**model)),
+            Inner::Gpu(g) if g.layout().expert_shard.is_some() => Err(input_err(
+                "host_model",
+                "the experts are sharded over the expert-parallel ranks: gather them (gather_host_model, on every rank)",
+            )),
             Inner::Gpu(g) => Ok(Cow::Owned(Model {
                 config: g.config.clone(),
                 layout: g.layout().clone(),
                 params: g.params_to_host()?,
                 source_dir: self.source_dir.clone(),
             })),
+        }
+    }
+
+    /// The whole model on the host: [`Policy::host_model`], or with the
+    /// experts sharded ([`Policy::shard_experts`]) every rank's experts
+    /// gathered (a collective over the expert-parallel communicator: every
+    /// rank calls it, rank 0 saves the result; see
+    /// [`crate::gpu::GpuModel::gather_model`]).
+    pub fn gather_host_model(&self) -> Result<Cow<'_, Model>> {
+        match &self.inner {
+            Inner::Gpu(g) if g.layout().expert_shard.is_some() => {
+                let mut m = g.gather_model()?;
+                m.source_dir = self.source_dir.clone();
+                Ok(Cow::Owned(m))
+            }
+            _ => self.host_model(),
+        }
+    }
+
+    /// Expert parallelism with the experts' memory sharded (see
+    /// [`crate::gpu::GpuModel::shard_experts`]; expert parallelism set
+    /// first): `Ok(false)` on the CPU, nothing changed.
+    pub fn shard_experts(&mut self) -> Result<bool> {
+        match &mut self.inner {
+            Inner::Cpu { .. } => Ok(false),
+            Inner::Gpu(g) => g.shard_experts().map(|()| true),
         }
     }
 

@@ -153,6 +153,18 @@ fn qwen3_30b_a3b_counts_every_expert_and_its_buffers() {
     let per_token = 48 * (moe + attn + common) + 4 * (2 * 2048 + 1);
     assert_eq!(plan.activations, per_token * 4096);
     eprintln!("Qwen3-30B-A3B bf16, 4k tokens: {plan}");
+    // Expert parallel over 8 ranks with the experts' memory sharded: each
+    // rank holds 16 of the 128 experts, so its weights, gradients and
+    // moments lose 7/8 of the 48 x 128 x 3 x 768 x 2048 expert parameters
+    // (18 bytes each in bf16 training).
+    let shard = aha_moe_model::Layout::with_expert_shard(&m, 16..32).unwrap();
+    let ep = plan.with_expert_shard(&shard, Precision::Bf16);
+    let experts: u64 = 48 * 128 * 3 * 768 * 2048;
+    assert_eq!(ep.params as u64, p - experts / 8 * 7);
+    let bytes = |x: &aha_moe_model::memory::MemoryPlan| x.weights + x.weights_bf16 + x.grads + x.moments;
+    assert_eq!(bytes(&plan) - bytes(&ep), 18 * experts / 8 * 7);
+    assert_eq!((ep.activations, ep.workspace), (plan.activations, plan.workspace));
+    eprintln!("Qwen3-30B-A3B bf16, experts over 8 ranks: {ep}");
 }
 
 /// Qwen2.5-7B (DeepSeek-R1-Distill-Qwen-7B's shape) on one 80 GB GPU, the

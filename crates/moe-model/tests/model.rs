@@ -526,3 +526,65 @@ fn gradient_parts_follow_the_backward_order() {
         assert!(names.iter().all(|n| n.contains(&format!("layers.{l}."))), "{names:?}");
     }
 }
+
+/// `Layout::with_expert_shard` holds of every MoE layer's routed experts
+/// only those of the shard, under their whole-model names, each tensor
+/// with its whole-model shape; `local_expert_ranges` are exactly those
+/// experts' slots and `replicated_ranges` the rest of the trainable
+/// prefix; shards outside the experts (or a dense model) are refused.
+#[test]
+fn an_expert_shard_holds_only_its_experts() {
+    for name in ["qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        let m = Model::load(&fixture(name)).unwrap();
+        let e = m.config.moe.as_ref().unwrap().n_experts;
+        let expert = |n: &str| {
+            n.split(".mlp.experts.")
+                .nth(1)
+                .and_then(|r| r.split('.').next())
+                .and_then(|x| x.parse::<usize>().ok())
+        };
+        assert!(m.layout.expert_shard.is_none() && m.layout.local_expert_ranges().is_empty());
+        assert_eq!(m.layout.replicated_ranges(), vec![0..m.layout.trainable]);
+        let shard = e / 4..e / 2;
+        let lay = aha_moe_model::Layout::with_expert_shard(&m.config, shard.clone()).unwrap();
+        assert_eq!(lay.expert_shard, Some(shard.clone()));
+        let mut kept = 0;
+        for en in &m.layout.entries {
+            match (expert(&en.name), lay.get(&en.name)) {
+                (Some(x), got) if !shard.contains(&x) => assert!(got.is_none(), "{name}: {}", en.name),
+                (_, got) => {
+                    let got = got.unwrap_or_else(|| panic!("{name}: {} missing", en.name));
+                    assert_eq!(
+                        (&got.shape, got.trainable),
+                        (&en.shape, en.trainable),
+                        "{name}: {}",
+                        en.name
+                    );
+                    kept += en.slot.len;
+                }
+            }
+        }
+        assert_eq!(kept, lay.size, "{name}");
+        let local = lay.local_expert_ranges();
+        for en in &lay.entries {
+            let inside = local
+                .iter()
+                .any(|r| r.start <= en.slot.off && en.slot.off + en.slot.len <= r.end);
+            assert_eq!(inside, expert(&en.name).is_some(), "{name}: {}", en.name);
+        }
+        let mut all: Vec<_> = local.iter().chain(&lay.replicated_ranges()).cloned().collect();
+        all.sort_by_key(|r| r.start);
+        let mut at = 0;
+        for r in all {
+            assert_eq!(r.start, at, "{name}: the ranges tile the trainable prefix");
+            at = r.end;
+        }
+        assert_eq!(at, lay.trainable, "{name}");
+        for bad in [0..0, e - 1..e + 1] {
+            let err = aha_moe_model::Layout::with_expert_shard(&m.config, bad.clone()).unwrap_err();
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+    let dense = Model::load(&fixture("qwen2-tiny")).unwrap();
+    assert!(aha_moe_model::Layout::with_expert_shard(&dense.config, 0..1).is_err());
+}

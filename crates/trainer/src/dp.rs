@@ -149,6 +149,24 @@ pub fn overlap_buckets(parts: &[Vec<Range<usize>>], n: usize, bucket: usize) -> 
     out
 }
 
+/// The parts of `buckets` inside `keep` (sorted, disjoint ranges), in
+/// the buckets' order: a bucket cut where it leaves `keep`, one wholly
+/// outside dropped. With the experts sharded over expert-parallel ranks
+/// `keep` is [`aha_moe_model::Layout::replicated_ranges`]: the rank-local
+/// experts are not summed with another rank's.
+pub fn keep_within(buckets: Vec<Range<usize>>, keep: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut out = Vec::with_capacity(buckets.len());
+    for b in buckets {
+        for k in keep {
+            let (lo, hi) = (b.start.max(k.start), b.end.min(k.end));
+            if lo < hi {
+                out.push(lo..hi);
+            }
+        }
+    }
+    out
+}
+
 /// The optimizer state one ZeRO-1 rank holds on its GPU, from the
 /// policy's own accounting ([`aha_moe_model::Policy::param_bytes`]) and
 /// the shard's moments.
@@ -739,7 +757,10 @@ impl StepSync for DataParallel {
             return Ok(false);
         }
         let n = policy.layout().trainable;
-        let buckets = overlap_buckets(&policy.grad_ready_parts(), n, self.bucket_elems);
+        let mut buckets = overlap_buckets(&policy.grad_ready_parts(), n, self.bucket_elems);
+        if policy.layout().expert_shard.is_some() {
+            buckets = keep_within(buckets, &policy.layout().replicated_ranges());
+        }
         let left = buckets.iter().map(|b| b.len()).collect();
         self.pending = Some(Overlap {
             buckets,
@@ -776,6 +797,13 @@ impl StepSync for DataParallel {
         let trainable = policy.layout().trainable;
         let zero = self.zero_stage;
         let pending = self.pending.take();
+        // Sharded experts: each rank's are its own (expert parallel degree
+        // = the world), summed with no other rank's.
+        let sharded = policy.layout().expert_shard.is_some();
+        let replicated = policy.layout().replicated_ranges();
+        if sharded && zero == 1 {
+            return Err(err("ZeRO-1 with the experts sharded over the ranks is not supported"));
+        }
         match policy.gpu_grads_mut()? {
             Some((gpu, grads)) if pending.is_some() => {
                 if let Some(mut ov) = pending {
@@ -800,14 +828,23 @@ impl StepSync for DataParallel {
             }
             Some((gpu, grads)) => {
                 let n = grads.len();
+                let ranges = if sharded {
+                    replicated
+                } else {
+                    std::iter::once(0..n).collect()
+                };
                 let comm = self.comm(&gpu)?;
-                let mut at = 0;
-                while at < n {
-                    let end = (at + bucket).min(n);
-                    comm.all_reduce_sum(grads, at..end).map_err(|e| err(e.to_string()))?;
-                    at = end;
+                let mut count = 0;
+                for r in ranges {
+                    let mut at = r.start;
+                    while at < r.end {
+                        let end = (at + bucket).min(r.end);
+                        comm.all_reduce_sum(grads, at..end).map_err(|e| err(e.to_string()))?;
+                        at = end;
+                        count += 1;
+                    }
                 }
-                self.last_buckets = (0, n.div_ceil(bucket));
+                self.last_buckets = (0, count);
             }
             None => {
                 let mut g = policy.grads_to_host()?;
@@ -1209,6 +1246,26 @@ mod tests {
             assert_eq!(c, (0..n).collect::<Vec<_>>());
             assert!(b.iter().all(|r| !r.is_empty() && r.len() <= size));
         }
+    }
+
+    /// Cutting the buckets to the replicated ranges keeps their order,
+    /// drops what lies in the rank-local experts and covers exactly the
+    /// kept elements.
+    #[test]
+    fn buckets_skip_the_rank_local_experts() {
+        let parts = vec![vec![50..56], vec![30..50], vec![10..30], vec![0..10]];
+        let buckets = overlap_buckets(&parts, 56, 16);
+        // Local experts at 20..28 and 36..50.
+        let keep = vec![0..20, 28..36, 50..56];
+        let cut = keep_within(buckets, &keep);
+        assert_eq!(cut, vec![50..56, 34..36, 30..34, 14..20, 28..30, 0..14]);
+        let mut c: Vec<_> = cut.iter().flat_map(|r| r.clone()).collect();
+        c.sort_unstable();
+        let want: Vec<_> = keep.iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(c, want);
+        let whole: Vec<Range<usize>> = std::iter::once(0..9).collect();
+        assert!(keep_within(whole.clone(), &[]).is_empty());
+        assert_eq!(keep_within(vec![0..5, 5..9], &whole), vec![0..5, 5..9]);
     }
 
     #[test]
