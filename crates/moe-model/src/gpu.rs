@@ -108,21 +108,12 @@ pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Whether [`GpuModel`] takes this layout's LoRA adapters: any linear but
-/// the shared experts of an MoE layer (the fused MoE kernels read their
-/// weights directly).
-pub fn lora_support(layout: &Layout) -> Result<()> {
-    for (i, l) in layout.layers.iter().enumerate() {
-        if let FfnSlots::Moe { shared: Some(s), .. } = &l.ffn {
-            if [s.gate, s.up, s.down].iter().any(|x| x.lora.is_some()) {
-                return Err(input_err(
-                    "gpu",
-                    format!("layer {i}: LoRA on shared experts runs on the CPU only; target other modules for the GPU"),
-                ));
-            }
-        }
-    }
-    Ok(())
+/// Whether an MoE layer's shared experts carry LoRA adapters: then they
+/// run outside the fused MoE kernels, as a dense MLP through
+/// [`GpuModel`]'s adapted linears (the kernels read the base weights
+/// directly and know no adapter).
+fn adapted_shared(shared: Option<&MlpSlots>) -> Option<&MlpSlots> {
+    shared.filter(|s| [&s.gate, &s.up, &s.down].iter().any(|x| x.lora.is_some()))
 }
 
 /// The tensors a bf16 [`GpuModel`] reads in f32, as `(offset, length,
@@ -443,7 +434,18 @@ enum FfnActs {
         buf: Box<MoeBuffers>,
         /// The exchange plan and local rows under expert parallelism.
         ep: Option<Box<MoeEpBuffers>>,
+        /// The shared experts' activations when they carry LoRA adapters
+        /// and run as a dense MLP beside the fused kernels.
+        shared: Option<Box<DenseActs>>,
     },
+}
+
+/// A dense MLP's saved activations: gate and up projections and the
+/// SwiGLU product.
+struct DenseActs {
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    act: CudaSlice<f32>,
 }
 
 /// One layer's saved activations.
@@ -476,7 +478,6 @@ impl GpuModel {
     /// table, with the products in `precision`.
     pub fn upload_with(model: &Model, ordinal: usize, precision: GpuPrecision) -> Result<GpuModel> {
         gpu_support(&model.config)?;
-        lora_support(&model.layout)?;
         let gpu = Gpu::get(ordinal).map_err(cuda)?;
         if model.params.len() != model.layout.size {
             return Err(input_err(
@@ -1011,6 +1012,12 @@ impl GpuModel {
         };
         let span = |s: Slot| s.off + s.len * shard.start..s.off + s.len * shard.end;
         let one = |s: Slot| s.off..s.off + s.len;
+        // Adapted shared experts run outside the kernels.
+        let shared = if adapted_shared(shared.as_ref()).is_some() {
+            &None
+        } else {
+            shared
+        };
         let (experts, storage) = match (&self.params16, self.precision) {
             (Some(p16), GpuPrecision::Bf16) => (
                 MoeExperts::Bf16(MoeExpertViews {
@@ -1418,16 +1425,23 @@ impl GpuModel {
         Ok((out, lse))
     }
 
+    /// A dense SwiGLU MLP on `x [n, C]`: `down(silu(gate x) * up x)` and
+    /// its activations.
+    fn dense_mlp(&self, x: &CudaSlice<f32>, mlp: &MlpSlots, n: usize) -> Result<(CudaSlice<f32>, DenseActs)> {
+        let (gate, up) = (self.linear(x, &mlp.gate, n)?, self.linear(x, &mlp.up, n)?);
+        let mut act = self.zeros(n * mlp.gate.out)?;
+        launch::swiglu_forward_f32(&self.gpu, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
+        let down = self.linear(&act, &mlp.down, n)?;
+        Ok((down, DenseActs { gate, up, act }))
+    }
+
     /// The MLP of layer `s` (layer `l`) on its normed input: the output
     /// (before the residual add) and what the backward needs.
     fn mlp(&self, ln2: &CudaSlice<f32>, s: &LayerSlots, n: usize) -> Result<(CudaSlice<f32>, FfnActs)> {
         let c = self.config.hidden_size;
         match &s.ffn {
             FfnSlots::Dense(mlp) => {
-                let (gate, up) = (self.linear(ln2, &mlp.gate, n)?, self.linear(ln2, &mlp.up, n)?);
-                let mut act = self.zeros(n * mlp.gate.out)?;
-                launch::swiglu_forward_f32(&self.gpu, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
-                let down = self.linear(&act, &mlp.down, n)?;
+                let (down, DenseActs { gate, up, act }) = self.dense_mlp(ln2, mlp, n)?;
                 Ok((down, FfnActs::Dense { gate, up, act }))
             }
             FfnSlots::Moe { shared, experts, .. } => {
@@ -1443,7 +1457,10 @@ impl GpuModel {
                     e: experts.len(),
                     k: m.top_k,
                     f: m.expert_dim,
-                    f_shared: shared.as_ref().map_or(0, |s| s.gate.out),
+                    f_shared: match adapted_shared(shared.as_ref()) {
+                        Some(_) => 0,
+                        None => shared.as_ref().map_or(0, |s| s.gate.out),
+                    },
                     gating: match m.router {
                         Router::SoftmaxTopK => MoeGating::Softmax {
                             renorm: m.norm_topk_prob,
@@ -1483,7 +1500,17 @@ impl GpuModel {
                         None
                     }
                 };
-                Ok((down, FfnActs::Moe { buf, ep }))
+                // Adapted shared experts: a dense MLP added to the routed
+                // experts' output.
+                let shared = match adapted_shared(shared.as_ref()) {
+                    Some(mlp) => {
+                        let (y, acts) = self.dense_mlp(ln2, mlp, n)?;
+                        launch::add_inplace_f32(&self.gpu, &mut down, &y, n * c).map_err(cuda)?;
+                        Some(Box::new(acts))
+                    }
+                    None => None,
+                };
+                Ok((down, FfnActs::Moe { buf, ep, shared }))
             }
         }
     }
@@ -1821,6 +1848,28 @@ impl GpuModel {
             }
         }
         Ok(owned)
+    }
+
+    /// A dense SwiGLU MLP's backward from `dy [n, C]`: its parameters'
+    /// gradients `+=` and `dx +=` (the MLP's input `x`).
+    #[allow(clippy::too_many_arguments)]
+    fn dense_mlp_back(
+        &self,
+        grads: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        mlp: &MlpSlots,
+        (gate, up, act): (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>),
+        n: usize,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let dact = Self::some(self.linear_back(grads, dy, act, &mlp.down, n, None)?)?;
+        let f = mlp.gate.out;
+        let (mut dg, mut du) = (self.zeros(n * f)?, self.zeros(n * f)?);
+        launch::swiglu_backward_f32(&self.gpu, &mut dg, &mut du, &dact, gate, up, n * f).map_err(cuda)?;
+        self.linear_back(grads, &dg, x, &mlp.gate, n, Some(&mut *dx))?;
+        self.linear_back(grads, &du, x, &mlp.up, n, Some(dx))?;
+        Ok(())
     }
 
     /// `grads[w] (+)= op(a) op(b)` in the model's precision (bf16 operands
@@ -2215,12 +2264,7 @@ impl GpuModel {
             let mut dln2 = self.zeros(n * c)?;
             match (&s.ffn, &mut a.ffn) {
                 (FfnSlots::Dense(mlp), FfnActs::Dense { gate, up, act }) => {
-                    let dact = Self::some(self.linear_back(grads, &dx, act, &mlp.down, n, None)?)?;
-                    let f = mlp.gate.out;
-                    let (mut dg, mut du) = (self.zeros(n * f)?, self.zeros(n * f)?);
-                    launch::swiglu_backward_f32(g, &mut dg, &mut du, &dact, gate, up, n * f).map_err(cuda)?;
-                    self.linear_back(grads, &dg, &a.ln2, &mlp.gate, n, Some(&mut dln2))?;
-                    self.linear_back(grads, &du, &a.ln2, &mlp.up, n, Some(&mut dln2))?;
+                    self.dense_mlp_back(grads, &dx, &a.ln2, mlp, (gate, up, act), n, &mut dln2)?;
                 }
                 (
                     FfnSlots::Moe {
@@ -2229,7 +2273,11 @@ impl GpuModel {
                         shared,
                         ..
                     },
-                    FfnActs::Moe { buf, ep: ep_buf },
+                    FfnActs::Moe {
+                        buf,
+                        ep: ep_buf,
+                        shared: shared_acts,
+                    },
                 ) => {
                     let (w, _) = self.moe_weights(&s.ffn)?;
                     // The layer's gradients into zeroed stacked buffers,
@@ -2282,6 +2330,11 @@ impl GpuModel {
                             aux.as_ref(),
                         )
                         .map_err(cuda)?,
+                    }
+                    // Adapted shared experts: their dense MLP's backward.
+                    if let (Some(mlp), Some(sa)) = (adapted_shared(shared.as_ref()), shared_acts) {
+                        let DenseActs { gate, up, act } = &**sa;
+                        self.dense_mlp_back(grads, &dx, &a.ln2, mlp, (gate, up, act), n, &mut dln2)?;
                     }
                     // A LoRA layout freezes the router and the experts.
                     if self.trains(*router) {
