@@ -213,6 +213,12 @@ pub struct ParamBytes {
     /// range of the trainable prefix in f32 (0 when the master is not
     /// sharded: `weights` holds it then).
     pub master: u64,
+    /// Page-locked host memory, not device memory: the offloaded f32
+    /// master copy of the trainable prefix ([`GpuModel::set_offload`]) and,
+    /// in [`crate::Policy::param_bytes`], the host optimizer's moments and
+    /// staging buffers ([`crate::offload::HostOptimizer::pinned_bytes`]);
+    /// what [`crate::memory::MemoryPlan`] plans as `host_pinned`.
+    pub host_pinned: u64,
 }
 
 /// ZeRO-1's sharded f32 master ([`GpuModel::shard_master`]).
@@ -276,8 +282,9 @@ pub struct GpuModel {
     /// Keep only each layer's input in the forward and recompute the rest
     /// in the backward.
     recompute: bool,
-    /// The f32 master copy of every parameter in page-locked host memory
-    /// while the optimizer is offloaded ([`GpuModel::set_offload`]).
+    /// The f32 master copy of the trainable prefix
+    /// ([`Layout::trainable`]) in page-locked host memory while the
+    /// optimizer is offloaded ([`GpuModel::set_offload`]).
     host_master: Option<PinnedHostSlice<f32>>,
     /// bf16 products with the optimizer offloaded or LoRA adapters:
     /// `params` holds only the tensors of [`f32_packed`] (read in f32:
@@ -557,14 +564,16 @@ impl GpuModel {
         &self.params
     }
 
-    /// The flat parameters copied to the host (offloaded in bf16: the host
-    /// master copy, with the tensors the device updates itself, such as
-    /// `e_score_correction_bias`, read from the device; LoRA in bf16: the
-    /// packed f32 tensors, and the frozen base's other weights from their
-    /// bf16 copy, exact for a bf16 checkpoint).
+    /// The flat parameters copied to the host (offloaded in bf16: the
+    /// trainable prefix from the host master copy, the packed f32 tensors,
+    /// such as `e_score_correction_bias` that the device updates itself,
+    /// from the device, and any other frozen weight, a LoRA model's base,
+    /// from its bf16 copy; LoRA in bf16: the packed f32 tensors, and the
+    /// frozen base's other weights from their bf16 copy, exact for a bf16
+    /// checkpoint).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
         match (&self.resident, &self.host_master) {
-            (Some(res), None) => {
+            (Some(res), master) => {
                 let p16 = self
                     .params16
                     .as_ref()
@@ -574,18 +583,14 @@ impl GpuModel {
                     .iter()
                     .map(|&b| half::bf16::from_bits(b).to_f32())
                     .collect();
-                let packed = self.gpu.download(&self.params).map_err(cuda)?;
-                for &(off, len, at) in res {
-                    host[off..off + len].copy_from_slice(&packed[at..at + len]);
+                if let Some(master) = master {
+                    let tr = self.layout.trainable;
+                    host[..tr].copy_from_slice(
+                        &master
+                            .as_slice()
+                            .map_err(|e| input_err("gpu params_to_host", format!("host master weights: {e:?}")))?[..tr],
+                    );
                 }
-                Ok(host)
-            }
-            (Some(res), Some(master)) => {
-                let mut host = master
-                    .as_slice()
-                    .map_err(|e| input_err("gpu params_to_host", format!("host master weights: {e:?}")))?
-                    [..self.layout.size]
-                    .to_vec();
                 let packed = self.gpu.download(&self.params).map_err(cuda)?;
                 for &(off, len, at) in res {
                     host[off..off + len].copy_from_slice(&packed[at..at + len]);
@@ -606,10 +611,11 @@ impl GpuModel {
             ));
         }
         if let Some(master) = &mut self.host_master {
+            let tr = self.layout.trainable;
             master
                 .as_mut_slice()
-                .map_err(|e| input_err("gpu set_params", format!("host master weights: {e:?}")))?[..host.len()]
-                .copy_from_slice(host);
+                .map_err(|e| input_err("gpu set_params", format!("host master weights: {e:?}")))?[..tr]
+                .copy_from_slice(&host[..tr]);
         }
         if let Some(sh) = &mut self.master_shard {
             if !sh.range.is_empty() {
@@ -740,12 +746,15 @@ impl GpuModel {
         }
     }
 
-    /// Moves the f32 master weights to page-locked host memory (`on`) for
-    /// an offloaded optimizer, or back. In bf16 precision the device then
-    /// keeps only the f32 tensors its kernels read in f32 (norms, biases,
-    /// routers, the embedding: see [`GpuModel::f32_resident`]) besides the
-    /// bf16 copy; in f32 precision the products read the f32 weights, which
-    /// stay.
+    /// Moves the f32 master weights of the trainable prefix
+    /// ([`Layout::trainable`]: every parameter but the few the device
+    /// updates itself, or a LoRA layout's adapters alone) to page-locked
+    /// host memory (`on`) for an offloaded optimizer, or back. In bf16
+    /// precision the device then keeps only the f32 tensors its kernels
+    /// read in f32 (norms, biases, routers, the embedding: see
+    /// [`GpuModel::f32_resident`]) besides the bf16 copy, so a LoRA model's
+    /// frozen base is held once, in bf16 on the device; in f32 precision
+    /// the products read the f32 weights, which stay.
     pub fn set_offload(&mut self, on: bool) -> Result<()> {
         if on == self.host_master.is_some() {
             return Ok(());
@@ -768,7 +777,7 @@ impl GpuModel {
         }
         let host = self.params_to_host()?;
         let ctx = self.gpu.context();
-        let n = self.layout.size;
+        let n = self.layout.trainable;
         // SAFETY: cuMemHostAlloc of n * 4 bytes (flags 0: cached, the host
         // reads it); every element is written just below before any read.
         let mut master = unsafe { ctx.alloc_pinned_with_flags::<f32>(n.max(1), 0) }.map_err(|e| {
@@ -780,7 +789,7 @@ impl GpuModel {
         let m = master
             .as_mut_slice()
             .map_err(|e| input_err("optimizer offload", format!("page-locked host memory: {e:?}")))?;
-        m[..n].copy_from_slice(&host);
+        m[..n].copy_from_slice(&host[..n]);
         m[n..].fill(0.0);
         self.host_master = Some(master);
         if let Some(res) = f32_packed(&self.layout, self.precision, true) {
@@ -2456,6 +2465,7 @@ impl GpuModel {
             grads: 4 * self.grads.as_ref().map_or(0, |g| g.len()) as u64,
             moments: 0,
             master: self.master_shard.as_ref().map_or(0, |s| 4 * s.range.len() as u64),
+            host_pinned: self.host_master.as_ref().map_or(0, |m| 4 * m.len() as u64),
         }
     }
 

@@ -58,10 +58,11 @@ impl MemoryPlan {
     /// The plan with AdamW offloaded to the host (`offload_optimizer`,
     /// [`crate::offload`]): no moments on the device and, in bf16, no f32
     /// weights but the tensors read in f32 ([`crate::gpu::f32_resident`]);
-    /// the master copy of every parameter, the trainable parameters'
-    /// moments and the staging buffers of `bucket_elems` elements in
-    /// page-locked host memory ([`crate::offload::host_bytes`]). `layout`
-    /// is the trained model's (a LoRA layout trains its adapters only).
+    /// the trainable parameters' master copy and moments and the staging
+    /// buffers of `bucket_elems` elements in page-locked host memory
+    /// ([`crate::offload::host_bytes`]). `layout` is the trained model's (a
+    /// LoRA layout trains its adapters only: the host holds 12 bytes an
+    /// adapter parameter plus staging, nothing of the frozen base).
     pub fn with_offload(mut self, layout: &Layout, precision: Precision, bucket_elems: usize) -> MemoryPlan {
         let bf16 = precision == Precision::Bf16;
         if self.moments > 0 {
@@ -70,7 +71,7 @@ impl MemoryPlan {
                 let kept: usize = crate::gpu::f32_resident(layout).iter().map(|r| r.1).sum();
                 self.weights = 4 * kept as u64;
             }
-            self.host_pinned = crate::offload::host_bytes(layout.size, layout.trainable, bucket_elems, bf16);
+            self.host_pinned = crate::offload::host_bytes(layout.trainable, bucket_elems, bf16);
         }
         self
     }

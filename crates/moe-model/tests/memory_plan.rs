@@ -258,6 +258,55 @@ fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
     assert!((off.comm_seconds - 6.0 * p as f64 / 55e9).abs() < 1e-9);
 }
 
+/// LoRA r16 on Qwen2.5-7B with the optimizer offloaded (`[lora]` and
+/// `offload_optimizer = true`): the page-locked host memory holds the
+/// adapters' f32 master copy and two moments (12 bytes an adapter
+/// parameter) and the staging buffers of 2^24-element buckets, nothing of
+/// the frozen base; the device keeps every weight in bf16, the adapters'
+/// gradients and, in f32, only the base's tensors read in f32.
+#[test]
+fn lora_with_offload_holds_only_the_adapters_on_the_host() {
+    use aha_moe_model::plan::plan_lora_config;
+    use aha_moe_model::Layout;
+    let m = qwen25(3584, 18944, 28, 4, 152_064, false);
+    let p = qwen2_params(3584, 18944, 28, 4, 152_064, 28, false);
+    let layout = Layout::with_lora(&m, &plan_lora_config(16)).unwrap();
+    // (in + out) x 16 over q, k, v, o, gate, up, down of 28 layers.
+    let (c, kv, f) = (3584u64, 4 * 128u64, 18944u64);
+    let a = 28 * 16 * ((c + c) + 2 * (c + kv) + (c + c) + 2 * (c + f) + (f + c));
+    assert_eq!(a, 40_370_176);
+    assert_eq!((layout.trainable as u64, layout.size as u64), (a, p + a));
+    let w = Workload {
+        tokens: 8192,
+        scored: 8192,
+        kv_tokens: 0,
+        training: true,
+        recompute: true,
+    };
+    let bucket = 1usize << 24;
+    let plan = memory_plan(&m, Precision::Bf16, &w)
+        .with_lora(&layout, Precision::Bf16)
+        .with_offload(&layout, Precision::Bf16, bucket);
+    // Buckets: 2 x 2^24 + 6,815,744; staging is two f32 and two bf16
+    // buffers of a bucket and one of each for the ragged last one.
+    let last = a - 2 * (1 << 24);
+    assert_eq!(last, 6_815_744);
+    let staging = (4 + 2) * (2 * (1 << 24) + last);
+    assert_eq!(plan.host_pinned, 12 * a + staging);
+    assert_eq!(plan.host_pinned, 726_663_168, "0.73 GB of page-locked host memory");
+    // (The whole model's master copy would add 4 bytes a base parameter,
+    // 30.5 GB.)
+    // The device: every weight in bf16, in f32 the embedding and the 1-D
+    // tensors only (the adapters' master is on the host), the adapters'
+    // gradients, no moments.
+    let r = 152_064 * 3584 + 28 * (2 * 3584 + 3584 + 2 * 512) + 3584;
+    assert_eq!(
+        (plan.weights_bf16, plan.weights, plan.grads, plan.moments),
+        (2 * (p + a), 4 * r, 4 * a, 0)
+    );
+    eprintln!("Qwen2.5-7B LoRA r16 + offload: {plan}");
+}
+
 /// On 8 GPUs, ZeRO-1 as `zero_stage = 1` runs it in bf16 divides the
 /// moments and the f32 master by 8 (the last GPU's shard holds the
 /// remainder), keeps in f32 on every GPU only the tensors the kernels read
