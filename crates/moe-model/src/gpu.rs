@@ -33,6 +33,7 @@
 //! architecture (on the emulated GPU in CI); where it has run is recorded in
 //! `docs/gpu-verification.md`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aha_cuda_kernels::blas::{matmul_bf16_f32out, matmul_f32, MatmulShape};
@@ -301,6 +302,9 @@ pub struct GpuModel {
     /// Expert parallelism of the training forward and backward
     /// ([`GpuModel::set_expert_parallel`]).
     ep: Option<ExpertParallel>,
+    /// The largest MoE layer's stacked gradient buffers the last backward
+    /// allocated, in bytes ([`GpuModel::moe_grad_workspace`]).
+    moe_grad_bytes: AtomicU64,
 }
 
 /// The communicator the MoE layers exchange token rows over, and this
@@ -526,6 +530,7 @@ impl GpuModel {
             resident: packed,
             master_shard: None,
             ep: None,
+            moe_grad_bytes: AtomicU64::new(0),
         };
         m.refresh_copies()?;
         Ok(m)
@@ -2159,10 +2164,21 @@ impl GpuModel {
             .grads
             .take()
             .ok_or_else(|| input_err("gpu backward", "no gradient buffer"))?;
+        self.moe_grad_bytes.store(0, Ordering::Relaxed);
         let r = self.backward_into(&mut grads, fwd, scores, dlogp, dentropy, aux_coef, hook);
         self.grads = Some(grads);
         self.grad_version = self.grad_version.wrapping_add(1);
         r
+    }
+
+    /// Workspace bytes of the stacked gradient buffers (router, routed
+    /// experts, shared experts) that the last backward allocated for its
+    /// largest MoE layer, counted from their lengths: one MoE layer's
+    /// gradients before they are added to the flat buffer. 0 under a LoRA
+    /// layout without expert parallelism (the frozen layers' backward
+    /// computes the input gradient alone) and for dense models.
+    pub fn moe_grad_workspace(&self) -> u64 {
+        self.moe_grad_bytes.load(Ordering::Relaxed)
     }
 
     /// The gradient buffer's version: it changes with every backward,
@@ -2289,65 +2305,74 @@ impl GpuModel {
                     },
                 ) => {
                     let (w, _) = self.moe_weights(&s.ffn)?;
-                    // The layer's gradients into zeroed stacked buffers,
-                    // then added to the flat buffer's views.
-                    let mut gr = MoeGrads::zeros(g, &buf.dims).map_err(cuda)?;
-                    match (&self.ep, ep_buf) {
-                        (Some(ep), Some(eb)) => {
-                            // Only this rank's experts get gradients (the
-                            // sum over every rank's tokens); the others stay
-                            // zero here, so an all-reduce of the flat
-                            // gradient leaves each expert its owner's.
-                            let mut comm = ep
-                                .comm
-                                .lock()
-                                .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?;
-                            let sh = moe_ep::expert_shard(buf.dims.e, ep.world, ep.rank);
-                            let (fc, cf) = (buf.dims.f * c, c * buf.dims.f);
-                            let mut grv = moe_layer::MoeGradsMut {
-                                router: gr.router.as_view_mut(),
-                                w_gate: gr.w_gate.slice_mut(sh.start * fc..sh.end * fc),
-                                w_up: gr.w_up.slice_mut(sh.start * fc..sh.end * fc),
-                                w_down: gr.w_down.slice_mut(sh.start * cf..sh.end * cf),
-                                shared: gr
-                                    .shared
-                                    .as_mut()
-                                    .map(|[x, y, z]| [x.as_view_mut(), y.as_view_mut(), z.as_view_mut()]),
-                            };
-                            moe_ep::moe_layer_backward_ep(
+                    // A LoRA layout freezes the router and the experts:
+                    // without expert parallelism the backward then gives
+                    // the input gradient alone, with no stacked gradient
+                    // buffers to fill and discard.
+                    if !self.trains(*router) && self.ep.is_none() {
+                        moe_layer::moe_layer_backward_dx(g, &mut dln2, &dx, &a.ln2, &w, buf, aux.as_ref())
+                            .map_err(cuda)?;
+                    } else {
+                        // The layer's gradients into zeroed stacked buffers,
+                        // then added to the flat buffer's views.
+                        let mut gr = MoeGrads::zeros(g, &buf.dims).map_err(cuda)?;
+                        match (&self.ep, ep_buf) {
+                            (Some(ep), Some(eb)) => {
+                                // Only this rank's experts get gradients (the
+                                // sum over every rank's tokens); the others stay
+                                // zero here, so an all-reduce of the flat
+                                // gradient leaves each expert its owner's.
+                                let mut comm = ep
+                                    .comm
+                                    .lock()
+                                    .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?;
+                                let sh = moe_ep::expert_shard(buf.dims.e, ep.world, ep.rank);
+                                let (fc, cf) = (buf.dims.f * c, c * buf.dims.f);
+                                let mut grv = moe_layer::MoeGradsMut {
+                                    router: gr.router.as_view_mut(),
+                                    w_gate: gr.w_gate.slice_mut(sh.start * fc..sh.end * fc),
+                                    w_up: gr.w_up.slice_mut(sh.start * fc..sh.end * fc),
+                                    w_down: gr.w_down.slice_mut(sh.start * cf..sh.end * cf),
+                                    shared: gr
+                                        .shared
+                                        .as_mut()
+                                        .map(|[x, y, z]| [x.as_view_mut(), y.as_view_mut(), z.as_view_mut()]),
+                                };
+                                moe_ep::moe_layer_backward_ep(
+                                    g,
+                                    &mut comm,
+                                    &mut dln2,
+                                    &mut grv,
+                                    &dx,
+                                    &a.ln2,
+                                    &w,
+                                    buf,
+                                    eb,
+                                    aux.as_ref(),
+                                )
+                                .map_err(cuda)?;
+                            }
+                            _ => moe_layer::moe_layer_backward(
                                 g,
-                                &mut comm,
                                 &mut dln2,
-                                &mut grv,
+                                &mut gr.view_mut(),
                                 &dx,
                                 &a.ln2,
                                 &w,
                                 buf,
-                                eb,
                                 aux.as_ref(),
                             )
-                            .map_err(cuda)?;
+                            .map_err(cuda)?,
                         }
-                        _ => moe_layer::moe_layer_backward(
-                            g,
-                            &mut dln2,
-                            &mut gr.view_mut(),
-                            &dx,
-                            &a.ln2,
-                            &w,
-                            buf,
-                            aux.as_ref(),
-                        )
-                        .map_err(cuda)?,
+                        self.moe_grad_bytes.fetch_max(gr.bytes(), Ordering::Relaxed);
+                        if self.trains(*router) {
+                            self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
+                        }
                     }
                     // Adapted shared experts: their dense MLP's backward.
                     if let (Some(mlp), Some(sa)) = (adapted_shared(shared.as_ref()), shared_acts) {
                         let DenseActs { gate, up, act } = &**sa;
                         self.dense_mlp_back(grads, &dx, &a.ln2, mlp, (gate, up, act), n, &mut dln2)?;
-                    }
-                    // A LoRA layout freezes the router and the experts.
-                    if self.trains(*router) {
-                        self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
                     }
                 }
                 _ => return Err(input_err("gpu backward", "activations do not match the layer kind")),

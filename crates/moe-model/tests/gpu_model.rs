@@ -514,6 +514,62 @@ fn lora_on_shared_experts_trains_on_the_gpu_as_on_the_cpu_cuda() {
     }
 }
 
+/// Under a LoRA layout the MoE layers' router and experts are frozen and
+/// their backward gives the input gradient alone: the backward allocates
+/// no stacked expert gradient buffers (a full-model backward allocates one
+/// MoE layer's, the workspace `memory_plan` counts), the memory plan's LoRA
+/// workspace drops them, and the adapters' gradients still equal the CPU's
+/// (softmax routing with the aux loss through the frozen router).
+#[test]
+fn lora_moe_backward_allocates_no_expert_gradient_buffers_cuda() {
+    if skip("lora_moe_backward_allocates_no_expert_gradient_buffers_cuda") {
+        return;
+    }
+    use aha_moe_model::memory::{memory_plan, moe_grad_bytes, Workload};
+    let targets = ["q_proj", "o_proj", "shared_experts.down_proj", "mlp.up_proj"];
+    for name in ["qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        let base = fixture(name);
+        let m = base.config.moe.clone().unwrap();
+        let (c, e, f, fs) = (
+            base.config.hidden_size,
+            m.n_experts,
+            m.expert_dim,
+            m.expert_dim * m.n_shared,
+        );
+        // The router [E, C], gate, up, down of every expert and of the
+        // shared experts, in f32.
+        let stacked = 4 * (e * c + 3 * e * f * c + 3 * fs * c) as u64;
+        assert_eq!(moe_grad_bytes(&base.layout), stacked, "{name}");
+        let lora = with_trained_lora(base.clone(), &targets);
+        let (ids, b, t) = ((0..12u32).map(|i| (i * 37 + 5) % 300).collect::<Vec<_>>(), 2, 6);
+        let mut workspace = Vec::new();
+        for model in [&base, &lora] {
+            let mut p = Policy::new(model.clone(), Device::Cuda(0), Precision::F32).unwrap();
+            train_step(&mut p, &ids, b, t);
+            let aha_moe_model::PolicyModel::Gpu(g) = p.model() else {
+                panic!("{name}: not on the GPU")
+            };
+            workspace.push(g.moe_grad_workspace());
+        }
+        eprintln!(
+            "{name}: MoE gradient workspace of a backward: full {} bytes, LoRA {} bytes",
+            workspace[0], workspace[1]
+        );
+        assert_eq!(workspace, [stacked, 0], "{name}: full, LoRA");
+        let w = Workload {
+            tokens: b * t,
+            scored: b * t,
+            kv_tokens: 0,
+            training: true,
+            recompute: false,
+        };
+        let full = memory_plan(&base.config, Precision::F32, &w);
+        let adapted = memory_plan(&base.config, Precision::F32, &w).with_lora(&lora.layout, Precision::F32);
+        assert_eq!(full.workspace - adapted.workspace, stacked, "{name}: planned workspace");
+        compare(&format!("{name} + LoRA (frozen MoE backward)"), &lora, F32, 0.01);
+    }
+}
+
 /// One scored forward, backward and clipped AdamW step; returns the moments.
 fn train_step(p: &mut Policy, ids: &[u32], b: usize, t: usize) -> aha_moe_model::Moments {
     let v = p.config().vocab_size as u32;

@@ -153,6 +153,15 @@ fn qwen3_30b_a3b_counts_every_expert_and_its_buffers() {
     let per_token = 48 * (moe + attn + common) + 4 * (2 * 2048 + 1);
     assert_eq!(plan.activations, per_token * 4096);
     eprintln!("Qwen3-30B-A3B bf16, 4k tokens: {plan}");
+    // One MoE layer's stacked f32 gradients (router and 128 x 3 expert
+    // matrices) are workspace of a full-model backward; a LoRA layout's
+    // frozen MoE layers allocate none: 2.42 GB less.
+    let stacked = 4 * (128 * 2048 + 128 * 3 * 768 * 2048);
+    assert_eq!(stacked, 2_416_967_680);
+    let layout = aha_moe_model::Layout::with_lora(&m, &aha_moe_model::plan::plan_lora_config(16)).unwrap();
+    assert_eq!(aha_moe_model::memory::moe_grad_bytes(&layout), stacked);
+    let lora = memory_plan(&m, Precision::Bf16, &w).with_lora(&layout, Precision::Bf16);
+    assert_eq!(plan.workspace - lora.workspace, stacked);
 }
 
 /// Qwen2.5-7B (DeepSeek-R1-Distill-Qwen-7B's shape) on one 80 GB GPU, the
