@@ -2305,68 +2305,73 @@ impl GpuModel {
                     },
                 ) => {
                     let (w, _) = self.moe_weights(&s.ffn)?;
-                    // A LoRA layout freezes the router and the experts:
-                    // without expert parallelism the backward then gives
-                    // the input gradient alone, with no stacked gradient
-                    // buffers to fill and discard.
-                    if !self.trains(*router) && self.ep.is_none() {
-                        moe_layer::moe_layer_backward_dx(g, &mut dln2, &dx, &a.ln2, &w, buf, aux.as_ref())
-                            .map_err(cuda)?;
-                    } else {
-                        // The layer's gradients into zeroed stacked buffers,
-                        // then added to the flat buffer's views.
-                        let mut gr = MoeGrads::zeros(g, &buf.dims).map_err(cuda)?;
-                        match (&self.ep, ep_buf) {
-                            (Some(ep), Some(eb)) => {
-                                // Only this rank's experts get gradients (the
-                                // sum over every rank's tokens); the others stay
-                                // zero here, so an all-reduce of the flat
-                                // gradient leaves each expert its owner's.
-                                let mut comm = ep
-                                    .comm
-                                    .lock()
-                                    .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?;
-                                let sh = moe_ep::expert_shard(buf.dims.e, ep.world, ep.rank);
-                                let (fc, cf) = (buf.dims.f * c, c * buf.dims.f);
-                                let mut grv = moe_layer::MoeGradsMut {
-                                    router: gr.router.as_view_mut(),
-                                    w_gate: gr.w_gate.slice_mut(sh.start * fc..sh.end * fc),
-                                    w_up: gr.w_up.slice_mut(sh.start * fc..sh.end * fc),
-                                    w_down: gr.w_down.slice_mut(sh.start * cf..sh.end * cf),
-                                    shared: gr
-                                        .shared
-                                        .as_mut()
-                                        .map(|[x, y, z]| [x.as_view_mut(), y.as_view_mut(), z.as_view_mut()]),
-                                };
-                                moe_ep::moe_layer_backward_ep(
-                                    g,
-                                    &mut comm,
-                                    &mut dln2,
-                                    &mut grv,
-                                    &dx,
-                                    &a.ln2,
-                                    &w,
-                                    buf,
-                                    eb,
-                                    aux.as_ref(),
-                                )
-                                .map_err(cuda)?;
-                            }
-                            _ => moe_layer::moe_layer_backward(
+                    // The layer's gradients into zeroed stacked buffers,
+                    // then added to the flat buffer's views. A LoRA layout
+                    // freezes the router and the experts: without expert
+                    // parallelism the backward then gives the input
+                    // gradient alone, with no stacked buffers to fill and
+                    // discard.
+                    let frozen = !self.trains(*router) && self.ep.is_none();
+                    let mut gr = match frozen {
+                        true => None,
+                        false => Some(MoeGrads::zeros(g, &buf.dims).map_err(cuda)?),
+                    };
+                    match (&self.ep, ep_buf, gr.as_mut()) {
+                        (_, _, None) => {
+                            moe_layer::moe_layer_backward_dx(g, &mut dln2, &dx, &a.ln2, &w, buf, aux.as_ref())
+                                .map_err(cuda)?
+                        }
+                        (Some(ep), Some(eb), Some(gr)) => {
+                            // Only this rank's experts get gradients (the
+                            // sum over every rank's tokens); the others stay
+                            // zero here, so an all-reduce of the flat
+                            // gradient leaves each expert its owner's.
+                            let mut comm = ep
+                                .comm
+                                .lock()
+                                .map_err(|_| input_err("gpu", "expert-parallel communicator poisoned"))?;
+                            let sh = moe_ep::expert_shard(buf.dims.e, ep.world, ep.rank);
+                            let (fc, cf) = (buf.dims.f * c, c * buf.dims.f);
+                            let mut grv = moe_layer::MoeGradsMut {
+                                router: gr.router.as_view_mut(),
+                                w_gate: gr.w_gate.slice_mut(sh.start * fc..sh.end * fc),
+                                w_up: gr.w_up.slice_mut(sh.start * fc..sh.end * fc),
+                                w_down: gr.w_down.slice_mut(sh.start * cf..sh.end * cf),
+                                shared: gr
+                                    .shared
+                                    .as_mut()
+                                    .map(|[x, y, z]| [x.as_view_mut(), y.as_view_mut(), z.as_view_mut()]),
+                            };
+                            moe_ep::moe_layer_backward_ep(
                                 g,
+                                &mut comm,
                                 &mut dln2,
-                                &mut gr.view_mut(),
+                                &mut grv,
                                 &dx,
                                 &a.ln2,
                                 &w,
                                 buf,
+                                eb,
                                 aux.as_ref(),
                             )
-                            .map_err(cuda)?,
+                            .map_err(cuda)?;
                         }
+                        (_, _, Some(gr)) => moe_layer::moe_layer_backward(
+                            g,
+                            &mut dln2,
+                            &mut gr.view_mut(),
+                            &dx,
+                            &a.ln2,
+                            &w,
+                            buf,
+                            aux.as_ref(),
+                        )
+                        .map_err(cuda)?,
+                    }
+                    if let Some(gr) = &gr {
                         self.moe_grad_bytes.fetch_max(gr.bytes(), Ordering::Relaxed);
                         if self.trains(*router) {
-                            self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
+                            self.add_moe_grads(grads, gr, *router, experts, shared.as_ref())?;
                         }
                     }
                     // Adapted shared experts: their dense MLP's backward.
