@@ -485,7 +485,7 @@ fn backward<T: Elem + NcclElem + DeviceRepr + ValidAsZeroBits>(
         return Ok(());
     }
     moe_combine_f32(gpu, dx, &b.dxe, None, &b.perm.inv, n, c, k, true)?;
-    router_and_shared_backward::<T>(gpu, dx, gr, dy, x, wt, ex, b, aux)
+    router_and_shared_backward::<T>(gpu, dx, Some(gr), dy, x, wt, ex, b, aux)
 }
 
 #[cfg(test)]

@@ -220,6 +220,12 @@ impl MoeGrads {
         })
     }
 
+    /// Bytes of every buffer, counted from their lengths.
+    pub fn bytes(&self) -> u64 {
+        let shared: usize = self.shared.as_ref().map_or(0, |s| s.iter().map(|x| x.len()).sum());
+        4 * (self.router.len() + self.w_gate.len() + self.w_up.len() + self.w_down.len() + shared) as u64
+    }
+
     /// Mutable views of every gradient, for [`moe_layer_backward`].
     pub fn view_mut(&mut self) -> MoeGradsMut<'_> {
         MoeGradsMut {
@@ -768,8 +774,34 @@ pub fn moe_layer_backward(
         });
     }
     match d.storage {
-        MoeStorage::Bf16 => backward::<u16>(gpu, dx, gr, dy, x, wt, b, aux),
-        MoeStorage::F32 => backward::<f32>(gpu, dx, gr, dy, x, wt, b, aux),
+        MoeStorage::Bf16 => backward::<u16>(gpu, dx, Some(gr), dy, x, wt, b, aux),
+        MoeStorage::F32 => backward::<f32>(gpu, dx, Some(gr), dy, x, wt, b, aux),
+    }
+}
+
+/// [`moe_layer_backward`] for a frozen layer: `dx +=` only. The router's,
+/// the experts' and the shared expert's weight gradients are neither
+/// computed nor written, so a caller that discards them (a LoRA model,
+/// whose router and experts are frozen) needs no gradient buffers.
+pub fn moe_layer_backward_dx(
+    gpu: &Gpu,
+    dx: &mut CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    wt: &MoeWeights<'_>,
+    b: &mut MoeBuffers,
+    aux: Option<&CudaSlice<f32>>,
+) -> Result<()> {
+    let d = b.dims;
+    plan_moe_layer(
+        &d,
+        [x.len().min(dy.len()), wt.router.len(), dx.len(), usize::MAX],
+        (wt.experts.has_shared(), b.shared.is_some()),
+        wt.experts.storage(),
+    )?;
+    match d.storage {
+        MoeStorage::Bf16 => backward::<u16>(gpu, dx, None, dy, x, wt, b, aux),
+        MoeStorage::F32 => backward::<f32>(gpu, dx, None, dy, x, wt, b, aux),
     }
 }
 
@@ -777,7 +809,7 @@ pub fn moe_layer_backward(
 fn backward<T: Elem>(
     gpu: &Gpu,
     dx: &mut CudaSlice<f32>,
-    gr: &mut MoeGradsMut<'_>,
+    mut gr: Option<&mut MoeGradsMut<'_>>,
     dy: &CudaSlice<f32>,
     x: &CudaSlice<f32>,
     wt: &MoeWeights<'_>,
@@ -805,7 +837,9 @@ fn backward<T: Elem>(
         (false, false),
         d.math,
     )?;
-    T::wgrad(gpu, &mut gr.w_down, &st.dye, &st.act, &p.offsets, [m, e, c, f], d.math)?;
+    if let Some(gr) = gr.as_deref_mut() {
+        T::wgrad(gpu, &mut gr.w_down, &st.dye, &st.act, &p.offsets, [m, e, c, f], d.math)?;
+    }
     T::swiglu_backward(gpu, st, &b.dact, (&b.g, &b.u), m * f)?;
     // d xe = dg w_gate_x + du w_up_x ([M, F] x [F, C]).
     T::gemm(
@@ -828,20 +862,22 @@ fn backward<T: Elem>(
         (false, true),
         d.math,
     )?;
-    T::wgrad(gpu, &mut gr.w_gate, &st.dg, &st.xe, &p.offsets, [m, e, f, c], d.math)?;
-    T::wgrad(gpu, &mut gr.w_up, &st.du, &st.xe, &p.offsets, [m, e, f, c], d.math)?;
+    if let Some(gr) = gr.as_deref_mut() {
+        T::wgrad(gpu, &mut gr.w_gate, &st.dg, &st.xe, &p.offsets, [m, e, f, c], d.math)?;
+        T::wgrad(gpu, &mut gr.w_up, &st.du, &st.xe, &p.offsets, [m, e, f, c], d.math)?;
+    }
     moe_combine_f32(gpu, dx, &b.dxe, None, &p.inv, n, c, k, true)?;
     router_and_shared_backward::<T>(gpu, dx, gr, dy, x, wt, ex, b, aux)
 }
 
 /// The backward's routing, router and shared-expert part: `dx +=` and the
-/// router and shared gradients `+=`, from `b.dw` (set by the combine's
-/// backward).
+/// router and shared gradients `+=` (unless `gr` is `None`: a frozen
+/// layer), from `b.dw` (set by the combine's backward).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn router_and_shared_backward<T: Elem>(
     gpu: &Gpu,
     dx: &mut CudaSlice<f32>,
-    gr: &mut MoeGradsMut<'_>,
+    mut gr: Option<&mut MoeGradsMut<'_>>,
     dy: &CudaSlice<f32>,
     x: &CudaSlice<f32>,
     wt: &MoeWeights<'_>,
@@ -888,14 +924,17 @@ pub(crate) fn router_and_shared_backward<T: Elem>(
         trans_b: false,
         accumulate: true,
     };
-    matmul_f32(
-        gpu,
-        &mut gr.router.slice_mut(0..e * c),
-        &b.dlogits.slice(0..n * e),
-        &x.slice(0..n * c),
-        s,
-    )?;
-    if let (Some([sg, su, sd]), Some(sb), Some([dsg, dsu, dsd])) = (&ex.shared, &mut b.shared, &mut gr.shared) {
+    if let Some(gr) = gr.as_deref_mut() {
+        matmul_f32(
+            gpu,
+            &mut gr.router.slice_mut(0..e * c),
+            &b.dlogits.slice(0..n * e),
+            &x.slice(0..n * c),
+            s,
+        )?;
+    }
+    let mut dshared = gr.and_then(|g| g.shared.as_mut());
+    if let (Some([sg, su, sd]), Some(sb)) = (&ex.shared, &mut b.shared) {
         let fs = d.f_shared;
         let ss = T::stored(&mut sb.stored).ok_or_else(|| mismatch("shared buffers"))?;
         T::store(gpu, &mut ss.dye, dy, n * c)?;
@@ -911,12 +950,16 @@ pub(crate) fn router_and_shared_backward<T: Elem>(
             (false, false),
             d.math,
         )?;
-        T::wgrad(gpu, dsd, &ss.dye, &ss.act, o, [n, 1, c, fs], d.math)?;
+        if let Some([_, _, dsd]) = dshared.as_deref_mut() {
+            T::wgrad(gpu, dsd, &ss.dye, &ss.act, o, [n, 1, c, fs], d.math)?;
+        }
         T::swiglu_backward(gpu, ss, &sb.dact, (&sb.g, &sb.u), n * fs)?;
         T::gemm(gpu, dx, &ss.dg, sg, seg, [n, 1, fs, c], (false, true), d.math)?;
         T::gemm(gpu, dx, &ss.du, su, seg, [n, 1, fs, c], (false, true), d.math)?;
-        T::wgrad(gpu, dsg, &ss.dg, &ss.xe, o, [n, 1, fs, c], d.math)?;
-        T::wgrad(gpu, dsu, &ss.du, &ss.xe, o, [n, 1, fs, c], d.math)?;
+        if let Some([dsg, dsu, _]) = dshared {
+            T::wgrad(gpu, dsg, &ss.dg, &ss.xe, o, [n, 1, fs, c], d.math)?;
+            T::wgrad(gpu, dsu, &ss.du, &ss.xe, o, [n, 1, fs, c], d.math)?;
+        }
     }
     Ok(())
 }

@@ -33,6 +33,7 @@
 //! architecture (on the emulated GPU in CI); where it has run is recorded in
 //! `docs/gpu-verification.md`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aha_cuda_kernels::blas::{matmul_bf16_f32out, matmul_f32, MatmulShape};
@@ -108,21 +109,12 @@ pub fn gpu_support(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Whether [`GpuModel`] takes this layout's LoRA adapters: any linear but
-/// the shared experts of an MoE layer (the fused MoE kernels read their
-/// weights directly).
-pub fn lora_support(layout: &Layout) -> Result<()> {
-    for (i, l) in layout.layers.iter().enumerate() {
-        if let FfnSlots::Moe { shared: Some(s), .. } = &l.ffn {
-            if [s.gate, s.up, s.down].iter().any(|x| x.lora.is_some()) {
-                return Err(input_err(
-                    "gpu",
-                    format!("layer {i}: LoRA on shared experts runs on the CPU only; target other modules for the GPU"),
-                ));
-            }
-        }
-    }
-    Ok(())
+/// Whether an MoE layer's shared experts carry LoRA adapters: then they
+/// run outside the fused MoE kernels, as a dense MLP through
+/// [`GpuModel`]'s adapted linears (the kernels read the base weights
+/// directly and know no adapter).
+fn adapted_shared(shared: Option<&MlpSlots>) -> Option<&MlpSlots> {
+    shared.filter(|s| [&s.gate, &s.up, &s.down].iter().any(|x| x.lora.is_some()))
 }
 
 /// The tensors a bf16 [`GpuModel`] reads in f32, as `(offset, length,
@@ -222,6 +214,12 @@ pub struct ParamBytes {
     /// range of the trainable prefix in f32 (0 when the master is not
     /// sharded: `weights` holds it then).
     pub master: u64,
+    /// Page-locked host memory, not device memory: the offloaded f32
+    /// master copy of the trainable prefix ([`GpuModel::set_offload`]) and,
+    /// in [`crate::Policy::param_bytes`], the host optimizer's moments and
+    /// staging buffers ([`crate::offload::HostOptimizer::pinned_bytes`]);
+    /// what [`crate::memory::MemoryPlan`] plans as `host_pinned`.
+    pub host_pinned: u64,
 }
 
 /// ZeRO-1's sharded f32 master ([`GpuModel::shard_master`]).
@@ -285,8 +283,9 @@ pub struct GpuModel {
     /// Keep only each layer's input in the forward and recompute the rest
     /// in the backward.
     recompute: bool,
-    /// The f32 master copy of every parameter in page-locked host memory
-    /// while the optimizer is offloaded ([`GpuModel::set_offload`]).
+    /// The f32 master copy of the trainable prefix
+    /// ([`Layout::trainable`]) in page-locked host memory while the
+    /// optimizer is offloaded ([`GpuModel::set_offload`]).
     host_master: Option<PinnedHostSlice<f32>>,
     /// bf16 products with the optimizer offloaded or LoRA adapters:
     /// `params` holds only the tensors of [`f32_packed`] (read in f32:
@@ -303,6 +302,9 @@ pub struct GpuModel {
     /// Expert parallelism of the training forward and backward
     /// ([`GpuModel::set_expert_parallel`]).
     ep: Option<ExpertParallel>,
+    /// The largest MoE layer's stacked gradient buffers the last backward
+    /// allocated, in bytes ([`GpuModel::moe_grad_workspace`]).
+    moe_grad_bytes: AtomicU64,
 }
 
 /// The communicator the MoE layers exchange token rows over, and this
@@ -443,7 +445,18 @@ enum FfnActs {
         buf: Box<MoeBuffers>,
         /// The exchange plan and local rows under expert parallelism.
         ep: Option<Box<MoeEpBuffers>>,
+        /// The shared experts' activations when they carry LoRA adapters
+        /// and run as a dense MLP beside the fused kernels.
+        shared: Option<Box<DenseActs>>,
     },
+}
+
+/// A dense MLP's saved activations: gate and up projections and the
+/// SwiGLU product.
+struct DenseActs {
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    act: CudaSlice<f32>,
 }
 
 /// One layer's saved activations.
@@ -476,7 +489,6 @@ impl GpuModel {
     /// table, with the products in `precision`.
     pub fn upload_with(model: &Model, ordinal: usize, precision: GpuPrecision) -> Result<GpuModel> {
         gpu_support(&model.config)?;
-        lora_support(&model.layout)?;
         let gpu = Gpu::get(ordinal).map_err(cuda)?;
         if model.params.len() != model.layout.size {
             return Err(input_err(
@@ -518,6 +530,7 @@ impl GpuModel {
             resident: packed,
             master_shard: None,
             ep: None,
+            moe_grad_bytes: AtomicU64::new(0),
         };
         m.refresh_copies()?;
         Ok(m)
@@ -556,14 +569,16 @@ impl GpuModel {
         &self.params
     }
 
-    /// The flat parameters copied to the host (offloaded in bf16: the host
-    /// master copy, with the tensors the device updates itself, such as
-    /// `e_score_correction_bias`, read from the device; LoRA in bf16: the
-    /// packed f32 tensors, and the frozen base's other weights from their
-    /// bf16 copy, exact for a bf16 checkpoint).
+    /// The flat parameters copied to the host (offloaded in bf16: the
+    /// trainable prefix from the host master copy, the packed f32 tensors,
+    /// such as `e_score_correction_bias` that the device updates itself,
+    /// from the device, and any other frozen weight, a LoRA model's base,
+    /// from its bf16 copy; LoRA in bf16: the packed f32 tensors, and the
+    /// frozen base's other weights from their bf16 copy, exact for a bf16
+    /// checkpoint).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
         match (&self.resident, &self.host_master) {
-            (Some(res), None) => {
+            (Some(res), master) => {
                 let p16 = self
                     .params16
                     .as_ref()
@@ -573,18 +588,14 @@ impl GpuModel {
                     .iter()
                     .map(|&b| half::bf16::from_bits(b).to_f32())
                     .collect();
-                let packed = self.gpu.download(&self.params).map_err(cuda)?;
-                for &(off, len, at) in res {
-                    host[off..off + len].copy_from_slice(&packed[at..at + len]);
+                if let Some(master) = master {
+                    let tr = self.layout.trainable;
+                    host[..tr].copy_from_slice(
+                        &master
+                            .as_slice()
+                            .map_err(|e| input_err("gpu params_to_host", format!("host master weights: {e:?}")))?[..tr],
+                    );
                 }
-                Ok(host)
-            }
-            (Some(res), Some(master)) => {
-                let mut host = master
-                    .as_slice()
-                    .map_err(|e| input_err("gpu params_to_host", format!("host master weights: {e:?}")))?
-                    [..self.layout.size]
-                    .to_vec();
                 let packed = self.gpu.download(&self.params).map_err(cuda)?;
                 for &(off, len, at) in res {
                     host[off..off + len].copy_from_slice(&packed[at..at + len]);
@@ -605,10 +616,11 @@ impl GpuModel {
             ));
         }
         if let Some(master) = &mut self.host_master {
+            let tr = self.layout.trainable;
             master
                 .as_mut_slice()
-                .map_err(|e| input_err("gpu set_params", format!("host master weights: {e:?}")))?[..host.len()]
-                .copy_from_slice(host);
+                .map_err(|e| input_err("gpu set_params", format!("host master weights: {e:?}")))?[..tr]
+                .copy_from_slice(&host[..tr]);
         }
         if let Some(sh) = &mut self.master_shard {
             if !sh.range.is_empty() {
@@ -739,12 +751,15 @@ impl GpuModel {
         }
     }
 
-    /// Moves the f32 master weights to page-locked host memory (`on`) for
-    /// an offloaded optimizer, or back. In bf16 precision the device then
-    /// keeps only the f32 tensors its kernels read in f32 (norms, biases,
-    /// routers, the embedding: see [`GpuModel::f32_resident`]) besides the
-    /// bf16 copy; in f32 precision the products read the f32 weights, which
-    /// stay.
+    /// Moves the f32 master weights of the trainable prefix
+    /// ([`Layout::trainable`]: every parameter but the few the device
+    /// updates itself, or a LoRA layout's adapters alone) to page-locked
+    /// host memory (`on`) for an offloaded optimizer, or back. In bf16
+    /// precision the device then keeps only the f32 tensors its kernels
+    /// read in f32 (norms, biases, routers, the embedding: see
+    /// [`GpuModel::f32_resident`]) besides the bf16 copy, so a LoRA model's
+    /// frozen base is held once, in bf16 on the device; in f32 precision
+    /// the products read the f32 weights, which stay.
     pub fn set_offload(&mut self, on: bool) -> Result<()> {
         if on == self.host_master.is_some() {
             return Ok(());
@@ -774,7 +789,7 @@ impl GpuModel {
         }
         let host = self.params_to_host()?;
         let ctx = self.gpu.context();
-        let n = self.layout.size;
+        let n = self.layout.trainable;
         // SAFETY: cuMemHostAlloc of n * 4 bytes (flags 0: cached, the host
         // reads it); every element is written just below before any read.
         let mut master = unsafe { ctx.alloc_pinned_with_flags::<f32>(n.max(1), 0) }.map_err(|e| {
@@ -786,7 +801,7 @@ impl GpuModel {
         let m = master
             .as_mut_slice()
             .map_err(|e| input_err("optimizer offload", format!("page-locked host memory: {e:?}")))?;
-        m[..n].copy_from_slice(&host);
+        m[..n].copy_from_slice(&host[..n]);
         m[n..].fill(0.0);
         self.host_master = Some(master);
         if let Some(res) = f32_packed(&self.layout, self.precision, true) {
@@ -1025,6 +1040,12 @@ impl GpuModel {
         };
         let span = |s: Slot| s.off + s.len * shard.start..s.off + s.len * shard.end;
         let one = |s: Slot| s.off..s.off + s.len;
+        // Adapted shared experts run outside the kernels.
+        let shared = if adapted_shared(shared.as_ref()).is_some() {
+            &None
+        } else {
+            shared
+        };
         let (experts, storage) = match (&self.params16, self.precision) {
             (Some(p16), GpuPrecision::Bf16) => (
                 MoeExperts::Bf16(MoeExpertViews {
@@ -1432,16 +1453,23 @@ impl GpuModel {
         Ok((out, lse))
     }
 
+    /// A dense SwiGLU MLP on `x [n, C]`: `down(silu(gate x) * up x)` and
+    /// its activations.
+    fn dense_mlp(&self, x: &CudaSlice<f32>, mlp: &MlpSlots, n: usize) -> Result<(CudaSlice<f32>, DenseActs)> {
+        let (gate, up) = (self.linear(x, &mlp.gate, n)?, self.linear(x, &mlp.up, n)?);
+        let mut act = self.zeros(n * mlp.gate.out)?;
+        launch::swiglu_forward_f32(&self.gpu, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
+        let down = self.linear(&act, &mlp.down, n)?;
+        Ok((down, DenseActs { gate, up, act }))
+    }
+
     /// The MLP of layer `s` (layer `l`) on its normed input: the output
     /// (before the residual add) and what the backward needs.
     fn mlp(&self, ln2: &CudaSlice<f32>, s: &LayerSlots, n: usize) -> Result<(CudaSlice<f32>, FfnActs)> {
         let c = self.config.hidden_size;
         match &s.ffn {
             FfnSlots::Dense(mlp) => {
-                let (gate, up) = (self.linear(ln2, &mlp.gate, n)?, self.linear(ln2, &mlp.up, n)?);
-                let mut act = self.zeros(n * mlp.gate.out)?;
-                launch::swiglu_forward_f32(&self.gpu, &mut act, &gate, &up, n * mlp.gate.out).map_err(cuda)?;
-                let down = self.linear(&act, &mlp.down, n)?;
+                let (down, DenseActs { gate, up, act }) = self.dense_mlp(ln2, mlp, n)?;
                 Ok((down, FfnActs::Dense { gate, up, act }))
             }
             FfnSlots::Moe { shared, .. } => {
@@ -1465,7 +1493,10 @@ impl GpuModel {
                     e: m.n_experts,
                     k: m.top_k,
                     f: m.expert_dim,
-                    f_shared: shared.as_ref().map_or(0, |s| s.gate.out),
+                    f_shared: match adapted_shared(shared.as_ref()) {
+                        Some(_) => 0,
+                        None => shared.as_ref().map_or(0, |s| s.gate.out),
+                    },
                     gating: match m.router {
                         Router::SoftmaxTopK => MoeGating::Softmax {
                             renorm: m.norm_topk_prob,
@@ -1505,7 +1536,17 @@ impl GpuModel {
                         None
                     }
                 };
-                Ok((down, FfnActs::Moe { buf, ep }))
+                // Adapted shared experts: a dense MLP added to the routed
+                // experts' output.
+                let shared = match adapted_shared(shared.as_ref()) {
+                    Some(mlp) => {
+                        let (y, acts) = self.dense_mlp(ln2, mlp, n)?;
+                        launch::add_inplace_f32(&self.gpu, &mut down, &y, n * c).map_err(cuda)?;
+                        Some(Box::new(acts))
+                    }
+                    None => None,
+                };
+                Ok((down, FfnActs::Moe { buf, ep, shared }))
             }
         }
     }
@@ -1988,6 +2029,28 @@ impl GpuModel {
         Ok(owned)
     }
 
+    /// A dense SwiGLU MLP's backward from `dy [n, C]`: its parameters'
+    /// gradients `+=` and `dx +=` (the MLP's input `x`).
+    #[allow(clippy::too_many_arguments)]
+    fn dense_mlp_back(
+        &self,
+        grads: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        mlp: &MlpSlots,
+        (gate, up, act): (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>),
+        n: usize,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let dact = Self::some(self.linear_back(grads, dy, act, &mlp.down, n, None)?)?;
+        let f = mlp.gate.out;
+        let (mut dg, mut du) = (self.zeros(n * f)?, self.zeros(n * f)?);
+        launch::swiglu_backward_f32(&self.gpu, &mut dg, &mut du, &dact, gate, up, n * f).map_err(cuda)?;
+        self.linear_back(grads, &dg, x, &mlp.gate, n, Some(&mut *dx))?;
+        self.linear_back(grads, &du, x, &mlp.up, n, Some(dx))?;
+        Ok(())
+    }
+
     /// `grads[w] (+)= op(a) op(b)` in the model's precision (bf16 operands
     /// with f32 accumulation, or f32); `a16`, when given, is `a` already in
     /// bf16.
@@ -2266,10 +2329,21 @@ impl GpuModel {
             .grads
             .take()
             .ok_or_else(|| input_err("gpu backward", "no gradient buffer"))?;
+        self.moe_grad_bytes.store(0, Ordering::Relaxed);
         let r = self.backward_into(&mut grads, fwd, scores, dlogp, dentropy, aux_coef, hook);
         self.grads = Some(grads);
         self.grad_version = self.grad_version.wrapping_add(1);
         r
+    }
+
+    /// Workspace bytes of the stacked gradient buffers (router, routed
+    /// experts, shared experts) that the last backward allocated for its
+    /// largest MoE layer, counted from their lengths: one MoE layer's
+    /// gradients before they are added to the flat buffer. 0 under a LoRA
+    /// layout without expert parallelism (the frozen layers' backward
+    /// computes the input gradient alone) and for dense models.
+    pub fn moe_grad_workspace(&self) -> u64 {
+        self.moe_grad_bytes.load(Ordering::Relaxed)
     }
 
     /// The gradient buffer's version: it changes with every backward,
@@ -2380,12 +2454,7 @@ impl GpuModel {
             let mut dln2 = self.zeros(n * c)?;
             match (&s.ffn, &mut a.ffn) {
                 (FfnSlots::Dense(mlp), FfnActs::Dense { gate, up, act }) => {
-                    let dact = Self::some(self.linear_back(grads, &dx, act, &mlp.down, n, None)?)?;
-                    let f = mlp.gate.out;
-                    let (mut dg, mut du) = (self.zeros(n * f)?, self.zeros(n * f)?);
-                    launch::swiglu_backward_f32(g, &mut dg, &mut du, &dact, gate, up, n * f).map_err(cuda)?;
-                    self.linear_back(grads, &dg, &a.ln2, &mlp.gate, n, Some(&mut dln2))?;
-                    self.linear_back(grads, &du, &a.ln2, &mlp.up, n, Some(&mut dln2))?;
+                    self.dense_mlp_back(grads, &dx, &a.ln2, mlp, (gate, up, act), n, &mut dln2)?;
                 }
                 (
                     FfnSlots::Moe {
@@ -2394,23 +2463,37 @@ impl GpuModel {
                         shared,
                         ..
                     },
-                    FfnActs::Moe { buf, ep: ep_buf },
+                    FfnActs::Moe {
+                        buf,
+                        ep: ep_buf,
+                        shared: shared_acts,
+                    },
                 ) => {
                     let (w, _) = self.moe_weights(&s.ffn)?;
                     // The layer's gradients into zeroed stacked buffers,
                     // then added to the flat buffer's views; with the
                     // experts sharded only the local experts' (the layout's).
-                    let mut gr = match self.layout.expert_shard {
-                        Some(_) => {
+                    // A LoRA layout freezes the router and the experts:
+                    // without expert parallelism the backward then gives the
+                    // input gradient alone, with no stacked buffers to fill
+                    // and discard.
+                    let frozen = !self.trains(*router) && self.ep.is_none();
+                    let mut gr = match (frozen, self.layout.expert_shard) {
+                        (true, _) => None,
+                        (false, Some(_)) => {
                             let d = buf.dims;
                             let mut x = MoeGrads::zeros(g, &MoeDims { e: experts.len(), ..d }).map_err(cuda)?;
                             x.router = g.zeros::<f32>((d.e * d.c).max(1)).map_err(cuda)?;
-                            x
+                            Some(x)
                         }
-                        None => MoeGrads::zeros(g, &buf.dims).map_err(cuda)?,
+                        (false, None) => Some(MoeGrads::zeros(g, &buf.dims).map_err(cuda)?),
                     };
-                    match (&self.ep, ep_buf) {
-                        (Some(ep), Some(eb)) => {
+                    match (&self.ep, ep_buf, gr.as_mut()) {
+                        (_, _, None) => {
+                            moe_layer::moe_layer_backward_dx(g, &mut dln2, &dx, &a.ln2, &w, buf, aux.as_ref())
+                                .map_err(cuda)?
+                        }
+                        (Some(ep), Some(eb), Some(gr)) => {
                             // Only this rank's experts get gradients (the
                             // sum over every rank's tokens); the others stay
                             // zero here, so an all-reduce of the flat
@@ -2449,7 +2532,7 @@ impl GpuModel {
                             )
                             .map_err(cuda)?;
                         }
-                        _ => moe_layer::moe_layer_backward(
+                        (_, _, Some(gr)) => moe_layer::moe_layer_backward(
                             g,
                             &mut dln2,
                             &mut gr.view_mut(),
@@ -2461,9 +2544,16 @@ impl GpuModel {
                         )
                         .map_err(cuda)?,
                     }
-                    // A LoRA layout freezes the router and the experts.
-                    if self.trains(*router) {
-                        self.add_moe_grads(grads, &gr, *router, experts, shared.as_ref())?;
+                    if let Some(gr) = &gr {
+                        self.moe_grad_bytes.fetch_max(gr.bytes(), Ordering::Relaxed);
+                        if self.trains(*router) {
+                            self.add_moe_grads(grads, gr, *router, experts, shared.as_ref())?;
+                        }
+                    }
+                    // Adapted shared experts: their dense MLP's backward.
+                    if let (Some(mlp), Some(sa)) = (adapted_shared(shared.as_ref()), shared_acts) {
+                        let DenseActs { gate, up, act } = &**sa;
+                        self.dense_mlp_back(grads, &dx, &a.ln2, mlp, (gate, up, act), n, &mut dln2)?;
                     }
                 }
                 _ => return Err(input_err("gpu backward", "activations do not match the layer kind")),
@@ -2581,6 +2671,7 @@ impl GpuModel {
             grads: 4 * self.grads.as_ref().map_or(0, |g| g.len()) as u64,
             moments: 0,
             master: self.master_shard.as_ref().map_or(0, |s| 4 * s.range.len() as u64),
+            host_pinned: self.host_master.as_ref().map_or(0, |m| 4 * m.len() as u64),
         }
     }
 

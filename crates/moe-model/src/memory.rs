@@ -46,7 +46,9 @@ pub struct MemoryPlan {
     pub activations: u64,
     /// The KV cache for `Workload::kv_tokens` positions (f32).
     pub kv_cache: u64,
-    /// The lm head's chunked logits and one MoE layer's gradient buffers.
+    /// The lm head's chunked logits and, training a full model, one MoE
+    /// layer's stacked gradient buffers (a LoRA layout's frozen MoE layers
+    /// need none: [`MemoryPlan::with_lora`]).
     pub workspace: u64,
     /// Page-locked host memory (not device memory): an offloaded
     /// optimizer's master weights, moments and staging buffers
@@ -58,10 +60,11 @@ impl MemoryPlan {
     /// The plan with AdamW offloaded to the host (`offload_optimizer`,
     /// [`crate::offload`]): no moments on the device and, in bf16, no f32
     /// weights but the tensors read in f32 ([`crate::gpu::f32_resident`]);
-    /// the master copy of every parameter, the trainable parameters'
-    /// moments and the staging buffers of `bucket_elems` elements in
-    /// page-locked host memory ([`crate::offload::host_bytes`]). `layout`
-    /// is the trained model's (a LoRA layout trains its adapters only).
+    /// the trainable parameters' master copy and moments and the staging
+    /// buffers of `bucket_elems` elements in page-locked host memory
+    /// ([`crate::offload::host_bytes`]). `layout` is the trained model's (a
+    /// LoRA layout trains its adapters only: the host holds 12 bytes an
+    /// adapter parameter plus staging, nothing of the frozen base).
     pub fn with_offload(mut self, layout: &Layout, precision: Precision, bucket_elems: usize) -> MemoryPlan {
         let bf16 = precision == Precision::Bf16;
         if self.moments > 0 {
@@ -70,7 +73,7 @@ impl MemoryPlan {
                 let kept: usize = crate::gpu::f32_resident(layout).iter().map(|r| r.1).sum();
                 self.weights = 4 * kept as u64;
             }
-            self.host_pinned = crate::offload::host_bytes(layout.size, layout.trainable, bucket_elems, bf16);
+            self.host_pinned = crate::offload::host_bytes(layout.trainable, bucket_elems, bf16);
         }
         self
     }
@@ -104,8 +107,11 @@ impl MemoryPlan {
     /// [`crate::gpu::GpuModel`] allocates then: the bf16 copy of every
     /// parameter (base and adapters), in f32 only the adapters and the
     /// frozen base's tensors read in f32 ([`crate::gpu::f32_packed`]; in
-    /// f32 precision every parameter), and gradients and moments of the
-    /// adapters alone. Apply before [`MemoryPlan::with_offload`].
+    /// f32 precision every parameter), gradients and moments of the
+    /// adapters alone, and no MoE layer's stacked gradient buffers in the
+    /// workspace (the frozen layers' backward computes the input gradient
+    /// alone; expert parallelism still allocates them). Apply before
+    /// [`MemoryPlan::with_offload`].
     pub fn with_lora(mut self, layout: &Layout, precision: Precision) -> MemoryPlan {
         if layout.lora.is_none() {
             return self;
@@ -122,6 +128,7 @@ impl MemoryPlan {
         if self.grads > 0 {
             self.grads = 4 * a;
             self.moments = 8 * a;
+            self.workspace = self.workspace.saturating_sub(moe_grad_bytes(layout));
         }
         self
     }
@@ -196,6 +203,31 @@ impl std::fmt::Display for MemoryPlan {
             }
         )
     }
+}
+
+/// Bytes of the largest MoE layer's stacked gradient buffers that a
+/// full-model backward allocates (`aha_cuda_kernels::moe_layer::MoeGrads`:
+/// the router, every routed expert's gate, up and down, the shared
+/// experts), from `layout`'s slots; 0 for a dense model.
+pub fn moe_grad_bytes(layout: &Layout) -> u64 {
+    layout
+        .layers
+        .iter()
+        .filter_map(|l| match &l.ffn {
+            crate::params::FfnSlots::Moe {
+                router,
+                experts,
+                shared,
+                ..
+            } => {
+                let mlp = |m: &crate::params::MlpSlots| m.gate.w.len + m.up.w.len + m.down.w.len;
+                let routed: usize = experts.iter().map(mlp).sum();
+                Some(4 * (router.len + routed + shared.as_ref().map_or(0, mlp)) as u64)
+            }
+            crate::params::FfnSlots::Dense(_) => None,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The lm head's workspace cap (`aha_cuda_kernels::lmhead::DEFAULT_BUDGET_BYTES`).

@@ -3,8 +3,9 @@
 //! live in page-locked host memory, the GPU keeps the weights its products
 //! read and the gradients.
 //!
-//! [`GpuModel::set_offload`] moves the f32 master copy of every parameter
-//! to page-locked host memory. In bf16 precision the device then keeps the
+//! [`GpuModel::set_offload`] moves the f32 master copy of the trainable
+//! parameters (the trainable prefix of the layout: a LoRA model's adapters
+//! alone) to page-locked host memory. In bf16 precision the device then keeps the
 //! bf16 weights the products read and only the tensors its kernels read in
 //! f32 (norms, biases, routers, the embedding: [`GpuModel::f32_resident`]),
 //! packed; in f32 precision the products read the f32 weights, which stay.
@@ -233,13 +234,13 @@ fn stages<T: DeviceRepr + ValidAsZeroBits + Copy + Default>(
     Ok(s)
 }
 
-/// The page-locked host bytes an offloaded optimizer holds for a model of
-/// `size` parameters with `trainable` trainable ones: the f32 master copy
-/// of every parameter, the two moments of the trainable ones, and the
-/// staging buffers of the gradients (f32) and, in bf16, the weights going
-/// back (`bf16`). What [`GpuModel::set_offload`] and
-/// [`HostOptimizer::new`] allocate.
-pub fn host_bytes(size: usize, trainable: usize, bucket_elems: usize, bf16: bool) -> u64 {
+/// The page-locked host bytes an offloaded optimizer holds for a model
+/// with `trainable` trainable parameters (the layout's trainable prefix; a
+/// LoRA layout's adapters): the f32 master copy and the two moments of
+/// each, and the staging buffers of the gradients (f32) and, in bf16, the
+/// weights going back (`bf16`). What [`GpuModel::set_offload`] and
+/// [`HostOptimizer::new`] allocate; frozen parameters take none.
+pub fn host_bytes(trainable: usize, bucket_elems: usize, bf16: bool) -> u64 {
     let b = buckets(trainable, bucket_elems);
     let first = b.first().map_or(1, |r| r.len()) as u64;
     let ragged = b
@@ -247,7 +248,7 @@ pub fn host_bytes(size: usize, trainable: usize, bucket_elems: usize, bf16: bool
         .filter(|r| r.len() as u64 != first)
         .map_or(0, |r| r.len() as u64);
     let stage = 2 * first + ragged;
-    4 * size as u64 + 8 * trainable as u64 + 4 * stage + if bf16 { 2 * stage } else { 0 }
+    12 * trainable as u64 + 4 * stage + if bf16 { 2 * stage } else { 0 }
 }
 
 impl HostOptimizer {
@@ -385,6 +386,16 @@ impl HostOptimizer {
         if let Some(st) = self.streamed.as_mut() {
             st.version = (st.queued == self.trainable).then_some(version);
         }
+    }
+
+    /// The page-locked host bytes of the moments and the staging buffers,
+    /// counted from their lengths (the host gradient copy of a streamed
+    /// backward, `4 x trainable` more once allocated, is not counted: it is
+    /// allocated on first use only).
+    pub fn pinned_bytes(&self) -> u64 {
+        let f32s: usize = self.m.iter().chain(&self.v).chain(&self.stage).map(|p| p.len()).sum();
+        let bf16s: usize = self.stage16.iter().map(|p| p.len()).sum();
+        4 * f32s as u64 + 2 * bf16s as u64
     }
 
     /// The timings summed since the last [`HostOptimizer::take_timing`].

@@ -179,8 +179,8 @@ pub struct ParamCounts {
 /// The adapters the LoRA row plans, at rank `rank` (alpha = rank): every
 /// attention projection (GQA's q, k, v, o; MLA's q_a, q_b or q, kv_a,
 /// kv_b, o) and every dense MLP's gate, up and down. Routed experts and
-/// routers are never adapted, and the GPU model does not adapt shared
-/// experts ([`crate::gpu::lora_support`]).
+/// routers are never adapted; shared experts are not planned either
+/// (`mlp.gate_proj` does not match `mlp.shared_experts.gate_proj`).
 pub fn plan_lora_config(rank: usize) -> LoraConfig {
     let targets = [
         "q_proj",

@@ -502,10 +502,14 @@ impl Policy {
     pub fn param_bytes(&self, moments: &Moments) -> crate::gpu::ParamBytes {
         match &self.inner {
             Inner::Cpu { .. } => crate::gpu::ParamBytes::default(),
-            Inner::Gpu(g) => crate::gpu::ParamBytes {
-                moments: moments.device_bytes(),
-                ..g.param_bytes()
-            },
+            Inner::Gpu(g) => {
+                let b = g.param_bytes();
+                crate::gpu::ParamBytes {
+                    moments: moments.device_bytes(),
+                    host_pinned: b.host_pinned + moments.host_pinned_bytes(),
+                    ..b
+                }
+            }
         }
     }
 
@@ -1002,6 +1006,16 @@ impl Moments {
         match self {
             Moments::Gpu { m, v } => 4 * (m.len() + v.len()) as u64,
             Moments::Cpu { .. } | Moments::Offload(_) => 0,
+        }
+    }
+
+    /// The page-locked host bytes of an offloaded optimizer's moments and
+    /// staging buffers ([`crate::offload::HostOptimizer::pinned_bytes`]);
+    /// 0 for moments on the device or the CPU.
+    pub fn host_pinned_bytes(&self) -> u64 {
+        match self {
+            Moments::Offload(h) => h.pinned_bytes(),
+            Moments::Cpu { .. } | Moments::Gpu { .. } => 0,
         }
     }
 

@@ -165,6 +165,15 @@ fn qwen3_30b_a3b_counts_every_expert_and_its_buffers() {
     assert_eq!(bytes(&plan) - bytes(&ep), 18 * experts / 8 * 7);
     assert_eq!((ep.activations, ep.workspace), (plan.activations, plan.workspace));
     eprintln!("Qwen3-30B-A3B bf16, experts over 8 ranks: {ep}");
+    // One MoE layer's stacked f32 gradients (router and 128 x 3 expert
+    // matrices) are workspace of a full-model backward; a LoRA layout's
+    // frozen MoE layers allocate none: 2.42 GB less.
+    let stacked = 4 * (128 * 2048 + 128 * 3 * 768 * 2048);
+    assert_eq!(stacked, 2_416_967_680);
+    let layout = aha_moe_model::Layout::with_lora(&m, &aha_moe_model::plan::plan_lora_config(16)).unwrap();
+    assert_eq!(aha_moe_model::memory::moe_grad_bytes(&layout), stacked);
+    let lora = memory_plan(&m, Precision::Bf16, &w).with_lora(&layout, Precision::Bf16);
+    assert_eq!(plan.workspace - lora.workspace, stacked);
 }
 
 /// Qwen2.5-7B (DeepSeek-R1-Distill-Qwen-7B's shape) on one 80 GB GPU, the
@@ -268,6 +277,55 @@ fn qwen25_7b_on_one_80gb_gpu_full_offload_and_lora() {
     // weights back over PCIe every step (6 bytes a parameter at 55 GB/s).
     assert_eq!(full.comm_bytes, 0.0);
     assert!((off.comm_seconds - 6.0 * p as f64 / 55e9).abs() < 1e-9);
+}
+
+/// LoRA r16 on Qwen2.5-7B with the optimizer offloaded (`[lora]` and
+/// `offload_optimizer = true`): the page-locked host memory holds the
+/// adapters' f32 master copy and two moments (12 bytes an adapter
+/// parameter) and the staging buffers of 2^24-element buckets, nothing of
+/// the frozen base; the device keeps every weight in bf16, the adapters'
+/// gradients and, in f32, only the base's tensors read in f32.
+#[test]
+fn lora_with_offload_holds_only_the_adapters_on_the_host() {
+    use aha_moe_model::plan::plan_lora_config;
+    use aha_moe_model::Layout;
+    let m = qwen25(3584, 18944, 28, 4, 152_064, false);
+    let p = qwen2_params(3584, 18944, 28, 4, 152_064, 28, false);
+    let layout = Layout::with_lora(&m, &plan_lora_config(16)).unwrap();
+    // (in + out) x 16 over q, k, v, o, gate, up, down of 28 layers.
+    let (c, kv, f) = (3584u64, 4 * 128u64, 18944u64);
+    let a = 28 * 16 * ((c + c) + 2 * (c + kv) + (c + c) + 2 * (c + f) + (f + c));
+    assert_eq!(a, 40_370_176);
+    assert_eq!((layout.trainable as u64, layout.size as u64), (a, p + a));
+    let w = Workload {
+        tokens: 8192,
+        scored: 8192,
+        kv_tokens: 0,
+        training: true,
+        recompute: true,
+    };
+    let bucket = 1usize << 24;
+    let plan = memory_plan(&m, Precision::Bf16, &w)
+        .with_lora(&layout, Precision::Bf16)
+        .with_offload(&layout, Precision::Bf16, bucket);
+    // Buckets: 2 x 2^24 + 6,815,744; staging is two f32 and two bf16
+    // buffers of a bucket and one of each for the ragged last one.
+    let last = a - 2 * (1 << 24);
+    assert_eq!(last, 6_815_744);
+    let staging = (4 + 2) * (2 * (1 << 24) + last);
+    assert_eq!(plan.host_pinned, 12 * a + staging);
+    assert_eq!(plan.host_pinned, 726_663_168, "0.73 GB of page-locked host memory");
+    // (The whole model's master copy would add 4 bytes a base parameter,
+    // 30.5 GB.)
+    // The device: every weight in bf16, in f32 the embedding and the 1-D
+    // tensors only (the adapters' master is on the host), the adapters'
+    // gradients, no moments.
+    let r = 152_064 * 3584 + 28 * (2 * 3584 + 3584 + 2 * 512) + 3584;
+    assert_eq!(
+        (plan.weights_bf16, plan.weights, plan.grads, plan.moments),
+        (2 * (p + a), 4 * r, 4 * a, 0)
+    );
+    eprintln!("Qwen2.5-7B LoRA r16 + offload: {plan}");
 }
 
 /// On 8 GPUs, ZeRO-1 as `zero_stage = 1` runs it in bf16 divides the

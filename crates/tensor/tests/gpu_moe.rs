@@ -7,8 +7,10 @@
 //! against the CPU MoE layer of aha-moe-model (`moe_twin_tests`) and against
 //! finite differences. The grouped products run in both kernel families
 //! (`MoeMath::Simt`, `MoeMath::TensorCores`); the whole-layer test also
-//! checks the expert loads, the aux-loss gradient path and that a rerun gives
-//! identical bits. The storage kernels run in bf16 and in f32 (the `_f32`
+//! checks the expert loads, the aux-loss gradient path, that a rerun gives
+//! identical bits and that a frozen layer's backward
+//! (`moe_layer_backward_dx`, no weight gradients) gives the same input
+//! gradient bits. The storage kernels run in bf16 and in f32 (the `_f32`
 //! launchers, against the same twins with `Store::F32`), and the layer in
 //! f32 storage with its weights and gradients as views into one flat
 //! parameter and one flat gradient buffer. Without a GPU the `_cuda` tests print "skipped: no GPU"
@@ -897,6 +899,13 @@ fn check_layer_case(on: &On, dev: Device, case: LayerCase) -> Result<()> {
                     bits(down(g, &grd.router)?),
                     "rerun d router, seed {seed}"
                 );
+                // A frozen layer's backward (the input gradient alone, no
+                // weight gradient buffers): the same dx bits.
+                let mut y3 = g.zeros::<f32>(n * c)?;
+                ml::moe_layer_forward(g, &mut y3, &xd, &w, &mut buf)?;
+                let mut dx3 = g.zeros::<f32>(n * c)?;
+                ml::moe_layer_backward_dx(g, &mut dx3, &dyd, &xd, &w, &mut buf, auxd.as_ref())?;
+                assert_eq!(bits(down(g, &dx3)?), bits(down(g, &dxd)?), "frozen dx, seed {seed}");
             }
             let ggr = MoeLayerGrads {
                 router: down(g, &grd.router)?,
