@@ -2478,15 +2478,15 @@ impl GpuModel {
                     // input gradient alone, with no stacked buffers to fill
                     // and discard.
                     let frozen = !self.trains(*router) && self.ep.is_none();
-                    let mut gr = match (frozen, self.layout.expert_shard) {
+                    let mut gr = match (frozen, self.layout.expert_shard.is_some()) {
                         (true, _) => None,
-                        (false, Some(_)) => {
+                        (false, true) => {
                             let d = buf.dims;
                             let mut x = MoeGrads::zeros(g, &MoeDims { e: experts.len(), ..d }).map_err(cuda)?;
                             x.router = g.zeros::<f32>((d.e * d.c).max(1)).map_err(cuda)?;
                             Some(x)
                         }
-                        (false, None) => Some(MoeGrads::zeros(g, &buf.dims).map_err(cuda)?),
+                        (false, false) => Some(MoeGrads::zeros(g, &buf.dims).map_err(cuda)?),
                     };
                     match (&self.ep, ep_buf, gr.as_mut()) {
                         (_, _, None) => {
