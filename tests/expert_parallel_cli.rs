@@ -204,15 +204,18 @@ fn grpo_expert_parallel_matches_data_parallel_and_one_rank_on_the_gpu() {
     }
     let tmp = TempDir::new("grpo");
     let t = Instant::now();
-    let one = single(&["grpo", "--config"], &grpo_config(&tmp.0, "cuda", "one", ""));
+    // Rank 0 evaluates after every step, alone: its decoding must not enter
+    // the expert-parallel layer (a collective the other rank never joins).
+    let eval = format!("eval_data = {:?}\neval_every = 1\n", tmp.0.join("train.jsonl"));
+    let one = single(&["grpo", "--config"], &grpo_config(&tmp.0, "cuda", "one", &eval));
     ok(&one, "1 process");
-    let dp = launch(2, &["grpo", "--config"], &grpo_config(&tmp.0, "cuda", "dp", ""));
+    let dp = launch(2, &["grpo", "--config"], &grpo_config(&tmp.0, "cuda", "dp", &eval));
     let se = ok(&dp, "2 ranks");
     assert!(!se.contains(EP_LINE), "{se}");
     let ep = launch(
         2,
         &["grpo", "--config"],
-        &grpo_config(&tmp.0, "cuda", "ep", "expert_parallel = 2\n"),
+        &grpo_config(&tmp.0, "cuda", "ep", &format!("expert_parallel = 2\n{eval}")),
     );
     let se = ok(&ep, "2 ranks, expert_parallel = 2");
     eprintln!("grpo: three runs {:.1} s", t.elapsed().as_secs_f64());
@@ -221,6 +224,7 @@ fn grpo_expert_parallel_matches_data_parallel_and_one_rank_on_the_gpu() {
         "{se}"
     );
     assert!(se.contains("[rank 0] step 2/2"), "{se}");
+    assert!(se.contains("eval pass@1"), "rank 0 did not evaluate: {se}");
     let fin = |run: &str| tmp.0.join(run).join("final");
     let (experts, all) = assert_same_weights(&fin("ep"), &fin("dp"), 1e-5, "expert parallel vs data parallel");
     assert_same_weights(&fin("ep"), &fin("one"), 1e-5, "expert parallel vs 1 process");
@@ -261,7 +265,14 @@ fn sft_expert_parallel_matches_data_parallel_and_one_rank_on_the_gpu() {
     );
     let se = ok(&ep, "2 ranks, expert_parallel = 2");
     assert!(se.contains(EP_LINE), "{se}");
-    // With the optimizer state sharded as well (ZeRO-1).
+    // Each rank holds only its 4 of the 8 routed experts (rank 0 logs); its saved
+    // model is the gathered whole (compared below).
+    assert!(
+        se.contains("[rank 0] sft: this rank holds routed experts 0..4 of 8"),
+        "{se}"
+    );
+    // With the optimizer state sharded as well (ZeRO-1; the experts stay
+    // whole on every rank).
     let zero = launch(
         2,
         &["sft", "--config"],

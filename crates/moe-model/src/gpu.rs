@@ -1012,7 +1012,7 @@ impl GpuModel {
     /// An MoE layer's weights as views of the flat buffers: the router and
     /// correction bias in f32, the experts (stacked by the layout) in the
     /// model's precision.
-    fn moe_weights(&self, ffn: &FfnSlots) -> Result<(MoeWeights<'_>, MoeStorage)> {
+    fn moe_weights(&self, ffn: &FfnSlots, ep: bool) -> Result<(MoeWeights<'_>, MoeStorage)> {
         let FfnSlots::Moe {
             router,
             bias,
@@ -1032,10 +1032,11 @@ impl GpuModel {
             }
         }
         let e = experts.len();
-        // Under expert parallelism only this rank's experts (all the
-        // layout holds when it holds only those).
-        let shard = match &self.ep {
-            Some(ep) if self.layout.expert_shard.is_none() => moe_ep::expert_shard(e, ep.world, ep.rank),
+        // Under expert parallelism (`ep`: the training forward and
+        // backward) only this rank's experts (all the layout holds when it
+        // holds only those).
+        let shard = match (&self.ep, ep) {
+            (Some(x), true) if self.layout.expert_shard.is_none() => moe_ep::expert_shard(e, x.world, x.rank),
             _ => 0..e,
         };
         let span = |s: Slot| s.off + s.len * shard.start..s.off + s.len * shard.end;
@@ -1464,8 +1465,12 @@ impl GpuModel {
     }
 
     /// The MLP of layer `s` (layer `l`) on its normed input: the output
-    /// (before the residual add) and what the backward needs.
-    fn mlp(&self, ln2: &CudaSlice<f32>, s: &LayerSlots, n: usize) -> Result<(CudaSlice<f32>, FfnActs)> {
+    /// (before the residual add) and what the backward needs. `ep`: the
+    /// routed experts run expert-parallel when it is set on the model (a
+    /// collective: the training forward); without it they run on this
+    /// rank alone, whole (the paged forward of rollouts and evaluation,
+    /// which ranks do not run in lockstep).
+    fn mlp(&self, ln2: &CudaSlice<f32>, s: &LayerSlots, n: usize, ep: bool) -> Result<(CudaSlice<f32>, FfnActs)> {
         let c = self.config.hidden_size;
         match &s.ffn {
             FfnSlots::Dense(mlp) => {
@@ -1478,11 +1483,15 @@ impl GpuModel {
                     .moe
                     .as_ref()
                     .ok_or_else(|| input_err("gpu", "an MoE layer without an MoE config"))?;
-                let (w, storage) = self.moe_weights(&s.ffn)?;
-                if self.layout.expert_shard.is_some() && self.ep.is_none() {
+                let (w, storage) = self.moe_weights(&s.ffn, ep)?;
+                let ep_on = if ep { self.ep.as_ref() } else { None };
+                if self.layout.expert_shard.is_some() && ep_on.is_none() {
                     return Err(input_err(
                         "gpu",
-                        "the model holds only some experts but expert parallelism is off",
+                        match self.ep {
+                            None => "the model holds only some experts but expert parallelism is off",
+                            Some(_) => "the model holds only some experts: only the training forward runs (expert-parallel), not the paged forward of decoding",
+                        },
                     ));
                 }
                 let dims = MoeDims {
@@ -1520,7 +1529,7 @@ impl GpuModel {
                 };
                 let mut buf = Box::new(MoeBuffers::new(&self.gpu, dims).map_err(cuda)?);
                 let mut down = self.zeros(n * c)?;
-                let ep = match &self.ep {
+                let ep = match ep_on {
                     Some(ep) => {
                         let mut comm = ep
                             .comm
@@ -1626,7 +1635,7 @@ impl GpuModel {
         launch::add_inplace_f32(g, x, &ao, n * c).map_err(cuda)?;
         let x_mid = g.clone_dtod(x).map_err(cuda)?;
         let (ln2, ln2_rstd) = self.norm_rstd(x, s.ln2, n, c)?;
-        let (down, ffn) = self.mlp(&ln2, s, n)?;
+        let (down, ffn) = self.mlp(&ln2, s, n, true)?;
         launch::add_inplace_f32(g, x, &down, n * c).map_err(cuda)?;
         Ok(LayerActs {
             x_in,
@@ -2469,7 +2478,7 @@ impl GpuModel {
                         shared: shared_acts,
                     },
                 ) => {
-                    let (w, _) = self.moe_weights(&s.ffn)?;
+                    let (w, _) = self.moe_weights(&s.ffn, true)?;
                     // The layer's gradients into zeroed stacked buffers,
                     // then added to the flat buffer's views; with the
                     // experts sharded only the local experts' (the layout's).

@@ -111,6 +111,26 @@ pub struct RanksInfo {
     pub trainable: usize,
     /// Each rank's `[start, end)` of it (ZeRO-1; empty at stage 0).
     pub shards: Vec<[usize; 2]>,
+    /// The expert-parallel degree when each rank held only its own routed
+    /// experts: each rank's `optimizer-rank-NNNNN.safetensors` then holds
+    /// the moments of its whole (expert-sharded) layout, and the weights
+    /// rank 0 wrote are the gathered whole model. 1 otherwise (and in
+    /// checkpoints written before the key existed).
+    #[serde(default = "one")]
+    pub expert_parallel: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The expert-parallel degree of `model` when its experts are sharded
+/// over the ranks (1: every expert on every rank).
+fn expert_shards(model: &Policy) -> usize {
+    match (&model.layout().expert_shard, model.config().moe.as_ref()) {
+        (Some(sh), Some(m)) if !sh.is_empty() => m.n_experts / sh.len(),
+        _ => 1,
+    }
 }
 
 fn shard_file(rank: usize) -> String {
@@ -146,28 +166,52 @@ pub fn save_ranks(
         Ok(())
     };
     together(rc, made, "preparing", &tmp)?;
+    // Sharded experts: every rank sends its experts for rank 0's weights
+    // (a collective), and writes the moments of its own layout.
+    let ep = expert_shards(model);
+    let whole = match ep {
+        1 => None,
+        _ => Some(model.gather_host_model().map(std::borrow::Cow::into_owned)),
+    };
     let mine = (|| -> Result<()> {
-        if leader {
-            write_weights(&tmp, model, reference)?;
+        match (&whole, leader) {
+            (Some(m), true) => write_weights_of(&tmp, m.as_ref().map_err(|e| Error::Other(e.to_string()))?, reference)?,
+            (Some(m), false) => m.as_ref().map(|_| ()).map_err(|e| Error::Other(e.to_string()))?,
+            (None, true) => write_weights(&tmp, model, reference)?,
+            (None, false) => {}
         }
-        match rc.optimizer_shard(model)? {
-            Some(sh) => {
-                let path = tmp.join(shard_file(rc.rank()));
-                let n = sh.m.len();
-                let mut tensors = vec![
-                    ("exp_avg".into(), vec![n], &sh.m[..]),
-                    ("exp_avg_sq".into(), vec![n], &sh.v[..]),
-                ];
-                // A sharded f32 master: the weights rank 0 writes are the
-                // bf16 ones; the exact master is in the shards.
-                if let Some(master) = &sh.master {
-                    tensors.push(("master".into(), vec![master.len()], &master[..]));
+        if ep > 1 {
+            let (m, v, _, _) = opt.state(model)?;
+            let path = tmp.join(shard_file(rc.rank()));
+            let n = m.len();
+            write_f32(
+                &path,
+                &[
+                    ("exp_avg".into(), vec![n], &m[..]),
+                    ("exp_avg_sq".into(), vec![n], &v[..]),
+                ],
+            )?;
+            sync_file(&path)?;
+        } else {
+            match rc.optimizer_shard(model)? {
+                Some(sh) => {
+                    let path = tmp.join(shard_file(rc.rank()));
+                    let n = sh.m.len();
+                    let mut tensors = vec![
+                        ("exp_avg".into(), vec![n], &sh.m[..]),
+                        ("exp_avg_sq".into(), vec![n], &sh.v[..]),
+                    ];
+                    // A sharded f32 master: the weights rank 0 writes are the
+                    // bf16 ones; the exact master is in the shards.
+                    if let Some(master) = &sh.master {
+                        tensors.push(("master".into(), vec![master.len()], &master[..]));
+                    }
+                    write_f32(&path, &tensors)?;
+                    sync_file(&path)?;
                 }
-                write_f32(&path, &tensors)?;
-                sync_file(&path)?;
+                None if leader => write_full_optimizer(&tmp, model, opt)?,
+                None => {}
             }
-            None if leader => write_full_optimizer(&tmp, model, opt)?,
-            None => {}
         }
         if leader {
             let n = model.layout().trainable;
@@ -185,6 +229,7 @@ pub fn save_ranks(
                 } else {
                     Vec::new()
                 },
+                expert_parallel: ep,
             };
             let p = tmp.join("ranks.json");
             let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Other(e.to_string()))?;
@@ -254,6 +299,20 @@ fn fresh_tmp(root: &Path, name: &str) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     Ok(tmp)
+}
+
+/// [`write_weights`] of a model already on the host (gathered).
+fn write_weights_of(tmp: &Path, model: &Model, reference: Option<&Policy>) -> Result<()> {
+    let f32 = SaveOptions {
+        dtype: SaveDtype::F32,
+        max_shard_bytes: usize::MAX,
+        ..SaveOptions::default()
+    };
+    model.save_as(&tmp.join("model"), &f32)?;
+    if let Some(r) = reference {
+        r.save_as(&tmp.join("reference"), &f32)?;
+    }
+    Ok(())
 }
 
 /// The weights (and the reference's) in f32 under `tmp`.
@@ -354,7 +413,7 @@ pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
     } else {
         None
     };
-    if read_ranks(&dir)?.is_some_and(|r| r.zero_stage == 1) {
+    if read_ranks(&dir)?.is_some_and(|r| r.zero_stage == 1 || r.expert_parallel > 1) {
         // Sharded: each rank reads its own ([`load_optimizer_shard`]).
         return Ok(Some(Loaded {
             dir,
@@ -483,6 +542,39 @@ pub fn restore_optimizer(
 ) -> Result<()> {
     let (world, stage) = dp.as_ref().map_or((1, 0), |d| (d.world(), d.zero_stage()));
     check_ranks(loaded_dir, world, stage)?;
+    let saved_ep = read_ranks(loaded_dir)?.map_or(1, |r| r.expert_parallel);
+    let ep = expert_shards(policy);
+    if saved_ep != ep {
+        return Err(Error::Checkpoint {
+            path: loaded_dir.to_path_buf(),
+            msg: format!(
+                "the optimizer state was saved with the routed experts sharded over {saved_ep} rank(s) \
+                 (expert_parallel); this run shards them over {ep}: resume with the same expert_parallel and \
+                 zero_stage, or resume the weights only by starting a new run with model = {:?}",
+                loaded_dir.join("model").display().to_string()
+            ),
+        });
+    }
+    if let (Some(d), true) = (dp.as_ref(), ep > 1) {
+        let path = loaded_dir.join(shard_file(d.rank()));
+        let (mut m, mut v) = (None, None);
+        for t in read_file(&path)? {
+            if let CpuStorage::F32(x) = t.data {
+                match t.name.as_str() {
+                    "exp_avg" => m = Some(x),
+                    "exp_avg_sq" => v = Some(x),
+                    _ => {}
+                }
+            }
+        }
+        let (Some(m), Some(v)) = (m, v) else {
+            return Err(Error::Checkpoint {
+                path,
+                msg: "lacks exp_avg / exp_avg_sq".into(),
+            });
+        };
+        return opt.restore(policy, m, v, state.opt_step, state.opt_bad);
+    }
     match dp {
         Some(d) if world > 1 && stage == 1 => {
             let shard = load_optimizer_shard(loaded_dir, d.rank(), world)?;

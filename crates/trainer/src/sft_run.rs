@@ -13,7 +13,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aha_moe_model::memory::{check_device, memory_plan, Workload};
-use aha_moe_model::{resolve_device, LoraConfig, Model, OffloadConfig, Policy, Precision, SaveDtype, SaveOptions};
+use aha_moe_model::{
+    resolve_device, Layout, LoraConfig, Model, OffloadConfig, Policy, Precision, SaveDtype, SaveOptions,
+};
 use aha_rewards::format::{check_format, FormatConfig};
 use aha_rewards::language::{chain_of_thought, consistency, Script};
 use aha_rewards::math::{verify, MathConfig};
@@ -480,7 +482,23 @@ fn sft_in_folder(
             ),
         });
     }
-    let n_samples = cfg.sample_prompts.min(examples.len());
+    // Expert parallel without ZeRO-1: each rank holds only its routed
+    // experts (weights, gradients, moments). Decoding needs every expert,
+    // so such a run draws no samples.
+    let ep_shard = match dp.as_ref() {
+        Some(d) if cfg.expert_parallel > 1 && cfg.zero_stage == 0 => {
+            let e = model.config.moe.as_ref().map_or(0, |m| m.n_experts);
+            Some(aha_cuda_kernels::moe_ep::expert_shard(e, d.world(), d.rank()))
+        }
+        _ => None,
+    };
+    if ep_shard.is_some() && cfg.sample_prompts > 0 {
+        log("sft: no samples: the routed experts are sharded over the expert-parallel ranks and decoding needs all of them");
+    }
+    let n_samples = match ep_shard {
+        Some(_) => 0,
+        None => cfg.sample_prompts.min(examples.len()),
+    };
     let prompts: Vec<Vec<u32>> = examples[..n_samples].iter().map(|e| e.0.clone()).collect();
     let longest_prompt = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let samples = SamplePlan {
@@ -510,6 +528,10 @@ fn sft_in_folder(
     } else {
         plan
     };
+    let plan = match &ep_shard {
+        Some(sh) => plan.with_expert_shard(&Layout::with_expert_shard(&model.config, sh.clone())?, precision),
+        None => plan,
+    };
     log(&format!("sft: model on {dev} ({precision}); memory plan: {plan}"));
     check_device(&plan, dev)?;
     let mut policy = Policy::new(model, dev, precision)?;
@@ -521,6 +543,15 @@ fn sft_in_folder(
     // the sampler engine, the whole model on rank 0).
     if let Some(d) = dp.as_deref_mut() {
         d.set_expert_parallel(&mut policy, cfg.expert_parallel)?;
+    }
+    if let Some(sh) = &ep_shard {
+        policy.shard_experts()?;
+        log(&format!(
+            "sft: this rank holds routed experts {}..{} of {}",
+            sh.start,
+            sh.end,
+            model_experts(&policy)
+        ));
     }
     let mut opt = sft_optimizer(cfg.learning_rate, cfg.steps);
     let (mut rng, start, cursor) = match resumed {
@@ -580,6 +611,11 @@ fn sft_in_folder(
     if let Some(d) = &dp {
         log(&d.describe());
     }
+    // Sharded experts: every rank sends its experts for rank 0's save.
+    let whole = match ep_shard {
+        Some(_) => Some(policy.gather_host_model()?.into_owned()),
+        None => None,
+    };
     let Some(run) = run else {
         return Ok((loss, None));
     };
@@ -596,15 +632,21 @@ fn sft_in_folder(
             ],
         ),
     ])?;
-    policy.save_as(
-        model_out,
-        &SaveOptions {
-            dtype: cfg.save_dtype,
-            max_shard_bytes: 4 << 30,
-            ..SaveOptions::default()
-        },
-    )?;
+    let opts = SaveOptions {
+        dtype: cfg.save_dtype,
+        max_shard_bytes: 4 << 30,
+        ..SaveOptions::default()
+    };
+    match &whole {
+        Some(m) => m.save_as(model_out, &opts)?,
+        None => policy.save_as(model_out, &opts)?,
+    }
     Ok((loss, Some(run)))
+}
+
+/// The routed experts of the policy's model (0: not an MoE model).
+fn model_experts(policy: &Policy) -> usize {
+    policy.config().moe.as_ref().map_or(0, |m| m.n_experts)
 }
 
 /// Options of rejection sampling.

@@ -612,7 +612,8 @@ impl GpuModel {
             let ao = self.linear(&att, attn_out(&s.attn), n)?;
             launch::add_inplace_f32(g, &mut x, &ao, n * c).map_err(cuda)?;
             let (ln2, _) = self.norm_rstd(&x, s.ln2, n, c)?;
-            let (down, _) = self.mlp(&ln2, s, n)?;
+            // Never expert-parallel: ranks decode on their own.
+            let (down, _) = self.mlp(&ln2, s, n, false)?;
             launch::add_inplace_f32(g, &mut x, &down, n * c).map_err(cuda)?;
         }
         Ok(x)
