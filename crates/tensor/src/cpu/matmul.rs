@@ -111,12 +111,20 @@ pub fn matmul_batched<F: Real>(out: &mut [F], a: &[F], b: &[F], batch: usize, g:
 /// One product; the caller checked every length.
 fn gemm_one<F: Real>(out: &mut [F], a: &[F], b: &[F], g: Gemm, par: gemm::Parallelism) {
     let Gemm { m, k, n, .. } = g;
-    if m <= super::skinny::SKINNY_M && g.trans_b && !g.trans_a {
+    let bf16 = super::bf16::product_precision() == super::bf16::ProductPrecision::Bf16;
+    // Under bf16 products only products of at most SKINNY_M_BF16 rows (the
+    // decode groups' dot products) stay f32; larger ones round to bf16.
+    let skinny_max = if bf16 {
+        super::skinny::SKINNY_M_BF16
+    } else {
+        super::skinny::SKINNY_M
+    };
+    if m <= skinny_max && g.trans_b && !g.trans_a {
         let parallel = matches!(par, gemm::Parallelism::Rayon(_));
         super::skinny::skinny_abt(out, a, b, m, k, n, g.accumulate, parallel);
         return;
     }
-    if super::bf16::product_precision() == super::bf16::ProductPrecision::Bf16 {
+    if bf16 {
         if let Some((o, a, b)) = F::as_f32(out, a, b) {
             super::bf16::gemm_bf16(o, a, b, g, matches!(par, gemm::Parallelism::Rayon(_)));
             return;

@@ -20,6 +20,11 @@ use crate::Real;
 /// packing general kernel.
 pub(crate) const SKINNY_M: usize = 32;
 
+/// [`SKINNY_M`] under bf16 products (`set_product_precision`): products of
+/// more rows take the bf16 kernel, so the rows a product rounds to bf16 are
+/// the same as when this kernel stopped at eight rows.
+pub(crate) const SKINNY_M_BF16: usize = 8;
+
 /// Weight elements (`N * K`) from which a product splits its columns across
 /// the pool.
 const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
