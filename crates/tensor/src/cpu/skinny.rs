@@ -352,11 +352,104 @@ mod x86 {
         }
     }
 
+    /// Writes (or adds) one sum to `out`.
+    ///
+    /// # Safety
+    /// `out` writable.
+    #[inline(always)]
+    unsafe fn put1(out: *mut f32, v: f32, acc: bool) {
+        // SAFETY: as the contract says.
+        unsafe { *out = if acc { *out + v } else { v } };
+    }
+
+    /// `R` (one or two) rows of `a` against the one weight row at `wr`,
+    /// written to column 0 of `R` rows at `out`: the weight streams as one
+    /// sequential run (the block kernels' four interleaved rows stream more
+    /// slowly from memory, and at one or two rows there is little reuse of
+    /// `a` to gain).
+    ///
+    /// # Safety
+    /// AVX-512F; `k` readable elements behind each row; the outputs writable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row_avx512<const R: usize>(
+        out: *mut f32,
+        ldo: usize,
+        ar: *const f32,
+        wr: *const f32,
+        k: usize,
+        acc: bool,
+    ) {
+        let mut s = [_mm512_setzero_ps(); R];
+        let kl = k / 16 * 16;
+        let mut p = 0;
+        // SAFETY (all loads): inside the rows; the tail's masked loads
+        // touch only the k - kl elements left.
+        unsafe {
+            while p < kl {
+                let w = _mm512_loadu_ps(wr.add(p));
+                for (r, sr) in s.iter_mut().enumerate() {
+                    *sr = _mm512_fmadd_ps(_mm512_loadu_ps(ar.add(r * k + p)), w, *sr);
+                }
+                p += 16;
+            }
+            if kl < k {
+                let mask: __mmask16 = ((1u32 << (k - kl)) - 1) as u16;
+                let w = _mm512_maskz_loadu_ps(mask, wr.add(p));
+                for (r, sr) in s.iter_mut().enumerate() {
+                    *sr = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, ar.add(r * k + p)), w, *sr);
+                }
+            }
+            for (r, &sr) in s.iter().enumerate() {
+                put1(out.add(r * ldo), _mm512_reduce_add_ps(sr), acc);
+            }
+        }
+    }
+
+    /// [`row_avx512`] in 8 lanes, for AVX2 + FMA.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; as [`row_avx512`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row_avx2<const R: usize>(out: *mut f32, ldo: usize, ar: *const f32, wr: *const f32, k: usize, acc: bool) {
+        let mut s = [_mm256_setzero_ps(); R];
+        let kl = k / 8 * 8;
+        let mut p = 0;
+        // SAFETY (all loads): as in `row_avx512`.
+        unsafe {
+            while p < kl {
+                let w = _mm256_loadu_ps(wr.add(p));
+                for (r, sr) in s.iter_mut().enumerate() {
+                    *sr = _mm256_fmadd_ps(_mm256_loadu_ps(ar.add(r * k + p)), w, *sr);
+                }
+                p += 8;
+            }
+            if kl < k {
+                let mask = _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32((k - kl) as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                );
+                let w = _mm256_maskload_ps(wr.add(p), mask);
+                for (r, sr) in s.iter_mut().enumerate() {
+                    *sr = _mm256_fmadd_ps(_mm256_maskload_ps(ar.add(r * k + p), mask), w, *sr);
+                }
+            }
+            for (r, &sr) in s.iter().enumerate() {
+                let h = _mm_add_ps(_mm256_castps256_ps128(sr), _mm256_extractf128_ps(sr, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+                put1(out.add(r * ldo), _mm_cvtss_f32(h), acc);
+            }
+        }
+    }
+
     macro_rules! cols {
-        ($name:ident, $feat:literal, $block:ident, $($rows:literal),+) => {
+        ($name:ident, $feat:literal, $row:ident, $block:ident, $($rows:literal),+) => {
             /// Columns `j0 .. j0 + w` of `a b^T` into `out` (element (i, jj)
             /// at `out + i * ldo + jj`): four weight rows at a time against
-            /// blocks of rows of `a`.
+            /// blocks of rows of `a`, or one weight row at a time for one
+            /// or two rows.
             ///
             /// # Safety
             /// The CPU has the features; otherwise as `cols_best`.
@@ -375,6 +468,21 @@ mod x86 {
             ) {
                 debug_assert!(a.len() >= m * k && b.len() >= (j0 + w) * k);
                 let (ap, bp) = (a.as_ptr(), b.as_ptr());
+                if m <= 2 {
+                    for jj in 0..w {
+                        // SAFETY: weight row j0 + jj is inside `b`; rows
+                        // 0 .. m of column jj inside the output window.
+                        unsafe {
+                            let wr = bp.add((j0 + jj) * k);
+                            if m == 2 {
+                                $row::<2>(out.add(jj), ldo, ap, wr, k, acc);
+                            } else {
+                                $row::<1>(out.add(jj), ldo, ap, wr, k, acc);
+                            }
+                        }
+                    }
+                    return;
+                }
                 let mut jb = 0;
                 while jb < w {
                     let c = 4.min(w - jb);
@@ -399,8 +507,8 @@ mod x86 {
         };
     }
 
-    cols!(cols_avx512, "avx512f", block_avx512, 4, 3, 2, 1);
-    cols!(cols_avx2, "avx2,fma", block_avx2, 2, 1);
+    cols!(cols_avx512, "avx512f", row_avx512, block_avx512, 4, 3, 2, 1);
+    cols!(cols_avx2, "avx2,fma", row_avx2, block_avx2, 2, 1);
 }
 
 #[cfg(test)]
