@@ -9,8 +9,12 @@
 //! (AVX-512: 16 accumulators; AVX2 + FMA: two rows, 8 accumulators), so a
 //! weight vector is loaded once per block of rows and each `a` vector once
 //! per four weight rows; the four sums of a row reduce together (one
-//! transposing reduction of four vectors instead of four horizontal ones).
-//! The portable twin does one dot product at a time.
+//! transposing reduction of four vectors instead of four horizontal ones),
+//! and the weight is prefetched ahead in memory order. One or two rows
+//! (an expert's rows in a decode step) stream one weight row at a time
+//! instead: four interleaved rows stream more slowly from memory, and there
+//! is little reuse of `a` to gain. The portable twin does one dot product
+//! at a time. Measurements: docs/cpu-speed.md ("The decode step's kernels").
 
 use rayon::prelude::*;
 
