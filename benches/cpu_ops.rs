@@ -224,5 +224,41 @@ fn lm_head(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, matmul_bf16, attention, rmsnorm, copy, lm_head);
+/// Decode-shaped products `x[m, 256] W^T` over 40 distinct weights
+/// [1024, 256] (40 MiB of f32, more than the last-level cache), on one
+/// thread as a decode group runs them: "elements" are weight bytes, so
+/// criterion's `GB/s` reads against the single-thread copy above (which
+/// moves 2 bytes for each one counted). `skinny` is `cpu::matmul` with the
+/// weight in [out, in] layout (the skinny kernel for m <= 32); `general` is
+/// the same product with the weight stored [in, out], which takes the
+/// packing general kernel.
+fn skinny(c: &mut Criterion) {
+    const MATS: usize = 40;
+    let (k, n) = (256usize, 1024usize);
+    let mut g = c.benchmark_group("cpu/skinny/f32");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let w: Vec<Vec<f32>> = (0..MATS).map(|i| data(n * k, i as u32)).collect();
+    g.throughput(Throughput::Bytes((MATS * n * k * 4) as u64));
+    for &m in &[1usize, 4, 8, 16, 32] {
+        let x = data(m * k, 99);
+        let mut out = vec![0f32; m * n];
+        for (name, gm) in [("skinny", Gemm::new(m, k, n).tb()), ("general", Gemm::new(m, k, n))] {
+            g.bench_function(BenchmarkId::new(name, m), |bch| {
+                bch.iter(|| {
+                    pool.install(|| {
+                        for wi in &w {
+                            cpu::matmul(black_box(&mut out), black_box(&x), wi, gm).unwrap();
+                        }
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, matmul_bf16, attention, rmsnorm, copy, lm_head, skinny);
 criterion_main!(benches);

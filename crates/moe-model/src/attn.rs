@@ -128,7 +128,6 @@ fn attention_paged(
 ) -> Vec<f32> {
     let AttnShape { h, hk, dk, dv, .. } = s;
     let (kw, vw) = (hk * dk, hk * dv);
-    let group = h / hk;
     // Per token: its span, its position, and the span's first token index.
     let mut meta = Vec::with_capacity(k_new.len() / kw.max(1));
     for (si, sp) in spans.iter().enumerate() {
@@ -138,12 +137,9 @@ fn attention_paged(
         }
     }
     let (kc, vc) = (&layer.k, &layer.v);
-    let scale = s.scale as f32;
     let mut out = vec![0f32; meta.len() * h * dv];
-    // One query token: for each key/value head, the `group` query heads that
-    // share it go together, so every cached key and value row is read once
-    // per token (not once per query head), and positions are walked block by
-    // block through the table (no division per position).
+    // One query token: its key and value rows gathered through the block
+    // table, then every head over them (see `attend_rows`).
     let row = |(ti, o): (usize, &mut [f32])| {
         let (si, p, first) = meta[ti];
         let sp = &spans[si];
@@ -164,46 +160,7 @@ fn attention_paged(
             let t = first + j - sp.start;
             rows.push((&k_new[t * kw..(t + 1) * kw], &v_new[t * vw..(t + 1) * vw]));
         }
-        let mut scores = vec![0f32; group * ctx];
-        // For each key/value head, the `group` query heads that share it go
-        // together: every cached row is read once per token.
-        for kh in 0..hk {
-            let q0 = ti * h + kh * group;
-            for (j, (kr, _)) in rows.iter().enumerate() {
-                let kr = &kr[kh * dk..(kh + 1) * dk];
-                for g in 0..group {
-                    scores[g * ctx + j] = dot(&q[(q0 + g) * dk..(q0 + g + 1) * dk], kr) * scale;
-                }
-            }
-            let mut inv_z = [0f32; 16];
-            let mut inv_z_vec;
-            let inv_z: &mut [f32] = if group <= 16 {
-                &mut inv_z[..group]
-            } else {
-                inv_z_vec = vec![0f32; group];
-                &mut inv_z_vec
-            };
-            for (g, iz) in inv_z.iter_mut().enumerate() {
-                let sc = &mut scores[g * ctx..(g + 1) * ctx];
-                let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut z = 0f32;
-                for x in sc.iter_mut() {
-                    *x = (*x - m).exp_fast();
-                    z += *x;
-                }
-                *iz = 1.0 / z;
-            }
-            let oh = &mut o[kh * group * dv..(kh + 1) * group * dv];
-            for (j, (_, vr)) in rows.iter().enumerate() {
-                let vr = &vr[kh * dv..(kh + 1) * dv];
-                for g in 0..group {
-                    let w = scores[g * ctx + j] * inv_z[g];
-                    for (ov, &vv) in oh[g * dv..(g + 1) * dv].iter_mut().zip(vr) {
-                        *ov += w * vv;
-                    }
-                }
-            }
-        }
+        attend_rows(o, &q[ti * h * dk..(ti + 1) * h * dk], &rows, s);
     };
     if meta.len() * h >= 8 {
         out.par_chunks_mut(h * dv).enumerate().for_each(row);
@@ -211,6 +168,76 @@ fn attention_paged(
         out.chunks_mut(h * dv).enumerate().for_each(row);
     }
     out
+}
+
+/// One query token's attention over its key/value `rows` (full-width rows,
+/// positions in order) into `o [H * Dv]`, every key row and then every
+/// value row read once, front to back, for all heads (sequential reads of
+/// the cache instead of one strided pass per key/value head). Compiled for
+/// AVX-512 or AVX2 + FMA when the CPU has them (chosen at run time); the
+/// arithmetic and its order are the same in every variant.
+fn attend_rows(o: &mut [f32], q: &[f32], rows: &[(&[f32], &[f32])], s: AttnShape) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function was compiled for.
+            return unsafe { attend_rows_avx512(o, q, rows, s) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { attend_rows_avx2(o, q, rows, s) };
+        }
+    }
+    attend_rows_body(o, q, rows, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn attend_rows_avx512(o: &mut [f32], q: &[f32], rows: &[(&[f32], &[f32])], s: AttnShape) {
+    attend_rows_body(o, q, rows, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_rows_avx2(o: &mut [f32], q: &[f32], rows: &[(&[f32], &[f32])], s: AttnShape) {
+    attend_rows_body(o, q, rows, s)
+}
+
+/// [`attend_rows`]' arithmetic: scores `[H, ctx]` in one pass over the key
+/// rows, a softmax per head, the weighted values in one pass over the value rows.
+#[inline(always)]
+fn attend_rows_body(o: &mut [f32], q: &[f32], rows: &[(&[f32], &[f32])], s: AttnShape) {
+    let AttnShape { h, hk, dk, dv, .. } = s;
+    let group = h / hk;
+    let ctx = rows.len();
+    let scale = s.scale as f32;
+    let mut scores = vec![0f32; h * ctx];
+    for (j, (kr, _)) in rows.iter().enumerate() {
+        for hh in 0..h {
+            let kh = hh / group;
+            scores[hh * ctx + j] = dot(&q[hh * dk..(hh + 1) * dk], &kr[kh * dk..(kh + 1) * dk]) * scale;
+        }
+    }
+    let mut inv_z = vec![0f32; h];
+    for (hh, iz) in inv_z.iter_mut().enumerate() {
+        let sc = &mut scores[hh * ctx..(hh + 1) * ctx];
+        let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut z = 0f32;
+        for x in sc.iter_mut() {
+            *x = (*x - m).exp_fast();
+            z += *x;
+        }
+        *iz = 1.0 / z;
+    }
+    for (j, (_, vr)) in rows.iter().enumerate() {
+        for hh in 0..h {
+            let kh = hh / group;
+            let w = scores[hh * ctx + j] * inv_z[hh];
+            for (ov, &vv) in o[hh * dv..(hh + 1) * dv].iter_mut().zip(&vr[kh * dv..(kh + 1) * dv]) {
+                *ov += w * vv;
+            }
+        }
+    }
 }
 
 /// Flops of `products` causal products of the attention (the forward runs

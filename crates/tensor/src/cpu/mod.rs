@@ -20,6 +20,7 @@ mod moe_layer;
 mod optim;
 mod rmsnorm;
 mod rope;
+mod skinny;
 mod softmax;
 mod topk;
 
