@@ -21,43 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn no_gpu(test: &str) -> bool {
-    if aha_cuda_kernels::device_count() == 0 {
-        let reason = aha_cuda_kernels::no_gpu_reason().unwrap_or_default();
-        eprintln!("{test}: skipped: no GPU ({reason})");
-        return true;
-    }
-    false
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("aha-ep-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{fixture, free_port, no_gpu, TempDir};
 
 const MOE: &str = "models/qwen3-moe-tiny";
 

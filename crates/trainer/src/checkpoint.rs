@@ -301,8 +301,10 @@ fn fresh_tmp(root: &Path, name: &str) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-/// [`write_weights`] of a model already on the host (gathered).
+/// [`write_weights`] of a model on the host (the policy's, or gathered).
 fn write_weights_of(tmp: &Path, model: &Model, reference: Option<&Policy>) -> Result<()> {
+    // f32 whatever the source's dtype: resuming needs the master weights
+    // exactly (a run's final save writes the source's dtypes).
     let f32 = SaveOptions {
         dtype: SaveDtype::F32,
         max_shard_bytes: usize::MAX,
@@ -317,18 +319,8 @@ fn write_weights_of(tmp: &Path, model: &Model, reference: Option<&Policy>) -> Re
 
 /// The weights (and the reference's) in f32 under `tmp`.
 fn write_weights(tmp: &Path, model: &Policy, reference: Option<&Policy>) -> Result<()> {
-    // f32 whatever the source's dtype: resuming needs the master weights
-    // exactly (a run's final save writes the source's dtypes).
-    let f32 = SaveOptions {
-        dtype: SaveDtype::F32,
-        max_shard_bytes: usize::MAX,
-        ..SaveOptions::default()
-    };
-    model.save_as(&tmp.join("model"), &f32)?;
-    if let Some(r) = reference {
-        r.save_as(&tmp.join("reference"), &f32)?;
-    }
-    Ok(())
+    let m = model.host_model()?;
+    write_weights_of(tmp, &m, reference)
 }
 
 /// The whole optimizer state as `tmp/optimizer.safetensors`.
