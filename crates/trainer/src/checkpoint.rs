@@ -170,48 +170,35 @@ pub fn save_ranks(
     // (a collective), and writes the moments of its own layout.
     let ep = expert_shards(model);
     let whole = match ep {
-        1 => None,
-        _ => Some(model.gather_host_model().map(std::borrow::Cow::into_owned)),
+        1 => Ok(None),
+        _ => model.gather_host_model().map(|m| Some(m.into_owned())),
     };
     let mine = (|| -> Result<()> {
-        match (&whole, leader) {
-            (Some(m), true) => write_weights_of(&tmp, m.as_ref().map_err(|e| Error::Other(e.to_string()))?, reference)?,
-            (Some(m), false) => m.as_ref().map(|_| ()).map_err(|e| Error::Other(e.to_string()))?,
-            (None, true) => write_weights(&tmp, model, reference)?,
-            (None, false) => {}
-        }
-        if ep > 1 {
-            let (m, v, _, _) = opt.state(model)?;
-            let path = tmp.join(shard_file(rc.rank()));
-            let n = m.len();
-            write_f32(
-                &path,
-                &[
-                    ("exp_avg".into(), vec![n], &m[..]),
-                    ("exp_avg_sq".into(), vec![n], &v[..]),
-                ],
-            )?;
-            sync_file(&path)?;
-        } else {
-            match rc.optimizer_shard(model)? {
-                Some(sh) => {
-                    let path = tmp.join(shard_file(rc.rank()));
-                    let n = sh.m.len();
-                    let mut tensors = vec![
-                        ("exp_avg".into(), vec![n], &sh.m[..]),
-                        ("exp_avg_sq".into(), vec![n], &sh.v[..]),
-                    ];
-                    // A sharded f32 master: the weights rank 0 writes are the
-                    // bf16 ones; the exact master is in the shards.
-                    if let Some(master) = &sh.master {
-                        tensors.push(("master".into(), vec![master.len()], &master[..]));
-                    }
-                    write_f32(&path, &tensors)?;
-                    sync_file(&path)?;
-                }
-                None if leader => write_full_optimizer(&tmp, model, opt)?,
-                None => {}
+        let whole = whole?;
+        if leader {
+            match &whole {
+                Some(m) => write_weights_of(&tmp, m, reference)?,
+                None => write_weights(&tmp, model, reference)?,
             }
+        }
+        // This rank's own optimizer file: the moments of its layout
+        // (sharded experts) or its ZeRO-1 shard, with the f32 master of the
+        // shard when the policy keeps only that (the weights rank 0 writes
+        // are then the bf16 ones; the exact master is in the shards).
+        let own = if ep > 1 {
+            let (m, v, _, _) = opt.state(model)?;
+            Some((m, v, None))
+        } else {
+            rc.optimizer_shard(model)?.map(|sh| (sh.m, sh.v, sh.master))
+        };
+        match own {
+            Some((m, v, master)) => {
+                let path = tmp.join(shard_file(rc.rank()));
+                write_moments(&path, &m, &v, master.as_deref())?;
+                sync_file(&path)?;
+            }
+            None if leader => write_full_optimizer(&tmp, model, opt)?,
+            None => {}
         }
         if leader {
             let n = model.layout().trainable;
@@ -326,15 +313,48 @@ fn write_weights(tmp: &Path, model: &Policy, reference: Option<&Policy>) -> Resu
 /// The whole optimizer state as `tmp/optimizer.safetensors`.
 fn write_full_optimizer(tmp: &Path, model: &Policy, opt: &Optimizer) -> Result<()> {
     let (m, v, _, _) = opt.state(model)?;
-    let n = m.len();
-    write_f32(
-        &tmp.join("optimizer.safetensors"),
-        &[
-            ("exp_avg".into(), vec![n], &m[..]),
-            ("exp_avg_sq".into(), vec![n], &v[..]),
-        ],
-    )?;
+    write_moments(&tmp.join("optimizer.safetensors"), &m, &v, None)
+}
+
+/// AdamW's moments (`exp_avg`, `exp_avg_sq`) and, when given, an f32
+/// master (`master`) as the safetensors file `path`.
+fn write_moments(path: &Path, m: &[f32], v: &[f32], master: Option<&[f32]>) -> Result<()> {
+    let mut tensors = vec![
+        ("exp_avg".into(), vec![m.len()], m),
+        ("exp_avg_sq".into(), vec![v.len()], v),
+    ];
+    if let Some(x) = master {
+        tensors.push(("master".into(), vec![x.len()], x));
+    }
+    write_f32(path, &tensors)?;
     Ok(())
+}
+
+/// AdamW's two moments and an optional f32 master, as one optimizer file
+/// holds them ([`write_moments`]).
+type Moments = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
+/// What [`write_moments`] wrote to `path`: the moments (an error naming
+/// the file when either is missing) and the master if present.
+fn read_moments(path: &Path) -> Result<Moments> {
+    let (mut m, mut v, mut master) = (None, None, None);
+    for t in read_file(path)? {
+        if let CpuStorage::F32(x) = t.data {
+            match t.name.as_str() {
+                "exp_avg" => m = Some(x),
+                "exp_avg_sq" => v = Some(x),
+                "master" => master = Some(x),
+                _ => {}
+            }
+        }
+    }
+    match (m, v) {
+        (Some(m), Some(v)) => Ok((m, v, master)),
+        _ => Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: "lacks exp_avg / exp_avg_sq".into(),
+        }),
+    }
 }
 
 /// Writes `state.json`, syncs `tmp`, renames it to `root/name` and points
@@ -415,23 +435,7 @@ pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
             moments: (Vec::new(), Vec::new()),
         }));
     }
-    let mut m = None;
-    let mut v = None;
-    for t in read_file(&dir.join("optimizer.safetensors"))? {
-        if let CpuStorage::F32(x) = t.data {
-            match t.name.as_str() {
-                "exp_avg" => m = Some(x),
-                "exp_avg_sq" => v = Some(x),
-                _ => {}
-            }
-        }
-    }
-    let (Some(m), Some(v)) = (m, v) else {
-        return Err(Error::Checkpoint {
-            path: dir,
-            msg: "optimizer.safetensors lacks exp_avg / exp_avg_sq".into(),
-        });
-    };
+    let (m, v, _) = read_moments(&dir.join("optimizer.safetensors"))?;
     Ok(Some(Loaded {
         dir,
         state,
@@ -493,24 +497,7 @@ pub fn load_optimizer_shard(dir: &Path, rank: usize, world: usize) -> Result<Opt
         .get(rank)
         .filter(|_| info.world_size == world)
         .ok_or_else(|| bad(format!("no optimizer shard for rank {rank} of {world}")))?;
-    let path = dir.join(shard_file(rank));
-    let (mut m, mut v, mut master) = (None, None, None);
-    for t in read_file(&path)? {
-        if let CpuStorage::F32(x) = t.data {
-            match t.name.as_str() {
-                "exp_avg" => m = Some(x),
-                "exp_avg_sq" => v = Some(x),
-                "master" => master = Some(x),
-                _ => {}
-            }
-        }
-    }
-    let (Some(m), Some(v)) = (m, v) else {
-        return Err(Error::Checkpoint {
-            path,
-            msg: "lacks exp_avg / exp_avg_sq".into(),
-        });
-    };
+    let (m, v, master) = read_moments(&dir.join(shard_file(rank)))?;
     Ok(OptimizerShard {
         trainable: info.trainable,
         range: range[0]..range[1],
@@ -548,23 +535,7 @@ pub fn restore_optimizer(
         });
     }
     if let (Some(d), true) = (dp.as_ref(), ep > 1) {
-        let path = loaded_dir.join(shard_file(d.rank()));
-        let (mut m, mut v) = (None, None);
-        for t in read_file(&path)? {
-            if let CpuStorage::F32(x) = t.data {
-                match t.name.as_str() {
-                    "exp_avg" => m = Some(x),
-                    "exp_avg_sq" => v = Some(x),
-                    _ => {}
-                }
-            }
-        }
-        let (Some(m), Some(v)) = (m, v) else {
-            return Err(Error::Checkpoint {
-                path,
-                msg: "lacks exp_avg / exp_avg_sq".into(),
-            });
-        };
+        let (m, v, _) = read_moments(&loaded_dir.join(shard_file(d.rank())))?;
         return opt.restore(policy, m, v, state.opt_step, state.opt_bad);
     }
     match dp {
