@@ -92,6 +92,16 @@ fn probs<F: Real>(
         &k[..kv * dk],
         Gemm::new(rows, dk, kv).tb(),
     )?;
+    super::wide(
+        #[inline(always)]
+        || probs_rows(p, i0, rows, kv, scale, lse, have_lse),
+    );
+    Ok(())
+}
+
+/// The row passes of [`probs`] over the scores in `p`.
+#[inline(always)]
+fn probs_rows<F: Real>(p: &mut [F], i0: usize, rows: usize, kv: usize, scale: F, lse: &mut [F], have_lse: bool) {
     for r in 0..rows {
         let row = &mut p[r * kv..(r + 1) * kv];
         let last = i0 + r; // keys 0..=last are visible
@@ -118,7 +128,6 @@ fn probs<F: Real>(
         }
         row[last + 1..].fill(F::zero());
     }
-    Ok(())
 }
 
 /// Causal attention forward; writes `out` and `lse`.
@@ -257,13 +266,18 @@ pub fn attention_backward<F: Real>(
                     // dP = dO V^T
                     matmul_serial(dp, dob, &vh[..kv * dvw], Gemm::new(rows, dvw, kv).tb())?;
                     // dS = P (dP - D) * scale
-                    for r in 0..rows {
-                        let d = dsum[i0 + r];
-                        for c in 0..kv {
-                            let i = r * kv + c;
-                            dp[i] = p[i] * (dp[i] - d) * scale;
-                        }
-                    }
+                    super::wide(
+                        #[inline(always)]
+                        || {
+                            for r in 0..rows {
+                                let d = dsum[i0 + r];
+                                for c in 0..kv {
+                                    let i = r * kv + c;
+                                    dp[i] = p[i] * (dp[i] - d) * scale;
+                                }
+                            }
+                        },
+                    );
                     // dQ_blk = dS K ; dK[0..kv] += dS^T Q_blk
                     matmul_serial(
                         &mut dqh[i0 * dkw..kv * dkw],

@@ -7,16 +7,26 @@ use crate::real::c;
 use crate::Real;
 
 const PAR_MIN: usize = 1 << 16;
+/// Elements per parallel task of the element-wise passes.
+const PAR_CHUNK: usize = 1 << 14;
 
 fn zip2<F: Real>(out: &mut [F], a: &[F], b: &[F], f: impl Fn(F, F) -> F + Sync + Send) {
+    let body = |o: &mut [F], a: &[F], b: &[F]| {
+        super::wide(
+            #[inline(always)]
+            || {
+                for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                    *o = f(x, y);
+                }
+            },
+        )
+    };
     if out.len() >= PAR_MIN {
-        out.par_iter_mut()
-            .zip(a.par_iter().zip(b.par_iter()))
-            .for_each(|(o, (&x, &y))| *o = f(x, y));
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK)))
+            .for_each(|(o, (a, b))| body(o, a, b));
     } else {
-        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-            *o = f(x, y);
-        }
+        body(out, a, b);
     }
 }
 
@@ -90,18 +100,18 @@ pub fn scale_backward<F: Real>(da: &mut [F], dout: &[F], s: F) -> Result<()> {
     Ok(())
 }
 
-#[inline]
+#[inline(always)]
 fn sigmoid<F: Real>(x: F) -> F {
-    F::one() / (F::one() + (-x).exp())
+    F::one() / (F::one() + (-x).exp_fast())
 }
 
-#[inline]
+#[inline(always)]
 fn silu1<F: Real>(x: F) -> F {
     x * sigmoid(x)
 }
 
 /// d silu(x) / dx = s + x s (1 - s) with s = sigmoid(x).
-#[inline]
+#[inline(always)]
 fn dsilu<F: Real>(x: F) -> F {
     let s = sigmoid(x);
     s + x * s * (F::one() - s)
@@ -152,26 +162,27 @@ pub fn swiglu_backward<F: Real>(dgate: &mut [F], dup: &mut [F], dout: &[F], gate
             ("up", up.len(), n),
         ],
     )?;
-    type Item<'a, F> = (((&'a mut F, &'a mut F), &'a F), (&'a F, &'a F));
-    let body = |(((dg, du), &g), (&u, &d)): Item<'_, F>| {
-        let s = sigmoid(g);
-        *du = d * g * s;
-        *dg = d * u * (s + g * s * (c::<F>(1.0) - s));
+    let body = |dg: &mut [F], du: &mut [F], d: &[F], g: &[F], u: &[F]| {
+        super::wide(
+            #[inline(always)]
+            || {
+                for i in 0..dg.len().min(du.len()).min(d.len()).min(g.len()).min(u.len()) {
+                    let s = sigmoid(g[i]);
+                    du[i] = d[i] * g[i] * s;
+                    dg[i] = d[i] * u[i] * (s + g[i] * s * (c::<F>(1.0) - s));
+                }
+            },
+        )
     };
     if n >= PAR_MIN {
         dgate
-            .par_iter_mut()
-            .zip(dup.par_iter_mut())
-            .zip(gate.par_iter())
-            .zip(up.par_iter().zip(dout.par_iter()))
-            .for_each(body);
+            .par_chunks_mut(PAR_CHUNK)
+            .zip(dup.par_chunks_mut(PAR_CHUNK))
+            .zip(dout.par_chunks(PAR_CHUNK))
+            .zip(gate.par_chunks(PAR_CHUNK).zip(up.par_chunks(PAR_CHUNK)))
+            .for_each(|(((dg, du), d), (g, u))| body(dg, du, d, g, u));
     } else {
-        dgate
-            .iter_mut()
-            .zip(dup.iter_mut())
-            .zip(gate.iter())
-            .zip(up.iter().zip(dout.iter()))
-            .for_each(body);
+        body(dgate, dup, dout, gate, up);
     }
     Ok(())
 }

@@ -33,8 +33,13 @@ pub fn token_logprob_forward<F: Real>(
     super::check_indices("token_logprob_forward", targets, v)?;
     let row = |(i, (lp, ls)): (usize, (&mut F, &mut F))| {
         let x = &logits[i * v..(i + 1) * v];
-        let m = super::row_max(x);
-        let s = super::sum_exp_shifted(x, m);
+        let (m, s) = super::wide(
+            #[inline(always)]
+            || {
+                let m = super::row_max(x);
+                (m, super::sum_exp_shifted(x, m))
+            },
+        );
         *ls = m + s.ln();
         *lp = super::softmax::nonpositive(x[targets[i] as usize] - *ls);
     };

@@ -505,9 +505,14 @@ pub fn moe_grouped_gate_up(
     check_lens("moe_grouped_gate_up", &[("act", act.len(), g.len())])?;
     moe_grouped_matmul(g, xe, w_gate, offsets, c, f, true, false)?;
     moe_grouped_matmul(u, xe, w_up, offsets, c, f, true, false)?;
-    for ((o, &gv), &uv) in act.iter_mut().zip(g.iter()).zip(u.iter()) {
-        *o = store.apply(gv / (1.0 + (-gv).exp()) * uv);
-    }
+    super::wide(
+        #[inline(always)]
+        || {
+            for ((o, &gv), &uv) in act.iter_mut().zip(g.iter()).zip(u.iter()) {
+                *o = store.apply(gv / (1.0 + crate::Real::exp_fast(-gv)) * uv);
+            }
+        },
+    );
     Ok(())
 }
 
@@ -561,12 +566,17 @@ pub fn moe_swiglu_backward(
             ("u", u.len(), n),
         ],
     )?;
-    for i in 0..n {
-        let (gv, d) = (g[i], da[i]);
-        let s = 1.0 / (1.0 + (-gv).exp());
-        du[i] = store.apply(d * gv * s);
-        dg[i] = store.apply(d * u[i] * (s + gv * s * (1.0 - s)));
-    }
+    super::wide(
+        #[inline(always)]
+        || {
+            for i in 0..n {
+                let (gv, d) = (g[i], da[i]);
+                let s = 1.0 / (1.0 + crate::Real::exp_fast(-gv));
+                du[i] = store.apply(d * gv * s);
+                dg[i] = store.apply(d * u[i] * (s + gv * s * (1.0 - s)));
+            }
+        },
+    );
     Ok(())
 }
 
