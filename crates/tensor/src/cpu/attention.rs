@@ -269,11 +269,9 @@ pub fn attention_backward<F: Real>(
                     super::wide(
                         #[inline(always)]
                         || {
-                            for r in 0..rows {
-                                let d = dsum[i0 + r];
-                                for c in 0..kv {
-                                    let i = r * kv + c;
-                                    dp[i] = p[i] * (dp[i] - d) * scale;
+                            for ((dpr, pr), &d) in dp.chunks_mut(kv).zip(p.chunks(kv)).zip(&dsum[i0..i0 + rows]) {
+                                for (x, &pv) in dpr.iter_mut().zip(pr) {
+                                    *x = pv * (*x - d) * scale;
                                 }
                             }
                         },

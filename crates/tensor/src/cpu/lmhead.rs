@@ -208,7 +208,10 @@ fn forward_impl<F: Real>(
         let first = ci == 0;
         let rows = buf.par_chunks_mut(vc).zip(state.par_iter_mut()).enumerate();
         rows.with_min_len(rows_per_task(vc)).for_each(|(r, (x, st))| {
-            let (mc, sa, sb) = super::wide(#[inline(always)] || row_stats(x, inv_t));
+            let (mc, sa, sb) = super::wide(
+                #[inline(always)]
+                || row_stats(x, inv_t),
+            );
             let t = targets[r] as usize;
             let has_t = (v0..v0 + vc).contains(&t);
             let xt = if has_t { x[t - v0] } else { F::zero() };
@@ -288,6 +291,17 @@ pub fn lm_head_logprob_backward_kept<F: Real>(
     )
 }
 
+/// The logits' gradient of one row from its tempered logits `x`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn grad_row<F: Real>(g: &mut [F], x: &[F], pre: F, l: F, dl: F, de: F, mean: F, inv_t: F) {
+    for (gj, &xj) in g.iter_mut().zip(x) {
+        let x = xj * pre;
+        let p = (x - l).exp_fast();
+        *gj = (-dl * p - de * p * (x - mean)) * inv_t;
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn backward_impl<F: Real>(
     dhidden: &mut [F],
@@ -325,21 +339,29 @@ fn backward_impl<F: Real>(
     // Kept logits are tempered already; recomputed ones are not.
     let pre = if kept.is_some() { F::one() } else { inv_t };
     for (v0, vc) in s.chunks() {
-        match kept {
-            Some(k) => buf[..n * vc].copy_from_slice(&k[n * v0..n * (v0 + vc)]),
-            None => chunk_logits(&mut buf, hidden, weight, &s, v0, vc)?,
+        // Kept logits are read in place (the gradient goes to `buf`); recomputed
+        // ones are overwritten by their gradient.
+        let src = kept.map(|k| &k[n * v0..n * (v0 + vc)]);
+        if src.is_none() {
+            chunk_logits(&mut buf, hidden, weight, &s, v0, vc)?;
         }
         let rows = buf[..n * vc].par_chunks_mut(vc).enumerate();
         rows.with_min_len(rows_per_task(vc)).for_each(|(r, g)| {
             let (l, dl, de) = (lse[r], dlogp[r], dentropy[r]);
             let mean = l - entropy[r];
-            super::wide(#[inline(always)] || {
-                for gj in g.iter_mut() {
-                    let x = *gj * pre;
-                    let p = (x - l).exp_fast();
-                    *gj = (-dl * p - de * p * (x - mean)) * inv_t;
-                }
-            });
+            super::wide(
+                #[inline(always)]
+                || match src {
+                    Some(k) => grad_row(g, &k[r * vc..(r + 1) * vc], pre, l, dl, de, mean, inv_t),
+                    None => {
+                        for gj in g.iter_mut() {
+                            let x = *gj * pre;
+                            let p = (x - l).exp_fast();
+                            *gj = (-dl * p - de * p * (x - mean)) * inv_t;
+                        }
+                    }
+                },
+            );
             let t = targets[r] as usize;
             if (v0..v0 + vc).contains(&t) {
                 g[t - v0] += dl * inv_t;

@@ -43,13 +43,18 @@ pub fn rmsnorm_forward<F: Real>(
     let cf = F::from_f64(c as f64);
     let per = rows_per_task(c);
     let chunk = |(y, s): (&mut [F], &mut [F]), x: &[F]| {
-        for ((y, s), x) in y.chunks_mut(c).zip(s.iter_mut()).zip(x.chunks(c)) {
-            let ss: F = x.iter().map(|&v| v * v).sum();
-            *s = F::one() / (ss / cf + eps).sqrt();
-            for ((o, &v), &w) in y.iter_mut().zip(x).zip(weight) {
-                *o = v * *s * w;
-            }
-        }
+        super::wide(
+            #[inline(always)]
+            || {
+                for ((y, s), x) in y.chunks_mut(c).zip(s.iter_mut()).zip(x.chunks(c)) {
+                    let ss = super::sum_sq_lanes(x);
+                    *s = F::one() / (ss / cf + eps).sqrt();
+                    for ((o, &v), &w) in y.iter_mut().zip(x).zip(weight) {
+                        *o = v * *s * w;
+                    }
+                }
+            },
+        )
     };
     if rows > per {
         out.par_chunks_mut(per * c)
@@ -91,23 +96,10 @@ pub fn rmsnorm_backward<F: Real>(
     let per = rows_per_task(c);
     let chunk = |(i, dchunk): (usize, &mut [F])| -> Vec<F> {
         let mut dw = vec![F::zero(); c];
-        for (j, dx) in dchunk.chunks_mut(c).enumerate() {
-            let r = i * per + j;
-            let x = &inp[r * c..(r + 1) * c];
-            let g = &dout[r * c..(r + 1) * c];
-            let s = rstd[r];
-            // dot = mean_j (g_j w_j xhat_j)
-            let mut dot = F::zero();
-            for k in 0..c {
-                dot += g[k] * weight[k] * x[k] * s;
-            }
-            dot /= cf;
-            for k in 0..c {
-                let xhat = x[k] * s;
-                dx[k] = s * (g[k] * weight[k] - xhat * dot);
-                dw[k] += g[k] * xhat;
-            }
-        }
+        super::wide(
+            #[inline(always)]
+            || rows_backward(&mut dw, dchunk, i * per, inp, dout, weight, rstd, c, cf),
+        );
         dw
     };
     let partials: Vec<Vec<F>> = if rows > per {
@@ -121,4 +113,46 @@ pub fn rmsnorm_backward<F: Real>(
         }
     }
     Ok(())
+}
+
+/// [`rmsnorm_backward`] over the rows `r0..` of `dchunk`, adding the weight
+/// gradient to `dw`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rows_backward<F: Real>(
+    dw: &mut [F],
+    dchunk: &mut [F],
+    r0: usize,
+    inp: &[F],
+    dout: &[F],
+    weight: &[F],
+    rstd: &[F],
+    c: usize,
+    cf: F,
+) {
+    for (j, dx) in dchunk.chunks_mut(c).enumerate() {
+        let r = r0 + j;
+        let x = &inp[r * c..(r + 1) * c];
+        let g = &dout[r * c..(r + 1) * c];
+        let s = rstd[r];
+        // dot = mean_j (g_j w_j xhat_j)
+        let mut lanes = [F::zero(); 8];
+        let (gc, wc, xc) = (g.chunks_exact(8), weight.chunks_exact(8), x.chunks_exact(8));
+        let tail = gc.remainder().len();
+        for ((gg, ww), xx) in gc.zip(wc).zip(xc) {
+            for i in 0..8 {
+                lanes[i] += gg[i] * ww[i] * xx[i] * s;
+            }
+        }
+        let mut dot = lanes.iter().fold(F::zero(), |a, &b| a + b);
+        for k in c - tail..c {
+            dot += g[k] * weight[k] * x[k] * s;
+        }
+        dot /= cf;
+        for ((((d, &xk), &gk), &wk), dwk) in dx.iter_mut().zip(x).zip(g).zip(weight).zip(dw.iter_mut()) {
+            let xhat = xk * s;
+            *d = s * (gk * wk - xhat * dot);
+            *dwk += gk * xhat;
+        }
+    }
 }
