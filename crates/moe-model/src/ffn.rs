@@ -219,8 +219,11 @@ pub(crate) fn moe_fwd(
         slot[row] = (r % k) as u32;
     }
     let mut xe = vec![0f32; m * c];
-    for (row, &tok) in perm.iter().enumerate() {
-        xe[row * c..(row + 1) * c].copy_from_slice(&x[tok as usize * c..(tok as usize + 1) * c]);
+    if c > 0 {
+        xe.par_chunks_mut(c)
+            .zip(perm.par_iter())
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(dst, &tok)| dst.copy_from_slice(&x[tok as usize * c..(tok as usize + 1) * c]));
     }
     let experts_prof = profile::scope(Phase::Experts);
     let (mut ge, mut ue, mut ae, mut ye) = (
@@ -257,14 +260,20 @@ pub(crate) fn moe_fwd(
         .collect::<Result<Vec<()>>>()?;
     drop(experts_prof);
     let mut y = vec![0f32; n * c];
-    for (row, (&tok, &sl)) in perm.iter().zip(&slot).enumerate() {
-        let wt = w[tok as usize * k + sl as usize];
-        for (o, &v) in y[tok as usize * c..(tok as usize + 1) * c]
-            .iter_mut()
-            .zip(&ye[row * c..(row + 1) * c])
-        {
-            *o += wt * v;
-        }
+    let rows_of = token_rows(&perm, n, k);
+    if c > 0 {
+        y.par_chunks_mut(c)
+            .enumerate()
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(t, yt)| {
+                for &row in &rows_of[t * k..(t + 1) * k] {
+                    let row = row as usize;
+                    let wt = w[t * k + slot[row] as usize];
+                    for (o, &v) in yt.iter_mut().zip(&ye[row * c..(row + 1) * c]) {
+                        *o += wt * v;
+                    }
+                }
+            });
     }
     let shared_acts = match shared {
         Some(s) => {
@@ -293,6 +302,38 @@ pub(crate) fn moe_fwd(
             load,
         },
     ))
+}
+
+/// Token rows per parallel task in the permutation passes.
+const ROWS_PER_TASK: usize = 64;
+
+/// For each token, the `k` permuted rows that hold its copies, ascending
+/// (`out[t * k .. (t + 1) * k]`): the order the serial scatter visited them,
+/// so per-token sums add in the same order.
+fn token_rows(perm: &[u32], n: usize, k: usize) -> Vec<u32> {
+    let mut out = vec![0u32; n * k];
+    let mut seen = vec![0usize; n];
+    for (row, &tok) in perm.iter().enumerate() {
+        let t = tok as usize;
+        if seen[t] < k {
+            out[t * k + seen[t]] = row as u32;
+            seen[t] += 1;
+        }
+    }
+    out
+}
+
+/// Dot product in eight lanes (vectorizable).
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `buf` cut into one slice per expert: rows `offsets[j]..offsets[j + 1]`
@@ -388,14 +429,23 @@ pub(crate) fn moe_bwd(
     // d routing weight of each (token, slot) = dy[token] . ye[row]; dye = w dy[token].
     let mut dw = vec![0f32; n * k];
     let mut dye = vec![0f32; m * c];
-    for (row, (&tok, &sl)) in a.perm.iter().zip(&a.slot).enumerate() {
-        let (tok, sl) = (tok as usize, sl as usize);
-        let g = &dy[tok * c..(tok + 1) * c];
-        let yr = &a.ye[row * c..(row + 1) * c];
-        dw[tok * k + sl] = g.iter().zip(yr).map(|(x, y)| x * y).sum();
-        let wt = a.w[tok * k + sl];
-        for (d, &gv) in dye[row * c..(row + 1) * c].iter_mut().zip(g) {
-            *d = wt * gv;
+    if c > 0 {
+        let dots: Vec<f32> = dye
+            .par_chunks_mut(c)
+            .enumerate()
+            .with_min_len(ROWS_PER_TASK)
+            .map(|(row, d)| {
+                let (tok, sl) = (a.perm[row] as usize, a.slot[row] as usize);
+                let g = &dy[tok * c..(tok + 1) * c];
+                let wt = a.w[tok * k + sl];
+                for (d, &gv) in d.iter_mut().zip(g) {
+                    *d = wt * gv;
+                }
+                dot_lanes(g, &a.ye[row * c..(row + 1) * c])
+            })
+            .collect();
+        for (row, (&tok, &sl)) in a.perm.iter().zip(&a.slot).enumerate() {
+            dw[tok as usize * k + sl as usize] = dots[row];
         }
     }
     let experts_prof = profile::scope(Phase::Experts);
@@ -432,13 +482,20 @@ pub(crate) fn moe_bwd(
         linear_bwd(Some(&mut dxe[r0 * c..r1 * c]), gr, &du, xr, p, &s.up, rows)?;
     }
     drop(experts_prof);
-    for (row, &tok) in a.perm.iter().enumerate() {
-        for (d, &v) in dx[tok as usize * c..(tok as usize + 1) * c]
-            .iter_mut()
-            .zip(&dxe[row * c..(row + 1) * c])
-        {
-            *d += v;
-        }
+    let rows_of = token_rows(&a.perm, n, k);
+    if c > 0 {
+        dx[..n * c]
+            .par_chunks_mut(c)
+            .enumerate()
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(t, dxt)| {
+                for &row in &rows_of[t * k..(t + 1) * k] {
+                    let row = row as usize;
+                    for (d, &v) in dxt.iter_mut().zip(&dxe[row * c..(row + 1) * c]) {
+                        *d += v;
+                    }
+                }
+            });
     }
     // Routing weights back to the router logits (selection is not differentiated).
     let mut dlogits = vec![0f32; n * e];
