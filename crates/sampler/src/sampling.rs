@@ -227,25 +227,11 @@ fn rank_key(w: f32, i: usize) -> u64 {
 /// weight's leading bits, a walk from the top finds the bucket where the
 /// mass crosses `top_p`, and only that bucket is sorted.
 pub(crate) fn nucleus(e: &[f32], z: f64, top_p: f64) -> Vec<u32> {
-    let bucket = |w: f32| ((w.to_bits() >> 19) as usize).min(NUCLEUS_BUCKETS - 1);
-    let mut mass = vec![0f64; NUCLEUS_BUCKETS];
-    for &w in e {
-        mass[bucket(w)] += f64::from(w);
-    }
-    let target = top_p * z;
-    let mut above = 0.0;
-    let mut cross = 0;
-    for b in (0..NUCLEUS_BUCKETS).rev() {
-        if above + mass[b] >= target {
-            cross = b;
-            break;
-        }
-        above += mass[b];
-    }
+    let (cross, above, target) = nucleus_crossing(e, z, top_p);
     let mut kept: Vec<u32> = Vec::new();
     let mut edge: Vec<u64> = Vec::new();
     for (i, &w) in e.iter().enumerate() {
-        match bucket(w).cmp(&cross) {
+        match nucleus_bucket(w).cmp(&cross) {
             std::cmp::Ordering::Greater => kept.push(i as u32),
             std::cmp::Ordering::Equal => edge.push(rank_key(w, i)),
             std::cmp::Ordering::Less => {}
@@ -261,6 +247,58 @@ pub(crate) fn nucleus(e: &[f32], z: f64, top_p: f64) -> Vec<u32> {
         }
     }
     kept
+}
+
+/// The histogram bucket of a weight (see [`NUCLEUS_BUCKETS`]).
+#[inline]
+fn nucleus_bucket(w: f32) -> usize {
+    ((w.to_bits() >> 19) as usize).min(NUCLEUS_BUCKETS - 1)
+}
+
+/// The bucket where the nucleus' mass crosses `top_p * z`, the mass of the
+/// buckets above it, and that target.
+fn nucleus_crossing(e: &[f32], z: f64, top_p: f64) -> (usize, f64, f64) {
+    let mut mass = vec![0f64; NUCLEUS_BUCKETS];
+    for &w in e {
+        mass[nucleus_bucket(w)] += f64::from(w);
+    }
+    let target = top_p * z;
+    let mut above = 0.0;
+    let mut cross = 0;
+    for b in (0..NUCLEUS_BUCKETS).rev() {
+        if above + mass[b] >= target {
+            cross = b;
+            break;
+        }
+        above += mass[b];
+    }
+    (cross, above, target)
+}
+
+/// The [`rank_key`] of the nucleus' last token: the nucleus [`nucleus`]
+/// returns is exactly the tokens whose key is at most this one (larger
+/// weights have smaller keys, and the crossing bucket is cut in key order),
+/// so a draw can test membership on the fly instead of collecting and
+/// re-sorting the ids. `None` when rounding left the crossing bucket empty.
+fn nucleus_last_key(e: &[f32], z: f64, top_p: f64) -> Option<u64> {
+    let (cross, above, target) = nucleus_crossing(e, z, top_p);
+    let mut edge: Vec<u64> = Vec::new();
+    for (i, &w) in e.iter().enumerate() {
+        if nucleus_bucket(w) == cross {
+            edge.push(rank_key(w, i));
+        }
+    }
+    edge.sort_unstable();
+    let mut acc = above;
+    let mut last = None;
+    for k in edge {
+        last = Some(k);
+        acc += f64::from(f32::from_bits(!((k >> 32) as u32)));
+        if acc >= target {
+            break;
+        }
+    }
+    last
 }
 
 /// Samples one token from `logits [V]`, drawing one uniform number from
@@ -432,6 +470,48 @@ pub fn sample_with_uniform(logits: &[f32], p: &SamplingParams, u: f64) -> Result
         }
         idx
     } else if p.top_p < 1.0 {
+        if p.min_p <= 0.0 {
+            if let Some(last) = nucleus_last_key(&e, z, p.top_p as f64) {
+                // The draw over the nucleus in id order, testing membership
+                // by key: the same sums in the same order as over its ids.
+                let mut kept = 0.0f64;
+                let mut last_member = 0usize;
+                for (i, &w) in e.iter().enumerate() {
+                    if rank_key(w, i) <= last {
+                        kept += f64::from(w);
+                        last_member = i;
+                    }
+                }
+                let target = u * kept;
+                let mut acc = 0.0f64;
+                let mut token = last_member;
+                let mut found = false;
+                let mut last_weighted = None;
+                for (i, &w) in e.iter().enumerate() {
+                    if rank_key(w, i) > last {
+                        continue;
+                    }
+                    let wf = f64::from(w);
+                    if wf > 0.0 {
+                        last_weighted = Some(i);
+                    }
+                    acc += wf;
+                    if target < acc {
+                        token = i;
+                        found = true;
+                        break;
+                    }
+                }
+                if !found {
+                    token = last_weighted.unwrap_or(last_member);
+                }
+                return Ok(Sampled {
+                    token: token as u32,
+                    logprob: logprob(token),
+                    truncated_mass_log: (kept / z).ln() as f32,
+                });
+            }
+        }
         nucleus(&e, z, p.top_p as f64)
     } else {
         (0..e.len() as u32).collect()
@@ -557,6 +637,64 @@ mod nucleus_tests {
             got.sort_unstable();
             want.sort_unstable();
             assert_eq!(got, want, "case {case}: v {v}, top_p {top_p}");
+        }
+    }
+
+    /// The draw the sampler made before membership was tested by key: the
+    /// nucleus' ids collected, sorted, summed and scanned in id order.
+    fn draw_over_ids(logits: &[f32], top_p: f32, u: f64) -> (u32, f32) {
+        let m = row_max(logits);
+        let mut e = vec![0f32; logits.len()];
+        let z: f64 = e
+            .chunks_mut(CHUNK)
+            .zip(logits.chunks(CHUNK))
+            .map(|(ec, lc)| exp_shifted(ec, lc, m, 1.0))
+            .sum();
+        let mut idx = nucleus(&e, z, f64::from(top_p));
+        idx.sort_unstable();
+        let kept: f64 = idx.iter().map(|&i| f64::from(e[i as usize])).sum();
+        let (target, mut acc) = (u * kept, 0.0);
+        let mut last = idx[idx.len() - 1];
+        for &i in &idx {
+            let w = f64::from(e[i as usize]);
+            if w > 0.0 {
+                last = i;
+            }
+            acc += w;
+            if target < acc {
+                return (i, (kept / z).ln() as f32);
+            }
+        }
+        (last, (kept / z).ln() as f32)
+    }
+
+    #[test]
+    fn top_p_draw_by_key_equals_the_draw_over_the_nucleus_ids() {
+        let mut rng = SeqRng::for_sequence(3, 1, 4);
+        for case in 0..300 {
+            let v = 1 + (rng.next_u64() % 5000) as usize;
+            let spread = [0.001, 0.5, 4.0, 30.0][case % 4];
+            let logits: Vec<f32> = (0..v)
+                .map(|_| {
+                    let x = (rng.uniform() * spread) as f32;
+                    if case % 5 == 0 {
+                        x.round()
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let top_p = [0.05, 0.5, 0.9, 0.95, 0.9999][case % 5];
+            let p = SamplingParams {
+                top_p,
+                ..SamplingParams::default()
+            };
+            for u in [0.0, 1e-9, 0.25, 0.5, 0.999_999_9, rng.uniform()] {
+                let got = sample_with_uniform(&logits, &p, u).unwrap();
+                let (token, mass_log) = draw_over_ids(&logits, top_p, u);
+                assert_eq!(got.token, token, "case {case}: v {v}, top_p {top_p}, u {u}");
+                assert_eq!(got.truncated_mass_log, mass_log, "case {case}");
+            }
         }
     }
 }
