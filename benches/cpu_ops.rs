@@ -221,6 +221,33 @@ fn lm_head(c: &mut Criterion) {
             cpu::lm_head_logprob_backward(&mut dh, &mut dw, &h, &w, &t, &lse, &ent, &dl, &de, s)
         })
     });
+    // The training step's shape (qwen3-moe-bench, B=8, T=256: 2,040 scored
+    // rows, a 4,096 vocabulary in one chunk) with the logits kept for the
+    // backward, as `aha bench train` runs it: forward 2NCV flops, backward
+    // 4NCV (no recomputation).
+    let (n, v) = (2040usize, 4096usize);
+    let s = cpu::LmHeadShape {
+        n,
+        c: ch,
+        v,
+        chunk: 4096,
+        temperature: 1.0,
+    };
+    let (h, w) = (data(n * ch, 5), data(v * ch, 6));
+    let t: Vec<u32> = (0..n as u32).map(|i| i * 7919 % v as u32).collect();
+    let (mut lp, mut ent, mut lse) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let mut kept = vec![0f32; n * v];
+    let (dl, de) = (data(n, 7), data(n, 8));
+    let (mut dh, mut dw) = (vec![0f32; n * ch], vec![0f32; v * ch]);
+    let flops = (2 * n * ch * v) as u64;
+    g.throughput(Throughput::Elements(flops));
+    g.bench_function(BenchmarkId::new("forward_keep", format!("{n}x{ch}x{v}")), |b| {
+        b.iter(|| cpu::lm_head_logprob_forward_keep(&mut lp, &mut ent, &mut lse, &mut kept, &h, &w, &t, s))
+    });
+    g.throughput(Throughput::Elements(2 * flops));
+    g.bench_function(BenchmarkId::new("backward_kept", format!("{n}x{ch}x{v}")), |b| {
+        b.iter(|| cpu::lm_head_logprob_backward_kept(&mut dh, &mut dw, &h, &w, &kept, &t, &lse, &ent, &dl, &de, s))
+    });
     g.finish();
 }
 
