@@ -279,22 +279,7 @@ fn attend_rows_body(o: &mut [f32], q: &[f32], rows: &[(&[f32], &[f32])], s: Attn
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// The four total sums of `a0 .. a3` (16 lanes each), in order: one
-    /// transposing reduction instead of four horizontal ones.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn reduce4(a: [__m512; 4]) -> __m128 {
-        let t01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
-        let t23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
-        let (p01, p23) = (_mm512_castps_pd(t01), _mm512_castps_pd(t23));
-        let u = _mm512_add_ps(
-            _mm512_castpd_ps(_mm512_unpacklo_pd(p01, p23)),
-            _mm512_castpd_ps(_mm512_unpackhi_pd(p01, p23)),
-        );
-        let v = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, 0b01_00_11_10));
-        let v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0b10_11_00_01));
-        _mm512_castps512_ps128(v)
-    }
+    use aha_tensor::cpu::x86::reduce4_512 as reduce4;
 
     /// `o += z Σ_j w[j] v_j[off .. off + o.len()]` over the value rows, with
     /// the sums in registers (up to 128 columns at a time) instead of a

@@ -53,6 +53,12 @@ pub use rope::{rope_backward, rope_forward, rope_table, RopeLayout, RopeShape};
 pub use softmax::{log_softmax_backward, log_softmax_forward, softmax_backward, softmax_forward};
 pub use topk::{topk, topk_backward};
 
+/// x86-64 vector helpers that other crates' hand-written kernels share.
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    pub use super::skinny::x86::reduce4_512;
+}
+
 use rayon::prelude::*;
 
 /// Runs `f` compiled for AVX-512 (or AVX2 + FMA) when the CPU has them,

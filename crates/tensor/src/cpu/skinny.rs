@@ -162,7 +162,7 @@ unsafe fn cols_portable<F: Real>(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// How far ahead (in weight rows) the kernels prefetch the weight.
@@ -201,10 +201,14 @@ mod x86 {
         }
     }
 
-    /// The four total sums of `a0 .. a3` (16 lanes each), in order.
+    /// The four total sums of `a0 .. a3` (16 lanes each), in order: one
+    /// transposing reduction instead of four horizontal ones.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F (safe to call from code compiled with it).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn reduce4_512(a: [__m512; 4]) -> __m128 {
+    pub fn reduce4_512(a: [__m512; 4]) -> __m128 {
         // Per 128-bit lane: [a0 02, a1 02, a0 13, a1 13] and the same for a2, a3.
         let t01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
         let t23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
