@@ -125,7 +125,7 @@ fn attention_paged(
     spans: &[SeqSpan<'_>],
     bs: usize,
     s: AttnShape,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let AttnShape { h, hk, dk, dv, .. } = s;
     let (kw, vw) = (hk * dk, hk * dv);
     // Per token: its span, its position, and the span's first token index.
@@ -138,10 +138,21 @@ fn attention_paged(
     }
     let (kc, vc) = (&layer.k, &layer.v);
     let mut out = vec![0f32; meta.len() * h * dv];
+    // A span that starts a sequence (a prompt's prefill, nothing cached)
+    // and is long enough runs as one causal attention of its own queries,
+    // keys and values: blocked matrix products instead of one pass over
+    // the keys per query token.
+    let whole: Vec<bool> = spans
+        .iter()
+        .map(|sp| sp.start == 0 && sp.len >= WHOLE_SPAN_MIN)
+        .collect();
     // One query token: its key and value rows gathered through the block
     // table, then every head over them (see `attend_rows`).
     let row = |(ti, o): (usize, &mut [f32])| {
         let (si, p, first) = meta[ti];
+        if whole[si] {
+            return;
+        }
         let sp = &spans[si];
         let ctx = p + 1;
         // Full-width key and value rows of positions 0..ctx: cached ones
@@ -167,8 +178,29 @@ fn attention_paged(
     } else {
         out.chunks_mut(h * dv).enumerate().for_each(row);
     }
-    out
+    let mut first = 0;
+    for (sp, &w) in spans.iter().zip(&whole) {
+        let (t0, t1) = (first, first + sp.len);
+        first = t1;
+        if !w {
+            continue;
+        }
+        let mut lse = vec![0f32; h * sp.len];
+        cpu::attention_forward(
+            &mut out[t0 * h * dv..t1 * h * dv],
+            &mut lse,
+            &q[t0 * h * dk..t1 * h * dk],
+            &k_new[t0 * kw..t1 * kw],
+            &v_new[t0 * vw..t1 * vw],
+            AttnShape { b: 1, t: sp.len, ..s },
+        )?;
+    }
+    Ok(out)
 }
+
+/// Tokens from which a span that starts its sequence runs as one causal
+/// attention (see [`attention_paged`]).
+const WHOLE_SPAN_MIN: usize = 16;
 
 /// One query token's attention over its key/value `rows` (full-width rows,
 /// positions in order) into `o [H * Dv]`, every key row and then every
@@ -411,7 +443,7 @@ fn attend(
             block_size,
             new_kv,
         } => {
-            let out = attention_paged(q, k, v, layer, spans, *block_size, s);
+            let out = attention_paged(q, k, v, layer, spans, *block_size, s)?;
             new_kv.push((k.to_vec(), v.to_vec()));
             Ok((out, vec![]))
         }

@@ -1,13 +1,14 @@
 //! Configs, checkpoints and the forward modes beyond the transformers
 //! fixtures: parsing and refusing configs, save -> load round trips (single
 //! and sharded), checkpoint errors that name the tensors, right-padded
-//! batches, the load-balancing loss gradient and the bias update.
+//! batches, the load-balancing loss gradient and the bias update, the paged
+//! forward against the full one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 
-use aha_moe_model::{Arch, Model, ModelConfig, Router};
+use aha_moe_model::{Arch, Model, ModelConfig, Router, SeqSpan};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -587,4 +588,66 @@ fn an_expert_shard_holds_only_its_experts() {
     }
     let dense = Model::load(&fixture("qwen2-tiny")).unwrap();
     assert!(aha_moe_model::Layout::with_expert_shard(&dense.config, 0..1).is_err());
+}
+
+/// Prompts long enough for the paged forward's whole-span prefill (16
+/// tokens and up) and a short one, then one decode step each: every last
+/// token's logits equal the full forward's at that position.
+#[test]
+fn paged_prefill_and_decode_match_the_full_forward() {
+    for name in ["qwen3-moe-tiny", "deepseek-v3-tiny", "qwen2-tiny"] {
+        let m = Model::load(&fixture(name)).unwrap();
+        let v = m.config.vocab_size;
+        let prompts: Vec<Vec<u32>> = [40usize, 5, 23]
+            .iter()
+            .enumerate()
+            .map(|(p, &len)| (0..len).map(|i| ((i * 37 + p * 11 + 3) % v) as u32).collect())
+            .collect();
+        let mut cache = m.new_paged_cache(8, 64);
+        let tables: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|pr| {
+                (0..cache.blocks_for(pr.len() + 1))
+                    .map(|_| cache.alloc().unwrap())
+                    .collect()
+            })
+            .collect();
+        let tokens: Vec<u32> = prompts.concat();
+        let spans: Vec<SeqSpan<'_>> = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(pr, t)| SeqSpan {
+                table: t,
+                start: 0,
+                len: pr.len(),
+            })
+            .collect();
+        let prefill = m.forward_paged(&tokens, &spans, &mut cache).unwrap();
+        let next: Vec<u32> = (0..prompts.len() as u32).map(|i| (i * 5 + 1) % v as u32).collect();
+        let spans: Vec<SeqSpan<'_>> = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(pr, t)| SeqSpan {
+                table: t,
+                start: pr.len(),
+                len: 1,
+            })
+            .collect();
+        let decode = m.forward_paged(&next, &spans, &mut cache).unwrap();
+        for (i, pr) in prompts.iter().enumerate() {
+            let mut ids = pr.clone();
+            ids.push(next[i]);
+            let t = ids.len();
+            let acts = m.forward(&ids, 1, t).unwrap();
+            let logits = m.logits_of(&acts.hidden).unwrap();
+            for (got, pos) in [
+                (&prefill[i * v..(i + 1) * v], t - 2),
+                (&decode[i * v..(i + 1) * v], t - 1),
+            ] {
+                let want = &logits[pos * v..(pos + 1) * v];
+                let d = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-4, "{name}: prompt {i} position {pos}: logits differ by {d}");
+            }
+        }
+    }
 }
