@@ -185,8 +185,11 @@ enum ScoresInner {
         targets: Vec<u32>,
         temperature: f32,
         hidden: Vec<f32>,
-        /// The tempered logits, chunk after chunk (empty past `CPU_KEEP_LOGITS`).
-        kept: Vec<f32>,
+        /// The tempered logits, chunk after chunk (empty past
+        /// `CPU_KEEP_LOGITS`). The first backward takes them and turns them
+        /// into their gradient in place; a later backward of the same
+        /// scores finds them empty and recomputes the logits.
+        kept: std::sync::Mutex<Vec<f32>>,
     },
     Gpu(Box<GpuScores>),
 }
@@ -1098,7 +1101,7 @@ fn cpu_score(model: &Model, a: &Activations, rows: &[u32], targets: &[u32], temp
             targets: targets.to_vec(),
             temperature,
             hidden,
-            kept,
+            kept: std::sync::Mutex::new(kept),
         },
     })
 }
@@ -1155,10 +1158,12 @@ fn cpu_backward(
             model.layout.lm_head.of(&model.params),
             model.layout.lm_head.of_mut(grads),
         );
+        // A poisoned lock only means another backward panicked: recompute.
+        let mut kept = kept.lock().map(|mut k| std::mem::take(&mut *k)).unwrap_or_default();
         if kept.is_empty() {
             cpu::lm_head_logprob_backward(&mut dh_rows, dw, hidden, w, targets, lse, ent, dlogp, de, s)
         } else {
-            cpu::lm_head_logprob_backward_kept(&mut dh_rows, dw, hidden, w, kept, targets, lse, ent, dlogp, de, s)
+            cpu::lm_head_logprob_backward_kept(&mut dh_rows, dw, hidden, w, &mut kept, targets, lse, ent, dlogp, de, s)
         }
         .map_err(tensor_err)?;
     }

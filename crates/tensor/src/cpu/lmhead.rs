@@ -260,14 +260,16 @@ pub fn lm_head_logprob_backward<F: Real>(
 }
 
 /// [`lm_head_logprob_backward`] over the tempered logits that
-/// [`lm_head_logprob_forward_keep`] kept: no product recomputes them.
+/// [`lm_head_logprob_forward_keep`] kept: no product recomputes them, and
+/// each chunk's gradient is written over its logits in `kept` (no second
+/// `[N, V]` buffer), so `kept` holds the logits' gradient afterwards.
 #[allow(clippy::too_many_arguments)]
 pub fn lm_head_logprob_backward_kept<F: Real>(
     dhidden: &mut [F],
     dweight: &mut [F],
     hidden: &[F],
     weight: &[F],
-    kept: &[F],
+    kept: &mut [F],
     targets: &[u32],
     lse: &[F],
     entropy: &[F],
@@ -291,24 +293,13 @@ pub fn lm_head_logprob_backward_kept<F: Real>(
     )
 }
 
-/// The logits' gradient of one row from its tempered logits `x`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn grad_row<F: Real>(g: &mut [F], x: &[F], pre: F, l: F, dl: F, de: F, mean: F, inv_t: F) {
-    for (gj, &xj) in g.iter_mut().zip(x) {
-        let x = xj * pre;
-        let p = (x - l).exp_fast();
-        *gj = (-dl * p - de * p * (x - mean)) * inv_t;
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn backward_impl<F: Real>(
     dhidden: &mut [F],
     dweight: &mut [F],
     hidden: &[F],
     weight: &[F],
-    kept: Option<&[F]>,
+    mut kept: Option<&mut [F]>,
     targets: &[u32],
     lse: &[F],
     entropy: &[F],
@@ -335,30 +326,33 @@ fn backward_impl<F: Real>(
     )?;
     super::check_indices(OP, &targets[..n], s.v)?;
     let inv_t = F::from_f64(1.0 / s.temperature as f64);
-    let mut buf = vec![F::zero(); n * s.chunk.min(s.v)];
-    // Kept logits are tempered already; recomputed ones are not.
+    // Kept logits are tempered already and their chunks become the
+    // gradient in place; recomputed ones go through `own` the same way.
     let pre = if kept.is_some() { F::one() } else { inv_t };
+    let mut own = if kept.is_some() {
+        vec![]
+    } else {
+        vec![F::zero(); n * s.chunk.min(s.v)]
+    };
     for (v0, vc) in s.chunks() {
-        // Kept logits are read in place (the gradient goes to `buf`); recomputed
-        // ones are overwritten by their gradient.
-        let src = kept.map(|k| &k[n * v0..n * (v0 + vc)]);
-        if src.is_none() {
-            chunk_logits(&mut buf, hidden, weight, &s, v0, vc)?;
-        }
-        let rows = buf[..n * vc].par_chunks_mut(vc).enumerate();
+        let buf: &mut [F] = match kept.as_deref_mut() {
+            Some(k) => &mut k[n * v0..n * (v0 + vc)],
+            None => {
+                chunk_logits(&mut own, hidden, weight, &s, v0, vc)?;
+                &mut own[..n * vc]
+            }
+        };
+        let rows = buf.par_chunks_mut(vc).enumerate();
         rows.with_min_len(rows_per_task(vc)).for_each(|(r, g)| {
             let (l, dl, de) = (lse[r], dlogp[r], dentropy[r]);
             let mean = l - entropy[r];
             super::wide(
                 #[inline(always)]
-                || match src {
-                    Some(k) => grad_row(g, &k[r * vc..(r + 1) * vc], pre, l, dl, de, mean, inv_t),
-                    None => {
-                        for gj in g.iter_mut() {
-                            let x = *gj * pre;
-                            let p = (x - l).exp_fast();
-                            *gj = (-dl * p - de * p * (x - mean)) * inv_t;
-                        }
+                || {
+                    for gj in g.iter_mut() {
+                        let x = *gj * pre;
+                        let p = (x - l).exp_fast();
+                        *gj = (-dl * p - de * p * (x - mean)) * inv_t;
                     }
                 },
             );
@@ -367,7 +361,7 @@ fn backward_impl<F: Real>(
                 g[t - v0] += dl * inv_t;
             }
         });
-        let g = &buf[..n * vc];
+        let g: &[F] = buf;
         // dhidden [N, C] += g [N, vc] · W_chunk [vc, C]
         matmul(
             &mut dhidden[..n * c],
@@ -499,7 +493,20 @@ mod tests {
                 (vec![0.0f64; n], vec![0.0f64; n], vec![0.0f64; n], vec![0.0f64; n * v]);
             lm_head_logprob_forward_keep(&mut lpk, &mut entk, &mut lsek, &mut kept, &h, &w, &t, s).unwrap();
             let (mut dhk, mut dwk) = (vec![0.0f64; n * c], vec![0.0f64; v * c]);
-            lm_head_logprob_backward_kept(&mut dhk, &mut dwk, &h, &w, &kept, &t, &lsek, &entk, &dl, &de, s).unwrap();
+            lm_head_logprob_backward_kept(
+                &mut dhk,
+                &mut dwk,
+                &h,
+                &w,
+                &mut kept.clone(),
+                &t,
+                &lsek,
+                &entk,
+                &dl,
+                &de,
+                s,
+            )
+            .unwrap();
             close(&lpk, &lp, 1e-14, "logp kept");
             close(&entk, &ent, 1e-14, "entropy kept");
             close(&dhk, &dh, 1e-12, "dhidden kept");
@@ -509,7 +516,7 @@ mod tests {
                 &mut dwk,
                 &h,
                 &w,
-                &kept[1..],
+                &mut kept[1..],
                 &t,
                 &lsek,
                 &entk,
