@@ -220,33 +220,16 @@ fn rank_key(w: f32, i: usize) -> u64 {
 }
 
 /// The top-p nucleus of weights `e` (each in [0, 1], summing to `z`): the
-/// ids of the smallest set of most likely tokens whose mass reaches
-/// `top_p * z`, the token that crosses it included, ties broken toward the
-/// lower id -- the set transformers' TopPLogitsWarper keeps, found without
-/// sorting the vocabulary: one pass builds a histogram of mass by the
-/// weight's leading bits, a walk from the top finds the bucket where the
-/// mass crosses `top_p`, and only that bucket is sorted.
+/// ids, in id order, of the smallest set of most likely tokens whose mass
+/// reaches `top_p * z`, the token that crosses it included, ties broken
+/// toward the lower id -- the set transformers' TopPLogitsWarper keeps,
+/// found without sorting the vocabulary (see [`NucleusCut`]).
 pub(crate) fn nucleus(e: &[f32], z: f64, top_p: f64) -> Vec<u32> {
-    let (cross, above, target) = nucleus_crossing(e, z, top_p);
-    let mut kept: Vec<u32> = Vec::new();
-    let mut edge: Vec<u64> = Vec::new();
-    for (i, &w) in e.iter().enumerate() {
-        match nucleus_bucket(w).cmp(&cross) {
-            std::cmp::Ordering::Greater => kept.push(i as u32),
-            std::cmp::Ordering::Equal => edge.push(rank_key(w, i)),
-            std::cmp::Ordering::Less => {}
-        }
-    }
-    edge.sort_unstable();
-    let mut acc = above;
-    for k in edge {
-        kept.push((k & 0xffff_ffff) as u32);
-        acc += f64::from(f32::from_bits(!((k >> 32) as u32)));
-        if acc >= target {
-            break;
-        }
-    }
-    kept
+    let cut = NucleusCut::new(e, z, top_p);
+    (0..e.len())
+        .filter(|&i| cut.contains(e[i], i))
+        .map(|i| i as u32)
+        .collect()
 }
 
 /// The histogram bucket of a weight (see [`NUCLEUS_BUCKETS`]).
@@ -255,50 +238,85 @@ fn nucleus_bucket(w: f32) -> usize {
     ((w.to_bits() >> 19) as usize).min(NUCLEUS_BUCKETS - 1)
 }
 
-/// The bucket where the nucleus' mass crosses `top_p * z`, the mass of the
-/// buckets above it, and that target.
-fn nucleus_crossing(e: &[f32], z: f64, top_p: f64) -> (usize, f64, f64) {
-    let mut mass = vec![0f64; NUCLEUS_BUCKETS];
-    for &w in e {
-        mass[nucleus_bucket(w)] += f64::from(w);
-    }
-    let target = top_p * z;
-    let mut above = 0.0;
-    let mut cross = 0;
-    for b in (0..NUCLEUS_BUCKETS).rev() {
-        if above + mass[b] >= target {
-            cross = b;
-            break;
-        }
-        above += mass[b];
-    }
-    (cross, above, target)
+/// Where the top-p nucleus ends, so that membership is a test per token:
+/// one pass builds a histogram of mass by the weight's leading bits, a
+/// walk from the top finds the bucket where the mass crosses `top_p * z`,
+/// and only that bucket is sorted (by [`rank_key`]) and cut. The nucleus
+/// is then every token whose key is at most the last kept one's (larger
+/// weights have smaller keys), or, when rounding left the crossing bucket
+/// empty, every token in a bucket above it.
+struct NucleusCut {
+    /// The bucket where the mass crosses.
+    cross: usize,
+    /// The rank key of the nucleus' last token in that bucket.
+    last: Option<u64>,
 }
 
-/// The [`rank_key`] of the nucleus' last token: the nucleus [`nucleus`]
-/// returns is exactly the tokens whose key is at most this one (larger
-/// weights have smaller keys, and the crossing bucket is cut in key order),
-/// so a draw can test membership on the fly instead of collecting and
-/// re-sorting the ids. `None` when rounding left the crossing bucket empty.
-fn nucleus_last_key(e: &[f32], z: f64, top_p: f64) -> Option<u64> {
-    let (cross, above, target) = nucleus_crossing(e, z, top_p);
-    let mut edge: Vec<u64> = Vec::new();
-    for (i, &w) in e.iter().enumerate() {
-        if nucleus_bucket(w) == cross {
-            edge.push(rank_key(w, i));
+impl NucleusCut {
+    fn new(e: &[f32], z: f64, top_p: f64) -> NucleusCut {
+        let mut mass = vec![0f64; NUCLEUS_BUCKETS];
+        for &w in e {
+            mass[nucleus_bucket(w)] += f64::from(w);
+        }
+        let target = top_p * z;
+        let mut above = 0.0;
+        let mut cross = 0;
+        for b in (0..NUCLEUS_BUCKETS).rev() {
+            if above + mass[b] >= target {
+                cross = b;
+                break;
+            }
+            above += mass[b];
+        }
+        let mut edge: Vec<u64> = Vec::new();
+        for (i, &w) in e.iter().enumerate() {
+            if nucleus_bucket(w) == cross {
+                edge.push(rank_key(w, i));
+            }
+        }
+        edge.sort_unstable();
+        let mut acc = above;
+        let mut last = None;
+        for k in edge {
+            last = Some(k);
+            acc += f64::from(f32::from_bits(!((k >> 32) as u32)));
+            if acc >= target {
+                break;
+            }
+        }
+        NucleusCut { cross, last }
+    }
+
+    /// Whether token `i` of weight `w` is in the nucleus.
+    #[inline]
+    fn contains(&self, w: f32, i: usize) -> bool {
+        match self.last {
+            Some(k) => rank_key(w, i) <= k,
+            None => nucleus_bucket(w) > self.cross,
         }
     }
-    edge.sort_unstable();
-    let mut acc = above;
-    let mut last = None;
-    for k in edge {
-        last = Some(k);
-        acc += f64::from(f32::from_bits(!((k >> 32) as u32)));
-        if acc >= target {
-            break;
+}
+
+/// Draws from the tokens `ids` (ascending) in proportion to `e`: returns the
+/// first whose cumulative weight exceeds `u` times their total mass (the
+/// last with weight when rounding leaves `u` past the end) and that mass:
+/// the scan in id order that the GPU sampling kernel shares.
+fn draw_ids(e: &[f32], ids: impl Iterator<Item = usize> + Clone, u: f64) -> (u32, f64) {
+    let kept: f64 = ids.clone().map(|i| f64::from(e[i])).sum();
+    let target = u * kept;
+    let (mut acc, mut last, mut last_weighted) = (0.0, None, None);
+    for i in ids {
+        let w = f64::from(e[i]);
+        if w > 0.0 {
+            last_weighted = Some(i);
+        }
+        last = Some(i);
+        acc += w;
+        if target < acc {
+            return (i as u32, kept);
         }
     }
-    last
+    (last_weighted.or(last).unwrap_or(0) as u32, kept)
 }
 
 /// Samples one token from `logits [V]`, drawing one uniform number from
@@ -391,57 +409,35 @@ pub fn sample_with_uniform(logits: &[f32], p: &SamplingParams, u: f64) -> Result
             truncated_mass_log: 0.0,
         });
     }
-    // Draws from the ids in `idx` (all tokens when `None`) in proportion to e.
-    let draw = |idx: Option<&[u32]>| -> (u32, f64) {
-        let kept: f64 = match idx {
-            Some(ix) => ix.iter().map(|&i| f64::from(e[i as usize])).sum(),
-            None => z,
-        };
-        let u = u * kept;
-        if idx.is_none() {
-            // Skip whole chunks by their sums, then scan one chunk.
-            let mut acc = 0.0;
-            let mut last_nonzero = None;
-            for (c, &cs) in chunk_sums.iter().enumerate() {
-                if cs > 0.0 {
-                    last_nonzero = Some(c);
-                }
-                if u < acc + cs {
-                    for (j, &w) in e[c * CHUNK..(c * CHUNK + CHUNK).min(e.len())].iter().enumerate() {
-                        acc += f64::from(w);
-                        if u < acc && w > 0.0 {
-                            return ((c * CHUNK + j) as u32, kept);
-                        }
-                    }
-                    break;
-                }
-                acc += cs;
-            }
-            // Rounding left u past the end: the last token with weight.
-            let c = last_nonzero.unwrap_or(0);
-            let end = (c * CHUNK + CHUNK).min(e.len());
-            let j = (c * CHUNK..end).rev().find(|&j| e[j] > 0.0).unwrap_or(end - 1);
-            return (j as u32, kept);
-        }
+    // Draws from all tokens in proportion to e, skipping whole chunks by
+    // their sums, then scanning one chunk.
+    let draw_all = || -> u32 {
+        let u = u * z;
         let mut acc = 0.0;
-        let n = idx.map_or(e.len(), <[u32]>::len);
-        let id = |j: usize| idx.map_or(j as u32, |ix| ix[j]);
-        let mut last = id(n - 1);
-        for j in 0..n {
-            let w = f64::from(e[id(j) as usize]);
-            if w > 0.0 {
-                last = id(j);
+        let mut last_nonzero = None;
+        for (c, &cs) in chunk_sums.iter().enumerate() {
+            if cs > 0.0 {
+                last_nonzero = Some(c);
             }
-            acc += w;
-            if u < acc {
-                return (id(j), kept);
+            if u < acc + cs {
+                for (j, &w) in e[c * CHUNK..(c * CHUNK + CHUNK).min(e.len())].iter().enumerate() {
+                    acc += f64::from(w);
+                    if u < acc && w > 0.0 {
+                        return (c * CHUNK + j) as u32;
+                    }
+                }
+                break;
             }
+            acc += cs;
         }
-        (last, kept)
+        // Rounding left u past the end: the last token with weight.
+        let c = last_nonzero.unwrap_or(0);
+        let end = (c * CHUNK + CHUNK).min(e.len());
+        (c * CHUNK..end).rev().find(|&j| e[j] > 0.0).unwrap_or(end - 1) as u32
     };
     let truncate = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
     if !truncate {
-        let (token, _) = draw(None);
+        let token = draw_all();
         return Ok(Sampled {
             token,
             logprob: logprob(token as usize),
@@ -471,46 +467,15 @@ pub fn sample_with_uniform(logits: &[f32], p: &SamplingParams, u: f64) -> Result
         idx
     } else if p.top_p < 1.0 {
         if p.min_p <= 0.0 {
-            if let Some(last) = nucleus_last_key(&e, z, p.top_p as f64) {
-                // The draw over the nucleus in id order, testing membership
-                // by key: the same sums in the same order as over its ids.
-                let mut kept = 0.0f64;
-                let mut last_member = 0usize;
-                for (i, &w) in e.iter().enumerate() {
-                    if rank_key(w, i) <= last {
-                        kept += f64::from(w);
-                        last_member = i;
-                    }
-                }
-                let target = u * kept;
-                let mut acc = 0.0f64;
-                let mut token = last_member;
-                let mut found = false;
-                let mut last_weighted = None;
-                for (i, &w) in e.iter().enumerate() {
-                    if rank_key(w, i) > last {
-                        continue;
-                    }
-                    let wf = f64::from(w);
-                    if wf > 0.0 {
-                        last_weighted = Some(i);
-                    }
-                    acc += wf;
-                    if target < acc {
-                        token = i;
-                        found = true;
-                        break;
-                    }
-                }
-                if !found {
-                    token = last_weighted.unwrap_or(last_member);
-                }
-                return Ok(Sampled {
-                    token: token as u32,
-                    logprob: logprob(token),
-                    truncated_mass_log: (kept / z).ln() as f32,
-                });
-            }
+            // The draw over the nucleus in id order, testing membership on
+            // the fly instead of collecting the ids.
+            let cut = NucleusCut::new(&e, z, p.top_p as f64);
+            let (token, kept) = draw_ids(&e, (0..e.len()).filter(|&i| cut.contains(e[i], i)), u);
+            return Ok(Sampled {
+                token,
+                logprob: logprob(token as usize),
+                truncated_mass_log: (kept / z).ln() as f32,
+            });
         }
         nucleus(&e, z, p.top_p as f64)
     } else {
@@ -536,7 +501,7 @@ pub fn sample_with_uniform(logits: &[f32], p: &SamplingParams, u: f64) -> Result
     } else {
         idx.sort_unstable();
     }
-    let (token, kept) = draw(Some(&idx));
+    let (token, kept) = draw_ids(&e, idx.iter().map(|&i| i as usize), u);
     Ok(Sampled {
         token,
         logprob: logprob(token as usize),
