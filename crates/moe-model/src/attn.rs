@@ -102,7 +102,7 @@ fn rope_back(dy: &[f32], r: &Rope<'_>, s: RopeShape) -> Result<Vec<f32>> {
 
 /// Dot product in eight lanes (vectorizable).
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());

@@ -323,19 +323,6 @@ fn token_rows(perm: &[u32], n: usize, k: usize) -> Vec<u32> {
     out
 }
 
-/// Dot product in eight lanes (vectorizable).
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 /// `buf` cut into one slice per expert: rows `offsets[j]..offsets[j + 1]`
 /// of `width` elements.
 fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -> Vec<&'a mut [f32]> {
@@ -441,7 +428,7 @@ pub(crate) fn moe_bwd(
                 for (d, &gv) in d.iter_mut().zip(g) {
                     *d = wt * gv;
                 }
-                dot_lanes(g, &a.ye[row * c..(row + 1) * c])
+                crate::attn::dot(g, &a.ye[row * c..(row + 1) * c])
             })
             .collect();
         for (row, (&tok, &sl)) in a.perm.iter().zip(&a.slot).enumerate() {
